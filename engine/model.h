@@ -1,0 +1,83 @@
+/* A loaded model: the configuration of a model directory and its weights in
+ * backend memory, with a forward pass over named host tensors. A model is
+ * immutable after loading, so several threads may run forwards on it at once,
+ * each with its own scratch arena. */
+#ifndef BS_MODEL_H
+#define BS_MODEL_H
+
+#include "arena.h"
+#include "backend.h"
+#include "config.h"
+#include "tensor.h"
+
+typedef struct bs_model bs_model_t;
+
+/* A named tensor in host memory (a forward input). */
+struct bs_named_tensor {
+    const char *name;
+    struct bs_tensor t;
+};
+
+/* What a model takes: an input's name, rank, dims (-1 where any size goes) and
+ * the datatypes it accepts (bit i set: enum bs_dtype i accepted). */
+struct bs_input_spec {
+    const char *name;
+    bool required;
+    int n_dims;                /* the canonical rank (scalars may also pass as 0-d) */
+    int64_t dims[BS_MAX_DIMS]; /* -1: variable */
+    unsigned dtypes;           /* accepted dtypes as a bit set */
+    enum bs_dtype dtype;       /* the preferred one, shown in metadata */
+};
+
+/* Called after each block of a stack with that block's output (host memory,
+ * F32, the output's shape); return non-zero to stop the forward. */
+typedef int (*bs_block_cb)(void *arg, int block, int n_blocks, const struct bs_tensor *out);
+
+struct bs_forward_opts {
+    bs_block_cb on_block; /* optional */
+    void *cb_arg;
+};
+
+/* Load dir/config.json and its weights (dir/diffusion_pytorch_model.safetensors
+ * unless the config names another file) onto backend be, which must outlive the
+ * model. */
+int bs_model_load(bs_model_t **model, const char *dir, struct bs_backend *be, struct bs_err *err);
+
+/* Load from an already parsed config and an explicit weights path. */
+int bs_model_load_config(bs_model_t **model, const struct bs_model_config *cfg,
+                         const char *weights_path, struct bs_backend *be, struct bs_err *err);
+
+/* Call fn for every parameter a model of this config loads: its full
+ * state_dict key and shape (the order of loading). */
+void bs_model_params(const struct bs_model_config *cfg,
+                     void (*fn)(void *arg, const char *key, int n_dims, const int64_t *ne),
+                     void *arg);
+
+/* Free the model and its weights; NULL is a no-op. */
+void bs_model_free(bs_model_t *model);
+
+/* The model's configuration. */
+const struct bs_model_config *bs_model_config(const bs_model_t *model);
+
+/* The model's inputs, in a fixed order. */
+int bs_model_n_inputs(const bs_model_t *model);
+const struct bs_input_spec *bs_model_input(const bs_model_t *model, int i);
+
+/* Bytes of weights held in backend memory. */
+size_t bs_model_weight_bytes(const bs_model_t *model);
+
+/* Matmul FLOPs of one forward on these inputs (for GFLOP/s reports). */
+double bs_model_flops(const bs_model_t *model, const struct bs_named_tensor *in, int n_in);
+
+/* Check inputs against the model (names, dtypes, shapes, value ranges) and give
+ * the output shape as an F32 tensor with data NULL. Errors name the input. */
+int bs_model_check(const bs_model_t *model, const struct bs_named_tensor *in, int n_in,
+                   struct bs_tensor *out, struct bs_err *err);
+
+/* Run the model: inputs as for bs_model_check; out is a host F32 tensor of the
+ * checked output shape. Scratch comes from arena (reset on return). */
+int bs_model_forward(bs_model_t *model, struct bs_arena *arena, const struct bs_named_tensor *in,
+                     int n_in, struct bs_tensor *out, const struct bs_forward_opts *opts,
+                     struct bs_err *err);
+
+#endif

@@ -1,0 +1,543 @@
+/* diffusers' modules (attention.py at the seed's version) as backend-op
+ * sequences: parameter binding from state_dict keys, then forwards. */
+#include "modules.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PARAM_ALIGN 64
+#define TRY(expr)                                                                                  \
+    do {                                                                                           \
+        int rc_ = (expr);                                                                          \
+        if (rc_ != 0)                                                                              \
+            return rc_;                                                                            \
+    } while (0)
+
+/* ---- binding ---------------------------------------------------------- */
+
+static int record_name(struct bs__loader *ld, const char *key)
+{
+    if (ld->n_names == ld->cap_names) {
+        int cap = ld->cap_names ? 2 * ld->cap_names : 64;
+        char **names = realloc(ld->names, (size_t)cap * sizeof(*names));
+        if (names == NULL)
+            return bs_err_set(ld->err, BS_ENOMEM, "out of memory");
+        ld->names = names;
+        ld->cap_names = cap;
+    }
+    if ((ld->names[ld->n_names] = strdup(key)) == NULL)
+        return bs_err_set(ld->err, BS_ENOMEM, "out of memory");
+    ld->n_names++;
+    return 0;
+}
+
+/* Convert key (expected shape rows x cols, or [rows] when cols is 0) into
+ * host staging at byte offset off. */
+static int load_key(struct bs__loader *ld, const char *name, int64_t rows, int64_t cols, size_t off)
+{
+    char key[2 * BS_PREFIX_MAX];
+    struct bs_tensor src;
+    int n_dims = cols ? 2 : 1;
+    snprintf(key, sizeof(key), "%s%s", ld->prefix, name);
+    if (bs_st_get(ld->st, key, &src) != 0)
+        return bs_err_set(ld->err, BS_ENOTFOUND, "%s: missing tensor \"%s\"", ld->file, key);
+    if (src.type != BS_TYPE_F32 && src.type != BS_TYPE_F16 && src.type != BS_TYPE_BF16)
+        return bs_err_set(ld->err, BS_EFORMAT, "%s: tensor \"%s\" has dtype %s (expected F32, F16 "
+                          "or BF16)", ld->file, key, bs_dtype_name(src.type));
+    if (src.n_dims != n_dims || src.ne[0] != rows || (cols && src.ne[1] != cols)) {
+        char found[64];
+        bs_tensor_shape_str(&src, found, sizeof(found));
+        if (cols)
+            return bs_err_set(ld->err, BS_EFORMAT, "%s: tensor \"%s\": expected shape [%lld, %lld]"
+                              ", found %s", ld->file, key, (long long)rows, (long long)cols, found);
+        return bs_err_set(ld->err, BS_EFORMAT, "%s: tensor \"%s\": expected shape [%lld], found %s",
+                          ld->file, key, (long long)rows, found);
+    }
+    TRY(record_name(ld, key));
+    return bs_convert_to_f32((float *)((char *)ld->host + off), src.data, src.type,
+                             bs_tensor_nelements(&src));
+}
+
+/* Reserve an F32 tensor of n stacked parameters names[0..n), each rows x cols
+ * (cols 0: vectors of rows), and load them. */
+static void bind_stacked(struct bs__loader *ld, struct bs_tensor *t, const char *const *names,
+                         int n, int64_t rows, int64_t cols)
+{
+    int64_t ne[2] = {n * rows, cols};
+    int n_dims = cols ? 2 : 1;
+    size_t each = (size_t)(rows * (cols ? cols : 1)) * sizeof(float);
+    if (ld->rc != 0)
+        return;
+    *t = bs_tensor_make(BS_TYPE_F32, n_dims, ne, ld->base ? ld->base + ld->off : NULL);
+    for (int i = 0; ld->describe != NULL && i < n; i++) {
+        char key[2 * BS_PREFIX_MAX];
+        int64_t shape[2] = {rows, cols};
+        snprintf(key, sizeof(key), "%s%s", ld->prefix, names[i]);
+        ld->describe(ld->describe_arg, key, n_dims, shape);
+    }
+    for (int i = 0; ld->base != NULL && i < n; i++) {
+        if ((ld->rc = load_key(ld, names[i], rows, cols, ld->off + (size_t)i * each)) != 0)
+            return;
+    }
+    ld->off += ((size_t)n * each + PARAM_ALIGN - 1) & ~(size_t)(PARAM_ALIGN - 1);
+}
+
+static void bind(struct bs__loader *ld, struct bs_tensor *t, const char *name, int64_t rows,
+                 int64_t cols)
+{
+    bind_stacked(ld, t, &name, 1, rows, cols);
+}
+
+static void no_tensor(struct bs_tensor *t)
+{
+    memset(t, 0, sizeof(*t));
+}
+
+void bs__bind_linear(struct bs__loader *ld, struct bs__linear *l, const char *name, int64_t out,
+                     int64_t in, bool bias)
+{
+    char key[BS_PREFIX_MAX];
+    snprintf(key, sizeof(key), "%s.weight", name);
+    bind(ld, &l->w, key, out, in);
+    no_tensor(&l->b);
+    if (bias) {
+        snprintf(key, sizeof(key), "%s.bias", name);
+        bind(ld, &l->b, key, out, 0);
+    }
+}
+
+/* diffusers' Attention: to_q, to_k, to_v (bias only with attention_bias) and
+ * to_out.0. q, k and v are stored stacked so self-attention runs one GEMM. */
+static void bind_attn(struct bs__loader *ld, struct bs__attn *a, const char *name,
+                      const struct bs_model_config *c, int64_t kv_dim)
+{
+    char w[3][BS_PREFIX_MAX], b[3][BS_PREFIX_MAX], out[BS_PREFIX_MAX];
+    const char *wn[3] = {w[0], w[1], w[2]}, *bn[3] = {b[0], b[1], b[2]};
+    static const char *const proj[3] = {"to_q", "to_k", "to_v"};
+    a->heads = (int)c->num_attention_heads;
+    a->head_dim = (int)c->attention_head_dim;
+    a->inner = c->num_attention_heads * c->attention_head_dim;
+    a->query_dim = c->dim;
+    a->kv_dim = kv_dim;
+    a->scale = (float)(1.0 / sqrt((double)c->attention_head_dim));
+    for (int i = 0; i < 3; i++) {
+        snprintf(w[i], sizeof(w[i]), "%s.%s.weight", name, proj[i]);
+        snprintf(b[i], sizeof(b[i]), "%s.%s.bias", name, proj[i]);
+    }
+    no_tensor(&a->qkv.w);
+    no_tensor(&a->qkv.b);
+    no_tensor(&a->kv.b);
+    no_tensor(&a->q.b);
+    if (kv_dim == c->dim) {
+        bind_stacked(ld, &a->qkv.w, wn, 3, a->inner, c->dim);
+        if (c->attention_bias)
+            bind_stacked(ld, &a->qkv.b, bn, 3, a->inner, 0);
+        a->q.w = bs_tensor_view_outer(&a->qkv.w, 0, a->inner);
+        a->kv.w = bs_tensor_view_outer(&a->qkv.w, a->inner, 2 * a->inner);
+        if (c->attention_bias) {
+            a->q.b = bs_tensor_view_outer(&a->qkv.b, 0, a->inner);
+            a->kv.b = bs_tensor_view_outer(&a->qkv.b, a->inner, 2 * a->inner);
+        }
+    } else {
+        bind(ld, &a->q.w, wn[0], a->inner, c->dim);
+        bind_stacked(ld, &a->kv.w, wn + 1, 2, a->inner, kv_dim);
+        if (c->attention_bias) {
+            bind(ld, &a->q.b, bn[0], a->inner, 0);
+            bind_stacked(ld, &a->kv.b, bn + 1, 2, a->inner, 0);
+        }
+    }
+    snprintf(out, sizeof(out), "%s.to_out.0", name);
+    bs__bind_linear(ld, &a->out, out, c->dim, a->inner, true);
+}
+
+static void bind_layer_norm(struct bs__loader *ld, struct bs__norm *n, const char *name,
+                            int64_t dim, bool affine, float eps)
+{
+    char key[BS_PREFIX_MAX];
+    memset(n, 0, sizeof(*n));
+    n->eps = eps;
+    if (!affine)
+        return;
+    snprintf(key, sizeof(key), "%s.weight", name);
+    bind(ld, &n->gamma, key, dim, 0);
+    snprintf(key, sizeof(key), "%s.bias", name);
+    bind(ld, &n->beta, key, dim, 0);
+}
+
+void bs__bind_ada_norm(struct bs__loader *ld, struct bs__norm *n, const char *name, int64_t dim,
+                       int64_t num_embeddings)
+{
+    char key[BS_PREFIX_MAX];
+    const char *dot = name[0] ? "." : "";
+    memset(n, 0, sizeof(*n));
+    n->eps = 1e-5f;
+    snprintf(key, sizeof(key), "%s%semb.weight", name, dot);
+    bind(ld, &n->emb, key, num_embeddings, dim);
+    snprintf(key, sizeof(key), "%s%slinear", name, dot);
+    bs__bind_linear(ld, &n->lin, key, 2 * dim, dim, true);
+}
+
+static void bind_ada_zero(struct bs__loader *ld, struct bs__ada_zero *az, int64_t dim,
+                          int64_t num_classes)
+{
+    bs__bind_linear(ld, &az->t1, "norm1.emb.timestep_embedder.linear_1", dim, 256, true);
+    bs__bind_linear(ld, &az->t2, "norm1.emb.timestep_embedder.linear_2", dim, dim, true);
+    bind(ld, &az->table, "norm1.emb.class_embedder.embedding_table.weight", num_classes + 1, dim);
+    bs__bind_linear(ld, &az->lin, "norm1.linear", 6 * dim, dim, true);
+}
+
+void bs__bind_ff(struct bs__loader *ld, struct bs__ff *ff, const char *proj, const char *out,
+                 int64_t dim, int64_t inner, int64_t dim_out, enum bs_ff_act act)
+{
+    ff->act = act;
+    ff->inner = inner;
+    ff->has_out = out != NULL;
+    bs__bind_linear(ld, &ff->proj, proj, act == BS_FF_GEGLU ? 2 * inner : inner, dim, true);
+    if (out != NULL)
+        bs__bind_linear(ld, &ff->out, out, dim_out, inner, true);
+}
+
+void bs__bind_block(struct bs__loader *ld, struct bs__block *b, const struct bs_model_config *c)
+{
+    int64_t d = c->dim;
+    bool affine = c->norm_elementwise_affine;
+    int64_t cross = c->cross_attention_dim;
+    memset(b, 0, sizeof(*b));
+    b->cfg = c;
+    switch (c->norm_type) {
+    case BS_NORM_LAYER_NORM:
+        bind_layer_norm(ld, &b->norm1, "norm1", d, affine, 1e-5f);
+        break;
+    case BS_NORM_ADA_NORM:
+        bs__bind_ada_norm(ld, &b->norm1, "norm1", d, c->num_embeds_ada_norm);
+        break;
+    case BS_NORM_ADA_NORM_ZERO:
+        bind_ada_zero(ld, &b->az, d, c->num_embeds_ada_norm);
+        b->norm1.eps = 1e-6f;
+        break;
+    }
+    bind_attn(ld, &b->attn1, "attn1", c, c->only_cross_attention && cross ? cross : d);
+    b->has_attn2 = cross != 0;
+    if (b->has_attn2) {
+        if (c->norm_type == BS_NORM_ADA_NORM)
+            bs__bind_ada_norm(ld, &b->norm2, "norm2", d, c->num_embeds_ada_norm);
+        else
+            bind_layer_norm(ld, &b->norm2, "norm2", d, affine, 1e-5f);
+        bind_attn(ld, &b->attn2, "attn2", c, cross);
+    }
+    bind_layer_norm(ld, &b->norm3, "norm3", d, affine, 1e-5f);
+    bs__bind_ff(ld, &b->ff, "ff.net.0.proj", "ff.net.2", d, 4 * d, d, c->activation_fn);
+}
+
+void bs__bind_attention_block(struct bs__loader *ld, struct bs__attention_block *a,
+                              const struct bs_model_config *c)
+{
+    static const char *const w[3] = {"query.weight", "key.weight", "value.weight"};
+    static const char *const b[3] = {"query.bias", "key.bias", "value.bias"};
+    a->cfg = c;
+    bind(ld, &a->gn_gamma, "group_norm.weight", c->channels, 0);
+    bind(ld, &a->gn_beta, "group_norm.bias", c->channels, 0);
+    bind_stacked(ld, &a->qkv.w, w, 3, c->channels, c->channels);
+    bind_stacked(ld, &a->qkv.b, b, 3, c->channels, 0);
+    bs__bind_linear(ld, &a->proj, "proj_attn", c->channels, c->channels, true);
+}
+
+void bs__bind_ada_group_norm(struct bs__loader *ld, struct bs__ada_group_norm *a,
+                             const struct bs_model_config *c)
+{
+    a->cfg = c;
+    bs__bind_linear(ld, &a->lin, "linear", 2 * c->out_dim, c->embedding_dim, true);
+}
+
+/* ---- forwards ---------------------------------------------------------- */
+
+int bs__scratch(struct bs__fwd *f, struct bs_tensor *t, int64_t rows, int64_t cols)
+{
+    int64_t ne[2] = {rows, cols};
+    void *p = bs_arena_alloc(f->arena, (size_t)(rows * cols) * sizeof(float), f->err);
+    if (p == NULL)
+        return f->err->code;
+    *t = bs_tensor_make(BS_TYPE_F32, 2, ne, p);
+    return 0;
+}
+
+static const struct bs_tensor *opt(const struct bs_tensor *t)
+{
+    return t->data != NULL ? t : NULL;
+}
+
+static int linear(struct bs__fwd *f, struct bs_tensor *y, const struct bs_tensor *x,
+                  const struct bs__linear *l, float beta)
+{
+    return f->be->iface->linear(f->be->ctx, y, x, &l->w, opt(&l->b), beta, f->err);
+}
+
+static int act(struct bs__fwd *f, struct bs_tensor *y, const struct bs_tensor *x, enum bs_act a)
+{
+    return f->be->iface->act(f->be->ctx, y, x, a, f->err);
+}
+
+static int add(struct bs__fwd *f, struct bs_tensor *y, const struct bs_tensor *x,
+               const struct bs_tensor *gate, int64_t rows_per_sample, float alpha)
+{
+    return f->be->iface->add(f->be->ctx, y, x, gate, rows_per_sample, alpha, f->err);
+}
+
+/* Rows of x that share one row of conditioning (timestep, labels, emb). */
+static int64_t rows_per_cond(const struct bs__fwd *f, int64_t n_cond)
+{
+    return n_cond == 1 ? f->batch * f->lq : f->lq;
+}
+
+static int layer_norm(struct bs__fwd *f, struct bs_tensor *y, const struct bs_tensor *x,
+                      const struct bs__norm *n, const struct bs_tensor *scale,
+                      const struct bs_tensor *shift, int64_t rows_per_sample)
+{
+    struct bs_norm_params p = {
+        .eps = n->eps,
+        .gamma = opt(&n->gamma),
+        .beta = opt(&n->beta),
+        .scale = scale,
+        .shift = shift,
+        .rows_per_sample = rows_per_sample,
+    };
+    return f->be->iface->layer_norm(f->be->ctx, y, x, &p, f->err);
+}
+
+int bs__ada_norm_forward(struct bs__fwd *f, const struct bs__norm *n, const struct bs_tensor *x,
+                         struct bs_tensor *y)
+{
+    const struct bs__cond *c = f->cond;
+    int64_t d = n->emb.ne[1];
+    struct bs_tensor e, ss;
+    TRY(bs__scratch(f, &e, c->n, d));
+    TRY(f->be->iface->get_rows(f->be->ctx, &e, &n->emb, c->t_idx, c->n, f->err));
+    TRY(act(f, &e, &e, BS_ACT_SILU));
+    TRY(bs__scratch(f, &ss, c->n, 2 * d));
+    TRY(linear(f, &ss, &e, &n->lin, 0.0f));
+    /* emb.chunk(2): scale first, then shift. */
+    struct bs_tensor scale = bs_tensor_view_cols(&ss, 0, d);
+    struct bs_tensor shift = bs_tensor_view_cols(&ss, d, d);
+    return layer_norm(f, y, x, n, &scale, &shift, rows_per_cond(f, c->n));
+}
+
+/* AdaLayerNormZero's six modulation vectors [n, 6 dim]: linear(silu(
+ * timestep_embedder(proj(t)) + class_embedder(labels))). */
+static int ada_zero_modulation(struct bs__fwd *f, const struct bs__ada_zero *az,
+                               struct bs_tensor *mod)
+{
+    const struct bs__cond *c = f->cond;
+    int64_t d = az->t2.w.ne[0];
+    struct bs_tensor h1, h2, lab;
+    TRY(bs__scratch(f, &h1, c->n, d));
+    TRY(linear(f, &h1, &c->tproj, &az->t1, 0.0f));
+    TRY(act(f, &h1, &h1, BS_ACT_SILU));
+    TRY(bs__scratch(f, &h2, c->n, d));
+    TRY(linear(f, &h2, &h1, &az->t2, 0.0f));
+    TRY(bs__scratch(f, &lab, c->n, d));
+    TRY(f->be->iface->get_rows(f->be->ctx, &lab, &az->table, c->labels, c->n, f->err));
+    TRY(add(f, &h2, &lab, NULL, 1, 1.0f));
+    TRY(act(f, &h2, &h2, BS_ACT_SILU));
+    TRY(bs__scratch(f, mod, c->n, 6 * d));
+    return linear(f, mod, &h2, &az->lin, 0.0f);
+}
+
+/* h += gate * to_out(attention(to_q(x), to_k(src), to_v(src))); src NULL is
+ * self-attention (src = x); gate NULL adds without gating. */
+static int attn_forward(struct bs__fwd *f, const struct bs__attn *a, const struct bs_tensor *x,
+                        const struct bs_tensor *src, int64_t lkv, const struct bs_tensor *mask,
+                        struct bs_tensor *h, const struct bs_tensor *gate)
+{
+    int64_t rows = bs_tensor_nrows(x), inner = a->inner;
+    struct bs_tensor q, k, v, buf, o;
+    if (src == NULL && a->qkv.w.data != NULL) {
+        TRY(bs__scratch(f, &buf, rows, 3 * inner));
+        TRY(linear(f, &buf, x, &a->qkv, 0.0f));
+        q = bs_tensor_view_cols(&buf, 0, inner);
+        k = bs_tensor_view_cols(&buf, inner, inner);
+        v = bs_tensor_view_cols(&buf, 2 * inner, inner);
+    } else {
+        if (src == NULL)
+            src = x;
+        TRY(bs__scratch(f, &q, rows, inner));
+        TRY(linear(f, &q, x, &a->q, 0.0f));
+        TRY(bs__scratch(f, &buf, bs_tensor_nrows(src), 2 * inner));
+        TRY(linear(f, &buf, src, &a->kv, 0.0f));
+        k = bs_tensor_view_cols(&buf, 0, inner);
+        v = bs_tensor_view_cols(&buf, inner, inner);
+    }
+    struct bs_attn_params p = {
+        .batch = f->batch, .lq = f->lq, .lk = lkv,
+        .heads = a->heads, .head_dim = a->head_dim, .scale = a->scale, .mask = mask,
+    };
+    TRY(bs__scratch(f, &o, rows, inner));
+    TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &p, f->err));
+    if (gate == NULL)
+        return linear(f, h, &o, &a->out, 1.0f); /* residual fused into the GEMM */
+    struct bs_tensor t;
+    TRY(bs__scratch(f, &t, rows, a->query_dim));
+    TRY(linear(f, &t, &o, &a->out, 0.0f));
+    return add(f, h, &t, gate, rows_per_cond(f, f->cond->n), 1.0f);
+}
+
+int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_tensor *x,
+                   struct bs_tensor *y, float beta)
+{
+    int64_t rows = bs_tensor_nrows(x);
+    struct bs_tensor h, g;
+    TRY(bs__scratch(f, &h, rows, ff->inner));
+    switch (ff->act) {
+    case BS_FF_GELU:
+    case BS_FF_GELU_APPROXIMATE:
+        TRY(linear(f, &h, x, &ff->proj, 0.0f));
+        TRY(act(f, &h, &h, ff->act == BS_FF_GELU ? BS_ACT_GELU : BS_ACT_GELU_TANH));
+        break;
+    case BS_FF_GEGLU:
+        TRY(bs__scratch(f, &g, rows, 2 * ff->inner));
+        TRY(linear(f, &g, x, &ff->proj, 0.0f));
+        TRY(f->be->iface->glu(f->be->ctx, &h, &g, BS_ACT_GELU, f->err));
+        break;
+    case BS_FF_GEGLU_APPROXIMATE:
+        TRY(linear(f, &h, x, &ff->proj, 0.0f));
+        TRY(act(f, &h, &h, BS_ACT_QUICK_GELU));
+        break;
+    }
+    if (!ff->has_out) {
+        *y = h;
+        return 0;
+    }
+    return linear(f, y, &h, &ff->out, beta);
+}
+
+/* norm2 + attn2, present only with cross_attention_dim. */
+static int block_cross(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x,
+                       struct bs_tensor *nh)
+{
+    if (b->norm2.emb.data != NULL)
+        TRY(bs__ada_norm_forward(f, &b->norm2, x, nh));
+    else
+        TRY(layer_norm(f, nh, x, &b->norm2, NULL, NULL, 1));
+    const struct bs_tensor *src = opt(&f->enc);
+    return attn_forward(f, &b->attn2, nh, src, src ? f->lk : f->lq, opt(&f->mask2), x, NULL);
+}
+
+int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x)
+{
+    const struct bs_model_config *c = b->cfg;
+    int64_t d = c->dim, rows = bs_tensor_nrows(x);
+    struct bs_arena_mark mark = bs_arena_mark(f->arena);
+    struct bs_tensor nh, mod, col[6];
+    const struct bs_tensor *gate_msa = NULL, *gate_mlp = NULL, *scale_mlp = NULL, *shift_mlp = NULL;
+    int64_t rps = rows_per_cond(f, f->cond ? f->cond->n : 1);
+    int rc;
+
+    if ((rc = bs__scratch(f, &nh, rows, d)) != 0)
+        goto out;
+    /* 1. norm1 and self-attention (cross-attention with only_cross_attention) */
+    if (c->norm_type == BS_NORM_ADA_NORM_ZERO) {
+        if ((rc = ada_zero_modulation(f, &b->az, &mod)) != 0)
+            goto out;
+        /* shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp */
+        for (int i = 0; i < 6; i++)
+            col[i] = bs_tensor_view_cols(&mod, i * d, d);
+        gate_msa = &col[2];
+        shift_mlp = &col[3];
+        scale_mlp = &col[4];
+        gate_mlp = &col[5];
+        rc = layer_norm(f, &nh, x, &b->norm1, &col[1], &col[0], rps);
+    } else if (c->norm_type == BS_NORM_ADA_NORM) {
+        rc = bs__ada_norm_forward(f, &b->norm1, x, &nh);
+    } else {
+        rc = layer_norm(f, &nh, x, &b->norm1, NULL, NULL, 1);
+    }
+    if (rc != 0)
+        goto out;
+    const struct bs_tensor *src = c->only_cross_attention ? opt(&f->enc) : NULL;
+    rc = attn_forward(f, &b->attn1, &nh, src, src ? f->lk : f->lq, opt(&f->mask1), x, gate_msa);
+    /* 2. norm2 and cross-attention */
+    if (rc == 0 && b->has_attn2)
+        rc = block_cross(f, b, x, &nh);
+    /* 3. norm3 (modulated with ada_norm_zero) and feed-forward */
+    if (rc == 0)
+        rc = layer_norm(f, &nh, x, &b->norm3, scale_mlp, shift_mlp, rps);
+    if (rc == 0 && gate_mlp == NULL) {
+        rc = bs__ff_forward(f, &b->ff, &nh, x, 1.0f);
+    } else if (rc == 0) {
+        struct bs_tensor t;
+        if ((rc = bs__scratch(f, &t, rows, d)) == 0 &&
+            (rc = bs__ff_forward(f, &b->ff, &nh, &t, 0.0f)) == 0)
+            rc = add(f, x, &t, gate_mlp, rps, 1.0f);
+    }
+out:
+    bs_arena_release(f->arena, mark);
+    return rc;
+}
+
+static struct bs_tensor as3(const struct bs_tensor *t, int64_t a, int64_t b, int64_t c)
+{
+    int64_t ne[3] = {a, b, c};
+    return bs_tensor_reshape(t, 3, ne);
+}
+
+int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_block *a,
+                                const struct bs_tensor *x, struct bs_tensor *y)
+{
+    const struct bs_model_config *c = a->cfg;
+    int64_t bsz = x->ne[0], ch = x->ne[1], s = x->ne[2];
+    int heads = c->num_head_channels ? (int)(ch / c->num_head_channels) : 1;
+    struct bs_tensor gn, t, qkv, o, p;
+    struct bs_norm_params np = {
+        .eps = (float)c->eps, .gamma = &a->gn_gamma, .beta = &a->gn_beta,
+        .groups = (int)c->norm_num_groups,
+    };
+    TRY(bs__scratch(f, &gn, bsz * ch, s));
+    gn = as3(&gn, bsz, ch, s);
+    TRY(f->be->iface->group_norm(f->be->ctx, &gn, x, &np, f->err));
+    TRY(bs__scratch(f, &t, bsz * s, ch));
+    struct bs_tensor t3 = as3(&t, bsz, s, ch);
+    TRY(f->be->iface->transpose(f->be->ctx, &t3, &gn, f->err));
+    TRY(bs__scratch(f, &qkv, bsz * s, 3 * ch));
+    TRY(linear(f, &qkv, &t, &a->qkv, 0.0f));
+    struct bs_tensor q = bs_tensor_view_cols(&qkv, 0, ch);
+    struct bs_tensor k = bs_tensor_view_cols(&qkv, ch, ch);
+    struct bs_tensor v = bs_tensor_view_cols(&qkv, 2 * ch, ch);
+    struct bs_attn_params ap = {
+        .batch = bsz, .lq = s, .lk = s, .heads = heads, .head_dim = (int)(ch / heads),
+        .scale = (float)(1.0 / sqrt((double)ch / heads)),
+    };
+    TRY(bs__scratch(f, &o, bsz * s, ch));
+    TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &ap, f->err));
+    TRY(bs__scratch(f, &p, bsz * s, ch));
+    TRY(linear(f, &p, &o, &a->proj, 0.0f));
+    TRY(bs__scratch(f, y, bsz * ch, s));
+    *y = as3(y, bsz, ch, s);
+    struct bs_tensor p3 = as3(&p, bsz, s, ch);
+    TRY(f->be->iface->transpose(f->be->ctx, y, &p3, f->err));
+    /* (hidden_states + residual) / rescale_output_factor */
+    return add(f, y, x, NULL, 1, (float)(1.0 / c->rescale_output_factor));
+}
+
+int bs__ada_group_norm_forward(struct bs__fwd *f, const struct bs__ada_group_norm *a,
+                               const struct bs_tensor *x, const struct bs_tensor *emb,
+                               struct bs_tensor *y)
+{
+    const struct bs_model_config *c = a->cfg;
+    int64_t bsz = emb->ne[0], e = emb->ne[1];
+    struct bs_tensor ea = *emb, ss;
+    if (c->act_fn != BS_ACT_NONE) {
+        TRY(bs__scratch(f, &ea, bsz, e));
+        TRY(act(f, &ea, emb, c->act_fn));
+    }
+    TRY(bs__scratch(f, &ss, bsz, 2 * c->out_dim));
+    TRY(linear(f, &ss, &ea, &a->lin, 0.0f));
+    struct bs_tensor scale = bs_tensor_view_cols(&ss, 0, c->out_dim);
+    struct bs_tensor shift = bs_tensor_view_cols(&ss, c->out_dim, c->out_dim);
+    struct bs_norm_params np = {
+        .eps = (float)c->eps, .scale = &scale, .shift = &shift, .groups = (int)c->num_groups,
+    };
+    TRY(bs__scratch(f, y, x->ne[0] * x->ne[1], x->ne[2]));
+    *y = as3(y, x->ne[0], x->ne[1], x->ne[2]);
+    return f->be->iface->group_norm(f->be->ctx, y, x, &np, f->err);
+}

@@ -1,0 +1,148 @@
+/* Internal to the model module: the diffusers modules as parameter structs
+ * bound to weights, and their forward passes over backend ops. */
+#ifndef BS_MODULES_H
+#define BS_MODULES_H
+
+#include "arena.h"
+#include "backend.h"
+#include "config.h"
+#include "safetensors.h"
+
+/* Places parameters in one backend buffer. bs__bind_* functions run twice: a
+ * sizing pass (base NULL) that only counts, then a pass that converts each
+ * weight to F32 into host staging and points tensors at the backend buffer. */
+struct bs__loader {
+    const bs_st_file_t *st;
+    const char *file;            /* for messages */
+    char prefix[BS_PREFIX_MAX];  /* key prefix of the module being bound */
+    char *base;                  /* backend buffer, or NULL while sizing */
+    float *host;                 /* staging for base */
+    size_t off;                  /* bytes placed so far */
+    char **names;                /* full key of every parameter bound (fill pass) */
+    int n_names, cap_names;
+    struct bs_err *err;
+    int rc;                      /* first error; later binds are skipped */
+    /* Describe mode: when set, each parameter is reported (full key, shape)
+     * instead of loaded. */
+    void (*describe)(void *arg, const char *key, int n_dims, const int64_t *ne);
+    void *describe_arg;
+};
+
+struct bs__linear {
+    struct bs_tensor w; /* [out, in] */
+    struct bs_tensor b; /* [out], data NULL when the layer has no bias */
+};
+
+struct bs__attn {
+    struct bs__linear q, kv;  /* kv: to_k and to_v stacked, [2 * inner, kv_dim] */
+    struct bs__linear qkv;    /* q, k, v stacked, valid when kv_dim == query_dim */
+    struct bs__linear out;    /* to_out.0 */
+    int heads, head_dim;
+    int64_t query_dim, kv_dim, inner;
+    float scale;
+};
+
+/* nn.LayerNorm, or AdaLayerNorm when emb.data is set. */
+struct bs__norm {
+    struct bs_tensor gamma, beta; /* data NULL without elementwise affine */
+    float eps;
+    struct bs_tensor emb;   /* AdaLayerNorm: nn.Embedding [num_embeddings, dim] */
+    struct bs__linear lin;  /* AdaLayerNorm: [2 dim, dim] */
+};
+
+/* AdaLayerNormZero's conditioning: CombinedTimestepLabelEmbeddings + linear. */
+struct bs__ada_zero {
+    struct bs__linear t1, t2;     /* timestep_embedder.linear_1/2 */
+    struct bs_tensor table;       /* class_embedder.embedding_table [classes + 1, dim] */
+    struct bs__linear lin;        /* [6 dim, dim] */
+};
+
+struct bs__ff {
+    struct bs__linear proj, out;
+    enum bs_ff_act act;
+    int64_t inner;
+    bool has_out; /* false for a bare GELU/GEGLU/ApproximateGELU module */
+};
+
+struct bs__block {
+    const struct bs_model_config *cfg;
+    struct bs__norm norm1, norm2, norm3;
+    struct bs__ada_zero az;
+    struct bs__attn attn1, attn2;
+    bool has_attn2;
+    struct bs__ff ff;
+};
+
+struct bs__attention_block {
+    const struct bs_model_config *cfg;
+    struct bs_tensor gn_gamma, gn_beta;
+    struct bs__linear qkv, proj;
+};
+
+struct bs__ada_group_norm {
+    const struct bs_model_config *cfg;
+    struct bs__linear lin;
+};
+
+/* Conditioning shared by the blocks of one forward, on the host, already
+ * checked: n rows (1 or B) of timesteps and labels. */
+struct bs__cond {
+    int64_t n;              /* rows: 1 (shared) or the batch */
+    const float *t;         /* [n] timesteps as floats */
+    const int64_t *t_idx;   /* [n] timesteps as indices (AdaLayerNorm) */
+    const int64_t *labels;  /* [n] class labels (AdaLayerNormZero) */
+    struct bs_tensor tproj; /* [n, 256] sinusoidal projection in backend memory */
+};
+
+/* One forward's state: backend, scratch and shapes. */
+struct bs__fwd {
+    struct bs_backend *be;
+    struct bs_arena *arena;
+    struct bs_err *err;
+    int64_t batch, lq, lk;      /* lk: encoder tokens (0 without encoder states) */
+    struct bs_tensor enc;       /* [batch * lk, enc_dim] or data NULL */
+    struct bs_tensor mask1;     /* attn1 mask [batch, mq, lk1] or data NULL */
+    struct bs_tensor mask2;     /* attn2 mask or data NULL */
+    const struct bs__cond *cond;
+};
+
+/* Bind a linear layer "<name>.weight" [out, in] (+ "<name>.bias" [out]). */
+void bs__bind_linear(struct bs__loader *ld, struct bs__linear *l, const char *name, int64_t out,
+                     int64_t in, bool bias);
+void bs__bind_block(struct bs__loader *ld, struct bs__block *b, const struct bs_model_config *c);
+void bs__bind_attention_block(struct bs__loader *ld, struct bs__attention_block *a,
+                              const struct bs_model_config *c);
+/* Bind a FeedForward: proj is its first linear ("ff.net.0.proj"), out its
+ * last ("ff.net.2"), or NULL for a bare GELU/GEGLU/ApproximateGELU. */
+void bs__bind_ff(struct bs__loader *ld, struct bs__ff *ff, const char *proj, const char *out,
+                 int64_t dim, int64_t inner, int64_t dim_out, enum bs_ff_act act);
+void bs__bind_ada_norm(struct bs__loader *ld, struct bs__norm *n, const char *name, int64_t dim,
+                       int64_t num_embeddings);
+void bs__bind_ada_group_norm(struct bs__loader *ld, struct bs__ada_group_norm *a,
+                             const struct bs_model_config *c);
+
+/* Run one BasicTransformerBlock on x [batch * lq, dim] in place. */
+int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x);
+
+/* AttentionBlock on x [B, C, S] (contiguous); result in *y (arena). */
+int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_block *a,
+                                const struct bs_tensor *x, struct bs_tensor *y);
+
+/* FeedForward on rows x: y = ff(x) + beta * y with y allocated by the caller;
+ * a bare GELU/GEGLU/ApproximateGELU (!ff->has_out) sets *y to its result. */
+int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_tensor *x,
+                   struct bs_tensor *y, float beta);
+
+/* AdaLayerNorm on rows x [batch * lq, dim]; result in *y (arena). */
+int bs__ada_norm_forward(struct bs__fwd *f, const struct bs__norm *n, const struct bs_tensor *x,
+                         struct bs_tensor *y);
+
+/* AdaGroupNorm on x [B, C, S] with emb [B, E] (backend memory); result in *y. */
+int bs__ada_group_norm_forward(struct bs__fwd *f, const struct bs__ada_group_norm *a,
+                               const struct bs_tensor *x, const struct bs_tensor *emb,
+                               struct bs_tensor *y);
+
+/* A 2-D F32 scratch tensor [rows, cols] from the forward's arena. */
+int bs__scratch(struct bs__fwd *f, struct bs_tensor *t, int64_t rows, int64_t cols);
+
+#endif

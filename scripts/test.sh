@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install, build and run every test: the Release build runs the whole suite
+# (unit, golden, CLI, reference reproducibility), then an ASan+UBSan build
+# runs the unit, golden and CLI tests again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
+
+echo "== Release build =="
+BUILD_DIR=build bash scripts/build.sh
+(cd build && ctest --output-on-failure -j "$(nproc)")
+
+echo "== ASan + UBSan build =="
+BUILD_DIR=build-asan BUILD_TYPE=Debug bash scripts/build.sh -DBS_SANITIZE=ON
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --output-on-failure -j "$(nproc)" -LE reference)

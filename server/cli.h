@@ -1,0 +1,15 @@
+/* The blockserve command line: one function per subcommand, each returning
+ * the process exit status. */
+#ifndef BS_CLI_H
+#define BS_CLI_H
+
+/* blockserve forward MODEL_DIR --inputs IN --output OUT [--device D] [--threads N] */
+int bs_cli_forward(int argc, char **argv);
+
+/* blockserve bench MODEL_DIR --inputs IN [--reps N] [--threads N] [--device D] */
+int bs_cli_bench(int argc, char **argv);
+
+/* blockserve example [NAME --out DIR]: list or write a built-in example model */
+int bs_cli_example(int argc, char **argv);
+
+#endif

@@ -1,0 +1,54 @@
+/* blockserve: entry point and subcommand dispatch. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+
+#define BS_VERSION "0.1.0"
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: blockserve COMMAND [ARGS]\n"
+            "\n"
+            "commands:\n"
+            "  forward MODEL_DIR --inputs IN.safetensors --output OUT.safetensors\n"
+            "          [--device auto|cpu|cuda] [--threads N]\n"
+            "      run one forward pass; writes one F32 tensor named \"output\"\n"
+            "  bench MODEL_DIR --inputs IN.safetensors [--reps N] [--threads N]\n"
+            "          [--device auto|cpu|cuda]\n"
+            "      one warm-up then N timed forwards; last line: median_ms=... gflops=...\n"
+            "  example [NAME --out DIR]\n"
+            "      list the built-in example models, or write one (generated weights and\n"
+            "      example inputs) as a model directory\n"
+            "  version\n"
+            "\n"
+            "MODEL_DIR holds config.json (diffusers' _class_name and arguments) and\n"
+            "diffusion_pytorch_model.safetensors (diffusers' state_dict keys).\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "forward") == 0)
+        return bs_cli_forward(argc - 1, argv + 1);
+    if (strcmp(cmd, "bench") == 0)
+        return bs_cli_bench(argc - 1, argv + 1);
+    if (strcmp(cmd, "example") == 0)
+        return bs_cli_example(argc - 1, argv + 1);
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        printf("blockserve %s\n", BS_VERSION);
+        return 0;
+    }
+    if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "blockserve: unknown command \"%s\"\n\n", cmd);
+    usage(stderr);
+    return 2;
+}

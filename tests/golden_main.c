@@ -1,0 +1,126 @@
+/* Golden test: run one case directory of tests/golden (written by
+ * tests/reference/gen_golden.py from the PyTorch reference) and compare with
+ * its expected output. Tolerance: max abs error <= 1e-4 (FP32). The forward
+ * runs twice through one arena (the second run reuses the grown scratch) and
+ * both must match; stacks also run with the per-block callback. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "arena.h"
+#include "backend.h"
+#include "model.h"
+#include "safetensors.h"
+
+#define TOLERANCE 1e-4
+
+struct cb_state {
+    int calls;
+    int last_block;
+};
+
+static int on_block(void *arg, int block, int n_blocks, const struct bs_tensor *out)
+{
+    struct cb_state *s = arg;
+    (void)out;
+    if (block != s->calls || block >= n_blocks)
+        return BS_EINTERNAL;
+    s->calls++;
+    s->last_block = block;
+    return 0;
+}
+
+static double max_abs_err(const struct bs_tensor *got, const struct bs_tensor *want)
+{
+    float *w = malloc(bs_tensor_nelements(want) * sizeof(float));
+    double m = 0;
+    bs_convert_to_f32(w, want->data, want->type, bs_tensor_nelements(want));
+    for (int64_t i = 0; i < bs_tensor_nelements(want); i++) {
+        double d = fabs((double)((float *)got->data)[i] - (double)w[i]);
+        if (!(d <= m)) /* also catches NaN */
+            m = isnan(d) ? INFINITY : d;
+    }
+    free(w);
+    return m;
+}
+
+static int run(const char *dir, struct bs_err *err)
+{
+    char path[4096];
+    struct bs_backend be = {0};
+    bs_model_t *model = NULL;
+    bs_st_file_t *in_file = NULL, *exp_file = NULL;
+    struct bs_named_tensor in[16];
+    struct bs_tensor out = {0}, want;
+    struct bs_arena arena;
+    int n_in = 0, rc;
+    bs_arena_init(&arena, &be);
+    if ((rc = bs_backend_init(&be, "cpu", 0, err)) != 0 ||
+        (rc = bs_model_load(&model, dir, &be, err)) != 0)
+        goto done;
+    snprintf(path, sizeof(path), "%s/inputs.safetensors", dir);
+    if ((rc = bs_st_open(&in_file, path, err)) != 0)
+        goto done;
+    snprintf(path, sizeof(path), "%s/expected.safetensors", dir);
+    if ((rc = bs_st_open(&exp_file, path, err)) != 0)
+        goto done;
+    if ((rc = bs_st_get(exp_file, "output", &want)) != 0) {
+        bs_err_set(err, rc, "expected.safetensors has no \"output\"");
+        goto done;
+    }
+    n_in = bs_st_count(in_file);
+    for (int i = 0; i < n_in && i < 16; i++) {
+        in[i].name = bs_st_name(in_file, i);
+        bs_st_get(in_file, in[i].name, &in[i].t);
+    }
+    if ((rc = bs_model_check(model, in, n_in, &out, err)) != 0)
+        goto done;
+    if (out.n_dims != want.n_dims || memcmp(out.ne, want.ne, sizeof(int64_t) * out.n_dims) != 0) {
+        char a[64], b[64];
+        rc = bs_err_set(err, BS_EINVAL, "output shape %s, expected %s",
+                        bs_tensor_shape_str(&out, a, sizeof(a)),
+                        bs_tensor_shape_str(&want, b, sizeof(b)));
+        goto done;
+    }
+    out.data = malloc(bs_tensor_nbytes(&out));
+    for (int pass = 0; pass < 2 && rc == 0; pass++) {
+        struct cb_state cbs = {0, -1};
+        struct bs_forward_opts opts = {on_block, &cbs};
+        bool with_cb = pass == 1 && bs_model_config(model)->num_blocks > 1;
+        memset(out.data, 0xff, bs_tensor_nbytes(&out)); /* NaN: stale data cannot pass */
+        if ((rc = bs_model_forward(model, &arena, in, n_in, &out, with_cb ? &opts : NULL, err)) != 0)
+            break;
+        double e = max_abs_err(&out, &want);
+        printf("%s pass %d%s: max abs err %.3g (tolerance %g)\n", dir, pass,
+               with_cb ? " (per-block callback)" : "", e, TOLERANCE);
+        if (!(e <= TOLERANCE))
+            rc = bs_err_set(err, BS_EINTERNAL, "max abs err %.3g > %g", e, TOLERANCE);
+        if (with_cb && cbs.calls != bs_model_config(model)->num_blocks)
+            rc = bs_err_set(err, BS_EINTERNAL, "callback ran %d times for %d blocks", cbs.calls,
+                            bs_model_config(model)->num_blocks);
+    }
+done:
+    free(out.data);
+    bs_st_close(exp_file);
+    bs_st_close(in_file);
+    bs_arena_free(&arena);
+    bs_model_free(model);
+    bs_backend_free(&be);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    struct bs_err err = {0};
+    if (argc != 2) {
+        fprintf(stderr, "usage: test_golden CASE_DIR\n");
+        return 2;
+    }
+    if (run(argv[1], &err) != 0) {
+        fprintf(stderr, "FAIL %s: %s\n", argv[1], err.msg);
+        return 1;
+    }
+    printf("PASS %s\n", argv[1]);
+    return 0;
+}
