@@ -269,7 +269,7 @@ static int parse_section(struct bs_model_config *c, const struct bs_json *sec, s
         return bs_err_set(err, BS_EINVAL, "\"blockserve\": expected an object");
     for (const struct bs_json *m = sec->child; m; m = m->next) {
         if (strcmp(m->key, "num_blocks") == 0) {
-            int64_t n;
+            int64_t n = 0;
             if (parse_int(m, "blockserve.num_blocks", false, &n, err) != 0)
                 return err->code;
             if (n > 4096)

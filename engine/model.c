@@ -213,6 +213,10 @@ static void add_input(bs_model_t *m, enum input_id id, bool required, int n_dims
     s->name = input_names[id];
     s->required = required;
     s->n_dims = n_dims;
+    /* masks may drop the query dim; timesteps and labels may be scalars */
+    s->min_dims = id == IN_ATTENTION_MASK || id == IN_ENCODER_ATTENTION_MASK ? 2
+                  : id == IN_TIMESTEP || id == IN_CLASS_LABELS               ? 0
+                                                                             : n_dims;
     for (int i = 0; i < n_dims; i++)
         s->dims[i] = dims[i];
     s->dtypes = dtypes;
@@ -377,16 +381,17 @@ static int check_one(const struct bs_input_spec *s, const struct bs_tensor *t, s
     if (((1u << t->type) & s->dtypes) == 0 || (unsigned)t->type >= BS_TYPE_COUNT)
         return bs_err_set(err, BS_EINVAL, "input \"%s\": datatype %s is not accepted", s->name,
                           bs_dtype_name(t->type));
-    bool scalar_ok = s->n_dims == 1 && t->n_dims == 0;
-    if (t->n_dims != s->n_dims && !scalar_ok)
-        return bs_err_set(err, BS_EINVAL, "input \"%s\": expected %d dims, got shape %s", s->name,
-                          s->n_dims, bs_tensor_shape_str(t, shape, sizeof(shape)));
+    bool full_rank = t->n_dims == s->n_dims;
+    if (t->n_dims > s->n_dims || t->n_dims < s->min_dims)
+        return bs_err_set(err, BS_EINVAL, "input \"%s\": expected %s%d dims, got shape %s",
+                          s->name, s->min_dims < s->n_dims ? "at most " : "", s->n_dims,
+                          bs_tensor_shape_str(t, shape, sizeof(shape)));
     for (int i = 0; i < t->n_dims; i++) {
         if (t->ne[i] < 1 || __builtin_mul_overflow(n, t->ne[i], &n) || n > ((int64_t)1 << 31))
             return bs_err_set(err, t->ne[i] < 1 ? BS_EINVAL : BS_ERANGE,
                               "input \"%s\": shape %s is empty or too large", s->name,
                               bs_tensor_shape_str(t, shape, sizeof(shape)));
-        if (!scalar_ok && s->dims[i] != -1 && t->ne[i] != s->dims[i])
+        if (full_rank && s->dims[i] != -1 && t->ne[i] != s->dims[i])
             return bs_err_set(err, BS_EINVAL, "input \"%s\": dim %d is %lld, expected %lld (shape %s)",
                               s->name, i, (long long)t->ne[i], (long long)s->dims[i],
                               bs_tensor_shape_str(t, shape, sizeof(shape)));

@@ -23,7 +23,8 @@ struct bs_named_tensor {
 struct bs_input_spec {
     const char *name;
     bool required;
-    int n_dims;                /* the canonical rank (scalars may also pass as 0-d) */
+    int n_dims;                /* the canonical rank */
+    int min_dims;              /* lower ranks down to this one are accepted too */
     int64_t dims[BS_MAX_DIMS]; /* -1: variable */
     unsigned dtypes;           /* accepted dtypes as a bit set */
     enum bs_dtype dtype;       /* the preferred one, shown in metadata */

@@ -3,6 +3,7 @@
 #include "modules.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,17 @@
     } while (0)
 
 /* ---- binding ---------------------------------------------------------- */
+
+/* Format a state_dict key; keys are short, and one that does not fit is cut
+ * and then simply not found in the file. */
+__attribute__((format(printf, 3, 4))) static void keyf(char *dst, size_t size, const char *fmt,
+                                                        ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(dst, size, fmt, ap);
+    va_end(ap);
+}
 
 static int record_name(struct bs__loader *ld, const char *key)
 {
@@ -40,7 +52,7 @@ static int load_key(struct bs__loader *ld, const char *name, int64_t rows, int64
     char key[2 * BS_PREFIX_MAX];
     struct bs_tensor src;
     int n_dims = cols ? 2 : 1;
-    snprintf(key, sizeof(key), "%s%s", ld->prefix, name);
+    keyf(key, sizeof(key), "%s%s", ld->prefix, name);
     if (bs_st_get(ld->st, key, &src) != 0)
         return bs_err_set(ld->err, BS_ENOTFOUND, "%s: missing tensor \"%s\"", ld->file, key);
     if (src.type != BS_TYPE_F32 && src.type != BS_TYPE_F16 && src.type != BS_TYPE_BF16)
@@ -74,7 +86,7 @@ static void bind_stacked(struct bs__loader *ld, struct bs_tensor *t, const char 
     for (int i = 0; ld->describe != NULL && i < n; i++) {
         char key[2 * BS_PREFIX_MAX];
         int64_t shape[2] = {rows, cols};
-        snprintf(key, sizeof(key), "%s%s", ld->prefix, names[i]);
+        keyf(key, sizeof(key), "%s%s", ld->prefix, names[i]);
         ld->describe(ld->describe_arg, key, n_dims, shape);
     }
     for (int i = 0; ld->base != NULL && i < n; i++) {
@@ -99,11 +111,11 @@ void bs__bind_linear(struct bs__loader *ld, struct bs__linear *l, const char *na
                      int64_t in, bool bias)
 {
     char key[BS_PREFIX_MAX];
-    snprintf(key, sizeof(key), "%s.weight", name);
+    keyf(key, sizeof(key), "%s.weight", name);
     bind(ld, &l->w, key, out, in);
     no_tensor(&l->b);
     if (bias) {
-        snprintf(key, sizeof(key), "%s.bias", name);
+        keyf(key, sizeof(key), "%s.bias", name);
         bind(ld, &l->b, key, out, 0);
     }
 }
@@ -123,8 +135,8 @@ static void bind_attn(struct bs__loader *ld, struct bs__attn *a, const char *nam
     a->kv_dim = kv_dim;
     a->scale = (float)(1.0 / sqrt((double)c->attention_head_dim));
     for (int i = 0; i < 3; i++) {
-        snprintf(w[i], sizeof(w[i]), "%s.%s.weight", name, proj[i]);
-        snprintf(b[i], sizeof(b[i]), "%s.%s.bias", name, proj[i]);
+        keyf(w[i], sizeof(w[i]), "%s.%s.weight", name, proj[i]);
+        keyf(b[i], sizeof(b[i]), "%s.%s.bias", name, proj[i]);
     }
     no_tensor(&a->qkv.w);
     no_tensor(&a->qkv.b);
@@ -148,7 +160,7 @@ static void bind_attn(struct bs__loader *ld, struct bs__attn *a, const char *nam
             bind_stacked(ld, &a->kv.b, bn + 1, 2, a->inner, 0);
         }
     }
-    snprintf(out, sizeof(out), "%s.to_out.0", name);
+    keyf(out, sizeof(out), "%s.to_out.0", name);
     bs__bind_linear(ld, &a->out, out, c->dim, a->inner, true);
 }
 
@@ -160,9 +172,9 @@ static void bind_layer_norm(struct bs__loader *ld, struct bs__norm *n, const cha
     n->eps = eps;
     if (!affine)
         return;
-    snprintf(key, sizeof(key), "%s.weight", name);
+    keyf(key, sizeof(key), "%s.weight", name);
     bind(ld, &n->gamma, key, dim, 0);
-    snprintf(key, sizeof(key), "%s.bias", name);
+    keyf(key, sizeof(key), "%s.bias", name);
     bind(ld, &n->beta, key, dim, 0);
 }
 
@@ -173,9 +185,9 @@ void bs__bind_ada_norm(struct bs__loader *ld, struct bs__norm *n, const char *na
     const char *dot = name[0] ? "." : "";
     memset(n, 0, sizeof(*n));
     n->eps = 1e-5f;
-    snprintf(key, sizeof(key), "%s%semb.weight", name, dot);
+    keyf(key, sizeof(key), "%s%semb.weight", name, dot);
     bind(ld, &n->emb, key, num_embeddings, dim);
-    snprintf(key, sizeof(key), "%s%slinear", name, dot);
+    keyf(key, sizeof(key), "%s%slinear", name, dot);
     bs__bind_linear(ld, &n->lin, key, 2 * dim, dim, true);
 }
 

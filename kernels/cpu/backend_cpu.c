@@ -1,0 +1,254 @@
+/* The CPU backend: host memory, a thread pool sized to the cores, OpenBLAS
+ * for the GEMMs (single-threaded inside; we split each GEMM into blocks on our
+ * own pool so that one set of threads does all the work, with no
+ * oversubscription), and the kernels of ops_cpu.c and attn_cpu.c.
+ *
+ * Thread ownership: see ops_cpu.h (the context) and threadpool.c. Every op may
+ * be called from several threads at once: ops keep their state on the stack,
+ * pool runs are serialised by the pool, and the attention scratch by
+ * scratch_lock. */
+#include <cblas.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "ops_cpu.h"
+#include "threadpool.h"
+
+#define CPU_ALIGN 64
+#define CPU_MAX_THREADS 256
+
+/* GEMMs below this many flops run as one call on the calling thread: waking
+ * the pool costs more than it saves. */
+#define LINEAR_SERIAL_FLOPS (2.0 * 1024 * 1024)
+/* Smallest block edge (rows of x, rows of w) a GEMM task gets. */
+#define LINEAR_MIN_BLOCK 64
+
+static pthread_once_t blas_once = PTHREAD_ONCE_INIT;
+
+static void blas_single_thread(void)
+{
+    openblas_set_num_threads(1);
+}
+
+/* ---- memory ------------------------------------------------------------ */
+
+static void *cpu_buf_alloc(void *ctx, size_t size)
+{
+    void *p = NULL;
+    size = (size + CPU_ALIGN - 1) & ~(size_t)(CPU_ALIGN - 1);
+    if (posix_memalign(&p, CPU_ALIGN, size ? size : CPU_ALIGN) != 0)
+        return NULL;
+    return p;
+}
+
+static void cpu_buf_free(void *ctx, void *ptr)
+{
+    free(ptr);
+}
+
+static int cpu_copy(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err)
+{
+    if (size)
+        memcpy(dst, src, size);
+    return 0;
+}
+
+size_t bs__cpu_scratch_bytes(void *ctx)
+{
+    struct bs__cpu *c = ctx;
+    pthread_mutex_lock(&c->scratch_lock);
+    size_t n = c->scratch_bytes;
+    pthread_mutex_unlock(&c->scratch_lock);
+    return n;
+}
+
+int bs__cpu_scratch_reserve(struct bs__cpu *c, size_t floats, struct bs_err *err)
+{
+    floats = (floats + 15) & ~(size_t)15; /* 64-byte aligned slices */
+    if (floats <= c->scratch_floats)
+        return 0;
+    size_t bytes = floats * sizeof(float) * (size_t)c->n_threads;
+    void *p = NULL;
+    if (posix_memalign(&p, CPU_ALIGN, bytes) != 0)
+        return bs_err_set(err, BS_ENOMEM, "cpu backend: cannot allocate %zu bytes of scratch",
+                          bytes);
+    free(c->scratch);
+    c->scratch = p;
+    c->scratch_floats = floats;
+    c->scratch_bytes = bytes;
+    return 0;
+}
+
+/* ---- linear ------------------------------------------------------------ */
+
+struct linear_job {
+    const float *x, *w, *b;
+    float *y;
+    int64_t m, n, k, ldx, ldy;
+    float beta;
+    int64_t mb, nb; /* block edges */
+    int64_t nt;     /* blocks along n */
+};
+
+/* y[m0:m1, n0:n1] = x[m0:m1] w[n0:n1]^T + b[n0:n1] + beta y[m0:m1, n0:n1]. The
+ * bias goes into y first, then one GEMM accumulates onto it. */
+static void linear_block(const struct linear_job *j, int64_t m0, int64_t m1, int64_t n0,
+                         int64_t n1)
+{
+    float beta = j->beta;
+    int64_t nn = n1 - n0;
+    if (j->b != NULL) {
+        const float *b = j->b + n0;
+        for (int64_t r = m0; r < m1; r++) {
+            float *y = j->y + r * j->ldy + n0;
+            if (beta == 0.0f)
+                memcpy(y, b, (size_t)nn * sizeof(float));
+            else
+                for (int64_t i = 0; i < nn; i++)
+                    y[i] += b[i];
+        }
+        beta = 1.0f;
+    }
+    if (j->k == 0) { /* x w^T is 0 (and cblas would reject lda = 0) */
+        if (beta == 0.0f)
+            for (int64_t r = m0; r < m1; r++)
+                memset(j->y + r * j->ldy + n0, 0, (size_t)nn * sizeof(float));
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)(m1 - m0), (blasint)nn,
+                (blasint)j->k, 1.0f, j->x + m0 * j->ldx, (blasint)j->ldx, j->w + n0 * j->k,
+                (blasint)j->k, beta, j->y + m0 * j->ldy + n0, (blasint)j->ldy);
+}
+
+static void linear_task(void *arg, int64_t task, int thread)
+{
+    const struct linear_job *j = arg;
+    int64_t m0 = (task / j->nt) * j->mb, n0 = (task % j->nt) * j->nb;
+    int64_t m1 = m0 + j->mb < j->m ? m0 + j->mb : j->m;
+    int64_t n1 = n0 + j->nb < j->n ? n0 + j->nb : j->n;
+    linear_block(j, m0, m1, n0, n1);
+}
+
+static int64_t cdiv(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+/* Split into about 4 blocks per thread: along M while blocks keep at least
+ * LINEAR_MIN_BLOCK rows, then along N (small M: conditioning, short encoder
+ * sequences). */
+static void linear_run(struct bs__cpu *c, struct linear_job *j)
+{
+    int64_t target = 4 * (int64_t)c->n_threads;
+    if (c->n_threads == 1 || 2.0 * (double)j->m * (double)j->n * (double)j->k < LINEAR_SERIAL_FLOPS) {
+        linear_block(j, 0, j->m, 0, j->n);
+        return;
+    }
+    int64_t mt = cdiv(j->m, LINEAR_MIN_BLOCK);
+    mt = mt < target ? mt : target;
+    j->mb = cdiv(j->m, mt);
+    mt = cdiv(j->m, j->mb);
+    int64_t nt = cdiv(target, mt), nt_max = cdiv(j->n, LINEAR_MIN_BLOCK);
+    nt = nt < nt_max ? nt : nt_max;
+    j->nb = (cdiv(j->n, nt) + 15) & ~(int64_t)15; /* 64-byte aligned column blocks */
+    j->nt = cdiv(j->n, j->nb);
+    bs_pool_run(c->pool, mt * j->nt, linear_task, j);
+}
+
+static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                      const struct bs_tensor *w, const struct bs_tensor *b, float beta,
+                      struct bs_err *err)
+{
+    int rc;
+    if ((rc = bs__check_f32_rows(x, "linear", "x", err)) || (rc = bs__check_f32_rows(y, "linear", "y", err)))
+        return rc;
+    if (w->type != BS_TYPE_F32 || w->n_dims != 2 || !bs_tensor_is_contiguous(w))
+        return bs_err_set(err, BS_EINVAL, "linear: w must be a contiguous F32 [N, K] matrix");
+    int64_t m = bs_tensor_nrows(x), k = x->n_dims ? x->ne[x->n_dims - 1] : 1;
+    int64_t n = w->ne[0];
+    if (w->ne[1] != k || bs_tensor_nrows(y) != m || (y->n_dims ? y->ne[y->n_dims - 1] : 1) != n)
+        return bs_err_set(err, BS_EINVAL,
+                          "linear: shapes do not match (x %lld x %lld, w %lld x %lld, y %lld x %lld)",
+                          (long long)m, (long long)k, (long long)w->ne[0], (long long)w->ne[1],
+                          (long long)bs_tensor_nrows(y), (long long)(y->n_dims ? y->ne[y->n_dims - 1] : 1));
+    if (b != NULL && (b->type != BS_TYPE_F32 || bs_tensor_nelements(b) != n || !bs_tensor_is_contiguous(b)))
+        return bs_err_set(err, BS_EINVAL, "linear: bias must be a contiguous F32 [%lld]", (long long)n);
+    if (beta != 0.0f && beta != 1.0f)
+        return bs_err_set(err, BS_EINVAL, "linear: beta must be 0 or 1 (got %g)", (double)beta);
+    if (m == 0 || n == 0)
+        return 0;
+    if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || bs_tensor_ld(x) > INT32_MAX || bs_tensor_ld(y) > INT32_MAX)
+        return bs_err_set(err, BS_ERANGE, "linear: dimensions exceed the BLAS integer range");
+    struct linear_job j = {
+        .x = x->data, .w = w->data, .b = b ? b->data : NULL, .y = y->data,
+        .m = m, .n = n, .k = k, .ldx = bs_tensor_ld(x), .ldy = bs_tensor_ld(y), .beta = beta,
+    };
+    linear_run(ctx, &j);
+    return 0;
+}
+
+/* ---- the backend ------------------------------------------------------- */
+
+static void cpu_free(void *ctx)
+{
+    struct bs__cpu *c = ctx;
+    if (c == NULL)
+        return;
+    bs_pool_free(c->pool);
+    pthread_mutex_destroy(&c->scratch_lock);
+    free(c->scratch);
+    free(c);
+}
+
+static const struct bs_backend_i cpu_iface = {
+    .name = "cpu",
+    .host_memory = true,
+    .free = cpu_free,
+    .buf_alloc = cpu_buf_alloc,
+    .buf_free = cpu_buf_free,
+    .copy_in = cpu_copy,
+    .copy_out = cpu_copy,
+    .linear = cpu_linear,
+    .layer_norm = bs__cpu_layer_norm,
+    .group_norm = bs__cpu_group_norm,
+    .act = bs__cpu_act,
+    .glu = bs__cpu_glu,
+    .attention = bs__cpu_attention,
+    .add = bs__cpu_add,
+    .transpose = bs__cpu_transpose,
+    .get_rows = bs__cpu_get_rows,
+};
+
+int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err)
+{
+    int rc;
+    memset(be, 0, sizeof(*be));
+    if (n_threads < 0 || n_threads > CPU_MAX_THREADS)
+        return bs_err_set(err, BS_EINVAL, "cpu backend: n_threads must be in [0, %d] (got %d)",
+                          CPU_MAX_THREADS, n_threads);
+    if (n_threads == 0) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = cores < 1 ? 1 : cores > CPU_MAX_THREADS ? CPU_MAX_THREADS : (int)cores;
+    }
+    struct bs__cpu *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        rc = bs_err_set(err, BS_ENOMEM, "cpu backend: out of memory");
+        goto fail_ctx;
+    }
+    c->n_threads = n_threads;
+    if ((rc = bs_pool_init(&c->pool, n_threads, err)) != 0)
+        goto fail_pool;
+    pthread_mutex_init(&c->scratch_lock, NULL);
+    pthread_once(&blas_once, blas_single_thread);
+    be->iface = &cpu_iface;
+    be->ctx = c;
+    return 0;
+
+fail_pool:
+    free(c);
+fail_ctx:
+    return rc;
+}

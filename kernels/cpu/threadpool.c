@@ -1,0 +1,201 @@
+/* The CPU thread pool: n_threads - 1 persistent workers plus the caller of
+ * bs_pool_run, tasks handed out by an atomic counter.
+ *
+ * Thread ownership (STYLE rule 12):
+ * - n_threads, workers: written by bs_pool_init before any worker starts and
+ *   read-only afterwards; bs_pool_free joins the workers before freeing.
+ * - run_lock: held by the one thread inside bs_pool_run (the "runner") for the
+ *   whole run, so runs from several threads are serialised and the thread
+ *   index a task sees is unique among the threads working at that moment.
+ * - fn, arg, n_tasks, generation, busy, stop: guarded by lock. The runner
+ *   writes the job and bumps generation; each worker copies the job under
+ *   lock, works without it, then decrements busy; the runner waits on done
+ *   until busy is 0 before it returns (so the job, and whatever arg points
+ *   to, outlive every task).
+ * - next: atomic; every thread of a run takes task indices from it.
+ * Workers sleep on wake between runs; nothing spins. */
+#include "threadpool.h"
+
+#include <assert.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+struct bs_pool_worker {
+    struct bs_pool *pool;
+    int index; /* thread index passed to tasks, 1..n_threads-1 */
+    pthread_t tid;
+};
+
+struct bs_pool {
+    int n_threads;
+    struct bs_pool_worker *workers; /* n_threads - 1 */
+
+    pthread_mutex_t run_lock;
+
+    pthread_mutex_t lock;
+    pthread_cond_t wake; /* a new generation, or stop */
+    pthread_cond_t done; /* busy reached 0 */
+    uint64_t generation;
+    int busy;
+    bool stop;
+    bs_pool_fn fn;
+    void *arg;
+    int64_t n_tasks;
+
+    atomic_int_fast64_t next;
+};
+
+/* The pool whose task this thread is running (catches nested runs). */
+static _Thread_local const struct bs_pool *tls_running;
+
+static void run_tasks(struct bs_pool *pool, bs_pool_fn fn, void *arg, int64_t n_tasks,
+                      int thread)
+{
+    tls_running = pool;
+    for (;;) {
+        int64_t t = atomic_fetch_add_explicit(&pool->next, 1, memory_order_relaxed);
+        if (t >= n_tasks)
+            break;
+        fn(arg, t, thread);
+    }
+    tls_running = NULL;
+}
+
+static void *worker_main(void *p)
+{
+    struct bs_pool_worker *w = p;
+    struct bs_pool *pool = w->pool;
+    uint64_t seen = 0;
+
+    pthread_mutex_lock(&pool->lock);
+    for (;;) {
+        while (!pool->stop && pool->generation == seen)
+            pthread_cond_wait(&pool->wake, &pool->lock);
+        if (pool->stop)
+            break;
+        seen = pool->generation;
+        bs_pool_fn fn = pool->fn;
+        void *arg = pool->arg;
+        int64_t n_tasks = pool->n_tasks;
+        pthread_mutex_unlock(&pool->lock);
+
+        run_tasks(pool, fn, arg, n_tasks, w->index);
+
+        pthread_mutex_lock(&pool->lock);
+        if (--pool->busy == 0)
+            pthread_cond_signal(&pool->done);
+    }
+    pthread_mutex_unlock(&pool->lock);
+    return NULL;
+}
+
+/* Stop and join the first n workers. */
+static void stop_workers(struct bs_pool *pool, int n)
+{
+    pthread_mutex_lock(&pool->lock);
+    pool->stop = true;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->lock);
+    for (int i = 0; i < n; i++)
+        pthread_join(pool->workers[i].tid, NULL);
+}
+
+int bs_pool_init(bs_pool_t **out, int n_threads, struct bs_err *err)
+{
+    int started = 0, rc = 0;
+    *out = NULL;
+    if (n_threads < 1)
+        return bs_err_set(err, BS_EINVAL, "thread pool: n_threads must be >= 1 (got %d)",
+                          n_threads);
+    struct bs_pool *pool = calloc(1, sizeof(*pool));
+    if (pool == NULL)
+        goto fail_pool;
+    pool->n_threads = n_threads;
+    pool->workers = calloc((size_t)n_threads, sizeof(*pool->workers));
+    if (pool->workers == NULL)
+        goto fail_workers;
+    atomic_init(&pool->next, 0);
+    pthread_mutex_init(&pool->run_lock, NULL);
+    pthread_mutex_init(&pool->lock, NULL);
+    pthread_cond_init(&pool->wake, NULL);
+    pthread_cond_init(&pool->done, NULL);
+
+    for (; started < n_threads - 1; started++) {
+        struct bs_pool_worker *w = &pool->workers[started];
+        w->pool = pool;
+        w->index = started + 1;
+        if ((rc = pthread_create(&w->tid, NULL, worker_main, w)) != 0)
+            goto fail_threads;
+    }
+    *out = pool;
+    return 0;
+
+fail_threads:
+    stop_workers(pool, started);
+    pthread_cond_destroy(&pool->done);
+    pthread_cond_destroy(&pool->wake);
+    pthread_mutex_destroy(&pool->lock);
+    pthread_mutex_destroy(&pool->run_lock);
+    free(pool->workers);
+    free(pool);
+    return bs_err_set(err, BS_EINTERNAL, "thread pool: cannot start thread %d of %d: %s",
+                      started + 1, n_threads, strerror(rc));
+fail_workers:
+    free(pool);
+fail_pool:
+    return bs_err_set(err, BS_ENOMEM, "thread pool: out of memory");
+}
+
+void bs_pool_free(bs_pool_t *pool)
+{
+    if (pool == NULL)
+        return;
+    stop_workers(pool, pool->n_threads - 1);
+    pthread_cond_destroy(&pool->done);
+    pthread_cond_destroy(&pool->wake);
+    pthread_mutex_destroy(&pool->lock);
+    pthread_mutex_destroy(&pool->run_lock);
+    free(pool->workers);
+    free(pool);
+}
+
+int bs_pool_size(const bs_pool_t *pool)
+{
+    return pool->n_threads;
+}
+
+void bs_pool_run(bs_pool_t *pool, int64_t n_tasks, bs_pool_fn fn, void *arg)
+{
+    assert(tls_running != pool && "bs_pool_run called from inside one of its tasks");
+    if (n_tasks <= 0)
+        return;
+    pthread_mutex_lock(&pool->run_lock);
+    atomic_store_explicit(&pool->next, 0, memory_order_relaxed);
+    if (pool->n_threads == 1 || n_tasks == 1) {
+        /* Nothing to share: skip waking the workers. */
+        run_tasks(pool, fn, arg, n_tasks, 0);
+        pthread_mutex_unlock(&pool->run_lock);
+        return;
+    }
+    pthread_mutex_lock(&pool->lock);
+    pool->fn = fn;
+    pool->arg = arg;
+    pool->n_tasks = n_tasks;
+    pool->busy = pool->n_threads - 1;
+    pool->generation++;
+    pthread_cond_broadcast(&pool->wake);
+    pthread_mutex_unlock(&pool->lock);
+
+    run_tasks(pool, fn, arg, n_tasks, 0);
+
+    pthread_mutex_lock(&pool->lock);
+    while (pool->busy > 0)
+        pthread_cond_wait(&pool->done, &pool->lock);
+    pthread_mutex_unlock(&pool->lock);
+    pthread_mutex_unlock(&pool->run_lock);
+}
