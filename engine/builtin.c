@@ -209,14 +209,33 @@ done:
     return rc;
 }
 
+/* mkdir -p */
+static int make_dirs(const char *dir, struct bs_err *err)
+{
+    char path[4096];
+    if (snprintf(path, sizeof(path), "%s", dir) >= (int)sizeof(path))
+        return bs_err_set(err, BS_EINVAL, "path too long");
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(path, 0755) != 0 && errno != EEXIST)
+            return bs_err_set(err, BS_EIO, "%s: %s", path, strerror(errno));
+        *p = '/';
+    }
+    if (mkdir(path, 0755) != 0 && errno != EEXIST)
+        return bs_err_set(err, BS_EIO, "%s: %s", path, strerror(errno));
+    return 0;
+}
+
 int bs_builtin_write(const struct bs_builtin *b, const char *dir, struct bs_err *err)
 {
     struct bs_model_config cfg;
     struct params ps = {0};
     char path[4096];
     int rc;
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return bs_err_set(err, BS_EIO, "%s: %s", dir, strerror(errno));
+    if ((rc = make_dirs(dir, err)) != 0)
+        return rc;
     if ((rc = bs_config_parse(&cfg, b->config, strlen(b->config), b->name, err)) != 0)
         return rc;
     snprintf(path, sizeof(path), "%s/config.json", dir);
