@@ -45,6 +45,8 @@ const char *bs_status_str(int code)
     case BS_EUNSUPP: return "unsupported";
     case BS_EINTERNAL: return "internal error";
     case BS_ERANGE: return "limit exceeded";
+    case BS_ETIMEDOUT: return "deadline exceeded";
+    case BS_ECANCELED: return "cancelled";
     default: return "unknown error";
     }
 }

@@ -15,7 +15,9 @@ enum bs_status {
     BS_ENOTFOUND = -5, /* unknown model, missing key or input */
     BS_EUNSUPP = -6,   /* valid request this build or backend cannot run */
     BS_EINTERNAL = -7, /* backend failure (e.g. a CUDA error) */
-    BS_ERANGE = -8,    /* size limit exceeded */
+    BS_ERANGE = -8,    /* size limit exceeded (also: queue full) */
+    BS_ETIMEDOUT = -9, /* a deadline passed */
+    BS_ECANCELED = -10, /* the caller went away */
 };
 
 /* An error message the caller can show; filled by the function that fails. */

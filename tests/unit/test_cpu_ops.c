@@ -816,12 +816,13 @@ static void *attn_thread(void *arg)
     uint64_t seed = 12345u + (uint64_t)t->hd;
     float *q = malloc((size_t)(lq * inner) * 4), *k = malloc((size_t)(lk * inner) * 4);
     float *v = malloc((size_t)(lk * inner) * 4), *o = malloc((size_t)(lq * inner) * 4);
-    for (int64_t i = 0; i < lk * inner; i++) { /* a local generator: frand is not thread safe */
+    for (int64_t i = 0; i < lq * inner; i++) { /* a local generator: frand is not thread safe */
         seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-        k[i] = (float)((int64_t)(seed >> 40) % 1000) / 1000.0f;
-        v[i] = (float)((int64_t)(seed >> 20) % 1000) / 1000.0f;
-        if (i < lq * inner)
-            q[i] = (float)((int64_t)(seed >> 30) % 1000) / 1000.0f;
+        q[i] = (float)((int64_t)(seed >> 30) % 1000) / 1000.0f;
+        if (i < lk * inner) {
+            k[i] = (float)((int64_t)(seed >> 40) % 1000) / 1000.0f;
+            v[i] = (float)((int64_t)(seed >> 20) % 1000) / 1000.0f;
+        }
     }
     struct attn_io a = {.batch = 1, .lq = lq, .lk = lk, .heads = 2, .hd = t->hd,
                         .scale = 0.3f, .q = q, .k = k, .v = v,

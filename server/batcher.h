@@ -1,0 +1,93 @@
+/* Per-model dynamic batcher on the libuv loop. Requests whose non-batch dims
+ * agree are concatenated along dim 0 up to max_batch_size; a batch leaves
+ * when it is full, reaches a preferred size, or its oldest request has waited
+ * max_queue_delay. Batches run on worker threads (uv_queue_work); results
+ * come back to the loop thread and are split per request.
+ *
+ * Thread ownership: every field and every bs_batcher_* call belongs to the
+ * loop thread, except the batch being computed, which the worker owns
+ * between uv_queue_work and its after-work callback. */
+#ifndef BS_BATCHER_H
+#define BS_BATCHER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "backend.h"
+#include "model.h"
+
+#define BS_MAX_PREFERRED 8
+
+struct bs_serving_config {
+    int max_batch_size;            /* samples per batch (dim 0), >= 1 */
+    int64_t max_queue_delay_us;    /* how long the oldest request may wait for others */
+    int preferred_batch_size[BS_MAX_PREFERRED];
+    int n_preferred;
+    int max_queue_size;            /* queued requests; more get RESOURCE_EXHAUSTED */
+    int64_t default_timeout_us;    /* 0: none */
+};
+
+/* Cumulative statistics (Triton's ModelStatistics); durations in ns. */
+struct bs_duration {
+    uint64_t count, ns;
+};
+
+struct bs_batch_stats {
+    uint64_t batch_size;
+    struct bs_duration compute_input, compute_infer, compute_output;
+};
+
+struct bs_model_stats {
+    uint64_t last_inference_ms; /* ms since the epoch */
+    uint64_t inference_count;   /* samples inferred */
+    uint64_t execution_count;   /* batches run */
+    struct bs_duration success, fail, queue, compute_input, compute_infer, compute_output;
+    struct bs_batch_stats *batch; /* indexed by batch size - 1, max_batch_size entries */
+    int n_batch;
+};
+
+typedef struct bs_batcher bs_batcher_t;
+typedef struct bs_job bs_job_t;
+
+/* What a request hears back, on the loop thread. */
+struct bs_job_ops {
+    /* Intermediate results of a stack, block by block (only when submitted
+     * with intermediate = true); out is this request's slice. */
+    void (*on_block)(void *arg, int block, int n_blocks, const struct bs_tensor *out);
+    /* Exactly once: rc 0 and the output (valid during the call), or a
+     * negative BS_E* code with a message (BS_ERANGE: queue full,
+     * BS_ETIMEDOUT: deadline passed in the queue, BS_ECANCELED: cancelled). */
+    void (*on_done)(void *arg, int rc, const char *msg, const struct bs_tensor *out);
+};
+
+/* Create a batcher for model on loop; workers run forwards on be. */
+int bs_batcher_init(bs_batcher_t **b, uv_loop_t *loop, bs_model_t *model,
+                    const struct bs_serving_config *cfg, struct bs_err *err);
+
+/* Queue one request. in (host tensors) must stay valid until on_done.
+ * deadline_ns is on uv_hrtime()'s clock (INT64_MAX: none). Returns 0 and a
+ * job handle, or an error at once (bad inputs: BS_EINVAL; full queue:
+ * BS_ERANGE) without calling on_done. */
+int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
+                      int64_t deadline_ns, bool intermediate, const struct bs_job_ops *ops,
+                      void *arg, bs_job_t **job, struct bs_err *err);
+
+/* Drop a job: a queued one is removed and hears on_done(BS_ECANCELED) at
+ * once; a running one hears it when its batch returns (its output discarded). */
+void bs_batcher_cancel(bs_batcher_t *b, bs_job_t *job);
+
+/* Requests waiting and batches running. */
+int bs_batcher_queued(const bs_batcher_t *b);
+int bs_batcher_running(const bs_batcher_t *b);
+
+/* Statistics so far (read on the loop thread). */
+const struct bs_model_stats *bs_batcher_stats(const bs_batcher_t *b);
+
+/* Stop taking requests, let queued ones run, and call done(arg) when nothing
+ * is queued or running; then bs_batcher_free. */
+void bs_batcher_drain(bs_batcher_t *b, void (*done)(void *arg), void *arg);
+void bs_batcher_free(bs_batcher_t *b);
+
+#endif

@@ -1,0 +1,60 @@
+/* ModelInferRequest / ModelInferResponse (KServe v2, Triton's wire format)
+ * to and from engine tensors. Pure functions: no I/O, no threads; this is the
+ * fuzz target's surface. */
+#ifndef BS_CODEC_H
+#define BS_CODEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model.h"
+
+#define BS_CODEC_MAX_INPUTS 8
+
+/* Limits an untrusted request cannot exceed. */
+struct bs_codec_limits {
+    int64_t max_elements; /* per tensor */
+    int max_inputs;       /* at most BS_CODEC_MAX_INPUTS */
+};
+
+/* A decoded, validated request. Input tensors are host tensors whose data
+ * points into the unpacked message (raw contents) or into buffers the request
+ * owns (typed contents); all of it lives until bs_codec_request_free. */
+struct bs_infer_request {
+    void *msg;                 /* Inference__ModelInferRequest (protobuf-c) */
+    const char *model_name;
+    const char *model_version; /* "" when not given */
+    const char *id;            /* "" when not given */
+    struct bs_named_tensor inputs[BS_CODEC_MAX_INPUTS];
+    int n_inputs;
+    void *owned[BS_CODEC_MAX_INPUTS];
+    bool raw_output;           /* answer in raw_output_contents (the request used raw inputs) */
+    bool want_output;          /* "output" requested (true when outputs is empty) */
+    bool stream_intermediate;  /* parameter stream_intermediate: true */
+    int64_t timeout_us;        /* parameter "timeout" in microseconds, 0 when absent */
+};
+
+/* Unpack and validate: model name present; each input's name unique, datatype
+ * one of FP32, FP16, BF16 (raw only), INT64, BOOL, shape of at most 4 non-negative
+ * dims within limits, and contents (raw_input_contents, one per input in
+ * order, or typed contents) of exactly the size the shape needs; requested
+ * outputs exist ("output"). Errors name the input: BS_EINVAL for a bad
+ * request, BS_ERANGE for limits. On error *req is left empty. */
+int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec_limits *lim,
+                          struct bs_infer_request *req, struct bs_err *err);
+
+/* Release what a decoded request holds; safe on an empty request. */
+void bs_codec_request_free(struct bs_infer_request *req);
+
+/* Serialize the response for req: model_name/version/id echoed, one FP32
+ * output "output" of out's shape, raw or typed as the request was, and with
+ * final >= 0 the parameter triton_final_response = final (streams). *data is
+ * malloc'ed. */
+int bs_codec_encode_infer(const struct bs_infer_request *req, const struct bs_tensor *out,
+                          int final, uint8_t **data, size_t *len, struct bs_err *err);
+
+/* Triton's datatype name for an engine dtype ("FP32", "INT64", ...). */
+const char *bs_codec_datatype(enum bs_dtype type);
+
+#endif
