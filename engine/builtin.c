@@ -91,15 +91,16 @@ static bool ends_with(const char *s, const char *suffix)
 }
 
 /* Fill like a trained network's scale: linears ~ U(+-1/sqrt(fan_in)), norm
- * gains near 1, biases small, embeddings ~ unit scale; seeded by the key. */
-static void generate(const char *key, struct bs_tensor *t)
+ * gains near 1, biases small, embeddings ~ unit scale; seeded by the key, so
+ * every run (and the file and in-memory paths) give the same values. */
+static void generate(void *arg, const char *key, int n_dims, const int64_t *ne, float *p)
 {
     uint64_t s = hash_name(key);
-    int64_t n = bs_tensor_nelements(t);
-    float *p = t->data;
-    bool norm_gain = t->n_dims == 1 && ends_with(key, ".weight");
-    bool table = strstr(key, "emb") != NULL && t->n_dims == 2 && !strstr(key, "linear");
-    float a = t->n_dims == 2 ? 1.0f / sqrtf((float)t->ne[1]) : 0.05f;
+    int64_t n = n_dims == 2 ? ne[0] * ne[1] : ne[0];
+    bool norm_gain = n_dims == 1 && ends_with(key, ".weight");
+    bool table = strstr(key, "emb") != NULL && n_dims == 2 && !strstr(key, "linear");
+    float a = n_dims == 2 ? 1.0f / sqrtf((float)ne[1]) : 0.05f;
+    (void)arg;
     for (int64_t i = 0; i < n; i++)
         p[i] = norm_gain ? 1.0f + uniform(&s, 0.1f) : table ? uniform(&s, 1.7f) : uniform(&s, a);
 }
@@ -131,7 +132,7 @@ static void collect(void *arg, const char *key, int n_dims, const int64_t *ne)
         ps->rc = BS_ENOMEM;
         return;
     }
-    generate(key, &t);
+    generate(NULL, key, n_dims, ne, t.data);
     ps->t[ps->n++] = t;
 }
 
@@ -252,4 +253,15 @@ int bs_builtin_write(const struct bs_builtin *b, const char *dir, struct bs_err 
     if (rc == 0)
         rc = write_inputs(b, &cfg, path, err);
     return rc;
+}
+
+int bs_builtin_load(const struct bs_builtin *b, struct bs_backend *be, bs_model_t **model,
+                    struct bs_err *err)
+{
+    struct bs_model_config cfg;
+    struct bs_weight_gen gen = {generate, NULL};
+    int rc = bs_config_parse(&cfg, b->config, strlen(b->config), b->name, err);
+    if (rc != 0)
+        return rc;
+    return bs_model_load_generated(model, &cfg, &gen, be, err);
 }

@@ -4,7 +4,9 @@
 #ifndef BS_BUILTIN_H
 #define BS_BUILTIN_H
 
+#include "backend.h"
 #include "common.h"
+#include "model.h"
 
 struct bs_builtin {
     const char *name;
@@ -27,5 +29,10 @@ const struct bs_builtin *bs_builtin_find(const char *name);
  * diffusion_pytorch_model.safetensors (F32; the same bytes on every run) and
  * inputs.safetensors holding example inputs. */
 int bs_builtin_write(const struct bs_builtin *b, const char *dir, struct bs_err *err);
+
+/* Load built-in model b onto be with its generated weights, in memory (the
+ * same values bs_builtin_write puts in the file). */
+int bs_builtin_load(const struct bs_builtin *b, struct bs_backend *be, bs_model_t **model,
+                    struct bs_err *err);
 
 #endif

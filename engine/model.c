@@ -164,9 +164,13 @@ static void loader_free(struct bs__loader *ld)
 
 /* Two binding passes: size, then convert into staging and copy to the backend. */
 static int load_weights(bs_model_t *m, const bs_st_file_t *st, const char *path,
-                        struct bs_err *err)
+                        const struct bs_weight_gen *gen, struct bs_err *err)
 {
     struct bs__loader ld = {.st = st, .file = path, .err = err};
+    if (gen != NULL) {
+        ld.generate = gen->fn;
+        ld.generate_arg = gen->arg;
+    }
     const struct bs_backend_i *be = m->be->iface;
     bind_model(&ld, m);
     m->weight_bytes = ld.off;
@@ -180,7 +184,7 @@ static int load_weights(bs_model_t *m, const bs_st_file_t *st, const char *path,
     ld.off = 0;
     bind_model(&ld, m);
     int rc = ld.rc;
-    if (rc == 0)
+    if (rc == 0 && st != NULL)
         rc = check_unused(m, &ld, err);
     if (rc == 0)
         rc = be->copy_in(m->be->ctx, m->weights, ld.host, m->weight_bytes, err);
@@ -278,8 +282,10 @@ static void describe_inputs(bs_model_t *m)
     }
 }
 
-int bs_model_load_config(bs_model_t **model, const struct bs_model_config *cfg,
-                         const char *weights_path, struct bs_backend *be, struct bs_err *err)
+/* Load weights from the file at weights_path, or from gen when it is set. */
+static int load_common(bs_model_t **model, const struct bs_model_config *cfg,
+                       const char *weights_path, const struct bs_weight_gen *gen,
+                       struct bs_backend *be, struct bs_err *err)
 {
     bs_model_t *m = calloc(1, sizeof(*m));
     bs_st_file_t *st = NULL;
@@ -294,9 +300,9 @@ int bs_model_load_config(bs_model_t **model, const struct bs_model_config *cfg,
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
         goto fail;
     }
-    if ((rc = bs_st_open(&st, weights_path, err)) != 0)
+    if (gen == NULL && (rc = bs_st_open(&st, weights_path, err)) != 0)
         goto fail;
-    if ((rc = load_weights(m, st, weights_path, err)) != 0)
+    if ((rc = load_weights(m, st, gen ? "generated weights" : weights_path, gen, err)) != 0)
         goto fail;
     bs_st_close(st);
     describe_inputs(m);
@@ -306,6 +312,19 @@ fail:
     bs_st_close(st);
     bs_model_free(m);
     return rc;
+}
+
+int bs_model_load_config(bs_model_t **model, const struct bs_model_config *cfg,
+                         const char *weights_path, struct bs_backend *be, struct bs_err *err)
+{
+    return load_common(model, cfg, weights_path, NULL, be, err);
+}
+
+int bs_model_load_generated(bs_model_t **model, const struct bs_model_config *cfg,
+                            const struct bs_weight_gen *gen, struct bs_backend *be,
+                            struct bs_err *err)
+{
+    return load_common(model, cfg, NULL, gen, be, err);
 }
 
 int bs_model_load(bs_model_t **model, const char *dir, struct bs_backend *be, struct bs_err *err)

@@ -48,6 +48,18 @@ int bs_model_load(bs_model_t **model, const char *dir, struct bs_backend *be, st
 int bs_model_load_config(bs_model_t **model, const struct bs_model_config *cfg,
                          const char *weights_path, struct bs_backend *be, struct bs_err *err);
 
+/* Fills parameter key (shape ne) with generated F32 values. */
+struct bs_weight_gen {
+    void (*fn)(void *arg, const char *key, int n_dims, const int64_t *ne, float *dst);
+    void *arg;
+};
+
+/* Load a model whose weights are generated rather than read (built-in
+ * examples). */
+int bs_model_load_generated(bs_model_t **model, const struct bs_model_config *cfg,
+                            const struct bs_weight_gen *gen, struct bs_backend *be,
+                            struct bs_err *err);
+
 /* Call fn for every parameter a model of this config loads: its full
  * state_dict key and shape (the order of loading). */
 void bs_model_params(const struct bs_model_config *cfg,

@@ -53,6 +53,11 @@ static int load_key(struct bs__loader *ld, const char *name, int64_t rows, int64
     struct bs_tensor src;
     int n_dims = cols ? 2 : 1;
     keyf(key, sizeof(key), "%s%s", ld->prefix, name);
+    if (ld->generate != NULL) {
+        int64_t ne[2] = {rows, cols};
+        ld->generate(ld->generate_arg, key, n_dims, ne, (float *)((char *)ld->host + off));
+        return 0;
+    }
     if (bs_st_get(ld->st, key, &src) != 0)
         return bs_err_set(ld->err, BS_ENOTFOUND, "%s: missing tensor \"%s\"", ld->file, key);
     if (src.type != BS_TYPE_F32 && src.type != BS_TYPE_F16 && src.type != BS_TYPE_BF16)

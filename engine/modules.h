@@ -26,6 +26,9 @@ struct bs__loader {
      * instead of loaded. */
     void (*describe)(void *arg, const char *key, int n_dims, const int64_t *ne);
     void *describe_arg;
+    /* Generate mode (st NULL): parameters are filled by this function. */
+    void (*generate)(void *arg, const char *key, int n_dims, const int64_t *ne, float *dst);
+    void *generate_arg;
 };
 
 struct bs__linear {
