@@ -363,6 +363,38 @@ const struct bs_input_spec *bs_model_input(const bs_model_t *m, int i)
     return i >= 0 && i < m->n_inputs ? &m->inputs[i] : NULL;
 }
 
+struct bs_input_spec bs_model_output(const bs_model_t *m)
+{
+    const struct bs_model_config *c = &m->cfg;
+    struct bs_input_spec s = {.name = "output", .required = true, .n_dims = 3, .min_dims = 3,
+                              .dims = {-1, -1, -1, -1}, .dtypes = 1u << BS_TYPE_F32,
+                              .dtype = BS_TYPE_F32};
+    switch (c->cls) {
+    case BS_CLASS_BASIC_TRANSFORMER_BLOCK:
+        s.dims[2] = c->dim;
+        break;
+    case BS_CLASS_FEED_FORWARD:
+        s.dims[2] = c->dim_out ? c->dim_out : c->dim;
+        break;
+    case BS_CLASS_GELU:
+    case BS_CLASS_GEGLU:
+    case BS_CLASS_APPROXIMATE_GELU:
+        s.dims[2] = c->dim_out;
+        break;
+    case BS_CLASS_ADA_LAYER_NORM:
+        s.dims[2] = c->embedding_dim;
+        break;
+    case BS_CLASS_ATTENTION_BLOCK:
+    case BS_CLASS_ADA_GROUP_NORM:
+        s.n_dims = s.min_dims = 4;
+        s.dims[1] = c->cls == BS_CLASS_ATTENTION_BLOCK ? c->channels : c->out_dim;
+        break;
+    case BS_CLASS_COUNT:
+        break;
+    }
+    return s;
+}
+
 size_t bs_model_weight_bytes(const bs_model_t *m)
 {
     return m->weight_bytes;

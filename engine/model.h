@@ -76,6 +76,10 @@ const struct bs_model_config *bs_model_config(const bs_model_t *model);
 int bs_model_n_inputs(const bs_model_t *model);
 const struct bs_input_spec *bs_model_input(const bs_model_t *model, int i);
 
+/* The output's description: name "output", F32, dims with -1 where they
+ * follow the inputs. */
+struct bs_input_spec bs_model_output(const bs_model_t *model);
+
 /* Bytes of weights held in backend memory. */
 size_t bs_model_weight_bytes(const bs_model_t *model);
 

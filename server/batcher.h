@@ -27,6 +27,7 @@ struct bs_serving_config {
     int n_preferred;
     int max_queue_size;            /* queued requests; more get RESOURCE_EXHAUSTED */
     int64_t default_timeout_us;    /* 0: none */
+    struct bs_backend *be;         /* the backend the model was loaded on (forward scratch) */
 };
 
 /* Cumulative statistics (Triton's ModelStatistics); durations in ns. */
@@ -85,9 +86,18 @@ int bs_batcher_running(const bs_batcher_t *b);
 /* Statistics so far (read on the loop thread). */
 const struct bs_model_stats *bs_batcher_stats(const bs_batcher_t *b);
 
-/* Stop taking requests, let queued ones run, and call done(arg) when nothing
- * is queued or running; then bs_batcher_free. */
+/* Stop taking requests (BS_EUNSUPP), run what is queued without waiting for
+ * the queue delay, and call done(arg) from a later loop callback once nothing
+ * is queued or running; then bs_batcher_free (done may call it). */
 void bs_batcher_drain(bs_batcher_t *b, void (*done)(void *arg), void *arg);
+
+/* Release the batcher; NULL is a no-op. Queued jobs hear BS_ECANCELED at once,
+ * a running batch's jobs when it returns. Completes asynchronously: the
+ * handles are closed and the memory released in their close callbacks, so the
+ * loop must run afterwards. After drain's done nothing runs, and the model
+ * and backend may be freed as soon as this returns; otherwise they must live
+ * until the loop has run the running batch to its end. A pending drain's done
+ * is not called. The handle is invalid once this returns. */
 void bs_batcher_free(bs_batcher_t *b);
 
 #endif

@@ -12,4 +12,7 @@ int bs_cli_bench(int argc, char **argv);
 /* blockserve example [NAME --out DIR]: list or write a built-in example model */
 int bs_cli_example(int argc, char **argv);
 
+/* blockserve serve [options]: the gRPC inference server */
+int bs_cli_serve(int argc, char **argv);
+
 #endif

@@ -12,6 +12,7 @@ static void usage(FILE *out)
             "usage: blockserve COMMAND [ARGS]\n"
             "\n"
             "commands:\n"
+            "  serve [options]   (the default) the gRPC inference server; serve --help\n"
             "  forward MODEL_DIR --inputs IN.safetensors --output OUT.safetensors\n"
             "          [--device auto|cpu|cuda] [--threads N]\n"
             "      run one forward pass; writes one F32 tensor named \"output\"\n"
@@ -29,11 +30,12 @@ static void usage(FILE *out)
 
 int main(int argc, char **argv)
 {
-    if (argc < 2) {
-        usage(stderr);
-        return 2;
-    }
+    if (argc < 2 || (argv[1][0] == '-' && strcmp(argv[1], "--help") && strcmp(argv[1], "-h") &&
+                      strcmp(argv[1], "--version")))
+        return bs_cli_serve(argc, argv); /* plain "blockserve [options]" serves */
     const char *cmd = argv[1];
+    if (strcmp(cmd, "serve") == 0)
+        return bs_cli_serve(argc - 1, argv + 1);
     if (strcmp(cmd, "forward") == 0)
         return bs_cli_forward(argc - 1, argv + 1);
     if (strcmp(cmd, "bench") == 0)

@@ -100,6 +100,10 @@ void bs_rpc_set_serving(bs_rpc_server_t *server, const char *service, bool servi
 void bs_rpc_call_ref(bs_rpc_call_t *call);
 void bs_rpc_call_unref(bs_rpc_call_t *call);
 
+/* Application data attached to a call (NULL until set). */
+void bs_rpc_call_set_data(bs_rpc_call_t *call, void *data);
+void *bs_rpc_call_data(const bs_rpc_call_t *call);
+
 /* The call's deadline on uv_hrtime()'s clock, in ns (INT64_MAX: none). */
 int64_t bs_rpc_call_deadline(const bs_rpc_call_t *call);
 

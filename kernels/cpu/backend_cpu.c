@@ -17,7 +17,7 @@
 #include "ops_cpu.h"
 #include "threadpool.h"
 
-#define CPU_ALIGN 64
+#define CPU_ALIGN       64
 #define CPU_MAX_THREADS 256
 
 /* GEMMs below this many flops run as one call on the calling thread: waking
@@ -95,8 +95,7 @@ struct linear_job {
 
 /* y[m0:m1, n0:n1] = x[m0:m1] w[n0:n1]^T + b[n0:n1] + beta y[m0:m1, n0:n1]. The
  * bias goes into y first, then one GEMM accumulates onto it. */
-static void linear_block(const struct linear_job *j, int64_t m0, int64_t m1, int64_t n0,
-                         int64_t n1)
+static void linear_block(const struct linear_job *j, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
 {
     float beta = j->beta;
     int64_t nn = n1 - n0;
@@ -143,7 +142,8 @@ static int64_t cdiv(int64_t a, int64_t b)
 static void linear_run(struct bs__cpu *c, struct linear_job *j)
 {
     int64_t target = 4 * (int64_t)c->n_threads;
-    if (c->n_threads == 1 || 2.0 * (double)j->m * (double)j->n * (double)j->k < LINEAR_SERIAL_FLOPS) {
+    if (c->n_threads == 1 ||
+        2.0 * (double)j->m * (double)j->n * (double)j->k < LINEAR_SERIAL_FLOPS) {
         linear_block(j, 0, j->m, 0, j->n);
         return;
     }
@@ -163,28 +163,41 @@ static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                       struct bs_err *err)
 {
     int rc;
-    if ((rc = bs__check_f32_rows(x, "linear", "x", err)) || (rc = bs__check_f32_rows(y, "linear", "y", err)))
+    if ((rc = bs__check_f32_rows(x, "linear", "x", err)) ||
+        (rc = bs__check_f32_rows(y, "linear", "y", err)))
         return rc;
     if (w->type != BS_TYPE_F32 || w->n_dims != 2 || !bs_tensor_is_contiguous(w))
         return bs_err_set(err, BS_EINVAL, "linear: w must be a contiguous F32 [N, K] matrix");
     int64_t m = bs_tensor_nrows(x), k = x->n_dims ? x->ne[x->n_dims - 1] : 1;
     int64_t n = w->ne[0];
     if (w->ne[1] != k || bs_tensor_nrows(y) != m || (y->n_dims ? y->ne[y->n_dims - 1] : 1) != n)
-        return bs_err_set(err, BS_EINVAL,
-                          "linear: shapes do not match (x %lld x %lld, w %lld x %lld, y %lld x %lld)",
-                          (long long)m, (long long)k, (long long)w->ne[0], (long long)w->ne[1],
-                          (long long)bs_tensor_nrows(y), (long long)(y->n_dims ? y->ne[y->n_dims - 1] : 1));
-    if (b != NULL && (b->type != BS_TYPE_F32 || bs_tensor_nelements(b) != n || !bs_tensor_is_contiguous(b)))
-        return bs_err_set(err, BS_EINVAL, "linear: bias must be a contiguous F32 [%lld]", (long long)n);
+        return bs_err_set(
+            err, BS_EINVAL,
+            "linear: shapes do not match (x %lld x %lld, w %lld x %lld, y %lld x %lld)",
+            (long long)m, (long long)k, (long long)w->ne[0], (long long)w->ne[1],
+            (long long)bs_tensor_nrows(y), (long long)(y->n_dims ? y->ne[y->n_dims - 1] : 1));
+    if (b != NULL &&
+        (b->type != BS_TYPE_F32 || bs_tensor_nelements(b) != n || !bs_tensor_is_contiguous(b)))
+        return bs_err_set(err, BS_EINVAL, "linear: bias must be a contiguous F32 [%lld]",
+                          (long long)n);
     if (beta != 0.0f && beta != 1.0f)
         return bs_err_set(err, BS_EINVAL, "linear: beta must be 0 or 1 (got %g)", (double)beta);
     if (m == 0 || n == 0)
         return 0;
-    if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || bs_tensor_ld(x) > INT32_MAX || bs_tensor_ld(y) > INT32_MAX)
+    if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || bs_tensor_ld(x) > INT32_MAX ||
+        bs_tensor_ld(y) > INT32_MAX)
         return bs_err_set(err, BS_ERANGE, "linear: dimensions exceed the BLAS integer range");
     struct linear_job j = {
-        .x = x->data, .w = w->data, .b = b ? b->data : NULL, .y = y->data,
-        .m = m, .n = n, .k = k, .ldx = bs_tensor_ld(x), .ldy = bs_tensor_ld(y), .beta = beta,
+        .x = x->data,
+        .w = w->data,
+        .b = b ? b->data : NULL,
+        .y = y->data,
+        .m = m,
+        .n = n,
+        .k = k,
+        .ldx = bs_tensor_ld(x),
+        .ldy = bs_tensor_ld(y),
+        .beta = beta,
     };
     linear_run(ctx, &j);
     return 0;

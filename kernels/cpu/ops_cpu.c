@@ -57,7 +57,8 @@ void bs__cpu_parallel_for(struct bs__cpu *c, int64_t n, int64_t cost, bs__range_
     /* About 4 chunks per thread so the atomic counter can balance them. */
     int64_t chunk = cdiv(n, 4 * (int64_t)c->n_threads);
     int64_t min_chunk = cdiv(PAR_MIN_CHUNK, cost);
-    struct par_job j = {.fn = fn, .arg = arg, .n = n, .chunk = chunk > min_chunk ? chunk : min_chunk};
+    struct par_job j = {
+        .fn = fn, .arg = arg, .n = n, .chunk = chunk > min_chunk ? chunk : min_chunk};
     bs_pool_run(c->pool, cdiv(n, j.chunk), par_task, &j);
 }
 
@@ -72,8 +73,10 @@ int bs__check_f32_rows(const struct bs_tensor *t, const char *op, const char *na
         return bs_err_set(err, BS_EINVAL, "%s: %s must be F32 (got %s)", op, name,
                           bs_dtype_name(t->type));
     if (!bs_tensor_is_rows(t))
-        return bs_err_set(err, BS_EINVAL, "%s: %s must be a rows tensor (dense last dim, one row "
-                                          "stride)", op, name);
+        return bs_err_set(err, BS_EINVAL,
+                          "%s: %s must be a rows tensor (dense last dim, one row "
+                          "stride)",
+                          op, name);
     return 0;
 }
 
@@ -266,10 +269,18 @@ int bs__cpu_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     if (d == 0)
         return 0;
     struct ln_job j = {
-        .x = x->data, .y = y->data, .d = d, .ldx = bs_tensor_ld(x), .ldy = bs_tensor_ld(y),
-        .eps = p->eps, .gamma = data_or_null(p->gamma), .beta = data_or_null(p->beta),
-        .scale = data_or_null(p->scale), .shift = data_or_null(p->shift),
-        .ld_scale = ld_or_zero(p->scale), .ld_shift = ld_or_zero(p->shift),
+        .x = x->data,
+        .y = y->data,
+        .d = d,
+        .ldx = bs_tensor_ld(x),
+        .ldy = bs_tensor_ld(y),
+        .eps = p->eps,
+        .gamma = data_or_null(p->gamma),
+        .beta = data_or_null(p->beta),
+        .scale = data_or_null(p->scale),
+        .shift = data_or_null(p->shift),
+        .ld_scale = ld_or_zero(p->scale),
+        .ld_shift = ld_or_zero(p->shift),
         .rows_per_sample = rps < 1 ? 1 : rps,
     };
     bs__cpu_parallel_for(ctx, rows, 3 * d, ln_rows, &j);
@@ -322,8 +333,10 @@ int bs__cpu_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 ||
         !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y) ||
         bs_tensor_nelements(x) != bs_tensor_nelements(y))
-        return bs_err_set(err, BS_EINVAL, "%s: x and y must be contiguous F32 [B, C, ...] tensors "
-                                          "of the same size", op);
+        return bs_err_set(err, BS_EINVAL,
+                          "%s: x and y must be contiguous F32 [B, C, ...] tensors "
+                          "of the same size",
+                          op);
     int64_t bsz = x->ne[0], ch = x->ne[1];
     int64_t s = bsz > 0 && ch > 0 ? bs_tensor_nelements(x) / (bsz * ch) : 0;
     if (p->groups < 1 || ch % p->groups != 0)
@@ -338,10 +351,18 @@ int bs__cpu_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     if (s == 0)
         return 0;
     struct gn_job j = {
-        .x = x->data, .y = y->data, .channels = ch, .spatial = s, .groups = p->groups,
-        .eps = p->eps, .gamma = data_or_null(p->gamma), .beta = data_or_null(p->beta),
-        .scale = data_or_null(p->scale), .shift = data_or_null(p->shift),
-        .ld_scale = ld_or_zero(p->scale), .ld_shift = ld_or_zero(p->shift),
+        .x = x->data,
+        .y = y->data,
+        .channels = ch,
+        .spatial = s,
+        .groups = p->groups,
+        .eps = p->eps,
+        .gamma = data_or_null(p->gamma),
+        .beta = data_or_null(p->beta),
+        .scale = data_or_null(p->scale),
+        .shift = data_or_null(p->shift),
+        .ld_scale = ld_or_zero(p->scale),
+        .ld_shift = ld_or_zero(p->shift),
     };
     bs__cpu_parallel_for(ctx, bsz * p->groups, 3 * (ch / p->groups) * s, gn_groups, &j);
     return 0;
@@ -411,8 +432,12 @@ int bs__cpu_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum 
     if ((rc = check_act(act, "act", err)) || (rc = check_same_rows(y, x, "act", err)))
         return rc;
     struct act_job j = {
-        .x = x->data, .y = y->data, .n = ncols(x), .ldx = bs_tensor_ld(x),
-        .ldy = bs_tensor_ld(y), .act = act,
+        .x = x->data,
+        .y = y->data,
+        .n = ncols(x),
+        .ldx = bs_tensor_ld(x),
+        .ldy = bs_tensor_ld(y),
+        .act = act,
     };
     /* Contiguous on both sides (the common case): one long row, split evenly. */
     if (j.ldx == j.n && j.ldy == j.n) {
@@ -461,12 +486,17 @@ int bs__cpu_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum 
         return rc;
     int64_t n = ncols(y);
     if (bs_tensor_nrows(x) != bs_tensor_nrows(y) || ncols(x) != 2 * n)
-        return bs_err_set(err, BS_EINVAL, "glu: x must be [M, 2N] for y [M, N] (x has %lld rows "
-                                          "of %lld, y %lld of %lld)",
+        return bs_err_set(err, BS_EINVAL,
+                          "glu: x must be [M, 2N] for y [M, N] (x has %lld rows "
+                          "of %lld, y %lld of %lld)",
                           (long long)bs_tensor_nrows(x), (long long)ncols(x),
                           (long long)bs_tensor_nrows(y), (long long)n);
     struct glu_job j = {
-        .x = x->data, .y = y->data, .n = n, .ldx = bs_tensor_ld(x), .ldy = bs_tensor_ld(y),
+        .x = x->data,
+        .y = y->data,
+        .n = n,
+        .ldx = bs_tensor_ld(x),
+        .ldy = bs_tensor_ld(y),
         .act = act,
     };
     bs__cpu_parallel_for(ctx, bs_tensor_nrows(y), 8 * n, glu_rows, &j);
@@ -516,9 +546,15 @@ int bs__cpu_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
             return rc;
     }
     struct add_job j = {
-        .x = x->data, .gate = data_or_null(gate), .y = y->data, .n = n,
-        .ldx = bs_tensor_ld(x), .ldy = bs_tensor_ld(y), .ld_gate = ld_or_zero(gate),
-        .rows_per_sample = rows_per_sample < 1 ? 1 : rows_per_sample, .alpha = alpha,
+        .x = x->data,
+        .gate = data_or_null(gate),
+        .y = y->data,
+        .n = n,
+        .ldx = bs_tensor_ld(x),
+        .ldy = bs_tensor_ld(y),
+        .ld_gate = ld_or_zero(gate),
+        .rows_per_sample = rows_per_sample < 1 ? 1 : rows_per_sample,
+        .alpha = alpha,
     };
     bs__cpu_parallel_for(ctx, rows, 3 * n, add_rows, &j);
     return 0;
@@ -553,19 +589,21 @@ static void tr_blocks(void *arg, int64_t t0, int64_t t1)
     }
 }
 
-int bs__cpu_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
-                      struct bs_err *err)
+int bs__cpu_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, struct bs_err *err)
 {
     if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 || x->n_dims > 3 ||
         y->n_dims != x->n_dims || !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y))
-        return bs_err_set(err, BS_EINVAL, "transpose: x and y must be contiguous F32 [B, R, C] "
-                                          "and [B, C, R] (or 2-d)");
+        return bs_err_set(err, BS_EINVAL,
+                          "transpose: x and y must be contiguous F32 [B, R, C] "
+                          "and [B, C, R] (or 2-d)");
     int nd = x->n_dims;
     int64_t bsz = nd == 3 ? x->ne[0] : 1, r = x->ne[nd - 2], c = x->ne[nd - 1];
     if ((nd == 3 && y->ne[0] != bsz) || y->ne[nd - 2] != c || y->ne[nd - 1] != r) {
         char xs[64], ys[64];
-        return bs_err_set(err, BS_EINVAL, "transpose: y %s is not x %s with the last two dims "
-                                          "swapped", bs_tensor_shape_str(y, ys, sizeof(ys)),
+        return bs_err_set(err, BS_EINVAL,
+                          "transpose: y %s is not x %s with the last two dims "
+                          "swapped",
+                          bs_tensor_shape_str(y, ys, sizeof(ys)),
                           bs_tensor_shape_str(x, xs, sizeof(xs)));
     }
     if (r == 0 || c == 0)

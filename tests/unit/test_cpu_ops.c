@@ -278,13 +278,13 @@ static void run_linear(const struct linear_case *c)
 static void test_linear(void **state)
 {
     static const struct linear_case cases[] = {
-        {1, 7, 5, 5, 7, false, 0.0f},           /* tiny: one call on this thread */
-        {2, 1920, 320, 320, 1920, true, 0.0f},  /* M small: split along N */
-        {2, 1920, 320, 333, 1930, true, 1.0f},  /* ... strided x and y, accumulate */
-        {77, 640, 768, 768, 640, true, 0.0f},   /* M and N split */
-        {300, 96, 1000, 1000, 96, false, 1.0f}, /* K ~ 1000 */
+        {1, 7, 5, 5, 7, false, 0.0f},             /* tiny: one call on this thread */
+        {2, 1920, 320, 320, 1920, true, 0.0f},    /* M small: split along N */
+        {2, 1920, 320, 333, 1930, true, 1.0f},    /* ... strided x and y, accumulate */
+        {77, 640, 768, 768, 640, true, 0.0f},     /* M and N split */
+        {300, 96, 1000, 1000, 96, false, 1.0f},   /* K ~ 1000 */
         {1000, 130, 64, 3 * 64, 130, true, 0.0f}, /* M split, x a column view */
-        {513, 257, 129, 140, 300, true, 1.0f},  /* odd sizes, both strided */
+        {513, 257, 129, 140, 300, true, 1.0f},    /* odd sizes, both strided */
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         run_linear(&cases[i]);
@@ -346,8 +346,12 @@ static void run_layer_norm(int64_t rows, int64_t d, int64_t ld, bool affine, boo
     struct bs_tensor tm = mat(mod, samples, 2 * d, 2 * d);
     struct bs_tensor tsc = bs_tensor_view_cols(&tm, 0, d), tsh = bs_tensor_view_cols(&tm, d, d);
     struct bs_norm_params p = {
-        .eps = 1e-5f, .gamma = affine ? &tg : NULL, .beta = affine ? &tb : NULL,
-        .scale = modulate ? &tsc : NULL, .shift = modulate ? &tsh : NULL, .rows_per_sample = rps,
+        .eps = 1e-5f,
+        .gamma = affine ? &tg : NULL,
+        .beta = affine ? &tb : NULL,
+        .scale = modulate ? &tsc : NULL,
+        .shift = modulate ? &tsh : NULL,
+        .rows_per_sample = rps,
     };
     call_ok(be.iface->layer_norm(be.ctx, &ty, &tx, &p, &err), &err);
     expect_close("layer_norm", ty.data, ld, want, rows, d, 1e-5);
@@ -357,12 +361,12 @@ static void run_layer_norm(int64_t rows, int64_t d, int64_t ld, bool affine, boo
 static void test_layer_norm(void **state)
 {
     run_layer_norm(37, 320, 320, false, false, 1, false, 0.0f);
-    run_layer_norm(20, 77, 80, true, false, 1, false, 0.0f);     /* strided rows */
-    run_layer_norm(30, 64, 64, true, true, 10, false, 0.0f);     /* modulation, 3 samples */
-    run_layer_norm(30, 64, 70, false, true, 30, true, 0.0f);     /* one sample, in place */
+    run_layer_norm(20, 77, 80, true, false, 1, false, 0.0f);      /* strided rows */
+    run_layer_norm(30, 64, 64, true, true, 10, false, 0.0f);      /* modulation, 3 samples */
+    run_layer_norm(30, 64, 70, false, true, 30, true, 0.0f);      /* one sample, in place */
     run_layer_norm(8, 1152, 1152, true, false, 1, false, 100.0f); /* large mean */
-    run_layer_norm(4096, 96, 96, true, true, 1024, false, 0.5f); /* parallel rows */
-    run_layer_norm(3, 1, 1, false, false, 1, false, 0.0f);       /* d = 1: all zeros */
+    run_layer_norm(4096, 96, 96, true, true, 1024, false, 0.5f);  /* parallel rows */
+    run_layer_norm(3, 1, 1, false, false, 1, false, 0.0f);        /* d = 1: all zeros */
 }
 
 /* ---- group norm -------------------------------------------------------- */
@@ -404,8 +408,12 @@ static void run_group_norm(int64_t bsz, int64_t ch, int64_t s, int groups, bool 
     struct bs_tensor tg = vec(g, ch), tb = vec(bt, ch), tm = mat(mod, bsz, 2 * ch, 2 * ch);
     struct bs_tensor tsc = bs_tensor_view_cols(&tm, 0, ch), tsh = bs_tensor_view_cols(&tm, ch, ch);
     struct bs_norm_params p = {
-        .eps = 1e-6f, .gamma = affine ? &tg : NULL, .beta = affine ? &tb : NULL,
-        .scale = modulate ? &tsc : NULL, .shift = modulate ? &tsh : NULL, .groups = groups,
+        .eps = 1e-6f,
+        .gamma = affine ? &tg : NULL,
+        .beta = affine ? &tb : NULL,
+        .scale = modulate ? &tsc : NULL,
+        .shift = modulate ? &tsh : NULL,
+        .groups = groups,
     };
     call_ok(be.iface->group_norm(be.ctx, &ty, &tx, &p, &err), &err);
     expect_close("group_norm", y, n, want, 1, n, 1e-5);
@@ -416,9 +424,9 @@ static void run_group_norm(int64_t bsz, int64_t ch, int64_t s, int groups, bool 
 
 static void test_group_norm(void **state)
 {
-    run_group_norm(2, 32, 25, 8, true, false, 0.0f);   /* AttentionBlock-like */
-    run_group_norm(2, 16, 1, 4, false, true, 0.0f);    /* S = 1, modulation (AdaGroupNorm) */
-    run_group_norm(2, 16, 15, 4, false, true, 0.0f);   /* S > 1, modulation */
+    run_group_norm(2, 32, 25, 8, true, false, 0.0f);    /* AttentionBlock-like */
+    run_group_norm(2, 16, 1, 4, false, true, 0.0f);     /* S = 1, modulation (AdaGroupNorm) */
+    run_group_norm(2, 16, 15, 4, false, true, 0.0f);    /* S > 1, modulation */
     run_group_norm(1, 64, 4096, 32, true, true, 50.0f); /* big groups, large mean, parallel */
 }
 
@@ -427,28 +435,34 @@ static void test_group_norm(void **state)
 static double act_ref(enum bs_act a, double x)
 {
     switch (a) {
-    case BS_ACT_NONE: return x;
-    case BS_ACT_GELU: return 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
+    case BS_ACT_NONE:
+        return x;
+    case BS_ACT_GELU:
+        return 0.5 * x * (1.0 + erf(x / sqrt(2.0)));
     case BS_ACT_GELU_TANH:
         return 0.5 * x * (1.0 + tanh(sqrt(2.0 / M_PI) * (x + 0.044715 * x * x * x)));
-    case BS_ACT_QUICK_GELU: return x / (1.0 + exp(-1.702 * x));
-    case BS_ACT_SILU: return x / (1.0 + exp(-x));
-    case BS_ACT_MISH: return x * tanh(log1p(exp(x)));
-    default: return NAN;
+    case BS_ACT_QUICK_GELU:
+        return x / (1.0 + exp(-1.702 * x));
+    case BS_ACT_SILU:
+        return x / (1.0 + exp(-x));
+    case BS_ACT_MISH:
+        return x * tanh(log1p(exp(x)));
+    default:
+        return NAN;
     }
 }
 
-static const char *act_names[BS_ACT_COUNT] = {"none", "gelu", "gelu_tanh", "quick_gelu", "silu",
-                                              "mish"};
+static const char *act_names[BS_ACT_COUNT] = {"none",       "gelu", "gelu_tanh",
+                                              "quick_gelu", "silu", "mish"};
 
 /* Every activation over [-20, 20] in steps of 0.01 plus huge values, as one
  * strided [rows, 100] tensor, out of place and in place. */
 static void test_activations(void **state)
 {
     struct bs_err err = {0};
-    static const float extremes[] = {-3.4e38f, -1e30f, -1e4f, -200.0f, -100.0f, -88.0f, -50.0f,
-                                     -1e-30f, -0.0f, 0.0f, 1e-30f, 50.0f, 88.0f, 100.0f,
-                                     200.0f, 1e4f, 1e30f, 3.4e38f};
+    static const float extremes[] = {-3.4e38f, -1e30f,  -1e4f,  -200.0f, -100.0f, -88.0f,
+                                     -50.0f,   -1e-30f, -0.0f,  0.0f,    1e-30f,  50.0f,
+                                     88.0f,    100.0f,  200.0f, 1e4f,    1e30f,   3.4e38f};
     int64_t n_lin = 4001, n = n_lin + (int64_t)(sizeof(extremes) / sizeof(extremes[0]));
     int64_t cols = 100, rows = (n + cols - 1) / cols, ld = 103;
     float *x = calloc((size_t)(rows * ld), sizeof(float)), *y = calloc((size_t)(rows * ld), 4);
@@ -486,8 +500,9 @@ static void test_activations(void **state)
                 free(xx);
         }
     }
-    assert_int_equal(be.iface->act(be.ctx, &(struct bs_tensor){0}, &(struct bs_tensor){0},
-                                   BS_ACT_COUNT, &err), BS_EINVAL);
+    assert_int_equal(
+        be.iface->act(be.ctx, &(struct bs_tensor){0}, &(struct bs_tensor){0}, BS_ACT_COUNT, &err),
+        BS_EINVAL);
     free(x), free(y), free(xd), free(want);
 }
 
@@ -567,8 +582,8 @@ static void run_add(int64_t rows, int64_t d, int64_t ldx, int64_t ldy, bool gate
 static void test_add(void **state)
 {
     run_add(20, 32, 32, 32, false, 1, 1.0f);
-    run_add(20, 32, 40, 35, true, 5, 1.0f);   /* gate per sample of 5 rows, strided */
-    run_add(60, 45, 45, 45, true, 60, 0.5f);  /* alpha (rescale_output_factor) */
+    run_add(20, 32, 40, 35, true, 5, 1.0f);      /* gate per sample of 5 rows, strided */
+    run_add(60, 45, 45, 45, true, 60, 0.5f);     /* alpha (rescale_output_factor) */
     run_add(4096, 64, 64, 64, true, 1024, 1.0f); /* parallel */
     run_add(7, 9, 9, 9, false, 1, 0.25f);
 }
@@ -676,9 +691,15 @@ static float *make_mask(int64_t batch, int64_t mq, int64_t lk, enum mask_fill fi
         for (int64_t j = 0; j < lk; j++) {
             float u = frand(), *e = &m[r * lk + j];
             switch (fill) {
-            case FILL_RANDOM: *e = u < -0.4f ? -10000.0f : 0.5f * frand(); break;
-            case FILL_FULLY_MASKED: *e = r % 3 == 1 ? -10000.0f : u < -0.4f ? -10000.0f : 0.0f; break;
-            case FILL_NEG_INF: *e = r == 1 || u < -0.4f ? -INFINITY : 0.0f; break;
+            case FILL_RANDOM:
+                *e = u < -0.4f ? -10000.0f : 0.5f * frand();
+                break;
+            case FILL_FULLY_MASKED:
+                *e = r % 3 == 1 ? -10000.0f : u < -0.4f ? -10000.0f : 0.0f;
+                break;
+            case FILL_NEG_INF:
+                *e = r == 1 || u < -0.4f ? -INFINITY : 0.0f;
+                break;
             }
         }
     return m;
@@ -698,8 +719,13 @@ static void run_attention(const struct attn_case *c)
     int64_t inner = (int64_t)c->heads * c->hd, mq = c->mask == MASK_PER_QUERY ? c->lq : 1;
     float *qkv = NULL, *qb = NULL, *kb = NULL, *vb = NULL, *mask = NULL;
     struct attn_io a = {
-        .batch = c->batch, .lq = c->lq, .lk = c->lk, .heads = c->heads, .hd = c->hd,
-        .scale = 1.0f / sqrtf((float)c->hd), .mq = mq,
+        .batch = c->batch,
+        .lq = c->lq,
+        .lk = c->lk,
+        .heads = c->heads,
+        .hd = c->hd,
+        .scale = 1.0f / sqrtf((float)c->hd),
+        .mq = mq,
     };
     if (c->fused) {
         qkv = alloc_rand(c->batch * c->lq * 3 * inner);
@@ -730,14 +756,21 @@ static void run_attention(const struct attn_case *c)
     int64_t ne[3] = {c->batch, mq, c->lk};
     struct bs_tensor tm = bs_tensor_make(BS_TYPE_F32, 3, ne, mask);
     struct bs_attn_params p = {
-        .batch = c->batch, .lq = c->lq, .lk = c->lk, .heads = c->heads, .head_dim = c->hd,
-        .scale = a.scale, .mask = mask ? &tm : NULL,
+        .batch = c->batch,
+        .lq = c->lq,
+        .lk = c->lk,
+        .heads = c->heads,
+        .head_dim = c->hd,
+        .scale = a.scale,
+        .mask = mask ? &tm : NULL,
     };
     call_ok(be.iface->attention(be.ctx, &to, &tq, &tk, &tv, &p, &err), &err);
     char what[160];
-    snprintf(what, sizeof(what), "attention B %lld Lq %lld Lk %lld heads %d x %d mask %d fill %d "
-             "fused %d", (long long)c->batch, (long long)c->lq, (long long)c->lk, c->heads, c->hd,
-             c->mask, c->fill, c->fused);
+    snprintf(what, sizeof(what),
+             "attention B %lld Lq %lld Lk %lld heads %d x %d mask %d fill %d "
+             "fused %d",
+             (long long)c->batch, (long long)c->lq, (long long)c->lk, c->heads, c->hd, c->mask,
+             c->fill, c->fused);
     expect_close(what, o, ldo, want, c->batch * c->lq, inner, 1e-4);
     free(qkv), free(qb), free(kb), free(vb), free(mask), free(o), free(want), free(s);
 }
@@ -745,18 +778,18 @@ static void run_attention(const struct attn_case *c)
 static void test_attention(void **state)
 {
     static const struct attn_case cases[] = {
-        {2, 150, 150, 2, 40, MASK_NONE, FILL_RANDOM, false},        /* self */
-        {2, 150, 77, 8, 8, MASK_PER_SAMPLE, FILL_RANDOM, false},    /* cross, [B,1,Lk] */
-        {2, 150, 77, 1, 72, MASK_PER_QUERY, FILL_RANDOM, false},    /* cross, [B,Lq,Lk] */
-        {1, 70, 300, 2, 160, MASK_PER_QUERY, FILL_RANDOM, false},   /* 2 key tiles, partial */
-        {2, 20, 20, 8, 40, MASK_PER_SAMPLE, FILL_RANDOM, true},     /* fused QKV */
-        {2, 130, 130, 3, 24, MASK_PER_QUERY, FILL_RANDOM, true},    /* fused, odd head dim */
-        {2, 65, 1, 2, 40, MASK_PER_SAMPLE, FILL_RANDOM, false},     /* Lk = 1 */
-        {3, 1, 20, 2, 64, MASK_NONE, FILL_RANDOM, false},           /* Lq = 1 */
+        {2, 150, 150, 2, 40, MASK_NONE, FILL_RANDOM, false},      /* self */
+        {2, 150, 77, 8, 8, MASK_PER_SAMPLE, FILL_RANDOM, false},  /* cross, [B,1,Lk] */
+        {2, 150, 77, 1, 72, MASK_PER_QUERY, FILL_RANDOM, false},  /* cross, [B,Lq,Lk] */
+        {1, 70, 300, 2, 160, MASK_PER_QUERY, FILL_RANDOM, false}, /* 2 key tiles, partial */
+        {2, 20, 20, 8, 40, MASK_PER_SAMPLE, FILL_RANDOM, true},   /* fused QKV */
+        {2, 130, 130, 3, 24, MASK_PER_QUERY, FILL_RANDOM, true},  /* fused, odd head dim */
+        {2, 65, 1, 2, 40, MASK_PER_SAMPLE, FILL_RANDOM, false},   /* Lk = 1 */
+        {3, 1, 20, 2, 64, MASK_NONE, FILL_RANDOM, false},         /* Lq = 1 */
         {2, 40, 77, 2, 80, MASK_PER_QUERY, FILL_FULLY_MASKED, false},
         {2, 40, 600, 1, 40, MASK_PER_SAMPLE, FILL_FULLY_MASKED, false}, /* sample 1 all masked */
-        {2, 40, 300, 2, 40, MASK_PER_QUERY, FILL_NEG_INF, false},   /* row 1 -inf: output 0 */
-        {2, 40, 30, 2, 40, MASK_PER_SAMPLE, FILL_NEG_INF, false},   /* sample 1 -inf: output 0 */
+        {2, 40, 300, 2, 40, MASK_PER_QUERY, FILL_NEG_INF, false},       /* row 1 -inf: output 0 */
+        {2, 40, 30, 2, 40, MASK_PER_SAMPLE, FILL_NEG_INF, false}, /* sample 1 -inf: output 0 */
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         run_attention(&cases[i]);
@@ -776,7 +809,12 @@ static void test_attention_memory(void **state)
     struct bs_tensor tv = bs_tensor_view_cols(&buf, 2 * inner, inner);
     struct bs_tensor to = mat(o, batch * l, inner, inner);
     struct bs_attn_params p = {
-        .batch = batch, .lq = l, .lk = l, .heads = 8, .head_dim = 40, .scale = 1.0f / sqrtf(40.0f),
+        .batch = batch,
+        .lq = l,
+        .lk = l,
+        .heads = 8,
+        .head_dim = 40,
+        .scale = 1.0f / sqrtf(40.0f),
     };
     call_ok(be.iface->attention(be.ctx, &to, &tq, &tk, &tv, &p, &err), &err);
     size_t scratch = bs__cpu_scratch_bytes(be.ctx);
@@ -785,9 +823,19 @@ static void test_attention_memory(void **state)
         fail_msg("attention scratch %zu bytes >= 16 MB", scratch);
 
     struct attn_io a = {
-        .batch = batch, .lq = l, .lk = l, .heads = 8, .hd = 40, .scale = p.scale,
-        .q = qkv, .k = qkv + inner, .v = qkv + 2 * inner,
-        .ldq = 3 * inner, .ldk = 3 * inner, .ldv = 3 * inner, .mq = 1,
+        .batch = batch,
+        .lq = l,
+        .lk = l,
+        .heads = 8,
+        .hd = 40,
+        .scale = p.scale,
+        .q = qkv,
+        .k = qkv + inner,
+        .v = qkv + 2 * inner,
+        .ldq = 3 * inner,
+        .ldk = 3 * inner,
+        .ldv = 3 * inner,
+        .mq = 1,
     };
     double *s = alloc_d(l), want[40];
     const int64_t rows[] = {0, 63, 64, 1000, 2047};
@@ -795,8 +843,8 @@ static void test_attention_memory(void **state)
         for (int h = 0; h < 8; h += 3)
             for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) {
                 attn_ref_row(want, &a, b, h, rows[r], s);
-                expect_close("attention 2x2048", o + (b * l + rows[r]) * inner + h * 40, 40,
-                             want, 1, 40, 1e-4);
+                expect_close("attention 2x2048", o + (b * l + rows[r]) * inner + h * 40, 40, want,
+                             1, 40, 1e-4);
             }
     free(qkv), free(o), free(s);
 }
@@ -824,17 +872,27 @@ static void *attn_thread(void *arg)
             v[i] = (float)((int64_t)(seed >> 20) % 1000) / 1000.0f;
         }
     }
-    struct attn_io a = {.batch = 1, .lq = lq, .lk = lk, .heads = 2, .hd = t->hd,
-                        .scale = 0.3f, .q = q, .k = k, .v = v,
-                        .ldq = inner, .ldk = inner, .ldv = inner, .mq = 1};
+    struct attn_io a = {.batch = 1,
+                        .lq = lq,
+                        .lk = lk,
+                        .heads = 2,
+                        .hd = t->hd,
+                        .scale = 0.3f,
+                        .q = q,
+                        .k = k,
+                        .v = v,
+                        .ldq = inner,
+                        .ldk = inner,
+                        .ldv = inner,
+                        .mq = 1};
     double *want = alloc_d(lq * inner), s[90];
     for (int h = 0; h < 2; h++)
         for (int64_t i = 0; i < lq; i++)
             attn_ref_row(want + i * inner + h * t->hd, &a, 0, h, i, s);
     struct bs_tensor tq = mat(q, lq, inner, inner), tk = mat(k, lk, inner, inner);
     struct bs_tensor tv = mat(v, lk, inner, inner), to = mat(o, lq, inner, inner);
-    struct bs_attn_params p = {.batch = 1, .lq = lq, .lk = lk, .heads = 2, .head_dim = t->hd,
-                               .scale = 0.3f};
+    struct bs_attn_params p = {
+        .batch = 1, .lq = lq, .lk = lk, .heads = 2, .head_dim = t->hd, .scale = 0.3f};
     for (int r = 0; r < 20; r++) {
         memset(o, 0, (size_t)(lq * inner) * 4);
         if (be.iface->attention(be.ctx, &to, &tq, &tk, &tv, &p, &err) != 0 ||

@@ -1,0 +1,461 @@
+/* ModelInferRequest / ModelInferResponse <-> engine tensors.
+ *
+ * Decoding unpacks the whole message with protobuf-c (which copies every bytes
+ * field once) and then only validates: raw tensors, FP32 and INT64 typed
+ * tensors point into the unpacked message; BOOL typed contents are converted
+ * (protobuf-c stores them as int) into buffers the request owns.
+ *
+ * Choices the protocol leaves open:
+ * - A parameter key given twice: every value must be valid and the last one
+ *   wins, as protobuf maps do in the C++ and Python runtimes (Triton sees the
+ *   same request the same way).
+ * - Unknown request, input and output parameters are ignored (Triton clients
+ *   send some of their own, e.g. "binary_data_size", "sequence_id").
+ * - Raw BOOL bytes are canonicalised to 0/1 in place.
+ * - A tensor with zero elements gets a non-NULL data pointer to an empty,
+ *   never-written static buffer.
+ * - Names in error messages are cut to 64 bytes (at a UTF-8 boundary) with
+ *   control characters shown as '?'. */
+#include "codec.h"
+
+#include <assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "grpc_service.pb-c.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "raw tensor contents are little-endian and used in place: little-endian hosts only"
+#endif
+
+typedef Inference__ModelInferRequest req_msg_t;
+typedef Inference__ModelInferRequest__InferInputTensor input_msg_t;
+typedef Inference__InferTensorContents contents_msg_t;
+
+#define SHOW_MAX 64 /* bytes of a client-chosen name shown in an error message */
+
+/* Data pointer for zero-element tensors: never read or written. */
+static _Alignas(16) unsigned char empty_data[16];
+
+static const char *const datatype_names[BS_TYPE_COUNT] = {
+    [BS_TYPE_F32] = "FP32",  [BS_TYPE_F16] = "FP16",  [BS_TYPE_BF16] = "BF16",
+    [BS_TYPE_I64] = "INT64", [BS_TYPE_BOOL] = "BOOL",
+};
+
+const char *bs_codec_datatype(enum bs_dtype type)
+{
+    return (unsigned)type < BS_TYPE_COUNT ? datatype_names[type] : "";
+}
+
+static const char *str_or_empty(const char *s)
+{
+    return s ? s : "";
+}
+
+/* Copy a client-chosen name into buf (SHOW_MAX + 4 bytes) for an error message. */
+static const char *show(char *buf, const char *s)
+{
+    size_t n = strnlen(s, SHOW_MAX + 1);
+    bool cut = n > SHOW_MAX;
+    if (cut) {
+        n = SHOW_MAX;
+        while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80) /* s[n] continues a char */
+            n--;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        buf[i] = c < 0x20 || c == 0x7f ? '?' : (char)c;
+    }
+    memcpy(buf + n, cut ? "..." : "", cut ? 4 : 1);
+    return buf;
+}
+
+/* ---- decoding ------------------------------------------------------------ */
+
+static int parse_datatype(const input_msg_t *in, const char *name, enum bs_dtype *type,
+                          struct bs_err *err)
+{
+    const char *dt = str_or_empty(in->datatype);
+    for (int i = 0; i < BS_TYPE_COUNT; i++) {
+        if (strcmp(dt, datatype_names[i]) == 0) {
+            *type = (enum bs_dtype)i;
+            return 0;
+        }
+    }
+    char nb[SHOW_MAX + 4], db[SHOW_MAX + 4];
+    return bs_err_set(err, BS_EINVAL,
+                      "input '%s': datatype '%s' is not supported (FP32, FP16, BF16, INT64, BOOL)",
+                      show(nb, name), show(db, dt));
+}
+
+/* Check the shape and count its elements. The product of the non-zero dims
+ * must stay within the limit too, so that strides and byte sizes of an empty
+ * tensor cannot overflow either. */
+static int parse_shape(const input_msg_t *in, const char *name, enum bs_dtype type,
+                       const struct bs_codec_limits *lim, int64_t *ne, int64_t *numel,
+                       struct bs_err *err)
+{
+    char nb[SHOW_MAX + 4];
+    if (in->n_shape > BS_MAX_DIMS)
+        return bs_err_set(err, BS_EINVAL, "input '%s': shape has %zu dims (at most %d)",
+                          show(nb, name), in->n_shape, BS_MAX_DIMS);
+    int64_t span = 1; /* product of max(dim, 1) */
+    bool overflow = false, empty = false;
+    for (size_t i = 0; i < in->n_shape; i++) {
+        int64_t d = in->shape[i];
+        if (d < 0)
+            return bs_err_set(err, BS_EINVAL, "input '%s': shape[%zu] is %lld (dims must be >= 0)",
+                              show(nb, name), i, (long long)d);
+        ne[i] = d;
+        empty |= d == 0;
+        overflow |= __builtin_mul_overflow(span, d > 0 ? d : 1, &span);
+    }
+    int64_t bytes;
+    overflow |= __builtin_mul_overflow(span, (int64_t)bs_dtype_size(type), &bytes);
+    if (overflow || span > lim->max_elements || (uint64_t)bytes > SIZE_MAX) {
+        char sb[96];
+        struct bs_tensor shape = {.n_dims = (int)in->n_shape};
+        memcpy(shape.ne, ne, in->n_shape * sizeof(*ne));
+        return bs_err_set(
+            err, BS_ERANGE,
+            "input '%s': shape %s is too large (the limit is %lld elements per tensor)",
+            show(nb, name), bs_tensor_shape_str(&shape, sb, sizeof(sb)),
+            (long long)lim->max_elements);
+    }
+    *numel = empty ? 0 : span;
+    return 0;
+}
+
+/* The typed contents fields, for "only this one may be filled" checks. */
+static const char *other_typed_field(const contents_msg_t *c, const char *allowed)
+{
+    const struct {
+        const char *name;
+        size_t n;
+    } fields[] = {
+        {"bool_contents", c->n_bool_contents},     {"int_contents", c->n_int_contents},
+        {"int64_contents", c->n_int64_contents},   {"uint_contents", c->n_uint_contents},
+        {"uint64_contents", c->n_uint64_contents}, {"fp32_contents", c->n_fp32_contents},
+        {"fp64_contents", c->n_fp64_contents},     {"bytes_contents", c->n_bytes_contents},
+    };
+    for (size_t i = 0; i < BS_ARRAY_LEN(fields); i++)
+        if (fields[i].n > 0 && (allowed == NULL || strcmp(fields[i].name, allowed) != 0))
+            return fields[i].name;
+    return NULL;
+}
+
+static int raw_data(const req_msg_t *m, size_t i, const char *name, const struct bs_tensor *t,
+                    void **data, struct bs_err *err)
+{
+    const input_msg_t *in = m->inputs[i];
+    ProtobufCBinaryData *b = &m->raw_input_contents[i];
+    char nb[SHOW_MAX + 4], sb[96];
+    if (in->contents != NULL && other_typed_field(in->contents, NULL) != NULL)
+        return bs_err_set(err, BS_EINVAL,
+                          "input '%s': contents must be empty when raw_input_contents is used",
+                          show(nb, name));
+    size_t want = bs_tensor_nbytes(t);
+    if (b->len != want)
+        return bs_err_set(
+            err, BS_EINVAL,
+            "input '%s': raw_input_contents[%zu] holds %zu bytes, expected %zu (%s %s)",
+            show(nb, name), i, b->len, want, datatype_names[t->type],
+            bs_tensor_shape_str(t, sb, sizeof(sb)));
+    if (t->type == BS_TYPE_BOOL)
+        for (size_t k = 0; k < b->len; k++)
+            b->data[k] = b->data[k] != 0;
+    *data = want > 0 ? b->data : empty_data;
+    return 0;
+}
+
+/* protobuf_c_boolean is an int: narrow BOOL contents to one byte each. */
+static int own_bools(const contents_msg_t *c, const char *name, void **data, void **owned,
+                     struct bs_err *err)
+{
+    uint8_t *bools = malloc(c->n_bool_contents);
+    if (bools == NULL) {
+        char nb[SHOW_MAX + 4];
+        return bs_err_set(err, BS_ENOMEM, "input '%s': out of memory for %zu BOOL values",
+                          show(nb, name), c->n_bool_contents);
+    }
+    for (size_t k = 0; k < c->n_bool_contents; k++)
+        bools[k] = c->bool_contents[k] != 0;
+    *owned = *data = bools;
+    return 0;
+}
+
+/* Typed contents: the one field the datatype uses, with one value per element. */
+static int typed_data(const input_msg_t *in, const char *name, const struct bs_tensor *t,
+                      void **data, void **owned, struct bs_err *err)
+{
+    static const contents_msg_t none = INFERENCE__INFER_TENSOR_CONTENTS__INIT;
+    const contents_msg_t *c = in->contents ? in->contents : &none;
+    const char *dt = datatype_names[t->type];
+    char nb[SHOW_MAX + 4], sb[96];
+    int64_t numel = bs_tensor_nelements(t);
+    const char *field = NULL;
+    size_t n = 0;
+    void *values = NULL;
+    switch (t->type) {
+    case BS_TYPE_F32:
+        field = "fp32_contents";
+        n = c->n_fp32_contents;
+        values = c->fp32_contents;
+        break;
+    case BS_TYPE_I64:
+        field = "int64_contents";
+        n = c->n_int64_contents;
+        values = c->int64_contents;
+        break;
+    case BS_TYPE_BOOL: /* converted below */
+        field = "bool_contents";
+        n = c->n_bool_contents;
+        break;
+    default: /* FP16, BF16: no typed field carries them */
+        if (numel > 0 || other_typed_field(c, NULL) != NULL)
+            return bs_err_set(err, BS_EINVAL,
+                              "input '%s': %s data must be sent in raw_input_contents",
+                              show(nb, name), dt);
+        *data = empty_data;
+        return 0;
+    }
+    const char *other = other_typed_field(c, field);
+    if (other != NULL)
+        return bs_err_set(err, BS_EINVAL,
+                          "input '%s': %s data goes in contents.%s, not contents.%s",
+                          show(nb, name), dt, field, other);
+    if (n != (uint64_t)numel)
+        return bs_err_set(
+            err, BS_EINVAL, "input '%s': contents.%s holds %zu values, expected %lld (%s %s)",
+            show(nb, name), field, n, (long long)numel, dt, bs_tensor_shape_str(t, sb, sizeof(sb)));
+    if (n == 0) {
+        *data = empty_data;
+        return 0;
+    }
+    if (t->type == BS_TYPE_BOOL)
+        return own_bools(c, name, data, owned, err);
+    *data = values;
+    return 0;
+}
+
+static int decode_input(const req_msg_t *m, size_t i, bool raw, const struct bs_codec_limits *lim,
+                        struct bs_infer_request *req, struct bs_err *err)
+{
+    const input_msg_t *in = m->inputs[i];
+    const char *name = str_or_empty(in->name);
+    char nb[SHOW_MAX + 4];
+    if (name[0] == '\0')
+        return bs_err_set(err, BS_EINVAL, "input %zu: name is required", i);
+    for (size_t j = 0; j < i; j++)
+        if (strcmp(req->inputs[j].name, name) == 0)
+            return bs_err_set(err, BS_EINVAL, "input '%s': name given twice", show(nb, name));
+    enum bs_dtype type = BS_TYPE_F32;
+    int64_t ne[BS_MAX_DIMS] = {0}, numel;
+    int rc = parse_datatype(in, name, &type, err);
+    if (rc == 0)
+        rc = parse_shape(in, name, type, lim, ne, &numel, err);
+    if (rc != 0)
+        return rc;
+    struct bs_tensor t = bs_tensor_make(type, (int)in->n_shape, ne, NULL);
+    rc = raw ? raw_data(m, i, name, &t, &t.data, err)
+             : typed_data(in, name, &t, &t.data, &req->owned[i], err);
+    if (rc != 0)
+        return rc;
+    req->inputs[i] = (struct bs_named_tensor){.name = name, .t = t};
+    req->n_inputs = (int)i + 1;
+    return 0;
+}
+
+static int decode_inputs(const req_msg_t *m, const struct bs_codec_limits *lim,
+                         struct bs_infer_request *req, struct bs_err *err)
+{
+    int max = lim->max_inputs < BS_CODEC_MAX_INPUTS ? lim->max_inputs : BS_CODEC_MAX_INPUTS;
+    if (max < 0)
+        max = 0;
+    if (m->n_inputs > (size_t)max)
+        return bs_err_set(err, BS_ERANGE, "too many inputs: %zu (the limit is %d)", m->n_inputs,
+                          max);
+    bool raw = m->n_raw_input_contents > 0;
+    if (raw && m->n_raw_input_contents < m->n_inputs) {
+        char nb[SHOW_MAX + 4];
+        const char *name = str_or_empty(m->inputs[m->n_raw_input_contents]->name);
+        return bs_err_set(err, BS_EINVAL,
+                          "input '%s': no raw_input_contents entry (%zu entries for %zu inputs; "
+                          "raw data needs one per input, in order)",
+                          show(nb, name), m->n_raw_input_contents, m->n_inputs);
+    }
+    if (raw && m->n_raw_input_contents > m->n_inputs)
+        return bs_err_set(err, BS_EINVAL,
+                          "raw_input_contents has %zu entries for %zu inputs (one per input)",
+                          m->n_raw_input_contents, m->n_inputs);
+    for (size_t i = 0; i < m->n_inputs; i++) {
+        int rc = decode_input(m, i, raw, lim, req, err);
+        if (rc != 0)
+            return rc;
+    }
+    req->raw_output = raw;
+    return 0;
+}
+
+static int decode_params(const req_msg_t *m, struct bs_infer_request *req, struct bs_err *err)
+{
+    for (size_t i = 0; i < m->n_parameters; i++) {
+        const char *key = str_or_empty(m->parameters[i]->key);
+        const Inference__InferParameter *v = m->parameters[i]->value;
+        int which = v ? (int)v->parameter_choice_case : 0;
+        if (strcmp(key, "stream_intermediate") == 0) {
+            if (which != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM)
+                return bs_err_set(err, BS_EINVAL,
+                                  "parameter 'stream_intermediate' must be a bool_param");
+            req->stream_intermediate = v->bool_param != 0;
+        } else if (strcmp(key, "timeout") == 0) {
+            if (which != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM)
+                return bs_err_set(err, BS_EINVAL,
+                                  "parameter 'timeout' must be an int64_param (microseconds)");
+            if (v->int64_param < 0)
+                return bs_err_set(err, BS_EINVAL,
+                                  "parameter 'timeout' is %lld (microseconds, must be >= 0)",
+                                  (long long)v->int64_param);
+            req->timeout_us = v->int64_param;
+        }
+    }
+    return 0;
+}
+
+static int decode_outputs(const req_msg_t *m, struct bs_infer_request *req, struct bs_err *err)
+{
+    for (size_t i = 0; i < m->n_outputs; i++) {
+        const char *name = str_or_empty(m->outputs[i]->name);
+        char nb[SHOW_MAX + 4];
+        if (strcmp(name, "output") != 0)
+            return bs_err_set(err, BS_EINVAL, "unknown output '%s' (the model has 'output')",
+                              show(nb, name));
+        if (i > 0)
+            return bs_err_set(err, BS_EINVAL, "output 'output' requested twice");
+    }
+    req->want_output = true; /* empty list: every output; otherwise "output" was named */
+    return 0;
+}
+
+int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec_limits *lim,
+                          struct bs_infer_request *req, struct bs_err *err)
+{
+    assert(lim != NULL && req != NULL);
+    memset(req, 0, sizeof(*req));
+    static const uint8_t nothing[1];
+    req_msg_t *m = inference__model_infer_request__unpack(NULL, len, data ? data : nothing);
+    if (m == NULL)
+        return bs_err_set(err, BS_EINVAL, "malformed ModelInferRequest");
+    req->msg = m;
+    req->model_name = str_or_empty(m->model_name);
+    req->model_version = str_or_empty(m->model_version);
+    req->id = str_or_empty(m->id);
+    int rc = 0;
+    if (req->model_name[0] == '\0')
+        rc = bs_err_set(err, BS_EINVAL, "model_name is required");
+    if (rc == 0)
+        rc = decode_params(m, req, err);
+    if (rc == 0)
+        rc = decode_inputs(m, lim, req, err);
+    if (rc == 0)
+        rc = decode_outputs(m, req, err);
+    if (rc != 0)
+        bs_codec_request_free(req);
+    return rc;
+}
+
+void bs_codec_request_free(struct bs_infer_request *req)
+{
+    if (req == NULL)
+        return;
+    for (int i = 0; i < BS_CODEC_MAX_INPUTS; i++)
+        free(req->owned[i]);
+    if (req->msg != NULL)
+        inference__model_infer_request__free_unpacked(req->msg, NULL);
+    memset(req, 0, sizeof(*req));
+}
+
+/* ---- encoding ------------------------------------------------------------ */
+
+/* Everything one response needs, on the caller's stack: protobuf-c packs from
+ * pointers, so the tensor data is referenced, not copied, until pack. */
+struct response {
+    Inference__ModelInferResponse msg;
+    Inference__ModelInferResponse__InferOutputTensor out;
+    Inference__ModelInferResponse__InferOutputTensor *outs[1];
+    Inference__InferTensorContents contents;
+    ProtobufCBinaryData raw;
+    Inference__InferParameter final;
+    Inference__ModelInferResponse__ParametersEntry final_entry;
+    Inference__ModelInferResponse__ParametersEntry *params[1];
+};
+
+static int encode_output(struct response *r, const struct bs_tensor *out, bool raw,
+                         struct bs_err *err)
+{
+    if (out == NULL || out->type != BS_TYPE_F32 || out->n_dims < 0 || out->n_dims > BS_MAX_DIMS ||
+        !bs_tensor_is_contiguous(out))
+        return bs_err_set(err, BS_EINTERNAL, "output: expected a contiguous FP32 tensor");
+    int64_t numel = bs_tensor_nelements(out);
+    if (numel > 0 && out->data == NULL)
+        return bs_err_set(err, BS_EINTERNAL, "output: no data");
+    r->out = (Inference__ModelInferResponse__InferOutputTensor)
+        INFERENCE__MODEL_INFER_RESPONSE__INFER_OUTPUT_TENSOR__INIT;
+    r->out.name = "output";
+    r->out.datatype = "FP32";
+    r->out.n_shape = (size_t)out->n_dims;
+    r->out.shape = (int64_t *)out->ne;
+    void *data = numel > 0 ? out->data : empty_data;
+    if (raw) {
+        r->raw = (ProtobufCBinaryData){.len = (size_t)numel * sizeof(float), .data = data};
+        r->msg.n_raw_output_contents = 1;
+        r->msg.raw_output_contents = &r->raw;
+    } else {
+        r->contents = (Inference__InferTensorContents)INFERENCE__INFER_TENSOR_CONTENTS__INIT;
+        r->contents.n_fp32_contents = (size_t)numel;
+        r->contents.fp32_contents = data;
+        r->out.contents = &r->contents;
+    }
+    r->outs[0] = &r->out;
+    r->msg.n_outputs = 1;
+    r->msg.outputs = r->outs;
+    return 0;
+}
+
+int bs_codec_encode_infer(const struct bs_infer_request *req, const struct bs_tensor *out,
+                          int final, uint8_t **data, size_t *len, struct bs_err *err)
+{
+    assert(req != NULL && data != NULL && len != NULL);
+    *data = NULL;
+    *len = 0;
+    struct response r = {.msg = INFERENCE__MODEL_INFER_RESPONSE__INIT};
+    const char *version = str_or_empty(req->model_version);
+    r.msg.model_name = (char *)str_or_empty(req->model_name);
+    r.msg.model_version = (char *)(version[0] ? version : "1");
+    r.msg.id = (char *)str_or_empty(req->id);
+    if (req->want_output) {
+        int rc = encode_output(&r, out, req->raw_output, err);
+        if (rc != 0)
+            return rc;
+    }
+    if (final >= 0) {
+        r.final = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
+        r.final.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM;
+        r.final.bool_param = final != 0;
+        r.final_entry = (Inference__ModelInferResponse__ParametersEntry)
+            INFERENCE__MODEL_INFER_RESPONSE__PARAMETERS_ENTRY__INIT;
+        r.final_entry.key = "triton_final_response";
+        r.final_entry.value = &r.final;
+        r.params[0] = &r.final_entry;
+        r.msg.n_parameters = 1;
+        r.msg.parameters = r.params;
+    }
+    size_t size = inference__model_infer_response__get_packed_size(&r.msg);
+    uint8_t *buf = malloc(size > 0 ? size : 1);
+    if (buf == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory for a %zu-byte response", size);
+    *len = inference__model_infer_response__pack(&r.msg, buf);
+    *data = buf;
+    return 0;
+}

@@ -1,0 +1,313 @@
+#include "repository.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "builtin.h"
+#include "json.h"
+#include "log.h"
+
+#define SERVING_MAX_BYTES (1 << 20)
+
+struct bs_repository {
+    uv_loop_t *loop;
+    struct bs_backend *be;
+    struct bs_repo_model *models;
+    int n, cap;
+    int draining;           /* batchers still draining */
+    void (*drained)(void *arg);
+    void *drained_arg;
+};
+
+/* ---- the "serving" section ----------------------------------------------- */
+
+static int serving_int(const struct bs_json *v, const char *key, int64_t lo, int64_t hi,
+                       int64_t *out, struct bs_err *err)
+{
+    if (v->type != BS_JSON_NUMBER || !v->is_integer || v->integer < lo || v->integer > hi)
+        return bs_err_set(err, BS_EINVAL, "serving.%s: expected an integer in [%lld, %lld]", key,
+                          (long long)lo, (long long)hi);
+    *out = v->integer;
+    return 0;
+}
+
+static int serving_member(struct bs_serving_config *c, const struct bs_json *m, struct bs_err *err)
+{
+    int64_t v = 0;
+    int rc = 0;
+    if (strcmp(m->key, "max_batch_size") == 0) {
+        if ((rc = serving_int(m, m->key, 1, 1024, &v, err)) == 0)
+            c->max_batch_size = (int)v;
+    } else if (strcmp(m->key, "max_queue_delay_microseconds") == 0) {
+        if ((rc = serving_int(m, m->key, 0, 60000000, &v, err)) == 0)
+            c->max_queue_delay_us = v;
+    } else if (strcmp(m->key, "max_queue_size") == 0) {
+        if ((rc = serving_int(m, m->key, 1, 1000000, &v, err)) == 0)
+            c->max_queue_size = (int)v;
+    } else if (strcmp(m->key, "default_timeout_microseconds") == 0) {
+        if ((rc = serving_int(m, m->key, 0, INT64_MAX / 1000, &v, err)) == 0)
+            c->default_timeout_us = v;
+    } else if (strcmp(m->key, "preferred_batch_size") == 0) {
+        if (m->type != BS_JSON_ARRAY || m->len > BS_MAX_PREFERRED)
+            return bs_err_set(err, BS_EINVAL, "serving.preferred_batch_size: expected an array "
+                              "of at most %d integers", BS_MAX_PREFERRED);
+        c->n_preferred = 0;
+        for (const struct bs_json *e = m->child; e && rc == 0; e = e->next)
+            if ((rc = serving_int(e, m->key, 1, 1024, &v, err)) == 0)
+                c->preferred_batch_size[c->n_preferred++] = (int)v;
+    } else if (strcmp(m->key, "device") == 0) {
+        if (m->type != BS_JSON_STRING || (strcmp(m->string, "auto") && strcmp(m->string, "cpu") &&
+                                          strcmp(m->string, "cuda")))
+            return bs_err_set(err, BS_EINVAL, "serving.device: expected \"auto\", \"cpu\" or \"cuda\"");
+        if (strcmp(m->string, "cuda") == 0)
+            return bs_err_set(err, BS_EUNSUPP, "serving.device \"cuda\": this server runs on the "
+                              "CPU backend");
+    } else if (strcmp(m->key, "dtype") == 0) {
+        if (m->type != BS_JSON_STRING ||
+            (strcmp(m->string, "fp32") && strcmp(m->string, "float32")))
+            return bs_err_set(err, BS_EUNSUPP, "serving.dtype: the CPU backend computes in fp32 "
+                              "(expected \"fp32\")");
+    } else {
+        return bs_err_set(err, BS_EINVAL, "serving: unknown key \"%s\" (known: max_batch_size, "
+                          "max_queue_delay_microseconds, preferred_batch_size, max_queue_size, "
+                          "default_timeout_microseconds, device, dtype)", m->key);
+    }
+    return rc;
+}
+
+static int serving_object(struct bs_serving_config *c, const struct bs_json *obj,
+                          struct bs_err *err)
+{
+    if (obj->type != BS_JSON_OBJECT)
+        return bs_err_set(err, BS_EINVAL, "serving: expected an object");
+    for (const struct bs_json *m = obj->child; m; m = m->next)
+        if (serving_member(c, m, err) != 0)
+            return err->code;
+    for (int i = 0; i < c->n_preferred; i++)
+        if (c->preferred_batch_size[i] > c->max_batch_size)
+            return bs_err_set(err, BS_EINVAL, "serving.preferred_batch_size %d exceeds "
+                              "max_batch_size %d", c->preferred_batch_size[i], c->max_batch_size);
+    return 0;
+}
+
+int bs_serving_parse(struct bs_serving_config *cfg, const char *json, size_t len,
+                     struct bs_err *err)
+{
+    bs_json_doc_t *doc;
+    if (bs_json_parse(&doc, json, len, 8, err) != 0)
+        return err->code;
+    int rc = serving_object(cfg, bs_json_doc_root(doc), err);
+    bs_json_doc_free(doc);
+    return rc;
+}
+
+static char *read_file(const char *path, size_t *len, struct bs_err *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        bs_err_set(err, errno == ENOENT ? BS_ENOTFOUND : BS_EIO, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    char *buf = malloc(SERVING_MAX_BYTES + 1);
+    size_t n = buf ? fread(buf, 1, SERVING_MAX_BYTES + 1, f) : 0;
+    fclose(f);
+    if (buf == NULL || n > SERVING_MAX_BYTES) {
+        free(buf);
+        bs_err_set(err, BS_ERANGE, "%s: too large", path);
+        return NULL;
+    }
+    *len = n;
+    return buf;
+}
+
+/* config.json's "serving" object, then serving.json beside it (which wins). */
+static int load_serving(struct bs_repo_model *rm, struct bs_err *err)
+{
+    char path[1100];
+    size_t len;
+    bs_json_doc_t *doc;
+    snprintf(path, sizeof(path), "%s/config.json", rm->path);
+    char *text = read_file(path, &len, err);
+    if (text == NULL)
+        return err->code;
+    int rc = bs_json_parse(&doc, text, len, 16, err);
+    free(text);
+    if (rc != 0)
+        return bs_err_wrap(err, "%s", path);
+    const struct bs_json *sec = bs_json_get(bs_json_doc_root(doc), "serving");
+    if (sec != NULL && (rc = serving_object(&rm->serving, sec, err)) != 0)
+        bs_err_wrap(err, "%s", path);
+    bs_json_doc_free(doc);
+    if (rc != 0)
+        return rc;
+    snprintf(path, sizeof(path), "%s/serving.json", rm->path);
+    if ((text = read_file(path, &len, err)) == NULL)
+        return err->code == BS_ENOTFOUND ? 0 : err->code;
+    rc = bs_serving_parse(&rm->serving, text, len, err);
+    free(text);
+    return rc != 0 ? bs_err_wrap(err, "%s", path) : 0;
+}
+
+/* ---- models ---------------------------------------------------------------- */
+
+static struct bs_repo_model *add_model(bs_repository_t *r, const char *name,
+                                       const struct bs_serving_config *defaults)
+{
+    if (r->n == r->cap) {
+        int cap = r->cap ? 2 * r->cap : 8;
+        struct bs_repo_model *m = realloc(r->models, (size_t)cap * sizeof(*m));
+        if (m == NULL)
+            return NULL;
+        r->models = m;
+        r->cap = cap;
+    }
+    struct bs_repo_model *rm = &r->models[r->n++];
+    memset(rm, 0, sizeof(*rm));
+    snprintf(rm->name, sizeof(rm->name), "%s", name);
+    rm->serving = *defaults;
+    return rm;
+}
+
+static void finish_load(bs_repository_t *r, struct bs_repo_model *rm, int rc, struct bs_err *err)
+{
+    if (rc == 0)
+        rc = bs_batcher_init(&rm->batcher, r->loop, rm->model, &rm->serving, err);
+    if (rc != 0) {
+        snprintf(rm->reason, sizeof(rm->reason), "%s", err->msg);
+        bs_model_free(rm->model);
+        rm->model = NULL;
+        bs_log(BS_LOG_ERROR, NULL, "model %s failed to load: %s", rm->name, rm->reason);
+        return;
+    }
+    bs_log(BS_LOG_INFO, NULL, "model %s ready (%s, %.1f MB of weights%s)", rm->name,
+           bs_config_class_name(bs_model_config(rm->model)->cls),
+           (double)bs_model_weight_bytes(rm->model) / 1048576.0,
+           rm->builtin ? ", generated" : "");
+}
+
+static bool valid_name(const char *s)
+{
+    if (*s == '\0' || *s == '.' || strlen(s) >= BS_MODEL_NAME_MAX)
+        return false;
+    for (; *s; s++)
+        if (!(*s == '_' || *s == '-' || *s == '.' || (*s >= '0' && *s <= '9') ||
+              (*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z')))
+            return false;
+    return true;
+}
+
+static int load_dir(bs_repository_t *r, const char *root, const struct bs_serving_config *defaults,
+                    struct bs_err *err)
+{
+    struct dirent **list;
+    int n = scandir(root, &list, NULL, alphasort);
+    if (n < 0)
+        return bs_err_set(err, BS_EIO, "--model-repository %s: %s", root, strerror(errno));
+    for (int i = 0; i < n; i++) {
+        char path[1024];
+        struct stat st;
+        const char *name = list[i]->d_name;
+        snprintf(path, sizeof(path), "%s/%s", root, name);
+        if (name[0] == '.' || stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+            continue;
+        if (!valid_name(name) || bs_repository_find(r, name) != NULL) {
+            bs_log(BS_LOG_WARN, NULL, "skipping %s: %s", path,
+                   valid_name(name) ? "a model of this name is already loaded"
+                                    : "not a valid model name (letters, digits, '_', '-', '.')");
+            continue;
+        }
+        struct bs_repo_model *rm = add_model(r, name, defaults);
+        if (rm == NULL)
+            break;
+        snprintf(rm->path, sizeof(rm->path), "%s", path);
+        int rc = load_serving(rm, err);
+        if (rc == 0)
+            rc = bs_model_load(&rm->model, path, r->be, err);
+        finish_load(r, rm, rc, err);
+    }
+    for (int i = 0; i < n; i++)
+        free(list[i]);
+    free(list);
+    return 0;
+}
+
+int bs_repository_init(bs_repository_t **repo, uv_loop_t *loop, struct bs_backend *be,
+                       const struct bs_repo_options *opts, struct bs_err *err)
+{
+    bs_repository_t *r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    r->loop = loop;
+    r->be = be;
+    for (int i = 0; i < opts->n_dirs; i++) {
+        if (load_dir(r, opts->dirs[i], &opts->defaults, err) != 0) {
+            bs_repository_free(r);
+            return err->code;
+        }
+    }
+    for (int i = 0; opts->n_dirs == 0 && i < bs_builtin_count(); i++) {
+        const struct bs_builtin *b = bs_builtin_get(i);
+        struct bs_repo_model *rm = add_model(r, b->name, &opts->defaults);
+        if (rm == NULL)
+            break;
+        rm->builtin = true;
+        finish_load(r, rm, bs_builtin_load(b, be, &rm->model, err), err);
+    }
+    *repo = r;
+    return 0;
+}
+
+int bs_repository_count(const bs_repository_t *r)
+{
+    return r->n;
+}
+
+struct bs_repo_model *bs_repository_get(bs_repository_t *r, int i)
+{
+    return i >= 0 && i < r->n ? &r->models[i] : NULL;
+}
+
+struct bs_repo_model *bs_repository_find(bs_repository_t *r, const char *name)
+{
+    for (int i = 0; i < r->n; i++)
+        if (strcmp(r->models[i].name, name) == 0)
+            return &r->models[i];
+    return NULL;
+}
+
+static void one_drained(void *arg)
+{
+    bs_repository_t *r = arg;
+    if (--r->draining == 0 && r->drained != NULL)
+        r->drained(r->drained_arg);
+}
+
+void bs_repository_drain(bs_repository_t *r, void (*done)(void *arg), void *arg)
+{
+    r->drained = done;
+    r->drained_arg = arg;
+    r->draining = 1; /* held until every batcher has been asked */
+    for (int i = 0; i < r->n; i++) {
+        if (r->models[i].batcher != NULL) {
+            r->draining++;
+            bs_batcher_drain(r->models[i].batcher, one_drained, r);
+        }
+    }
+    one_drained(r);
+}
+
+void bs_repository_free(bs_repository_t *r)
+{
+    if (r == NULL)
+        return;
+    for (int i = 0; i < r->n; i++) {
+        bs_batcher_free(r->models[i].batcher);
+        bs_model_free(r->models[i].model);
+    }
+    free(r->models);
+    free(r);
+}

@@ -1,0 +1,261 @@
+/* blockserve serve: the gRPC inference server. The libuv loop owns every
+ * object here; compute runs on the batchers' worker threads. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <uv.h>
+
+#include "cli.h"
+#include "log.h"
+#include "repository.h"
+#include "rpc.h"
+#include "service.h"
+
+#define MAX_REPOS 16
+
+struct serve_opts {
+    const char *address;
+    int port;
+    const char *repos[MAX_REPOS];
+    int n_repos;
+    const char *device;
+    int threads;
+    int verbose;
+    int json_logs;
+    int max_message_bytes;
+    int64_t max_tensor_elements;
+    int grace_seconds;
+    int max_streams;
+    struct bs_serving_config defaults;
+};
+
+struct server {
+    uv_loop_t *loop;
+    struct serve_opts opts;
+    struct bs_backend be;
+    bs_repository_t *repo;
+    bs_service_t *svc;
+    bs_rpc_server_t *rpc;
+    uv_signal_t sigint, sigterm;
+    uv_timer_t grace;
+    bool stopping;
+    bool rpc_down;
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: blockserve [serve] [options]\n"
+            "  --grpc-port N                 port (default 8001; 0 picks a free one)\n"
+            "  --grpc-address HOST           address to bind (default 0.0.0.0)\n"
+            "  --model-repository DIR        serve each model directory in DIR (repeatable);\n"
+            "                                without one, the built-in models (generated weights)\n"
+            "  --device auto|cpu|cuda        compute device (default auto)\n"
+            "  --threads N                   compute threads (default: one per core)\n"
+            "  --log-verbose N               0: info, 1: every request\n"
+            "  --log-format text|json        log lines (default text)\n"
+            "  --max-message-bytes N         gRPC message limit (default 67108864)\n"
+            "  --max-tensor-elements N       per input tensor (default 134217728)\n"
+            "  --max-concurrent-streams N    per connection (default 256)\n"
+            "  --grace-seconds N             on SIGTERM/SIGINT, time to finish queued work (default 30)\n"
+            "  --max-batch-size N            default for models (default 8)\n"
+            "  --max-queue-delay-us N        default batching delay (default 2000)\n"
+            "  --max-queue-size N            default queue bound (default 256)\n");
+}
+
+static int int_flag(const char *flag, const char *v, int64_t lo, int64_t hi, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (errno != 0 || *end != '\0' || end == v || x < lo || x > hi) {
+        fprintf(stderr, "blockserve: %s: expected an integer in [%lld, %lld], got \"%s\"\n", flag,
+                (long long)lo, (long long)hi, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int parse_opts(int argc, char **argv, struct serve_opts *o)
+{
+    memset(o, 0, sizeof(*o));
+    o->address = "0.0.0.0";
+    o->port = 8001;
+    o->device = "auto";
+    o->max_message_bytes = 64 << 20;
+    o->max_tensor_elements = (int64_t)1 << 27;
+    o->grace_seconds = 30;
+    o->max_streams = 256;
+    o->defaults = (struct bs_serving_config){.max_batch_size = 8, .max_queue_delay_us = 2000,
+                                             .max_queue_size = 256};
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        int64_t v = 0;
+        if (strcmp(f, "--help") == 0 || strcmp(f, "-h") == 0) {
+            usage(stdout);
+            exit(0);
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "blockserve: unknown option or missing value: %s\n", f);
+            return -1;
+        }
+        const char *val = argv[++i];
+        int rc = 0;
+        if (strcmp(f, "--grpc-port") == 0 && (rc = int_flag(f, val, 0, 65535, &v)) == 0)
+            o->port = (int)v;
+        else if (strcmp(f, "--grpc-address") == 0)
+            o->address = val;
+        else if (strcmp(f, "--model-repository") == 0 && o->n_repos < MAX_REPOS)
+            o->repos[o->n_repos++] = val;
+        else if (strcmp(f, "--device") == 0)
+            o->device = val;
+        else if (strcmp(f, "--threads") == 0 && (rc = int_flag(f, val, 0, 1024, &v)) == 0)
+            o->threads = (int)v;
+        else if (strcmp(f, "--log-verbose") == 0 && (rc = int_flag(f, val, 0, 9, &v)) == 0)
+            o->verbose = (int)v;
+        else if (strcmp(f, "--log-format") == 0 && (!strcmp(val, "json") || !strcmp(val, "text")))
+            o->json_logs = strcmp(val, "json") == 0;
+        else if (strcmp(f, "--max-message-bytes") == 0 &&
+                 (rc = int_flag(f, val, 1024, INT32_MAX, &v)) == 0)
+            o->max_message_bytes = (int)v;
+        else if (strcmp(f, "--max-tensor-elements") == 0 &&
+                 (rc = int_flag(f, val, 1, (int64_t)1 << 34, &v)) == 0)
+            o->max_tensor_elements = v;
+        else if (strcmp(f, "--max-concurrent-streams") == 0 &&
+                 (rc = int_flag(f, val, 1, 1 << 20, &v)) == 0)
+            o->max_streams = (int)v;
+        else if (strcmp(f, "--grace-seconds") == 0 && (rc = int_flag(f, val, 0, 86400, &v)) == 0)
+            o->grace_seconds = (int)v;
+        else if (strcmp(f, "--max-batch-size") == 0 && (rc = int_flag(f, val, 1, 1024, &v)) == 0)
+            o->defaults.max_batch_size = (int)v;
+        else if (strcmp(f, "--max-queue-delay-us") == 0 &&
+                 (rc = int_flag(f, val, 0, 60000000, &v)) == 0)
+            o->defaults.max_queue_delay_us = v;
+        else if (strcmp(f, "--max-queue-size") == 0 &&
+                 (rc = int_flag(f, val, 1, 1000000, &v)) == 0)
+            o->defaults.max_queue_size = (int)v;
+        else if (rc == 0) {
+            fprintf(stderr, "blockserve: unknown option or bad value: %s %s\n", f, val);
+            return -1;
+        }
+        if (rc != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void on_rpc_down(void *arg)
+{
+    struct server *s = arg;
+    s->rpc_down = true;
+    uv_close((uv_handle_t *)&s->sigint, NULL);
+    uv_close((uv_handle_t *)&s->sigterm, NULL);
+    uv_close((uv_handle_t *)&s->grace, NULL);
+    bs_log(BS_LOG_INFO, NULL, "stopped");
+}
+
+static void shut_transport(struct server *s)
+{
+    if (s->rpc != NULL && !s->rpc_down) {
+        uv_timer_stop(&s->grace);
+        bs_rpc_server_shutdown(s->rpc, on_rpc_down, s);
+    }
+}
+
+static void on_drained(void *arg)
+{
+    struct server *s = arg;
+    bs_log(BS_LOG_INFO, NULL, "queued work finished");
+    shut_transport(s);
+}
+
+static void on_grace(uv_timer_t *t)
+{
+    struct server *s = t->data;
+    bs_log(BS_LOG_WARN, NULL, "grace period over with %d inferences unanswered: cancelling",
+           bs_service_in_flight(s->svc));
+    shut_transport(s);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    struct server *s = h->data;
+    if (s->stopping) {
+        bs_log(BS_LOG_WARN, NULL, "second signal: stopping now");
+        shut_transport(s);
+        return;
+    }
+    s->stopping = true;
+    bs_log(BS_LOG_INFO, NULL, "%s: no new requests; finishing queued work (grace %d s)",
+           signum == SIGINT ? "SIGINT" : "SIGTERM", s->opts.grace_seconds);
+    bs_service_stop_accepting(s->svc);
+    bs_rpc_set_serving(s->rpc, "", false);
+    bs_rpc_set_serving(s->rpc, "inference.GRPCInferenceService", false);
+    uv_timer_start(&s->grace, on_grace, (uint64_t)s->opts.grace_seconds * 1000, 0);
+    bs_repository_drain(s->repo, on_drained, s);
+}
+
+static int start(struct server *s, struct bs_err *err)
+{
+    struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults};
+    struct bs_codec_limits limits = {s->opts.max_tensor_elements, BS_CODEC_MAX_INPUTS};
+    struct bs_rpc_options rpc_opts = {NULL, s->opts.max_message_bytes, s->opts.max_message_bytes,
+                                      s->opts.max_streams};
+    struct bs_rpc_handlers h;
+    char address[300];
+    int port = 0;
+    if (bs_backend_init(&s->be, s->opts.device, s->opts.threads, err) != 0)
+        return err->code;
+    bs_log(BS_LOG_INFO, NULL, "compute: %s backend", s->be.iface->name);
+    if (bs_repository_init(&s->repo, s->loop, &s->be, &ro, err) != 0 ||
+        bs_service_init(&s->svc, s->repo, &limits, err) != 0)
+        return err->code;
+    bs_service_handlers(s->svc, &h);
+    snprintf(address, sizeof(address), "%s:%d", s->opts.address, s->opts.port);
+    rpc_opts.address = address;
+    if (bs_rpc_server_init(&s->rpc, s->loop, &rpc_opts, &h, &port, err) != 0)
+        return err->code;
+    bs_service_attach(s->svc, s->rpc);
+    bs_rpc_set_serving(s->rpc, "", true);
+    bs_rpc_set_serving(s->rpc, "inference.GRPCInferenceService", true);
+    uv_signal_init(s->loop, &s->sigint);
+    uv_signal_init(s->loop, &s->sigterm);
+    uv_timer_init(s->loop, &s->grace);
+    s->sigint.data = s->sigterm.data = s->grace.data = s;
+    uv_signal_start(&s->sigint, on_signal, SIGINT);
+    uv_signal_start(&s->sigterm, on_signal, SIGTERM);
+    bs_log(BS_LOG_INFO, NULL, "serving %d models on %s:%d", bs_repository_count(s->repo),
+           s->opts.address, port);
+    return 0;
+}
+
+int bs_cli_serve(int argc, char **argv)
+{
+    struct server s;
+    struct bs_err err = {0};
+    memset(&s, 0, sizeof(s));
+    if (parse_opts(argc, argv, &s.opts) != 0)
+        return 2;
+    bs_log_init(s.opts.verbose, s.opts.json_logs);
+    signal(SIGPIPE, SIG_IGN);
+    s.loop = uv_default_loop();
+    int rc = start(&s, &err);
+    if (rc == 0) {
+        uv_run(s.loop, UV_RUN_DEFAULT);
+    } else {
+        bs_log(BS_LOG_ERROR, NULL, "%s", err.msg);
+        if (s.rpc != NULL)
+            bs_rpc_server_shutdown(s.rpc, on_rpc_down, &s);
+        uv_run(s.loop, UV_RUN_DEFAULT);
+    }
+    bs_rpc_server_free(s.rpc);
+    bs_service_free(s.svc);
+    bs_repository_free(s.repo);
+    bs_backend_free(&s.be);
+    uv_loop_close(s.loop);
+    return rc == 0 ? 0 : 1;
+}

@@ -1,0 +1,112 @@
+"""Shared pieces of the end-to-end tests: stubs generated from our proto/ at
+run time, a model repository built from the golden cases, the server process,
+and safetensors reading."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, "..", ".."))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+GRPC_PROTO = "/usr/share/grpc-proto"
+
+
+def generate_stubs(out):
+    """grpc_service/model_config and grpc health/reflection stubs into out."""
+    from grpc_tools import protoc
+
+    args = ["protoc", "-I" + os.path.join(ROOT, "proto"), "-I" + GRPC_PROTO,
+            "--python_out=" + out, "--grpc_python_out=" + out,
+            "grpc_service.proto", "model_config.proto",
+            "grpc/health/v1/health.proto", "grpc/reflection/v1alpha/reflection.proto",
+            "grpc/reflection/v1/reflection.proto"]
+    if protoc.main(args) != 0:
+        raise RuntimeError("grpc_tools.protoc failed")
+    for d in ("grpc", "grpc/health", "grpc/health/v1", "grpc/reflection",
+              "grpc/reflection/v1alpha", "grpc/reflection/v1"):
+        open(os.path.join(out, d, "__init__.py"), "a").close()
+    sys.path.insert(0, out)
+
+
+ST_DTYPES = {"F32": "<f4", "F16": "<f2", "I64": "<i8", "BOOL": "|b1", "BF16": "<u2"}
+
+
+def st_load(path):
+    """safetensors -> {name: (dtype name, numpy array)}."""
+    data = open(path, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = meta["data_offsets"]
+        arr = np.frombuffer(data[8 + n + b:8 + n + e], dtype=ST_DTYPES[meta["dtype"]])
+        out[name] = (meta["dtype"], arr.reshape(meta["shape"]))
+    return out
+
+
+TRITON_DTYPE = {"F32": "FP32", "F16": "FP16", "BF16": "BF16", "I64": "INT64", "BOOL": "BOOL"}
+
+
+def make_repository(cases, serving=None, broken=True):
+    """A temporary model repository holding copies of golden cases (serving:
+    {case: serving.json dict}) and, with broken, a model that cannot load."""
+    root = tempfile.mkdtemp(prefix="bs_repo_")
+    for case in cases:
+        shutil.copytree(os.path.join(GOLDEN, case), os.path.join(root, case))
+        if serving and case in serving:
+            with open(os.path.join(root, case, "serving.json"), "w") as f:
+                json.dump(serving[case], f)
+    if broken:
+        os.makedirs(os.path.join(root, "broken"))
+        with open(os.path.join(root, "broken", "config.json"), "w") as f:
+            f.write('{"_class_name": "BasicTransformerBlock", "dim": 32}')
+    return root
+
+
+class Server:
+    """blockserve serve on a free port; stop() sends SIGTERM and returns the exit code."""
+
+    def __init__(self, binary, args):
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([binary, "serve", "--grpc-port", "0", "--grpc-address",
+                                      "127.0.0.1"] + args, stdout=self.log, stderr=self.log)
+        self.port = None
+        deadline = time.time() + 120
+        while time.time() < deadline and self.port is None:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited: " + self.text())
+            m = re.search(r"serving \d+ models on [0-9.]+:(\d+)", self.text())
+            if m:
+                self.port = int(m.group(1))
+            else:
+                time.sleep(0.05)
+        if self.port is None:
+            self.proc.kill()
+            raise RuntimeError("server did not start: " + self.text())
+        self.address = "127.0.0.1:%d" % self.port
+
+    def text(self):
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None

@@ -1,0 +1,809 @@
+/* The ModelInferRequest/ModelInferResponse codec: requests are built with the
+ * generated protobuf-c API and packed to bytes, as a client would send them. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "codec.h"
+#include "grpc_service.pb-c.h"
+
+/* ---- building requests --------------------------------------------------- */
+
+#define B_MAX 12
+
+struct builder {
+    Inference__ModelInferRequest msg;
+    Inference__ModelInferRequest__InferInputTensor in[B_MAX];
+    Inference__ModelInferRequest__InferInputTensor *in_ptrs[B_MAX];
+    Inference__InferTensorContents contents[B_MAX];
+    int64_t shapes[B_MAX][8];
+    ProtobufCBinaryData raw[B_MAX];
+    Inference__InferParameter values[B_MAX];
+    Inference__ModelInferRequest__ParametersEntry params[B_MAX];
+    Inference__ModelInferRequest__ParametersEntry *param_ptrs[B_MAX];
+    Inference__ModelInferRequest__InferRequestedOutputTensor outs[B_MAX];
+    Inference__ModelInferRequest__InferRequestedOutputTensor *out_ptrs[B_MAX];
+};
+
+static const struct bs_codec_limits limits = {.max_elements = 1 << 20, .max_inputs = 4};
+
+static void b_init(struct builder *b, const char *model)
+{
+    memset(b, 0, sizeof(*b));
+    b->msg = (Inference__ModelInferRequest)INFERENCE__MODEL_INFER_REQUEST__INIT;
+    b->msg.model_name = (char *)model;
+    b->msg.inputs = b->in_ptrs;
+    b->msg.raw_input_contents = b->raw;
+    b->msg.parameters = b->param_ptrs;
+    b->msg.outputs = b->out_ptrs;
+}
+
+/* Add an input; its contents message is attached on first use of b_contents. */
+static int b_input(struct builder *b, const char *name, const char *datatype, int n_dims,
+                   const int64_t *shape)
+{
+    int i = (int)b->msg.n_inputs++;
+    assert_true(i < B_MAX && n_dims <= 8);
+    Inference__ModelInferRequest__InferInputTensor *in = &b->in[i];
+    *in = (Inference__ModelInferRequest__InferInputTensor)
+        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
+    in->name = (char *)name;
+    in->datatype = (char *)datatype;
+    if (n_dims > 0)
+        memcpy(b->shapes[i], shape, (size_t)n_dims * sizeof(*shape));
+    in->n_shape = (size_t)n_dims;
+    in->shape = b->shapes[i];
+    b->in_ptrs[i] = in;
+    return i;
+}
+
+static Inference__InferTensorContents *b_contents(struct builder *b, int i)
+{
+    if (b->in[i].contents == NULL) {
+        b->contents[i] = (Inference__InferTensorContents)INFERENCE__INFER_TENSOR_CONTENTS__INIT;
+        b->in[i].contents = &b->contents[i];
+    }
+    return b->in[i].contents;
+}
+
+static void b_raw(struct builder *b, const void *data, size_t len)
+{
+    size_t i = b->msg.n_raw_input_contents++;
+    b->raw[i] = (ProtobufCBinaryData){.len = len, .data = (uint8_t *)data};
+}
+
+static Inference__InferParameter *b_param(struct builder *b, const char *key)
+{
+    size_t i = b->msg.n_parameters++;
+    b->values[i] = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
+    b->params[i] = (Inference__ModelInferRequest__ParametersEntry)
+        INFERENCE__MODEL_INFER_REQUEST__PARAMETERS_ENTRY__INIT;
+    b->params[i].key = (char *)key;
+    b->params[i].value = &b->values[i];
+    b->param_ptrs[i] = &b->params[i];
+    return &b->values[i];
+}
+
+static void b_output(struct builder *b, const char *name)
+{
+    size_t i = b->msg.n_outputs++;
+    b->outs[i] = (Inference__ModelInferRequest__InferRequestedOutputTensor)
+        INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__INIT;
+    b->outs[i].name = (char *)name;
+    b->out_ptrs[i] = &b->outs[i];
+}
+
+static uint8_t *b_pack(const struct builder *b, size_t *len)
+{
+    size_t size = inference__model_infer_request__get_packed_size(&b->msg);
+    uint8_t *buf = malloc(size + 1);
+    assert_non_null(buf);
+    *len = inference__model_infer_request__pack(&b->msg, buf);
+    assert_int_equal(*len, size);
+    return buf;
+}
+
+/* Pack and decode; the packed bytes are freed at once, so decoded tensors
+ * must not point into them (ASan checks). */
+static int b_decode(const struct builder *b, const struct bs_codec_limits *lim,
+                    struct bs_infer_request *req, struct bs_err *err)
+{
+    size_t len;
+    uint8_t *buf = b_pack(b, &len);
+    memset(err, 0, sizeof(*err));
+    int rc = bs_codec_decode_infer(buf, len, lim, req, err);
+    free(buf);
+    return rc;
+}
+
+static void assert_empty(const struct bs_infer_request *req)
+{
+    static const struct bs_infer_request zero;
+    assert_memory_equal(req, &zero, sizeof(zero));
+}
+
+/* Decoding fails with code, a message containing want, and an empty request. */
+static void expect_error_lim(const struct builder *b, const struct bs_codec_limits *lim, int code,
+                             const char *want)
+{
+    struct bs_infer_request req;
+    struct bs_err err;
+    int rc = b_decode(b, lim, &req, &err);
+    if (rc != code || strstr(err.msg, want) == NULL)
+        fail_msg("got %d \"%s\", want %d \"%s\"", rc, err.msg, code, want);
+    assert_int_equal(err.code, code);
+    assert_empty(&req);
+    bs_codec_request_free(&req);
+}
+
+static void expect_error(const struct builder *b, int code, const char *want)
+{
+    expect_error_lim(b, &limits, code, want);
+}
+
+static const int64_t shape23[] = {2, 3};
+static const float vals6[] = {1.5f, -2.0f, 3.25f, 0.0f, -0.0f, 1e30f};
+
+/* ---- decoding ------------------------------------------------------------ */
+
+static void test_decode_raw_fp32(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "dit_block");
+    b.msg.model_version = "3";
+    b.msg.id = "req-42";
+    b_input(&b, "hidden_states", "FP32", 2, shape23);
+    b_raw(&b, vals6, sizeof(vals6));
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_string_equal(req.model_name, "dit_block");
+    assert_string_equal(req.model_version, "3");
+    assert_string_equal(req.id, "req-42");
+    assert_int_equal(req.n_inputs, 1);
+    assert_string_equal(req.inputs[0].name, "hidden_states");
+    const struct bs_tensor *t = &req.inputs[0].t;
+    assert_int_equal(t->type, BS_TYPE_F32);
+    assert_int_equal(t->n_dims, 2);
+    assert_int_equal(t->ne[0], 2);
+    assert_int_equal(t->ne[1], 3);
+    assert_int_equal(t->nb[1], 4);
+    assert_int_equal(t->nb[0], 12);
+    assert_memory_equal(t->data, vals6, sizeof(vals6));
+    /* Zero copy: the tensor is the unpacked message's bytes field. */
+    const Inference__ModelInferRequest *m = req.msg;
+    assert_ptr_equal(t->data, m->raw_input_contents[0].data);
+    assert_null(req.owned[0]);
+    assert_true(req.raw_output);
+    assert_true(req.want_output);
+    assert_false(req.stream_intermediate);
+    assert_int_equal(req.timeout_us, 0);
+    bs_codec_request_free(&req);
+    assert_empty(&req);
+}
+
+static void test_decode_defaults(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_string_equal(req.model_version, "");
+    assert_string_equal(req.id, "");
+    assert_int_equal(req.n_inputs, 0);
+    assert_false(req.raw_output);
+    assert_true(req.want_output);
+    bs_codec_request_free(&req);
+}
+
+static void test_decode_typed_fp32(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    int i = b_input(&b, "x", "FP32", 2, shape23);
+    b_contents(&b, i)->n_fp32_contents = 6;
+    b_contents(&b, i)->fp32_contents = (float *)vals6;
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    const struct bs_tensor *t = &req.inputs[0].t;
+    assert_int_equal(t->type, BS_TYPE_F32);
+    assert_memory_equal(t->data, vals6, sizeof(vals6));
+    const Inference__ModelInferRequest *m = req.msg;
+    assert_ptr_equal(t->data, m->inputs[0]->contents->fp32_contents);
+    assert_false(req.raw_output);
+    bs_codec_request_free(&req);
+}
+
+static void test_decode_typed_int64(void **state)
+{
+    (void)state;
+    static const int64_t ts[] = {999, -1, INT64_MAX};
+    static const int64_t shape[] = {3};
+    struct builder b;
+    b_init(&b, "m");
+    int i = b_input(&b, "timestep", "INT64", 1, shape);
+    b_contents(&b, i)->n_int64_contents = 3;
+    b_contents(&b, i)->int64_contents = (int64_t *)ts;
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    const struct bs_tensor *t = &req.inputs[0].t;
+    assert_int_equal(t->type, BS_TYPE_I64);
+    assert_int_equal(t->nb[0], 8);
+    assert_memory_equal(t->data, ts, sizeof(ts));
+    bs_codec_request_free(&req);
+}
+
+static void test_decode_typed_bool(void **state)
+{
+    (void)state;
+    static const protobuf_c_boolean v[] = {0, 1, 1, 0};
+    static const int64_t shape[] = {1, 4};
+    struct builder b;
+    b_init(&b, "m");
+    int i = b_input(&b, "mask", "BOOL", 2, shape);
+    b_contents(&b, i)->n_bool_contents = 4;
+    b_contents(&b, i)->bool_contents = (protobuf_c_boolean *)v;
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    const struct bs_tensor *t = &req.inputs[0].t;
+    assert_int_equal(t->type, BS_TYPE_BOOL);
+    assert_int_equal(t->nb[1], 1);
+    assert_int_equal(t->nb[0], 4);
+    static const uint8_t want[] = {0, 1, 1, 0};
+    assert_memory_equal(t->data, want, 4);
+    assert_ptr_equal(req.owned[0], t->data); /* converted into a buffer the request owns */
+    bs_codec_request_free(&req);
+    bs_codec_request_free(&req); /* idempotent */
+}
+
+/* Raw contents of every datatype, in one request, in order. */
+static void test_decode_raw_all_types(void **state)
+{
+    (void)state;
+    static const uint16_t f16[] = {0x3c00, 0xc000}, b16[] = {0x3f80, 0x4000};
+    static const int64_t i64[] = {7, -8};
+    static const uint8_t bools[] = {0, 1, 2, 255}; /* canonicalised to 0/1 */
+    static const int64_t s2[] = {2}, s4[] = {2, 2};
+    struct builder b;
+    b_init(&b, "m");
+    b_input(&b, "a", "FP16", 1, s2);
+    b_input(&b, "b", "BF16", 1, s2);
+    b_input(&b, "c", "INT64", 1, s2);
+    b_input(&b, "d", "BOOL", 2, s4);
+    b_raw(&b, f16, sizeof(f16));
+    b_raw(&b, b16, sizeof(b16));
+    b_raw(&b, i64, sizeof(i64));
+    b_raw(&b, bools, sizeof(bools));
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_int_equal(req.n_inputs, 4);
+    static const enum bs_dtype types[] = {BS_TYPE_F16, BS_TYPE_BF16, BS_TYPE_I64, BS_TYPE_BOOL};
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(req.inputs[i].t.type, types[i]);
+    assert_string_equal(req.inputs[3].name, "d");
+    assert_memory_equal(req.inputs[0].t.data, f16, sizeof(f16));
+    assert_memory_equal(req.inputs[1].t.data, b16, sizeof(b16));
+    assert_memory_equal(req.inputs[2].t.data, i64, sizeof(i64));
+    static const uint8_t want[] = {0, 1, 1, 1};
+    assert_memory_equal(req.inputs[3].t.data, want, 4);
+    assert_true(req.raw_output);
+    bs_codec_request_free(&req);
+}
+
+/* Scalars and empty tensors decode, and their data pointer is not NULL. */
+static void test_decode_scalar_and_empty(void **state)
+{
+    (void)state;
+    static const float one = 1.0f;
+    static const int64_t empty[] = {0, 3};
+    struct builder b;
+    b_init(&b, "m");
+    int i = b_input(&b, "s", "FP32", 0, NULL);
+    b_contents(&b, i)->n_fp32_contents = 1;
+    b_contents(&b, i)->fp32_contents = (float *)&one;
+    b_input(&b, "e", "FP32", 2, empty);
+    b_input(&b, "h", "FP16", 2, empty); /* empty FP16 needs no contents at all */
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_int_equal(req.inputs[0].t.n_dims, 0);
+    assert_true(*(const float *)req.inputs[0].t.data == 1.0f);
+    assert_int_equal(bs_tensor_nelements(&req.inputs[1].t), 0);
+    assert_non_null(req.inputs[1].t.data);
+    assert_non_null(req.inputs[2].t.data);
+    bs_codec_request_free(&req);
+
+    b_init(&b, "m");
+    b_input(&b, "e", "FP32", 2, empty);
+    b_raw(&b, NULL, 0);
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_non_null(req.inputs[0].t.data);
+    assert_true(req.raw_output);
+    bs_codec_request_free(&req);
+}
+
+static void test_decode_parameters(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    Inference__InferParameter *p = b_param(&b, "stream_intermediate");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM;
+    p->bool_param = 1;
+    p = b_param(&b, "timeout");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = 1000;
+    p = b_param(&b, "sequence_id"); /* Triton's own: ignored */
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    p->string_param = "abc";
+    p = b_param(&b, "timeout"); /* a repeated key: the last one wins */
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = 2500000;
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_true(req.stream_intermediate);
+    assert_int_equal(req.timeout_us, 2500000);
+    bs_codec_request_free(&req);
+}
+
+static void test_decode_parameter_errors(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    Inference__InferParameter *p = b_param(&b, "timeout");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = -1;
+    expect_error(&b, BS_EINVAL, "parameter 'timeout' is -1");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_DOUBLE_PARAM;
+    p->double_param = 1.0;
+    expect_error(&b, BS_EINVAL, "parameter 'timeout' must be an int64_param");
+
+    b_init(&b, "m");
+    p = b_param(&b, "stream_intermediate");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = 1;
+    expect_error(&b, BS_EINVAL, "parameter 'stream_intermediate' must be a bool_param");
+    b.params[0].value = NULL; /* an entry without a value */
+    expect_error(&b, BS_EINVAL, "parameter 'stream_intermediate' must be a bool_param");
+}
+
+static void test_decode_outputs(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    b_output(&b, "output");
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_true(req.want_output);
+    bs_codec_request_free(&req);
+
+    b_output(&b, "output");
+    expect_error(&b, BS_EINVAL, "output 'output' requested twice");
+    b_init(&b, "m");
+    b_output(&b, "sample");
+    expect_error(&b, BS_EINVAL, "unknown output 'sample' (the model has 'output')");
+    b_init(&b, "m");
+    b_output(&b, "");
+    expect_error(&b, BS_EINVAL, "unknown output ''");
+}
+
+static void test_decode_request_errors(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "");
+    expect_error(&b, BS_EINVAL, "model_name is required");
+
+    b_init(&b, "m");
+    b_input(&b, "", "FP32", 0, NULL);
+    expect_error(&b, BS_EINVAL, "input 0: name is required");
+
+    b_init(&b, "m");
+    static const int64_t none[] = {0};
+    b_input(&b, "x", "FP32", 1, none);
+    b_input(&b, "x", "FP32", 1, none);
+    expect_error(&b, BS_EINVAL, "input 'x': name given twice");
+
+    b_init(&b, "m");
+    b_input(&b, "x", "FP64", 2, shape23);
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': datatype 'FP64' is not supported (FP32, FP16, BF16, INT64, BOOL)");
+    b.in[0].datatype = "fp32"; /* names are case-sensitive, as in Triton */
+    expect_error(&b, BS_EINVAL, "datatype 'fp32' is not supported");
+    b.in[0].datatype = "";
+    expect_error(&b, BS_EINVAL, "input 'x': datatype '' is not supported");
+
+    static const int64_t five[] = {1, 1, 1, 1, 1}, neg[] = {2, -3};
+    b_init(&b, "m");
+    b_input(&b, "x", "FP32", 5, five);
+    expect_error(&b, BS_EINVAL, "input 'x': shape has 5 dims (at most 4)");
+    b_init(&b, "m");
+    b_input(&b, "x", "FP32", 2, neg);
+    expect_error(&b, BS_EINVAL, "input 'x': shape[1] is -3");
+}
+
+static void test_decode_limits(void **state)
+{
+    (void)state;
+    struct builder b;
+    static const int64_t big[] = {1024, 1025};
+    b_init(&b, "m");
+    b_input(&b, "x", "FP32", 2, big);
+    expect_error(&b, BS_ERANGE,
+                 "input 'x': shape [1024, 1025] is too large (the limit is 1048576 elements");
+
+    static const int64_t huge[] = {1LL << 40, 1LL << 40};
+    b_init(&b, "m");
+    b_input(&b, "y", "FP32", 2, huge);
+    expect_error(&b, BS_ERANGE, "input 'y': shape [1099511627776, 1099511627776] is too large");
+    static const struct bs_codec_limits unlimited = {.max_elements = INT64_MAX, .max_inputs = 8};
+    expect_error_lim(&b, &unlimited, BS_ERANGE, "input 'y'"); /* overflows int64 */
+    static const int64_t bytes_overflow[] = {1LL << 62};
+    b_init(&b, "m");
+    b_input(&b, "z", "INT64", 1, bytes_overflow); /* 2^62 elements fit, 2^65 bytes do not */
+    expect_error_lim(&b, &unlimited, BS_ERANGE, "input 'z'");
+
+    /* An empty tensor's other dims still count: strides must not overflow. */
+    static const int64_t empty_huge[] = {0, 1LL << 40, 1LL << 40};
+    b_init(&b, "m");
+    b_input(&b, "e", "FP32", 3, empty_huge);
+    expect_error(&b, BS_ERANGE, "input 'e'");
+
+    b_init(&b, "m");
+    for (int i = 0; i < 5; i++)
+        b_input(&b, (const char *[]){"a", "b", "c", "d", "e"}[i], "FP32", 0, NULL);
+    expect_error(&b, BS_ERANGE, "too many inputs: 5 (the limit is 4)");
+    static const struct bs_codec_limits wide = {.max_elements = 16, .max_inputs = 100};
+    for (int i = 5; i < BS_CODEC_MAX_INPUTS + 1; i++)
+        b_input(&b, (const char *[]){"f", "g", "h", "i"}[i - 5], "FP32", 0, NULL);
+    expect_error_lim(&b, &wide, BS_ERANGE, "too many inputs: 9 (the limit is 8)");
+
+    /* Exactly at the limits is fine. */
+    static const int64_t at[] = {4, 4};
+    b_init(&b, "m");
+    for (int i = 0; i < BS_CODEC_MAX_INPUTS; i++)
+        b_input(&b, (const char *[]){"a", "b", "c", "d", "e", "f", "g", "h"}[i], "BOOL", 2, at);
+    static const uint8_t sixteen[16];
+    for (int i = 0; i < BS_CODEC_MAX_INPUTS; i++)
+        b_raw(&b, sixteen, 16);
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &wide, &req, &err), 0);
+    assert_int_equal(req.n_inputs, BS_CODEC_MAX_INPUTS);
+    bs_codec_request_free(&req);
+}
+
+static void test_decode_raw_errors(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    b_input(&b, "x", "FP32", 2, shape23);
+    b_raw(&b, vals6, 8);
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': raw_input_contents[0] holds 8 bytes, expected 24 (FP32 [2, 3])");
+
+    b_init(&b, "m");
+    b_input(&b, "x", "FP32", 1, shape23);
+    b_input(&b, "y", "FP32", 1, shape23);
+    b_raw(&b, vals6, 8);
+    expect_error(&b, BS_EINVAL, "input 'y': no raw_input_contents entry (1 entries for 2 inputs");
+    b_raw(&b, vals6, 8);
+    b_raw(&b, vals6, 8);
+    expect_error(&b, BS_EINVAL, "raw_input_contents has 3 entries for 2 inputs");
+
+    /* Raw for one input and typed for another. */
+    b_init(&b, "m");
+    b_input(&b, "x", "FP32", 1, shape23);
+    b_input(&b, "y", "FP32", 1, shape23);
+    b_raw(&b, vals6, 8);
+    b_raw(&b, vals6, 8);
+    b_contents(&b, 1)->n_fp32_contents = 2;
+    b_contents(&b, 1)->fp32_contents = (float *)vals6;
+    expect_error(&b, BS_EINVAL,
+                 "input 'y': contents must be empty when raw_input_contents is used");
+}
+
+static void test_decode_typed_errors(void **state)
+{
+    (void)state;
+    static const int64_t i64[6];
+    struct builder b;
+    b_init(&b, "m");
+    int i = b_input(&b, "x", "FP32", 2, shape23);
+    b_contents(&b, i)->n_int64_contents = 6;
+    b_contents(&b, i)->int64_contents = (int64_t *)i64;
+    expect_error(
+        &b, BS_EINVAL,
+        "input 'x': FP32 data goes in contents.fp32_contents, not contents.int64_contents");
+    b.in[0].datatype = "BOOL";
+    expect_error(&b, BS_EINVAL, "input 'x': BOOL data goes in contents.bool_contents");
+    b.in[0].datatype = "INT64";
+    b_contents(&b, i)->n_int64_contents = 5;
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': contents.int64_contents holds 5 values, expected 6 (INT64 [2, 3])");
+
+    b_init(&b, "m");
+    b_input(&b, "x", "FP32", 2, shape23);
+    expect_error(&b, BS_EINVAL, "input 'x': contents.fp32_contents holds 0 values, expected 6");
+
+    b_init(&b, "m");
+    i = b_input(&b, "h", "FP16", 2, shape23);
+    expect_error(&b, BS_EINVAL, "input 'h': FP16 data must be sent in raw_input_contents");
+    b_contents(&b, i)->n_fp32_contents = 6;
+    b_contents(&b, i)->fp32_contents = (float *)vals6;
+    expect_error(&b, BS_EINVAL, "input 'h': FP16 data must be sent in raw_input_contents");
+    b.in[0].datatype = "BF16";
+    expect_error(&b, BS_EINVAL, "input 'h': BF16 data must be sent in raw_input_contents");
+}
+
+/* Client-chosen names are cut and cleaned in messages. */
+static void test_decode_long_name(void **state)
+{
+    (void)state;
+    char name[300];
+    memset(name, 'n', sizeof(name) - 1);
+    name[sizeof(name) - 1] = '\0';
+    name[3] = '\n';
+    struct builder b;
+    b_init(&b, "m");
+    b_input(&b, name, "FP64", 0, NULL);
+    expect_error(&b, BS_EINVAL, "input 'nnn?nnnn");
+    expect_error(&b, BS_EINVAL, "nnnn...': datatype 'FP64'");
+
+    /* A cut never splits a UTF-8 character: byte 64 continues the 'é' at 63. */
+    memset(name, 'a', 63);
+    strcpy(name + 63, "\xc3\xa9zzz");
+    b.in[0].name = name;
+    char want[96];
+    snprintf(want, sizeof(want), "input '%.63s...': datatype", name);
+    expect_error(&b, BS_EINVAL, want);
+}
+
+/* Every prefix of a valid request and many random byte strings decode or
+ * fail cleanly. */
+static void test_decode_garbage(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    b_input(&b, "x", "FP32", 2, shape23);
+    b_raw(&b, vals6, sizeof(vals6));
+    Inference__InferParameter *p = b_param(&b, "timeout");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = 5;
+    size_t len;
+    uint8_t *buf = b_pack(&b, &len);
+    struct bs_infer_request req;
+    struct bs_err err;
+    int malformed = 0;
+    for (size_t n = 0; n < len; n++) {
+        uint8_t *cut = malloc(n + 1); /* exact size: ASan sees any over-read */
+        memcpy(cut, buf, n);
+        int rc = bs_codec_decode_infer(cut, n, &limits, &req, &err);
+        if (rc != 0) {
+            assert_empty(&req);
+            malformed += strstr(err.msg, "malformed ModelInferRequest") != NULL;
+        }
+        bs_codec_request_free(&req);
+        free(cut);
+    }
+    assert_true(malformed > 0);
+    assert_int_equal(bs_codec_decode_infer(NULL, 0, &limits, &req, &err), BS_EINVAL);
+    assert_string_equal(err.msg, "model_name is required");
+
+    uint64_t x = 0x9e3779b97f4a7c15ULL;
+    for (int iter = 0; iter < 20000; iter++) {
+        size_t n = (size_t)(iter % 97);
+        uint8_t *junk = malloc(n + 1);
+        memcpy(junk, buf, n < len ? n : len); /* a valid start, then noise */
+        for (size_t k = (size_t)iter % 5; k < n; k++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            junk[k] = (uint8_t)x;
+        }
+        if (bs_codec_decode_infer(junk, n, &limits, &req, &err) != 0)
+            assert_empty(&req);
+        bs_codec_request_free(&req);
+        free(junk);
+    }
+    free(buf);
+
+    struct bs_infer_request zero = {0};
+    bs_codec_request_free(&zero);
+    bs_codec_request_free(NULL);
+}
+
+/* ---- encoding ------------------------------------------------------------ */
+
+static Inference__ModelInferResponse *encode_and_unpack(const struct bs_infer_request *req,
+                                                        const struct bs_tensor *out, int final)
+{
+    uint8_t *data;
+    size_t len;
+    struct bs_err err;
+    assert_int_equal(bs_codec_encode_infer(req, out, final, &data, &len, &err), 0);
+    Inference__ModelInferResponse *res = inference__model_infer_response__unpack(NULL, len, data);
+    free(data);
+    assert_non_null(res);
+    return res;
+}
+
+static const Inference__InferParameter *find_param(const Inference__ModelInferResponse *res,
+                                                   const char *key)
+{
+    for (size_t i = 0; i < res->n_parameters; i++)
+        if (strcmp(res->parameters[i]->key, key) == 0)
+            return res->parameters[i]->value;
+    return NULL;
+}
+
+static void test_encode_raw(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "dit_block");
+    b.msg.id = "abc";
+    b_input(&b, "x", "FP32", 2, shape23);
+    b_raw(&b, vals6, sizeof(vals6));
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+
+    float out_data[6] = {1, 2, 3, 4, 5, 6};
+    struct bs_tensor out = bs_tensor_make(BS_TYPE_F32, 2, shape23, out_data);
+    Inference__ModelInferResponse *res = encode_and_unpack(&req, &out, -1);
+    assert_string_equal(res->model_name, "dit_block");
+    assert_string_equal(res->model_version, "1"); /* not given: "1" */
+    assert_string_equal(res->id, "abc");
+    assert_int_equal(res->n_parameters, 0);
+    assert_int_equal(res->n_outputs, 1);
+    const Inference__ModelInferResponse__InferOutputTensor *o = res->outputs[0];
+    assert_string_equal(o->name, "output");
+    assert_string_equal(o->datatype, "FP32");
+    assert_int_equal(o->n_shape, 2);
+    assert_int_equal(o->shape[0], 2);
+    assert_int_equal(o->shape[1], 3);
+    assert_null(o->contents);
+    assert_int_equal(res->n_raw_output_contents, 1);
+    assert_int_equal(res->raw_output_contents[0].len, sizeof(out_data));
+    assert_memory_equal(res->raw_output_contents[0].data, out_data, sizeof(out_data));
+    inference__model_infer_response__free_unpacked(res, NULL);
+
+    /* A stream's last response. */
+    res = encode_and_unpack(&req, &out, 1);
+    const Inference__InferParameter *p = find_param(res, "triton_final_response");
+    assert_non_null(p);
+    assert_int_equal(p->parameter_choice_case,
+                     INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM);
+    assert_true(p->bool_param);
+    inference__model_infer_response__free_unpacked(res, NULL);
+    bs_codec_request_free(&req);
+}
+
+static void test_encode_typed(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    b.msg.model_version = "7";
+    int i = b_input(&b, "x", "FP32", 2, shape23);
+    b_contents(&b, i)->n_fp32_contents = 6;
+    b_contents(&b, i)->fp32_contents = (float *)vals6;
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+
+    static const int64_t shape[] = {1, 2, 2, 1};
+    float out_data[4] = {0.5f, -1, 2, 1e-3f};
+    struct bs_tensor out = bs_tensor_make(BS_TYPE_F32, 4, shape, out_data);
+    Inference__ModelInferResponse *res = encode_and_unpack(&req, &out, 0);
+    assert_string_equal(res->model_version, "7");
+    assert_string_equal(res->id, "");
+    assert_int_equal(res->n_raw_output_contents, 0);
+    assert_int_equal(res->n_outputs, 1);
+    const Inference__ModelInferResponse__InferOutputTensor *o = res->outputs[0];
+    assert_int_equal(o->n_shape, 4);
+    assert_memory_equal(o->shape, shape, sizeof(shape));
+    assert_non_null(o->contents);
+    assert_int_equal(o->contents->n_fp32_contents, 4);
+    assert_memory_equal(o->contents->fp32_contents, out_data, sizeof(out_data));
+    const Inference__InferParameter *p = find_param(res, "triton_final_response");
+    assert_non_null(p);
+    assert_false(p->bool_param);
+    inference__model_infer_response__free_unpacked(res, NULL);
+
+    /* An intermediate result nobody asked for as an output: no outputs. */
+    req.want_output = false;
+    res = encode_and_unpack(&req, NULL, 0);
+    assert_int_equal(res->n_outputs, 0);
+    assert_int_equal(res->n_raw_output_contents, 0);
+    assert_int_equal(res->n_parameters, 1);
+    inference__model_infer_response__free_unpacked(res, NULL);
+    bs_codec_request_free(&req);
+}
+
+static void test_encode_errors(void **state)
+{
+    (void)state;
+    struct bs_infer_request req = {.model_name = "m", .want_output = true};
+    uint8_t *data = (uint8_t *)&req;
+    size_t len = 1;
+    struct bs_err err;
+    int64_t ne[] = {2};
+    int64_t i64[2];
+    struct bs_tensor out = bs_tensor_make(BS_TYPE_I64, 1, ne, i64);
+    assert_int_equal(bs_codec_encode_infer(&req, &out, -1, &data, &len, &err), BS_EINTERNAL);
+    assert_null(data);
+    assert_int_equal(len, 0);
+    out = bs_tensor_make(BS_TYPE_F32, 1, ne, NULL);
+    assert_int_equal(bs_codec_encode_infer(&req, &out, -1, &data, &len, &err), BS_EINTERNAL);
+    assert_int_equal(bs_codec_encode_infer(&req, NULL, -1, &data, &len, &err), BS_EINTERNAL);
+
+    /* Zero elements and a zeroed request encode fine. */
+    ne[0] = 0;
+    out = bs_tensor_make(BS_TYPE_F32, 1, ne, NULL);
+    req.raw_output = true;
+    Inference__ModelInferResponse *res = encode_and_unpack(&req, &out, -1);
+    assert_int_equal(res->outputs[0]->shape[0], 0);
+    inference__model_infer_response__free_unpacked(res, NULL);
+    struct bs_infer_request zero = {0};
+    res = encode_and_unpack(&zero, NULL, -1);
+    assert_string_equal(res->model_name, "");
+    inference__model_infer_response__free_unpacked(res, NULL);
+}
+
+static void test_datatype_names(void **state)
+{
+    (void)state;
+    assert_string_equal(bs_codec_datatype(BS_TYPE_F32), "FP32");
+    assert_string_equal(bs_codec_datatype(BS_TYPE_F16), "FP16");
+    assert_string_equal(bs_codec_datatype(BS_TYPE_BF16), "BF16");
+    assert_string_equal(bs_codec_datatype(BS_TYPE_I64), "INT64");
+    assert_string_equal(bs_codec_datatype(BS_TYPE_BOOL), "BOOL");
+    assert_string_equal(bs_codec_datatype(BS_TYPE_COUNT), "");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_decode_raw_fp32),
+        cmocka_unit_test(test_decode_defaults),
+        cmocka_unit_test(test_decode_typed_fp32),
+        cmocka_unit_test(test_decode_typed_int64),
+        cmocka_unit_test(test_decode_typed_bool),
+        cmocka_unit_test(test_decode_raw_all_types),
+        cmocka_unit_test(test_decode_scalar_and_empty),
+        cmocka_unit_test(test_decode_parameters),
+        cmocka_unit_test(test_decode_parameter_errors),
+        cmocka_unit_test(test_decode_outputs),
+        cmocka_unit_test(test_decode_request_errors),
+        cmocka_unit_test(test_decode_limits),
+        cmocka_unit_test(test_decode_raw_errors),
+        cmocka_unit_test(test_decode_typed_errors),
+        cmocka_unit_test(test_decode_long_name),
+        cmocka_unit_test(test_decode_garbage),
+        cmocka_unit_test(test_encode_raw),
+        cmocka_unit_test(test_encode_typed),
+        cmocka_unit_test(test_encode_errors),
+        cmocka_unit_test(test_datatype_names),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
