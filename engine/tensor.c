@@ -85,7 +85,10 @@ bool bs_tensor_is_rows(const struct bs_tensor *t)
 
 int64_t bs_tensor_nrows(const struct bs_tensor *t)
 {
-    return t->n_dims == 0 ? 1 : bs_tensor_nelements(t) / (t->ne[t->n_dims - 1] ? t->ne[t->n_dims - 1] : 1);
+    int64_t n = 1;
+    for (int i = 0; i < t->n_dims - 1; i++)
+        n *= t->ne[i];
+    return n;
 }
 
 int64_t bs_tensor_ld(const struct bs_tensor *t)

@@ -6,7 +6,9 @@
  *   activations                 1e-5 * max(1, |x|), and never NaN or inf
  *   glu                         1e-5 * max(1, |x|)
  *   attention                   1e-4
- *   add, transpose, get_rows    exact (or 1e-6 with alpha != 1) */
+ *   add, transpose, get_rows    exact (or 1e-6 with alpha != 1)
+ * and vmath.h's own claims: exp relative 2e-7, erf 1.5e-7, tanh and sigmoid
+ * 2e-7, activations 3e-7 * max(1, |x|). */
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -24,6 +26,7 @@
 #include "ops_cpu.h"
 #include "tensor.h"
 #include "threadpool.h"
+#include "vmath.h"
 
 /* 3 threads: an odd count, more than the cores of small CI machines, so that
  * the split paths and the pool's interleavings get exercised anyway. */
@@ -430,7 +433,7 @@ static void test_group_norm(void **state)
     run_group_norm(1, 64, 4096, 32, true, true, 50.0f); /* big groups, large mean, parallel */
 }
 
-/* ---- activations and glu ----------------------------------------------- */
+/* ---- vmath ------------------------------------------------------------ */
 
 static double act_ref(enum bs_act a, double x)
 {
@@ -451,6 +454,54 @@ static double act_ref(enum bs_act a, double x)
         return NAN;
     }
 }
+
+static float act_f(enum bs_act a, float x)
+{
+    switch (a) {
+    case BS_ACT_GELU:
+        return bs_geluf(x);
+    case BS_ACT_GELU_TANH:
+        return bs_gelu_tanhf(x);
+    case BS_ACT_QUICK_GELU:
+        return bs_quick_geluf(x);
+    case BS_ACT_SILU:
+        return bs_siluf(x);
+    case BS_ACT_MISH:
+        return bs_mishf(x);
+    default:
+        return x;
+    }
+}
+
+static void test_vmath(void **state)
+{
+    double e_exp = 0, e_erf = 0, e_tanh = 0, e_sig = 0, e_act[BS_ACT_COUNT] = {0};
+    for (double xd = -87.0; xd < 88.72; xd += 1.7e-4) {
+        float x = (float)xd;
+        double want = exp((double)x);
+        e_exp = fmax(e_exp, fabs(bs_expf(x) - want) / want);
+    }
+    for (double xd = -30.0; xd < 30.0; xd += 3.1e-4) {
+        float x = (float)xd;
+        e_erf = fmax(e_erf, fabs(bs_erff(x) - erf(x)));
+        e_tanh = fmax(e_tanh, fabs(bs_tanhf(x) - tanh(x)));
+        e_sig = fmax(e_sig, fabs(bs_sigmoidf(x) - 1.0 / (1.0 + exp(-(double)x))));
+        for (int a = 1; a < BS_ACT_COUNT; a++)
+            e_act[a] = fmax(e_act[a], fabs(act_f((enum bs_act)a, x) - act_ref((enum bs_act)a, x)) /
+                                          fmax(1.0, fabs(x)));
+    }
+    if (!(e_exp < 2e-7) || !(e_erf < 1.5e-7) || !(e_tanh < 2e-7) || !(e_sig < 2e-7))
+        fail_msg("exp %.3g erf %.3g tanh %.3g sigmoid %.3g", e_exp, e_erf, e_tanh, e_sig);
+    for (int a = 1; a < BS_ACT_COUNT; a++)
+        if (!(e_act[a] < 3e-7))
+            fail_msg("activation %d: scaled error %.3g", a, e_act[a]);
+    assert_true(bs_expf(-87.5f) == 0.0f && bs_expf(-INFINITY) == 0.0f);
+    assert_true(isinf(bs_expf(88.8f)) && isinf(bs_expf(INFINITY)) && isnan(bs_expf(NAN)));
+    assert_true(bs_expf(0.0f) == 1.0f);
+    assert_true(bs_erff(0.0f) == 0.0f && bs_erff(10.0f) == 1.0f && bs_erff(-10.0f) == -1.0f);
+}
+
+/* ---- activations and glu ----------------------------------------------- */
 
 static const char *act_names[BS_ACT_COUNT] = {"none",       "gelu", "gelu_tanh",
                                               "quick_gelu", "silu", "mish"};
@@ -942,6 +993,7 @@ int main(void)
         cmocka_unit_test(test_linear_errors),
         cmocka_unit_test(test_layer_norm),
         cmocka_unit_test(test_group_norm),
+        cmocka_unit_test(test_vmath),
         cmocka_unit_test(test_activations),
         cmocka_unit_test(test_act_large),
         cmocka_unit_test(test_glu),

@@ -1,0 +1,765 @@
+/* The per-model dynamic batcher (Triton's dynamic batcher semantics).
+ *
+ * Requests queue in FIFO order. The head of the queue decides the batch's
+ * signature; compatible jobs behind it (skipping incompatible ones, which
+ * wait for a later batch) join until the batch is full, reaches the largest
+ * preferred size it can, or the head has waited max_queue_delay. One batch
+ * runs at a time (instance count 1) on the uv threadpool: the worker
+ * concatenates the inputs along dim 0, runs the forward in the batcher's
+ * arena, and the after-work callback splits the output per job.
+ *
+ * Scheduling never runs inside bs_batcher_submit: a submit (or cancel, or
+ * drain) kicks the timer with timeout 0, and the timer callback expires
+ * deadlines, dispatches, re-arms the timer for the next event (the head's
+ * queue delay, the earliest deadline) and reports a finished drain. So jobs
+ * submitted in one loop iteration can share a batch even with a delay of 0,
+ * and no on_done runs re-entrantly inside submit.
+ *
+ * Thread ownership (STYLE rule 12):
+ * - Loop thread: every field of bs_batcher and bs_job, except as below, and
+ *   every callback to the owner (on_block, on_done, drain's done).
+ * - Worker (between uv_queue_work and batch_after): run.in, run.bufs,
+ *   run.out, run.rc, run.err, run.t_* and the arena. The loop does not touch
+ *   them while `running`; the loop only writes job->state and
+ *   job->cancelled (fields the worker never reads). Job inputs, n_in and
+ *   batch are immutable after submit, so the worker reads them freely.
+ * - msgs, msgs_tail: guarded by lock; the worker appends block outputs
+ *   (on_block of the forward) and uv_async_send's; the loop drains them.
+ *
+ * Shutdown: bs_batcher_free is asynchronous. It cancels queued jobs, and
+ * once no batch runs (at once, or in the after-work callback) it frees the
+ * arena and uv_close's the timer and the async handle; the struct is freed
+ * in the last close callback. Drain's done is called before any handle is
+ * closed, from a loop callback, and may call bs_batcher_free. */
+#include "batcher.h"
+
+#include <assert.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum job_state {
+    JOB_QUEUED,    /* in the queue */
+    JOB_RUNNING,   /* in the running batch */
+    JOB_FINISHING, /* on_done is being called; cancel is a no-op */
+};
+
+/* How an input is concatenated along dim 0. */
+enum input_role {
+    ROLE_BATCHED, /* dim 0 is the batch */
+    ROLE_MASK,    /* dim 0 is the batch or 1 (broadcast) */
+    ROLE_COND,    /* timestep / class_labels: one value, or one per sample */
+};
+
+struct bs_job {
+    bs_job_t *prev, *next; /* queue links, or the next of a local list */
+    enum job_state state;
+    bool cancelled; /* running: drop the result, answer BS_ECANCELED */
+    bool intermediate;
+    bool solo;         /* inputs of a layout the batcher does not concatenate */
+    int64_t batch;     /* samples: dim 0 of the model's main input */
+    int64_t deadline_ns;
+    uint64_t enqueue_ns;
+    struct bs_tensor out_shape; /* this request's output shape (data NULL) */
+    struct bs_job_ops ops;
+    void *arg;
+    int n_in;
+    struct bs_named_tensor in[]; /* the request's inputs (structs copied, data not owned) */
+};
+
+/* A block output of the running batch, on its way from worker to loop. */
+struct block_msg {
+    struct block_msg *next;
+    int block, n_blocks;
+    struct bs_tensor out; /* the batch's shape; data points at data[] */
+    float data[];
+};
+
+/* The batch in flight (one per batcher). */
+struct bs_batch {
+    uv_work_t work;
+    bs_job_t **jobs; /* max_batch_size slots; NULL once answered */
+    int n_jobs;
+    int64_t size; /* samples */
+    bool want_blocks;
+    struct bs_named_tensor *in; /* batched inputs (bs_model_n_inputs slots) */
+    void **bufs;                /* their buffers (NULL: a job's own tensor) */
+    int n_in;
+    struct bs_tensor out;
+    int rc;
+    struct bs_err err;
+    uint64_t t_start, t_input, t_infer;
+};
+
+struct bs_batcher {
+    uv_loop_t *loop;
+    bs_model_t *model;
+    struct bs_serving_config cfg;
+    const char *main_input; /* hidden_states or x: its dim 0 is the batch */
+    uv_timer_t timer;       /* kicks, the head's queue delay, the earliest deadline */
+    uv_async_t async;       /* block outputs are waiting in msgs */
+    int n_open;             /* handles not yet closed */
+    struct bs_arena arena;
+    bs_job_t *head, *tail;
+    int n_queued;
+    bool running;
+    struct bs_batch run;
+    uv_mutex_t lock;
+    struct block_msg *msgs, **msgs_tail;
+    struct bs_model_stats stats;
+    bool draining, freeing, closing;
+    void (*drain_cb)(void *arg);
+    void *drain_arg;
+};
+
+static void on_timer(uv_timer_t *t);
+
+/* ---- helpers ------------------------------------------------------------ */
+
+static enum input_role input_role(const char *name)
+{
+    if (strcmp(name, "timestep") == 0 || strcmp(name, "class_labels") == 0)
+        return ROLE_COND;
+    if (strcmp(name, "attention_mask") == 0 || strcmp(name, "encoder_attention_mask") == 0)
+        return ROLE_MASK;
+    return ROLE_BATCHED;
+}
+
+static const struct bs_tensor *job_input(const bs_job_t *j, const char *name)
+{
+    for (int i = 0; i < j->n_in; i++)
+        if (strcmp(j->in[i].name, name) == 0)
+            return &j->in[i].t;
+    return NULL;
+}
+
+/* Can every input be concatenated along dim 0 for a job of `batch` samples? */
+static bool job_is_batchable(const bs_job_t *j)
+{
+    for (int i = 0; i < j->n_in; i++) {
+        const struct bs_tensor *t = &j->in[i].t;
+        switch (input_role(j->in[i].name)) {
+        case ROLE_COND:
+            if (bs_tensor_nelements(t) != 1 && !(t->n_dims == 1 && t->ne[0] == j->batch))
+                return false;
+            break;
+        case ROLE_MASK:
+            if (t->n_dims < 1 || (t->ne[0] != j->batch && t->ne[0] != 1))
+                return false;
+            break;
+        case ROLE_BATCHED:
+            if (t->n_dims < 1 || t->ne[0] != j->batch)
+                return false;
+            break;
+        }
+    }
+    return true;
+}
+
+/* Equal signatures: the same inputs, each of one dtype, rank and dims beyond
+ * dim 0 (timesteps and labels: per-sample values of one dtype). */
+static bool sig_equal(const bs_job_t *a, const bs_job_t *c)
+{
+    if (a->solo || c->solo || a->n_in != c->n_in)
+        return false;
+    for (int i = 0; i < a->n_in; i++) {
+        const struct bs_tensor *x = &a->in[i].t, *y = job_input(c, a->in[i].name);
+        if (y == NULL || x->type != y->type)
+            return false;
+        if (input_role(a->in[i].name) == ROLE_COND)
+            continue;
+        if (x->n_dims != y->n_dims ||
+            memcmp(x->ne + 1, y->ne + 1, sizeof(int64_t) * (size_t)(x->n_dims - 1)) != 0)
+            return false;
+    }
+    return true;
+}
+
+static void queue_push(bs_batcher_t *b, bs_job_t *j)
+{
+    j->prev = b->tail;
+    j->next = NULL;
+    if (b->tail != NULL)
+        b->tail->next = j;
+    else
+        b->head = j;
+    b->tail = j;
+    b->n_queued++;
+}
+
+static void queue_unlink(bs_batcher_t *b, bs_job_t *j)
+{
+    if (j->prev != NULL)
+        j->prev->next = j->next;
+    else
+        b->head = j->next;
+    if (j->next != NULL)
+        j->next->prev = j->prev;
+    else
+        b->tail = j->prev;
+    j->prev = j->next = NULL;
+    b->n_queued--;
+}
+
+/* a + b for b >= 0, INT64_MAX when it overflows (a deadline of "never"). */
+static int64_t add_sat(int64_t a, int64_t b)
+{
+    return a > INT64_MAX - b ? INT64_MAX : a + b;
+}
+
+/* us in ns, saturating. */
+static int64_t us_to_ns(int64_t us)
+{
+    return us > INT64_MAX / 1000 ? INT64_MAX : us * 1000;
+}
+
+static void duration_add(struct bs_duration *d, uint64_t ns)
+{
+    d->count++;
+    d->ns += ns;
+}
+
+/* Answer a job that is out of the queue, count it, and free it. */
+static void job_finish(bs_batcher_t *b, bs_job_t *j, int rc, const char *msg,
+                       const struct bs_tensor *out)
+{
+    uint64_t now = uv_hrtime();
+    duration_add(rc == 0 ? &b->stats.success : &b->stats.fail, now - j->enqueue_ns);
+    j->state = JOB_FINISHING;
+    j->ops.on_done(j->arg, rc, msg, rc == 0 ? out : NULL);
+    free(j);
+}
+
+/* Run schedule() from the next loop iteration. */
+static void kick(bs_batcher_t *b)
+{
+    if (!b->closing)
+        uv_timer_start(&b->timer, on_timer, 0, 0);
+}
+
+/* ---- the worker --------------------------------------------------------- */
+
+/* Concatenate input i of the head job over every job of the batch. */
+static int concat_input(struct bs_batch *r, int i)
+{
+    const struct bs_named_tensor *h = &r->jobs[0]->in[i];
+    enum input_role role = input_role(h->name);
+    struct bs_tensor t = h->t;
+    size_t per;
+    if (role == ROLE_COND) {
+        t.n_dims = 1;
+        per = bs_dtype_size(t.type);
+    } else {
+        per = bs_tensor_nbytes(&h->t) / (size_t)h->t.ne[0];
+    }
+    t.ne[0] = r->size;
+    t = bs_tensor_make(t.type, t.n_dims, t.ne, NULL);
+    char *buf = malloc(per * (size_t)r->size);
+    if (buf == NULL)
+        return bs_err_set(&r->err, BS_ENOMEM, "out of memory concatenating \"%s\" for a batch of %lld",
+                          h->name, (long long)r->size);
+    size_t off = 0;
+    for (int k = 0; k < r->n_jobs; k++) {
+        const bs_job_t *j = r->jobs[k];
+        const struct bs_tensor *s = job_input(j, h->name);
+        int64_t n = role == ROLE_COND ? bs_tensor_nelements(s) : s->ne[0];
+        if (n == j->batch) {
+            memcpy(buf + off, s->data, per * (size_t)j->batch);
+        } else { /* one value, or a batch-1 mask: one copy per sample */
+            for (int64_t m = 0; m < j->batch; m++)
+                memcpy(buf + off + per * (size_t)m, s->data, per);
+        }
+        off += per * (size_t)j->batch;
+    }
+    t.data = buf;
+    r->in[i].name = h->name;
+    r->in[i].t = t;
+    r->bufs[i] = buf;
+    return 0;
+}
+
+/* The forward's per-block callback, on the worker: hand a copy to the loop. */
+static int batch_on_block(void *arg, int block, int n_blocks, const struct bs_tensor *out)
+{
+    bs_batcher_t *b = arg;
+    size_t bytes = bs_tensor_nbytes(out);
+    struct block_msg *m = malloc(sizeof(*m) + bytes);
+    if (m == NULL)
+        return bs_err_set(&b->run.err, BS_ENOMEM, "out of memory streaming block %d", block);
+    m->next = NULL;
+    m->block = block;
+    m->n_blocks = n_blocks;
+    m->out = bs_tensor_make(BS_TYPE_F32, out->n_dims, out->ne, m->data);
+    memcpy(m->data, out->data, bytes);
+    uv_mutex_lock(&b->lock);
+    *b->msgs_tail = m;
+    b->msgs_tail = &m->next;
+    uv_mutex_unlock(&b->lock);
+    uv_async_send(&b->async);
+    return 0;
+}
+
+static void batch_work(uv_work_t *req)
+{
+    bs_batcher_t *b = req->data;
+    struct bs_batch *r = &b->run;
+    bs_job_t *head = r->jobs[0];
+    const struct bs_named_tensor *in = head->in;
+    r->t_start = uv_hrtime();
+    r->rc = 0;
+    r->n_in = head->n_in;
+    if (r->n_jobs > 1) {
+        for (int i = 0; i < r->n_in && r->rc == 0; i++)
+            r->rc = concat_input(r, i);
+        in = r->in;
+    }
+    r->t_input = uv_hrtime();
+    if (r->rc != 0)
+        return;
+    r->out = head->out_shape;
+    r->out.ne[0] = r->size;
+    r->out = bs_tensor_make(BS_TYPE_F32, r->out.n_dims, r->out.ne, NULL);
+    r->out.data = malloc(bs_tensor_nbytes(&r->out));
+    if (r->out.data == NULL) {
+        r->rc = bs_err_set(&r->err, BS_ENOMEM, "out of memory for a batch output of %zu bytes",
+                           bs_tensor_nbytes(&r->out));
+        return;
+    }
+    struct bs_forward_opts opts = {batch_on_block, b};
+    r->rc = bs_model_forward(b->model, &b->arena, in, r->n_in, &r->out,
+                             r->want_blocks ? &opts : NULL, &r->err);
+    r->t_infer = uv_hrtime();
+}
+
+/* ---- back on the loop --------------------------------------------------- */
+
+/* Deliver the block outputs the worker has posted, in block order. */
+static void deliver_blocks(bs_batcher_t *b)
+{
+    struct block_msg *m;
+    uv_mutex_lock(&b->lock);
+    m = b->msgs;
+    b->msgs = NULL;
+    b->msgs_tail = &b->msgs;
+    uv_mutex_unlock(&b->lock);
+    while (m != NULL) {
+        struct block_msg *next = m->next;
+        int64_t off = 0;
+        for (int k = 0; k < b->run.n_jobs; k++) {
+            bs_job_t *j = b->run.jobs[k];
+            struct bs_tensor view = bs_tensor_view_outer(&m->out, off, j->batch);
+            off += j->batch;
+            if (j->intermediate && j->ops.on_block != NULL && !j->cancelled && !b->freeing)
+                j->ops.on_block(j->arg, m->block, m->n_blocks, &view);
+        }
+        free(m);
+        m = next;
+    }
+}
+
+static void on_async(uv_async_t *a)
+{
+    bs_batcher_t *b = a->data;
+    if (b->running)
+        deliver_blocks(b);
+}
+
+static void batch_stats(bs_batcher_t *b, uint64_t t_out_ns)
+{
+    struct bs_batch *r = &b->run;
+    struct bs_model_stats *s = &b->stats;
+    struct bs_batch_stats *bs = &s->batch[r->size - 1];
+    uint64_t t_in = r->t_input - r->t_start, t_inf = r->t_infer - r->t_input;
+    uv_timeval64_t tv;
+    s->inference_count += (uint64_t)r->size;
+    s->execution_count++;
+    duration_add(&s->compute_input, t_in);
+    duration_add(&s->compute_infer, t_inf);
+    duration_add(&s->compute_output, t_out_ns);
+    duration_add(&bs->compute_input, t_in);
+    duration_add(&bs->compute_infer, t_inf);
+    duration_add(&bs->compute_output, t_out_ns);
+    if (uv_gettimeofday(&tv) == 0)
+        s->last_inference_ms = (uint64_t)tv.tv_sec * 1000 + (uint64_t)tv.tv_usec / 1000;
+}
+
+static void release(bs_batcher_t *b);
+static void schedule(bs_batcher_t *b);
+
+static void batch_after(uv_work_t *req, int status)
+{
+    bs_batcher_t *b = req->data;
+    struct bs_batch *r = &b->run;
+    if (status != 0 && r->rc == 0)
+        r->rc = bs_err_set(&r->err, BS_ECANCELED, "the batch was cancelled");
+    deliver_blocks(b); /* the worker is done: everything it posted is there */
+    uint64_t t0 = uv_hrtime();
+    int64_t off = 0;
+    for (int k = 0; k < r->n_jobs; k++) {
+        bs_job_t *j = r->jobs[k];
+        struct bs_tensor view = {0};
+        if (r->rc == 0)
+            view = bs_tensor_view_outer(&r->out, off, j->batch);
+        off += j->batch;
+        if (j->cancelled || b->freeing)
+            job_finish(b, j, BS_ECANCELED, "cancelled", NULL);
+        else
+            job_finish(b, j, r->rc, r->rc == 0 ? "" : r->err.msg, &view);
+    }
+    uint64_t t1 = uv_hrtime();
+    if (r->rc == 0)
+        batch_stats(b, t1 - t0);
+    for (int i = 0; i < r->n_in; i++) {
+        free(r->bufs[i]);
+        r->bufs[i] = NULL;
+    }
+    free(r->out.data);
+    r->out.data = NULL;
+    r->n_jobs = 0;
+    b->running = false;
+    if (b->freeing)
+        release(b);
+    else
+        schedule(b);
+}
+
+/* ---- scheduling --------------------------------------------------------- */
+
+static bool is_preferred(const bs_batcher_t *b, int64_t size)
+{
+    for (int i = 0; i < b->cfg.n_preferred; i++)
+        if (b->cfg.preferred_batch_size[i] == size)
+            return true;
+    return false;
+}
+
+/* Answer BS_ETIMEDOUT to every queued job whose deadline has passed. */
+static void expire(bs_batcher_t *b, uint64_t now)
+{
+    bs_job_t *list = NULL, **tail = &list;
+    for (bs_job_t *j = b->head, *next; j != NULL; j = next) {
+        next = j->next;
+        if (j->deadline_ns > (int64_t)now)
+            continue;
+        queue_unlink(b, j);
+        j->state = JOB_FINISHING;
+        *tail = j;
+        tail = &j->next;
+    }
+    while (list != NULL) {
+        bs_job_t *j = list;
+        char msg[96];
+        list = j->next;
+        snprintf(msg, sizeof(msg), "deadline exceeded in the queue after %.1f ms",
+                 (double)(now - j->enqueue_ns) / 1e6);
+        job_finish(b, j, BS_ETIMEDOUT, msg, NULL);
+    }
+}
+
+/* Take jobs[0..n) out of the queue and start them on the threadpool. */
+static void dispatch(bs_batcher_t *b, int n, int64_t size, uint64_t now)
+{
+    struct bs_batch *r = &b->run;
+    r->n_jobs = n;
+    r->size = size;
+    r->want_blocks = false;
+    r->err.code = 0;
+    r->err.msg[0] = '\0';
+    for (int k = 0; k < n; k++) {
+        bs_job_t *j = r->jobs[k];
+        queue_unlink(b, j);
+        j->state = JOB_RUNNING;
+        r->want_blocks |= j->intermediate && j->ops.on_block != NULL;
+        duration_add(&b->stats.queue, now - j->enqueue_ns);
+    }
+    r->work.data = b;
+    b->running = true;
+    int rc = uv_queue_work(b->loop, &r->work, batch_work, batch_after);
+    assert(rc == 0 && "uv_queue_work fails only without a work callback");
+    (void)rc;
+}
+
+/* Form the head's batch and start it when it is full, reaches a preferred
+ * size, or the head has waited long enough; returns whether it started. */
+static bool try_dispatch(bs_batcher_t *b, uint64_t now)
+{
+    struct bs_batch *r = &b->run;
+    const bs_job_t *h = b->head;
+    int64_t max = b->cfg.max_batch_size, size = 0, size_pref = 0;
+    int n = 0, n_pref = 0;
+    bool full = false;
+    for (bs_job_t *j = b->head; j != NULL; j = j->next) {
+        if (j != h && !sig_equal(h, j))
+            continue; /* waits for a batch of its own */
+        if (size + j->batch > max) {
+            full = true;
+            break;
+        }
+        r->jobs[n++] = j;
+        size += j->batch;
+        if (is_preferred(b, size)) {
+            n_pref = n;
+            size_pref = size;
+        }
+        if (size == max) {
+            full = true;
+            break;
+        }
+    }
+    bool waited = b->draining ||
+                  (int64_t)now >= add_sat((int64_t)h->enqueue_ns, us_to_ns(b->cfg.max_queue_delay_us));
+    if (!full && !waited) {
+        if (n_pref == 0)
+            return false;
+        n = n_pref; /* the largest preferred size reachable now */
+        size = size_pref;
+    }
+    dispatch(b, n, size, now);
+    return true;
+}
+
+/* Arm the timer for the next event: the head's queue delay (when it may
+ * start) and the earliest deadline of a queued job. */
+static void arm_timer(bs_batcher_t *b, uint64_t now)
+{
+    int64_t next = INT64_MAX;
+    if (b->head != NULL && !b->running)
+        next = add_sat((int64_t)b->head->enqueue_ns, us_to_ns(b->cfg.max_queue_delay_us));
+    for (const bs_job_t *j = b->head; j != NULL; j = j->next)
+        if (j->deadline_ns < next)
+            next = j->deadline_ns;
+    if (next == INT64_MAX) {
+        uv_timer_stop(&b->timer);
+        return;
+    }
+    int64_t wait_ns = next - (int64_t)now;
+    uint64_t ms = wait_ns <= 0 ? 0 : (uint64_t)((wait_ns + 999999) / 1000000);
+    uv_update_time(b->loop); /* timeouts count from now, not the iteration's start */
+    uv_timer_start(&b->timer, on_timer, ms, 0);
+}
+
+static void schedule(bs_batcher_t *b)
+{
+    if (b->closing)
+        return;
+    uint64_t now = uv_hrtime();
+    expire(b, now);
+    if (b->freeing)
+        return; /* an on_done freed the batcher */
+    if (!b->running && b->head != NULL)
+        try_dispatch(b, now);
+    if (b->freeing)
+        return;
+    arm_timer(b, now);
+    if (b->draining && b->drain_cb != NULL && b->head == NULL && !b->running) {
+        void (*done)(void *) = b->drain_cb;
+        b->drain_cb = NULL;
+        done(b->drain_arg); /* may free b: nothing after this */
+    }
+}
+
+static void on_timer(uv_timer_t *t)
+{
+    schedule(t->data);
+}
+
+/* ---- public API --------------------------------------------------------- */
+
+static int check_config(const bs_model_t *model, const struct bs_serving_config *cfg,
+                        struct bs_err *err)
+{
+    if (model == NULL || cfg->be == NULL)
+        return bs_err_set(err, BS_EINVAL, "batcher: a model and its backend are required");
+    if (cfg->max_batch_size < 1)
+        return bs_err_set(err, BS_EINVAL, "max_batch_size %d: must be at least 1",
+                          cfg->max_batch_size);
+    if (cfg->max_queue_delay_us < 0 || cfg->default_timeout_us < 0 || cfg->max_queue_size < 0)
+        return bs_err_set(err, BS_EINVAL, "negative queue delay, timeout or queue size");
+    if (cfg->n_preferred < 0 || cfg->n_preferred > BS_MAX_PREFERRED)
+        return bs_err_set(err, BS_EINVAL, "%d preferred batch sizes: at most %d",
+                          cfg->n_preferred, BS_MAX_PREFERRED);
+    for (int i = 0; i < cfg->n_preferred; i++)
+        if (cfg->preferred_batch_size[i] < 1 || cfg->preferred_batch_size[i] > cfg->max_batch_size)
+            return bs_err_set(err, BS_EINVAL, "preferred_batch_size %d: not in [1, %d]",
+                              cfg->preferred_batch_size[i], cfg->max_batch_size);
+    return 0;
+}
+
+static void free_memory(bs_batcher_t *b)
+{
+    free(b->stats.batch);
+    free(b->run.jobs);
+    free(b->run.in);
+    free(b->run.bufs);
+    free(b);
+}
+
+int bs_batcher_init(bs_batcher_t **bp, uv_loop_t *loop, bs_model_t *model,
+                    const struct bs_serving_config *cfg, struct bs_err *err)
+{
+    int rc, n_model_in = model ? bs_model_n_inputs(model) : 0;
+    *bp = NULL;
+    if ((rc = check_config(model, cfg, err)) != 0)
+        return rc;
+    bs_batcher_t *b = calloc(1, sizeof(*b));
+    if (b == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    b->loop = loop;
+    b->model = model;
+    b->cfg = *cfg;
+    b->main_input = bs_model_input(model, 0)->name;
+    b->msgs_tail = &b->msgs;
+    b->stats.n_batch = cfg->max_batch_size;
+    b->stats.batch = calloc((size_t)cfg->max_batch_size, sizeof(*b->stats.batch));
+    b->run.jobs = calloc((size_t)cfg->max_batch_size, sizeof(*b->run.jobs));
+    b->run.in = calloc((size_t)n_model_in + 1, sizeof(*b->run.in));
+    b->run.bufs = calloc((size_t)n_model_in + 1, sizeof(*b->run.bufs));
+    if (b->stats.batch == NULL || b->run.jobs == NULL || b->run.in == NULL || b->run.bufs == NULL) {
+        rc = bs_err_set(err, BS_ENOMEM, "out of memory");
+        goto fail_alloc;
+    }
+    for (int i = 0; i < cfg->max_batch_size; i++)
+        b->stats.batch[i].batch_size = (uint64_t)i + 1;
+    if ((rc = uv_mutex_init(&b->lock)) != 0) {
+        rc = bs_err_set(err, BS_EINTERNAL, "uv_mutex_init: %s", uv_strerror(rc));
+        goto fail_alloc;
+    }
+    if ((rc = uv_async_init(loop, &b->async, on_async)) != 0) {
+        rc = bs_err_set(err, BS_EINTERNAL, "uv_async_init: %s", uv_strerror(rc));
+        goto fail_mutex;
+    }
+    uv_unref((uv_handle_t *)&b->async); /* only a running batch (a uv_work_t) keeps the loop */
+    uv_timer_init(loop, &b->timer);     /* cannot fail */
+    b->async.data = b->timer.data = b;
+    b->n_open = 2;
+    bs_arena_init(&b->arena, cfg->be);
+    *bp = b;
+    return 0;
+fail_mutex:
+    uv_mutex_destroy(&b->lock);
+fail_alloc:
+    free_memory(b);
+    return rc;
+}
+
+int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
+                      int64_t deadline_ns, bool intermediate, const struct bs_job_ops *ops,
+                      void *arg, bs_job_t **job, struct bs_err *err)
+{
+    struct bs_tensor out;
+    int rc;
+    *job = NULL;
+    if (b->draining)
+        return bs_err_set(err, BS_EUNSUPP, "shutting down");
+    if (ops == NULL || ops->on_done == NULL || n_in < 0 || (n_in > 0 && in == NULL))
+        return bs_err_set(err, BS_EINVAL, "batcher: bad submit arguments");
+    if ((rc = bs_model_check(b->model, in, n_in, &out, err)) != 0)
+        return rc;
+    const struct bs_tensor *main_t = NULL;
+    for (int i = 0; i < n_in; i++)
+        if (strcmp(in[i].name, b->main_input) == 0)
+            main_t = &in[i].t;
+    if (main_t == NULL || main_t->n_dims < 1) /* the engine's check rules this out */
+        return bs_err_set(err, BS_EINVAL, "missing input \"%s\"", b->main_input);
+    if (main_t->ne[0] > b->cfg.max_batch_size)
+        return bs_err_set(err, BS_EINVAL, "batch %lld exceeds max_batch_size %d",
+                          (long long)main_t->ne[0], b->cfg.max_batch_size);
+    if (b->cfg.max_queue_size > 0 && b->n_queued >= b->cfg.max_queue_size)
+        return bs_err_set(err, BS_ERANGE, "queue full (%d requests)", b->n_queued);
+    bs_job_t *j = calloc(1, sizeof(*j) + sizeof(j->in[0]) * (size_t)n_in);
+    if (j == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    memcpy(j->in, in, sizeof(j->in[0]) * (size_t)n_in);
+    j->n_in = n_in;
+    j->batch = main_t->ne[0];
+    j->out_shape = out;
+    j->ops = *ops;
+    j->arg = arg;
+    j->intermediate = intermediate;
+    j->solo = !job_is_batchable(j);
+    j->enqueue_ns = uv_hrtime();
+    j->deadline_ns = deadline_ns;
+    if (deadline_ns == INT64_MAX && b->cfg.default_timeout_us > 0)
+        j->deadline_ns = add_sat((int64_t)j->enqueue_ns, us_to_ns(b->cfg.default_timeout_us));
+    j->state = JOB_QUEUED;
+    queue_push(b, j);
+    kick(b);
+    *job = j;
+    return 0;
+}
+
+void bs_batcher_cancel(bs_batcher_t *b, bs_job_t *j)
+{
+    if (j == NULL)
+        return;
+    switch (j->state) {
+    case JOB_QUEUED:
+        queue_unlink(b, j);
+        job_finish(b, j, BS_ECANCELED, "cancelled", NULL);
+        kick(b); /* the head, its delay or a drain may have changed */
+        break;
+    case JOB_RUNNING:
+        j->cancelled = true;
+        break;
+    case JOB_FINISHING:
+        break;
+    }
+}
+
+int bs_batcher_queued(const bs_batcher_t *b)
+{
+    return b->n_queued;
+}
+
+int bs_batcher_running(const bs_batcher_t *b)
+{
+    return b->running ? 1 : 0;
+}
+
+const struct bs_model_stats *bs_batcher_stats(const bs_batcher_t *b)
+{
+    return &b->stats;
+}
+
+void bs_batcher_drain(bs_batcher_t *b, void (*done)(void *arg), void *arg)
+{
+    b->draining = true;
+    b->drain_cb = done;
+    b->drain_arg = arg;
+    kick(b);
+}
+
+static void on_close(uv_handle_t *h)
+{
+    bs_batcher_t *b = h->data;
+    if (--b->n_open > 0)
+        return;
+    uv_mutex_destroy(&b->lock);
+    free_memory(b);
+}
+
+/* Nothing runs any more: release the arena and close the handles. */
+static void release(bs_batcher_t *b)
+{
+    b->closing = true;
+    bs_arena_free(&b->arena);
+    uv_close((uv_handle_t *)&b->timer, on_close);
+    uv_close((uv_handle_t *)&b->async, on_close);
+}
+
+void bs_batcher_free(bs_batcher_t *b)
+{
+    if (b == NULL || b->freeing)
+        return;
+    b->freeing = true;
+    b->draining = true;
+    b->drain_cb = NULL;
+    while (b->head != NULL) { /* one at a time: an on_done may cancel another */
+        bs_job_t *j = b->head;
+        queue_unlink(b, j);
+        job_finish(b, j, BS_ECANCELED, "the model is being unloaded", NULL);
+    }
+    if (!b->running)
+        release(b);
+}
