@@ -18,6 +18,7 @@ case "$cc" in *clang*) ;; *) cc=clang ;; esac # libFuzzer needs clang
 mkdir -p "$out/gen" "$out/obj" "$out/corpus"
 protoc-c -Iproto --c_out="$out/gen" grpc_service.proto model_config.proto
 
+# shellcheck disable=SC2054 # commas belong to -fsanitize=
 san=(-g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined)
 base=(-std=c11 -D_GNU_SOURCE "${san[@]}")
 warn=(-Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unused-parameter -Werror)

@@ -57,8 +57,8 @@ struct bs_job {
     enum job_state state;
     bool cancelled; /* running: drop the result, answer BS_ECANCELED */
     bool intermediate;
-    bool solo;         /* inputs of a layout the batcher does not concatenate */
-    int64_t batch;     /* samples: dim 0 of the model's main input */
+    bool solo;     /* inputs of a layout the batcher does not concatenate */
+    int64_t batch; /* samples: dim 0 of the model's main input */
     int64_t deadline_ns;
     uint64_t enqueue_ns;
     struct bs_tensor out_shape; /* this request's output shape (data NULL) */
@@ -257,8 +257,9 @@ static int concat_input(struct bs_batch *r, int i)
     t = bs_tensor_make(t.type, t.n_dims, t.ne, NULL);
     char *buf = malloc(per * (size_t)r->size);
     if (buf == NULL)
-        return bs_err_set(&r->err, BS_ENOMEM, "out of memory concatenating \"%s\" for a batch of %lld",
-                          h->name, (long long)r->size);
+        return bs_err_set(&r->err, BS_ENOMEM,
+                          "out of memory concatenating \"%s\" for a batch of %lld", h->name,
+                          (long long)r->size);
     size_t off = 0;
     for (int k = 0; k < r->n_jobs; k++) {
         const bs_job_t *j = r->jobs[k];
@@ -507,8 +508,8 @@ static bool try_dispatch(bs_batcher_t *b, uint64_t now)
             break;
         }
     }
-    bool waited = b->draining ||
-                  (int64_t)now >= add_sat((int64_t)h->enqueue_ns, us_to_ns(b->cfg.max_queue_delay_us));
+    bool waited = b->draining || (int64_t)now >= add_sat((int64_t)h->enqueue_ns,
+                                                         us_to_ns(b->cfg.max_queue_delay_us));
     if (!full && !waited) {
         if (n_pref == 0)
             return false;
@@ -577,8 +578,8 @@ static int check_config(const bs_model_t *model, const struct bs_serving_config 
     if (cfg->max_queue_delay_us < 0 || cfg->default_timeout_us < 0 || cfg->max_queue_size < 0)
         return bs_err_set(err, BS_EINVAL, "negative queue delay, timeout or queue size");
     if (cfg->n_preferred < 0 || cfg->n_preferred > BS_MAX_PREFERRED)
-        return bs_err_set(err, BS_EINVAL, "%d preferred batch sizes: at most %d",
-                          cfg->n_preferred, BS_MAX_PREFERRED);
+        return bs_err_set(err, BS_EINVAL, "%d preferred batch sizes: at most %d", cfg->n_preferred,
+                          BS_MAX_PREFERRED);
     for (int i = 0; i < cfg->n_preferred; i++)
         if (cfg->preferred_batch_size[i] < 1 || cfg->preferred_batch_size[i] > cfg->max_batch_size)
             return bs_err_set(err, BS_EINVAL, "preferred_batch_size %d: not in [1, %d]",

@@ -15,7 +15,15 @@
  * - A tensor with zero elements gets a non-NULL data pointer to an empty,
  *   never-written static buffer.
  * - Names in error messages are cut to 64 bytes (at a UTF-8 boundary) with
- *   control characters shown as '?'. */
+ *   control characters shown as '?'.
+ *
+ * Unpacking can amplify memory: protobuf-c allocates a struct per repeated
+ * message, map entry and unknown field, so 2-byte wire fields become about
+ * 100 bytes each (an empty input, an empty parameter, an unknown varint). All
+ * allocations of one unpack therefore come out of a budget of
+ * UNPACK_BUDGET_FACTOR times the message size plus UNPACK_BUDGET_SLACK (packed
+ * INT64 contents, the densest legitimate case, need 8x); beyond it the
+ * request fails with BS_ERANGE before any tensor is looked at. */
 #include "codec.h"
 
 #include <assert.h>
@@ -34,6 +42,9 @@ typedef Inference__ModelInferRequest__InferInputTensor input_msg_t;
 typedef Inference__InferTensorContents contents_msg_t;
 
 #define SHOW_MAX 64 /* bytes of a client-chosen name shown in an error message */
+
+#define UNPACK_BUDGET_FACTOR 8
+#define UNPACK_BUDGET_SLACK  (1u << 20)
 
 /* Data pointer for zero-element tensors: never read or written. */
 static _Alignas(16) unsigned char empty_data[16];
@@ -127,22 +138,35 @@ static int parse_shape(const input_msg_t *in, const char *name, enum bs_dtype ty
     return 0;
 }
 
-/* The typed contents fields, for "only this one may be filled" checks. */
-static const char *other_typed_field(const contents_msg_t *c, const char *allowed)
+/* The typed contents fields, in InferTensorContents order. */
+enum typed_field {
+    FIELD_BOOL,
+    FIELD_INT,
+    FIELD_INT64,
+    FIELD_UINT,
+    FIELD_UINT64,
+    FIELD_FP32,
+    FIELD_FP64,
+    FIELD_BYTES,
+    FIELD_NONE,
+};
+
+static const char *const typed_field_names[FIELD_NONE] = {
+    "bool_contents",   "int_contents",  "int64_contents", "uint_contents",
+    "uint64_contents", "fp32_contents", "fp64_contents",  "bytes_contents",
+};
+
+/* The first filled field other than allowed, or FIELD_NONE. */
+static enum typed_field other_typed_field(const contents_msg_t *c, enum typed_field allowed)
 {
-    const struct {
-        const char *name;
-        size_t n;
-    } fields[] = {
-        {"bool_contents", c->n_bool_contents},     {"int_contents", c->n_int_contents},
-        {"int64_contents", c->n_int64_contents},   {"uint_contents", c->n_uint_contents},
-        {"uint64_contents", c->n_uint64_contents}, {"fp32_contents", c->n_fp32_contents},
-        {"fp64_contents", c->n_fp64_contents},     {"bytes_contents", c->n_bytes_contents},
+    const size_t n[FIELD_NONE] = {
+        c->n_bool_contents,   c->n_int_contents,  c->n_int64_contents, c->n_uint_contents,
+        c->n_uint64_contents, c->n_fp32_contents, c->n_fp64_contents,  c->n_bytes_contents,
     };
-    for (size_t i = 0; i < BS_ARRAY_LEN(fields); i++)
-        if (fields[i].n > 0 && (allowed == NULL || strcmp(fields[i].name, allowed) != 0))
-            return fields[i].name;
-    return NULL;
+    for (int i = 0; i < FIELD_NONE; i++)
+        if (n[i] > 0 && i != (int)allowed)
+            return (enum typed_field)i;
+    return FIELD_NONE;
 }
 
 static int raw_data(const req_msg_t *m, size_t i, const char *name, const struct bs_tensor *t,
@@ -151,7 +175,7 @@ static int raw_data(const req_msg_t *m, size_t i, const char *name, const struct
     const input_msg_t *in = m->inputs[i];
     ProtobufCBinaryData *b = &m->raw_input_contents[i];
     char nb[SHOW_MAX + 4], sb[96];
-    if (in->contents != NULL && other_typed_field(in->contents, NULL) != NULL)
+    if (in->contents != NULL && other_typed_field(in->contents, FIELD_NONE) != FIELD_NONE)
         return bs_err_set(err, BS_EINVAL,
                           "input '%s': contents must be empty when raw_input_contents is used",
                           show(nb, name));
@@ -194,41 +218,42 @@ static int typed_data(const input_msg_t *in, const char *name, const struct bs_t
     const char *dt = datatype_names[t->type];
     char nb[SHOW_MAX + 4], sb[96];
     int64_t numel = bs_tensor_nelements(t);
-    const char *field = NULL;
+    enum typed_field field = FIELD_NONE;
     size_t n = 0;
     void *values = NULL;
     switch (t->type) {
     case BS_TYPE_F32:
-        field = "fp32_contents";
+        field = FIELD_FP32;
         n = c->n_fp32_contents;
         values = c->fp32_contents;
         break;
     case BS_TYPE_I64:
-        field = "int64_contents";
+        field = FIELD_INT64;
         n = c->n_int64_contents;
         values = c->int64_contents;
         break;
     case BS_TYPE_BOOL: /* converted below */
-        field = "bool_contents";
+        field = FIELD_BOOL;
         n = c->n_bool_contents;
         break;
     default: /* FP16, BF16: no typed field carries them */
-        if (numel > 0 || other_typed_field(c, NULL) != NULL)
+        if (numel > 0 || other_typed_field(c, FIELD_NONE) != FIELD_NONE)
             return bs_err_set(err, BS_EINVAL,
                               "input '%s': %s data must be sent in raw_input_contents",
                               show(nb, name), dt);
         *data = empty_data;
         return 0;
     }
-    const char *other = other_typed_field(c, field);
-    if (other != NULL)
+    enum typed_field other = other_typed_field(c, field);
+    if (other != FIELD_NONE)
         return bs_err_set(err, BS_EINVAL,
                           "input '%s': %s data goes in contents.%s, not contents.%s",
-                          show(nb, name), dt, field, other);
+                          show(nb, name), dt, typed_field_names[field], typed_field_names[other]);
     if (n != (uint64_t)numel)
-        return bs_err_set(
-            err, BS_EINVAL, "input '%s': contents.%s holds %zu values, expected %lld (%s %s)",
-            show(nb, name), field, n, (long long)numel, dt, bs_tensor_shape_str(t, sb, sizeof(sb)));
+        return bs_err_set(err, BS_EINVAL,
+                          "input '%s': contents.%s holds %zu values, expected %lld (%s %s)",
+                          show(nb, name), typed_field_names[field], n, (long long)numel, dt,
+                          bs_tensor_shape_str(t, sb, sizeof(sb)));
     if (n == 0) {
         *data = empty_data;
         return 0;
@@ -338,20 +363,63 @@ static int decode_outputs(const req_msg_t *m, struct bs_infer_request *req, stru
     return 0;
 }
 
+/* A protobuf-c allocator that fails once a budget of bytes is spent. Blocks
+ * come from malloc, so the message is freed with the default allocator. */
+struct unpack_budget {
+    size_t left;
+    bool exceeded;
+};
+
+static void *budget_alloc(void *data, size_t size)
+{
+    struct unpack_budget *b = data;
+    if (size > b->left) {
+        b->exceeded = true;
+        return NULL;
+    }
+    b->left -= size;
+    return malloc(size);
+}
+
+static void budget_free(void *data, void *p)
+{
+    free(p);
+}
+
+static int unpack(const uint8_t *data, size_t len, req_msg_t **msg, struct bs_err *err)
+{
+    static const uint8_t nothing[1];
+    size_t budget = UNPACK_BUDGET_SLACK;
+    if (len > (SIZE_MAX - budget) / UNPACK_BUDGET_FACTOR)
+        budget = SIZE_MAX;
+    else
+        budget += len * UNPACK_BUDGET_FACTOR;
+    struct unpack_budget b = {.left = budget};
+    ProtobufCAllocator alloc = {.alloc = budget_alloc, .free = budget_free, .allocator_data = &b};
+    *msg = inference__model_infer_request__unpack(&alloc, len, data ? data : nothing);
+    if (*msg == NULL && b.exceeded)
+        return bs_err_set(err, BS_ERANGE,
+                          "ModelInferRequest of %zu bytes needs more than %zu bytes to unpack "
+                          "(send tensors in raw_input_contents or packed contents)",
+                          len, budget);
+    if (*msg == NULL)
+        return bs_err_set(err, BS_EINVAL, "malformed ModelInferRequest");
+    return 0;
+}
+
 int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec_limits *lim,
                           struct bs_infer_request *req, struct bs_err *err)
 {
     assert(lim != NULL && req != NULL);
     memset(req, 0, sizeof(*req));
-    static const uint8_t nothing[1];
-    req_msg_t *m = inference__model_infer_request__unpack(NULL, len, data ? data : nothing);
-    if (m == NULL)
-        return bs_err_set(err, BS_EINVAL, "malformed ModelInferRequest");
+    req_msg_t *m;
+    int rc = unpack(data, len, &m, err);
+    if (rc != 0)
+        return rc;
     req->msg = m;
     req->model_name = str_or_empty(m->model_name);
     req->model_version = str_or_empty(m->model_version);
     req->id = str_or_empty(m->id);
-    int rc = 0;
     if (req->model_name[0] == '\0')
         rc = bs_err_set(err, BS_EINVAL, "model_name is required");
     if (rc == 0)

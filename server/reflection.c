@@ -23,6 +23,10 @@
 
 #include "grpc/reflection/v1/reflection.pb-c.h"
 
+/* The generated oneof case names, shortened. */
+#define REQ_CASE(x)  GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_##x
+#define RESP_CASE(x) GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_##x
+
 /* Status codes carried in ErrorResponse.error_code (grpc/status.h). */
 enum {
     REFL_INVALID_ARGUMENT = 3,
@@ -58,7 +62,7 @@ struct bs_reflection {
     size_t n_services;
 };
 
-/* ---- wire-format reader ---------------------------------------------------------------------- */
+/* ---- wire-format reader --------------------------------------------------------------------- */
 
 struct pb_iter {
     const uint8_t *p, *end;
@@ -99,16 +103,22 @@ static int pb_next(struct pb_iter *it, struct pb_field *f)
     f->wire_type = (uint32_t)(key & 7);
     left = (size_t)(it->end - it->p);
     switch (f->wire_type) {
-    case 0: return pb_varint(it, &v) == 0 ? 1 : -1;
-    case 1: v = 8; break;
-    case 5: v = 4; break;
+    case 0:
+        return pb_varint(it, &v) == 0 ? 1 : -1;
+    case 1:
+        v = 8;
+        break;
+    case 5:
+        v = 4;
+        break;
     case 2:
         if (pb_varint(it, &v) != 0)
             return -1;
         left = (size_t)(it->end - it->p);
         f->bytes = (struct refl_span){it->p, (size_t)v};
         break;
-    default: return -1; /* groups: not used by descriptors */
+    default:
+        return -1; /* groups: not used by descriptors */
     }
     if (v > left)
         return -1;
@@ -120,7 +130,7 @@ static int pb_next(struct pb_iter *it, struct pb_field *f)
 static int pb_find(struct refl_span msg, uint32_t num, struct refl_span *out)
 {
     struct pb_iter it = {msg.p, msg.p + msg.n};
-    struct pb_field f;
+    struct pb_field f = {0};
     int rc;
     *out = (struct refl_span){(const uint8_t *)"", 0};
     while ((rc = pb_next(&it, &f)) > 0)
@@ -129,7 +139,7 @@ static int pb_find(struct refl_span msg, uint32_t num, struct refl_span *out)
     return rc;
 }
 
-/* ---- index ----------------------------------------------------------------------------------- */
+/* ---- index ---------------------------------------------------------------------------------- */
 
 /* Add scope.name (or name when scope is empty) for file; *full gets the stored string. */
 static int refl_add_symbol(bs_reflection_t *r, int file, const char *scope, struct refl_span name,
@@ -174,7 +184,7 @@ static int refl_add_named(bs_reflection_t *r, int file, const char *scope, struc
 static int refl_index_enum(bs_reflection_t *r, int file, const char *scope, struct refl_span msg)
 {
     struct pb_iter it = {msg.p, msg.p + msg.n};
-    struct pb_field f;
+    struct pb_field f = {0};
     int rc = refl_add_named(r, file, scope, msg, NULL);
     while (rc == 0 && (rc = pb_next(&it, &f)) > 0) {
         rc = 0;
@@ -187,7 +197,7 @@ static int refl_index_enum(bs_reflection_t *r, int file, const char *scope, stru
 static int refl_index_message(bs_reflection_t *r, int file, const char *scope, struct refl_span msg)
 {
     struct pb_iter it = {msg.p, msg.p + msg.n};
-    struct pb_field f;
+    struct pb_field f = {0};
     const char *full;
     int rc = refl_add_named(r, file, scope, msg, &full);
     while (rc == 0 && (rc = pb_next(&it, &f)) > 0) {
@@ -207,7 +217,7 @@ static int refl_index_message(bs_reflection_t *r, int file, const char *scope, s
 static int refl_index_service(bs_reflection_t *r, int file, const char *scope, struct refl_span msg)
 {
     struct pb_iter it = {msg.p, msg.p + msg.n};
-    struct pb_field f;
+    struct pb_field f = {0};
     const char *full;
     int rc = refl_add_named(r, file, scope, msg, &full);
     while (rc == 0 && (rc = pb_next(&it, &f)) > 0) {
@@ -222,7 +232,7 @@ static int refl_index_service(bs_reflection_t *r, int file, const char *scope, s
 static int refl_read_file_header(struct refl_file *file)
 {
     struct pb_iter it = {file->data, file->data + file->len};
-    struct pb_field f;
+    struct pb_field f = {0};
     struct refl_span name;
     int rc;
     if (pb_find((struct refl_span){file->data, file->len}, 1, &name) < 0 || name.n == 0)
@@ -248,7 +258,7 @@ static int refl_index_file(bs_reflection_t *r, int i)
     const struct refl_file *file = &r->files[i];
     struct refl_span msg = {file->data, file->len}, pkg;
     struct pb_iter it = {file->data, file->data + file->len};
-    struct pb_field f;
+    struct pb_field f = {0};
     int rc = pb_find(msg, 2, &pkg);
     if (rc < 0)
         return BS_EFORMAT;
@@ -305,7 +315,7 @@ static int refl_symbol_cmp(const void *a, const void *b)
 static int refl_build(bs_reflection_t *r, const uint8_t *set, size_t len)
 {
     struct pb_iter it = {set, set + len};
-    struct pb_field f;
+    struct pb_field f = {0};
     int rc;
     while ((rc = pb_next(&it, &f)) > 0) {
         if (f.num != 1 || f.wire_type != 2)
@@ -403,7 +413,7 @@ int bs_reflection_file_count(const bs_reflection_t *refl)
     return (int)refl->n_files;
 }
 
-/* ---- answers --------------------------------------------------------------------------------- */
+/* ---- answers -------------------------------------------------------------------------------- */
 
 /* Everything an answer points at, released in one place. */
 struct refl_answer {
@@ -422,8 +432,7 @@ static void refl_error(struct refl_answer *a, int code)
 {
     a->error.error_code = code;
     a->error.error_message = a->msg;
-    a->resp.message_response_case =
-        GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ERROR_RESPONSE;
+    a->resp.message_response_case = RESP_CASE(ERROR_RESPONSE);
     a->resp.error_response = &a->error;
 }
 
@@ -458,12 +467,11 @@ static int refl_answer_file(const bs_reflection_t *r, int fi, struct refl_answer
     }
     size_t n = refl_collect(r, fi, seen, order, 0);
     for (size_t i = 0; i < n; i++)
-        a->file_bytes[i] = (ProtobufCBinaryData){r->files[order[i]].len,
-                                                 (uint8_t *)r->files[order[i]].data};
+        a->file_bytes[i] =
+            (ProtobufCBinaryData){r->files[order[i]].len, (uint8_t *)r->files[order[i]].data};
     a->files.n_file_descriptor_proto = n;
     a->files.file_descriptor_proto = a->file_bytes;
-    a->resp.message_response_case =
-        GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_FILE_DESCRIPTOR_RESPONSE;
+    a->resp.message_response_case = RESP_CASE(FILE_DESCRIPTOR_RESPONSE);
     a->resp.file_descriptor_response = &a->files;
     free(seen);
     free(order);
@@ -484,38 +492,39 @@ static int refl_answer_list(const bs_reflection_t *r, struct refl_answer *a)
     }
     a->list.n_service = n;
     a->list.service = a->svc_ptrs;
-    a->resp.message_response_case =
-        GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_LIST_SERVICES_RESPONSE;
+    a->resp.message_response_case = RESP_CASE(LIST_SERVICES_RESPONSE);
     a->resp.list_services_response = &a->list;
     return 0;
 }
 
-static int refl_dispatch(const bs_reflection_t *r, const Grpc__Reflection__V1__ServerReflectionRequest *q,
+static int refl_dispatch(const bs_reflection_t *r,
+                         const Grpc__Reflection__V1__ServerReflectionRequest *q,
                          struct refl_answer *a)
 {
-    const Grpc__Reflection__V1__ExtensionRequest *x = q->file_containing_extension;
     int fi;
     switch (q->message_request_case) {
-    case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_BY_FILENAME:
+    case REQ_CASE(FILE_BY_FILENAME):
         if ((fi = bs_reflection_find_file(r, q->file_by_filename)) < 0)
             return refl_not_found(a, "file", q->file_by_filename);
         return refl_answer_file(r, fi, a);
-    case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_CONTAINING_SYMBOL:
+    case REQ_CASE(FILE_CONTAINING_SYMBOL):
         if ((fi = bs_reflection_find_symbol(r, q->file_containing_symbol)) < 0)
             return refl_not_found(a, "symbol", q->file_containing_symbol);
         return refl_answer_file(r, fi, a);
-    case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_FILE_CONTAINING_EXTENSION:
+    case REQ_CASE(FILE_CONTAINING_EXTENSION):
         /* no file in the set declares extensions */
-        return refl_not_found(a, "extension of", x != NULL ? x->containing_type : NULL);
-    case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_ALL_EXTENSION_NUMBERS_OF_TYPE:
+        return refl_not_found(a, "extension of",
+                              q->file_containing_extension != NULL
+                                  ? q->file_containing_extension->containing_type
+                                  : NULL);
+    case REQ_CASE(ALL_EXTENSION_NUMBERS_OF_TYPE):
         if (bs_reflection_find_symbol(r, q->all_extension_numbers_of_type) < 0)
             return refl_not_found(a, "type", q->all_extension_numbers_of_type);
         a->ext.base_type_name = q->all_extension_numbers_of_type;
-        a->resp.message_response_case =
-            GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ALL_EXTENSION_NUMBERS_RESPONSE;
+        a->resp.message_response_case = RESP_CASE(ALL_EXTENSION_NUMBERS_RESPONSE);
         a->resp.all_extension_numbers_response = &a->ext;
         return 0;
-    case GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_LIST_SERVICES:
+    case REQ_CASE(LIST_SERVICES):
         return refl_answer_list(r, a);
     default:
         snprintf(a->msg, sizeof(a->msg), "the request is not supported");
@@ -524,8 +533,8 @@ static int refl_dispatch(const bs_reflection_t *r, const Grpc__Reflection__V1__S
     }
 }
 
-int bs_reflection_answer(const bs_reflection_t *refl, const uint8_t *req, size_t len,
-                         uint8_t **out, size_t *out_len, struct bs_err *err)
+int bs_reflection_answer(const bs_reflection_t *refl, const uint8_t *req, size_t len, uint8_t **out,
+                         size_t *out_len, struct bs_err *err)
 {
     Grpc__Reflection__V1__ServerReflectionRequest *q =
         grpc__reflection__v1__server_reflection_request__unpack(NULL, len, req);

@@ -26,8 +26,8 @@ void bs_reflection_free(bs_reflection_t *refl);
  * ServerReflectionResponse in *out (malloc'd; the caller frees it). Lookups
  * that fail are answered with an error_response (NOT_FOUND), not an error;
  * only BS_ENOMEM is returned. */
-int bs_reflection_answer(const bs_reflection_t *refl, const uint8_t *req, size_t len,
-                         uint8_t **out, size_t *out_len, struct bs_err *err);
+int bs_reflection_answer(const bs_reflection_t *refl, const uint8_t *req, size_t len, uint8_t **out,
+                         size_t *out_len, struct bs_err *err);
 
 /* The index of the file that defines a fully qualified symbol (message,
  * nested message, enum, enum value, field, service, method), or -1. */

@@ -174,6 +174,7 @@ static struct bs_repo_model *add_model(bs_repository_t *r, const char *name,
 
 static void finish_load(bs_repository_t *r, struct bs_repo_model *rm, int rc, struct bs_err *err)
 {
+    rm->serving.be = r->be;
     if (rc == 0)
         rc = bs_batcher_init(&rm->batcher, r->loop, rm->model, &rm->serving, err);
     if (rc != 0) {

@@ -252,9 +252,12 @@ int bs_cli_serve(int argc, char **argv)
             bs_rpc_server_shutdown(s.rpc, on_rpc_down, &s);
         uv_run(s.loop, UV_RUN_DEFAULT);
     }
+    /* uv_run returned: no batch is running (their work requests keep the
+     * loop alive). Batchers close their handles asynchronously: run once more. */
     bs_rpc_server_free(s.rpc);
     bs_service_free(s.svc);
     bs_repository_free(s.repo);
+    uv_run(s.loop, UV_RUN_DEFAULT);
     bs_backend_free(&s.be);
     uv_loop_close(s.loop);
     return rc == 0 ? 0 : 1;

@@ -631,6 +631,46 @@ static void test_decode_garbage(void **state)
     bs_codec_request_free(NULL);
 }
 
+/* Wire fields that protobuf-c turns into a struct each (empty inputs, unknown
+ * fields) cannot make one request allocate much more than its size. */
+static void test_decode_amplification(void **state)
+{
+    (void)state;
+    enum { N = 100000 };
+    static const uint8_t field[][2] = {
+        {0x2a, 0x00}, /* inputs: an empty InferInputTensor */
+        {0x22, 0x00}, /* parameters: an empty map entry */
+        {0x78, 0x00}, /* unknown field 15, varint 0 */
+    };
+    uint8_t *buf = malloc(3 + 2 * N);
+    assert_non_null(buf);
+    memcpy(buf, "\x0a\x01m", 3); /* model_name "m" */
+    struct bs_infer_request req;
+    struct bs_err err;
+    for (size_t f = 0; f < BS_ARRAY_LEN(field); f++) {
+        for (int i = 0; i < N; i++)
+            memcpy(buf + 3 + 2 * i, field[f], 2);
+        int rc = bs_codec_decode_infer(buf, 3 + 2 * N, &limits, &req, &err);
+        if (rc != BS_ERANGE || strstr(err.msg, "needs more than") == NULL)
+            fail_msg("field %zu: %d %s", f, rc, err.msg);
+        assert_empty(&req);
+    }
+    free(buf);
+
+    /* Dense legitimate contents still decode: 1-byte INT64 values take 8x. */
+    struct builder b;
+    b_init(&b, "m");
+    int64_t shape[] = {N * 4};
+    int i = b_input(&b, "t", "INT64", 1, shape);
+    int64_t *v = calloc(N * 4, sizeof(int64_t));
+    b_contents(&b, i)->n_int64_contents = N * 4;
+    b_contents(&b, i)->int64_contents = v;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_int_equal(req.inputs[0].t.ne[0], N * 4);
+    bs_codec_request_free(&req);
+    free(v);
+}
+
 /* ---- encoding ------------------------------------------------------------ */
 
 static Inference__ModelInferResponse *encode_and_unpack(const struct bs_infer_request *req,
@@ -800,6 +840,7 @@ int main(void)
         cmocka_unit_test(test_decode_typed_errors),
         cmocka_unit_test(test_decode_long_name),
         cmocka_unit_test(test_decode_garbage),
+        cmocka_unit_test(test_decode_amplification),
         cmocka_unit_test(test_encode_raw),
         cmocka_unit_test(test_encode_typed),
         cmocka_unit_test(test_encode_errors),

@@ -1,0 +1,1170 @@
+/* The gRPC transport (see rpc.h): gRPC core on its own completion queue,
+ * every completion handed to the libuv loop, where each call's state machine
+ * runs.
+ *
+ * Threads and ownership
+ * - The completion-queue thread (rpc_cq_main) only calls
+ *   grpc_completion_queue_next, then appends the finished tag to
+ *   server->ev_head/ev_tail and sets server->cq_exited, both under ev_lock,
+ *   and calls uv_async_send. While a tag is queued to gRPC or sits in that
+ *   list, its ok/next fields belong to that thread; the loop reads them only
+ *   after taking the list under the lock.
+ * - The loop thread owns everything else: the call objects and their
+ *   queues, the accept slots, the health table, the shutdown state. Every
+ *   grpc_call_start_batch and grpc_server_request_* is issued from it.
+ *
+ * Calls
+ * - One grpc_server_request_registered_call stays armed per method (re-armed
+ *   as each call arrives) and one generic grpc_server_request_call that
+ *   answers UNIMPLEMENTED at once.
+ * - Each call starts GRPC_OP_RECV_CLOSE_ON_SERVER alone at once: its
+ *   completion says whether the call was cancelled. Sends are serialized
+ *   (one send batch in flight, a queue behind it), receives too.
+ * - A call holds references: one for the transport (dropped when recv_close
+ *   completes), one per batch in flight, and those the application takes.
+ *   The grpc_call is unreffed when the last goes.
+ * - When the transport itself has to fail a call (allocation failure), it
+ *   cancels it with a status; recv_close then reports the cancellation and
+ *   the application hears on_cancel like for any other cancellation.
+ * - on_cancel goes once to every call handed to the application whose
+ *   recv_close reports a cancellation, even one it already answered: gRPC
+ *   core completes the pending read of a cancelled stream like a half-close,
+ *   so on_stream_end (and the application's finish) can come first.
+ *
+ * Shutdown: grpc_server_shutdown_and_notify + grpc_server_cancel_all_calls;
+ * once the shutdown tag is back, every armed request has returned and no
+ * call object is left, the completion queue is shut down (so no batch can
+ * ever start on a shut-down queue), its thread joined, gRPC objects
+ * destroyed, the async handle closed, and done() called from its close
+ * callback. */
+#include "rpc.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+
+#include "descriptors.h"
+#include "health.h"
+#include "log.h"
+#include "reflection.h"
+
+#define RPC_DEFAULT_MAX_MESSAGE (64 << 20)
+#define RPC_DEFAULT_ADDRESS     "0.0.0.0:8001"
+
+/* ---- method table --------------------------------------------------------------------------- */
+
+enum rpc_kind {
+    RPC_KIND_UNARY,        /* inference unary: the application answers */
+    RPC_KIND_STREAM,       /* ModelStreamInfer: the application answers */
+    RPC_KIND_HEALTH_CHECK, /* answered here */
+    RPC_KIND_HEALTH_WATCH,
+    RPC_KIND_REFLECTION,
+    RPC_KIND_UNKNOWN, /* unregistered method: UNIMPLEMENTED */
+};
+
+struct rpc_method {
+    const char *path;
+    enum rpc_kind kind;
+};
+
+/* Indices 0..BS_RPC_METHOD_COUNT-1 follow enum bs_rpc_method. */
+static const struct rpc_method rpc_methods[] = {
+    {"/inference.GRPCInferenceService/ServerLive", RPC_KIND_UNARY},
+    {"/inference.GRPCInferenceService/ServerReady", RPC_KIND_UNARY},
+    {"/inference.GRPCInferenceService/ModelReady", RPC_KIND_UNARY},
+    {"/inference.GRPCInferenceService/ServerMetadata", RPC_KIND_UNARY},
+    {"/inference.GRPCInferenceService/ModelMetadata", RPC_KIND_UNARY},
+    {"/inference.GRPCInferenceService/ModelInfer", RPC_KIND_UNARY},
+    {"/inference.GRPCInferenceService/ModelStreamInfer", RPC_KIND_STREAM},
+    {"/inference.GRPCInferenceService/ModelConfig", RPC_KIND_UNARY},
+    {"/inference.GRPCInferenceService/ModelStatistics", RPC_KIND_UNARY},
+    {"/inference.GRPCInferenceService/RepositoryIndex", RPC_KIND_UNARY},
+    {"/grpc.health.v1.Health/Check", RPC_KIND_HEALTH_CHECK},
+    {"/grpc.health.v1.Health/Watch", RPC_KIND_HEALTH_WATCH},
+    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", RPC_KIND_REFLECTION},
+    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", RPC_KIND_REFLECTION},
+};
+#define RPC_N_METHODS ((int)BS_ARRAY_LEN(rpc_methods))
+
+_Static_assert(BS_ARRAY_LEN(rpc_methods) == BS_RPC_METHOD_COUNT + 4, "method table");
+
+/* What list_services reports. */
+static const char *const rpc_services[] = {
+    "inference.GRPCInferenceService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+};
+
+/* Bidirectional methods read their messages themselves. */
+static bool rpc_kind_reads_payload(enum rpc_kind kind)
+{
+    return kind != RPC_KIND_STREAM && kind != RPC_KIND_REFLECTION;
+}
+
+/* ---- objects -------------------------------------------------------------------------------- */
+
+enum rpc_tag_kind {
+    RPC_TAG_ACCEPT,   /* a requested call arrived (owner: struct rpc_accept) */
+    RPC_TAG_SHUTDOWN, /* grpc_server_shutdown_and_notify (owner: the server) */
+    RPC_TAG_CLOSE,    /* RECV_CLOSE_ON_SERVER (owner: the call) */
+    RPC_TAG_RECV,     /* RECV_MESSAGE */
+    RPC_TAG_SEND,     /* SEND_INITIAL_METADATA / SEND_MESSAGE / SEND_STATUS */
+};
+
+struct rpc_tag {
+    enum rpc_tag_kind kind;
+    void *owner;
+    int ok;               /* set by the CQ thread */
+    struct rpc_tag *next; /* the CQ-to-loop list */
+};
+
+/* One armed grpc_server_request_*call. */
+struct rpc_accept {
+    struct rpc_tag tag;
+    bs_rpc_server_t *srv;
+    int method;   /* index in rpc_methods; -1: the generic request */
+    void *handle; /* grpc_server_register_method */
+    bool armed;
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_call_details details; /* generic only */
+    grpc_metadata_array md;
+    grpc_byte_buffer *payload;
+};
+
+/* A queued outgoing message; sent as a slice that frees the node. */
+struct rpc_msg {
+    struct rpc_msg *next;
+    size_t len;
+    uint8_t data[];
+};
+
+struct rpc_md {
+    const char *key, *value;
+};
+
+struct bs_rpc_call {
+    bs_rpc_server_t *srv;
+    grpc_call *call;
+    enum rpc_kind kind;
+    int method; /* enum bs_rpc_method for application calls */
+    int refs;
+    struct rpc_tag close_tag, recv_tag, send_tag;
+    int close_cancelled; /* RECV_CLOSE_ON_SERVER's answer */
+    grpc_byte_buffer *recv_buf;
+    grpc_byte_buffer *send_buf;
+    struct rpc_msg *sq_head, *sq_tail;
+    enum bs_rpc_status status;
+    grpc_slice details;
+    bool md_sent, send_busy, recv_busy;
+    bool status_set;   /* a status is decided: no more sends may be queued */
+    bool status_sent;  /* ... and its batch started */
+    bool closed;       /* recv_close completed */
+    bool cancelled;    /* cancelled, or about to be (on_cancel follows) */
+    bool cancel_heard; /* on_cancel delivered */
+    bool app_owned;    /* handed to the application (on_unary, on_stream_open) */
+    bool app_done;     /* the application answered (reply, fail, finish) */
+    bool ended;        /* the client half-closed */
+    int64_t deadline;
+    struct rpc_md *md;
+    size_t n_md;
+    void *data;
+    char *watch_service;              /* Health/Watch */
+    enum bs_health_status watch_last; /* last status sent to the watcher */
+    bs_rpc_call_t *prev, *next;       /* the server's live calls */
+};
+
+struct bs_rpc_server {
+    uv_loop_t *loop;
+    uv_async_t async;
+    uv_thread_t cq_thread;
+    uv_mutex_t ev_lock;
+    struct rpc_tag *ev_head, *ev_tail; /* ev_lock */
+    bool cq_exited;                    /* ev_lock */
+
+    grpc_server *server;
+    grpc_completion_queue *cq;
+    struct bs_rpc_handlers h;
+    struct rpc_accept accepts[RPC_N_METHODS];
+    struct rpc_accept generic;
+    struct rpc_tag shutdown_tag;
+    bs_health_t *health;
+    bs_reflection_t *refl;
+
+    bs_rpc_call_t *calls; /* every call object alive */
+    int n_calls;
+    int n_armed;
+    bool shutting_down, shutdown_notified, cq_down, joined, closed;
+    void (*done)(void *arg);
+    void *done_arg;
+};
+
+static void rpc_check_shutdown(bs_rpc_server_t *s);
+static void call_pump(bs_rpc_call_t *c);
+static void call_start_recv(bs_rpc_call_t *c);
+
+/* ---- small helpers -------------------------------------------------------------------------- */
+
+/* A gpr_timespec deadline (any clock) on uv_hrtime()'s clock, in ns. */
+static int64_t rpc_deadline_ns(gpr_timespec d)
+{
+    int64_t now = (int64_t)uv_hrtime();
+    if (d.tv_sec == INT64_MAX) /* gpr_inf_future */
+        return INT64_MAX;
+    gpr_timespec left =
+        gpr_time_sub(gpr_convert_clock_type(d, GPR_CLOCK_MONOTONIC), gpr_now(GPR_CLOCK_MONOTONIC));
+    if (left.tv_sec >= (INT64_MAX - now) / 1000000000 - 1)
+        return INT64_MAX;
+    if (left.tv_sec <= -(now / 1000000000) - 1)
+        return 0; /* passed long ago */
+    int64_t t = now + left.tv_sec * 1000000000 + left.tv_nsec;
+    return t > 0 ? t : 0;
+}
+
+/* A status detail slice that owns a copy of msg (empty when msg is NULL or
+ * the copy fails: the status code still goes out). */
+static grpc_slice rpc_details(const char *msg)
+{
+    size_t n = msg != NULL ? strlen(msg) : 0;
+    char *p = n > 0 ? malloc(n) : NULL;
+    if (p == NULL)
+        return grpc_empty_slice();
+    memcpy(p, msg, n);
+    return grpc_slice_new(p, n, free);
+}
+
+/* ---- the completion-queue thread ------------------------------------------------------------ */
+
+static void rpc_cq_main(void *arg)
+{
+    bs_rpc_server_t *s = arg;
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type != GRPC_OP_COMPLETE)
+            continue;
+        struct rpc_tag *t = ev.tag;
+        t->ok = ev.success;
+        t->next = NULL;
+        uv_mutex_lock(&s->ev_lock);
+        if (s->ev_tail != NULL)
+            s->ev_tail->next = t;
+        else
+            s->ev_head = t;
+        s->ev_tail = t;
+        uv_mutex_unlock(&s->ev_lock);
+        uv_async_send(&s->async);
+    }
+    uv_mutex_lock(&s->ev_lock);
+    s->cq_exited = true;
+    uv_mutex_unlock(&s->ev_lock);
+    uv_async_send(&s->async);
+}
+
+/* ---- call objects --------------------------------------------------------------------------- */
+
+/* Copy request metadata into one allocation of NUL-terminated strings. */
+static int call_copy_md(bs_rpc_call_t *c, const grpc_metadata_array *md)
+{
+    size_t bytes = md->count * sizeof(struct rpc_md);
+    if (md->count == 0)
+        return 0;
+    for (size_t i = 0; i < md->count; i++)
+        bytes +=
+            GRPC_SLICE_LENGTH(md->metadata[i].key) + GRPC_SLICE_LENGTH(md->metadata[i].value) + 2;
+    c->md = malloc(bytes);
+    if (c->md == NULL)
+        return BS_ENOMEM;
+    char *p = (char *)(c->md + md->count);
+    for (size_t i = 0; i < md->count; i++) {
+        const grpc_slice *kv[2] = {&md->metadata[i].key, &md->metadata[i].value};
+        const char **dst[2] = {&c->md[i].key, &c->md[i].value};
+        for (int j = 0; j < 2; j++) {
+            size_t n = GRPC_SLICE_LENGTH(*kv[j]);
+            memcpy(p, GRPC_SLICE_START_PTR(*kv[j]), n);
+            p[n] = '\0';
+            *dst[j] = p;
+            p += n + 1;
+        }
+    }
+    c->n_md = md->count;
+    return 0;
+}
+
+static bs_rpc_call_t *call_new(bs_rpc_server_t *s, grpc_call *gc, enum rpc_kind kind, int method,
+                               gpr_timespec deadline, const grpc_metadata_array *md)
+{
+    bs_rpc_call_t *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    if (call_copy_md(c, md) != 0) {
+        free(c);
+        return NULL;
+    }
+    c->srv = s;
+    c->call = gc;
+    c->kind = kind;
+    c->method = method;
+    c->refs = 1; /* the transport's */
+    c->close_tag = (struct rpc_tag){.kind = RPC_TAG_CLOSE, .owner = c};
+    c->recv_tag = (struct rpc_tag){.kind = RPC_TAG_RECV, .owner = c};
+    c->send_tag = (struct rpc_tag){.kind = RPC_TAG_SEND, .owner = c};
+    c->details = grpc_empty_slice();
+    c->deadline = rpc_deadline_ns(deadline);
+    c->watch_last = BS_HEALTH_UNKNOWN;
+    c->next = s->calls;
+    if (s->calls != NULL)
+        s->calls->prev = c;
+    s->calls = c;
+    s->n_calls++;
+    return c;
+}
+
+static void call_drop_queue(bs_rpc_call_t *c)
+{
+    for (struct rpc_msg *m = c->sq_head, *next; m != NULL; m = next) {
+        next = m->next;
+        free(m);
+    }
+    c->sq_head = c->sq_tail = NULL;
+}
+
+static void call_free(bs_rpc_call_t *c)
+{
+    bs_rpc_server_t *s = c->srv;
+    grpc_call_unref(c->call);
+    call_drop_queue(c);
+    grpc_slice_unref(c->details);
+    free(c->md);
+    free(c->watch_service);
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        s->calls = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    s->n_calls--;
+    free(c);
+    rpc_check_shutdown(s);
+}
+
+static void call_unref(bs_rpc_call_t *c)
+{
+    if (--c->refs == 0)
+        call_free(c);
+}
+
+/* Start one batch; the batch holds a reference until its tag comes back. */
+static int call_batch(bs_rpc_call_t *c, const grpc_op *ops, size_t n, struct rpc_tag *tag)
+{
+    if (c->srv->cq_down) /* cannot happen while the call object lives: checked anyway */
+        return BS_EINTERNAL;
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, tag, NULL);
+    if (e != GRPC_CALL_OK) {
+        bs_log(BS_LOG_ERROR, NULL, "rpc: grpc_call_start_batch: %s", grpc_call_error_to_string(e));
+        return BS_EINTERNAL;
+    }
+    c->refs++;
+    return 0;
+}
+
+/* The transport fails the call: the client gets status; recv_close then
+ * reports a cancellation, which the application hears as on_cancel. */
+static void call_abort(bs_rpc_call_t *c, enum bs_rpc_status status, const char *msg)
+{
+    if (c->cancelled || c->closed)
+        return;
+    c->cancelled = true;
+    call_drop_queue(c);
+    grpc_call_cancel_with_status(c->call, (grpc_status_code)status, msg, NULL);
+}
+
+/* Queue a copy of data behind the messages already waiting. */
+static int call_queue(bs_rpc_call_t *c, const uint8_t *data, size_t len)
+{
+    struct rpc_msg *m = malloc(sizeof(*m) + len);
+    if (m == NULL)
+        return BS_ENOMEM;
+    m->next = NULL;
+    m->len = len;
+    if (len > 0)
+        memcpy(m->data, data, len);
+    if (c->sq_tail != NULL)
+        c->sq_tail->next = m;
+    else
+        c->sq_head = m;
+    c->sq_tail = m;
+    return 0;
+}
+
+static void call_set_status(bs_rpc_call_t *c, enum bs_rpc_status status, const char *msg)
+{
+    c->status_set = true;
+    c->status = status;
+    grpc_slice_unref(c->details);
+    c->details = rpc_details(msg);
+}
+
+/* Transport-side sends (health, reflection, unknown methods). */
+static void call_send(bs_rpc_call_t *c, const uint8_t *data, size_t len)
+{
+    if (c->cancelled || c->status_set)
+        return;
+    if (call_queue(c, data, len) != 0) {
+        call_abort(c, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
+        return;
+    }
+    call_pump(c);
+}
+
+static void call_finish(bs_rpc_call_t *c, enum bs_rpc_status status, const char *msg)
+{
+    if (c->cancelled || c->status_set)
+        return;
+    call_set_status(c, status, msg);
+    call_pump(c);
+}
+
+/* Start the next send batch: initial metadata once, the next queued
+ * message, and the status once nothing else is queued. */
+static void call_pump(bs_rpc_call_t *c)
+{
+    grpc_op ops[3];
+    size_t n = 0;
+    struct rpc_msg *m = c->sq_head;
+    if (c->send_busy || c->cancelled || c->closed || c->status_sent)
+        return;
+    if (m == NULL && !c->status_set)
+        return;
+    memset(ops, 0, sizeof(ops));
+    if (!c->md_sent)
+        ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    if (m != NULL) {
+        grpc_slice sl = grpc_slice_new_with_user_data(m->data, m->len, free, m);
+        c->sq_head = m->next;
+        if (c->sq_head == NULL)
+            c->sq_tail = NULL;
+        c->send_buf = grpc_raw_byte_buffer_create(&sl, 1);
+        grpc_slice_unref(sl); /* the buffer holds its own reference */
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n++].data.send_message.send_message = c->send_buf;
+    }
+    if (c->status_set && c->sq_head == NULL) {
+        ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+        ops[n].data.send_status_from_server.status = (grpc_status_code)c->status;
+        ops[n++].data.send_status_from_server.status_details = &c->details;
+    }
+    if (call_batch(c, ops, n, &c->send_tag) != 0) {
+        if (c->send_buf != NULL)
+            grpc_byte_buffer_destroy(c->send_buf);
+        c->send_buf = NULL;
+        call_abort(c, BS_RPC_INTERNAL, "cannot send");
+        return;
+    }
+    c->send_busy = true;
+    c->md_sent = true;
+    c->status_sent = c->status_set && c->sq_head == NULL;
+}
+
+static void call_on_sent(bs_rpc_call_t *c, int ok)
+{
+    c->send_busy = false;
+    if (c->send_buf != NULL)
+        grpc_byte_buffer_destroy(c->send_buf);
+    c->send_buf = NULL;
+    if (ok)
+        call_pump(c);
+    else
+        call_drop_queue(c); /* the call is going away; recv_close says how */
+    call_unref(c);
+}
+
+/* Deliver on_cancel once for a call the application was given, even when it
+ * has already answered: gRPC core completes a pending read of a cancelled
+ * stream like a half-close, so on_stream_end (and the application's finish)
+ * may come first, and only recv_close tells the two apart. */
+static void call_notify_cancel(bs_rpc_call_t *c)
+{
+    bs_rpc_server_t *s = c->srv;
+    c->cancelled = true;
+    call_drop_queue(c);
+    if (!c->app_owned || c->cancel_heard || s->h.on_cancel == NULL)
+        return;
+    c->cancel_heard = true;
+    c->refs++;
+    s->h.on_cancel(s->h.arg, c);
+    call_unref(c);
+}
+
+static void call_on_close(bs_rpc_call_t *c, int ok)
+{
+    c->closed = true;
+    if (!ok || c->close_cancelled || c->cancelled)
+        call_notify_cancel(c);
+    call_unref(c); /* the transport's reference */
+    call_unref(c); /* the batch's */
+}
+
+static int call_start_close(bs_rpc_call_t *c)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->close_cancelled;
+    return call_batch(c, &op, 1, &c->close_tag);
+}
+
+/* ---- receiving ------------------------------------------------------------------------------ */
+
+/* The bytes of bb as one slice (NULL bb: empty). */
+static int rpc_read(grpc_byte_buffer *bb, grpc_slice *out)
+{
+    grpc_byte_buffer_reader r;
+    if (bb == NULL) {
+        *out = grpc_empty_slice();
+        return 0;
+    }
+    if (!grpc_byte_buffer_reader_init(&r, bb))
+        return BS_EFORMAT;
+    *out = grpc_byte_buffer_reader_readall(&r);
+    grpc_byte_buffer_reader_destroy(&r);
+    return 0;
+}
+
+static void call_start_recv(bs_rpc_call_t *c)
+{
+    grpc_op op;
+    if (c->recv_busy || c->cancelled || c->closed || c->status_set || c->ended)
+        return;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->recv_buf;
+    if (call_batch(c, &op, 1, &c->recv_tag) != 0) {
+        call_abort(c, BS_RPC_INTERNAL, "cannot receive");
+        return;
+    }
+    c->recv_busy = true;
+}
+
+static void reflection_on_msg(bs_rpc_call_t *c, const uint8_t *data, size_t len)
+{
+    uint8_t *out;
+    size_t out_len;
+    struct bs_err err = {0};
+    if (bs_reflection_answer(c->srv->refl, data, len, &out, &out_len, &err) != 0) {
+        call_abort(c, BS_RPC_RESOURCE_EXHAUSTED, err.msg);
+        return;
+    }
+    call_send(c, out, out_len);
+    free(out);
+}
+
+/* One message, or the half-close (bb NULL), on a bidirectional call. */
+static void call_on_stream_input(bs_rpc_call_t *c, grpc_byte_buffer *bb)
+{
+    bs_rpc_server_t *s = c->srv;
+    grpc_slice sl;
+    if (bb == NULL) {
+        c->ended = true;
+        if (c->kind == RPC_KIND_REFLECTION)
+            call_finish(c, BS_RPC_OK, NULL);
+        else if (s->h.on_stream_end != NULL)
+            s->h.on_stream_end(s->h.arg, c);
+        return;
+    }
+    if (rpc_read(bb, &sl) != 0) {
+        call_abort(c, BS_RPC_INTERNAL, "cannot read the request message");
+        return;
+    }
+    if (c->kind == RPC_KIND_REFLECTION)
+        reflection_on_msg(c, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl));
+    else if (s->h.on_stream_msg != NULL)
+        s->h.on_stream_msg(s->h.arg, c, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl));
+    grpc_slice_unref(sl);
+    call_start_recv(c);
+}
+
+static void call_on_recv(bs_rpc_call_t *c, int ok)
+{
+    grpc_byte_buffer *bb = c->recv_buf;
+    c->recv_buf = NULL;
+    c->recv_busy = false;
+    if (ok && !c->cancelled && !c->status_set)
+        call_on_stream_input(c, bb);
+    if (bb != NULL)
+        grpc_byte_buffer_destroy(bb);
+    call_unref(c);
+}
+
+/* ---- health --------------------------------------------------------------------------------- */
+
+static void health_send_status(bs_rpc_call_t *c, enum bs_health_status st)
+{
+    uint8_t buf[BS_HEALTH_RESPONSE_MAX];
+    size_t n = bs_health_encode_response(st, buf);
+    c->watch_last = st;
+    call_send(c, buf, n);
+}
+
+static void health_on_call(bs_rpc_call_t *c, const uint8_t *data, size_t len)
+{
+    struct bs_err err = {0};
+    char *service;
+    int rc = bs_health_decode_request(data, len, &service, &err);
+    if (rc != 0) {
+        call_finish(c, rc == BS_ENOMEM ? BS_RPC_RESOURCE_EXHAUSTED : BS_RPC_INVALID_ARGUMENT,
+                    err.msg);
+        return;
+    }
+    enum bs_health_status st = bs_health_get(c->srv->health, service);
+    if (c->kind == RPC_KIND_HEALTH_WATCH) {
+        c->watch_service = service; /* the stream stays open until cancelled */
+        health_send_status(c, st);
+        return;
+    }
+    free(service);
+    if (st == BS_HEALTH_SERVICE_UNKNOWN) {
+        call_finish(c, BS_RPC_NOT_FOUND, "unknown service");
+        return;
+    }
+    health_send_status(c, st);
+    call_finish(c, BS_RPC_OK, NULL);
+}
+
+void bs_rpc_set_serving(bs_rpc_server_t *server, const char *service, bool serving)
+{
+    int rc = bs_health_set(server->health, service ? service : "", serving);
+    if (rc < 0)
+        bs_log(BS_LOG_ERROR, NULL, "rpc: health: out of memory");
+    if (rc <= 0)
+        return;
+    for (bs_rpc_call_t *c = server->calls; c != NULL; c = c->next) {
+        if (c->kind != RPC_KIND_HEALTH_WATCH || c->watch_service == NULL || c->cancelled ||
+            strcmp(c->watch_service, service ? service : "") != 0)
+            continue;
+        enum bs_health_status st = bs_health_get(server->health, c->watch_service);
+        if (st != c->watch_last)
+            health_send_status(c, st);
+    }
+}
+
+/* ---- arriving calls ------------------------------------------------------------------------- */
+
+static void rpc_arm(bs_rpc_server_t *s, struct rpc_accept *a)
+{
+    grpc_call_error e;
+    if (s->shutting_down || a->armed)
+        return;
+    a->call = NULL;
+    a->payload = NULL;
+    if (a->method >= 0) {
+        bool payload = rpc_kind_reads_payload(rpc_methods[a->method].kind);
+        e = grpc_server_request_registered_call(s->server, a->handle, &a->call, &a->deadline,
+                                                &a->md, payload ? &a->payload : NULL, s->cq, s->cq,
+                                                &a->tag);
+    } else {
+        e = grpc_server_request_call(s->server, &a->call, &a->details, &a->md, s->cq, s->cq,
+                                     &a->tag);
+    }
+    if (e != GRPC_CALL_OK) {
+        bs_log(BS_LOG_ERROR, NULL, "rpc: cannot request calls of %s: %s",
+               a->method >= 0 ? rpc_methods[a->method].path : "other methods",
+               grpc_call_error_to_string(e));
+        return;
+    }
+    a->armed = true;
+    s->n_armed++;
+}
+
+/* Hand a new call to whoever answers it; payload is the first message of
+ * unary and server-streaming methods. */
+static void rpc_dispatch_call(bs_rpc_call_t *c, const uint8_t *data, size_t len)
+{
+    bs_rpc_server_t *s = c->srv;
+    switch (c->kind) {
+    case RPC_KIND_UNARY:
+        if (s->h.on_unary == NULL) {
+            call_finish(c, BS_RPC_UNIMPLEMENTED, "method not implemented");
+            break;
+        }
+        c->app_owned = true;
+        s->h.on_unary(s->h.arg, c, (enum bs_rpc_method)c->method, data, len);
+        break;
+    case RPC_KIND_STREAM:
+        if (s->h.on_stream_open == NULL) {
+            call_finish(c, BS_RPC_UNIMPLEMENTED, "method not implemented");
+            break;
+        }
+        c->app_owned = true;
+        s->h.on_stream_open(s->h.arg, c);
+        call_start_recv(c);
+        break;
+    case RPC_KIND_HEALTH_CHECK:
+    case RPC_KIND_HEALTH_WATCH:
+        health_on_call(c, data, len);
+        break;
+    case RPC_KIND_REFLECTION:
+        call_start_recv(c);
+        break;
+    case RPC_KIND_UNKNOWN:
+        break;
+    }
+}
+
+/* Take a new call out of an accept slot and start its state machine. */
+static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *gc,
+                           grpc_byte_buffer *payload)
+{
+    enum rpc_kind kind = a->method >= 0 ? rpc_methods[a->method].kind : RPC_KIND_UNKNOWN;
+    gpr_timespec deadline = a->method >= 0 ? a->deadline : a->details.deadline;
+    char unknown[300] = "";
+    grpc_slice sl;
+    bs_rpc_call_t *c = call_new(s, gc, kind, a->method, deadline, &a->md);
+    if (a->method < 0)
+        snprintf(unknown, sizeof(unknown), "unknown method %.*s",
+                 (int)GRPC_SLICE_LENGTH(a->details.method),
+                 (const char *)GRPC_SLICE_START_PTR(a->details.method));
+    if (c == NULL) {
+        grpc_call_cancel_with_status(gc, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL);
+        grpc_call_unref(gc);
+        return;
+    }
+    if (call_start_close(c) != 0) {
+        call_abort(c, BS_RPC_INTERNAL, "cannot start the call");
+        call_unref(c);
+        return;
+    }
+    c->refs++; /* across the handlers */
+    if (kind == RPC_KIND_UNKNOWN)
+        call_finish(c, BS_RPC_UNIMPLEMENTED, unknown);
+    else if (rpc_read(payload, &sl) != 0)
+        call_abort(c, BS_RPC_INTERNAL, "cannot read the request message");
+    else {
+        rpc_dispatch_call(c, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl));
+        grpc_slice_unref(sl);
+    }
+    call_unref(c);
+}
+
+static void rpc_on_accept(bs_rpc_server_t *s, struct rpc_accept *a, int ok)
+{
+    grpc_call *gc = a->call;
+    grpc_byte_buffer *payload = a->payload;
+    a->armed = false;
+    s->n_armed--;
+    a->call = NULL;
+    a->payload = NULL;
+    if (ok && gc != NULL && s->shutting_down) {
+        grpc_call_cancel_with_status(gc, GRPC_STATUS_UNAVAILABLE, "the server is shutting down",
+                                     NULL);
+        grpc_call_unref(gc);
+    } else if (ok && gc != NULL) {
+        rpc_start_call(s, a, gc, payload);
+    }
+    if (payload != NULL)
+        grpc_byte_buffer_destroy(payload);
+    grpc_metadata_array_destroy(&a->md);
+    grpc_metadata_array_init(&a->md);
+    if (a->method < 0) {
+        grpc_call_details_destroy(&a->details);
+        grpc_call_details_init(&a->details);
+    }
+    rpc_arm(s, a);
+    rpc_check_shutdown(s);
+}
+
+/* ---- the loop side of the completion queue -------------------------------------------------- */
+
+static void rpc_on_tag(bs_rpc_server_t *s, struct rpc_tag *t)
+{
+    switch (t->kind) {
+    case RPC_TAG_ACCEPT:
+        rpc_on_accept(s, t->owner, t->ok);
+        break;
+    case RPC_TAG_SHUTDOWN:
+        s->shutdown_notified = true;
+        rpc_check_shutdown(s);
+        break;
+    case RPC_TAG_CLOSE:
+        call_on_close(t->owner, t->ok);
+        break;
+    case RPC_TAG_RECV:
+        call_on_recv(t->owner, t->ok);
+        break;
+    case RPC_TAG_SEND:
+        call_on_sent(t->owner, t->ok);
+        break;
+    }
+}
+
+static void rpc_on_closed(uv_handle_t *h)
+{
+    bs_rpc_server_t *s = h->data;
+    s->closed = true;
+    if (s->done != NULL)
+        s->done(s->done_arg);
+}
+
+/* The CQ thread has seen the queue shut down: join it and let go of gRPC. */
+static void rpc_finish_shutdown(bs_rpc_server_t *s)
+{
+    s->joined = true;
+    uv_thread_join(&s->cq_thread);
+    grpc_server_destroy(s->server);
+    grpc_completion_queue_destroy(s->cq);
+    s->server = NULL;
+    s->cq = NULL;
+    uv_close((uv_handle_t *)&s->async, rpc_on_closed);
+}
+
+static void rpc_on_async(uv_async_t *async)
+{
+    bs_rpc_server_t *s = async->data;
+    uv_mutex_lock(&s->ev_lock);
+    struct rpc_tag *t = s->ev_head;
+    bool exited = s->cq_exited;
+    s->ev_head = s->ev_tail = NULL;
+    uv_mutex_unlock(&s->ev_lock);
+    while (t != NULL) {
+        struct rpc_tag *next = t->next; /* t may be freed by its handler */
+        rpc_on_tag(s, t);
+        t = next;
+    }
+    if (exited && !s->joined)
+        rpc_finish_shutdown(s);
+}
+
+static void rpc_check_shutdown(bs_rpc_server_t *s)
+{
+    if (!s->shutting_down || !s->shutdown_notified || s->n_armed > 0 || s->n_calls > 0 ||
+        s->cq_down)
+        return;
+    s->cq_down = true;
+    grpc_completion_queue_shutdown(s->cq);
+}
+
+void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), void *arg)
+{
+    if (server->shutting_down)
+        return;
+    server->shutting_down = true;
+    server->done = done;
+    server->done_arg = arg;
+    grpc_server_shutdown_and_notify(server->server, server->cq, &server->shutdown_tag);
+    grpc_server_cancel_all_calls(server->server);
+}
+
+/* ---- creation ------------------------------------------------------------------------------- */
+
+static grpc_server *rpc_create_grpc_server(const struct bs_rpc_options *opts)
+{
+    grpc_arg args[3];
+    size_t n = 0;
+    int recv = opts->max_recv_bytes != 0 ? opts->max_recv_bytes : RPC_DEFAULT_MAX_MESSAGE;
+    int send = opts->max_send_bytes != 0 ? opts->max_send_bytes : RPC_DEFAULT_MAX_MESSAGE;
+    memset(args, 0, sizeof(args));
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[n++].value.integer = recv < 0 ? -1 : recv; /* -1: unlimited */
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[n++].value.integer = send < 0 ? -1 : send;
+    if (opts->max_concurrent_streams > 0) {
+        args[n].type = GRPC_ARG_INTEGER;
+        args[n].key = (char *)GRPC_ARG_MAX_CONCURRENT_STREAMS;
+        args[n++].value.integer = opts->max_concurrent_streams;
+    }
+    grpc_channel_args ca = {n, args};
+    return grpc_server_create(&ca, NULL);
+}
+
+static int rpc_register_methods(bs_rpc_server_t *s, struct bs_err *err)
+{
+    for (int i = 0; i < RPC_N_METHODS; i++) {
+        struct rpc_accept *a = &s->accepts[i];
+        grpc_server_register_method_payload_handling ph =
+            rpc_kind_reads_payload(rpc_methods[i].kind) ? GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER
+                                                        : GRPC_SRM_PAYLOAD_NONE;
+        a->handle = grpc_server_register_method(s->server, rpc_methods[i].path, NULL, ph, 0);
+        if (a->handle == NULL)
+            return bs_err_set(err, BS_EINTERNAL, "cannot register %s", rpc_methods[i].path);
+    }
+    return 0;
+}
+
+static void rpc_init_accept(bs_rpc_server_t *s, struct rpc_accept *a, int method)
+{
+    a->tag = (struct rpc_tag){.kind = RPC_TAG_ACCEPT, .owner = a};
+    a->srv = s;
+    a->method = method;
+    grpc_metadata_array_init(&a->md);
+    grpc_call_details_init(&a->details);
+}
+
+/* Tear down a server that never reached the loop (init failure). */
+static void rpc_destroy_grpc_sync(bs_rpc_server_t *s)
+{
+    if (s->server != NULL) {
+        grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+        for (;;) {
+            grpc_event ev =
+                grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+            if (ev.type == GRPC_OP_COMPLETE && ev.tag == &s->shutdown_tag)
+                break;
+        }
+        grpc_server_destroy(s->server);
+    }
+    grpc_completion_queue_shutdown(s->cq);
+    while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN)
+        ;
+    grpc_completion_queue_destroy(s->cq);
+}
+
+/* The accept slots' buffers, then gRPC itself (pairs with rpc_create_grpc). */
+static void rpc_release_grpc(bs_rpc_server_t *s)
+{
+    for (int i = 0; i < RPC_N_METHODS; i++) {
+        grpc_metadata_array_destroy(&s->accepts[i].md);
+        grpc_call_details_destroy(&s->accepts[i].details);
+    }
+    grpc_metadata_array_destroy(&s->generic.md);
+    grpc_call_details_destroy(&s->generic.details);
+    grpc_shutdown();
+}
+
+static void rpc_free_on_close(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+/* gRPC server, methods and port; on failure nothing gRPC is left. */
+static int rpc_create_grpc(bs_rpc_server_t *s, const struct bs_rpc_options *opts, int *port,
+                           struct bs_err *err)
+{
+    const char *address = opts->address != NULL ? opts->address : RPC_DEFAULT_ADDRESS;
+    int rc;
+    grpc_init();
+    for (int i = 0; i < RPC_N_METHODS; i++)
+        rpc_init_accept(s, &s->accepts[i], i);
+    rpc_init_accept(s, &s->generic, -1);
+    s->cq = grpc_completion_queue_create_for_next(NULL);
+    s->server = rpc_create_grpc_server(opts);
+    if (s->cq == NULL || s->server == NULL) {
+        rc = bs_err_set(err, BS_EINTERNAL, "cannot create the gRPC server");
+        goto fail;
+    }
+    grpc_server_register_completion_queue(s->server, s->cq, NULL);
+    if ((rc = rpc_register_methods(s, err)) != 0)
+        goto fail;
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    *port = grpc_server_add_http2_port(s->server, address, creds);
+    grpc_server_credentials_release(creds);
+    if (*port == 0) {
+        rc = bs_err_set(err, BS_EIO, "cannot listen on %s", address);
+        goto fail;
+    }
+    return 0;
+fail:
+    if (s->cq != NULL)
+        rpc_destroy_grpc_sync(s);
+    else if (s->server != NULL)
+        grpc_server_destroy(s->server);
+    s->server = NULL;
+    s->cq = NULL;
+    rpc_release_grpc(s);
+    return rc;
+}
+
+int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct bs_rpc_options *opts,
+                       const struct bs_rpc_handlers *handlers, int *port, struct bs_err *err)
+{
+    static const struct bs_rpc_options defaults = {0};
+    bs_rpc_server_t *s = calloc(1, sizeof(*s));
+    int rc, bound = 0;
+    *server = NULL;
+    if (opts == NULL)
+        opts = &defaults;
+    if (s == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    s->loop = loop;
+    s->h = *handlers;
+    s->shutdown_tag = (struct rpc_tag){.kind = RPC_TAG_SHUTDOWN, .owner = s};
+    if ((rc = bs_health_init(&s->health, err)) != 0)
+        goto fail_parts;
+    if (bs_health_set(s->health, "", true) < 0) {
+        rc = bs_err_set(err, BS_ENOMEM, "out of memory");
+        goto fail_parts;
+    }
+    if ((rc = bs_reflection_init(&s->refl, bs_descriptor_set, bs_descriptor_set_len, rpc_services,
+                                 BS_ARRAY_LEN(rpc_services), err)) != 0)
+        goto fail_parts;
+    if ((rc = rpc_create_grpc(s, opts, &bound, err)) != 0)
+        goto fail_parts;
+    if (uv_mutex_init(&s->ev_lock) != 0) {
+        rc = bs_err_set(err, BS_EINTERNAL, "cannot create a mutex");
+        goto fail_grpc;
+    }
+    if (uv_async_init(loop, &s->async, rpc_on_async) != 0) {
+        rc = bs_err_set(err, BS_EINTERNAL, "cannot create the loop wakeup");
+        goto fail_mutex;
+    }
+    s->async.data = s;
+    if (uv_thread_create(&s->cq_thread, rpc_cq_main, s) != 0) {
+        rc = bs_err_set(err, BS_EINTERNAL, "cannot start the completion-queue thread");
+        goto fail_async;
+    }
+    grpc_server_start(s->server);
+    for (int i = 0; i < RPC_N_METHODS; i++)
+        rpc_arm(s, &s->accepts[i]);
+    rpc_arm(s, &s->generic);
+    *port = bound;
+    *server = s;
+    return 0;
+
+fail_async:
+    /* The handle is the loop's until its close callback, which frees s. */
+    uv_mutex_destroy(&s->ev_lock);
+    rpc_destroy_grpc_sync(s);
+    rpc_release_grpc(s);
+    bs_reflection_free(s->refl);
+    bs_health_free(s->health);
+    uv_close((uv_handle_t *)&s->async, rpc_free_on_close);
+    return rc;
+fail_mutex:
+    uv_mutex_destroy(&s->ev_lock);
+fail_grpc:
+    rpc_destroy_grpc_sync(s);
+    rpc_release_grpc(s);
+fail_parts:
+    bs_reflection_free(s->refl);
+    bs_health_free(s->health);
+    free(s);
+    return rc;
+}
+
+void bs_rpc_server_free(bs_rpc_server_t *server)
+{
+    if (server == NULL)
+        return;
+    if (!server->closed) {
+        bs_log(BS_LOG_ERROR, NULL, "rpc: server freed before its shutdown completed; leaking it");
+        return;
+    }
+    uv_mutex_destroy(&server->ev_lock);
+    rpc_release_grpc(server);
+    bs_reflection_free(server->refl);
+    bs_health_free(server->health);
+    free(server);
+}
+
+/* ---- per-call API --------------------------------------------------------------------------- */
+
+void bs_rpc_call_ref(bs_rpc_call_t *call)
+{
+    call->refs++;
+}
+
+void bs_rpc_call_unref(bs_rpc_call_t *call)
+{
+    call_unref(call);
+}
+
+void bs_rpc_call_set_data(bs_rpc_call_t *call, void *data)
+{
+    call->data = data;
+}
+
+void *bs_rpc_call_data(const bs_rpc_call_t *call)
+{
+    return call->data;
+}
+
+int64_t bs_rpc_call_deadline(const bs_rpc_call_t *call)
+{
+    return call->deadline;
+}
+
+bool bs_rpc_call_cancelled(const bs_rpc_call_t *call)
+{
+    return call->cancelled;
+}
+
+const char *bs_rpc_call_metadata(const bs_rpc_call_t *call, const char *key)
+{
+    for (size_t i = 0; i < call->n_md; i++)
+        if (strcasecmp(call->md[i].key, key) == 0)
+            return call->md[i].value;
+    return NULL;
+}
+
+enum rpc_answer_check {
+    RPC_ANSWER_GO,
+    RPC_ANSWER_DROP,   /* cancelled: accepted and dropped, returns 0 */
+    RPC_ANSWER_MISUSE, /* not the application's to answer (again): BS_EINVAL */
+};
+
+static enum rpc_answer_check call_answer_check(const bs_rpc_call_t *call, enum rpc_kind want)
+{
+    if (call->cancelled || call->closed)
+        return RPC_ANSWER_DROP;
+    if (!call->app_owned || call->app_done || call->status_set ||
+        (want != RPC_KIND_UNKNOWN && call->kind != want))
+        return RPC_ANSWER_MISUSE;
+    return RPC_ANSWER_GO;
+}
+
+#define RPC_ANSWER_RC(check) ((check) == RPC_ANSWER_DROP ? 0 : BS_EINVAL)
+
+int bs_rpc_reply(bs_rpc_call_t *call, const uint8_t *data, size_t len)
+{
+    enum rpc_answer_check check = call_answer_check(call, RPC_KIND_UNARY);
+    if (check != RPC_ANSWER_GO)
+        return RPC_ANSWER_RC(check);
+    call->app_done = true;
+    if (call_queue(call, data, len) != 0) {
+        call_abort(call, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
+        return BS_ENOMEM;
+    }
+    call_set_status(call, BS_RPC_OK, NULL);
+    call_pump(call);
+    return 0;
+}
+
+/* Any application call, unary or stream (RPC_KIND_UNKNOWN here means "either"). */
+int bs_rpc_fail(bs_rpc_call_t *call, enum bs_rpc_status status, const char *msg)
+{
+    enum rpc_answer_check check = call_answer_check(call, RPC_KIND_UNKNOWN);
+    if (check != RPC_ANSWER_GO)
+        return RPC_ANSWER_RC(check);
+    call->app_done = true;
+    call_set_status(call, status, msg);
+    call_pump(call);
+    return 0;
+}
+
+int bs_rpc_stream_send(bs_rpc_call_t *call, const uint8_t *data, size_t len)
+{
+    enum rpc_answer_check check = call_answer_check(call, RPC_KIND_STREAM);
+    if (check != RPC_ANSWER_GO)
+        return RPC_ANSWER_RC(check);
+    if (call_queue(call, data, len) != 0) {
+        call_abort(call, BS_RPC_RESOURCE_EXHAUSTED, "out of memory"); /* on_cancel follows */
+        return BS_ENOMEM;
+    }
+    call_pump(call);
+    return 0;
+}
+
+int bs_rpc_stream_finish(bs_rpc_call_t *call, enum bs_rpc_status status, const char *msg)
+{
+    return bs_rpc_fail(call, status, msg);
+}

@@ -1,0 +1,762 @@
+/* The dynamic batcher on a real libuv loop with small golden models
+ * (tests/golden/<case>, weights only; inputs are generated). Every batched
+ * result is compared with the same request run alone through
+ * bs_model_forward: max abs difference <= 1e-5.
+ *
+ * usage: test_batcher [GOLDEN_DIR] (default tests/golden) */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <math.h>
+#include <uv.h>
+
+#include "batcher.h"
+
+#define TOLERANCE  1e-5
+#define MAX_IN     4
+#define MAX_BLOCKS 4
+#define MS         1000000ull /* ns */
+
+static const char *golden_dir = "tests/golden";
+static struct bs_backend be;
+
+/* ---- requests ---------------------------------------------------------- */
+
+struct req {
+    struct bs_named_tensor in[MAX_IN];
+    void *bufs[MAX_IN];
+    int n_in;
+    bool intermediate;
+    bs_job_t *job;
+    /* what the batcher answered */
+    int rc, done_calls, block_calls, bad_block_order;
+    char msg[256];
+    struct bs_tensor out;
+    float *blocks[MAX_BLOCKS];
+    uint64_t done_ns;
+    /* hooks */
+    bs_batcher_t *b;
+    struct req *cancel_on_block; /* cancel this request from our first on_block */
+    int *done_order, *n_done;    /* append our index to done_order */
+    int index;
+};
+
+static uint64_t rng_state = 12345;
+
+static float rnd(void)
+{
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng_state >> 40) & 0xffffff) / (float)0x800000 - 1.0f; /* [-1, 1) */
+}
+
+static void *req_add(struct req *r, const char *name, enum bs_dtype type, int n_dims,
+                     const int64_t *ne)
+{
+    assert_true(r->n_in < MAX_IN);
+    struct bs_tensor t = bs_tensor_make(type, n_dims, ne, NULL);
+    t.data = malloc(bs_tensor_nbytes(&t));
+    assert_non_null(t.data);
+    r->bufs[r->n_in] = t.data;
+    r->in[r->n_in].name = name;
+    r->in[r->n_in].t = t;
+    r->n_in++;
+    return t.data;
+}
+
+static void req_add_random(struct req *r, const char *name, int n_dims, const int64_t *ne)
+{
+    float *p = req_add(r, name, BS_TYPE_F32, n_dims, ne);
+    int64_t n = bs_tensor_nelements(&r->in[r->n_in - 1].t);
+    for (int64_t i = 0; i < n; i++)
+        p[i] = rnd();
+}
+
+/* hidden_states [batch, l, 32] and, when lk > 0, encoder_hidden_states [batch, lk, 24]. */
+static void req_btb(struct req *r, int64_t batch, int64_t l, int64_t lk)
+{
+    req_add_random(r, "hidden_states", 3, (int64_t[]){batch, l, 32});
+    if (lk > 0)
+        req_add_random(r, "encoder_hidden_states", 3, (int64_t[]){batch, lk, 24});
+}
+
+static void req_free(struct req *r)
+{
+    for (int i = 0; i < r->n_in; i++)
+        free(r->bufs[i]);
+    free(r->out.data);
+    for (int i = 0; i < MAX_BLOCKS; i++)
+        free(r->blocks[i]);
+    memset(r, 0, sizeof(*r));
+}
+
+static float *copy_floats(const struct bs_tensor *t)
+{
+    float *p = malloc(bs_tensor_nbytes(t));
+    assert_non_null(p);
+    memcpy(p, t->data, bs_tensor_nbytes(t));
+    return p;
+}
+
+static void on_block(void *arg, int block, int n_blocks, const struct bs_tensor *out)
+{
+    struct req *r = arg;
+    if (block != r->block_calls || r->done_calls != 0 || block >= MAX_BLOCKS)
+        r->bad_block_order++;
+    else
+        r->blocks[block] = copy_floats(out);
+    r->block_calls++;
+    if (r->cancel_on_block != NULL) {
+        bs_batcher_cancel(r->b, r->cancel_on_block->job);
+        r->cancel_on_block = NULL;
+    }
+}
+
+static void on_done(void *arg, int rc, const char *msg, const struct bs_tensor *out)
+{
+    struct req *r = arg;
+    r->rc = rc;
+    r->done_calls++;
+    r->done_ns = uv_hrtime();
+    snprintf(r->msg, sizeof(r->msg), "%s", msg ? msg : "");
+    if (rc == 0) {
+        assert_non_null(out);
+        r->out = *out;
+        r->out.data = copy_floats(out);
+    }
+    if (r->done_order != NULL)
+        r->done_order[(*r->n_done)++] = r->index;
+    r->job = NULL;
+}
+
+static const struct bs_job_ops ops = {on_block, on_done};
+
+static int submit(bs_batcher_t *b, struct req *r, int64_t deadline_ns, struct bs_err *err)
+{
+    r->b = b;
+    return bs_batcher_submit(b, r->in, r->n_in, deadline_ns, r->intermediate, &ops, r, &r->job,
+                             err);
+}
+
+static void submit_ok(bs_batcher_t *b, struct req *r)
+{
+    struct bs_err err = {0};
+    int rc = submit(b, r, INT64_MAX, &err);
+    if (rc != 0)
+        fail_msg("submit: %d %s", rc, err.msg);
+}
+
+/* ---- the reference: one request alone ---------------------------------- */
+
+struct ref_blocks {
+    float *blocks[MAX_BLOCKS];
+    int n;
+};
+
+static int ref_on_block(void *arg, int block, int n_blocks, const struct bs_tensor *out)
+{
+    struct ref_blocks *rb = arg;
+    if (block < MAX_BLOCKS)
+        rb->blocks[block] = copy_floats(out);
+    rb->n++;
+    return 0;
+}
+
+static double max_diff(const float *a, const float *c, int64_t n)
+{
+    double m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)c[i]);
+        if (!(d <= m))
+            m = isnan(d) ? INFINITY : d;
+    }
+    return m;
+}
+
+/* Run r alone and compare its answer (and its block outputs, if it has any). */
+static void check_against_alone(bs_model_t *model, const struct req *r)
+{
+    struct bs_err err = {0};
+    struct bs_arena arena;
+    struct bs_tensor out;
+    struct ref_blocks rb = {{NULL}, 0};
+    struct bs_forward_opts opts = {ref_on_block, &rb};
+    assert_int_equal(r->done_calls, 1);
+    if (r->rc != 0)
+        fail_msg("request %d failed: %d %s", r->index, r->rc, r->msg);
+    assert_int_equal(bs_model_check(model, r->in, r->n_in, &out, &err), 0);
+    assert_int_equal(out.n_dims, r->out.n_dims);
+    assert_memory_equal(out.ne, r->out.ne, sizeof(int64_t) * (size_t)out.n_dims);
+    out.data = malloc(bs_tensor_nbytes(&out));
+    bs_arena_init(&arena, &be);
+    int rc =
+        bs_model_forward(model, &arena, r->in, r->n_in, &out, r->block_calls ? &opts : NULL, &err);
+    if (rc != 0)
+        fail_msg("reference forward: %s", err.msg);
+    double d = max_diff(out.data, r->out.data, bs_tensor_nelements(&out));
+    if (!(d <= TOLERANCE))
+        fail_msg("request %d: max abs diff %.3g against the unbatched forward", r->index, d);
+    assert_int_equal(rb.n, r->block_calls);
+    for (int i = 0; i < rb.n && i < MAX_BLOCKS; i++) {
+        d = max_diff(rb.blocks[i], r->blocks[i], bs_tensor_nelements(&out));
+        if (!(d <= TOLERANCE))
+            fail_msg("request %d block %d: max abs diff %.3g", r->index, i, d);
+        free(rb.blocks[i]);
+    }
+    bs_arena_free(&arena);
+    free(out.data);
+}
+
+/* ---- fixture ------------------------------------------------------------ */
+
+struct fx {
+    uv_loop_t loop;
+    bs_model_t *model;
+    bs_batcher_t *b;
+};
+
+static struct bs_serving_config serving(int max_batch, int64_t delay_us)
+{
+    struct bs_serving_config c = {0};
+    c.max_batch_size = max_batch;
+    c.max_queue_delay_us = delay_us;
+    c.be = &be;
+    return c;
+}
+
+static void fx_init(struct fx *f, const char *model_case, const struct bs_serving_config *cfg)
+{
+    char path[4096];
+    struct bs_err err = {0};
+    memset(f, 0, sizeof(*f));
+    assert_int_equal(uv_loop_init(&f->loop), 0);
+    snprintf(path, sizeof(path), "%s/%s", golden_dir, model_case);
+    if (bs_model_load(&f->model, path, &be, &err) != 0)
+        fail_msg("load %s: %s", path, err.msg);
+    if (bs_batcher_init(&f->b, &f->loop, f->model, cfg, &err) != 0)
+        fail_msg("batcher: %s", err.msg);
+}
+
+/* Free the batcher (if the test has not), let the close callbacks run, and
+ * check that nothing is left on the loop. */
+static void fx_finish(struct fx *f)
+{
+    bs_batcher_free(f->b);
+    f->b = NULL;
+    assert_int_equal(uv_run(&f->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(uv_loop_close(&f->loop), 0);
+    bs_model_free(f->model);
+}
+
+/* ---- tests -------------------------------------------------------------- */
+
+/* (1) Eight one-sample requests submitted in one loop iteration form one batch. */
+static void test_one_batch_matches_alone(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 50000);
+    struct req r[8] = {0};
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 8; i++) {
+        r[i].index = i;
+        req_btb(&r[i], 1, 20, 7);
+        submit_ok(f.b, &r[i]);
+    }
+    assert_int_equal(bs_batcher_queued(f.b), 8);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->execution_count, 1);
+    assert_int_equal(s->inference_count, 8);
+    for (int i = 0; i < 8; i++) {
+        check_against_alone(f.model, &r[i]);
+        assert_int_equal(r[i].block_calls, 0);
+    }
+    fx_finish(&f);
+    for (int i = 0; i < 8; i++)
+        req_free(&r[i]);
+}
+
+/* (2) Per-sample timesteps and labels stay with their request: 0-d values,
+ * [1] and per-sample vectors in one batch (ada_norm_zero), including one
+ * value shared by a two-sample request (expanded to both samples). */
+static void test_per_sample_conditioning(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 50000);
+    struct req r[5] = {0};
+    fx_init(&f, "btb_ada_norm_zero_dit", &cfg);
+    for (int i = 0; i < 5; i++) {
+        /* 0: 0-d t and label; 1: 0-d t, [1] label; 2: per-sample [3];
+         * 3: batch 2 sharing a 0-d t and a [1] label; 4: [1] t and label */
+        int64_t batch = i == 2 ? 3 : i == 3 ? 2 : 1, n_per = i == 2 ? 3 : 1;
+        int t_dims = i == 2 || i == 4 ? 1 : 0, l_dims = i == 0 ? 0 : 1;
+        r[i].index = i;
+        req_add_random(&r[i], "hidden_states", 3, (int64_t[]){batch, 20, 32});
+        float *t = req_add(&r[i], "timestep", BS_TYPE_F32, t_dims, (int64_t[]){n_per});
+        int64_t *l = req_add(&r[i], "class_labels", BS_TYPE_I64, l_dims, (int64_t[]){n_per});
+        for (int k = 0; k < n_per; k++) {
+            t[k] = 100.0f * (float)i + 37.5f * (float)k;
+            l[k] = (i * 3 + k) % 11;
+        }
+        submit_ok(f.b, &r[i]);
+    }
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(bs_batcher_stats(f.b)->execution_count, 1);
+    assert_int_equal(bs_batcher_stats(f.b)->inference_count, 8);
+    for (int i = 0; i < 5; i++)
+        check_against_alone(f.model, &r[i]);
+    fx_finish(&f);
+    for (int i = 0; i < 5; i++)
+        req_free(&r[i]);
+}
+
+/* (3) A preferred batch size dispatches before the (10 s) delay. */
+static void test_preferred_size(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 10 * 1000000);
+    struct req r[2] = {0};
+    cfg.preferred_batch_size[0] = 2;
+    cfg.n_preferred = 1;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    uint64_t t0 = uv_hrtime();
+    for (int i = 0; i < 2; i++) {
+        r[i].index = i;
+        req_btb(&r[i], 1, 20, 7);
+        submit_ok(f.b, &r[i]);
+    }
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    uint64_t ms = (uv_hrtime() - t0) / MS;
+    if (ms > 2000)
+        fail_msg("preferred batch took %llu ms", (unsigned long long)ms);
+    assert_int_equal(bs_batcher_stats(f.b)->execution_count, 1);
+    assert_int_equal(bs_batcher_stats(f.b)->batch[1].compute_infer.count, 1);
+    for (int i = 0; i < 2; i++)
+        check_against_alone(f.model, &r[i]);
+    fx_finish(&f);
+    for (int i = 0; i < 2; i++)
+        req_free(&r[i]);
+}
+
+/* (4) Errors at submit: queue full, batch too large, bad inputs; no on_done. */
+static void test_submit_errors(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(4, 10 * 1000000);
+    struct req r[5] = {0};
+    struct bs_err err = {0};
+    cfg.max_queue_size = 2;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 5; i++) {
+        r[i].index = i;
+        req_btb(&r[i], i == 3 ? 5 : 1, 20, i == 4 ? 0 : 7);
+    }
+    submit_ok(f.b, &r[0]);
+    submit_ok(f.b, &r[1]);
+    assert_int_equal(submit(f.b, &r[2], INT64_MAX, &err), BS_ERANGE);
+    assert_string_equal(err.msg, "queue full (2 requests)");
+    assert_null(r[2].job);
+    assert_int_equal(submit(f.b, &r[3], INT64_MAX, &err), BS_EINVAL);
+    assert_string_equal(err.msg, "batch 5 exceeds max_batch_size 4");
+    assert_int_equal(submit(f.b, &r[4], INT64_MAX, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "encoder_hidden_states")); /* the engine's message */
+    /* an unknown input */
+    r[4].in[0].name = "hiden_states";
+    assert_int_equal(submit(f.b, &r[4], INT64_MAX, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "hiden_states"));
+    assert_int_equal(bs_batcher_queued(f.b), 2);
+    bs_batcher_drain(f.b, NULL, NULL); /* runs the two without waiting 10 s */
+    assert_int_equal(submit(f.b, &r[2], INT64_MAX, &err), BS_EUNSUPP);
+    assert_string_equal(err.msg, "shutting down");
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    for (int i = 0; i < 2; i++)
+        check_against_alone(f.model, &r[i]);
+    for (int i = 2; i < 5; i++)
+        assert_int_equal(r[i].done_calls, 0);
+    fx_finish(&f);
+    for (int i = 0; i < 5; i++)
+        req_free(&r[i]);
+}
+
+/* (5) Deadlines: past at submit, from default_timeout_us, and one passing
+ * while the job waits for a 10 s delay (the deadline timer fires, not the
+ * delay). None is computed. */
+static void test_deadlines(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 10 * 1000000);
+    struct req r[3] = {0};
+    struct bs_err err = {0};
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 3; i++) {
+        r[i].index = i;
+        req_btb(&r[i], 1, 20, 7);
+    }
+    uint64_t t0 = uv_hrtime();
+    assert_int_equal(submit(f.b, &r[0], (int64_t)t0 - 1, &err), 0);
+    assert_int_equal(submit(f.b, &r[1], (int64_t)(t0 + 30 * MS), &err), 0);
+    assert_int_equal(r[0].done_calls, 0); /* never inside submit */
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    uint64_t ms = (uv_hrtime() - t0) / MS;
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(r[i].done_calls, 1);
+        assert_int_equal(r[i].rc, BS_ETIMEDOUT);
+        assert_non_null(strstr(r[i].msg, "deadline exceeded in the queue after"));
+    }
+    if (ms < 29 || ms > 2000)
+        fail_msg("the 30 ms deadline answered after %llu ms", (unsigned long long)ms);
+    if ((r[1].done_ns - t0) / MS < 29)
+        fail_msg("timed out early: %s", r[1].msg);
+    assert_int_equal(bs_batcher_stats(f.b)->execution_count, 0);
+    assert_int_equal(bs_batcher_stats(f.b)->fail.count, 2);
+    assert_int_equal(bs_batcher_stats(f.b)->queue.count, 0);
+    fx_finish(&f);
+
+    cfg.default_timeout_us = 1; /* INT64_MAX from the caller: the default applies */
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    submit_ok(f.b, &r[2]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(r[2].rc, BS_ETIMEDOUT);
+    assert_int_equal(bs_batcher_stats(f.b)->execution_count, 0);
+    fx_finish(&f);
+    for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
+/* (6) Cancel a queued job: it hears BS_ECANCELED at once; the others run. */
+static void test_cancel_queued(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 20000);
+    struct req r[3] = {0};
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 3; i++) {
+        r[i].index = i;
+        req_btb(&r[i], 1, 20, 7);
+        submit_ok(f.b, &r[i]);
+    }
+    bs_batcher_cancel(f.b, r[0].job); /* the head */
+    assert_int_equal(r[0].done_calls, 1);
+    assert_int_equal(r[0].rc, BS_ECANCELED);
+    assert_int_equal(bs_batcher_queued(f.b), 2);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(r[0].done_calls, 1);
+    for (int i = 1; i < 3; i++)
+        check_against_alone(f.model, &r[i]);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->execution_count, 1);
+    assert_int_equal(s->inference_count, 2);
+    assert_int_equal(s->success.count, 2);
+    assert_int_equal(s->fail.count, 1);
+    fx_finish(&f);
+    for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
+/* (7) Different sequence lengths run in separate batches, the head's first;
+ * compatible jobs behind an incompatible one join the head's batch. */
+static void test_incompatible_signatures(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 20000);
+    struct req r[5] = {0};
+    int order[5], n_done = 0;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 5; i++) {
+        r[i].index = i;
+        r[i].done_order = order;
+        r[i].n_done = &n_done;
+        req_btb(&r[i], 1, i % 2 ? 12 : 20, 7);
+        submit_ok(f.b, &r[i]);
+    }
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->execution_count, 2);
+    assert_int_equal(s->batch[2].compute_infer.count, 1); /* L=20: 0, 2, 4 */
+    assert_int_equal(s->batch[1].compute_infer.count, 1); /* L=12: 1, 3 */
+    int want[5] = {0, 2, 4, 1, 3};
+    assert_int_equal(n_done, 5);
+    assert_memory_equal(order, want, sizeof(want));
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(r[i].out.ne[1], i % 2 ? 12 : 20);
+        check_against_alone(f.model, &r[i]);
+    }
+    fx_finish(&f);
+    for (int i = 0; i < 5; i++)
+        req_free(&r[i]);
+}
+
+/* (8) Intermediate streaming on a 3-block stack: the job that asks hears
+ * blocks 0, 1, 2 in order before on_done, the last equal to the output; a job
+ * in the same batch that does not ask hears none. Also: cancelling a running
+ * job (from the first on_block) drops its result. */
+static void test_intermediate_stack(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 20000);
+    struct req r[3] = {0};
+    fx_init(&f, "btb_stack3", &cfg);
+    for (int i = 0; i < 3; i++) {
+        r[i].index = i;
+        req_btb(&r[i], i == 1 ? 2 : 1, 20, 7);
+        req_add_random(&r[i], "encoder_attention_mask", 3, (int64_t[]){1, 1, 7}); /* broadcast */
+    }
+    r[1].intermediate = true; /* not first in the batch: its slice starts at sample 1 */
+    r[1].cancel_on_block = &r[2];
+    for (int i = 0; i < 3; i++)
+        submit_ok(f.b, &r[i]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(bs_batcher_stats(f.b)->execution_count, 1);
+    assert_int_equal(r[1].block_calls, 3);
+    assert_int_equal(r[1].bad_block_order, 0);
+    assert_memory_equal(r[1].blocks[2], r[1].out.data, bs_tensor_nbytes(&r[1].out));
+    check_against_alone(f.model, &r[1]); /* output and each block */
+    assert_int_equal(r[0].block_calls, 0);
+    check_against_alone(f.model, &r[0]);
+    assert_int_equal(r[2].done_calls, 1);
+    assert_int_equal(r[2].rc, BS_ECANCELED);
+    assert_int_equal(r[2].block_calls, 0);
+    assert_int_equal(bs_batcher_stats(f.b)->fail.count, 1);
+    fx_finish(&f);
+    for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
+struct drain_state {
+    struct fx *f;
+    struct req *r;
+    int n;
+    int calls;
+    bool all_done_before;
+};
+
+static void on_drained(void *arg)
+{
+    struct drain_state *d = arg;
+    d->calls++;
+    d->all_done_before = true;
+    for (int i = 0; i < d->n; i++)
+        d->all_done_before &= d->r[i].done_calls == 1;
+    assert_int_equal(bs_batcher_queued(d->f->b), 0);
+    assert_int_equal(bs_batcher_running(d->f->b), 0);
+    bs_batcher_free(d->f->b); /* allowed from done */
+    d->f->b = NULL;
+}
+
+/* (9) Drain runs the queued work at once (no 10 s delay), then calls done,
+ * which frees the batcher. */
+static void test_drain(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(2, 10 * 1000000);
+    struct req r[3] = {0};
+    struct drain_state d = {&f, r, 3, 0, false};
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 3; i++) {
+        r[i].index = i;
+        req_btb(&r[i], 1, 20, 7);
+        submit_ok(f.b, &r[i]);
+    }
+    uint64_t t0 = uv_hrtime();
+    bs_batcher_drain(f.b, on_drained, &d);
+    assert_int_equal(d.calls, 0); /* never inside drain */
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_true((uv_hrtime() - t0) / MS < 2000);
+    assert_int_equal(d.calls, 1);
+    assert_true(d.all_done_before);
+    for (int i = 0; i < 3; i++)
+        check_against_alone(f.model, &r[i]);
+    fx_finish(&f); /* f.b is NULL: free already ran and its handles are closed */
+    for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
+/* Free with queued jobs (no drain): they hear BS_ECANCELED, memory is
+ * released in the close callbacks. */
+static void test_free_with_queued(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 10 * 1000000);
+    struct req r[2] = {0};
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 2; i++) {
+        req_btb(&r[i], 1, 20, 7);
+        submit_ok(f.b, &r[i]);
+    }
+    bs_batcher_free(f.b);
+    f.b = NULL;
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(r[i].done_calls, 1);
+        assert_int_equal(r[i].rc, BS_ECANCELED);
+    }
+    fx_finish(&f);
+    for (int i = 0; i < 2; i++)
+        req_free(&r[i]);
+}
+
+/* (10) Statistics: samples, requests, batches, per-size entries. Batch sizes
+ * 2, 1, 1, 2, 1 with max 4: one full batch of 4, then one of 3 after the
+ * delay. */
+static void test_stats(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(4, 20000);
+    struct req r[5] = {0};
+    int64_t sizes[5] = {2, 1, 1, 2, 1};
+    uv_timeval64_t tv;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 5; i++) {
+        r[i].index = i;
+        req_btb(&r[i], sizes[i], 20, 7);
+        submit_ok(f.b, &r[i]);
+    }
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    for (int i = 0; i < 5; i++)
+        check_against_alone(f.model, &r[i]);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->inference_count, 7);
+    assert_int_equal(s->execution_count, 2);
+    assert_int_equal(s->success.count, 5);
+    assert_int_equal(s->fail.count, 0);
+    assert_int_equal(s->queue.count, 5);
+    assert_int_equal(s->compute_input.count, 2);
+    assert_int_equal(s->compute_infer.count, 2);
+    assert_int_equal(s->compute_output.count, 2);
+    assert_true(s->compute_infer.ns > 0);
+    assert_true(s->success.ns >= s->queue.ns);
+    assert_int_equal(s->n_batch, 4);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(s->batch[i].batch_size, i + 1);
+        uint64_t want = i == 3 || i == 2 ? 1 : 0;
+        assert_int_equal(s->batch[i].compute_infer.count, want);
+        assert_int_equal(s->batch[i].compute_input.count, want);
+        assert_int_equal(s->batch[i].compute_output.count, want);
+    }
+    /* the second batch waited for the 20 ms delay */
+    assert_true(s->queue.ns >= 2 * 20 * MS);
+    assert_int_equal(uv_gettimeofday(&tv), 0);
+    uint64_t now_ms = (uint64_t)tv.tv_sec * 1000 + (uint64_t)tv.tv_usec / 1000;
+    assert_true(s->last_inference_ms <= now_ms && s->last_inference_ms + 60000 > now_ms);
+    fx_finish(&f);
+    for (int i = 0; i < 5; i++)
+        req_free(&r[i]);
+}
+
+/* A backend whose scratch allocations fail on demand (the arena's backend;
+ * the weights stay on the real one). */
+static struct bs_backend_i failing_iface;
+static struct bs_backend failing_be;
+static bool fail_allocs;
+
+static void *failing_alloc(void *ctx, size_t size)
+{
+    return fail_allocs ? NULL : be.iface->buf_alloc(ctx, size);
+}
+
+/* A forward error fails every job of its batch with the engine's message;
+ * the batcher keeps serving. */
+static void test_forward_error(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 0);
+    struct req r[3] = {0};
+    failing_iface = *be.iface;
+    failing_iface.buf_alloc = failing_alloc;
+    failing_be.iface = &failing_iface;
+    failing_be.ctx = be.ctx;
+    cfg.be = &failing_be;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 3; i++) {
+        r[i].index = i;
+        req_btb(&r[i], 1, 20, 7);
+    }
+    fail_allocs = true;
+    submit_ok(f.b, &r[0]);
+    submit_ok(f.b, &r[1]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(r[i].done_calls, 1);
+        assert_int_equal(r[i].rc, BS_ENOMEM);
+        assert_non_null(strstr(r[i].msg, "cannot allocate"));
+    }
+    fail_allocs = false;
+    submit_ok(f.b, &r[2]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    check_against_alone(f.model, &r[2]);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->fail.count, 2);
+    assert_int_equal(s->success.count, 1);
+    assert_int_equal(s->execution_count, 1);
+    assert_int_equal(s->inference_count, 1);
+    fx_finish(&f);
+    for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
+/* Bad configurations are refused at init. */
+static void test_bad_config(void **state)
+{
+    uv_loop_t loop;
+    struct fx f;
+    struct bs_serving_config cfg = serving(4, 0);
+    struct bs_err err = {0};
+    bs_batcher_t *b = (bs_batcher_t *)&err;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    assert_int_equal(uv_loop_init(&loop), 0);
+    cfg.max_batch_size = 0;
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &err), BS_EINVAL);
+    assert_null(b);
+    cfg = serving(4, 0);
+    cfg.preferred_batch_size[0] = 5;
+    cfg.n_preferred = 1;
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &err), BS_EINVAL);
+    cfg = serving(4, 0);
+    cfg.be = NULL;
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &err), BS_EINVAL);
+    assert_int_equal(uv_run(&loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    fx_finish(&f);
+}
+
+static int setup(void **state)
+{
+    struct bs_err err = {0};
+    if (bs_backend_init(&be, "cpu", 2, &err) != 0) {
+        fprintf(stderr, "cpu backend: %s\n", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    bs_backend_free(&be);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc > 1)
+        golden_dir = argv[1];
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_one_batch_matches_alone),
+        cmocka_unit_test(test_per_sample_conditioning),
+        cmocka_unit_test(test_preferred_size),
+        cmocka_unit_test(test_submit_errors),
+        cmocka_unit_test(test_deadlines),
+        cmocka_unit_test(test_cancel_queued),
+        cmocka_unit_test(test_incompatible_signatures),
+        cmocka_unit_test(test_intermediate_stack),
+        cmocka_unit_test(test_drain),
+        cmocka_unit_test(test_free_with_queued),
+        cmocka_unit_test(test_stats),
+        cmocka_unit_test(test_forward_error),
+        cmocka_unit_test(test_bad_config),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
