@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install, build and run every test: the Release build runs the whole suite
-# (unit, golden, CLI, reference reproducibility), then an ASan+UBSan build
-# runs the unit, golden and CLI tests again.
+# (unit, golden, CLI, reference reproducibility, the server end to end), then
+# an ASan+UBSan build runs the unit, golden, CLI and end-to-end tests again,
+# and the request decoder is fuzzed briefly (libFuzzer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,3 +17,6 @@ BUILD_DIR=build-asan BUILD_TYPE=Debug bash scripts/build.sh -DBS_SANITIZE=ON
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --output-on-failure -j "$(nproc)" -LE reference)
+
+echo "== fuzz: request decoding =="
+FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash scripts/fuzz.sh

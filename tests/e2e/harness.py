@@ -22,20 +22,26 @@ GRPC_PROTO = "/usr/share/grpc-proto"
 
 
 def generate_stubs(out):
-    """grpc_service/model_config and grpc health/reflection stubs into out."""
+    """grpc_service/model_config stubs and grpc health/reflection stubs into
+    out. The grpc protos are copied to top-level names (health.proto,
+    reflection_v1.proto, reflection_v1alpha.proto) so that their Python
+    modules do not shadow the grpc package; the wire names come from the
+    proto packages and stay the same."""
     from grpc_tools import protoc
 
-    args = ["protoc", "-I" + os.path.join(ROOT, "proto"), "-I" + GRPC_PROTO,
+    src = os.path.join(out, "src")
+    os.makedirs(src)
+    copies = {"grpc/health/v1/health.proto": "health.proto",
+              "grpc/reflection/v1/reflection.proto": "reflection_v1.proto",
+              "grpc/reflection/v1alpha/reflection.proto": "reflection_v1alpha.proto"}
+    for a, b in copies.items():
+        shutil.copy(os.path.join(GRPC_PROTO, a), os.path.join(src, b))
+    args = ["protoc", "-I" + os.path.join(ROOT, "proto"), "-I" + src,
             "--python_out=" + out, "--grpc_python_out=" + out,
-            "grpc_service.proto", "model_config.proto",
-            "grpc/health/v1/health.proto", "grpc/reflection/v1alpha/reflection.proto",
-            "grpc/reflection/v1/reflection.proto"]
+            "grpc_service.proto", "model_config.proto"] + list(copies.values())
     if protoc.main(args) != 0:
         raise RuntimeError("grpc_tools.protoc failed")
-    for d in ("grpc", "grpc/health", "grpc/health/v1", "grpc/reflection",
-              "grpc/reflection/v1alpha", "grpc/reflection/v1"):
-        open(os.path.join(out, d, "__init__.py"), "a").close()
-    sys.path.insert(0, out)
+    sys.path.append(out)
 
 
 ST_DTYPES = {"F32": "<f4", "F16": "<f2", "I64": "<i8", "BOOL": "|b1", "BF16": "<u2"}
@@ -43,7 +49,8 @@ ST_DTYPES = {"F32": "<f4", "F16": "<f2", "I64": "<i8", "BOOL": "|b1", "BF16": "<
 
 def st_load(path):
     """safetensors -> {name: (dtype name, numpy array)}."""
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8:8 + n])
     out = {}

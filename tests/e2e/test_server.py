@@ -18,16 +18,20 @@ import numpy as np
 
 import harness
 
+import grpc  # noqa: E402  (before the stubs path: nothing may shadow it)
+
 BINARY = None
 STUBS = tempfile.mkdtemp(prefix="bs_stubs_")
 harness.generate_stubs(STUBS)
 
-import grpc  # noqa: E402
 import grpc_service_pb2 as pb  # noqa: E402
 import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from grpc.health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from grpc.reflection.v1alpha import reflection_pb2 as refl_a, reflection_pb2_grpc as refl_a_grpc  # noqa: E402
-from grpc.reflection.v1 import reflection_pb2 as refl_1, reflection_pb2_grpc as refl_1_grpc  # noqa: E402
+import health_pb2  # noqa: E402
+import health_pb2_grpc  # noqa: E402
+import reflection_v1_pb2 as refl_1  # noqa: E402
+import reflection_v1_pb2_grpc as refl_1_grpc  # noqa: E402
+import reflection_v1alpha_pb2 as refl_a  # noqa: E402
+import reflection_v1alpha_pb2_grpc as refl_a_grpc  # noqa: E402
 
 TOL = 1e-4
 CASES = ["btb_geglu_cross", "btb_stack3", "btb_ada_norm_zero_dit", "attnblock_4heads",
