@@ -66,8 +66,11 @@ struct bs_rpc_handlers {
      * are queued. */
     void (*on_stream_end)(void *arg, bs_rpc_call_t *call);
     /* The call was cancelled by the client, its deadline passed, or the
-     * server is shutting down. Replies after this are accepted and dropped;
-     * the application releases its references with bs_rpc_call_unref. */
+     * server is shutting down. Delivered once to every call handed to the
+     * application that ends cancelled, which can be after the application
+     * answered (a cancelled stream first looks like a half-close). Replies
+     * after this return 0 and are dropped; the application releases its
+     * references with bs_rpc_call_unref. */
     void (*on_cancel)(void *arg, bs_rpc_call_t *call);
     void *arg;
 };
@@ -83,9 +86,10 @@ struct bs_rpc_options {
 int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct bs_rpc_options *opts,
                        const struct bs_rpc_handlers *handlers, int *port, struct bs_err *err);
 
-/* Stop accepting calls, cancel what is left after the caller's grace period,
- * and call done(arg) on the loop thread once every call is gone and the
- * completion-queue thread has been joined. */
+/* Stop accepting calls and cancel every live call at once (any grace period
+ * is the caller's: drain first), then call done(arg) on the loop thread once
+ * every call is gone and the completion-queue thread has been joined. A
+ * second call is ignored. */
 void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), void *arg);
 
 /* Free a server whose shutdown has completed; NULL is a no-op. */
@@ -114,7 +118,8 @@ bool bs_rpc_call_cancelled(const bs_rpc_call_t *call);
 const char *bs_rpc_call_metadata(const bs_rpc_call_t *call, const char *key);
 
 /* Unary answers: the serialized response with status OK, or an error status
- * and message. The transport copies what it needs. */
+ * and message. The transport copies what it needs. Answering twice, reply on
+ * a stream or stream_send on a unary call return BS_EINVAL. */
 int bs_rpc_reply(bs_rpc_call_t *call, const uint8_t *data, size_t len);
 int bs_rpc_fail(bs_rpc_call_t *call, enum bs_rpc_status status, const char *msg);
 
