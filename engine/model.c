@@ -159,10 +159,10 @@ static void loader_free(struct bs__loader *ld)
     for (int i = 0; i < ld->n_names; i++)
         free(ld->names[i]);
     free(ld->names);
-    free(ld->host);
 }
 
-/* Two binding passes: size, then convert into staging and copy to the backend. */
+/* Two binding passes: size, then convert into staging and copy to the
+ * backend. A backend whose buffers are host memory is its own staging. */
 static int load_weights(bs_model_t *m, const bs_st_file_t *st, const char *path,
                         const struct bs_weight_gen *gen, struct bs_err *err)
 {
@@ -175,9 +175,10 @@ static int load_weights(bs_model_t *m, const bs_st_file_t *st, const char *path,
     bind_model(&ld, m);
     m->weight_bytes = ld.off;
     m->weights = be->buf_alloc(m->be->ctx, ld.off ? ld.off : 64);
-    ld.host = malloc(ld.off ? ld.off : 64);
+    ld.host = be->host_memory ? m->weights : malloc(ld.off ? ld.off : 64);
     if (m->weights == NULL || ld.host == NULL) {
-        loader_free(&ld);
+        if (!be->host_memory)
+            free(ld.host);
         return bs_err_set(err, BS_ENOMEM, "%s: cannot allocate %zu bytes of weights", path, ld.off);
     }
     ld.base = m->weights;
@@ -186,8 +187,10 @@ static int load_weights(bs_model_t *m, const bs_st_file_t *st, const char *path,
     int rc = ld.rc;
     if (rc == 0 && st != NULL)
         rc = check_unused(m, &ld, err);
-    if (rc == 0)
+    if (rc == 0 && !be->host_memory)
         rc = be->copy_in(m->be->ctx, m->weights, ld.host, m->weight_bytes, err);
+    if (!be->host_memory)
+        free(ld.host);
     loader_free(&ld);
     return rc;
 }
