@@ -219,7 +219,6 @@ static int start(struct server *s, struct bs_err *err)
     rpc_opts.address = address;
     if (bs_rpc_server_init(&s->rpc, s->loop, &rpc_opts, &h, &port, err) != 0)
         return err->code;
-    bs_service_attach(s->svc, s->rpc);
     bs_rpc_set_serving(s->rpc, "", true);
     bs_rpc_set_serving(s->rpc, "inference.GRPCInferenceService", true);
     uv_signal_init(s->loop, &s->sigint);

@@ -55,7 +55,6 @@ struct stream {
 
 struct bs_service {
     bs_repository_t *repo;
-    bs_rpc_server_t *rpc;
     struct bs_codec_limits limits;
     bool accepting;
     int in_flight;
@@ -713,11 +712,6 @@ void bs_service_handlers(bs_service_t *svc, struct bs_rpc_handlers *h)
     h->on_stream_end = on_stream_end;
     h->on_cancel = on_cancel;
     h->arg = svc;
-}
-
-void bs_service_attach(bs_service_t *svc, bs_rpc_server_t *rpc)
-{
-    svc->rpc = rpc;
 }
 
 void bs_service_stop_accepting(bs_service_t *svc)

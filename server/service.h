@@ -12,11 +12,10 @@
 typedef struct bs_service bs_service_t;
 
 /* Create the service over repo; bs_service_handlers gives the table for
- * bs_rpc_server_init, whose server is then attached with bs_service_attach. */
+ * bs_rpc_server_init. */
 int bs_service_init(bs_service_t **svc, bs_repository_t *repo,
                     const struct bs_codec_limits *limits, struct bs_err *err);
 void bs_service_handlers(bs_service_t *svc, struct bs_rpc_handlers *h);
-void bs_service_attach(bs_service_t *svc, bs_rpc_server_t *rpc);
 
 /* From now on new inferences get UNAVAILABLE and ServerReady is false. */
 void bs_service_stop_accepting(bs_service_t *svc);
