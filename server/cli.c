@@ -3,6 +3,7 @@
 #include "cli.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -164,6 +165,37 @@ static double now_ms(void)
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
+/* A field of /proc/self/status in MiB ("VmRSS", "VmHWM"), or -1 where the
+ * file or the field is missing (not Linux). */
+static double proc_status_mb(const char *field)
+{
+    char line[256];
+    double mb = -1.0;
+    size_t n = strlen(field);
+    FILE *f = fopen("/proc/self/status", "r");
+    if (f == NULL)
+        return -1.0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (strncmp(line, field, n) == 0 && line[n] == ':') {
+            mb = strtod(line + n + 1, NULL) / 1024.0; /* the kernel prints kB */
+            break;
+        }
+    }
+    fclose(f);
+    return mb;
+}
+
+/* Reset the process's peak RSS to its current RSS (Linux >= 4.0); false
+ * where that is not possible. */
+static bool reset_peak_rss(void)
+{
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (f == NULL)
+        return false;
+    bool ok = fputs("5", f) >= 0;
+    return fclose(f) == 0 && ok;
+}
+
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -178,7 +210,11 @@ int bs_cli_bench(int argc, char **argv)
     double *ms = NULL;
     if (parse_args(argc, argv, &a, false) != 0)
         return 2;
+    /* Memory is reported over the start-up footprint, and the peak is taken
+     * over the forwards only (loading may briefly hold a file and its copy). */
+    double base_mb = proc_status_mb("VmRSS");
     int rc = session_open(&s, &a, &err);
+    bool peak_ok = rc == 0 && reset_peak_rss();
     if (rc == 0 && (ms = malloc((size_t)a.reps * sizeof(double))) == NULL)
         rc = bs_err_set(&err, BS_ENOMEM, "out of memory");
     if (rc == 0)
@@ -198,6 +234,10 @@ int bs_cli_bench(int argc, char **argv)
                s.be.iface->name, a.reps, ms[0], ms[a.reps - 1],
                (double)bs_model_weight_bytes(s.model) / 1048576.0,
                (double)bs_arena_capacity(&s.arena) / 1048576.0);
+        double hwm = proc_status_mb("VmHWM");
+        if (peak_ok && hwm >= 0 && base_mb >= 0)
+            printf("peak_mb=%.1f base_mb=%.1f (peak RSS during the forwards, over the "
+                   "start-up RSS)\n", hwm - base_mb, base_mb);
         printf("median_ms=%.3f gflops=%.2f\n", med, med > 0 ? flops / (med * 1e6) : 0.0);
     } else {
         fprintf(stderr, "blockserve bench: %s\n", err.msg);

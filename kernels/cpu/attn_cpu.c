@@ -6,8 +6,22 @@
  * in place), adds the mask, and folds the tile into an online softmax: per
  * query row a running max m and sum l, the accumulator O rescaled by
  * exp(m_old - m_new) and O += P V by a second sgemm. At the end o = O / l.
- * Scratch is per thread: S (ATT_TQ x ATT_TK), O (ATT_TQ x head_dim) and three
- * ATT_TQ vectors, about 110 KB at head_dim 160, whatever Lq and Lk are.
+ * Scratch is per thread: S (ATT_TQ x ATT_TK), O (ATT_TQ x head_dim), K^T
+ * (head_dim x ATT_TK) and three ATT_TQ vectors, about 270 KB at head_dim 160,
+ * whatever Lq and Lk are.
+ *
+ * Products. With AVX2 and FMA both products run in register-blocked kernels
+ * written here rather than OpenBLAS: at these shapes (K = head_dim = 40 for
+ * Q K^T, N = head_dim for P V) a BLAS call spends a large share of its time
+ * packing and in edge kernels. Q K^T: the key tile is transposed once into
+ * K^T (head_dim x ATT_TK, zero-padded to 16 keys) and each 6 x 16 block of S
+ * is 12 accumulators fed by one broadcast of q and two loads of K^T per step.
+ * P V is computed transposed, O^T = V^T P^T, so that it too runs along the
+ * queries: each 6 x 16 block of O^T is 12 accumulators fed by two loads of a
+ * row of P^T and six broadcasts from a row of V. (Blocking O by query rows
+ * instead streams the whole V tile once per pair of queries and ran at half
+ * this speed.) Without AVX2 both products are cblas_sgemm calls on the same
+ * tiles.
  *
  * Masks. Softmax is invariant under adding a constant to a row, so each mask
  * row is shifted by its own maximum before it is added: a row masked
@@ -25,6 +39,13 @@
 #include <cblas.h>
 #include <math.h>
 #include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ATT_SIMD 1 /* our own register-blocked products (below) */
+#else
+#define ATT_SIMD 0 /* portable build: both products through OpenBLAS */
+#endif
 
 #include "ops_cpu.h"
 #include "vmath.h"
@@ -55,16 +76,18 @@ struct attn_job {
 /* Per-thread scratch layout. */
 struct attn_tile {
     float *s;     /* [ATT_TQ][ATT_TK] scores, then probabilities */
-    float *acc;   /* [ATT_TQ][head_dim] output accumulator */
+    float *acc;   /* [head_dim][ATT_TQ] output accumulator, transposed (O^T) */
+    float *qt;    /* [hd][ATT_TQ] the query tile transposed and scaled */
     float *m;     /* [ATT_TQ] running max */
     float *l;     /* [ATT_TQ] running sum */
     float *shift; /* [ATT_TQ] mask row maximum subtracted from the mask */
+    int64_t h;    /* the task's head */
 };
 
 static size_t attn_scratch_floats(int head_dim)
 {
     size_t hd = ((size_t)head_dim + 15) & ~(size_t)15;
-    return (size_t)ATT_TQ * ATT_TK + (size_t)ATT_TQ * hd + 3 * (size_t)ATT_TQ;
+    return (size_t)ATT_TQ * ATT_TK + 2 * (size_t)ATT_TQ * hd + 3 * (size_t)ATT_TQ;
 }
 
 static struct attn_tile attn_tile_at(const struct attn_job *j, int thread)
@@ -73,7 +96,8 @@ static struct attn_tile attn_tile_at(const struct attn_job *j, int thread)
     size_t hd = ((size_t)j->head_dim + 15) & ~(size_t)15;
     t.s = j->scratch + (size_t)thread * j->scratch_floats;
     t.acc = t.s + (size_t)ATT_TQ * ATT_TK;
-    t.m = t.acc + (size_t)ATT_TQ * hd;
+    t.qt = t.acc + (size_t)ATT_TQ * hd;
+    t.m = t.qt + hd * ATT_TQ;
     t.l = t.m + ATT_TQ;
     t.shift = t.l + ATT_TQ;
     return t;
@@ -99,55 +123,268 @@ static float max_f32(const float *x, int64_t n)
     return m;
 }
 
-/* x[i] = exp(x[i] - ref); returns the sum. */
-static float exp_sum_f32(float *x, int64_t n, float ref)
-{
-    for (int64_t i = 0; i < n; i++)
-        x[i] = bs_expf(x[i] - ref);
-    float acc[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++)
-            acc[l] += x[i + l];
-    for (; i < n; i++)
-        acc[0] += x[i];
-    float s = 0.0f;
-    for (int l = 0; l < LANES; l++)
-        s += acc[l];
-    return s;
-}
-
 static const float *mask_row(const struct attn_job *j, int64_t b, int64_t qi)
 {
     return j->mask + b * j->mask_nb0 + (j->mq == 1 ? 0 : qi) * j->mask_nb1;
 }
 
-/* Fold one key tile's scores (already in t->s, rows of ATT_TK) into the
- * running softmax of tq query rows; leaves probabilities in t->s and rescales
- * the accumulator rows (unless this is the first tile). */
-static void attn_softmax_tile(const struct attn_job *j, const struct attn_tile *t, int64_t b,
-                              int64_t q0, int64_t tq, int64_t k0, int64_t tk, int first)
+static int64_t round16(int64_t n)
+{
+    return (n + 15) & ~(int64_t)15;
+}
+
+/* qt[c][i] = scale * q[i][c] for the tile's tq queries, 0 up to tq rounded to
+ * 16: S^T = K Q^T then needs no scaling and no edge case in its columns. */
+static void attn_pack_qt(const struct attn_job *j, const struct attn_tile *t, const float *q,
+                         int64_t tq)
 {
     int hd = j->head_dim;
+    int64_t tqp = round16(tq);
+    for (int64_t i = 0; i < tq; i++)
+        for (int c = 0; c < hd; c++)
+            t->qt[c * ATT_TQ + i] = j->scale * q[i * j->ldq + c];
+    for (int c = 0; c < hd; c++)
+        for (int64_t i = tq; i < tqp; i++)
+            t->qt[c * ATT_TQ + i] = 0.0f;
+}
+
+#if ATT_SIMD
+/* R key rows x 16 query columns of S^T = K Q^T: 2R accumulators; per step of
+ * the head dim, two loads of qt and R broadcasts of k. Adds add[r] to key
+ * row r (a mask shared by all queries) when add is set, and folds the rows
+ * into the 16 column maxima at mx. */
+static inline __attribute__((always_inline)) void st_block(float *st, const float *k, int64_t ldk,
+                                                            const float *qt, int hd,
+                                                            const float *add, float *mx,
+                                                            const int R)
+{
+    __m256 acc[6][2];
+    for (int r = 0; r < R; r++)
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int c = 0; c < hd; c++) {
+        __m256 q0 = _mm256_loadu_ps(qt + c * ATT_TQ), q1 = _mm256_loadu_ps(qt + c * ATT_TQ + 8);
+        for (int r = 0; r < R; r++) {
+            __m256 kv = _mm256_broadcast_ss(k + r * ldk + c);
+            acc[r][0] = _mm256_fmadd_ps(kv, q0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(kv, q1, acc[r][1]);
+        }
+    }
+    __m256 m0 = _mm256_loadu_ps(mx), m1 = _mm256_loadu_ps(mx + 8);
+    for (int r = 0; r < R; r++) {
+        if (add != NULL) {
+            __m256 a = _mm256_broadcast_ss(add + r);
+            acc[r][0] = _mm256_add_ps(acc[r][0], a);
+            acc[r][1] = _mm256_add_ps(acc[r][1], a);
+        }
+        m0 = _mm256_max_ps(acc[r][0], m0); /* a NaN score leaves the max alone */
+        m1 = _mm256_max_ps(acc[r][1], m1);
+        _mm256_storeu_ps(st + r * ATT_TQ, acc[r][0]);
+        _mm256_storeu_ps(st + r * ATT_TQ + 8, acc[r][1]);
+    }
+    _mm256_storeu_ps(mx, m0);
+    _mm256_storeu_ps(mx + 8, m1);
+}
+
+#define ST_CASE(R) st_block(st, kr, ldk, qt, hd, add ? add + r0 : NULL, mx + i0, R)
+
+/* S^T (tk rows of ATT_TQ) = K (tk rows of the tile) Q^T (+ add[row]) for
+ * tqp columns, and the column maxima into mx. */
+static __attribute__((noinline)) void attn_scores(const struct attn_job *j, const struct attn_tile *t, const float *k,
+                        int64_t tk, int64_t tqp, const float *add, float *mx)
+{
+    int hd = j->head_dim;
+    int64_t ldk = j->ldk;
+    /* Key rows outside, query columns inside: the six rows of K stay in L1
+     * while all of Q^T (head_dim x 64 floats, 10 KB at 40) is reused. */
+    for (int64_t r0 = 0; r0 < tk; r0 += 6) {
+        const float *kr = k + r0 * ldk;
+        for (int64_t i0 = 0; i0 < tqp; i0 += 16) {
+            const float *qt = t->qt + i0;
+            float *st = t->s + r0 * ATT_TQ + i0;
+            switch (tk - r0 < 6 ? tk - r0 : 6) {
+            case 6: ST_CASE(6); break;
+            case 5: ST_CASE(5); break;
+            case 4: ST_CASE(4); break;
+            case 3: ST_CASE(3); break;
+            case 2: ST_CASE(2); break;
+            default: ST_CASE(1); break;
+            }
+        }
+    }
+}
+
+#undef ST_CASE
+
+/* R head-dim rows x 16 query columns of O^T += V^T P^T over tk keys: the
+ * same shape of kernel as st_block, with v broadcast and P^T rows loaded. */
+static inline __attribute__((always_inline)) void pv_block(float *acc, const float *pt,
+                                                            const float *v, int64_t ldv,
+                                                            int64_t tk, const int R)
+{
+    __m256 o[6][2];
+    for (int r = 0; r < R; r++) {
+        o[r][0] = _mm256_loadu_ps(acc + r * ATT_TQ);
+        o[r][1] = _mm256_loadu_ps(acc + r * ATT_TQ + 8);
+    }
+    for (int64_t jj = 0; jj < tk; jj++) {
+        __m256 p0 = _mm256_loadu_ps(pt + jj * ATT_TQ), p1 = _mm256_loadu_ps(pt + jj * ATT_TQ + 8);
+        for (int r = 0; r < R; r++) {
+            __m256 vb = _mm256_broadcast_ss(v + jj * ldv + r);
+            o[r][0] = _mm256_fmadd_ps(vb, p0, o[r][0]);
+            o[r][1] = _mm256_fmadd_ps(vb, p1, o[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(acc + r * ATT_TQ, o[r][0]);
+        _mm256_storeu_ps(acc + r * ATT_TQ + 8, o[r][1]);
+    }
+}
+
+#ifndef PV_CHUNK
+#define PV_CHUNK 64 /* keys per pass: P^T (16 KB) and V (10 KB at 40) stay in L1 */
+#endif
+#define PV_CASE(R) pv_block(t->acc + d0 * ATT_TQ + i0, pt + i0, vr + d0, ldv, n, R)
+
+/* O^T (head_dim rows of ATT_TQ) += V^T P^T, P^T in t->s, V the tile's tk rows. */
+static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const struct attn_tile *t,
+                                              const float *v, int64_t tqp, int64_t tk)
+{
+    int hd = j->head_dim;
+    int64_t ldv = j->ldv;
+    for (int64_t j0 = 0; j0 < tk; j0 += PV_CHUNK) {
+        int64_t n = tk - j0 < PV_CHUNK ? tk - j0 : PV_CHUNK;
+        const float *pt = t->s + j0 * ATT_TQ, *vr = v + j0 * ldv;
+        for (int d0 = 0; d0 < hd; d0 += 6)
+            for (int64_t i0 = 0; i0 < tqp; i0 += 16) {
+                switch (hd - d0 < 6 ? hd - d0 : 6) {
+                case 6: PV_CASE(6); break;
+                case 5: PV_CASE(5); break;
+                case 4: PV_CASE(4); break;
+                case 3: PV_CASE(3); break;
+                case 2: PV_CASE(2); break;
+                default: PV_CASE(1); break;
+                }
+            }
+    }
+}
+
+#undef PV_CASE
+#undef PV_CHUNK
+
+#else /* !ATT_SIMD: the same products through OpenBLAS */
+
+static __attribute__((noinline)) void attn_scores(const struct attn_job *j, const struct attn_tile *t, const float *k,
+                        int64_t tk, int64_t tqp, const float *add, float *mx)
+{
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)tk, (blasint)tqp,
+                j->head_dim, 1.0f, k, (blasint)j->ldk, t->qt, ATT_TQ, 0.0f, t->s, ATT_TQ);
+    for (int64_t jj = 0; jj < tk; jj++) {
+        float *row = t->s + jj * ATT_TQ;
+        for (int64_t i = 0; i < tqp; i++) {
+            row[i] += add ? add[jj] : 0.0f;
+            mx[i] = row[i] > mx[i] ? row[i] : mx[i];
+        }
+    }
+}
+
+static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const struct attn_tile *t, const float *v,
+                    int64_t tqp, int64_t tk)
+{
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, j->head_dim, (blasint)tqp, (blasint)tk,
+                1.0f, v, (blasint)j->ldv, t->s, ATT_TQ, 1.0f, t->acc, ATT_TQ);
+}
+
+#endif
+
+/* exp(x) for the softmax, where x <= 0 (or NaN): Cephes' degree-5 expf
+ * polynomial on [-ln2/2, ln2/2] (relative error about 2e-7, checked against
+ * libm in the unit tests through the attention op) with a single 2^n scale,
+ * which is enough because n >= -126 here; exactly 0 below -87 and for -inf,
+ * so masked keys weigh nothing. Cheaper than bs_expf, which must cover the
+ * whole float range. */
+static inline float softmax_exp(float x)
+{
+    float flush = x < -87.0f ? 0.0f : 1.0f;
+    x = x < -87.0f ? -87.0f : x;
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float t = BS_FMAF(x, 1.44269504088896341f, magic);
+    float n = t - magic;
+    int32_t ni = (int32_t)(bs__f2u(t) - bs__f2u(magic));
+    float r = BS_FMAF(n, -0.693145751953125f, x);
+    r = BS_FMAF(n, -1.42860682030941723212e-6f, r);
+    float p = 1.9875691500e-4f;
+    p = BS_FMAF(p, r, 1.3981999507e-3f);
+    p = BS_FMAF(p, r, 8.3334519073e-3f);
+    p = BS_FMAF(p, r, 4.1665795894e-2f);
+    p = BS_FMAF(p, r, 1.6666665459e-1f);
+    p = BS_FMAF(p, r, 5.0000001201e-1f);
+    float y = BS_FMAF(p, r * r, r) + 1.0f;
+    return y * bs__u2f((uint32_t)(ni + 127) << 23) * flush;
+}
+
+/* S^T for one key tile with its mask, and each query's maximum in mx. A mask
+ * row shared by all queries is a constant per key, added inside the product;
+ * a mask per query is added afterwards. Either is shifted by the query's
+ * mask maximum (see the top of the file). */
+static void attn_tile_scores(const struct attn_job *j, const struct attn_tile *t, int64_t b,
+                             int64_t q0, int64_t tq, int64_t k0, int64_t tk, float *mx)
+{
+    float add[ATT_TK];
+    const float *k = j->k + (b * j->lk + k0) * j->ldk;
+    int64_t tqp = round16(tq);
+    for (int64_t i = 0; i < tqp; i++)
+        mx[i] = -INFINITY;
+    if (j->mask != NULL && j->mq == 1) {
+        const float *mr = mask_row(j, b, 0) + k0;
+        for (int64_t jj = 0; jj < tk; jj++)
+            add[jj] = mr[jj] - t->shift[0];
+    }
+    attn_scores(j, t, k + t->h * j->head_dim, tk, tqp,
+                j->mask != NULL && j->mq == 1 ? add : NULL, mx);
+    if (j->mask == NULL || j->mq == 1)
+        return;
     for (int64_t i = 0; i < tq; i++) {
-        float *s = t->s + i * ATT_TK;
-        if (j->mask) {
-            const float *mr = mask_row(j, b, q0 + i) + k0;
-            float sh = t->shift[i];
-            for (int64_t c = 0; c < tk; c++)
-                s[c] += mr[c] - sh;
-        }
-        float m_old = t->m[i], mx = max_f32(s, tk);
-        float m_new = mx > m_old ? mx : m_old;
-        float ref = m_new == -INFINITY ? 0.0f : m_new; /* all -inf so far: weights 0 */
-        float corr = bs_expf(m_old - ref);             /* 0 while m_old is -inf */
-        t->l[i] = t->l[i] * corr + exp_sum_f32(s, tk, ref);
+        const float *mr = mask_row(j, b, q0 + i) + k0;
+        float sh = t->shift[i];
+        for (int64_t jj = 0; jj < tk; jj++)
+            t->s[jj * ATT_TQ + i] += mr[jj] - sh;
+        mx[i] = -INFINITY;
+    }
+    for (int64_t jj = 0; jj < tk; jj++) {
+        const float *row = t->s + jj * ATT_TQ;
+        for (int64_t i = 0; i < tq; i++)
+            mx[i] = row[i] > mx[i] ? row[i] : mx[i];
+    }
+}
+
+/* Fold one key tile's scores (S^T in t->s, column maxima mx) into the
+ * running softmax of the tile's queries: per query a running max m and sum l;
+ * leaves probabilities in t->s and rescales the accumulator by
+ * exp(m_old - m_new). Loops run over queries, the contiguous dim, so they
+ * vectorise. */
+static __attribute__((noinline)) void attn_softmax_tile(const struct attn_job *j, const struct attn_tile *t, int64_t tq,
+                              int64_t tk, const float *mx)
+{
+    float ref[ATT_TQ], corr[ATT_TQ];
+    for (int64_t i = 0; i < tq; i++) {
+        float m_new = mx[i] > t->m[i] ? mx[i] : t->m[i];
+        ref[i] = m_new == -INFINITY ? 0.0f : m_new; /* all -inf so far: weights 0 */
+        corr[i] = softmax_exp(t->m[i] - ref[i]);    /* 0 while m_old is -inf */
         t->m[i] = m_new;
-        if (!first && corr != 1.0f) {
-            float *a = t->acc + i * hd;
-            for (int c = 0; c < hd; c++)
-                a[c] *= corr;
+        t->l[i] *= corr[i];
+    }
+    for (int64_t jj = 0; jj < tk; jj++) {
+        float *row = t->s + jj * ATT_TQ;
+        for (int64_t i = 0; i < tq; i++) {
+            float e = softmax_exp(row[i] - ref[i]);
+            row[i] = e;
+            t->l[i] += e;
         }
+    }
+    for (int c = 0; c < j->head_dim; c++) {
+        float *a = t->acc + c * ATT_TQ;
+        for (int64_t i = 0; i < tq; i++)
+            a[i] *= corr[i];
     }
 }
 
@@ -172,32 +409,28 @@ static void attn_task(void *arg, int64_t task, int thread)
     int64_t b = bh / j->heads, h = bh % j->heads;
     int64_t q0 = qt * ATT_TQ, tq = j->lq - q0 < ATT_TQ ? j->lq - q0 : ATT_TQ;
     int hd = j->head_dim;
+    float mx[ATT_TQ];
     struct attn_tile t = attn_tile_at(j, thread);
-    const float *q = j->q + (b * j->lq + q0) * j->ldq + h * hd;
+    t.h = h;
 
+    attn_pack_qt(j, &t, j->q + (b * j->lq + q0) * j->ldq + h * hd, tq);
     for (int64_t i = 0; i < tq; i++) {
         t.m[i] = -INFINITY;
         t.l[i] = 0.0f;
     }
     attn_mask_shift(j, &t, b, q0, tq);
-    if (j->lk == 0)
-        memset(t.acc, 0, (size_t)tq * (size_t)hd * sizeof(float));
+    memset(t.acc, 0, (size_t)ATT_TQ * (size_t)hd * sizeof(float));
     for (int64_t k0 = 0; k0 < j->lk; k0 += ATT_TK) {
         int64_t tk = j->lk - k0 < ATT_TK ? j->lk - k0 : ATT_TK;
-        const float *k = j->k + (b * j->lk + k0) * j->ldk + h * hd;
-        const float *v = j->v + (b * j->lk + k0) * j->ldv + h * hd;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (blasint)tq, (blasint)tk, hd, j->scale,
-                    q, (blasint)j->ldq, k, (blasint)j->ldk, 0.0f, t.s, ATT_TK);
-        attn_softmax_tile(j, &t, b, q0, tq, k0, tk, k0 == 0);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)tq, hd, (blasint)tk, 1.0f,
-                    t.s, ATT_TK, v, (blasint)j->ldv, k0 == 0 ? 0.0f : 1.0f, t.acc, hd);
+        attn_tile_scores(j, &t, b, q0, tq, k0, tk, mx);
+        attn_softmax_tile(j, &t, tq, tk, mx);
+        attn_pv(j, &t, j->v + (b * j->lk + k0) * j->ldv + h * hd, round16(tq), tk);
     }
     for (int64_t i = 0; i < tq; i++) {
-        float inv = t.l[i] > 0.0f ? 1.0f / t.l[i] : 0.0f;
-        const float *a = t.acc + i * hd;
+        t.l[i] = t.l[i] > 0.0f ? 1.0f / t.l[i] : 0.0f;
         float *o = j->o + (b * j->lq + q0 + i) * j->ldo + h * hd;
         for (int c = 0; c < hd; c++)
-            o[c] = a[c] * inv;
+            o[c] = t.acc[c * ATT_TQ + i] * t.l[i];
     }
 }
 

@@ -582,7 +582,8 @@ def block_prefixes(config):
     """The weight-name prefix of each block: [""] unless config["blockserve"] says otherwise."""
     bs = config.get("blockserve", {})
     num_blocks = bs.get("num_blocks", 1)
-    prefix = bs.get("weights_prefix", "")
+    # As the engine: a stack without a prefix reads diffusers' transformer_blocks.{i}.
+    prefix = bs.get("weights_prefix", "transformer_blocks.{i}." if num_blocks > 1 else "")
     return [prefix.replace("{i}", str(i)) for i in range(num_blocks)]
 
 

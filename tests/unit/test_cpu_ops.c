@@ -841,6 +841,12 @@ static void test_attention(void **state)
         {2, 40, 600, 1, 40, MASK_PER_SAMPLE, FILL_FULLY_MASKED, false}, /* sample 1 all masked */
         {2, 40, 300, 2, 40, MASK_PER_QUERY, FILL_NEG_INF, false},       /* row 1 -inf: output 0 */
         {2, 40, 30, 2, 40, MASK_PER_SAMPLE, FILL_NEG_INF, false}, /* sample 1 -inf: output 0 */
+        /* Edges of the register blocks (6 keys or head-dim rows x 16 queries) */
+        {1, 50, 50, 3, 13, MASK_PER_SAMPLE, FILL_RANDOM, true},  /* head dim 6k + 1 */
+        {2, 33, 7, 2, 5, MASK_PER_QUERY, FILL_RANDOM, false},    /* head dim 5, Lk 7 */
+        {1, 16, 65, 4, 1, MASK_NONE, FILL_RANDOM, false},        /* head dim 1 */
+        {1, 263, 263, 2, 15, MASK_NONE, FILL_RANDOM, true},      /* 5 query tiles, Lk 256 + 7 */
+        {1, 17, 50, 3, 13, MASK_PER_QUERY, FILL_RANDOM, false},  /* Lq 16 + 1 */
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         run_attention(&cases[i]);
