@@ -154,9 +154,8 @@ static void attn_pack_qt(const struct attn_job *j, const struct attn_tile *t, co
  * row r (a mask shared by all queries) when add is set, and folds the rows
  * into the 16 column maxima at mx. */
 static inline __attribute__((always_inline)) void st_block(float *st, const float *k, int64_t ldk,
-                                                            const float *qt, int hd,
-                                                            const float *add, float *mx,
-                                                            const int R)
+                                                           const float *qt, int hd,
+                                                           const float *add, float *mx, const int R)
 {
     __m256 acc[6][2];
     for (int r = 0; r < R; r++)
@@ -189,8 +188,10 @@ static inline __attribute__((always_inline)) void st_block(float *st, const floa
 
 /* S^T (tk rows of ATT_TQ) = K (tk rows of the tile) Q^T (+ add[row]) for
  * tqp columns, and the column maxima into mx. */
-static __attribute__((noinline)) void attn_scores(const struct attn_job *j, const struct attn_tile *t, const float *k,
-                        int64_t tk, int64_t tqp, const float *add, float *mx)
+static __attribute__((noinline)) void attn_scores(const struct attn_job *j,
+                                                  const struct attn_tile *t, const float *k,
+                                                  int64_t tk, int64_t tqp, const float *add,
+                                                  float *mx)
 {
     int hd = j->head_dim;
     int64_t ldk = j->ldk;
@@ -202,12 +203,24 @@ static __attribute__((noinline)) void attn_scores(const struct attn_job *j, cons
             const float *qt = t->qt + i0;
             float *st = t->s + r0 * ATT_TQ + i0;
             switch (tk - r0 < 6 ? tk - r0 : 6) {
-            case 6: ST_CASE(6); break;
-            case 5: ST_CASE(5); break;
-            case 4: ST_CASE(4); break;
-            case 3: ST_CASE(3); break;
-            case 2: ST_CASE(2); break;
-            default: ST_CASE(1); break;
+            case 6:
+                ST_CASE(6);
+                break;
+            case 5:
+                ST_CASE(5);
+                break;
+            case 4:
+                ST_CASE(4);
+                break;
+            case 3:
+                ST_CASE(3);
+                break;
+            case 2:
+                ST_CASE(2);
+                break;
+            default:
+                ST_CASE(1);
+                break;
             }
         }
     }
@@ -217,9 +230,8 @@ static __attribute__((noinline)) void attn_scores(const struct attn_job *j, cons
 
 /* R head-dim rows x 16 query columns of O^T += V^T P^T over tk keys: the
  * same shape of kernel as st_block, with v broadcast and P^T rows loaded. */
-static inline __attribute__((always_inline)) void pv_block(float *acc, const float *pt,
-                                                            const float *v, int64_t ldv,
-                                                            int64_t tk, const int R)
+static inline __attribute__((always_inline)) void
+pv_block(float *acc, const float *pt, const float *v, int64_t ldv, int64_t tk, const int R)
 {
     __m256 o[6][2];
     for (int r = 0; r < R; r++) {
@@ -257,12 +269,24 @@ static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const st
         for (int d0 = 0; d0 < hd; d0 += 6)
             for (int64_t i0 = 0; i0 < tqp; i0 += 16) {
                 switch (hd - d0 < 6 ? hd - d0 : 6) {
-                case 6: PV_CASE(6); break;
-                case 5: PV_CASE(5); break;
-                case 4: PV_CASE(4); break;
-                case 3: PV_CASE(3); break;
-                case 2: PV_CASE(2); break;
-                default: PV_CASE(1); break;
+                case 6:
+                    PV_CASE(6);
+                    break;
+                case 5:
+                    PV_CASE(5);
+                    break;
+                case 4:
+                    PV_CASE(4);
+                    break;
+                case 3:
+                    PV_CASE(3);
+                    break;
+                case 2:
+                    PV_CASE(2);
+                    break;
+                default:
+                    PV_CASE(1);
+                    break;
                 }
             }
     }
@@ -273,11 +297,13 @@ static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const st
 
 #else /* !ATT_SIMD: the same products through OpenBLAS */
 
-static __attribute__((noinline)) void attn_scores(const struct attn_job *j, const struct attn_tile *t, const float *k,
-                        int64_t tk, int64_t tqp, const float *add, float *mx)
+static __attribute__((noinline)) void attn_scores(const struct attn_job *j,
+                                                  const struct attn_tile *t, const float *k,
+                                                  int64_t tk, int64_t tqp, const float *add,
+                                                  float *mx)
 {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)tk, (blasint)tqp,
-                j->head_dim, 1.0f, k, (blasint)j->ldk, t->qt, ATT_TQ, 0.0f, t->s, ATT_TQ);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (blasint)tk, (blasint)tqp, j->head_dim,
+                1.0f, k, (blasint)j->ldk, t->qt, ATT_TQ, 0.0f, t->s, ATT_TQ);
     for (int64_t jj = 0; jj < tk; jj++) {
         float *row = t->s + jj * ATT_TQ;
         for (int64_t i = 0; i < tqp; i++) {
@@ -287,8 +313,8 @@ static __attribute__((noinline)) void attn_scores(const struct attn_job *j, cons
     }
 }
 
-static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const struct attn_tile *t, const float *v,
-                    int64_t tqp, int64_t tk)
+static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const struct attn_tile *t,
+                                              const float *v, int64_t tqp, int64_t tk)
 {
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, j->head_dim, (blasint)tqp, (blasint)tk,
                 1.0f, v, (blasint)j->ldv, t->s, ATT_TQ, 1.0f, t->acc, ATT_TQ);
@@ -339,8 +365,8 @@ static void attn_tile_scores(const struct attn_job *j, const struct attn_tile *t
         for (int64_t jj = 0; jj < tk; jj++)
             add[jj] = mr[jj] - t->shift[0];
     }
-    attn_scores(j, t, k + t->h * j->head_dim, tk, tqp,
-                j->mask != NULL && j->mq == 1 ? add : NULL, mx);
+    attn_scores(j, t, k + t->h * j->head_dim, tk, tqp, j->mask != NULL && j->mq == 1 ? add : NULL,
+                mx);
     if (j->mask == NULL || j->mq == 1)
         return;
     for (int64_t i = 0; i < tq; i++) {
@@ -362,8 +388,9 @@ static void attn_tile_scores(const struct attn_job *j, const struct attn_tile *t
  * leaves probabilities in t->s and rescales the accumulator by
  * exp(m_old - m_new). Loops run over queries, the contiguous dim, so they
  * vectorise. */
-static __attribute__((noinline)) void attn_softmax_tile(const struct attn_job *j, const struct attn_tile *t, int64_t tq,
-                              int64_t tk, const float *mx)
+static __attribute__((noinline)) void attn_softmax_tile(const struct attn_job *j,
+                                                        const struct attn_tile *t, int64_t tq,
+                                                        int64_t tk, const float *mx)
 {
     float ref[ATT_TQ], corr[ATT_TQ];
     for (int64_t i = 0; i < tq; i++) {

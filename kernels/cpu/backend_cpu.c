@@ -11,6 +11,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -36,35 +38,62 @@ static void blas_single_thread(void)
 
 /* ---- memory ------------------------------------------------------------ */
 
-/* Buffers of at least HUGE_MIN bytes (weights, arena chunks) are aligned to
- * 2 MiB and offered to transparent huge pages: attention walks K and V rows
- * a fused-QKV stride apart (3840 bytes at dim 320), which with 4 KiB pages
+/* Every buffer starts CPU_ALIGN bytes after a header that says how to free
+ * it. Buffers of at least BIG_MIN bytes (weights, arena chunks) are mapped
+ * directly, so munmap gives them back to the system at once (through malloc,
+ * freeing a large block raises glibc's mmap threshold and the next ones
+ * linger in the heap). From HUGE_MIN bytes they are 2 MiB aligned and offered
+ * to transparent huge pages, because attention walks K and V rows a
+ * fused-QKV stride apart (3840 bytes at dim 320), which with 4 KiB pages
  * touches a new page every row and overflows the TLB. Where THP is off the
- * advice is ignored and nothing else changes. */
+ * advice is ignored. */
 #define HUGE_PAGE ((size_t)2 << 20)
-#define HUGE_MIN ((size_t)4 << 20)
+#define HUGE_MIN  ((size_t)4 << 20)
+#define BIG_MIN   ((size_t)256 << 10)
+
+struct buf_hdr {
+    void *map;  /* mmap base, or NULL: the block came from posix_memalign at hdr */
+    size_t len; /* mapped length */
+};
 
 static void *cpu_buf_alloc(void *ctx, size_t size)
 {
-    void *p = NULL;
     size = (size + CPU_ALIGN - 1) & ~(size_t)(CPU_ALIGN - 1);
-    if (size >= HUGE_MIN) {
-        size = (size + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
-        if (posix_memalign(&p, HUGE_PAGE, size) != 0)
+    if (size < BIG_MIN) {
+        void *base = NULL;
+        if (posix_memalign(&base, CPU_ALIGN, CPU_ALIGN + (size ? size : CPU_ALIGN)) != 0)
             return NULL;
+        ((struct buf_hdr *)base)->map = NULL;
+        return (char *)base + CPU_ALIGN;
+    }
+    bool huge = size >= HUGE_MIN;
+    size_t align = huge ? HUGE_PAGE : (size_t)4096;
+    size = (size + align - 1) & ~(align - 1);
+    size_t len = size + 2 * align; /* room to align, with the header before */
+    char *map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED)
+        return NULL;
+    char *p =
+        (char *)(((uintptr_t)map + sizeof(struct buf_hdr) + align - 1) & ~(uintptr_t)(align - 1));
+    struct buf_hdr *h = (struct buf_hdr *)(p - CPU_ALIGN);
+    h->map = map;
+    h->len = len;
 #ifdef MADV_HUGEPAGE
+    if (huge)
         (void)madvise(p, size, MADV_HUGEPAGE);
 #endif
-        return p;
-    }
-    if (posix_memalign(&p, CPU_ALIGN, size ? size : CPU_ALIGN) != 0)
-        return NULL;
     return p;
 }
 
 static void cpu_buf_free(void *ctx, void *ptr)
 {
-    free(ptr);
+    if (ptr == NULL)
+        return;
+    struct buf_hdr *h = (struct buf_hdr *)((char *)ptr - CPU_ALIGN);
+    if (h->map != NULL)
+        munmap(h->map, h->len);
+    else
+        free(h);
 }
 
 static int cpu_copy(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err)
