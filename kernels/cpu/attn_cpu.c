@@ -20,8 +20,10 @@
  * queries: each 6 x 16 block of O^T is 12 accumulators fed by two loads of a
  * row of P^T and six broadcasts from a row of V. (Blocking O by query rows
  * instead streams the whole V tile once per pair of queries and ran at half
- * this speed.) Without AVX2 both products are cblas_sgemm calls on the same
- * tiles.
+ * this speed.) Where the CPU has AVX-512 (checked at run time) the same
+ * kernels run 12 rows x 32 queries in zmm registers; BS_CPU_ISA=avx2 keeps
+ * the AVX2 ones. Without AVX2 in the build both products are cblas_sgemm
+ * calls on the same tiles.
  *
  * Masks. Softmax is invariant under adding a constant to a row, so each mask
  * row is shifted by its own maximum before it is added: a row masked
@@ -38,6 +40,7 @@
  * run returns. */
 #include <cblas.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -69,6 +72,7 @@ struct attn_job {
     int heads, head_dim;
     float scale;
     int64_t q_tiles;
+    int width; /* query columns per register block: 16 (AVX2), 32 (AVX-512) */
     float *scratch;
     size_t scratch_floats; /* per thread */
 };
@@ -128,18 +132,19 @@ static const float *mask_row(const struct attn_job *j, int64_t b, int64_t qi)
     return j->mask + b * j->mask_nb0 + (j->mq == 1 ? 0 : qi) * j->mask_nb1;
 }
 
-static int64_t round16(int64_t n)
+/* tq rounded up to the register blocks' width (ATT_TQ is a multiple). */
+static int64_t round_width(const struct attn_job *j, int64_t tq)
 {
-    return (n + 15) & ~(int64_t)15;
+    return (tq + j->width - 1) / j->width * j->width;
 }
 
-/* qt[c][i] = scale * q[i][c] for the tile's tq queries, 0 up to tq rounded to
- * 16: S^T = K Q^T then needs no scaling and no edge case in its columns. */
+/* qt[c][i] = scale * q[i][c] for the tile's tq queries, 0 up to the block
+ * width: S^T = K Q^T then needs no scaling and no edge case in its columns. */
 static void attn_pack_qt(const struct attn_job *j, const struct attn_tile *t, const float *q,
                          int64_t tq)
 {
     int hd = j->head_dim;
-    int64_t tqp = round16(tq);
+    int64_t tqp = round_width(j, tq);
     for (int64_t i = 0; i < tq; i++)
         for (int c = 0; c < hd; c++)
             t->qt[c * ATT_TQ + i] = j->scale * q[i * j->ldq + c];
@@ -188,10 +193,8 @@ static inline __attribute__((always_inline)) void st_block(float *st, const floa
 
 /* S^T (tk rows of ATT_TQ) = K (tk rows of the tile) Q^T (+ add[row]) for
  * tqp columns, and the column maxima into mx. */
-static __attribute__((noinline)) void attn_scores(const struct attn_job *j,
-                                                  const struct attn_tile *t, const float *k,
-                                                  int64_t tk, int64_t tqp, const float *add,
-                                                  float *mx)
+static void attn_scores256(const struct attn_job *j, const struct attn_tile *t, const float *k,
+                           int64_t tk, int64_t tqp, const float *add, float *mx)
 {
     int hd = j->head_dim;
     int64_t ldk = j->ldk;
@@ -258,8 +261,8 @@ pv_block(float *acc, const float *pt, const float *v, int64_t ldv, int64_t tk, c
 #define PV_CASE(R) pv_block(t->acc + d0 * ATT_TQ + i0, pt + i0, vr + d0, ldv, n, R)
 
 /* O^T (head_dim rows of ATT_TQ) += V^T P^T, P^T in t->s, V the tile's tk rows. */
-static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const struct attn_tile *t,
-                                              const float *v, int64_t tqp, int64_t tk)
+static void attn_pv256(const struct attn_job *j, const struct attn_tile *t, const float *v,
+                       int64_t tqp, int64_t tk)
 {
     int hd = j->head_dim;
     int64_t ldv = j->ldv;
@@ -295,7 +298,190 @@ static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const st
 #undef PV_CASE
 #undef PV_CHUNK
 
+/* The same two products with AVX-512 where the CPU has it (checked at run
+ * time; the build targets AVX2): blocks of up to 12 rows x 32 query columns,
+ * 24 accumulators of the 32 zmm registers, so each broadcast feeds two
+ * 16-wide FMAs and each row load twelve. */
+#define ATT_512 __attribute__((target("avx512f")))
+
+static inline ATT_512 __attribute__((always_inline)) void st_block512(float *st, const float *k,
+                                                                      int64_t ldk, const float *qt,
+                                                                      int hd, const float *add,
+                                                                      float *mx, const int R)
+{
+    __m512 acc[12][2];
+    for (int r = 0; r < R; r++)
+        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int c = 0; c < hd; c++) {
+        __m512 q0 = _mm512_loadu_ps(qt + c * ATT_TQ), q1 = _mm512_loadu_ps(qt + c * ATT_TQ + 16);
+        for (int r = 0; r < R; r++) {
+            __m512 kv = _mm512_set1_ps(k[r * ldk + c]);
+            acc[r][0] = _mm512_fmadd_ps(kv, q0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(kv, q1, acc[r][1]);
+        }
+    }
+    __m512 m0 = _mm512_loadu_ps(mx), m1 = _mm512_loadu_ps(mx + 16);
+    for (int r = 0; r < R; r++) {
+        if (add != NULL) {
+            __m512 a = _mm512_set1_ps(add[r]);
+            acc[r][0] = _mm512_add_ps(acc[r][0], a);
+            acc[r][1] = _mm512_add_ps(acc[r][1], a);
+        }
+        m0 = _mm512_max_ps(acc[r][0], m0);
+        m1 = _mm512_max_ps(acc[r][1], m1);
+        _mm512_storeu_ps(st + r * ATT_TQ, acc[r][0]);
+        _mm512_storeu_ps(st + r * ATT_TQ + 16, acc[r][1]);
+    }
+    _mm512_storeu_ps(mx, m0);
+    _mm512_storeu_ps(mx + 16, m1);
+}
+
+static inline ATT_512 __attribute__((always_inline)) void
+pv_block512(float *acc, const float *pt, const float *v, int64_t ldv, int64_t n, const int R)
+{
+    __m512 o[12][2];
+    for (int r = 0; r < R; r++) {
+        o[r][0] = _mm512_loadu_ps(acc + r * ATT_TQ);
+        o[r][1] = _mm512_loadu_ps(acc + r * ATT_TQ + 16);
+    }
+    for (int64_t jj = 0; jj < n; jj++) {
+        __m512 p0 = _mm512_loadu_ps(pt + jj * ATT_TQ), p1 = _mm512_loadu_ps(pt + jj * ATT_TQ + 16);
+        for (int r = 0; r < R; r++) {
+            __m512 vb = _mm512_set1_ps(v[jj * ldv + r]);
+            o[r][0] = _mm512_fmadd_ps(vb, p0, o[r][0]);
+            o[r][1] = _mm512_fmadd_ps(vb, p1, o[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(acc + r * ATT_TQ, o[r][0]);
+        _mm512_storeu_ps(acc + r * ATT_TQ + 16, o[r][1]);
+    }
+}
+
+/* Calls BLOCK(R) for R = rem clamped to [1, 12] with R a constant. */
+#define ATT_REM12(rem, BLOCK)                                                                      \
+    switch ((rem) < 12 ? (rem) : 12) {                                                             \
+    case 12:                                                                                       \
+        BLOCK(12);                                                                                 \
+        break;                                                                                     \
+    case 11:                                                                                       \
+        BLOCK(11);                                                                                 \
+        break;                                                                                     \
+    case 10:                                                                                       \
+        BLOCK(10);                                                                                 \
+        break;                                                                                     \
+    case 9:                                                                                        \
+        BLOCK(9);                                                                                  \
+        break;                                                                                     \
+    case 8:                                                                                        \
+        BLOCK(8);                                                                                  \
+        break;                                                                                     \
+    case 7:                                                                                        \
+        BLOCK(7);                                                                                  \
+        break;                                                                                     \
+    case 6:                                                                                        \
+        BLOCK(6);                                                                                  \
+        break;                                                                                     \
+    case 5:                                                                                        \
+        BLOCK(5);                                                                                  \
+        break;                                                                                     \
+    case 4:                                                                                        \
+        BLOCK(4);                                                                                  \
+        break;                                                                                     \
+    case 3:                                                                                        \
+        BLOCK(3);                                                                                  \
+        break;                                                                                     \
+    case 2:                                                                                        \
+        BLOCK(2);                                                                                  \
+        break;                                                                                     \
+    default:                                                                                       \
+        BLOCK(1);                                                                                  \
+        break;                                                                                     \
+    }
+
+#define ST512(R) st_block512(st, kr, ldk, t->qt + i0, hd, add ? add + r0 : NULL, mx + i0, R)
+
+static ATT_512 void attn_scores512(const struct attn_job *j, const struct attn_tile *t,
+                                   const float *k, int64_t tk, int64_t tqp, const float *add,
+                                   float *mx)
+{
+    int hd = j->head_dim;
+    int64_t ldk = j->ldk;
+    for (int64_t r0 = 0; r0 < tk; r0 += 12) {
+        const float *kr = k + r0 * ldk;
+        for (int64_t i0 = 0; i0 < tqp; i0 += 32) {
+            float *st = t->s + r0 * ATT_TQ + i0;
+            ATT_REM12(tk - r0, ST512)
+        }
+    }
+}
+
+#define PV512(R) pv_block512(t->acc + d0 * ATT_TQ + i0, pt + i0, vr + d0, ldv, n, R)
+
+static ATT_512 void attn_pv512(const struct attn_job *j, const struct attn_tile *t, const float *v,
+                               int64_t tqp, int64_t tk)
+{
+    int hd = j->head_dim;
+    int64_t ldv = j->ldv;
+    for (int64_t j0 = 0; j0 < tk; j0 += 64) { /* as PV_CHUNK */
+        int64_t n = tk - j0 < 64 ? tk - j0 : 64;
+        const float *pt = t->s + j0 * ATT_TQ, *vr = v + j0 * ldv;
+        for (int d0 = 0; d0 < hd; d0 += 12)
+            for (int64_t i0 = 0; i0 < tqp; i0 += 32) {
+                ATT_REM12(hd - d0, PV512)
+            }
+    }
+}
+
+#undef ST512
+#undef PV512
+#undef ATT_REM12
+
+static __attribute__((noinline)) void attn_scores(const struct attn_job *j,
+                                                  const struct attn_tile *t, const float *k,
+                                                  int64_t tk, int64_t tqp, const float *add,
+                                                  float *mx)
+{
+    if (j->width == 32)
+        attn_scores512(j, t, k, tk, tqp, add, mx);
+    else
+        attn_scores256(j, t, k, tk, tqp, add, mx);
+}
+
+static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const struct attn_tile *t,
+                                              const float *v, int64_t tqp, int64_t tk)
+{
+    if (j->width == 32)
+        attn_pv512(j, t, v, tqp, tk);
+    else
+        attn_pv256(j, t, v, tqp, tk);
+}
+
+static int att_width = 16;
+static pthread_once_t att_width_once = PTHREAD_ONCE_INIT;
+
+/* AVX-512 when the CPU has it, unless BS_CPU_ISA=avx2 asks for the AVX2
+ * kernels (the tests run both). */
+static void att_width_init(void)
+{
+    const char *isa = getenv("BS_CPU_ISA");
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && !(isa != NULL && strcmp(isa, "avx2") == 0))
+        att_width = 32;
+}
+
+static int attn_width(void)
+{
+    pthread_once(&att_width_once, att_width_init);
+    return att_width;
+}
+
 #else /* !ATT_SIMD: the same products through OpenBLAS */
+
+static int attn_width(void)
+{
+    return 16;
+}
 
 static __attribute__((noinline)) void attn_scores(const struct attn_job *j,
                                                   const struct attn_tile *t, const float *k,
@@ -357,7 +543,7 @@ static void attn_tile_scores(const struct attn_job *j, const struct attn_tile *t
 {
     float add[ATT_TK];
     const float *k = j->k + (b * j->lk + k0) * j->ldk;
-    int64_t tqp = round16(tq);
+    int64_t tqp = round_width(j, tq);
     for (int64_t i = 0; i < tqp; i++)
         mx[i] = -INFINITY;
     if (j->mask != NULL && j->mq == 1) {
@@ -451,7 +637,7 @@ static void attn_task(void *arg, int64_t task, int thread)
         int64_t tk = j->lk - k0 < ATT_TK ? j->lk - k0 : ATT_TK;
         attn_tile_scores(j, &t, b, q0, tq, k0, tk, mx);
         attn_softmax_tile(j, &t, tq, tk, mx);
-        attn_pv(j, &t, j->v + (b * j->lk + k0) * j->ldv + h * hd, round16(tq), tk);
+        attn_pv(j, &t, j->v + (b * j->lk + k0) * j->ldv + h * hd, round_width(j, tq), tk);
     }
     for (int64_t i = 0; i < tq; i++) {
         t.l[i] = t.l[i] > 0.0f ? 1.0f / t.l[i] : 0.0f;
@@ -543,6 +729,7 @@ int bs__cpu_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
     j.head_dim = p->head_dim;
     j.scale = p->scale;
     j.q_tiles = (p->lq + ATT_TQ - 1) / ATT_TQ;
+    j.width = attn_width();
 
     pthread_mutex_lock(&c->scratch_lock);
     rc = bs__cpu_scratch_reserve(c, attn_scratch_floats(p->head_dim), err);
