@@ -574,9 +574,9 @@ static void attn_tile_scores(const struct attn_job *j, const struct attn_tile *t
  * leaves probabilities in t->s and rescales the accumulator by
  * exp(m_old - m_new). Loops run over queries, the contiguous dim, so they
  * vectorise. */
-static __attribute__((noinline)) void attn_softmax_tile(const struct attn_job *j,
-                                                        const struct attn_tile *t, int64_t tq,
-                                                        int64_t tk, const float *mx)
+static __attribute__((noinline, target_clones("arch=x86-64-v4", "default"))) void
+attn_softmax_tile(const struct attn_job *j, const struct attn_tile *t, int64_t tq, int64_t tk,
+                  const float *mx)
 {
     float ref[ATT_TQ], corr[ATT_TQ];
     for (int64_t i = 0; i < tq; i++) {
