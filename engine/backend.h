@@ -34,12 +34,12 @@ enum bs_act {
  * y = y * (1 + scale[b]) + shift[b]. */
 struct bs_norm_params {
     float eps;
-    const struct bs_tensor *gamma; /* [D] or NULL */
-    const struct bs_tensor *beta;  /* [D] or NULL */
-    const struct bs_tensor *scale; /* [B, D] or NULL */
-    const struct bs_tensor *shift; /* [B, D] or NULL */
-    int64_t rows_per_sample;       /* layer norm: rows of x per sample */
-    int groups;                    /* group norm: number of groups */
+    const struct bs_tensor *gamma;   /* [D] or NULL */
+    const struct bs_tensor *beta;    /* [D] or NULL */
+    const struct bs_tensor *scale;   /* [B, D] or NULL */
+    const struct bs_tensor *shift;   /* [B, D] or NULL */
+    int64_t rows_per_sample;         /* layer norm: rows of x per sample */
+    int groups;                      /* group norm: number of groups */
 };
 
 /* Multi-head attention over row tensors. q: [B*Lq rows], k and v: [B*Lk rows];
@@ -107,7 +107,8 @@ struct bs_backend_i {
                struct bs_err *err);
 
     /* Batched transpose of contiguous x [B, R, C] into contiguous y [B, C, R]. */
-    int (*transpose)(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, struct bs_err *err);
+    int (*transpose)(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                     struct bs_err *err);
 
     /* Row gather: y[i] = table[idx[i]] for i < n; idx is host memory and every
      * index has been checked against the table's row count. */

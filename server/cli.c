@@ -82,10 +82,10 @@ static int parse_args(int argc, char **argv, struct cli_args *a, bool want_outpu
             return -1;
         }
     }
-    const char *missing = a->model_dir == NULL        ? "MODEL_DIR"
-                          : a->inputs == NULL         ? "--inputs"
-                          : want_output && !a->output ? "--output"
-                                                      : NULL;
+    const char *missing = a->model_dir == NULL          ? "MODEL_DIR"
+                          : a->inputs == NULL           ? "--inputs"
+                          : want_output && !a->output   ? "--output"
+                                                        : NULL;
     if (missing != NULL) {
         fprintf(stderr, "blockserve %s: missing %s (see blockserve --help)\n", argv[0], missing);
         return -1;
@@ -204,8 +204,9 @@ int bs_cli_bench(int argc, char **argv)
         double flops = bs_model_flops(s.model, s.in, s.n_in);
         printf("model=%s class=%s backend=%s reps=%d min_ms=%.3f max_ms=%.3f weights_mb=%.1f "
                "scratch_mb=%.1f\n",
-               a.model_dir, bs_config_class_name(bs_model_config(s.model)->cls), s.be.iface->name,
-               a.reps, ms[0], ms[a.reps - 1], (double)bs_model_weight_bytes(s.model) / 1048576.0,
+               a.model_dir, bs_config_class_name(bs_model_config(s.model)->cls),
+               s.be.iface->name, a.reps, ms[0], ms[a.reps - 1],
+               (double)bs_model_weight_bytes(s.model) / 1048576.0,
                (double)bs_arena_capacity(&s.arena) / 1048576.0);
         printf("median_ms=%.3f gflops=%.2f\n", med, med > 0 ? flops / (med * 1e6) : 0.0);
     } else {
@@ -230,10 +231,8 @@ int bs_cli_example(int argc, char **argv)
     }
     const struct bs_builtin *b = bs_builtin_find(argv[1]);
     if (b == NULL) {
-        fprintf(stderr,
-                "blockserve example: unknown model \"%s\" (run blockserve example for "
-                "the list)\n",
-                argv[1]);
+        fprintf(stderr, "blockserve example: unknown model \"%s\" (run blockserve example for "
+                        "the list)\n", argv[1]);
         return 1;
     }
     if (bs_builtin_write(b, argv[3], &err) != 0) {

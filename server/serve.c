@@ -64,8 +64,7 @@ static void usage(FILE *f)
             "  --max-message-bytes N         gRPC message limit (default 67108864)\n"
             "  --max-tensor-elements N       per input tensor (default 134217728)\n"
             "  --max-concurrent-streams N    per connection (default 256)\n"
-            "  --grace-seconds N             on SIGTERM/SIGINT, time to finish queued work "
-            "(default 30)\n"
+            "  --grace-seconds N             on SIGTERM/SIGINT, time to finish queued work (default 30)\n"
             "  --max-batch-size N            default for models (default 8)\n"
             "  --max-queue-delay-us N        default batching delay (default 2000)\n"
             "  --max-queue-size N            default queue bound (default 256)\n");
@@ -95,8 +94,8 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
     o->max_tensor_elements = (int64_t)1 << 27;
     o->grace_seconds = 30;
     o->max_streams = 256;
-    o->defaults = (struct bs_serving_config){
-        .max_batch_size = 8, .max_queue_delay_us = 2000, .max_queue_size = 256};
+    o->defaults = (struct bs_serving_config){.max_batch_size = 8, .max_queue_delay_us = 2000,
+                                             .max_queue_size = 256};
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i];
         int64_t v = 0;
@@ -146,7 +145,8 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
         else if (strcmp(f, "--max-queue-delay-us") == 0 &&
                  (rc = int_flag(f, val, 0, 60000000, &v)) == 0)
             o->defaults.max_queue_delay_us = v;
-        else if (strcmp(f, "--max-queue-size") == 0 && (rc = int_flag(f, val, 1, 1000000, &v)) == 0)
+        else if (strcmp(f, "--max-queue-size") == 0 &&
+                 (rc = int_flag(f, val, 1, 1000000, &v)) == 0)
             o->defaults.max_queue_size = (int)v;
         else if (rc == 0) {
             fprintf(stderr, "blockserve: unknown option or bad value: %s %s\n", f, val);

@@ -110,8 +110,7 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
         struct bs_forward_opts opts = {on_block, &cbs};
         bool with_cb = pass == 1 && bs_model_config(model)->num_blocks > 1;
         memset(out.data, 0xff, bs_tensor_nbytes(&out)); /* NaN: stale data cannot pass */
-        if ((rc = bs_model_forward(model, &arena, in, n_in, &out, with_cb ? &opts : NULL, err)) !=
-            0)
+        if ((rc = bs_model_forward(model, &arena, in, n_in, &out, with_cb ? &opts : NULL, err)) != 0)
             break;
         double e = max_abs_err(&out, &want, go->relative);
         const char *what = go->relative ? "max abs err / max(1, max |expected|)" : "max abs err";
