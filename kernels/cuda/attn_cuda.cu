@@ -81,8 +81,8 @@ template <> __device__ __forceinline__ __half to_t<__half>(float x)
 template <typename T>
 __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
 template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float d[4], const uint32_t a[4], uint32_t b0,
-                                                        uint32_t b1)
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float d[4], const uint32_t a[4],
+                                                        uint32_t b0, uint32_t b1)
 {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
@@ -105,7 +105,7 @@ __device__ __forceinline__ uint32_t ld32(const void *p)
 }
 
 template <int DP> struct mma_smem {
-    static constexpr int QK_LD = DP + MMA_PAD; /* row stride of Qs and Ks */
+    static constexpr int QK_LD = DP + MMA_PAD;     /* row stride of Qs and Ks */
     static constexpr int VT_LD = MMA_BK + MMA_PAD; /* row stride of Vt */
     static constexpr int elems = MMA_BQ * QK_LD + MMA_BK * QK_LD + DP * VT_LD;
     static_assert(DP % 16 == 0, "padded head dim must be a multiple of 16");
@@ -133,9 +133,9 @@ template <typename T, int DP>
 __global__ void __launch_bounds__(MMA_THREADS) attn_mma(struct attn_args a)
 {
     using S = mma_smem<DP>;
-    constexpr int KS = DP / 16;     /* k-steps of q.k */
-    constexpr int NT = MMA_BK / 8;  /* n-tiles of scores */
-    constexpr int DT = DP / 8;      /* n-tiles of the output */
+    constexpr int KS = DP / 16;    /* k-steps of q.k */
+    constexpr int NT = MMA_BK / 8; /* n-tiles of scores */
+    constexpr int DT = DP / 8;     /* n-tiles of the output */
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *qs = reinterpret_cast<T *>(smem_raw);
     T *ks = qs + MMA_BQ * S::QK_LD;
@@ -281,10 +281,10 @@ template <typename T, int DP>
 static int launch_mma(const struct attn_args *a, int64_t batch, cudaStream_t st, struct bs_err *err)
 {
     size_t smem = (size_t)mma_smem<DP>::elems * sizeof(T);
-    int rc = bs__cuda_check(cudaFuncSetAttribute(attn_mma<T, DP>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 (int)smem),
-                            "attention", "cudaFuncSetAttribute", err);
+    int rc =
+        bs__cuda_check(cudaFuncSetAttribute(attn_mma<T, DP>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                       "attention", "cudaFuncSetAttribute", err);
     if (rc != 0)
         return rc;
     dim3 grid((unsigned)bs__cdiv(a->lq, MMA_BQ), (unsigned)(batch * a->heads));
@@ -307,12 +307,18 @@ static int launch_mma_t(const struct attn_args *a, int64_t batch, cudaStream_t s
                         struct bs_err *err)
 {
     switch (mma_dp(a->head_dim)) {
-    case 32: return launch_mma<T, 32>(a, batch, st, err);
-    case 48: return launch_mma<T, 48>(a, batch, st, err);
-    case 64: return launch_mma<T, 64>(a, batch, st, err);
-    case 80: return launch_mma<T, 80>(a, batch, st, err);
-    case 128: return launch_mma<T, 128>(a, batch, st, err);
-    default: return launch_mma<T, 160>(a, batch, st, err);
+    case 32:
+        return launch_mma<T, 32>(a, batch, st, err);
+    case 48:
+        return launch_mma<T, 48>(a, batch, st, err);
+    case 64:
+        return launch_mma<T, 64>(a, batch, st, err);
+    case 80:
+        return launch_mma<T, 80>(a, batch, st, err);
+    case 128:
+        return launch_mma<T, 128>(a, batch, st, err);
+    default:
+        return launch_mma<T, 160>(a, batch, st, err);
     }
 }
 
@@ -336,8 +342,7 @@ __global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
     }
     const float *mrow = NULL;
     if (a.mask)
-        mrow = a.mask + b * a.mask_nb0 +
-               (a.mq == 1 ? 0 : (qi < a.lq ? qi : a.lq - 1)) * a.mask_nb1;
+        mrow = a.mask + b * a.mask_nb0 + (a.mq == 1 ? 0 : (qi < a.lq ? qi : a.lq - 1)) * a.mask_nb1;
     float m = -INFINITY, l = 0.0f;
     for (int64_t k0 = 0; k0 < a.lk; k0 += F32_BK) {
         __syncthreads();
@@ -389,15 +394,13 @@ __global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
         a.o[(b * a.lq + qi) * a.ldo + h * hd + d] = os[row * hd + d] * inv;
 }
 
-static int launch_f32(const struct attn_args *a, int64_t batch, cudaStream_t st,
-                      struct bs_err *err)
+static int launch_f32(const struct attn_args *a, int64_t batch, cudaStream_t st, struct bs_err *err)
 {
-    size_t smem = ((size_t)(2 * F32_BQ + 2 * F32_BK) * a->head_dim + F32_BQ * F32_BK) *
-                  sizeof(float);
-    int rc = bs__cuda_check(cudaFuncSetAttribute(attn_f32,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 (int)smem),
-                            "attention", "cudaFuncSetAttribute", err);
+    size_t smem =
+        ((size_t)(2 * F32_BQ + 2 * F32_BK) * a->head_dim + F32_BQ * F32_BK) * sizeof(float);
+    int rc = bs__cuda_check(
+        cudaFuncSetAttribute(attn_f32, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        "attention", "cudaFuncSetAttribute", err);
     if (rc != 0)
         return rc;
     dim3 grid((unsigned)bs__cdiv(a->lq, F32_BQ), (unsigned)(batch * a->heads));
@@ -430,12 +433,12 @@ static int check_mask(const struct bs_attn_params *p, struct attn_args *a, struc
 }
 
 static int check_attn(struct bs_tensor *o, const struct bs_tensor *q, const struct bs_tensor *k,
-                      const struct bs_tensor *v, const struct bs_attn_params *p,
-                      struct bs_err *err)
+                      const struct bs_tensor *v, const struct bs_attn_params *p, struct bs_err *err)
 {
     const char *op = "attention";
     int rc;
-    if ((rc = bs__cuda_check_rows(q, op, "q", err)) || (rc = bs__cuda_check_rows(k, op, "k", err)) ||
+    if ((rc = bs__cuda_check_rows(q, op, "q", err)) ||
+        (rc = bs__cuda_check_rows(k, op, "k", err)) ||
         (rc = bs__cuda_check_rows(v, op, "v", err)) || (rc = bs__cuda_check_rows(o, op, "o", err)))
         return rc;
     if (p->batch < 0 || p->lq < 0 || p->lk < 0 || p->heads < 1 || p->head_dim < 1)
@@ -571,11 +574,10 @@ static int unfused_sample(struct bs__cuda *c, float *o, int64_t ldo, const void 
     TRY_RC(rc, bs__cuda_check_launch("attention (unfused) softmax", err));
     /* column-major: O^T (hd x lq) = V (hd x lk) P^T... i.e. P as lk x lq */
     (void)es;
-    return blas_ok(cublasGemmStridedBatchedEx(c->blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, lq, lk, &one,
-                                              v, t, inner, (long long)hd, s, t, lk,
-                                              (long long)lq * lk, &zero, o, CUDA_R_32F, (int)ldo,
-                                              (long long)hd, p->heads, CUBLAS_COMPUTE_32F,
-                                              CUBLAS_GEMM_DEFAULT),
+    return blas_ok(cublasGemmStridedBatchedEx(
+                       c->blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, lq, lk, &one, v, t, inner,
+                       (long long)hd, s, t, lk, (long long)lq * lk, &zero, o, CUDA_R_32F, (int)ldo,
+                       (long long)hd, p->heads, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                    "O GEMM", err);
 }
 

@@ -16,9 +16,9 @@
 
 #include "cuda_common.cuh"
 
-#define PINNED_BYTES   (8u << 20)  /* staging chunk for copy_in / copy_out */
-#define BLAS_WS_BYTES  (32u << 20) /* cuBLAS workspace */
-#define SCRATCH_ALIGN  256
+#define PINNED_BYTES  (8u << 20)  /* staging chunk for copy_in / copy_out */
+#define BLAS_WS_BYTES (32u << 20) /* cuBLAS workspace */
+#define SCRATCH_ALIGN 256
 
 /* ---- errors ------------------------------------------------------------ */
 
@@ -26,6 +26,7 @@ int bs__cuda_check(cudaError_t e, const char *op, const char *what, struct bs_er
 {
     if (e == cudaSuccess)
         return 0;
+    cudaGetLastError(); /* a non-sticky error must not fail the next launch check too */
     return bs_err_set(err, BS_EINTERNAL, "cuda %s: %s: %s (%s)", op, what, cudaGetErrorString(e),
                       cudaGetErrorName(e));
 }
@@ -53,7 +54,8 @@ int bs__cuda_check_rows(const struct bs_tensor *t, const char *op, const char *n
                           bs_dtype_name(t->type));
     if (!bs_tensor_is_rows(t))
         return bs_err_set(err, BS_EINVAL,
-                          "%s: %s must be a rows tensor (dense last dim, one row stride)", op, name);
+                          "%s: %s must be a rows tensor (dense last dim, one row stride)", op,
+                          name);
     return 0;
 }
 
@@ -116,9 +118,9 @@ static int cuda_copy_in(void *ctx, void *dst, const void *src, size_t size, stru
     for (size_t off = 0; off < size; off += c->pinned_bytes) {
         size_t n = size - off < c->pinned_bytes ? size - off : c->pinned_bytes;
         memcpy(c->pinned, (const char *)src + off, n);
-        if (bs__cuda_check(cudaMemcpyAsync((char *)dst + off, c->pinned, n, cudaMemcpyHostToDevice,
-                                           c->stream),
-                           "copy_in", "cudaMemcpyAsync", err) ||
+        if (bs__cuda_check(
+                cudaMemcpyAsync((char *)dst + off, c->pinned, n, cudaMemcpyHostToDevice, c->stream),
+                "copy_in", "cudaMemcpyAsync", err) ||
             bs__cuda_check(cudaStreamSynchronize(c->stream), "copy_in", "cudaStreamSynchronize",
                            err))
             return err->code;
@@ -156,8 +158,7 @@ static int cuda_weights_ready(void *ctx, void *buf, size_t size, struct bs_err *
         return 0;
     bs__cuda_guard g(c);
     if (c->n_shadows == BS_CUDA_MAX_SHADOWS)
-        return bs_err_set(err, BS_ERANGE, "cuda: more than %d models loaded",
-                          BS_CUDA_MAX_SHADOWS);
+        return bs_err_set(err, BS_ERANGE, "cuda: more than %d models loaded", BS_CUDA_MAX_SHADOWS);
     int64_t n = (int64_t)(size / sizeof(float));
     void *half = NULL;
     if (cudaMalloc(&half, (size_t)n * 2) != cudaSuccess) {
@@ -229,11 +230,11 @@ static int gemm(struct bs__cuda *c, float *y, int64_t ldy, const void *x, int64_
     cudaDataType_t t = c->dtype == BS_TYPE_F32    ? CUDA_R_32F
                        : c->dtype == BS_TYPE_BF16 ? CUDA_R_16BF
                                                   : CUDA_R_16F;
-    cublasComputeType_t ct = c->dtype == BS_TYPE_F32 && c->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                                                : CUBLAS_COMPUTE_32F;
+    cublasComputeType_t ct =
+        c->dtype == BS_TYPE_F32 && c->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     return blas_check(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)m, (int)k, &one,
-                                   w, t, (int)k, x, t, (int)ldx, &beta, y, CUDA_R_32F, (int)ldy,
-                                   ct, CUBLAS_GEMM_DEFAULT),
+                                   w, t, (int)k, x, t, (int)ldx, &beta, y, CUDA_R_32F, (int)ldy, ct,
+                                   CUBLAS_GEMM_DEFAULT),
                       "linear", "cublasGemmEx", err);
 }
 
@@ -252,8 +253,8 @@ static int cuda_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     bs__cuda_guard g(c);
     float *yd = (float *)y->data;
     if (b != NULL || (k == 0 && beta == 0.0f)) { /* bias first, then accumulate onto it */
-        TRY_RC(rc, bs__cuda_bias_rows(c, yd, ldy, b ? (const float *)b->data : NULL, m, n, beta,
-                                      err));
+        TRY_RC(rc,
+               bs__cuda_bias_rows(c, yd, ldy, b ? (const float *)b->data : NULL, m, n, beta, err));
         beta = 1.0f;
     }
     if (k == 0)
@@ -264,7 +265,7 @@ static int cuda_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     size_t xbytes = ((size_t)(m * k) * 2 + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
     char *s = (char *)bs__cuda_scratch(c, xbytes + (wh ? 0 : (size_t)(n * k) * 2), err);
     if (s == NULL)
-        return err->code;
+        return bs_err_wrap(err, "linear");
     TRY_RC(rc, bs__cuda_to_half(c, s, (const float *)x->data, m, k, ldx, err));
     if (wh == NULL) { /* weights outside a model buffer (tests): convert per call */
         TRY_RC(rc, bs__cuda_to_half(c, s + xbytes, (const float *)w->data, n, k, k, err));
@@ -350,13 +351,16 @@ static int pick_device(struct bs__cuda *c, struct bs_err *err)
         return bs_err_set(err, BS_EUNSUPP, "no usable CUDA GPU: cudaGetDeviceProperties: %s",
                           cudaGetErrorString(e));
     if (prop.major < 8)
-        return bs_err_set(err, BS_EUNSUPP,
-                          "no usable CUDA GPU: %.100s is sm_%d%d; this backend needs sm_80 or newer",
-                          prop.name, prop.major, prop.minor);
+        return bs_err_set(
+            err, BS_EUNSUPP,
+            "no usable CUDA GPU: %.100s is sm_%d%d; this backend needs sm_80 or newer", prop.name,
+            prop.major, prop.minor);
     c->device = 0;
     snprintf(c->desc, sizeof(c->desc), "cuda backend on %.100s (sm_%d%d, %.0f GiB), compute %s%s",
              prop.name, prop.major, prop.minor, (double)prop.totalGlobalMem / (1 << 30),
-             c->dtype == BS_TYPE_F32 ? "fp32" : c->dtype == BS_TYPE_BF16 ? "bf16" : "fp16",
+             c->dtype == BS_TYPE_F32    ? "fp32"
+             : c->dtype == BS_TYPE_BF16 ? "bf16"
+                                        : "fp16",
              c->dtype == BS_TYPE_F32 ? (c->tf32 ? " (TF32 GEMMs)" : " (no TF32)") : "");
     return bs__cuda_check(cudaSetDevice(0), "init", "cudaSetDevice", err);
 }
@@ -378,8 +382,8 @@ static int init_ctx(struct bs__cuda *c, struct bs_err *err)
     c->blas_ws_bytes = BLAS_WS_BYTES;
     TRY_RC(rc, blas_check(cublasSetWorkspace(c->blas, c->blas_ws, c->blas_ws_bytes), "init",
                           "cublasSetWorkspace", err));
-    TRY_RC(rc, bs__cuda_check(cudaMallocHost(&c->pinned, PINNED_BYTES), "init", "cudaMallocHost",
-                              err));
+    TRY_RC(rc,
+           bs__cuda_check(cudaMallocHost(&c->pinned, PINNED_BYTES), "init", "cudaMallocHost", err));
     c->pinned_bytes = PINNED_BYTES;
     /* One round trip proves the device works before we promise to use it. */
     TRY_RC(rc, bs__cuda_check(cudaMemsetAsync(c->blas_ws, 0, 256, c->stream), "init",
@@ -420,4 +424,27 @@ bs_cuda_module_attention_unfused(struct bs_backend *be, struct bs_tensor *o,
     if (be->iface != &cuda_iface)
         return bs_err_set(err, BS_EINVAL, "not a cuda backend");
     return bs__cuda_attention_unfused(be->ctx, o, q, k, v, p, err);
+}
+
+/* For tests/unit/test_cuda_host.c: a backend whose context is bound to no
+ * device (no stream, no cuBLAS handle, no staging), so that a machine without
+ * a GPU can check the ops' argument checks against the CPU twins and see
+ * valid calls fail cleanly with BS_EINTERNAL. Never use it with a GPU: the
+ * ops would launch on the tensors' (host) pointers. No copy ops. */
+extern "C" __attribute__((visibility("default"))) int
+bs_cuda_module_test_backend(struct bs_backend *be, const char *dtype, struct bs_err *err)
+{
+    memset(be, 0, sizeof(*be));
+    struct bs__cuda *c = (struct bs__cuda *)calloc(1, sizeof(*c));
+    if (c == NULL)
+        return bs_err_set(err, BS_ENOMEM, "cuda backend: out of memory");
+    pthread_mutex_init(&c->lock, NULL);
+    int rc = parse_dtype(dtype, &c->dtype, err);
+    if (rc != 0) {
+        cuda_free(c);
+        return rc;
+    }
+    be->iface = &cuda_iface;
+    be->ctx = c;
+    return 0;
 }

@@ -89,7 +89,7 @@ static dim3 ew_grid(int64_t rows, int64_t cols)
  * grid x, both grid-strided. */
 #define EW_ROWS(r, rows) for (int64_t r = blockIdx.y; r < (rows); r += gridDim.y)
 #define EW_COLS(i, cols)                                                                           \
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (cols);                  \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (cols);                   \
          i += (int64_t)gridDim.x * blockDim.x)
 
 /* ---- conversion and bias ------------------------------------------------ */
@@ -108,11 +108,11 @@ int bs__cuda_to_half(struct bs__cuda *c, void *dst, const float *src, int64_t ro
     if (rows == 0 || cols == 0)
         return 0;
     if (c->dtype == BS_TYPE_BF16)
-        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, c->stream>>>(
-            (__nv_bfloat16 *)dst, src, rows, cols, ld);
-    else
-        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, c->stream>>>((__half *)dst, src,
+        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, c->stream>>>((__nv_bfloat16 *)dst, src,
                                                                           rows, cols, ld);
+    else
+        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, c->stream>>>((__half *)dst, src, rows,
+                                                                          cols, ld);
     return bs__cuda_check_launch("to_half", err);
 }
 
@@ -263,10 +263,19 @@ int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
         return 0;
     if (rows > INT32_MAX)
         return bs_err_set(err, BS_ERANGE, "%s: too many rows", op);
-    struct ln_args a = {(const float *)x->data, (float *)y->data, d, bs_tensor_ld(x),
-                        bs_tensor_ld(y), rps < 1 ? 1 : rps, p->eps, data_or_null(p->gamma),
-                        data_or_null(p->beta), data_or_null(p->scale), data_or_null(p->shift),
-                        ld_or_zero(p->scale), ld_or_zero(p->shift)};
+    struct ln_args a = {(const float *)x->data,
+                        (float *)y->data,
+                        d,
+                        bs_tensor_ld(x),
+                        bs_tensor_ld(y),
+                        rps < 1 ? 1 : rps,
+                        p->eps,
+                        data_or_null(p->gamma),
+                        data_or_null(p->beta),
+                        data_or_null(p->scale),
+                        data_or_null(p->shift),
+                        ld_or_zero(p->scale),
+                        ld_or_zero(p->shift)};
     bs__cuda_guard g(c);
     ln_kernel<<<(unsigned)rows, NORM_THREADS, 0, c->stream>>>(a);
     return bs__cuda_check_launch(op, err);
@@ -343,9 +352,18 @@ int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
         return 0;
     if (bsz * p->groups > INT32_MAX)
         return bs_err_set(err, BS_ERANGE, "%s: too many groups", op);
-    struct gn_args a = {(const float *)x->data, (float *)y->data, ch, s, p->groups, p->eps,
-                        data_or_null(p->gamma), data_or_null(p->beta), data_or_null(p->scale),
-                        data_or_null(p->shift), ld_or_zero(p->scale), ld_or_zero(p->shift)};
+    struct gn_args a = {(const float *)x->data,
+                        (float *)y->data,
+                        ch,
+                        s,
+                        p->groups,
+                        p->eps,
+                        data_or_null(p->gamma),
+                        data_or_null(p->beta),
+                        data_or_null(p->scale),
+                        data_or_null(p->shift),
+                        ld_or_zero(p->scale),
+                        ld_or_zero(p->shift)};
     bs__cuda_guard g(c);
     gn_kernel<<<(unsigned)(bsz * p->groups), GN_THREADS, 0, c->stream>>>(a);
     return bs__cuda_check_launch(op, err);
@@ -372,9 +390,9 @@ int bs__cuda_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
     if (rows == 0 || n == 0)
         return 0;
     bs__cuda_guard g(c);
-    act_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>(
-        (float *)y->data, bs_tensor_ld(y), (const float *)x->data, bs_tensor_ld(x), rows, n,
-        (int)act);
+    act_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>((float *)y->data, bs_tensor_ld(y),
+                                                               (const float *)x->data,
+                                                               bs_tensor_ld(x), rows, n, (int)act);
     return bs__cuda_check_launch("act", err);
 }
 
@@ -410,9 +428,9 @@ int bs__cuda_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
     if (rows == 0 || n == 0)
         return 0;
     bs__cuda_guard g(c);
-    glu_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>(
-        (float *)y->data, bs_tensor_ld(y), (const float *)x->data, bs_tensor_ld(x), rows, n,
-        (int)act);
+    glu_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>((float *)y->data, bs_tensor_ld(y),
+                                                               (const float *)x->data,
+                                                               bs_tensor_ld(x), rows, n, (int)act);
     return bs__cuda_check_launch("glu", err);
 }
 
@@ -454,9 +472,16 @@ int bs__cuda_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
     }
     if (rows == 0 || n == 0)
         return 0;
-    struct add_args a = {(float *)y->data, (const float *)x->data, data_or_null(gate),
-                         bs_tensor_ld(y), bs_tensor_ld(x), ld_or_zero(gate), rows, n,
-                         rows_per_sample < 1 ? 1 : rows_per_sample, alpha};
+    struct add_args a = {(float *)y->data,
+                         (const float *)x->data,
+                         data_or_null(gate),
+                         bs_tensor_ld(y),
+                         bs_tensor_ld(x),
+                         ld_or_zero(gate),
+                         rows,
+                         n,
+                         rows_per_sample < 1 ? 1 : rows_per_sample,
+                         alpha};
     bs__cuda_guard g(c);
     add_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>(a);
     return bs__cuda_check_launch("add", err);
@@ -494,8 +519,9 @@ int bs__cuda_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     int64_t bsz = nd == 3 ? x->ne[0] : 1, r = x->ne[nd - 2], cols = x->ne[nd - 1];
     if ((nd == 3 && y->ne[0] != bsz) || y->ne[nd - 2] != cols || y->ne[nd - 1] != r) {
         char xs[64], ys[64];
-        return bs_err_set(err, BS_EINVAL, "transpose: y %s is not x %s with the last two dims "
-                                          "swapped",
+        return bs_err_set(err, BS_EINVAL,
+                          "transpose: y %s is not x %s with the last two dims "
+                          "swapped",
                           bs_tensor_shape_str(y, ys, sizeof(ys)),
                           bs_tensor_shape_str(x, xs, sizeof(xs)));
     }
