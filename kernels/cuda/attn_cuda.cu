@@ -5,8 +5,10 @@
  * Lq x Lk matrix is ever written to global memory.
  *
  * Two kernels:
- * - attn_mma<T, DP>: BF16 or FP16 operands on tensor cores (mma.sync
- *   m16n8k16, FP32 accumulation), 4 warps x 16 query rows, 64-key tiles,
+ * - attn_mma<T, DP, WARPS>: BF16 or FP16 operands on tensor cores (mma.sync
+ *   m16n8k16, FP32 accumulation), 4 or 8 warps x 16 query rows (8 from
+ *   2048 queries, head dims up to 80), 64-key tiles, float4 loads when
+ *   aligned,
  *   head dims padded with zeros to DP (32, 48, 64, 80, 128, 160: 40 -> 48,
  *   72 -> 80). Q, K and V are read as F32 (the backend contract) and rounded
  *   to T as they enter shared memory; V is stored transposed so that its
@@ -28,11 +30,9 @@
 
 #define LOG2E 1.4426950408889634f
 
-#define MMA_WARPS   4
-#define MMA_BQ      (16 * MMA_WARPS)
-#define MMA_BK      64
-#define MMA_THREADS (32 * MMA_WARPS)
-#define MMA_PAD     8 /* elements of row padding: conflict-free fragment loads */
+#define MMA_BK       64
+#define MMA_PAD      8    /* elements of row padding: conflict-free fragment loads */
+#define MMA_LONG_SEQ 2048 /* from this many queries, 8 warps (128 queries) a block */
 
 #define F32_BQ      16
 #define F32_BK      16
@@ -46,6 +46,7 @@ struct attn_args {
     int64_t lq, lk, mask_nb0, mask_nb1, mq;
     int heads, head_dim;
     float scale;
+    int vec; /* q, k, v rows and head offsets are 16-byte aligned: float4 loads */
 };
 
 /* ---- tensor-core kernel -------------------------------------------------- */
@@ -104,22 +105,45 @@ __device__ __forceinline__ uint32_t ld32(const void *p)
     return *reinterpret_cast<const uint32_t *>(p);
 }
 
-template <int DP> struct mma_smem {
+template <int DP, int WARPS> struct mma_smem {
+    static constexpr int BQ = 16 * WARPS; /* queries per block */
+    static constexpr int THREADS = 32 * WARPS;
     static constexpr int QK_LD = DP + MMA_PAD;     /* row stride of Qs and Ks */
     static constexpr int VT_LD = MMA_BK + MMA_PAD; /* row stride of Vt */
-    static constexpr int elems = MMA_BQ * QK_LD + MMA_BK * QK_LD + DP * VT_LD;
+    static constexpr int elems = BQ * QK_LD + MMA_BK * QK_LD + DP * VT_LD;
     static_assert(DP % 16 == 0, "padded head dim must be a multiple of 16");
     static_assert((QK_LD * 2) % 16 == 0 && (VT_LD * 2) % 16 == 0, "rows must stay 16-byte aligned");
     static_assert(MMA_BK % 16 == 0, "key tile must be a multiple of 16");
 };
 
 /* rows x DP tile of F32 rows src (row stride ld, rows_valid rows, hd columns
- * valid) into T dst (row stride dst_ld), zero-padded; transposed when TR. */
-template <typename T, int DP, int ROWS, bool TR>
+ * valid) into T dst (row stride dst_ld), zero-padded; transposed when TR.
+ * With vec (src, ld and hd multiples of 4 floats), float4 loads: a group of 4
+ * columns is either all below hd or all above. */
+template <typename T, int DP, int ROWS, int THREADS, bool TR>
 __device__ __forceinline__ void load_tile(T *dst, int dst_ld, const float *src, int64_t ld,
-                                          int64_t rows_valid, int hd)
+                                          int64_t rows_valid, int hd, bool vec)
 {
-    for (int e = threadIdx.x; e < ROWS * DP; e += MMA_THREADS) {
+    if (vec) {
+        constexpr int DV = DP / 4;
+        for (int e = threadIdx.x; e < ROWS * DV; e += THREADS) {
+            int r = e / DV, d = (e % DV) * 4;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (r < rows_valid && d < hd)
+                v = *reinterpret_cast<const float4 *>(src + r * ld + d);
+            if (TR) {
+                dst[(d + 0) * dst_ld + r] = to_t<T>(v.x);
+                dst[(d + 1) * dst_ld + r] = to_t<T>(v.y);
+                dst[(d + 2) * dst_ld + r] = to_t<T>(v.z);
+                dst[(d + 3) * dst_ld + r] = to_t<T>(v.w);
+            } else {
+                uint2 u = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
+                *reinterpret_cast<uint2 *>(dst + r * dst_ld + d) = u;
+            }
+        }
+        return;
+    }
+    for (int e = threadIdx.x; e < ROWS * DP; e += THREADS) {
         int r = e / DP, d = e % DP;
         float v = r < rows_valid && d < hd ? src[r * ld + d] : 0.0f;
         if (TR)
@@ -129,24 +153,24 @@ __device__ __forceinline__ void load_tile(T *dst, int dst_ld, const float *src, 
     }
 }
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(MMA_THREADS) attn_mma(struct attn_args a)
+template <typename T, int DP, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
 {
-    using S = mma_smem<DP>;
+    using S = mma_smem<DP, WARPS>;
     constexpr int KS = DP / 16;    /* k-steps of q.k */
     constexpr int NT = MMA_BK / 8; /* n-tiles of scores */
     constexpr int DT = DP / 8;     /* n-tiles of the output */
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T *qs = reinterpret_cast<T *>(smem_raw);
-    T *ks = qs + MMA_BQ * S::QK_LD;
+    T *ks = qs + S::BQ * S::QK_LD;
     T *vt = ks + MMA_BK * S::QK_LD;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int64_t bh = blockIdx.y, b = bh / a.heads, h = bh % a.heads;
-    const int64_t q0 = (int64_t)blockIdx.x * MMA_BQ;
+    const int64_t q0 = (int64_t)blockIdx.x * S::BQ;
     const int hd = a.head_dim;
     const float *qg = a.q + (b * a.lq + q0) * a.ldq + h * hd;
-    load_tile<T, DP, MMA_BQ, false>(qs, S::QK_LD, qg, a.ldq, a.lq - q0, hd);
+    load_tile<T, DP, S::BQ, S::THREADS, false>(qs, S::QK_LD, qg, a.ldq, a.lq - q0, hd, a.vec);
 
     /* This thread's two query rows and their mask rows. */
     const int r0 = warp * 16 + g;
@@ -170,8 +194,8 @@ __global__ void __launch_bounds__(MMA_THREADS) attn_mma(struct attn_args a)
         __syncthreads(); /* the previous tile is consumed (and Qs is written) */
         const float *kg = a.k + (b * a.lk + k0) * a.ldk + h * hd;
         const float *vg = a.v + (b * a.lk + k0) * a.ldv + h * hd;
-        load_tile<T, DP, MMA_BK, false>(ks, S::QK_LD, kg, a.ldk, a.lk - k0, hd);
-        load_tile<T, DP, MMA_BK, true>(vt, S::VT_LD, vg, a.ldv, a.lk - k0, hd);
+        load_tile<T, DP, MMA_BK, S::THREADS, false>(ks, S::QK_LD, kg, a.ldk, a.lk - k0, hd, a.vec);
+        load_tile<T, DP, MMA_BK, S::THREADS, true>(vt, S::VT_LD, vg, a.ldv, a.lk - k0, hd, a.vec);
         __syncthreads();
 
         float s[NT][4];
@@ -277,19 +301,34 @@ __global__ void __launch_bounds__(MMA_THREADS) attn_mma(struct attn_args a)
     }
 }
 
-template <typename T, int DP>
-static int launch_mma(const struct attn_args *a, int64_t batch, cudaStream_t st, struct bs_err *err)
+template <typename T, int DP, int WARPS>
+static int launch_mma_w(const struct attn_args *a, int64_t batch, cudaStream_t st,
+                        struct bs_err *err)
 {
-    size_t smem = (size_t)mma_smem<DP>::elems * sizeof(T);
+    using S = mma_smem<DP, WARPS>;
+    size_t smem = (size_t)S::elems * sizeof(T);
     int rc =
-        bs__cuda_check(cudaFuncSetAttribute(attn_mma<T, DP>,
+        bs__cuda_check(cudaFuncSetAttribute(attn_mma<T, DP, WARPS>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                        "attention", "cudaFuncSetAttribute", err);
     if (rc != 0)
         return rc;
-    dim3 grid((unsigned)bs__cdiv(a->lq, MMA_BQ), (unsigned)(batch * a->heads));
-    attn_mma<T, DP><<<grid, MMA_THREADS, smem, st>>>(*a);
+    dim3 grid((unsigned)bs__cdiv(a->lq, S::BQ), (unsigned)(batch * a->heads));
+    attn_mma<T, DP, WARPS><<<grid, S::THREADS, smem, st>>>(*a);
     return bs__cuda_check_launch("attention", err);
+}
+
+/* Long sequences take 128 queries a block (half the K/V traffic per flop);
+ * short ones 64 (more blocks to fill the GPU). 8 warps only for DP <= 80,
+ * where the shared memory and registers allow two blocks per SM. */
+template <typename T, int DP>
+static int launch_mma(const struct attn_args *a, int64_t batch, cudaStream_t st, struct bs_err *err)
+{
+    if constexpr (DP <= 80) {
+        if (a->lq >= MMA_LONG_SEQ)
+            return launch_mma_w<T, DP, 8>(a, batch, st, err);
+    }
+    return launch_mma_w<T, DP, 4>(a, batch, st, err);
 }
 
 /* The instantiated padded head dims; 0 when hd is above them all. */
@@ -492,6 +531,8 @@ int bs__cuda_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q
     a.heads = p->heads;
     a.head_dim = p->head_dim;
     a.scale = p->scale;
+    a.vec = p->head_dim % 4 == 0 && a.ldq % 4 == 0 && a.ldk % 4 == 0 && a.ldv % 4 == 0 &&
+            (uintptr_t)a.q % 16 == 0 && (uintptr_t)a.k % 16 == 0 && (uintptr_t)a.v % 16 == 0;
     bs__cuda_guard g(c);
     if (c->dtype == BS_TYPE_F32 || mma_dp(p->head_dim) == 0)
         return launch_f32(&a, p->batch, c->stream, err);

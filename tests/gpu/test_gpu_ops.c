@@ -449,12 +449,15 @@ static unfused_fn find_unfused(void)
 
 static void test_attention(struct env *e)
 {
-    static const int hds[] = {40, 64, 72, 80, 160, 24, 200};
+    static const int hds[] = {40, 64, 72, 80, 160, 24, 30, 200}; /* 30: scalar loads */
     for (size_t i = 0; i < BS_ARRAY_LEN(hds); i++) {
         attn_case(e, 2, 100, 100, 2, hds[i], MASK_NONE, true, NULL); /* self */
         attn_case(e, 2, 64, 77, 2, hds[i], MASK_KEYS, false, NULL);  /* cross, Lk 77 */
         attn_case(e, 2, 70, 130, 2, hds[i], MASK_FULL, false, NULL);
     }
+    /* long sequences: 8-warp blocks (head dims up to 80) */
+    attn_case(e, 1, 2100, 2100, 2, 64, MASK_KEYS, true, NULL);
+    attn_case(e, 1, 2100, 77, 2, 40, MASK_FULL, false, NULL);
     attn_case(e, 1, 1, 5, 3, 64, MASK_NONE, false, NULL);
     attn_case(e, 1, 5, 0, 2, 64, MASK_NONE, false, NULL); /* no keys: zeros */
     attn_case(e, 1, 300, 300, 1, 512, MASK_KEYS, true, NULL);
