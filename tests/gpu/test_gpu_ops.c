@@ -2,7 +2,10 @@
  * same call on both backends, outputs compared element by element.
  *
  * usage: test_gpu_ops fp32|bf16|fp16 (the CUDA backend's compute dtype).
- * Exits 77 (CTest: skipped) when no usable GPU is there.
+ * Exits 77 (CTest: skipped) when no usable GPU is there. test_gpu_ops
+ * self-check runs the harness with the CPU backend on both sides (every
+ * comparison must then be exact), so that it is tested on machines without
+ * a GPU too.
  *
  * Tolerances, per element: |gpu - cpu| <= atol + rtol |cpu|.
  * - Ops computed in FP32 in every dtype (norms, activations, gated units,
@@ -25,8 +28,9 @@
 struct env {
     struct bs_backend cpu, gpu;
     const char *dtype;
-    double mm_tol; /* GEMM / attention tolerance (see the header) */
-    bool mm_rms;   /* atol scales with rms(cpu) */
+    double mm_tol;   /* GEMM / attention tolerance (see the header) */
+    bool mm_rms;     /* atol scales with rms(cpu) */
+    bool self_check; /* both sides are CPU backends */
     int checks, failures;
 };
 
@@ -461,6 +465,8 @@ static void test_attention(struct env *e)
     attn_case(e, 1, 1, 5, 3, 64, MASK_NONE, false, NULL);
     attn_case(e, 1, 5, 0, 2, 64, MASK_NONE, false, NULL); /* no keys: zeros */
     attn_case(e, 1, 300, 300, 1, 512, MASK_KEYS, true, NULL);
+    if (e->self_check)
+        return;
     unfused_fn fn = find_unfused();
     if (fn == NULL) {
         e->checks++;
@@ -469,6 +475,16 @@ static void test_attention(struct env *e)
         return;
     }
     attn_case(e, 2, 128, 128, 2, 64, MASK_KEYS, true, fn);
+}
+
+static void test_all(struct env *e)
+{
+    test_linear(e);
+    test_layer_norm(e);
+    test_group_norm(e);
+    test_act_glu(e);
+    test_add_transpose_rows(e);
+    test_attention(e);
 }
 
 int main(int argc, char **argv)
@@ -480,6 +496,17 @@ int main(int argc, char **argv)
         return 2;
     }
     e->dtype = argv[1];
+    if (strcmp(e->dtype, "self-check") == 0) {
+        e->self_check = true;
+        e->mm_tol = 1e-12; /* same code, same thread count: identical results */
+        if (bs_backend_cpu_init(&e->gpu, 1, &err) != 0 || bs_backend_cpu_init(&e->cpu, 1, &err))
+            die("cpu backend", &err);
+        test_all(e);
+        printf("self-check: %d checks, %d failed\n", e->checks, e->failures);
+        bs_backend_free(&e->cpu);
+        bs_backend_free(&e->gpu);
+        return e->failures || e->checks < 50 ? 1 : 0;
+    }
     e->mm_tol = strcmp(e->dtype, "bf16") == 0 ? 2e-2 : strcmp(e->dtype, "fp16") == 0 ? 4e-3 : 1e-4;
     e->mm_rms = strcmp(e->dtype, "fp32") != 0;
     struct bs_backend_opts go = {.device = "cuda", .dtype = e->dtype};
@@ -493,12 +520,7 @@ int main(int argc, char **argv)
     printf("%s\n", err.msg);
     if (bs_backend_cpu_init(&e->cpu, 0, &err) != 0)
         die("cpu backend", &err);
-    test_linear(e);
-    test_layer_norm(e);
-    test_group_norm(e);
-    test_act_glu(e);
-    test_add_transpose_rows(e);
-    test_attention(e);
+    test_all(e);
     printf("%s: %d checks, %d failed\n", e->dtype, e->checks, e->failures);
     bs_backend_free(&e->cpu);
     bs_backend_free(&e->gpu);
