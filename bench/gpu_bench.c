@@ -6,8 +6,10 @@
  * baseline at 4096 tokens, head dim 64; SD-1.5 down-block-0 at batch 8 >= 40%
  * of dense BF16 peak (989 TFLOP/s).
  *
- * usage: gpu_bench [--dtype bf16|fp16|fp32] [--reps N] [--peak TFLOPS]
- * Exits 77 when no usable GPU is there. Times are wall clock around whole
+ * usage: gpu_bench [--dtype bf16|fp16|fp32] [--reps N] [--peak TFLOPS] [--smoke 1]
+ * Exits 77 when no usable GPU is there. --smoke 1 checks the benchmark itself
+ * on the CPU backend (every model but the trunk, batch 1, one rep, no
+ * attention kernels), on machines without a GPU. Times are wall clock around whole
  * forwards (inputs up, output down, as the server runs them); the attention
  * loop times N launches and one synchronising copy. */
 #include <dlfcn.h>
@@ -34,6 +36,7 @@ struct bench {
     int reps;
     double peak; /* TFLOP/s */
     double attn_fused, attn_unfused, down0_b8;
+    bool smoke;
 };
 
 static double now_s(void)
@@ -133,12 +136,14 @@ static int bench_models(struct bench *bn, struct bs_err *err)
     static const char *const names[] = {"sd15_down0_block", "sd15_mid_block", "dit_xl_block",
                                         "vae_mid_attention", "dit_xl_trunk"};
     static const int64_t batches[] = {1, 8};
-    for (size_t i = 0; i < BS_ARRAY_LEN(names); i++) {
+    size_t n_models = bn->smoke ? BS_ARRAY_LEN(names) - 1 : BS_ARRAY_LEN(names);
+    size_t n_batches = bn->smoke ? 1 : BS_ARRAY_LEN(batches);
+    for (size_t i = 0; i < n_models; i++) {
         const struct bs_builtin *b = bs_builtin_find(names[i]);
         bs_model_t *m = NULL;
         int rc = b ? bs_builtin_load(b, &bn->be, &m, err)
                    : bs_err_set(err, BS_ENOTFOUND, "no built-in %s", names[i]);
-        for (size_t j = 0; rc == 0 && j < BS_ARRAY_LEN(batches); j++)
+        for (size_t j = 0; rc == 0 && j < n_batches; j++)
             rc = bench_batch(bn, m, b, batches[j], err);
         bs_model_free(m);
         if (rc != 0)
@@ -260,8 +265,12 @@ int main(int argc, char **argv)
             bn.reps = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--peak") == 0 && atof(argv[i + 1]) > 0)
             bn.peak = atof(argv[i + 1]);
+        else if (strcmp(argv[i], "--smoke") == 0)
+            bn.smoke = atoi(argv[i + 1]) != 0;
         else {
-            fprintf(stderr, "usage: gpu_bench [--dtype bf16|fp16|fp32] [--reps N] [--peak T]\n");
+            fprintf(
+                stderr,
+                "usage: gpu_bench [--dtype bf16|fp16|fp32] [--reps N] [--peak T] [--smoke 1]\n");
             return 2;
         }
     }
@@ -269,7 +278,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: gpu_bench [--dtype bf16|fp16|fp32] [--reps N] [--peak T]\n");
         return 2;
     }
-    struct bs_backend_opts o = {.device = "cuda", .dtype = bn.dtype};
+    if (bn.smoke) {
+        bn.reps = 1;
+        bn.dtype = "fp32";
+    }
+    struct bs_backend_opts o = {.device = bn.smoke ? "cpu" : "cuda", .dtype = bn.dtype};
     int rc = bs_backend_init_opts(&bn.be, &o, &err);
     if (rc == BS_EUNSUPP) {
         printf("SKIP: %s\n", err.msg);
@@ -280,13 +293,15 @@ int main(int argc, char **argv)
         return 1;
     }
     printf("%s\n", err.msg);
-    if ((rc = bench_attention(&bn, 4, 8, 64, 4096, true, &err)) == 0 &&
-        (rc = bench_attention(&bn, 2, 8, 40, 4096, false, &err)) == 0 &&
-        (rc = bench_attention(&bn, 8, 16, 72, 256, false, &err)) == 0)
+    if (bn.smoke)
+        rc = bench_models(&bn, &err);
+    else if ((rc = bench_attention(&bn, 4, 8, 64, 4096, true, &err)) == 0 &&
+             (rc = bench_attention(&bn, 2, 8, 40, 4096, false, &err)) == 0 &&
+             (rc = bench_attention(&bn, 8, 16, 72, 256, false, &err)) == 0)
         rc = bench_models(&bn, &err);
     if (rc != 0)
         fprintf(stderr, "gpu_bench: %s\n", err.msg);
-    else
+    else if (!bn.smoke)
         summary(&bn);
     bs_backend_free(&bn.be);
     return rc == 0 ? 0 : 1;
