@@ -83,6 +83,17 @@ if "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.saf
 else
   bad "auto device note: $(head -c 300 "$tmp/err")"
 fi
+# the module next to the binary is found without BS_CUDA_MODULE: --device cuda
+# then works (a GPU) or says there is no usable GPU, never that it is missing
+if [ -f "$(dirname "$bin")/libbs_cuda.so" ]; then
+  if env -u BS_CUDA_MODULE "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" \
+      --output "$tmp/o.safetensors" --device cuda 2>"$tmp/err" ||
+      grep -q "no usable CUDA GPU" "$tmp/err"; then
+    ok "module next to the binary: $(tail -n 1 "$tmp/err")"
+  else
+    bad "module next to the binary: $(head -c 300 "$tmp/err")"
+  fi
+fi
 expect_fail "unknown device" "unknown device" \
   "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --device tpu
 head -c 20 "$dir/inputs.safetensors" >"$tmp/trunc.safetensors"
