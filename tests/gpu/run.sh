@@ -51,7 +51,8 @@ BS_CUDA_MODULE="$PWD/$build/libbs_cuda.so" timeout 420 "$build/tests/gpu/gpu_ben
 echo
 echo "== run.sh summary =="
 grep -E "tests passed|tests failed" "$build/gpu_tests.log" | tail -n 1
-echo "skipped GPU tests: $skipped"
+grep -E "^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Subprocess aborted)\)" "$build/gpu_tests.log" || true
+echo "skipped GPU tests: $skipped (should be 0 on a GPU machine)"
 sed -n '/== summary/,$p' "$build/gpu_bench.log"
 echo "wall time: $(( $(date +%s) - start )) s; status $status"
 exit $status
