@@ -707,8 +707,8 @@ static int failing_attention(void *ctx, struct bs_tensor *o, const struct bs_ten
                              const struct bs_attn_params *p, struct bs_err *err)
 {
     if (fail_attention)
-        return bs_err_set(err, BS_EINTERNAL, "cuda attention: kernel launch: an illegal memory "
-                                             "access was encountered");
+        return bs_err_set(err, BS_EINTERNAL,
+                          "cuda attention: kernel launch: an illegal memory access");
     return real_iface->attention(ctx, o, q, k, v, p, err);
 }
 
