@@ -1,16 +1,145 @@
+/* Backend selection: the CPU backend is linked in; the CUDA backend is a
+ * module (libbs_cuda.so) loaded with dlopen on demand, so one binary runs
+ * where the CUDA libraries are missing and falls back to the CPU there.
+ *
+ * Threads: module_lock guards the module handle; a loaded module stays loaded
+ * for the life of the process (CUDA libraries do not unload cleanly). */
 #include "backend.h"
 
+#include <dlfcn.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+static pthread_mutex_t module_lock = PTHREAD_MUTEX_INITIALIZER;
+static bs_backend_module_init_fn module_init;
+
+/* Directory of the running executable into dir (no trailing slash). */
+static int exe_dir(char *dir, size_t size)
+{
+    ssize_t n = readlink("/proc/self/exe", dir, size - 1);
+    if (n <= 0)
+        return -1;
+    dir[n] = '\0';
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL)
+        return -1;
+    *slash = '\0';
+    return 0;
+}
+
+/* dlopen path; on failure append dlerror's reason to why. */
+static void *try_open(const char *path, char *why, size_t size)
+{
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (h == NULL) {
+        size_t used = strlen(why);
+        snprintf(why + used, size - used, "%s%s", used ? "; " : "", dlerror());
+    }
+    return h;
+}
+
+/* The module's entry point, loading it on first use: BS_CUDA_MODULE, then the
+ * executable's directory, then ../lib/blockserve relative to it. */
+static bs_backend_module_init_fn load_module(struct bs_err *err)
+{
+    char why[1024] = "", dir[PATH_MAX], path[PATH_MAX + 64];
+    void *h = NULL;
+    pthread_mutex_lock(&module_lock);
+    bs_backend_module_init_fn fn = module_init;
+    if (fn != NULL)
+        goto done;
+    const char *env = getenv("BS_CUDA_MODULE");
+    if (env != NULL && env[0] != '\0') {
+        h = try_open(env, why, sizeof(why));
+    } else if (exe_dir(dir, sizeof(dir)) == 0) {
+        snprintf(path, sizeof(path), "%s/%s", dir, BS_CUDA_MODULE_FILE);
+        if ((h = try_open(path, why, sizeof(why))) == NULL) {
+            snprintf(path, sizeof(path), "%s/../lib/blockserve/%s", dir, BS_CUDA_MODULE_FILE);
+            h = try_open(path, why, sizeof(why));
+        }
+    } else {
+        snprintf(why, sizeof(why), "cannot read /proc/self/exe");
+    }
+    if (h == NULL) {
+        bs_err_set(err, BS_EUNSUPP, "CUDA backend module not available (%s)", why);
+        goto done;
+    }
+    *(void **)&fn = dlsym(h, BS_CUDA_MODULE_ENTRY);
+    if (fn == NULL) {
+        bs_err_set(err, BS_EUNSUPP, "CUDA backend module has no %s", BS_CUDA_MODULE_ENTRY);
+        dlclose(h);
+        goto done;
+    }
+    module_init = fn;
+done:
+    pthread_mutex_unlock(&module_lock);
+    return fn;
+}
+
+static int parse_cpu_opts(const struct bs_backend_opts *o, struct bs_err *err)
+{
+    if (o->dtype != NULL && strcmp(o->dtype, "fp32") != 0)
+        return bs_err_set(err, BS_EUNSUPP,
+                          "--dtype %s: the cpu backend computes in fp32 only (use --dtype fp32 "
+                          "or a GPU)",
+                          o->dtype);
+    return 0;
+}
+
+static int cuda_init(struct bs_backend *be, const struct bs_backend_opts *o, struct bs_err *err)
+{
+    bs_backend_module_init_fn fn = load_module(err);
+    if (fn == NULL)
+        return err->code;
+    memset(be, 0, sizeof(*be));
+    int rc = fn(be, o, BS_BACKEND_ABI, err);
+    if (rc != 0)
+        memset(be, 0, sizeof(*be));
+    return rc;
+}
+
+int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o, struct bs_err *err)
+{
+    const char *device = o->device ? o->device : "auto";
+    int rc;
+    memset(be, 0, sizeof(*be));
+    if (o->dtype != NULL && strcmp(o->dtype, "fp32") != 0 && strcmp(o->dtype, "bf16") != 0 &&
+        strcmp(o->dtype, "fp16") != 0)
+        return bs_err_set(err, BS_EINVAL, "unknown dtype \"%s\" (expected fp32, bf16 or fp16)",
+                          o->dtype);
+    if (strcmp(device, "cpu") == 0) {
+        if ((rc = parse_cpu_opts(o, err)) != 0 ||
+            (rc = bs_backend_cpu_init(be, o->n_threads, err)) != 0)
+            return rc;
+        return bs_err_set(err, 0, "cpu backend, fp32");
+    }
+    if (strcmp(device, "cuda") == 0) {
+        if ((rc = cuda_init(be, o, err)) != 0)
+            return bs_err_wrap(err, "--device cuda");
+        return 0;
+    }
+    if (strcmp(device, "auto") != 0)
+        return bs_err_set(err, BS_EINVAL, "unknown device \"%s\" (expected auto, cpu or cuda)",
+                          device);
+    if (cuda_init(be, o, err) == 0)
+        return 0;
+    char why[sizeof(err->msg)];
+    snprintf(why, sizeof(why), "%s", err->msg);
+    if ((rc = parse_cpu_opts(o, err)) != 0)
+        return bs_err_wrap(err, "--device auto: GPU not used (%.200s)", why);
+    if ((rc = bs_backend_cpu_init(be, o->n_threads, err)) != 0)
+        return rc;
+    return bs_err_set(err, 0, "cpu backend, fp32 (auto: GPU not used: %.400s)", why);
+}
 
 int bs_backend_init(struct bs_backend *be, const char *device, int n_threads, struct bs_err *err)
 {
-    memset(be, 0, sizeof(*be));
-    if (device == NULL || strcmp(device, "auto") == 0 || strcmp(device, "cpu") == 0)
-        return bs_backend_cpu_init(be, n_threads, err);
-    if (strcmp(device, "cuda") == 0)
-        return bs_err_set(err, BS_EUNSUPP, "--device cuda: this build has no CUDA backend "
-                                           "(use --device cpu or auto)");
-    return bs_err_set(err, BS_EINVAL, "unknown device \"%s\" (expected auto, cpu or cuda)", device);
+    struct bs_backend_opts o = {.device = device, .n_threads = n_threads};
+    return bs_backend_init_opts(be, &o, err);
 }
 
 void bs_backend_free(struct bs_backend *be)

@@ -3,7 +3,9 @@
  * in kernels/cpu, a CUDA backend later in kernels/cuda.
  *
  * Conventions shared by every op:
- * - Activations and weights are F32 tensors in the backend's memory.
+ * - Activations and weights are F32 tensors in the backend's memory. A
+ *   backend may compute in a narrower dtype (bs_backend_opts.dtype): it then
+ *   converts operands itself and may keep weight copies (weights_ready).
  * - "Rows" tensors (bs_tensor_is_rows) are matrices: nrows x last-dim, with a
  *   row stride that may exceed the last dim (column views of a fused QKV).
  * - Modulation vectors (scale, shift, gate) are [B, D] rows tensors; row r of
@@ -112,6 +114,12 @@ struct bs_backend_i {
      * index has been checked against the table's row count. */
     int (*get_rows)(void *ctx, struct bs_tensor *y, const struct bs_tensor *table,
                     const int64_t *idx, int64_t n, struct bs_err *err);
+
+    /* Optional (NULL: nothing to do). Called once after a model's weights are
+     * in buf (from buf_alloc, size bytes of F32): the backend may keep a copy
+     * in its compute dtype that linear then uses for w tensors inside buf;
+     * buf_free(buf) releases it. */
+    int (*weights_ready)(void *ctx, void *buf, size_t size, struct bs_err *err);
 };
 
 /* A backend instance. */
@@ -120,9 +128,36 @@ struct bs_backend {
     void *ctx;
 };
 
+/* Options of bs_backend_init_opts. */
+struct bs_backend_opts {
+    const char *device; /* "auto" (also NULL), "cpu" or "cuda" */
+    int n_threads;      /* CPU threads, 0 for one per core */
+    const char *dtype;  /* compute dtype "fp32", "bf16" or "fp16"; NULL: the
+                           backend's default (cpu: fp32, cuda: bf16) */
+    bool tf32;          /* FP32 GEMMs may use TF32 tensor cores (cuda) */
+};
+
+/* Version of struct bs_backend_i and bs_backend_opts that a backend module
+ * must have been built against. */
+#define BS_BACKEND_ABI 1
+
+/* The entry point a backend module (libbs_cuda.so) exports under the name
+ * BS_CUDA_MODULE_ENTRY: create a backend or fail with a message. */
+typedef int (*bs_backend_module_init_fn)(struct bs_backend *be, const struct bs_backend_opts *o,
+                                         int abi, struct bs_err *err);
+#define BS_CUDA_MODULE_ENTRY "bs_cuda_module_init"
+#define BS_CUDA_MODULE_FILE  "libbs_cuda.so"
+
 /* Create the backend for device "auto", "cpu" or "cuda" (n_threads: CPU
  * threads, 0 for one per core); "auto" takes the GPU when one works. */
 int bs_backend_init(struct bs_backend *be, const char *device, int n_threads, struct bs_err *err);
+
+/* Create a backend from options. "cuda" loads the CUDA module (BS_CUDA_MODULE,
+ * else libbs_cuda.so next to the executable, else ../lib/blockserve/ from it)
+ * and fails when no GPU works; "auto" falls back to the CPU then. On success
+ * err holds code 0 and a one-line note of what was chosen (and why). */
+int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
+                         struct bs_err *err);
 
 /* Create the CPU backend running on n_threads threads (0: one per core). */
 int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err);

@@ -189,6 +189,8 @@ static int load_weights(bs_model_t *m, const bs_st_file_t *st, const char *path,
         rc = check_unused(m, &ld, err);
     if (rc == 0 && !be->host_memory)
         rc = be->copy_in(m->be->ctx, m->weights, ld.host, m->weight_bytes, err);
+    if (rc == 0 && be->weights_ready != NULL)
+        rc = be->weights_ready(m->be->ctx, m->weights, m->weight_bytes, err);
     if (!be->host_memory)
         free(ld.host);
     loader_free(&ld);

@@ -18,10 +18,13 @@
 #define MAX_INPUTS 16
 
 struct cli_args {
+    const char *cmd;
     const char *model_dir;
     const char *inputs;
     const char *output;
     const char *device;
+    const char *dtype; /* NULL: the backend's default */
+    bool tf32;
     int threads;
     int reps;
 };
@@ -44,12 +47,15 @@ static int parse_int_arg(const char *flag, const char *s, int lo, int hi, int *o
 static int parse_args(int argc, char **argv, struct cli_args *a, bool want_output)
 {
     memset(a, 0, sizeof(*a));
+    a->cmd = argv[0];
     a->device = "auto";
     a->reps = 10;
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
         bool has_value = i + 1 < argc;
-        if (arg[0] != '-') {
+        if (strcmp(arg, "--tf32") == 0) {
+            a->tf32 = true;
+        } else if (arg[0] != '-') {
             if (a->model_dir != NULL) {
                 fprintf(stderr, "blockserve %s: unexpected argument \"%s\"\n", argv[0], arg);
                 return -1;
@@ -64,6 +70,8 @@ static int parse_args(int argc, char **argv, struct cli_args *a, bool want_outpu
             a->output = argv[++i];
         } else if (strcmp(arg, "--device") == 0) {
             a->device = argv[++i];
+        } else if (strcmp(arg, "--dtype") == 0) {
+            a->dtype = argv[++i];
         } else if (strcmp(arg, "--threads") == 0) {
             if (parse_int_arg(arg, argv[++i], 0, 1024, &a->threads) != 0)
                 return -1;
@@ -101,8 +109,10 @@ static int session_open(struct session *s, const struct cli_args *a, struct bs_e
 {
     memset(s, 0, sizeof(*s));
     bs_arena_init(&s->arena, &s->be);
-    if (bs_backend_init(&s->be, a->device, a->threads, err) != 0)
+    struct bs_backend_opts bo = {a->device, a->threads, a->dtype, a->tf32};
+    if (bs_backend_init_opts(&s->be, &bo, err) != 0)
         return err->code;
+    fprintf(stderr, "blockserve %s: compute: %s\n", a->cmd, err->msg);
     if (bs_model_load(&s->model, a->model_dir, &s->be, err) != 0)
         return bs_err_wrap(err, "loading model %s", a->model_dir);
     if (bs_st_open(&s->inputs, a->inputs, err) != 0)

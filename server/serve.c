@@ -22,6 +22,8 @@ struct serve_opts {
     const char *repos[MAX_REPOS];
     int n_repos;
     const char *device;
+    const char *dtype; /* NULL: the backend's default */
+    bool tf32;
     int threads;
     int verbose;
     int json_logs;
@@ -55,6 +57,8 @@ static void usage(FILE *f)
             "                                without one, the built-in models (generated weights)\n"
             "  --device auto|cpu|cuda        compute device (default auto)\n"
             "  --threads N                   compute threads (default: one per core)\n"
+            "  --dtype fp32|bf16|fp16        compute dtype (default: cpu fp32, cuda bf16)\n"
+            "  --tf32                        let FP32 GEMMs use TF32 tensor cores (cuda)\n"
             "  --log-verbose N               0: info, 1: every request\n"
             "  --log-format text|json        log lines (default text)\n"
             "  --max-message-bytes N         gRPC message limit (default 67108864)\n"
@@ -99,6 +103,10 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
             usage(stdout);
             exit(0);
         }
+        if (strcmp(f, "--tf32") == 0) {
+            o->tf32 = true;
+            continue;
+        }
         if (i + 1 >= argc) {
             fprintf(stderr, "blockserve: unknown option or missing value: %s\n", f);
             return -1;
@@ -113,6 +121,8 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
             o->repos[o->n_repos++] = val;
         else if (strcmp(f, "--device") == 0)
             o->device = val;
+        else if (strcmp(f, "--dtype") == 0)
+            o->dtype = val;
         else if (strcmp(f, "--threads") == 0 && (rc = int_flag(f, val, 0, 1024, &v)) == 0)
             o->threads = (int)v;
         else if (strcmp(f, "--log-verbose") == 0 && (rc = int_flag(f, val, 0, 9, &v)) == 0)
@@ -208,9 +218,10 @@ static int start(struct server *s, struct bs_err *err)
     struct bs_rpc_handlers h;
     char address[300];
     int port = 0;
-    if (bs_backend_init(&s->be, s->opts.device, s->opts.threads, err) != 0)
+    struct bs_backend_opts bo = {s->opts.device, s->opts.threads, s->opts.dtype, s->opts.tf32};
+    if (bs_backend_init_opts(&s->be, &bo, err) != 0)
         return err->code;
-    bs_log(BS_LOG_INFO, NULL, "compute: %s backend", s->be.iface->name);
+    bs_log(BS_LOG_INFO, NULL, "compute: %s", err->msg);
     if (bs_repository_init(&s->repo, s->loop, &s->be, &ro, err) != 0 ||
         bs_service_init(&s->svc, s->repo, &limits, err) != 0)
         return err->code;

@@ -72,6 +72,28 @@ expect_fail "bad --reps" "expected an integer" "$bin" bench "$dir" --inputs x --
 expect_fail "unknown command" "unknown command" "$bin" serve-all
 expect_fail "cuda without a CUDA build" "CUDA" \
   "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --device cuda
+expect_fail "bf16 on the cpu" "fp32 only" \
+  "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --device cpu --dtype bf16
+expect_fail "unknown dtype" "unknown dtype" \
+  "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --dtype int8
+# auto says which device it took (on the stderr note); fp32 and --tf32 are valid on the CPU
+if "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" \
+    --dtype fp32 --tf32 2>"$tmp/err" && grep -Eq "compute: (cpu|cuda) backend" "$tmp/err"; then
+  ok "auto device note: $(head -n 1 "$tmp/err")"
+else
+  bad "auto device note: $(head -c 300 "$tmp/err")"
+fi
+# the module next to the binary is found without BS_CUDA_MODULE: --device cuda
+# then works (a GPU) or says there is no usable GPU, never that it is missing
+if [ -f "$(dirname "$bin")/libbs_cuda.so" ]; then
+  if env -u BS_CUDA_MODULE "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" \
+      --output "$tmp/o.safetensors" --device cuda 2>"$tmp/err" ||
+      grep -q "no usable CUDA GPU" "$tmp/err"; then
+    ok "module next to the binary: $(tail -n 1 "$tmp/err")"
+  else
+    bad "module next to the binary: $(head -c 300 "$tmp/err")"
+  fi
+fi
 expect_fail "unknown device" "unknown device" \
   "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --device tpu
 head -c 20 "$dir/inputs.safetensors" >"$tmp/trunc.safetensors"

@@ -2,7 +2,12 @@
  * tests/reference/gen_golden.py from the PyTorch reference) and compare with
  * its expected output. Tolerance: max abs error <= 1e-4 (FP32). The forward
  * runs twice through one arena (the second run reuses the grown scratch) and
- * both must match; stacks also run with the per-block callback. */
+ * both must match; stacks also run with the per-block callback.
+ *
+ * test_golden CASE_DIR [DEVICE DTYPE TOLERANCE] runs on another device and
+ * compute dtype (tests/gpu): for bf16 and fp16 the tolerance bounds max abs
+ * error divided by max(1, max |expected|) (fp32: max abs error), and exit
+ * code 77 (skipped) means the device is not usable here. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +19,13 @@
 #include "safetensors.h"
 
 #define TOLERANCE 1e-4
+#define EXIT_SKIP 77
+
+struct golden_opts {
+    const char *device, *dtype;
+    double tolerance;
+    bool relative; /* divide by max(1, max |expected|) */
+};
 
 struct cb_state {
     int calls;
@@ -31,21 +43,23 @@ static int on_block(void *arg, int block, int n_blocks, const struct bs_tensor *
     return 0;
 }
 
-static double max_abs_err(const struct bs_tensor *got, const struct bs_tensor *want)
+static double max_abs_err(const struct bs_tensor *got, const struct bs_tensor *want, bool relative)
 {
     float *w = malloc(bs_tensor_nelements(want) * sizeof(float));
-    double m = 0;
+    double m = 0, scale = 1;
     bs_convert_to_f32(w, want->data, want->type, bs_tensor_nelements(want));
     for (int64_t i = 0; i < bs_tensor_nelements(want); i++) {
         double d = fabs((double)((float *)got->data)[i] - (double)w[i]);
         if (!(d <= m)) /* also catches NaN */
             m = isnan(d) ? INFINITY : d;
+        if (relative && fabs((double)w[i]) > scale)
+            scale = fabs((double)w[i]);
     }
     free(w);
-    return m;
+    return m / scale;
 }
 
-static int run(const char *dir, struct bs_err *err)
+static int run(const char *dir, const struct golden_opts *go, struct bs_err *err)
 {
     char path[4096];
     struct bs_backend be = {0};
@@ -56,8 +70,15 @@ static int run(const char *dir, struct bs_err *err)
     struct bs_arena arena;
     int n_in = 0, rc;
     bs_arena_init(&arena, &be);
-    if ((rc = bs_backend_init(&be, "cpu", 0, err)) != 0 ||
-        (rc = bs_model_load(&model, dir, &be, err)) != 0)
+    struct bs_backend_opts bo = {.device = go->device, .dtype = go->dtype};
+    if ((rc = bs_backend_init_opts(&be, &bo, err)) != 0) {
+        if (rc == BS_EUNSUPP && strcmp(go->device, "cpu") != 0)
+            rc = EXIT_SKIP;
+        goto done;
+    }
+    if (go->relative)
+        printf("%s\n", err->msg);
+    if ((rc = bs_model_load(&model, dir, &be, err)) != 0)
         goto done;
     snprintf(path, sizeof(path), "%s/inputs.safetensors", dir);
     if ((rc = bs_st_open(&in_file, path, err)) != 0)
@@ -91,11 +112,12 @@ static int run(const char *dir, struct bs_err *err)
         memset(out.data, 0xff, bs_tensor_nbytes(&out)); /* NaN: stale data cannot pass */
         if ((rc = bs_model_forward(model, &arena, in, n_in, &out, with_cb ? &opts : NULL, err)) != 0)
             break;
-        double e = max_abs_err(&out, &want);
-        printf("%s pass %d%s: max abs err %.3g (tolerance %g)\n", dir, pass,
-               with_cb ? " (per-block callback)" : "", e, TOLERANCE);
-        if (!(e <= TOLERANCE))
-            rc = bs_err_set(err, BS_EINTERNAL, "max abs err %.3g > %g", e, TOLERANCE);
+        double e = max_abs_err(&out, &want, go->relative);
+        const char *what = go->relative ? "max abs err / max(1, max |expected|)" : "max abs err";
+        printf("%s pass %d%s: %s %.3g (tolerance %g)\n", dir, pass,
+               with_cb ? " (per-block callback)" : "", what, e, go->tolerance);
+        if (!(e <= go->tolerance))
+            rc = bs_err_set(err, BS_EINTERNAL, "%s %.3g > %g", what, e, go->tolerance);
         if (with_cb && cbs.calls != bs_model_config(model)->num_blocks)
             rc = bs_err_set(err, BS_EINTERNAL, "callback ran %d times for %d blocks", cbs.calls,
                             bs_model_config(model)->num_blocks);
@@ -113,11 +135,24 @@ done:
 int main(int argc, char **argv)
 {
     struct bs_err err = {0};
-    if (argc != 2) {
-        fprintf(stderr, "usage: test_golden CASE_DIR\n");
+    struct golden_opts go = {"cpu", NULL, TOLERANCE, false};
+    if (argc != 2 && argc != 5) {
+        fprintf(stderr, "usage: test_golden CASE_DIR [DEVICE DTYPE TOLERANCE]\n");
         return 2;
     }
-    if (run(argv[1], &err) != 0) {
+    if (argc == 5) {
+        go = (struct golden_opts){argv[2], argv[3], atof(argv[4]), strcmp(argv[3], "fp32") != 0};
+        if (!(go.tolerance > 0)) {
+            fprintf(stderr, "test_golden: bad tolerance \"%s\"\n", argv[4]);
+            return 2;
+        }
+    }
+    int rc = run(argv[1], &go, &err);
+    if (rc == EXIT_SKIP) {
+        printf("SKIP %s on %s: %s\n", argv[1], go.device, err.msg);
+        return EXIT_SKIP;
+    }
+    if (rc != 0) {
         fprintf(stderr, "FAIL %s: %s\n", argv[1], err.msg);
         return 1;
     }

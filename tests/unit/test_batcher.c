@@ -698,6 +698,58 @@ static void test_forward_error(void **state)
         req_free(&r[i]);
 }
 
+static bool fail_attention;
+static const struct bs_backend_i *real_iface;
+
+/* What the CUDA backend returns when a kernel fails. */
+static int failing_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
+                             const struct bs_tensor *k, const struct bs_tensor *v,
+                             const struct bs_attn_params *p, struct bs_err *err)
+{
+    if (fail_attention)
+        return bs_err_set(err, BS_EINTERNAL,
+                          "cuda attention: kernel launch: an illegal memory access");
+    return real_iface->attention(ctx, o, q, k, v, p, err);
+}
+
+/* A backend failure (BS_EINTERNAL, a CUDA error) fails that batch's jobs with
+ * its message; the next batch runs. The model's own backend fails (the test
+ * backend's table is swapped for the test's duration). */
+static void test_backend_internal_error(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 0);
+    struct req r[3] = {0};
+    real_iface = be.iface;
+    failing_iface = *be.iface;
+    failing_iface.attention = failing_attention;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    be.iface = &failing_iface;
+    for (int i = 0; i < 3; i++) {
+        r[i].index = i;
+        req_btb(&r[i], 1, 20, 7);
+    }
+    fail_attention = true;
+    submit_ok(f.b, &r[0]);
+    submit_ok(f.b, &r[1]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(r[i].done_calls, 1);
+        assert_int_equal(r[i].rc, BS_EINTERNAL);
+        assert_non_null(strstr(r[i].msg, "cuda attention"));
+    }
+    fail_attention = false;
+    be.iface = real_iface;
+    submit_ok(f.b, &r[2]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    if (r[2].rc != 0)
+        fail_msg("after the failed batch: %d %s", r[2].rc, r[2].msg);
+    check_against_alone(f.model, &r[2]);
+    fx_finish(&f);
+    for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
 /* Bad configurations are refused at init. */
 static void test_bad_config(void **state)
 {
@@ -756,6 +808,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_free_with_queued),
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_forward_error),
+        cmocka_unit_test(test_backend_internal_error),
         cmocka_unit_test(test_bad_config),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -1,0 +1,450 @@
+/* The CUDA backend: device memory, one stream and one cuBLAS handle per
+ * backend instance, pinned staging for host copies, GEMMs through
+ * cublasGemmEx (BF16/FP16 operands with FP32 accumulation and FP32 output, or
+ * FP32 with TF32 only when asked), weight copies in the compute dtype made
+ * once at load (weights_ready), and the kernels of ops_cuda.cu and
+ * attn_cuda.cu. Built as a module (libbs_cuda.so) that engine/backend.c
+ * loads with dlopen; bs_cuda_module_init is its entry point.
+ *
+ * Errors: every CUDA and cuBLAS call is checked; a failure returns
+ * BS_EINTERNAL with the call and CUDA's message, so the batch that hit it
+ * fails and the server goes on. Kernel faults surface at the next
+ * synchronising call (copy_out), which reports them the same way. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_common.cuh"
+
+#define PINNED_BYTES  (8u << 20)  /* staging chunk for copy_in / copy_out */
+#define BLAS_WS_BYTES (32u << 20) /* cuBLAS workspace */
+#define SCRATCH_ALIGN 256
+
+/* ---- errors ------------------------------------------------------------ */
+
+int bs__cuda_check(cudaError_t e, const char *op, const char *what, struct bs_err *err)
+{
+    if (e == cudaSuccess)
+        return 0;
+    cudaGetLastError(); /* a non-sticky error must not fail the next launch check too */
+    return bs_err_set(err, BS_EINTERNAL, "cuda %s: %s: %s (%s)", op, what, cudaGetErrorString(e),
+                      cudaGetErrorName(e));
+}
+
+int bs__cuda_check_launch(const char *op, struct bs_err *err)
+{
+    return bs__cuda_check(cudaGetLastError(), op, "kernel launch", err);
+}
+
+static int blas_check(cublasStatus_t s, const char *op, const char *what, struct bs_err *err)
+{
+    if (s == CUBLAS_STATUS_SUCCESS)
+        return 0;
+    return bs_err_set(err, BS_EINTERNAL, "cuda %s: %s: %s (%s)", op, what, cublasGetStatusString(s),
+                      cublasGetStatusName(s));
+}
+
+int bs__cuda_check_rows(const struct bs_tensor *t, const char *op, const char *name,
+                        struct bs_err *err)
+{
+    if (t == NULL || t->data == NULL)
+        return bs_err_set(err, BS_EINVAL, "%s: %s is missing", op, name);
+    if (t->type != BS_TYPE_F32)
+        return bs_err_set(err, BS_EINVAL, "%s: %s must be F32 (got %s)", op, name,
+                          bs_dtype_name(t->type));
+    if (!bs_tensor_is_rows(t))
+        return bs_err_set(err, BS_EINVAL,
+                          "%s: %s must be a rows tensor (dense last dim, one row stride)", op,
+                          name);
+    return 0;
+}
+
+/* ---- memory ------------------------------------------------------------ */
+
+void *bs__cuda_scratch(struct bs__cuda *c, size_t bytes, struct bs_err *err)
+{
+    bytes = (bytes + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
+    if (bytes <= c->scratch_bytes)
+        return c->scratch;
+    /* Queued kernels may still read the old buffer: drain the stream first. */
+    if (bs__cuda_check(cudaStreamSynchronize(c->stream), "scratch", "cudaStreamSynchronize", err))
+        return NULL;
+    cudaFree(c->scratch);
+    c->scratch = NULL;
+    c->scratch_bytes = 0;
+    if (bs__cuda_check(cudaMalloc(&c->scratch, bytes), "scratch", "cudaMalloc", err)) {
+        c->scratch = NULL;
+        return NULL;
+    }
+    c->scratch_bytes = bytes;
+    return c->scratch;
+}
+
+static void *cuda_buf_alloc(void *ctx, size_t size)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    void *p = NULL;
+    cudaSetDevice(c->device);
+    if (cudaMalloc(&p, size ? size : SCRATCH_ALIGN) != cudaSuccess) {
+        cudaGetLastError(); /* clear the (non-sticky) allocation error */
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_buf_free(void *ctx, void *ptr)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    if (ptr == NULL)
+        return;
+    bs__cuda_guard g(c);
+    cudaStreamSynchronize(c->stream);
+    for (int i = 0; i < c->n_shadows; i++) {
+        if (c->shadows[i].base != (const char *)ptr)
+            continue;
+        cudaFree(c->shadows[i].half);
+        c->shadows[i] = c->shadows[--c->n_shadows];
+        break;
+    }
+    cudaFree(ptr);
+}
+
+/* Host to device through the pinned chunk, synchronously (src may be freed
+ * on return). */
+static int cuda_copy_in(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    bs__cuda_guard g(c);
+    for (size_t off = 0; off < size; off += c->pinned_bytes) {
+        size_t n = size - off < c->pinned_bytes ? size - off : c->pinned_bytes;
+        memcpy(c->pinned, (const char *)src + off, n);
+        if (bs__cuda_check(
+                cudaMemcpyAsync((char *)dst + off, c->pinned, n, cudaMemcpyHostToDevice, c->stream),
+                "copy_in", "cudaMemcpyAsync", err) ||
+            bs__cuda_check(cudaStreamSynchronize(c->stream), "copy_in", "cudaStreamSynchronize",
+                           err))
+            return err->code;
+    }
+    return 0;
+}
+
+/* Device to host; waits for every queued op, so kernel faults show here. */
+static int cuda_copy_out(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    bs__cuda_guard g(c);
+    if (size == 0)
+        return bs__cuda_check(cudaStreamSynchronize(c->stream), "copy_out",
+                              "cudaStreamSynchronize (an earlier op failed)", err);
+    for (size_t off = 0; off < size; off += c->pinned_bytes) {
+        size_t n = size - off < c->pinned_bytes ? size - off : c->pinned_bytes;
+        if (bs__cuda_check(cudaMemcpyAsync(c->pinned, (const char *)src + off, n,
+                                           cudaMemcpyDeviceToHost, c->stream),
+                           "copy_out", "cudaMemcpyAsync", err) ||
+            bs__cuda_check(cudaStreamSynchronize(c->stream), "copy_out",
+                           "cudaStreamSynchronize (this or an earlier op failed)", err))
+            return err->code;
+        memcpy((char *)dst + off, c->pinned, n);
+    }
+    return 0;
+}
+
+/* ---- weights in the compute dtype -------------------------------------- */
+
+static int cuda_weights_ready(void *ctx, void *buf, size_t size, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    if (c->dtype == BS_TYPE_F32 || size < sizeof(float))
+        return 0;
+    bs__cuda_guard g(c);
+    if (c->n_shadows == BS_CUDA_MAX_SHADOWS)
+        return bs_err_set(err, BS_ERANGE, "cuda: more than %d models loaded", BS_CUDA_MAX_SHADOWS);
+    int64_t n = (int64_t)(size / sizeof(float));
+    void *half = NULL;
+    if (cudaMalloc(&half, (size_t)n * 2) != cudaSuccess) {
+        cudaGetLastError();
+        return bs_err_set(err, BS_ENOMEM, "cuda: cannot allocate %zu bytes for %s weights",
+                          (size_t)n * 2, bs_dtype_name(c->dtype));
+    }
+    int rc = bs__cuda_to_half(c, half, (const float *)buf, 1, n, n, err);
+    if (rc == 0)
+        rc = bs__cuda_check(cudaStreamSynchronize(c->stream), "weights_ready",
+                            "cudaStreamSynchronize", err);
+    if (rc != 0) {
+        cudaFree(half);
+        return rc;
+    }
+    c->shadows[c->n_shadows++] = {(const char *)buf, size, half};
+    return 0;
+}
+
+/* The compute-dtype copy of F32 weights at w, or NULL when w is not in a
+ * registered buffer. */
+static const void *shadow_of(const struct bs__cuda *c, const void *w)
+{
+    const char *p = (const char *)w;
+    for (int i = 0; i < c->n_shadows; i++) {
+        const struct bs__cuda_shadow *s = &c->shadows[i];
+        if (p >= s->base && p < s->base + s->bytes && (p - s->base) % sizeof(float) == 0)
+            return (const char *)s->half + (p - s->base) / 2;
+    }
+    return NULL;
+}
+
+/* ---- linear ------------------------------------------------------------ */
+
+static int check_linear(struct bs_tensor *y, const struct bs_tensor *x, const struct bs_tensor *w,
+                        const struct bs_tensor *b, float beta, struct bs_err *err)
+{
+    int rc;
+    if ((rc = bs__cuda_check_rows(x, "linear", "x", err)) ||
+        (rc = bs__cuda_check_rows(y, "linear", "y", err)))
+        return rc;
+    if (w->type != BS_TYPE_F32 || w->n_dims != 2 || !bs_tensor_is_contiguous(w))
+        return bs_err_set(err, BS_EINVAL, "linear: w must be a contiguous F32 [N, K] matrix");
+    int64_t m = bs_tensor_nrows(x), k = bs__ncols(x), n = w->ne[0];
+    if (w->ne[1] != k || bs_tensor_nrows(y) != m || bs__ncols(y) != n)
+        return bs_err_set(err, BS_EINVAL,
+                          "linear: shapes do not match (x %lld x %lld, w %lld x %lld, y %lld x "
+                          "%lld)",
+                          (long long)m, (long long)k, (long long)w->ne[0], (long long)w->ne[1],
+                          (long long)bs_tensor_nrows(y), (long long)bs__ncols(y));
+    if (b != NULL &&
+        (b->type != BS_TYPE_F32 || bs_tensor_nelements(b) != n || !bs_tensor_is_contiguous(b)))
+        return bs_err_set(err, BS_EINVAL, "linear: bias must be a contiguous F32 [%lld]",
+                          (long long)n);
+    if (beta != 0.0f && beta != 1.0f)
+        return bs_err_set(err, BS_EINVAL, "linear: beta must be 0 or 1 (got %g)", (double)beta);
+    if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || bs_tensor_ld(x) > INT32_MAX ||
+        bs_tensor_ld(y) > INT32_MAX)
+        return bs_err_set(err, BS_ERANGE, "linear: dimensions exceed the cuBLAS integer range");
+    return 0;
+}
+
+/* Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T = w^T(op T) x^T:
+ * A = w (lda K, transposed), B = x (ldb = its row stride), C = y (ldc). */
+static int gemm(struct bs__cuda *c, float *y, int64_t ldy, const void *x, int64_t ldx,
+                const void *w, int64_t m, int64_t n, int64_t k, float beta, struct bs_err *err)
+{
+    const float one = 1.0f;
+    cudaDataType_t t = c->dtype == BS_TYPE_F32    ? CUDA_R_32F
+                       : c->dtype == BS_TYPE_BF16 ? CUDA_R_16BF
+                                                  : CUDA_R_16F;
+    cublasComputeType_t ct =
+        c->dtype == BS_TYPE_F32 && c->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    return blas_check(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)m, (int)k, &one,
+                                   w, t, (int)k, x, t, (int)ldx, &beta, y, CUDA_R_32F, (int)ldy, ct,
+                                   CUBLAS_GEMM_DEFAULT),
+                      "linear", "cublasGemmEx", err);
+}
+
+static int cuda_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                       const struct bs_tensor *w, const struct bs_tensor *b, float beta,
+                       struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    int rc = check_linear(y, x, w, b, beta, err);
+    if (rc != 0)
+        return rc;
+    int64_t m = bs_tensor_nrows(x), k = bs__ncols(x), n = w->ne[0];
+    int64_t ldx = bs_tensor_ld(x), ldy = bs_tensor_ld(y);
+    if (m == 0 || n == 0)
+        return 0;
+    bs__cuda_guard g(c);
+    float *yd = (float *)y->data;
+    if (b != NULL || (k == 0 && beta == 0.0f)) { /* bias first, then accumulate onto it */
+        TRY_RC(rc,
+               bs__cuda_bias_rows(c, yd, ldy, b ? (const float *)b->data : NULL, m, n, beta, err));
+        beta = 1.0f;
+    }
+    if (k == 0)
+        return 0;
+    if (c->dtype == BS_TYPE_F32)
+        return gemm(c, yd, ldy, x->data, ldx, w->data, m, n, k, beta, err);
+    const void *wh = shadow_of(c, w->data);
+    size_t xbytes = ((size_t)(m * k) * 2 + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
+    char *s = (char *)bs__cuda_scratch(c, xbytes + (wh ? 0 : (size_t)(n * k) * 2), err);
+    if (s == NULL)
+        return bs_err_wrap(err, "linear");
+    TRY_RC(rc, bs__cuda_to_half(c, s, (const float *)x->data, m, k, ldx, err));
+    if (wh == NULL) { /* weights outside a model buffer (tests): convert per call */
+        TRY_RC(rc, bs__cuda_to_half(c, s + xbytes, (const float *)w->data, n, k, k, err));
+        wh = s + xbytes;
+    }
+    return gemm(c, yd, ldy, s, k, wh, m, n, k, beta, err);
+}
+
+/* ---- the backend ------------------------------------------------------- */
+
+static void cuda_free(void *ctx)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    if (c == NULL)
+        return;
+    cudaSetDevice(c->device);
+    if (c->stream)
+        cudaStreamSynchronize(c->stream);
+    for (int i = 0; i < c->n_shadows; i++)
+        cudaFree(c->shadows[i].half);
+    if (c->blas)
+        cublasDestroy(c->blas);
+    cudaFree(c->blas_ws);
+    cudaFree(c->scratch);
+    cudaFreeHost(c->pinned);
+    if (c->stream)
+        cudaStreamDestroy(c->stream);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}
+
+static struct bs_backend_i make_iface(void)
+{
+    struct bs_backend_i i;
+    memset(&i, 0, sizeof(i));
+    i.name = "cuda";
+    i.host_memory = false;
+    i.free = cuda_free;
+    i.buf_alloc = cuda_buf_alloc;
+    i.buf_free = cuda_buf_free;
+    i.copy_in = cuda_copy_in;
+    i.copy_out = cuda_copy_out;
+    i.linear = cuda_linear;
+    i.layer_norm = bs__cuda_layer_norm;
+    i.group_norm = bs__cuda_group_norm;
+    i.act = bs__cuda_act;
+    i.glu = bs__cuda_glu;
+    i.attention = bs__cuda_attention;
+    i.add = bs__cuda_add;
+    i.transpose = bs__cuda_transpose;
+    i.get_rows = bs__cuda_get_rows;
+    i.weights_ready = cuda_weights_ready;
+    return i;
+}
+
+static const struct bs_backend_i cuda_iface = make_iface();
+
+static int parse_dtype(const char *s, enum bs_dtype *t, struct bs_err *err)
+{
+    if (s == NULL || strcmp(s, "bf16") == 0)
+        *t = BS_TYPE_BF16;
+    else if (strcmp(s, "fp16") == 0)
+        *t = BS_TYPE_F16;
+    else if (strcmp(s, "fp32") == 0)
+        *t = BS_TYPE_F32;
+    else
+        return bs_err_set(err, BS_EINVAL, "unknown dtype \"%s\" (expected fp32, bf16 or fp16)", s);
+    return 0;
+}
+
+/* A GPU we can run on: present, reachable through the driver, sm_80 or newer. */
+static int pick_device(struct bs__cuda *c, struct bs_err *err)
+{
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess)
+        return bs_err_set(err, BS_EUNSUPP, "no usable CUDA GPU: cudaGetDeviceCount: %s (%s)",
+                          cudaGetErrorString(e), cudaGetErrorName(e));
+    if (count < 1)
+        return bs_err_set(err, BS_EUNSUPP, "no usable CUDA GPU: no device found");
+    struct cudaDeviceProp prop;
+    if ((e = cudaGetDeviceProperties(&prop, 0)) != cudaSuccess)
+        return bs_err_set(err, BS_EUNSUPP, "no usable CUDA GPU: cudaGetDeviceProperties: %s",
+                          cudaGetErrorString(e));
+    if (prop.major < 8)
+        return bs_err_set(
+            err, BS_EUNSUPP,
+            "no usable CUDA GPU: %.100s is sm_%d%d; this backend needs sm_80 or newer", prop.name,
+            prop.major, prop.minor);
+    c->device = 0;
+    snprintf(c->desc, sizeof(c->desc), "cuda backend on %.100s (sm_%d%d, %.0f GiB), compute %s%s",
+             prop.name, prop.major, prop.minor, (double)prop.totalGlobalMem / (1 << 30),
+             c->dtype == BS_TYPE_F32    ? "fp32"
+             : c->dtype == BS_TYPE_BF16 ? "bf16"
+                                        : "fp16",
+             c->dtype == BS_TYPE_F32 ? (c->tf32 ? " (TF32 GEMMs)" : " (no TF32)") : "");
+    return bs__cuda_check(cudaSetDevice(0), "init", "cudaSetDevice", err);
+}
+
+static int init_ctx(struct bs__cuda *c, struct bs_err *err)
+{
+    int rc;
+    TRY_RC(rc, pick_device(c, err));
+    TRY_RC(rc, bs__cuda_check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "init",
+                              "cudaStreamCreate", err));
+    cublasStatus_t s = cublasCreate(&c->blas);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        c->blas = NULL;
+        return bs_err_set(err, BS_EUNSUPP, "no usable CUDA GPU: cublasCreate: %s",
+                          cublasGetStatusString(s));
+    }
+    TRY_RC(rc, blas_check(cublasSetStream(c->blas, c->stream), "init", "cublasSetStream", err));
+    TRY_RC(rc, bs__cuda_check(cudaMalloc(&c->blas_ws, BLAS_WS_BYTES), "init", "cudaMalloc", err));
+    c->blas_ws_bytes = BLAS_WS_BYTES;
+    TRY_RC(rc, blas_check(cublasSetWorkspace(c->blas, c->blas_ws, c->blas_ws_bytes), "init",
+                          "cublasSetWorkspace", err));
+    TRY_RC(rc,
+           bs__cuda_check(cudaMallocHost(&c->pinned, PINNED_BYTES), "init", "cudaMallocHost", err));
+    c->pinned_bytes = PINNED_BYTES;
+    /* One round trip proves the device works before we promise to use it. */
+    TRY_RC(rc, bs__cuda_check(cudaMemsetAsync(c->blas_ws, 0, 256, c->stream), "init",
+                              "cudaMemsetAsync", err));
+    return bs__cuda_check(cudaStreamSynchronize(c->stream), "init", "cudaStreamSynchronize", err);
+}
+
+extern "C" __attribute__((visibility("default"))) int
+bs_cuda_module_init(struct bs_backend *be, const struct bs_backend_opts *o, int abi,
+                    struct bs_err *err)
+{
+    int rc;
+    memset(be, 0, sizeof(*be));
+    if (abi != BS_BACKEND_ABI)
+        return bs_err_set(err, BS_EUNSUPP, "CUDA module built for backend ABI %d, engine has %d",
+                          BS_BACKEND_ABI, abi);
+    struct bs__cuda *c = (struct bs__cuda *)calloc(1, sizeof(*c));
+    if (c == NULL)
+        return bs_err_set(err, BS_ENOMEM, "cuda backend: out of memory");
+    pthread_mutex_init(&c->lock, NULL);
+    c->tf32 = o->tf32;
+    if ((rc = parse_dtype(o->dtype, &c->dtype, err)) != 0 || (rc = init_ctx(c, err)) != 0) {
+        cuda_free(c);
+        return rc;
+    }
+    be->iface = &cuda_iface;
+    be->ctx = c;
+    return bs_err_set(err, 0, "%s", c->desc);
+}
+
+/* For bench/gpu_bench.c: the unfused attention baseline on a CUDA backend. */
+extern "C" __attribute__((visibility("default"))) int
+bs_cuda_module_attention_unfused(struct bs_backend *be, struct bs_tensor *o,
+                                 const struct bs_tensor *q, const struct bs_tensor *k,
+                                 const struct bs_tensor *v, const struct bs_attn_params *p,
+                                 struct bs_err *err)
+{
+    if (be->iface != &cuda_iface)
+        return bs_err_set(err, BS_EINVAL, "not a cuda backend");
+    return bs__cuda_attention_unfused(be->ctx, o, q, k, v, p, err);
+}
+
+/* For tests/unit/test_cuda_host.c: a backend whose context is bound to no
+ * device (no stream, no cuBLAS handle, no staging), so that a machine without
+ * a GPU can check the ops' argument checks against the CPU twins and see
+ * valid calls fail cleanly with BS_EINTERNAL. Never use it with a GPU: the
+ * ops would launch on the tensors' (host) pointers. No copy ops. */
+extern "C" __attribute__((visibility("default"))) int
+bs_cuda_module_test_backend(struct bs_backend *be, const char *dtype, struct bs_err *err)
+{
+    memset(be, 0, sizeof(*be));
+    struct bs__cuda *c = (struct bs__cuda *)calloc(1, sizeof(*c));
+    if (c == NULL)
+        return bs_err_set(err, BS_ENOMEM, "cuda backend: out of memory");
+    pthread_mutex_init(&c->lock, NULL);
+    int rc = parse_dtype(dtype, &c->dtype, err);
+    if (rc != 0) {
+        cuda_free(c);
+        return rc;
+    }
+    be->iface = &cuda_iface;
+    be->ctx = c;
+    return 0;
+}

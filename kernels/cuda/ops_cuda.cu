@@ -1,0 +1,568 @@
+/* CUDA kernels for the row-wise and elementwise ops: layer norm and group norm
+ * with modulation, activations, gated units, gated residual adds, transpose,
+ * row gathers, bias rows and the F32 to BF16/FP16 operand conversion.
+ *
+ * Three layers per op (STYLE rule 5): the __global__ kernel, a launcher that
+ * takes the stream (launch_*), and the entry (bs__cuda_*) that checks shapes
+ * and dtypes exactly as the CPU twin in kernels/cpu/ops_cpu.c does, takes the
+ * context lock and launches. All arithmetic is FP32 (these ops are
+ * memory-bound; the compute dtype only narrows GEMM and attention operands);
+ * norm statistics accumulate in double, two passes, like the CPU. */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda_common.cuh"
+
+#define EW_THREADS   256   /* elementwise kernels: threads per block (x) */
+#define EW_MAX_Y     65535 /* grid y limit: rows beyond it loop */
+#define NORM_THREADS 256
+#define GN_THREADS   512
+#define TR_TILE      32
+
+/* ---- device helpers ---------------------------------------------------- */
+
+__device__ __forceinline__ float act_f(float x, int act)
+{
+    switch (act) {
+    case BS_ACT_GELU:
+        return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case BS_ACT_GELU_TANH: {
+        float u = 0.7978845608028654f * fmaf(0.044715f * x, x * x, x);
+        return x / (1.0f + expf(-2.0f * u));
+    }
+    case BS_ACT_QUICK_GELU:
+        return x / (1.0f + expf(-1.702f * x));
+    case BS_ACT_SILU:
+        return x / (1.0f + expf(-x));
+    case BS_ACT_MISH: {
+        float u = expf(x > 20.0f ? 20.0f : x);
+        float n = u * (u + 2.0f);
+        return x * (n / (n + 2.0f));
+    }
+    default:
+        return x;
+    }
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, at most 1024); every
+ * thread gets the result. */
+__device__ double block_sum(double v)
+{
+    __shared__ double part[32];
+    __shared__ double total;
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads(); /* part/total may still be read from a previous call */
+    if (lane == 0)
+        part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0)
+            total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x)
+{
+    return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float x)
+{
+    return __float2half_rn(x);
+}
+
+static dim3 ew_grid(int64_t rows, int64_t cols)
+{
+    int64_t gx = bs__cdiv(cols, EW_THREADS);
+    return dim3((unsigned)(gx > INT32_MAX ? INT32_MAX : gx),
+                (unsigned)(rows > EW_MAX_Y ? EW_MAX_Y : rows));
+}
+
+/* Loop macros for the 2-d elementwise kernels: rows over grid y, columns over
+ * grid x, both grid-strided. */
+#define EW_ROWS(r, rows) for (int64_t r = blockIdx.y; r < (rows); r += gridDim.y)
+#define EW_COLS(i, cols)                                                                           \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (cols);                   \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+/* ---- conversion and bias ------------------------------------------------ */
+
+template <typename T>
+__global__ void to_half_kernel(T *dst, const float *src, int64_t rows, int64_t cols, int64_t ld)
+{
+    EW_ROWS(r, rows)
+    EW_COLS(i, cols)
+    dst[r * cols + i] = from_f32<T>(src[r * ld + i]);
+}
+
+int bs__cuda_to_half(struct bs__cuda *c, void *dst, const float *src, int64_t rows, int64_t cols,
+                     int64_t ld, struct bs_err *err)
+{
+    if (rows == 0 || cols == 0)
+        return 0;
+    if (c->dtype == BS_TYPE_BF16)
+        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, c->stream>>>((__nv_bfloat16 *)dst, src,
+                                                                          rows, cols, ld);
+    else
+        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, c->stream>>>((__half *)dst, src, rows,
+                                                                          cols, ld);
+    return bs__cuda_check_launch("to_half", err);
+}
+
+__global__ void bias_kernel(float *y, int64_t ldy, const float *b, int64_t rows, int64_t cols,
+                            float beta)
+{
+    EW_ROWS(r, rows)
+    EW_COLS(i, cols)
+    {
+        float v = b ? b[i] : 0.0f;
+        y[r * ldy + i] = beta != 0.0f ? y[r * ldy + i] + v : v;
+    }
+}
+
+int bs__cuda_bias_rows(struct bs__cuda *c, float *y, int64_t ldy, const float *b, int64_t m,
+                       int64_t n, float beta, struct bs_err *err)
+{
+    bias_kernel<<<ew_grid(m, n), EW_THREADS, 0, c->stream>>>(y, ldy, b, m, n, beta);
+    return bs__cuda_check_launch("linear bias", err);
+}
+
+/* ---- checks (the CPU twin's) -------------------------------------------- */
+
+static int check_same_rows(const struct bs_tensor *y, const struct bs_tensor *x, const char *op,
+                           struct bs_err *err)
+{
+    int rc;
+    if ((rc = bs__cuda_check_rows(x, op, "x", err)) || (rc = bs__cuda_check_rows(y, op, "y", err)))
+        return rc;
+    if (bs_tensor_nrows(x) != bs_tensor_nrows(y) || bs__ncols(x) != bs__ncols(y)) {
+        char xs[64], ys[64];
+        return bs_err_set(err, BS_EINVAL, "%s: x %s and y %s differ in shape", op,
+                          bs_tensor_shape_str(x, xs, sizeof(xs)),
+                          bs_tensor_shape_str(y, ys, sizeof(ys)));
+    }
+    return 0;
+}
+
+static int check_vec(const struct bs_tensor *t, int64_t n, const char *op, const char *name,
+                     struct bs_err *err)
+{
+    if (t == NULL)
+        return 0;
+    if (t->data == NULL || t->type != BS_TYPE_F32 || !bs_tensor_is_contiguous(t) ||
+        bs_tensor_nelements(t) != n)
+        return bs_err_set(err, BS_EINVAL, "%s: %s must be a contiguous F32 vector of %lld", op,
+                          name, (long long)n);
+    return 0;
+}
+
+static int check_mod(const struct bs_tensor *t, int64_t d, int64_t samples, const char *op,
+                     const char *name, struct bs_err *err)
+{
+    if (t == NULL)
+        return 0;
+    int rc = bs__cuda_check_rows(t, op, name, err);
+    if (rc != 0)
+        return rc;
+    if (bs__ncols(t) != d || bs_tensor_nrows(t) < samples)
+        return bs_err_set(err, BS_EINVAL, "%s: %s needs %lld rows of %lld (got %lld of %lld)", op,
+                          name, (long long)samples, (long long)d, (long long)bs_tensor_nrows(t),
+                          (long long)bs__ncols(t));
+    return 0;
+}
+
+static int check_act(enum bs_act act, const char *op, struct bs_err *err)
+{
+    if ((unsigned)act >= BS_ACT_COUNT)
+        return bs_err_set(err, BS_EINVAL, "%s: unknown activation %d", op, (int)act);
+    return 0;
+}
+
+static const float *data_or_null(const struct bs_tensor *t)
+{
+    return t ? (const float *)t->data : NULL;
+}
+
+static int64_t ld_or_zero(const struct bs_tensor *t)
+{
+    return t ? bs_tensor_ld(t) : 0;
+}
+
+/* ---- layer norm --------------------------------------------------------- */
+
+struct ln_args {
+    const float *x;
+    float *y;
+    int64_t d, ldx, ldy, rows_per_sample;
+    float eps;
+    const float *gamma, *beta, *scale, *shift;
+    int64_t ld_scale, ld_shift;
+};
+
+/* One block per row: mean, then the variance of deviations, then the
+ * normalised, affine and modulated row. y may be x (each element is read
+ * before its thread writes it, and the statistics are complete by then). */
+__global__ void __launch_bounds__(NORM_THREADS) ln_kernel(struct ln_args a)
+{
+    int64_t r = blockIdx.x;
+    const float *x = a.x + r * a.ldx;
+    float *y = a.y + r * a.ldy;
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x)
+        s += x[i];
+    double mean = block_sum(s) / (double)a.d;
+    s = 0.0;
+    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x) {
+        double dv = (double)x[i] - mean;
+        s += dv * dv;
+    }
+    float rstd = (float)(1.0 / sqrt(block_sum(s) / (double)a.d + (double)a.eps));
+    float mf = (float)mean;
+    int64_t b = r / a.rows_per_sample;
+    const float *sc = a.scale ? a.scale + b * a.ld_scale : NULL;
+    const float *sh = a.shift ? a.shift + b * a.ld_shift : NULL;
+    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x) {
+        float v = (x[i] - mf) * rstd;
+        if (a.gamma)
+            v *= a.gamma[i];
+        if (a.beta)
+            v += a.beta[i];
+        if (sc)
+            v *= 1.0f + sc[i];
+        if (sh)
+            v += sh[i];
+        y[i] = v;
+    }
+}
+
+int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                        const struct bs_norm_params *p, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    const char *op = "layer_norm";
+    int rc = check_same_rows(y, x, op, err);
+    if (rc != 0)
+        return rc;
+    int64_t rows = bs_tensor_nrows(x), d = bs__ncols(x), rps = p->rows_per_sample;
+    if ((p->scale || p->shift) && rps < 1)
+        return bs_err_set(err, BS_EINVAL, "%s: rows_per_sample must be >= 1", op);
+    int64_t samples = rows ? (rows - 1) / (rps < 1 ? 1 : rps) + 1 : 0;
+    if ((rc = check_vec(p->gamma, d, op, "gamma", err)) ||
+        (rc = check_vec(p->beta, d, op, "beta", err)) ||
+        (rc = check_mod(p->scale, d, samples, op, "scale", err)) ||
+        (rc = check_mod(p->shift, d, samples, op, "shift", err)))
+        return rc;
+    if (d == 0 || rows == 0)
+        return 0;
+    if (rows > INT32_MAX)
+        return bs_err_set(err, BS_ERANGE, "%s: too many rows", op);
+    struct ln_args a = {(const float *)x->data,
+                        (float *)y->data,
+                        d,
+                        bs_tensor_ld(x),
+                        bs_tensor_ld(y),
+                        rps < 1 ? 1 : rps,
+                        p->eps,
+                        data_or_null(p->gamma),
+                        data_or_null(p->beta),
+                        data_or_null(p->scale),
+                        data_or_null(p->shift),
+                        ld_or_zero(p->scale),
+                        ld_or_zero(p->shift)};
+    bs__cuda_guard g(c);
+    ln_kernel<<<(unsigned)rows, NORM_THREADS, 0, c->stream>>>(a);
+    return bs__cuda_check_launch(op, err);
+}
+
+/* ---- group norm --------------------------------------------------------- */
+
+struct gn_args {
+    const float *x;
+    float *y;
+    int64_t channels, spatial, groups;
+    float eps;
+    const float *gamma, *beta, *scale, *shift;
+    int64_t ld_scale, ld_shift;
+};
+
+/* One block per (sample, group); per channel the affine and modulation fold
+ * into y = (x - mean) * a + off, as on the CPU. */
+__global__ void __launch_bounds__(GN_THREADS) gn_kernel(struct gn_args a)
+{
+    int64_t t = blockIdx.x, b = t / a.groups, cpg = a.channels / a.groups;
+    int64_t c0 = (t % a.groups) * cpg, n = cpg * a.spatial;
+    const float *x = a.x + (b * a.channels + c0) * a.spatial;
+    float *y = a.y + (b * a.channels + c0) * a.spatial;
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        s += x[i];
+    double mean = block_sum(s) / (double)n;
+    s = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        double dv = (double)x[i] - mean;
+        s += dv * dv;
+    }
+    float rstd = (float)(1.0 / sqrt(block_sum(s) / (double)n + (double)a.eps));
+    float mf = (float)mean;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        int64_t ch = c0 + i / a.spatial;
+        float k = a.gamma ? rstd * a.gamma[ch] : rstd;
+        float off = a.beta ? a.beta[ch] : 0.0f;
+        if (a.scale) {
+            float s1 = 1.0f + a.scale[b * a.ld_scale + ch];
+            k *= s1;
+            off *= s1;
+        }
+        if (a.shift)
+            off += a.shift[b * a.ld_shift + ch];
+        y[i] = (x[i] - mf) * k + off;
+    }
+}
+
+int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                        const struct bs_norm_params *p, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    const char *op = "group_norm";
+    if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 ||
+        !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y) ||
+        bs_tensor_nelements(x) != bs_tensor_nelements(y))
+        return bs_err_set(err, BS_EINVAL,
+                          "%s: x and y must be contiguous F32 [B, C, ...] tensors of the same size",
+                          op);
+    int64_t bsz = x->ne[0], ch = x->ne[1];
+    int64_t s = bsz > 0 && ch > 0 ? bs_tensor_nelements(x) / (bsz * ch) : 0;
+    if (p->groups < 1 || ch % p->groups != 0)
+        return bs_err_set(err, BS_EINVAL, "%s: %lld channels do not split into %d groups", op,
+                          (long long)ch, p->groups);
+    int rc;
+    if ((rc = check_vec(p->gamma, ch, op, "gamma", err)) ||
+        (rc = check_vec(p->beta, ch, op, "beta", err)) ||
+        (rc = check_mod(p->scale, ch, bsz, op, "scale", err)) ||
+        (rc = check_mod(p->shift, ch, bsz, op, "shift", err)))
+        return rc;
+    if (s == 0)
+        return 0;
+    if (bsz * p->groups > INT32_MAX)
+        return bs_err_set(err, BS_ERANGE, "%s: too many groups", op);
+    struct gn_args a = {(const float *)x->data,
+                        (float *)y->data,
+                        ch,
+                        s,
+                        p->groups,
+                        p->eps,
+                        data_or_null(p->gamma),
+                        data_or_null(p->beta),
+                        data_or_null(p->scale),
+                        data_or_null(p->shift),
+                        ld_or_zero(p->scale),
+                        ld_or_zero(p->shift)};
+    bs__cuda_guard g(c);
+    gn_kernel<<<(unsigned)(bsz * p->groups), GN_THREADS, 0, c->stream>>>(a);
+    return bs__cuda_check_launch(op, err);
+}
+
+/* ---- activations, gated units, residual adds ---------------------------- */
+
+__global__ void act_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows,
+                           int64_t cols, int act)
+{
+    EW_ROWS(r, rows)
+    EW_COLS(i, cols)
+    y[r * ldy + i] = act_f(x[r * ldx + i], act);
+}
+
+int bs__cuda_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum bs_act act,
+                 struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    int rc;
+    if ((rc = check_act(act, "act", err)) || (rc = check_same_rows(y, x, "act", err)))
+        return rc;
+    int64_t rows = bs_tensor_nrows(x), n = bs__ncols(x);
+    if (rows == 0 || n == 0)
+        return 0;
+    bs__cuda_guard g(c);
+    act_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>((float *)y->data, bs_tensor_ld(y),
+                                                               (const float *)x->data,
+                                                               bs_tensor_ld(x), rows, n, (int)act);
+    return bs__cuda_check_launch("act", err);
+}
+
+/* y = x[:, :n] * act(x[:, n:]); each element is read and written by one
+ * thread, so y may be the first half of x. */
+__global__ void glu_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows,
+                           int64_t n, int act)
+{
+    EW_ROWS(r, rows)
+    EW_COLS(i, n)
+    {
+        const float *xr = x + r * ldx;
+        float a = xr[i], gv = act_f(xr[n + i], act);
+        y[r * ldy + i] = a * gv;
+    }
+}
+
+int bs__cuda_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum bs_act act,
+                 struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    int rc;
+    if ((rc = check_act(act, "glu", err)) || (rc = bs__cuda_check_rows(x, "glu", "x", err)) ||
+        (rc = bs__cuda_check_rows(y, "glu", "y", err)))
+        return rc;
+    int64_t n = bs__ncols(y), rows = bs_tensor_nrows(y);
+    if (bs_tensor_nrows(x) != rows || bs__ncols(x) != 2 * n)
+        return bs_err_set(err, BS_EINVAL,
+                          "glu: x must be [M, 2N] for y [M, N] (x has %lld rows of %lld, y %lld "
+                          "of %lld)",
+                          (long long)bs_tensor_nrows(x), (long long)bs__ncols(x), (long long)rows,
+                          (long long)n);
+    if (rows == 0 || n == 0)
+        return 0;
+    bs__cuda_guard g(c);
+    glu_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>((float *)y->data, bs_tensor_ld(y),
+                                                               (const float *)x->data,
+                                                               bs_tensor_ld(x), rows, n, (int)act);
+    return bs__cuda_check_launch("glu", err);
+}
+
+struct add_args {
+    float *y;
+    const float *x, *gate;
+    int64_t ldy, ldx, ld_gate, rows, n, rows_per_sample;
+    float alpha;
+};
+
+__global__ void add_kernel(struct add_args a)
+{
+    EW_ROWS(r, a.rows)
+    EW_COLS(i, a.n)
+    {
+        float xv = a.x[r * a.ldx + i];
+        if (a.gate)
+            xv *= a.gate[(r / a.rows_per_sample) * a.ld_gate + i];
+        float *yp = a.y + r * a.ldy + i;
+        *yp = a.alpha * (*yp + xv);
+    }
+}
+
+int bs__cuda_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                 const struct bs_tensor *gate, int64_t rows_per_sample, float alpha,
+                 struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    int rc = check_same_rows(y, x, "add", err);
+    if (rc != 0)
+        return rc;
+    int64_t rows = bs_tensor_nrows(x), n = bs__ncols(x);
+    if (gate != NULL) {
+        if (rows_per_sample < 1)
+            return bs_err_set(err, BS_EINVAL, "add: rows_per_sample must be >= 1");
+        if ((rc = check_mod(gate, n, rows ? (rows - 1) / rows_per_sample + 1 : 0, "add", "gate",
+                            err)))
+            return rc;
+    }
+    if (rows == 0 || n == 0)
+        return 0;
+    struct add_args a = {(float *)y->data,
+                         (const float *)x->data,
+                         data_or_null(gate),
+                         bs_tensor_ld(y),
+                         bs_tensor_ld(x),
+                         ld_or_zero(gate),
+                         rows,
+                         n,
+                         rows_per_sample < 1 ? 1 : rows_per_sample,
+                         alpha};
+    bs__cuda_guard g(c);
+    add_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>(a);
+    return bs__cuda_check_launch("add", err);
+}
+
+/* ---- transpose ---------------------------------------------------------- */
+
+/* One 32 x 32 tile per block through shared memory (padded against bank
+ * conflicts), so reads and writes are both coalesced. */
+__global__ void transpose_kernel(float *y, const float *x, int64_t r, int64_t c)
+{
+    __shared__ float tile[TR_TILE][TR_TILE + 1];
+    const float *xb = x + (int64_t)blockIdx.z * r * c;
+    float *yb = y + (int64_t)blockIdx.z * r * c;
+    int64_t c0 = (int64_t)blockIdx.x * TR_TILE, r0 = (int64_t)blockIdx.y * TR_TILE;
+    for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y)
+        if (r0 + i < r && c0 + threadIdx.x < c)
+            tile[i][threadIdx.x] = xb[(r0 + i) * c + c0 + threadIdx.x];
+    __syncthreads();
+    for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y)
+        if (c0 + i < c && r0 + threadIdx.x < r)
+            yb[(c0 + i) * r + r0 + threadIdx.x] = tile[threadIdx.x][i];
+}
+
+int bs__cuda_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                       struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 || x->n_dims > 3 ||
+        y->n_dims != x->n_dims || !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y))
+        return bs_err_set(err, BS_EINVAL,
+                          "transpose: x and y must be contiguous F32 [B, R, C] and [B, C, R] (or "
+                          "2-d)");
+    int nd = x->n_dims;
+    int64_t bsz = nd == 3 ? x->ne[0] : 1, r = x->ne[nd - 2], cols = x->ne[nd - 1];
+    if ((nd == 3 && y->ne[0] != bsz) || y->ne[nd - 2] != cols || y->ne[nd - 1] != r) {
+        char xs[64], ys[64];
+        return bs_err_set(err, BS_EINVAL,
+                          "transpose: y %s is not x %s with the last two dims "
+                          "swapped",
+                          bs_tensor_shape_str(y, ys, sizeof(ys)),
+                          bs_tensor_shape_str(x, xs, sizeof(xs)));
+    }
+    if (bsz == 0 || r == 0 || cols == 0)
+        return 0;
+    int64_t gx = bs__cdiv(cols, TR_TILE), gy = bs__cdiv(r, TR_TILE);
+    if (gx > INT32_MAX || gy > 65535 || bsz > 65535)
+        return bs_err_set(err, BS_ERANGE, "transpose: [%lld, %lld, %lld] exceeds the grid",
+                          (long long)bsz, (long long)r, (long long)cols);
+    bs__cuda_guard g(c);
+    transpose_kernel<<<dim3((unsigned)gx, (unsigned)gy, (unsigned)bsz), dim3(TR_TILE, 8), 0,
+                       c->stream>>>((float *)y->data, (const float *)x->data, r, cols);
+    return bs__cuda_check_launch("transpose", err);
+}
+
+/* ---- get_rows ----------------------------------------------------------- */
+
+/* Indices are few (one per sample): one device-to-device copy per row. */
+int bs__cuda_get_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *table,
+                      const int64_t *idx, int64_t n, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    int rc;
+    if ((rc = bs__cuda_check_rows(table, "get_rows", "table", err)) ||
+        (rc = bs__cuda_check_rows(y, "get_rows", "y", err)))
+        return rc;
+    int64_t d = bs__ncols(table), rows = bs_tensor_nrows(table);
+    if (bs__ncols(y) != d || bs_tensor_nrows(y) != n)
+        return bs_err_set(err, BS_EINVAL, "get_rows: y must be [%lld, %lld]", (long long)n,
+                          (long long)d);
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= rows)
+            return bs_err_set(err, BS_EINVAL, "get_rows: index %lld out of [0, %lld)",
+                              (long long)idx[i], (long long)rows);
+    int64_t ldt = bs_tensor_ld(table), ldy = bs_tensor_ld(y);
+    bs__cuda_guard g(c);
+    for (int64_t i = 0; i < n && d > 0; i++)
+        TRY_RC(rc, bs__cuda_check(cudaMemcpyAsync((float *)y->data + i * ldy,
+                                                  (const float *)table->data + idx[i] * ldt,
+                                                  (size_t)d * sizeof(float),
+                                                  cudaMemcpyDeviceToDevice, c->stream),
+                                  "get_rows", "cudaMemcpyAsync", err));
+    return 0;
+}

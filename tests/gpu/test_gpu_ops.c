@@ -1,0 +1,528 @@
+/* Every CUDA op against its CPU twin (STYLE rule 13): random inputs, the
+ * same call on both backends, outputs compared element by element.
+ *
+ * usage: test_gpu_ops fp32|bf16|fp16 (the CUDA backend's compute dtype).
+ * Exits 77 (CTest: skipped) when no usable GPU is there. test_gpu_ops
+ * self-check runs the harness with the CPU backend on both sides (every
+ * comparison must then be exact), so that it is tested on machines without
+ * a GPU too.
+ *
+ * Tolerances, per element: |gpu - cpu| <= atol + rtol |cpu|.
+ * - Ops computed in FP32 in every dtype (norms, activations, gated units,
+ *   adds, transpose, gathers): atol 1e-5, rtol 1e-5.
+ * - GEMMs and attention in fp32 (TF32 off): atol 1e-4, rtol 1e-4.
+ * - GEMMs and attention in bf16: atol 2e-2 x rms(cpu), rtol 2e-2; in fp16:
+ *   atol 4e-3 x rms(cpu), rtol 4e-3 (operands rounded to 8 and 11 bits,
+ *   FP32 accumulation). */
+#include <dlfcn.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+
+#define EXIT_SKIP 77
+#define MASK_DROP -10000.0f
+
+struct env {
+    struct bs_backend cpu, gpu;
+    const char *dtype;
+    double mm_tol;   /* GEMM / attention tolerance (see the header) */
+    bool mm_rms;     /* atol scales with rms(cpu) */
+    bool self_check; /* both sides are CPU backends */
+    int checks, failures;
+};
+
+/* One tensor on both backends with the same shape and layout. */
+struct pt {
+    struct bs_tensor c, g;
+    size_t bytes;
+};
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static float frand(float lo, float hi)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return lo + (hi - lo) * (float)((double)(rng_state >> 40) / 16777216.0);
+}
+
+static void die(const char *what, const struct bs_err *err)
+{
+    fprintf(stderr, "FAIL %s: %s\n", what, err ? err->msg : "");
+    exit(1);
+}
+
+static void pt_upload(struct env *e, struct pt *t)
+{
+    struct bs_err err = {0};
+    if (e->gpu.iface->copy_in(e->gpu.ctx, t->g.data, t->c.data, t->bytes, &err) != 0)
+        die("copy_in", &err);
+}
+
+static void pt_new(struct env *e, struct pt *t, int n_dims, const int64_t *ne, float lo, float hi)
+{
+    t->c = bs_tensor_make(BS_TYPE_F32, n_dims, ne, NULL);
+    t->bytes = bs_tensor_nbytes(&t->c);
+    t->g = t->c;
+    t->c.data = e->cpu.iface->buf_alloc(e->cpu.ctx, t->bytes);
+    t->g.data = e->gpu.iface->buf_alloc(e->gpu.ctx, t->bytes);
+    if (t->c.data == NULL || t->g.data == NULL)
+        die("buf_alloc", NULL);
+    float *p = t->c.data;
+    for (size_t i = 0; i < t->bytes / sizeof(float); i++)
+        p[i] = frand(lo, hi);
+    pt_upload(e, t);
+}
+
+static void pt_free(struct env *e, struct pt *t)
+{
+    e->cpu.iface->buf_free(e->cpu.ctx, t->c.data);
+    e->gpu.iface->buf_free(e->gpu.ctx, t->g.data);
+}
+
+/* Column views [c0, c0 + n) on both sides. */
+static struct pt pt_cols(const struct pt *t, int64_t c0, int64_t n)
+{
+    struct pt v = *t;
+    v.c = bs_tensor_view_cols(&t->c, c0, n);
+    v.g = bs_tensor_view_cols(&t->g, c0, n);
+    return v;
+}
+
+/* Compare the whole buffer of t (views: the untouched columns must agree too). */
+static void expect_close(struct env *e, const char *name, const struct pt *t, double atol,
+                         double rtol, bool rms_scaled)
+{
+    struct bs_err err = {0};
+    size_t n = t->bytes / sizeof(float);
+    float *got = malloc(t->bytes ? t->bytes : 4);
+    const float *want = t->c.data;
+    if (got == NULL)
+        die("malloc", NULL);
+    if (e->gpu.iface->copy_out(e->gpu.ctx, got, t->g.data, t->bytes, &err) != 0)
+        die(name, &err);
+    if (rms_scaled) {
+        double ss = 0;
+        for (size_t i = 0; i < n; i++)
+            ss += (double)want[i] * want[i];
+        atol *= n ? sqrt(ss / (double)n) : 1.0;
+    }
+    double worst = 0, max_abs = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)want[i]);
+        double r = d / (atol + rtol * fabs((double)want[i]));
+        if (!(r <= worst)) /* NaN too */
+            worst = isnan(r) ? INFINITY : r;
+        if (d > max_abs || isnan(d))
+            max_abs = d;
+    }
+    e->checks++;
+    bool ok = worst <= 1.0;
+    if (!ok)
+        e->failures++;
+    printf("%s %-44s max abs err %.3g (%.2f of tolerance)\n", ok ? "ok  " : "FAIL", name, max_abs,
+           worst);
+    free(got);
+}
+
+static void expect_ew(struct env *e, const char *name, const struct pt *t)
+{
+    expect_close(e, name, t, 1e-5, 1e-5, false);
+}
+
+static void expect_mm(struct env *e, const char *name, const struct pt *t)
+{
+    expect_close(e, name, t, e->mm_tol, e->mm_tol, e->mm_rms);
+}
+
+static void check_rc(const char *name, int rc_cpu, int rc_gpu, const struct bs_err *ec,
+                     const struct bs_err *eg)
+{
+    if (rc_cpu != 0)
+        die(name, ec);
+    if (rc_gpu != 0)
+        die(name, eg);
+}
+
+/* Run one op call on both backends: BOTH(name, op, args after ctx) with
+ * tensor arguments written as X(t) (the CPU or GPU side of pt t). */
+#define BOTH(name, call_cpu, call_gpu)                                                             \
+    do {                                                                                           \
+        struct bs_err ec_ = {0}, eg_ = {0};                                                        \
+        int rc_cpu_ = (call_cpu), rc_gpu_ = (call_gpu);                                            \
+        check_rc(name, rc_cpu_, rc_gpu_, &ec_, &eg_);                                              \
+    } while (0)
+#define CPU e->cpu.iface
+#define GPU e->gpu.iface
+#define CC  e->cpu.ctx
+#define GC  e->gpu.ctx
+
+/* ---- linear --------------------------------------------------------------- */
+
+/* w [n, k] and b [n] inside one buffer, registered as model weights on the
+ * GPU (the compute-dtype copy path) when reg is set. */
+struct weights {
+    struct pt buf;
+    struct bs_tensor wc, wg, bc, bg;
+};
+
+static void weights_new(struct env *e, struct weights *w, int64_t n, int64_t k, bool reg)
+{
+    int64_t total = n * k + n;
+    pt_new(e, &w->buf, 1, &total, -0.5f, 0.5f);
+    int64_t wne[2] = {n, k};
+    w->wc = bs_tensor_make(BS_TYPE_F32, 2, wne, w->buf.c.data);
+    w->wg = bs_tensor_make(BS_TYPE_F32, 2, wne, w->buf.g.data);
+    w->bc = bs_tensor_make(BS_TYPE_F32, 1, &n, (float *)w->buf.c.data + n * k);
+    w->bg = bs_tensor_make(BS_TYPE_F32, 1, &n, (float *)w->buf.g.data + n * k);
+    struct bs_err err = {0};
+    if (reg && GPU->weights_ready != NULL &&
+        GPU->weights_ready(GC, w->buf.g.data, w->buf.bytes, &err) != 0)
+        die("weights_ready", &err);
+}
+
+static void test_linear(struct env *e)
+{
+    struct weights w, w2, w0, w1;
+    struct pt x, y, xw, yw, x0, y0, x1, y1;
+    weights_new(e, &w, 130, 96, true);
+    pt_new(e, &x, 2, (int64_t[]){77, 96}, -1, 1);
+    pt_new(e, &y, 2, (int64_t[]){77, 130}, -1, 1);
+    BOTH("linear", CPU->linear(CC, &y.c, &x.c, &w.wc, &w.bc, 0.0f, &ec_),
+         GPU->linear(GC, &y.g, &x.g, &w.wg, &w.bg, 0.0f, &eg_));
+    expect_mm(e, "linear 77x96 -> 130, bias", &y);
+    BOTH("linear", CPU->linear(CC, &y.c, &x.c, &w.wc, &w.bc, 1.0f, &ec_),
+         GPU->linear(GC, &y.g, &x.g, &w.wg, &w.bg, 1.0f, &eg_));
+    expect_mm(e, "linear, bias + residual (beta 1)", &y);
+
+    /* strided x and y (column views), weights not registered */
+    weights_new(e, &w2, 130, 96, false);
+    pt_new(e, &xw, 2, (int64_t[]){77, 3 * 96}, -1, 1);
+    pt_new(e, &yw, 2, (int64_t[]){77, 2 * 130}, -1, 1);
+    struct pt xv = pt_cols(&xw, 96, 96), yv = pt_cols(&yw, 130, 130);
+    BOTH("linear", CPU->linear(CC, &yv.c, &xv.c, &w2.wc, NULL, 1.0f, &ec_),
+         GPU->linear(GC, &yv.g, &xv.g, &w2.wg, NULL, 1.0f, &eg_));
+    expect_mm(e, "linear, column views, unregistered w", &yw);
+
+    /* K = 0: y = bias */
+    weights_new(e, &w0, 7, 0, true);
+    pt_new(e, &x0, 2, (int64_t[]){5, 0}, -1, 1);
+    pt_new(e, &y0, 2, (int64_t[]){5, 7}, -1, 1);
+    BOTH("linear", CPU->linear(CC, &y0.c, &x0.c, &w0.wc, &w0.bc, 0.0f, &ec_),
+         GPU->linear(GC, &y0.g, &x0.g, &w0.wg, &w0.bg, 0.0f, &eg_));
+    expect_ew(e, "linear, K = 0 (bias only)", &y0);
+
+    /* one row (conditioning) */
+    weights_new(e, &w1, 384, 256, true);
+    pt_new(e, &x1, 2, (int64_t[]){1, 256}, -1, 1);
+    pt_new(e, &y1, 2, (int64_t[]){1, 384}, -1, 1);
+    BOTH("linear", CPU->linear(CC, &y1.c, &x1.c, &w1.wc, &w1.bc, 0.0f, &ec_),
+         GPU->linear(GC, &y1.g, &x1.g, &w1.wg, &w1.bg, 0.0f, &eg_));
+    expect_mm(e, "linear, M = 1", &y1);
+
+    /* the checks agree: a wrong shape is EINVAL on both */
+    struct bs_err ec = {0}, eg = {0};
+    int rc_c = CPU->linear(CC, &y1.c, &x.c, &w1.wc, NULL, 0.0f, &ec);
+    int rc_g = GPU->linear(GC, &y1.g, &x.g, &w1.wg, NULL, 0.0f, &eg);
+    e->checks++;
+    if (rc_c != BS_EINVAL || rc_g != BS_EINVAL || strcmp(ec.msg, eg.msg) != 0) {
+        e->failures++;
+        printf("FAIL linear shape check: cpu %d \"%s\", gpu %d \"%s\"\n", rc_c, ec.msg, rc_g,
+               eg.msg);
+    } else {
+        printf("ok   linear shape check: %s\n", eg.msg);
+    }
+    struct pt *all[] = {&x, &y, &xw, &yw, &x0, &y0, &x1, &y1};
+    for (size_t i = 0; i < BS_ARRAY_LEN(all); i++)
+        pt_free(e, all[i]);
+    struct weights *ws[] = {&w, &w2, &w0, &w1};
+    for (size_t i = 0; i < BS_ARRAY_LEN(ws); i++)
+        pt_free(e, &ws[i]->buf);
+}
+
+/* ---- norms ------------------------------------------------------------------ */
+
+static void test_layer_norm(struct env *e)
+{
+    struct pt x, y, gamma, beta, scale, shift;
+    pt_new(e, &x, 2, (int64_t[]){150, 320}, 2, 4); /* mean far from 0 */
+    pt_new(e, &y, 2, (int64_t[]){150, 320}, -1, 1);
+    pt_new(e, &gamma, 1, (int64_t[]){320}, 0.5f, 1.5f);
+    pt_new(e, &beta, 1, (int64_t[]){320}, -0.5f, 0.5f);
+    pt_new(e, &scale, 2, (int64_t[]){3, 320}, -0.5f, 0.5f);
+    pt_new(e, &shift, 2, (int64_t[]){3, 320}, -0.5f, 0.5f);
+    struct bs_norm_params pc = {1e-6f, &gamma.c, &beta.c, &scale.c, &shift.c, 50, 0};
+    struct bs_norm_params pg = {1e-6f, &gamma.g, &beta.g, &scale.g, &shift.g, 50, 0};
+    BOTH("layer_norm", CPU->layer_norm(CC, &y.c, &x.c, &pc, &ec_),
+         GPU->layer_norm(GC, &y.g, &x.g, &pg, &eg_));
+    expect_ew(e, "layer_norm, affine + scale/shift", &y);
+    struct bs_norm_params qc = {1e-5f, NULL, NULL, &scale.c, NULL, 150, 0};
+    struct bs_norm_params qg = {1e-5f, NULL, NULL, &scale.g, NULL, 150, 0};
+    BOTH("layer_norm", CPU->layer_norm(CC, &x.c, &x.c, &qc, &ec_),
+         GPU->layer_norm(GC, &x.g, &x.g, &qg, &eg_));
+    expect_ew(e, "layer_norm in place, scale only", &x);
+    struct pt *all[] = {&x, &y, &gamma, &beta, &scale, &shift};
+    for (size_t i = 0; i < BS_ARRAY_LEN(all); i++)
+        pt_free(e, all[i]);
+}
+
+static void test_group_norm(struct env *e)
+{
+    struct pt x, y, gamma, beta, scale, shift, v, vy;
+    pt_new(e, &x, 3, (int64_t[]){2, 64, 37}, -2, 3);
+    pt_new(e, &y, 3, (int64_t[]){2, 64, 37}, -1, 1);
+    pt_new(e, &gamma, 1, (int64_t[]){64}, 0.5f, 1.5f);
+    pt_new(e, &beta, 1, (int64_t[]){64}, -0.5f, 0.5f);
+    pt_new(e, &scale, 2, (int64_t[]){2, 64}, -0.5f, 0.5f);
+    pt_new(e, &shift, 2, (int64_t[]){2, 64}, -0.5f, 0.5f);
+    struct bs_norm_params pc = {1e-5f, &gamma.c, &beta.c, &scale.c, &shift.c, 0, 32};
+    struct bs_norm_params pg = {1e-5f, &gamma.g, &beta.g, &scale.g, &shift.g, 0, 32};
+    BOTH("group_norm", CPU->group_norm(CC, &y.c, &x.c, &pc, &ec_),
+         GPU->group_norm(GC, &y.g, &x.g, &pg, &eg_));
+    expect_ew(e, "group_norm [2,64,37] /32, affine + mod", &y);
+    /* the VAE mid block's shape: 512 channels of 32 x 32, 32 groups, eps 1e-6 */
+    pt_new(e, &v, 3, (int64_t[]){1, 512, 1024}, -3, 3);
+    pt_new(e, &vy, 3, (int64_t[]){1, 512, 1024}, -1, 1);
+    struct bs_norm_params vc = {1e-6f, NULL, NULL, NULL, NULL, 0, 32};
+    BOTH("group_norm", CPU->group_norm(CC, &vy.c, &v.c, &vc, &ec_),
+         GPU->group_norm(GC, &vy.g, &v.g, &vc, &eg_));
+    expect_ew(e, "group_norm [1,512,1024] /32", &vy);
+    struct pt *all[] = {&x, &y, &gamma, &beta, &scale, &shift, &v, &vy};
+    for (size_t i = 0; i < BS_ARRAY_LEN(all); i++)
+        pt_free(e, all[i]);
+}
+
+/* ---- elementwise -------------------------------------------------------------- */
+
+static const char *const act_names[BS_ACT_COUNT] = {"none",       "gelu", "gelu_tanh",
+                                                    "quick_gelu", "silu", "mish"};
+
+static void test_act_glu(struct env *e)
+{
+    char name[96];
+    for (int a = 0; a < BS_ACT_COUNT; a++) {
+        struct pt x, y, g, h;
+        pt_new(e, &x, 2, (int64_t[]){100, 257}, -8, 8);
+        pt_new(e, &y, 2, (int64_t[]){100, 257}, -1, 1);
+        BOTH("act", CPU->act(CC, &y.c, &x.c, (enum bs_act)a, &ec_),
+             GPU->act(GC, &y.g, &x.g, (enum bs_act)a, &eg_));
+        snprintf(name, sizeof(name), "act %s", act_names[a]);
+        expect_ew(e, name, &y);
+        struct pt xv = pt_cols(&x, 50, 100); /* in place on a column view */
+        BOTH("act", CPU->act(CC, &xv.c, &xv.c, (enum bs_act)a, &ec_),
+             GPU->act(GC, &xv.g, &xv.g, (enum bs_act)a, &eg_));
+        snprintf(name, sizeof(name), "act %s in place, column view", act_names[a]);
+        expect_ew(e, name, &x);
+
+        pt_new(e, &g, 2, (int64_t[]){64, 600}, -6, 6);
+        pt_new(e, &h, 2, (int64_t[]){64, 300}, -1, 1);
+        BOTH("glu", CPU->glu(CC, &h.c, &g.c, (enum bs_act)a, &ec_),
+             GPU->glu(GC, &h.g, &g.g, (enum bs_act)a, &eg_));
+        snprintf(name, sizeof(name), "glu %s", act_names[a]);
+        expect_ew(e, name, &h);
+        struct pt gv = pt_cols(&g, 0, 300); /* y aliases the first half of x */
+        BOTH("glu", CPU->glu(CC, &gv.c, &g.c, (enum bs_act)a, &ec_),
+             GPU->glu(GC, &gv.g, &g.g, (enum bs_act)a, &eg_));
+        snprintf(name, sizeof(name), "glu %s into its own input", act_names[a]);
+        expect_ew(e, name, &g);
+        pt_free(e, &x);
+        pt_free(e, &y);
+        pt_free(e, &g);
+        pt_free(e, &h);
+    }
+}
+
+static void test_add_transpose_rows(struct env *e)
+{
+    struct pt x, y, gate, t, tt, t2, tt2, table, rows;
+    pt_new(e, &x, 2, (int64_t[]){120, 200}, -1, 1);
+    pt_new(e, &y, 2, (int64_t[]){120, 200}, -1, 1);
+    pt_new(e, &gate, 2, (int64_t[]){3, 200}, -2, 2);
+    BOTH("add", CPU->add(CC, &y.c, &x.c, &gate.c, 40, 1.0f, &ec_),
+         GPU->add(GC, &y.g, &x.g, &gate.g, 40, 1.0f, &eg_));
+    expect_ew(e, "add, gate per sample", &y);
+    BOTH("add", CPU->add(CC, &y.c, &x.c, NULL, 1, 0.5f, &ec_),
+         GPU->add(GC, &y.g, &x.g, NULL, 1, 0.5f, &eg_));
+    expect_ew(e, "add, no gate, alpha 0.5", &y);
+
+    pt_new(e, &t, 3, (int64_t[]){3, 70, 45}, -1, 1);
+    pt_new(e, &tt, 3, (int64_t[]){3, 45, 70}, -1, 1);
+    BOTH("transpose", CPU->transpose(CC, &tt.c, &t.c, &ec_), GPU->transpose(GC, &tt.g, &t.g, &eg_));
+    expect_ew(e, "transpose [3,70,45]", &tt);
+    pt_new(e, &t2, 2, (int64_t[]){33, 65}, -1, 1);
+    pt_new(e, &tt2, 2, (int64_t[]){65, 33}, -1, 1);
+    BOTH("transpose", CPU->transpose(CC, &tt2.c, &t2.c, &ec_),
+         GPU->transpose(GC, &tt2.g, &t2.g, &eg_));
+    expect_ew(e, "transpose [33,65]", &tt2);
+
+    pt_new(e, &table, 2, (int64_t[]){10, 48}, -1, 1);
+    pt_new(e, &rows, 2, (int64_t[]){4, 48}, -1, 1);
+    const int64_t idx[4] = {3, 0, 9, 3};
+    BOTH("get_rows", CPU->get_rows(CC, &rows.c, &table.c, idx, 4, &ec_),
+         GPU->get_rows(GC, &rows.g, &table.g, idx, 4, &eg_));
+    expect_ew(e, "get_rows", &rows);
+    struct pt *all[] = {&x, &y, &gate, &t, &tt, &t2, &tt2, &table, &rows};
+    for (size_t i = 0; i < BS_ARRAY_LEN(all); i++)
+        pt_free(e, all[i]);
+}
+
+/* ---- attention ------------------------------------------------------------------- */
+
+typedef int (*unfused_fn)(struct bs_backend *, struct bs_tensor *, const struct bs_tensor *,
+                          const struct bs_tensor *, const struct bs_tensor *,
+                          const struct bs_attn_params *, struct bs_err *);
+
+enum mask_kind { MASK_NONE, MASK_KEYS, MASK_FULL };
+
+/* One attention case: q from its own tensor, k and v column views of one
+ * [B*Lk, 2*inner] tensor (self-attention: all three from one fused QKV). */
+static void attn_case(struct env *e, int64_t batch, int64_t lq, int64_t lk, int heads, int hd,
+                      enum mask_kind mk, bool fused, unfused_fn unfused)
+{
+    int64_t inner = (int64_t)heads * hd;
+    struct pt qkv, q, kv, o, mask;
+    struct pt qv, kv_k, kv_v;
+    if (fused) {
+        pt_new(e, &qkv, 2, (int64_t[]){batch * lq, 3 * inner}, -1, 1);
+        qv = pt_cols(&qkv, 0, inner);
+        kv_k = pt_cols(&qkv, inner, inner);
+        kv_v = pt_cols(&qkv, 2 * inner, inner);
+    } else {
+        pt_new(e, &q, 2, (int64_t[]){batch * lq, inner}, -1, 1);
+        pt_new(e, &kv, 2, (int64_t[]){batch * lk, 2 * inner}, -1, 1);
+        qv = q;
+        kv_k = pt_cols(&kv, 0, inner);
+        kv_v = pt_cols(&kv, inner, inner);
+    }
+    pt_new(e, &o, 2, (int64_t[]){batch * lq, inner}, -1, 1);
+    struct bs_attn_params pc = {batch, lq, lk, heads, hd, 1.0f / sqrtf((float)hd), NULL};
+    struct bs_attn_params pg = pc;
+    if (mk != MASK_NONE) {
+        int64_t mq = mk == MASK_KEYS ? 1 : lq;
+        pt_new(e, &mask, 3, (int64_t[]){batch, mq, lk}, -2, 0);
+        float *m = mask.c.data;
+        for (int64_t i = 0; i < batch * mq * lk; i++)
+            if (frand(0, 1) < 0.2f)
+                m[i] = MASK_DROP;
+        if (mk == MASK_FULL && lq > 1 && lk > 0) /* one row with no key at all */
+            for (int64_t i = 0; i < lk; i++)
+                m[lk + i] = -INFINITY;
+        pt_upload(e, &mask);
+        pc.mask = &mask.c;
+        pg.mask = &mask.g;
+    }
+    BOTH("attention", CPU->attention(CC, &o.c, &qv.c, &kv_k.c, &kv_v.c, &pc, &ec_),
+         GPU->attention(GC, &o.g, &qv.g, &kv_k.g, &kv_v.g, &pg, &eg_));
+    char name[128];
+    static const char *const mnames[] = {"no mask", "mask [B,1,Lk]", "mask [B,Lq,Lk]"};
+    snprintf(name, sizeof(name), "attention B%lld Lq%lld Lk%lld %dx%d %s%s", (long long)batch,
+             (long long)lq, (long long)lk, heads, hd, mnames[mk], fused ? " qkv" : "");
+    expect_mm(e, name, &o);
+    if (unfused != NULL) {
+        memset(o.c.data, 0, o.bytes); /* the CPU result stays the reference */
+        BOTH("attention", CPU->attention(CC, &o.c, &qv.c, &kv_k.c, &kv_v.c, &pc, &ec_),
+             unfused(&e->gpu, &o.g, &qv.g, &kv_k.g, &kv_v.g, &pg, &eg_));
+        snprintf(name, sizeof(name), "attention (unfused baseline) Lq%lld %dx%d", (long long)lq,
+                 heads, hd);
+        expect_mm(e, name, &o);
+    }
+    if (fused) {
+        pt_free(e, &qkv);
+    } else {
+        pt_free(e, &q);
+        pt_free(e, &kv);
+    }
+    pt_free(e, &o);
+    if (mk != MASK_NONE)
+        pt_free(e, &mask);
+}
+
+static unfused_fn find_unfused(void)
+{
+    const char *path = getenv("BS_CUDA_MODULE");
+    void *h = path ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL;
+    unfused_fn fn = NULL;
+    if (h != NULL)
+        *(void **)&fn = dlsym(h, "bs_cuda_module_attention_unfused");
+    return fn;
+}
+
+static void test_attention(struct env *e)
+{
+    static const int hds[] = {40, 64, 72, 80, 160, 24, 30, 200}; /* 30: scalar loads */
+    for (size_t i = 0; i < BS_ARRAY_LEN(hds); i++) {
+        attn_case(e, 2, 100, 100, 2, hds[i], MASK_NONE, true, NULL); /* self */
+        attn_case(e, 2, 64, 77, 2, hds[i], MASK_KEYS, false, NULL);  /* cross, Lk 77 */
+        attn_case(e, 2, 70, 130, 2, hds[i], MASK_FULL, false, NULL);
+    }
+    /* long sequences: 8-warp blocks (head dims up to 80) */
+    attn_case(e, 1, 2100, 2100, 2, 64, MASK_KEYS, true, NULL);
+    attn_case(e, 1, 2100, 77, 2, 40, MASK_FULL, false, NULL);
+    attn_case(e, 1, 1, 5, 3, 64, MASK_NONE, false, NULL);
+    attn_case(e, 1, 5, 0, 2, 64, MASK_NONE, false, NULL); /* no keys: zeros */
+    attn_case(e, 1, 300, 300, 1, 512, MASK_KEYS, true, NULL);
+    if (e->self_check)
+        return;
+    unfused_fn fn = find_unfused();
+    if (fn == NULL) {
+        e->checks++;
+        e->failures++;
+        printf("FAIL unfused baseline: bs_cuda_module_attention_unfused not found\n");
+        return;
+    }
+    attn_case(e, 2, 128, 128, 2, 64, MASK_KEYS, true, fn);
+}
+
+static void test_all(struct env *e)
+{
+    test_linear(e);
+    test_layer_norm(e);
+    test_group_norm(e);
+    test_act_glu(e);
+    test_add_transpose_rows(e);
+    test_attention(e);
+}
+
+int main(int argc, char **argv)
+{
+    struct env env = {0}, *e = &env;
+    struct bs_err err = {0};
+    if (argc != 2) {
+        fprintf(stderr, "usage: test_gpu_ops fp32|bf16|fp16\n");
+        return 2;
+    }
+    e->dtype = argv[1];
+    if (strcmp(e->dtype, "self-check") == 0) {
+        e->self_check = true;
+        e->mm_tol = 1e-12; /* same code, same thread count: identical results */
+        if (bs_backend_cpu_init(&e->gpu, 1, &err) != 0 || bs_backend_cpu_init(&e->cpu, 1, &err))
+            die("cpu backend", &err);
+        test_all(e);
+        printf("self-check: %d checks, %d failed\n", e->checks, e->failures);
+        bs_backend_free(&e->cpu);
+        bs_backend_free(&e->gpu);
+        return e->failures || e->checks < 50 ? 1 : 0;
+    }
+    e->mm_tol = strcmp(e->dtype, "bf16") == 0 ? 2e-2 : strcmp(e->dtype, "fp16") == 0 ? 4e-3 : 1e-4;
+    e->mm_rms = strcmp(e->dtype, "fp32") != 0;
+    struct bs_backend_opts go = {.device = "cuda", .dtype = e->dtype};
+    int rc = bs_backend_init_opts(&e->gpu, &go, &err);
+    if (rc == BS_EUNSUPP) {
+        printf("SKIP: no usable GPU: %s\n", err.msg);
+        return EXIT_SKIP;
+    }
+    if (rc != 0)
+        die("cuda backend", &err);
+    printf("%s\n", err.msg);
+    if (bs_backend_cpu_init(&e->cpu, 0, &err) != 0)
+        die("cpu backend", &err);
+    test_all(e);
+    printf("%s: %d checks, %d failed\n", e->dtype, e->checks, e->failures);
+    bs_backend_free(&e->cpu);
+    bs_backend_free(&e->gpu);
+    return e->failures ? 1 : 0;
+}
