@@ -5,7 +5,8 @@
  * The transport owns grpc.health.v1.Health (Check, Watch) and server
  * reflection (grpc.reflection.v1 and v1alpha); unknown methods answer
  * UNIMPLEMENTED at once. Calls of inference.GRPCInferenceService are handed
- * to the application through struct bs_rpc_handlers. */
+ * to the application through struct bs_rpc_handlers. It also terminates TLS
+ * and checks the optional bearer token (struct bs_rpc_options). */
 #ifndef BS_RPC_H
 #define BS_RPC_H
 
@@ -80,6 +81,15 @@ struct bs_rpc_options {
     int max_recv_bytes;       /* message size limits */
     int max_send_bytes;
     int max_concurrent_streams;
+    /* TLS: PEM text of the server's certificate chain and private key (both
+     * or neither; NULL: plaintext) and, for mutual TLS, of the CA that
+     * client certificates must chain to (required and verified). */
+    const char *tls_cert_chain, *tls_key, *tls_client_ca;
+    /* Bearer token (NULL: none). When set, every call except
+     * grpc.health.v1.Health/{Check,Watch} must carry the metadata
+     * "authorization: Bearer <token>"; others are answered UNAUTHENTICATED
+     * before any handler runs. The transport keeps a copy. */
+    const char *auth_token;
 };
 
 /* Create the server on loop, bind and start it. *port receives the bound port. */
