@@ -83,10 +83,13 @@ def make_repository(cases, serving=None, broken=True):
 
 
 class Server:
-    """blockserve serve on a free port; stop() sends SIGTERM and returns the exit code."""
+    """blockserve serve on a free port; stop() sends SIGTERM and returns the exit code.
+    Metrics go to a free port too (metrics_port, None with --no-metrics)."""
 
     def __init__(self, binary, args):
         self.log = tempfile.TemporaryFile(mode="w+")
+        if "--metrics-port" not in args and "--no-metrics" not in args:
+            args = ["--metrics-port", "0"] + list(args)
         self.proc = subprocess.Popen([binary, "serve", "--grpc-port", "0", "--grpc-address",
                                       "127.0.0.1"] + args, stdout=self.log, stderr=self.log)
         self.port = None
@@ -103,6 +106,8 @@ class Server:
             self.proc.kill()
             raise RuntimeError("server did not start: " + self.text())
         self.address = "127.0.0.1:%d" % self.port
+        m = re.search(r"metrics on http://[0-9.]+:(\d+)/metrics", self.text())
+        self.metrics_port = int(m.group(1)) if m else None
 
     def text(self):
         self.log.seek(0)
