@@ -38,12 +38,14 @@
  * there, so no handler (unary, stream, reflection) ever sees it. Health
  * checks stay open for probes. The token is never logged.
  *
- * Shutdown: grpc_server_shutdown_and_notify + grpc_server_cancel_all_calls;
- * once the shutdown tag is back, every armed request has returned and no
- * call object is left, the completion queue is shut down (so no batch can
- * ever start on a shut-down queue), its thread joined, gRPC objects
- * destroyed, the async handle closed, and done() called from its close
- * callback. */
+ * Shutdown: grpc_server_shutdown_and_notify; calls whose answer is decided
+ * (status set) finish sending it, every other call is cancelled at once, and
+ * a timer cancels whatever is left after RPC_SHUTDOWN_FLUSH_MS
+ * (grpc_server_cancel_all_calls). Once the shutdown tag is back, every armed
+ * request has returned and no call object is left, the completion queue is
+ * shut down (so no batch can ever start on a shut-down queue), its thread
+ * joined, gRPC objects destroyed, the async handle and the timer closed, and
+ * done() called from the last close callback. */
 #include "rpc.h"
 
 #include <stdlib.h>
@@ -63,6 +65,7 @@
 
 #define RPC_DEFAULT_MAX_MESSAGE (64 << 20)
 #define RPC_DEFAULT_ADDRESS     "0.0.0.0:8001"
+#define RPC_SHUTDOWN_FLUSH_MS   5000 /* answers still sending at shutdown get this long */
 
 /* ---- method table --------------------------------------------------------------------------- */
 
@@ -211,6 +214,8 @@ struct bs_rpc_server {
     int n_calls;
     int n_armed;
     bool shutting_down, shutdown_notified, cq_down, joined, closed;
+    uv_timer_t flush_timer; /* started by shutdown: cancels what is still sending */
+    int n_open;             /* handles to close at the end: async (+ flush_timer) */
     void (*done)(void *arg);
     void *done_arg;
 };
@@ -846,6 +851,8 @@ static void rpc_on_tag(bs_rpc_server_t *s, struct rpc_tag *t)
 static void rpc_on_closed(uv_handle_t *h)
 {
     bs_rpc_server_t *s = h->data;
+    if (--s->n_open > 0)
+        return;
     s->closed = true;
     if (s->done != NULL)
         s->done(s->done_arg);
@@ -860,7 +867,9 @@ static void rpc_finish_shutdown(bs_rpc_server_t *s)
     grpc_completion_queue_destroy(s->cq);
     s->server = NULL;
     s->cq = NULL;
+    s->n_open = 2;
     uv_close((uv_handle_t *)&s->async, rpc_on_closed);
+    uv_close((uv_handle_t *)&s->flush_timer, rpc_on_closed);
 }
 
 static void rpc_on_async(uv_async_t *async)
@@ -889,6 +898,13 @@ static void rpc_check_shutdown(bs_rpc_server_t *s)
     grpc_completion_queue_shutdown(s->cq);
 }
 
+static void rpc_on_flush_timeout(uv_timer_t *t)
+{
+    bs_rpc_server_t *s = t->data;
+    if (s->server != NULL)
+        grpc_server_cancel_all_calls(s->server);
+}
+
 void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), void *arg)
 {
     if (server->shutting_down)
@@ -897,7 +913,13 @@ void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), vo
     server->done = done;
     server->done_arg = arg;
     grpc_server_shutdown_and_notify(server->server, server->cq, &server->shutdown_tag);
-    grpc_server_cancel_all_calls(server->server);
+    /* Answers already decided are still being sent: let them go out (a
+     * client that does not read them is cut off by the timer); every other
+     * call is cancelled now. */
+    for (bs_rpc_call_t *c = server->calls; c != NULL; c = c->next)
+        if (!c->status_set)
+            call_abort(c, BS_RPC_UNAVAILABLE, "the server is shutting down");
+    uv_timer_start(&server->flush_timer, rpc_on_flush_timeout, RPC_SHUTDOWN_FLUSH_MS, 0);
 }
 
 /* ---- creation ------------------------------------------------------------------------------- */
@@ -1105,6 +1127,8 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
         rc = bs_err_set(err, BS_EINTERNAL, "cannot start the completion-queue thread");
         goto fail_async;
     }
+    uv_timer_init(loop, &s->flush_timer); /* cannot fail */
+    s->flush_timer.data = s;
     grpc_server_start(s->server);
     for (int i = 0; i < RPC_N_METHODS; i++)
         rpc_arm(s, &s->accepts[i]);

@@ -97,9 +97,10 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
                        const struct bs_rpc_handlers *handlers, int *port, struct bs_err *err);
 
 /* Stop accepting calls and cancel every live call at once (any grace period
- * is the caller's: drain first), then call done(arg) on the loop thread once
- * every call is gone and the completion-queue thread has been joined. A
- * second call is ignored. */
+ * is the caller's: drain first), except those already answered, whose answer
+ * is still being sent: they get up to 5 s to deliver it. Then call done(arg)
+ * on the loop thread once every call is gone and the completion-queue thread
+ * has been joined. A second call is ignored. */
 void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), void *arg);
 
 /* Free a server whose shutdown has completed; NULL is a no-op. */
