@@ -298,6 +298,35 @@ class MetricsFlagsTest(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("metrics: cannot listen on 127.0.0.1:%d" % port, r.stderr)
 
+    def test_busy_default_port_only_warns(self):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", 8002))
+            sock.listen(1)
+        except OSError:
+            sock.close()
+            self.skipTest("port 8002 is in use here")
+        repo = harness.make_repository(["btb_self_only"], broken=False)
+        try:  # no --metrics-port: the default, 8002, is taken
+            proc = subprocess.Popen([BINARY, "serve", "--grpc-port", "0", "--grpc-address",
+                                     "127.0.0.1", "--model-repository", repo],
+                                    stderr=subprocess.PIPE, text=True)
+            lines = []
+            for line in proc.stderr:
+                lines.append(line)
+                if "serving 1 models" in line or "error" in line:
+                    break
+            proc.terminate()
+            proc.communicate(timeout=60)
+        finally:
+            sock.close()
+            shutil.rmtree(repo, ignore_errors=True)
+        text = "".join(lines)
+        self.assertIn("serving 1 models", text)
+        self.assertIn("metrics: cannot listen on 127.0.0.1:8002", text)
+        self.assertIn("serving without metrics", text)
+        self.assertEqual(proc.returncode, 0)
+
 
 if __name__ == "__main__":
     BINARY = os.path.abspath(sys.argv.pop(1))
