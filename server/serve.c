@@ -53,6 +53,7 @@ struct server {
     uv_timer_t grace;
     bool stopping;
     bool rpc_down;
+    bool handles_ready; /* sigint, sigterm and grace are initialised */
 };
 
 static void usage(FILE *f)
@@ -191,9 +192,11 @@ static void on_rpc_down(void *arg)
 {
     struct server *s = arg;
     s->rpc_down = true;
-    uv_close((uv_handle_t *)&s->sigint, NULL);
-    uv_close((uv_handle_t *)&s->sigterm, NULL);
-    uv_close((uv_handle_t *)&s->grace, NULL);
+    if (s->handles_ready) { /* not after a start-up failure */
+        uv_close((uv_handle_t *)&s->sigint, NULL);
+        uv_close((uv_handle_t *)&s->sigterm, NULL);
+        uv_close((uv_handle_t *)&s->grace, NULL);
+    }
     bs_log(BS_LOG_INFO, NULL, "stopped");
 }
 
@@ -287,16 +290,17 @@ static int start(struct server *s, struct bs_err *err)
     rpc_opts.tls_key = s->sec.key;
     rpc_opts.tls_client_ca = s->sec.client_ca;
     rpc_opts.auth_token = s->sec.token;
+    if (start_metrics(s, err) != 0)
+        return err->code;
     if (bs_rpc_server_init(&s->rpc, s->loop, &rpc_opts, &h, &port, err) != 0)
         return err->code;
     bs_secure_free(&s->sec); /* the transport has its copies */
-    if (start_metrics(s, err) != 0)
-        return err->code;
     bs_rpc_set_serving(s->rpc, "", true);
     bs_rpc_set_serving(s->rpc, "inference.GRPCInferenceService", true);
     uv_signal_init(s->loop, &s->sigint);
     uv_signal_init(s->loop, &s->sigterm);
     uv_timer_init(s->loop, &s->grace);
+    s->handles_ready = true;
     s->sigint.data = s->sigterm.data = s->grace.data = s;
     uv_signal_start(&s->sigint, on_signal, SIGINT);
     uv_signal_start(&s->sigterm, on_signal, SIGTERM);

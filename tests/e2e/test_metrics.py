@@ -295,7 +295,7 @@ class MetricsFlagsTest(unittest.TestCase):
         finally:
             sock.close()
             shutil.rmtree(repo, ignore_errors=True)
-        self.assertNotEqual(r.returncode, 0)
+        self.assertEqual(r.returncode, 1, r.stderr)  # an orderly exit, not a crash
         self.assertIn("metrics: cannot listen on 127.0.0.1:%d" % port, r.stderr)
 
     def test_busy_default_port_only_warns(self):
