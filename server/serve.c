@@ -117,14 +117,14 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i];
         int64_t v = 0;
-        if (strcmp(f, "--help") == 0 || strcmp(f, "-h") == 0) {
-            usage(stdout);
-            exit(0);
-        }
-        if (strcmp(f, "--no-metrics") == 0) {
+        if (strcmp(f, "--no-metrics") == 0) { /* the one flag without a value */
             o->metrics_port = -1;
             o->metrics_port_given = true;
             continue;
+        }
+        if (strcmp(f, "--help") == 0 || strcmp(f, "-h") == 0) {
+            usage(stdout);
+            exit(0);
         }
         if (i + 1 >= argc) {
             fprintf(stderr, "blockserve: unknown option or missing value: %s\n", f);
@@ -260,9 +260,23 @@ static int start_metrics(struct server *s, struct bs_err *err)
     return 0;
 }
 
+/* Before anything loads: read and check the TLS files and the token (so a
+ * bad file fails at once), and create the metrics registry, which reads the
+ * backend (s->be, set up by start) only when rendering. */
+static int prepare(struct server *s, struct bs_err *err)
+{
+    if (bs_secure_load_tls(&s->sec, s->opts.tls_cert, s->opts.tls_key, s->opts.tls_client_ca,
+                           err) != 0 ||
+        bs_secure_load_token(&s->sec, s->opts.token_file, err) != 0)
+        return err->code;
+    if (s->opts.metrics_port >= 0 && bs_metrics_init(&s->metrics, &s->be, err) != 0)
+        return err->code;
+    return 0;
+}
+
 static int start(struct server *s, struct bs_err *err)
 {
-    struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults, NULL};
+    struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults, s->metrics};
     struct bs_codec_limits limits = {s->opts.max_tensor_elements, BS_CODEC_MAX_INPUTS};
     struct bs_rpc_options rpc_opts = {.max_recv_bytes = s->opts.max_message_bytes,
                                       .max_send_bytes = s->opts.max_message_bytes,
@@ -270,16 +284,9 @@ static int start(struct server *s, struct bs_err *err)
     struct bs_rpc_handlers h;
     char address[300];
     int port = 0;
-    if (bs_secure_load_tls(&s->sec, s->opts.tls_cert, s->opts.tls_key, s->opts.tls_client_ca,
-                           err) != 0 ||
-        bs_secure_load_token(&s->sec, s->opts.token_file, err) != 0)
-        return err->code;
     if (bs_backend_init(&s->be, s->opts.device, s->opts.threads, err) != 0)
         return err->code;
     bs_log(BS_LOG_INFO, NULL, "compute: %s backend", s->be.iface->name);
-    if (s->opts.metrics_port >= 0 && bs_metrics_init(&s->metrics, &s->be, err) != 0)
-        return err->code;
-    ro.metrics = s->metrics;
     if (bs_repository_init(&s->repo, s->loop, &s->be, &ro, err) != 0 ||
         bs_service_init(&s->svc, s->repo, &limits, err) != 0)
         return err->code;
@@ -320,7 +327,9 @@ int bs_cli_serve(int argc, char **argv)
     bs_log_init(s.opts.verbose, s.opts.json_logs);
     signal(SIGPIPE, SIG_IGN);
     s.loop = uv_default_loop();
-    int rc = start(&s, &err);
+    int rc = prepare(&s, &err);
+    if (rc == 0)
+        rc = start(&s, &err);
     if (rc == 0) {
         uv_run(s.loop, UV_RUN_DEFAULT);
     } else {
