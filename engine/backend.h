@@ -76,6 +76,11 @@ struct bs_backend_i {
     int (*copy_in)(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err);
     int (*copy_out)(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err);
 
+    /* Optional (NULL: not available). Device memory for monitoring; called
+     * from the metrics thread while ops run, so it must be thread-safe.
+     * Returns 0, or BS_EUNSUPP where there is no device memory to report. */
+    int (*memory_info)(void *ctx, struct bs_backend_memory *mem, struct bs_err *err);
+
     /* y = x w^T + b + beta * y. x: [M, K] rows, w: [N, K] contiguous, b: [N] or
      * NULL, y: [M, N] rows; beta is 0 or 1 (1 accumulates into y, a residual). */
     int (*linear)(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
@@ -119,11 +124,6 @@ struct bs_backend_i {
      * index has been checked against the table's row count. */
     int (*get_rows)(void *ctx, struct bs_tensor *y, const struct bs_tensor *table,
                     const int64_t *idx, int64_t n, struct bs_err *err);
-
-    /* Optional (NULL: not available). Device memory for monitoring; called
-     * from the metrics thread while ops run, so it must be thread-safe.
-     * Returns 0, or BS_EUNSUPP where there is no device memory to report. */
-    int (*memory_info)(void *ctx, struct bs_backend_memory *mem, struct bs_err *err);
 };
 
 /* A backend instance. */
