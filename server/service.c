@@ -565,7 +565,10 @@ static void count_failure(bs_service_t *svc, struct bs_repo_model *rm, const uin
                           int rc)
 {
     enum bs_metrics_reason reason = BS_METRICS_OTHER;
-    if (rm != NULL && (rc == BS_ERANGE || rc == BS_EUNSUPP))
+    /* the batcher's own test: BS_ERANGE also means a tensor too large */
+    bool queue_full = rm != NULL && rm->serving.max_queue_size > 0 &&
+                      bs_batcher_queued(rm->batcher) >= rm->serving.max_queue_size;
+    if (rm != NULL && ((rc == BS_ERANGE && queue_full) || rc == BS_EUNSUPP))
         reason = BS_METRICS_REJECTED;
     if (rm == NULL) {
         Inference__ModelInferRequest *q = inference__model_infer_request__unpack(NULL, n, d);
