@@ -131,7 +131,7 @@ int bs_metrics_http_start(bs_metrics_http_t **hp, bs_metrics_t *m, const char *a
         free(h);
         return bs_err_set(err, BS_EIO,
                           "metrics: cannot listen on %s:%d (in use? "
-                          "--metrics-port 0 picks a free port, --no-metrics disables)",
+                          "--metrics-port picks another, --no-metrics disables)",
                           address, port);
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->daemon, MHD_DAEMON_INFO_BIND_PORT);

@@ -10,7 +10,7 @@
 typedef struct bs_metrics_http bs_metrics_http_t;
 
 /* Listen on address:port (numeric host, IPv4 or IPv6; port 0 picks a free
- * one, *bound receives it) and serve m from a new thread. */
+ * one; *bound receives the port) and serve m from a new thread. */
 int bs_metrics_http_start(bs_metrics_http_t **h, bs_metrics_t *m, const char *address, int port,
                           int *bound, struct bs_err *err);
 

@@ -33,7 +33,7 @@ struct serve_opts {
     int grace_seconds;
     int max_streams;
     struct bs_serving_config defaults;
-    int metrics_port;            /* -1: no metrics */
+    int metrics_port;            /* 0: no metrics */
     bool metrics_port_given;     /* a busy default port only warns */
     const char *metrics_address; /* NULL: the gRPC address */
     const char *tls_cert, *tls_key, *tls_client_ca, *token_file;
@@ -77,9 +77,9 @@ static void usage(FILE *f)
             "  --max-queue-delay-us N        default batching delay (default 2000)\n"
             "  --max-queue-size N            default queue bound (default 256)\n"
             "  --metrics-port N              Prometheus metrics on http://HOST:N/metrics (default\n"
-            "                                8002, busy: a warning; 0 picks a free one)\n"
+            "                                8002, busy: a warning; 0: no metrics)\n"
             "  --metrics-address HOST        address for metrics (default: --grpc-address)\n"
-            "  --no-metrics                  no metrics endpoint (same as --metrics-port -1)\n"
+            "  --no-metrics                  no metrics endpoint (same as --metrics-port 0)\n"
             "  --tls-cert FILE --tls-key FILE  TLS on the gRPC port (PEM certificate chain, key)\n"
             "  --tls-client-ca FILE          mutual TLS: require client certificates from this CA\n"
             "  --auth-token-file FILE        every call but health checks needs the metadata\n"
@@ -118,7 +118,7 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
         const char *f = argv[i];
         int64_t v = 0;
         if (strcmp(f, "--no-metrics") == 0) { /* the one flag without a value */
-            o->metrics_port = -1;
+            o->metrics_port = 0;
             o->metrics_port_given = true;
             continue;
         }
@@ -165,7 +165,7 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
         else if (strcmp(f, "--max-queue-size") == 0 &&
                  (rc = int_flag(f, val, 1, 1000000, &v)) == 0)
             o->defaults.max_queue_size = (int)v;
-        else if (strcmp(f, "--metrics-port") == 0 && (rc = int_flag(f, val, -1, 65535, &v)) == 0) {
+        else if (strcmp(f, "--metrics-port") == 0 && (rc = int_flag(f, val, 0, 65535, &v)) == 0) {
             o->metrics_port = (int)v;
             o->metrics_port_given = true;
         } else if (strcmp(f, "--metrics-address") == 0)
@@ -246,7 +246,7 @@ static int start_metrics(struct server *s, struct bs_err *err)
 {
     const char *address = s->opts.metrics_address ? s->opts.metrics_address : s->opts.address;
     int port = 0;
-    if (s->opts.metrics_port < 0)
+    if (s->opts.metrics_port == 0)
         return 0;
     if (bs_metrics_http_start(&s->metrics_http, s->metrics, address, s->opts.metrics_port, &port,
                               err) != 0) {
@@ -269,7 +269,7 @@ static int prepare(struct server *s, struct bs_err *err)
                            err) != 0 ||
         bs_secure_load_token(&s->sec, s->opts.token_file, err) != 0)
         return err->code;
-    if (s->opts.metrics_port >= 0 && bs_metrics_init(&s->metrics, &s->be, err) != 0)
+    if (s->opts.metrics_port > 0 && bs_metrics_init(&s->metrics, &s->be, err) != 0)
         return err->code;
     return 0;
 }

@@ -274,12 +274,15 @@ class MetricsTest(unittest.TestCase):
 class MetricsFlagsTest(unittest.TestCase):
     def test_no_metrics(self):
         repo = harness.make_repository(["btb_self_only"], broken=False)
-        server = harness.Server(BINARY, ["--no-metrics", "--model-repository", repo])
         try:
-            self.assertIsNone(server.metrics_port)
-            self.assertNotIn("metrics on", server.text())
+            for flags in (["--no-metrics"], ["--metrics-port", "0"]):
+                server = harness.Server(BINARY, flags + ["--model-repository", repo])
+                try:
+                    self.assertIsNone(server.metrics_port)
+                    self.assertNotIn("metrics on", server.text())
+                finally:
+                    self.assertEqual(server.stop(), 0)
         finally:
-            self.assertEqual(server.stop(), 0)
             shutil.rmtree(repo, ignore_errors=True)
 
     def test_busy_port_given_explicitly_is_an_error(self):
