@@ -250,8 +250,8 @@ static int start_metrics(struct server *s, struct bs_err *err)
         return 0;
     if (bs_metrics_http_start(&s->metrics_http, s->metrics, address, s->opts.metrics_port, &port,
                               err) != 0) {
-        if (s->opts.metrics_port_given)
-            return err->code;
+        if (s->opts.metrics_port_given || s->opts.metrics_address != NULL || err->code != BS_EIO)
+            return err->code; /* only the default port being busy is forgiven */
         bs_log(BS_LOG_WARN, NULL, "%s; serving without metrics", err->msg);
         return 0;
     }

@@ -301,6 +301,17 @@ class MetricsFlagsTest(unittest.TestCase):
         self.assertEqual(r.returncode, 1, r.stderr)  # an orderly exit, not a crash
         self.assertIn("metrics: cannot listen on 127.0.0.1:%d" % port, r.stderr)
 
+    def test_bad_address_is_an_error(self):
+        repo = harness.make_repository(["btb_self_only"], broken=False)
+        try:  # the default port, but an address given explicitly
+            r = subprocess.run([BINARY, "serve", "--grpc-port", "0", "--metrics-address",
+                                "localhost", "--model-repository", repo],
+                               capture_output=True, text=True, timeout=120)
+        finally:
+            shutil.rmtree(repo, ignore_errors=True)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn('--metrics-address "localhost"', r.stderr)
+
     def test_busy_default_port_only_warns(self):
         sock = socket.socket()
         try:
