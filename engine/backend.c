@@ -142,6 +142,15 @@ int bs_backend_init(struct bs_backend *be, const char *device, int n_threads, st
     return bs_backend_init_opts(be, &o, err);
 }
 
+int bs_backend_memory_info(const struct bs_backend *be, struct bs_backend_memory *mem,
+                           struct bs_err *err)
+{
+    memset(mem, 0, sizeof(*mem));
+    if (be == NULL || be->iface == NULL || be->iface->memory_info == NULL)
+        return bs_err_set(err, BS_EUNSUPP, "the backend reports no device memory");
+    return be->iface->memory_info(be->ctx, mem, err);
+}
+
 void bs_backend_free(struct bs_backend *be)
 {
     if (be == NULL || be->iface == NULL)

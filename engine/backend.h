@@ -53,6 +53,13 @@ struct bs_attn_params {
     const struct bs_tensor *mask;
 };
 
+/* Device memory as a backend reports it (memory_info). */
+struct bs_backend_memory {
+    char device[64];      /* a stable device id, e.g. the GPU's UUID */
+    uint64_t used_bytes;  /* in use on the device, by any process */
+    uint64_t total_bytes; /* the device's capacity */
+};
+
 struct bs_backend_i {
     const char *name;
 
@@ -70,6 +77,11 @@ struct bs_backend_i {
     /* Copy size bytes between host memory and backend memory. */
     int (*copy_in)(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err);
     int (*copy_out)(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err);
+
+    /* Optional (NULL: not available). Device memory for monitoring; called
+     * from the metrics thread while ops run, so it must be thread-safe.
+     * Returns 0, or BS_EUNSUPP where there is no device memory to report. */
+    int (*memory_info)(void *ctx, struct bs_backend_memory *mem, struct bs_err *err);
 
     /* y = x w^T + b + beta * y. x: [M, K] rows, w: [N, K] contiguous, b: [N] or
      * NULL, y: [M, N] rows; beta is 0 or 1 (1 accumulates into y, a residual). */
@@ -161,6 +173,11 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
 
 /* Create the CPU backend running on n_threads threads (0: one per core). */
 int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err);
+
+/* Device memory through the backend's memory_info hook; BS_EUNSUPP when the
+ * backend has none (the CPU backend). Safe from any thread. */
+int bs_backend_memory_info(const struct bs_backend *be, struct bs_backend_memory *mem,
+                           struct bs_err *err);
 
 /* Release a backend created by an *_init function (NULL iface: no-op). */
 void bs_backend_free(struct bs_backend *be);

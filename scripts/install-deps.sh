@@ -8,6 +8,7 @@ packages=(
   libopenblas-dev
   libcmocka-dev
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler grpc-proto libuv1-dev
+  libmicrohttpd-dev libssl-dev openssl
   clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
 )

@@ -61,6 +61,7 @@ struct bs_job {
     int64_t batch; /* samples: dim 0 of the model's main input */
     int64_t deadline_ns;
     uint64_t enqueue_ns;
+    uint64_t queue_ns;          /* time in the queue, once dispatched */
     struct bs_tensor out_shape; /* this request's output shape (data NULL) */
     struct bs_job_ops ops;
     void *arg;
@@ -186,6 +187,7 @@ static void queue_push(bs_batcher_t *b, bs_job_t *j)
         b->head = j;
     b->tail = j;
     b->n_queued++;
+    bs_metrics_pending(b->cfg.metrics, b->n_queued);
 }
 
 static void queue_unlink(bs_batcher_t *b, bs_job_t *j)
@@ -200,6 +202,7 @@ static void queue_unlink(bs_batcher_t *b, bs_job_t *j)
         b->tail = j->prev;
     j->prev = j->next = NULL;
     b->n_queued--;
+    bs_metrics_pending(b->cfg.metrics, b->n_queued);
 }
 
 /* a + b for b >= 0, INT64_MAX when it overflows (a deadline of "never"). */
@@ -220,12 +223,32 @@ static void duration_add(struct bs_duration *d, uint64_t ns)
     d->ns += ns;
 }
 
+/* Count a finished job in the metrics: a success with its times (its
+ * batch's, for compute; output: from the forward's end to its answer), or a
+ * failure by reason. */
+static void job_metrics(bs_batcher_t *b, const bs_job_t *j, int rc, uint64_t now)
+{
+    const struct bs_batch *r = &b->run;
+    if (b->cfg.metrics == NULL)
+        return;
+    if (rc == 0) {
+        struct bs_metrics_request m = {now - j->enqueue_ns, j->queue_ns, r->t_input - r->t_start,
+                                       r->t_infer - r->t_input, now - r->t_infer};
+        bs_metrics_success(b->cfg.metrics, &m);
+    } else {
+        bs_metrics_failure(b->cfg.metrics, rc == BS_ETIMEDOUT   ? BS_METRICS_REJECTED
+                                           : rc == BS_ECANCELED ? BS_METRICS_CANCELED
+                                                                : BS_METRICS_BACKEND);
+    }
+}
+
 /* Answer a job that is out of the queue, count it, and free it. */
 static void job_finish(bs_batcher_t *b, bs_job_t *j, int rc, const char *msg,
                        const struct bs_tensor *out)
 {
     uint64_t now = uv_hrtime();
     duration_add(rc == 0 ? &b->stats.success : &b->stats.fail, now - j->enqueue_ns);
+    job_metrics(b, j, rc, now);
     j->state = JOB_FINISHING;
     j->ops.on_done(j->arg, rc, msg, rc == 0 ? out : NULL);
     free(j);
@@ -395,6 +418,8 @@ static void batch_after(uv_work_t *req, int status)
     if (status != 0 && r->rc == 0)
         r->rc = bs_err_set(&r->err, BS_ECANCELED, "the batch was cancelled");
     deliver_blocks(b); /* the worker is done: everything it posted is there */
+    if (r->rc == 0)    /* before any answer goes out, so a scrape never lags the answers */
+        bs_metrics_execution(b->cfg.metrics, (uint64_t)r->size);
     uint64_t t0 = uv_hrtime();
     int64_t off = 0;
     for (int k = 0; k < r->n_jobs; k++) {
@@ -472,7 +497,8 @@ static void dispatch(bs_batcher_t *b, int n, int64_t size, uint64_t now)
         queue_unlink(b, j);
         j->state = JOB_RUNNING;
         r->want_blocks |= j->intermediate && j->ops.on_block != NULL;
-        duration_add(&b->stats.queue, now - j->enqueue_ns);
+        j->queue_ns = now - j->enqueue_ns;
+        duration_add(&b->stats.queue, j->queue_ns);
     }
     r->work.data = b;
     b->running = true;

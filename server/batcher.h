@@ -16,6 +16,7 @@
 #include <uv.h>
 
 #include "backend.h"
+#include "metrics.h"
 #include "model.h"
 
 #define BS_MAX_PREFERRED 8
@@ -28,6 +29,7 @@ struct bs_serving_config {
     int max_queue_size;            /* queued requests; more get RESOURCE_EXHAUSTED */
     int64_t default_timeout_us;    /* 0: none */
     struct bs_backend *be;         /* the backend the model was loaded on (forward scratch) */
+    bs_metrics_model_t *metrics;   /* Prometheus counters to update, or NULL */
 };
 
 /* Cumulative statistics (Triton's ModelStatistics); durations in ns. */

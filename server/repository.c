@@ -16,6 +16,7 @@
 struct bs_repository {
     uv_loop_t *loop;
     struct bs_backend *be;
+    bs_metrics_t *metrics; /* NULL: no metrics */
     struct bs_repo_model *models;
     int n, cap;
     int draining;           /* batchers still draining */
@@ -175,6 +176,8 @@ static struct bs_repo_model *add_model(bs_repository_t *r, const char *name,
 static void finish_load(bs_repository_t *r, struct bs_repo_model *rm, int rc, struct bs_err *err)
 {
     rm->serving.be = r->be;
+    if (rc == 0 && r->metrics != NULL)
+        rm->serving.metrics = bs_metrics_model_add(r->metrics, rm->name, "1");
     if (rc == 0)
         rc = bs_batcher_init(&rm->batcher, r->loop, rm->model, &rm->serving, err);
     if (rc != 0) {
@@ -244,6 +247,7 @@ int bs_repository_init(bs_repository_t **repo, uv_loop_t *loop, struct bs_backen
         return bs_err_set(err, BS_ENOMEM, "out of memory");
     r->loop = loop;
     r->be = be;
+    r->metrics = opts->metrics;
     for (int i = 0; i < opts->n_dirs; i++) {
         if (load_dir(r, opts->dirs[i], &opts->defaults, err) != 0) {
             bs_repository_free(r);

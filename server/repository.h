@@ -34,6 +34,7 @@ struct bs_repo_options {
     const char *const *dirs; /* --model-repository folders */
     int n_dirs;
     struct bs_serving_config defaults;
+    bs_metrics_t *metrics; /* each loaded model registers here (NULL: none) */
 };
 
 /* Load every model (failures are recorded, not fatal). Fails only when a

@@ -31,12 +31,21 @@
  *   core completes the pending read of a cancelled stream like a half-close,
  *   so on_stream_end (and the application's finish) can come first.
  *
- * Shutdown: grpc_server_shutdown_and_notify + grpc_server_cancel_all_calls;
- * once the shutdown tag is back, every armed request has returned and no
- * call object is left, the completion queue is shut down (so no batch can
- * ever start on a shut-down queue), its thread joined, gRPC objects
- * destroyed, the async handle closed, and done() called from its close
- * callback. */
+ * Authentication: with a bearer token configured, rpc_start_call compares
+ * the arriving call's "authorization" metadata (from the accept slot's
+ * grpc_metadata_array, copied into the call) with the token in constant
+ * time before dispatching: a call without it is finished UNAUTHENTICATED
+ * there, so no handler (unary, stream, reflection) ever sees it. Health
+ * checks stay open for probes. The token is never logged.
+ *
+ * Shutdown: grpc_server_shutdown_and_notify; calls whose answer is decided
+ * (status set) finish sending it, every other call is cancelled at once, and
+ * a timer cancels whatever is left after RPC_SHUTDOWN_FLUSH_MS
+ * (grpc_server_cancel_all_calls). Once the shutdown tag is back, every armed
+ * request has returned and no call object is left, the completion queue is
+ * shut down (so no batch can ever start on a shut-down queue), its thread
+ * joined, gRPC objects destroyed, the async handle and the timer closed, and
+ * done() called from the last close callback. */
 #include "rpc.h"
 
 #include <stdlib.h>
@@ -56,6 +65,7 @@
 
 #define RPC_DEFAULT_MAX_MESSAGE (64 << 20)
 #define RPC_DEFAULT_ADDRESS     "0.0.0.0:8001"
+#define RPC_SHUTDOWN_FLUSH_MS   5000 /* answers still sending at shutdown get this long */
 
 /* ---- method table --------------------------------------------------------------------------- */
 
@@ -197,11 +207,15 @@ struct bs_rpc_server {
     struct rpc_tag shutdown_tag;
     bs_health_t *health;
     bs_reflection_t *refl;
+    char *auth_expected; /* "Bearer <token>", NULL: no authentication */
+    size_t auth_len;
 
     bs_rpc_call_t *calls; /* every call object alive */
     int n_calls;
     int n_armed;
     bool shutting_down, shutdown_notified, cq_down, joined, closed;
+    uv_timer_t flush_timer; /* started by shutdown: cancels what is still sending */
+    int n_open;             /* handles to close at the end: async (+ flush_timer) */
     void (*done)(void *arg);
     void *done_arg;
 };
@@ -719,6 +733,30 @@ static void rpc_dispatch_call(bs_rpc_call_t *c, const uint8_t *data, size_t len)
     }
 }
 
+/* Does the call carry the right bearer token? The comparison takes the same
+ * time whatever the bytes received (it depends on the expected length only).
+ * The scheme name is case-insensitive (RFC 6750 section 2.1, RFC 7235). */
+static bool rpc_authorized(const bs_rpc_server_t *s, const bs_rpc_call_t *c)
+{
+    static const size_t scheme = 7; /* "Bearer " */
+    const char *got = bs_rpc_call_metadata(c, "authorization");
+    if (s->auth_expected == NULL)
+        return true;
+    if (got == NULL)
+        return false;
+    size_t n = strlen(got);
+    unsigned char diff = n != s->auth_len;
+    diff |= n < scheme || strncasecmp(got, s->auth_expected, scheme) != 0;
+    for (size_t i = scheme; i < s->auth_len; i++)
+        diff |= (unsigned char)(s->auth_expected[i] ^ (i < n ? got[i] : 0));
+    return diff == 0;
+}
+
+static bool rpc_kind_needs_auth(enum rpc_kind kind)
+{
+    return kind != RPC_KIND_HEALTH_CHECK && kind != RPC_KIND_HEALTH_WATCH;
+}
+
 /* Take a new call out of an accept slot and start its state machine. */
 static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *gc,
                            grpc_byte_buffer *payload)
@@ -743,7 +781,12 @@ static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *
         return;
     }
     c->refs++; /* across the handlers */
-    if (kind == RPC_KIND_UNKNOWN)
+    if (rpc_kind_needs_auth(kind) && !rpc_authorized(s, c))
+        call_finish(c, BS_RPC_UNAUTHENTICATED,
+                    bs_rpc_call_metadata(c, "authorization") == NULL
+                        ? "missing \"authorization: Bearer <token>\" metadata"
+                        : "invalid bearer token");
+    else if (kind == RPC_KIND_UNKNOWN)
         call_finish(c, BS_RPC_UNIMPLEMENTED, unknown);
     else if (rpc_read(payload, &sl) != 0)
         call_abort(c, BS_RPC_INTERNAL, "cannot read the request message");
@@ -808,6 +851,8 @@ static void rpc_on_tag(bs_rpc_server_t *s, struct rpc_tag *t)
 static void rpc_on_closed(uv_handle_t *h)
 {
     bs_rpc_server_t *s = h->data;
+    if (--s->n_open > 0)
+        return;
     s->closed = true;
     if (s->done != NULL)
         s->done(s->done_arg);
@@ -822,7 +867,9 @@ static void rpc_finish_shutdown(bs_rpc_server_t *s)
     grpc_completion_queue_destroy(s->cq);
     s->server = NULL;
     s->cq = NULL;
+    s->n_open = 2;
     uv_close((uv_handle_t *)&s->async, rpc_on_closed);
+    uv_close((uv_handle_t *)&s->flush_timer, rpc_on_closed);
 }
 
 static void rpc_on_async(uv_async_t *async)
@@ -851,6 +898,13 @@ static void rpc_check_shutdown(bs_rpc_server_t *s)
     grpc_completion_queue_shutdown(s->cq);
 }
 
+static void rpc_on_flush_timeout(uv_timer_t *t)
+{
+    bs_rpc_server_t *s = t->data;
+    if (s->server != NULL)
+        grpc_server_cancel_all_calls(s->server);
+}
+
 void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), void *arg)
 {
     if (server->shutting_down)
@@ -859,7 +913,13 @@ void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), vo
     server->done = done;
     server->done_arg = arg;
     grpc_server_shutdown_and_notify(server->server, server->cq, &server->shutdown_tag);
-    grpc_server_cancel_all_calls(server->server);
+    /* Answers already decided are still being sent: let them go out (a
+     * client that does not read them is cut off by the timer); every other
+     * call is cancelled now. */
+    for (bs_rpc_call_t *c = server->calls; c != NULL; c = c->next)
+        if (!c->status_set)
+            call_abort(c, BS_RPC_UNAVAILABLE, "the server is shutting down");
+    uv_timer_start(&server->flush_timer, rpc_on_flush_timeout, RPC_SHUTDOWN_FLUSH_MS, 0);
 }
 
 /* ---- creation ------------------------------------------------------------------------------- */
@@ -946,6 +1006,44 @@ static void rpc_free_on_close(uv_handle_t *h)
     free(h->data);
 }
 
+/* Plaintext, TLS, or mutual TLS (a client CA: client certificates are
+ * required and verified). */
+static grpc_server_credentials *rpc_credentials(const struct bs_rpc_options *opts)
+{
+    if (opts->tls_cert_chain == NULL || opts->tls_key == NULL)
+        return grpc_insecure_server_credentials_create();
+    grpc_ssl_pem_key_cert_pair pair = {opts->tls_key, opts->tls_cert_chain};
+    return grpc_ssl_server_credentials_create_ex(
+        opts->tls_client_ca, &pair, 1,
+        opts->tls_client_ca != NULL ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                    : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+        NULL);
+}
+
+/* "Bearer <token>" for rpc_authorized (no token: nothing). */
+static int rpc_set_token(bs_rpc_server_t *s, const char *token, struct bs_err *err)
+{
+    if (token == NULL)
+        return 0;
+    if (token[0] == '\0')
+        return bs_err_set(err, BS_EINVAL, "empty bearer token");
+    s->auth_len = strlen("Bearer ") + strlen(token);
+    s->auth_expected = malloc(s->auth_len + 1);
+    if (s->auth_expected == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    snprintf(s->auth_expected, s->auth_len + 1, "Bearer %s", token);
+    return 0;
+}
+
+/* Wipe and free the token copy. */
+static void rpc_free_token(bs_rpc_server_t *s)
+{
+    if (s->auth_expected != NULL)
+        explicit_bzero(s->auth_expected, s->auth_len);
+    free(s->auth_expected);
+    s->auth_expected = NULL;
+}
+
 /* gRPC server, methods and port; on failure nothing gRPC is left. */
 static int rpc_create_grpc(bs_rpc_server_t *s, const struct bs_rpc_options *opts, int *port,
                            struct bs_err *err)
@@ -965,11 +1063,16 @@ static int rpc_create_grpc(bs_rpc_server_t *s, const struct bs_rpc_options *opts
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
     if ((rc = rpc_register_methods(s, err)) != 0)
         goto fail;
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    grpc_server_credentials *creds = rpc_credentials(opts);
+    if (creds == NULL) {
+        rc = bs_err_set(err, BS_EINVAL, "cannot create the TLS credentials");
+        goto fail;
+    }
     *port = grpc_server_add_http2_port(s->server, address, creds);
     grpc_server_credentials_release(creds);
     if (*port == 0) {
-        rc = bs_err_set(err, BS_EIO, "cannot listen on %s", address);
+        rc = bs_err_set(err, BS_EIO, "cannot listen on %s%s", address,
+                        opts->tls_cert_chain ? " with TLS" : "");
         goto fail;
     }
     return 0;
@@ -998,6 +1101,8 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
     s->loop = loop;
     s->h = *handlers;
     s->shutdown_tag = (struct rpc_tag){.kind = RPC_TAG_SHUTDOWN, .owner = s};
+    if ((rc = rpc_set_token(s, opts->auth_token, err)) != 0)
+        goto fail_parts;
     if ((rc = bs_health_init(&s->health, err)) != 0)
         goto fail_parts;
     if (bs_health_set(s->health, "", true) < 0) {
@@ -1022,6 +1127,8 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
         rc = bs_err_set(err, BS_EINTERNAL, "cannot start the completion-queue thread");
         goto fail_async;
     }
+    uv_timer_init(loop, &s->flush_timer); /* cannot fail */
+    s->flush_timer.data = s;
     grpc_server_start(s->server);
     for (int i = 0; i < RPC_N_METHODS; i++)
         rpc_arm(s, &s->accepts[i]);
@@ -1037,6 +1144,7 @@ fail_async:
     rpc_release_grpc(s);
     bs_reflection_free(s->refl);
     bs_health_free(s->health);
+    rpc_free_token(s);
     uv_close((uv_handle_t *)&s->async, rpc_free_on_close);
     return rc;
 fail_mutex:
@@ -1047,6 +1155,7 @@ fail_grpc:
 fail_parts:
     bs_reflection_free(s->refl);
     bs_health_free(s->health);
+    rpc_free_token(s);
     free(s);
     return rc;
 }
@@ -1063,6 +1172,7 @@ void bs_rpc_server_free(bs_rpc_server_t *server)
     rpc_release_grpc(server);
     bs_reflection_free(server->refl);
     bs_health_free(server->health);
+    rpc_free_token(server);
     free(server);
 }
 

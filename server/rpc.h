@@ -5,7 +5,8 @@
  * The transport owns grpc.health.v1.Health (Check, Watch) and server
  * reflection (grpc.reflection.v1 and v1alpha); unknown methods answer
  * UNIMPLEMENTED at once. Calls of inference.GRPCInferenceService are handed
- * to the application through struct bs_rpc_handlers. */
+ * to the application through struct bs_rpc_handlers. It also terminates TLS
+ * and checks the optional bearer token (struct bs_rpc_options). */
 #ifndef BS_RPC_H
 #define BS_RPC_H
 
@@ -80,6 +81,15 @@ struct bs_rpc_options {
     int max_recv_bytes;       /* message size limits */
     int max_send_bytes;
     int max_concurrent_streams;
+    /* TLS: PEM text of the server's certificate chain and private key (both
+     * or neither; NULL: plaintext) and, for mutual TLS, of the CA that
+     * client certificates must chain to (required and verified). */
+    const char *tls_cert_chain, *tls_key, *tls_client_ca;
+    /* Bearer token (NULL: none). When set, every call except
+     * grpc.health.v1.Health/{Check,Watch} must carry the metadata
+     * "authorization: Bearer <token>"; others are answered UNAUTHENTICATED
+     * before any handler runs. The transport keeps a copy. */
+    const char *auth_token;
 };
 
 /* Create the server on loop, bind and start it. *port receives the bound port. */
@@ -87,9 +97,10 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
                        const struct bs_rpc_handlers *handlers, int *port, struct bs_err *err);
 
 /* Stop accepting calls and cancel every live call at once (any grace period
- * is the caller's: drain first), then call done(arg) on the loop thread once
- * every call is gone and the completion-queue thread has been joined. A
- * second call is ignored. */
+ * is the caller's: drain first), except those already answered, whose answer
+ * is still being sent: they get up to 5 s to deliver it. Then call done(arg)
+ * on the loop thread once every call is gone and the completion-queue thread
+ * has been joined. A second call is ignored. */
 void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), void *arg);
 
 /* Free a server whose shutdown has completed; NULL is a no-op. */

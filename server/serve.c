@@ -10,8 +10,11 @@
 
 #include "cli.h"
 #include "log.h"
+#include "metrics.h"
+#include "metrics_http.h"
 #include "repository.h"
 #include "rpc.h"
+#include "secure.h"
 #include "service.h"
 
 #define MAX_REPOS 16
@@ -32,6 +35,10 @@ struct serve_opts {
     int grace_seconds;
     int max_streams;
     struct bs_serving_config defaults;
+    int metrics_port;            /* 0: no metrics */
+    bool metrics_port_given;     /* a busy default port only warns */
+    const char *metrics_address; /* NULL: the gRPC address */
+    const char *tls_cert, *tls_key, *tls_client_ca, *token_file;
 };
 
 struct server {
@@ -41,10 +48,14 @@ struct server {
     bs_repository_t *repo;
     bs_service_t *svc;
     bs_rpc_server_t *rpc;
+    bs_metrics_t *metrics;
+    bs_metrics_http_t *metrics_http;
+    struct bs_secure sec;
     uv_signal_t sigint, sigterm;
     uv_timer_t grace;
     bool stopping;
     bool rpc_down;
+    bool handles_ready; /* sigint, sigterm and grace are initialised */
 };
 
 static void usage(FILE *f)
@@ -64,10 +75,20 @@ static void usage(FILE *f)
             "  --max-message-bytes N         gRPC message limit (default 67108864)\n"
             "  --max-tensor-elements N       per input tensor (default 134217728)\n"
             "  --max-concurrent-streams N    per connection (default 256)\n"
-            "  --grace-seconds N             on SIGTERM/SIGINT, time to finish queued work (default 30)\n"
+            "  --grace-seconds N             on SIGTERM/SIGINT, time to finish queued work "
+            "(default 30)\n"
             "  --max-batch-size N            default for models (default 8)\n"
             "  --max-queue-delay-us N        default batching delay (default 2000)\n"
-            "  --max-queue-size N            default queue bound (default 256)\n");
+            "  --max-queue-size N            default queue bound (default 256)\n"
+            "  --metrics-port N              Prometheus metrics on http://HOST:N/metrics (default\n"
+            "                                8002, busy: a warning; 0: no metrics)\n"
+            "  --metrics-address HOST        address for metrics (default: --grpc-address)\n"
+            "  --no-metrics                  no metrics endpoint (same as --metrics-port 0)\n"
+            "  --tls-cert FILE --tls-key FILE  TLS on the gRPC port (PEM certificate chain, key)\n"
+            "  --tls-client-ca FILE          mutual TLS: require client certificates from this CA\n"
+            "  --auth-token-file FILE        every call but health checks needs the metadata\n"
+            "                                \"authorization: Bearer <token>\" (token: the file,\n"
+            "                                trailing whitespace stripped)\n");
 }
 
 static int int_flag(const char *flag, const char *v, int64_t lo, int64_t hi, int64_t *out)
@@ -96,9 +117,15 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
     o->max_streams = 256;
     o->defaults = (struct bs_serving_config){.max_batch_size = 8, .max_queue_delay_us = 2000,
                                              .max_queue_size = 256};
+    o->metrics_port = 8002;
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i];
         int64_t v = 0;
+        if (strcmp(f, "--no-metrics") == 0) { /* the one flag without a value */
+            o->metrics_port = 0;
+            o->metrics_port_given = true;
+            continue;
+        }
         if (strcmp(f, "--help") == 0 || strcmp(f, "-h") == 0) {
             usage(stdout);
             exit(0);
@@ -148,6 +175,19 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
         else if (strcmp(f, "--max-queue-size") == 0 &&
                  (rc = int_flag(f, val, 1, 1000000, &v)) == 0)
             o->defaults.max_queue_size = (int)v;
+        else if (strcmp(f, "--metrics-port") == 0 && (rc = int_flag(f, val, 0, 65535, &v)) == 0) {
+            o->metrics_port = (int)v;
+            o->metrics_port_given = true;
+        } else if (strcmp(f, "--metrics-address") == 0)
+            o->metrics_address = val;
+        else if (strcmp(f, "--tls-cert") == 0)
+            o->tls_cert = val;
+        else if (strcmp(f, "--tls-key") == 0)
+            o->tls_key = val;
+        else if (strcmp(f, "--tls-client-ca") == 0)
+            o->tls_client_ca = val;
+        else if (strcmp(f, "--auth-token-file") == 0)
+            o->token_file = val;
         else if (rc == 0) {
             fprintf(stderr, "blockserve: unknown option or bad value: %s %s\n", f, val);
             return -1;
@@ -162,9 +202,11 @@ static void on_rpc_down(void *arg)
 {
     struct server *s = arg;
     s->rpc_down = true;
-    uv_close((uv_handle_t *)&s->sigint, NULL);
-    uv_close((uv_handle_t *)&s->sigterm, NULL);
-    uv_close((uv_handle_t *)&s->grace, NULL);
+    if (s->handles_ready) { /* not after a start-up failure */
+        uv_close((uv_handle_t *)&s->sigint, NULL);
+        uv_close((uv_handle_t *)&s->sigterm, NULL);
+        uv_close((uv_handle_t *)&s->grace, NULL);
+    }
     bs_log(BS_LOG_INFO, NULL, "stopped");
 }
 
@@ -209,12 +251,46 @@ static void on_signal(uv_signal_t *h, int signum)
     bs_repository_drain(s->repo, on_drained, s);
 }
 
+/* The metrics endpoint; a busy default port only costs the metrics. */
+static int start_metrics(struct server *s, struct bs_err *err)
+{
+    const char *address = s->opts.metrics_address ? s->opts.metrics_address : s->opts.address;
+    int port = 0;
+    if (s->opts.metrics_port == 0)
+        return 0;
+    if (bs_metrics_http_start(&s->metrics_http, s->metrics, address, s->opts.metrics_port, &port,
+                              err) != 0) {
+        if (s->opts.metrics_port_given || s->opts.metrics_address != NULL || err->code != BS_EIO)
+            return err->code; /* only the default port being busy is forgiven */
+        bs_log(BS_LOG_WARN, NULL, "%s; serving without metrics", err->msg);
+        return 0;
+    }
+    bs_log(BS_LOG_INFO, NULL, "metrics on http://%s%s%s:%d/metrics",
+           strchr(address, ':') ? "[" : "", address, strchr(address, ':') ? "]" : "", port);
+    return 0;
+}
+
+/* Before anything loads: read and check the TLS files and the token (so a
+ * bad file fails at once), and create the metrics registry, which reads the
+ * backend (s->be, set up by start) only when rendering. */
+static int prepare(struct server *s, struct bs_err *err)
+{
+    if (bs_secure_load_tls(&s->sec, s->opts.tls_cert, s->opts.tls_key, s->opts.tls_client_ca,
+                           err) != 0 ||
+        bs_secure_load_token(&s->sec, s->opts.token_file, err) != 0)
+        return err->code;
+    if (s->opts.metrics_port > 0 && bs_metrics_init(&s->metrics, &s->be, err) != 0)
+        return err->code;
+    return 0;
+}
+
 static int start(struct server *s, struct bs_err *err)
 {
-    struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults};
+    struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults, s->metrics};
     struct bs_codec_limits limits = {s->opts.max_tensor_elements, BS_CODEC_MAX_INPUTS};
-    struct bs_rpc_options rpc_opts = {NULL, s->opts.max_message_bytes, s->opts.max_message_bytes,
-                                      s->opts.max_streams};
+    struct bs_rpc_options rpc_opts = {.max_recv_bytes = s->opts.max_message_bytes,
+                                      .max_send_bytes = s->opts.max_message_bytes,
+                                      .max_concurrent_streams = s->opts.max_streams};
     struct bs_rpc_handlers h;
     char address[300];
     int port = 0;
@@ -228,18 +304,27 @@ static int start(struct server *s, struct bs_err *err)
     bs_service_handlers(s->svc, &h);
     snprintf(address, sizeof(address), "%s:%d", s->opts.address, s->opts.port);
     rpc_opts.address = address;
+    rpc_opts.tls_cert_chain = s->sec.cert_chain;
+    rpc_opts.tls_key = s->sec.key;
+    rpc_opts.tls_client_ca = s->sec.client_ca;
+    rpc_opts.auth_token = s->sec.token;
+    if (start_metrics(s, err) != 0)
+        return err->code;
     if (bs_rpc_server_init(&s->rpc, s->loop, &rpc_opts, &h, &port, err) != 0)
         return err->code;
+    bs_secure_free(&s->sec); /* the transport has its copies */
     bs_rpc_set_serving(s->rpc, "", true);
     bs_rpc_set_serving(s->rpc, "inference.GRPCInferenceService", true);
     uv_signal_init(s->loop, &s->sigint);
     uv_signal_init(s->loop, &s->sigterm);
     uv_timer_init(s->loop, &s->grace);
+    s->handles_ready = true;
     s->sigint.data = s->sigterm.data = s->grace.data = s;
     uv_signal_start(&s->sigint, on_signal, SIGINT);
     uv_signal_start(&s->sigterm, on_signal, SIGTERM);
-    bs_log(BS_LOG_INFO, NULL, "serving %d models on %s:%d", bs_repository_count(s->repo),
-           s->opts.address, port);
+    bs_log(BS_LOG_INFO, NULL, "serving %d models on %s:%d%s%s", bs_repository_count(s->repo),
+           s->opts.address, port, s->opts.tls_cert ? " (TLS" : "",
+           s->opts.tls_cert ? (s->opts.tls_client_ca ? ", client certificates)" : ")") : "");
     return 0;
 }
 
@@ -253,7 +338,9 @@ int bs_cli_serve(int argc, char **argv)
     bs_log_init(s.opts.verbose, s.opts.json_logs);
     signal(SIGPIPE, SIG_IGN);
     s.loop = uv_default_loop();
-    int rc = start(&s, &err);
+    int rc = prepare(&s, &err);
+    if (rc == 0)
+        rc = start(&s, &err);
     if (rc == 0) {
         uv_run(s.loop, UV_RUN_DEFAULT);
     } else {
@@ -264,10 +351,13 @@ int bs_cli_serve(int argc, char **argv)
     }
     /* uv_run returned: no batch is running (their work requests keep the
      * loop alive). Batchers close their handles asynchronously: run once more. */
+    bs_metrics_http_stop(s.metrics_http);
     bs_rpc_server_free(s.rpc);
     bs_service_free(s.svc);
     bs_repository_free(s.repo);
     uv_run(s.loop, UV_RUN_DEFAULT);
+    bs_metrics_free(s.metrics);
+    bs_secure_free(&s.sec);
     bs_backend_free(&s.be);
     uv_loop_close(s.loop);
     return rc == 0 ? 0 : 1;

@@ -557,6 +557,33 @@ static void job_done(void *arg, int rc, const char *msg, const struct bs_tensor 
 
 static const struct bs_job_ops job_ops = {job_block, job_done};
 
+/* Count a request that failed before its model's batcher took it, under the
+ * model it names (when it can be read and names a served version). rm: the
+ * model when the lookup succeeded (then a full queue or a draining batcher
+ * is a rejection); otherwise the message is read again to find it. */
+static void count_failure(bs_service_t *svc, struct bs_repo_model *rm, const uint8_t *d, size_t n,
+                          int rc)
+{
+    enum bs_metrics_reason reason = BS_METRICS_OTHER;
+    /* the batcher's own test: BS_ERANGE also means a tensor too large */
+    bool queue_full = rm != NULL && rm->serving.max_queue_size > 0 &&
+                      bs_batcher_queued(rm->batcher) >= rm->serving.max_queue_size;
+    if (rm != NULL && ((rc == BS_ERANGE && queue_full) || rc == BS_EUNSUPP))
+        reason = BS_METRICS_REJECTED;
+    if (rm == NULL) {
+        Inference__ModelInferRequest *q = inference__model_infer_request__unpack(NULL, n, d);
+        struct bs_err err;
+        if (q == NULL)
+            return;
+        rm = lookup(svc, q->model_name, q->model_version, true, &err);
+        protobuf_c_message_free_unpacked(&q->base, NULL);
+        if (rc == BS_EUNSUPP && !svc->accepting)
+            reason = BS_METRICS_REJECTED;
+    }
+    if (rm != NULL)
+        bs_metrics_failure(rm->serving.metrics, reason);
+}
+
 /* Decode, route and queue one inference; on error nothing is kept. */
 static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s, const uint8_t *d,
                        size_t n, struct bs_err *err)
@@ -586,6 +613,7 @@ static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s,
                                in->req.stream_intermediate, &job_ops, in, &in->job, err);
     }
     if (rc != 0) {
+        count_failure(svc, in->rm, d, n, rc);
         infer_free(in);
         return rc;
     }

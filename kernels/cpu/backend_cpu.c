@@ -263,6 +263,12 @@ static void cpu_free(void *ctx)
     free(c);
 }
 
+/* Host memory is not device memory: nothing to report (metrics omit it). */
+static int cpu_memory_info(void *ctx, struct bs_backend_memory *mem, struct bs_err *err)
+{
+    return bs_err_set(err, BS_EUNSUPP, "cpu backend: no device memory");
+}
+
 static const struct bs_backend_i cpu_iface = {
     .name = "cpu",
     .host_memory = true,
@@ -280,6 +286,7 @@ static const struct bs_backend_i cpu_iface = {
     .add = bs__cpu_add,
     .transpose = bs__cpu_transpose,
     .get_rows = bs__cpu_get_rows,
+    .memory_info = cpu_memory_info,
 };
 
 int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err)

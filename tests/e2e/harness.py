@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -82,10 +83,31 @@ def make_repository(cases, serving=None, broken=True):
     return root
 
 
+def free_port():
+    """A TCP port nothing listens on now (another process may still take it:
+    Server retries)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class Server:
-    """blockserve serve on a free port; stop() sends SIGTERM and returns the exit code."""
+    """blockserve serve on a free port; stop() sends SIGTERM and returns the exit code.
+    Metrics go to a free port too (metrics_port; None with --no-metrics)."""
 
     def __init__(self, binary, args):
+        for attempt in range(3):
+            extra = []
+            if "--metrics-port" not in args and "--no-metrics" not in args:
+                extra = ["--metrics-port", str(free_port())]
+            try:
+                self._start(binary, extra + list(args))
+                return
+            except RuntimeError as e:
+                if not extra or "metrics: cannot listen" not in str(e) or attempt == 2:
+                    raise
+
+    def _start(self, binary, args):
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([binary, "serve", "--grpc-port", "0", "--grpc-address",
                                       "127.0.0.1"] + args, stdout=self.log, stderr=self.log)
@@ -103,6 +125,8 @@ class Server:
             self.proc.kill()
             raise RuntimeError("server did not start: " + self.text())
         self.address = "127.0.0.1:%d" % self.port
+        m = re.search(r"metrics on http://[0-9.]+:(\d+)/metrics", self.text())
+        self.metrics_port = int(m.group(1)) if m else None
 
     def text(self):
         self.log.seek(0)

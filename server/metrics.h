@@ -1,0 +1,66 @@
+/* Server metrics in Prometheus' text exposition format (0.0.4), with
+ * Triton's names and meanings: per model and version, request successes and
+ * failures (by reason), inferences (samples) and executions (batches), the
+ * queue size, cumulative request / queue / compute durations, a batch-size
+ * histogram, and device memory where the backend reports it.
+ *
+ * Threads: the loop thread (service, batchers) updates the counters; the
+ * metrics HTTP thread renders them. Both go through one small lock, so a
+ * rendering is a consistent snapshot (a histogram's buckets, sum and count
+ * agree with the execution count). Models are added before rendering starts. */
+#ifndef BS_METRICS_H
+#define BS_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "common.h"
+
+typedef struct bs_metrics bs_metrics_t;
+typedef struct bs_metrics_model bs_metrics_model_t;
+
+/* Why a request failed (nv_inference_request_failure's reason label). */
+enum bs_metrics_reason {
+    BS_METRICS_REJECTED, /* not admitted or dropped unrun: queue full, deadline passed in the
+                            queue, the server shutting down */
+    BS_METRICS_CANCELED, /* the client cancelled (or the model was unloaded) */
+    BS_METRICS_BACKEND,  /* the forward failed (out of memory, device error) */
+    BS_METRICS_OTHER,    /* anything else: an invalid request for this model */
+    BS_METRICS_REASON_COUNT,
+};
+
+/* Upper bounds of the batch-size histogram (plus +Inf). */
+#define BS_METRICS_BATCH_BUCKETS 11
+
+/* Timing of one successful request, in ns (Triton adds each request's share
+ * of its batch: the batch's compute time). */
+struct bs_metrics_request {
+    uint64_t request_ns; /* enqueued to answered */
+    uint64_t queue_ns;
+    uint64_t compute_input_ns, compute_infer_ns, compute_output_ns;
+};
+
+/* Create an empty registry; be (may be NULL) is asked for device memory at
+ * each rendering and must outlive the registry. */
+int bs_metrics_init(bs_metrics_t **m, const struct bs_backend *be, struct bs_err *err);
+
+/* Register model name at version; NULL when out of memory (the model then
+ * goes unmeasured). The handle lives as long as the registry. */
+bs_metrics_model_t *bs_metrics_model_add(bs_metrics_t *m, const char *name, const char *version);
+
+/* Counters. mm may be NULL (no metrics): then these do nothing. */
+void bs_metrics_success(bs_metrics_model_t *mm, const struct bs_metrics_request *r);
+void bs_metrics_failure(bs_metrics_model_t *mm, enum bs_metrics_reason reason);
+/* One execution of batch_size samples. */
+void bs_metrics_execution(bs_metrics_model_t *mm, uint64_t batch_size);
+/* Requests waiting in the model's queue now. */
+void bs_metrics_pending(bs_metrics_model_t *mm, int64_t n);
+
+/* Render every metric; *text is malloc'ed (NUL-terminated, *len bytes). */
+int bs_metrics_render(bs_metrics_t *m, char **text, size_t *len, struct bs_err *err);
+
+/* Free the registry; NULL is a no-op. */
+void bs_metrics_free(bs_metrics_t *m);
+
+#endif
