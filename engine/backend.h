@@ -151,7 +151,7 @@ struct bs_backend_opts {
 
 /* Version of struct bs_backend_i and bs_backend_opts that a backend module
  * must have been built against. */
-#define BS_BACKEND_ABI 1
+#define BS_BACKEND_ABI 2 /* 2: memory_info */
 
 /* The entry point a backend module (libbs_cuda.so) exports under the name
  * BS_CUDA_MODULE_ENTRY: create a backend or fail with a message. */

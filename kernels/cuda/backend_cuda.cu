@@ -297,6 +297,31 @@ static void cuda_free(void *ctx)
     free(c);
 }
 
+/* Device memory for the metrics thread: cudaMemGetInfo needs no lock (it
+ * only reads the driver's counters) but the current device is per thread. */
+static int cuda_memory_info(void *ctx, struct bs_backend_memory *mem, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    size_t free_b = 0, total_b = 0;
+    cudaDeviceProp prop;
+    int rc = bs__cuda_check(cudaSetDevice(c->device), "memory_info", "cudaSetDevice", err);
+    if (rc == 0)
+        rc = bs__cuda_check(cudaMemGetInfo(&free_b, &total_b), "memory_info", "cudaMemGetInfo", err);
+    if (rc == 0)
+        rc = bs__cuda_check(cudaGetDeviceProperties(&prop, c->device), "memory_info",
+                            "cudaGetDeviceProperties", err);
+    if (rc != 0)
+        return rc;
+    const unsigned char *u = (const unsigned char *)prop.uuid.bytes;
+    snprintf(mem->device, sizeof(mem->device),
+             "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0],
+             u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13],
+             u[14], u[15]);
+    mem->used_bytes = (uint64_t)(total_b - free_b);
+    mem->total_bytes = (uint64_t)total_b;
+    return 0;
+}
+
 static struct bs_backend_i make_iface(void)
 {
     struct bs_backend_i i;
@@ -318,6 +343,7 @@ static struct bs_backend_i make_iface(void)
     i.transpose = bs__cuda_transpose;
     i.get_rows = bs__cuda_get_rows;
     i.weights_ready = cuda_weights_ready;
+    i.memory_info = cuda_memory_info;
     return i;
 }
 

@@ -194,6 +194,8 @@ static void test_valid_calls_fail_cleanly(void **state)
     struct bs_tensor q = t2(f, 2 * 5, 128), k = t2(f, 2 * 7, 128), o = t2(f, 2 * 5, 128);
     struct bs_attn_params ap = {2, 5, 7, 2, 64, 0.125f, NULL};
     expect_internal(g->attention(c, &o, &q, &k, &k, &ap, &err), &err, "attention");
+    struct bs_backend_memory mem;
+    expect_internal(g->memory_info(c, &mem, &err), &err, "memory_info");
     /* empty work launches nothing and succeeds, as on the CPU */
     struct bs_tensor e0 = t2(f, 0, 8);
     assert_int_equal(g->act(c, &e0, &e0, BS_ACT_GELU, &err), 0);
