@@ -10,6 +10,7 @@ packages=(
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler grpc-proto libuv1-dev
   clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
+  openssl
 )
 
 if [ "$(id -u)" -ne 0 ]; then
