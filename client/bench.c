@@ -176,6 +176,14 @@ static int stream_one(struct worker *w, bs_client_stream_t *s)
     return 0;
 }
 
+/* A stream lives for the whole run: its deadline is the time left plus one call's. */
+static double stream_deadline(const struct bench *b)
+{
+    const struct bs_bench_opts *o = b->o;
+    double left = o->duration_s > 0 ? o->duration_s - (now_s() - b->t0) : 24 * 3600;
+    return (left > 0 ? left : 0) + o->timeout_s;
+}
+
 static void *stream_worker(void *arg)
 {
     struct worker *w = arg;
@@ -183,7 +191,8 @@ static void *stream_worker(void *arg)
     double due;
     while ((due = take_ticket(w->b)) >= 0) {
         sleep_until(due);
-        if (s == NULL && bs_client_stream_open(w->client, w->b->o->timeout_s, &s, &w->err) != 0) {
+        if (s == NULL &&
+            bs_client_stream_open(w->client, stream_deadline(w->b), &s, &w->err) != 0) {
             record(w, now_s(), w->err.grpc_status >= 0 ? w->err.grpc_status : 2, w->err.msg);
             continue;
         }

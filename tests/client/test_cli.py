@@ -32,6 +32,11 @@ import grpc_service_pb2 as pb  # noqa: E402
 
 TOL = 1e-4
 
+# Under ASan, leaks inside the system's c-ares are suppressed (see lsan.supp).
+ENV = dict(os.environ)
+ENV["LSAN_OPTIONS"] = ":".join(filter(None, [os.environ.get("LSAN_OPTIONS"),
+                                             "suppressions=" + os.path.join(HERE, "lsan.supp")]))
+
 
 def st_save(path, tensors):
     """{name: numpy array} -> safetensors (F32, F16, I64, BOOL)."""
@@ -81,7 +86,7 @@ class CliTest(unittest.TestCase):
 
     def cli(self, *args, url=True, ok=True):
         cmd = [CLI, args[0]] + (["-u", self.url] if url else []) + list(args[1:])
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
         if ok and p.returncode != 0:
             self.fail("%s: exit %d\n%s%s" % (" ".join(cmd), p.returncode, p.stdout, p.stderr))
         return p
@@ -262,7 +267,7 @@ class CliTest(unittest.TestCase):
         s.close()  # nothing listens there now
         for cmd in (["health"], ["models"], ["infer", "m"], ["bench", "m", "-n", "1"]):
             p = subprocess.run([CLI] + cmd + ["-u", "127.0.0.1:%d" % port, "--timeout", "3"],
-                               capture_output=True, text=True, timeout=30)
+                               capture_output=True, text=True, timeout=30, env=ENV)
             self.assertEqual(p.returncode, 1, cmd)
             self.assertIn("cannot connect to 127.0.0.1:%d" % port, p.stderr)
 
@@ -299,7 +304,7 @@ class CliTest(unittest.TestCase):
         self.assertIn("missing MODEL", p.stderr)
         p = self.cli("bench", "m", "-c", "zero", ok=False)
         self.assertEqual(p.returncode, 2)
-        p = subprocess.run([CLI, "frobnicate"], capture_output=True, text=True)
+        p = subprocess.run([CLI, "frobnicate"], capture_output=True, text=True, env=ENV)
         self.assertEqual(p.returncode, 2)
         self.assertIn("unknown command", p.stderr)
 
@@ -365,7 +370,7 @@ class TokenAndTlsTest(unittest.TestCase):
 
     def run_cli(self, url, *args):
         return subprocess.run([CLI, "models", "-u", url, "--timeout", "5"] + list(args),
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, env=ENV)
 
     def test_bearer_token(self):
         server, url = index_server(token="s3cret")
