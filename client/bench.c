@@ -232,7 +232,7 @@ int bs_bench_run(bs_client_t *const *clients, int n_clients, const struct bs_ben
         snprintf(err->msg, sizeof(err->msg), "bench: needs -c >= 1 and -n or -z");
         return err->code = BS_EINVAL;
     }
-    int n = o->stream ? o->concurrency : (o->threads > 0 ? o->threads : 2);
+    int n = o->stream ? o->concurrency : (o->threads > 0 ? o->threads : 1);
     if (n > o->concurrency)
         n = o->concurrency;
     struct worker *w = calloc((size_t)n, sizeof(*w));

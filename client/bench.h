@@ -22,7 +22,7 @@ struct bs_bench_opts {
     double duration_s;  /* stop starting calls after this long; 0: no limit (needs count) */
     double rps;         /* start at most this many calls per second overall; 0: no limit */
     bool stream;        /* ModelStreamInfer, one stream per concurrent caller */
-    int threads;        /* unary: threads sharing the concurrency; 0: min(concurrency, 2) */
+    int threads;        /* unary: threads sharing the concurrency; 0: 1 */
     double timeout_s;   /* deadline per call (a stream: the end of the run plus this) */
     const uint8_t *req; /* the serialized ModelInferRequest sent every time */
     size_t req_len;
