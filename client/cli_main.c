@@ -43,27 +43,65 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* A JSON string literal of s (quotes and control characters escaped). */
+static void print_json_str(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            printf("\\%c", ch);
+        else if (ch < 0x20)
+            printf("\\u%04x", ch);
+        else
+            putchar(ch);
+    }
+    putchar('"');
+}
+
 /* ---- health, models, metadata ------------------------------------------- */
 
+/* A call that the server refused for want of credentials. */
+static bool needs_credentials(const struct bs_client_err *err)
+{
+    return err->grpc_status == 16 /* UNAUTHENTICATED */ ||
+           err->grpc_status == 7 /* PERMISSION_DENIED */;
+}
+
+/* grpc.health.v1 first: servers with authentication answer it without a
+ * token. ServerLive/ServerReady then, unless they need credentials we lack;
+ * servers without grpc.health.v1 (UNIMPLEMENTED) are judged by ServerReady. */
 static int cmd_health(struct cli *a, bs_client_t *c)
 {
     static const char *const serving[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
     struct bs_client_err err = {0};
-    bool live = false, ready = false, model_ready = true;
-    int hs = 0;
-    if (bs_client_server_live(c, &live, &err) != 0 ||
-        bs_client_server_ready(c, &ready, &err) != 0 ||
-        bs_client_health_check(c, "", &hs, &err) != 0 ||
-        (a->model && bs_client_model_ready(c, a->model, &model_ready, &err) != 0))
+    bool live = false, ready = false, model_ready = true, checked = true;
+    int hs = -1;
+    if (bs_client_health_check(c, "", &hs, &err) != 0 && err.grpc_status != 12 /* UNIMPLEMENTED */)
         return report(a, &err);
-    printf("%s: live %s, ready %s, grpc.health.v1 %s", bs_client_target(c), live ? "yes" : "no",
-           ready ? "yes" : "no", hs >= 0 && hs <= 3 ? serving[hs] : "?");
+    if (bs_client_server_live(c, &live, &err) != 0 ||
+        bs_client_server_ready(c, &ready, &err) != 0) {
+        if (!needs_credentials(&err) || hs < 0)
+            return report(a, &err);
+        checked = false; /* ServerLive/Ready need a token: grpc.health.v1 decides */
+        live = ready = hs == 1;
+    }
+    if (a->model && bs_client_model_ready(c, a->model, &model_ready, &err) != 0)
+        return report(a, &err);
+    printf("%s: grpc.health.v1 %s", bs_client_target(c),
+           hs < 0    ? "not served"
+           : hs <= 3 ? serving[hs]
+                     : "?");
+    if (checked)
+        printf(", live %s, ready %s", live ? "yes" : "no", ready ? "yes" : "no");
+    else
+        printf(", ready %s (ServerReady needs a token)", ready ? "yes" : "no");
     if (a->model)
         printf(", model %s ready %s", a->model, model_ready ? "yes" : "no");
     printf("\n");
-    if (!ready || !model_ready) {
+    if (!ready || !model_ready || (hs >= 0 && hs != 1)) {
         fprintf(stderr, "blockserve-cli health: %s is not ready\n",
-                !ready ? "the server" : a->model);
+                ready && hs == 1 ? a->model : "the server");
         return 1;
     }
     return 0;
@@ -79,10 +117,17 @@ static int cmd_models(struct cli *a, bs_client_t *c)
         printf("[");
     for (size_t i = 0; i < r->n_models; i++) {
         const Inference__RepositoryIndexResponse__ModelIndex *m = r->models[i];
-        if (a->json)
-            printf("%s{\"name\": \"%s\", \"version\": \"%s\", \"state\": \"%s\"}", i ? ", " : "",
-                   m->name, m->version, m->state);
-        else
+        if (a->json) {
+            printf("%s{\"name\": ", i ? ", " : "");
+            print_json_str(m->name);
+            printf(", \"version\": ");
+            print_json_str(m->version);
+            printf(", \"state\": ");
+            print_json_str(m->state);
+            printf(", \"reason\": ");
+            print_json_str(m->reason);
+            printf("}");
+        } else
             printf("%s\t%s\t%s%s%s\n", m->name, m->version[0] ? m->version : "-", m->state,
                    m->reason[0] ? "\t" : "", m->reason);
     }
@@ -342,22 +387,6 @@ static void print_bench_text(const struct cli *a, struct bs_bench_result *r)
     BS_UNUSED(a);
 }
 
-/* A JSON string literal of s (quotes and control characters escaped). */
-static void print_json_str(const char *s)
-{
-    putchar('"');
-    for (; *s; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\')
-            printf("\\%c", ch);
-        else if (ch < 0x20)
-            printf("\\u%04x", ch);
-        else
-            putchar(ch);
-    }
-    putchar('"');
-}
-
 static void print_bench_json(const struct cli *a, struct bs_bench_result *r)
 {
     struct bs_latency_summary s;
@@ -502,8 +531,7 @@ static int cmd_make_request(struct cli *a)
     if (rc == 0)
         printf("%s: ModelInferRequest for %s with %d inputs (%s)\n", a->out, a->model, in.n,
                req ? "binary protobuf, ghz -B" : "JSON, ghz -D");
-    if (rc == 0 || in.n > 0)
-        cli_inputs_free(&in);
+    cli_inputs_free(&in);
     free(req);
     bs_client_free(c);
     return rc == 0 ? 0 : report(a, &err);

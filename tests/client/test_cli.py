@@ -29,6 +29,7 @@ BLOCKSERVE = CLI = None
 STUBS = tempfile.mkdtemp(prefix="bs_cli_stubs_")
 harness.generate_stubs(STUBS)
 import grpc_service_pb2 as pb  # noqa: E402
+import health_pb2  # noqa: E402
 
 TOL = 1e-4
 
@@ -118,6 +119,7 @@ class CliTest(unittest.TestCase):
         self.assertNotIn("READY", broken.split("\t")[2])
         js = json.loads(self.cli("models", "--json").stdout)
         self.assertEqual(len(js), 3)
+        self.assertTrue([m for m in js if m["name"] == "broken"][0]["reason"])
 
     def test_metadata(self):
         p = self.cli("metadata", "btb_geglu_cross")
@@ -312,20 +314,41 @@ class CliTest(unittest.TestCase):
 # -- token and TLS against Python gRPC servers ---------------------------------------
 
 def index_server(creds=None, token=None):
-    """A gRPC server answering RepositoryIndex with one model; with token,
-    calls without "authorization: Bearer <token>" get UNAUTHENTICATED."""
-    def index(request, context):
+    """A gRPC server answering RepositoryIndex (one model), ServerLive and
+    ServerReady, and grpc.health.v1 Check; with token, every call but the
+    health check needs "authorization: Bearer <token>", as blockserve does."""
+    def authorized(context):
         md = dict(context.invocation_metadata())
         if token is not None and md.get("authorization") != "Bearer " + token:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    def index(request, context):
+        authorized(context)
         r = pb.RepositoryIndexResponse()
         r.models.add(name="pymodel", version="1", state="READY")
         return r.SerializeToString()
 
-    handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
-        "RepositoryIndex": grpc.unary_unary_rpc_method_handler(
-            index, request_deserializer=None, response_serializer=None)})
-    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[handler])
+    def live(request, context):
+        authorized(context)
+        return pb.ServerLiveResponse(live=True).SerializeToString()
+
+    def ready(request, context):
+        authorized(context)
+        return pb.ServerReadyResponse(ready=True).SerializeToString()
+
+    def check(request, context):
+        return health_pb2.HealthCheckResponse(status=1).SerializeToString()
+
+    def unary(fn):
+        return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=None,
+                                                   response_serializer=None)
+
+    handlers = [
+        grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+            "RepositoryIndex": unary(index), "ServerLive": unary(live),
+            "ServerReady": unary(ready)}),
+        grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": unary(check)})]
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=handlers)
     if creds is None:
         port = server.add_insecure_port("127.0.0.1:0")
     else:
@@ -387,6 +410,15 @@ class TokenAndTlsTest(unittest.TestCase):
             self.assertEqual(p.returncode, 0, p.stderr)
             p = self.run_cli(url, "--token", "wrong")
             self.assertIn("UNAUTHENTICATED", p.stderr)
+            # health without a token: grpc.health.v1 is open, ServerReady is not
+            p = subprocess.run([CLI, "health", "-u", url], capture_output=True, text=True,
+                               timeout=60, env=ENV)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertIn("SERVING, ready yes (ServerReady needs a token)", p.stdout)
+            p = subprocess.run([CLI, "health", "-u", url, "--token", "s3cret"],
+                               capture_output=True, text=True, timeout=60, env=ENV)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertIn("live yes, ready yes", p.stdout)
         finally:
             server.stop(None)
 
@@ -431,6 +463,82 @@ class TokenAndTlsTest(unittest.TestCase):
             self.assertIn("pymodel", p.stdout)
         finally:
             server.stop(None)
+
+
+class BlockserveTlsTest(unittest.TestCase):
+    """blockserve-cli against blockserve itself with mutual TLS and a bearer
+    token; skipped while the server has no --tls-cert (the server side is
+    built separately)."""
+
+    @classmethod
+    def setUpClass(cls):
+        help_text = subprocess.run([BLOCKSERVE, "serve", "--help"], capture_output=True,
+                                   text=True).stdout
+        if "--tls-cert" not in help_text or "--auth-token-file" not in help_text:
+            raise unittest.SkipTest("this blockserve has no --tls-cert/--auth-token-file yet")
+        cls.d = tempfile.mkdtemp(prefix="bs_cli_tls_")
+        make_pki(cls.d)
+        with open(os.path.join(cls.d, "token"), "w") as f:
+            f.write("tok-42\n")
+        subprocess.run([BLOCKSERVE, "example", "vae_mid_attention", "--out",
+                        os.path.join(cls.d, "repo", "vae_mid_attention")], check=True,
+                       capture_output=True)
+        args = ["--model-repository", os.path.join(cls.d, "repo"),
+                "--tls-cert", os.path.join(cls.d, "server.pem"),
+                "--tls-key", os.path.join(cls.d, "server.key"),
+                "--tls-client-ca", os.path.join(cls.d, "ca.pem"),
+                "--auth-token-file", os.path.join(cls.d, "token")]
+        if "--no-metrics" in help_text:
+            args.append("--no-metrics")
+        cls.server = harness.Server(BLOCKSERVE, args)
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.server.stop()
+        shutil.rmtree(cls.d, ignore_errors=True)
+        if code != 0:
+            raise AssertionError("server exit code %r\n%s" % (code, cls.server.text()))
+
+    def run_cli(self, *args, tls=True, token=True):
+        cmd = [CLI, args[0], "-u", self.server.address, "--timeout", "5"] + list(args[1:])
+        if tls:
+            cmd += ["--tls-ca", os.path.join(self.d, "ca.pem"),
+                    "--tls-cert", os.path.join(self.d, "client.pem"),
+                    "--tls-key", os.path.join(self.d, "client.key")]
+        if token:
+            cmd += ["--token-file", os.path.join(self.d, "token")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+
+    def test_calls(self):
+        p = self.run_cli("health", "vae_mid_attention")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        p = self.run_cli("health", token=False)  # what a container health check runs
+        self.assertEqual(p.returncode, 0, p.stderr)
+        p = self.run_cli("models")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertTrue(p.stdout.startswith("vae_mid_attention"))
+        p = self.run_cli("infer", "vae_mid_attention", "--shape", "hidden_states=1,512,2,2")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        p = self.run_cli("bench", "vae_mid_attention", "-c", "2", "-n", "20", "--json",
+                         "--shape", "hidden_states=1,512,1,1")
+        self.assertEqual(json.loads(p.stdout)["status_codes"], {"OK": 20})
+        p = self.run_cli("stream", "vae_mid_attention", "-n", "3",
+                         "--shape", "hidden_states=1,512,1,1")
+        self.assertEqual(p.returncode, 0, p.stderr)
+
+    def test_refusals(self):
+        p = self.run_cli("models", token=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("UNAUTHENTICATED", p.stderr)
+        p = self.run_cli("models", tls=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("a TLS server?", p.stderr)
+        p = self.run_cli("models", "--tls-ca", os.path.join(self.d, "other.pem"), tls=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("TLS handshake failed", p.stderr)
+        p = self.run_cli("models", "--tls-ca", os.path.join(self.d, "ca.pem"), tls=False)
+        self.assertEqual(p.returncode, 1)  # no client certificate
+        self.assertIn("TLS handshake failed", p.stderr)
 
 
 if __name__ == "__main__":
