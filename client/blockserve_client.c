@@ -561,7 +561,11 @@ int bs_client_call_raw(bs_client_t *c, const char *method, const void *req, size
         return rc;
     rc = bs_client_call_start(c, q, method, req, req_len, timeout_s, NULL, err);
     if (rc == 0) {
-        queue_next(q, 1e7, &ev, resp, resp_len);
+        if (queue_next(q, 1e7, &ev, resp, resp_len) ==
+            0) { /* cannot happen: the call has a deadline */
+            ev.grpc_status = GRPC_STATUS_DEADLINE_EXCEEDED;
+            snprintf(ev.message, sizeof(ev.message), "no completion");
+        }
         if (ev.grpc_status != GRPC_STATUS_OK) {
             rc = fail(err, code_of_status(ev.grpc_status), ev.grpc_status, "%s: %s",
                       bs_client_status_name(ev.grpc_status), ev.message);
