@@ -1,0 +1,48 @@
+/* A closed-loop (or rate-limited) load generator over one serialized
+ * ModelInferRequest, in the spirit of ghz: unary calls kept in flight
+ * asynchronously by a few threads, or one ModelStreamInfer stream per
+ * concurrent caller; latencies of every call and counts per status. */
+#ifndef BS_BENCH_H
+#define BS_BENCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "blockserve_client.h"
+#include "latency.h"
+
+/* Status slots: the gRPC codes 0..16 and one for error_message on a stream. */
+#define BS_BENCH_N_STATUS     18
+#define BS_BENCH_STREAM_ERROR 17
+
+struct bs_bench_opts {
+    int concurrency;    /* calls (or streams) in flight */
+    int64_t count;      /* stop after this many calls; 0: no limit (needs duration_s) */
+    double duration_s;  /* stop starting calls after this long; 0: no limit (needs count) */
+    double rps;         /* start at most this many calls per second overall; 0: no limit */
+    bool stream;        /* ModelStreamInfer, one stream per concurrent caller */
+    int threads;        /* unary: threads sharing the concurrency; 0: 1 */
+    double timeout_s;   /* deadline per call (a stream: the end of the run plus this) */
+    const uint8_t *req; /* the serialized ModelInferRequest sent every time */
+    size_t req_len;
+};
+
+struct bs_bench_result {
+    double elapsed_s;                  /* first start to last completion */
+    int64_t count;                     /* completed calls */
+    int64_t status[BS_BENCH_N_STATUS]; /* completed calls by status */
+    char first_error[256];             /* the first failure's status and message */
+    struct bs_latency lat;             /* every completed call, microseconds */
+};
+
+/* Run the load through clients[0..n_clients) (calls spread round-robin) and
+ * fill r (free r->lat with bs_latency_free). Fails only when the load could
+ * not be run at all; failed calls are counted, not returned. */
+int bs_bench_run(bs_client_t *const *clients, int n_clients, const struct bs_bench_opts *o,
+                 struct bs_bench_result *r, struct bs_client_err *err);
+
+/* The label of a status slot ("OK", "NOT_FOUND", ..., "STREAM_ERROR"). */
+const char *bs_bench_status_name(int slot);
+
+#endif
