@@ -23,7 +23,7 @@ ARG WITH_CUDA=1
 ARG CUDA_VERSION=13.0
 # x86-64-v3 (AVX2 + FMA) is what the CPU kernels are written for; "" is portable.
 ARG BS_CPU_ARCH=x86-64-v3
-ENV PATH=/usr/local/cuda/bin:${PATH}
+ENV PATH=/usr/local/cuda/bin:/usr/local/cuda-${CUDA_VERSION}/bin:${PATH}
 WORKDIR /src
 COPY scripts/install-deps.sh scripts/install-cuda.sh scripts/
 RUN bash scripts/install-deps.sh build \

@@ -22,6 +22,7 @@ case "$mode" in
     ;;
 esac
 
+# shellcheck source=/dev/null
 . /etc/os-release
 distro="${ID}${VERSION_ID//./}" # debian12
 case "$(dpkg --print-architecture)" in
@@ -34,8 +35,13 @@ case "$(dpkg --print-architecture)" in
 esac
 
 export DEBIAN_FRONTEND=noninteractive
-if ! dpkg-query -W -f='${Status}' cuda-keyring 2>/dev/null | grep -q "install ok installed"; then
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+fetched_curl=
+if ! installed cuda-keyring; then
   apt-get update -q
+  if ! installed curl; then
+    fetched_curl=1
+  fi
   apt-get install -y -q --no-install-recommends ca-certificates curl
   url="https://developer.download.nvidia.com/compute/cuda/repos/$distro/$arch/cuda-keyring_1.1-1_all.deb"
   echo "install-cuda: adding NVIDIA's repository ($url)"
@@ -45,8 +51,13 @@ if ! dpkg-query -W -f='${Status}' cuda-keyring 2>/dev/null | grep -q "install ok
 fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${packages[@]}"
+if [ -n "$fetched_curl" ]; then # only needed for the keyring: keep images lean
+  apt-get purge -y -q --auto-remove curl
+fi
 if [ -n "${BS_APT_CLEAN:-}" ]; then
   rm -rf /var/lib/apt/lists/*
 fi
+# The loader must find cuBLAS when the server dlopen()s libbs_cuda.so.
+echo "/usr/local/cuda-$cuda/lib64" >/etc/ld.so.conf.d/zz-blockserve-cuda.conf
 ldconfig
 echo "install-cuda: CUDA $cuda ($mode) installed under /usr/local/cuda-$cuda"

@@ -2,7 +2,6 @@
 `blockserve serve --help`, a Dockerfile reader, .dockerignore matching and
 YAML loading."""
 
-import fnmatch
 import json
 import os
 import re
