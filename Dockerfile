@@ -2,6 +2,7 @@
 #
 #   docker build -t blockserve .                            CUDA 13.0 + CPU fallback
 #   docker build -t blockserve:cpu --build-arg WITH_CUDA=0 .  CPU only (no NVIDIA packages)
+#   docker build --build-arg BS_CPU_ARCH= .                  portable CPU code (no AVX2 needed)
 #   docker run --gpus all -p 8001:8001 -p 8002:8002 blockserve               built-in models
 #   docker run --gpus all -p 8001:8001 -v /models:/models:ro blockserve --model-repository /models
 #
@@ -21,8 +22,9 @@ ARG DEBIAN_RUNTIME_IMAGE=debian:12-slim
 FROM ${DEBIAN_IMAGE} AS build
 ARG WITH_CUDA=1
 ARG CUDA_VERSION=13.0
-# x86-64-v3 (AVX2 + FMA) is what the CPU kernels are written for; "" is portable.
-ARG BS_CPU_ARCH=x86-64-v3
+# -march of the CPU kernels. "default": CMake's (x86-64-v3, i.e. AVX2 + FMA, on
+# x86-64; portable elsewhere); --build-arg BS_CPU_ARCH= for portable code.
+ARG BS_CPU_ARCH=default
 ENV PATH=/usr/local/cuda/bin:/usr/local/cuda-${CUDA_VERSION}/bin:${PATH}
 WORKDIR /src
 COPY scripts/install-deps.sh scripts/install-cuda.sh scripts/
@@ -30,7 +32,8 @@ RUN bash scripts/install-deps.sh build \
     && if [ "$WITH_CUDA" = 1 ]; then bash scripts/install-cuda.sh build; fi
 COPY . .
 # The build finds nvcc (and builds libbs_cuda.so) when install-cuda.sh put it there.
-RUN BUILD_DIR=/src/build bash scripts/build.sh -DBS_BUILD_TESTS=OFF -DBS_CPU_ARCH="$BS_CPU_ARCH" \
+RUN arch=""; if [ "$BS_CPU_ARCH" != default ]; then arch="-DBS_CPU_ARCH=$BS_CPU_ARCH"; fi \
+    && BUILD_DIR=/src/build bash scripts/build.sh -DBS_BUILD_TESTS=OFF ${arch:+"$arch"} \
     && DESTDIR=/stage cmake --install /src/build --prefix /usr/local --strip \
     && bash scripts/runtime-deps.sh /stage/usr/local > /stage/runtime-packages.txt \
     && cat /stage/runtime-packages.txt

@@ -126,8 +126,9 @@ class Dockerfile:
         """ARG defaults visible in a stage (global ARGs are not: they only serve FROM)."""
         out = {}
         for x in self.of_stage(stage, "ARG"):
-            name, _, val = x.rest.partition("=")
-            out[name.strip()] = val.strip().strip('"') if val else ""
+            name, eq, val = x.rest.partition("=")
+            if eq:  # an ARG without a default stays unset
+                out[name.strip()] = val.strip().strip('"')
         return out
 
     def last(self, stage, keyword):
