@@ -11,9 +11,8 @@
 # CI: scripts/install-deps.sh and scripts/build.sh. CUDA 13.0 comes from
 # NVIDIA's apt repository for Debian 12 (scripts/install-cuda.sh): nvcc and
 # cuBLAS headers in the build stage, only the cuBLAS and CUDA runtime
-# libraries in the runtime stage. NVIDIA publishes nvidia/cuda images only for
-# Ubuntu and RHEL-family systems; see deploy/README.md for why they are not
-# used here.
+# libraries in the runtime stage. NVIDIA publishes no Debian nvidia/cuda
+# images; deploy/README.md says why its Ubuntu ones are not used here.
 
 ARG DEBIAN_IMAGE=debian:12
 ARG DEBIAN_RUNTIME_IMAGE=debian:12-slim

@@ -58,6 +58,6 @@ if [ -n "${BS_APT_CLEAN:-}" ]; then
   rm -rf /var/lib/apt/lists/*
 fi
 # The loader must find cuBLAS when the server dlopen()s libbs_cuda.so.
-echo "/usr/local/cuda-$cuda/lib64" >/etc/ld.so.conf.d/zz-blockserve-cuda.conf
+echo "/usr/local/cuda-$cuda/targets/$arch-linux/lib" >/etc/ld.so.conf.d/zz-blockserve-cuda.conf
 ldconfig
 echo "install-cuda: CUDA $cuda ($mode) installed under /usr/local/cuda-$cuda"
