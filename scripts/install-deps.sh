@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Install everything blockserve needs to build, test and serve on Debian 12.
 # Run as root (or with sudo). Idempotent.
+#   install-deps.sh [all]          everything: build, test and serve (the default)
+#   install-deps.sh test           the same as all
+#   install-deps.sh build          what building needs (the Dockerfile's build stage)
+#   install-deps.sh runtime PKG..  only the named run-time packages, as listed by
+#                                  scripts/runtime-deps.sh (the Dockerfile's runtime stage)
 set -euo pipefail
+mode=${1:-all}
+[ "$#" -gt 0 ] && shift
 
 packages=(
   build-essential cmake pkg-config git
@@ -12,7 +19,34 @@ packages=(
   libmicrohttpd-dev libssl-dev openssl
   clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
+  python3-yaml
 )
+
+# Packages only the tests use; "build" leaves them out.
+test_only=(
+  libcmocka-dev clang libclang-rt-14-dev
+  python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
+  python3-yaml
+)
+
+case "$mode" in
+  all | test) ;;
+  build)
+    build=()
+    for p in "${packages[@]}"; do
+      [[ " ${test_only[*]} " == *" $p "* ]] || build+=("$p")
+    done
+    packages=("${build[@]}")
+    ;;
+  runtime)
+    [ "$#" -gt 0 ] || { echo "install-deps: runtime needs package names (scripts/runtime-deps.sh)" >&2; exit 2; }
+    packages=("$@")
+    ;;
+  *)
+    echo "install-deps: unknown mode \"$mode\" (all, test, build, runtime)" >&2
+    exit 2
+    ;;
+esac
 
 if [ "$(id -u)" -ne 0 ]; then
   SUDO=sudo
@@ -29,6 +63,9 @@ if [ ${#missing[@]} -ne 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if [ -n "${BS_APT_CLEAN:-}" ]; then # container images: drop the package lists
+    $SUDO rm -rf /var/lib/apt/lists/*
+  fi
 else
   echo "install-deps: all packages present"
 fi
