@@ -50,6 +50,7 @@
 #define ATT_SIMD 0 /* portable build: both products through OpenBLAS */
 #endif
 
+#include "opcheck.h"
 #include "ops_cpu.h"
 #include "vmath.h"
 
@@ -154,6 +155,36 @@ static void attn_pack_qt(const struct attn_job *j, const struct attn_tile *t, co
 }
 
 #if ATT_SIMD
+
+/* Calls BLOCK(R) once, for R = rem clamped to [1, max] as a compile-time
+ * constant, so each register-blocked kernel is unrolled for every row count
+ * it meets; max is 6 (AVX2) or 12 (AVX-512). */
+#define ATT_REM(rem, max, BLOCK)                                                                   \
+    switch ((rem) < (max) ? (rem) : (max)) {                                                       \
+        ATT_CASES_##max(BLOCK)                                                                     \
+    }
+#define ATT_CASES_12(BLOCK)                                                                        \
+    ATT_CASE(12, BLOCK)                                                                            \
+    ATT_CASE(11, BLOCK)                                                                            \
+    ATT_CASE(10, BLOCK)                                                                            \
+    ATT_CASE(9, BLOCK)                                                                             \
+    ATT_CASE(8, BLOCK)                                                                             \
+    ATT_CASE(7, BLOCK)                                                                             \
+    ATT_CASES_6(BLOCK)
+#define ATT_CASES_6(BLOCK)                                                                         \
+    ATT_CASE(6, BLOCK)                                                                             \
+    ATT_CASE(5, BLOCK)                                                                             \
+    ATT_CASE(4, BLOCK)                                                                             \
+    ATT_CASE(3, BLOCK)                                                                             \
+    ATT_CASE(2, BLOCK)                                                                             \
+    default:                                                                                       \
+        BLOCK(1);                                                                                  \
+        break;
+#define ATT_CASE(R, BLOCK)                                                                         \
+    case R:                                                                                        \
+        BLOCK(R);                                                                                  \
+        break;
+
 /* R key rows x 16 query columns of S^T = K Q^T: 2R accumulators; per step of
  * the head dim, two loads of qt and R broadcasts of k. Adds add[r] to key
  * row r (a mask shared by all queries) when add is set, and folds the rows
@@ -205,26 +236,7 @@ static void attn_scores256(const struct attn_job *j, const struct attn_tile *t, 
         for (int64_t i0 = 0; i0 < tqp; i0 += 16) {
             const float *qt = t->qt + i0;
             float *st = t->s + r0 * ATT_TQ + i0;
-            switch (tk - r0 < 6 ? tk - r0 : 6) {
-            case 6:
-                ST_CASE(6);
-                break;
-            case 5:
-                ST_CASE(5);
-                break;
-            case 4:
-                ST_CASE(4);
-                break;
-            case 3:
-                ST_CASE(3);
-                break;
-            case 2:
-                ST_CASE(2);
-                break;
-            default:
-                ST_CASE(1);
-                break;
-            }
+            ATT_REM(tk - r0, 6, ST_CASE)
         }
     }
 }
@@ -271,26 +283,7 @@ static void attn_pv256(const struct attn_job *j, const struct attn_tile *t, cons
         const float *pt = t->s + j0 * ATT_TQ, *vr = v + j0 * ldv;
         for (int d0 = 0; d0 < hd; d0 += 6)
             for (int64_t i0 = 0; i0 < tqp; i0 += 16) {
-                switch (hd - d0 < 6 ? hd - d0 : 6) {
-                case 6:
-                    PV_CASE(6);
-                    break;
-                case 5:
-                    PV_CASE(5);
-                    break;
-                case 4:
-                    PV_CASE(4);
-                    break;
-                case 3:
-                    PV_CASE(3);
-                    break;
-                case 2:
-                    PV_CASE(2);
-                    break;
-                default:
-                    PV_CASE(1);
-                    break;
-                }
+                ATT_REM(hd - d0, 6, PV_CASE)
             }
     }
 }
@@ -358,47 +351,6 @@ pv_block512(float *acc, const float *pt, const float *v, int64_t ldv, int64_t n,
     }
 }
 
-/* Calls BLOCK(R) for R = rem clamped to [1, 12] with R a constant. */
-#define ATT_REM12(rem, BLOCK)                                                                      \
-    switch ((rem) < 12 ? (rem) : 12) {                                                             \
-    case 12:                                                                                       \
-        BLOCK(12);                                                                                 \
-        break;                                                                                     \
-    case 11:                                                                                       \
-        BLOCK(11);                                                                                 \
-        break;                                                                                     \
-    case 10:                                                                                       \
-        BLOCK(10);                                                                                 \
-        break;                                                                                     \
-    case 9:                                                                                        \
-        BLOCK(9);                                                                                  \
-        break;                                                                                     \
-    case 8:                                                                                        \
-        BLOCK(8);                                                                                  \
-        break;                                                                                     \
-    case 7:                                                                                        \
-        BLOCK(7);                                                                                  \
-        break;                                                                                     \
-    case 6:                                                                                        \
-        BLOCK(6);                                                                                  \
-        break;                                                                                     \
-    case 5:                                                                                        \
-        BLOCK(5);                                                                                  \
-        break;                                                                                     \
-    case 4:                                                                                        \
-        BLOCK(4);                                                                                  \
-        break;                                                                                     \
-    case 3:                                                                                        \
-        BLOCK(3);                                                                                  \
-        break;                                                                                     \
-    case 2:                                                                                        \
-        BLOCK(2);                                                                                  \
-        break;                                                                                     \
-    default:                                                                                       \
-        BLOCK(1);                                                                                  \
-        break;                                                                                     \
-    }
-
 #define ST512(R) st_block512(st, kr, ldk, t->qt + i0, hd, add ? add + r0 : NULL, mx + i0, R)
 
 static ATT_512 void attn_scores512(const struct attn_job *j, const struct attn_tile *t,
@@ -411,7 +363,7 @@ static ATT_512 void attn_scores512(const struct attn_job *j, const struct attn_t
         const float *kr = k + r0 * ldk;
         for (int64_t i0 = 0; i0 < tqp; i0 += 32) {
             float *st = t->s + r0 * ATT_TQ + i0;
-            ATT_REM12(tk - r0, ST512)
+            ATT_REM(tk - r0, 12, ST512)
         }
     }
 }
@@ -428,14 +380,17 @@ static ATT_512 void attn_pv512(const struct attn_job *j, const struct attn_tile 
         const float *pt = t->s + j0 * ATT_TQ, *vr = v + j0 * ldv;
         for (int d0 = 0; d0 < hd; d0 += 12)
             for (int64_t i0 = 0; i0 < tqp; i0 += 32) {
-                ATT_REM12(hd - d0, PV512)
+                ATT_REM(hd - d0, 12, PV512)
             }
     }
 }
 
 #undef ST512
 #undef PV512
-#undef ATT_REM12
+#undef ATT_REM
+#undef ATT_CASES_12
+#undef ATT_CASES_6
+#undef ATT_CASE
 
 static __attribute__((noinline)) void attn_scores(const struct attn_job *j,
                                                   const struct attn_tile *t, const float *k,
@@ -647,60 +602,17 @@ static void attn_task(void *arg, int64_t task, int thread)
     }
 }
 
-static int attn_check_mask(const struct bs_attn_params *p, struct attn_job *j, struct bs_err *err)
+/* The CPU's own limit on top of the shared checks: row strides go to cblas
+ * as int. */
+static int attn_check_ld(const struct bs_tensor *o, const struct bs_tensor *q,
+                         const struct bs_tensor *k, const struct bs_tensor *v, struct bs_err *err)
 {
-    const struct bs_tensor *m = p->mask;
-    if (m == NULL)
-        return 0;
-    if (m->type != BS_TYPE_F32 || m->n_dims != 3 || m->ne[0] != p->batch ||
-        (m->ne[1] != 1 && m->ne[1] != p->lq) || m->ne[2] != p->lk ||
-        (p->lk > 1 && m->nb[2] != (int64_t)sizeof(float)) || m->nb[0] % 4 || m->nb[1] % 4) {
-        char ms[64];
-        return bs_err_set(err, BS_EINVAL,
-                          "attention: mask %s must be F32 [%lld, 1 or %lld, %lld] "
-                          "with a dense last dim",
-                          bs_tensor_shape_str(m, ms, sizeof(ms)), (long long)p->batch,
-                          (long long)p->lq, (long long)p->lk);
-    }
-    j->mask = m->data;
-    j->mq = m->ne[1] == 1 ? 1 : p->lq;
-    j->mask_nb0 = m->nb[0] / 4;
-    j->mask_nb1 = m->nb[1] / 4;
-    return 0;
-}
-
-/* q, k, v, o: F32 rows tensors with the right row counts and heads x head_dim
- * columns. */
-static int attn_check(struct bs_tensor *o, const struct bs_tensor *q, const struct bs_tensor *k,
-                      const struct bs_tensor *v, const struct bs_attn_params *p, struct bs_err *err)
-{
-    const char *op = "attention";
-    int rc;
-    if ((rc = bs__check_f32_rows(q, op, "q", err)) || (rc = bs__check_f32_rows(k, op, "k", err)) ||
-        (rc = bs__check_f32_rows(v, op, "v", err)) || (rc = bs__check_f32_rows(o, op, "o", err)))
-        return rc;
-    if (p->batch < 0 || p->lq < 0 || p->lk < 0 || p->heads < 1 || p->head_dim < 1)
-        return bs_err_set(err, BS_EINVAL,
-                          "attention: bad sizes (batch %lld, lq %lld, lk %lld, "
-                          "heads %d, head_dim %d)",
-                          (long long)p->batch, (long long)p->lq, (long long)p->lk, p->heads,
-                          p->head_dim);
-    int64_t inner = (int64_t)p->heads * p->head_dim;
     const struct bs_tensor *ts[4] = {q, k, v, o};
     const char *names[4] = {"q", "k", "v", "o"};
-    for (int i = 0; i < 4; i++) {
-        int64_t rows = i == 1 || i == 2 ? p->batch * p->lk : p->batch * p->lq;
-        const struct bs_tensor *t = ts[i];
-        if (bs_tensor_nrows(t) != rows || t->ne[t->n_dims - 1] != inner)
-            return bs_err_set(err, BS_EINVAL,
-                              "attention: %s must have %lld rows of %lld (got %lld "
-                              "of %lld)",
-                              names[i], (long long)rows, (long long)inner,
-                              (long long)bs_tensor_nrows(t), (long long)t->ne[t->n_dims - 1]);
-        if (bs_tensor_ld(t) > INT32_MAX)
+    for (int i = 0; i < 4; i++)
+        if (bs_tensor_ld(ts[i]) > INT32_MAX)
             return bs_err_set(err, BS_ERANGE, "attention: %s row stride exceeds the BLAS range",
                               names[i]);
-    }
     return 0;
 }
 
@@ -711,8 +623,15 @@ int bs__cpu_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
     struct bs__cpu *c = ctx;
     struct attn_job j = {0};
     int rc;
-    if ((rc = attn_check(o, q, k, v, p, err)) || (rc = attn_check_mask(p, &j, err)))
+    if ((rc = bs_opcheck_attention(o, q, k, v, p, err)) || (rc = attn_check_ld(o, q, k, v, err)) ||
+        (rc = bs_opcheck_attention_mask(p, err)))
         return rc;
+    if (p->mask != NULL) {
+        j.mask = p->mask->data;
+        j.mq = p->mask->ne[1] == 1 ? 1 : p->lq;
+        j.mask_nb0 = p->mask->nb[0] / 4;
+        j.mask_nb1 = p->mask->nb[1] / 4;
+    }
     if (p->batch == 0 || p->lq == 0)
         return 0;
     j.q = q->data;

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "opcheck.h"
 #include "ops_cpu.h"
 #include "threadpool.h"
 
@@ -209,26 +210,10 @@ static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                       const struct bs_tensor *w, const struct bs_tensor *b, float beta,
                       struct bs_err *err)
 {
-    int rc;
-    if ((rc = bs__check_f32_rows(x, "linear", "x", err)) ||
-        (rc = bs__check_f32_rows(y, "linear", "y", err)))
+    int rc = bs_opcheck_linear(y, x, w, b, beta, err);
+    if (rc != 0)
         return rc;
-    if (w->type != BS_TYPE_F32 || w->n_dims != 2 || !bs_tensor_is_contiguous(w))
-        return bs_err_set(err, BS_EINVAL, "linear: w must be a contiguous F32 [N, K] matrix");
-    int64_t m = bs_tensor_nrows(x), k = x->n_dims ? x->ne[x->n_dims - 1] : 1;
-    int64_t n = w->ne[0];
-    if (w->ne[1] != k || bs_tensor_nrows(y) != m || (y->n_dims ? y->ne[y->n_dims - 1] : 1) != n)
-        return bs_err_set(
-            err, BS_EINVAL,
-            "linear: shapes do not match (x %lld x %lld, w %lld x %lld, y %lld x %lld)",
-            (long long)m, (long long)k, (long long)w->ne[0], (long long)w->ne[1],
-            (long long)bs_tensor_nrows(y), (long long)(y->n_dims ? y->ne[y->n_dims - 1] : 1));
-    if (b != NULL &&
-        (b->type != BS_TYPE_F32 || bs_tensor_nelements(b) != n || !bs_tensor_is_contiguous(b)))
-        return bs_err_set(err, BS_EINVAL, "linear: bias must be a contiguous F32 [%lld]",
-                          (long long)n);
-    if (beta != 0.0f && beta != 1.0f)
-        return bs_err_set(err, BS_EINVAL, "linear: beta must be 0 or 1 (got %g)", (double)beta);
+    int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
     if (m == 0 || n == 0)
         return 0;
     if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || bs_tensor_ld(x) > INT32_MAX ||

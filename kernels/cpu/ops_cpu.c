@@ -2,16 +2,18 @@
  * activations, gated units, residual adds, transpose and row gathers.
  *
  * Each op has three layers (STYLE rule 5): the entry (bs__cpu_*) checks shapes
- * and dtypes and fills a job; a range task runs the kernel over rows (or
- * groups, or row blocks) [i0, i1); bs__cpu_parallel_for splits the range on
- * the pool when the op is big enough. Kernels are plain loops over contiguous
- * rows, written so that gcc -O3 -march=x86-64-v3 vectorises them (vmath.h for
- * the transcendental functions). */
+ * and dtypes (engine/opcheck.h, shared with the CUDA twin) and fills a job; a
+ * range task runs the kernel over rows (or groups, or row blocks) [i0, i1);
+ * bs__cpu_parallel_for splits the range on the pool when the op is big
+ * enough. Kernels are plain loops over contiguous rows, written so that gcc
+ * -O3 -march=x86-64-v3 vectorises them (vmath.h for the transcendental
+ * functions). */
 #include "ops_cpu.h"
 
 #include <math.h>
 #include <string.h>
 
+#include "opcheck.h"
 #include "vmath.h"
 
 /* Ops touching fewer floats than this run on the calling thread. */
@@ -22,11 +24,6 @@
 static int64_t cdiv(int64_t a, int64_t b)
 {
     return (a + b - 1) / b;
-}
-
-static int64_t ncols(const struct bs_tensor *t)
-{
-    return t->n_dims ? t->ne[t->n_dims - 1] : 1;
 }
 
 /* ---- parallel for ------------------------------------------------------ */
@@ -62,68 +59,7 @@ void bs__cpu_parallel_for(struct bs__cpu *c, int64_t n, int64_t cost, bs__range_
     bs_pool_run(c->pool, cdiv(n, j.chunk), par_task, &j);
 }
 
-/* ---- checks ------------------------------------------------------------ */
-
-int bs__check_f32_rows(const struct bs_tensor *t, const char *op, const char *name,
-                       struct bs_err *err)
-{
-    if (t == NULL || t->data == NULL)
-        return bs_err_set(err, BS_EINVAL, "%s: %s is missing", op, name);
-    if (t->type != BS_TYPE_F32)
-        return bs_err_set(err, BS_EINVAL, "%s: %s must be F32 (got %s)", op, name,
-                          bs_dtype_name(t->type));
-    if (!bs_tensor_is_rows(t))
-        return bs_err_set(err, BS_EINVAL,
-                          "%s: %s must be a rows tensor (dense last dim, one row "
-                          "stride)",
-                          op, name);
-    return 0;
-}
-
-/* x and y are F32 rows tensors with the same rows and columns. */
-static int check_same_rows(const struct bs_tensor *y, const struct bs_tensor *x, const char *op,
-                           struct bs_err *err)
-{
-    int rc;
-    if ((rc = bs__check_f32_rows(x, op, "x", err)) || (rc = bs__check_f32_rows(y, op, "y", err)))
-        return rc;
-    if (bs_tensor_nrows(x) != bs_tensor_nrows(y) || ncols(x) != ncols(y)) {
-        char xs[64], ys[64];
-        return bs_err_set(err, BS_EINVAL, "%s: x %s and y %s differ in shape", op,
-                          bs_tensor_shape_str(x, xs, sizeof(xs)),
-                          bs_tensor_shape_str(y, ys, sizeof(ys)));
-    }
-    return 0;
-}
-
-/* Optional per-channel vector: contiguous F32 with n elements. */
-static int check_vec(const struct bs_tensor *t, int64_t n, const char *op, const char *name,
-                     struct bs_err *err)
-{
-    if (t == NULL)
-        return 0;
-    if (t->data == NULL || t->type != BS_TYPE_F32 || !bs_tensor_is_contiguous(t) ||
-        bs_tensor_nelements(t) != n)
-        return bs_err_set(err, BS_EINVAL, "%s: %s must be a contiguous F32 vector of %lld", op,
-                          name, (long long)n);
-    return 0;
-}
-
-/* Optional modulation [B, d] rows tensor with at least `samples` rows. */
-static int check_mod(const struct bs_tensor *t, int64_t d, int64_t samples, const char *op,
-                     const char *name, struct bs_err *err)
-{
-    if (t == NULL)
-        return 0;
-    int rc = bs__check_f32_rows(t, op, name, err);
-    if (rc != 0)
-        return rc;
-    if (ncols(t) != d || bs_tensor_nrows(t) < samples)
-        return bs_err_set(err, BS_EINVAL, "%s: %s needs %lld rows of %lld (got %lld of %lld)", op,
-                          name, (long long)samples, (long long)d, (long long)bs_tensor_nrows(t),
-                          (long long)ncols(t));
-    return 0;
-}
+/* ---- operand helpers ------------------------------------------------- */
 
 static const float *data_or_null(const struct bs_tensor *t)
 {
@@ -253,19 +189,10 @@ static void ln_rows(void *arg, int64_t r0, int64_t r1)
 int bs__cpu_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                        const struct bs_norm_params *p, struct bs_err *err)
 {
-    const char *op = "layer_norm";
-    int rc = check_same_rows(y, x, op, err);
+    int rc = bs_opcheck_layer_norm(y, x, p, err);
     if (rc != 0)
         return rc;
-    int64_t rows = bs_tensor_nrows(x), d = ncols(x), rps = p->rows_per_sample;
-    if ((p->scale || p->shift) && rps < 1)
-        return bs_err_set(err, BS_EINVAL, "%s: rows_per_sample must be >= 1", op);
-    int64_t samples = rows ? (rows - 1) / (rps < 1 ? 1 : rps) + 1 : 0;
-    if ((rc = check_vec(p->gamma, d, op, "gamma", err)) ||
-        (rc = check_vec(p->beta, d, op, "beta", err)) ||
-        (rc = check_mod(p->scale, d, samples, op, "scale", err)) ||
-        (rc = check_mod(p->shift, d, samples, op, "shift", err)))
-        return rc;
+    int64_t rows = bs_tensor_nrows(x), d = bs_opcheck_ncols(x), rps = p->rows_per_sample;
     if (d == 0)
         return 0;
     struct ln_job j = {
@@ -329,25 +256,11 @@ static void gn_groups(void *arg, int64_t t0, int64_t t1)
 int bs__cpu_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                        const struct bs_norm_params *p, struct bs_err *err)
 {
-    const char *op = "group_norm";
-    if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 ||
-        !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y) ||
-        bs_tensor_nelements(x) != bs_tensor_nelements(y))
-        return bs_err_set(err, BS_EINVAL,
-                          "%s: x and y must be contiguous F32 [B, C, ...] tensors "
-                          "of the same size",
-                          op);
+    int rc = bs_opcheck_group_norm(y, x, p, err);
+    if (rc != 0)
+        return rc;
     int64_t bsz = x->ne[0], ch = x->ne[1];
     int64_t s = bsz > 0 && ch > 0 ? bs_tensor_nelements(x) / (bsz * ch) : 0;
-    if (p->groups < 1 || ch % p->groups != 0)
-        return bs_err_set(err, BS_EINVAL, "%s: %lld channels do not split into %d groups", op,
-                          (long long)ch, p->groups);
-    int rc;
-    if ((rc = check_vec(p->gamma, ch, op, "gamma", err)) ||
-        (rc = check_vec(p->beta, ch, op, "beta", err)) ||
-        (rc = check_mod(p->scale, ch, bsz, op, "scale", err)) ||
-        (rc = check_mod(p->shift, ch, bsz, op, "shift", err)))
-        return rc;
     if (s == 0)
         return 0;
     struct gn_job j = {
@@ -418,23 +331,16 @@ static void act_rows(void *arg, int64_t r0, int64_t r1)
         act_vec(j->y + r * j->ldy, j->x + r * j->ldx, j->n, j->act);
 }
 
-static int check_act(enum bs_act act, const char *op, struct bs_err *err)
-{
-    if ((unsigned)act >= BS_ACT_COUNT)
-        return bs_err_set(err, BS_EINVAL, "%s: unknown activation %d", op, (int)act);
-    return 0;
-}
-
 int bs__cpu_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum bs_act act,
                 struct bs_err *err)
 {
-    int rc;
-    if ((rc = check_act(act, "act", err)) || (rc = check_same_rows(y, x, "act", err)))
+    int rc = bs_opcheck_act(y, x, act, err);
+    if (rc != 0)
         return rc;
     struct act_job j = {
         .x = x->data,
         .y = y->data,
-        .n = ncols(x),
+        .n = bs_opcheck_ncols(x),
         .ldx = bs_tensor_ld(x),
         .ldy = bs_tensor_ld(y),
         .act = act,
@@ -480,17 +386,10 @@ static void glu_rows(void *arg, int64_t r0, int64_t r1)
 int bs__cpu_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum bs_act act,
                 struct bs_err *err)
 {
-    int rc;
-    if ((rc = check_act(act, "glu", err)) || (rc = bs__check_f32_rows(x, "glu", "x", err)) ||
-        (rc = bs__check_f32_rows(y, "glu", "y", err)))
+    int rc = bs_opcheck_glu(y, x, act, err);
+    if (rc != 0)
         return rc;
-    int64_t n = ncols(y);
-    if (bs_tensor_nrows(x) != bs_tensor_nrows(y) || ncols(x) != 2 * n)
-        return bs_err_set(err, BS_EINVAL,
-                          "glu: x must be [M, 2N] for y [M, N] (x has %lld rows "
-                          "of %lld, y %lld of %lld)",
-                          (long long)bs_tensor_nrows(x), (long long)ncols(x),
-                          (long long)bs_tensor_nrows(y), (long long)n);
+    int64_t n = bs_opcheck_ncols(y);
     struct glu_job j = {
         .x = x->data,
         .y = y->data,
@@ -534,17 +433,10 @@ int bs__cpu_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                 const struct bs_tensor *gate, int64_t rows_per_sample, float alpha,
                 struct bs_err *err)
 {
-    int rc = check_same_rows(y, x, "add", err);
+    int rc = bs_opcheck_add(y, x, gate, rows_per_sample, err);
     if (rc != 0)
         return rc;
-    int64_t rows = bs_tensor_nrows(x), n = ncols(x);
-    if (gate != NULL) {
-        if (rows_per_sample < 1)
-            return bs_err_set(err, BS_EINVAL, "add: rows_per_sample must be >= 1");
-        if ((rc = check_mod(gate, n, rows ? (rows - 1) / rows_per_sample + 1 : 0, "add", "gate",
-                            err)))
-            return rc;
-    }
+    int64_t rows = bs_tensor_nrows(x), n = bs_opcheck_ncols(x);
     struct add_job j = {
         .x = x->data,
         .gate = data_or_null(gate),
@@ -591,21 +483,11 @@ static void tr_blocks(void *arg, int64_t t0, int64_t t1)
 
 int bs__cpu_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, struct bs_err *err)
 {
-    if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 || x->n_dims > 3 ||
-        y->n_dims != x->n_dims || !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y))
-        return bs_err_set(err, BS_EINVAL,
-                          "transpose: x and y must be contiguous F32 [B, R, C] "
-                          "and [B, C, R] (or 2-d)");
+    int rc = bs_opcheck_transpose(y, x, err);
+    if (rc != 0)
+        return rc;
     int nd = x->n_dims;
     int64_t bsz = nd == 3 ? x->ne[0] : 1, r = x->ne[nd - 2], c = x->ne[nd - 1];
-    if ((nd == 3 && y->ne[0] != bsz) || y->ne[nd - 2] != c || y->ne[nd - 1] != r) {
-        char xs[64], ys[64];
-        return bs_err_set(err, BS_EINVAL,
-                          "transpose: y %s is not x %s with the last two dims "
-                          "swapped",
-                          bs_tensor_shape_str(y, ys, sizeof(ys)),
-                          bs_tensor_shape_str(x, xs, sizeof(xs)));
-    }
     if (r == 0 || c == 0)
         return 0;
     struct tr_job j = {.x = x->data, .y = y->data, .r = r, .c = c, .row_blocks = cdiv(r, TR_BLOCK)};
@@ -619,20 +501,11 @@ int bs__cpu_get_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *tab
                      const int64_t *idx, int64_t n, struct bs_err *err)
 {
     int rc;
-    if ((rc = bs__check_f32_rows(table, "get_rows", "table", err)) ||
-        (rc = bs__check_f32_rows(y, "get_rows", "y", err)))
+    if ((rc = bs_opcheck_get_rows(y, table, idx, n, err)))
         return rc;
-    int64_t d = ncols(table), rows = bs_tensor_nrows(table);
-    if (ncols(y) != d || bs_tensor_nrows(y) != n)
-        return bs_err_set(err, BS_EINVAL, "get_rows: y must be [%lld, %lld]", (long long)n,
-                          (long long)d);
-    int64_t ldt = bs_tensor_ld(table), ldy = bs_tensor_ld(y);
-    for (int64_t i = 0; i < n; i++) {
-        if (idx[i] < 0 || idx[i] >= rows)
-            return bs_err_set(err, BS_EINVAL, "get_rows: index %lld out of [0, %lld)",
-                              (long long)idx[i], (long long)rows);
+    int64_t d = bs_opcheck_ncols(table), ldt = bs_tensor_ld(table), ldy = bs_tensor_ld(y);
+    for (int64_t i = 0; i < n; i++)
         memcpy((float *)y->data + i * ldy, (const float *)table->data + idx[i] * ldt,
                (size_t)d * sizeof(float));
-    }
     return 0;
 }

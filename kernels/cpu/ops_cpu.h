@@ -42,12 +42,8 @@ typedef void (*bs__range_fn)(void *arg, int64_t i0, int64_t i1);
  * workers, else in one call on this thread. */
 void bs__cpu_parallel_for(struct bs__cpu *c, int64_t n, int64_t cost, bs__range_fn fn, void *arg);
 
-/* 0 when t is an F32 rows tensor, else BS_EINVAL with "op: name ..." in err. */
-int bs__check_f32_rows(const struct bs_tensor *t, const char *op, const char *name,
-                       struct bs_err *err);
-
-/* Op entries of the function table (contracts in engine/backend.h); linear
- * lives in backend_cpu.c. */
+/* Op entries of the function table (contracts in engine/backend.h, argument
+ * checks in engine/opcheck.h); linear lives in backend_cpu.c. */
 int bs__cpu_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                        const struct bs_norm_params *p, struct bs_err *err);
 int bs__cpu_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,

@@ -449,60 +449,51 @@ static int launch_f32(const struct attn_args *a, int64_t batch, cudaStream_t st,
 
 /* ---- entry ---------------------------------------------------------------- */
 
-static int check_mask(const struct bs_attn_params *p, struct attn_args *a, struct bs_err *err)
-{
-    const struct bs_tensor *m = p->mask;
-    if (m == NULL)
-        return 0;
-    if (m->data == NULL || m->type != BS_TYPE_F32 || m->n_dims != 3 || m->ne[0] != p->batch ||
-        (m->ne[1] != 1 && m->ne[1] != p->lq) || m->ne[2] != p->lk ||
-        (p->lk > 1 && m->nb[2] != (int64_t)sizeof(float)) || m->nb[0] % 4 || m->nb[1] % 4) {
-        char ms[64];
-        return bs_err_set(err, BS_EINVAL,
-                          "attention: mask %s must be F32 [%lld, 1 or %lld, %lld] with a dense "
-                          "last dim",
-                          bs_tensor_shape_str(m, ms, sizeof(ms)), (long long)p->batch,
-                          (long long)p->lq, (long long)p->lk);
-    }
-    a->mask = (const float *)m->data;
-    a->mq = m->ne[1] == 1 ? 1 : p->lq;
-    a->mask_nb0 = m->nb[0] / 4;
-    a->mask_nb1 = m->nb[1] / 4;
-    return 0;
-}
-
 static int check_attn(struct bs_tensor *o, const struct bs_tensor *q, const struct bs_tensor *k,
                       const struct bs_tensor *v, const struct bs_attn_params *p, struct bs_err *err)
 {
-    const char *op = "attention";
-    int rc;
-    if ((rc = bs__cuda_check_rows(q, op, "q", err)) ||
-        (rc = bs__cuda_check_rows(k, op, "k", err)) ||
-        (rc = bs__cuda_check_rows(v, op, "v", err)) || (rc = bs__cuda_check_rows(o, op, "o", err)))
+    int rc = bs_opcheck_attention(o, q, k, v, p, err);
+    if (rc != 0)
         return rc;
-    if (p->batch < 0 || p->lq < 0 || p->lk < 0 || p->heads < 1 || p->head_dim < 1)
-        return bs_err_set(err, BS_EINVAL,
-                          "attention: bad sizes (batch %lld, lq %lld, lk %lld, heads %d, head_dim "
-                          "%d)",
-                          (long long)p->batch, (long long)p->lq, (long long)p->lk, p->heads,
-                          p->head_dim);
-    int64_t inner = (int64_t)p->heads * p->head_dim;
-    const struct bs_tensor *ts[4] = {q, k, v, o};
-    const char *names[4] = {"q", "k", "v", "o"};
-    for (int i = 0; i < 4; i++) {
-        int64_t rows = i == 1 || i == 2 ? p->batch * p->lk : p->batch * p->lq;
-        if (bs_tensor_nrows(ts[i]) != rows || bs__ncols(ts[i]) != inner)
-            return bs_err_set(err, BS_EINVAL,
-                              "attention: %s must have %lld rows of %lld (got %lld of %lld)",
-                              names[i], (long long)rows, (long long)inner,
-                              (long long)bs_tensor_nrows(ts[i]), (long long)bs__ncols(ts[i]));
-    }
     if (p->batch * p->heads > 65535 || bs__cdiv(p->lq, F32_BQ) > INT32_MAX)
         return bs_err_set(err, BS_ERANGE, "attention: batch x heads %lld exceeds the grid (65535)",
                           (long long)(p->batch * p->heads));
     if (p->head_dim > F32_MAX_D)
         return bs_err_set(err, BS_EUNSUPP, "attention: head_dim %d above %d on the GPU",
                           p->head_dim, F32_MAX_D);
+    return bs_opcheck_attention_mask(p, err);
+}
+
+/* Checks the arguments (check_attn) and fills a from them. */
+static int attn_args_init(struct attn_args *a, struct bs_tensor *o, const struct bs_tensor *q,
+                          const struct bs_tensor *k, const struct bs_tensor *v,
+                          const struct bs_attn_params *p, struct bs_err *err)
+{
+    memset(a, 0, sizeof(*a));
+    int rc = check_attn(o, q, k, v, p, err);
+    if (rc != 0)
+        return rc;
+    a->q = (const float *)q->data;
+    a->k = (const float *)k->data;
+    a->v = (const float *)v->data;
+    a->o = (float *)o->data;
+    a->ldq = bs_tensor_ld(q);
+    a->ldk = bs_tensor_ld(k);
+    a->ldv = bs_tensor_ld(v);
+    a->ldo = bs_tensor_ld(o);
+    a->lq = p->lq;
+    a->lk = p->lk;
+    a->heads = p->heads;
+    a->head_dim = p->head_dim;
+    a->scale = p->scale;
+    a->vec = p->head_dim % 4 == 0 && a->ldq % 4 == 0 && a->ldk % 4 == 0 && a->ldv % 4 == 0 &&
+             (uintptr_t)a->q % 16 == 0 && (uintptr_t)a->k % 16 == 0 && (uintptr_t)a->v % 16 == 0;
+    if (p->mask != NULL) {
+        a->mask = (const float *)p->mask->data;
+        a->mq = p->mask->ne[1] == 1 ? 1 : p->lq;
+        a->mask_nb0 = p->mask->nb[0] / 4;
+        a->mask_nb1 = p->mask->nb[1] / 4;
+    }
     return 0;
 }
 
@@ -512,27 +503,11 @@ int bs__cuda_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     struct attn_args a;
-    memset(&a, 0, sizeof(a));
-    int rc;
-    if ((rc = check_attn(o, q, k, v, p, err)) || (rc = check_mask(p, &a, err)))
+    int rc = attn_args_init(&a, o, q, k, v, p, err);
+    if (rc != 0)
         return rc;
     if (p->batch == 0 || p->lq == 0)
         return 0;
-    a.q = (const float *)q->data;
-    a.k = (const float *)k->data;
-    a.v = (const float *)v->data;
-    a.o = (float *)o->data;
-    a.ldq = bs_tensor_ld(q);
-    a.ldk = bs_tensor_ld(k);
-    a.ldv = bs_tensor_ld(v);
-    a.ldo = bs_tensor_ld(o);
-    a.lq = p->lq;
-    a.lk = p->lk;
-    a.heads = p->heads;
-    a.head_dim = p->head_dim;
-    a.scale = p->scale;
-    a.vec = p->head_dim % 4 == 0 && a.ldq % 4 == 0 && a.ldk % 4 == 0 && a.ldv % 4 == 0 &&
-            (uintptr_t)a.q % 16 == 0 && (uintptr_t)a.k % 16 == 0 && (uintptr_t)a.v % 16 == 0;
     bs__cuda_guard g(c);
     if (c->dtype == BS_TYPE_F32 || mma_dp(p->head_dim) == 0)
         return launch_f32(&a, p->batch, c->stream, err);
@@ -672,9 +647,8 @@ int bs__cuda_attention_unfused(void *ctx, struct bs_tensor *o, const struct bs_t
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     struct attn_args a;
-    memset(&a, 0, sizeof(a));
-    int rc;
-    if ((rc = check_attn(o, q, k, v, p, err)) || (rc = check_mask(p, &a, err)))
+    int rc = attn_args_init(&a, o, q, k, v, p, err);
+    if (rc != 0)
         return rc;
     if (p->batch == 0 || p->lq == 0 || p->lk == 0)
         return bs_err_set(err, BS_EINVAL, "attention (unfused): empty sizes");

@@ -44,21 +44,6 @@ static int blas_check(cublasStatus_t s, const char *op, const char *what, struct
                       cublasGetStatusName(s));
 }
 
-int bs__cuda_check_rows(const struct bs_tensor *t, const char *op, const char *name,
-                        struct bs_err *err)
-{
-    if (t == NULL || t->data == NULL)
-        return bs_err_set(err, BS_EINVAL, "%s: %s is missing", op, name);
-    if (t->type != BS_TYPE_F32)
-        return bs_err_set(err, BS_EINVAL, "%s: %s must be F32 (got %s)", op, name,
-                          bs_dtype_name(t->type));
-    if (!bs_tensor_is_rows(t))
-        return bs_err_set(err, BS_EINVAL,
-                          "%s: %s must be a rows tensor (dense last dim, one row stride)", op,
-                          name);
-    return 0;
-}
-
 /* ---- memory ------------------------------------------------------------ */
 
 void *bs__cuda_scratch(struct bs__cuda *c, size_t bytes, struct bs_err *err)
@@ -193,28 +178,14 @@ static const void *shadow_of(const struct bs__cuda *c, const void *w)
 
 /* ---- linear ------------------------------------------------------------ */
 
+/* The shared checks, then the int range of cuBLAS. */
 static int check_linear(struct bs_tensor *y, const struct bs_tensor *x, const struct bs_tensor *w,
                         const struct bs_tensor *b, float beta, struct bs_err *err)
 {
-    int rc;
-    if ((rc = bs__cuda_check_rows(x, "linear", "x", err)) ||
-        (rc = bs__cuda_check_rows(y, "linear", "y", err)))
+    int rc = bs_opcheck_linear(y, x, w, b, beta, err);
+    if (rc != 0)
         return rc;
-    if (w->type != BS_TYPE_F32 || w->n_dims != 2 || !bs_tensor_is_contiguous(w))
-        return bs_err_set(err, BS_EINVAL, "linear: w must be a contiguous F32 [N, K] matrix");
-    int64_t m = bs_tensor_nrows(x), k = bs__ncols(x), n = w->ne[0];
-    if (w->ne[1] != k || bs_tensor_nrows(y) != m || bs__ncols(y) != n)
-        return bs_err_set(err, BS_EINVAL,
-                          "linear: shapes do not match (x %lld x %lld, w %lld x %lld, y %lld x "
-                          "%lld)",
-                          (long long)m, (long long)k, (long long)w->ne[0], (long long)w->ne[1],
-                          (long long)bs_tensor_nrows(y), (long long)bs__ncols(y));
-    if (b != NULL &&
-        (b->type != BS_TYPE_F32 || bs_tensor_nelements(b) != n || !bs_tensor_is_contiguous(b)))
-        return bs_err_set(err, BS_EINVAL, "linear: bias must be a contiguous F32 [%lld]",
-                          (long long)n);
-    if (beta != 0.0f && beta != 1.0f)
-        return bs_err_set(err, BS_EINVAL, "linear: beta must be 0 or 1 (got %g)", (double)beta);
+    int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
     if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || bs_tensor_ld(x) > INT32_MAX ||
         bs_tensor_ld(y) > INT32_MAX)
         return bs_err_set(err, BS_ERANGE, "linear: dimensions exceed the cuBLAS integer range");
@@ -246,7 +217,7 @@ static int cuda_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     int rc = check_linear(y, x, w, b, beta, err);
     if (rc != 0)
         return rc;
-    int64_t m = bs_tensor_nrows(x), k = bs__ncols(x), n = w->ne[0];
+    int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
     int64_t ldx = bs_tensor_ld(x), ldy = bs_tensor_ld(y);
     if (m == 0 || n == 0)
         return 0;

@@ -19,6 +19,7 @@
 
 extern "C" {
 #include "backend.h"
+#include "opcheck.h"
 }
 
 #define BS_CUDA_MAX_SHADOWS 64
@@ -82,15 +83,6 @@ int bs__cuda_check_launch(const char *op, struct bs_err *err);
  * caller holds the lock. NULL with err set when out of memory. */
 void *bs__cuda_scratch(struct bs__cuda *c, size_t bytes, struct bs_err *err);
 
-/* 0 when t is an F32 rows tensor, else BS_EINVAL with "op: name ..." in err. */
-int bs__cuda_check_rows(const struct bs_tensor *t, const char *op, const char *name,
-                        struct bs_err *err);
-
-static inline int64_t bs__ncols(const struct bs_tensor *t)
-{
-    return t->n_dims ? t->ne[t->n_dims - 1] : 1;
-}
-
 static inline int64_t bs__cdiv(int64_t a, int64_t b)
 {
     return (a + b - 1) / b;
@@ -101,7 +93,8 @@ static inline int64_t bs__cdiv(int64_t a, int64_t b)
 int bs__cuda_to_half(struct bs__cuda *c, void *dst, const float *src, int64_t rows, int64_t cols,
                      int64_t ld, struct bs_err *err);
 
-/* Op entries of the function table (contracts in engine/backend.h). */
+/* Op entries of the function table (contracts in engine/backend.h, argument
+ * checks shared with the CPU backend in engine/opcheck.h). */
 int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                         const struct bs_norm_params *p, struct bs_err *err);
 int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,

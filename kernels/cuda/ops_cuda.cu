@@ -4,9 +4,9 @@
  *
  * Three layers per op (STYLE rule 5): the __global__ kernel, a launcher that
  * takes the stream (launch_*), and the entry (bs__cuda_*) that checks shapes
- * and dtypes exactly as the CPU twin in kernels/cpu/ops_cpu.c does, takes the
- * context lock and launches. All arithmetic is FP32 (these ops are
- * memory-bound; the compute dtype only narrows GEMM and attention operands);
+ * and dtypes with the CPU twin's checks (engine/opcheck.h), takes the context
+ * lock and launches. All arithmetic is FP32 (these ops are memory-bound; the
+ * compute dtype only narrows GEMM and attention operands);
  * norm statistics accumulate in double, two passes, like the CPU. */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -134,56 +134,7 @@ int bs__cuda_bias_rows(struct bs__cuda *c, float *y, int64_t ldy, const float *b
     return bs__cuda_check_launch("linear bias", err);
 }
 
-/* ---- checks (the CPU twin's) -------------------------------------------- */
-
-static int check_same_rows(const struct bs_tensor *y, const struct bs_tensor *x, const char *op,
-                           struct bs_err *err)
-{
-    int rc;
-    if ((rc = bs__cuda_check_rows(x, op, "x", err)) || (rc = bs__cuda_check_rows(y, op, "y", err)))
-        return rc;
-    if (bs_tensor_nrows(x) != bs_tensor_nrows(y) || bs__ncols(x) != bs__ncols(y)) {
-        char xs[64], ys[64];
-        return bs_err_set(err, BS_EINVAL, "%s: x %s and y %s differ in shape", op,
-                          bs_tensor_shape_str(x, xs, sizeof(xs)),
-                          bs_tensor_shape_str(y, ys, sizeof(ys)));
-    }
-    return 0;
-}
-
-static int check_vec(const struct bs_tensor *t, int64_t n, const char *op, const char *name,
-                     struct bs_err *err)
-{
-    if (t == NULL)
-        return 0;
-    if (t->data == NULL || t->type != BS_TYPE_F32 || !bs_tensor_is_contiguous(t) ||
-        bs_tensor_nelements(t) != n)
-        return bs_err_set(err, BS_EINVAL, "%s: %s must be a contiguous F32 vector of %lld", op,
-                          name, (long long)n);
-    return 0;
-}
-
-static int check_mod(const struct bs_tensor *t, int64_t d, int64_t samples, const char *op,
-                     const char *name, struct bs_err *err)
-{
-    if (t == NULL)
-        return 0;
-    int rc = bs__cuda_check_rows(t, op, name, err);
-    if (rc != 0)
-        return rc;
-    if (bs__ncols(t) != d || bs_tensor_nrows(t) < samples)
-        return bs_err_set(err, BS_EINVAL, "%s: %s needs %lld rows of %lld (got %lld of %lld)", op,
-                          name, (long long)samples, (long long)d, (long long)bs_tensor_nrows(t),
-                          (long long)bs__ncols(t));
-    return 0;
-}
-
-static int check_act(enum bs_act act, const char *op, struct bs_err *err)
-{
-    if ((unsigned)act >= BS_ACT_COUNT)
-        return bs_err_set(err, BS_EINVAL, "%s: unknown activation %d", op, (int)act);
-    return 0;
-}
+/* ---- operand helpers -------------------------------------------------- */
 
 static const float *data_or_null(const struct bs_tensor *t)
 {
@@ -247,18 +198,10 @@ int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     const char *op = "layer_norm";
-    int rc = check_same_rows(y, x, op, err);
+    int rc = bs_opcheck_layer_norm(y, x, p, err);
     if (rc != 0)
         return rc;
-    int64_t rows = bs_tensor_nrows(x), d = bs__ncols(x), rps = p->rows_per_sample;
-    if ((p->scale || p->shift) && rps < 1)
-        return bs_err_set(err, BS_EINVAL, "%s: rows_per_sample must be >= 1", op);
-    int64_t samples = rows ? (rows - 1) / (rps < 1 ? 1 : rps) + 1 : 0;
-    if ((rc = check_vec(p->gamma, d, op, "gamma", err)) ||
-        (rc = check_vec(p->beta, d, op, "beta", err)) ||
-        (rc = check_mod(p->scale, d, samples, op, "scale", err)) ||
-        (rc = check_mod(p->shift, d, samples, op, "shift", err)))
-        return rc;
+    int64_t rows = bs_tensor_nrows(x), d = bs_opcheck_ncols(x), rps = p->rows_per_sample;
     if (d == 0 || rows == 0)
         return 0;
     if (rows > INT32_MAX)
@@ -331,23 +274,11 @@ int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     const char *op = "group_norm";
-    if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 ||
-        !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y) ||
-        bs_tensor_nelements(x) != bs_tensor_nelements(y))
-        return bs_err_set(err, BS_EINVAL,
-                          "%s: x and y must be contiguous F32 [B, C, ...] tensors of the same size",
-                          op);
+    int rc = bs_opcheck_group_norm(y, x, p, err);
+    if (rc != 0)
+        return rc;
     int64_t bsz = x->ne[0], ch = x->ne[1];
     int64_t s = bsz > 0 && ch > 0 ? bs_tensor_nelements(x) / (bsz * ch) : 0;
-    if (p->groups < 1 || ch % p->groups != 0)
-        return bs_err_set(err, BS_EINVAL, "%s: %lld channels do not split into %d groups", op,
-                          (long long)ch, p->groups);
-    int rc;
-    if ((rc = check_vec(p->gamma, ch, op, "gamma", err)) ||
-        (rc = check_vec(p->beta, ch, op, "beta", err)) ||
-        (rc = check_mod(p->scale, ch, bsz, op, "scale", err)) ||
-        (rc = check_mod(p->shift, ch, bsz, op, "shift", err)))
-        return rc;
     if (s == 0)
         return 0;
     if (bsz * p->groups > INT32_MAX)
@@ -383,10 +314,10 @@ int bs__cuda_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
                  struct bs_err *err)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
-    int rc;
-    if ((rc = check_act(act, "act", err)) || (rc = check_same_rows(y, x, "act", err)))
+    int rc = bs_opcheck_act(y, x, act, err);
+    if (rc != 0)
         return rc;
-    int64_t rows = bs_tensor_nrows(x), n = bs__ncols(x);
+    int64_t rows = bs_tensor_nrows(x), n = bs_opcheck_ncols(x);
     if (rows == 0 || n == 0)
         return 0;
     bs__cuda_guard g(c);
@@ -414,17 +345,10 @@ int bs__cuda_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
                  struct bs_err *err)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
-    int rc;
-    if ((rc = check_act(act, "glu", err)) || (rc = bs__cuda_check_rows(x, "glu", "x", err)) ||
-        (rc = bs__cuda_check_rows(y, "glu", "y", err)))
+    int rc = bs_opcheck_glu(y, x, act, err);
+    if (rc != 0)
         return rc;
-    int64_t n = bs__ncols(y), rows = bs_tensor_nrows(y);
-    if (bs_tensor_nrows(x) != rows || bs__ncols(x) != 2 * n)
-        return bs_err_set(err, BS_EINVAL,
-                          "glu: x must be [M, 2N] for y [M, N] (x has %lld rows of %lld, y %lld "
-                          "of %lld)",
-                          (long long)bs_tensor_nrows(x), (long long)bs__ncols(x), (long long)rows,
-                          (long long)n);
+    int64_t n = bs_opcheck_ncols(y), rows = bs_tensor_nrows(y);
     if (rows == 0 || n == 0)
         return 0;
     bs__cuda_guard g(c);
@@ -459,17 +383,10 @@ int bs__cuda_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                  struct bs_err *err)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
-    int rc = check_same_rows(y, x, "add", err);
+    int rc = bs_opcheck_add(y, x, gate, rows_per_sample, err);
     if (rc != 0)
         return rc;
-    int64_t rows = bs_tensor_nrows(x), n = bs__ncols(x);
-    if (gate != NULL) {
-        if (rows_per_sample < 1)
-            return bs_err_set(err, BS_EINVAL, "add: rows_per_sample must be >= 1");
-        if ((rc = check_mod(gate, n, rows ? (rows - 1) / rows_per_sample + 1 : 0, "add", "gate",
-                            err)))
-            return rc;
-    }
+    int64_t rows = bs_tensor_nrows(x), n = bs_opcheck_ncols(x);
     if (rows == 0 || n == 0)
         return 0;
     struct add_args a = {(float *)y->data,
@@ -510,21 +427,11 @@ int bs__cuda_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
                        struct bs_err *err)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
-    if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 || x->n_dims > 3 ||
-        y->n_dims != x->n_dims || !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y))
-        return bs_err_set(err, BS_EINVAL,
-                          "transpose: x and y must be contiguous F32 [B, R, C] and [B, C, R] (or "
-                          "2-d)");
+    int rc = bs_opcheck_transpose(y, x, err);
+    if (rc != 0)
+        return rc;
     int nd = x->n_dims;
     int64_t bsz = nd == 3 ? x->ne[0] : 1, r = x->ne[nd - 2], cols = x->ne[nd - 1];
-    if ((nd == 3 && y->ne[0] != bsz) || y->ne[nd - 2] != cols || y->ne[nd - 1] != r) {
-        char xs[64], ys[64];
-        return bs_err_set(err, BS_EINVAL,
-                          "transpose: y %s is not x %s with the last two dims "
-                          "swapped",
-                          bs_tensor_shape_str(y, ys, sizeof(ys)),
-                          bs_tensor_shape_str(x, xs, sizeof(xs)));
-    }
     if (bsz == 0 || r == 0 || cols == 0)
         return 0;
     int64_t gx = bs__cdiv(cols, TR_TILE), gy = bs__cdiv(r, TR_TILE);
@@ -545,17 +452,9 @@ int bs__cuda_get_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *ta
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     int rc;
-    if ((rc = bs__cuda_check_rows(table, "get_rows", "table", err)) ||
-        (rc = bs__cuda_check_rows(y, "get_rows", "y", err)))
+    if ((rc = bs_opcheck_get_rows(y, table, idx, n, err)))
         return rc;
-    int64_t d = bs__ncols(table), rows = bs_tensor_nrows(table);
-    if (bs__ncols(y) != d || bs_tensor_nrows(y) != n)
-        return bs_err_set(err, BS_EINVAL, "get_rows: y must be [%lld, %lld]", (long long)n,
-                          (long long)d);
-    for (int64_t i = 0; i < n; i++)
-        if (idx[i] < 0 || idx[i] >= rows)
-            return bs_err_set(err, BS_EINVAL, "get_rows: index %lld out of [0, %lld)",
-                              (long long)idx[i], (long long)rows);
+    int64_t d = bs_opcheck_ncols(table);
     int64_t ldt = bs_tensor_ld(table), ldy = bs_tensor_ld(y);
     bs__cuda_guard g(c);
     for (int64_t i = 0; i < n && d > 0; i++)
