@@ -1,23 +1,23 @@
 /* FlashAttention-style multi-head attention on the CPU.
  *
- * One pool task per (batch, head, tile of ATT_TQ queries). A task walks the
- * keys in tiles of ATT_TK: S = scale Q K^T by one sgemm on strided views of q
- * and k (row stride ld, column offset h * head_dim: fused QKV buffers are read
- * in place), adds the mask, and folds the tile into an online softmax: per
- * query row a running max m and sum l, the accumulator O rescaled by
- * exp(m_old - m_new) and O += P V by a second sgemm. At the end o = O / l.
- * Scratch is per thread: S (ATT_TQ x ATT_TK), O (ATT_TQ x head_dim), K^T
- * (head_dim x ATT_TK) and three ATT_TQ vectors, about 270 KB at head_dim 160,
- * whatever Lq and Lk are.
+ * One pool task per (batch, head, tile of ATT_TQ queries). The task packs its
+ * queries transposed and scaled, Q^T (head_dim x ATT_TQ), then walks the keys
+ * in tiles of ATT_TK, reading q, k and v in place through their row stride
+ * (fused QKV buffers need no copy). Per key tile: S^T = K Q^T with the mask
+ * added and each query's maximum taken on the way; an online softmax along
+ * the queries (per query a running max m and sum l, the accumulator rescaled
+ * by exp(m_old - m_new)); O^T += V^T P^T. At the end o = O / l. Everything
+ * is laid out with the queries contiguous, so the softmax loops vectorise and
+ * need no horizontal reductions. Scratch is per thread: S^T (ATT_TK x
+ * ATT_TQ), O^T and Q^T (head_dim x ATT_TQ each) and three ATT_TQ vectors,
+ * about 150 KB at head_dim 160, whatever Lq and Lk are.
  *
- * Products. With AVX2 and FMA both products run in register-blocked kernels
- * written here rather than OpenBLAS: at these shapes (K = head_dim = 40 for
- * Q K^T, N = head_dim for P V) a BLAS call spends a large share of its time
- * packing and in edge kernels. Q K^T: the key tile is transposed once into
- * K^T (head_dim x ATT_TK, zero-padded to 16 keys) and each 6 x 16 block of S
- * is 12 accumulators fed by one broadcast of q and two loads of K^T per step.
- * P V is computed transposed, O^T = V^T P^T, so that it too runs along the
- * queries: each 6 x 16 block of O^T is 12 accumulators fed by two loads of a
+ * Products. With AVX2 and FMA both run in register-blocked kernels written
+ * here rather than OpenBLAS: at these shapes (K = head_dim = 40 for the
+ * scores, N = head_dim for P V) a BLAS call spends much of its time packing
+ * and in edge kernels. Each 6 x 16 block of S^T is 12 accumulators fed per
+ * step of the head dim by two loads of Q^T and six broadcasts from rows of K;
+ * each 6 x 16 block of O^T is 12 accumulators fed per key by two loads of a
  * row of P^T and six broadcasts from a row of V. (Blocking O by query rows
  * instead streams the whole V tile once per pair of queries and ran at half
  * this speed.) Where the CPU has AVX-512 (checked at run time) the same
@@ -80,9 +80,9 @@ struct attn_job {
 
 /* Per-thread scratch layout. */
 struct attn_tile {
-    float *s;     /* [ATT_TQ][ATT_TK] scores, then probabilities */
+    float *s;     /* [ATT_TK][ATT_TQ] S^T: scores, then probabilities */
     float *acc;   /* [head_dim][ATT_TQ] output accumulator, transposed (O^T) */
-    float *qt;    /* [hd][ATT_TQ] the query tile transposed and scaled */
+    float *qt;    /* [head_dim][ATT_TQ] the query tile transposed and scaled */
     float *m;     /* [ATT_TQ] running max */
     float *l;     /* [ATT_TQ] running sum */
     float *shift; /* [ATT_TQ] mask row maximum subtracted from the mask */
