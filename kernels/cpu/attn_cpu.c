@@ -289,7 +289,6 @@ static void attn_pv256(const struct attn_job *j, const struct attn_tile *t, cons
 }
 
 #undef PV_CASE
-#undef PV_CHUNK
 
 /* The same two products with AVX-512 where the CPU has it (checked at run
  * time; the build targets AVX2): blocks of up to 12 rows x 32 query columns,
@@ -375,8 +374,8 @@ static ATT_512 void attn_pv512(const struct attn_job *j, const struct attn_tile 
 {
     int hd = j->head_dim;
     int64_t ldv = j->ldv;
-    for (int64_t j0 = 0; j0 < tk; j0 += 64) { /* as PV_CHUNK */
-        int64_t n = tk - j0 < 64 ? tk - j0 : 64;
+    for (int64_t j0 = 0; j0 < tk; j0 += PV_CHUNK) {
+        int64_t n = tk - j0 < PV_CHUNK ? tk - j0 : PV_CHUNK;
         const float *pt = t->s + j0 * ATT_TQ, *vr = v + j0 * ldv;
         for (int d0 = 0; d0 < hd; d0 += 12)
             for (int64_t i0 = 0; i0 < tqp; i0 += 32) {

@@ -15,7 +15,6 @@ the tools themselves are not installable on these machines:
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,10 +86,7 @@ class RequestFilesTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.channel.close()
-        code = cls.server.stop()
-        shutil.rmtree(cls.repo, ignore_errors=True)
-        if code != 0:
-            raise AssertionError("server exit code %r\n%s" % (code, cls.server.text()))
+        harness.shutdown(cls.server, cls.repo)
 
     def check_response(self, data, request):
         resp = pb.ModelInferResponse.FromString(data)

@@ -141,3 +141,13 @@ class Server:
             self.proc.kill()
             self.proc.wait()
             return None
+
+
+def shutdown(server, *dirs):
+    """End a test class's server: stop it, remove dirs, and fail (with its log)
+    unless it exited 0."""
+    code = server.stop()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    if code != 0:
+        raise AssertionError("server exit code %r\n%s" % (code, server.text()))

@@ -95,10 +95,7 @@ class MetricsTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.channel.close()
-        code = cls.server.stop()
-        shutil.rmtree(cls.repo, ignore_errors=True)
-        if code != 0:
-            raise AssertionError("server exit code %r\n%s" % (code, cls.server.text()))
+        harness.shutdown(cls.server, cls.repo)
 
     def scrape(self):
         status, headers, body = get(self.server.metrics_port)

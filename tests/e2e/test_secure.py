@@ -111,10 +111,7 @@ class ServerCase(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        code = cls.server.stop()
-        shutil.rmtree(cls.repo, ignore_errors=True)
-        if code != 0:
-            raise AssertionError("server exit code %r\n%s" % (code, cls.server.text()))
+        harness.shutdown(cls.server, cls.repo)
 
     def assertStatus(self, code, fn, *args, **kw):
         with self.assertRaises(grpc.RpcError) as cm:

@@ -106,10 +106,7 @@ class ServerTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.channel.close()
-        code = cls.server.stop()
-        shutil.rmtree(cls.repo, ignore_errors=True)
-        if code != 0:
-            raise AssertionError("server exit code %r\n%s" % (code, cls.server.text()))
+        harness.shutdown(cls.server, cls.repo)
 
     def assertStatus(self, code, fn, *args, contains=None, **kw):
         with self.assertRaises(grpc.RpcError) as cm:
