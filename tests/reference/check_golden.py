@@ -1,10 +1,21 @@
 #!/usr/bin/python3
 """Check the golden cases: re-read every case directory with st.py, re-run the
-reference, and require the stored expected output bit for bit (max abs diff 0,
-or at most --tolerance: PyTorch's CPU kernels may round differently on other
-processors).
+reference, and require the stored expected output bit for bit (the default), or
+within --rtol: max |actual - expected| <= rtol * max |expected|.
 
-    /usr/bin/python3 tests/reference/check_golden.py [--dir tests/golden] [--tolerance T]
+    /usr/bin/python3 tests/reference/check_golden.py [--dir tests/golden] [--rtol R]
+
+Why a relative bound: the reference's matmuls go through OpenBLAS (Debian's
+PyTorch uses it for FP32), whose kernel depends on the CPU and on
+OPENBLAS_CORETYPE; another kernel sums in another order, and the outputs move
+by a few units in the last place of the output's scale (measured: at most
+6.4e-7 of max |output| over every case, with OPENBLAS_CORETYPE=Haswell on a
+Zen 5 machine; 0 with the native kernel). CTest runs this with --rtol 4e-6
+(about 32 ulp at the output's scale, 6x the worst seen), which still fails on
+anything that is not rounding: a changed formula, weight, input or config
+moves outputs by orders of magnitude more. It protects one promise, that the
+committed golden files are what the reference computes; the engine's own
+tolerance against them (1e-4 absolute, tests/golden/README.md) is separate.
 
 Also checks the file conventions the engine relies on: the four files exist,
 every config names a known class, weights/inputs use the supported dtypes,
@@ -27,7 +38,7 @@ import gen_golden  # noqa: E402
 import st  # noqa: E402
 
 
-def check_case(path, tolerance=0.0):
+def check_case(path, rtol=0.0):
     """Problems found in one case directory (an empty list when it passes)."""
     problems = []
     for f in gen_golden.CASE_FILES:
@@ -55,9 +66,12 @@ def check_case(path, tolerance=0.0):
     if actual.shape != want.shape:
         problems.append(f"output shape {list(actual.shape)} != expected {list(want.shape)}")
     else:
-        diff = (actual - want).abs().max().item()
-        if not diff <= tolerance or (tolerance == 0.0 and not torch.equal(actual, want)):
-            problems.append(f"output differs from expected: max abs diff {diff:g}")
+        diff = (actual - want).abs().max().item() if want.numel() else 0.0
+        scale = want.abs().max().item() if want.numel() else 0.0
+        bound = rtol * scale
+        if not diff <= bound or (rtol == 0.0 and not torch.equal(actual, want)):
+            problems.append(f"output differs from expected: max abs diff {diff:g} "
+                            f"(bound {bound:g} = {rtol:g} x max |expected| {scale:g})")
     return problems
 
 
@@ -65,8 +79,9 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=os.path.normpath(os.path.join(here, "..", "golden")))
-    parser.add_argument("--tolerance", type=float, default=0.0,
-                        help="max abs diff accepted (default 0: bit for bit)")
+    parser.add_argument("--rtol", type=float, default=0.0,
+                        help="max abs diff accepted, relative to max |expected| "
+                             "(default 0: bit for bit)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -78,7 +93,7 @@ def main():
         print(f"FAIL {name}: case directory missing")
         failures += 1
     for name in found:
-        problems = check_case(os.path.join(args.dir, name), args.tolerance)
+        problems = check_case(os.path.join(args.dir, name), args.rtol)
         if name not in wanted:
             problems.append("not a case of gen_golden.py (stale?)")
         print(("FAIL " if problems else "ok   ") + name + ("".join(f"\n     {p}" for p in problems)))

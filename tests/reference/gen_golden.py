@@ -584,7 +584,7 @@ def write_readme(out_dir, summaries):
         "",
         "    /usr/bin/python3 tests/reference/gen_golden.py   # [--out DIR], default tests/golden",
         "",
-        "and verify with `/usr/bin/python3 tests/reference/check_golden.py`.",
+        "and verify with `/usr/bin/python3 tests/reference/check_golden.py --rtol 4e-6` (bit for bit without --rtol on the machine that generated them).",
         "",
         "Each directory holds config.json (diffusers-style; stacks and prefixed loads add a",
         '"blockserve" object with num_blocks and weights_prefix, where "{i}" is the block index),',
