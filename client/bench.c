@@ -37,6 +37,8 @@ struct worker {
     int slots;
     pthread_t thread;
     struct bs_latency lat;
+    struct bs_latency lat_status[BS_BENCH_N_STATUS];
+    struct bs_latency start_lag;
     int64_t status[BS_BENCH_N_STATUS];
     char first_error[256];
     double t_last;
@@ -77,13 +79,23 @@ static double take_ticket(struct bench *b)
 static void record(struct worker *w, double t_start, int slot, const char *msg)
 {
     double t = now_s();
-    if (bs_latency_add(&w->lat, (t - t_start) * 1e6) != 0 && w->rc == 0)
+    if ((bs_latency_add(&w->lat, (t - t_start) * 1e6) != 0 ||
+         bs_latency_add(&w->lat_status[slot], (t - t_start) * 1e6) != 0) &&
+        w->rc == 0)
         w->rc = BS_ENOMEM;
     w->status[slot]++;
     if (slot != 0 && w->first_error[0] == '\0')
         snprintf(w->first_error, sizeof(w->first_error), "%s: %s", bs_bench_status_name(slot), msg);
     if (t > w->t_last)
         w->t_last = t;
+}
+
+/* A call due at `due` starts now: keep how late it is. */
+static void record_lag(struct worker *w, double due)
+{
+    double lag = now_s() - due;
+    if (bs_latency_add(&w->start_lag, lag > 0 ? lag * 1e6 : 0) != 0 && w->rc == 0)
+        w->rc = BS_ENOMEM;
 }
 
 static void sleep_until(double t)
@@ -122,6 +134,7 @@ static void *unary_worker(void *arg)
             int k = 0;
             while (slots[k].busy)
                 k++;
+            record_lag(w, due);
             slots[k] = (struct slot){.t_start = now_s(), .busy = true};
             if (bs_client_call_start(w->client, q, BS_CLIENT_METHOD("ModelInfer"), o->req,
                                      o->req_len, o->timeout_s, &slots[k], &w->err) != 0) {
@@ -191,6 +204,7 @@ static void *stream_worker(void *arg)
     double due;
     while ((due = take_ticket(w->b)) >= 0) {
         sleep_until(due);
+        record_lag(w, due);
         if (s == NULL &&
             bs_client_stream_open(w->client, stream_deadline(w->b), &s, &w->err) != 0) {
             record(w, now_s(), w->err.grpc_status >= 0 ? w->err.grpc_status : 2, w->err.msg);
@@ -211,22 +225,45 @@ static void *stream_worker(void *arg)
 
 static void merge(struct bs_bench_result *r, struct worker *w, int *rc)
 {
-    if (bs_latency_merge(&r->lat, &w->lat) != 0 && *rc == 0)
+    if ((bs_latency_merge(&r->lat, &w->lat) != 0 ||
+         bs_latency_merge(&r->start_lag, &w->start_lag) != 0) &&
+        *rc == 0)
         *rc = BS_ENOMEM;
     for (int k = 0; k < BS_BENCH_N_STATUS; k++) {
         r->status[k] += w->status[k];
         r->count += w->status[k];
+        if (bs_latency_merge(&r->lat_status[k], &w->lat_status[k]) != 0 && *rc == 0)
+            *rc = BS_ENOMEM;
+        bs_latency_free(&w->lat_status[k]);
     }
     if (r->first_error[0] == '\0' && w->first_error[0] != '\0')
         memcpy(r->first_error, w->first_error, sizeof(r->first_error));
     bs_latency_free(&w->lat);
+    bs_latency_free(&w->start_lag);
+}
+
+static void latency_init_all(struct bs_latency *all, struct bs_latency *by_status,
+                             struct bs_latency *lag)
+{
+    bs_latency_init(all);
+    bs_latency_init(lag);
+    for (int k = 0; k < BS_BENCH_N_STATUS; k++)
+        bs_latency_init(&by_status[k]);
+}
+
+void bs_bench_result_free(struct bs_bench_result *r)
+{
+    bs_latency_free(&r->lat);
+    bs_latency_free(&r->start_lag);
+    for (int k = 0; k < BS_BENCH_N_STATUS; k++)
+        bs_latency_free(&r->lat_status[k]);
 }
 
 int bs_bench_run(bs_client_t *const *clients, int n_clients, const struct bs_bench_opts *o,
                  struct bs_bench_result *r, struct bs_client_err *err)
 {
     memset(r, 0, sizeof(*r));
-    bs_latency_init(&r->lat);
+    latency_init_all(&r->lat, r->lat_status, &r->start_lag);
     err->grpc_status = -1;
     if (o->concurrency < 1 || n_clients < 1 || (o->count <= 0 && o->duration_s <= 0)) {
         snprintf(err->msg, sizeof(err->msg), "bench: needs -c >= 1 and -n or -z");
@@ -248,7 +285,7 @@ int bs_bench_run(bs_client_t *const *clients, int n_clients, const struct bs_ben
         w[i].b = &b;
         w[i].client = clients[i % n_clients];
         w[i].slots = o->concurrency / n + (i < o->concurrency % n);
-        bs_latency_init(&w[i].lat);
+        latency_init_all(&w[i].lat, w[i].lat_status, &w[i].start_lag);
         if (pthread_create(&w[i].thread, NULL, o->stream ? stream_worker : unary_worker, &w[i]))
             break;
         started++;

@@ -29,18 +29,24 @@ struct bs_bench_opts {
 };
 
 struct bs_bench_result {
-    double elapsed_s;                  /* first start to last completion */
-    int64_t count;                     /* completed calls */
-    int64_t status[BS_BENCH_N_STATUS]; /* completed calls by status */
-    char first_error[256];             /* the first failure's status and message */
-    struct bs_latency lat;             /* every completed call, microseconds */
+    double elapsed_s;                                /* first start to last completion */
+    int64_t count;                                   /* completed calls */
+    int64_t status[BS_BENCH_N_STATUS];               /* completed calls by status */
+    char first_error[256];                           /* the first failure's status and message */
+    struct bs_latency lat;                           /* every completed call, microseconds */
+    struct bs_latency lat_status[BS_BENCH_N_STATUS]; /* the same samples split by status */
+    struct bs_latency start_lag; /* each call's start after its scheduled time (with a
+                                    rate; else after its ticket), microseconds */
 };
 
 /* Run the load through clients[0..n_clients) (calls spread round-robin) and
- * fill r (free r->lat with bs_latency_free). Fails only when the load could
- * not be run at all; failed calls are counted, not returned. */
+ * fill r (release it with bs_bench_result_free). Fails only when the load
+ * could not be run at all; failed calls are counted, not returned. */
 int bs_bench_run(bs_client_t *const *clients, int n_clients, const struct bs_bench_opts *o,
                  struct bs_bench_result *r, struct bs_client_err *err);
+
+/* Release r's latency samples (r->lat, r->lat_status, r->start_lag). */
+void bs_bench_result_free(struct bs_bench_result *r);
 
 /* The label of a status slot ("OK", "NOT_FOUND", ..., "STREAM_ERROR"). */
 const char *bs_bench_status_name(int slot);

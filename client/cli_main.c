@@ -411,7 +411,23 @@ static void print_bench_json(const struct cli *a, struct bs_bench_result *r)
                    (long long)r->status[k]);
             first = 0;
         }
-    printf("}, \"first_error\": ");
+    /* the latencies of each status apart (admitted versus rejected calls), and
+       how late calls started after their scheduled time (--rps: open loop) */
+    printf("}, \"latency_ms_by_status\": {");
+    for (int k = 0, first = 1; k < BS_BENCH_N_STATUS; k++)
+        if (r->status[k]) {
+            bs_latency_summarize(&r->lat_status[k], &s);
+            printf("%s\"%s\": {\"count\": %zu, \"min\": %.4f, \"avg\": %.4f, \"max\": %.4f, "
+                   "\"p50\": %.4f, \"p90\": %.4f, \"p95\": %.4f, \"p99\": %.4f}",
+                   first ? "" : ", ", bs_bench_status_name(k), s.count, s.min_us / 1e3,
+                   s.mean_us / 1e3, s.max_us / 1e3, s.p50_us / 1e3, s.p90_us / 1e3, s.p95_us / 1e3,
+                   s.p99_us / 1e3);
+            first = 0;
+        }
+    bs_latency_summarize(&r->start_lag, &s);
+    printf("}, \"start_lag_ms\": {\"p50\": %.4f, \"p99\": %.4f, \"max\": %.4f}", s.p50_us / 1e3,
+           s.p99_us / 1e3, s.max_us / 1e3);
+    printf(", \"first_error\": ");
     print_json_str(r->first_error);
     printf("}\n");
 }
@@ -452,7 +468,7 @@ static int cmd_bench(struct cli *a, bs_client_t *c)
         print_bench_json(a, &r);
     else if (rc == 0)
         print_bench_text(a, &r);
-    bs_latency_free(&r.lat);
+    bs_bench_result_free(&r);
     for (int i = 1; i < n_clients; i++)
         bs_client_free(extra[i]);
     free(req);

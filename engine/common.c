@@ -47,6 +47,7 @@ const char *bs_status_str(int code)
     case BS_ERANGE: return "limit exceeded";
     case BS_ETIMEDOUT: return "deadline exceeded";
     case BS_ECANCELED: return "cancelled";
+    case BS_EBUSY: return "overloaded";
     default: return "unknown error";
     }
 }

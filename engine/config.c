@@ -444,7 +444,10 @@ static int validate_ada_gn(const struct bs_model_config *c, struct bs_err *err)
 
 static int validate_ff(const struct bs_model_config *c, struct bs_err *err)
 {
-    int64_t inner = bs_config_ff_inner(c);
+    /* Range-check the product in double first: converting a double beyond
+     * int64's range (mult 1e300) is undefined. */
+    double width = (double)c->dim * c->mult;
+    int64_t inner = width >= 1 && width <= 16.0 * DIM_MAX ? bs_config_ff_inner(c) : 0;
     if (!(c->mult > 0) || inner < 1 || inner > 16 * DIM_MAX)
         return bs_err_set(err, BS_EINVAL, "\"mult\": %g gives an inner width of %lld", c->mult,
                           (long long)inner);

@@ -2,7 +2,11 @@
  * containers (bounded by max_depth) replaces recursion, so hostile input can
  * neither blow the C stack nor allocate without bound beyond its own size.
  * Every node and unescaped string comes from a chunked arena owned by the
- * document, freed in one go. Error offsets are 0-based byte offsets. */
+ * document, freed in one go. Error offsets are 0-based byte offsets.
+ *
+ * Strings are handed out NUL-terminated, so a NUL inside one would silently
+ * cut it ("Block\u0000evil" read as "Block"): both a raw NUL byte and the
+ * escape \u0000 are refused. */
 #include "json.h"
 
 #include <errno.h>
@@ -248,10 +252,13 @@ static int json_escape(struct json_parser *p, char *out, size_t *n)
         return json_fail(p, p->pos, "invalid escape (expected one of \\\" \\\\ \\/ \\b \\f "
                                     "\\n \\r \\t \\uXXXX)");
     }
+    size_t at = p->pos - 1;
     uint32_t cp = 0;
     int rc = json_unicode(p, &cp);
     if (rc != 0)
         return rc;
+    if (cp == 0) /* strings are handed out NUL-terminated: a NUL inside would cut them */
+        return json_fail(p, at, "\\u0000 is not allowed in JSON strings");
     *n += utf8_put(out + *n, cp);
     return 0;
 }
@@ -283,6 +290,8 @@ static int json_string(struct json_parser *p, const char **out, size_t *out_len)
             int rc = json_escape(p, buf, &n);
             if (rc != 0)
                 return rc;
+        } else if (c == 0) {
+            return json_fail(p, p->pos, "NUL byte in string (not allowed in JSON strings)");
         } else if (c < 0x20) {
             return json_fail(p, p->pos, "control character in string (must be escaped)");
         } else {

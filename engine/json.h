@@ -24,7 +24,7 @@ struct bs_json {
     double number;        /* BS_JSON_NUMBER */
     bool is_integer;      /* number written without fraction or exponent and fits int64 */
     int64_t integer;      /* valid when is_integer */
-    const char *string;   /* BS_JSON_STRING: NUL-terminated, unescaped UTF-8 */
+    const char *string;   /* BS_JSON_STRING: NUL-terminated, unescaped UTF-8 (no NUL inside) */
     size_t len;           /* string length in bytes, or number of children */
     struct bs_json *child; /* first element (array) or member value (object) */
     struct bs_json *next;  /* next sibling */
@@ -35,7 +35,8 @@ typedef struct bs_json_doc bs_json_doc_t;
 
 /* Parse len bytes of text; on success *doc owns the tree and root is
  * bs_json_doc_root(*doc). Errors name the byte offset. max_depth bounds
- * nesting (0: 64). */
+ * nesting (0: 64). Strings (and keys) holding a NUL, raw or as \u0000, are
+ * refused. */
 int bs_json_parse(bs_json_doc_t **doc, const char *text, size_t len, int max_depth,
                   struct bs_err *err);
 

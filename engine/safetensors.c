@@ -25,7 +25,7 @@ struct st_entry {
     enum bs_dtype type;
     int n_dims;
     int64_t ne[BS_MAX_DIMS];
-    uint64_t begin; /* offset in the data section */
+    uint64_t begin, end; /* [begin, end) in the data section */
 };
 
 struct bs_st_file {
@@ -150,6 +150,7 @@ static int st_parse_offsets(const struct bs_json *m, struct st_entry *e, uint64_
                           "need %llu",
                           e->name, (long long)(end - b), (unsigned long long)nbytes);
     e->begin = (uint64_t)b;
+    e->end = (uint64_t)end;
     return 0;
 }
 
@@ -206,6 +207,75 @@ static int st_index(bs_st_file_t *f, struct bs_err *err)
     return 0;
 }
 
+static int st_cmp_offsets(const void *a, const void *b)
+{
+    const struct st_entry *x = *(struct st_entry *const *)a, *y = *(struct st_entry *const *)b;
+    if (x->begin != y->begin)
+        return x->begin < y->begin ? -1 : 1;
+    if (x->end != y->end)
+        return x->end < y->end ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+/* Bytes [from, to) of the data section are in no tensor; prev and next are
+ * the tensors around them (NULL: none). */
+static int st_uncovered(uint64_t from, uint64_t to, const struct st_entry *prev,
+                        const struct st_entry *next, struct bs_err *err)
+{
+    char where[160];
+    if (next != NULL && prev != NULL)
+        snprintf(where, sizeof(where), "a hole between '%s' and '%s'", prev->name, next->name);
+    else if (next != NULL)
+        snprintf(where, sizeof(where), "a hole before '%s', the first tensor", next->name);
+    else if (prev != NULL)
+        snprintf(where, sizeof(where), "trailing bytes after '%s', the last tensor", prev->name);
+    else
+        snprintf(where, sizeof(where), "trailing bytes: the header lists no tensors");
+    return bs_err_set(err, BS_EFORMAT,
+                      "no tensor covers bytes [%llu, %llu) of the data section (%s); the "
+                      "tensors' data_offsets must cover all of it",
+                      (unsigned long long)from, (unsigned long long)to, where);
+}
+
+static int st_overlap(const struct st_entry *a, const struct st_entry *b, struct bs_err *err)
+{
+    return bs_err_set(err, BS_EFORMAT,
+                      "tensors '%s' (data_offsets [%llu, %llu]) and '%s' (data_offsets "
+                      "[%llu, %llu]) overlap",
+                      a->name, (unsigned long long)a->begin, (unsigned long long)a->end, b->name,
+                      (unsigned long long)b->begin, (unsigned long long)b->end);
+}
+
+/* The tensors' byte ranges must tile the data section, as the format requires:
+ * sorted by offset, each starts where the one before ended, the first at 0,
+ * the last at the end (a zero-size tensor sits at such a boundary). Every
+ * range already lies inside the data section, so nothing here overflows. */
+static int st_check_layout(const bs_st_file_t *f, struct bs_err *err)
+{
+    struct st_entry **order = malloc((size_t)(f->n ? f->n : 1) * sizeof(*order));
+    if (order == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    for (int i = 0; i < f->n; i++)
+        order[i] = &f->entries[i];
+    qsort(order, (size_t)f->n, sizeof(*order), st_cmp_offsets);
+    const struct st_entry *prev = NULL; /* the tensor that ends at pos */
+    uint64_t pos = 0;
+    int rc = 0;
+    for (int i = 0; i < f->n && rc == 0; i++) {
+        const struct st_entry *e = order[i];
+        if (e->begin < pos)
+            rc = st_overlap(prev, e, err);
+        else if (e->begin > pos)
+            rc = st_uncovered(pos, e->begin, prev, e, err);
+        pos = e->end;
+        prev = e;
+    }
+    if (rc == 0 && pos != f->data_size)
+        rc = st_uncovered(pos, f->data_size, prev, NULL, err);
+    free(order);
+    return rc;
+}
+
 static int st_parse_header(bs_st_file_t *f, const char *text, size_t len, struct bs_err *err)
 {
     int rc = bs_json_parse(&f->doc, text, len, ST_JSON_DEPTH, err);
@@ -230,7 +300,9 @@ static int st_parse_header(bs_st_file_t *f, const char *text, size_t len, struct
         if (rc != 0)
             return rc;
     }
-    return st_index(f, err);
+    if ((rc = st_index(f, err)) != 0)
+        return rc;
+    return st_check_layout(f, err);
 }
 
 /* Validate size bytes at data into f (which the caller frees on error). */

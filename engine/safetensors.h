@@ -11,8 +11,9 @@ typedef struct bs_st_file bs_st_file_t;
 
 /* Open and validate path: header size within the file and at most 100 MB, a
  * JSON object of entries with a known dtype, a shape of at most BS_MAX_DIMS
- * non-negative dims and data_offsets that lie inside the data section and
- * match the shape's byte size; "__metadata__" is skipped. */
+ * non-negative dims and data_offsets that match the shape's byte size and,
+ * together, cover the data section exactly (no overlaps, holes or trailing
+ * bytes); "__metadata__" is skipped. */
 int bs_st_open(bs_st_file_t **file, const char *path, struct bs_err *err);
 
 /* The same validation over a buffer already in memory (not copied: it must

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Build the request-codec fuzz target (libFuzzer + ASan + UBSan, clang) into
-# build-fuzz/ and run it for FUZZ_SECONDS (default 30) on tests/fuzz/corpus.
-# Fails on any crash, leak, sanitizer report or broken codec promise.
-#   scripts/fuzz.sh                 build, then fuzz
+# Build the libFuzzer targets (clang, ASan + UBSan) into build-fuzz/ and fuzz
+# each for FUZZ_SECONDS (default 30) on its checked-in seeds:
+#   codec    tests/fuzz/fuzz_codec.c: the request decoder (server/codec.c);
+#            seeds tests/fuzz/corpus
+#   service  tests/fuzz/fuzz_service.c: the inference service (server/service.c,
+#            batchers, repository, engine, CPU backend, a libuv loop) behind the
+#            fake transport tests/fuzz/fake_rpc.c; seeds tests/fuzz/corpus_service
+# Fails on any crash, leak, sanitizer report or broken promise.
+#   scripts/fuzz.sh                 build, then fuzz every target in turn
 #   scripts/fuzz.sh FILE...         build, then run only these inputs (reproduce)
-# Environment: FUZZ_SECONDS, FUZZ_JOBS (parallel fuzzing processes, default 1),
-# FUZZ_BUILD_DIR (default build-fuzz), CC (default clang).
+#   FUZZ_TARGET=service scripts/fuzz.sh build-fuzz/service-crash-<sha1>
+# Environment: FUZZ_TARGET (codec, service or all; default all, and codec when
+# reproducing), FUZZ_SECONDS (per target), FUZZ_JOBS (parallel fuzzing
+# processes, default 1), FUZZ_BUILD_DIR (default build-fuzz), CC (default clang).
+# Objects are rebuilt only when a source, a header it includes or the flags
+# change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,38 +23,162 @@ seconds=${FUZZ_SECONDS:-30}
 jobs=${FUZZ_JOBS:-1}
 cc=${CC:-clang}
 case "$cc" in *clang*) ;; *) cc=clang ;; esac # libFuzzer needs clang
+if [ "$#" -gt 0 ]; then target=${FUZZ_TARGET:-codec}; else target=${FUZZ_TARGET:-all}; fi
+case "$target" in
+  codec | service) targets=("$target") ;;
+  all) targets=(codec service) ;;
+  *) echo "fuzz.sh: FUZZ_TARGET must be codec, service or all (got \"$target\")" >&2; exit 2 ;;
+esac
+if [ "$#" -gt 0 ] && [ "${#targets[@]}" -ne 1 ]; then
+  echo "fuzz.sh: reproducing needs one target (FUZZ_TARGET=codec or service)" >&2
+  exit 2
+fi
 
-mkdir -p "$out/gen" "$out/obj" "$out/corpus"
-protoc-c -Iproto --c_out="$out/gen" grpc_service.proto model_config.proto
+mkdir -p "$out/gen" "$out/obj"
+gen_protos=(grpc_service model_config)
+for p in "${gen_protos[@]}"; do
+  if [ ! -e "$out/gen/$p.pb-c.c" ] || [ "proto/$p.proto" -nt "$out/gen/$p.pb-c.c" ]; then
+    protoc-c -Iproto --c_out="$out/gen" "${gen_protos[@]/%/.proto}"
+    break
+  fi
+done
 
+# Flags: the CMake build's (CMakeLists.txt: BS_WARN, -march for the CPU
+# kernels, _GNU_SOURCE) plus the sanitizers.
 # shellcheck disable=SC2054 # commas belong to -fsanitize=
 san=(-g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined)
-base=(-std=c11 -D_GNU_SOURCE "${san[@]}")
+arch=()
+case "$(uname -m)" in x86_64 | amd64) arch=(-march=x86-64-v3) ;; esac
+base=(-std=c11 -D_GNU_SOURCE "${arch[@]}" "${san[@]}")
 warn=(-Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unused-parameter -Werror)
-inc=(-Iengine -Iserver -I"$out/gen")
+inc=(-Iengine -Ikernels/cpu -Iserver -Itests/fuzz -I"$out/gen")
+cov=(-fsanitize=fuzzer-no-link)
+# clang 14 rejects target_clones together with noinline (kernels/cpu/attn_cpu.c,
+# written for gcc); a fuzz build gains nothing from multiversioned kernels.
+noclones=("-Dtarget_clones(...)=")
+# clang's UBSan reports NULL + 0, which the engine computes when it binds the
+# views of weights before they have memory (engine/tensor.c
+# bs_tensor_view_outer, at model load); gcc's does not. Until the engine
+# avoids it, its pointer arithmetic goes unchecked here (ASan still checks
+# every access; the CMake ASan+UBSan build checks the rest).
+engine_san=(-fno-sanitize=pointer-overflow)
 
-# Generated code: sanitized, without the project's warning flags.
-for f in grpc_service model_config; do
-  "$cc" "${base[@]}" -I"$out/gen" -c "$out/gen/$f.pb-c.c" -o "$out/obj/$f.o"
+# Sources. The engine is the bs_engine list of CMakeLists.txt; libFuzzer
+# coverage goes to the code that handles requests, not to the compute kernels.
+mapfile -t engine < <(sed -n '/^add_library(bs_engine STATIC/,/^)/p' CMakeLists.txt |
+  sed -n 's/^[[:space:]]*\([a-z_/]*\.c\)[[:space:]]*$/\1/p')
+[ "${#engine[@]}" -gt 0 ] || { echo "fuzz.sh: no bs_engine sources in CMakeLists.txt" >&2; exit 1; }
+codec_cov=(server/codec.c server/pbcheck.c engine/common.c engine/tensor.c)
+service_cov=("${codec_cov[@]}" server/service.c server/batcher.c server/repository.c server/log.c
+  server/metrics.c engine/model.c engine/opcheck.c)
+cov_srcs=("${service_cov[@]}" tests/fuzz/fuzz_codec.c tests/fuzz/fuzz_service.c tests/fuzz/fake_rpc.c)
+plain_srcs=()
+for f in "${engine[@]}"; do
+  [[ " ${cov_srcs[*]} " == *" $f "* ]] || plain_srcs+=("$f")
 done
-# Project code: instrumented for coverage too.
-for f in server/codec.c engine/common.c engine/tensor.c tests/fuzz/fuzz_codec.c; do
-  "$cc" "${base[@]}" -fsanitize=fuzzer-no-link "${warn[@]}" "${inc[@]}" -c "$f" \
-    -o "$out/obj/$(basename "$f" .c).o"
+
+obj_of() { # source (generated ones under $out) -> object path
+  local f=${1#"$out"/}
+  f=${f//\//_}
+  echo "$out/obj/${f%.c}.o"
+}
+
+# Rebuild everything when the flags or the compiler change.
+stamp="$out/obj/flags"
+flags="$("$cc" --version | head -1) | ${base[*]} | ${warn[*]} | ${inc[*]} | ${cov[*]} | ${noclones[*]} | ${engine_san[*]}"
+if [ ! -e "$stamp" ] || [ "$(cat "$stamp")" != "$flags" ]; then
+  rm -f "$out"/obj/*.o "$out"/obj/*.d
+  printf '%s\n' "$flags" >"$stamp"
+fi
+
+stale() { # object depfile: missing, or older than a file it was built from
+  local o=$1 d=$2 dep
+  [ -e "$o" ] && [ -e "$d" ] || return 0
+  # shellcheck disable=SC2013 # a depfile is words (make syntax), not lines
+  for dep in $(sed -e 's/^[^:]*://' -e 's/\\$//' "$d"); do
+    [ "$dep" -nt "$o" ] && return 0
+  done
+  return 1
+}
+
+# Compile in parallel, one job per core.
+ncpu=$(nproc)
+running=0
+compile() { # kind source
+  local kind=$1 src=$2 o d
+  o=$(obj_of "$src")
+  d=${o%.o}.d
+  stale "$o" "$d" || return 0
+  local flags=("${base[@]}" -MMD -MF "$d")
+  case "$src" in engine/* | kernels/*) flags+=("${engine_san[@]}") ;; esac
+  case "$kind" in
+    gen) flags+=(-I"$out/gen") ;; # generated: no project warnings
+    cov) flags+=("${cov[@]}" "${warn[@]}" "${inc[@]}") ;;
+    plain) flags+=("${noclones[@]}" "${warn[@]}" "${inc[@]}") ;;
+  esac
+  if [ "$running" -ge "$ncpu" ]; then
+    wait -n
+    running=$((running - 1))
+  fi
+  "$cc" "${flags[@]}" -c "$src" -o "$o" &
+  running=$((running + 1))
+}
+t0=$(date +%s)
+for p in "${gen_protos[@]}"; do compile gen "$out/gen/$p.pb-c.c"; done
+for f in "${cov_srcs[@]}"; do compile cov "$f"; done
+for f in "${plain_srcs[@]}"; do compile plain "$f"; done
+while [ "$running" -gt 0 ]; do
+  wait -n
+  running=$((running - 1))
 done
-"$cc" "${san[@]}" -fsanitize=fuzzer "$out"/obj/*.o -lprotobuf-c -lm -o "$out/fuzz_codec"
-echo "built $out/fuzz_codec"
+
+objs() { # sources -> objects
+  local f
+  for f in "$@"; do obj_of "$f"; done
+}
+gen_srcs=("${gen_protos[@]/#/$out/gen/}")
+gen_srcs=("${gen_srcs[@]/%/.pb-c.c}")
+for t in "${targets[@]}"; do
+  case "$t" in
+    codec)
+      mapfile -t link < <(objs "${gen_srcs[@]}" "${codec_cov[@]}" tests/fuzz/fuzz_codec.c)
+      libs=(-lprotobuf-c -lm)
+      ;;
+    service)
+      mapfile -t link < <(objs "${gen_srcs[@]}" "${service_cov[@]}" "${plain_srcs[@]}" \
+        tests/fuzz/fuzz_service.c tests/fuzz/fake_rpc.c)
+      # shellcheck disable=SC2207 # pkg-config prints words
+      libs=($(pkg-config --libs openblas) -luv -lprotobuf-c -lpthread -ldl -lm)
+      ;;
+  esac
+  "$cc" "${san[@]}" -fsanitize=fuzzer "${link[@]}" "${libs[@]}" -o "$out/fuzz_$t"
+  echo "built $out/fuzz_$t"
+done
+echo "fuzz build: $(($(date +%s) - t0)) s"
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 if [ "$#" -gt 0 ]; then
-  exec "$out/fuzz_codec" "$@"
+  exec "$out/fuzz_${targets[0]}" "$@"
 fi
 par=()
 if [ "$jobs" -gt 1 ]; then
   par=(-jobs="$jobs" -workers="$jobs") # logs go to fuzz-<n>.log
 fi
-# New inputs go to $out/corpus; the checked-in seeds are only read. A crash
-# leaves $out/crash-<sha1>: reproduce it with scripts/fuzz.sh $out/crash-<sha1>.
-"$out/fuzz_codec" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=16384 \
-  -print_final_stats=1 -artifact_prefix="$out/" "${par[@]}" "$out/corpus" tests/fuzz/corpus
+for t in "${targets[@]}"; do
+  case "$t" in
+    codec) seeds=tests/fuzz/corpus new="$out/corpus" max_len=16384 prefix="$out/" ;;
+    service) seeds=tests/fuzz/corpus_service new="$out/corpus_service" max_len=32768 \
+      prefix="$out/service-" ;;
+  esac
+  mkdir -p "$new"
+  echo "== fuzz $t: $seconds s"
+  # New inputs go to $new; the checked-in seeds are only read. A crash leaves
+  # ${prefix}crash-<sha1>: reproduce it with FUZZ_TARGET=$t scripts/fuzz.sh FILE.
+  if ! "$out/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+    -max_len="$max_len" -print_final_stats=1 -artifact_prefix="$prefix" "${par[@]}" \
+    "$new" "$seeds"; then
+    echo "fuzz.sh: $t failed; reproduce with FUZZ_TARGET=$t scripts/fuzz.sh ${prefix}crash-<sha1>" >&2
+    exit 1
+  fi
+done

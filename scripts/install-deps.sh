@@ -19,14 +19,14 @@ packages=(
   libmicrohttpd-dev libssl-dev openssl
   clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
-  python3-yaml
+  python3-yaml python3-h2
 )
 
 # Packages only the tests use; "build" leaves them out.
 test_only=(
   libcmocka-dev clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
-  python3-yaml
+  python3-yaml python3-h2
 )
 
 case "$mode" in

@@ -205,16 +205,10 @@ static void queue_unlink(bs_batcher_t *b, bs_job_t *j)
     bs_metrics_pending(b->cfg.metrics, b->n_queued);
 }
 
-/* a + b for b >= 0, INT64_MAX when it overflows (a deadline of "never"). */
-static int64_t add_sat(int64_t a, int64_t b)
-{
-    return a > INT64_MAX - b ? INT64_MAX : a + b;
-}
-
-/* us in ns, saturating. */
+/* us in ns, saturating (a delay or deadline of "never"). */
 static int64_t us_to_ns(int64_t us)
 {
-    return us > INT64_MAX / 1000 ? INT64_MAX : us * 1000;
+    return bs_mul_sat(us, 1000);
 }
 
 static void duration_add(struct bs_duration *d, uint64_t ns)
@@ -223,33 +217,58 @@ static void duration_add(struct bs_duration *d, uint64_t ns)
     d->ns += ns;
 }
 
-/* Count a finished job in the metrics: a success with its times (its
- * batch's, for compute; output: from the forward's end to its answer), or a
- * failure by reason. */
-static void job_metrics(bs_batcher_t *b, const bs_job_t *j, int rc, uint64_t now)
+enum bs_metrics_reason bs_batcher_reason(int rc)
 {
-    const struct bs_batch *r = &b->run;
-    if (b->cfg.metrics == NULL)
-        return;
-    if (rc == 0) {
-        struct bs_metrics_request m = {now - j->enqueue_ns, j->queue_ns, r->t_input - r->t_start,
-                                       r->t_infer - r->t_input, now - r->t_infer};
-        bs_metrics_success(b->cfg.metrics, &m);
-    } else {
-        bs_metrics_failure(b->cfg.metrics, rc == BS_ETIMEDOUT   ? BS_METRICS_REJECTED
-                                           : rc == BS_ECANCELED ? BS_METRICS_CANCELED
-                                                                : BS_METRICS_BACKEND);
+    switch (rc) {
+    case BS_ETIMEDOUT: /* dropped unrun: the deadline passed in the queue */
+    case BS_EBUSY:     /* not admitted: a queue or in-flight bound was full */
+    case BS_EUNSUPP:   /* not admitted: the server is shutting down */
+        return BS_METRICS_REJECTED;
+    case BS_ECANCELED: return BS_METRICS_CANCELED;
+    case BS_EINVAL:
+    case BS_EFORMAT:
+    case BS_ENOTFOUND:
+    case BS_ERANGE: return BS_METRICS_OTHER;
+    default: return BS_METRICS_BACKEND;
     }
 }
 
-/* Answer a job that is out of the queue, count it, and free it. */
+void bs_batcher_count_failure(bs_batcher_t *b, int rc)
+{
+    duration_add(&b->stats.fail, 0);
+    bs_metrics_failure(b->cfg.metrics, bs_batcher_reason(rc));
+}
+
+/* Count a finished job: a success with its times (its batch's, for compute;
+ * output: from the forward's end to its answer) and its samples, or a
+ * failure by reason. ModelStatistics and the metrics count the same events. */
+static void job_count(bs_batcher_t *b, const bs_job_t *j, int rc, uint64_t now)
+{
+    const struct bs_batch *r = &b->run;
+    duration_add(rc == 0 ? &b->stats.success : &b->stats.fail, now - j->enqueue_ns);
+    if (rc != 0) {
+        bs_metrics_failure(b->cfg.metrics, bs_batcher_reason(rc));
+        return;
+    }
+    b->stats.inference_count += (uint64_t)j->batch; /* Triton: samples of successful requests */
+    struct bs_metrics_request m = {now - j->enqueue_ns,     j->queue_ns,
+                                   r->t_input - r->t_start, r->t_infer - r->t_input,
+                                   now - r->t_infer,        (uint64_t)j->batch};
+    bs_metrics_success(b->cfg.metrics, &m);
+}
+
+/* Answer a job that is out of the queue, count it, and free it. A successful
+ * job's owner prepares its answer first (on_output), which may still fail it;
+ * the count is taken before the answer goes out, so that a client that has
+ * its answer sees it counted. */
 static void job_finish(bs_batcher_t *b, bs_job_t *j, int rc, const char *msg,
                        const struct bs_tensor *out)
 {
-    uint64_t now = uv_hrtime();
-    duration_add(rc == 0 ? &b->stats.success : &b->stats.fail, now - j->enqueue_ns);
-    job_metrics(b, j, rc, now);
+    struct bs_err err = {0};
     j->state = JOB_FINISHING;
+    if (rc == 0 && j->ops.on_output != NULL && (rc = j->ops.on_output(j->arg, out, &err)) != 0)
+        msg = err.msg;
+    job_count(b, j, rc, uv_hrtime());
     j->ops.on_done(j->arg, rc, msg, rc == 0 ? out : NULL);
     free(j);
 }
@@ -396,7 +415,6 @@ static void batch_stats(bs_batcher_t *b, uint64_t t_out_ns)
     struct bs_batch_stats *bs = &s->batch[r->size - 1];
     uint64_t t_in = r->t_input - r->t_start, t_inf = r->t_infer - r->t_input;
     uv_timeval64_t tv;
-    s->inference_count += (uint64_t)r->size;
     s->execution_count++;
     duration_add(&s->compute_input, t_in);
     duration_add(&s->compute_infer, t_inf);
@@ -534,7 +552,7 @@ static bool try_dispatch(bs_batcher_t *b, uint64_t now)
             break;
         }
     }
-    bool waited = b->draining || (int64_t)now >= add_sat((int64_t)h->enqueue_ns,
+    bool waited = b->draining || (int64_t)now >= bs_add_sat((int64_t)h->enqueue_ns,
                                                          us_to_ns(b->cfg.max_queue_delay_us));
     if (!full && !waited) {
         if (n_pref == 0)
@@ -552,7 +570,7 @@ static void arm_timer(bs_batcher_t *b, uint64_t now)
 {
     int64_t next = INT64_MAX;
     if (b->head != NULL && !b->running)
-        next = add_sat((int64_t)b->head->enqueue_ns, us_to_ns(b->cfg.max_queue_delay_us));
+        next = bs_add_sat((int64_t)b->head->enqueue_ns, us_to_ns(b->cfg.max_queue_delay_us));
     for (const bs_job_t *j = b->head; j != NULL; j = j->next)
         if (j->deadline_ns < next)
             next = j->deadline_ns;
@@ -670,18 +688,14 @@ fail_alloc:
     return rc;
 }
 
-int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
-                      int64_t deadline_ns, bool intermediate, const struct bs_job_ops *ops,
-                      void *arg, bs_job_t **job, struct bs_err *err)
+/* Can this request join the queue? The main input and its batch size. */
+static int submit_check(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
+                        struct bs_tensor *out, int64_t *batch, struct bs_err *err)
 {
-    struct bs_tensor out;
     int rc;
-    *job = NULL;
     if (b->draining)
         return bs_err_set(err, BS_EUNSUPP, "shutting down");
-    if (ops == NULL || ops->on_done == NULL || n_in < 0 || (n_in > 0 && in == NULL))
-        return bs_err_set(err, BS_EINVAL, "batcher: bad submit arguments");
-    if ((rc = bs_model_check(b->model, in, n_in, &out, err)) != 0)
+    if ((rc = bs_model_check(b->model, in, n_in, out, err)) != 0)
         return rc;
     const struct bs_tensor *main_t = NULL;
     for (int i = 0; i < n_in; i++)
@@ -693,13 +707,32 @@ int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_i
         return bs_err_set(err, BS_EINVAL, "batch %lld exceeds max_batch_size %d",
                           (long long)main_t->ne[0], b->cfg.max_batch_size);
     if (b->cfg.max_queue_size > 0 && b->n_queued >= b->cfg.max_queue_size)
-        return bs_err_set(err, BS_ERANGE, "queue full (%d requests)", b->n_queued);
-    bs_job_t *j = calloc(1, sizeof(*j) + sizeof(j->in[0]) * (size_t)n_in);
-    if (j == NULL)
-        return bs_err_set(err, BS_ENOMEM, "out of memory");
+        return bs_err_set(err, BS_EBUSY, "queue full (%d requests)", b->n_queued);
+    *batch = main_t->ne[0];
+    return 0;
+}
+
+int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
+                      int64_t deadline_ns, bool intermediate, const struct bs_job_ops *ops,
+                      void *arg, bs_job_t **job, struct bs_err *err)
+{
+    struct bs_tensor out;
+    int64_t batch = 0;
+    int rc;
+    *job = NULL;
+    if (ops == NULL || ops->on_done == NULL || n_in < 0 || (n_in > 0 && in == NULL))
+        return bs_err_set(err, BS_EINVAL, "batcher: bad submit arguments");
+    bs_job_t *j = NULL;
+    if ((rc = submit_check(b, in, n_in, &out, &batch, err)) == 0 &&
+        (j = calloc(1, sizeof(*j) + sizeof(j->in[0]) * (size_t)n_in)) == NULL)
+        rc = bs_err_set(err, BS_ENOMEM, "out of memory");
+    if (rc != 0) {
+        bs_batcher_count_failure(b, rc);
+        return rc;
+    }
     memcpy(j->in, in, sizeof(j->in[0]) * (size_t)n_in);
     j->n_in = n_in;
-    j->batch = main_t->ne[0];
+    j->batch = batch;
     j->out_shape = out;
     j->ops = *ops;
     j->arg = arg;
@@ -708,7 +741,7 @@ int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_i
     j->enqueue_ns = uv_hrtime();
     j->deadline_ns = deadline_ns;
     if (deadline_ns == INT64_MAX && b->cfg.default_timeout_us > 0)
-        j->deadline_ns = add_sat((int64_t)j->enqueue_ns, us_to_ns(b->cfg.default_timeout_us));
+        j->deadline_ns = bs_deadline_after_us((int64_t)j->enqueue_ns, b->cfg.default_timeout_us);
     j->state = JOB_QUEUED;
     queue_push(b, j);
     kick(b);

@@ -44,7 +44,7 @@ struct bs_batch_stats {
 
 struct bs_model_stats {
     uint64_t last_inference_ms; /* ms since the epoch */
-    uint64_t inference_count;   /* samples inferred */
+    uint64_t inference_count;   /* samples of successful requests (Triton) */
     uint64_t execution_count;   /* batches run */
     struct bs_duration success, fail, queue, compute_input, compute_infer, compute_output;
     struct bs_batch_stats *batch; /* indexed by batch size - 1, max_batch_size entries */
@@ -60,9 +60,14 @@ struct bs_job_ops {
      * with intermediate = true); out is this request's slice. */
     void (*on_block)(void *arg, int block, int n_blocks, const struct bs_tensor *out);
     /* Exactly once: rc 0 and the output (valid during the call), or a
-     * negative BS_E* code with a message (BS_ERANGE: queue full,
-     * BS_ETIMEDOUT: deadline passed in the queue, BS_ECANCELED: cancelled). */
+     * negative BS_E* code with a message (BS_ETIMEDOUT: deadline passed in
+     * the queue, BS_ECANCELED: cancelled, others: the forward failed). */
     void (*on_done)(void *arg, int rc, const char *msg, const struct bs_tensor *out);
+    /* Optional, for a successful job, just before it is counted and on_done
+     * runs: the owner prepares its answer from out (e.g. encodes it).
+     * Returning a negative BS_E* code (with err) fails the job instead: it is
+     * counted as that failure and on_done hears that code and message. */
+    int (*on_output)(void *arg, const struct bs_tensor *out, struct bs_err *err);
 };
 
 /* Create a batcher for model on loop; workers run forwards on be. */
@@ -72,7 +77,8 @@ int bs_batcher_init(bs_batcher_t **b, uv_loop_t *loop, bs_model_t *model,
 /* Queue one request. in (host tensors) must stay valid until on_done.
  * deadline_ns is on uv_hrtime()'s clock (INT64_MAX: none). Returns 0 and a
  * job handle, or an error at once (bad inputs: BS_EINVAL; full queue:
- * BS_ERANGE) without calling on_done. */
+ * BS_EBUSY; draining: BS_EUNSUPP) without calling on_done; such a failure is
+ * counted (statistics and metrics) like any other. */
 int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
                       int64_t deadline_ns, bool intermediate, const struct bs_job_ops *ops,
                       void *arg, bs_job_t **job, struct bs_err *err);
@@ -80,6 +86,14 @@ int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_i
 /* Drop a job: a queued one is removed and hears on_done(BS_ECANCELED) at
  * once; a running one hears it when its batch returns (its output discarded). */
 void bs_batcher_cancel(bs_batcher_t *b, bs_job_t *job);
+
+/* The metrics reason of a failure code (REJECTED, CANCELED, OTHER, BACKEND). */
+enum bs_metrics_reason bs_batcher_reason(int rc);
+
+/* Count a request for this model that failed before it reached the batcher
+ * (malformed, over a server-wide bound): ModelStatistics' fail and the
+ * metrics' failure{reason} move together. */
+void bs_batcher_count_failure(bs_batcher_t *b, int rc);
 
 /* Requests waiting and batches running. */
 int bs_batcher_queued(const bs_batcher_t *b);

@@ -14,6 +14,9 @@
  * - Raw BOOL bytes are canonicalised to 0/1 in place.
  * - A tensor with zero elements gets a non-NULL data pointer to an empty,
  *   never-written static buffer.
+ * - A string field (at any depth) with an embedded NUL byte fails the whole
+ *   request before unpacking (bs_pb_check_strings): protobuf-c would hand it
+ *   out cut at the NUL, "m\0evil" served as "m".
  * - Names in error messages are cut to 64 bytes (at a UTF-8 boundary) with
  *   control characters shown as '?'.
  *
@@ -32,6 +35,7 @@
 #include <string.h>
 
 #include "grpc_service.pb-c.h"
+#include "pbcheck.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "raw tensor contents are little-endian and used in place: little-endian hosts only"
@@ -389,6 +393,10 @@ static void budget_free(void *data, void *p)
 static int unpack(const uint8_t *data, size_t len, req_msg_t **msg, struct bs_err *err)
 {
     static const uint8_t nothing[1];
+    *msg = NULL;
+    int rc = bs_pb_check_strings(&inference__model_infer_request__descriptor, data, len, err);
+    if (rc != 0)
+        return rc;
     size_t budget = UNPACK_BUDGET_SLACK;
     if (len > (SIZE_MAX - budget) / UNPACK_BUDGET_FACTOR)
         budget = SIZE_MAX;

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "grpc/health/v1/health.pb-c.h"
+#include "pbcheck.h"
 
 struct health_entry {
     char *name;
@@ -77,7 +78,12 @@ enum bs_health_status bs_health_get(const bs_health_t *health, const char *servi
 int bs_health_decode_request(const uint8_t *data, size_t len, char **service, struct bs_err *err)
 {
     Grpc__Health__V1__HealthCheckRequest *q = NULL;
+    *service = NULL;
     if (data != NULL && len > 0) {
+        int rc = bs_pb_check_strings(&grpc__health__v1__health_check_request__descriptor, data, len,
+                                     err);
+        if (rc != 0)
+            return rc;
         q = grpc__health__v1__health_check_request__unpack(NULL, len, data);
         if (q == NULL)
             return bs_err_set(err, BS_EINVAL, "malformed HealthCheckRequest");

@@ -38,7 +38,8 @@ int bs_health_set(bs_health_t *health, const char *service, bool serving);
 enum bs_health_status bs_health_get(const bs_health_t *health, const char *service);
 
 /* Decode a HealthCheckRequest (data may be NULL: the empty message) into a
- * malloc'd service name in *service. */
+ * malloc'd service name in *service; BS_EINVAL when it is malformed or the
+ * name holds a NUL byte. */
 int bs_health_decode_request(const uint8_t *data, size_t len, char **service, struct bs_err *err);
 
 /* Encode a HealthCheckResponse carrying status into buf; returns its length. */

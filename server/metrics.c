@@ -41,6 +41,7 @@ struct bs_metrics_model {
 struct bs_metrics {
     uv_mutex_t lock;
     const struct bs_backend *be;
+    uint64_t unrouted[BS_METRICS_REASON_COUNT]; /* lock */
     bs_metrics_model_t **models; /* lock */
     int n_models, cap;
 };
@@ -96,6 +97,7 @@ void bs_metrics_success(bs_metrics_model_t *mm, const struct bs_metrics_request 
         return;
     uv_mutex_lock(&mm->m->lock);
     mm->v.success++;
+    mm->v.inferences += r->inferences;
     mm->v.request_ns += r->request_ns;
     mm->v.queue_ns += r->queue_ns;
     mm->v.compute_input_ns += r->compute_input_ns;
@@ -113,6 +115,15 @@ void bs_metrics_failure(bs_metrics_model_t *mm, enum bs_metrics_reason reason)
     uv_mutex_unlock(&mm->m->lock);
 }
 
+void bs_metrics_unrouted(bs_metrics_t *m, enum bs_metrics_reason reason)
+{
+    if (m == NULL || (unsigned)reason >= BS_METRICS_REASON_COUNT)
+        return;
+    uv_mutex_lock(&m->lock);
+    m->unrouted[reason]++;
+    uv_mutex_unlock(&m->lock);
+}
+
 void bs_metrics_execution(bs_metrics_model_t *mm, uint64_t batch_size)
 {
     int b = 0;
@@ -122,7 +133,6 @@ void bs_metrics_execution(bs_metrics_model_t *mm, uint64_t batch_size)
         b++;
     uv_mutex_lock(&mm->m->lock);
     mm->v.executions++;
-    mm->v.inferences += batch_size;
     mm->v.batch_bucket[b]++;
     mm->v.batch_sum += batch_size;
     uv_mutex_unlock(&mm->m->lock);
@@ -251,9 +261,11 @@ static const struct family families[] = {
     {"nv_inference_request_success", "counter",
      "Number of successful inference requests, all batch sizes", v_success},
     {"nv_inference_count", "counter",
-     "Number of inferences performed (samples: a request of batch size B counts B)", v_inferences},
+     "Number of inferences performed by successful requests (samples: a request of batch size B "
+     "counts B)",
+     v_inferences},
     {"nv_inference_exec_count", "counter",
-     "Number of model executions performed (batches; batch size = inferences / executions)",
+     "Number of model executions performed (batches; blockserve_batch_size counts their samples)",
      v_executions},
     {"nv_inference_pending_request_count", "gauge",
      "Instantaneous number of requests waiting in the model's queue", v_pending},
@@ -314,6 +326,18 @@ static void render_models(struct buf *b, bs_metrics_model_t *const *mm,
     }
 }
 
+/* Failures of calls that name no served model. */
+static void render_unrouted(struct buf *b, const uint64_t *unrouted)
+{
+    put_family(b, "blockserve_unrouted_request_failure_total", "counter",
+               "Inference calls that failed before they could be attributed to a served model "
+               "(unknown model or version, a model that failed to load, an unreadable message, "
+               "a call cancelled before its message arrived), by reason");
+    for (int r = 0; r < BS_METRICS_REASON_COUNT; r++)
+        put(b, "blockserve_unrouted_request_failure_total{reason=\"%s\"} %llu\n", reason_names[r],
+            (unsigned long long)unrouted[r]);
+}
+
 /* GPU memory, only where the backend reports it. */
 static void render_memory(struct buf *b, const struct bs_backend *be)
 {
@@ -336,6 +360,7 @@ int bs_metrics_render(bs_metrics_t *m, char **text, size_t *len, struct bs_err *
     struct buf b = {0};
     bs_metrics_model_t **mm = NULL;
     struct metrics_values *v = NULL;
+    uint64_t unrouted[BS_METRICS_REASON_COUNT];
     int n;
     *text = NULL;
     *len = 0;
@@ -347,6 +372,7 @@ int bs_metrics_render(bs_metrics_t *m, char **text, size_t *len, struct bs_err *
         mm[i] = m->models[i];
         v[i] = m->models[i]->v;
     }
+    memcpy(unrouted, m->unrouted, sizeof(unrouted));
     uv_mutex_unlock(&m->lock);
     b.cap = 4096;
     b.p = malloc(b.cap);
@@ -354,6 +380,7 @@ int bs_metrics_render(bs_metrics_t *m, char **text, size_t *len, struct bs_err *
     if (!b.oom) {
         b.p[0] = '\0';
         render_models(&b, mm, v, n);
+        render_unrouted(&b, unrouted);
         render_memory(&b, m->be);
     }
     free(mm);

@@ -39,6 +39,7 @@ struct bs_metrics_request {
     uint64_t request_ns; /* enqueued to answered */
     uint64_t queue_ns;
     uint64_t compute_input_ns, compute_infer_ns, compute_output_ns;
+    uint64_t inferences; /* the request's samples (nv_inference_count) */
 };
 
 /* Create an empty registry; be (may be NULL) is asked for device memory at
@@ -52,7 +53,11 @@ bs_metrics_model_t *bs_metrics_model_add(bs_metrics_t *m, const char *name, cons
 /* Counters. mm may be NULL (no metrics): then these do nothing. */
 void bs_metrics_success(bs_metrics_model_t *mm, const struct bs_metrics_request *r);
 void bs_metrics_failure(bs_metrics_model_t *mm, enum bs_metrics_reason reason);
-/* One execution of batch_size samples. */
+/* A failed inference call that names no served model (unknown model or
+ * version, a model that failed to load, an unreadable message, a call
+ * cancelled before its message arrived); m may be NULL. */
+void bs_metrics_unrouted(bs_metrics_t *m, enum bs_metrics_reason reason);
+/* One execution of batch_size samples (the batch-size histogram). */
 void bs_metrics_execution(bs_metrics_model_t *mm, uint64_t batch_size);
 /* Requests waiting in the model's queue now. */
 void bs_metrics_pending(bs_metrics_model_t *mm, int64_t n);

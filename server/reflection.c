@@ -22,10 +22,14 @@
 #include <string.h>
 
 #include "grpc/reflection/v1/reflection.pb-c.h"
+#include "pbcheck.h"
 
 /* The generated oneof case names, shortened. */
 #define REQ_CASE(x)  GRPC__REFLECTION__V1__SERVER_REFLECTION_REQUEST__MESSAGE_REQUEST_##x
 #define RESP_CASE(x) GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_##x
+
+/* The longest host a request may carry: the answer echoes it in valid_host. */
+#define REFL_HOST_MAX 255
 
 /* Status codes carried in ErrorResponse.error_code (grpc/status.h). */
 enum {
@@ -533,11 +537,31 @@ static int refl_dispatch(const bs_reflection_t *r,
     }
 }
 
+/* The request in req, or NULL with an error_response (INVALID_ARGUMENT) in a:
+ * malformed, a string with a NUL byte in it, or a host too long to echo. */
+static Grpc__Reflection__V1__ServerReflectionRequest *refl_unpack(const uint8_t *req, size_t len,
+                                                                  struct refl_answer *a)
+{
+    struct bs_err perr = {0};
+    Grpc__Reflection__V1__ServerReflectionRequest *q = NULL;
+    if (bs_pb_check_strings(&grpc__reflection__v1__server_reflection_request__descriptor, req, len,
+                            &perr) != 0)
+        snprintf(a->msg, sizeof(a->msg), "%.300s", perr.msg);
+    else if ((q = grpc__reflection__v1__server_reflection_request__unpack(NULL, len, req)) == NULL)
+        snprintf(a->msg, sizeof(a->msg), "malformed ServerReflectionRequest");
+    else if (q->host != NULL && strnlen(q->host, REFL_HOST_MAX + 1) > REFL_HOST_MAX) {
+        snprintf(a->msg, sizeof(a->msg), "host is longer than %d bytes", REFL_HOST_MAX);
+        grpc__reflection__v1__server_reflection_request__free_unpacked(q, NULL);
+        q = NULL;
+    }
+    if (q == NULL)
+        refl_error(a, REFL_INVALID_ARGUMENT);
+    return q;
+}
+
 int bs_reflection_answer(const bs_reflection_t *refl, const uint8_t *req, size_t len, uint8_t **out,
                          size_t *out_len, struct bs_err *err)
 {
-    Grpc__Reflection__V1__ServerReflectionRequest *q =
-        grpc__reflection__v1__server_reflection_request__unpack(NULL, len, req);
     struct refl_answer a = {
         .resp = GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__INIT,
         .error = GRPC__REFLECTION__V1__ERROR_RESPONSE__INIT,
@@ -548,10 +572,8 @@ int bs_reflection_answer(const bs_reflection_t *refl, const uint8_t *req, size_t
     int rc = 0;
     *out = NULL;
     *out_len = 0;
-    if (q == NULL) {
-        snprintf(a.msg, sizeof(a.msg), "malformed ServerReflectionRequest");
-        refl_error(&a, REFL_INVALID_ARGUMENT);
-    } else {
+    Grpc__Reflection__V1__ServerReflectionRequest *q = refl_unpack(req, len, &a);
+    if (q != NULL) {
         a.resp.valid_host = q->host;
         a.resp.original_request = q;
         rc = refl_dispatch(refl, q, &a);

@@ -24,8 +24,9 @@ void bs_reflection_free(bs_reflection_t *refl);
 
 /* Answer one serialized ServerReflectionRequest with a serialized
  * ServerReflectionResponse in *out (malloc'd; the caller frees it). Lookups
- * that fail are answered with an error_response (NOT_FOUND), not an error;
- * only BS_ENOMEM is returned. */
+ * that fail are answered with an error_response (NOT_FOUND), not an error, and
+ * so are requests that are malformed, have a NUL byte in a string or a host
+ * longer than 255 bytes (INVALID_ARGUMENT); only BS_ENOMEM is returned. */
 int bs_reflection_answer(const bs_reflection_t *refl, const uint8_t *req, size_t len, uint8_t **out,
                          size_t *out_len, struct bs_err *err);
 

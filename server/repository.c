@@ -1,3 +1,12 @@
+/* The model repository (see repository.h).
+ *
+ * Every folder of a repository folder except hidden ones is a model, and so
+ * is every entry that cannot be read (a symlink loop, a dangling symlink, no
+ * permission): that one is listed as unavailable with the reason, like a
+ * model whose files fail to load. Plain files (a README, the keys of a
+ * Kubernetes ConfigMap mount) are not models: skipped, with a log line. Reasons reach clients (RepositoryIndex, ModelReady
+ * errors), so they name files relative to the repository folder
+ * ("foo/config.json: ..."), never by the server's own paths. */
 #include "repository.h"
 
 #include <dirent.h>
@@ -173,6 +182,30 @@ static struct bs_repo_model *add_model(bs_repository_t *r, const char *name,
     return rm;
 }
 
+/* A character that may be part of a path in a message. */
+static bool path_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           (unsigned char)c >= 0x80 || (c != '\0' && strchr("._-/~+@", c) != NULL);
+}
+
+/* Replace the model directory dir by name wherever it starts a path in msg
+ * ("/models/foo/config.json: x" becomes "foo/config.json: x"). dir is
+ * "<repository>/<name>", longer than name, so msg only shrinks. */
+static void msg_relative(char *msg, const char *dir, const char *name)
+{
+    size_t dn = strlen(dir), nn = strlen(name);
+    for (char *p = msg; (p = strstr(p, dir)) != NULL;) {
+        if ((p > msg && path_char(p[-1])) || (p[dn] != '/' && p[dn] != '\0' && path_char(p[dn]))) {
+            p++; /* inside a longer path: not ours */
+            continue;
+        }
+        memcpy(p, name, nn);
+        memmove(p + nn, p + dn, strlen(p + dn) + 1);
+        p += nn;
+    }
+}
+
 static void finish_load(bs_repository_t *r, struct bs_repo_model *rm, int rc, struct bs_err *err)
 {
     rm->serving.be = r->be;
@@ -181,6 +214,8 @@ static void finish_load(bs_repository_t *r, struct bs_repo_model *rm, int rc, st
     if (rc == 0)
         rc = bs_batcher_init(&rm->batcher, r->loop, rm->model, &rm->serving, err);
     if (rc != 0) {
+        if (rm->path[0] != '\0')
+            msg_relative(err->msg, rm->path, rm->name);
         snprintf(rm->reason, sizeof(rm->reason), "%s", err->msg);
         bs_model_free(rm->model);
         rm->model = NULL;
@@ -204,6 +239,60 @@ static bool valid_name(const char *s)
     return true;
 }
 
+/* The entry name at path must be a directory (symlinks followed). */
+static int check_entry(const char *path, const char *name, struct bs_err *err)
+{
+    struct stat st, lst;
+    if (stat(path, &st) != 0) {
+        int e = errno;
+        if (e == ENOENT && lstat(path, &lst) == 0 && S_ISLNK(lst.st_mode))
+            return bs_err_set(err, BS_EIO,
+                              "%s: dangling symbolic link (its target does not exist)", name);
+        return bs_err_set(err, BS_EIO, "%s: cannot read: %s", name, strerror(e));
+    }
+    if (!S_ISDIR(st.st_mode))
+        return bs_err_set(err, BS_EINVAL,
+                          "%s: not a directory (a model is a folder holding config.json)", name);
+    return 0;
+}
+
+/* A readable entry that is not a folder (symlinks followed): not a model. */
+static bool is_plain_file(const char *root, const char *name)
+{
+    char path[4096];
+    struct stat st;
+    if ((size_t)snprintf(path, sizeof(path), "%s/%s", root, name) >= sizeof(path))
+        return false;
+    return stat(path, &st) == 0 && !S_ISDIR(st.st_mode);
+}
+
+/* Load the entry name of folder root as a model; failures are recorded. */
+static void load_entry(bs_repository_t *r, const char *root, const char *name,
+                       const struct bs_serving_config *defaults, struct bs_err *err)
+{
+    if (!valid_name(name) || bs_repository_find(r, name) != NULL) {
+        bs_log(BS_LOG_WARN, NULL, "skipping \"%s\" in %s: %s", name, root,
+               valid_name(name) ? "a model of this name is already loaded"
+                                : "not a valid model name (letters, digits, '_', '-', '.')");
+        return;
+    }
+    struct bs_repo_model *rm = add_model(r, name, defaults);
+    if (rm == NULL) {
+        bs_log(BS_LOG_ERROR, NULL, "skipping \"%s\" in %s: out of memory", name, root);
+        return;
+    }
+    int rc = 0;
+    if ((size_t)snprintf(rm->path, sizeof(rm->path), "%s/%s", root, name) >= sizeof(rm->path))
+        rc = bs_err_set(err, BS_ERANGE, "%s: the path is too long", name);
+    if (rc == 0)
+        rc = check_entry(rm->path, name, err);
+    if (rc == 0)
+        rc = load_serving(rm, err);
+    if (rc == 0)
+        rc = bs_model_load(&rm->model, rm->path, r->be, err);
+    finish_load(r, rm, rc, err);
+}
+
 static int load_dir(bs_repository_t *r, const char *root, const struct bs_serving_config *defaults,
                     struct bs_err *err)
 {
@@ -212,29 +301,15 @@ static int load_dir(bs_repository_t *r, const char *root, const struct bs_servin
     if (n < 0)
         return bs_err_set(err, BS_EIO, "--model-repository %s: %s", root, strerror(errno));
     for (int i = 0; i < n; i++) {
-        char path[1024];
-        struct stat st;
         const char *name = list[i]->d_name;
-        snprintf(path, sizeof(path), "%s/%s", root, name);
-        if (name[0] == '.' || stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
-            continue;
-        if (!valid_name(name) || bs_repository_find(r, name) != NULL) {
-            bs_log(BS_LOG_WARN, NULL, "skipping %s: %s", path,
-                   valid_name(name) ? "a model of this name is already loaded"
-                                    : "not a valid model name (letters, digits, '_', '-', '.')");
-            continue;
-        }
-        struct bs_repo_model *rm = add_model(r, name, defaults);
-        if (rm == NULL)
-            break;
-        snprintf(rm->path, sizeof(rm->path), "%s", path);
-        int rc = load_serving(rm, err);
-        if (rc == 0)
-            rc = bs_model_load(&rm->model, path, r->be, err);
-        finish_load(r, rm, rc, err);
-    }
-    for (int i = 0; i < n; i++)
+        if (name[0] == '.') /* hidden entries, "." and ".." */
+            ;
+        else if (is_plain_file(root, name))
+            bs_log(BS_LOG_INFO, NULL, "repository: \"%s\" is not a folder: not a model", name);
+        else
+            load_entry(r, root, name, defaults, err);
         free(list[i]);
+    }
     free(list);
     return 0;
 }

@@ -1,7 +1,9 @@
 /* The model repository: every model the server knows, loaded at start from
  * --model-repository folders (one model directory per subfolder, served
  * under the folder's name, version "1") or, with no folder, the built-in
- * models. A model that fails to load is kept with its reason.
+ * models. A model that fails to load, or an entry that is not a readable
+ * directory, is kept with its reason, which names files relative to the
+ * repository folder ("foo/config.json: ...").
  *
  * Thread ownership: built and changed on the loop thread only. */
 #ifndef BS_REPOSITORY_H

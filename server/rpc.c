@@ -48,6 +48,7 @@
  * done() called from the last close callback. */
 #include "rpc.h"
 
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -66,6 +67,10 @@
 #define RPC_DEFAULT_MAX_MESSAGE (64 << 20)
 #define RPC_DEFAULT_ADDRESS     "0.0.0.0:8001"
 #define RPC_SHUTDOWN_FLUSH_MS   5000 /* answers still sending at shutdown get this long */
+#define RPC_TRIM_AFTER_BYTES    (8u << 20) /* a call that held this much unsent: trim on free */
+#define RPC_DEFAULT_STREAM_PENDING 16
+#define RPC_DEFAULT_STREAM_UNSENT  ((size_t)64 << 20)
+#define RPC_DEFAULT_UNSENT         ((size_t)512 << 20)
 
 /* ---- method table --------------------------------------------------------------------------- */
 
@@ -81,25 +86,30 @@ enum rpc_kind {
 struct rpc_method {
     const char *path;
     enum rpc_kind kind;
+    int slots; /* accept slots kept armed: calls gRPC core can hand over without waiting */
 };
 
-/* Indices 0..BS_RPC_METHOD_COUNT-1 follow enum bs_rpc_method. */
+/* Indices 0..BS_RPC_METHOD_COUNT-1 follow enum bs_rpc_method. ModelInfer
+ * keeps many slots armed: a call that arrives while every slot is taken
+ * waits inside gRPC core, unseen (so neither admitted nor rejected), until
+ * the loop re-arms one. */
 static const struct rpc_method rpc_methods[] = {
-    {"/inference.GRPCInferenceService/ServerLive", RPC_KIND_UNARY},
-    {"/inference.GRPCInferenceService/ServerReady", RPC_KIND_UNARY},
-    {"/inference.GRPCInferenceService/ModelReady", RPC_KIND_UNARY},
-    {"/inference.GRPCInferenceService/ServerMetadata", RPC_KIND_UNARY},
-    {"/inference.GRPCInferenceService/ModelMetadata", RPC_KIND_UNARY},
-    {"/inference.GRPCInferenceService/ModelInfer", RPC_KIND_UNARY},
-    {"/inference.GRPCInferenceService/ModelStreamInfer", RPC_KIND_STREAM},
-    {"/inference.GRPCInferenceService/ModelConfig", RPC_KIND_UNARY},
-    {"/inference.GRPCInferenceService/ModelStatistics", RPC_KIND_UNARY},
-    {"/inference.GRPCInferenceService/RepositoryIndex", RPC_KIND_UNARY},
-    {"/grpc.health.v1.Health/Check", RPC_KIND_HEALTH_CHECK},
-    {"/grpc.health.v1.Health/Watch", RPC_KIND_HEALTH_WATCH},
-    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", RPC_KIND_REFLECTION},
-    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", RPC_KIND_REFLECTION},
+    {"/inference.GRPCInferenceService/ServerLive", RPC_KIND_UNARY, 4},
+    {"/inference.GRPCInferenceService/ServerReady", RPC_KIND_UNARY, 4},
+    {"/inference.GRPCInferenceService/ModelReady", RPC_KIND_UNARY, 4},
+    {"/inference.GRPCInferenceService/ServerMetadata", RPC_KIND_UNARY, 2},
+    {"/inference.GRPCInferenceService/ModelMetadata", RPC_KIND_UNARY, 2},
+    {"/inference.GRPCInferenceService/ModelInfer", RPC_KIND_UNARY, 128},
+    {"/inference.GRPCInferenceService/ModelStreamInfer", RPC_KIND_STREAM, 16},
+    {"/inference.GRPCInferenceService/ModelConfig", RPC_KIND_UNARY, 2},
+    {"/inference.GRPCInferenceService/ModelStatistics", RPC_KIND_UNARY, 2},
+    {"/inference.GRPCInferenceService/RepositoryIndex", RPC_KIND_UNARY, 2},
+    {"/grpc.health.v1.Health/Check", RPC_KIND_HEALTH_CHECK, 4},
+    {"/grpc.health.v1.Health/Watch", RPC_KIND_HEALTH_WATCH, 2},
+    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", RPC_KIND_REFLECTION, 2},
+    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", RPC_KIND_REFLECTION, 2},
 };
+#define RPC_GENERIC_SLOTS 4 /* unknown methods, answered UNIMPLEMENTED */
 #define RPC_N_METHODS ((int)BS_ARRAY_LEN(rpc_methods))
 
 _Static_assert(BS_ARRAY_LEN(rpc_methods) == BS_RPC_METHOD_COUNT + 4, "method table");
@@ -140,7 +150,6 @@ struct rpc_accept {
     struct rpc_tag tag;
     bs_rpc_server_t *srv;
     int method;   /* index in rpc_methods; -1: the generic request */
-    void *handle; /* grpc_server_register_method */
     bool armed;
     grpc_call *call;
     gpr_timespec deadline;
@@ -149,7 +158,8 @@ struct rpc_accept {
     grpc_byte_buffer *payload;
 };
 
-/* A queued outgoing message; sent as a slice that frees the node. */
+/* A queued outgoing message; sent as a slice that frees the node (its
+ * length is kept in the call's send_len while its batch is in flight). */
 struct rpc_msg {
     struct rpc_msg *next;
     size_t len;
@@ -158,6 +168,7 @@ struct rpc_msg {
 
 struct rpc_md {
     const char *key, *value;
+    size_t value_len; /* the value's bytes (it may hold a NUL) */
 };
 
 struct bs_rpc_call {
@@ -171,6 +182,12 @@ struct bs_rpc_call {
     grpc_byte_buffer *recv_buf;
     grpc_byte_buffer *send_buf;
     struct rpc_msg *sq_head, *sq_tail;
+    size_t send_len;     /* bytes of the message in the send batch in flight */
+    int unsent_msgs;     /* queued messages plus the one in flight */
+    size_t unsent_bytes; /* their bytes */
+    size_t unsent_peak;  /* the most unsent_bytes ever held (memory to give back) */
+    int app_busy;        /* requests the application has read and not answered */
+    bool recv_blocked;   /* a read is due but waits for the bounds (call_may_read) */
     enum bs_rpc_status status;
     grpc_slice details;
     bool md_sent, send_busy, recv_busy;
@@ -181,6 +198,7 @@ struct bs_rpc_call {
     bool cancel_heard; /* on_cancel delivered */
     bool app_owned;    /* handed to the application (on_unary, on_stream_open) */
     bool app_done;     /* the application answered (reply, fail, finish) */
+    bool lost;         /* its request message never arrived whole: on_lost at close */
     bool ended;        /* the client half-closed */
     int64_t deadline;
     struct rpc_md *md;
@@ -202,8 +220,9 @@ struct bs_rpc_server {
     grpc_server *server;
     grpc_completion_queue *cq;
     struct bs_rpc_handlers h;
-    struct rpc_accept accepts[RPC_N_METHODS];
-    struct rpc_accept generic;
+    void *handles[RPC_N_METHODS]; /* grpc_server_register_method */
+    struct rpc_accept *slots;     /* every method's accept slots, then the generic ones */
+    int n_slots;
     struct rpc_tag shutdown_tag;
     bs_health_t *health;
     bs_reflection_t *refl;
@@ -212,6 +231,12 @@ struct bs_rpc_server {
 
     bs_rpc_call_t *calls; /* every call object alive */
     int n_calls;
+    /* Flow control of streams (see call_may_read). */
+    int max_stream_pending;
+    size_t max_stream_unsent, max_unsent;
+    size_t unsent_bytes;     /* every call's unsent_bytes */
+    bool global_blocked;     /* some stream waits for unsent_bytes to fall below max_unsent */
+    uint64_t last_trim_ns;
     int n_armed;
     bool shutting_down, shutdown_notified, cq_down, joined, closed;
     uv_timer_t flush_timer; /* started by shutdown: cancels what is still sending */
@@ -308,6 +333,7 @@ static int call_copy_md(bs_rpc_call_t *c, const grpc_metadata_array *md)
             *dst[j] = p;
             p += n + 1;
         }
+        c->md[i].value_len = GRPC_SLICE_LENGTH(md->metadata[i].value);
     }
     c->n_md = md->count;
     return 0;
@@ -342,13 +368,54 @@ static bs_rpc_call_t *call_new(bs_rpc_server_t *s, grpc_call *gc, enum rpc_kind 
     return c;
 }
 
+/* May this stream read its next message? Not while its requests in
+ * progress plus its unsent answers reach max_stream_pending, nor while its
+ * unsent answers hold max_stream_unsent bytes, nor while all calls' unsent
+ * answers hold max_unsent bytes: a client that does not read its answers
+ * stops being read (HTTP/2 flow control then stops it sending). */
+static bool call_may_read(const bs_rpc_call_t *c)
+{
+    const bs_rpc_server_t *s = c->srv;
+    return c->app_busy + c->unsent_msgs < s->max_stream_pending &&
+           c->unsent_bytes < s->max_stream_unsent && s->unsent_bytes < s->max_unsent;
+}
+
+static void rpc_unblock_reads(bs_rpc_server_t *s);
+
+/* Give memory back to the system after a large backlog was freed (glibc
+ * keeps freed heap for reuse otherwise); at most once a second. */
+static void rpc_trim_memory(bs_rpc_server_t *s)
+{
+    uint64_t now = uv_hrtime();
+    if (now - s->last_trim_ns < 1000000000ull)
+        return;
+    s->last_trim_ns = now;
+    malloc_trim(0);
+}
+
+/* len bytes of one message leave the call's unsent answers. */
+static void call_unsent_sub(bs_rpc_call_t *c, size_t len)
+{
+    bs_rpc_server_t *s = c->srv;
+    c->unsent_msgs--;
+    c->unsent_bytes -= len;
+    s->unsent_bytes -= len;
+    if (c->recv_blocked && call_may_read(c))
+        call_start_recv(c);
+    if (s->global_blocked && s->unsent_bytes < s->max_unsent)
+        rpc_unblock_reads(s);
+}
+
 static void call_drop_queue(bs_rpc_call_t *c)
 {
-    for (struct rpc_msg *m = c->sq_head, *next; m != NULL; m = next) {
-        next = m->next;
-        free(m);
-    }
+    struct rpc_msg *m = c->sq_head;
     c->sq_head = c->sq_tail = NULL;
+    while (m != NULL) {
+        struct rpc_msg *next = m->next;
+        call_unsent_sub(c, m->len);
+        free(m);
+        m = next;
+    }
 }
 
 static void call_free(bs_rpc_call_t *c)
@@ -356,6 +423,8 @@ static void call_free(bs_rpc_call_t *c)
     bs_rpc_server_t *s = c->srv;
     grpc_call_unref(c->call);
     call_drop_queue(c);
+    if (c->unsent_peak >= RPC_TRIM_AFTER_BYTES)
+        rpc_trim_memory(s);
     grpc_slice_unref(c->details);
     free(c->md);
     free(c->watch_service);
@@ -409,6 +478,11 @@ static int call_queue(bs_rpc_call_t *c, const uint8_t *data, size_t len)
         return BS_ENOMEM;
     m->next = NULL;
     m->len = len;
+    c->unsent_msgs++;
+    c->unsent_bytes += len;
+    c->srv->unsent_bytes += len;
+    if (c->unsent_bytes > c->unsent_peak)
+        c->unsent_peak = c->unsent_bytes;
     if (len > 0)
         memcpy(m->data, data, len);
     if (c->sq_tail != NULL)
@@ -463,6 +537,7 @@ static void call_pump(bs_rpc_call_t *c)
         ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     if (m != NULL) {
         grpc_slice sl = grpc_slice_new_with_user_data(m->data, m->len, free, m);
+        c->send_len = m->len;
         c->sq_head = m->next;
         if (c->sq_head == NULL)
             c->sq_tail = NULL;
@@ -477,8 +552,10 @@ static void call_pump(bs_rpc_call_t *c)
         ops[n++].data.send_status_from_server.status_details = &c->details;
     }
     if (call_batch(c, ops, n, &c->send_tag) != 0) {
-        if (c->send_buf != NULL)
+        if (c->send_buf != NULL) {
             grpc_byte_buffer_destroy(c->send_buf);
+            call_unsent_sub(c, c->send_len);
+        }
         c->send_buf = NULL;
         call_abort(c, BS_RPC_INTERNAL, "cannot send");
         return;
@@ -491,8 +568,10 @@ static void call_pump(bs_rpc_call_t *c)
 static void call_on_sent(bs_rpc_call_t *c, int ok)
 {
     c->send_busy = false;
-    if (c->send_buf != NULL)
+    if (c->send_buf != NULL) {
         grpc_byte_buffer_destroy(c->send_buf);
+        call_unsent_sub(c, c->send_len);
+    }
     c->send_buf = NULL;
     if (ok)
         call_pump(c);
@@ -520,7 +599,11 @@ static void call_notify_cancel(bs_rpc_call_t *c)
 
 static void call_on_close(bs_rpc_call_t *c, int ok)
 {
+    bs_rpc_server_t *s = c->srv;
     c->closed = true;
+    if (c->lost && s->h.on_lost != NULL)
+        s->h.on_lost(s->h.arg, (enum bs_rpc_method)c->method,
+                     !ok || c->close_cancelled || c->cancelled);
     if (!ok || c->close_cancelled || c->cancelled)
         call_notify_cancel(c);
     call_unref(c); /* the transport's reference */
@@ -558,6 +641,11 @@ static void call_start_recv(bs_rpc_call_t *c)
     grpc_op op;
     if (c->recv_busy || c->cancelled || c->closed || c->status_set || c->ended)
         return;
+    c->recv_blocked = !call_may_read(c);
+    if (c->recv_blocked) {
+        c->srv->global_blocked |= c->srv->unsent_bytes >= c->srv->max_unsent;
+        return;
+    }
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &c->recv_buf;
@@ -618,6 +706,16 @@ static void call_on_recv(bs_rpc_call_t *c, int ok)
     call_unref(c);
 }
 
+/* Server-wide unsent answers fell below the bound: resume the streams that
+ * waited for it (those still over their own bounds stay blocked). */
+static void rpc_unblock_reads(bs_rpc_server_t *s)
+{
+    s->global_blocked = false;
+    for (bs_rpc_call_t *c = s->calls; c != NULL; c = c->next)
+        if (c->recv_blocked)
+            call_start_recv(c);
+}
+
 /* ---- health --------------------------------------------------------------------------------- */
 
 static void health_send_status(bs_rpc_call_t *c, enum bs_health_status st)
@@ -672,6 +770,14 @@ void bs_rpc_set_serving(bs_rpc_server_t *server, const char *service, bool servi
 
 /* ---- arriving calls ------------------------------------------------------------------------- */
 
+static const struct rpc_md *call_find_md(const bs_rpc_call_t *call, const char *key)
+{
+    for (size_t i = 0; i < call->n_md; i++)
+        if (strcasecmp(call->md[i].key, key) == 0)
+            return &call->md[i];
+    return NULL;
+}
+
 static void rpc_arm(bs_rpc_server_t *s, struct rpc_accept *a)
 {
     grpc_call_error e;
@@ -681,7 +787,8 @@ static void rpc_arm(bs_rpc_server_t *s, struct rpc_accept *a)
     a->payload = NULL;
     if (a->method >= 0) {
         bool payload = rpc_kind_reads_payload(rpc_methods[a->method].kind);
-        e = grpc_server_request_registered_call(s->server, a->handle, &a->call, &a->deadline,
+        e = grpc_server_request_registered_call(s->server, s->handles[a->method], &a->call,
+                                                &a->deadline,
                                                 &a->md, payload ? &a->payload : NULL, s->cq, s->cq,
                                                 &a->tag);
     } else {
@@ -739,12 +846,13 @@ static void rpc_dispatch_call(bs_rpc_call_t *c, const uint8_t *data, size_t len)
 static bool rpc_authorized(const bs_rpc_server_t *s, const bs_rpc_call_t *c)
 {
     static const size_t scheme = 7; /* "Bearer " */
-    const char *got = bs_rpc_call_metadata(c, "authorization");
+    const struct rpc_md *md = call_find_md(c, "authorization");
     if (s->auth_expected == NULL)
         return true;
-    if (got == NULL)
+    if (md == NULL)
         return false;
-    size_t n = strlen(got);
+    const char *got = md->value;
+    size_t n = md->value_len; /* "Bearer <token>\0junk" is not "Bearer <token>" */
     unsigned char diff = n != s->auth_len;
     diff |= n < scheme || strncasecmp(got, s->auth_expected, scheme) != 0;
     for (size_t i = scheme; i < s->auth_len; i++)
@@ -757,6 +865,18 @@ static bool rpc_kind_needs_auth(enum rpc_kind kind)
     return kind != RPC_KIND_HEALTH_CHECK && kind != RPC_KIND_HEALTH_WATCH;
 }
 
+/* gRPC core hands over a call of a method that takes one request message
+ * but has none: the client half-closed without sending one, cut it short,
+ * or the call was cancelled before it arrived. Never an empty request: the
+ * answer is INTERNAL "No payload", as gRPC's own C++ server gives; the
+ * application hears on_lost when recv_close tells which case it was. */
+static void call_lost(bs_rpc_call_t *c)
+{
+    c->lost = c->kind == RPC_KIND_UNARY;
+    call_finish(c, BS_RPC_INTERNAL,
+                "No payload: the call ended before its request message arrived whole");
+}
+
 /* Take a new call out of an accept slot and start its state machine. */
 static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *gc,
                            grpc_byte_buffer *payload)
@@ -766,6 +886,7 @@ static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *
     char unknown[300] = "";
     grpc_slice sl;
     bs_rpc_call_t *c = call_new(s, gc, kind, a->method, deadline, &a->md);
+    const struct rpc_md *auth;
     if (a->method < 0)
         snprintf(unknown, sizeof(unknown), "unknown method %.*s",
                  (int)GRPC_SLICE_LENGTH(a->details.method),
@@ -783,11 +904,15 @@ static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *
     c->refs++; /* across the handlers */
     if (rpc_kind_needs_auth(kind) && !rpc_authorized(s, c))
         call_finish(c, BS_RPC_UNAUTHENTICATED,
-                    bs_rpc_call_metadata(c, "authorization") == NULL
+                    (auth = call_find_md(c, "authorization")) == NULL
                         ? "missing \"authorization: Bearer <token>\" metadata"
+                    : memchr(auth->value, 0, auth->value_len) != NULL
+                        ? "invalid bearer token (it contains a NUL byte)"
                         : "invalid bearer token");
     else if (kind == RPC_KIND_UNKNOWN)
         call_finish(c, BS_RPC_UNIMPLEMENTED, unknown);
+    else if (payload == NULL && rpc_kind_reads_payload(kind))
+        call_lost(c);
     else if (rpc_read(payload, &sl) != 0)
         call_abort(c, BS_RPC_INTERNAL, "cannot read the request message");
     else {
@@ -949,12 +1074,11 @@ static grpc_server *rpc_create_grpc_server(const struct bs_rpc_options *opts)
 static int rpc_register_methods(bs_rpc_server_t *s, struct bs_err *err)
 {
     for (int i = 0; i < RPC_N_METHODS; i++) {
-        struct rpc_accept *a = &s->accepts[i];
         grpc_server_register_method_payload_handling ph =
             rpc_kind_reads_payload(rpc_methods[i].kind) ? GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER
                                                         : GRPC_SRM_PAYLOAD_NONE;
-        a->handle = grpc_server_register_method(s->server, rpc_methods[i].path, NULL, ph, 0);
-        if (a->handle == NULL)
+        s->handles[i] = grpc_server_register_method(s->server, rpc_methods[i].path, NULL, ph, 0);
+        if (s->handles[i] == NULL)
             return bs_err_set(err, BS_EINTERNAL, "cannot register %s", rpc_methods[i].path);
     }
     return 0;
@@ -992,13 +1116,31 @@ static void rpc_destroy_grpc_sync(bs_rpc_server_t *s)
 /* The accept slots' buffers, then gRPC itself (pairs with rpc_create_grpc). */
 static void rpc_release_grpc(bs_rpc_server_t *s)
 {
-    for (int i = 0; i < RPC_N_METHODS; i++) {
-        grpc_metadata_array_destroy(&s->accepts[i].md);
-        grpc_call_details_destroy(&s->accepts[i].details);
+    for (int i = 0; i < s->n_slots; i++) {
+        grpc_metadata_array_destroy(&s->slots[i].md);
+        grpc_call_details_destroy(&s->slots[i].details);
     }
-    grpc_metadata_array_destroy(&s->generic.md);
-    grpc_call_details_destroy(&s->generic.details);
+    free(s->slots);
+    s->slots = NULL;
+    s->n_slots = 0;
     grpc_shutdown();
+}
+
+/* Every method's accept slots, then the generic ones. */
+static int rpc_init_slots(bs_rpc_server_t *s)
+{
+    int n = RPC_GENERIC_SLOTS;
+    for (int i = 0; i < RPC_N_METHODS; i++)
+        n += rpc_methods[i].slots;
+    s->slots = calloc((size_t)n, sizeof(*s->slots));
+    if (s->slots == NULL)
+        return BS_ENOMEM;
+    for (int i = 0; i < RPC_N_METHODS; i++)
+        for (int k = 0; k < rpc_methods[i].slots; k++)
+            rpc_init_accept(s, &s->slots[s->n_slots++], i);
+    while (s->n_slots < n)
+        rpc_init_accept(s, &s->slots[s->n_slots++], -1);
+    return 0;
 }
 
 static void rpc_free_on_close(uv_handle_t *h)
@@ -1051,9 +1193,10 @@ static int rpc_create_grpc(bs_rpc_server_t *s, const struct bs_rpc_options *opts
     const char *address = opts->address != NULL ? opts->address : RPC_DEFAULT_ADDRESS;
     int rc;
     grpc_init();
-    for (int i = 0; i < RPC_N_METHODS; i++)
-        rpc_init_accept(s, &s->accepts[i], i);
-    rpc_init_accept(s, &s->generic, -1);
+    if (rpc_init_slots(s) != 0) {
+        rpc_release_grpc(s);
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    }
     s->cq = grpc_completion_queue_create_for_next(NULL);
     s->server = rpc_create_grpc_server(opts);
     if (s->cq == NULL || s->server == NULL) {
@@ -1100,6 +1243,11 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
         return bs_err_set(err, BS_ENOMEM, "out of memory");
     s->loop = loop;
     s->h = *handlers;
+    s->max_stream_pending =
+        opts->max_stream_pending > 0 ? opts->max_stream_pending : RPC_DEFAULT_STREAM_PENDING;
+    s->max_stream_unsent =
+        opts->max_stream_unsent_bytes > 0 ? opts->max_stream_unsent_bytes : RPC_DEFAULT_STREAM_UNSENT;
+    s->max_unsent = opts->max_unsent_bytes > 0 ? opts->max_unsent_bytes : RPC_DEFAULT_UNSENT;
     s->shutdown_tag = (struct rpc_tag){.kind = RPC_TAG_SHUTDOWN, .owner = s};
     if ((rc = rpc_set_token(s, opts->auth_token, err)) != 0)
         goto fail_parts;
@@ -1130,9 +1278,8 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
     uv_timer_init(loop, &s->flush_timer); /* cannot fail */
     s->flush_timer.data = s;
     grpc_server_start(s->server);
-    for (int i = 0; i < RPC_N_METHODS; i++)
-        rpc_arm(s, &s->accepts[i]);
-    rpc_arm(s, &s->generic);
+    for (int i = 0; i < s->n_slots; i++)
+        rpc_arm(s, &s->slots[i]);
     *port = bound;
     *server = s;
     return 0;
@@ -1210,10 +1357,8 @@ bool bs_rpc_call_cancelled(const bs_rpc_call_t *call)
 
 const char *bs_rpc_call_metadata(const bs_rpc_call_t *call, const char *key)
 {
-    for (size_t i = 0; i < call->n_md; i++)
-        if (strcasecmp(call->md[i].key, key) == 0)
-            return call->md[i].value;
-    return NULL;
+    const struct rpc_md *md = call_find_md(call, key);
+    return md != NULL && strlen(md->value) == md->value_len ? md->value : NULL;
 }
 
 enum rpc_answer_check {
@@ -1277,4 +1422,21 @@ int bs_rpc_stream_send(bs_rpc_call_t *call, const uint8_t *data, size_t len)
 int bs_rpc_stream_finish(bs_rpc_call_t *call, enum bs_rpc_status status, const char *msg)
 {
     return bs_rpc_fail(call, status, msg);
+}
+
+void bs_rpc_stream_set_busy(bs_rpc_call_t *call, int n)
+{
+    call->app_busy = n > 0 ? n : 0;
+    if (call->recv_blocked && call_may_read(call))
+        call_start_recv(call);
+}
+
+bool bs_rpc_unsent_full(const bs_rpc_call_t *call)
+{
+    return call->srv->unsent_bytes >= call->srv->max_unsent;
+}
+
+size_t bs_rpc_unsent_bytes(const bs_rpc_server_t *server)
+{
+    return server->unsent_bytes;
 }

@@ -73,6 +73,12 @@ struct bs_rpc_handlers {
      * after this return 0 and are dropped; the application releases its
      * references with bs_rpc_call_unref. */
     void (*on_cancel)(void *arg, bs_rpc_call_t *call);
+    /* Optional: a unary call of method m ended without a whole request
+     * message (cancelled: the call was cancelled or its deadline passed;
+     * otherwise the client sent none or cut it short). The transport has
+     * answered it (INTERNAL "No payload"); the application only counts it.
+     * The call was never handed to the application. */
+    void (*on_lost)(void *arg, enum bs_rpc_method m, bool cancelled);
     void *arg;
 };
 
@@ -81,6 +87,15 @@ struct bs_rpc_options {
     int max_recv_bytes;       /* message size limits */
     int max_send_bytes;
     int max_concurrent_streams;
+    /* Stream flow control (0: the defaults 16, 64 MiB, 512 MiB). A
+     * ModelStreamInfer stream stops reading request messages while its
+     * requests in progress (bs_rpc_stream_set_busy) plus its queued unsent
+     * answers reach max_stream_pending, while those answers hold
+     * max_stream_unsent_bytes, or while every call's unsent answers
+     * together hold max_unsent_bytes; it resumes as they drain. */
+    int max_stream_pending;
+    size_t max_stream_unsent_bytes;
+    size_t max_unsent_bytes;
     /* TLS: PEM text of the server's certificate chain and private key (both
      * or neither; NULL: plaintext) and, for mutual TLS, of the CA that
      * client certificates must chain to (required and verified). */
@@ -138,5 +153,16 @@ int bs_rpc_fail(bs_rpc_call_t *call, enum bs_rpc_status status, const char *msg)
  * time), then finish with a status once everything is queued. */
 int bs_rpc_stream_send(bs_rpc_call_t *call, const uint8_t *data, size_t len);
 int bs_rpc_stream_finish(bs_rpc_call_t *call, enum bs_rpc_status status, const char *msg);
+
+/* Streams: the application has n requests of this stream read and not yet
+ * answered (the flow-control bound counts them with the unsent answers). */
+void bs_rpc_stream_set_busy(bs_rpc_call_t *call, int n);
+
+/* True while the unsent answers of all calls hold max_unsent_bytes or more:
+ * the application should not admit new work that would add to them. */
+bool bs_rpc_unsent_full(const bs_rpc_call_t *call);
+
+/* Bytes of answers queued or being sent, over all calls. */
+size_t bs_rpc_unsent_bytes(const bs_rpc_server_t *server);
 
 #endif

@@ -1,6 +1,7 @@
 /* blockserve serve: the gRPC inference server. The libuv loop owns every
  * object here; compute runs on the batchers' worker threads. */
 #include <errno.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,9 @@ struct serve_opts {
     int64_t max_tensor_elements;
     int grace_seconds;
     int max_streams;
+    int max_inflight;
+    int max_stream_pending;
+    int64_t max_stream_unsent, max_unsent;
     struct bs_serving_config defaults;
     int metrics_port;            /* 0: no metrics */
     bool metrics_port_given;     /* a busy default port only warns */
@@ -75,6 +79,15 @@ static void usage(FILE *f)
             "  --max-message-bytes N         gRPC message limit (default 67108864)\n"
             "  --max-tensor-elements N       per input tensor (default 134217728)\n"
             "  --max-concurrent-streams N    per connection (default 256)\n"
+            "  --max-inflight N              inference requests admitted and not answered,\n"
+            "                                server-wide; more: RESOURCE_EXHAUSTED (default 4096)\n"
+            "  --max-stream-pending N        a stream stops reading while N of its requests are\n"
+            "                                in progress or answered but unsent (default 16)\n"
+            "  --max-stream-unsent-bytes N   ... or while its unsent answers hold N bytes\n"
+            "                                (default 67108864)\n"
+            "  --max-unsent-bytes N          server-wide bound on unsent answers: streams stop\n"
+            "                                reading, new inferences get RESOURCE_EXHAUSTED\n"
+            "                                (default 536870912)\n"
             "  --grace-seconds N             on SIGTERM/SIGINT, time to finish queued work "
             "(default 30)\n"
             "  --max-batch-size N            default for models (default 8)\n"
@@ -115,6 +128,10 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
     o->max_tensor_elements = (int64_t)1 << 27;
     o->grace_seconds = 30;
     o->max_streams = 256;
+    o->max_inflight = 4096;
+    o->max_stream_pending = 16;
+    o->max_stream_unsent = (int64_t)64 << 20;
+    o->max_unsent = (int64_t)512 << 20;
     o->defaults = (struct bs_serving_config){.max_batch_size = 8, .max_queue_delay_us = 2000,
                                              .max_queue_size = 256};
     o->metrics_port = 8002;
@@ -165,6 +182,17 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
         else if (strcmp(f, "--max-concurrent-streams") == 0 &&
                  (rc = int_flag(f, val, 1, 1 << 20, &v)) == 0)
             o->max_streams = (int)v;
+        else if (strcmp(f, "--max-inflight") == 0 && (rc = int_flag(f, val, 1, 1 << 24, &v)) == 0)
+            o->max_inflight = (int)v;
+        else if (strcmp(f, "--max-stream-pending") == 0 &&
+                 (rc = int_flag(f, val, 1, 1 << 20, &v)) == 0)
+            o->max_stream_pending = (int)v;
+        else if (strcmp(f, "--max-stream-unsent-bytes") == 0 &&
+                 (rc = int_flag(f, val, 1, (int64_t)1 << 40, &v)) == 0)
+            o->max_stream_unsent = v;
+        else if (strcmp(f, "--max-unsent-bytes") == 0 &&
+                 (rc = int_flag(f, val, 1, (int64_t)1 << 40, &v)) == 0)
+            o->max_unsent = v;
         else if (strcmp(f, "--grace-seconds") == 0 && (rc = int_flag(f, val, 0, 86400, &v)) == 0)
             o->grace_seconds = (int)v;
         else if (strcmp(f, "--max-batch-size") == 0 && (rc = int_flag(f, val, 1, 1024, &v)) == 0)
@@ -214,6 +242,12 @@ static void shut_transport(struct server *s)
 {
     if (s->rpc != NULL && !s->rpc_down) {
         uv_timer_stop(&s->grace);
+        /* From here gRPC core resets (CANCELLED) the calls it receives
+         * before its GOAWAY reaches their client, without handing them
+         * over; the time lets a client tell those apart (tests/stress). */
+        bs_log(BS_LOG_INFO, NULL, "stopping the gRPC transport (monotonic clock %.6f s)",
+               (double)uv_hrtime() / 1e9);
+        bs_service_shutdown(s->svc); /* every admitted request gets its own answer first */
         bs_rpc_server_shutdown(s->rpc, on_rpc_down, s);
     }
 }
@@ -287,10 +321,18 @@ static int prepare(struct server *s, struct bs_err *err)
 static int start(struct server *s, struct bs_err *err)
 {
     struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults, s->metrics};
-    struct bs_codec_limits limits = {s->opts.max_tensor_elements, BS_CODEC_MAX_INPUTS};
+    struct bs_service_options so = {
+        .limits = {s->opts.max_tensor_elements, BS_CODEC_MAX_INPUTS},
+        .metrics = s->metrics,
+        .max_inflight = s->opts.max_inflight,
+        .max_response_bytes = (size_t)s->opts.max_message_bytes,
+    };
     struct bs_rpc_options rpc_opts = {.max_recv_bytes = s->opts.max_message_bytes,
                                       .max_send_bytes = s->opts.max_message_bytes,
-                                      .max_concurrent_streams = s->opts.max_streams};
+                                      .max_concurrent_streams = s->opts.max_streams,
+                                      .max_stream_pending = s->opts.max_stream_pending,
+                                      .max_stream_unsent_bytes = (size_t)s->opts.max_stream_unsent,
+                                      .max_unsent_bytes = (size_t)s->opts.max_unsent};
     struct bs_rpc_handlers h;
     char address[300];
     int port = 0;
@@ -299,7 +341,7 @@ static int start(struct server *s, struct bs_err *err)
         return err->code;
     bs_log(BS_LOG_INFO, NULL, "compute: %s", err->msg);
     if (bs_repository_init(&s->repo, s->loop, &s->be, &ro, err) != 0 ||
-        bs_service_init(&s->svc, s->repo, &limits, err) != 0)
+        bs_service_init(&s->svc, s->repo, &so, err) != 0)
         return err->code;
     bs_service_handlers(s->svc, &h);
     snprintf(address, sizeof(address), "%s:%d", s->opts.address, s->opts.port);
@@ -337,6 +379,12 @@ int bs_cli_serve(int argc, char **argv)
         return 2;
     bs_log_init(s.opts.verbose, s.opts.json_logs);
     signal(SIGPIPE, SIG_IGN);
+    /* Request tensors, batch buffers and answers are megabytes each. With
+     * glibc's dynamic threshold they soon come from the heap, and a burst
+     * leaves hundreds of MB held after it; a fixed threshold keeps every
+     * block of 1 MiB or more in its own mapping, returned when freed (a few
+     * page faults per request, small beside the forward). */
+    mallopt(M_MMAP_THRESHOLD, 1 << 20);
     s.loop = uv_default_loop();
     int rc = prepare(&s, &err);
     if (rc == 0)

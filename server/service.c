@@ -5,7 +5,18 @@
  * Thread ownership: everything here runs on the loop thread. An inference
  * (struct infer) holds a reference on its call until its job is done; a
  * stream (struct stream) lives until the client has half-closed or cancelled
- * and every inference on it has been answered. */
+ * or the service has finished it, and every inference on it is done.
+ *
+ * Admission: an inference is decoded and routed first, so that every call
+ * that reaches the service is counted once under the model it names (or,
+ * naming none, as unrouted); then it is refused at once (RESOURCE_EXHAUSTED)
+ * past the server-wide bound on inferences in flight, while answers waiting
+ * to be sent fill their server-wide bound, or past the model's queue bound.
+ *
+ * Shutdown (bs_service_shutdown): every inference still in flight is
+ * answered UNAVAILABLE at once (each stream message with its own error
+ * message) and its job cancelled; every stream is then finished UNAVAILABLE,
+ * after its queued answers. */
 #include "service.h"
 
 #include <inttypes.h>
@@ -18,6 +29,7 @@
 #include "grpc_service.pb-c.h"
 #include "log.h"
 #include "model_config.pb-c.h"
+#include "pbcheck.h"
 
 #define BS_SERVER_NAME "blockserve"
 #define BS_SERVER_VERSION "0.1.0"
@@ -40,7 +52,10 @@ struct infer {
     struct bs_repo_model *rm;
     struct bs_infer_request req;
     bs_job_t *job;
-    struct infer *prev, *next; /* the stream's in-flight list */
+    uint8_t *resp; /* the encoded answer, between on_output and on_done */
+    size_t resp_len;
+    bool answered;             /* answered early (shutdown): on_done only frees */
+    struct infer *prev, *next; /* the stream's in-flight list, or the unary list */
 };
 
 struct stream {
@@ -48,16 +63,21 @@ struct stream {
     bs_service_t *svc;
     bs_rpc_call_t *call;
     struct infer *head;
+    int n_infer;    /* inferences in flight on it (the transport's flow control) */
     bool ended;     /* the client half-closed */
     bool cancelled; /* the call is gone */
-    int busy;       /* > 0 while on_cancel walks the list: no freeing */
+    bool finished;  /* the service finished it (shutdown) */
+    int busy;       /* > 0 while a walk over the list runs: no freeing */
+    struct stream *prev, *next; /* the service's streams */
 };
 
 struct bs_service {
     bs_repository_t *repo;
-    struct bs_codec_limits limits;
+    struct bs_service_options o;
     bool accepting;
     int in_flight;
+    struct infer *unary;     /* unary inferences in flight */
+    struct stream *streams;  /* open streams */
 };
 
 /* ---- status and replies ---------------------------------------------------- */
@@ -69,6 +89,7 @@ static enum bs_rpc_status status_of(int rc)
     case BS_EFORMAT: return BS_RPC_INVALID_ARGUMENT;
     case BS_ENOTFOUND: return BS_RPC_NOT_FOUND;
     case BS_ERANGE:
+    case BS_EBUSY:
     case BS_ENOMEM: return BS_RPC_RESOURCE_EXHAUSTED;
     case BS_ETIMEDOUT: return BS_RPC_DEADLINE_EXCEEDED;
     case BS_ECANCELED: return BS_RPC_CANCELLED;
@@ -90,12 +111,27 @@ static void reply_msg(bs_rpc_call_t *call, const ProtobufCMessage *m)
     free(buf);
 }
 
-#define UNPACK_OR_FAIL(type, var, data, len, call)                                                  \
-    type *var = (type *)protobuf_c_message_unpack(&type##_descriptor_ptr, NULL, len, data);        \
-    if (var == NULL) {                                                                             \
-        bs_rpc_fail(call, BS_RPC_INVALID_ARGUMENT, "malformed request message");                  \
-        return;                                                                                    \
+/* Unpack a request, refusing strings with a NUL byte (protobuf-c would cut
+ * them there: "model\0evil" would be read as "model"). */
+static ProtobufCMessage *unpack_checked(const ProtobufCMessageDescriptor *desc, const uint8_t *d,
+                                        size_t n, bs_rpc_call_t *call)
+{
+    static const uint8_t nothing[1];
+    struct bs_err err = {0};
+    if (bs_pb_check_strings(desc, d ? d : nothing, n, &err) != 0) {
+        bs_rpc_fail(call, BS_RPC_INVALID_ARGUMENT, err.msg);
+        return NULL;
     }
+    ProtobufCMessage *m = protobuf_c_message_unpack(desc, NULL, n, d ? d : nothing);
+    if (m == NULL)
+        bs_rpc_fail(call, BS_RPC_INVALID_ARGUMENT, "malformed request message");
+    return m;
+}
+
+#define UNPACK_OR_FAIL(type, var, data, len, call)                                                  \
+    type *var = (type *)unpack_checked(&type##_descriptor_ptr, data, len, call);                   \
+    if (var == NULL)                                                                               \
+        return;
 
 /* The model of a request: known, version "" or "1", and loaded. */
 static struct bs_repo_model *lookup(bs_service_t *svc, const char *name, const char *version,
@@ -446,6 +482,7 @@ static void on_repository_index(bs_service_t *svc, bs_rpc_call_t *call, const ui
 static void infer_free(struct infer *in)
 {
     bs_codec_request_free(&in->req);
+    free(in->resp);
     if (in->call != NULL)
         bs_rpc_call_unref(in->call);
     free(in);
@@ -458,7 +495,7 @@ static void stream_send(struct stream *s, const uint8_t *resp, size_t resp_len, 
 {
     Inference__ModelInferResponse ir = INFERENCE__MODEL_INFER_RESPONSE__INIT;
     Inference__ModelStreamInferResponse r = INFERENCE__MODEL_STREAM_INFER_RESPONSE__INIT;
-    if (s->cancelled)
+    if (s->cancelled || s->finished)
         return;
     if (error != NULL) {
         ir.model_name = (char *)(model_name ? model_name : "");
@@ -491,28 +528,74 @@ static void stream_send(struct stream *s, const uint8_t *resp, size_t resp_len, 
     free(buf);
 }
 
+static void stream_unlink(struct stream *s)
+{
+    bs_service_t *svc = s->svc;
+    if (s->prev != NULL)
+        s->prev->next = s->next;
+    else
+        svc->streams = s->next;
+    if (s->next != NULL)
+        s->next->prev = s->prev;
+}
+
+/* Free the stream once it is over (half-closed, cancelled or finished by the
+ * service) and nothing on it is in flight; a half-closed one is finished OK. */
 static void stream_maybe_finish(struct stream *s)
 {
-    if (!(s->ended || s->cancelled) || s->head != NULL || s->busy)
+    if (!(s->ended || s->cancelled || s->finished) || s->head != NULL || s->busy)
         return;
-    if (!s->cancelled)
+    if (!s->cancelled && !s->finished)
         bs_rpc_stream_finish(s->call, BS_RPC_OK, NULL);
+    stream_unlink(s);
     bs_rpc_call_set_data(s->call, NULL);
     bs_rpc_call_unref(s->call);
     free(s);
 }
 
-/* Respond with out (final: -1 none, 0 intermediate, 1 last of a stream). */
-static int respond(struct infer *in, const struct bs_tensor *out, int final, struct bs_err *err)
+/* Link in as in flight: on its stream's list, or the service's unary list. */
+static void infer_link(struct infer *in)
 {
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    int rc = bs_codec_encode_infer(&in->req, out, final, &buf, &len, err);
-    if (rc == 0 && in->stream == NULL)
-        bs_rpc_reply(in->call, buf, len);
-    else if (rc == 0)
-        stream_send(in->stream, buf, len, NULL, NULL, NULL);
-    free(buf);
+    struct infer **head = in->stream != NULL ? &in->stream->head : &in->svc->unary;
+    in->prev = NULL;
+    in->next = *head;
+    if (*head != NULL)
+        (*head)->prev = in;
+    *head = in;
+    in->svc->in_flight++;
+    if (in->stream != NULL)
+        bs_rpc_stream_set_busy(in->stream->call, ++in->stream->n_infer);
+}
+
+static void infer_unlink(struct infer *in)
+{
+    struct infer **head = in->stream != NULL ? &in->stream->head : &in->svc->unary;
+    if (in->prev != NULL)
+        in->prev->next = in->next;
+    else
+        *head = in->next;
+    if (in->next != NULL)
+        in->next->prev = in->prev;
+    in->svc->in_flight--;
+    if (in->stream != NULL)
+        bs_rpc_stream_set_busy(in->stream->call, --in->stream->n_infer);
+}
+
+/* Encode out for in (final: -1 none, 0 intermediate, 1 last of a stream);
+ * an answer over the message limit fails here, before it is counted. */
+static int encode(struct infer *in, const struct bs_tensor *out, int final, uint8_t **buf,
+                  size_t *len, struct bs_err *err)
+{
+    int rc = bs_codec_encode_infer(&in->req, out, final, buf, len, err);
+    size_t max = in->svc->o.max_response_bytes;
+    if (rc == 0 && max > 0 && *len + (in->stream ? 11 : 0) > max) {
+        free(*buf);
+        *buf = NULL;
+        return bs_err_set(err, BS_ERANGE,
+                          "the response of %zu bytes exceeds the message limit of %zu bytes "
+                          "(--max-message-bytes)",
+                          *len, max);
+    }
     return rc;
 }
 
@@ -520,114 +603,142 @@ static void job_block(void *arg, int block, int n_blocks, const struct bs_tensor
 {
     struct infer *in = arg;
     struct bs_err err;
-    if (in->stream != NULL && block < n_blocks - 1) /* the last comes with on_done */
-        respond(in, out, 0, &err);
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    if (in->stream == NULL || block >= n_blocks - 1) /* the last comes with on_done */
+        return;
+    if (encode(in, out, 0, &buf, &len, &err) == 0)
+        stream_send(in->stream, buf, len, NULL, NULL, NULL);
+    free(buf);
+}
+
+static int job_output(void *arg, const struct bs_tensor *out, struct bs_err *err)
+{
+    struct infer *in = arg;
+    if (in->answered)
+        return 0;
+    return encode(in, out, in->stream && in->req.stream_intermediate ? 1 : -1, &in->resp,
+                  &in->resp_len, err);
 }
 
 static void job_done(void *arg, int rc, const char *msg, const struct bs_tensor *out)
 {
     struct infer *in = arg;
-    struct bs_err err = {0};
     struct stream *s = in->stream;
-    in->svc->in_flight--;
-    if (rc == 0)
-        rc = respond(in, out, s && in->req.stream_intermediate ? 1 : -1, &err);
-    else
-        snprintf(err.msg, sizeof(err.msg), "%s", msg);
+    infer_unlink(in);
     bs_log(BS_LOG_VERBOSE, in->req.id[0] ? in->req.id : NULL, "model %s: %s", in->rm->name,
-           rc == 0 ? "ok" : err.msg);
-    if (s == NULL) {
-        if (rc != 0)
-            bs_rpc_fail(in->call, status_of(rc), err.msg);
-        bs_rpc_call_set_data(in->call, NULL);
-        infer_free(in);
-        return;
+           rc == 0 ? "ok" : msg);
+    if (!in->answered && s == NULL) {
+        if (rc == 0)
+            bs_rpc_reply(in->call, in->resp, in->resp_len);
+        else
+            bs_rpc_fail(in->call, status_of(rc), msg);
+    } else if (!in->answered) {
+        if (rc == 0)
+            stream_send(s, in->resp, in->resp_len, NULL, NULL, NULL);
+        else
+            stream_send(s, NULL, 0, msg, in->req.model_name, in->req.id);
     }
-    if (rc != 0)
-        stream_send(s, NULL, 0, err.msg, in->req.model_name, in->req.id);
-    if (in->prev != NULL)
-        in->prev->next = in->next;
-    else
-        s->head = in->next;
-    if (in->next != NULL)
-        in->next->prev = in->prev;
+    if (s == NULL)
+        bs_rpc_call_set_data(in->call, NULL);
     infer_free(in);
-    stream_maybe_finish(s);
+    if (s != NULL)
+        stream_maybe_finish(s);
 }
 
-static const struct bs_job_ops job_ops = {job_block, job_done};
+static const struct bs_job_ops job_ops = {
+    .on_block = job_block, .on_done = job_done, .on_output = job_output};
 
-/* Count a request that failed before its model's batcher took it, under the
- * model it names (when it can be read and names a served version). rm: the
- * model when the lookup succeeded (then a full queue or a draining batcher
- * is a rejection); otherwise the message is read again to find it. */
+/* Count a request that failed before its model's batcher took it: under the
+ * model it names when that is a served one (rm, or read again from the
+ * message when decoding failed), else as unrouted. */
 static void count_failure(bs_service_t *svc, struct bs_repo_model *rm, const uint8_t *d, size_t n,
                           int rc)
 {
-    enum bs_metrics_reason reason = BS_METRICS_OTHER;
-    /* the batcher's own test: BS_ERANGE also means a tensor too large */
-    bool queue_full = rm != NULL && rm->serving.max_queue_size > 0 &&
-                      bs_batcher_queued(rm->batcher) >= rm->serving.max_queue_size;
-    if (rm != NULL && ((rc == BS_ERANGE && queue_full) || rc == BS_EUNSUPP))
-        reason = BS_METRICS_REJECTED;
-    if (rm == NULL) {
-        Inference__ModelInferRequest *q = inference__model_infer_request__unpack(NULL, n, d);
+    static const uint8_t nothing[1];
+    if (rm == NULL && bs_pb_check_strings(&inference__model_infer_request__descriptor,
+                                          d ? d : nothing, n, NULL) == 0) {
+        Inference__ModelInferRequest *q =
+            inference__model_infer_request__unpack(NULL, n, d ? d : nothing);
         struct bs_err err;
-        if (q == NULL)
-            return;
-        rm = lookup(svc, q->model_name, q->model_version, true, &err);
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-        if (rc == BS_EUNSUPP && !svc->accepting)
-            reason = BS_METRICS_REJECTED;
+        if (q != NULL)
+            rm = lookup(svc, q->model_name, q->model_version, true, &err);
+        if (q != NULL)
+            protobuf_c_message_free_unpacked(&q->base, NULL);
     }
-    if (rm != NULL)
-        bs_metrics_failure(rm->serving.metrics, reason);
+    if (rm != NULL && rm->batcher != NULL)
+        bs_batcher_count_failure(rm->batcher, rc);
+    else
+        bs_metrics_unrouted(svc->o.metrics, bs_batcher_reason(rc));
 }
 
-/* Decode, route and queue one inference; on error nothing is kept. */
+/* Server-wide admission: shutting down, inferences in flight, unsent answers. */
+static int admit(bs_service_t *svc, bs_rpc_call_t *call, struct bs_err *err)
+{
+    if (!svc->accepting)
+        return bs_err_set(err, BS_EUNSUPP, "the server is shutting down");
+    if (svc->o.max_inflight > 0 && svc->in_flight >= svc->o.max_inflight)
+        return bs_err_set(err, BS_EBUSY, "server busy: %d inferences in flight (--max-inflight)",
+                          svc->in_flight);
+    if (bs_rpc_unsent_full(call))
+        return bs_err_set(err, BS_EBUSY,
+                          "server busy: answers waiting for their clients fill the server's "
+                          "bound (--max-unsent-bytes)");
+    return 0;
+}
+
+/* The request's deadline: the call's, or its "timeout" parameter's if
+ * sooner (saturating: a huge timeout means none). */
+static int64_t infer_deadline(const struct infer *in, bs_rpc_call_t *call)
+{
+    int64_t deadline = bs_rpc_call_deadline(call);
+    int64_t t = bs_deadline_after_us((int64_t)uv_hrtime(), in->req.timeout_us);
+    return t < deadline ? t : deadline;
+}
+
+/* Decode, route and admit one inference (in->rm set when routed). */
+static int route(bs_service_t *svc, bs_rpc_call_t *call, struct infer *in, const uint8_t *d,
+                 size_t n, struct bs_err *err)
+{
+    int rc;
+    if ((rc = bs_codec_decode_infer(d, n, &svc->o.limits, &in->req, err)) != 0)
+        return rc;
+    if ((in->rm = lookup(svc, in->req.model_name, in->req.model_version, true, err)) == NULL)
+        return err->code;
+    if (in->req.stream_intermediate && in->stream == NULL)
+        return bs_err_set(err, BS_EINVAL, "stream_intermediate needs ModelStreamInfer");
+    return admit(svc, call, err);
+}
+
+/* Decode, route, admit and queue one inference; on error nothing is kept
+ * and the failure is counted. */
 static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s, const uint8_t *d,
                        size_t n, struct bs_err *err)
 {
     struct infer *in = calloc(1, sizeof(*in));
     int rc;
-    if (in == NULL)
+    if (in == NULL) {
+        bs_metrics_unrouted(svc->o.metrics, BS_METRICS_BACKEND);
         return bs_err_set(err, BS_ENOMEM, "out of memory");
+    }
     in->kind = CALL_INFER;
     in->svc = svc;
     in->stream = s;
-    if (!svc->accepting)
-        rc = bs_err_set(err, BS_EUNSUPP, "the server is shutting down");
-    else if ((rc = bs_codec_decode_infer(d, n, &svc->limits, &in->req, err)) != 0)
-        ;
-    else if ((in->rm = lookup(svc, in->req.model_name, in->req.model_version, true, err)) == NULL)
-        rc = err->code;
-    else if (in->req.stream_intermediate && s == NULL)
-        rc = bs_err_set(err, BS_EINVAL, "stream_intermediate needs ModelStreamInfer");
-    if (rc == 0) {
-        int64_t deadline = bs_rpc_call_deadline(call);
-        if (in->req.timeout_us > 0) {
-            int64_t t = (int64_t)uv_hrtime() + in->req.timeout_us * 1000;
-            deadline = t < deadline ? t : deadline;
-        }
-        rc = bs_batcher_submit(in->rm->batcher, in->req.inputs, in->req.n_inputs, deadline,
-                               in->req.stream_intermediate, &job_ops, in, &in->job, err);
-    }
-    if (rc != 0) {
+    if ((rc = route(svc, call, in, d, n, err)) != 0)
         count_failure(svc, in->rm, d, n, rc);
+    else /* the batcher counts its own refusals */
+        rc = bs_batcher_submit(in->rm->batcher, in->req.inputs, in->req.n_inputs,
+                               infer_deadline(in, call), in->req.stream_intermediate, &job_ops, in,
+                               &in->job, err);
+    if (rc != 0) {
         infer_free(in);
         return rc;
     }
     in->call = call;
     bs_rpc_call_ref(call);
-    svc->in_flight++;
-    if (s == NULL) {
+    infer_link(in);
+    if (s == NULL)
         bs_rpc_call_set_data(call, in);
-    } else {
-        in->next = s->head;
-        if (s->head != NULL)
-            s->head->prev = in;
-        s->head = in;
-    }
     return 0;
 }
 
@@ -662,14 +773,23 @@ static void on_unary(void *arg, bs_rpc_call_t *call, enum bs_rpc_method m, const
 
 static void on_stream_open(void *arg, bs_rpc_call_t *call)
 {
+    bs_service_t *svc = arg;
+    if (!svc->accepting) {
+        bs_rpc_stream_finish(call, BS_RPC_UNAVAILABLE, "the server is shutting down");
+        return;
+    }
     struct stream *s = calloc(1, sizeof(*s));
     if (s == NULL) {
         bs_rpc_stream_finish(call, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
         return;
     }
     s->kind = CALL_STREAM;
-    s->svc = arg;
+    s->svc = svc;
     s->call = call;
+    s->next = svc->streams;
+    if (svc->streams != NULL)
+        svc->streams->prev = s;
+    svc->streams = s;
     bs_rpc_call_ref(call);
     bs_rpc_call_set_data(call, s);
 }
@@ -678,10 +798,14 @@ static void on_stream_msg(void *arg, bs_rpc_call_t *call, const uint8_t *d, size
 {
     struct stream *s = bs_rpc_call_data(call);
     struct bs_err err = {0};
+    static const uint8_t nothing[1];
     if (s == NULL || start_infer(arg, call, s, d, n, &err) == 0)
         return;
     /* Name the request in the error when the message can be read at all. */
-    Inference__ModelInferRequest *q = inference__model_infer_request__unpack(NULL, n, d);
+    Inference__ModelInferRequest *q = NULL;
+    if (bs_pb_check_strings(&inference__model_infer_request__descriptor, d ? d : nothing, n,
+                            NULL) == 0)
+        q = inference__model_infer_request__unpack(NULL, n, d ? d : nothing);
     stream_send(s, NULL, 0, err.msg, q ? q->model_name : NULL, q ? q->id : NULL);
     if (q != NULL)
         protobuf_c_message_free_unpacked(&q->base, NULL);
@@ -694,6 +818,16 @@ static void on_stream_end(void *arg, bs_rpc_call_t *call)
         return;
     s->ended = true;
     stream_maybe_finish(s);
+}
+
+/* Cancel the jobs of every inference on list (each hears job_done, at once
+ * when queued, when its batch returns when running). */
+static void cancel_list(struct infer *head)
+{
+    for (struct infer *in = head, *next; in != NULL; in = next) {
+        next = in->next; /* in may be freed by a queued job's job_done */
+        bs_batcher_cancel(in->rm->batcher, in->job);
+    }
 }
 
 static void on_cancel(void *arg, bs_rpc_call_t *call)
@@ -709,24 +843,30 @@ static void on_cancel(void *arg, bs_rpc_call_t *call)
     struct stream *s = (struct stream *)kind;
     s->cancelled = true;
     s->busy++; /* a queued job's job_done runs inside bs_batcher_cancel */
-    for (struct infer *in = s->head, *next; in != NULL; in = next) {
-        next = in->next;
-        bs_batcher_cancel(in->rm->batcher, in->job);
-    }
+    cancel_list(s->head);
     s->busy--;
     stream_maybe_finish(s);
+}
+
+/* A ModelInfer call that ended before its request arrived whole: it names
+ * no model, so it is counted as unrouted. */
+static void on_lost(void *arg, enum bs_rpc_method m, bool cancelled)
+{
+    bs_service_t *svc = arg;
+    if (m == BS_RPC_MODEL_INFER)
+        bs_metrics_unrouted(svc->o.metrics, cancelled ? BS_METRICS_CANCELED : BS_METRICS_OTHER);
 }
 
 /* ---- lifecycle ---------------------------------------------------------------- */
 
 int bs_service_init(bs_service_t **svc, bs_repository_t *repo,
-                    const struct bs_codec_limits *limits, struct bs_err *err)
+                    const struct bs_service_options *opts, struct bs_err *err)
 {
     bs_service_t *s = calloc(1, sizeof(*s));
     if (s == NULL)
         return bs_err_set(err, BS_ENOMEM, "out of memory");
     s->repo = repo;
-    s->limits = *limits;
+    s->o = *opts;
     s->accepting = true;
     *svc = s;
     return 0;
@@ -739,12 +879,46 @@ void bs_service_handlers(bs_service_t *svc, struct bs_rpc_handlers *h)
     h->on_stream_msg = on_stream_msg;
     h->on_stream_end = on_stream_end;
     h->on_cancel = on_cancel;
+    h->on_lost = on_lost;
     h->arg = svc;
 }
 
 void bs_service_stop_accepting(bs_service_t *svc)
 {
     svc->accepting = false;
+}
+
+/* Answer every inference on list UNAVAILABLE now (stream messages with an
+ * error message each), then cancel their jobs. */
+static void answer_unavailable(struct infer *head, const char *msg)
+{
+    for (struct infer *in = head; in != NULL; in = in->next) {
+        if (in->answered)
+            continue;
+        in->answered = true;
+        if (in->stream == NULL)
+            bs_rpc_fail(in->call, BS_RPC_UNAVAILABLE, msg);
+        else
+            stream_send(in->stream, NULL, 0, msg, in->req.model_name, in->req.id);
+    }
+    cancel_list(head);
+}
+
+void bs_service_shutdown(bs_service_t *svc)
+{
+    static const char msg[] = "the server is shutting down: this request did not run in time";
+    svc->accepting = false;
+    answer_unavailable(svc->unary, msg);
+    for (struct stream *s = svc->streams, *next; s != NULL; s = next) {
+        s->busy++;
+        answer_unavailable(s->head, msg);
+        if (!s->cancelled && !s->finished)
+            bs_rpc_stream_finish(s->call, BS_RPC_UNAVAILABLE, "the server is shutting down");
+        s->finished = true;
+        s->busy--;
+        next = s->next;
+        stream_maybe_finish(s);
+    }
 }
 
 int bs_service_in_flight(const bs_service_t *svc)

@@ -95,6 +95,9 @@ class ServerTest(unittest.TestCase):
                    "btb_self_only": {"max_batch_size": 4, "max_queue_delay_microseconds": 2000000,
                                      "max_queue_size": 2}}
         cls.repo = harness.make_repository(CASES, serving)
+        # Entries that are no model directory: listed as unavailable, with reasons.
+        os.symlink("loop", os.path.join(cls.repo, "loop"))
+        os.symlink("/nonexistent/blockserve", os.path.join(cls.repo, "gone"))
         cls.server = harness.Server(BINARY, ["--model-repository", cls.repo,
                                              "--max-message-bytes", str(4 << 20),
                                              "--log-verbose", "1"])
@@ -135,6 +138,14 @@ class ServerTest(unittest.TestCase):
         idx = {m.name: m for m in self.stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
         self.assertEqual(idx["broken"].state, "UNAVAILABLE")
         self.assertIn("num_attention_heads", idx["broken"].reason)
+        # Reasons name files relative to the repository, not by the server's paths.
+        self.assertTrue(idx["broken"].reason.startswith("broken/config.json: "),
+                        idx["broken"].reason)
+        self.assertEqual(idx["loop"].state, "UNAVAILABLE")
+        self.assertIn("loop: cannot read: Too many levels of symbolic links", idx["loop"].reason)
+        self.assertIn("gone: dangling symbolic link", idx["gone"].reason)
+        for m in idx.values():
+            self.assertNotIn(self.repo, m.reason)
         self.assertEqual(idx[CASES[0]].state, "READY")
         ready = self.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models
         self.assertNotIn("broken", [m.name for m in ready])
@@ -370,6 +381,17 @@ class ServerTest(unittest.TestCase):
             self.assertIn("grpc_service.proto", [f.name for f in files])
             self.assertIn("model_config.proto", [f.name for f in files])
             self.assertEqual(resps[2].error_response.error_code, grpc.StatusCode.NOT_FOUND.value[0])
+            # host is echoed in valid_host: a long one is refused, not doubled.
+            reqs = [mod.ServerReflectionRequest(host="h" * 255, list_services=""),
+                    mod.ServerReflectionRequest(host="h" * (1 << 20), list_services="")]
+            resps = list(stub.ServerReflectionInfo(iter(reqs)))
+            self.assertEqual(resps[0].valid_host, "h" * 255)
+            self.assertEqual(resps[1].error_response.error_code,
+                             grpc.StatusCode.INVALID_ARGUMENT.value[0])
+            self.assertEqual(resps[1].error_response.error_message,
+                             "host is longer than 255 bytes")
+            self.assertEqual(resps[1].valid_host, "")
+            self.assertLess(resps[1].ByteSize(), 100)
 
 
 class ShutdownTest(unittest.TestCase):

@@ -134,7 +134,7 @@ static void on_done(void *arg, int rc, const char *msg, const struct bs_tensor *
     r->job = NULL;
 }
 
-static const struct bs_job_ops ops = {on_block, on_done};
+static const struct bs_job_ops ops = {.on_block = on_block, .on_done = on_done};
 
 static int submit(bs_batcher_t *b, struct req *r, int64_t deadline_ns, struct bs_err *err)
 {
@@ -358,7 +358,7 @@ static void test_submit_errors(void **state)
     }
     submit_ok(f.b, &r[0]);
     submit_ok(f.b, &r[1]);
-    assert_int_equal(submit(f.b, &r[2], INT64_MAX, &err), BS_ERANGE);
+    assert_int_equal(submit(f.b, &r[2], INT64_MAX, &err), BS_EBUSY);
     assert_string_equal(err.msg, "queue full (2 requests)");
     assert_null(r[2].job);
     assert_int_equal(submit(f.b, &r[3], INT64_MAX, &err), BS_EINVAL);
@@ -373,6 +373,8 @@ static void test_submit_errors(void **state)
     bs_batcher_drain(f.b, NULL, NULL); /* runs the two without waiting 10 s */
     assert_int_equal(submit(f.b, &r[2], INT64_MAX, &err), BS_EUNSUPP);
     assert_string_equal(err.msg, "shutting down");
+    /* every refused submit is counted as a failure (ModelStatistics and metrics agree) */
+    assert_int_equal(bs_batcher_stats(f.b)->fail.count, 5);
     assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
     for (int i = 0; i < 2; i++)
         check_against_alone(f.model, &r[i]);

@@ -578,6 +578,37 @@ static void test_decode_long_name(void **state)
     expect_error(&b, BS_EINVAL, want);
 }
 
+/* A string with an embedded NUL byte is refused, not served cut at the NUL
+ * (protobuf-c packs strings with strlen: the NUL goes into the packed bytes). */
+static void test_decode_nul_in_string(void **state)
+{
+    (void)state;
+    static const char *const marked[] = {"vae_mid_attention#evil", "x#y", "FP32#junk"};
+    static const char *const paths[] = {"model_name", "inputs[0].name", "inputs[0].datatype"};
+    for (size_t f = 0; f < BS_ARRAY_LEN(marked); f++) {
+        struct builder b;
+        b_init(&b, f == 0 ? marked[0] : "vae_mid_attention");
+        b_input(&b, f == 1 ? marked[1] : "x", f == 2 ? marked[2] : "FP32", 2, shape23);
+        b_raw(&b, vals6, sizeof(vals6));
+        size_t len;
+        uint8_t *buf = b_pack(&b, &len);
+        uint8_t *at = memmem(buf, len, marked[f], strlen(marked[f]));
+        assert_non_null(at);
+        at[strchr(marked[f], '#') - marked[f]] = '\0';
+        struct bs_infer_request req;
+        struct bs_err err = {0};
+        char want[128];
+        snprintf(want, sizeof(want), "field \"%s\" contains a NUL byte", paths[f]);
+        int rc = bs_codec_decode_infer(buf, len, &limits, &req, &err);
+        if (rc != BS_EINVAL || strstr(err.msg, want) == NULL || strstr(err.msg, "NUL") == NULL)
+            fail_msg("%s: got %d \"%s\", want \"%s\"", marked[f], rc, err.msg, want);
+        assert_int_equal(err.code, BS_EINVAL);
+        assert_empty(&req);
+        bs_codec_request_free(&req);
+        free(buf);
+    }
+}
+
 /* Every prefix of a valid request and many random byte strings decode or
  * fail cleanly. */
 static void test_decode_garbage(void **state)
@@ -839,6 +870,7 @@ int main(void)
         cmocka_unit_test(test_decode_raw_errors),
         cmocka_unit_test(test_decode_typed_errors),
         cmocka_unit_test(test_decode_long_name),
+        cmocka_unit_test(test_decode_nul_in_string),
         cmocka_unit_test(test_decode_garbage),
         cmocka_unit_test(test_decode_amplification),
         cmocka_unit_test(test_encode_raw),

@@ -108,6 +108,10 @@ static void test_errors(void **state)
 {
     (void)state;
     expect_error("{\"dim\": 3", BS_EFORMAT, "byte");
+    /* Not read as "BasicTransformerBlock": a NUL would cut the string there. */
+    expect_error("{\"_class_name\": \"BasicTransformerBlock\\u0000evil\", \"dim\": 32, "
+                 "\"num_attention_heads\": 4, \"attention_head_dim\": 8}", BS_EFORMAT,
+                 "config.json: byte 38: \\u0000 is not allowed in JSON strings");
     expect_error("[1, 2]", BS_EINVAL, "expected a JSON object");
     expect_error("{\"dim\": 3}", BS_EINVAL, "missing \"_class_name\"");
     expect_error("{\"_class_name\": \"UNet2DConditionModel\"}", BS_EUNSUPP,

@@ -122,12 +122,26 @@ static void test_unicode(void **state)
         assert_int_equal(v->len, strlen(cases[i].want));
         bs_json_doc_free(doc);
     }
-    /* \u0000 is kept: len counts it although the C string stops there. */
-    bs_json_doc_t *doc = parse_ok("\"a\\u0000b\"");
+    /* Other control characters may be escaped: only U+0000 would cut the C string. */
+    bs_json_doc_t *doc = parse_ok("\"a\\u0001b\"");
     const struct bs_json *v = bs_json_doc_root(doc);
     assert_int_equal(v->len, 3);
-    assert_memory_equal(v->string, "a\0b", 4);
+    assert_memory_equal(v->string, "a\x01" "b", 4);
     bs_json_doc_free(doc);
+}
+
+/* A NUL inside a string, escaped or raw, is refused: strings are handed out
+ * NUL-terminated and would be cut at it. */
+static void test_nul_in_strings(void **state)
+{
+    parse_bad("\"a\\u0000b\"", "byte 2: \\u0000 is not allowed in JSON strings");
+    parse_bad("\"\\u0000\"", "byte 1: \\u0000 is not allowed in JSON strings");
+    parse_bad("{\"_class_name\": \"BasicTransformerBlock\\u0000evil\"}",
+              "byte 38: \\u0000 is not allowed in JSON strings");
+    parse_bad("{\"k\\u0000ey\": 1}", "byte 3: \\u0000 is not allowed"); /* keys too */
+    parse_bad("[\"ok\", \"\\u00000\"]", "byte 8: \\u0000 is not allowed");
+    parse_bad_n("{\"a\0b\": 1}", 10, 0, "byte 3: NUL byte in string");
+    parse_bad_n("\"\0\"", 3, 0, "byte 1: NUL byte in string");
 }
 
 static void test_integers(void **state)
@@ -411,7 +425,7 @@ static void test_malformed(void **state)
 static void test_embedded_nul(void **state)
 {
     parse_bad_n("[1]\0", 4, 0, "byte 3: expected end of input after the value, found byte 0x00");
-    parse_bad_n("\"a\0b\"", 5, 0, "byte 2: control character");
+    parse_bad_n("\"a\0b\"", 5, 0, "byte 2: NUL byte in string (not allowed in JSON strings)");
     /* Only len bytes count: the closing bracket is past it. */
     parse_bad_n("[1]", 2, 0, "expected ',' or ']'");
 }
@@ -438,6 +452,7 @@ int main(void)
         cmocka_unit_test(test_object),       cmocka_unit_test(test_big_document),
         cmocka_unit_test(test_depth),        cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_embedded_nul), cmocka_unit_test(test_null_err),
+        cmocka_unit_test(test_nul_in_strings),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

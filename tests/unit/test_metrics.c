@@ -50,8 +50,8 @@ static void test_counters_and_histogram(void **state)
     bs_metrics_model_t *b = bs_metrics_model_add(m, "beta", "1");
     assert_non_null(a);
     assert_non_null(b);
-    struct bs_metrics_request r1 = {10000, 2000, 1000, 5000, 1500};
-    struct bs_metrics_request r2 = {20999, 3999, 0, 5000, 999};
+    struct bs_metrics_request r1 = {10000, 2000, 1000, 5000, 1500, 3};
+    struct bs_metrics_request r2 = {20999, 3999, 0, 5000, 999, 5};
     bs_metrics_success(a, &r1);
     bs_metrics_success(a, &r2);
     bs_metrics_failure(a, BS_METRICS_REJECTED);
@@ -69,6 +69,10 @@ static void test_counters_and_histogram(void **state)
     bs_metrics_failure(NULL, BS_METRICS_OTHER);
     bs_metrics_execution(NULL, 1);
     bs_metrics_pending(NULL, 1);
+    bs_metrics_unrouted(m, BS_METRICS_CANCELED);
+    bs_metrics_unrouted(m, BS_METRICS_OTHER);
+    bs_metrics_unrouted(m, BS_METRICS_OTHER);
+    bs_metrics_unrouted(NULL, BS_METRICS_OTHER);
 
     char *t = render(m);
     assert_line(t, "# HELP nv_inference_request_success Number of successful inference requests, "
@@ -83,7 +87,8 @@ static void test_counters_and_histogram(void **state)
     assert_line(t,
                 "nv_inference_request_failure{model=\"alpha\",version=\"1\",reason=\"BACKEND\"} 0");
     assert_line(t, "nv_inference_request_failure{model=\"beta\",version=\"1\",reason=\"OTHER\"} 1");
-    assert_line(t, "nv_inference_count{model=\"alpha\",version=\"1\"} 2008");
+    /* successful requests' samples, not the samples executed (Triton) */
+    assert_line(t, "nv_inference_count{model=\"alpha\",version=\"1\"} 8");
     assert_line(t, "nv_inference_exec_count{model=\"alpha\",version=\"1\"} 4");
     assert_line(t, "# TYPE nv_inference_pending_request_count gauge");
     assert_line(t, "nv_inference_pending_request_count{model=\"alpha\",version=\"1\"} 2");
@@ -102,6 +107,9 @@ static void test_counters_and_histogram(void **state)
     assert_line(t, "blockserve_batch_size_sum{model=\"alpha\",version=\"1\"} 2008");
     assert_line(t, "blockserve_batch_size_count{model=\"alpha\",version=\"1\"} 4");
     assert_line(t, "blockserve_batch_size_bucket{model=\"beta\",version=\"1\",le=\"+Inf\"} 0");
+    assert_line(t, "blockserve_unrouted_request_failure_total{reason=\"OTHER\"} 2");
+    assert_line(t, "blockserve_unrouted_request_failure_total{reason=\"CANCELED\"} 1");
+    assert_line(t, "blockserve_unrouted_request_failure_total{reason=\"REJECTED\"} 0");
     assert_null(strstr(t, "nv_gpu_memory")); /* no backend: no device memory */
     /* every sample line belongs to a family announced before it */
     for (char *line = t, *end; *line; line = end + 1) {

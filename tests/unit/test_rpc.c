@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "descriptors.h"
+#include "grpc/reflection/v1/reflection.pb-c.h"
 #include "health.h"
 #include "reflection.h"
 #include "rpc.h"
@@ -299,8 +300,12 @@ static void test_end_to_end(const char *python, const char *script)
 {
     struct app app;
     memset(&app, 0, sizeof(app));
-    struct bs_rpc_handlers h = {app_on_unary,      app_on_stream_open, app_on_stream_msg,
-                                app_on_stream_end, app_on_cancel,      &app};
+    struct bs_rpc_handlers h = {.on_unary = app_on_unary,
+                                .on_stream_open = app_on_stream_open,
+                                .on_stream_msg = app_on_stream_msg,
+                                .on_stream_end = app_on_stream_end,
+                                .on_cancel = app_on_cancel,
+                                .arg = &app};
     struct bs_rpc_options opts = {.address = "127.0.0.1:0"};
     struct bs_err err = {0};
     int port = 0;
@@ -409,6 +414,90 @@ static void test_reflection_index(void)
     bs_reflection_free(NULL);
 }
 
+#define REFL_RESP(x) GRPC__REFLECTION__V1__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_##x
+
+/* Append field num (length-delimited) holding n bytes of s; returns the new end. */
+static uint8_t *put_field(uint8_t *p, unsigned num, const char *s, size_t n)
+{
+    *p++ = (uint8_t)(num << 3 | 2);
+    for (size_t v = n;; v >>= 7) {
+        *p++ = (uint8_t)((v & 0x7f) | (v >= 0x80 ? 0x80 : 0));
+        if (v < 0x80)
+            break;
+    }
+    memcpy(p, s, n);
+    return p + n;
+}
+
+/* Answer a request of host (host_len bytes) and field num holding n bytes of s. */
+static Grpc__Reflection__V1__ServerReflectionResponse *
+reflect_once(const bs_reflection_t *r, const char *host, size_t host_len, unsigned num,
+             const char *s, size_t n, size_t *out_len)
+{
+    uint8_t req[1024], *out = NULL;
+    uint8_t *end = put_field(put_field(req, 1, host, host_len), num, s, n);
+    struct bs_err err = {0};
+    CHECK(bs_reflection_answer(r, req, (size_t)(end - req), &out, out_len, &err) == 0);
+    Grpc__Reflection__V1__ServerReflectionResponse *resp =
+        grpc__reflection__v1__server_reflection_response__unpack(NULL, *out_len, out);
+    free(out);
+    CHECK(resp != NULL);
+    return resp;
+}
+
+/* INVALID_ARGUMENT with a message containing want, and nothing echoed. */
+static void expect_refl_invalid(const Grpc__Reflection__V1__ServerReflectionResponse *resp,
+                                const char *want)
+{
+    const Grpc__Reflection__V1__ErrorResponse *e = NULL;
+    if (resp != NULL && resp->message_response_case == REFL_RESP(ERROR_RESPONSE))
+        e = resp->error_response;
+    CHECK(e != NULL && e->error_code == 3 && strstr(e->error_message, want) != NULL);
+    CHECK(resp != NULL && resp->original_request == NULL &&
+          (resp->valid_host == NULL || resp->valid_host[0] == '\0'));
+    if (e == NULL || strstr(e->error_message, want) == NULL)
+        fprintf(stderr, "reflection: got \"%s\", want \"%s\"\n", e ? e->error_message : "-",
+                want);
+}
+
+/* Hostile requests: a host too long to echo, NUL bytes in strings, garbage. */
+static void test_reflection_answers(void)
+{
+    static const char *const services[] = {"a.B"};
+    static char host[300];
+    bs_reflection_t *r = NULL;
+    struct bs_err err = {0};
+    size_t n;
+    CHECK(bs_reflection_init(&r, bs_descriptor_set, bs_descriptor_set_len, services, 1, &err) == 0);
+    if (r == NULL)
+        return;
+    memset(host, 'h', sizeof(host));
+    Grpc__Reflection__V1__ServerReflectionResponse *resp =
+        reflect_once(r, host, 255, 7, "*", 1, &n); /* 255 bytes: echoed */
+    CHECK(resp != NULL && resp->valid_host != NULL && strlen(resp->valid_host) == 255 &&
+          resp->message_response_case == REFL_RESP(LIST_SERVICES_RESPONSE));
+    grpc__reflection__v1__server_reflection_response__free_unpacked(resp, NULL);
+
+    resp = reflect_once(r, host, 256, 7, "*", 1, &n);
+    expect_refl_invalid(resp, "host is longer than 255 bytes");
+    CHECK(n < 64);
+    grpc__reflection__v1__server_reflection_response__free_unpacked(resp, NULL);
+
+    resp = reflect_once(r, "local\0host", 10, 7, "*", 1, &n);
+    expect_refl_invalid(resp, "field \"host\" contains a NUL byte");
+    grpc__reflection__v1__server_reflection_response__free_unpacked(resp, NULL);
+
+    static const char sym[] = "inference.GRPCInferenceService\0evil";
+    resp = reflect_once(r, "h", 1, 4, sym, sizeof(sym) - 1, &n);
+    expect_refl_invalid(resp, "field \"file_containing_symbol\" contains a NUL byte");
+    grpc__reflection__v1__server_reflection_response__free_unpacked(resp, NULL);
+
+    resp = reflect_once(r, "h", 1, 5, "\xff", 1, &n); /* a cut varint inside a nested message */
+    expect_refl_invalid(resp, "malformed ServerReflectionRequest");
+    grpc__reflection__v1__server_reflection_response__free_unpacked(resp, NULL);
+    bs_reflection_free(r);
+}
+
 static void test_health_table(void)
 {
     bs_health_t *h = NULL;
@@ -431,6 +520,10 @@ static void test_health_table(void)
     CHECK(bs_health_decode_request((const uint8_t *)"\x0a\x09"
                                                     "abc",
                                    5, &name, &err) == BS_EINVAL);
+    CHECK(bs_health_decode_request((const uint8_t *)"\x0a\x03"
+                                                    "a\0c",
+                                   5, &name, &err) == BS_EINVAL &&
+          strstr(err.msg, "field \"service\" contains a NUL byte") != NULL);
     CHECK(bs_health_encode_response(BS_HEALTH_SERVING, buf) == 2 && buf[0] == 0x08 && buf[1] == 1);
     bs_health_free(h);
     bs_health_free(NULL);
@@ -444,6 +537,7 @@ int main(int argc, char **argv)
     }
     test_health_table();
     test_reflection_index();
+    test_reflection_answers();
     test_bad_address();
     test_end_to_end(argv[1], argv[2]);
     if (failures > 0) {

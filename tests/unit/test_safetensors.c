@@ -283,7 +283,7 @@ static void test_metadata(void **state)
 
     /* Empty metadata, extra keys in an entry, trailing padding: all fine. */
     header = "{\"__metadata__\":{},\"w\":{\"dtype\":\"BOOL\",\"shape\":[],\"data_offsets\":[1,2],"
-             "\"extra\":[1]}}   ";
+             "\"extra\":[1]},\"v\":{\"dtype\":\"BOOL\",\"shape\":[1],\"data_offsets\":[0,1]}}   ";
     write_raw(path, strlen(header), header, 2);
     assert_int_equal(bs_st_open(&st, path, &err), 0);
     assert_null(bs_st_metadata(st, "format"));
@@ -395,6 +395,99 @@ static void test_bad_headers(void **state)
     }
 }
 
+/* ---- the layout of the data section ---- */
+
+#define T(name, shape, begin, end)                                                                 \
+    "\"" name "\": {\"dtype\": \"F32\", \"shape\": " shape ", \"data_offsets\": [" begin ", " end "]}"
+
+static const struct bad_case bad_layouts[] = {
+    {"{" T("a", "[2]", "0", "8") ", " T("b", "[2]", "4", "12") "}", 12, BS_EFORMAT,
+     "tensors 'a' (data_offsets [0, 8]) and 'b' (data_offsets [4, 12]) overlap"},
+    {"{" T("b", "[2]", "4", "12") ", " T("a", "[3]", "0", "12") "}", 12, BS_EFORMAT,
+     "tensors 'a' (data_offsets [0, 12]) and 'b' (data_offsets [4, 12]) overlap"},
+    {"{" T("a", "[2]", "0", "8") ", " T("b", "[2]", "0", "8") "}", 8, BS_EFORMAT,
+     "tensors 'a' (data_offsets [0, 8]) and 'b' (data_offsets [0, 8]) overlap"},
+    {"{" T("a", "[2]", "0", "8") ", " T("z", "[0]", "4", "4") "}", 8, BS_EFORMAT,
+     "tensors 'a' (data_offsets [0, 8]) and 'z' (data_offsets [4, 4]) overlap"},
+    {"{" T("a", "[2]", "0", "8") ", " T("b", "[1]", "12", "16") "}", 16, BS_EFORMAT,
+     "no tensor covers bytes [8, 12) of the data section (a hole between 'a' and 'b'); "
+     "the tensors' data_offsets must cover all of it"},
+    {"{" T("b", "[1]", "4", "8") "}", 8, BS_EFORMAT,
+     "no tensor covers bytes [0, 4) of the data section (a hole before 'b', the first tensor)"},
+    {"{" T("a", "[2]", "0", "8") "}", 11, BS_EFORMAT,
+     "no tensor covers bytes [8, 11) of the data section (trailing bytes after 'a', the last "
+     "tensor)"},
+    {"{}", 3, BS_EFORMAT,
+     "no tensor covers bytes [0, 3) of the data section (trailing bytes: the header lists no "
+     "tensors)"},
+    {"{" T("a", "[0]", "0", "0") "}", 4, BS_EFORMAT, "no tensor covers bytes [0, 4)"},
+    {"{" T("a", "[2]", "0", "8") ", " T("b", "[2]", "8", "16") ", " T("c", "[2]", "4", "12") "}",
+     16, BS_EFORMAT, "tensors 'a' (data_offsets [0, 8]) and 'c' (data_offsets [4, 12]) overlap"},
+};
+
+static void test_bad_layouts(void **state)
+{
+    struct fixture *fx = *state;
+    char path[600];
+    snprintf(path, sizeof(path), "%s", path_in(fx, "layout.safetensors"));
+    for (size_t i = 0; i < BS_ARRAY_LEN(bad_layouts); i++) {
+        const struct bad_case *c = &bad_layouts[i];
+        write_raw(path, strlen(c->header), c->header, c->data_len);
+        bs_st_file_t *st = (bs_st_file_t *)&st;
+        struct bs_err err = {0};
+        int rc = bs_st_open(&st, path, &err);
+        if (rc == 0)
+            print_error("case %zu (%s) was accepted\n", i, c->header);
+        expect_msg(rc, c->rc, &err, c->want);
+        assert_null(st);
+    }
+}
+
+/* Out of header order, zero-size tensors at the start, between two others
+ * and at the end, and a file of only zero-size tensors: all cover the data. */
+static void test_good_layouts(void **state)
+{
+    struct fixture *fx = *state;
+    static const struct {
+        const char *header;
+        size_t data_len;
+        int n;
+    } cases[] = {
+        {"{" T("b", "[1]", "8", "12") ", " T("a", "[2]", "0", "8") "}", 12, 2},
+        {"{" T("z0", "[0]", "0", "0") ", " T("a", "[2]", "0", "8") ", " T("z1", "[2, 0]", "8", "8")
+         ", " T("b", "[1]", "8", "12") ", " T("z2", "[0]", "12", "12") "}", 12, 5},
+        {"{" T("z", "[0]", "0", "0") ", " T("y", "[0, 4]", "0", "0") "}", 0, 2},
+        {"{\"__metadata__\": {\"format\": \"pt\"}}", 0, 0},
+    };
+    char path[600];
+    snprintf(path, sizeof(path), "%s", path_in(fx, "good.safetensors"));
+    for (size_t i = 0; i < BS_ARRAY_LEN(cases); i++) {
+        write_raw(path, strlen(cases[i].header), cases[i].header, cases[i].data_len);
+        bs_st_file_t *st = NULL;
+        struct bs_err err = {0};
+        int rc = bs_st_open(&st, path, &err);
+        if (rc != 0)
+            print_error("case %zu: %s\n", i, err.msg);
+        assert_int_equal(rc, 0);
+        assert_int_equal(bs_st_count(st), cases[i].n);
+        bs_st_close(st);
+    }
+    /* The writer lays tensors out back to back, zero-size ones included. */
+    const struct bs_tensor t[3] = {
+        bs_tensor_make(BS_TYPE_F32, 1, (int64_t[]){2}, (void *)f32_data),
+        bs_tensor_make(BS_TYPE_F32, 1, (int64_t[]){0}, NULL),
+        bs_tensor_make(BS_TYPE_I64, 1, (int64_t[]){1}, (void *)i64_data),
+    };
+    const char *names[3] = {"w", "empty", "i"};
+    struct bs_err err = {0};
+    assert_int_equal(bs_st_write(path, names, t, 3, &err), 0);
+    bs_st_file_t *st = NULL;
+    assert_int_equal(bs_st_open(&st, path, &err), 0);
+    bs_st_close(st);
+}
+
+#undef T
+
 static void test_bad_sizes(void **state)
 {
     struct fixture *fx = *state;
@@ -499,6 +592,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_overwrite_and_empty, setup, teardown),
         cmocka_unit_test_setup_teardown(test_metadata, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_headers, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_layouts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_good_layouts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_sizes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_open_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_write_errors, setup, teardown),
