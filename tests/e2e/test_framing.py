@@ -25,7 +25,9 @@ wrongly today, with the change that fixes each (with --allow-known they are
 reported but do not fail the run).
 """
 
+import atexit
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -42,6 +44,7 @@ import harness
 BINARY = None
 ALLOW_KNOWN = False
 STUBS = tempfile.mkdtemp(prefix="bs_stubs_")
+atexit.register(shutil.rmtree, STUBS, True)
 harness.generate_stubs(STUBS)
 
 import grpc_service_pb2 as pb  # noqa: E402

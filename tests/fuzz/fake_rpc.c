@@ -53,8 +53,8 @@ static struct {
 } fk;
 
 static const char *const method_names[BS_RPC_METHOD_COUNT] = {
-    "ServerLive",     "ServerReady",   "ModelReady",       "ServerMetadata",  "ModelMetadata",
-    "ModelInfer",     "ModelStreamInfer", "ModelConfig",   "ModelStatistics", "RepositoryIndex",
+    "ServerLive", "ServerReady",      "ModelReady",  "ServerMetadata",  "ModelMetadata",
+    "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
 };
 
 /* The response message each unary method answers with. */
@@ -71,7 +71,7 @@ static const ProtobufCMessageDescriptor *const responses[BS_RPC_METHOD_COUNT] = 
     &inference__repository_index_response__descriptor,
 };
 
-/* ---- reporting -------------------------------------------------------------------------------- */
+/* ---- reporting ------------------------------------------------------------------------------ */
 
 __attribute__((format(printf, 1, 2), noreturn)) static void violation(const char *fmt, ...)
 {
@@ -120,7 +120,7 @@ static bs_rpc_call_t *call_at(int slot)
     return slot >= 0 && slot < fk.n_slots ? fk.slots[slot].call : NULL;
 }
 
-/* ---- call objects ------------------------------------------------------------------------------ */
+/* ---- call objects --------------------------------------------------------------------------- */
 
 static int call_new(bool stream, enum bs_rpc_method m, int64_t deadline)
 {
@@ -173,7 +173,7 @@ static bool slot_answered(const struct fake_slot *s)
     return s->stream ? s->finished : s->answers > 0;
 }
 
-/* ---- the client's side ------------------------------------------------------------------------- */
+/* ---- the client's side ---------------------------------------------------------------------- */
 
 void fake_rpc_begin(const struct bs_rpc_handlers *h)
 {
@@ -252,7 +252,7 @@ void fake_rpc_cancel(int slot, bool half_close_first)
     if (c == NULL || fk.slots[slot].closed || fk.slots[slot].cancelled)
         return;
     if (half_close_first)
-        fake_rpc_stream_end(slot); /* only where the client could still write */
+        fake_rpc_stream_end(slot);   /* only where the client could still write */
     if ((c = call_at(slot)) == NULL) /* held by the transport: cannot be gone */
         violation("call %d freed while the transport held it", slot);
     trace("call %d: cancelled", slot);
@@ -265,7 +265,8 @@ void fake_rpc_cancel(int slot, bool half_close_first)
 
 void fake_rpc_lost(enum bs_rpc_method m, bool cancelled)
 {
-    trace("a %s call lost its request (%s)", method_names[m], cancelled ? "cancelled" : "cut short");
+    trace("a %s call lost its request (%s)", method_names[m],
+          cancelled ? "cancelled" : "cut short");
     if (fk.h.on_lost != NULL)
         fk.h.on_lost(fk.h.arg, m, cancelled);
 }
@@ -329,7 +330,7 @@ void fake_rpc_end(void)
     violation("%d call object(s) left at the end: a bs_rpc_call_ref without its unref", fk.live);
 }
 
-/* ---- server/rpc.h: what the application calls -------------------------------------------------- */
+/* ---- server/rpc.h: what the application calls ----------------------------------------------- */
 
 void bs_rpc_call_ref(bs_rpc_call_t *call)
 {

@@ -9,7 +9,7 @@
  * reachable, plus one model that fails to load. Each input is a little
  * client program run against a fresh bs_service over that repository:
  *
- *   op byte % 10   arguments                      what the client does
+ *   op byte % 14   arguments                      what the client does
  *   0 UNARY        method, deadline, len, bytes   a unary call (on_unary)
  *   1 OPEN         deadline                       opens a ModelStreamInfer stream
  *   2 MSG          stream, len, bytes             sends one message on a stream
@@ -78,8 +78,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define FUZZ_MAX_PARAMS   4
 #define FUZZ_MAX_INFLIGHT 6    /* server-wide bound on inferences in flight */
 #define FUZZ_MAX_RESPONSE 8192 /* answers above this fail: reachable within FUZZ_MAX_ELEMENTS */
-#define FUZZ_MAX_ELEMENTS 4096           /* per tensor: forwards stay small */
-#define FUZZ_WAIT_MS      2              /* WAIT blocks at most this long */
+#define FUZZ_MAX_ELEMENTS 4096 /* per tensor: forwards stay small */
+#define FUZZ_WAIT_MS      2    /* WAIT blocks at most this long */
 #define FUZZ_IDLE_NS      (20ull * 1000000000ull) /* the service must go idle by then */
 
 enum op {
@@ -104,8 +104,8 @@ static const char *const param_keys[] = {"timeout", "stream_intermediate", "prio
                                          "sequence_id"};
 
 static const enum bs_rpc_method unary_methods[] = {
-    BS_RPC_SERVER_LIVE,     BS_RPC_SERVER_READY,   BS_RPC_MODEL_READY,
-    BS_RPC_SERVER_METADATA, BS_RPC_MODEL_METADATA, BS_RPC_MODEL_INFER,
+    BS_RPC_SERVER_LIVE,     BS_RPC_SERVER_READY,     BS_RPC_MODEL_READY,
+    BS_RPC_SERVER_METADATA, BS_RPC_MODEL_METADATA,   BS_RPC_MODEL_INFER,
     BS_RPC_MODEL_CONFIG,    BS_RPC_MODEL_STATISTICS, BS_RPC_REPOSITORY_INDEX,
 };
 
@@ -148,7 +148,7 @@ __attribute__((format(printf, 1, 2), noreturn)) static void fatal(const char *fm
     abort();
 }
 
-/* ---- the model repository ---------------------------------------------------------------------- */
+/* ---- the model repository ------------------------------------------------------------------- */
 
 static void write_text(const char *path, const char *text)
 {
@@ -228,8 +228,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     char root[PATH_MAX];
     const char *dirs[1] = {root};
     struct bs_repo_options ro = {.dirs = dirs, .n_dirs = 1};
-    ro.defaults = (struct bs_serving_config){.max_batch_size = 2, .max_queue_delay_us = 100,
-                                             .max_queue_size = 2};
+    ro.defaults = (struct bs_serving_config){
+        .max_batch_size = 2, .max_queue_delay_us = 100, .max_queue_size = 2};
     bs_log_init(0, 0);
     if (uv_loop_init(&g.loop) != 0)
         fatal("uv_loop_init failed");
@@ -250,7 +250,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
-/* ---- the loop ------------------------------------------------------------------------------------ */
+/* ---- the loop ------------------------------------------------------------------------------- */
 
 static void on_guard(uv_timer_t *t)
 {
@@ -290,7 +290,7 @@ static void settle(void)
     }
 }
 
-/* ---- one input ------------------------------------------------------------------------------------ */
+/* ---- one input ------------------------------------------------------------------------------ */
 
 struct reader {
     const uint8_t *p;
@@ -323,12 +323,18 @@ static int64_t deadline_of(uint8_t b)
 {
     int64_t now = (int64_t)uv_hrtime();
     switch (b % 6) {
-    case 1: return 0;
-    case 2: return now + 1000000;
-    case 3: return now + 1000000000;
-    case 4: return INT64_MAX - 1;
-    case 5: return now;
-    default: return INT64_MAX;
+    case 1:
+        return 0;
+    case 2:
+        return now + 1000000;
+    case 3:
+        return now + 1000000000;
+    case 4:
+        return INT64_MAX - 1;
+    case 5:
+        return now;
+    default:
+        return INT64_MAX;
     }
 }
 
@@ -447,7 +453,8 @@ static void client_open(struct client *c, uint8_t deadline)
     c->streams[c->n_streams++] = slot;
 }
 
-static void client_step(struct client *c, bs_service_t *svc, enum op op, struct reader *r)
+/* The ops that carry, repeat or prepare a request message. */
+static void client_request_op(struct client *c, enum op op, struct reader *r)
 {
     const uint8_t *msg;
     size_t len;
@@ -460,7 +467,6 @@ static void client_step(struct client *c, bs_service_t *svc, enum op op, struct 
         c->last = OP_UNARY;
         client_unary(c);
         break;
-    case OP_OPEN: client_open(c, take_u8(r)); break;
     case OP_MSG:
         c->stream = take_u8(r);
         msg = take_msg(r, &len);
@@ -468,22 +474,6 @@ static void client_step(struct client *c, bs_service_t *svc, enum op op, struct 
         c->last = OP_MSG;
         client_msg(c);
         break;
-    case OP_END: {
-        uint8_t s = take_u8(r);
-        if (c->n_streams > 0)
-            fake_rpc_stream_end(c->streams[s % c->n_streams]);
-        break;
-    }
-    case OP_CANCEL: {
-        uint8_t k = take_u8(r), how = take_u8(r);
-        if (c->n_calls > 0)
-            fake_rpc_cancel(k % c->n_calls, how & 1);
-        break;
-    }
-    case OP_POLL: uv_run(&g.loop, UV_RUN_NOWAIT); break;
-    case OP_WAIT: run_once(); break;
-    case OP_PUMP: fake_rpc_pump(); break;
-    case OP_STOP: bs_service_stop_accepting(svc); break;
     case OP_REPEAT:
         for (int i = 0, n = 1 + take_u8(r) % 8; i < n; i++) {
             if (c->last == OP_UNARY)
@@ -499,14 +489,60 @@ static void client_step(struct client *c, bs_service_t *svc, enum op op, struct 
             c->params[c->n_params++] = p;
         break;
     }
-    case OP_SHUTDOWN: bs_service_shutdown(svc); break;
-    case OP_LOST: {
-        uint8_t m = take_u8(r), how = take_u8(r);
-        fake_rpc_lost(unary_methods[m % BS_ARRAY_LEN(unary_methods)], how & 1);
+    default:
         break;
     }
-    case OP_FULL: fake_rpc_set_unsent_full(!fake_rpc_unsent_full()); break;
-    case OP_COUNT: break;
+}
+
+static void client_step(struct client *c, bs_service_t *svc, enum op op, struct reader *r)
+{
+    uint8_t a, b;
+    switch (op) {
+    case OP_UNARY:
+    case OP_MSG:
+    case OP_REPEAT:
+    case OP_PARAM:
+        client_request_op(c, op, r);
+        break;
+    case OP_OPEN:
+        client_open(c, take_u8(r));
+        break;
+    case OP_END:
+        a = take_u8(r);
+        if (c->n_streams > 0)
+            fake_rpc_stream_end(c->streams[a % c->n_streams]);
+        break;
+    case OP_CANCEL:
+        a = take_u8(r);
+        b = take_u8(r);
+        if (c->n_calls > 0)
+            fake_rpc_cancel(a % c->n_calls, b & 1);
+        break;
+    case OP_POLL:
+        uv_run(&g.loop, UV_RUN_NOWAIT);
+        break;
+    case OP_WAIT:
+        run_once();
+        break;
+    case OP_PUMP:
+        fake_rpc_pump();
+        break;
+    case OP_STOP:
+        bs_service_stop_accepting(svc);
+        break;
+    case OP_SHUTDOWN:
+        bs_service_shutdown(svc);
+        break;
+    case OP_LOST:
+        a = take_u8(r);
+        b = take_u8(r);
+        fake_rpc_lost(unary_methods[a % BS_ARRAY_LEN(unary_methods)], b & 1);
+        break;
+    case OP_FULL:
+        fake_rpc_set_unsent_full(!fake_rpc_unsent_full());
+        break;
+    case OP_COUNT:
+        break;
     }
 }
 
