@@ -111,7 +111,8 @@ struct bs_tensor bs_tensor_view_outer(const struct bs_tensor *t, int64_t i0, int
 {
     struct bs_tensor v = *t;
     v.ne[0] = n;
-    v.data = (char *)t->data + i0 * t->nb[0];
+    if (t->data != NULL) /* a shape-only tensor stays one: NULL + 0 is undefined */
+        v.data = (char *)t->data + i0 * t->nb[0];
     return v;
 }
 

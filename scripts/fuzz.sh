@@ -56,12 +56,6 @@ cov=(-fsanitize=fuzzer-no-link)
 # clang 14 rejects target_clones together with noinline (kernels/cpu/attn_cpu.c,
 # written for gcc); a fuzz build gains nothing from multiversioned kernels.
 noclones=("-Dtarget_clones(...)=")
-# clang's UBSan reports NULL + 0, which the engine computes when it binds the
-# views of weights before they have memory (engine/tensor.c
-# bs_tensor_view_outer, at model load); gcc's does not. Until the engine
-# avoids it, its pointer arithmetic goes unchecked here (ASan still checks
-# every access; the CMake ASan+UBSan build checks the rest).
-engine_san=(-fno-sanitize=pointer-overflow)
 
 # Sources. The engine is the bs_engine list of CMakeLists.txt; libFuzzer
 # coverage goes to the code that handles requests, not to the compute kernels.
@@ -85,7 +79,7 @@ obj_of() { # source (generated ones under $out) -> object path
 
 # Rebuild everything when the flags or the compiler change.
 stamp="$out/obj/flags"
-flags="$("$cc" --version | head -1) | ${base[*]} | ${warn[*]} | ${inc[*]} | ${cov[*]} | ${noclones[*]} | ${engine_san[*]}"
+flags="$("$cc" --version | head -1) | ${base[*]} | ${warn[*]} | ${inc[*]} | ${cov[*]} | ${noclones[*]}"
 if [ ! -e "$stamp" ] || [ "$(cat "$stamp")" != "$flags" ]; then
   rm -f "$out"/obj/*.o "$out"/obj/*.d
   printf '%s\n' "$flags" >"$stamp"
@@ -110,7 +104,6 @@ compile() { # kind source
   d=${o%.o}.d
   stale "$o" "$d" || return 0
   local flags=("${base[@]}" -MMD -MF "$d")
-  case "$src" in engine/* | kernels/*) flags+=("${engine_san[@]}") ;; esac
   case "$kind" in
     gen) flags+=(-I"$out/gen") ;; # generated: no project warnings
     cov) flags+=("${cov[@]}" "${warn[@]}" "${inc[@]}") ;;

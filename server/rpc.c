@@ -198,7 +198,9 @@ struct bs_rpc_call {
     bool cancel_heard; /* on_cancel delivered */
     bool app_owned;    /* handed to the application (on_unary, on_stream_open) */
     bool app_done;     /* the application answered (reply, fail, finish) */
-    bool lost;         /* its request message never arrived whole: on_lost at close */
+    bool lost;         /* its request never reached the application: on_lost at close */
+    bool awaiting_eos; /* one request read; the read after it must find the end */
+    grpc_slice request; /* that request, until the end of the client's stream is seen */
     bool ended;        /* the client half-closed */
     int64_t deadline;
     struct rpc_md *md;
@@ -358,6 +360,7 @@ static bs_rpc_call_t *call_new(bs_rpc_server_t *s, grpc_call *gc, enum rpc_kind 
     c->recv_tag = (struct rpc_tag){.kind = RPC_TAG_RECV, .owner = c};
     c->send_tag = (struct rpc_tag){.kind = RPC_TAG_SEND, .owner = c};
     c->details = grpc_empty_slice();
+    c->request = grpc_empty_slice();
     c->deadline = rpc_deadline_ns(deadline);
     c->watch_last = BS_HEALTH_UNKNOWN;
     c->next = s->calls;
@@ -422,10 +425,12 @@ static void call_free(bs_rpc_call_t *c)
 {
     bs_rpc_server_t *s = c->srv;
     grpc_call_unref(c->call);
+    c->recv_blocked = false;
     call_drop_queue(c);
     if (c->unsent_peak >= RPC_TRIM_AFTER_BYTES)
         rpc_trim_memory(s);
     grpc_slice_unref(c->details);
+    grpc_slice_unref(c->request);
     free(c->md);
     free(c->watch_service);
     if (c->prev != NULL)
@@ -694,12 +699,54 @@ static void call_on_stream_input(bs_rpc_call_t *c, grpc_byte_buffer *bb)
     call_start_recv(c);
 }
 
+static void rpc_dispatch_call(bs_rpc_call_t *c, const uint8_t *data, size_t len);
+
+/* The read after a one-request method's request: the end of the client's
+ * stream lets the request through; a second message is a cardinality
+ * violation (UNIMPLEMENTED, gRPC's status codes); a failed read means the
+ * call is going away (recv_close says how). */
+static void call_on_eos(bs_rpc_call_t *c, int ok, grpc_byte_buffer *bb)
+{
+    c->awaiting_eos = false;
+    if (!ok || c->cancelled || c->status_set) {
+        c->lost = c->kind == RPC_KIND_UNARY;
+    } else if (bb != NULL) {
+        c->lost = c->kind == RPC_KIND_UNARY;
+        call_finish(c, BS_RPC_UNIMPLEMENTED,
+                    "this method takes one request message; the call sent more");
+    } else {
+        c->ended = true;
+        rpc_dispatch_call(c, GRPC_SLICE_START_PTR(c->request), GRPC_SLICE_LENGTH(c->request));
+    }
+    grpc_slice_unref(c->request);
+    c->request = grpc_empty_slice();
+}
+
+/* Keep the one request of a unary or server-streaming method and read on
+ * until the client's end of stream before dispatching it. */
+static void call_await_eos(bs_rpc_call_t *c, grpc_slice request)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->recv_buf;
+    c->request = request;
+    if (call_batch(c, &op, 1, &c->recv_tag) != 0) {
+        call_abort(c, BS_RPC_INTERNAL, "cannot receive");
+        return;
+    }
+    c->recv_busy = true;
+    c->awaiting_eos = true;
+}
+
 static void call_on_recv(bs_rpc_call_t *c, int ok)
 {
     grpc_byte_buffer *bb = c->recv_buf;
     c->recv_buf = NULL;
     c->recv_busy = false;
-    if (ok && !c->cancelled && !c->status_set)
+    if (c->awaiting_eos)
+        call_on_eos(c, ok, bb);
+    else if (ok && !c->cancelled && !c->status_set)
         call_on_stream_input(c, bb);
     if (bb != NULL)
         grpc_byte_buffer_destroy(bb);
@@ -866,15 +913,16 @@ static bool rpc_kind_needs_auth(enum rpc_kind kind)
 }
 
 /* gRPC core hands over a call of a method that takes one request message
- * but has none: the client half-closed without sending one, cut it short,
- * or the call was cancelled before it arrived. Never an empty request: the
- * answer is INTERNAL "No payload", as gRPC's own C++ server gives; the
- * application hears on_lost when recv_close tells which case it was. */
+ * but has none: the client half-closed without sending one, cut it short
+ * (core drops a partial message silently), or the call was cancelled
+ * before it arrived. Never an empty request: a request cardinality
+ * violation is UNIMPLEMENTED (gRPC's status codes); the application hears
+ * on_lost when recv_close tells which case it was. */
 static void call_lost(bs_rpc_call_t *c)
 {
     c->lost = c->kind == RPC_KIND_UNARY;
-    call_finish(c, BS_RPC_INTERNAL,
-                "No payload: the call ended before its request message arrived whole");
+    call_finish(c, BS_RPC_UNIMPLEMENTED,
+                "this method takes one request message; the call ended without a whole one");
 }
 
 /* Take a new call out of an accept slot and start its state machine. */
@@ -915,6 +963,8 @@ static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *
         call_lost(c);
     else if (rpc_read(payload, &sl) != 0)
         call_abort(c, BS_RPC_INTERNAL, "cannot read the request message");
+    else if (rpc_kind_reads_payload(kind))
+        call_await_eos(c, sl); /* dispatched once the client's stream ends */
     else {
         rpc_dispatch_call(c, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl));
         grpc_slice_unref(sl);

@@ -75,8 +75,9 @@ struct bs_rpc_handlers {
     void (*on_cancel)(void *arg, bs_rpc_call_t *call);
     /* Optional: a unary call of method m ended without a whole request
      * message (cancelled: the call was cancelled or its deadline passed;
-     * otherwise the client sent none or cut it short). The transport has
-     * answered it (INTERNAL "No payload"); the application only counts it.
+     * otherwise the client sent none, cut it short, or sent two). The
+     * transport has answered it (UNIMPLEMENTED); the application only
+     * counts it.
      * The call was never handed to the application. */
     void (*on_lost)(void *arg, enum bs_rpc_method m, bool cancelled);
     void *arg;

@@ -71,16 +71,7 @@ CORE_HIDDEN = {
 
 # Cases that fail with server/rpc.c as it is, and the change that fixes them.
 # With --allow-known they are reported without failing the run.
-KNOWN = {
-    "live_no_message": "a unary call without a request message: UNIMPLEMENTED, not INTERNAL",
-    "live_empty_data_end_stream": "a unary call without a request message: UNIMPLEMENTED, "
-                                  "not INTERNAL",
-    "infer_no_message": "a unary call without a request message: UNIMPLEMENTED, not INTERNAL",
-    "live_two_messages": "unary calls must read to the end of the request stream before "
-                         "dispatch: a second message is UNIMPLEMENTED",
-    "infer_two_messages": "unary calls must read to the end of the request stream before "
-                          "dispatch: a second message is UNIMPLEMENTED",
-}
+KNOWN = {}  # every case blockserve can see meets the spec (rpc.c: call_lost, call_on_eos)
 
 
 def frame(msg, flag=0, length=None):
