@@ -22,5 +22,5 @@ BUILD_DIR=build-asan BUILD_TYPE=Debug bash scripts/build.sh -DBS_SANITIZE=ON
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --output-on-failure -j "$(nproc)" -LE 'reference|stress')
 
-echo "== fuzz: request decoding =="
+echo "== fuzz: the request decoder and the inference service =="
 FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash scripts/fuzz.sh

@@ -602,13 +602,20 @@ static void call_notify_cancel(bs_rpc_call_t *c)
     call_unref(c);
 }
 
-static void call_on_close(bs_rpc_call_t *c, int ok)
+/* Tell the application once about a unary call whose request never reached
+ * it (see on_lost). */
+static void call_report_lost(bs_rpc_call_t *c, bool cancelled)
 {
     bs_rpc_server_t *s = c->srv;
-    c->closed = true;
     if (c->lost && s->h.on_lost != NULL)
-        s->h.on_lost(s->h.arg, (enum bs_rpc_method)c->method,
-                     !ok || c->close_cancelled || c->cancelled);
+        s->h.on_lost(s->h.arg, (enum bs_rpc_method)c->method, cancelled);
+    c->lost = false;
+}
+
+static void call_on_close(bs_rpc_call_t *c, int ok)
+{
+    c->closed = true;
+    call_report_lost(c, !ok || c->close_cancelled || c->cancelled);
     if (!ok || c->close_cancelled || c->cancelled)
         call_notify_cancel(c);
     call_unref(c); /* the transport's reference */
@@ -710,6 +717,8 @@ static void call_on_eos(bs_rpc_call_t *c, int ok, grpc_byte_buffer *bb)
     c->awaiting_eos = false;
     if (!ok || c->cancelled || c->status_set) {
         c->lost = c->kind == RPC_KIND_UNARY;
+        if (c->closed) /* recv_close came first: it was cancelled */
+            call_report_lost(c, true);
     } else if (bb != NULL) {
         c->lost = c->kind == RPC_KIND_UNARY;
         call_finish(c, BS_RPC_UNIMPLEMENTED,
