@@ -12,7 +12,6 @@
  * attention kernels), on machines without a GPU. Times are wall clock around whole
  * forwards (inputs up, output down, as the server runs them); the attention
  * loop times N launches and one synchronising copy. */
-#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,10 +24,6 @@
 #include "model.h"
 
 #define EXIT_SKIP 77
-
-typedef int (*unfused_fn)(struct bs_backend *, struct bs_tensor *, const struct bs_tensor *,
-                          const struct bs_tensor *, const struct bs_tensor *,
-                          const struct bs_attn_params *, struct bs_err *);
 
 struct bench {
     struct bs_backend be;
@@ -154,16 +149,6 @@ static int bench_models(struct bench *bn, struct bs_err *err)
 
 /* ---- attention kernel ------------------------------------------------------ */
 
-static unfused_fn find_unfused(void)
-{
-    const char *path = getenv("BS_CUDA_MODULE");
-    void *h = path ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL;
-    unfused_fn fn = NULL;
-    if (h != NULL)
-        *(void **)&fn = dlsym(h, "bs_cuda_module_attention_unfused");
-    return fn;
-}
-
 /* A [rows, cols] F32 tensor in backend memory filled with small values. */
 static int dev_tensor(struct bench *bn, struct bs_tensor *t, int64_t rows, int64_t cols,
                       struct bs_err *err)
@@ -184,7 +169,7 @@ static int dev_tensor(struct bench *bn, struct bs_tensor *t, int64_t rows, int64
 }
 
 /* Seconds per call of the fused kernel (fn NULL) or the baseline. */
-static int time_attention(struct bench *bn, unfused_fn fn, struct bs_tensor *o,
+static int time_attention(struct bench *bn, bs_proc_attention_unfused_fn fn, struct bs_tensor *o,
                           const struct bs_tensor *q, const struct bs_tensor *k,
                           const struct bs_tensor *v, const struct bs_attn_params *p, int reps,
                           double *sec, struct bs_err *err)
@@ -220,9 +205,11 @@ static int bench_attention(struct bench *bn, int64_t batch, int heads, int hd, i
         (rc = dev_tensor(bn, &v, batch * l, inner, err)) ||
         (rc = dev_tensor(bn, &o, batch * l, inner, err)))
         return rc;
-    unfused_fn fn = find_unfused();
+    bs_proc_attention_unfused_fn fn;
+    *(void **)&fn = bs_backend_get_proc_address(&bn->be, BS_PROC_ATTENTION_UNFUSED);
     if (fn == NULL)
-        return bs_err_set(err, BS_ENOTFOUND, "bs_cuda_module_attention_unfused not found");
+        return bs_err_set(err, BS_ENOTFOUND,
+                          "the backend has no entry point " BS_PROC_ATTENTION_UNFUSED);
     if ((rc = time_attention(bn, NULL, &o, &q, &k, &v, &p, 4 * bn->reps, &fused, err)) ||
         (rc = time_attention(bn, fn, &o, &q, &k, &v, &p, bn->reps, &unf, err)))
         return rc;

@@ -16,7 +16,7 @@
 #include <stdint.h>
 
 #include "grpc_service.pb-c.h"
-#include "tensors.h"
+#include "ctensor.h"
 
 #define BS_CLIENT_DEFAULT_URL "localhost:8001"
 

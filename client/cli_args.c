@@ -1,12 +1,80 @@
-/* blockserve-cli option parsing. */
+/* blockserve-cli's options: tables of rows (common/opts.h) that both parse
+ * the command line and print the usage. */
 #include "cli_args.h"
 
-#include <stdio.h>
-
 #include <errno.h>
-#include <math.h>
-#include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
+
+#include "opts.h"
+
+#define AT(kind, field) BS_OPTS_AT(kind, struct cli, field)
+#define COUNT(field)    BS_OPTS_COUNT(struct cli, field)
+
+static const struct bs_opt input_rows[] = {
+    {"--input", AT(LIST, inputs), .hi = CLI_MAX_SPECS, COUNT(n_inputs), .metavar = "[NAME=]FILE",
+     .help = "tensors from a file (repeatable): NAME=FILE.npy;\n"
+             "FILE.safetensors: every tensor, by its name;\n"
+             "NAME=FILE.safetensors: that tensor, or the only one"},
+    {"--shape", AT(LIST, shapes), .hi = CLI_MAX_SPECS, COUNT(n_shapes),
+     .metavar = "NAME=d1,d2,...[:DATATYPE]", .help = "random data of that shape"},
+    {"--seed", AT(INT64, seed), .lo = 0, .hi = INT64_MAX, .def = "1", .metavar = "N",
+     .want = "an integer", .help = "seed of the random data"},
+    BS_OPTS_NULL,
+};
+
+static const struct bs_opt connection_rows[] = {
+    {"--url", AT(STR, co.url), .alias = "-u", .metavar = "HOST:PORT",
+     .help = "server (default localhost:8001; grpcs:// means TLS)"},
+    {"--timeout", AT(SECONDS, co.call_timeout_s), .metavar = "SECONDS",
+     .help = "deadline for connecting (default 5) and per call\n(default 60, bench: 10)"},
+    {"--tls", AT(FLAG, co.tls), .help = "TLS with the system's root certificates"},
+    {"--tls-ca", AT(STR, co.tls_ca), .metavar = "FILE",
+     .help = "TLS, trusting the CA certificates in FILE (PEM)"},
+    {"--tls-cert", AT(STR, co.tls_cert), .metavar = "FILE",
+     .help = "client certificate for mutual TLS (with --tls-key)"},
+    {"--tls-key", AT(STR, co.tls_key), .metavar = "FILE", .help = "its private key"},
+    {"--tls-server-name", AT(STR, co.tls_server_name), .metavar = "NAME",
+     .help = "name expected in the server's certificate"},
+    {"--token", AT(STR, co.token), .metavar = "TOKEN",
+     .help = "send \"authorization: Bearer TOKEN\""},
+    {"--token-file", AT(STR, token_file), .metavar = "FILE",
+     .help = "... with the token in FILE (its first line)"},
+    {"--json", AT(FLAG, json), .help = "machine-readable output (metadata, models, bench)"},
+    {"--help", .kind = BS_OPT_HELP, .alias = "-h", .help = "this help"},
+    BS_OPTS_NULL,
+};
+
+static const char *const formats[] = {"bin", "json", NULL}; /* enum cli_format */
+
+static const struct bs_opt command_rows[] = {
+    {"--output", AT(STR, output), .alias = "-o", .metavar = "FILE",
+     .help = "infer: write the outputs to FILE.npy (one output)\n"
+             "or FILE.safetensors (every output, by name)"},
+    {"--out", AT(STR, out), .metavar = "FILE", .help = "make-request: the file to write"},
+    {"--format", AT(ENUM, format), .choices = formats, .def = "bin",
+     .help = "make-request: the request as binary protobuf\n(ghz -B) or JSON (ghz -D)"},
+    {"--id", AT(STR, id), .metavar = "ID", .help = "infer, bench, make-request: the request id"},
+    {"--count", AT(INT64, count), .alias = "-n", .lo = 1, .hi = INT64_MAX, .metavar = "COUNT",
+     .want = "an integer", .help = "stream, bench: requests to send (stream: default 1)"},
+    {"--duration", AT(SECONDS, duration_s), .alias = "-z", .metavar = "DURATION",
+     .help = "bench: send for DURATION (10, 10s, 500ms, 2m)"},
+    {"--concurrency", AT(INT, concurrency), .alias = "-c", .lo = 1, .hi = 1000000, .def = "1",
+     .metavar = "CONCURRENCY", .want = "a small integer", .help = "bench: calls in flight"},
+    {"--rps", AT(DOUBLE, rps), .metavar = "R", .help = "bench: at most R call starts a second"},
+    {"--stream", AT(FLAG, stream),
+     .help = "bench: one ModelStreamInfer stream per caller,\none request in flight on each"},
+    {"--threads", AT(INT, threads), .lo = 1, .hi = 1000000, .def = "1", .metavar = "T",
+     .want = "a small integer", .help = "bench: client threads"},
+    {"--connections", AT(INT, connections), .lo = 1, .hi = 1000000, .def = "1", .metavar = "K",
+     .want = "a small integer", .help = "bench: HTTP/2 connections"},
+    {"--window", AT(INT, window), .lo = 1, .hi = 1000000, .def = "1", .metavar = "W",
+     .want = "a small integer", .help = "stream: requests in flight"},
+    BS_OPTS_NULL,
+};
+
+static const struct bs_opt *const cli_tables[] = {input_rows, connection_rows, command_rows, NULL};
+static const struct bs_opts_cmd cli_cmd = {cli_tables, "MODEL", offsetof(struct cli, model), false};
 
 void cli_usage(FILE *out)
 {
@@ -25,88 +93,15 @@ void cli_usage(FILE *out)
         "        [inputs] [--threads T] [--connections K] [--json]\n"
         "  make-request MODEL [inputs] --out FILE [--format bin|json]\n"
         "                            a serialized ModelInferRequest (ghz -B), or ghz JSON (-D)\n"
+        "  version                   blockserve-cli's version\n"
         "\n"
         "inputs (default: random data for the model's required inputs, shaped from its\n"
-        "metadata with variable dims set to 1):\n"
-        "  --input NAME=FILE.npy     --input FILE.safetensors (every tensor, by name)\n"
-        "  --input NAME=FILE.safetensors (that tensor, or the file's only one)\n"
-        "  --shape NAME=d1,d2,...[:DATATYPE]   random data of that shape\n"
-        "  --seed N                  seed of the random data (default 1)\n"
-        "\n"
-        "connection (every command):\n"
-        "  -u, --url HOST:PORT       server (default localhost:8001; grpcs:// means TLS)\n"
-        "  --timeout SECONDS         deadline for connecting (default 5) and per call\n"
-        "                            (default 60, bench: 10)\n"
-        "  --tls                     TLS with the system's root certificates\n"
-        "  --tls-ca FILE             TLS, trusting the CA certificates in FILE (PEM)\n"
-        "  --tls-cert FILE --tls-key FILE   client certificate for mutual TLS\n"
-        "  --tls-server-name NAME    name expected in the server's certificate\n"
-        "  --token TOKEN | --token-file FILE   send \"authorization: Bearer TOKEN\"\n"
-        "  --json                    machine-readable output (metadata, models, bench)\n");
-}
-
-static int bad(const struct cli *a, const char *flag, const char *val, const char *want)
-{
-    fprintf(stderr, "blockserve-cli %s: %s: expected %s, got \"%s\"\n", a->cmd, flag, want, val);
-    return -1;
-}
-
-static int parse_i64(const struct cli *a, const char *flag, const char *s, int64_t lo, int64_t *out)
-{
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s || *end || v < lo)
-        return bad(a, flag, s, "an integer");
-    *out = v;
-    return 0;
-}
-
-static int parse_int(const struct cli *a, const char *flag, const char *s, int lo, int *out)
-{
-    int64_t v;
-    if (parse_i64(a, flag, s, lo, &v) != 0 || v > 1000000)
-        return bad(a, flag, s, "a small integer");
-    *out = (int)v;
-    return 0;
-}
-
-/* "2.5", "10s", "500ms", "2m", "1h" as seconds. */
-static int parse_seconds(const struct cli *a, const char *flag, const char *s, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    double unit = !strcmp(end, "") || !strcmp(end, "s") ? 1
-                  : !strcmp(end, "ms")                  ? 1e-3
-                  : !strcmp(end, "m")                   ? 60
-                  : !strcmp(end, "h")                   ? 3600
-                                                        : -1;
-    if (errno || end == s || unit < 0 || !isfinite(v) || v <= 0)
-        return bad(a, flag, s, "a positive duration (10, 10s, 500ms, 2m)");
-    *out = v * unit;
-    return 0;
-}
-
-static int parse_double(const struct cli *a, const char *flag, const char *s, double *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !isfinite(v) || v <= 0)
-        return bad(a, flag, s, "a positive number");
-    *out = v;
-    return 0;
-}
-
-static int add_spec(const struct cli *a, const char *flag, const char **list, int *n, const char *v)
-{
-    if (*n == CLI_MAX_SPECS) {
-        fprintf(stderr, "blockserve-cli %s: at most %d %s options\n", a->cmd, CLI_MAX_SPECS, flag);
-        return -1;
-    }
-    list[(*n)++] = v;
-    return 0;
+        "metadata with variable dims set to 1):\n");
+    bs_opts_help(out, input_rows, 26);
+    fprintf(out, "\nconnection (every command):\n");
+    bs_opts_help(out, connection_rows, 26);
+    fprintf(out, "\ncommand options:\n");
+    bs_opts_help(out, command_rows, 26);
 }
 
 static int read_token_file(struct cli *a)
@@ -131,99 +126,22 @@ static int read_token_file(struct cli *a)
     return 0;
 }
 
-/* One "--flag value" pair; 1 when flag is not a valued option. */
-static int parse_valued(struct cli *a, const char *f, const char *v)
-{
-    if (!strcmp(f, "-u") || !strcmp(f, "--url"))
-        a->co.url = v;
-    else if (!strcmp(f, "--timeout")) {
-        if (parse_seconds(a, f, v, &a->co.call_timeout_s) != 0)
-            return -1;
-        a->co.connect_timeout_s = a->co.call_timeout_s;
-    } else if (!strcmp(f, "--tls-ca"))
-        a->co.tls_ca = v;
-    else if (!strcmp(f, "--tls-cert"))
-        a->co.tls_cert = v;
-    else if (!strcmp(f, "--tls-key"))
-        a->co.tls_key = v;
-    else if (!strcmp(f, "--tls-server-name"))
-        a->co.tls_server_name = v;
-    else if (!strcmp(f, "--token"))
-        a->co.token = v;
-    else if (!strcmp(f, "--token-file"))
-        a->token_file = v;
-    else if (!strcmp(f, "--input"))
-        return add_spec(a, f, a->inputs, &a->n_inputs, v);
-    else if (!strcmp(f, "--shape"))
-        return add_spec(a, f, a->shapes, &a->n_shapes, v);
-    else if (!strcmp(f, "--output") || !strcmp(f, "-o"))
-        a->output = v;
-    else if (!strcmp(f, "--out"))
-        a->out = v;
-    else if (!strcmp(f, "--format")) {
-        if (strcmp(v, "bin") != 0 && strcmp(v, "json") != 0)
-            return bad(a, f, v, "bin or json");
-        a->format = v;
-    } else if (!strcmp(f, "--id"))
-        a->id = v;
-    else if (!strcmp(f, "-n") || !strcmp(f, "--count"))
-        return parse_i64(a, f, v, 1, &a->count);
-    else if (!strcmp(f, "-z") || !strcmp(f, "--duration"))
-        return parse_seconds(a, f, v, &a->duration_s);
-    else if (!strcmp(f, "-c") || !strcmp(f, "--concurrency"))
-        return parse_int(a, f, v, 1, &a->concurrency);
-    else if (!strcmp(f, "--rps"))
-        return parse_double(a, f, v, &a->rps);
-    else if (!strcmp(f, "--threads"))
-        return parse_int(a, f, v, 1, &a->threads);
-    else if (!strcmp(f, "--connections"))
-        return parse_int(a, f, v, 1, &a->connections);
-    else if (!strcmp(f, "--window"))
-        return parse_int(a, f, v, 1, &a->window);
-    else if (!strcmp(f, "--seed")) {
-        int64_t s;
-        if (parse_i64(a, f, v, 0, &s) != 0)
-            return -1;
-        a->seed = (uint64_t)s;
-    } else
-        return 1;
-    return 0;
-}
-
 int cli_parse(int argc, char **argv, struct cli *a)
 {
+    struct bs_opts_err e;
     memset(a, 0, sizeof(*a));
     a->cmd = argv[0];
-    a->format = "bin";
-    a->seed = 1;
-    a->concurrency = 1;
-    a->connections = 1;
-    a->window = 1;
-    for (int i = 1; i < argc; i++) {
-        const char *f = argv[i];
-        if (!strcmp(f, "--json"))
-            a->json = true;
-        else if (!strcmp(f, "--stream"))
-            a->stream = true;
-        else if (!strcmp(f, "--tls"))
-            a->co.tls = true;
-        else if (f[0] != '-' || f[1] == '\0') {
-            if (a->model != NULL) {
-                fprintf(stderr, "blockserve-cli %s: unexpected argument \"%s\"\n", a->cmd, f);
-                return -1;
-            }
-            a->model = f;
-        } else if (i + 1 >= argc) {
-            fprintf(stderr, "blockserve-cli %s: %s needs a value (or is unknown)\n", a->cmd, f);
-            return -1;
-        } else {
-            int rc = parse_valued(a, f, argv[++i]);
-            if (rc == 1)
-                fprintf(stderr, "blockserve-cli %s: unknown option \"%s\"\n", a->cmd, f);
-            if (rc != 0)
-                return -1;
-        }
+    int rc = bs_opts_parse(&cli_cmd, a, argc, argv, &e);
+    if (rc == BS_OPTS_HELP) {
+        cli_usage(stdout);
+        return 1;
     }
+    if (rc != BS_OPTS_OK) {
+        fprintf(stderr, "blockserve-cli %s: %s%s\n", a->cmd, e.msg,
+                rc == BS_OPTS_ENOVALUE ? " (or is unknown)" : "");
+        return -1;
+    }
+    a->co.connect_timeout_s = a->co.call_timeout_s; /* --timeout sets both */
     if (a->co.token && a->token_file) {
         fprintf(stderr, "blockserve-cli %s: give --token or --token-file, not both\n", a->cmd);
         return -1;

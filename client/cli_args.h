@@ -11,6 +11,8 @@
 
 #define CLI_MAX_SPECS 16
 
+enum cli_format { CLI_FORMAT_BIN, CLI_FORMAT_JSON };
+
 struct cli {
     const char *cmd;   /* the subcommand */
     const char *model; /* the positional MODEL, when the subcommand takes one */
@@ -22,7 +24,7 @@ struct cli {
     int n_shapes;
     const char *output; /* infer --output */
     const char *out;    /* make-request --out */
-    const char *format; /* make-request --format bin|json */
+    int format;         /* make-request --format: CLI_FORMAT_BIN or CLI_FORMAT_JSON */
     const char *id;     /* request id */
     int64_t count;      /* -n */
     double duration_s;  /* -z */
@@ -33,15 +35,16 @@ struct cli {
     int connections;    /* bench --connections */
     int window;         /* stream: requests in flight */
     bool json;          /* machine-readable output */
-    uint64_t seed;      /* random inputs */
+    int64_t seed;       /* random inputs (>= 0) */
     char token[1024];   /* read from --token-file */
 };
 
-/* Parse argv (argv[0] is the subcommand) into a; prints the problem and
- * returns non-zero on a usage error. */
+/* Parse argv (argv[0] is the subcommand) into a, and read --token-file.
+ * Returns 0, 1 when --help was given (the usage is printed on stdout), or -1
+ * on a usage error (the problem is printed). */
 int cli_parse(int argc, char **argv, struct cli *a);
 
-/* Print the usage text. */
+/* Print the usage text: the commands and every option, from the tables. */
 void cli_usage(FILE *out);
 
 #endif

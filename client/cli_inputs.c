@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "tensor.h"
-#include "tensors.h"
+#include "ctensor.h"
 
 static int fail(struct bs_client_err *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -10,6 +10,7 @@
 #include "blockserve_client.h"
 #include "cli_args.h"
 #include "cli_inputs.h"
+#include "version.h"
 
 #define MAX_OUTPUTS 8
 
@@ -527,7 +528,7 @@ static int cmd_make_request(struct cli *a)
     if (cli_inputs_need_server(a) && connect_or_report(a, &c) != 0)
         return 1;
     int rc = cli_inputs_load(a, c, &in, &err);
-    if (rc == 0 && strcmp(a->format, "bin") == 0)
+    if (rc == 0 && a->format == CLI_FORMAT_BIN)
         rc = bs_client_pack_infer_request(a->model, a->id, in.t, in.n, &req, &len, &err);
     FILE *f = rc == 0 ? fopen(a->out, "wb") : NULL;
     if (rc == 0 && f == NULL) {
@@ -571,9 +572,14 @@ int main(int argc, char **argv)
         cli_usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
+        printf("blockserve-cli %s\n", BS_VERSION);
+        return 0;
+    }
     struct cli a;
-    if (cli_parse(argc - 1, argv + 1, &a) != 0)
-        return 2;
+    int parsed = cli_parse(argc - 1, argv + 1, &a);
+    if (parsed != 0)
+        return parsed > 0 ? 0 : 2; /* --help, or a usage error */
     if (!strcmp(a.cmd, "make-request"))
         return need_model(&a) ? 2 : cmd_make_request(&a);
     for (size_t i = 0; i < BS_ARRAY_LEN(cmds); i++) {

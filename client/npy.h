@@ -8,7 +8,7 @@
 
 #include <stddef.h>
 
-#include "tensors.h"
+#include "ctensor.h"
 
 /* Parse a whole .npy file held in memory into t (its data copied); t->name is left as is. */
 int bs_npy_parse(const void *buf, size_t len, struct bs_ctensor *t, struct bs_err *err);

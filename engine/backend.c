@@ -15,7 +15,7 @@
 #include <unistd.h>
 
 static pthread_mutex_t module_lock = PTHREAD_MUTEX_INITIALIZER;
-static bs_backend_module_init_fn module_init;
+static const struct bs_backend_module *module;
 
 /* Directory of the running executable into dir (no trailing slash). */
 static int exe_dir(char *dir, size_t size)
@@ -42,15 +42,16 @@ static void *try_open(const char *path, char *why, size_t size)
     return h;
 }
 
-/* The module's entry point, loading it on first use: BS_CUDA_MODULE, then the
- * executable's directory, then ../lib/blockserve relative to it. */
-static bs_backend_module_init_fn load_module(struct bs_err *err)
+/* The module's description, loading it on first use: BS_CUDA_MODULE, then
+ * the executable's directory, then ../lib/blockserve relative to it. */
+static const struct bs_backend_module *load_module(struct bs_err *err)
 {
     char why[1024] = "", dir[PATH_MAX], path[PATH_MAX + 64];
     void *h = NULL;
+    bs_backend_module_fn fn = NULL;
     pthread_mutex_lock(&module_lock);
-    bs_backend_module_init_fn fn = module_init;
-    if (fn != NULL)
+    const struct bs_backend_module *mod = module;
+    if (mod != NULL)
         goto done;
     const char *env = getenv("BS_CUDA_MODULE");
     if (env != NULL && env[0] != '\0') {
@@ -69,15 +70,28 @@ static bs_backend_module_init_fn load_module(struct bs_err *err)
         goto done;
     }
     *(void **)&fn = dlsym(h, BS_CUDA_MODULE_ENTRY);
-    if (fn == NULL) {
+    if (fn == NULL || (mod = fn()) == NULL) {
         bs_err_set(err, BS_EUNSUPP, "CUDA backend module has no %s", BS_CUDA_MODULE_ENTRY);
         dlclose(h);
         goto done;
     }
-    module_init = fn;
+    module = mod;
 done:
     pthread_mutex_unlock(&module_lock);
-    return fn;
+    return mod;
+}
+
+/* The loaded module when it was built for this engine's ABI, else NULL and a
+ * message in err. abi is the one field every ABI keeps in place. */
+static const struct bs_backend_module *usable_module(struct bs_err *err)
+{
+    const struct bs_backend_module *mod = load_module(err);
+    if (mod != NULL && mod->abi != BS_BACKEND_ABI) {
+        bs_err_set(err, BS_EUNSUPP, "CUDA module built for backend ABI %d, engine has %d", mod->abi,
+                   BS_BACKEND_ABI);
+        return NULL;
+    }
+    return mod;
 }
 
 static int parse_cpu_opts(const struct bs_backend_opts *o, struct bs_err *err)
@@ -92,11 +106,11 @@ static int parse_cpu_opts(const struct bs_backend_opts *o, struct bs_err *err)
 
 static int cuda_init(struct bs_backend *be, const struct bs_backend_opts *o, struct bs_err *err)
 {
-    bs_backend_module_init_fn fn = load_module(err);
-    if (fn == NULL)
+    const struct bs_backend_module *mod = usable_module(err);
+    if (mod == NULL)
         return err->code;
     memset(be, 0, sizeof(*be));
-    int rc = fn(be, o, BS_BACKEND_ABI, err);
+    int rc = mod->init(be, o, err);
     if (rc != 0)
         memset(be, 0, sizeof(*be));
     return rc;
@@ -149,6 +163,30 @@ int bs_backend_memory_info(const struct bs_backend *be, struct bs_backend_memory
     if (be == NULL || be->iface == NULL || be->iface->memory_info == NULL)
         return bs_err_set(err, BS_EUNSUPP, "the backend reports no device memory");
     return be->iface->memory_info(be->ctx, mem, err);
+}
+
+void *bs_backend_get_proc_address(const struct bs_backend *be, const char *name)
+{
+    if (be == NULL || be->iface == NULL || be->iface->get_proc_address == NULL || name == NULL)
+        return NULL;
+    return be->iface->get_proc_address(name);
+}
+
+void *bs_backend_module_get_proc_address(const char *device, const char *name, struct bs_err *err)
+{
+    if (device == NULL || strcmp(device, "cuda") != 0) {
+        bs_err_set(err, BS_EINVAL, "no backend module for device \"%s\" (only cuda has one)",
+                   device ? device : "(null)");
+        return NULL;
+    }
+    const struct bs_backend_module *mod = usable_module(err);
+    if (mod == NULL)
+        return NULL;
+    void *fn = mod->get_proc_address && name ? mod->get_proc_address(name) : NULL;
+    if (fn == NULL)
+        bs_err_set(err, BS_ENOTFOUND, "the %s backend module has no entry point \"%s\"", mod->name,
+                   name ? name : "(null)");
+    return fn;
 }
 
 void bs_backend_free(struct bs_backend *be)

@@ -132,6 +132,11 @@ struct bs_backend_i {
      * in its compute dtype that linear then uses for w tensors inside buf;
      * buf_free(buf) releases it. */
     int (*weights_ready)(void *ctx, void *buf, size_t size, struct bs_err *err);
+
+    /* Optional (NULL: none). The backend's extra entry points by name, as
+     * ggml's get_proc_address: the function (cast to void *) or NULL when the
+     * backend has no entry of that name. Names and types: BS_PROC_* below. */
+    void *(*get_proc_address)(const char *name);
 };
 
 /* A backend instance. */
@@ -149,16 +154,44 @@ struct bs_backend_opts {
     bool tf32;          /* FP32 GEMMs may use TF32 tensor cores (cuda) */
 };
 
-/* Version of struct bs_backend_i and bs_backend_opts that a backend module
- * must have been built against. */
-#define BS_BACKEND_ABI 2 /* 2: memory_info */
+/* Version of struct bs_backend_i, bs_backend_opts and bs_backend_module that a
+ * backend module must have been built against. */
+#define BS_BACKEND_ABI 3 /* 2: memory_info; 3: get_proc_address, bs_backend_module */
 
-/* The entry point a backend module (libbs_cuda.so) exports under the name
- * BS_CUDA_MODULE_ENTRY: create a backend or fail with a message. */
-typedef int (*bs_backend_module_init_fn)(struct bs_backend *be, const struct bs_backend_opts *o,
-                                         int abi, struct bs_err *err);
-#define BS_CUDA_MODULE_ENTRY "bs_cuda_module_init"
+/* What a backend module (libbs_cuda.so) exports: one function, named
+ * BS_CUDA_MODULE_ENTRY, of type bs_backend_module_fn. The engine reads abi
+ * first and uses nothing else when it differs from BS_BACKEND_ABI. */
+struct bs_backend_module {
+    int abi;          /* BS_BACKEND_ABI of the module's build */
+    const char *name; /* the device it provides, e.g. "cuda" */
+    /* Create a backend or fail with a message. */
+    int (*init)(struct bs_backend *be, const struct bs_backend_opts *o, struct bs_err *err);
+    /* The module's extra entry points by name (BS_PROC_*), or NULL; the
+     * same as its backends' iface->get_proc_address. */
+    void *(*get_proc_address)(const char *name);
+};
+typedef const struct bs_backend_module *(*bs_backend_module_fn)(void);
+#define BS_CUDA_MODULE_ENTRY "bs_cuda_backend_module"
 #define BS_CUDA_MODULE_FILE  "libbs_cuda.so"
+
+/* Extra entry points that get_proc_address hands out, for tests and the
+ * benchmark (never for serving): each name with its function type. */
+
+/* The unfused attention baseline (cuda): o = softmax(q k^T * scale + mask) v
+ * as separate GEMM and softmax launches, on a backend of this module. */
+#define BS_PROC_ATTENTION_UNFUSED "attention_unfused"
+typedef int (*bs_proc_attention_unfused_fn)(struct bs_backend *be, struct bs_tensor *o,
+                                            const struct bs_tensor *q, const struct bs_tensor *k,
+                                            const struct bs_tensor *v,
+                                            const struct bs_attn_params *p, struct bs_err *err);
+
+/* A backend of this module bound to no device (cuda), so that a machine
+ * without a GPU can check the ops' argument checks; valid calls fail with
+ * BS_EINTERNAL. No copy ops; never for use with a GPU. Free with
+ * bs_backend_free. */
+#define BS_PROC_TEST_BACKEND "test_backend"
+typedef int (*bs_proc_test_backend_fn)(struct bs_backend *be, const char *dtype,
+                                       struct bs_err *err);
 
 /* Create the backend for device "auto", "cpu" or "cuda" (n_threads: CPU
  * threads, 0 for one per core); "auto" takes the GPU when one works. */
@@ -178,6 +211,16 @@ int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err
  * backend has none (the CPU backend). Safe from any thread. */
 int bs_backend_memory_info(const struct bs_backend *be, struct bs_backend_memory *mem,
                            struct bs_err *err);
+
+/* Extra entry point name of be's backend (see BS_PROC_*), or NULL when it
+ * has none of that name. */
+void *bs_backend_get_proc_address(const struct bs_backend *be, const char *name);
+
+/* Extra entry point name of the backend module for device ("cuda"), loading
+ * the module as bs_backend_init_opts would; NULL with a message in err when
+ * the module is not available, was built for another ABI, or has no entry
+ * of that name. Needs no GPU. */
+void *bs_backend_module_get_proc_address(const char *device, const char *name, struct bs_err *err);
 
 /* Release a backend created by an *_init function (NULL iface: no-op). */
 void bs_backend_free(struct bs_backend *be);

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "class.h"
 #include "config.h"
 #include "model.h"
 #include "safetensors.h"
@@ -169,18 +170,22 @@ static int write_inputs(const struct bs_builtin *b, const struct bs_model_config
     struct bs_tensor t[4];
     int n = 0, rc;
     uint64_t s = 42;
-    if (c->cls == BS_CLASS_ATTENTION_BLOCK) {
+    if (c->cls == &bs_class_attention_block) {
         names[n] = "hidden_states";
-        t[n++] = bs_tensor_make(BS_TYPE_F32, 4, (int64_t[]){b->batch, c->channels, b->height, b->width}, NULL);
-    } else {
+        t[n++] = bs_tensor_make(BS_TYPE_F32, 4,
+                                (int64_t[]){b->batch, c->attention_block.channels, b->height,
+                                            b->width}, NULL);
+    } else { /* BasicTransformerBlock */
+        const struct bs_btb_config *btb = &c->btb;
         names[n] = "hidden_states";
-        t[n++] = bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){b->batch, b->tokens, c->dim}, NULL);
+        t[n++] = bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){b->batch, b->tokens, btb->dim}, NULL);
         if (b->enc_tokens) {
             names[n] = "encoder_hidden_states";
             t[n++] = bs_tensor_make(BS_TYPE_F32, 3,
-                                    (int64_t[]){b->batch, b->enc_tokens, c->cross_attention_dim}, NULL);
+                                    (int64_t[]){b->batch, b->enc_tokens, btb->cross_attention_dim},
+                                    NULL);
         }
-        if (c->norm_type == BS_NORM_ADA_NORM_ZERO) {
+        if (btb->norm_type == BS_NORM_ADA_NORM_ZERO) {
             names[n] = "timestep";
             t[n++] = bs_tensor_make(BS_TYPE_I64, 1, (int64_t[]){b->batch}, NULL);
             names[n] = "class_labels";
@@ -200,7 +205,7 @@ static int write_inputs(const struct bs_builtin *b, const struct bs_model_config
             else
                 ((int64_t *)t[i].data)[j] = (int64_t)(next_u64(&s) % (strcmp(names[i], "timestep") == 0
                                                                        ? 1000
-                                                                       : (uint64_t)c->num_embeds_ada_norm));
+                                                                       : (uint64_t)c->btb.num_embeds_ada_norm));
         }
     }
     rc = bs_st_write(path, names, t, n, err);
@@ -242,7 +247,8 @@ int bs_builtin_write(const struct bs_builtin *b, const char *dir, struct bs_err 
     snprintf(path, sizeof(path), "%s/config.json", dir);
     if ((rc = write_text(path, b->config, err)) != 0)
         return rc;
-    bs_model_params(&cfg, collect, &ps);
+    if (bs_model_params(&cfg, collect, &ps) != 0)
+        ps.rc = BS_ENOMEM;
     if (ps.rc != 0)
         rc = bs_err_set(err, ps.rc, "out of memory generating weights for %s", b->name);
     snprintf(path, sizeof(path), "%s/diffusion_pytorch_model.safetensors", dir);

@@ -33,21 +33,53 @@ int bs_err_wrap(struct bs_err *err, const char *fmt, ...)
     return err->code;
 }
 
+struct status_row {
+    int code;
+    const char *name, *msg;
+    int grpc, http;
+    enum bs_reason reason;
+};
+
+static const struct status_row status_rows[] = {
+#define BS_STATUS_ROW(name, value, msg, grpc, http, reason)                                         \
+    {value, "BS_" #name, msg, grpc, http, BS_REASON_##reason},
+    BS_STATUS_MAP(BS_STATUS_ROW)
+#undef BS_STATUS_ROW
+};
+
+/* Codes unknown to the table are answered as internal errors. */
+static const struct status_row status_unknown = {0, "BS_E?", "unknown error", 13, 500,
+                                                 BS_REASON_BACKEND};
+
+static const struct status_row *status_row(int code)
+{
+    for (size_t i = 0; i < BS_ARRAY_LEN(status_rows); i++)
+        if (status_rows[i].code == code)
+            return &status_rows[i];
+    return &status_unknown;
+}
+
 const char *bs_status_str(int code)
 {
-    switch (code) {
-    case BS_OK: return "ok";
-    case BS_EINVAL: return "invalid argument";
-    case BS_ENOMEM: return "out of memory";
-    case BS_EIO: return "i/o error";
-    case BS_EFORMAT: return "malformed file";
-    case BS_ENOTFOUND: return "not found";
-    case BS_EUNSUPP: return "unsupported";
-    case BS_EINTERNAL: return "internal error";
-    case BS_ERANGE: return "limit exceeded";
-    case BS_ETIMEDOUT: return "deadline exceeded";
-    case BS_ECANCELED: return "cancelled";
-    case BS_EBUSY: return "overloaded";
-    default: return "unknown error";
-    }
+    return status_row(code)->msg;
+}
+
+const char *bs_status_name(int code)
+{
+    return status_row(code)->name;
+}
+
+int bs_status_grpc(int code)
+{
+    return status_row(code)->grpc;
+}
+
+int bs_status_http(int code)
+{
+    return status_row(code)->http;
+}
+
+enum bs_reason bs_status_reason(int code)
+{
+    return status_row(code)->reason;
 }

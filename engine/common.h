@@ -5,20 +5,47 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Functions that can fail return 0 or one of these negative codes. */
+/* Why a request failed, as metrics report it (Triton's reason labels). */
+enum bs_reason {
+    BS_REASON_NONE = -1, /* not a failure */
+    BS_REASON_REJECTED,  /* not admitted, or dropped unrun (queue full, deadline, shutdown) */
+    BS_REASON_CANCELED,  /* the caller went away */
+    BS_REASON_BACKEND,   /* the computation itself failed */
+    BS_REASON_OTHER,     /* an invalid request */
+};
+
+/* The one table of status codes: X(name, value, message, gRPC status, HTTP
+ * status, metrics reason). Functions that can fail return 0 or one of these
+ * negative codes; every front end and the metrics translate a code through
+ * this table only (bs_status_*). gRPC statuses are grpc/status.h's numbers;
+ * HTTP statuses follow how Triton's HTTP front end answers (499: the client
+ * closed the request, as nginx logs it). */
+#define BS_STATUS_MAP(X)                                                                           \
+    X(OK, 0, "ok", 0, 200, NONE)                                                                   \
+    X(EINVAL, -1, "invalid argument", 3, 400, OTHER)                                               \
+    X(ENOMEM, -2, "out of memory", 8, 500, BACKEND)                                                \
+    X(EIO, -3, "i/o error", 13, 500, BACKEND)                                                      \
+    X(EFORMAT, -4, "malformed file", 3, 400, OTHER)                                                \
+    X(ENOTFOUND, -5, "not found", 5, 404, OTHER)                                                   \
+    X(EUNSUPP, -6, "unsupported", 14, 503, REJECTED)                                               \
+    X(EINTERNAL, -7, "internal error", 13, 500, BACKEND)                                           \
+    X(ERANGE, -8, "limit exceeded", 8, 400, OTHER)                                                 \
+    X(ETIMEDOUT, -9, "deadline exceeded", 4, 503, REJECTED)                                        \
+    X(ECANCELED, -10, "cancelled", 1, 499, CANCELED)                                               \
+    X(EBUSY, -11, "overloaded", 8, 429, REJECTED)
+
+/* BS_EINVAL: bad argument, shape, dtype or value from the caller; BS_ENOMEM:
+ * allocation failed; BS_EIO: a file could not be opened, read or written;
+ * BS_EFORMAT: malformed file (safetensors, JSON); BS_ENOTFOUND: unknown
+ * model, missing key or input; BS_EUNSUPP: a valid request this build,
+ * backend or state cannot serve (also: shutting down); BS_EINTERNAL: backend
+ * failure (e.g. a CUDA error); BS_ERANGE: a size limit exceeded;
+ * BS_ETIMEDOUT: a deadline passed; BS_ECANCELED: the caller went away;
+ * BS_EBUSY: overloaded, a queue or in-flight bound is full (retry later). */
 enum bs_status {
-    BS_OK = 0,
-    BS_EINVAL = -1,    /* bad argument, shape, dtype or value from the caller */
-    BS_ENOMEM = -2,    /* allocation failed */
-    BS_EIO = -3,       /* file could not be opened, read or written */
-    BS_EFORMAT = -4,   /* malformed file (safetensors, JSON) */
-    BS_ENOTFOUND = -5, /* unknown model, missing key or input */
-    BS_EUNSUPP = -6,   /* valid request this build or backend cannot run */
-    BS_EINTERNAL = -7, /* backend failure (e.g. a CUDA error) */
-    BS_ERANGE = -8,    /* size limit exceeded */
-    BS_ETIMEDOUT = -9, /* a deadline passed */
-    BS_ECANCELED = -10, /* the caller went away */
-    BS_EBUSY = -11,     /* overloaded: a queue or in-flight bound is full; retry later */
+#define BS_STATUS_ENUM(name, value, msg, grpc, http, reason) BS_##name = value,
+    BS_STATUS_MAP(BS_STATUS_ENUM)
+#undef BS_STATUS_ENUM
 };
 
 /* An error message the caller can show; filled by the function that fails. */
@@ -34,8 +61,18 @@ int bs_err_set(struct bs_err *err, int code, const char *fmt, ...)
 /* Prefix the message already in err with a printf-style context; returns err->code. */
 int bs_err_wrap(struct bs_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* A short constant name for a status code ("invalid argument", ...). */
+/* A short constant message for a status code ("invalid argument", ...). */
 const char *bs_status_str(int code);
+
+/* The code's name ("BS_EINVAL"; "BS_E?" for a value not in the table). */
+const char *bs_status_name(int code);
+
+/* The gRPC status (grpc/status.h numbering), HTTP status and metrics reason
+ * a code is answered and counted with (unknown codes: INTERNAL, 500,
+ * BACKEND). */
+int bs_status_grpc(int code);
+int bs_status_http(int code);
+enum bs_reason bs_status_reason(int code);
 
 /* Saturating arithmetic for deadlines and sizes that clients choose: a result
  * that would overflow is INT64_MAX ("never"), INT64_MIN the other way. */

@@ -1,3 +1,6 @@
+/* config.json parsing: the class comes from "_class_name" through the class
+ * table (engine/class.h), its arguments are read against that class's option
+ * rows, then the class's checks and the "blockserve" section's run. */
 #include "config.h"
 
 #include <errno.h>
@@ -7,137 +10,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "class.h"
 #include "json.h"
 
 #define CONFIG_MAX_BYTES (1 << 20)
-#define DIM_MAX ((int64_t)1 << 20) /* far above any real width; keeps products in range */
+#define DIM_MAX BS_CONFIG_DIM_MAX
 
-enum opt_kind {
-    OPT_INT,         /* positive integer */
-    OPT_INT_OR_NULL, /* positive integer or null (stored as 0) */
-    OPT_NUM,         /* number */
-    OPT_BOOL,
-    OPT_FF_ACT,    /* "gelu" | "gelu-approximate" | "geglu" | "geglu-approximate" */
-    OPT_NORM_TYPE, /* "layer_norm" | "ada_norm" | "ada_norm_zero" */
-    OPT_APPROX,    /* "none" | "tanh" */
-    OPT_ACT_FN,    /* null | "swish" | "silu" | "mish" | "gelu" */
-};
-
-struct opt {
-    const char *key;
-    enum opt_kind kind;
-    size_t off;
-    bool required;
-};
-
-#define F(field) offsetof(struct bs_model_config, field)
-
-static const struct opt btb_opts[] = {
-    {"dim", OPT_INT, F(dim), true},
-    {"num_attention_heads", OPT_INT, F(num_attention_heads), true},
-    {"attention_head_dim", OPT_INT, F(attention_head_dim), true},
-    {"dropout", OPT_NUM, F(dropout), false},
-    {"cross_attention_dim", OPT_INT_OR_NULL, F(cross_attention_dim), false},
-    {"activation_fn", OPT_FF_ACT, F(activation_fn), false},
-    {"num_embeds_ada_norm", OPT_INT_OR_NULL, F(num_embeds_ada_norm), false},
-    {"attention_bias", OPT_BOOL, F(attention_bias), false},
-    {"only_cross_attention", OPT_BOOL, F(only_cross_attention), false},
-    {"upcast_attention", OPT_BOOL, F(upcast_attention), false},
-    {"norm_elementwise_affine", OPT_BOOL, F(norm_elementwise_affine), false},
-    {"norm_type", OPT_NORM_TYPE, F(norm_type), false},
-    {"final_dropout", OPT_BOOL, F(final_dropout), false},
-    {NULL, 0, 0, false},
-};
-
-static const struct opt attention_block_opts[] = {
-    {"channels", OPT_INT, F(channels), true},
-    {"num_head_channels", OPT_INT_OR_NULL, F(num_head_channels), false},
-    {"norm_num_groups", OPT_INT, F(norm_num_groups), false},
-    {"rescale_output_factor", OPT_NUM, F(rescale_output_factor), false},
-    {"eps", OPT_NUM, F(eps), false},
-    {NULL, 0, 0, false},
-};
-
-static const struct opt ff_opts[] = {
-    {"dim", OPT_INT, F(dim), true},
-    {"dim_out", OPT_INT_OR_NULL, F(dim_out), false},
-    {"mult", OPT_NUM, F(mult), false},
-    {"dropout", OPT_NUM, F(dropout), false},
-    {"activation_fn", OPT_FF_ACT, F(activation_fn), false},
-    {"final_dropout", OPT_BOOL, F(final_dropout), false},
-    {NULL, 0, 0, false},
-};
-
-static const struct opt gelu_opts[] = {
-    {"dim_in", OPT_INT, F(dim_in), true},
-    {"dim_out", OPT_INT, F(dim_out), true},
-    {"approximate", OPT_APPROX, F(approximate_tanh), false},
-    {NULL, 0, 0, false},
-};
-
-static const struct opt proj_opts[] = {
-    {"dim_in", OPT_INT, F(dim_in), true},
-    {"dim_out", OPT_INT, F(dim_out), true},
-    {NULL, 0, 0, false},
-};
-
-static const struct opt ada_ln_opts[] = {
-    {"embedding_dim", OPT_INT, F(embedding_dim), true},
-    {"num_embeddings", OPT_INT, F(num_embeddings), true},
-    {NULL, 0, 0, false},
-};
-
-static const struct opt ada_gn_opts[] = {
-    {"embedding_dim", OPT_INT, F(embedding_dim), true},
-    {"out_dim", OPT_INT, F(out_dim), true},
-    {"num_groups", OPT_INT, F(num_groups), true},
-    {"act_fn", OPT_ACT_FN, F(act_fn), false},
-    {"eps", OPT_NUM, F(eps), false},
-    {NULL, 0, 0, false},
-};
-
-static int validate_btb(const struct bs_model_config *c, struct bs_err *err);
-static int validate_attention_block(const struct bs_model_config *c, struct bs_err *err);
-static int validate_ada_gn(const struct bs_model_config *c, struct bs_err *err);
-static int validate_ff(const struct bs_model_config *c, struct bs_err *err);
-
-static const struct {
-    const char *name;
-    const struct opt *opts;
-    int (*validate)(const struct bs_model_config *c, struct bs_err *err);
-} classes[BS_CLASS_COUNT] = {
-    [BS_CLASS_BASIC_TRANSFORMER_BLOCK] = {"BasicTransformerBlock", btb_opts, validate_btb},
-    [BS_CLASS_ATTENTION_BLOCK] = {"AttentionBlock", attention_block_opts, validate_attention_block},
-    [BS_CLASS_FEED_FORWARD] = {"FeedForward", ff_opts, validate_ff},
-    [BS_CLASS_GELU] = {"GELU", gelu_opts, NULL},
-    [BS_CLASS_GEGLU] = {"GEGLU", proj_opts, NULL},
-    [BS_CLASS_APPROXIMATE_GELU] = {"ApproximateGELU", proj_opts, NULL},
-    [BS_CLASS_ADA_LAYER_NORM] = {"AdaLayerNorm", ada_ln_opts, NULL},
-    [BS_CLASS_ADA_GROUP_NORM] = {"AdaGroupNorm", ada_gn_opts, validate_ada_gn},
-};
-
-const char *bs_config_class_name(enum bs_model_class cls)
+const char *bs_config_class_name(const struct bs_class *cls)
 {
-    return (unsigned)cls < BS_CLASS_COUNT ? classes[cls].name : "?";
+    return cls != NULL ? cls->name : "?";
 }
 
 int64_t bs_config_ff_inner(const struct bs_model_config *cfg)
 {
-    return (int64_t)((double)cfg->dim * cfg->mult);
-}
-
-static void set_defaults(struct bs_model_config *c)
-{
-    memset(c, 0, sizeof(*c));
-    c->activation_fn = BS_FF_GEGLU;
-    c->norm_elementwise_affine = true;
-    c->norm_type = BS_NORM_LAYER_NORM;
-    c->mult = 4.0;
-    c->norm_num_groups = 32;
-    c->rescale_output_factor = 1.0;
-    c->eps = 1e-5;
-    c->act_fn = BS_ACT_NONE;
-    c->num_blocks = 1;
+    return (int64_t)((double)cfg->feed_forward.dim * cfg->feed_forward.mult);
 }
 
 struct name_value {
@@ -203,41 +89,41 @@ static int parse_int(const struct bs_json *v, const char *key, bool nullable, in
     return 0;
 }
 
-static int parse_opt(struct bs_model_config *c, const struct opt *o, const struct bs_json *v,
-                     struct bs_err *err)
+static int parse_opt(struct bs_model_config *c, const struct bs_config_opt *o,
+                     const struct bs_json *v, struct bs_err *err)
 {
     char *field = (char *)c + o->off;
     int e = 0;
     switch (o->kind) {
-    case OPT_INT:
-    case OPT_INT_OR_NULL:
-        return parse_int(v, o->key, o->kind == OPT_INT_OR_NULL, (int64_t *)field, err);
-    case OPT_NUM:
+    case BS_CONFIG_INT:
+    case BS_CONFIG_INT_OR_NULL:
+        return parse_int(v, o->key, o->kind == BS_CONFIG_INT_OR_NULL, (int64_t *)field, err);
+    case BS_CONFIG_NUM:
         if (v->type != BS_JSON_NUMBER || !isfinite(v->number))
             return bs_err_set(err, BS_EINVAL, "\"%s\": expected a number", o->key);
         *(double *)field = v->number;
         return 0;
-    case OPT_BOOL:
+    case BS_CONFIG_BOOL:
         if (v->type != BS_JSON_BOOL)
             return bs_err_set(err, BS_EINVAL, "\"%s\": expected true or false", o->key);
         *(bool *)field = v->boolean;
         return 0;
-    case OPT_FF_ACT:
+    case BS_CONFIG_FF_ACT:
         if (parse_enum(v, ff_act_names, o->key, &e, err) != 0)
             return err->code;
         *(enum bs_ff_act *)field = (enum bs_ff_act)e;
         return 0;
-    case OPT_NORM_TYPE:
+    case BS_CONFIG_NORM_TYPE:
         if (parse_enum(v, norm_type_names, o->key, &e, err) != 0)
             return err->code;
         *(enum bs_norm_type *)field = (enum bs_norm_type)e;
         return 0;
-    case OPT_APPROX:
+    case BS_CONFIG_APPROX:
         if (parse_enum(v, approx_names, o->key, &e, err) != 0)
             return err->code;
         *(bool *)field = e != 0;
         return 0;
-    case OPT_ACT_FN:
+    case BS_CONFIG_ACT_FN:
         if (v->type == BS_JSON_NULL) {
             *(enum bs_act *)field = BS_ACT_NONE;
             return 0;
@@ -296,29 +182,58 @@ static int parse_section(struct bs_model_config *c, const struct bs_json *sec, s
     return 0;
 }
 
-static int find_class(const struct bs_json *root, enum bs_model_class *cls, struct bs_err *err)
+/* "a, b, c": the names of the classes that match (all when stackable_only is
+ * false), in table order. */
+static void class_names(char *dst, size_t size, bool stackable_only)
 {
+    size_t off = 0;
+    dst[0] = '\0';
+    for (int i = 0; i < bs_class_count() && off < size; i++) {
+        const struct bs_class *k = bs_class_get(i);
+        if (!stackable_only || k->stackable)
+            off += (size_t)snprintf(dst + off, size - off, "%s%s", off ? ", " : "", k->name);
+    }
+}
+
+static int find_class(const struct bs_json *root, const struct bs_class **cls, struct bs_err *err)
+{
+    char names[512];
     const struct bs_json *v = bs_json_get(root, "_class_name");
     if (v == NULL)
         return bs_err_set(err, BS_EINVAL, "missing \"_class_name\"");
     if (v->type != BS_JSON_STRING)
         return bs_err_set(err, BS_EINVAL, "\"_class_name\": expected a string");
-    for (int i = 0; i < BS_CLASS_COUNT; i++) {
-        if (strcmp(v->string, classes[i].name) == 0) {
-            *cls = (enum bs_model_class)i;
-            return 0;
-        }
-    }
-    return bs_err_set(err, BS_EUNSUPP,
-                      "unknown \"_class_name\" \"%s\" (supported: BasicTransformerBlock, "
-                      "AttentionBlock, FeedForward, GELU, GEGLU, ApproximateGELU, AdaLayerNorm, "
-                      "AdaGroupNorm)",
-                      v->string);
+    if ((*cls = bs_class_find(v->string)) != NULL)
+        return 0;
+    class_names(names, sizeof(names), false);
+    return bs_err_set(err, BS_EUNSUPP, "unknown \"_class_name\" \"%s\" (supported: %s)", v->string,
+                      names);
 }
 
-static const struct opt *find_opt(const struct opt *opts, const char *key)
+/* The class's defaults (from its option rows) and the section's. */
+static void set_defaults(struct bs_model_config *c, const struct bs_class *cls)
 {
-    for (const struct opt *o = opts; o->key; o++)
+    memset(c, 0, sizeof(*c));
+    c->cls = cls;
+    c->num_blocks = 1;
+    for (const struct bs_config_opt *o = cls->opts; o->key; o++) {
+        char *field = (char *)c + o->off;
+        switch (o->kind) {
+        case BS_CONFIG_INT:
+        case BS_CONFIG_INT_OR_NULL: *(int64_t *)field = (int64_t)o->def; break;
+        case BS_CONFIG_NUM: *(double *)field = o->def; break;
+        case BS_CONFIG_BOOL:
+        case BS_CONFIG_APPROX: *(bool *)field = o->def != 0; break;
+        case BS_CONFIG_FF_ACT: *(enum bs_ff_act *)field = (enum bs_ff_act)o->def; break;
+        case BS_CONFIG_NORM_TYPE: *(enum bs_norm_type *)field = (enum bs_norm_type)o->def; break;
+        case BS_CONFIG_ACT_FN: *(enum bs_act *)field = (enum bs_act)o->def; break;
+        }
+    }
+}
+
+static const struct bs_config_opt *find_opt(const struct bs_config_opt *opts, const char *key)
+{
+    for (const struct bs_config_opt *o = opts; o->key; o++)
         if (strcmp(o->key, key) == 0)
             return o;
     return NULL;
@@ -328,7 +243,7 @@ static const struct opt *find_opt(const struct opt *opts, const char *key)
  * and "serving" are sections, anything else must be a constructor argument. */
 static int parse_members(struct bs_model_config *c, const struct bs_json *root, struct bs_err *err)
 {
-    const struct opt *opts = classes[c->cls].opts;
+    const struct bs_config_opt *opts = c->cls->opts;
     for (const struct bs_json *m = root->child; m; m = m->next) {
         if (m->key[0] == '_' || strcmp(m->key, "serving") == 0)
             continue;
@@ -337,17 +252,35 @@ static int parse_members(struct bs_model_config *c, const struct bs_json *root, 
                 return err->code;
             continue;
         }
-        const struct opt *o = find_opt(opts, m->key);
+        const struct bs_config_opt *o = find_opt(opts, m->key);
         if (o == NULL)
-            return bs_err_set(err, BS_EINVAL, "unknown key \"%s\" for %s", m->key,
-                              classes[c->cls].name);
+            return bs_err_set(err, BS_EINVAL, "unknown key \"%s\" for %s", m->key, c->cls->name);
         if (parse_opt(c, o, m, err) != 0)
             return err->code;
     }
-    for (const struct opt *o = opts; o->key; o++)
+    for (const struct bs_config_opt *o = opts; o->key; o++)
         if (o->required && bs_json_get(root, o->key) == NULL)
             return bs_err_set(err, BS_EINVAL, "missing required key \"%s\" for %s", o->key,
-                              classes[c->cls].name);
+                              c->cls->name);
+    return 0;
+}
+
+/* The "blockserve" section against the class: only stackable classes stack,
+ * and a stack's prefix holds "{i}" (by default "transformer_blocks.{i}."). */
+static int check_stack(struct bs_model_config *c, struct bs_err *err)
+{
+    char names[512];
+    if (c->num_blocks > 1 && !c->cls->stackable) {
+        class_names(names, sizeof(names), true);
+        return bs_err_set(err, BS_EINVAL, "\"blockserve.num_blocks\": only %s models can be "
+                          "stacked", names);
+    }
+    if (c->num_blocks > 1 && strstr(c->weights_prefix, "{i}") == NULL) {
+        if (c->weights_prefix[0] != '\0')
+            return bs_err_set(err, BS_EINVAL, "\"blockserve.weights_prefix\": a stack of %d "
+                              "blocks needs \"{i}\" in the prefix", c->num_blocks);
+        strcpy(c->weights_prefix, "transformer_blocks.{i}.");
+    }
     return 0;
 }
 
@@ -355,26 +288,20 @@ int bs_config_parse(struct bs_model_config *cfg, const char *text, size_t len, c
                     struct bs_err *err)
 {
     bs_json_doc_t *doc = NULL;
+    const struct bs_class *cls = NULL;
     int rc = bs_json_parse(&doc, text, len, 16, err);
     if (rc != 0)
         return bs_err_wrap(err, "%s", name);
     const struct bs_json *root = bs_json_doc_root(doc);
-    set_defaults(cfg);
+    memset(cfg, 0, sizeof(*cfg));
     if (root->type != BS_JSON_OBJECT)
         rc = bs_err_set(err, BS_EINVAL, "expected a JSON object");
-    else if ((rc = find_class(root, &cfg->cls, err)) == 0 &&
-             (rc = parse_members(cfg, root, err)) == 0 && classes[cfg->cls].validate)
-        rc = classes[cfg->cls].validate(cfg, err);
-    if (rc == 0 && cfg->num_blocks > 1 && cfg->cls != BS_CLASS_BASIC_TRANSFORMER_BLOCK)
-        rc = bs_err_set(err, BS_EINVAL, "\"blockserve.num_blocks\": only BasicTransformerBlock "
-                                        "models can be stacked");
-    if (rc == 0 && cfg->num_blocks > 1 && strstr(cfg->weights_prefix, "{i}") == NULL) {
-        if (cfg->weights_prefix[0] != '\0')
-            rc = bs_err_set(err, BS_EINVAL, "\"blockserve.weights_prefix\": a stack of %d blocks "
-                                            "needs \"{i}\" in the prefix",
-                            cfg->num_blocks);
-        else
-            strcpy(cfg->weights_prefix, "transformer_blocks.{i}.");
+    else if ((rc = find_class(root, &cls, err)) == 0) {
+        set_defaults(cfg, cls);
+        if ((rc = parse_members(cfg, root, err)) == 0 && cls->validate != NULL)
+            rc = cls->validate(cfg, err);
+        if (rc == 0)
+            rc = check_stack(cfg, err);
     }
     bs_json_doc_free(doc);
     if (rc != 0)
@@ -403,53 +330,4 @@ int bs_config_load(struct bs_model_config *cfg, const char *path, struct bs_err 
     free(buf);
     fclose(f);
     return rc;
-}
-
-static int validate_btb(const struct bs_model_config *c, struct bs_err *err)
-{
-    if (c->norm_type != BS_NORM_LAYER_NORM && c->num_embeds_ada_norm == 0)
-        return bs_err_set(err, BS_EINVAL,
-                          "`norm_type` is set to %s, but `num_embeds_ada_norm` is not defined",
-                          c->norm_type == BS_NORM_ADA_NORM ? "ada_norm" : "ada_norm_zero");
-    if (c->dropout < 0 || c->dropout > 1)
-        return bs_err_set(err, BS_EINVAL, "\"dropout\": %g is not in [0, 1]", c->dropout);
-    return 0;
-}
-
-static int validate_attention_block(const struct bs_model_config *c, struct bs_err *err)
-{
-    if (c->channels % c->norm_num_groups != 0)
-        return bs_err_set(err, BS_EINVAL, "channels %lld is not divisible by norm_num_groups %lld",
-                          (long long)c->channels, (long long)c->norm_num_groups);
-    if (c->num_head_channels != 0 && c->channels % c->num_head_channels != 0)
-        return bs_err_set(err, BS_EINVAL,
-                          "channels %lld is not divisible by num_head_channels %lld",
-                          (long long)c->channels, (long long)c->num_head_channels);
-    if (c->rescale_output_factor == 0)
-        return bs_err_set(err, BS_EINVAL, "\"rescale_output_factor\" must not be 0");
-    if (c->eps <= 0)
-        return bs_err_set(err, BS_EINVAL, "\"eps\" must be positive");
-    return 0;
-}
-
-static int validate_ada_gn(const struct bs_model_config *c, struct bs_err *err)
-{
-    if (c->out_dim % c->num_groups != 0)
-        return bs_err_set(err, BS_EINVAL, "out_dim %lld is not divisible by num_groups %lld",
-                          (long long)c->out_dim, (long long)c->num_groups);
-    if (c->eps <= 0)
-        return bs_err_set(err, BS_EINVAL, "\"eps\" must be positive");
-    return 0;
-}
-
-static int validate_ff(const struct bs_model_config *c, struct bs_err *err)
-{
-    /* Range-check the product in double first: converting a double beyond
-     * int64's range (mult 1e300) is undefined. */
-    double width = (double)c->dim * c->mult;
-    int64_t inner = width >= 1 && width <= 16.0 * DIM_MAX ? bs_config_ff_inner(c) : 0;
-    if (!(c->mult > 0) || inner < 1 || inner > 16 * DIM_MAX)
-        return bs_err_set(err, BS_EINVAL, "\"mult\": %g gives an inner width of %lld", c->mult,
-                          (long long)inner);
-    return 0;
 }

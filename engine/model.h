@@ -12,6 +12,18 @@
 
 typedef struct bs_model bs_model_t;
 
+/* The most inputs a model takes; also the most a request may carry. */
+#define BS_MAX_INPUTS 8
+
+/* What dim 0 of an input is, which is what batching requests relies on. */
+enum bs_input_role {
+    BS_ROLE_BATCHED, /* the batch (hidden_states, encoder_hidden_states, x, emb) */
+    BS_ROLE_MASK,    /* an attention mask over keys: the batch, or 1 to broadcast over it;
+                        rank 2 or 3 (the query dim may be left out) */
+    BS_ROLE_COND,    /* per-sample conditioning (timestep, class_labels): one value shared
+                        by the batch, or one value per sample */
+};
+
 /* A named tensor in host memory (a forward input). */
 struct bs_named_tensor {
     const char *name;
@@ -28,6 +40,7 @@ struct bs_input_spec {
     int64_t dims[BS_MAX_DIMS]; /* -1: variable */
     unsigned dtypes;           /* accepted dtypes as a bit set */
     enum bs_dtype dtype;       /* the preferred one, shown in metadata */
+    enum bs_input_role role;
 };
 
 /* Called after each block of a stack with that block's output (host memory,
@@ -61,8 +74,9 @@ int bs_model_load_generated(bs_model_t **model, const struct bs_model_config *cf
                             struct bs_err *err);
 
 /* Call fn for every parameter a model of this config loads: its full
- * state_dict key and shape (the order of loading). */
-void bs_model_params(const struct bs_model_config *cfg,
+ * state_dict key and shape (the order of loading). BS_ENOMEM when the
+ * modules' scratch cannot be allocated (fn was not called). */
+int bs_model_params(const struct bs_model_config *cfg,
                      void (*fn)(void *arg, const char *key, int n_dims, const int64_t *ne),
                      void *arg);
 
@@ -75,6 +89,10 @@ const struct bs_model_config *bs_model_config(const bs_model_t *model);
 /* The model's inputs, in a fixed order. */
 int bs_model_n_inputs(const bs_model_t *model);
 const struct bs_input_spec *bs_model_input(const bs_model_t *model, int i);
+
+/* The role of the model's input called name (BS_ROLE_BATCHED for a name the
+ * model does not take). */
+enum bs_input_role bs_model_input_role(const bs_model_t *model, const char *name);
 
 /* The output's description: name "output", F32, dims with -1 where they
  * follow the inputs. */

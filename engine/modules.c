@@ -128,7 +128,7 @@ void bs__bind_linear(struct bs__loader *ld, struct bs__linear *l, const char *na
 /* diffusers' Attention: to_q, to_k, to_v (bias only with attention_bias) and
  * to_out.0. q, k and v are stored stacked so self-attention runs one GEMM. */
 static void bind_attn(struct bs__loader *ld, struct bs__attn *a, const char *name,
-                      const struct bs_model_config *c, int64_t kv_dim)
+                      const struct bs_btb_config *c, int64_t kv_dim)
 {
     char w[3][BS_PREFIX_MAX], b[3][BS_PREFIX_MAX], out[BS_PREFIX_MAX];
     const char *wn[3] = {w[0], w[1], w[2]}, *bn[3] = {b[0], b[1], b[2]};
@@ -216,7 +216,7 @@ void bs__bind_ff(struct bs__loader *ld, struct bs__ff *ff, const char *proj, con
         bs__bind_linear(ld, &ff->out, out, dim_out, inner, true);
 }
 
-void bs__bind_block(struct bs__loader *ld, struct bs__block *b, const struct bs_model_config *c)
+void bs__bind_block(struct bs__loader *ld, struct bs__block *b, const struct bs_btb_config *c)
 {
     int64_t d = c->dim;
     bool affine = c->norm_elementwise_affine;
@@ -249,7 +249,7 @@ void bs__bind_block(struct bs__loader *ld, struct bs__block *b, const struct bs_
 }
 
 void bs__bind_attention_block(struct bs__loader *ld, struct bs__attention_block *a,
-                              const struct bs_model_config *c)
+                              const struct bs_attention_block_config *c)
 {
     static const char *const w[3] = {"query.weight", "key.weight", "value.weight"};
     static const char *const b[3] = {"query.bias", "key.bias", "value.bias"};
@@ -262,7 +262,7 @@ void bs__bind_attention_block(struct bs__loader *ld, struct bs__attention_block 
 }
 
 void bs__bind_ada_group_norm(struct bs__loader *ld, struct bs__ada_group_norm *a,
-                             const struct bs_model_config *c)
+                             const struct bs_ada_group_norm_config *c)
 {
     a->cfg = c;
     bs__bind_linear(ld, &a->lin, "linear", 2 * c->out_dim, c->embedding_dim, true);
@@ -442,7 +442,7 @@ static int block_cross(struct bs__fwd *f, const struct bs__block *b, struct bs_t
 
 int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x)
 {
-    const struct bs_model_config *c = b->cfg;
+    const struct bs_btb_config *c = b->cfg;
     int64_t d = c->dim, rows = bs_tensor_nrows(x);
     struct bs_arena_mark mark = bs_arena_mark(f->arena);
     struct bs_tensor nh, mod, col[6];
@@ -501,7 +501,7 @@ static struct bs_tensor as3(const struct bs_tensor *t, int64_t a, int64_t b, int
 int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_block *a,
                                 const struct bs_tensor *x, struct bs_tensor *y)
 {
-    const struct bs_model_config *c = a->cfg;
+    const struct bs_attention_block_config *c = a->cfg;
     int64_t bsz = x->ne[0], ch = x->ne[1], s = x->ne[2];
     int heads = c->num_head_channels ? (int)(ch / c->num_head_channels) : 1;
     struct bs_tensor gn, t, qkv, o, p;
@@ -540,7 +540,7 @@ int bs__ada_group_norm_forward(struct bs__fwd *f, const struct bs__ada_group_nor
                                const struct bs_tensor *x, const struct bs_tensor *emb,
                                struct bs_tensor *y)
 {
-    const struct bs_model_config *c = a->cfg;
+    const struct bs_ada_group_norm_config *c = a->cfg;
     int64_t bsz = emb->ne[0], e = emb->ne[1];
     struct bs_tensor ea = *emb, ss;
     if (c->act_fn != BS_ACT_NONE) {

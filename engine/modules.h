@@ -68,7 +68,7 @@ struct bs__ff {
 };
 
 struct bs__block {
-    const struct bs_model_config *cfg;
+    const struct bs_btb_config *cfg;
     struct bs__norm norm1, norm2, norm3;
     struct bs__ada_zero az;
     struct bs__attn attn1, attn2;
@@ -77,13 +77,13 @@ struct bs__block {
 };
 
 struct bs__attention_block {
-    const struct bs_model_config *cfg;
+    const struct bs_attention_block_config *cfg;
     struct bs_tensor gn_gamma, gn_beta;
     struct bs__linear qkv, proj;
 };
 
 struct bs__ada_group_norm {
-    const struct bs_model_config *cfg;
+    const struct bs_ada_group_norm_config *cfg;
     struct bs__linear lin;
 };
 
@@ -112,9 +112,9 @@ struct bs__fwd {
 /* Bind a linear layer "<name>.weight" [out, in] (+ "<name>.bias" [out]). */
 void bs__bind_linear(struct bs__loader *ld, struct bs__linear *l, const char *name, int64_t out,
                      int64_t in, bool bias);
-void bs__bind_block(struct bs__loader *ld, struct bs__block *b, const struct bs_model_config *c);
+void bs__bind_block(struct bs__loader *ld, struct bs__block *b, const struct bs_btb_config *c);
 void bs__bind_attention_block(struct bs__loader *ld, struct bs__attention_block *a,
-                              const struct bs_model_config *c);
+                              const struct bs_attention_block_config *c);
 /* Bind a FeedForward: proj is its first linear ("ff.net.0.proj"), out its
  * last ("ff.net.2"), or NULL for a bare GELU/GEGLU/ApproximateGELU. */
 void bs__bind_ff(struct bs__loader *ld, struct bs__ff *ff, const char *proj, const char *out,
@@ -122,7 +122,7 @@ void bs__bind_ff(struct bs__loader *ld, struct bs__ff *ff, const char *proj, con
 void bs__bind_ada_norm(struct bs__loader *ld, struct bs__norm *n, const char *name, int64_t dim,
                        int64_t num_embeddings);
 void bs__bind_ada_group_norm(struct bs__loader *ld, struct bs__ada_group_norm *a,
-                             const struct bs_model_config *c);
+                             const struct bs_ada_group_norm_config *c);
 
 /* Run one BasicTransformerBlock on x [batch * lq, dim] in place. */
 int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x);

@@ -51,20 +51,32 @@ arch=()
 case "$(uname -m)" in x86_64 | amd64) arch=(-march=x86-64-v3) ;; esac
 base=(-std=c11 -D_GNU_SOURCE "${arch[@]}" "${san[@]}")
 warn=(-Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unused-parameter -Werror)
-inc=(-Iengine -Ikernels/cpu -Iserver -Itests/fuzz -I"$out/gen")
+inc=(-Icommon -Iengine -Ikernels/cpu -Iserver -Itests/fuzz -I"$out/gen")
 cov=(-fsanitize=fuzzer-no-link)
 # clang 14 rejects target_clones together with noinline (kernels/cpu/attn_cpu.c,
 # written for gcc); a fuzz build gains nothing from multiversioned kernels.
 noclones=("-Dtarget_clones(...)=")
 
-# Sources. The engine is the bs_engine list of CMakeLists.txt; libFuzzer
-# coverage goes to the code that handles requests, not to the compute kernels.
-mapfile -t engine < <(sed -n '/^add_library(bs_engine STATIC/,/^)/p' CMakeLists.txt |
-  sed -n 's/^[[:space:]]*\([a-z_/]*\.c\)[[:space:]]*$/\1/p')
-[ "${#engine[@]}" -gt 0 ] || { echo "fuzz.sh: no bs_engine sources in CMakeLists.txt" >&2; exit 1; }
+# Sources. The engine is what bs_engine links (core, the CPU backend and its
+# op checks, the engine itself), from the lists of cmake/sources.cmake, which
+# the CMake build uses too; libFuzzer coverage goes to the code that handles
+# requests, not to the compute kernels.
+source_list() { # NAME: the .c files of set(NAME ...) in cmake/sources.cmake
+  local files
+  files=$(sed -n "/^set($1\$/,/^)/p" cmake/sources.cmake |
+    sed -n 's/^[[:space:]]*\([A-Za-z0-9_/.-]*\.c\)[[:space:]]*$/\1/p')
+  [ -n "$files" ] || { echo "fuzz.sh: no list $1 in cmake/sources.cmake" >&2; return 1; }
+  printf '%s\n' "$files"
+}
+engine=()
+for list in BS_CORE_SOURCES BS_BACKEND_SOURCES BS_CPU_SOURCES BS_ENGINE_SOURCES; do
+  files=$(source_list "$list") || exit 1
+  mapfile -t -O "${#engine[@]}" engine <<<"$files"
+done
 codec_cov=(server/codec.c server/pbcheck.c engine/common.c engine/tensor.c)
-service_cov=("${codec_cov[@]}" server/service.c server/batcher.c server/repository.c server/log.c
-  server/metrics.c engine/model.c engine/opcheck.c)
+service_cov=("${codec_cov[@]}" server/core.c server/service.c server/batcher.c server/repository.c
+  server/serving.c server/log.c
+  server/metrics.c engine/model.c engine/class.c engine/opcheck.c)
 cov_srcs=("${service_cov[@]}" tests/fuzz/fuzz_codec.c tests/fuzz/fuzz_service.c tests/fuzz/fake_rpc.c)
 plain_srcs=()
 for f in "${engine[@]}"; do

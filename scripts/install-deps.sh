@@ -2,8 +2,11 @@
 # Install everything blockserve needs to build, test and serve on Debian 12.
 # Run as root (or with sudo). Idempotent.
 #   install-deps.sh [all]          everything: build, test and serve (the default)
-#   install-deps.sh test           the same as all
+#   install-deps.sh test           the same as all (scripts/test.sh)
 #   install-deps.sh build          what building needs (the Dockerfile's build stage)
+#   install-deps.sh serve          what building and serving from the build tree need
+#                                  (scripts/serve.sh): the build packages, whose
+#                                  -dev packages bring the run-time libraries
 #   install-deps.sh runtime PKG..  only the named run-time packages, as listed by
 #                                  scripts/runtime-deps.sh (the Dockerfile's runtime stage)
 set -euo pipefail
@@ -22,7 +25,7 @@ packages=(
   python3-yaml python3-h2
 )
 
-# Packages only the tests use; "build" leaves them out.
+# Packages only the tests use; "build" and "serve" leave them out.
 test_only=(
   libcmocka-dev clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
@@ -31,7 +34,7 @@ test_only=(
 
 case "$mode" in
   all | test) ;;
-  build)
+  build | serve)
     build=()
     for p in "${packages[@]}"; do
       [[ " ${test_only[*]} " == *" $p "* ]] || build+=("$p")
@@ -43,7 +46,7 @@ case "$mode" in
     packages=("$@")
     ;;
   *)
-    echo "install-deps: unknown mode \"$mode\" (all, test, build, runtime)" >&2
+    echo "install-deps: unknown mode \"$mode\" (all, test, build, serve, runtime)" >&2
     exit 2
     ;;
 esac

@@ -45,13 +45,6 @@ enum job_state {
     JOB_FINISHING, /* on_done is being called; cancel is a no-op */
 };
 
-/* How an input is concatenated along dim 0. */
-enum input_role {
-    ROLE_BATCHED, /* dim 0 is the batch */
-    ROLE_MASK,    /* dim 0 is the batch or 1 (broadcast) */
-    ROLE_COND,    /* timestep / class_labels: one value, or one per sample */
-};
-
 struct bs_job {
     bs_job_t *prev, *next; /* queue links, or the next of a local list */
     enum job_state state;
@@ -97,6 +90,7 @@ struct bs_batcher {
     uv_loop_t *loop;
     bs_model_t *model;
     struct bs_serving_config cfg;
+    bs_metrics_model_t *metrics; /* NULL: none */
     const char *main_input; /* hidden_states or x: its dim 0 is the batch */
     uv_timer_t timer;       /* kicks, the head's queue delay, the earliest deadline */
     uv_async_t async;       /* block outputs are waiting in msgs */
@@ -118,13 +112,10 @@ static void on_timer(uv_timer_t *t);
 
 /* ---- helpers ------------------------------------------------------------ */
 
-static enum input_role input_role(const char *name)
+/* How input name is concatenated along dim 0: the model says (its role). */
+static enum bs_input_role input_role(const bs_model_t *model, const char *name)
 {
-    if (strcmp(name, "timestep") == 0 || strcmp(name, "class_labels") == 0)
-        return ROLE_COND;
-    if (strcmp(name, "attention_mask") == 0 || strcmp(name, "encoder_attention_mask") == 0)
-        return ROLE_MASK;
-    return ROLE_BATCHED;
+    return bs_model_input_role(model, name);
 }
 
 static const struct bs_tensor *job_input(const bs_job_t *j, const char *name)
@@ -136,20 +127,20 @@ static const struct bs_tensor *job_input(const bs_job_t *j, const char *name)
 }
 
 /* Can every input be concatenated along dim 0 for a job of `batch` samples? */
-static bool job_is_batchable(const bs_job_t *j)
+static bool job_is_batchable(const bs_model_t *model, const bs_job_t *j)
 {
     for (int i = 0; i < j->n_in; i++) {
         const struct bs_tensor *t = &j->in[i].t;
-        switch (input_role(j->in[i].name)) {
-        case ROLE_COND:
+        switch (input_role(model, j->in[i].name)) {
+        case BS_ROLE_COND:
             if (bs_tensor_nelements(t) != 1 && !(t->n_dims == 1 && t->ne[0] == j->batch))
                 return false;
             break;
-        case ROLE_MASK:
+        case BS_ROLE_MASK:
             if (t->n_dims < 1 || (t->ne[0] != j->batch && t->ne[0] != 1))
                 return false;
             break;
-        case ROLE_BATCHED:
+        case BS_ROLE_BATCHED:
             if (t->n_dims < 1 || t->ne[0] != j->batch)
                 return false;
             break;
@@ -160,7 +151,7 @@ static bool job_is_batchable(const bs_job_t *j)
 
 /* Equal signatures: the same inputs, each of one dtype, rank and dims beyond
  * dim 0 (timesteps and labels: per-sample values of one dtype). */
-static bool sig_equal(const bs_job_t *a, const bs_job_t *c)
+static bool sig_equal(const bs_model_t *model, const bs_job_t *a, const bs_job_t *c)
 {
     if (a->solo || c->solo || a->n_in != c->n_in)
         return false;
@@ -168,7 +159,7 @@ static bool sig_equal(const bs_job_t *a, const bs_job_t *c)
         const struct bs_tensor *x = &a->in[i].t, *y = job_input(c, a->in[i].name);
         if (y == NULL || x->type != y->type)
             return false;
-        if (input_role(a->in[i].name) == ROLE_COND)
+        if (input_role(model, a->in[i].name) == BS_ROLE_COND)
             continue;
         if (x->n_dims != y->n_dims ||
             memcmp(x->ne + 1, y->ne + 1, sizeof(int64_t) * (size_t)(x->n_dims - 1)) != 0)
@@ -187,7 +178,7 @@ static void queue_push(bs_batcher_t *b, bs_job_t *j)
         b->head = j;
     b->tail = j;
     b->n_queued++;
-    bs_metrics_pending(b->cfg.metrics, b->n_queued);
+    bs_metrics_pending(b->metrics, b->n_queued);
 }
 
 static void queue_unlink(bs_batcher_t *b, bs_job_t *j)
@@ -202,7 +193,7 @@ static void queue_unlink(bs_batcher_t *b, bs_job_t *j)
         b->tail = j->prev;
     j->prev = j->next = NULL;
     b->n_queued--;
-    bs_metrics_pending(b->cfg.metrics, b->n_queued);
+    bs_metrics_pending(b->metrics, b->n_queued);
 }
 
 /* us in ns, saturating (a delay or deadline of "never"). */
@@ -219,24 +210,14 @@ static void duration_add(struct bs_duration *d, uint64_t ns)
 
 enum bs_metrics_reason bs_batcher_reason(int rc)
 {
-    switch (rc) {
-    case BS_ETIMEDOUT: /* dropped unrun: the deadline passed in the queue */
-    case BS_EBUSY:     /* not admitted: a queue or in-flight bound was full */
-    case BS_EUNSUPP:   /* not admitted: the server is shutting down */
-        return BS_METRICS_REJECTED;
-    case BS_ECANCELED: return BS_METRICS_CANCELED;
-    case BS_EINVAL:
-    case BS_EFORMAT:
-    case BS_ENOTFOUND:
-    case BS_ERANGE: return BS_METRICS_OTHER;
-    default: return BS_METRICS_BACKEND;
-    }
+    enum bs_reason r = bs_status_reason(rc);
+    return r == BS_REASON_NONE ? BS_METRICS_OTHER : (enum bs_metrics_reason)r;
 }
 
 void bs_batcher_count_failure(bs_batcher_t *b, int rc)
 {
     duration_add(&b->stats.fail, 0);
-    bs_metrics_failure(b->cfg.metrics, bs_batcher_reason(rc));
+    bs_metrics_failure(b->metrics, bs_batcher_reason(rc));
 }
 
 /* Count a finished job: a success with its times (its batch's, for compute;
@@ -247,14 +228,14 @@ static void job_count(bs_batcher_t *b, const bs_job_t *j, int rc, uint64_t now)
     const struct bs_batch *r = &b->run;
     duration_add(rc == 0 ? &b->stats.success : &b->stats.fail, now - j->enqueue_ns);
     if (rc != 0) {
-        bs_metrics_failure(b->cfg.metrics, bs_batcher_reason(rc));
+        bs_metrics_failure(b->metrics, bs_batcher_reason(rc));
         return;
     }
     b->stats.inference_count += (uint64_t)j->batch; /* Triton: samples of successful requests */
     struct bs_metrics_request m = {now - j->enqueue_ns,     j->queue_ns,
                                    r->t_input - r->t_start, r->t_infer - r->t_input,
                                    now - r->t_infer,        (uint64_t)j->batch};
-    bs_metrics_success(b->cfg.metrics, &m);
+    bs_metrics_success(b->metrics, &m);
 }
 
 /* Answer a job that is out of the queue, count it, and free it. A successful
@@ -283,13 +264,13 @@ static void kick(bs_batcher_t *b)
 /* ---- the worker --------------------------------------------------------- */
 
 /* Concatenate input i of the head job over every job of the batch. */
-static int concat_input(struct bs_batch *r, int i)
+static int concat_input(const bs_model_t *model, struct bs_batch *r, int i)
 {
     const struct bs_named_tensor *h = &r->jobs[0]->in[i];
-    enum input_role role = input_role(h->name);
+    enum bs_input_role role = input_role(model, h->name);
     struct bs_tensor t = h->t;
     size_t per;
-    if (role == ROLE_COND) {
+    if (role == BS_ROLE_COND) {
         t.n_dims = 1;
         per = bs_dtype_size(t.type);
     } else {
@@ -306,7 +287,7 @@ static int concat_input(struct bs_batch *r, int i)
     for (int k = 0; k < r->n_jobs; k++) {
         const bs_job_t *j = r->jobs[k];
         const struct bs_tensor *s = job_input(j, h->name);
-        int64_t n = role == ROLE_COND ? bs_tensor_nelements(s) : s->ne[0];
+        int64_t n = role == BS_ROLE_COND ? bs_tensor_nelements(s) : s->ne[0];
         if (n == j->batch) {
             memcpy(buf + off, s->data, per * (size_t)j->batch);
         } else { /* one value, or a batch-1 mask: one copy per sample */
@@ -354,7 +335,7 @@ static void batch_work(uv_work_t *req)
     r->n_in = head->n_in;
     if (r->n_jobs > 1) {
         for (int i = 0; i < r->n_in && r->rc == 0; i++)
-            r->rc = concat_input(r, i);
+            r->rc = concat_input(b->model, r, i);
         in = r->in;
     }
     r->t_input = uv_hrtime();
@@ -437,7 +418,7 @@ static void batch_after(uv_work_t *req, int status)
         r->rc = bs_err_set(&r->err, BS_ECANCELED, "the batch was cancelled");
     deliver_blocks(b); /* the worker is done: everything it posted is there */
     if (r->rc == 0)    /* before any answer goes out, so a scrape never lags the answers */
-        bs_metrics_execution(b->cfg.metrics, (uint64_t)r->size);
+        bs_metrics_execution(b->metrics, (uint64_t)r->size);
     uint64_t t0 = uv_hrtime();
     int64_t off = 0;
     for (int k = 0; k < r->n_jobs; k++) {
@@ -535,7 +516,7 @@ static bool try_dispatch(bs_batcher_t *b, uint64_t now)
     int n = 0, n_pref = 0;
     bool full = false;
     for (bs_job_t *j = b->head; j != NULL; j = j->next) {
-        if (j != h && !sig_equal(h, j))
+        if (j != h && !sig_equal(b->model, h, j))
             continue; /* waits for a batch of its own */
         if (size + j->batch > max) {
             full = true;
@@ -612,9 +593,9 @@ static void on_timer(uv_timer_t *t)
 /* ---- public API --------------------------------------------------------- */
 
 static int check_config(const bs_model_t *model, const struct bs_serving_config *cfg,
-                        struct bs_err *err)
+                        const struct bs_batcher_deps *deps, struct bs_err *err)
 {
-    if (model == NULL || cfg->be == NULL)
+    if (model == NULL || deps == NULL || deps->be == NULL)
         return bs_err_set(err, BS_EINVAL, "batcher: a model and its backend are required");
     if (cfg->max_batch_size < 1)
         return bs_err_set(err, BS_EINVAL, "max_batch_size %d: must be at least 1",
@@ -641,11 +622,12 @@ static void free_memory(bs_batcher_t *b)
 }
 
 int bs_batcher_init(bs_batcher_t **bp, uv_loop_t *loop, bs_model_t *model,
-                    const struct bs_serving_config *cfg, struct bs_err *err)
+                    const struct bs_serving_config *cfg, const struct bs_batcher_deps *deps,
+                    struct bs_err *err)
 {
     int rc, n_model_in = model ? bs_model_n_inputs(model) : 0;
     *bp = NULL;
-    if ((rc = check_config(model, cfg, err)) != 0)
+    if ((rc = check_config(model, cfg, deps, err)) != 0)
         return rc;
     bs_batcher_t *b = calloc(1, sizeof(*b));
     if (b == NULL)
@@ -653,6 +635,7 @@ int bs_batcher_init(bs_batcher_t **bp, uv_loop_t *loop, bs_model_t *model,
     b->loop = loop;
     b->model = model;
     b->cfg = *cfg;
+    b->metrics = deps->metrics;
     b->main_input = bs_model_input(model, 0)->name;
     b->msgs_tail = &b->msgs;
     b->stats.n_batch = cfg->max_batch_size;
@@ -678,7 +661,7 @@ int bs_batcher_init(bs_batcher_t **bp, uv_loop_t *loop, bs_model_t *model,
     uv_timer_init(loop, &b->timer);     /* cannot fail */
     b->async.data = b->timer.data = b;
     b->n_open = 2;
-    bs_arena_init(&b->arena, cfg->be);
+    bs_arena_init(&b->arena, deps->be);
     *bp = b;
     return 0;
 fail_mutex:
@@ -737,7 +720,7 @@ int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_i
     j->ops = *ops;
     j->arg = arg;
     j->intermediate = intermediate;
-    j->solo = !job_is_batchable(j);
+    j->solo = !job_is_batchable(b->model, j);
     j->enqueue_ns = uv_hrtime();
     j->deadline_ns = deadline_ns;
     if (deadline_ns == INT64_MAX && b->cfg.default_timeout_us > 0)

@@ -18,18 +18,12 @@
 #include "backend.h"
 #include "metrics.h"
 #include "model.h"
+#include "serving.h"
 
-#define BS_MAX_PREFERRED 8
-
-struct bs_serving_config {
-    int max_batch_size;            /* samples per batch (dim 0), >= 1 */
-    int64_t max_queue_delay_us;    /* how long the oldest request may wait for others */
-    int preferred_batch_size[BS_MAX_PREFERRED];
-    int n_preferred;
-    int max_queue_size;            /* queued requests; more get RESOURCE_EXHAUSTED */
-    int64_t default_timeout_us;    /* 0: none */
-    struct bs_backend *be;         /* the backend the model was loaded on (forward scratch) */
-    bs_metrics_model_t *metrics;   /* Prometheus counters to update, or NULL */
+/* What a batcher runs on and reports to: live objects it does not own. */
+struct bs_batcher_deps {
+    struct bs_backend *be;       /* the backend the model was loaded on (forward scratch) */
+    bs_metrics_model_t *metrics; /* Prometheus counters to update, or NULL */
 };
 
 /* Cumulative statistics (Triton's ModelStatistics); durations in ns. */
@@ -70,9 +64,11 @@ struct bs_job_ops {
     int (*on_output)(void *arg, const struct bs_tensor *out, struct bs_err *err);
 };
 
-/* Create a batcher for model on loop; workers run forwards on be. */
+/* Create a batcher for model on loop with the settings cfg (copied);
+ * workers run forwards on deps->be, counters go to deps->metrics. */
 int bs_batcher_init(bs_batcher_t **b, uv_loop_t *loop, bs_model_t *model,
-                    const struct bs_serving_config *cfg, struct bs_err *err);
+                    const struct bs_serving_config *cfg, const struct bs_batcher_deps *deps,
+                    struct bs_err *err);
 
 /* Queue one request. in (host tensors) must stay valid until on_done.
  * deadline_ns is on uv_hrtime()'s clock (INT64_MAX: none). Returns 0 and a

@@ -415,8 +415,9 @@ static int unpack(const uint8_t *data, size_t len, req_msg_t **msg, struct bs_er
     return 0;
 }
 
-int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec_limits *lim,
-                          struct bs_infer_request *req, struct bs_err *err)
+int bs_codec_decode_infer_labeled(const uint8_t *data, size_t len,
+                                  const struct bs_codec_limits *lim, struct bs_infer_request *req,
+                                  struct bs_err *err)
 {
     assert(lim != NULL && req != NULL);
     memset(req, 0, sizeof(*req));
@@ -436,9 +437,70 @@ int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec
         rc = decode_inputs(m, lim, req, err);
     if (rc == 0)
         rc = decode_outputs(m, req, err);
+    if (rc != 0) { /* keep the labels only */
+        for (int i = 0; i < BS_CODEC_MAX_INPUTS; i++)
+            free(req->owned[i]);
+        memset(req->owned, 0, sizeof(req->owned));
+        memset(req->inputs, 0, sizeof(req->inputs));
+        req->n_inputs = 0;
+    }
+    return rc;
+}
+
+int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec_limits *lim,
+                          struct bs_infer_request *req, struct bs_err *err)
+{
+    int rc = bs_codec_decode_infer_labeled(data, len, lim, req, err);
     if (rc != 0)
         bs_codec_request_free(req);
     return rc;
+}
+
+/* ---- streams ------------------------------------------------------------- */
+
+int bs_codec_encode_stream(const uint8_t *resp, size_t resp_len, uint8_t **data, size_t *len,
+                           struct bs_err *err)
+{
+    /* ModelStreamInferResponse { infer_response = 2 }: tag 0x12, varint length, bytes. */
+    uint8_t *buf = resp_len <= SIZE_MAX - 11 ? malloc(resp_len + 11) : NULL;
+    *data = NULL;
+    *len = 0;
+    if (buf == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory for a %zu-byte stream response",
+                          resp_len);
+    size_t o = 0;
+    buf[o++] = 0x12;
+    for (uint64_t v = resp_len;; v >>= 7) {
+        buf[o++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+        if (v <= 0x7f)
+            break;
+    }
+    if (resp_len > 0)
+        memcpy(buf + o, resp, resp_len);
+    *data = buf;
+    *len = o + resp_len;
+    return 0;
+}
+
+int bs_codec_encode_stream_error(const char *model_name, const char *id, const char *error,
+                                 uint8_t **data, size_t *len, struct bs_err *err)
+{
+    Inference__ModelInferResponse ir = INFERENCE__MODEL_INFER_RESPONSE__INIT;
+    Inference__ModelStreamInferResponse r = INFERENCE__MODEL_STREAM_INFER_RESPONSE__INIT;
+    ir.model_name = (char *)str_or_empty(model_name);
+    ir.model_version = "1";
+    ir.id = (char *)str_or_empty(id);
+    r.error_message = (char *)str_or_empty(error);
+    r.infer_response = &ir;
+    size_t size = inference__model_stream_infer_response__get_packed_size(&r);
+    uint8_t *buf = malloc(size > 0 ? size : 1);
+    *data = NULL;
+    *len = 0;
+    if (buf == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory for a %zu-byte stream error", size);
+    *len = inference__model_stream_infer_response__pack(&r, buf);
+    *data = buf;
+    return 0;
 }
 
 void bs_codec_request_free(struct bs_infer_request *req)

@@ -10,7 +10,7 @@
 
 #include "model.h"
 
-#define BS_CODEC_MAX_INPUTS 8
+#define BS_CODEC_MAX_INPUTS BS_MAX_INPUTS
 
 /* Limits an untrusted request cannot exceed. */
 struct bs_codec_limits {
@@ -44,6 +44,14 @@ struct bs_infer_request {
 int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec_limits *lim,
                           struct bs_infer_request *req, struct bs_err *err);
 
+/* As bs_codec_decode_infer, but on an error after the message could be
+ * unpacked *req keeps its labels (model_name, model_version, id), so that
+ * the failure can be counted under its model and answered with its id
+ * without decoding again; free it with bs_codec_request_free either way. */
+int bs_codec_decode_infer_labeled(const uint8_t *data, size_t len,
+                                  const struct bs_codec_limits *lim, struct bs_infer_request *req,
+                                  struct bs_err *err);
+
 /* Release what a decoded request holds; safe on an empty request. */
 void bs_codec_request_free(struct bs_infer_request *req);
 
@@ -53,6 +61,14 @@ void bs_codec_request_free(struct bs_infer_request *req);
  * malloc'ed. */
 int bs_codec_encode_infer(const struct bs_infer_request *req, const struct bs_tensor *out,
                           int final, uint8_t **data, size_t *len, struct bs_err *err);
+
+/* Streams (ModelStreamInfer): wrap an encoded ModelInferResponse as a
+ * ModelStreamInferResponse, or make one that carries an error_message with
+ * the request's model name and id. *data is malloc'ed. */
+int bs_codec_encode_stream(const uint8_t *resp, size_t resp_len, uint8_t **data, size_t *len,
+                           struct bs_err *err);
+int bs_codec_encode_stream_error(const char *model_name, const char *id, const char *error,
+                                 uint8_t **data, size_t *len, struct bs_err *err);
 
 /* Triton's datatype name for an engine dtype ("FP32", "INT64", ...). */
 const char *bs_codec_datatype(enum bs_dtype type);

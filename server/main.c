@@ -2,46 +2,37 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "cli.h"
-
-#define BS_VERSION "0.1.0"
+#include "serve.h"
+#include "tools.h"
+#include "version.h"
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: blockserve COMMAND [ARGS]\n"
-            "\n"
-            "commands:\n"
-            "  serve [options]   (the default) the gRPC inference server; serve --help\n"
-            "  forward MODEL_DIR --inputs IN.safetensors --output OUT.safetensors\n"
-            "          [--device auto|cpu|cuda] [--threads N] [--dtype fp32|bf16|fp16] [--tf32]\n"
-            "      run one forward pass; writes one F32 tensor named \"output\"\n"
-            "  bench MODEL_DIR --inputs IN.safetensors [--reps N] [--threads N]\n"
-            "          [--device auto|cpu|cuda] [--dtype fp32|bf16|fp16] [--tf32]\n"
-            "      one warm-up then N timed forwards; last line: median_ms=... gflops=...\n"
-            "  example [NAME --out DIR]\n"
-            "      list the built-in example models, or write one (generated weights and\n"
-            "      example inputs) as a model directory\n"
-            "  version\n"
-            "\n"
-            "MODEL_DIR holds config.json (diffusers' _class_name and arguments) and\n"
-            "diffusion_pytorch_model.safetensors (diffusers' state_dict keys).\n");
+    fprintf(out, "usage: blockserve COMMAND [ARGS]\n"
+                 "\n"
+                 "commands:\n"
+                 "  serve [options]   (the default) the gRPC inference server; serve --help\n");
+    bs_tools_usage(out);
+    fprintf(out, "  version\n"
+                 "\n"
+                 "MODEL_DIR holds config.json (diffusers' _class_name and arguments) and\n"
+                 "diffusion_pytorch_model.safetensors (diffusers' state_dict keys).\n");
 }
 
 int main(int argc, char **argv)
 {
     if (argc < 2 || (argv[1][0] == '-' && strcmp(argv[1], "--help") && strcmp(argv[1], "-h") &&
-                      strcmp(argv[1], "--version")))
-        return bs_cli_serve(argc, argv); /* plain "blockserve [options]" serves */
+                     strcmp(argv[1], "--version")))
+        return bs_serve_main(argc, argv); /* plain "blockserve [options]" serves */
     const char *cmd = argv[1];
     if (strcmp(cmd, "serve") == 0)
-        return bs_cli_serve(argc - 1, argv + 1);
+        return bs_serve_main(argc - 1, argv + 1);
     if (strcmp(cmd, "forward") == 0)
-        return bs_cli_forward(argc - 1, argv + 1);
+        return bs_tools_forward(argc - 1, argv + 1);
     if (strcmp(cmd, "bench") == 0)
-        return bs_cli_bench(argc - 1, argv + 1);
+        return bs_tools_bench(argc - 1, argv + 1);
     if (strcmp(cmd, "example") == 0)
-        return bs_cli_example(argc - 1, argv + 1);
+        return bs_tools_example(argc - 1, argv + 1);
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("blockserve %s\n", BS_VERSION);
         return 0;

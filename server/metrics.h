@@ -20,13 +20,14 @@
 typedef struct bs_metrics bs_metrics_t;
 typedef struct bs_metrics_model bs_metrics_model_t;
 
-/* Why a request failed (nv_inference_request_failure's reason label). */
+/* Why a request failed (nv_inference_request_failure's reason label): the
+ * reasons of the status table (engine/common.h), which decides them. */
 enum bs_metrics_reason {
-    BS_METRICS_REJECTED, /* not admitted or dropped unrun: queue full, deadline passed in the
-                            queue, the server shutting down */
-    BS_METRICS_CANCELED, /* the client cancelled (or the model was unloaded) */
-    BS_METRICS_BACKEND,  /* the forward failed (out of memory, device error) */
-    BS_METRICS_OTHER,    /* anything else: an invalid request for this model */
+    BS_METRICS_REJECTED = BS_REASON_REJECTED, /* not admitted or dropped unrun: queue full,
+                                                 deadline passed in the queue, shutting down */
+    BS_METRICS_CANCELED = BS_REASON_CANCELED, /* the client cancelled (or the model was unloaded) */
+    BS_METRICS_BACKEND = BS_REASON_BACKEND,   /* the forward failed (out of memory, device error) */
+    BS_METRICS_OTHER = BS_REASON_OTHER,       /* an invalid request for this model */
     BS_METRICS_REASON_COUNT,
 };
 

@@ -26,6 +26,7 @@ struct bs_repo_model {
     bs_model_t *model;              /* NULL when it failed to load */
     bs_batcher_t *batcher;          /* NULL when it failed to load */
     struct bs_serving_config serving;
+    bs_metrics_model_t *metrics;    /* its counters (NULL: none) */
     char reason[512];               /* why it is not ready */
 };
 
@@ -48,10 +49,6 @@ int bs_repository_init(bs_repository_t **repo, uv_loop_t *loop, struct bs_backen
 int bs_repository_count(const bs_repository_t *repo);
 struct bs_repo_model *bs_repository_get(bs_repository_t *repo, int i);
 struct bs_repo_model *bs_repository_find(bs_repository_t *repo, const char *name);
-
-/* Parse a "serving" object (JSON text of the object) over cfg. */
-int bs_serving_parse(struct bs_serving_config *cfg, const char *json, size_t len,
-                     struct bs_err *err);
 
 /* Drain every batcher, then call done(arg). */
 void bs_repository_drain(bs_repository_t *repo, void (*done)(void *arg), void *arg);

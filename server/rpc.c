@@ -9,14 +9,27 @@
  *   and calls uv_async_send. While a tag is queued to gRPC or sits in that
  *   list, its ok/next fields belong to that thread; the loop reads them only
  *   after taking the list under the lock.
- * - The loop thread owns everything else: the call objects and their
- *   queues, the accept slots, the health table, the shutdown state. Every
- *   grpc_call_start_batch and grpc_server_request_* is issued from it.
+ * - The loop thread owns everything else: the method table, the call
+ *   objects and their queues, the accept slots, the flow-control counts, the
+ *   shutdown state. Every grpc_call_start_batch and grpc_server_request_* is
+ *   issued from it.
+ *
+ * Methods: the services' rows (struct bs_rpc_method) are copied at creation
+ * and registered with gRPC core; each row's handlers hear its calls. The
+ * transport itself answers only what no service can: unknown methods
+ * (UNIMPLEMENTED), request-cardinality violations, authentication failures.
  *
  * Calls
- * - One grpc_server_request_registered_call stays armed per method (re-armed
- *   as each call arrives) and one generic grpc_server_request_call that
- *   answers UNIMPLEMENTED at once.
+ * - Each method keeps its row's number of grpc_server_request_registered_call
+ *   armed (re-armed as each call arrives), plus a few generic
+ *   grpc_server_request_call that answer UNIMPLEMENTED at once.
+ * - A call's state is a set of flag bits (enum call_flag, call_has).
+ * - A method of one request (UNARY, SERVER_STREAM) gets its request with the
+ *   call; the transport reads on to the client's end of stream before the
+ *   handler runs (call_await_eos, call_on_eos).
+ * - Streams are flow-controlled: a BIDI call stops reading while its
+ *   service's requests in progress plus its unsent answers, or the unsent
+ *   bytes (its own or every call's), reach their bounds (call_may_read).
  * - Each call starts GRPC_OP_RECV_CLOSE_ON_SERVER alone at once: its
  *   completion says whether the call was cancelled. Sends are serialized
  *   (one send batch in flight, a queue behind it), receives too.
@@ -31,12 +44,12 @@
  *   core completes the pending read of a cancelled stream like a half-close,
  *   so on_stream_end (and the application's finish) can come first.
  *
- * Authentication: with a bearer token configured, rpc_start_call compares
- * the arriving call's "authorization" metadata (from the accept slot's
- * grpc_metadata_array, copied into the call) with the token in constant
- * time before dispatching: a call without it is finished UNAUTHENTICATED
- * there, so no handler (unary, stream, reflection) ever sees it. Health
- * checks stay open for probes. The token is never logged.
+ * Authentication: with a hook configured (auth.c: the bearer token),
+ * rpc_start_call runs it on every arriving call of a method whose row is not
+ * open (unknown methods included) before dispatching: a call it refuses is
+ * finished UNAUTHENTICATED there, so no handler ever sees it. The metadata
+ * is copied into the call with each value's length (a NUL byte inside a
+ * value cannot shorten it).
  *
  * Shutdown: grpc_server_shutdown_and_notify; calls whose answer is decided
  * (status set) finish sending it, every other call is cancelled at once, and
@@ -59,10 +72,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
 
-#include "descriptors.h"
-#include "health.h"
 #include "log.h"
-#include "reflection.h"
 
 #define RPC_DEFAULT_MAX_MESSAGE (64 << 20)
 #define RPC_DEFAULT_ADDRESS     "0.0.0.0:8001"
@@ -72,60 +82,22 @@
 #define RPC_DEFAULT_STREAM_UNSENT  ((size_t)64 << 20)
 #define RPC_DEFAULT_UNSENT         ((size_t)512 << 20)
 
-/* ---- method table --------------------------------------------------------------------------- */
+/* ---- methods ------------------------------------------------------------------------------- */
 
-enum rpc_kind {
-    RPC_KIND_UNARY,        /* inference unary: the application answers */
-    RPC_KIND_STREAM,       /* ModelStreamInfer: the application answers */
-    RPC_KIND_HEALTH_CHECK, /* answered here */
-    RPC_KIND_HEALTH_WATCH,
-    RPC_KIND_REFLECTION,
-    RPC_KIND_UNKNOWN, /* unregistered method: UNIMPLEMENTED */
-};
-
-struct rpc_method {
-    const char *path;
-    enum rpc_kind kind;
-    int slots; /* accept slots kept armed: calls gRPC core can hand over without waiting */
-};
-
-/* Indices 0..BS_RPC_METHOD_COUNT-1 follow enum bs_rpc_method. ModelInfer
- * keeps many slots armed: a call that arrives while every slot is taken
- * waits inside gRPC core, unseen (so neither admitted nor rejected), until
- * the loop re-arms one. */
-static const struct rpc_method rpc_methods[] = {
-    {"/inference.GRPCInferenceService/ServerLive", RPC_KIND_UNARY, 4},
-    {"/inference.GRPCInferenceService/ServerReady", RPC_KIND_UNARY, 4},
-    {"/inference.GRPCInferenceService/ModelReady", RPC_KIND_UNARY, 4},
-    {"/inference.GRPCInferenceService/ServerMetadata", RPC_KIND_UNARY, 2},
-    {"/inference.GRPCInferenceService/ModelMetadata", RPC_KIND_UNARY, 2},
-    {"/inference.GRPCInferenceService/ModelInfer", RPC_KIND_UNARY, 128},
-    {"/inference.GRPCInferenceService/ModelStreamInfer", RPC_KIND_STREAM, 16},
-    {"/inference.GRPCInferenceService/ModelConfig", RPC_KIND_UNARY, 2},
-    {"/inference.GRPCInferenceService/ModelStatistics", RPC_KIND_UNARY, 2},
-    {"/inference.GRPCInferenceService/RepositoryIndex", RPC_KIND_UNARY, 2},
-    {"/grpc.health.v1.Health/Check", RPC_KIND_HEALTH_CHECK, 4},
-    {"/grpc.health.v1.Health/Watch", RPC_KIND_HEALTH_WATCH, 2},
-    {"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", RPC_KIND_REFLECTION, 2},
-    {"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", RPC_KIND_REFLECTION, 2},
-};
 #define RPC_GENERIC_SLOTS 4 /* unknown methods, answered UNIMPLEMENTED */
-#define RPC_N_METHODS ((int)BS_ARRAY_LEN(rpc_methods))
+#define RPC_DEFAULT_SLOTS 2
 
-_Static_assert(BS_ARRAY_LEN(rpc_methods) == BS_RPC_METHOD_COUNT + 4, "method table");
-
-/* What list_services reports. */
-static const char *const rpc_services[] = {
-    "inference.GRPCInferenceService",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
+/* A registered method: the service's row and gRPC core's handle. */
+struct rpc_method {
+    struct bs_rpc_method def;
+    void *handle; /* grpc_server_register_method */
 };
 
-/* Bidirectional methods read their messages themselves. */
-static bool rpc_kind_reads_payload(enum rpc_kind kind)
+/* Methods of one request read their payload with the call (BIDI ones read
+ * their messages themselves). */
+static bool rpc_kind_reads_payload(enum bs_rpc_kind kind)
 {
-    return kind != RPC_KIND_STREAM && kind != RPC_KIND_REFLECTION;
+    return kind != BS_RPC_BIDI;
 }
 
 /* ---- objects -------------------------------------------------------------------------------- */
@@ -149,13 +121,31 @@ struct rpc_tag {
 struct rpc_accept {
     struct rpc_tag tag;
     bs_rpc_server_t *srv;
-    int method;   /* index in rpc_methods; -1: the generic request */
+    int method;   /* index in the server's methods; -1: the generic request */
     bool armed;
     grpc_call *call;
     gpr_timespec deadline;
     grpc_call_details details; /* generic only */
     grpc_metadata_array md;
     grpc_byte_buffer *payload;
+};
+
+/* A call's state, as flag bits (call->flags) with the predicates below. */
+enum call_flag {
+    CALL_MD_SENT = 1u << 0,      /* initial metadata went out */
+    CALL_SEND_BUSY = 1u << 1,    /* a send batch is in flight */
+    CALL_RECV_BUSY = 1u << 2,    /* a receive batch is in flight */
+    CALL_RECV_BLOCKED = 1u << 3, /* a read is due but waits for the bounds (call_may_read) */
+    CALL_STATUS_SET = 1u << 4,   /* a status is decided: no more sends may be queued */
+    CALL_STATUS_SENT = 1u << 5,  /* ... and its batch started */
+    CALL_CLOSED = 1u << 6,       /* recv_close completed */
+    CALL_CANCELLED = 1u << 7,    /* cancelled, or about to be (on_cancel follows) */
+    CALL_CANCEL_HEARD = 1u << 8, /* on_cancel delivered */
+    CALL_APP_OWNED = 1u << 9,    /* handed to its service (on_call, on_stream_open) */
+    CALL_APP_DONE = 1u << 10,    /* the service answered (reply, fail, finish) */
+    CALL_LOST = 1u << 11,        /* its request never reached the service: on_lost at close */
+    CALL_AWAITING_EOS = 1u << 12, /* one request read; the read after it must find the end */
+    CALL_ENDED = 1u << 13,       /* the client half-closed */
 };
 
 /* A queued outgoing message; sent as a slice that frees the node (its
@@ -174,8 +164,8 @@ struct rpc_md {
 struct bs_rpc_call {
     bs_rpc_server_t *srv;
     grpc_call *call;
-    enum rpc_kind kind;
-    int method; /* enum bs_rpc_method for application calls */
+    enum bs_rpc_kind kind;
+    int method; /* index in the server's methods; -1: an unknown method */
     int refs;
     struct rpc_tag close_tag, recv_tag, send_tag;
     int close_cancelled; /* RECV_CLOSE_ON_SERVER's answer */
@@ -187,28 +177,15 @@ struct bs_rpc_call {
     size_t unsent_bytes; /* their bytes */
     size_t unsent_peak;  /* the most unsent_bytes ever held (memory to give back) */
     int app_busy;        /* requests the application has read and not answered */
-    bool recv_blocked;   /* a read is due but waits for the bounds (call_may_read) */
     enum bs_rpc_status status;
     grpc_slice details;
-    bool md_sent, send_busy, recv_busy;
-    bool status_set;   /* a status is decided: no more sends may be queued */
-    bool status_sent;  /* ... and its batch started */
-    bool closed;       /* recv_close completed */
-    bool cancelled;    /* cancelled, or about to be (on_cancel follows) */
-    bool cancel_heard; /* on_cancel delivered */
-    bool app_owned;    /* handed to the application (on_unary, on_stream_open) */
-    bool app_done;     /* the application answered (reply, fail, finish) */
-    bool lost;         /* its request never reached the application: on_lost at close */
-    bool awaiting_eos; /* one request read; the read after it must find the end */
+    unsigned flags; /* enum call_flag bits: the call's state */
     grpc_slice request; /* that request, until the end of the client's stream is seen */
-    bool ended;        /* the client half-closed */
     int64_t deadline;
     struct rpc_md *md;
     size_t n_md;
     void *data;
-    char *watch_service;              /* Health/Watch */
-    enum bs_health_status watch_last; /* last status sent to the watcher */
-    bs_rpc_call_t *prev, *next;       /* the server's live calls */
+    bs_rpc_call_t *prev, *next; /* the server's live calls */
 };
 
 struct bs_rpc_server {
@@ -221,15 +198,12 @@ struct bs_rpc_server {
 
     grpc_server *server;
     grpc_completion_queue *cq;
-    struct bs_rpc_handlers h;
-    void *handles[RPC_N_METHODS]; /* grpc_server_register_method */
-    struct rpc_accept *slots;     /* every method's accept slots, then the generic ones */
+    struct rpc_method *methods;
+    int n_methods;
+    struct rpc_accept *slots; /* every method's accept slots, then the generic ones */
     int n_slots;
     struct rpc_tag shutdown_tag;
-    bs_health_t *health;
-    bs_reflection_t *refl;
-    char *auth_expected; /* "Bearer <token>", NULL: no authentication */
-    size_t auth_len;
+    struct bs_rpc_auth auth; /* check NULL: none */
 
     bs_rpc_call_t *calls; /* every call object alive */
     int n_calls;
@@ -248,6 +222,30 @@ struct bs_rpc_server {
 };
 
 static void rpc_check_shutdown(bs_rpc_server_t *s);
+
+static bool call_has(const bs_rpc_call_t *c, enum call_flag f)
+{
+    return (c->flags & f) != 0;
+}
+
+static void call_set(bs_rpc_call_t *c, enum call_flag f)
+{
+    c->flags |= f;
+}
+
+static void call_clear(bs_rpc_call_t *c, enum call_flag f)
+{
+    c->flags &= ~(unsigned)f;
+}
+
+static void call_put(bs_rpc_call_t *c, enum call_flag f, bool on)
+{
+    if (on)
+        call_set(c, f);
+    else
+        call_clear(c, f);
+}
+
 static void call_pump(bs_rpc_call_t *c);
 static void call_start_recv(bs_rpc_call_t *c);
 
@@ -341,7 +339,7 @@ static int call_copy_md(bs_rpc_call_t *c, const grpc_metadata_array *md)
     return 0;
 }
 
-static bs_rpc_call_t *call_new(bs_rpc_server_t *s, grpc_call *gc, enum rpc_kind kind, int method,
+static bs_rpc_call_t *call_new(bs_rpc_server_t *s, grpc_call *gc, enum bs_rpc_kind kind, int method,
                                gpr_timespec deadline, const grpc_metadata_array *md)
 {
     bs_rpc_call_t *c = calloc(1, sizeof(*c));
@@ -362,7 +360,6 @@ static bs_rpc_call_t *call_new(bs_rpc_server_t *s, grpc_call *gc, enum rpc_kind 
     c->details = grpc_empty_slice();
     c->request = grpc_empty_slice();
     c->deadline = rpc_deadline_ns(deadline);
-    c->watch_last = BS_HEALTH_UNKNOWN;
     c->next = s->calls;
     if (s->calls != NULL)
         s->calls->prev = c;
@@ -403,7 +400,7 @@ static void call_unsent_sub(bs_rpc_call_t *c, size_t len)
     c->unsent_msgs--;
     c->unsent_bytes -= len;
     s->unsent_bytes -= len;
-    if (c->recv_blocked && call_may_read(c))
+    if (call_has(c, CALL_RECV_BLOCKED) && call_may_read(c))
         call_start_recv(c);
     if (s->global_blocked && s->unsent_bytes < s->max_unsent)
         rpc_unblock_reads(s);
@@ -425,14 +422,13 @@ static void call_free(bs_rpc_call_t *c)
 {
     bs_rpc_server_t *s = c->srv;
     grpc_call_unref(c->call);
-    c->recv_blocked = false;
+    call_clear(c, CALL_RECV_BLOCKED);
     call_drop_queue(c);
     if (c->unsent_peak >= RPC_TRIM_AFTER_BYTES)
         rpc_trim_memory(s);
     grpc_slice_unref(c->details);
     grpc_slice_unref(c->request);
     free(c->md);
-    free(c->watch_service);
     if (c->prev != NULL)
         c->prev->next = c->next;
     else
@@ -468,9 +464,9 @@ static int call_batch(bs_rpc_call_t *c, const grpc_op *ops, size_t n, struct rpc
  * reports a cancellation, which the application hears as on_cancel. */
 static void call_abort(bs_rpc_call_t *c, enum bs_rpc_status status, const char *msg)
 {
-    if (c->cancelled || c->closed)
+    if (call_has(c, CALL_CANCELLED) || call_has(c, CALL_CLOSED))
         return;
-    c->cancelled = true;
+    call_set(c, CALL_CANCELLED);
     call_drop_queue(c);
     grpc_call_cancel_with_status(c->call, (grpc_status_code)status, msg, NULL);
 }
@@ -500,27 +496,15 @@ static int call_queue(bs_rpc_call_t *c, const uint8_t *data, size_t len)
 
 static void call_set_status(bs_rpc_call_t *c, enum bs_rpc_status status, const char *msg)
 {
-    c->status_set = true;
+    call_set(c, CALL_STATUS_SET);
     c->status = status;
     grpc_slice_unref(c->details);
     c->details = rpc_details(msg);
 }
 
-/* Transport-side sends (health, reflection, unknown methods). */
-static void call_send(bs_rpc_call_t *c, const uint8_t *data, size_t len)
-{
-    if (c->cancelled || c->status_set)
-        return;
-    if (call_queue(c, data, len) != 0) {
-        call_abort(c, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
-        return;
-    }
-    call_pump(c);
-}
-
 static void call_finish(bs_rpc_call_t *c, enum bs_rpc_status status, const char *msg)
 {
-    if (c->cancelled || c->status_set)
+    if (call_has(c, CALL_CANCELLED) || call_has(c, CALL_STATUS_SET))
         return;
     call_set_status(c, status, msg);
     call_pump(c);
@@ -533,12 +517,12 @@ static void call_pump(bs_rpc_call_t *c)
     grpc_op ops[3];
     size_t n = 0;
     struct rpc_msg *m = c->sq_head;
-    if (c->send_busy || c->cancelled || c->closed || c->status_sent)
+    if (call_has(c, CALL_SEND_BUSY) || call_has(c, CALL_CANCELLED) || call_has(c, CALL_CLOSED) || call_has(c, CALL_STATUS_SENT))
         return;
-    if (m == NULL && !c->status_set)
+    if (m == NULL && !call_has(c, CALL_STATUS_SET))
         return;
     memset(ops, 0, sizeof(ops));
-    if (!c->md_sent)
+    if (!call_has(c, CALL_MD_SENT))
         ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
     if (m != NULL) {
         grpc_slice sl = grpc_slice_new_with_user_data(m->data, m->len, free, m);
@@ -551,7 +535,7 @@ static void call_pump(bs_rpc_call_t *c)
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n++].data.send_message.send_message = c->send_buf;
     }
-    if (c->status_set && c->sq_head == NULL) {
+    if (call_has(c, CALL_STATUS_SET) && c->sq_head == NULL) {
         ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
         ops[n].data.send_status_from_server.status = (grpc_status_code)c->status;
         ops[n++].data.send_status_from_server.status_details = &c->details;
@@ -565,14 +549,14 @@ static void call_pump(bs_rpc_call_t *c)
         call_abort(c, BS_RPC_INTERNAL, "cannot send");
         return;
     }
-    c->send_busy = true;
-    c->md_sent = true;
-    c->status_sent = c->status_set && c->sq_head == NULL;
+    call_set(c, CALL_SEND_BUSY);
+    call_set(c, CALL_MD_SENT);
+    call_put(c, CALL_STATUS_SENT, call_has(c, CALL_STATUS_SET) && c->sq_head == NULL);
 }
 
 static void call_on_sent(bs_rpc_call_t *c, int ok)
 {
-    c->send_busy = false;
+    call_clear(c, CALL_SEND_BUSY);
     if (c->send_buf != NULL) {
         grpc_byte_buffer_destroy(c->send_buf);
         call_unsent_sub(c, c->send_len);
@@ -585,6 +569,17 @@ static void call_on_sent(bs_rpc_call_t *c, int ok)
     call_unref(c);
 }
 
+/* The handlers of the call's method (NULL for an unknown method). */
+static const struct bs_rpc_handlers *call_handlers(const bs_rpc_call_t *c)
+{
+    return c->method >= 0 ? c->srv->methods[c->method].def.h : NULL;
+}
+
+static int call_id(const bs_rpc_call_t *c)
+{
+    return c->method >= 0 ? c->srv->methods[c->method].def.id : -1;
+}
+
 /* Deliver on_cancel once for a call the application was given, even when it
  * has already answered: gRPC core completes a pending read of a cancelled
  * stream like a half-close, so on_stream_end (and the application's finish)
@@ -592,13 +587,15 @@ static void call_on_sent(bs_rpc_call_t *c, int ok)
 static void call_notify_cancel(bs_rpc_call_t *c)
 {
     bs_rpc_server_t *s = c->srv;
-    c->cancelled = true;
+    call_set(c, CALL_CANCELLED);
     call_drop_queue(c);
-    if (!c->app_owned || c->cancel_heard || s->h.on_cancel == NULL)
+    const struct bs_rpc_handlers *h = call_handlers(c);
+    (void)s;
+    if (!call_has(c, CALL_APP_OWNED) || call_has(c, CALL_CANCEL_HEARD) || h == NULL || h->on_cancel == NULL)
         return;
-    c->cancel_heard = true;
+    call_set(c, CALL_CANCEL_HEARD);
     c->refs++;
-    s->h.on_cancel(s->h.arg, c);
+    h->on_cancel(h->arg, c);
     call_unref(c);
 }
 
@@ -606,17 +603,17 @@ static void call_notify_cancel(bs_rpc_call_t *c)
  * it (see on_lost). */
 static void call_report_lost(bs_rpc_call_t *c, bool cancelled)
 {
-    bs_rpc_server_t *s = c->srv;
-    if (c->lost && s->h.on_lost != NULL)
-        s->h.on_lost(s->h.arg, (enum bs_rpc_method)c->method, cancelled);
-    c->lost = false;
+    const struct bs_rpc_handlers *h = call_handlers(c);
+    if (call_has(c, CALL_LOST) && h != NULL && h->on_lost != NULL)
+        h->on_lost(h->arg, call_id(c), cancelled);
+    call_clear(c, CALL_LOST);
 }
 
 static void call_on_close(bs_rpc_call_t *c, int ok)
 {
-    c->closed = true;
-    call_report_lost(c, !ok || c->close_cancelled || c->cancelled);
-    if (!ok || c->close_cancelled || c->cancelled)
+    call_set(c, CALL_CLOSED);
+    call_report_lost(c, !ok || c->close_cancelled || call_has(c, CALL_CANCELLED));
+    if (!ok || c->close_cancelled || call_has(c, CALL_CANCELLED))
         call_notify_cancel(c);
     call_unref(c); /* the transport's reference */
     call_unref(c); /* the batch's */
@@ -651,10 +648,10 @@ static int rpc_read(grpc_byte_buffer *bb, grpc_slice *out)
 static void call_start_recv(bs_rpc_call_t *c)
 {
     grpc_op op;
-    if (c->recv_busy || c->cancelled || c->closed || c->status_set || c->ended)
+    if (call_has(c, CALL_RECV_BUSY) || call_has(c, CALL_CANCELLED) || call_has(c, CALL_CLOSED) || call_has(c, CALL_STATUS_SET) || call_has(c, CALL_ENDED))
         return;
-    c->recv_blocked = !call_may_read(c);
-    if (c->recv_blocked) {
+    call_put(c, CALL_RECV_BLOCKED, !call_may_read(c));
+    if (call_has(c, CALL_RECV_BLOCKED)) {
         c->srv->global_blocked |= c->srv->unsent_bytes >= c->srv->max_unsent;
         return;
     }
@@ -665,43 +662,28 @@ static void call_start_recv(bs_rpc_call_t *c)
         call_abort(c, BS_RPC_INTERNAL, "cannot receive");
         return;
     }
-    c->recv_busy = true;
-}
-
-static void reflection_on_msg(bs_rpc_call_t *c, const uint8_t *data, size_t len)
-{
-    uint8_t *out;
-    size_t out_len;
-    struct bs_err err = {0};
-    if (bs_reflection_answer(c->srv->refl, data, len, &out, &out_len, &err) != 0) {
-        call_abort(c, BS_RPC_RESOURCE_EXHAUSTED, err.msg);
-        return;
-    }
-    call_send(c, out, out_len);
-    free(out);
+    call_set(c, CALL_RECV_BUSY);
 }
 
 /* One message, or the half-close (bb NULL), on a bidirectional call. */
 static void call_on_stream_input(bs_rpc_call_t *c, grpc_byte_buffer *bb)
 {
-    bs_rpc_server_t *s = c->srv;
+    const struct bs_rpc_handlers *h = call_handlers(c);
     grpc_slice sl;
     if (bb == NULL) {
-        c->ended = true;
-        if (c->kind == RPC_KIND_REFLECTION)
+        call_set(c, CALL_ENDED);
+        if (h->on_stream_end != NULL)
+            h->on_stream_end(h->arg, c);
+        else
             call_finish(c, BS_RPC_OK, NULL);
-        else if (s->h.on_stream_end != NULL)
-            s->h.on_stream_end(s->h.arg, c);
         return;
     }
     if (rpc_read(bb, &sl) != 0) {
         call_abort(c, BS_RPC_INTERNAL, "cannot read the request message");
         return;
     }
-    if (c->kind == RPC_KIND_REFLECTION)
-        reflection_on_msg(c, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl));
-    else if (s->h.on_stream_msg != NULL)
-        s->h.on_stream_msg(s->h.arg, c, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl));
+    if (h->on_stream_msg != NULL)
+        h->on_stream_msg(h->arg, c, GRPC_SLICE_START_PTR(sl), GRPC_SLICE_LENGTH(sl));
     grpc_slice_unref(sl);
     call_start_recv(c);
 }
@@ -714,17 +696,17 @@ static void rpc_dispatch_call(bs_rpc_call_t *c, const uint8_t *data, size_t len)
  * call is going away (recv_close says how). */
 static void call_on_eos(bs_rpc_call_t *c, int ok, grpc_byte_buffer *bb)
 {
-    c->awaiting_eos = false;
-    if (!ok || c->cancelled || c->status_set) {
-        c->lost = c->kind == RPC_KIND_UNARY;
-        if (c->closed) /* recv_close came first: it was cancelled */
+    call_clear(c, CALL_AWAITING_EOS);
+    if (!ok || call_has(c, CALL_CANCELLED) || call_has(c, CALL_STATUS_SET)) {
+        call_put(c, CALL_LOST, c->kind == BS_RPC_UNARY);
+        if (call_has(c, CALL_CLOSED)) /* recv_close came first: it was cancelled */
             call_report_lost(c, true);
     } else if (bb != NULL) {
-        c->lost = c->kind == RPC_KIND_UNARY;
+        call_put(c, CALL_LOST, c->kind == BS_RPC_UNARY);
         call_finish(c, BS_RPC_UNIMPLEMENTED,
                     "this method takes one request message; the call sent more");
     } else {
-        c->ended = true;
+        call_set(c, CALL_ENDED);
         rpc_dispatch_call(c, GRPC_SLICE_START_PTR(c->request), GRPC_SLICE_LENGTH(c->request));
     }
     grpc_slice_unref(c->request);
@@ -744,18 +726,18 @@ static void call_await_eos(bs_rpc_call_t *c, grpc_slice request)
         call_abort(c, BS_RPC_INTERNAL, "cannot receive");
         return;
     }
-    c->recv_busy = true;
-    c->awaiting_eos = true;
+    call_set(c, CALL_RECV_BUSY);
+    call_set(c, CALL_AWAITING_EOS);
 }
 
 static void call_on_recv(bs_rpc_call_t *c, int ok)
 {
     grpc_byte_buffer *bb = c->recv_buf;
     c->recv_buf = NULL;
-    c->recv_busy = false;
-    if (c->awaiting_eos)
+    call_clear(c, CALL_RECV_BUSY);
+    if (call_has(c, CALL_AWAITING_EOS))
         call_on_eos(c, ok, bb);
-    else if (ok && !c->cancelled && !c->status_set)
+    else if (ok && !call_has(c, CALL_CANCELLED) && !call_has(c, CALL_STATUS_SET))
         call_on_stream_input(c, bb);
     if (bb != NULL)
         grpc_byte_buffer_destroy(bb);
@@ -768,60 +750,8 @@ static void rpc_unblock_reads(bs_rpc_server_t *s)
 {
     s->global_blocked = false;
     for (bs_rpc_call_t *c = s->calls; c != NULL; c = c->next)
-        if (c->recv_blocked)
+        if (call_has(c, CALL_RECV_BLOCKED))
             call_start_recv(c);
-}
-
-/* ---- health --------------------------------------------------------------------------------- */
-
-static void health_send_status(bs_rpc_call_t *c, enum bs_health_status st)
-{
-    uint8_t buf[BS_HEALTH_RESPONSE_MAX];
-    size_t n = bs_health_encode_response(st, buf);
-    c->watch_last = st;
-    call_send(c, buf, n);
-}
-
-static void health_on_call(bs_rpc_call_t *c, const uint8_t *data, size_t len)
-{
-    struct bs_err err = {0};
-    char *service;
-    int rc = bs_health_decode_request(data, len, &service, &err);
-    if (rc != 0) {
-        call_finish(c, rc == BS_ENOMEM ? BS_RPC_RESOURCE_EXHAUSTED : BS_RPC_INVALID_ARGUMENT,
-                    err.msg);
-        return;
-    }
-    enum bs_health_status st = bs_health_get(c->srv->health, service);
-    if (c->kind == RPC_KIND_HEALTH_WATCH) {
-        c->watch_service = service; /* the stream stays open until cancelled */
-        health_send_status(c, st);
-        return;
-    }
-    free(service);
-    if (st == BS_HEALTH_SERVICE_UNKNOWN) {
-        call_finish(c, BS_RPC_NOT_FOUND, "unknown service");
-        return;
-    }
-    health_send_status(c, st);
-    call_finish(c, BS_RPC_OK, NULL);
-}
-
-void bs_rpc_set_serving(bs_rpc_server_t *server, const char *service, bool serving)
-{
-    int rc = bs_health_set(server->health, service ? service : "", serving);
-    if (rc < 0)
-        bs_log(BS_LOG_ERROR, NULL, "rpc: health: out of memory");
-    if (rc <= 0)
-        return;
-    for (bs_rpc_call_t *c = server->calls; c != NULL; c = c->next) {
-        if (c->kind != RPC_KIND_HEALTH_WATCH || c->watch_service == NULL || c->cancelled ||
-            strcmp(c->watch_service, service ? service : "") != 0)
-            continue;
-        enum bs_health_status st = bs_health_get(server->health, c->watch_service);
-        if (st != c->watch_last)
-            health_send_status(c, st);
-    }
 }
 
 /* ---- arriving calls ------------------------------------------------------------------------- */
@@ -842,8 +772,9 @@ static void rpc_arm(bs_rpc_server_t *s, struct rpc_accept *a)
     a->call = NULL;
     a->payload = NULL;
     if (a->method >= 0) {
-        bool payload = rpc_kind_reads_payload(rpc_methods[a->method].kind);
-        e = grpc_server_request_registered_call(s->server, s->handles[a->method], &a->call,
+        const struct rpc_method *m = &s->methods[a->method];
+        bool payload = rpc_kind_reads_payload(m->def.kind);
+        e = grpc_server_request_registered_call(s->server, m->handle, &a->call,
                                                 &a->deadline,
                                                 &a->md, payload ? &a->payload : NULL, s->cq, s->cq,
                                                 &a->tag);
@@ -853,7 +784,7 @@ static void rpc_arm(bs_rpc_server_t *s, struct rpc_accept *a)
     }
     if (e != GRPC_CALL_OK) {
         bs_log(BS_LOG_ERROR, NULL, "rpc: cannot request calls of %s: %s",
-               a->method >= 0 ? rpc_methods[a->method].path : "other methods",
+               a->method >= 0 ? s->methods[a->method].def.path : "other methods",
                grpc_call_error_to_string(e));
         return;
     }
@@ -861,64 +792,21 @@ static void rpc_arm(bs_rpc_server_t *s, struct rpc_accept *a)
     s->n_armed++;
 }
 
-/* Hand a new call to whoever answers it; payload is the first message of
- * unary and server-streaming methods. */
+/* Hand a new call to its method's handlers; data is the request of a
+ * method of one request. */
 static void rpc_dispatch_call(bs_rpc_call_t *c, const uint8_t *data, size_t len)
 {
-    bs_rpc_server_t *s = c->srv;
-    switch (c->kind) {
-    case RPC_KIND_UNARY:
-        if (s->h.on_unary == NULL) {
-            call_finish(c, BS_RPC_UNIMPLEMENTED, "method not implemented");
-            break;
-        }
-        c->app_owned = true;
-        s->h.on_unary(s->h.arg, c, (enum bs_rpc_method)c->method, data, len);
-        break;
-    case RPC_KIND_STREAM:
-        if (s->h.on_stream_open == NULL) {
-            call_finish(c, BS_RPC_UNIMPLEMENTED, "method not implemented");
-            break;
-        }
-        c->app_owned = true;
-        s->h.on_stream_open(s->h.arg, c);
+    const struct bs_rpc_handlers *h = call_handlers(c);
+    if (c->kind != BS_RPC_BIDI && h->on_call != NULL) {
+        call_set(c, CALL_APP_OWNED);
+        h->on_call(h->arg, c, call_id(c), data, len);
+    } else if (c->kind == BS_RPC_BIDI && h->on_stream_open != NULL) {
+        call_set(c, CALL_APP_OWNED);
+        h->on_stream_open(h->arg, c, call_id(c));
         call_start_recv(c);
-        break;
-    case RPC_KIND_HEALTH_CHECK:
-    case RPC_KIND_HEALTH_WATCH:
-        health_on_call(c, data, len);
-        break;
-    case RPC_KIND_REFLECTION:
-        call_start_recv(c);
-        break;
-    case RPC_KIND_UNKNOWN:
-        break;
+    } else {
+        call_finish(c, BS_RPC_UNIMPLEMENTED, "method not implemented");
     }
-}
-
-/* Does the call carry the right bearer token? The comparison takes the same
- * time whatever the bytes received (it depends on the expected length only).
- * The scheme name is case-insensitive (RFC 6750 section 2.1, RFC 7235). */
-static bool rpc_authorized(const bs_rpc_server_t *s, const bs_rpc_call_t *c)
-{
-    static const size_t scheme = 7; /* "Bearer " */
-    const struct rpc_md *md = call_find_md(c, "authorization");
-    if (s->auth_expected == NULL)
-        return true;
-    if (md == NULL)
-        return false;
-    const char *got = md->value;
-    size_t n = md->value_len; /* "Bearer <token>\0junk" is not "Bearer <token>" */
-    unsigned char diff = n != s->auth_len;
-    diff |= n < scheme || strncasecmp(got, s->auth_expected, scheme) != 0;
-    for (size_t i = scheme; i < s->auth_len; i++)
-        diff |= (unsigned char)(s->auth_expected[i] ^ (i < n ? got[i] : 0));
-    return diff == 0;
-}
-
-static bool rpc_kind_needs_auth(enum rpc_kind kind)
-{
-    return kind != RPC_KIND_HEALTH_CHECK && kind != RPC_KIND_HEALTH_WATCH;
 }
 
 /* gRPC core hands over a call of a method that takes one request message
@@ -929,7 +817,7 @@ static bool rpc_kind_needs_auth(enum rpc_kind kind)
  * on_lost when recv_close tells which case it was. */
 static void call_lost(bs_rpc_call_t *c)
 {
-    c->lost = c->kind == RPC_KIND_UNARY;
+    call_put(c, CALL_LOST, c->kind == BS_RPC_UNARY);
     call_finish(c, BS_RPC_UNIMPLEMENTED,
                 "this method takes one request message; the call ended without a whole one");
 }
@@ -938,12 +826,13 @@ static void call_lost(bs_rpc_call_t *c)
 static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *gc,
                            grpc_byte_buffer *payload)
 {
-    enum rpc_kind kind = a->method >= 0 ? rpc_methods[a->method].kind : RPC_KIND_UNKNOWN;
-    gpr_timespec deadline = a->method >= 0 ? a->deadline : a->details.deadline;
+    const struct rpc_method *m = a->method >= 0 ? &s->methods[a->method] : NULL;
+    enum bs_rpc_kind kind = m != NULL ? m->def.kind : BS_RPC_UNARY;
+    gpr_timespec deadline = m != NULL ? a->deadline : a->details.deadline;
     char unknown[300] = "";
+    const char *why = NULL;
     grpc_slice sl;
     bs_rpc_call_t *c = call_new(s, gc, kind, a->method, deadline, &a->md);
-    const struct rpc_md *auth;
     if (a->method < 0)
         snprintf(unknown, sizeof(unknown), "unknown method %.*s",
                  (int)GRPC_SLICE_LENGTH(a->details.method),
@@ -959,14 +848,9 @@ static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *
         return;
     }
     c->refs++; /* across the handlers */
-    if (rpc_kind_needs_auth(kind) && !rpc_authorized(s, c))
-        call_finish(c, BS_RPC_UNAUTHENTICATED,
-                    (auth = call_find_md(c, "authorization")) == NULL
-                        ? "missing \"authorization: Bearer <token>\" metadata"
-                    : memchr(auth->value, 0, auth->value_len) != NULL
-                        ? "invalid bearer token (it contains a NUL byte)"
-                        : "invalid bearer token");
-    else if (kind == RPC_KIND_UNKNOWN)
+    if ((m == NULL || !m->def.open) && s->auth.check != NULL && !s->auth.check(s->auth.arg, c, &why))
+        call_finish(c, BS_RPC_UNAUTHENTICATED, why ? why : "not authenticated");
+    else if (m == NULL)
         call_finish(c, BS_RPC_UNIMPLEMENTED, unknown);
     else if (payload == NULL && rpc_kind_reads_payload(kind))
         call_lost(c);
@@ -1101,7 +985,7 @@ void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), vo
      * client that does not read them is cut off by the timer); every other
      * call is cancelled now. */
     for (bs_rpc_call_t *c = server->calls; c != NULL; c = c->next)
-        if (!c->status_set)
+        if (!call_has(c, CALL_STATUS_SET))
             call_abort(c, BS_RPC_UNAVAILABLE, "the server is shutting down");
     uv_timer_start(&server->flush_timer, rpc_on_flush_timeout, RPC_SHUTDOWN_FLUSH_MS, 0);
 }
@@ -1132,13 +1016,14 @@ static grpc_server *rpc_create_grpc_server(const struct bs_rpc_options *opts)
 
 static int rpc_register_methods(bs_rpc_server_t *s, struct bs_err *err)
 {
-    for (int i = 0; i < RPC_N_METHODS; i++) {
+    for (int i = 0; i < s->n_methods; i++) {
+        struct rpc_method *m = &s->methods[i];
         grpc_server_register_method_payload_handling ph =
-            rpc_kind_reads_payload(rpc_methods[i].kind) ? GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER
-                                                        : GRPC_SRM_PAYLOAD_NONE;
-        s->handles[i] = grpc_server_register_method(s->server, rpc_methods[i].path, NULL, ph, 0);
-        if (s->handles[i] == NULL)
-            return bs_err_set(err, BS_EINTERNAL, "cannot register %s", rpc_methods[i].path);
+            rpc_kind_reads_payload(m->def.kind) ? GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER
+                                                : GRPC_SRM_PAYLOAD_NONE;
+        m->handle = grpc_server_register_method(s->server, m->def.path, NULL, ph, 0);
+        if (m->handle == NULL)
+            return bs_err_set(err, BS_EINTERNAL, "cannot register %s", m->def.path);
     }
     return 0;
 }
@@ -1189,13 +1074,13 @@ static void rpc_release_grpc(bs_rpc_server_t *s)
 static int rpc_init_slots(bs_rpc_server_t *s)
 {
     int n = RPC_GENERIC_SLOTS;
-    for (int i = 0; i < RPC_N_METHODS; i++)
-        n += rpc_methods[i].slots;
+    for (int i = 0; i < s->n_methods; i++)
+        n += s->methods[i].def.slots;
     s->slots = calloc((size_t)n, sizeof(*s->slots));
     if (s->slots == NULL)
         return BS_ENOMEM;
-    for (int i = 0; i < RPC_N_METHODS; i++)
-        for (int k = 0; k < rpc_methods[i].slots; k++)
+    for (int i = 0; i < s->n_methods; i++)
+        for (int k = 0; k < s->methods[i].def.slots; k++)
             rpc_init_accept(s, &s->slots[s->n_slots++], i);
     while (s->n_slots < n)
         rpc_init_accept(s, &s->slots[s->n_slots++], -1);
@@ -1221,28 +1106,25 @@ static grpc_server_credentials *rpc_credentials(const struct bs_rpc_options *opt
         NULL);
 }
 
-/* "Bearer <token>" for rpc_authorized (no token: nothing). */
-static int rpc_set_token(bs_rpc_server_t *s, const char *token, struct bs_err *err)
+/* Copy the services' method rows (paths are static strings of theirs). */
+static int rpc_copy_methods(bs_rpc_server_t *s, const struct bs_rpc_options *opts,
+                            struct bs_err *err)
 {
-    if (token == NULL)
-        return 0;
-    if (token[0] == '\0')
-        return bs_err_set(err, BS_EINVAL, "empty bearer token");
-    s->auth_len = strlen("Bearer ") + strlen(token);
-    s->auth_expected = malloc(s->auth_len + 1);
-    if (s->auth_expected == NULL)
+    if (opts->n_methods < 0 || (opts->n_methods > 0 && opts->methods == NULL))
+        return bs_err_set(err, BS_EINVAL, "rpc: bad method table");
+    s->methods = calloc((size_t)opts->n_methods + 1, sizeof(*s->methods));
+    if (s->methods == NULL)
         return bs_err_set(err, BS_ENOMEM, "out of memory");
-    snprintf(s->auth_expected, s->auth_len + 1, "Bearer %s", token);
+    for (int i = 0; i < opts->n_methods; i++) {
+        const struct bs_rpc_method *d = &opts->methods[i];
+        if (d->path == NULL || d->h == NULL)
+            return bs_err_set(err, BS_EINVAL, "rpc: method %d has no path or handlers", i);
+        s->methods[i].def = *d;
+        if (s->methods[i].def.slots <= 0)
+            s->methods[i].def.slots = RPC_DEFAULT_SLOTS;
+    }
+    s->n_methods = opts->n_methods;
     return 0;
-}
-
-/* Wipe and free the token copy. */
-static void rpc_free_token(bs_rpc_server_t *s)
-{
-    if (s->auth_expected != NULL)
-        explicit_bzero(s->auth_expected, s->auth_len);
-    free(s->auth_expected);
-    s->auth_expected = NULL;
 }
 
 /* gRPC server, methods and port; on failure nothing gRPC is left. */
@@ -1290,7 +1172,7 @@ fail:
 }
 
 int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct bs_rpc_options *opts,
-                       const struct bs_rpc_handlers *handlers, int *port, struct bs_err *err)
+                       int *port, struct bs_err *err)
 {
     static const struct bs_rpc_options defaults = {0};
     bs_rpc_server_t *s = calloc(1, sizeof(*s));
@@ -1301,23 +1183,15 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
     if (s == NULL)
         return bs_err_set(err, BS_ENOMEM, "out of memory");
     s->loop = loop;
-    s->h = *handlers;
+    if (opts->auth != NULL)
+        s->auth = *opts->auth;
     s->max_stream_pending =
         opts->max_stream_pending > 0 ? opts->max_stream_pending : RPC_DEFAULT_STREAM_PENDING;
     s->max_stream_unsent =
         opts->max_stream_unsent_bytes > 0 ? opts->max_stream_unsent_bytes : RPC_DEFAULT_STREAM_UNSENT;
     s->max_unsent = opts->max_unsent_bytes > 0 ? opts->max_unsent_bytes : RPC_DEFAULT_UNSENT;
     s->shutdown_tag = (struct rpc_tag){.kind = RPC_TAG_SHUTDOWN, .owner = s};
-    if ((rc = rpc_set_token(s, opts->auth_token, err)) != 0)
-        goto fail_parts;
-    if ((rc = bs_health_init(&s->health, err)) != 0)
-        goto fail_parts;
-    if (bs_health_set(s->health, "", true) < 0) {
-        rc = bs_err_set(err, BS_ENOMEM, "out of memory");
-        goto fail_parts;
-    }
-    if ((rc = bs_reflection_init(&s->refl, bs_descriptor_set, bs_descriptor_set_len, rpc_services,
-                                 BS_ARRAY_LEN(rpc_services), err)) != 0)
+    if ((rc = rpc_copy_methods(s, opts, err)) != 0)
         goto fail_parts;
     if ((rc = rpc_create_grpc(s, opts, &bound, err)) != 0)
         goto fail_parts;
@@ -1348,9 +1222,7 @@ fail_async:
     uv_mutex_destroy(&s->ev_lock);
     rpc_destroy_grpc_sync(s);
     rpc_release_grpc(s);
-    bs_reflection_free(s->refl);
-    bs_health_free(s->health);
-    rpc_free_token(s);
+    free(s->methods);
     uv_close((uv_handle_t *)&s->async, rpc_free_on_close);
     return rc;
 fail_mutex:
@@ -1359,9 +1231,7 @@ fail_grpc:
     rpc_destroy_grpc_sync(s);
     rpc_release_grpc(s);
 fail_parts:
-    bs_reflection_free(s->refl);
-    bs_health_free(s->health);
-    rpc_free_token(s);
+    free(s->methods);
     free(s);
     return rc;
 }
@@ -1376,9 +1246,7 @@ void bs_rpc_server_free(bs_rpc_server_t *server)
     }
     uv_mutex_destroy(&server->ev_lock);
     rpc_release_grpc(server);
-    bs_reflection_free(server->refl);
-    bs_health_free(server->health);
-    rpc_free_token(server);
+    free(server->methods);
     free(server);
 }
 
@@ -1411,7 +1279,16 @@ int64_t bs_rpc_call_deadline(const bs_rpc_call_t *call)
 
 bool bs_rpc_call_cancelled(const bs_rpc_call_t *call)
 {
-    return call->cancelled;
+    return call_has(call, CALL_CANCELLED);
+}
+
+const char *bs_rpc_call_metadata_bytes(const bs_rpc_call_t *call, const char *key, size_t *len)
+{
+    const struct rpc_md *md = call_find_md(call, key);
+    if (md == NULL)
+        return NULL;
+    *len = md->value_len;
+    return md->value;
 }
 
 const char *bs_rpc_call_metadata(const bs_rpc_call_t *call, const char *key)
@@ -1426,12 +1303,13 @@ enum rpc_answer_check {
     RPC_ANSWER_MISUSE, /* not the application's to answer (again): BS_EINVAL */
 };
 
-static enum rpc_answer_check call_answer_check(const bs_rpc_call_t *call, enum rpc_kind want)
+/* want: the kind the answer fits (-1: any). */
+static enum rpc_answer_check call_answer_check(const bs_rpc_call_t *call, int want)
 {
-    if (call->cancelled || call->closed)
+    if (call_has(call, CALL_CANCELLED) || call_has(call, CALL_CLOSED))
         return RPC_ANSWER_DROP;
-    if (!call->app_owned || call->app_done || call->status_set ||
-        (want != RPC_KIND_UNKNOWN && call->kind != want))
+    if (!call_has(call, CALL_APP_OWNED) || call_has(call, CALL_APP_DONE) || call_has(call, CALL_STATUS_SET) ||
+        (want >= 0 && (int)call->kind != want))
         return RPC_ANSWER_MISUSE;
     return RPC_ANSWER_GO;
 }
@@ -1440,10 +1318,10 @@ static enum rpc_answer_check call_answer_check(const bs_rpc_call_t *call, enum r
 
 int bs_rpc_reply(bs_rpc_call_t *call, const uint8_t *data, size_t len)
 {
-    enum rpc_answer_check check = call_answer_check(call, RPC_KIND_UNARY);
+    enum rpc_answer_check check = call_answer_check(call, BS_RPC_UNARY);
     if (check != RPC_ANSWER_GO)
         return RPC_ANSWER_RC(check);
-    call->app_done = true;
+    call_set(call, CALL_APP_DONE);
     if (call_queue(call, data, len) != 0) {
         call_abort(call, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
         return BS_ENOMEM;
@@ -1453,13 +1331,13 @@ int bs_rpc_reply(bs_rpc_call_t *call, const uint8_t *data, size_t len)
     return 0;
 }
 
-/* Any application call, unary or stream (RPC_KIND_UNKNOWN here means "either"). */
+/* Any application call, unary or stream. */
 int bs_rpc_fail(bs_rpc_call_t *call, enum bs_rpc_status status, const char *msg)
 {
-    enum rpc_answer_check check = call_answer_check(call, RPC_KIND_UNKNOWN);
+    enum rpc_answer_check check = call_answer_check(call, -1);
     if (check != RPC_ANSWER_GO)
         return RPC_ANSWER_RC(check);
-    call->app_done = true;
+    call_set(call, CALL_APP_DONE);
     call_set_status(call, status, msg);
     call_pump(call);
     return 0;
@@ -1467,7 +1345,8 @@ int bs_rpc_fail(bs_rpc_call_t *call, enum bs_rpc_status status, const char *msg)
 
 int bs_rpc_stream_send(bs_rpc_call_t *call, const uint8_t *data, size_t len)
 {
-    enum rpc_answer_check check = call_answer_check(call, RPC_KIND_STREAM);
+    enum rpc_answer_check check =
+        call_answer_check(call, call->kind == BS_RPC_UNARY ? BS_RPC_BIDI : (int)call->kind);
     if (check != RPC_ANSWER_GO)
         return RPC_ANSWER_RC(check);
     if (call_queue(call, data, len) != 0) {
@@ -1486,7 +1365,7 @@ int bs_rpc_stream_finish(bs_rpc_call_t *call, enum bs_rpc_status status, const c
 void bs_rpc_stream_set_busy(bs_rpc_call_t *call, int n)
 {
     call->app_busy = n > 0 ? n : 0;
-    if (call->recv_blocked && call_may_read(call))
+    if (call_has(call, CALL_RECV_BLOCKED) && call_may_read(call))
         call_start_recv(call);
 }
 

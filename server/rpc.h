@@ -2,11 +2,12 @@
  * every event is handed to the libuv loop thread (uv_async_send, drained as a
  * list). All bs_rpc_* functions below are called on the loop thread only.
  *
- * The transport owns grpc.health.v1.Health (Check, Watch) and server
- * reflection (grpc.reflection.v1 and v1alpha); unknown methods answer
- * UNIMPLEMENTED at once. Calls of inference.GRPCInferenceService are handed
- * to the application through struct bs_rpc_handlers. It also terminates TLS
- * and checks the optional bearer token (struct bs_rpc_options). */
+ * The transport knows no service: each service hands it a table of methods
+ * (struct bs_rpc_method: path, kind, handlers) at creation — the inference
+ * service (service.c), health (health_service.c) and reflection
+ * (reflection_service.c) alike; unknown methods answer UNIMPLEMENTED at once.
+ * It terminates TLS and runs an optional authentication hook (auth.c: the
+ * bearer token) before any handler sees a call. */
 #ifndef BS_RPC_H
 #define BS_RPC_H
 
@@ -21,19 +22,14 @@
 typedef struct bs_rpc_server bs_rpc_server_t;
 typedef struct bs_rpc_call bs_rpc_call_t;
 
-/* inference.GRPCInferenceService methods, in this order. */
-enum bs_rpc_method {
-    BS_RPC_SERVER_LIVE,
-    BS_RPC_SERVER_READY,
-    BS_RPC_MODEL_READY,
-    BS_RPC_SERVER_METADATA,
-    BS_RPC_MODEL_METADATA,
-    BS_RPC_MODEL_INFER,
-    BS_RPC_MODEL_STREAM_INFER, /* bidirectional streaming */
-    BS_RPC_MODEL_CONFIG,
-    BS_RPC_MODEL_STATISTICS,
-    BS_RPC_REPOSITORY_INDEX,
-    BS_RPC_METHOD_COUNT,
+/* How a method exchanges messages. UNARY and SERVER_STREAM take exactly one
+ * request message: the transport reads it and the end of the client's
+ * stream before on_call (a call with none or two is answered UNIMPLEMENTED
+ * and never handed over). */
+enum bs_rpc_kind {
+    BS_RPC_UNARY,         /* one request, one answer (bs_rpc_reply / bs_rpc_fail) */
+    BS_RPC_SERVER_STREAM, /* one request, answers with bs_rpc_stream_send, then finish */
+    BS_RPC_BIDI,          /* messages both ways (on_stream_open / msg / end) */
 };
 
 /* gRPC status codes we answer with (values as in grpc/status.h). */
@@ -51,15 +47,16 @@ enum bs_rpc_status {
     BS_RPC_UNAUTHENTICATED = 16,
 };
 
-/* What the application hears, always on the loop thread. */
+/* What a service hears about the calls of its methods, always on the loop
+ * thread; id is the method's id from its table row. */
 struct bs_rpc_handlers {
-    /* A unary call of method m with its request bytes (valid during the
-     * callback only). The application answers exactly once, now or later,
-     * with bs_rpc_reply or bs_rpc_fail. */
-    void (*on_unary)(void *arg, bs_rpc_call_t *call, enum bs_rpc_method m, const uint8_t *data,
-                     size_t len);
-    /* A ModelStreamInfer stream opened. */
-    void (*on_stream_open)(void *arg, bs_rpc_call_t *call);
+    /* A UNARY or SERVER_STREAM call with its request bytes (valid during the
+     * callback only). The service answers exactly once, now or later: a
+     * unary call with bs_rpc_reply or bs_rpc_fail, a server stream with
+     * bs_rpc_stream_send as often as it likes, then bs_rpc_stream_finish. */
+    void (*on_call)(void *arg, bs_rpc_call_t *call, int id, const uint8_t *data, size_t len);
+    /* A BIDI call opened. */
+    void (*on_stream_open)(void *arg, bs_rpc_call_t *call, int id);
     /* One request message on a stream (bytes valid during the callback). */
     void (*on_stream_msg)(void *arg, bs_rpc_call_t *call, const uint8_t *data, size_t len);
     /* The client half-closed the stream: no more messages will come; the
@@ -79,7 +76,26 @@ struct bs_rpc_handlers {
      * transport has answered it (UNIMPLEMENTED); the application only
      * counts it.
      * The call was never handed to the application. */
-    void (*on_lost)(void *arg, enum bs_rpc_method m, bool cancelled);
+    void (*on_lost)(void *arg, int id, bool cancelled);
+    void *arg;
+};
+
+/* One method a service offers. */
+struct bs_rpc_method {
+    const char *path; /* "/package.Service/Method" */
+    enum bs_rpc_kind kind;
+    int id;     /* handed back to the handlers */
+    int slots;  /* calls kept armed in gRPC core for it (0: 2); a call that arrives while
+                   all are taken waits unseen inside core until one is re-armed */
+    bool open;  /* reachable without authentication (health probes) */
+    const struct bs_rpc_handlers *h;
+};
+
+/* Authentication, run before a call of a method that is not open (unknown
+ * methods included) reaches any handler: false answers UNAUTHENTICATED with
+ * *why. */
+struct bs_rpc_auth {
+    bool (*check)(void *arg, const bs_rpc_call_t *call, const char **why);
     void *arg;
 };
 
@@ -101,16 +117,16 @@ struct bs_rpc_options {
      * or neither; NULL: plaintext) and, for mutual TLS, of the CA that
      * client certificates must chain to (required and verified). */
     const char *tls_cert_chain, *tls_key, *tls_client_ca;
-    /* Bearer token (NULL: none). When set, every call except
-     * grpc.health.v1.Health/{Check,Watch} must carry the metadata
-     * "authorization: Bearer <token>"; others are answered UNAUTHENTICATED
-     * before any handler runs. The transport keeps a copy. */
-    const char *auth_token;
+    const struct bs_rpc_auth *auth; /* NULL: no authentication */
+    /* The services' methods (copied; the handlers must outlive the server). */
+    const struct bs_rpc_method *methods;
+    int n_methods;
 };
 
-/* Create the server on loop, bind and start it. *port receives the bound port. */
+/* Create the server on loop with opts' methods, bind and start it. *port
+ * receives the bound port. */
 int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct bs_rpc_options *opts,
-                       const struct bs_rpc_handlers *handlers, int *port, struct bs_err *err);
+                       int *port, struct bs_err *err);
 
 /* Stop accepting calls and cancel every live call at once (any grace period
  * is the caller's: drain first), except those already answered, whose answer
@@ -121,10 +137,6 @@ void bs_rpc_server_shutdown(bs_rpc_server_t *server, void (*done)(void *arg), vo
 
 /* Free a server whose shutdown has completed; NULL is a no-op. */
 void bs_rpc_server_free(bs_rpc_server_t *server);
-
-/* Health status for a service name ("" = the whole server); Watch streams
- * see changes. */
-void bs_rpc_set_serving(bs_rpc_server_t *server, const char *service, bool serving);
 
 /* Keep a call alive across asynchronous work; every ref needs an unref. The
  * transport holds its own reference until the call is finished or cancelled. */
@@ -141,8 +153,13 @@ int64_t bs_rpc_call_deadline(const bs_rpc_call_t *call);
 /* True once on_cancel has been (or is about to be) delivered. */
 bool bs_rpc_call_cancelled(const bs_rpc_call_t *call);
 
-/* Value of request metadata key (e.g. "authorization"), or NULL. */
+/* Value of request metadata key (e.g. "authorization"), or NULL; NULL too
+ * when the value holds a NUL byte (see bs_rpc_call_metadata_bytes). */
 const char *bs_rpc_call_metadata(const bs_rpc_call_t *call, const char *key);
+
+/* Value of request metadata key with its length (it may hold NUL bytes),
+ * or NULL. */
+const char *bs_rpc_call_metadata_bytes(const bs_rpc_call_t *call, const char *key, size_t *len);
 
 /* Unary answers: the serialized response with status OK, or an error status
  * and message. The transport copies what it needs. Answering twice, reply on

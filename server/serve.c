@@ -1,6 +1,5 @@
 /* blockserve serve: the gRPC inference server. The libuv loop owns every
  * object here; compute runs on the batchers' worker threads. */
-#include <errno.h>
 #include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
@@ -9,13 +8,18 @@
 
 #include <uv.h>
 
-#include "cli.h"
+#include "auth.h"
+#include "descriptors.h"
+#include "health_service.h"
 #include "log.h"
 #include "metrics.h"
 #include "metrics_http.h"
+#include "opts.h"
+#include "reflection_service.h"
 #include "repository.h"
 #include "rpc.h"
 #include "secure.h"
+#include "serve.h"
 #include "service.h"
 
 #define MAX_REPOS 16
@@ -50,8 +54,13 @@ struct server {
     struct serve_opts opts;
     struct bs_backend be;
     bs_repository_t *repo;
+    bs_core_t *core;
     bs_service_t *svc;
     bs_rpc_server_t *rpc;
+    bs_health_service_t *health;
+    bs_reflection_t *refl;
+    bs_reflection_service_t *refl_svc;
+    bs_auth_t *auth; /* NULL: no bearer token */
     bs_metrics_t *metrics;
     bs_metrics_http_t *metrics_http;
     struct bs_secure sec;
@@ -62,168 +71,109 @@ struct server {
     bool handles_ready; /* sigint, sigterm and grace are initialised */
 };
 
+#define AT(kind, field) BS_OPTS_AT(kind, struct serve_opts, field)
+#define GIVEN(field)    BS_OPTS_GIVEN(struct serve_opts, field)
+
+static const char *const log_formats[] = {"text", "json", NULL};
+
+/* blockserve serve's options, as --help lists them. */
+static const struct bs_opt serve_rows[] = {
+    {"--grpc-port", AT(INT, port), .lo = 0, .hi = 65535, .def = "8001", .metavar = "N",
+     .help = "port (default %D; 0 picks a free one)"},
+    {"--grpc-address", AT(STR, address), .def = "0.0.0.0", .metavar = "HOST",
+     .help = "address to bind"},
+    {"--model-repository", AT(LIST, repos), .hi = MAX_REPOS,
+     BS_OPTS_COUNT(struct serve_opts, n_repos), .metavar = "DIR",
+     .help = "serve each model directory in DIR (repeatable);\n"
+             "without one, the built-in models (generated weights)"},
+    {"--device", AT(STR, device), .def = "auto", .metavar = "auto|cpu|cuda",
+     .help = "compute device"},
+    {"--threads", AT(INT, threads), .lo = 0, .hi = 1024, .metavar = "N",
+     .help = "compute threads (default: one per core)"},
+    {"--dtype", AT(STR, dtype), .metavar = "fp32|bf16|fp16",
+     .help = "compute dtype (default: cpu fp32, cuda bf16)"},
+    {"--tf32", AT(FLAG, tf32), .help = "let FP32 GEMMs use TF32 tensor cores (cuda)"},
+    {"--log-verbose", AT(INT, verbose), .lo = 0, .hi = 9, .metavar = "N",
+     .help = "0: info, 1: every request"},
+    {"--log-format", AT(ENUM, json_logs), .choices = log_formats, .def = "text",
+     .help = "log lines"},
+    {"--max-message-bytes", AT(INT, max_message_bytes), .lo = 1024, .hi = INT32_MAX,
+     .def = "67108864", .metavar = "N", .help = "gRPC message limit"},
+    {"--max-tensor-elements", AT(INT64, max_tensor_elements), .lo = 1, .hi = (int64_t)1 << 34,
+     .def = "134217728", .metavar = "N", .help = "per input tensor"},
+    {"--max-concurrent-streams", AT(INT, max_streams), .lo = 1, .hi = 1 << 20, .def = "256",
+     .metavar = "N", .help = "per connection"},
+    {"--max-inflight", AT(INT, max_inflight), .lo = 1, .hi = 1 << 24, .def = "4096", .metavar = "N",
+     .help = "inference requests admitted and not answered,\n"
+             "server-wide; more: RESOURCE_EXHAUSTED"},
+    {"--max-stream-pending", AT(INT, max_stream_pending), .lo = 1, .hi = 1 << 20, .def = "16",
+     .metavar = "N",
+     .help = "a stream stops reading while N of its requests are\n"
+             "in progress or answered but unsent"},
+    {"--max-stream-unsent-bytes", AT(INT64, max_stream_unsent), .lo = 1, .hi = (int64_t)1 << 40,
+     .def = "67108864", .metavar = "N",
+     .help = "... or while its unsent answers hold N bytes\n(default %D)"},
+    {"--max-unsent-bytes", AT(INT64, max_unsent), .lo = 1, .hi = (int64_t)1 << 40,
+     .def = "536870912", .metavar = "N",
+     .help = "server-wide bound on unsent answers: streams stop\n"
+             "reading, new inferences get RESOURCE_EXHAUSTED\n(default %D)"},
+    {"--grace-seconds", AT(INT, grace_seconds), .lo = 0, .hi = 86400, .def = "30", .metavar = "N",
+     .help = "on SIGTERM/SIGINT, time to finish queued work"},
+    {"--max-batch-size", AT(INT, defaults.max_batch_size), .lo = 1, .hi = 1024, .def = "8",
+     .metavar = "N", .help = "default for models"},
+    {"--max-queue-delay-us", AT(INT64, defaults.max_queue_delay_us), .lo = 0, .hi = 60000000,
+     .def = "2000", .metavar = "N", .help = "default batching delay"},
+    {"--max-queue-size", AT(INT, defaults.max_queue_size), .lo = 1, .hi = 1000000, .def = "256",
+     .metavar = "N", .help = "default queue bound"},
+    {"--metrics-port", AT(INT, metrics_port), .lo = 0, .hi = 65535, .def = "8002",
+     GIVEN(metrics_port_given), .metavar = "N",
+     .help = "Prometheus metrics on http://HOST:N/metrics (default\n"
+             "%D, busy: a warning; 0: no metrics)"},
+    {"--metrics-address", AT(STR, metrics_address), .metavar = "HOST",
+     .help = "address for metrics (default: --grpc-address)"},
+    {"--no-metrics", AT(SET, metrics_port), .lo = 0, GIVEN(metrics_port_given),
+     .help = "no metrics endpoint (same as --metrics-port 0)"},
+    {"--tls-cert", AT(STR, tls_cert), .metavar = "FILE",
+     .help = "TLS on the gRPC port: certificate chain (PEM)"},
+    {"--tls-key", AT(STR, tls_key), .metavar = "FILE",
+     .help = "... and its key (PEM, unencrypted)"},
+    {"--tls-client-ca", AT(STR, tls_client_ca), .metavar = "FILE",
+     .help = "mutual TLS: require client certificates from this CA"},
+    {"--auth-token-file", AT(STR, token_file), .metavar = "FILE",
+     .help = "every call but health checks needs the metadata\n"
+             "\"authorization: Bearer <token>\" (token: the file,\n"
+             "trailing whitespace stripped)"},
+    {"--help", .kind = BS_OPT_HELP, .alias = "-h", .help = "this help"},
+    BS_OPTS_NULL,
+};
+
+static const struct bs_opt *const serve_tables[] = {serve_rows, NULL};
+static const struct bs_opts_cmd serve_cmd = {.tables = serve_tables}; /* no positional */
+
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: blockserve [serve] [options]\n"
-            "  --grpc-port N                 port (default 8001; 0 picks a free one)\n"
-            "  --grpc-address HOST           address to bind (default 0.0.0.0)\n"
-            "  --model-repository DIR        serve each model directory in DIR (repeatable);\n"
-            "                                without one, the built-in models (generated weights)\n"
-            "  --device auto|cpu|cuda        compute device (default auto)\n"
-            "  --threads N                   compute threads (default: one per core)\n"
-            "  --dtype fp32|bf16|fp16        compute dtype (default: cpu fp32, cuda bf16)\n"
-            "  --tf32                        let FP32 GEMMs use TF32 tensor cores (cuda)\n"
-            "  --log-verbose N               0: info, 1: every request\n"
-            "  --log-format text|json        log lines (default text)\n"
-            "  --max-message-bytes N         gRPC message limit (default 67108864)\n"
-            "  --max-tensor-elements N       per input tensor (default 134217728)\n"
-            "  --max-concurrent-streams N    per connection (default 256)\n"
-            "  --max-inflight N              inference requests admitted and not answered,\n"
-            "                                server-wide; more: RESOURCE_EXHAUSTED (default 4096)\n"
-            "  --max-stream-pending N        a stream stops reading while N of its requests are\n"
-            "                                in progress or answered but unsent (default 16)\n"
-            "  --max-stream-unsent-bytes N   ... or while its unsent answers hold N bytes\n"
-            "                                (default 67108864)\n"
-            "  --max-unsent-bytes N          server-wide bound on unsent answers: streams stop\n"
-            "                                reading, new inferences get RESOURCE_EXHAUSTED\n"
-            "                                (default 536870912)\n"
-            "  --grace-seconds N             on SIGTERM/SIGINT, time to finish queued work "
-            "(default 30)\n"
-            "  --max-batch-size N            default for models (default 8)\n"
-            "  --max-queue-delay-us N        default batching delay (default 2000)\n"
-            "  --max-queue-size N            default queue bound (default 256)\n"
-            "  --metrics-port N              Prometheus metrics on http://HOST:N/metrics (default\n"
-            "                                8002, busy: a warning; 0: no metrics)\n"
-            "  --metrics-address HOST        address for metrics (default: --grpc-address)\n"
-            "  --no-metrics                  no metrics endpoint (same as --metrics-port 0)\n"
-            "  --tls-cert FILE --tls-key FILE  TLS on the gRPC port (PEM certificate chain, key)\n"
-            "  --tls-client-ca FILE          mutual TLS: require client certificates from this CA\n"
-            "  --auth-token-file FILE        every call but health checks needs the metadata\n"
-            "                                \"authorization: Bearer <token>\" (token: the file,\n"
-            "                                trailing whitespace stripped)\n");
-}
-
-static int int_flag(const char *flag, const char *v, int64_t lo, int64_t hi, int64_t *out)
-{
-    char *end;
-    errno = 0;
-    long long x = strtoll(v, &end, 10);
-    if (errno != 0 || *end != '\0' || end == v || x < lo || x > hi) {
-        fprintf(stderr, "blockserve: %s: expected an integer in [%lld, %lld], got \"%s\"\n", flag,
-                (long long)lo, (long long)hi, v);
-        return -1;
-    }
-    *out = x;
-    return 0;
+    fprintf(f, "usage: blockserve [serve] [options]\n");
+    bs_opts_help(f, serve_rows, 30);
 }
 
 static int parse_opts(int argc, char **argv, struct serve_opts *o)
 {
+    struct bs_opts_err e;
     memset(o, 0, sizeof(*o));
-    o->address = "0.0.0.0";
-    o->port = 8001;
-    o->device = "auto";
-    o->max_message_bytes = 64 << 20;
-    o->max_tensor_elements = (int64_t)1 << 27;
-    o->grace_seconds = 30;
-    o->max_streams = 256;
-    o->max_inflight = 4096;
-    o->max_stream_pending = 16;
-    o->max_stream_unsent = (int64_t)64 << 20;
-    o->max_unsent = (int64_t)512 << 20;
-    o->defaults = (struct bs_serving_config){.max_batch_size = 8, .max_queue_delay_us = 2000,
-                                             .max_queue_size = 256};
-    o->metrics_port = 8002;
-    for (int i = 1; i < argc; i++) {
-        const char *f = argv[i];
-        int64_t v = 0;
-        if (strcmp(f, "--no-metrics") == 0) { /* the one flag without a value */
-            o->metrics_port = 0;
-            o->metrics_port_given = true;
-            continue;
-        }
-        if (strcmp(f, "--help") == 0 || strcmp(f, "-h") == 0) {
-            usage(stdout);
-            exit(0);
-        }
-        if (strcmp(f, "--tf32") == 0) {
-            o->tf32 = true;
-            continue;
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "blockserve: unknown option or missing value: %s\n", f);
-            return -1;
-        }
-        const char *val = argv[++i];
-        int rc = 0;
-        if (strcmp(f, "--grpc-port") == 0 && (rc = int_flag(f, val, 0, 65535, &v)) == 0)
-            o->port = (int)v;
-        else if (strcmp(f, "--grpc-address") == 0)
-            o->address = val;
-        else if (strcmp(f, "--model-repository") == 0 && o->n_repos < MAX_REPOS)
-            o->repos[o->n_repos++] = val;
-        else if (strcmp(f, "--device") == 0)
-            o->device = val;
-        else if (strcmp(f, "--dtype") == 0)
-            o->dtype = val;
-        else if (strcmp(f, "--threads") == 0 && (rc = int_flag(f, val, 0, 1024, &v)) == 0)
-            o->threads = (int)v;
-        else if (strcmp(f, "--log-verbose") == 0 && (rc = int_flag(f, val, 0, 9, &v)) == 0)
-            o->verbose = (int)v;
-        else if (strcmp(f, "--log-format") == 0 && (!strcmp(val, "json") || !strcmp(val, "text")))
-            o->json_logs = strcmp(val, "json") == 0;
-        else if (strcmp(f, "--max-message-bytes") == 0 &&
-                 (rc = int_flag(f, val, 1024, INT32_MAX, &v)) == 0)
-            o->max_message_bytes = (int)v;
-        else if (strcmp(f, "--max-tensor-elements") == 0 &&
-                 (rc = int_flag(f, val, 1, (int64_t)1 << 34, &v)) == 0)
-            o->max_tensor_elements = v;
-        else if (strcmp(f, "--max-concurrent-streams") == 0 &&
-                 (rc = int_flag(f, val, 1, 1 << 20, &v)) == 0)
-            o->max_streams = (int)v;
-        else if (strcmp(f, "--max-inflight") == 0 && (rc = int_flag(f, val, 1, 1 << 24, &v)) == 0)
-            o->max_inflight = (int)v;
-        else if (strcmp(f, "--max-stream-pending") == 0 &&
-                 (rc = int_flag(f, val, 1, 1 << 20, &v)) == 0)
-            o->max_stream_pending = (int)v;
-        else if (strcmp(f, "--max-stream-unsent-bytes") == 0 &&
-                 (rc = int_flag(f, val, 1, (int64_t)1 << 40, &v)) == 0)
-            o->max_stream_unsent = v;
-        else if (strcmp(f, "--max-unsent-bytes") == 0 &&
-                 (rc = int_flag(f, val, 1, (int64_t)1 << 40, &v)) == 0)
-            o->max_unsent = v;
-        else if (strcmp(f, "--grace-seconds") == 0 && (rc = int_flag(f, val, 0, 86400, &v)) == 0)
-            o->grace_seconds = (int)v;
-        else if (strcmp(f, "--max-batch-size") == 0 && (rc = int_flag(f, val, 1, 1024, &v)) == 0)
-            o->defaults.max_batch_size = (int)v;
-        else if (strcmp(f, "--max-queue-delay-us") == 0 &&
-                 (rc = int_flag(f, val, 0, 60000000, &v)) == 0)
-            o->defaults.max_queue_delay_us = v;
-        else if (strcmp(f, "--max-queue-size") == 0 &&
-                 (rc = int_flag(f, val, 1, 1000000, &v)) == 0)
-            o->defaults.max_queue_size = (int)v;
-        else if (strcmp(f, "--metrics-port") == 0 && (rc = int_flag(f, val, 0, 65535, &v)) == 0) {
-            o->metrics_port = (int)v;
-            o->metrics_port_given = true;
-        } else if (strcmp(f, "--metrics-address") == 0)
-            o->metrics_address = val;
-        else if (strcmp(f, "--tls-cert") == 0)
-            o->tls_cert = val;
-        else if (strcmp(f, "--tls-key") == 0)
-            o->tls_key = val;
-        else if (strcmp(f, "--tls-client-ca") == 0)
-            o->tls_client_ca = val;
-        else if (strcmp(f, "--auth-token-file") == 0)
-            o->token_file = val;
-        else if (rc == 0) {
-            fprintf(stderr, "blockserve: unknown option or bad value: %s %s\n", f, val);
-            return -1;
-        }
-        if (rc != 0)
-            return -1;
+    int rc = bs_opts_parse(&serve_cmd, o, argc, argv, &e);
+    if (rc == BS_OPTS_HELP) {
+        usage(stdout);
+        exit(0);
     }
-    return 0;
+    if (rc == BS_OPTS_OK)
+        return 0;
+    if (rc == BS_OPTS_EVALUE && e.opt->kind != BS_OPT_ENUM) /* a number out of range */
+        fprintf(stderr, "blockserve: %s\n", e.msg);
+    else if (e.value == NULL)
+        fprintf(stderr, "blockserve: unknown option or missing value: %s\n", e.arg);
+    else
+        fprintf(stderr, "blockserve: unknown option or bad value: %s %s\n", e.arg, e.value);
+    return -1;
 }
 
 static void on_rpc_down(void *arg)
@@ -263,7 +213,7 @@ static void on_grace(uv_timer_t *t)
 {
     struct server *s = t->data;
     bs_log(BS_LOG_WARN, NULL, "grace period over with %d inferences unanswered: cancelling",
-           bs_service_in_flight(s->svc));
+           bs_core_in_flight(s->core));
     shut_transport(s);
 }
 
@@ -278,9 +228,9 @@ static void on_signal(uv_signal_t *h, int signum)
     s->stopping = true;
     bs_log(BS_LOG_INFO, NULL, "%s: no new requests; finishing queued work (grace %d s)",
            signum == SIGINT ? "SIGINT" : "SIGTERM", s->opts.grace_seconds);
-    bs_service_stop_accepting(s->svc);
-    bs_rpc_set_serving(s->rpc, "", false);
-    bs_rpc_set_serving(s->rpc, "inference.GRPCInferenceService", false);
+    bs_core_stop_accepting(s->core);
+    bs_health_service_set(s->health, "", false);
+    bs_health_service_set(s->health, "inference.GRPCInferenceService", false);
     uv_timer_start(&s->grace, on_grace, (uint64_t)s->opts.grace_seconds * 1000, 0);
     bs_repository_drain(s->repo, on_drained, s);
 }
@@ -318,13 +268,53 @@ static int prepare(struct server *s, struct bs_err *err)
     return 0;
 }
 
+/* The services the gRPC transport offers; what list_services reports. */
+static const char *const grpc_services[] = {
+    "inference.GRPCInferenceService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+};
+
+#define MAX_ROWS 16
+
+/* Health, reflection and the bearer token: the parts the transport runs
+ * besides inference. */
+static int start_grpc_parts(struct server *s, struct bs_err *err)
+{
+    if (bs_health_service_init(&s->health, err) != 0 ||
+        bs_reflection_init(&s->refl, bs_descriptor_set, bs_descriptor_set_len, grpc_services,
+                           BS_ARRAY_LEN(grpc_services), err) != 0 ||
+        bs_reflection_service_init(&s->refl_svc, s->refl, err) != 0)
+        return err->code;
+    if (s->sec.token != NULL && bs_auth_bearer_init(&s->auth, s->sec.token, err) != 0)
+        return err->code;
+    return 0;
+}
+
+/* Every service's method rows, in one table for the transport. */
+static int grpc_rows(struct server *s, struct bs_rpc_method *rows)
+{
+    const struct bs_rpc_method *r;
+    int n = 0, k;
+    k = bs_service_methods(s->svc, &r);
+    for (int i = 0; i < k && n < MAX_ROWS; i++)
+        rows[n++] = r[i];
+    k = bs_health_service_methods(s->health, &r);
+    for (int i = 0; i < k && n < MAX_ROWS; i++)
+        rows[n++] = r[i];
+    k = bs_reflection_service_methods(s->refl_svc, &r);
+    for (int i = 0; i < k && n < MAX_ROWS; i++)
+        rows[n++] = r[i];
+    return n;
+}
+
 static int start(struct server *s, struct bs_err *err)
 {
     struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults, s->metrics};
+    struct bs_core_options co = {.max_inflight = s->opts.max_inflight, .metrics = s->metrics};
     struct bs_service_options so = {
         .limits = {s->opts.max_tensor_elements, BS_CODEC_MAX_INPUTS},
-        .metrics = s->metrics,
-        .max_inflight = s->opts.max_inflight,
         .max_response_bytes = (size_t)s->opts.max_message_bytes,
     };
     struct bs_rpc_options rpc_opts = {.max_recv_bytes = s->opts.max_message_bytes,
@@ -333,7 +323,8 @@ static int start(struct server *s, struct bs_err *err)
                                       .max_stream_pending = s->opts.max_stream_pending,
                                       .max_stream_unsent_bytes = (size_t)s->opts.max_stream_unsent,
                                       .max_unsent_bytes = (size_t)s->opts.max_unsent};
-    struct bs_rpc_handlers h;
+    struct bs_rpc_method rows[MAX_ROWS];
+    struct bs_rpc_auth auth;
     char address[300];
     int port = 0;
     struct bs_backend_opts bo = {s->opts.device, s->opts.threads, s->opts.dtype, s->opts.tf32};
@@ -341,22 +332,27 @@ static int start(struct server *s, struct bs_err *err)
         return err->code;
     bs_log(BS_LOG_INFO, NULL, "compute: %s", err->msg);
     if (bs_repository_init(&s->repo, s->loop, &s->be, &ro, err) != 0 ||
-        bs_service_init(&s->svc, s->repo, &so, err) != 0)
+        bs_core_init(&s->core, s->repo, &co, err) != 0 ||
+        bs_service_init(&s->svc, s->core, &so, err) != 0 || start_grpc_parts(s, err) != 0)
         return err->code;
-    bs_service_handlers(s->svc, &h);
+    rpc_opts.methods = rows;
+    rpc_opts.n_methods = grpc_rows(s, rows);
+    if (s->auth != NULL) {
+        auth = bs_auth_hook(s->auth);
+        rpc_opts.auth = &auth;
+    }
     snprintf(address, sizeof(address), "%s:%d", s->opts.address, s->opts.port);
     rpc_opts.address = address;
     rpc_opts.tls_cert_chain = s->sec.cert_chain;
     rpc_opts.tls_key = s->sec.key;
     rpc_opts.tls_client_ca = s->sec.client_ca;
-    rpc_opts.auth_token = s->sec.token;
     if (start_metrics(s, err) != 0)
         return err->code;
-    if (bs_rpc_server_init(&s->rpc, s->loop, &rpc_opts, &h, &port, err) != 0)
+    if (bs_rpc_server_init(&s->rpc, s->loop, &rpc_opts, &port, err) != 0)
         return err->code;
-    bs_secure_free(&s->sec); /* the transport has its copies */
-    bs_rpc_set_serving(s->rpc, "", true);
-    bs_rpc_set_serving(s->rpc, "inference.GRPCInferenceService", true);
+    bs_secure_free(&s->sec); /* the transport and the hook have their copies */
+    bs_health_service_set(s->health, "", true);
+    bs_health_service_set(s->health, "inference.GRPCInferenceService", true);
     uv_signal_init(s->loop, &s->sigint);
     uv_signal_init(s->loop, &s->sigterm);
     uv_timer_init(s->loop, &s->grace);
@@ -370,7 +366,7 @@ static int start(struct server *s, struct bs_err *err)
     return 0;
 }
 
-int bs_cli_serve(int argc, char **argv)
+int bs_serve_main(int argc, char **argv)
 {
     struct server s;
     struct bs_err err = {0};
@@ -401,7 +397,12 @@ int bs_cli_serve(int argc, char **argv)
      * loop alive). Batchers close their handles asynchronously: run once more. */
     bs_metrics_http_stop(s.metrics_http);
     bs_rpc_server_free(s.rpc);
+    bs_health_service_free(s.health);
+    bs_reflection_service_free(s.refl_svc);
+    bs_reflection_free(s.refl);
+    bs_auth_free(s.auth);
     bs_service_free(s.svc);
+    bs_core_free(s.core);
     bs_repository_free(s.repo);
     uv_run(s.loop, UV_RUN_DEFAULT);
     bs_metrics_free(s.metrics);

@@ -1,22 +1,19 @@
-/* The inference service: decodes each call, answers the metadata methods from
- * the repository, and runs inferences through the model's batcher. Errors
- * become gRPC statuses in one place (status_of).
+/* inference.GRPCInferenceService over the gRPC transport: the front end that
+ * speaks protobuf. It decodes each call (codec.c), answers the metadata
+ * methods from the repository, and hands inferences to the inference core
+ * (core.c), which routes, admits, batches and counts them; what the core
+ * answers is encoded back here, stream framing included (codec.c). Errors
+ * become gRPC statuses through the status table (status_of).
  *
  * Thread ownership: everything here runs on the loop thread. An inference
- * (struct infer) holds a reference on its call until its job is done; a
- * stream (struct stream) lives until the client has half-closed or cancelled
- * or the service has finished it, and every inference on it is done.
+ * (struct infer) holds a reference on its call until the core has answered
+ * it; a stream (struct stream) lives until the client has half-closed or
+ * cancelled or the service has finished it, and every inference on it is
+ * answered.
  *
- * Admission: an inference is decoded and routed first, so that every call
- * that reaches the service is counted once under the model it names (or,
- * naming none, as unrouted); then it is refused at once (RESOURCE_EXHAUSTED)
- * past the server-wide bound on inferences in flight, while answers waiting
- * to be sent fill their server-wide bound, or past the model's queue bound.
- *
- * Shutdown (bs_service_shutdown): every inference still in flight is
- * answered UNAVAILABLE at once (each stream message with its own error
- * message) and its job cancelled; every stream is then finished UNAVAILABLE,
- * after its queued answers. */
+ * Shutdown (bs_service_shutdown): the core answers every inference still in
+ * flight (UNAVAILABLE; each stream message its own error message); every
+ * stream is then finished UNAVAILABLE, after its queued answers. */
 #include "service.h"
 
 #include <inttypes.h>
@@ -30,10 +27,10 @@
 #include "log.h"
 #include "model_config.pb-c.h"
 #include "pbcheck.h"
+#include "version.h"
 
 #define BS_SERVER_NAME "blockserve"
-#define BS_SERVER_VERSION "0.1.0"
-#define MODEL_VERSION "1"
+#define MODEL_VERSION BS_MODEL_VERSION
 
 struct stream;
 
@@ -48,13 +45,12 @@ struct infer {
     enum call_kind kind; /* CALL_INFER: first, as in struct stream */
     bs_service_t *svc;
     bs_rpc_call_t *call;
-    struct stream *stream; /* NULL for unary calls */
-    struct bs_repo_model *rm;
+    struct stream *stream; /* NULL for unary calls, and once answered */
+    bool unary;
     struct bs_infer_request req;
-    bs_job_t *job;
-    uint8_t *resp; /* the encoded answer, between on_output and on_done */
+    bs_core_req_t *creq;
+    uint8_t *resp; /* the encoded answer, between reply_output and reply_done */
     size_t resp_len;
-    bool answered;             /* answered early (shutdown): on_done only frees */
     struct infer *prev, *next; /* the stream's in-flight list, or the unary list */
 };
 
@@ -72,30 +68,20 @@ struct stream {
 };
 
 struct bs_service {
-    bs_repository_t *repo;
+    bs_core_t *core;
     struct bs_service_options o;
-    bool accepting;
-    int in_flight;
-    struct infer *unary;     /* unary inferences in flight */
-    struct stream *streams;  /* open streams */
+    struct bs_rpc_handlers handlers;
+    struct bs_rpc_method rows[BS_SVC_METHOD_COUNT];
+    struct infer *unary;    /* unary inferences in flight */
+    struct stream *streams; /* open streams */
 };
 
 /* ---- status and replies ---------------------------------------------------- */
 
+/* The gRPC status of a failure code: the status table's (engine/common.h). */
 static enum bs_rpc_status status_of(int rc)
 {
-    switch (rc) {
-    case BS_EINVAL:
-    case BS_EFORMAT: return BS_RPC_INVALID_ARGUMENT;
-    case BS_ENOTFOUND: return BS_RPC_NOT_FOUND;
-    case BS_ERANGE:
-    case BS_EBUSY:
-    case BS_ENOMEM: return BS_RPC_RESOURCE_EXHAUSTED;
-    case BS_ETIMEDOUT: return BS_RPC_DEADLINE_EXCEEDED;
-    case BS_ECANCELED: return BS_RPC_CANCELLED;
-    case BS_EUNSUPP: return BS_RPC_UNAVAILABLE;
-    default: return BS_RPC_INTERNAL;
-    }
+    return (enum bs_rpc_status)bs_status_grpc(rc);
 }
 
 static void reply_msg(bs_rpc_call_t *call, const ProtobufCMessage *m)
@@ -133,25 +119,10 @@ static ProtobufCMessage *unpack_checked(const ProtobufCMessageDescriptor *desc, 
     if (var == NULL)                                                                               \
         return;
 
-/* The model of a request: known, version "" or "1", and loaded. */
 static struct bs_repo_model *lookup(bs_service_t *svc, const char *name, const char *version,
                                     bool need_ready, struct bs_err *err)
 {
-    struct bs_repo_model *rm = bs_repository_find(svc->repo, name);
-    if (rm == NULL) {
-        bs_err_set(err, BS_ENOTFOUND, "unknown model \"%s\"", name);
-        return NULL;
-    }
-    if (version[0] != '\0' && strcmp(version, MODEL_VERSION) != 0) {
-        bs_err_set(err, BS_ENOTFOUND, "model \"%s\" has no version \"%s\" (only \"1\")", name,
-                   version);
-        return NULL;
-    }
-    if (need_ready && rm->model == NULL) {
-        bs_err_set(err, BS_EUNSUPP, "model \"%s\" is not ready: %s", name, rm->reason);
-        return NULL;
-    }
-    return rm;
+    return bs_core_lookup(svc->core, name, version, need_ready, err);
 }
 
 /* ---- health and metadata --------------------------------------------------- */
@@ -174,7 +145,7 @@ static void on_server_live(bs_service_t *svc, bs_rpc_call_t *call)
 static void on_server_ready(bs_service_t *svc, bs_rpc_call_t *call)
 {
     Inference__ServerReadyResponse r = INFERENCE__SERVER_READY_RESPONSE__INIT;
-    r.ready = svc->accepting;
+    r.ready = bs_core_accepting(svc->core);
     reply_msg(call, &r.base);
 }
 
@@ -187,7 +158,7 @@ static void on_model_ready(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t
         bs_rpc_fail(call, status_of(err.code), err.msg);
     } else {
         Inference__ModelReadyResponse r = INFERENCE__MODEL_READY_RESPONSE__INIT;
-        r.ready = rm->model != NULL && svc->accepting;
+        r.ready = rm->model != NULL && bs_core_accepting(svc->core);
         reply_msg(call, &r.base);
     }
     protobuf_c_message_free_unpacked(&q->base, NULL);
@@ -199,7 +170,7 @@ static void on_server_metadata(bs_service_t *svc, bs_rpc_call_t *call)
                                  "model_repository(index)", "streaming", "health", "reflection"};
     Inference__ServerMetadataResponse r = INFERENCE__SERVER_METADATA_RESPONSE__INIT;
     r.name = BS_SERVER_NAME;
-    r.version = BS_SERVER_VERSION;
+    r.version = BS_VERSION;
     r.n_extensions = BS_ARRAY_LEN(extensions);
     r.extensions = extensions;
     reply_msg(call, &r.base);
@@ -226,12 +197,12 @@ static void on_model_metadata(bs_service_t *svc, bs_rpc_call_t *call, const uint
         protobuf_c_message_free_unpacked(&q->base, NULL);
         return;
     }
-    Inference__ModelMetadataResponse__TensorMetadata in[8], out;
-    Inference__ModelMetadataResponse__TensorMetadata *inp[8], *outp = &out;
+    Inference__ModelMetadataResponse__TensorMetadata in[BS_MAX_INPUTS], out;
+    Inference__ModelMetadataResponse__TensorMetadata *inp[BS_MAX_INPUTS], *outp = &out;
     struct bs_input_spec out_spec = bs_model_output(rm->model);
     char *versions[] = {MODEL_VERSION};
     int n_in = bs_model_n_inputs(rm->model);
-    for (int i = 0; i < n_in && i < 8; i++) {
+    for (int i = 0; i < n_in && i < BS_MAX_INPUTS; i++) {
         fill_tensor_meta(&in[i], bs_model_input(rm->model, i));
         inp[i] = &in[i];
     }
@@ -272,11 +243,11 @@ static void on_model_config(bs_service_t *svc, bs_rpc_call_t *call, const uint8_
         return;
     }
     const struct bs_serving_config *sc = &rm->serving;
-    Inference__ModelInput in[8], *inp[8];
+    Inference__ModelInput in[BS_MAX_INPUTS], *inp[BS_MAX_INPUTS];
     Inference__ModelOutput out = INFERENCE__MODEL_OUTPUT__INIT, *outp = &out;
     struct bs_input_spec out_spec = bs_model_output(rm->model);
     int n_in = bs_model_n_inputs(rm->model);
-    for (int i = 0; i < n_in && i < 8; i++) {
+    for (int i = 0; i < n_in && i < BS_MAX_INPUTS; i++) {
         const struct bs_input_spec *s = bs_model_input(rm->model, i);
         inference__model_input__init(&in[i]);
         in[i].name = (char *)s->name;
@@ -413,7 +384,7 @@ static void on_model_statistics(bs_service_t *svc, bs_rpc_call_t *call, const ui
 {
     struct bs_err err;
     UNPACK_OR_FAIL(Inference__ModelStatisticsRequest, q, d, n, call);
-    int count = bs_repository_count(svc->repo), k = 0, rc = 0;
+    int count = bs_repository_count(bs_core_repository(svc->core)), k = 0, rc = 0;
     struct bs_repo_model *only = NULL;
     if (q->name[0] != '\0' && (only = lookup(svc, q->name, q->version, true, &err)) == NULL) {
         bs_rpc_fail(call, status_of(err.code), err.msg);
@@ -423,7 +394,7 @@ static void on_model_statistics(bs_service_t *svc, bs_rpc_call_t *call, const ui
     struct stats_msg *sm = calloc((size_t)count + 1, sizeof(*sm));
     Inference__ModelStatistics **list = calloc((size_t)count + 1, sizeof(*list));
     for (int i = 0; sm && list && i < count && rc == 0; i++) {
-        struct bs_repo_model *rm = bs_repository_get(svc->repo, i);
+        struct bs_repo_model *rm = bs_repository_get(bs_core_repository(svc->core), i);
         if (rm->batcher == NULL || (only != NULL && rm != only))
             continue;
         rc = fill_stats(&sm[k], rm);
@@ -449,14 +420,14 @@ static void on_repository_index(bs_service_t *svc, bs_rpc_call_t *call, const ui
                                 size_t n)
 {
     UNPACK_OR_FAIL(Inference__RepositoryIndexRequest, q, d, n, call);
-    int count = bs_repository_count(svc->repo), k = 0;
+    int count = bs_repository_count(bs_core_repository(svc->core)), k = 0;
     Inference__RepositoryIndexResponse__ModelIndex *idx = calloc((size_t)count + 1, sizeof(*idx));
     Inference__RepositoryIndexResponse__ModelIndex **list = calloc((size_t)count + 1, sizeof(*list));
     if (idx == NULL || list == NULL) {
         bs_rpc_fail(call, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
     } else {
         for (int i = 0; i < count; i++) {
-            struct bs_repo_model *rm = bs_repository_get(svc->repo, i);
+            struct bs_repo_model *rm = bs_repository_get(bs_core_repository(svc->core), i);
             if (q->ready && rm->model == NULL)
                 continue;
             inference__repository_index_response__model_index__init(&idx[k]);
@@ -488,43 +459,21 @@ static void infer_free(struct infer *in)
     free(in);
 }
 
-/* Send one ModelStreamInferResponse: infer_response (already packed) or an
- * error_message, which still carries the request's model name and id. */
+/* Queue one ModelStreamInferResponse: resp (an encoded ModelInferResponse)
+ * or, with error, an error_message labelled with the request's model and id. */
 static void stream_send(struct stream *s, const uint8_t *resp, size_t resp_len, const char *error,
                         const char *model_name, const char *id)
 {
-    Inference__ModelInferResponse ir = INFERENCE__MODEL_INFER_RESPONSE__INIT;
-    Inference__ModelStreamInferResponse r = INFERENCE__MODEL_STREAM_INFER_RESPONSE__INIT;
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    struct bs_err err = {0};
+    int rc;
     if (s->cancelled || s->finished)
         return;
-    if (error != NULL) {
-        ir.model_name = (char *)(model_name ? model_name : "");
-        ir.model_version = MODEL_VERSION;
-        ir.id = (char *)(id ? id : "");
-        r.error_message = (char *)error;
-        r.infer_response = &ir;
-        size_t len = protobuf_c_message_get_packed_size(&r.base);
-        uint8_t *buf = malloc(len ? len : 1);
-        if (buf != NULL) {
-            protobuf_c_message_pack(&r.base, buf);
-            bs_rpc_stream_send(s->call, buf, len);
-        }
-        free(buf);
-        return;
-    }
-    /* ModelStreamInferResponse { infer_response = 2 }: tag 0x12, varint length, bytes. */
-    uint8_t *buf = malloc(resp_len + 11);
-    if (buf == NULL)
-        return;
-    size_t o = 0;
-    buf[o++] = 0x12;
-    for (uint64_t v = resp_len; ; v >>= 7) {
-        buf[o++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
-        if (v <= 0x7f)
-            break;
-    }
-    memcpy(buf + o, resp, resp_len);
-    bs_rpc_stream_send(s->call, buf, o + resp_len);
+    rc = error != NULL ? bs_codec_encode_stream_error(model_name, id, error, &buf, &len, &err)
+                       : bs_codec_encode_stream(resp, resp_len, &buf, &len, &err);
+    if (rc == 0)
+        bs_rpc_stream_send(s->call, buf, len);
     free(buf);
 }
 
@@ -553,7 +502,8 @@ static void stream_maybe_finish(struct stream *s)
     free(s);
 }
 
-/* Link in as in flight: on its stream's list, or the service's unary list. */
+/* Link in as in flight: on its stream's list (the transport's flow control
+ * counts them), or the service's unary list. */
 static void infer_link(struct infer *in)
 {
     struct infer **head = in->stream != NULL ? &in->stream->head : &in->svc->unary;
@@ -562,7 +512,6 @@ static void infer_link(struct infer *in)
     if (*head != NULL)
         (*head)->prev = in;
     *head = in;
-    in->svc->in_flight++;
     if (in->stream != NULL)
         bs_rpc_stream_set_busy(in->stream->call, ++in->stream->n_infer);
 }
@@ -576,7 +525,6 @@ static void infer_unlink(struct infer *in)
         *head = in->next;
     if (in->next != NULL)
         in->next->prev = in->prev;
-    in->svc->in_flight--;
     if (in->stream != NULL)
         bs_rpc_stream_set_busy(in->stream->call, --in->stream->n_infer);
 }
@@ -599,139 +547,96 @@ static int encode(struct infer *in, const struct bs_tensor *out, int final, uint
     return rc;
 }
 
-static void job_block(void *arg, int block, int n_blocks, const struct bs_tensor *out)
+static void reply_block(void *arg, const struct bs_tensor *out)
 {
     struct infer *in = arg;
     struct bs_err err;
     uint8_t *buf = NULL;
     size_t len = 0;
-    if (in->stream == NULL || block >= n_blocks - 1) /* the last comes with on_done */
-        return;
-    if (encode(in, out, 0, &buf, &len, &err) == 0)
+    if (in->stream != NULL && encode(in, out, 0, &buf, &len, &err) == 0)
         stream_send(in->stream, buf, len, NULL, NULL, NULL);
     free(buf);
 }
 
-static int job_output(void *arg, const struct bs_tensor *out, struct bs_err *err)
+static int reply_output(void *arg, const struct bs_tensor *out, struct bs_err *err)
 {
     struct infer *in = arg;
-    if (in->answered)
-        return 0;
     return encode(in, out, in->stream && in->req.stream_intermediate ? 1 : -1, &in->resp,
                   &in->resp_len, err);
 }
 
-static void job_done(void *arg, int rc, const char *msg, const struct bs_tensor *out)
+/* The answer: sent now. The infer lives on until reply_release (the core
+ * may still read its inputs: an early answer at shutdown). */
+static void reply_done(void *arg, int rc, const char *msg)
 {
     struct infer *in = arg;
     struct stream *s = in->stream;
     infer_unlink(in);
-    bs_log(BS_LOG_VERBOSE, in->req.id[0] ? in->req.id : NULL, "model %s: %s", in->rm->name,
-           rc == 0 ? "ok" : msg);
-    if (!in->answered && s == NULL) {
-        if (rc == 0)
-            bs_rpc_reply(in->call, in->resp, in->resp_len);
-        else
-            bs_rpc_fail(in->call, status_of(rc), msg);
-    } else if (!in->answered) {
-        if (rc == 0)
-            stream_send(s, in->resp, in->resp_len, NULL, NULL, NULL);
-        else
-            stream_send(s, NULL, 0, msg, in->req.model_name, in->req.id);
-    }
-    if (s == NULL)
-        bs_rpc_call_set_data(in->call, NULL);
-    infer_free(in);
+    in->stream = NULL;
+    bs_log(BS_LOG_VERBOSE, in->req.id[0] ? in->req.id : NULL, "model %s: %s",
+           in->req.model_name, rc == 0 ? "ok" : msg);
+    if (s == NULL && rc == 0)
+        bs_rpc_reply(in->call, in->resp, in->resp_len);
+    else if (s == NULL)
+        bs_rpc_fail(in->call, status_of(rc), msg);
+    else if (rc == 0)
+        stream_send(s, in->resp, in->resp_len, NULL, NULL, NULL);
+    else
+        stream_send(s, NULL, 0, msg, in->req.model_name, in->req.id);
     if (s != NULL)
         stream_maybe_finish(s);
 }
 
-static const struct bs_job_ops job_ops = {
-    .on_block = job_block, .on_done = job_done, .on_output = job_output};
-
-/* Count a request that failed before its model's batcher took it: under the
- * model it names when that is a served one (rm, or read again from the
- * message when decoding failed), else as unrouted. */
-static void count_failure(bs_service_t *svc, struct bs_repo_model *rm, const uint8_t *d, size_t n,
-                          int rc)
+static void reply_release(void *arg)
 {
-    static const uint8_t nothing[1];
-    if (rm == NULL && bs_pb_check_strings(&inference__model_infer_request__descriptor,
-                                          d ? d : nothing, n, NULL) == 0) {
-        Inference__ModelInferRequest *q =
-            inference__model_infer_request__unpack(NULL, n, d ? d : nothing);
-        struct bs_err err;
-        if (q != NULL)
-            rm = lookup(svc, q->model_name, q->model_version, true, &err);
-        if (q != NULL)
-            protobuf_c_message_free_unpacked(&q->base, NULL);
-    }
-    if (rm != NULL && rm->batcher != NULL)
-        bs_batcher_count_failure(rm->batcher, rc);
-    else
-        bs_metrics_unrouted(svc->o.metrics, bs_batcher_reason(rc));
+    struct infer *in = arg;
+    if (in->unary)
+        bs_rpc_call_set_data(in->call, NULL);
+    infer_free(in);
 }
 
-/* Server-wide admission: shutting down, inferences in flight, unsent answers. */
-static int admit(bs_service_t *svc, bs_rpc_call_t *call, struct bs_err *err)
-{
-    if (!svc->accepting)
-        return bs_err_set(err, BS_EUNSUPP, "the server is shutting down");
-    if (svc->o.max_inflight > 0 && svc->in_flight >= svc->o.max_inflight)
-        return bs_err_set(err, BS_EBUSY, "server busy: %d inferences in flight (--max-inflight)",
-                          svc->in_flight);
-    if (bs_rpc_unsent_full(call))
-        return bs_err_set(err, BS_EBUSY,
-                          "server busy: answers waiting for their clients fill the server's "
-                          "bound (--max-unsent-bytes)");
-    return 0;
-}
+static const struct bs_core_reply core_reply = {.on_block = reply_block,
+                                               .on_output = reply_output,
+                                               .on_done = reply_done,
+                                               .on_release = reply_release};
 
-/* The request's deadline: the call's, or its "timeout" parameter's if
- * sooner (saturating: a huge timeout means none). */
-static int64_t infer_deadline(const struct infer *in, bs_rpc_call_t *call)
-{
-    int64_t deadline = bs_rpc_call_deadline(call);
-    int64_t t = bs_deadline_after_us((int64_t)uv_hrtime(), in->req.timeout_us);
-    return t < deadline ? t : deadline;
-}
-
-/* Decode, route and admit one inference (in->rm set when routed). */
-static int route(bs_service_t *svc, bs_rpc_call_t *call, struct infer *in, const uint8_t *d,
-                 size_t n, struct bs_err *err)
-{
-    int rc;
-    if ((rc = bs_codec_decode_infer(d, n, &svc->o.limits, &in->req, err)) != 0)
-        return rc;
-    if ((in->rm = lookup(svc, in->req.model_name, in->req.model_version, true, err)) == NULL)
-        return err->code;
-    if (in->req.stream_intermediate && in->stream == NULL)
-        return bs_err_set(err, BS_EINVAL, "stream_intermediate needs ModelStreamInfer");
-    return admit(svc, call, err);
-}
-
-/* Decode, route, admit and queue one inference; on error nothing is kept
- * and the failure is counted. */
+/* Decode one inference and hand it to the core; on error nothing is kept,
+ * the failure is counted, and *label_model / *label_id name the request for
+ * a stream's error message (valid until the next call). */
 static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s, const uint8_t *d,
-                       size_t n, struct bs_err *err)
+                       size_t n, struct bs_infer_request *label, struct bs_err *err)
 {
     struct infer *in = calloc(1, sizeof(*in));
     int rc;
     if (in == NULL) {
-        bs_metrics_unrouted(svc->o.metrics, BS_METRICS_BACKEND);
+        bs_core_count_failure(svc->core, NULL, NULL, BS_ENOMEM);
         return bs_err_set(err, BS_ENOMEM, "out of memory");
     }
     in->kind = CALL_INFER;
     in->svc = svc;
     in->stream = s;
-    if ((rc = route(svc, call, in, d, n, err)) != 0)
-        count_failure(svc, in->rm, d, n, rc);
-    else /* the batcher counts its own refusals */
-        rc = bs_batcher_submit(in->rm->batcher, in->req.inputs, in->req.n_inputs,
-                               infer_deadline(in, call), in->req.stream_intermediate, &job_ops, in,
-                               &in->job, err);
+    in->unary = s == NULL;
+    if ((rc = bs_codec_decode_infer_labeled(d, n, &svc->o.limits, &in->req, err)) != 0) {
+        bs_core_count_failure(svc->core, in->req.model_name, in->req.model_version, rc);
+    } else if (in->req.stream_intermediate && s == NULL) {
+        rc = bs_err_set(err, BS_EINVAL, "stream_intermediate needs ModelStreamInfer");
+        bs_core_count_failure(svc->core, in->req.model_name, in->req.model_version, rc);
+    } else {
+        struct bs_core_request cr = {
+            .model_name = in->req.model_name,
+            .model_version = in->req.model_version,
+            .inputs = in->req.inputs,
+            .n_inputs = in->req.n_inputs,
+            .intermediate = in->req.stream_intermediate,
+            .timeout_us = in->req.timeout_us,
+            .deadline_ns = bs_rpc_call_deadline(call),
+            .sender_full = bs_rpc_unsent_full(call),
+        };
+        rc = bs_core_submit(svc->core, &cr, &core_reply, in, &in->creq, err); /* counted */
+    }
     if (rc != 0) {
-        infer_free(in);
+        *label = in->req; /* the caller frees it */
+        free(in);
         return rc;
     }
     in->call = call;
@@ -745,36 +650,38 @@ static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s,
 static void on_model_infer(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
 {
     struct bs_err err = {0};
-    if (start_infer(svc, call, NULL, d, n, &err) != 0) {
+    struct bs_infer_request label;
+    if (start_infer(svc, call, NULL, d, n, &label, &err) != 0) {
         bs_log(BS_LOG_VERBOSE, NULL, "ModelInfer rejected: %s", err.msg);
         bs_rpc_fail(call, status_of(err.code), err.msg);
+        bs_codec_request_free(&label);
     }
 }
 
 /* ---- transport callbacks ---------------------------------------------------- */
 
-static void on_unary(void *arg, bs_rpc_call_t *call, enum bs_rpc_method m, const uint8_t *d,
-                     size_t n)
+static void on_call(void *arg, bs_rpc_call_t *call, int m, const uint8_t *d, size_t n)
 {
     bs_service_t *svc = arg;
-    switch (m) {
-    case BS_RPC_SERVER_LIVE: on_server_live(svc, call); break;
-    case BS_RPC_SERVER_READY: on_server_ready(svc, call); break;
-    case BS_RPC_MODEL_READY: on_model_ready(svc, call, d, n); break;
-    case BS_RPC_SERVER_METADATA: on_server_metadata(svc, call); break;
-    case BS_RPC_MODEL_METADATA: on_model_metadata(svc, call, d, n); break;
-    case BS_RPC_MODEL_INFER: on_model_infer(svc, call, d, n); break;
-    case BS_RPC_MODEL_CONFIG: on_model_config(svc, call, d, n); break;
-    case BS_RPC_MODEL_STATISTICS: on_model_statistics(svc, call, d, n); break;
-    case BS_RPC_REPOSITORY_INDEX: on_repository_index(svc, call, d, n); break;
+    switch ((enum bs_service_method)m) {
+    case BS_SVC_SERVER_LIVE: on_server_live(svc, call); break;
+    case BS_SVC_SERVER_READY: on_server_ready(svc, call); break;
+    case BS_SVC_MODEL_READY: on_model_ready(svc, call, d, n); break;
+    case BS_SVC_SERVER_METADATA: on_server_metadata(svc, call); break;
+    case BS_SVC_MODEL_METADATA: on_model_metadata(svc, call, d, n); break;
+    case BS_SVC_MODEL_INFER: on_model_infer(svc, call, d, n); break;
+    case BS_SVC_MODEL_CONFIG: on_model_config(svc, call, d, n); break;
+    case BS_SVC_MODEL_STATISTICS: on_model_statistics(svc, call, d, n); break;
+    case BS_SVC_REPOSITORY_INDEX: on_repository_index(svc, call, d, n); break;
     default: bs_rpc_fail(call, BS_RPC_UNIMPLEMENTED, "not a unary method"); break;
     }
 }
 
-static void on_stream_open(void *arg, bs_rpc_call_t *call)
+static void on_stream_open(void *arg, bs_rpc_call_t *call, int m)
 {
     bs_service_t *svc = arg;
-    if (!svc->accepting) {
+    (void)m; /* ModelStreamInfer, the one bidirectional method */
+    if (!bs_core_accepting(svc->core)) {
         bs_rpc_stream_finish(call, BS_RPC_UNAVAILABLE, "the server is shutting down");
         return;
     }
@@ -798,17 +705,11 @@ static void on_stream_msg(void *arg, bs_rpc_call_t *call, const uint8_t *d, size
 {
     struct stream *s = bs_rpc_call_data(call);
     struct bs_err err = {0};
-    static const uint8_t nothing[1];
-    if (s == NULL || start_infer(arg, call, s, d, n, &err) == 0)
+    struct bs_infer_request label;
+    if (s == NULL || start_infer(arg, call, s, d, n, &label, &err) == 0)
         return;
-    /* Name the request in the error when the message can be read at all. */
-    Inference__ModelInferRequest *q = NULL;
-    if (bs_pb_check_strings(&inference__model_infer_request__descriptor, d ? d : nothing, n,
-                            NULL) == 0)
-        q = inference__model_infer_request__unpack(NULL, n, d ? d : nothing);
-    stream_send(s, NULL, 0, err.msg, q ? q->model_name : NULL, q ? q->id : NULL);
-    if (q != NULL)
-        protobuf_c_message_free_unpacked(&q->base, NULL);
+    stream_send(s, NULL, 0, err.msg, label.model_name, label.id); /* labelled when readable */
+    bs_codec_request_free(&label);
 }
 
 static void on_stream_end(void *arg, bs_rpc_call_t *call)
@@ -820,61 +721,53 @@ static void on_stream_end(void *arg, bs_rpc_call_t *call)
     stream_maybe_finish(s);
 }
 
-/* Cancel the jobs of every inference on list (each hears job_done, at once
- * when queued, when its batch returns when running). */
-static void cancel_list(struct infer *head)
-{
-    for (struct infer *in = head, *next; in != NULL; in = next) {
-        next = in->next; /* in may be freed by a queued job's job_done */
-        bs_batcher_cancel(in->rm->batcher, in->job);
-    }
-}
-
 static void on_cancel(void *arg, bs_rpc_call_t *call)
 {
+    bs_service_t *svc = arg;
     enum call_kind *kind = bs_rpc_call_data(call);
     if (kind == NULL)
         return;
     if (*kind == CALL_INFER) {
-        struct infer *in = (struct infer *)kind;
-        bs_batcher_cancel(in->rm->batcher, in->job); /* job_done follows */
+        bs_core_cancel(svc->core, ((struct infer *)kind)->creq); /* reply_done follows */
         return;
     }
     struct stream *s = (struct stream *)kind;
     s->cancelled = true;
-    s->busy++; /* a queued job's job_done runs inside bs_batcher_cancel */
-    cancel_list(s->head);
+    s->busy++; /* a queued request's reply_done runs inside bs_core_cancel */
+    for (struct infer *in = s->head, *next; in != NULL; in = next) {
+        next = in->next;
+        bs_core_cancel(svc->core, in->creq);
+    }
     s->busy--;
     stream_maybe_finish(s);
 }
 
-/* A ModelInfer call that ended before its request arrived whole: it names
- * no model, so it is counted as unrouted. */
-static void on_lost(void *arg, enum bs_rpc_method m, bool cancelled)
+/* A ModelInfer call that ended before its request arrived whole. */
+static void on_lost(void *arg, int m, bool cancelled)
 {
     bs_service_t *svc = arg;
-    if (m == BS_RPC_MODEL_INFER)
-        bs_metrics_unrouted(svc->o.metrics, cancelled ? BS_METRICS_CANCELED : BS_METRICS_OTHER);
+    if (m == BS_SVC_MODEL_INFER)
+        bs_core_count_lost(svc->core, cancelled);
 }
 
 /* ---- lifecycle ---------------------------------------------------------------- */
 
-int bs_service_init(bs_service_t **svc, bs_repository_t *repo,
-                    const struct bs_service_options *opts, struct bs_err *err)
+int bs_service_init(bs_service_t **svc, bs_core_t *core, const struct bs_service_options *opts,
+                    struct bs_err *err)
 {
     bs_service_t *s = calloc(1, sizeof(*s));
     if (s == NULL)
         return bs_err_set(err, BS_ENOMEM, "out of memory");
-    s->repo = repo;
+    s->core = core;
     s->o = *opts;
-    s->accepting = true;
     *svc = s;
     return 0;
 }
 
 void bs_service_handlers(bs_service_t *svc, struct bs_rpc_handlers *h)
 {
-    h->on_unary = on_unary;
+    memset(h, 0, sizeof(*h));
+    h->on_call = on_call;
     h->on_stream_open = on_stream_open;
     h->on_stream_msg = on_stream_msg;
     h->on_stream_end = on_stream_end;
@@ -883,35 +776,47 @@ void bs_service_handlers(bs_service_t *svc, struct bs_rpc_handlers *h)
     h->arg = svc;
 }
 
-void bs_service_stop_accepting(bs_service_t *svc)
-{
-    svc->accepting = false;
-}
+/* inference.GRPCInferenceService's methods, by enum bs_service_method.
+ * ModelInfer keeps many calls armed, so that arriving calls are admitted or
+ * refused at once instead of waiting unseen inside gRPC core. */
+static const struct {
+    const char *path;
+    enum bs_rpc_kind kind;
+    int slots;
+} service_methods[BS_SVC_METHOD_COUNT] = {
+    [BS_SVC_SERVER_LIVE] = {"/inference.GRPCInferenceService/ServerLive", BS_RPC_UNARY, 4},
+    [BS_SVC_SERVER_READY] = {"/inference.GRPCInferenceService/ServerReady", BS_RPC_UNARY, 4},
+    [BS_SVC_MODEL_READY] = {"/inference.GRPCInferenceService/ModelReady", BS_RPC_UNARY, 4},
+    [BS_SVC_SERVER_METADATA] = {"/inference.GRPCInferenceService/ServerMetadata", BS_RPC_UNARY, 2},
+    [BS_SVC_MODEL_METADATA] = {"/inference.GRPCInferenceService/ModelMetadata", BS_RPC_UNARY, 2},
+    [BS_SVC_MODEL_INFER] = {"/inference.GRPCInferenceService/ModelInfer", BS_RPC_UNARY, 128},
+    [BS_SVC_MODEL_STREAM_INFER] = {"/inference.GRPCInferenceService/ModelStreamInfer",
+                                   BS_RPC_BIDI, 16},
+    [BS_SVC_MODEL_CONFIG] = {"/inference.GRPCInferenceService/ModelConfig", BS_RPC_UNARY, 2},
+    [BS_SVC_MODEL_STATISTICS] = {"/inference.GRPCInferenceService/ModelStatistics",
+                                 BS_RPC_UNARY, 2},
+    [BS_SVC_REPOSITORY_INDEX] = {"/inference.GRPCInferenceService/RepositoryIndex",
+                                 BS_RPC_UNARY, 2},
+};
 
-/* Answer every inference on list UNAVAILABLE now (stream messages with an
- * error message each), then cancel their jobs. */
-static void answer_unavailable(struct infer *head, const char *msg)
+int bs_service_methods(bs_service_t *svc, const struct bs_rpc_method **rows)
 {
-    for (struct infer *in = head; in != NULL; in = in->next) {
-        if (in->answered)
-            continue;
-        in->answered = true;
-        if (in->stream == NULL)
-            bs_rpc_fail(in->call, BS_RPC_UNAVAILABLE, msg);
-        else
-            stream_send(in->stream, NULL, 0, msg, in->req.model_name, in->req.id);
-    }
-    cancel_list(head);
+    bs_service_handlers(svc, &svc->handlers);
+    for (int i = 0; i < BS_SVC_METHOD_COUNT; i++)
+        svc->rows[i] = (struct bs_rpc_method){.path = service_methods[i].path,
+                                              .kind = service_methods[i].kind,
+                                              .id = i,
+                                              .slots = service_methods[i].slots,
+                                              .h = &svc->handlers};
+    *rows = svc->rows;
+    return BS_SVC_METHOD_COUNT;
 }
 
 void bs_service_shutdown(bs_service_t *svc)
 {
-    static const char msg[] = "the server is shutting down: this request did not run in time";
-    svc->accepting = false;
-    answer_unavailable(svc->unary, msg);
+    bs_core_shutdown(svc->core); /* every request in flight hears reply_done now */
     for (struct stream *s = svc->streams, *next; s != NULL; s = next) {
         s->busy++;
-        answer_unavailable(s->head, msg);
         if (!s->cancelled && !s->finished)
             bs_rpc_stream_finish(s->call, BS_RPC_UNAVAILABLE, "the server is shutting down");
         s->finished = true;
@@ -919,11 +824,6 @@ void bs_service_shutdown(bs_service_t *svc)
         next = s->next;
         stream_maybe_finish(s);
     }
-}
-
-int bs_service_in_flight(const bs_service_t *svc)
-{
-    return svc->in_flight;
 }
 
 void bs_service_free(bs_service_t *svc)

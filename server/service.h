@@ -1,40 +1,52 @@
-/* inference.GRPCInferenceService on top of the transport (rpc.h), the
- * request codec, the repository and its batchers. Loop thread only. */
+/* inference.GRPCInferenceService on top of the transport (rpc.h) and the
+ * request codec: the gRPC front end of the inference core (core.h). Loop
+ * thread only. */
 #ifndef BS_SERVICE_H
 #define BS_SERVICE_H
 
 #include <stdbool.h>
 
 #include "codec.h"
-#include "metrics.h"
+#include "core.h"
 #include "repository.h"
 #include "rpc.h"
 
 typedef struct bs_service bs_service_t;
 
+/* inference.GRPCInferenceService's methods (the ids of its rows). */
+enum bs_service_method {
+    BS_SVC_SERVER_LIVE,
+    BS_SVC_SERVER_READY,
+    BS_SVC_MODEL_READY,
+    BS_SVC_SERVER_METADATA,
+    BS_SVC_MODEL_METADATA,
+    BS_SVC_MODEL_INFER,
+    BS_SVC_MODEL_STREAM_INFER, /* bidirectional streaming */
+    BS_SVC_MODEL_CONFIG,
+    BS_SVC_MODEL_STATISTICS,
+    BS_SVC_REPOSITORY_INDEX,
+    BS_SVC_METHOD_COUNT,
+};
+
 struct bs_service_options {
     struct bs_codec_limits limits; /* what one request may hold */
-    bs_metrics_t *metrics;         /* for unrouted failures; NULL: none */
-    int max_inflight;              /* inferences admitted and not answered, server-wide (0: no bound) */
     size_t max_response_bytes;     /* the transport's send limit (0: none) */
 };
 
-/* Create the service over repo; bs_service_handlers gives the table for
- * bs_rpc_server_init. */
-int bs_service_init(bs_service_t **svc, bs_repository_t *repo,
-                    const struct bs_service_options *opts, struct bs_err *err);
+/* Create the service over core (not owned); bs_service_methods gives its
+ * rows for the transport (struct bs_rpc_options' methods). */
+int bs_service_init(bs_service_t **svc, bs_core_t *core, const struct bs_service_options *opts,
+                    struct bs_err *err);
+int bs_service_methods(bs_service_t *svc, const struct bs_rpc_method **rows);
+
+/* The handlers behind those rows (ids: enum bs_service_method), for a test
+ * transport. */
 void bs_service_handlers(bs_service_t *svc, struct bs_rpc_handlers *h);
 
-/* From now on new inferences get UNAVAILABLE and ServerReady is false. */
-void bs_service_stop_accepting(bs_service_t *svc);
-
-/* Before the transport shuts down: answer every inference still in flight
- * UNAVAILABLE (each stream message its own error message) and cancel its
- * job, then finish every stream UNAVAILABLE after its queued answers. */
+/* Before the transport shuts down: the core answers every inference still
+ * in flight (UNAVAILABLE; each stream message its own error message), then
+ * every stream is finished UNAVAILABLE after its queued answers. */
 void bs_service_shutdown(bs_service_t *svc);
-
-/* Inferences accepted and not yet answered. */
-int bs_service_in_flight(const bs_service_t *svc);
 
 /* Free the service (after the transport has shut down); NULL is a no-op. */
 void bs_service_free(bs_service_t *svc);

@@ -272,6 +272,7 @@ static const struct bs_backend_i cpu_iface = {
     .transpose = bs__cpu_transpose,
     .get_rows = bs__cpu_get_rows,
     .memory_info = cpu_memory_info,
+    .get_proc_address = NULL, /* no extra entry points */
 };
 
 int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err)

@@ -4,7 +4,7 @@
  * FP32 with TF32 only when asked), weight copies in the compute dtype made
  * once at load (weights_ready), and the kernels of ops_cuda.cu and
  * attn_cuda.cu. Built as a module (libbs_cuda.so) that engine/backend.c
- * loads with dlopen; bs_cuda_module_init is its entry point.
+ * loads with dlopen; bs_cuda_backend_module is its one exported symbol.
  *
  * Errors: every CUDA and cuBLAS call is checked; a failure returns
  * BS_EINTERNAL with the call and CUDA's message, so the batch that hit it
@@ -293,6 +293,8 @@ static int cuda_memory_info(void *ctx, struct bs_backend_memory *mem, struct bs_
     return 0;
 }
 
+static void *cuda_get_proc_address(const char *name);
+
 static struct bs_backend_i make_iface(void)
 {
     struct bs_backend_i i;
@@ -315,6 +317,7 @@ static struct bs_backend_i make_iface(void)
     i.get_rows = bs__cuda_get_rows;
     i.weights_ready = cuda_weights_ready;
     i.memory_info = cuda_memory_info;
+    i.get_proc_address = cuda_get_proc_address;
     return i;
 }
 
@@ -388,15 +391,13 @@ static int init_ctx(struct bs__cuda *c, struct bs_err *err)
     return bs__cuda_check(cudaStreamSynchronize(c->stream), "init", "cudaStreamSynchronize", err);
 }
 
-extern "C" __attribute__((visibility("default"))) int
-bs_cuda_module_init(struct bs_backend *be, const struct bs_backend_opts *o, int abi,
-                    struct bs_err *err)
+/* ---- entry points --------------------------------------------------------- */
+
+static int cuda_module_init(struct bs_backend *be, const struct bs_backend_opts *o,
+                            struct bs_err *err)
 {
     int rc;
     memset(be, 0, sizeof(*be));
-    if (abi != BS_BACKEND_ABI)
-        return bs_err_set(err, BS_EUNSUPP, "CUDA module built for backend ABI %d, engine has %d",
-                          BS_BACKEND_ABI, abi);
     struct bs__cuda *c = (struct bs__cuda *)calloc(1, sizeof(*c));
     if (c == NULL)
         return bs_err_set(err, BS_ENOMEM, "cuda backend: out of memory");
@@ -411,25 +412,24 @@ bs_cuda_module_init(struct bs_backend *be, const struct bs_backend_opts *o, int 
     return bs_err_set(err, 0, "%s", c->desc);
 }
 
-/* For bench/gpu_bench.c: the unfused attention baseline on a CUDA backend. */
-extern "C" __attribute__((visibility("default"))) int
-bs_cuda_module_attention_unfused(struct bs_backend *be, struct bs_tensor *o,
-                                 const struct bs_tensor *q, const struct bs_tensor *k,
-                                 const struct bs_tensor *v, const struct bs_attn_params *p,
-                                 struct bs_err *err)
+/* BS_PROC_ATTENTION_UNFUSED (bench/gpu_bench.c, tests/gpu): the unfused
+ * attention baseline on a CUDA backend. */
+static int cuda_attention_unfused(struct bs_backend *be, struct bs_tensor *o,
+                                  const struct bs_tensor *q, const struct bs_tensor *k,
+                                  const struct bs_tensor *v, const struct bs_attn_params *p,
+                                  struct bs_err *err)
 {
     if (be->iface != &cuda_iface)
         return bs_err_set(err, BS_EINVAL, "not a cuda backend");
     return bs__cuda_attention_unfused(be->ctx, o, q, k, v, p, err);
 }
 
-/* For tests/unit/test_cuda_host.c: a backend whose context is bound to no
- * device (no stream, no cuBLAS handle, no staging), so that a machine without
- * a GPU can check the ops' argument checks against the CPU twins and see
- * valid calls fail cleanly with BS_EINTERNAL. Never use it with a GPU: the
- * ops would launch on the tensors' (host) pointers. No copy ops. */
-extern "C" __attribute__((visibility("default"))) int
-bs_cuda_module_test_backend(struct bs_backend *be, const char *dtype, struct bs_err *err)
+/* BS_PROC_TEST_BACKEND (tests/unit/test_cuda_host.c): a backend whose context
+ * is bound to no device (no stream, no cuBLAS handle, no staging), so that a
+ * machine without a GPU can check the ops' argument checks against the CPU
+ * twins and see valid calls fail cleanly with BS_EINTERNAL. Never use it with
+ * a GPU: the ops would launch on the tensors' (host) pointers. No copy ops. */
+static int cuda_test_backend(struct bs_backend *be, const char *dtype, struct bs_err *err)
 {
     memset(be, 0, sizeof(*be));
     struct bs__cuda *c = (struct bs__cuda *)calloc(1, sizeof(*c));
@@ -444,4 +444,30 @@ bs_cuda_module_test_backend(struct bs_backend *be, const char *dtype, struct bs_
     be->iface = &cuda_iface;
     be->ctx = c;
     return 0;
+}
+
+/* The extra entry points by name (engine/backend.h: BS_PROC_*); the types
+ * are checked here against the typedefs the callers use. */
+static void *cuda_get_proc_address(const char *name)
+{
+    bs_proc_attention_unfused_fn unfused = cuda_attention_unfused;
+    bs_proc_test_backend_fn test_backend = cuda_test_backend;
+    if (name == NULL)
+        return NULL;
+    if (strcmp(name, BS_PROC_ATTENTION_UNFUSED) == 0)
+        return reinterpret_cast<void *>(unfused);
+    if (strcmp(name, BS_PROC_TEST_BACKEND) == 0)
+        return reinterpret_cast<void *>(test_backend);
+    return NULL;
+}
+
+/* The module's one exported symbol (BS_CUDA_MODULE_ENTRY), which
+ * engine/backend.c looks up after dlopen: the ABI it was built for, init and
+ * the extra entry points. */
+extern "C" __attribute__((visibility("default"))) const struct bs_backend_module *
+bs_cuda_backend_module(void)
+{
+    static const struct bs_backend_module mod = {BS_BACKEND_ABI, "cuda", cuda_module_init,
+                                                  cuda_get_proc_address};
+    return &mod;
 }

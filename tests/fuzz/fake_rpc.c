@@ -31,7 +31,7 @@ struct bs_rpc_call {
 struct fake_slot {
     bs_rpc_call_t *call; /* NULL once freed */
     bool stream;
-    enum bs_rpc_method method;
+    enum bs_service_method method;
     int answers;      /* unary: replies and fails */
     int sends;        /* stream: messages */
     bool finished;    /* stream: bs_rpc_stream_finish (or bs_rpc_fail) */
@@ -52,13 +52,13 @@ static struct {
     bool unsent_full; /* what bs_rpc_unsent_full answers */
 } fk;
 
-static const char *const method_names[BS_RPC_METHOD_COUNT] = {
+static const char *const method_names[BS_SVC_METHOD_COUNT] = {
     "ServerLive", "ServerReady",      "ModelReady",  "ServerMetadata",  "ModelMetadata",
     "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
 };
 
 /* The response message each unary method answers with. */
-static const ProtobufCMessageDescriptor *const responses[BS_RPC_METHOD_COUNT] = {
+static const ProtobufCMessageDescriptor *const responses[BS_SVC_METHOD_COUNT] = {
     &inference__server_live_response__descriptor,
     &inference__server_ready_response__descriptor,
     &inference__model_ready_response__descriptor,
@@ -122,7 +122,7 @@ static bs_rpc_call_t *call_at(int slot)
 
 /* ---- call objects --------------------------------------------------------------------------- */
 
-static int call_new(bool stream, enum bs_rpc_method m, int64_t deadline)
+static int call_new(bool stream, enum bs_service_method m, int64_t deadline)
 {
     if (fk.n_slots == FAKE_RPC_MAX_CALLS)
         return -1;
@@ -186,26 +186,26 @@ void fake_rpc_begin(const struct bs_rpc_handlers *h)
     fk.trace = t != NULL && t[0] != '\0' && strcmp(t, "0") != 0;
 }
 
-int fake_rpc_unary(enum bs_rpc_method m, const uint8_t *d, size_t n, int64_t deadline)
+int fake_rpc_unary(enum bs_service_method m, const uint8_t *d, size_t n, int64_t deadline)
 {
     int slot = call_new(false, m, deadline);
     if (slot < 0)
         return -1;
     bs_rpc_call_t *c = fk.slots[slot].call;
     c->refs++; /* across the handler, as server/rpc.c does */
-    fk.h.on_unary(fk.h.arg, c, m, d, n);
+    fk.h.on_call(fk.h.arg, c, (int)m, d, n);
     call_unref(c);
     return slot;
 }
 
 int fake_rpc_stream_open(int64_t deadline)
 {
-    int slot = call_new(true, BS_RPC_MODEL_STREAM_INFER, deadline);
+    int slot = call_new(true, BS_SVC_MODEL_STREAM_INFER, deadline);
     if (slot < 0)
         return -1;
     bs_rpc_call_t *c = fk.slots[slot].call;
     c->refs++;
-    fk.h.on_stream_open(fk.h.arg, c);
+    fk.h.on_stream_open(fk.h.arg, c, BS_SVC_MODEL_STREAM_INFER);
     call_unref(c);
     return slot;
 }
@@ -263,12 +263,12 @@ void fake_rpc_cancel(int slot, bool half_close_first)
     slot_close(slot);
 }
 
-void fake_rpc_lost(enum bs_rpc_method m, bool cancelled)
+void fake_rpc_lost(enum bs_service_method m, bool cancelled)
 {
     trace("a %s call lost its request (%s)", method_names[m],
           cancelled ? "cancelled" : "cut short");
     if (fk.h.on_lost != NULL)
-        fk.h.on_lost(fk.h.arg, m, cancelled);
+        fk.h.on_lost(fk.h.arg, (int)m, cancelled);
 }
 
 void fake_rpc_set_unsent_full(bool full)

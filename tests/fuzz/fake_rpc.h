@@ -31,6 +31,7 @@
 #include <stdint.h>
 
 #include "rpc.h"
+#include "service.h"
 
 #define FAKE_RPC_MAX_CALLS 64
 
@@ -41,7 +42,7 @@ void fake_rpc_begin(const struct bs_rpc_handlers *h);
 /* A unary call of method m with request bytes d (deadline on uv_hrtime()'s
  * clock, INT64_MAX: none), handed to on_unary at once. Returns its slot, or
  * -1 when the round has no slot left (nothing happens then). */
-int fake_rpc_unary(enum bs_rpc_method m, const uint8_t *d, size_t n, int64_t deadline);
+int fake_rpc_unary(enum bs_service_method m, const uint8_t *d, size_t n, int64_t deadline);
 
 /* A ModelStreamInfer call (on_stream_open at once); returns its slot or -1. */
 int fake_rpc_stream_open(int64_t deadline);
@@ -58,7 +59,7 @@ void fake_rpc_cancel(int slot, bool half_close_first);
 
 /* A unary call of method m ended before its request arrived whole (cancelled
  * or not): on_lost, when the application has it; no call object exists. */
-void fake_rpc_lost(enum bs_rpc_method m, bool cancelled);
+void fake_rpc_lost(enum bs_service_method m, bool cancelled);
 
 /* What bs_rpc_unsent_full answers (false at the start of a round). */
 void fake_rpc_set_unsent_full(bool full);

@@ -103,10 +103,10 @@ enum op {
 static const char *const param_keys[] = {"timeout", "stream_intermediate", "priority",
                                          "sequence_id"};
 
-static const enum bs_rpc_method unary_methods[] = {
-    BS_RPC_SERVER_LIVE,     BS_RPC_SERVER_READY,     BS_RPC_MODEL_READY,
-    BS_RPC_SERVER_METADATA, BS_RPC_MODEL_METADATA,   BS_RPC_MODEL_INFER,
-    BS_RPC_MODEL_CONFIG,    BS_RPC_MODEL_STATISTICS, BS_RPC_REPOSITORY_INDEX,
+static const enum bs_service_method unary_methods[] = {
+    BS_SVC_SERVER_LIVE,     BS_SVC_SERVER_READY,     BS_SVC_MODEL_READY,
+    BS_SVC_SERVER_METADATA, BS_SVC_MODEL_METADATA,   BS_SVC_MODEL_INFER,
+    BS_SVC_MODEL_CONFIG,    BS_SVC_MODEL_STATISTICS, BS_SVC_REPOSITORY_INDEX,
 };
 
 /* The models: golden cases with serving settings that make every queue path
@@ -361,7 +361,7 @@ struct client {
     int n_params;
     /* the last UNARY or MSG, for REPEAT */
     enum op last;
-    enum bs_rpc_method method;
+    enum bs_service_method method;
     uint8_t deadline;
     int stream;
     const uint8_t *msg; /* the input's bytes, or buf */
@@ -494,6 +494,8 @@ static void client_request_op(struct client *c, enum op op, struct reader *r)
     }
 }
 
+static bs_core_t *fuzz_core; /* this input's inference core */
+
 static void client_step(struct client *c, bs_service_t *svc, enum op op, struct reader *r)
 {
     uint8_t a, b;
@@ -528,7 +530,7 @@ static void client_step(struct client *c, bs_service_t *svc, enum op op, struct 
         fake_rpc_pump();
         break;
     case OP_STOP:
-        bs_service_stop_accepting(svc);
+        bs_core_stop_accepting(fuzz_core);
         break;
     case OP_SHUTDOWN:
         bs_service_shutdown(svc);
@@ -548,16 +550,16 @@ static void client_step(struct client *c, bs_service_t *svc, enum op op, struct 
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    struct bs_core_options co = {.max_inflight = FUZZ_MAX_INFLIGHT, .metrics = g.metrics};
     struct bs_service_options so = {.limits = {FUZZ_MAX_ELEMENTS, BS_CODEC_MAX_INPUTS},
-                                    .metrics = g.metrics,
-                                    .max_inflight = FUZZ_MAX_INFLIGHT,
                                     .max_response_bytes = FUZZ_MAX_RESPONSE};
     struct bs_err err = {0};
     struct bs_rpc_handlers h;
     struct client c = {.last = OP_COUNT};
     struct reader r = {data, size};
     bs_service_t *svc;
-    if (bs_service_init(&svc, g.repo, &so, &err) != 0)
+    if (bs_core_init(&fuzz_core, g.repo, &co, &err) != 0 ||
+        bs_service_init(&svc, fuzz_core, &so, &err) != 0)
         fatal("%s", err.msg);
     bs_service_handlers(svc, &h);
     fake_rpc_begin(&h);
@@ -569,8 +571,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fake_rpc_cancel_open();
     settle();
     fake_rpc_end();
-    if (bs_service_in_flight(svc) != 0)
-        fatal("%d inferences still in flight with every call gone", bs_service_in_flight(svc));
+    if (bs_core_in_flight(fuzz_core) != 0)
+        fatal("%d inferences still in flight with every call gone", bs_core_in_flight(fuzz_core));
     bs_service_free(svc);
+    bs_core_free(fuzz_core);
+    fuzz_core = NULL;
     return 0;
 }

@@ -14,7 +14,6 @@
  * - GEMMs and attention in bf16: atol 2e-2 x rms(cpu), rtol 2e-2; in fp16:
  *   atol 4e-3 x rms(cpu), rtol 4e-3 (operands rounded to 8 and 11 bits,
  *   FP32 accumulation). */
-#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -372,16 +371,12 @@ static void test_add_transpose_rows(struct env *e)
 
 /* ---- attention ------------------------------------------------------------------- */
 
-typedef int (*unfused_fn)(struct bs_backend *, struct bs_tensor *, const struct bs_tensor *,
-                          const struct bs_tensor *, const struct bs_tensor *,
-                          const struct bs_attn_params *, struct bs_err *);
-
 enum mask_kind { MASK_NONE, MASK_KEYS, MASK_FULL };
 
 /* One attention case: q from its own tensor, k and v column views of one
  * [B*Lk, 2*inner] tensor (self-attention: all three from one fused QKV). */
 static void attn_case(struct env *e, int64_t batch, int64_t lq, int64_t lk, int heads, int hd,
-                      enum mask_kind mk, bool fused, unfused_fn unfused)
+                      enum mask_kind mk, bool fused, bs_proc_attention_unfused_fn unfused)
 {
     int64_t inner = (int64_t)heads * hd;
     struct pt qkv, q, kv, o, mask;
@@ -441,16 +436,6 @@ static void attn_case(struct env *e, int64_t batch, int64_t lq, int64_t lk, int 
         pt_free(e, &mask);
 }
 
-static unfused_fn find_unfused(void)
-{
-    const char *path = getenv("BS_CUDA_MODULE");
-    void *h = path ? dlopen(path, RTLD_NOW | RTLD_NOLOAD) : NULL;
-    unfused_fn fn = NULL;
-    if (h != NULL)
-        *(void **)&fn = dlsym(h, "bs_cuda_module_attention_unfused");
-    return fn;
-}
-
 static void test_attention(struct env *e)
 {
     static const int hds[] = {40, 64, 72, 80, 160, 24, 30, 200}; /* 30: scalar loads */
@@ -467,11 +452,13 @@ static void test_attention(struct env *e)
     attn_case(e, 1, 300, 300, 1, 512, MASK_KEYS, true, NULL);
     if (e->self_check)
         return;
-    unfused_fn fn = find_unfused();
+    bs_proc_attention_unfused_fn fn;
+    *(void **)&fn = bs_backend_get_proc_address(&e->gpu, BS_PROC_ATTENTION_UNFUSED);
     if (fn == NULL) {
         e->checks++;
         e->failures++;
-        printf("FAIL unfused baseline: bs_cuda_module_attention_unfused not found\n");
+        printf("FAIL unfused baseline: the backend has no entry point " BS_PROC_ATTENTION_UNFUSED
+               "\n");
         return;
     }
     attn_case(e, 2, 128, 128, 2, 64, MASK_KEYS, true, fn);

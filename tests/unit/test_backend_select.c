@@ -39,6 +39,7 @@ static void test_cpu(void **state)
     assert_string_equal(be.iface->name, "cpu");
     assert_int_equal(err.code, 0);
     assert_msg_has(&err, "cpu backend, fp32");
+    assert_null(bs_backend_get_proc_address(&be, BS_PROC_ATTENTION_UNFUSED)); /* none */
     bs_backend_free(&be);
     assert_int_equal(init(&be, "cpu", "fp32", &err), 0);
     bs_backend_free(&be);
@@ -69,6 +70,11 @@ static void test_module_missing(void **state)
     assert_msg_has(&err, "--device cuda: CUDA backend module not available");
     assert_msg_has(&err, "/nonexistent/libbs_cuda.so");
     assert_null(be.iface);
+    assert_null(bs_backend_module_get_proc_address("cuda", BS_PROC_TEST_BACKEND, &err));
+    assert_int_equal(err.code, BS_EUNSUPP);
+    assert_msg_has(&err, "module not available");
+    assert_null(bs_backend_module_get_proc_address("cpu", BS_PROC_TEST_BACKEND, &err));
+    assert_int_equal(err.code, BS_EINVAL);
 
     assert_int_equal(init(&be, "auto", NULL, &err), 0);
     assert_string_equal(be.iface->name, "cpu");
@@ -109,6 +115,23 @@ static void test_real_module(void **state)
     }
     setenv("BS_CUDA_MODULE", module_path, 1);
     assert_int_equal(init(&be, "cuda", "int8", &err), BS_EINVAL);
+
+    /* its extra entry points, by name, without a GPU */
+    memset(&err, 0, sizeof(err));
+    bs_proc_test_backend_fn test_backend;
+    *(void **)&test_backend =
+        bs_backend_module_get_proc_address("cuda", BS_PROC_TEST_BACKEND, &err);
+    void *unfused = bs_backend_module_get_proc_address("cuda", BS_PROC_ATTENTION_UNFUSED, &err);
+    assert_non_null(test_backend);
+    assert_non_null(unfused);
+    assert_null(bs_backend_module_get_proc_address("cuda", "no_such_entry", &err));
+    assert_int_equal(err.code, BS_ENOTFOUND);
+    assert_msg_has(&err, "has no entry point \"no_such_entry\"");
+    assert_int_equal(test_backend(&be, "fp32", &err), 0);
+    assert_string_equal(be.iface->name, "cuda");
+    assert_ptr_equal(bs_backend_get_proc_address(&be, BS_PROC_ATTENTION_UNFUSED), unfused);
+    bs_backend_free(&be);
+
     int rc = init(&be, "cuda", NULL, &err);
     if (rc == 0) { /* a working GPU: the note names it and the dtype */
         assert_string_equal(be.iface->name, "cuda");

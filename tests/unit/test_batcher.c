@@ -225,12 +225,15 @@ static struct bs_serving_config serving(int max_batch, int64_t delay_us)
     struct bs_serving_config c = {0};
     c.max_batch_size = max_batch;
     c.max_queue_delay_us = delay_us;
-    c.be = &be;
     return c;
 }
 
+/* The backend a fixture's batcher runs on (a test may swap in a failing one). */
+static struct bs_backend *fx_be = &be;
+
 static void fx_init(struct fx *f, const char *model_case, const struct bs_serving_config *cfg)
 {
+    struct bs_batcher_deps deps = {.be = fx_be};
     char path[4096];
     struct bs_err err = {0};
     memset(f, 0, sizeof(*f));
@@ -238,7 +241,7 @@ static void fx_init(struct fx *f, const char *model_case, const struct bs_servin
     snprintf(path, sizeof(path), "%s/%s", golden_dir, model_case);
     if (bs_model_load(&f->model, path, &be, &err) != 0)
         fail_msg("load %s: %s", path, err.msg);
-    if (bs_batcher_init(&f->b, &f->loop, f->model, cfg, &err) != 0)
+    if (bs_batcher_init(&f->b, &f->loop, f->model, cfg, &deps, &err) != 0)
         fail_msg("batcher: %s", err.msg);
 }
 
@@ -671,8 +674,9 @@ static void test_forward_error(void **state)
     failing_iface.buf_alloc = failing_alloc;
     failing_be.iface = &failing_iface;
     failing_be.ctx = be.ctx;
-    cfg.be = &failing_be;
+    fx_be = &failing_be;
     fx_init(&f, "btb_geglu_cross", &cfg);
+    fx_be = &be;
     for (int i = 0; i < 3; i++) {
         r[i].index = i;
         req_btb(&r[i], 1, 20, 7);
@@ -758,20 +762,21 @@ static void test_bad_config(void **state)
     uv_loop_t loop;
     struct fx f;
     struct bs_serving_config cfg = serving(4, 0);
+    struct bs_batcher_deps deps = {.be = &be};
     struct bs_err err = {0};
     bs_batcher_t *b = (bs_batcher_t *)&err;
     fx_init(&f, "btb_geglu_cross", &cfg);
     assert_int_equal(uv_loop_init(&loop), 0);
     cfg.max_batch_size = 0;
-    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &err), BS_EINVAL);
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &deps, &err), BS_EINVAL);
     assert_null(b);
     cfg = serving(4, 0);
     cfg.preferred_batch_size[0] = 5;
     cfg.n_preferred = 1;
-    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &err), BS_EINVAL);
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &deps, &err), BS_EINVAL);
     cfg = serving(4, 0);
-    cfg.be = NULL;
-    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &err), BS_EINVAL);
+    deps.be = NULL;
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &deps, &err), BS_EINVAL);
     assert_int_equal(uv_run(&loop, UV_RUN_DEFAULT), 0);
     assert_int_equal(uv_loop_close(&loop), 0);
     fx_finish(&f);

@@ -38,14 +38,14 @@ static void test_btb_defaults(void **state)
                            "\"attention_head_dim\": 40, \"cross_attention_dim\": 768}",
                            &err),
                      0);
-    assert_int_equal(c.cls, BS_CLASS_BASIC_TRANSFORMER_BLOCK);
-    assert_int_equal(c.dim, 320);
-    assert_int_equal(c.cross_attention_dim, 768);
-    assert_int_equal(c.activation_fn, BS_FF_GEGLU);
-    assert_int_equal(c.norm_type, BS_NORM_LAYER_NORM);
-    assert_true(c.norm_elementwise_affine);
-    assert_false(c.attention_bias);
-    assert_int_equal(c.num_embeds_ada_norm, 0);
+    assert_string_equal(bs_config_class_name(c.cls), "BasicTransformerBlock");
+    assert_int_equal(c.btb.dim, 320);
+    assert_int_equal(c.btb.cross_attention_dim, 768);
+    assert_int_equal(c.btb.activation_fn, BS_FF_GEGLU);
+    assert_int_equal(c.btb.norm_type, BS_NORM_LAYER_NORM);
+    assert_true(c.btb.norm_elementwise_affine);
+    assert_false(c.btb.attention_bias);
+    assert_int_equal(c.btb.num_embeds_ada_norm, 0);
     assert_int_equal(c.num_blocks, 1);
     assert_string_equal(c.weights_prefix, "");
 }
@@ -65,11 +65,11 @@ static void test_btb_dit(void **state)
                            "\"blockserve\": {\"num_blocks\": 28}, \"serving\": {\"x\": 1}}",
                            &err),
                      0);
-    assert_int_equal(c.activation_fn, BS_FF_GELU_APPROXIMATE);
-    assert_int_equal(c.norm_type, BS_NORM_ADA_NORM_ZERO);
-    assert_int_equal(c.num_embeds_ada_norm, 1000);
-    assert_int_equal(c.cross_attention_dim, 0);
-    assert_false(c.norm_elementwise_affine);
+    assert_int_equal(c.btb.activation_fn, BS_FF_GELU_APPROXIMATE);
+    assert_int_equal(c.btb.norm_type, BS_NORM_ADA_NORM_ZERO);
+    assert_int_equal(c.btb.num_embeds_ada_norm, 1000);
+    assert_int_equal(c.btb.cross_attention_dim, 0);
+    assert_false(c.btb.norm_elementwise_affine);
     assert_int_equal(c.num_blocks, 28);
     assert_string_equal(c.weights_prefix, "transformer_blocks.{i}."); /* default for stacks */
 }
@@ -81,22 +81,22 @@ static void test_other_classes(void **state)
     struct bs_err err;
     assert_int_equal(parse(&c, "{\"_class_name\": \"AttentionBlock\", \"channels\": 512, "
                                "\"num_head_channels\": null, \"eps\": 1e-6}", &err), 0);
-    assert_int_equal(c.cls, BS_CLASS_ATTENTION_BLOCK);
-    assert_int_equal(c.norm_num_groups, 32);
-    assert_true(c.eps == 1e-6);
-    assert_true(c.rescale_output_factor == 1.0);
+    assert_string_equal(bs_config_class_name(c.cls), "AttentionBlock");
+    assert_int_equal(c.attention_block.norm_num_groups, 32);
+    assert_true(c.attention_block.eps == 1e-6);
+    assert_true(c.attention_block.rescale_output_factor == 1.0);
     assert_int_equal(parse(&c, "{\"_class_name\": \"FeedForward\", \"dim\": 24, \"mult\": 2, "
                                "\"dim_out\": 16, \"activation_fn\": \"geglu\"}", &err), 0);
     assert_int_equal(bs_config_ff_inner(&c), 48);
     assert_int_equal(parse(&c, "{\"_class_name\": \"GELU\", \"dim_in\": 8, \"dim_out\": 16, "
                                "\"approximate\": \"tanh\"}", &err), 0);
-    assert_true(c.approximate_tanh);
+    assert_true(c.activation.approximate_tanh);
     assert_int_equal(parse(&c, "{\"_class_name\": \"AdaGroupNorm\", \"embedding_dim\": 12, "
                                "\"out_dim\": 16, \"num_groups\": 4, \"act_fn\": \"swish\"}", &err), 0);
-    assert_int_equal(c.act_fn, BS_ACT_SILU);
+    assert_int_equal(c.ada_group_norm.act_fn, BS_ACT_SILU);
     assert_int_equal(parse(&c, "{\"_class_name\": \"AdaGroupNorm\", \"embedding_dim\": 12, "
                                "\"out_dim\": 16, \"num_groups\": 4, \"act_fn\": null}", &err), 0);
-    assert_int_equal(c.act_fn, BS_ACT_NONE);
+    assert_int_equal(c.ada_group_norm.act_fn, BS_ACT_NONE);
     assert_int_equal(parse(&c, "{\"_class_name\": \"AdaLayerNorm\", \"embedding_dim\": 12, "
                                "\"num_embeddings\": 5, \"blockserve\": {\"weights_prefix\": "
                                "\"norm1.\", \"weights_file\": \"w.safetensors\"}}", &err), 0);

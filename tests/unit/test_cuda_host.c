@@ -5,7 +5,6 @@
  * message (the path by which a CUDA error fails a batch with INTERNAL).
  * Uses the module's test backend (a context bound to no device). With a GPU
  * present the second part is skipped (tests/gpu covers the real thing). */
-#include <dlfcn.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -18,8 +17,6 @@
 #include <cmocka.h>
 
 #include "backend.h"
-
-typedef int (*test_backend_fn)(struct bs_backend *, const char *, struct bs_err *);
 
 static const char *module_path;
 
@@ -41,12 +38,11 @@ static int setup_dtype(void **state, const char *dtype)
         f->gpu_present = true;
         bs_backend_free(&f->cuda);
     }
-    void *h = dlopen(module_path, RTLD_NOW | RTLD_LOCAL);
-    test_backend_fn fn = NULL;
-    if (h != NULL)
-        *(void **)&fn = dlsym(h, "bs_cuda_module_test_backend");
+    bs_proc_test_backend_fn fn;
+    *(void **)&fn = bs_backend_module_get_proc_address("cuda", BS_PROC_TEST_BACKEND, &err);
     if (fn == NULL || fn(&f->cuda, dtype, &err) != 0 ||
         bs_backend_cpu_init(&f->cpu, 1, &err) != 0) {
+        fprintf(stderr, "setup (%s): %s\n", dtype, err.msg);
         free(f);
         return -1;
     }

@@ -16,7 +16,10 @@
 #include "descriptors.h"
 #include "grpc/reflection/v1/reflection.pb-c.h"
 #include "health.h"
+#include "health_service.h"
 #include "reflection.h"
+#include "reflection_service.h"
+#include "service.h"
 #include "rpc.h"
 
 static int failures;
@@ -34,6 +37,9 @@ static int failures;
 struct app {
     uv_loop_t loop;
     bs_rpc_server_t *srv;
+    bs_health_service_t *health;
+    bs_reflection_t *refl;
+    bs_reflection_service_t *refl_svc;
     uv_process_t child;
     uv_timer_t watchdog;
     int n_pending; /* delayed ModelInfer replies holding a call reference */
@@ -114,7 +120,7 @@ static void app_set_health(struct app *app, bs_rpc_call_t *call, const uint8_t *
         return;
     }
     *colon = '\0';
-    bs_rpc_set_serving(app->srv, colon + 1, strcmp(buf, "serving") == 0);
+    bs_health_service_set(app->health, colon + 1, strcmp(buf, "serving") == 0);
     app_reply_text(call, "ok");
 }
 
@@ -141,36 +147,35 @@ static void app_misuse(bs_rpc_call_t *call)
     CHECK(bs_rpc_fail(call, BS_RPC_INTERNAL, "again") == BS_EINVAL);
 }
 
-static void app_on_unary(void *arg, bs_rpc_call_t *call, enum bs_rpc_method m, const uint8_t *d,
-                         size_t n)
+static void app_on_unary(void *arg, bs_rpc_call_t *call, int m, const uint8_t *d, size_t n)
 {
     struct app *app = arg;
     char buf[128];
     CHECK(!bs_rpc_call_cancelled(call));
     switch (m) {
-    case BS_RPC_MODEL_INFER:
+    case BS_SVC_MODEL_INFER:
         app_delayed_echo(app, call, d, n);
         break;
-    case BS_RPC_MODEL_READY:
+    case BS_SVC_MODEL_READY:
         snprintf(buf, sizeof(buf), "model not found: %.*s", (int)n, (const char *)d);
         CHECK(bs_rpc_fail(call, BS_RPC_NOT_FOUND, buf) == 0);
         break;
-    case BS_RPC_SERVER_READY:
+    case BS_SVC_SERVER_READY:
         app_set_health(app, call, d, n);
         break;
-    case BS_RPC_SERVER_LIVE:
+    case BS_SVC_SERVER_LIVE:
         snprintf(buf, sizeof(buf), "live len=%zu", n);
         app_reply_text(call, buf);
         break;
-    case BS_RPC_SERVER_METADATA:
+    case BS_SVC_SERVER_METADATA:
         snprintf(buf, sizeof(buf), "unary_cancels=%d stream_cancels=%d", app->unary_cancels,
                  app->stream_cancels);
         app_reply_text(call, buf);
         break;
-    case BS_RPC_MODEL_CONFIG:
+    case BS_SVC_MODEL_CONFIG:
         app_deadline(call);
         break;
-    case BS_RPC_REPOSITORY_INDEX:
+    case BS_SVC_REPOSITORY_INDEX:
         app_misuse(call);
         break;
     default:
@@ -189,7 +194,7 @@ static void app_shutdown(struct app *app)
     bs_rpc_server_shutdown(app->srv, app_on_server_done, app);
 }
 
-static void app_on_stream_open(void *arg, bs_rpc_call_t *call)
+static void app_on_stream_open(void *arg, bs_rpc_call_t *call, int id)
 {
     struct app *app = arg;
     app->streams_opened++;
@@ -296,21 +301,62 @@ static int app_spawn_client(struct app *app, const char *python, const char *scr
     return uv_spawn(&app->loop, &app->child, &o);
 }
 
+/* The test app answers the inference paths (ids: enum bs_service_method);
+ * health and reflection register their own rows, as in the server. */
+static const char *const app_paths[BS_SVC_METHOD_COUNT] = {
+    "ServerLive",     "ServerReady",      "ModelReady",  "ServerMetadata",  "ModelMetadata",
+    "ModelInfer",     "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
+};
+
+static int app_rows(struct app *app, const struct bs_rpc_handlers *h, struct bs_rpc_method *rows,
+                    char paths[][64])
+{
+    static const char *const services[] = {
+        "inference.GRPCInferenceService", "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"};
+    const struct bs_rpc_method *r;
+    struct bs_err err = {0};
+    int n = 0, k;
+    for (int i = 0; i < BS_SVC_METHOD_COUNT; i++) {
+        snprintf(paths[i], 64, "/inference.GRPCInferenceService/%s", app_paths[i]);
+        rows[n++] = (struct bs_rpc_method){
+            .path = paths[i],
+            .kind = i == BS_SVC_MODEL_STREAM_INFER ? BS_RPC_BIDI : BS_RPC_UNARY,
+            .id = i,
+            .h = h};
+    }
+    CHECK(bs_health_service_init(&app->health, &err) == 0);
+    CHECK(bs_reflection_init(&app->refl, bs_descriptor_set, bs_descriptor_set_len, services,
+                             BS_ARRAY_LEN(services), &err) == 0);
+    CHECK(bs_reflection_service_init(&app->refl_svc, app->refl, &err) == 0);
+    k = bs_health_service_methods(app->health, &r);
+    for (int i = 0; i < k; i++)
+        rows[n++] = r[i];
+    k = bs_reflection_service_methods(app->refl_svc, &r);
+    for (int i = 0; i < k; i++)
+        rows[n++] = r[i];
+    return n;
+}
+
 static void test_end_to_end(const char *python, const char *script)
 {
     struct app app;
     memset(&app, 0, sizeof(app));
-    struct bs_rpc_handlers h = {.on_unary = app_on_unary,
+    struct bs_rpc_handlers h = {.on_call = app_on_unary,
                                 .on_stream_open = app_on_stream_open,
                                 .on_stream_msg = app_on_stream_msg,
                                 .on_stream_end = app_on_stream_end,
                                 .on_cancel = app_on_cancel,
                                 .arg = &app};
+    struct bs_rpc_method rows[BS_SVC_METHOD_COUNT + 4];
+    char paths[BS_SVC_METHOD_COUNT][64];
     struct bs_rpc_options opts = {.address = "127.0.0.1:0"};
     struct bs_err err = {0};
     int port = 0;
     CHECK(uv_loop_init(&app.loop) == 0);
-    int rc = bs_rpc_server_init(&app.srv, &app.loop, &opts, &h, &port, &err);
+    opts.methods = rows;
+    opts.n_methods = app_rows(&app, &h, rows, paths);
+    int rc = bs_rpc_server_init(&app.srv, &app.loop, &opts, &port, &err);
     CHECK(rc == 0);
     if (rc != 0) {
         fprintf(stderr, "test_rpc: server: %s\n", err.msg);
@@ -339,6 +385,9 @@ static void test_end_to_end(const char *python, const char *script)
     CHECK(app.streams_ended >= 11); /* the half-closes of rpc_client.py test_streams */
     CHECK(app.streams_opened <= app.streams_ended + app.stream_cancels);
     bs_rpc_server_free(app.srv);
+    bs_health_service_free(app.health);
+    bs_reflection_service_free(app.refl_svc);
+    bs_reflection_free(app.refl);
     CHECK(uv_loop_close(&app.loop) == 0); /* every handle, the server's too, is closed */
     printf("test_rpc: port %d, %d streams, %d stream messages, %d unary and %d stream cancels\n",
            port, app.streams_opened, app.stream_msgs, app.unary_cancels, app.stream_cancels);
@@ -350,14 +399,13 @@ static void test_bad_address(void)
 {
     uv_loop_t loop;
     bs_rpc_server_t *srv = (bs_rpc_server_t *)&loop; /* must be reset to NULL */
-    struct bs_rpc_handlers h = {0};
     struct bs_rpc_options opts = {.address = "256.256.256.256:1"};
     struct bs_err err = {0};
     int port = -1;
     CHECK(uv_loop_init(&loop) == 0);
     printf("test_rpc: binding 256.256.256.256:1 must fail (gRPC logs an error line)\n");
     fflush(stdout);
-    CHECK(bs_rpc_server_init(&srv, &loop, &opts, &h, &port, &err) == BS_EIO);
+    CHECK(bs_rpc_server_init(&srv, &loop, &opts, &port, &err) == BS_EIO);
     CHECK(srv == NULL);
     CHECK(strstr(err.msg, "256.256.256.256:1") != NULL);
     uv_run(&loop, UV_RUN_DEFAULT);

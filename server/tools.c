@@ -1,8 +1,8 @@
-/* forward and bench: load a model directory, read inputs from safetensors,
- * run the engine. */
-#include "cli.h"
+/* forward, bench and example: the engine from the command line, without the
+ * server. forward and bench load a model directory, read inputs from
+ * safetensors and run the engine; example lists or writes the built-ins. */
+#include "tools.h"
 
-#include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,11 +13,12 @@
 #include "backend.h"
 #include "builtin.h"
 #include "model.h"
+#include "opts.h"
 #include "safetensors.h"
 
 #define MAX_INPUTS 16
 
-struct cli_args {
+struct tool_args {
     const char *cmd;
     const char *model_dir;
     const char *inputs;
@@ -29,69 +30,107 @@ struct cli_args {
     int reps;
 };
 
-static int parse_int_arg(const char *flag, const char *s, int lo, int hi, int *out)
+#define AT(kind, field) BS_OPTS_AT(kind, struct tool_args, field)
+
+/* The options forward and bench share, then each one's own. */
+static const struct bs_opt common_rows[] = {
+    {"--inputs", AT(STR, inputs), .required = true, .metavar = "IN.safetensors",
+     .help = "the forward's inputs, by argument name"},
+    {"--device", AT(STR, device), .def = "auto", .metavar = "auto|cpu|cuda",
+     .help = "compute device"},
+    {"--threads", AT(INT, threads), .lo = 0, .hi = 1024, .metavar = "N",
+     .help = "compute threads (default: one per core)"},
+    {"--dtype", AT(STR, dtype), .metavar = "fp32|bf16|fp16",
+     .help = "compute dtype (default: cpu fp32, cuda bf16)"},
+    {"--tf32", AT(FLAG, tf32), .help = "let FP32 GEMMs use TF32 tensor cores (cuda)"},
+    BS_OPTS_NULL,
+};
+static const struct bs_opt forward_rows[] = {
+    {"--output", AT(STR, output), .required = true, .metavar = "OUT.safetensors",
+     .help = "the output: one F32 tensor named \"output\""},
+    BS_OPTS_NULL,
+};
+static const struct bs_opt bench_rows[] = {
+    {"--reps", AT(INT, reps), .lo = 1, .hi = 1000000, .def = "10", .metavar = "N",
+     .help = "timed forwards, after one warm-up"},
+    BS_OPTS_NULL,
+};
+static const struct bs_opt help_rows[] = {
+    {"--help", .kind = BS_OPT_HELP, .alias = "-h", .help = "this help"},
+    BS_OPTS_NULL,
+};
+static const struct bs_opt *const forward_tables[] = {common_rows, forward_rows, help_rows, NULL};
+static const struct bs_opt *const bench_tables[] = {common_rows, bench_rows, help_rows, NULL};
+static const struct bs_opts_cmd forward_cmd = {forward_tables, "MODEL_DIR",
+                                               offsetof(struct tool_args, model_dir), true};
+static const struct bs_opts_cmd bench_cmd = {bench_tables, "MODEL_DIR",
+                                             offsetof(struct tool_args, model_dir), true};
+
+struct example_args {
+    const char *name;
+    const char *out;
+};
+
+static const struct bs_opt example_rows[] = {
+    {"--out", BS_OPTS_AT(STR, struct example_args, out), .metavar = "DIR",
+     .help = "write NAME there as a model directory"},
+    BS_OPTS_NULL,
+};
+static const struct bs_opt *const example_tables[] = {example_rows, help_rows, NULL};
+static const struct bs_opts_cmd example_cmd = {example_tables, "NAME",
+                                               offsetof(struct example_args, name), false};
+
+/* The entries of blockserve --help, each command's synopsis from its rows. */
+static const struct {
+    const char *lead;
+    const struct bs_opts_cmd *cmd;
+    const char *summary;
+} tools[] = {
+    {"  forward", &forward_cmd, "run one forward pass; writes one F32 tensor named \"output\""},
+    {"  bench", &bench_cmd,
+     "one warm-up then N timed forwards; last line: median_ms=... gflops=..."},
+};
+
+void bs_tools_usage(FILE *f)
 {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno != 0 || *end != '\0' || end == s || v < lo || v > hi) {
-        fprintf(stderr, "blockserve: %s: expected an integer in [%d, %d], got \"%s\"\n", flag, lo,
-                hi, s);
-        return -1;
+    for (size_t i = 0; i < sizeof(tools) / sizeof(tools[0]); i++) {
+        bs_opts_synopsis(f, tools[i].lead, tools[i].cmd, 10, 80);
+        fprintf(f, "      %s\n", tools[i].summary);
     }
-    *out = (int)v;
-    return 0;
+    fprintf(f, "  example [NAME --out DIR]\n"
+               "      list the built-in example models, or write one (generated weights and\n"
+               "      example inputs) as a model directory\n");
 }
 
-/* Parse "MODEL_DIR --flag value ..."; argv[0] is the subcommand. */
-static int parse_args(int argc, char **argv, struct cli_args *a, bool want_output)
+/* blockserve forward --help, bench --help. */
+static void tool_help(const char *lead, const struct bs_opts_cmd *cmd)
 {
+    bs_opts_synopsis(stdout, lead, cmd, 10, 80);
+    for (const struct bs_opt *const *t = cmd->tables; *t != NULL; t++)
+        bs_opts_help(stdout, *t, 26);
+}
+
+/* Parse "MODEL_DIR --flag value ..." (argv[0] is the subcommand): 0, 1 after
+ * --help (printed), or -1 after printing the problem. */
+static int parse_args(int argc, char **argv, struct tool_args *a, const struct bs_opts_cmd *cmd)
+{
+    struct bs_opts_err e;
+    char lead[64];
     memset(a, 0, sizeof(*a));
     a->cmd = argv[0];
-    a->device = "auto";
-    a->reps = 10;
-    for (int i = 1; i < argc; i++) {
-        const char *arg = argv[i];
-        bool has_value = i + 1 < argc;
-        if (strcmp(arg, "--tf32") == 0) {
-            a->tf32 = true;
-        } else if (arg[0] != '-') {
-            if (a->model_dir != NULL) {
-                fprintf(stderr, "blockserve %s: unexpected argument \"%s\"\n", argv[0], arg);
-                return -1;
-            }
-            a->model_dir = arg;
-        } else if (!has_value) {
-            fprintf(stderr, "blockserve %s: %s needs a value\n", argv[0], arg);
-            return -1;
-        } else if (strcmp(arg, "--inputs") == 0) {
-            a->inputs = argv[++i];
-        } else if (strcmp(arg, "--output") == 0 && want_output) {
-            a->output = argv[++i];
-        } else if (strcmp(arg, "--device") == 0) {
-            a->device = argv[++i];
-        } else if (strcmp(arg, "--dtype") == 0) {
-            a->dtype = argv[++i];
-        } else if (strcmp(arg, "--threads") == 0) {
-            if (parse_int_arg(arg, argv[++i], 0, 1024, &a->threads) != 0)
-                return -1;
-        } else if (strcmp(arg, "--reps") == 0 && !want_output) {
-            if (parse_int_arg(arg, argv[++i], 1, 1000000, &a->reps) != 0)
-                return -1;
-        } else {
-            fprintf(stderr, "blockserve %s: unknown option \"%s\"\n", argv[0], arg);
-            return -1;
-        }
+    int rc = bs_opts_parse(cmd, a, argc, argv, &e);
+    if (rc == BS_OPTS_HELP) {
+        snprintf(lead, sizeof(lead), "usage: blockserve %s", a->cmd);
+        tool_help(lead, cmd);
+        return 1;
     }
-    const char *missing = a->model_dir == NULL        ? "MODEL_DIR"
-                          : a->inputs == NULL         ? "--inputs"
-                          : want_output && !a->output ? "--output"
-                                                      : NULL;
-    if (missing != NULL) {
-        fprintf(stderr, "blockserve %s: missing %s (see blockserve --help)\n", argv[0], missing);
-        return -1;
-    }
-    return 0;
+    if (rc == BS_OPTS_EVALUE)
+        fprintf(stderr, "blockserve: %s\n", e.msg);
+    else if (rc == BS_OPTS_EMISSING)
+        fprintf(stderr, "blockserve %s: %s (see blockserve --help)\n", a->cmd, e.msg);
+    else if (rc != BS_OPTS_OK)
+        fprintf(stderr, "blockserve %s: %s\n", a->cmd, e.msg);
+    return rc == BS_OPTS_OK ? 0 : -1;
 }
 
 /* Everything one command holds, released by session_free. */
@@ -105,7 +144,7 @@ struct session {
     struct bs_tensor out;
 };
 
-static int session_open(struct session *s, const struct cli_args *a, struct bs_err *err)
+static int session_open(struct session *s, const struct tool_args *a, struct bs_err *err)
 {
     memset(s, 0, sizeof(*s));
     bs_arena_init(&s->arena, &s->be);
@@ -148,13 +187,14 @@ static int run_forward(struct session *s, struct bs_err *err)
     return bs_model_forward(s->model, &s->arena, s->in, s->n_in, &s->out, NULL, err);
 }
 
-int bs_cli_forward(int argc, char **argv)
+int bs_tools_forward(int argc, char **argv)
 {
-    struct cli_args a;
+    struct tool_args a;
     struct session s;
     struct bs_err err = {0};
-    if (parse_args(argc, argv, &a, true) != 0)
-        return 2;
+    int parsed = parse_args(argc, argv, &a, &forward_cmd);
+    if (parsed != 0)
+        return parsed > 0 ? 0 : 2;
     int rc = session_open(&s, &a, &err);
     if (rc == 0)
         rc = run_forward(&s, &err);
@@ -212,14 +252,15 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-int bs_cli_bench(int argc, char **argv)
+int bs_tools_bench(int argc, char **argv)
 {
-    struct cli_args a;
+    struct tool_args a;
     struct session s;
     struct bs_err err = {0};
     double *ms = NULL;
-    if (parse_args(argc, argv, &a, false) != 0)
-        return 2;
+    int parsed = parse_args(argc, argv, &a, &bench_cmd);
+    if (parsed != 0)
+        return parsed > 0 ? 0 : 2;
     /* Memory is reported over the start-up footprint, and the peak is taken
      * over the forwards only (loading may briefly hold a file and its copy). */
     double base_mb = proc_status_mb("VmRSS");
@@ -257,31 +298,41 @@ int bs_cli_bench(int argc, char **argv)
     return rc == 0 ? 0 : 1;
 }
 
-int bs_cli_example(int argc, char **argv)
+int bs_tools_example(int argc, char **argv)
 {
+    static const char usage[] = "usage: blockserve example [NAME --out DIR]\n";
+    struct example_args x = {0};
+    struct bs_opts_err e;
     struct bs_err err = {0};
-    if (argc == 1) {
+    int rc = bs_opts_parse(&example_cmd, &x, argc, argv, &e);
+    if (rc == BS_OPTS_HELP) {
+        fputs(usage, stdout);
+        for (const struct bs_opt *const *t = example_tables; *t != NULL; t++)
+            bs_opts_help(stdout, *t, 26);
+        return 0;
+    }
+    if (rc == BS_OPTS_OK && x.name == NULL && x.out == NULL) {
         for (int i = 0; i < bs_builtin_count(); i++)
             printf("%-20s %s\n", bs_builtin_get(i)->name, bs_builtin_get(i)->summary);
         return 0;
     }
-    if (argc != 4 || strcmp(argv[2], "--out") != 0) {
-        fprintf(stderr, "usage: blockserve example [NAME --out DIR]\n");
+    if (rc != BS_OPTS_OK || x.name == NULL || x.out == NULL) {
+        fputs(usage, stderr);
         return 2;
     }
-    const struct bs_builtin *b = bs_builtin_find(argv[1]);
+    const struct bs_builtin *b = bs_builtin_find(x.name);
     if (b == NULL) {
         fprintf(stderr,
                 "blockserve example: unknown model \"%s\" (run blockserve example for "
                 "the list)\n",
-                argv[1]);
+                x.name);
         return 1;
     }
-    if (bs_builtin_write(b, argv[3], &err) != 0) {
+    if (bs_builtin_write(b, x.out, &err) != 0) {
         fprintf(stderr, "blockserve example: %s\n", err.msg);
         return 1;
     }
     printf("wrote %s to %s (generated weights; example inputs in inputs.safetensors)\n", b->name,
-           argv[3]);
+           x.out);
     return 0;
 }

@@ -1,6 +1,6 @@
 /* Client tensors and their files (.npy through npy.c, .safetensors through
  * the engine's reader and writer). */
-#include "tensors.h"
+#include "ctensor.h"
 
 #include <stdbool.h>
 #include <stdio.h>

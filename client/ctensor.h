@@ -1,8 +1,8 @@
 /* Tensors as the client sees them: a name, a KServe datatype ("FP32",
  * "INT64", ...), a shape and contiguous little-endian bytes that the tensor
  * owns; read from and written to .npy and .safetensors files. */
-#ifndef BS_TENSORS_H
-#define BS_TENSORS_H
+#ifndef BS_CTENSOR_H
+#define BS_CTENSOR_H
 
 #include <stddef.h>
 #include <stdint.h>
