@@ -91,10 +91,10 @@ struct bs_batcher {
     bs_model_t *model;
     struct bs_serving_config cfg;
     bs_metrics_model_t *metrics; /* NULL: none */
-    const char *main_input; /* hidden_states or x: its dim 0 is the batch */
-    uv_timer_t timer;       /* kicks, the head's queue delay, the earliest deadline */
-    uv_async_t async;       /* block outputs are waiting in msgs */
-    int n_open;             /* handles not yet closed */
+    const char *main_input;      /* hidden_states or x: its dim 0 is the batch */
+    uv_timer_t timer;            /* kicks, the head's queue delay, the earliest deadline */
+    uv_async_t async;            /* block outputs are waiting in msgs */
+    int n_open;                  /* handles not yet closed */
     struct bs_arena arena;
     bs_job_t *head, *tail;
     int n_queued;
@@ -534,7 +534,7 @@ static bool try_dispatch(bs_batcher_t *b, uint64_t now)
         }
     }
     bool waited = b->draining || (int64_t)now >= bs_add_sat((int64_t)h->enqueue_ns,
-                                                         us_to_ns(b->cfg.max_queue_delay_us));
+                                                            us_to_ns(b->cfg.max_queue_delay_us));
     if (!full && !waited) {
         if (n_pref == 0)
             return false;

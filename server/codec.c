@@ -466,8 +466,7 @@ int bs_codec_encode_stream(const uint8_t *resp, size_t resp_len, uint8_t **data,
     *data = NULL;
     *len = 0;
     if (buf == NULL)
-        return bs_err_set(err, BS_ENOMEM, "out of memory for a %zu-byte stream response",
-                          resp_len);
+        return bs_err_set(err, BS_ENOMEM, "out of memory for a %zu-byte stream response", resp_len);
     size_t o = 0;
     buf[o++] = 0x12;
     for (uint64_t v = resp_len;; v >>= 7) {

@@ -28,7 +28,7 @@ struct bs_core_req {
     bs_job_t *job;
     struct bs_core_reply reply;
     void *arg;
-    bool answered;                  /* answered early (shutdown): the job's end only frees */
+    bool answered;                   /* answered early (shutdown): the job's end only frees */
     struct bs_core_req *prev, *next; /* the core's requests in flight */
 };
 

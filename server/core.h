@@ -1,7 +1,7 @@
 /* The inference core: routes decoded requests to their model's batcher,
  * admits or refuses them, counts every outcome, and tells the front end how
  * each ends. It knows nothing of gRPC, HTTP or protobuf: a front end (the
- * gRPC service today, grpc_infer.c) decodes a request from its wire format
+ * gRPC service today, service.c) decodes a request from its wire format
  * into struct bs_core_request, hands it over with its reply callbacks, and
  * encodes what comes back.
  *

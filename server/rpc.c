@@ -74,10 +74,10 @@
 
 #include "log.h"
 
-#define RPC_DEFAULT_MAX_MESSAGE (64 << 20)
-#define RPC_DEFAULT_ADDRESS     "0.0.0.0:8001"
-#define RPC_SHUTDOWN_FLUSH_MS   5000 /* answers still sending at shutdown get this long */
-#define RPC_TRIM_AFTER_BYTES    (8u << 20) /* a call that held this much unsent: trim on free */
+#define RPC_DEFAULT_MAX_MESSAGE    (64 << 20)
+#define RPC_DEFAULT_ADDRESS        "0.0.0.0:8001"
+#define RPC_SHUTDOWN_FLUSH_MS      5000       /* answers still sending at shutdown get this long */
+#define RPC_TRIM_AFTER_BYTES       (8u << 20) /* a call that held this much unsent: trim on free */
 #define RPC_DEFAULT_STREAM_PENDING 16
 #define RPC_DEFAULT_STREAM_UNSENT  ((size_t)64 << 20)
 #define RPC_DEFAULT_UNSENT         ((size_t)512 << 20)
@@ -121,7 +121,7 @@ struct rpc_tag {
 struct rpc_accept {
     struct rpc_tag tag;
     bs_rpc_server_t *srv;
-    int method;   /* index in the server's methods; -1: the generic request */
+    int method; /* index in the server's methods; -1: the generic request */
     bool armed;
     grpc_call *call;
     gpr_timespec deadline;
@@ -132,20 +132,20 @@ struct rpc_accept {
 
 /* A call's state, as flag bits (call->flags) with the predicates below. */
 enum call_flag {
-    CALL_MD_SENT = 1u << 0,      /* initial metadata went out */
-    CALL_SEND_BUSY = 1u << 1,    /* a send batch is in flight */
-    CALL_RECV_BUSY = 1u << 2,    /* a receive batch is in flight */
-    CALL_RECV_BLOCKED = 1u << 3, /* a read is due but waits for the bounds (call_may_read) */
-    CALL_STATUS_SET = 1u << 4,   /* a status is decided: no more sends may be queued */
-    CALL_STATUS_SENT = 1u << 5,  /* ... and its batch started */
-    CALL_CLOSED = 1u << 6,       /* recv_close completed */
-    CALL_CANCELLED = 1u << 7,    /* cancelled, or about to be (on_cancel follows) */
-    CALL_CANCEL_HEARD = 1u << 8, /* on_cancel delivered */
-    CALL_APP_OWNED = 1u << 9,    /* handed to its service (on_call, on_stream_open) */
-    CALL_APP_DONE = 1u << 10,    /* the service answered (reply, fail, finish) */
-    CALL_LOST = 1u << 11,        /* its request never reached the service: on_lost at close */
+    CALL_MD_SENT = 1u << 0,       /* initial metadata went out */
+    CALL_SEND_BUSY = 1u << 1,     /* a send batch is in flight */
+    CALL_RECV_BUSY = 1u << 2,     /* a receive batch is in flight */
+    CALL_RECV_BLOCKED = 1u << 3,  /* a read is due but waits for the bounds (call_may_read) */
+    CALL_STATUS_SET = 1u << 4,    /* a status is decided: no more sends may be queued */
+    CALL_STATUS_SENT = 1u << 5,   /* ... and its batch started */
+    CALL_CLOSED = 1u << 6,        /* recv_close completed */
+    CALL_CANCELLED = 1u << 7,     /* cancelled, or about to be (on_cancel follows) */
+    CALL_CANCEL_HEARD = 1u << 8,  /* on_cancel delivered */
+    CALL_APP_OWNED = 1u << 9,     /* handed to its service (on_call, on_stream_open) */
+    CALL_APP_DONE = 1u << 10,     /* the service answered (reply, fail, finish) */
+    CALL_LOST = 1u << 11,         /* its request never reached the service: on_lost at close */
     CALL_AWAITING_EOS = 1u << 12, /* one request read; the read after it must find the end */
-    CALL_ENDED = 1u << 13,       /* the client half-closed */
+    CALL_ENDED = 1u << 13,        /* the client half-closed */
 };
 
 /* A queued outgoing message; sent as a slice that frees the node (its
@@ -179,7 +179,7 @@ struct bs_rpc_call {
     int app_busy;        /* requests the application has read and not answered */
     enum bs_rpc_status status;
     grpc_slice details;
-    unsigned flags; /* enum call_flag bits: the call's state */
+    unsigned flags;     /* enum call_flag bits: the call's state */
     grpc_slice request; /* that request, until the end of the client's stream is seen */
     int64_t deadline;
     struct rpc_md *md;
@@ -210,8 +210,8 @@ struct bs_rpc_server {
     /* Flow control of streams (see call_may_read). */
     int max_stream_pending;
     size_t max_stream_unsent, max_unsent;
-    size_t unsent_bytes;     /* every call's unsent_bytes */
-    bool global_blocked;     /* some stream waits for unsent_bytes to fall below max_unsent */
+    size_t unsent_bytes; /* every call's unsent_bytes */
+    bool global_blocked; /* some stream waits for unsent_bytes to fall below max_unsent */
     uint64_t last_trim_ns;
     int n_armed;
     bool shutting_down, shutdown_notified, cq_down, joined, closed;
@@ -517,7 +517,8 @@ static void call_pump(bs_rpc_call_t *c)
     grpc_op ops[3];
     size_t n = 0;
     struct rpc_msg *m = c->sq_head;
-    if (call_has(c, CALL_SEND_BUSY) || call_has(c, CALL_CANCELLED) || call_has(c, CALL_CLOSED) || call_has(c, CALL_STATUS_SENT))
+    if (call_has(c, CALL_SEND_BUSY) || call_has(c, CALL_CANCELLED) || call_has(c, CALL_CLOSED) ||
+        call_has(c, CALL_STATUS_SENT))
         return;
     if (m == NULL && !call_has(c, CALL_STATUS_SET))
         return;
@@ -591,7 +592,8 @@ static void call_notify_cancel(bs_rpc_call_t *c)
     call_drop_queue(c);
     const struct bs_rpc_handlers *h = call_handlers(c);
     (void)s;
-    if (!call_has(c, CALL_APP_OWNED) || call_has(c, CALL_CANCEL_HEARD) || h == NULL || h->on_cancel == NULL)
+    if (!call_has(c, CALL_APP_OWNED) || call_has(c, CALL_CANCEL_HEARD) || h == NULL ||
+        h->on_cancel == NULL)
         return;
     call_set(c, CALL_CANCEL_HEARD);
     c->refs++;
@@ -648,7 +650,8 @@ static int rpc_read(grpc_byte_buffer *bb, grpc_slice *out)
 static void call_start_recv(bs_rpc_call_t *c)
 {
     grpc_op op;
-    if (call_has(c, CALL_RECV_BUSY) || call_has(c, CALL_CANCELLED) || call_has(c, CALL_CLOSED) || call_has(c, CALL_STATUS_SET) || call_has(c, CALL_ENDED))
+    if (call_has(c, CALL_RECV_BUSY) || call_has(c, CALL_CANCELLED) || call_has(c, CALL_CLOSED) ||
+        call_has(c, CALL_STATUS_SET) || call_has(c, CALL_ENDED))
         return;
     call_put(c, CALL_RECV_BLOCKED, !call_may_read(c));
     if (call_has(c, CALL_RECV_BLOCKED)) {
@@ -774,8 +777,7 @@ static void rpc_arm(bs_rpc_server_t *s, struct rpc_accept *a)
     if (a->method >= 0) {
         const struct rpc_method *m = &s->methods[a->method];
         bool payload = rpc_kind_reads_payload(m->def.kind);
-        e = grpc_server_request_registered_call(s->server, m->handle, &a->call,
-                                                &a->deadline,
+        e = grpc_server_request_registered_call(s->server, m->handle, &a->call, &a->deadline,
                                                 &a->md, payload ? &a->payload : NULL, s->cq, s->cq,
                                                 &a->tag);
     } else {
@@ -848,7 +850,8 @@ static void rpc_start_call(bs_rpc_server_t *s, struct rpc_accept *a, grpc_call *
         return;
     }
     c->refs++; /* across the handlers */
-    if ((m == NULL || !m->def.open) && s->auth.check != NULL && !s->auth.check(s->auth.arg, c, &why))
+    if ((m == NULL || !m->def.open) && s->auth.check != NULL &&
+        !s->auth.check(s->auth.arg, c, &why))
         call_finish(c, BS_RPC_UNAUTHENTICATED, why ? why : "not authenticated");
     else if (m == NULL)
         call_finish(c, BS_RPC_UNIMPLEMENTED, unknown);
@@ -1187,8 +1190,8 @@ int bs_rpc_server_init(bs_rpc_server_t **server, uv_loop_t *loop, const struct b
         s->auth = *opts->auth;
     s->max_stream_pending =
         opts->max_stream_pending > 0 ? opts->max_stream_pending : RPC_DEFAULT_STREAM_PENDING;
-    s->max_stream_unsent =
-        opts->max_stream_unsent_bytes > 0 ? opts->max_stream_unsent_bytes : RPC_DEFAULT_STREAM_UNSENT;
+    s->max_stream_unsent = opts->max_stream_unsent_bytes > 0 ? opts->max_stream_unsent_bytes
+                                                             : RPC_DEFAULT_STREAM_UNSENT;
     s->max_unsent = opts->max_unsent_bytes > 0 ? opts->max_unsent_bytes : RPC_DEFAULT_UNSENT;
     s->shutdown_tag = (struct rpc_tag){.kind = RPC_TAG_SHUTDOWN, .owner = s};
     if ((rc = rpc_copy_methods(s, opts, err)) != 0)
@@ -1308,8 +1311,8 @@ static enum rpc_answer_check call_answer_check(const bs_rpc_call_t *call, int wa
 {
     if (call_has(call, CALL_CANCELLED) || call_has(call, CALL_CLOSED))
         return RPC_ANSWER_DROP;
-    if (!call_has(call, CALL_APP_OWNED) || call_has(call, CALL_APP_DONE) || call_has(call, CALL_STATUS_SET) ||
-        (want >= 0 && (int)call->kind != want))
+    if (!call_has(call, CALL_APP_OWNED) || call_has(call, CALL_APP_DONE) ||
+        call_has(call, CALL_STATUS_SET) || (want >= 0 && (int)call->kind != want))
         return RPC_ANSWER_MISUSE;
     return RPC_ANSWER_GO;
 }

@@ -4,7 +4,6 @@
 
 #include <string.h>
 
-
 static int serving_int(const struct bs_json *v, const char *key, int64_t lo, int64_t hi,
                        int64_t *out, struct bs_err *err)
 {
@@ -33,28 +32,35 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
             c->default_timeout_us = v;
     } else if (strcmp(m->key, "preferred_batch_size") == 0) {
         if (m->type != BS_JSON_ARRAY || m->len > BS_MAX_PREFERRED)
-            return bs_err_set(err, BS_EINVAL, "serving.preferred_batch_size: expected an array "
-                              "of at most %d integers", BS_MAX_PREFERRED);
+            return bs_err_set(err, BS_EINVAL,
+                              "serving.preferred_batch_size: expected an array "
+                              "of at most %d integers",
+                              BS_MAX_PREFERRED);
         c->n_preferred = 0;
         for (const struct bs_json *e = m->child; e && rc == 0; e = e->next)
             if ((rc = serving_int(e, m->key, 1, 1024, &v, err)) == 0)
                 c->preferred_batch_size[c->n_preferred++] = (int)v;
     } else if (strcmp(m->key, "device") == 0) {
-        if (m->type != BS_JSON_STRING || (strcmp(m->string, "auto") && strcmp(m->string, "cpu") &&
-                                          strcmp(m->string, "cuda")))
-            return bs_err_set(err, BS_EINVAL, "serving.device: expected \"auto\", \"cpu\" or \"cuda\"");
+        if (m->type != BS_JSON_STRING ||
+            (strcmp(m->string, "auto") && strcmp(m->string, "cpu") && strcmp(m->string, "cuda")))
+            return bs_err_set(err, BS_EINVAL,
+                              "serving.device: expected \"auto\", \"cpu\" or \"cuda\"");
         if (strcmp(m->string, "cuda") == 0)
-            return bs_err_set(err, BS_EUNSUPP, "serving.device \"cuda\": this server runs on the "
+            return bs_err_set(err, BS_EUNSUPP,
+                              "serving.device \"cuda\": this server runs on the "
                               "CPU backend");
     } else if (strcmp(m->key, "dtype") == 0) {
         if (m->type != BS_JSON_STRING ||
             (strcmp(m->string, "fp32") && strcmp(m->string, "float32")))
-            return bs_err_set(err, BS_EUNSUPP, "serving.dtype: the CPU backend computes in fp32 "
+            return bs_err_set(err, BS_EUNSUPP,
+                              "serving.dtype: the CPU backend computes in fp32 "
                               "(expected \"fp32\")");
     } else {
-        return bs_err_set(err, BS_EINVAL, "serving: unknown key \"%s\" (known: max_batch_size, "
+        return bs_err_set(err, BS_EINVAL,
+                          "serving: unknown key \"%s\" (known: max_batch_size, "
                           "max_queue_delay_microseconds, preferred_batch_size, max_queue_size, "
-                          "default_timeout_microseconds, device, dtype)", m->key);
+                          "default_timeout_microseconds, device, dtype)",
+                          m->key);
     }
     return rc;
 }
@@ -69,8 +75,10 @@ int bs_serving_parse_json(struct bs_serving_config *c, const struct bs_json *obj
             return err->code;
     for (int i = 0; i < c->n_preferred; i++)
         if (c->preferred_batch_size[i] > c->max_batch_size)
-            return bs_err_set(err, BS_EINVAL, "serving.preferred_batch_size %d exceeds "
-                              "max_batch_size %d", c->preferred_batch_size[i], c->max_batch_size);
+            return bs_err_set(err, BS_EINVAL,
+                              "serving.preferred_batch_size %d exceeds "
+                              "max_batch_size %d",
+                              c->preferred_batch_size[i], c->max_batch_size);
     return 0;
 }
 

@@ -13,12 +13,12 @@
 #define BS_MAX_PREFERRED 8
 
 struct bs_serving_config {
-    int max_batch_size;            /* samples per batch (dim 0), >= 1 */
-    int64_t max_queue_delay_us;    /* how long the oldest request may wait for others */
+    int max_batch_size;         /* samples per batch (dim 0), >= 1 */
+    int64_t max_queue_delay_us; /* how long the oldest request may wait for others */
     int preferred_batch_size[BS_MAX_PREFERRED];
     int n_preferred;
-    int max_queue_size;            /* queued requests; more get RESOURCE_EXHAUSTED */
-    int64_t default_timeout_us;    /* 0: none */
+    int max_queue_size;         /* queued requests; more get RESOURCE_EXHAUSTED */
+    int64_t default_timeout_us; /* 0: none */
 };
 
 /* Parse a "serving" object (JSON text of the object) over cfg: the keys it

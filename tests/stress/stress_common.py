@@ -443,3 +443,18 @@ class H2Client:
             self.sock.close()
         except OSError:
             pass
+
+
+def serve_and_run(fig, args, repo, run):
+    """Start the server on repo with args, run(server, fig), stop it (SIGTERM,
+    whose exit code must be 0), remove repo, and report the figures."""
+    server = start_server(args, repo)
+    try:
+        run(server, fig)
+    finally:
+        code = server.stop()
+        shutil.rmtree(repo, ignore_errors=True)
+    fig.check("server exit code after SIGTERM", code, "== 0", code == 0)
+    if code != 0:
+        print(server.text()[-4000:])
+    fig.report()

@@ -9,7 +9,6 @@ must be plentiful, and the server's RSS must stay flat.
 """
 
 import json
-import shutil
 import subprocess
 import time
 
@@ -39,16 +38,7 @@ def bench(server, *args, timeout):
 def main():
     fig = sc.Figures("overload at %dx capacity, --max-queue-size %d" % (OVERLOAD_FACTOR, QUEUE))
     repo = sc.make_repo({MODEL: ("example:" + MODEL, None)})
-    server = sc.start_server(["--max-queue-size", str(QUEUE)], repo)
-    try:
-        run(server, fig)
-    finally:
-        code = server.stop()
-        shutil.rmtree(repo, ignore_errors=True)
-    fig.check("server exit code after SIGTERM", code, "== 0", code == 0)
-    if code != 0:
-        print(server.text()[-4000:])
-    fig.report()
+    sc.serve_and_run(fig, ["--max-queue-size", str(QUEUE)], repo, run)
 
 
 def run(server, fig):

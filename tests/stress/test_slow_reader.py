@@ -9,7 +9,6 @@ goes away the memory is given back.
     /usr/bin/python3 tests/stress/test_slow_reader.py BLOCKSERVE_BINARY
 """
 
-import shutil
 import threading
 import time
 
@@ -30,16 +29,7 @@ def main():
     # batch 1: the model's scratch is the same for every request, so what grows
     # is what the server holds for the stream
     repo = sc.make_repo({MODEL: ("example:" + MODEL, {"max_batch_size": 1})})
-    server = sc.start_server([], repo)
-    try:
-        run(server, fig)
-    finally:
-        code = server.stop()
-        shutil.rmtree(repo, ignore_errors=True)
-    fig.check("server exit code after SIGTERM", code, "== 0", code == 0)
-    if code != 0:
-        print(server.text()[-4000:])
-    fig.report()
+    sc.serve_and_run(fig, [], repo, run)
 
 
 def run(server, fig):

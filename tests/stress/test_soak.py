@@ -13,7 +13,6 @@ descriptors must be flat after warm-up.
 
 import os
 import random
-import shutil
 import threading
 import time
 
@@ -233,16 +232,7 @@ def main():
                                           "max_queue_delay_microseconds": 500}),
         T: ("example:vae_mid_attention", {"max_batch_size": 1}),
     })
-    server = sc.start_server([], repo)
-    try:
-        run(server, fig)
-    finally:
-        code = server.stop()
-        shutil.rmtree(repo, ignore_errors=True)
-    fig.check("server exit code after SIGTERM", code, "== 0", code == 0)
-    if code != 0:
-        print(server.text()[-4000:])
-    fig.report()
+    sc.serve_and_run(fig, [], repo, run)
 
 
 def run(server, fig):

@@ -187,7 +187,8 @@ static void test_counting(void **state)
     bs_core_count_failure(f.core, NULL, NULL, BS_EINVAL);
     bs_core_count_lost(f.core, true);
     assert_true(metrics_has(&f, "blockserve_unrouted_request_failure_total{reason=\"OTHER\"} 3"));
-    assert_true(metrics_has(&f, "blockserve_unrouted_request_failure_total{reason=\"CANCELED\"} 1"));
+    assert_true(
+        metrics_has(&f, "blockserve_unrouted_request_failure_total{reason=\"CANCELED\"} 1"));
     assert_int_equal(stats(&f)->fail.count, 1);
 
     r.fail_output = true;

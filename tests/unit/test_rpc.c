@@ -304,8 +304,8 @@ static int app_spawn_client(struct app *app, const char *python, const char *scr
 /* The test app answers the inference paths (ids: enum bs_service_method);
  * health and reflection register their own rows, as in the server. */
 static const char *const app_paths[BS_SVC_METHOD_COUNT] = {
-    "ServerLive",     "ServerReady",      "ModelReady",  "ServerMetadata",  "ModelMetadata",
-    "ModelInfer",     "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
+    "ServerLive", "ServerReady",      "ModelReady",  "ServerMetadata",  "ModelMetadata",
+    "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
 };
 
 static int app_rows(struct app *app, const struct bs_rpc_handlers *h, struct bs_rpc_method *rows,
@@ -319,11 +319,11 @@ static int app_rows(struct app *app, const struct bs_rpc_handlers *h, struct bs_
     int n = 0, k;
     for (int i = 0; i < BS_SVC_METHOD_COUNT; i++) {
         snprintf(paths[i], 64, "/inference.GRPCInferenceService/%s", app_paths[i]);
-        rows[n++] = (struct bs_rpc_method){
-            .path = paths[i],
-            .kind = i == BS_SVC_MODEL_STREAM_INFER ? BS_RPC_BIDI : BS_RPC_UNARY,
-            .id = i,
-            .h = h};
+        rows[n++] = (struct bs_rpc_method){.path = paths[i],
+                                           .kind = i == BS_SVC_MODEL_STREAM_INFER ? BS_RPC_BIDI
+                                                                                  : BS_RPC_UNARY,
+                                           .id = i,
+                                           .h = h};
     }
     CHECK(bs_health_service_init(&app->health, &err) == 0);
     CHECK(bs_reflection_init(&app->refl, bs_descriptor_set, bs_descriptor_set_len, services,
@@ -504,8 +504,7 @@ static void expect_refl_invalid(const Grpc__Reflection__V1__ServerReflectionResp
     CHECK(resp != NULL && resp->original_request == NULL &&
           (resp->valid_host == NULL || resp->valid_host[0] == '\0'));
     if (e == NULL || strstr(e->error_message, want) == NULL)
-        fprintf(stderr, "reflection: got \"%s\", want \"%s\"\n", e ? e->error_message : "-",
-                want);
+        fprintf(stderr, "reflection: got \"%s\", want \"%s\"\n", e ? e->error_message : "-", want);
 }
 
 /* Hostile requests: a host too long to echo, NUL bytes in strings, garbage. */
