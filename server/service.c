@@ -51,7 +51,7 @@ struct infer {
     bs_core_req_t *creq;
     uint8_t *resp; /* the encoded answer, between reply_output and reply_done */
     size_t resp_len;
-    struct infer *prev, *next; /* the stream's in-flight list, or the unary list */
+    struct infer *prev, *next; /* the stream's in-flight list */
 };
 
 struct stream {
@@ -72,7 +72,6 @@ struct bs_service {
     struct bs_service_options o;
     struct bs_rpc_handlers handlers;
     struct bs_rpc_method rows[BS_SVC_METHOD_COUNT];
-    struct infer *unary;    /* unary inferences in flight */
     struct stream *streams; /* open streams */
 };
 
@@ -502,31 +501,34 @@ static void stream_maybe_finish(struct stream *s)
     free(s);
 }
 
-/* Link in as in flight: on its stream's list (the transport's flow control
- * counts them), or the service's unary list. */
+/* A stream message in flight: on its stream's list, counted for the
+ * transport's flow control (unary inferences need no list: the core keeps
+ * every request in flight). */
 static void infer_link(struct infer *in)
 {
-    struct infer **head = in->stream != NULL ? &in->stream->head : &in->svc->unary;
+    struct stream *s = in->stream;
+    if (s == NULL)
+        return;
     in->prev = NULL;
-    in->next = *head;
-    if (*head != NULL)
-        (*head)->prev = in;
-    *head = in;
-    if (in->stream != NULL)
-        bs_rpc_stream_set_busy(in->stream->call, ++in->stream->n_infer);
+    in->next = s->head;
+    if (s->head != NULL)
+        s->head->prev = in;
+    s->head = in;
+    bs_rpc_stream_set_busy(s->call, ++s->n_infer);
 }
 
 static void infer_unlink(struct infer *in)
 {
-    struct infer **head = in->stream != NULL ? &in->stream->head : &in->svc->unary;
+    struct stream *s = in->stream;
+    if (s == NULL)
+        return;
     if (in->prev != NULL)
         in->prev->next = in->next;
     else
-        *head = in->next;
+        s->head = in->next;
     if (in->next != NULL)
         in->next->prev = in->prev;
-    if (in->stream != NULL)
-        bs_rpc_stream_set_busy(in->stream->call, --in->stream->n_infer);
+    bs_rpc_stream_set_busy(s->call, --s->n_infer);
 }
 
 /* Encode out for in (final: -1 none, 0 intermediate, 1 last of a stream);
