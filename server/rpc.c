@@ -1376,8 +1376,3 @@ bool bs_rpc_unsent_full(const bs_rpc_call_t *call)
 {
     return call->srv->unsent_bytes >= call->srv->max_unsent;
 }
-
-size_t bs_rpc_unsent_bytes(const bs_rpc_server_t *server)
-{
-    return server->unsent_bytes;
-}

@@ -180,7 +180,4 @@ void bs_rpc_stream_set_busy(bs_rpc_call_t *call, int n);
  * the application should not admit new work that would add to them. */
 bool bs_rpc_unsent_full(const bs_rpc_call_t *call);
 
-/* Bytes of answers queued or being sent, over all calls. */
-size_t bs_rpc_unsent_bytes(const bs_rpc_server_t *server);
-
 #endif

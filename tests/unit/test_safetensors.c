@@ -367,13 +367,16 @@ static const struct bad_case bad_headers[] = {
     {"{\"__metadata__\": {}, \"__metadata__\": {}}", 0, BS_EFORMAT, "duplicate \"__metadata__\""},
 };
 
-static void test_bad_headers(void **state)
+/* Every case, written to file in fx's folder, is refused with its code and
+ * message; the message names the file, and opening the same bytes from
+ * memory gives the same message without it. */
+static void expect_refused(struct fixture *fx, const char *file, const struct bad_case *cases,
+                           size_t n)
 {
-    struct fixture *fx = *state;
     char path[600];
-    snprintf(path, sizeof(path), "%s", path_in(fx, "bad.safetensors"));
-    for (size_t i = 0; i < BS_ARRAY_LEN(bad_headers); i++) {
-        const struct bad_case *c = &bad_headers[i];
+    snprintf(path, sizeof(path), "%s", path_in(fx, file));
+    for (size_t i = 0; i < n; i++) {
+        const struct bad_case *c = &cases[i];
         write_raw(path, strlen(c->header), c->header, c->data_len);
         bs_st_file_t *st = (bs_st_file_t *)&st;
         struct bs_err err = {0};
@@ -382,9 +385,7 @@ static void test_bad_headers(void **state)
             print_error("case %zu (%s) was accepted\n", i, c->header);
         expect_msg(rc, c->rc, &err, c->want);
         assert_null(st);
-        /* The error names the file... */
         assert_memory_equal(err.msg, path, strlen(path));
-        /* ...and the in-memory check gives the same message without it. */
         size_t size;
         void *buf = read_file(path, &size);
         struct bs_err err2 = {0};
@@ -393,6 +394,11 @@ static void test_bad_headers(void **state)
         assert_string_equal(err.msg + strlen(path) + 2, err2.msg);
         free(buf);
     }
+}
+
+static void test_bad_headers(void **state)
+{
+    expect_refused(*state, "bad.safetensors", bad_headers, BS_ARRAY_LEN(bad_headers));
 }
 
 /* ---- the layout of the data section ---- */
@@ -427,20 +433,7 @@ static const struct bad_case bad_layouts[] = {
 
 static void test_bad_layouts(void **state)
 {
-    struct fixture *fx = *state;
-    char path[600];
-    snprintf(path, sizeof(path), "%s", path_in(fx, "layout.safetensors"));
-    for (size_t i = 0; i < BS_ARRAY_LEN(bad_layouts); i++) {
-        const struct bad_case *c = &bad_layouts[i];
-        write_raw(path, strlen(c->header), c->header, c->data_len);
-        bs_st_file_t *st = (bs_st_file_t *)&st;
-        struct bs_err err = {0};
-        int rc = bs_st_open(&st, path, &err);
-        if (rc == 0)
-            print_error("case %zu (%s) was accepted\n", i, c->header);
-        expect_msg(rc, c->rc, &err, c->want);
-        assert_null(st);
-    }
+    expect_refused(*state, "layout.safetensors", bad_layouts, BS_ARRAY_LEN(bad_layouts));
 }
 
 /* Out of header order, zero-size tensors at the start, between two others
