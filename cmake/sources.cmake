@@ -31,6 +31,7 @@ set(BS_BACKEND_SOURCES
 set(BS_CPU_SOURCES
   kernels/cpu/threadpool.c
   kernels/cpu/backend_cpu.c
+  kernels/cpu/gemm_bf16.c
   kernels/cpu/ops_cpu.c
   kernels/cpu/attn_cpu.c
 )

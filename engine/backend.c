@@ -94,14 +94,47 @@ static const struct bs_backend_module *usable_module(struct bs_err *err)
     return mod;
 }
 
-static int parse_cpu_opts(const struct bs_backend_opts *o, struct bs_err *err)
+int bs_compute_dtype_parse(const char *name, enum bs_dtype *dtype, struct bs_err *err)
 {
-    if (o->dtype != NULL && strcmp(o->dtype, "fp32") != 0)
-        return bs_err_set(err, BS_EUNSUPP,
-                          "--dtype %s: the cpu backend computes in fp32 only (use --dtype fp32 "
-                          "or a GPU)",
-                          o->dtype);
-    return 0;
+    static const struct {
+        const char *name;
+        enum bs_dtype type;
+    } names[] = {{"fp32", BS_TYPE_F32}, {"bf16", BS_TYPE_BF16}, {"fp16", BS_TYPE_F16}};
+    for (size_t i = 0; name != NULL && i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcmp(name, names[i].name) == 0) {
+            *dtype = names[i].type;
+            return 0;
+        }
+    return bs_err_set(err, BS_EINVAL, "unknown dtype \"%s\" (expected fp32, bf16 or fp16)",
+                      name ? name : "(null)");
+}
+
+const char *bs_compute_dtype_name(enum bs_dtype dtype)
+{
+    return dtype == BS_TYPE_F32    ? "fp32"
+           : dtype == BS_TYPE_BF16 ? "bf16"
+           : dtype == BS_TYPE_F16  ? "fp16"
+                                   : "?";
+}
+
+/* The CPU backend in o's dtype (default fp32), with a note of what was
+ * chosen; why, when set, says why the GPU was not used. */
+static int cpu_init(struct bs_backend *be, const struct bs_backend_opts *o, const char *why,
+                    struct bs_err *err)
+{
+    enum bs_dtype dtype = BS_TYPE_F32;
+    int rc;
+    if (o->dtype != NULL && (rc = bs_compute_dtype_parse(o->dtype, &dtype, err)) != 0)
+        return rc;
+    if ((rc = bs_backend_cpu_init_dtype(be, o->n_threads, dtype, err)) != 0)
+        return rc;
+    char note[sizeof(err->msg)];
+    snprintf(note, sizeof(note), "%s", err->msg);
+    if (why != NULL)
+        return bs_err_set(err, 0, "cpu backend, %s%s%s (auto: GPU not used: %.300s)",
+                          bs_compute_dtype_name(dtype), note[0] ? "; " : "", note, why);
+    return bs_err_set(err, 0, "cpu backend, %s%s%s", bs_compute_dtype_name(dtype),
+                      note[0] ? "; " : "", note);
 }
 
 static int cuda_init(struct bs_backend *be, const struct bs_backend_opts *o, struct bs_err *err)
@@ -113,6 +146,10 @@ static int cuda_init(struct bs_backend *be, const struct bs_backend_opts *o, str
     int rc = mod->init(be, o, err);
     if (rc != 0)
         memset(be, 0, sizeof(*be));
+    else /* the module's default: bf16 */
+        be->dtype = o->dtype == NULL || strcmp(o->dtype, "bf16") == 0 ? BS_TYPE_BF16
+                    : strcmp(o->dtype, "fp16") == 0                  ? BS_TYPE_F16
+                                                                     : BS_TYPE_F32;
     return rc;
 }
 
@@ -120,17 +157,12 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
 {
     const char *device = o->device ? o->device : "auto";
     int rc;
+    enum bs_dtype dtype;
     memset(be, 0, sizeof(*be));
-    if (o->dtype != NULL && strcmp(o->dtype, "fp32") != 0 && strcmp(o->dtype, "bf16") != 0 &&
-        strcmp(o->dtype, "fp16") != 0)
-        return bs_err_set(err, BS_EINVAL, "unknown dtype \"%s\" (expected fp32, bf16 or fp16)",
-                          o->dtype);
-    if (strcmp(device, "cpu") == 0) {
-        if ((rc = parse_cpu_opts(o, err)) != 0 ||
-            (rc = bs_backend_cpu_init(be, o->n_threads, err)) != 0)
-            return rc;
-        return bs_err_set(err, 0, "cpu backend, fp32");
-    }
+    if (o->dtype != NULL && (rc = bs_compute_dtype_parse(o->dtype, &dtype, err)) != 0)
+        return rc;
+    if (strcmp(device, "cpu") == 0)
+        return cpu_init(be, o, NULL, err);
     if (strcmp(device, "cuda") == 0) {
         if ((rc = cuda_init(be, o, err)) != 0)
             return bs_err_wrap(err, "--device cuda");
@@ -143,11 +175,9 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
         return 0;
     char why[sizeof(err->msg)];
     snprintf(why, sizeof(why), "%s", err->msg);
-    if ((rc = parse_cpu_opts(o, err)) != 0)
+    if ((rc = cpu_init(be, o, why, err)) != 0)
         return bs_err_wrap(err, "--device auto: GPU not used (%.200s)", why);
-    if ((rc = bs_backend_cpu_init(be, o->n_threads, err)) != 0)
-        return rc;
-    return bs_err_set(err, 0, "cpu backend, fp32 (auto: GPU not used: %.400s)", why);
+    return 0;
 }
 
 int bs_backend_init(struct bs_backend *be, const char *device, int n_threads, struct bs_err *err)

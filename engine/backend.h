@@ -4,8 +4,9 @@
  *
  * Conventions shared by every op:
  * - Activations and weights are F32 tensors in the backend's memory. A
- *   backend may compute in a narrower dtype (bs_backend_opts.dtype): it then
- *   converts operands itself and may keep weight copies (weights_ready).
+ *   backend may compute in a narrower dtype (bs_backend_opts.dtype, or a
+ *   model's own): it then converts operands itself and may keep weight
+ *   copies (weights_ready) or packed weights of its own layout (pack_weight).
  * - "Rows" tensors (bs_tensor_is_rows) are matrices: nrows x last-dim, with a
  *   row stride that may exceed the last dim (column views of a fused QKV).
  * - Modulation vectors (scale, shift, gate) are [B, D] rows tensors; row r of
@@ -51,6 +52,10 @@ struct bs_attn_params {
     int heads, head_dim;
     float scale;
     const struct bs_tensor *mask;
+    /* The products' operand dtype: F32 (0, the default) or BF16 (Q K^T and
+     * P V from BF16 operands with F32 accumulation; softmax in F32). A
+     * backend without a BF16 kernel computes in F32. */
+    enum bs_dtype compute;
 };
 
 /* Device memory as a backend reports it (memory_info). */
@@ -74,7 +79,14 @@ struct bs_backend_i {
     void *(*buf_alloc)(void *ctx, size_t size);
     void (*buf_free)(void *ctx, void *ptr);
 
-    /* Copy size bytes between host memory and backend memory. */
+    /* Copy size bytes between host memory and backend memory. A backend
+     * whose memory is not host memory (host_memory false) may queue ops and
+     * run them later: copy_in and copy_out return once every op the calling
+     * thread queued before them has finished, and fail with its error if one
+     * failed; copy_out with size 0 copies nothing and only waits (the engine
+     * calls it at the end of every forward, so that a failed forward leaves
+     * no queued op on the arena that the next batch, maybe on another
+     * thread, reuses). */
     int (*copy_in)(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err);
     int (*copy_out)(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err);
 
@@ -84,7 +96,10 @@ struct bs_backend_i {
     int (*memory_info)(void *ctx, struct bs_backend_memory *mem, struct bs_err *err);
 
     /* y = x w^T + b + beta * y. x: [M, K] rows, w: [N, K] contiguous, b: [N] or
-     * NULL, y: [M, N] rows; beta is 0 or 1 (1 accumulates into y, a residual). */
+     * NULL, y: [M, N] rows; beta is 0 or 1 (1 accumulates into y, a residual).
+     * w may also be a weight this backend packed (pack_weight), or a view of
+     * whole rows of one (bs_tensor_view_outer): then its products run in the
+     * packed dtype with F32 accumulation. */
     int (*linear)(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                   const struct bs_tensor *w, const struct bs_tensor *b, float beta,
                   struct bs_err *err);
@@ -123,7 +138,9 @@ struct bs_backend_i {
                      struct bs_err *err);
 
     /* Row gather: y[i] = table[idx[i]] for i < n; idx is host memory and every
-     * index has been checked against the table's row count. */
+     * index has been checked against the table's row count. A backend with
+     * pack_weight also takes a contiguous BF16 table (a BF16 model's
+     * embeddings) and widens its rows into the F32 y. */
     int (*get_rows)(void *ctx, struct bs_tensor *y, const struct bs_tensor *table,
                     const int64_t *idx, int64_t n, struct bs_err *err);
 
@@ -132,6 +149,16 @@ struct bs_backend_i {
      * in its compute dtype that linear then uses for w tensors inside buf;
      * buf_free(buf) releases it. */
     int (*weights_ready)(void *ctx, void *buf, size_t size, struct bs_err *err);
+
+    /* Optional (NULL: weights stay F32 and linear converts them as it needs).
+     * Pack w, an F32 [N, K] contiguous host tensor (a weight being loaded),
+     * into the layout this backend's linear reads in compute dtype dtype
+     * (BF16): *packed is then a [N, K] tensor of that dtype whose data is
+     * backend memory in that layout, not plain rows: only linear reads it
+     * (and row views of it), and buf_free(packed->data) releases it. w may be
+     * freed on return. */
+    int (*pack_weight)(void *ctx, struct bs_tensor *packed, const struct bs_tensor *w,
+                       enum bs_dtype dtype, struct bs_err *err);
 
     /* Optional (NULL: none). The backend's extra entry points by name, as
      * ggml's get_proc_address: the function (cast to void *) or NULL when the
@@ -143,6 +170,8 @@ struct bs_backend_i {
 struct bs_backend {
     const struct bs_backend_i *iface;
     void *ctx;
+    enum bs_dtype dtype; /* compute dtype of models that name none (set by
+                            bs_backend_init_opts): F32, BF16 or F16 */
 };
 
 /* Options of bs_backend_init_opts. */
@@ -156,7 +185,8 @@ struct bs_backend_opts {
 
 /* Version of struct bs_backend_i, bs_backend_opts and bs_backend_module that a
  * backend module must have been built against. */
-#define BS_BACKEND_ABI 3 /* 2: memory_info; 3: get_proc_address, bs_backend_module */
+#define BS_BACKEND_ABI 4 /* 2: memory_info; 3: get_proc_address, bs_backend_module;
+                            4: pack_weight, bs_attn_params.compute, bs_backend.dtype */
 
 /* What a backend module (libbs_cuda.so) exports: one function, named
  * BS_CUDA_MODULE_ENTRY, of type bs_backend_module_fn. The engine reads abi
@@ -193,6 +223,29 @@ typedef int (*bs_proc_attention_unfused_fn)(struct bs_backend *be, struct bs_ten
 typedef int (*bs_proc_test_backend_fn)(struct bs_backend *be, const char *dtype,
                                        struct bs_err *err);
 
+/* The host-side internals of a backend of this module (cuda), for
+ * tests/unit/test_cuda_host.c on a BS_PROC_TEST_BACKEND backend, where no
+ * device is touched. */
+#define BS_PROC_TEST_HOOKS "test_hooks"
+struct bs_backend_test_hooks {
+    /* The calling thread's state (stream, cuBLAS handle, staging, overflow
+     * flag: cuda_common.cuh), made on its first call: an opaque id, the
+     * same for every call of one thread, or NULL with err set. */
+    const void *(*thread_state)(struct bs_backend *be, struct bs_err *err);
+    /* Thread states made so far, and weight copies registered. */
+    int (*counts)(const struct bs_backend *be, int *threads, int *shadows);
+    /* weights_ready's bookkeeping: half becomes the copy of the buffer
+     * [base, base + bytes); *replaced is the copy it replaces (a buffer
+     * registered again), which weights_ready frees, else NULL. */
+    int (*shadow_register)(struct bs_backend *be, const void *base, size_t bytes, void *half,
+                           void **replaced, struct bs_err *err);
+    /* Sets the calling thread's overflow flag to flags as a conversion
+     * kernel would, then takes it as copy_out does after its wait: 0, or
+     * the error copy_out fails with; the flag is clear afterwards. */
+    int (*overflow_take)(struct bs_backend *be, int flags, struct bs_err *err);
+};
+typedef const struct bs_backend_test_hooks *(*bs_proc_test_hooks_fn)(void);
+
 /* Create the backend for device "auto", "cpu" or "cuda" (n_threads: CPU
  * threads, 0 for one per core); "auto" takes the GPU when one works. */
 int bs_backend_init(struct bs_backend *be, const char *device, int n_threads, struct bs_err *err);
@@ -206,6 +259,18 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
 
 /* Create the CPU backend running on n_threads threads (0: one per core). */
 int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err);
+
+/* The same with a default compute dtype: BS_TYPE_F32 or BS_TYPE_BF16 (FP16
+ * is refused with a message). On success err holds code 0 and a note of the
+ * instruction set the BF16 kernels use (empty for F32). */
+int bs_backend_cpu_init_dtype(struct bs_backend *be, int n_threads, enum bs_dtype dtype,
+                              struct bs_err *err);
+
+/* Parse a compute dtype name: "fp32", "bf16" or "fp16". */
+int bs_compute_dtype_parse(const char *name, enum bs_dtype *dtype, struct bs_err *err);
+
+/* "fp32", "bf16" or "fp16". */
+const char *bs_compute_dtype_name(enum bs_dtype dtype);
 
 /* Device memory through the backend's memory_info hook; BS_EUNSUPP when the
  * backend has none (the CPU backend). Safe from any thread. */

@@ -21,8 +21,12 @@ struct bs_model {
     struct bs_model_config cfg;
     const struct bs_class *cls; /* cfg.cls */
     struct bs_backend *be;
-    void *weights; /* one backend buffer holding every parameter */
+    void *weights; /* one backend buffer holding every F32 parameter */
     size_t weight_bytes;
+    enum bs_dtype dtype; /* compute dtype */
+    void **packed;       /* linear weights the backend packed (buf_free each) */
+    int n_packed;
+    size_t packed_bytes;
     struct bs_class_io io; /* inputs and output */
     void *state;           /* the class's bound modules */
 };
@@ -88,6 +92,9 @@ static void loader_free(struct bs__loader *ld)
     for (int i = 0; i < ld->n_names; i++)
         free(ld->names[i]);
     free(ld->names);
+    for (int i = 0; i < ld->n_packed; i++)
+        ld->be->iface->buf_free(ld->be->ctx, ld->packed[i]);
+    free(ld->packed);
 }
 
 /* Two binding passes: size, then convert into staging and copy to the
@@ -95,7 +102,7 @@ static void loader_free(struct bs__loader *ld)
 static int load_weights(bs_model_t *m, const bs_st_file_t *st, const char *path,
                         const struct bs_weight_gen *gen, struct bs_err *err)
 {
-    struct bs__loader ld = {.st = st, .file = path, .err = err};
+    struct bs__loader ld = {.st = st, .file = path, .err = err, .be = m->be, .pack = m->dtype};
     if (gen != NULL) {
         ld.generate = gen->fn;
         ld.generate_arg = gen->arg;
@@ -122,6 +129,13 @@ static int load_weights(bs_model_t *m, const bs_st_file_t *st, const char *path,
         rc = be->weights_ready(m->be->ctx, m->weights, m->weight_bytes, err);
     if (!be->host_memory)
         free(ld.host);
+    if (rc == 0) { /* the model owns the packed weights now */
+        m->packed = ld.packed;
+        m->n_packed = ld.n_packed;
+        m->packed_bytes = ld.packed_bytes;
+        ld.packed = NULL;
+        ld.n_packed = 0;
+    }
     loader_free(&ld);
     return rc;
 }
@@ -139,10 +153,34 @@ int bs_model_params(const struct bs_model_config *cfg,
     return 0;
 }
 
+/* The compute dtype of a model on be: opts' when given, else the backend's;
+ * one the backend cannot compute in is an error. */
+static int model_dtype(const struct bs_backend *be, const struct bs_model_opts *o,
+                       enum bs_dtype *dtype, struct bs_err *err)
+{
+    *dtype = o != NULL && o->has_dtype ? o->dtype : be->dtype;
+    if (*dtype == be->dtype)
+        return 0;
+    if (!be->iface->host_memory) /* a device backend computes in its own dtype */
+        return bs_err_set(err, BS_EUNSUPP,
+                          "dtype %s: the %s backend computes every model in %s (its --dtype)",
+                          bs_compute_dtype_name(*dtype), be->iface->name,
+                          bs_compute_dtype_name(be->dtype));
+    if (*dtype == BS_TYPE_F16)
+        return bs_err_set(err, BS_EUNSUPP,
+                          "dtype fp16: the %s backend computes in fp32 or bf16 (fp16 is for cuda)",
+                          be->iface->name);
+    if (*dtype != BS_TYPE_F32 && be->iface->pack_weight == NULL)
+        return bs_err_set(err, BS_EUNSUPP, "dtype %s: the %s backend computes in %s only",
+                          bs_compute_dtype_name(*dtype), be->iface->name,
+                          bs_compute_dtype_name(be->dtype));
+    return 0;
+}
+
 /* Load weights from the file at weights_path, or from gen when it is set. */
 static int load_common(bs_model_t **model, const struct bs_model_config *cfg,
                        const char *weights_path, const struct bs_weight_gen *gen,
-                       struct bs_backend *be, struct bs_err *err)
+                       struct bs_backend *be, const struct bs_model_opts *o, struct bs_err *err)
 {
     bs_model_t *m = calloc(1, sizeof(*m));
     bs_st_file_t *st = NULL;
@@ -153,6 +191,8 @@ static int load_common(bs_model_t **model, const struct bs_model_config *cfg,
     m->cfg = *cfg;
     m->cls = cfg->cls;
     m->be = be;
+    if ((rc = model_dtype(be, o, &m->dtype, err)) != 0)
+        goto fail;
     if ((m->state = calloc(1, m->cls->state_size(cfg))) == NULL) {
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
         goto fail;
@@ -175,17 +215,23 @@ fail:
 int bs_model_load_config(bs_model_t **model, const struct bs_model_config *cfg,
                          const char *weights_path, struct bs_backend *be, struct bs_err *err)
 {
-    return load_common(model, cfg, weights_path, NULL, be, err);
+    return load_common(model, cfg, weights_path, NULL, be, NULL, err);
 }
 
 int bs_model_load_generated(bs_model_t **model, const struct bs_model_config *cfg,
                             const struct bs_weight_gen *gen, struct bs_backend *be,
                             struct bs_err *err)
 {
-    return load_common(model, cfg, NULL, gen, be, err);
+    return load_common(model, cfg, NULL, gen, be, NULL, err);
 }
 
 int bs_model_load(bs_model_t **model, const char *dir, struct bs_backend *be, struct bs_err *err)
+{
+    return bs_model_load_opts(model, dir, be, NULL, err);
+}
+
+int bs_model_load_opts(bs_model_t **model, const char *dir, struct bs_backend *be,
+                       const struct bs_model_opts *o, struct bs_err *err)
 {
     struct bs_model_config cfg;
     char path[4096];
@@ -193,7 +239,7 @@ int bs_model_load(bs_model_t **model, const char *dir, struct bs_backend *be, st
     TRY(bs_config_load(&cfg, path, err));
     snprintf(path, sizeof(path), "%s/%s", dir,
              cfg.weights_file[0] ? cfg.weights_file : "diffusion_pytorch_model.safetensors");
-    return bs_model_load_config(model, &cfg, path, be, err);
+    return load_common(model, &cfg, path, NULL, be, o, err);
 }
 
 void bs_model_free(bs_model_t *m)
@@ -202,6 +248,9 @@ void bs_model_free(bs_model_t *m)
         return;
     if (m->weights != NULL)
         m->be->iface->buf_free(m->be->ctx, m->weights);
+    for (int i = 0; i < m->n_packed; i++)
+        m->be->iface->buf_free(m->be->ctx, m->packed[i]);
+    free(m->packed);
     free(m->state);
     free(m);
 }
@@ -242,7 +291,12 @@ struct bs_input_spec bs_model_output(const bs_model_t *m)
 
 size_t bs_model_weight_bytes(const bs_model_t *m)
 {
-    return m->weight_bytes;
+    return m->weight_bytes + m->packed_bytes;
+}
+
+enum bs_dtype bs_model_dtype(const bs_model_t *m)
+{
+    return m->dtype;
 }
 
 /* ---- input checking ---------------------------------------------------- */
@@ -342,8 +396,16 @@ int bs_model_forward(bs_model_t *m, struct bs_arena *arena, const struct bs_name
         memcmp(out->ne, shape.ne, sizeof(int64_t) * (size_t)shape.n_dims) != 0 ||
         !bs_tensor_is_contiguous(out))
         return bs_err_set(err, BS_EINVAL, "output buffer does not match the output shape");
-    struct bs__fwd f = {.be = m->be, .arena = arena, .err = err};
+    struct bs__fwd f = {.be = m->be, .dtype = m->dtype, .arena = arena, .err = err};
     int rc = m->cls->forward(&m->cfg, m->state, &f, r.t, out, opts);
+    if (!m->be->iface->host_memory) {
+        /* No op of this forward may still be queued when the arena is reused,
+         * maybe by a batch on another thread (backend.h, copy_out): after a
+         * failure the message stays the failure's. */
+        struct bs_err drain_err = {0};
+        int drc = m->be->iface->copy_out(m->be->ctx, NULL, NULL, 0, rc ? &drain_err : err);
+        rc = rc ? rc : drc;
+    }
     bs_arena_reset(arena);
     return rc;
 }

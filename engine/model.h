@@ -57,6 +57,17 @@ struct bs_forward_opts {
  * model. */
 int bs_model_load(bs_model_t **model, const char *dir, struct bs_backend *be, struct bs_err *err);
 
+/* How to load a model (bs_model_load_opts). */
+struct bs_model_opts {
+    bool has_dtype;      /* false: the backend's compute dtype (be->dtype) */
+    enum bs_dtype dtype; /* BS_TYPE_F32 or BS_TYPE_BF16 on the CPU; a device backend
+                            computes every model in its own dtype */
+};
+
+/* bs_model_load with options (o NULL: the defaults). */
+int bs_model_load_opts(bs_model_t **model, const char *dir, struct bs_backend *be,
+                       const struct bs_model_opts *o, struct bs_err *err);
+
 /* Load from an already parsed config and an explicit weights path. */
 int bs_model_load_config(bs_model_t **model, const struct bs_model_config *cfg,
                          const char *weights_path, struct bs_backend *be, struct bs_err *err);
@@ -98,8 +109,11 @@ enum bs_input_role bs_model_input_role(const bs_model_t *model, const char *name
  * follow the inputs. */
 struct bs_input_spec bs_model_output(const bs_model_t *model);
 
-/* Bytes of weights held in backend memory. */
+/* Bytes of weights held in backend memory (F32 and packed). */
 size_t bs_model_weight_bytes(const bs_model_t *model);
+
+/* The dtype the model's products compute in: BS_TYPE_F32, BF16 or F16. */
+enum bs_dtype bs_model_dtype(const bs_model_t *model);
 
 /* Matmul FLOPs of one forward on these inputs (for GFLOP/s reports). */
 double bs_model_flops(const bs_model_t *model, const struct bs_named_tensor *in, int n_in);

@@ -7,8 +7,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define PARAM_ALIGN 64
+/* Largest F32 projection buffer of a BF16 model's GEGLU (bs__ff_forward). */
+#define GEGLU_CHUNK_BYTES ((int64_t)8 << 20)
 #define TRY(expr)                                                                                  \
     do {                                                                                           \
         int rc_ = (expr);                                                                          \
@@ -46,8 +49,8 @@ static int record_name(struct bs__loader *ld, const char *key)
 }
 
 /* Convert key (expected shape rows x cols, or [rows] when cols is 0) into
- * host staging at byte offset off. */
-static int load_key(struct bs__loader *ld, const char *name, int64_t rows, int64_t cols, size_t off)
+ * dst. */
+static int load_key(struct bs__loader *ld, const char *name, int64_t rows, int64_t cols, float *dst)
 {
     char key[2 * BS_PREFIX_MAX];
     struct bs_tensor src;
@@ -55,7 +58,7 @@ static int load_key(struct bs__loader *ld, const char *name, int64_t rows, int64
     keyf(key, sizeof(key), "%s%s", ld->prefix, name);
     if (ld->generate != NULL) {
         int64_t ne[2] = {rows, cols};
-        ld->generate(ld->generate_arg, key, n_dims, ne, (float *)((char *)ld->host + off));
+        ld->generate(ld->generate_arg, key, n_dims, ne, dst);
         return 0;
     }
     if (bs_st_get(ld->st, key, &src) != 0)
@@ -73,8 +76,7 @@ static int load_key(struct bs__loader *ld, const char *name, int64_t rows, int64
                           ld->file, key, (long long)rows, found);
     }
     TRY(record_name(ld, key));
-    return bs_convert_to_f32((float *)((char *)ld->host + off), src.data, src.type,
-                             bs_tensor_nelements(&src));
+    return bs_convert_to_f32(dst, src.data, src.type, bs_tensor_nelements(&src));
 }
 
 /* Reserve an F32 tensor of n stacked parameters names[0..n), each rows x cols
@@ -95,16 +97,110 @@ static void bind_stacked(struct bs__loader *ld, struct bs_tensor *t, const char 
         ld->describe(ld->describe_arg, key, n_dims, shape);
     }
     for (int i = 0; ld->base != NULL && i < n; i++) {
-        if ((ld->rc = load_key(ld, names[i], rows, cols, ld->off + (size_t)i * each)) != 0)
+        float *dst = (float *)((char *)ld->host + ld->off + (size_t)i * each);
+        if ((ld->rc = load_key(ld, names[i], rows, cols, dst)) != 0)
             return;
     }
     ld->off += ((size_t)n * each + PARAM_ALIGN - 1) & ~(size_t)(PARAM_ALIGN - 1);
+}
+
+/* Host staging for one weight, mapped rather than malloc'd: freed blocks
+ * of this size would stay in the heap (glibc raises its mmap threshold
+ * after such a free) and count in the process's memory for good. */
+static float *stage_alloc(struct bs__loader *ld, size_t floats)
+{
+    void *p = mmap(NULL, floats * sizeof(float) + sizeof(float), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED)
+        return p;
+    ld->rc = bs_err_set(ld->err, BS_ENOMEM, "%s: cannot stage %zu floats of weights", ld->file,
+                        floats);
+    return NULL;
+}
+
+static void stage_free(float *p, size_t floats)
+{
+    if (p != NULL)
+        munmap(p, floats * sizeof(float) + sizeof(float));
+}
+
+static int note_packed(struct bs__loader *ld, void *data)
+{
+    if (ld->n_packed == ld->cap_packed) {
+        int cap = ld->cap_packed ? 2 * ld->cap_packed : 32;
+        void **p = realloc(ld->packed, (size_t)cap * sizeof(*p));
+        if (p == NULL)
+            return bs_err_set(ld->err, BS_ENOMEM, "out of memory");
+        ld->packed = p;
+        ld->cap_packed = cap;
+    }
+    ld->packed[ld->n_packed++] = data;
+    return 0;
+}
+
+/* A linear layer's weight of n stacked matrices names[0..n), each rows x
+ * cols: like bind_stacked, or, when the loader packs, staged, packed by the
+ * backend and left out of the F32 buffer. */
+static void bind_weight(struct bs__loader *ld, struct bs_tensor *t, const char *const *names,
+                        int n, int64_t rows, int64_t cols)
+{
+    if (ld->pack == BS_TYPE_F32 || ld->be == NULL || ld->be->iface->pack_weight == NULL) {
+        bind_stacked(ld, t, names, n, rows, cols);
+        return;
+    }
+    int64_t ne[2] = {n * rows, cols};
+    if (ld->rc != 0)
+        return;
+    *t = bs_tensor_make(BS_TYPE_F32, 2, ne, NULL);
+    if (ld->base == NULL) /* sizing: no room in the F32 buffer */
+        return;
+    size_t each = (size_t)(rows * cols);
+    float *tmp = stage_alloc(ld, (size_t)n * each);
+    if (tmp == NULL)
+        return;
+    for (int i = 0; i < n && ld->rc == 0; i++)
+        ld->rc = load_key(ld, names[i], rows, cols, tmp + (size_t)i * each);
+    struct bs_tensor w = bs_tensor_make(BS_TYPE_F32, 2, ne, tmp), packed;
+    if (ld->rc == 0 &&
+        (ld->rc = ld->be->iface->pack_weight(ld->be->ctx, &packed, &w, ld->pack, ld->err)) == 0) {
+        if ((ld->rc = note_packed(ld, packed.data)) != 0)
+            ld->be->iface->buf_free(ld->be->ctx, packed.data);
+        else {
+            *t = packed;
+            ld->packed_bytes += bs_tensor_nbytes(&packed);
+        }
+    }
+    stage_free(tmp, (size_t)n * each);
 }
 
 static void bind(struct bs__loader *ld, struct bs_tensor *t, const char *name, int64_t rows,
                  int64_t cols)
 {
     bind_stacked(ld, t, &name, 1, rows, cols);
+}
+
+/* An embedding table (read by get_rows only): like bind, but kept in BF16
+ * when the loader packs for a BF16 model (the backend's get_rows then takes
+ * a BF16 table; see pack_weight in engine/backend.h). */
+static void bind_table(struct bs__loader *ld, struct bs_tensor *t, const char *name, int64_t rows,
+                       int64_t cols)
+{
+    if (ld->pack != BS_TYPE_BF16 || ld->be == NULL || ld->be->iface->pack_weight == NULL) {
+        bind(ld, t, name, rows, cols);
+        return;
+    }
+    int64_t ne[2] = {rows, cols};
+    size_t n = (size_t)(rows * cols);
+    if (ld->rc != 0)
+        return;
+    *t = bs_tensor_make(BS_TYPE_BF16, 2, ne, ld->base ? ld->base + ld->off : NULL);
+    if (ld->base != NULL) {
+        float *tmp = stage_alloc(ld, n);
+        if (tmp != NULL && (ld->rc = load_key(ld, name, rows, cols, tmp)) == 0)
+            bs_convert_from_f32((char *)ld->host + ld->off, BS_TYPE_BF16, tmp, (int64_t)n);
+        stage_free(tmp, n);
+    }
+    ld->off += (n * 2 + PARAM_ALIGN - 1) & ~(size_t)(PARAM_ALIGN - 1);
 }
 
 static void no_tensor(struct bs_tensor *t)
@@ -116,8 +212,9 @@ void bs__bind_linear(struct bs__loader *ld, struct bs__linear *l, const char *na
                      int64_t in, bool bias)
 {
     char key[BS_PREFIX_MAX];
+    const char *keys[1] = {key};
     keyf(key, sizeof(key), "%s.weight", name);
-    bind(ld, &l->w, key, out, in);
+    bind_weight(ld, &l->w, keys, 1, out, in);
     no_tensor(&l->b);
     if (bias) {
         keyf(key, sizeof(key), "%s.bias", name);
@@ -148,7 +245,7 @@ static void bind_attn(struct bs__loader *ld, struct bs__attn *a, const char *nam
     no_tensor(&a->kv.b);
     no_tensor(&a->q.b);
     if (kv_dim == c->dim) {
-        bind_stacked(ld, &a->qkv.w, wn, 3, a->inner, c->dim);
+        bind_weight(ld, &a->qkv.w, wn, 3, a->inner, c->dim);
         if (c->attention_bias)
             bind_stacked(ld, &a->qkv.b, bn, 3, a->inner, 0);
         a->q.w = bs_tensor_view_outer(&a->qkv.w, 0, a->inner);
@@ -158,8 +255,8 @@ static void bind_attn(struct bs__loader *ld, struct bs__attn *a, const char *nam
             a->kv.b = bs_tensor_view_outer(&a->qkv.b, a->inner, 2 * a->inner);
         }
     } else {
-        bind(ld, &a->q.w, wn[0], a->inner, c->dim);
-        bind_stacked(ld, &a->kv.w, wn + 1, 2, a->inner, kv_dim);
+        bind_weight(ld, &a->q.w, wn, 1, a->inner, c->dim);
+        bind_weight(ld, &a->kv.w, wn + 1, 2, a->inner, kv_dim);
         if (c->attention_bias) {
             bind(ld, &a->q.b, bn[0], a->inner, 0);
             bind_stacked(ld, &a->kv.b, bn + 1, 2, a->inner, 0);
@@ -191,7 +288,7 @@ void bs__bind_ada_norm(struct bs__loader *ld, struct bs__norm *n, const char *na
     memset(n, 0, sizeof(*n));
     n->eps = 1e-5f;
     keyf(key, sizeof(key), "%s%semb.weight", name, dot);
-    bind(ld, &n->emb, key, num_embeddings, dim);
+    bind_table(ld, &n->emb, key, num_embeddings, dim);
     keyf(key, sizeof(key), "%s%slinear", name, dot);
     bs__bind_linear(ld, &n->lin, key, 2 * dim, dim, true);
 }
@@ -201,7 +298,8 @@ static void bind_ada_zero(struct bs__loader *ld, struct bs__ada_zero *az, int64_
 {
     bs__bind_linear(ld, &az->t1, "norm1.emb.timestep_embedder.linear_1", dim, 256, true);
     bs__bind_linear(ld, &az->t2, "norm1.emb.timestep_embedder.linear_2", dim, dim, true);
-    bind(ld, &az->table, "norm1.emb.class_embedder.embedding_table.weight", num_classes + 1, dim);
+    bind_table(ld, &az->table, "norm1.emb.class_embedder.embedding_table.weight", num_classes + 1,
+               dim);
     bs__bind_linear(ld, &az->lin, "norm1.linear", 6 * dim, dim, true);
 }
 
@@ -256,7 +354,7 @@ void bs__bind_attention_block(struct bs__loader *ld, struct bs__attention_block 
     a->cfg = c;
     bind(ld, &a->gn_gamma, "group_norm.weight", c->channels, 0);
     bind(ld, &a->gn_beta, "group_norm.bias", c->channels, 0);
-    bind_stacked(ld, &a->qkv.w, w, 3, c->channels, c->channels);
+    bind_weight(ld, &a->qkv.w, w, 3, c->channels, c->channels);
     bind_stacked(ld, &a->qkv.b, b, 3, c->channels, 0);
     bs__bind_linear(ld, &a->proj, "proj_attn", c->channels, c->channels, true);
 }
@@ -388,6 +486,7 @@ static int attn_forward(struct bs__fwd *f, const struct bs__attn *a, const struc
     struct bs_attn_params p = {
         .batch = f->batch, .lq = f->lq, .lk = lkv,
         .heads = a->heads, .head_dim = a->head_dim, .scale = a->scale, .mask = mask,
+        .compute = f->dtype,
     };
     TRY(bs__scratch(f, &o, rows, inner));
     TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &p, f->err));
@@ -411,11 +510,28 @@ int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_t
         TRY(linear(f, &h, x, &ff->proj, 0.0f));
         TRY(act(f, &h, &h, ff->act == BS_FF_GELU ? BS_ACT_GELU : BS_ACT_GELU_TANH));
         break;
-    case BS_FF_GEGLU:
-        TRY(bs__scratch(f, &g, rows, 2 * ff->inner));
-        TRY(linear(f, &g, x, &ff->proj, 0.0f));
-        TRY(f->be->iface->glu(f->be->ctx, &h, &g, BS_ACT_GELU, f->err));
+    case BS_FF_GEGLU: {
+        /* A BF16 model gates in row chunks, so that the projection's
+         * [rows, 2 inner] F32 output never exists whole (21 MB for the SD-1.5
+         * mid block at batch 8, the largest buffer of its forward); FP32
+         * models keep the single GEMM (and their exact results). */
+        int64_t chunk = rows;
+        if (f->dtype != BS_TYPE_F32) {
+            chunk = GEGLU_CHUNK_BYTES / (2 * ff->inner * (int64_t)sizeof(float));
+            chunk = chunk < 64 ? 64 : chunk / 16 * 16;
+        }
+        chunk = chunk < rows ? chunk : rows;
+        TRY(bs__scratch(f, &g, chunk, 2 * ff->inner));
+        for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+            int64_t r1 = r0 + chunk < rows ? r0 + chunk : rows;
+            struct bs_tensor xr = bs_tensor_view_outer(x, r0, r1 - r0);
+            struct bs_tensor hr = bs_tensor_view_outer(&h, r0, r1 - r0);
+            struct bs_tensor gr = bs_tensor_view_outer(&g, 0, r1 - r0);
+            TRY(linear(f, &gr, &xr, &ff->proj, 0.0f));
+            TRY(f->be->iface->glu(f->be->ctx, &hr, &gr, BS_ACT_GELU, f->err));
+        }
         break;
+    }
     case BS_FF_GEGLU_APPROXIMATE:
         TRY(linear(f, &h, x, &ff->proj, 0.0f));
         TRY(act(f, &h, &h, BS_ACT_QUICK_GELU));
@@ -522,7 +638,7 @@ int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_bl
     struct bs_tensor v = bs_tensor_view_cols(&qkv, 2 * ch, ch);
     struct bs_attn_params ap = {
         .batch = bsz, .lq = s, .lk = s, .heads = heads, .head_dim = (int)(ch / heads),
-        .scale = (float)(1.0 / sqrt((double)ch / heads)),
+        .scale = (float)(1.0 / sqrt((double)ch / heads)), .compute = f->dtype,
     };
     TRY(bs__scratch(f, &o, bsz * s, ch));
     TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &ap, f->err));

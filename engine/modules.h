@@ -29,6 +29,15 @@ struct bs__loader {
     /* Generate mode (st NULL): parameters are filled by this function. */
     void (*generate)(void *arg, const char *key, int n_dims, const int64_t *ne, float *dst);
     void *generate_arg;
+    /* Packing (pack != BS_TYPE_F32 and be set): linear weights take no room
+     * in the F32 buffer; each is converted into temporary staging and handed
+     * to be's pack_weight, and its packed memory is listed in packed (the
+     * model frees it with buf_free). */
+    struct bs_backend *be;
+    enum bs_dtype pack;
+    void **packed;
+    int n_packed, cap_packed;
+    size_t packed_bytes; /* their size as plain [N, K] tensors of the packed dtype */
 };
 
 struct bs__linear {
@@ -100,6 +109,7 @@ struct bs__cond {
 /* One forward's state: backend, scratch and shapes. */
 struct bs__fwd {
     struct bs_backend *be;
+    enum bs_dtype dtype;        /* the model's compute dtype (attention products) */
     struct bs_arena *arena;
     struct bs_err *err;
     int64_t batch, lq, lk;      /* lk: encoder tokens (0 without encoder states) */

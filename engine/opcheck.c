@@ -90,8 +90,12 @@ int bs_opcheck_linear(const struct bs_tensor *y, const struct bs_tensor *x,
     if ((rc = bs_opcheck_rows(x, "linear", "x", err)) ||
         (rc = bs_opcheck_rows(y, "linear", "y", err)))
         return rc;
-    if (w->type != BS_TYPE_F32 || w->n_dims != 2 || !bs_tensor_is_contiguous(w))
-        return bs_err_set(err, BS_EINVAL, "linear: w must be a contiguous F32 [N, K] matrix");
+    /* BF16: a weight the backend packed (pack_weight), or rows of one; the
+     * backend checks that it is one. */
+    if ((w->type != BS_TYPE_F32 && w->type != BS_TYPE_BF16) || w->n_dims != 2 ||
+        !bs_tensor_is_contiguous(w))
+        return bs_err_set(err, BS_EINVAL,
+                          "linear: w must be a contiguous F32 (or packed BF16) [N, K] matrix");
     int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
     if (w->ne[1] != k || bs_tensor_nrows(y) != m || bs_opcheck_ncols(y) != n)
         return bs_err_set(

@@ -140,8 +140,9 @@ static void finish_load(bs_repository_t *r, struct bs_repo_model *rm, int rc, st
         bs_log(BS_LOG_ERROR, NULL, "model %s failed to load: %s", rm->name, rm->reason);
         return;
     }
-    bs_log(BS_LOG_INFO, NULL, "model %s ready (%s, %.1f MB of weights%s)", rm->name,
+    bs_log(BS_LOG_INFO, NULL, "model %s ready (%s, %s, %.1f MB of weights%s)", rm->name,
            bs_config_class_name(bs_model_config(rm->model)->cls),
+           bs_compute_dtype_name(bs_model_dtype(rm->model)),
            (double)bs_model_weight_bytes(rm->model) / 1048576.0,
            rm->builtin ? ", generated" : "");
 }
@@ -206,8 +207,10 @@ static void load_entry(bs_repository_t *r, const char *root, const char *name,
         rc = check_entry(rm->path, name, err);
     if (rc == 0)
         rc = load_serving(rm, err);
-    if (rc == 0)
-        rc = bs_model_load(&rm->model, rm->path, r->be, err);
+    if (rc == 0) {
+        struct bs_model_opts mo = {.has_dtype = rm->serving.has_dtype, .dtype = rm->serving.dtype};
+        rc = bs_model_load_opts(&rm->model, rm->path, r->be, &mo, err);
+    }
     finish_load(r, rm, rc, err);
 }
 

@@ -4,6 +4,8 @@
 
 #include <string.h>
 
+#include "backend.h"
+
 static int serving_int(const struct bs_json *v, const char *key, int64_t lo, int64_t hi,
                        int64_t *out, struct bs_err *err)
 {
@@ -50,11 +52,18 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
                               "serving.device \"cuda\": this server runs on the "
                               "CPU backend");
     } else if (strcmp(m->key, "dtype") == 0) {
-        if (m->type != BS_JSON_STRING ||
-            (strcmp(m->string, "fp32") && strcmp(m->string, "float32")))
-            return bs_err_set(err, BS_EUNSUPP,
-                              "serving.dtype: the CPU backend computes in fp32 "
-                              "(expected \"fp32\")");
+        /* what the backend can compute is checked when the model loads */
+        const char *name = m->type == BS_JSON_STRING ? m->string : NULL;
+        if (name != NULL && strcmp(name, "float32") == 0)
+            name = "fp32";
+        if (name != NULL && strcmp(name, "bfloat16") == 0)
+            name = "bf16";
+        if (name != NULL && strcmp(name, "float16") == 0)
+            name = "fp16";
+        if (name == NULL || bs_compute_dtype_parse(name, &c->dtype, err) != 0)
+            return bs_err_set(err, BS_EINVAL,
+                              "serving.dtype: expected \"fp32\", \"bf16\" or \"fp16\"");
+        c->has_dtype = true;
     } else {
         return bs_err_set(err, BS_EINVAL,
                           "serving: unknown key \"%s\" (known: max_batch_size, "

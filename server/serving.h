@@ -4,11 +4,13 @@
 #ifndef BS_SERVING_H
 #define BS_SERVING_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "common.h"
 #include "json.h"
+#include "tensor.h"
 
 #define BS_MAX_PREFERRED 8
 
@@ -19,6 +21,8 @@ struct bs_serving_config {
     int n_preferred;
     int max_queue_size;         /* queued requests; more get RESOURCE_EXHAUSTED */
     int64_t default_timeout_us; /* 0: none */
+    bool has_dtype;             /* "dtype" given: the model computes in dtype, */
+    enum bs_dtype dtype;        /* else in the server's --dtype */
 };
 
 /* Parse a "serving" object (JSON text of the object) over cfg: the keys it

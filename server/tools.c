@@ -279,9 +279,10 @@ int bs_tools_bench(int argc, char **argv)
         qsort(ms, (size_t)a.reps, sizeof(double), cmp_double);
         double med = a.reps % 2 ? ms[a.reps / 2] : 0.5 * (ms[a.reps / 2 - 1] + ms[a.reps / 2]);
         double flops = bs_model_flops(s.model, s.in, s.n_in);
-        printf("model=%s class=%s backend=%s reps=%d min_ms=%.3f max_ms=%.3f weights_mb=%.1f "
-               "scratch_mb=%.1f\n",
+        printf("model=%s class=%s backend=%s dtype=%s reps=%d min_ms=%.3f max_ms=%.3f "
+               "weights_mb=%.1f scratch_mb=%.1f\n",
                a.model_dir, bs_config_class_name(bs_model_config(s.model)->cls), s.be.iface->name,
+               bs_compute_dtype_name(bs_model_dtype(s.model)),
                a.reps, ms[0], ms[a.reps - 1], (double)bs_model_weight_bytes(s.model) / 1048576.0,
                (double)bs_arena_capacity(&s.arena) / 1048576.0);
         double hwm = proc_status_mb("VmHWM");

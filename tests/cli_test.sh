@@ -72,8 +72,8 @@ expect_fail "bad --reps" "expected an integer" "$bin" bench "$dir" --inputs x --
 expect_fail "unknown command" "unknown command" "$bin" serve-all
 expect_fail "cuda without a CUDA build" "CUDA" \
   "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --device cuda
-expect_fail "bf16 on the cpu" "fp32 only" \
-  "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --device cpu --dtype bf16
+expect_fail "fp16 on the cpu" "fp16 is for cuda" \
+  "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --device cpu --dtype fp16
 expect_fail "unknown dtype" "unknown dtype" \
   "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --dtype int8
 # auto says which device it took (on the stderr note); fp32 and --tf32 are valid on the CPU

@@ -80,6 +80,12 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
         printf("%s\n", err->msg);
     if ((rc = bs_model_load(&model, dir, &be, err)) != 0)
         goto done;
+    if (go->dtype != NULL &&
+        strcmp(bs_compute_dtype_name(bs_model_dtype(model)), go->dtype) != 0) {
+        rc = bs_err_set(err, BS_EINTERNAL, "the model computes in %s, not %s",
+                        bs_compute_dtype_name(bs_model_dtype(model)), go->dtype);
+        goto done;
+    }
     snprintf(path, sizeof(path), "%s/inputs.safetensors", dir);
     if ((rc = bs_st_open(&in_file, path, err)) != 0)
         goto done;

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "gemm_bf16.h"
 #include "opcheck.h"
 #include "ops_cpu.h"
 #include "threadpool.h"
@@ -48,6 +49,7 @@ static void blas_single_thread(void)
  * fused-QKV stride apart (3840 bytes at dim 320), which with 4 KiB pages
  * touches a new page every row and overflows the TLB. Where THP is off the
  * advice is ignored. */
+#define PAGE      ((size_t)4096)
 #define HUGE_PAGE ((size_t)2 << 20)
 #define HUGE_MIN  ((size_t)4 << 20)
 #define BIG_MIN   ((size_t)256 << 10)
@@ -68,17 +70,25 @@ static void *cpu_buf_alloc(void *ctx, size_t size)
         return (char *)base + CPU_ALIGN;
     }
     bool huge = size >= HUGE_MIN;
-    size_t align = huge ? HUGE_PAGE : (size_t)4096;
-    size = (size + align - 1) & ~(align - 1);
-    size_t len = size + 2 * align; /* room to align, with the header before */
+    size_t align = huge ? HUGE_PAGE : PAGE;
+    size = (size + PAGE - 1) & ~(PAGE - 1);
+    size_t len = size + align + PAGE; /* room to align, with the header's page before */
     char *map = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (map == MAP_FAILED)
         return NULL;
-    char *p =
-        (char *)(((uintptr_t)map + sizeof(struct buf_hdr) + align - 1) & ~(uintptr_t)(align - 1));
+    char *p = (char *)(((uintptr_t)map + PAGE + align - 1) & ~(uintptr_t)(align - 1));
+    /* Unmap the slack on both sides, so that the mapping ends with the
+     * buffer: a huge page never covers a tail the buffer does not use (with
+     * THP "always", a 2 MiB-rounded buffer wasted up to 2 MiB each, 84 MB
+     * over the packed weights of a 28-block DiT). */
+    char *head = p - PAGE, *end = p + size;
+    if (head > map)
+        munmap(map, (size_t)(head - map));
+    if (end < map + len)
+        munmap(end, (size_t)(map + len - end));
     struct buf_hdr *h = (struct buf_hdr *)(p - CPU_ALIGN);
-    h->map = map;
-    h->len = len;
+    h->map = head;
+    h->len = PAGE + size;
 #ifdef MADV_HUGEPAGE
     if (huge)
         (void)madvise(p, size, MADV_HUGEPAGE);
@@ -86,10 +96,82 @@ static void *cpu_buf_alloc(void *ctx, size_t size)
     return p;
 }
 
+/* A weight packed by cpu_pack_weight. Views of it (bs_tensor_view_outer)
+ * point into [base, base + bytes) as if it were plain BF16 rows: row r at
+ * base + r * k * 2. The registry (ctx->packed) is sorted by base. */
+struct bs__cpu_packed {
+    const char *base;   /* the packed tensor's data */
+    size_t bytes;       /* n * k * 2 */
+    const void *layout; /* the panels (gemm_bf16.h); base itself here */
+    int64_t n, k;
+};
+
+/* Index of the first entry whose base is above p; the caller holds packed_lock. */
+static size_t packed_upper(const struct bs__cpu *c, const void *p)
+{
+    size_t lo = 0, hi = c->n_packed;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if ((uintptr_t)c->packed[mid].base <= (uintptr_t)p)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Register the packed weight at base, and make sure the GEMM's per-thread
+ * scratch exists. Returns 0 or BS_ENOMEM. */
+static int packed_add(struct bs__cpu *c, void *base, int64_t n, int64_t k, struct bs_err *err)
+{
+    int rc = 0;
+    pthread_rwlock_wrlock(&c->packed_lock);
+    if (c->gemm_scratch == NULL) {
+        size_t bytes = bs__gemm_bf16_scratch_bytes() * (size_t)c->n_threads;
+        if (posix_memalign(&c->gemm_scratch, CPU_ALIGN, bytes) != 0) {
+            c->gemm_scratch = NULL;
+            rc = bs_err_set(err, BS_ENOMEM, "pack_weight: cannot allocate %zu bytes of scratch",
+                            bytes);
+            goto out;
+        }
+    }
+    if (c->n_packed == c->cap_packed) {
+        size_t cap = c->cap_packed ? 2 * c->cap_packed : 64;
+        struct bs__cpu_packed *p = realloc(c->packed, cap * sizeof(*p));
+        if (p == NULL) {
+            rc = bs_err_set(err, BS_ENOMEM, "pack_weight: out of memory");
+            goto out;
+        }
+        c->packed = p;
+        c->cap_packed = cap;
+    }
+    size_t i = packed_upper(c, base);
+    memmove(c->packed + i + 1, c->packed + i, (c->n_packed - i) * sizeof(*c->packed));
+    c->packed[i] = (struct bs__cpu_packed){
+        .base = base, .bytes = (size_t)n * (size_t)k * 2, .layout = base, .n = n, .k = k};
+    c->n_packed++;
+out:
+    pthread_rwlock_unlock(&c->packed_lock);
+    return rc;
+}
+
+/* Forget the packed weight at ptr, if ptr is one. */
+static void packed_forget(struct bs__cpu *c, const void *ptr)
+{
+    pthread_rwlock_wrlock(&c->packed_lock);
+    size_t i = packed_upper(c, ptr);
+    if (i > 0 && c->packed[i - 1].base == ptr) {
+        memmove(c->packed + i - 1, c->packed + i, (c->n_packed - i) * sizeof(*c->packed));
+        c->n_packed--;
+    }
+    pthread_rwlock_unlock(&c->packed_lock);
+}
+
 static void cpu_buf_free(void *ctx, void *ptr)
 {
     if (ptr == NULL)
         return;
+    packed_forget(ctx, ptr);
     struct buf_hdr *h = (struct buf_hdr *)((char *)ptr - CPU_ALIGN);
     if (h->map != NULL)
         munmap(h->map, h->len);
@@ -101,6 +183,35 @@ static int cpu_copy(void *ctx, void *dst, const void *src, size_t size, struct b
 {
     if (size)
         memcpy(dst, src, size);
+    return 0;
+}
+
+/* pack_weight: BF16 panels (gemm_bf16.h) in a buffer of our own, registered
+ * so that linear finds the layout behind w->data and views of it. */
+static int cpu_pack_weight(void *ctx, struct bs_tensor *packed, const struct bs_tensor *w,
+                           enum bs_dtype dtype, struct bs_err *err)
+{
+    struct bs__cpu *c = ctx;
+    if (dtype != BS_TYPE_BF16)
+        return bs_err_set(err, BS_EUNSUPP,
+                          "pack_weight: the cpu backend packs weights in BF16 only (asked for %s)",
+                          bs_dtype_name(dtype));
+    if (w == NULL || w->data == NULL || w->type != BS_TYPE_F32 || w->n_dims != 2 ||
+        !bs_tensor_is_contiguous(w))
+        return bs_err_set(err, BS_EINVAL, "pack_weight: w must be a contiguous F32 [N, K] matrix");
+    int64_t n = w->ne[0], k = w->ne[1];
+    size_t bytes = bs__gemm_bf16_packed_bytes(n, k);
+    void *buf = cpu_buf_alloc(ctx, bytes);
+    if (buf == NULL)
+        return bs_err_set(err, BS_ENOMEM, "pack_weight: cannot allocate %zu bytes", bytes);
+    bs__gemm_bf16_pack(c, buf, w->data, n, k);
+    int rc = packed_add(c, buf, n, k, err);
+    if (rc != 0) {
+        cpu_buf_free(ctx, buf);
+        return rc;
+    }
+    int64_t ne[2] = {n, k};
+    *packed = bs_tensor_make(BS_TYPE_BF16, 2, ne, buf);
     return 0;
 }
 
@@ -206,6 +317,46 @@ static void linear_run(struct bs__cpu *c, struct linear_job *j)
     bs_pool_run(c->pool, mt * j->nt, linear_task, j);
 }
 
+/* linear with a BF16 w: a packed weight, or rows [n0, n0 + n) of one. */
+static int linear_bf16(struct bs__cpu *c, struct bs_tensor *y, const struct bs_tensor *x,
+                       const struct bs_tensor *w, const struct bs_tensor *b, float beta,
+                       struct bs_err *err)
+{
+    struct bs__gemm_bf16_args g = {
+        .x = x->data,
+        .m = bs_tensor_nrows(x),
+        .k = bs_opcheck_ncols(x),
+        .ldx = bs_tensor_ld(x),
+        .n = w->ne[0],
+        .b = b ? b->data : NULL,
+        .y = y->data,
+        .ldy = bs_tensor_ld(y),
+        .beta = beta,
+    };
+    const char *why = "not packed by this backend";
+    pthread_rwlock_rdlock(&c->packed_lock);
+    size_t i = packed_upper(c, w->data);
+    const struct bs__cpu_packed *e = i > 0 ? &c->packed[i - 1] : NULL;
+    size_t off = e ? (size_t)((uintptr_t)w->data - (uintptr_t)e->base) : 0;
+    if (e != NULL && off > e->bytes)
+        e = NULL; /* past the end of the nearest weight below */
+    if (e != NULL) {
+        size_t row = (size_t)e->k * 2;
+        g.n0 = row ? (int64_t)(off / row) : 0;
+        if (e->k != g.k || (row && off % row != 0) || g.n0 + g.n > e->n)
+            why = "not whole rows of a weight packed by this backend";
+        else
+            why = NULL;
+        g.w = e->layout;
+        g.wn = e->n;
+    }
+    void *scratch = c->gemm_scratch;
+    pthread_rwlock_unlock(&c->packed_lock);
+    if (why != NULL)
+        return bs_err_set(err, BS_EINVAL, "linear: BF16 weight %s", why);
+    return bs__gemm_bf16_run(c, &g, scratch, err);
+}
+
 static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                       const struct bs_tensor *w, const struct bs_tensor *b, float beta,
                       struct bs_err *err)
@@ -213,6 +364,8 @@ static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
     int rc = bs_opcheck_linear(y, x, w, b, beta, err);
     if (rc != 0)
         return rc;
+    if (w->type == BS_TYPE_BF16)
+        return linear_bf16(ctx, y, x, w, b, beta, err);
     int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
     if (m == 0 || n == 0)
         return 0;
@@ -235,6 +388,41 @@ static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
     return 0;
 }
 
+/* ---- instruction sets -------------------------------------------------- */
+
+static const char *const isa_names[] = {
+    [BS__ISA_GENERIC] = "generic",
+    [BS__ISA_AVX2] = "avx2",
+    [BS__ISA_AVX512] = "avx512",
+    [BS__ISA_AVX512_BF16] = "avx512bf16",
+};
+
+const char *bs__cpu_isa_name(enum bs__cpu_isa isa)
+{
+    return (unsigned)isa <= BS__ISA_AVX512_BF16 ? isa_names[isa] : "?";
+}
+
+enum bs__cpu_isa bs__cpu_isa_detect(void)
+{
+    enum bs__cpu_isa isa = BS__ISA_GENERIC;
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        isa = BS__ISA_AVX2;
+    if (isa == BS__ISA_AVX2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl"))
+        isa = BS__ISA_AVX512;
+    if (isa == BS__ISA_AVX512 && __builtin_cpu_supports("avx512bf16"))
+        isa = BS__ISA_AVX512_BF16;
+#endif
+    const char *want = getenv("BS_CPU_ISA");
+    for (int i = 0; want != NULL && i <= BS__ISA_AVX512_BF16; i++)
+        if (strcmp(want, isa_names[i]) == 0 && (enum bs__cpu_isa)i < isa)
+            isa = (enum bs__cpu_isa)i;
+    return isa;
+}
+
 /* ---- the backend ------------------------------------------------------- */
 
 static void cpu_free(void *ctx)
@@ -245,6 +433,9 @@ static void cpu_free(void *ctx)
     bs_pool_free(c->pool);
     pthread_mutex_destroy(&c->scratch_lock);
     free(c->scratch);
+    pthread_rwlock_destroy(&c->packed_lock);
+    free(c->packed);
+    free(c->gemm_scratch);
     free(c);
 }
 
@@ -263,6 +454,7 @@ static const struct bs_backend_i cpu_iface = {
     .copy_in = cpu_copy,
     .copy_out = cpu_copy,
     .linear = cpu_linear,
+    .pack_weight = cpu_pack_weight,
     .layer_norm = bs__cpu_layer_norm,
     .group_norm = bs__cpu_group_norm,
     .act = bs__cpu_act,
@@ -292,9 +484,12 @@ int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err
         goto fail_ctx;
     }
     c->n_threads = n_threads;
+    c->isa = bs__cpu_isa_detect();
+    c->dtype = BS_TYPE_F32;
     if ((rc = bs_pool_init(&c->pool, n_threads, err)) != 0)
         goto fail_pool;
     pthread_mutex_init(&c->scratch_lock, NULL);
+    pthread_rwlock_init(&c->packed_lock, NULL);
     pthread_once(&blas_once, blas_single_thread);
     be->iface = &cpu_iface;
     be->ctx = c;
@@ -304,4 +499,32 @@ fail_pool:
     free(c);
 fail_ctx:
     return rc;
+}
+
+int bs_backend_cpu_init_dtype(struct bs_backend *be, int n_threads, enum bs_dtype dtype,
+                              struct bs_err *err)
+{
+    if (dtype == BS_TYPE_F16)
+        return bs_err_set(err, BS_EUNSUPP,
+                          "--dtype fp16: the cpu backend computes in fp32 or bf16 (fp16 is for "
+                          "cuda)");
+    if (dtype != BS_TYPE_F32 && dtype != BS_TYPE_BF16)
+        return bs_err_set(err, BS_EINVAL, "cpu backend: compute dtype %s is not fp32 or bf16",
+                          bs_dtype_name(dtype));
+    int rc = bs_backend_cpu_init(be, n_threads, err);
+    if (rc != 0)
+        return rc;
+    struct bs__cpu *c = be->ctx;
+    c->dtype = dtype;
+    be->dtype = dtype;
+    /* The one line that says how bf16 models compute here (a model may ask
+     * for bf16 on an fp32 backend too). */
+    if (c->isa >= BS__ISA_AVX512_BF16)
+        return bs_err_set(err, 0, "bf16 models: avx512bf16 products (vdpbf16ps)");
+    return bs_err_set(err, 0,
+                      "bf16 models: no AVX512_BF16 %s, so they run on the %s path (bf16 weights, "
+                      "fp32 arithmetic)",
+                      getenv("BS_CPU_ISA") ? "(BS_CPU_ISA caps the instruction set)"
+                                           : "on this CPU",
+                      bs__cpu_isa_name(c->isa));
 }

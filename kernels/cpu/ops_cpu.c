@@ -501,11 +501,18 @@ int bs__cpu_get_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *tab
                      const int64_t *idx, int64_t n, struct bs_err *err)
 {
     int rc;
-    if ((rc = bs_opcheck_get_rows(y, table, idx, n, err)))
+    struct bs_tensor t = *table;
+    if (table->type == BS_TYPE_BF16 && bs_tensor_is_contiguous(table)) /* a BF16 model's table */
+        t = bs_tensor_make(BS_TYPE_F32, table->n_dims, table->ne, table->data);
+    if ((rc = bs_opcheck_get_rows(y, &t, idx, n, err)))
         return rc;
-    int64_t d = bs_opcheck_ncols(table), ldt = bs_tensor_ld(table), ldy = bs_tensor_ld(y);
-    for (int64_t i = 0; i < n; i++)
-        memcpy((float *)y->data + i * ldy, (const float *)table->data + idx[i] * ldt,
-               (size_t)d * sizeof(float));
+    int64_t d = bs_opcheck_ncols(&t), ldt = bs_tensor_ld(&t), ldy = bs_tensor_ld(y);
+    for (int64_t i = 0; i < n; i++) {
+        float *dst = (float *)y->data + i * ldy;
+        if (table->type == BS_TYPE_BF16)
+            bs_convert_to_f32(dst, (const uint16_t *)table->data + idx[i] * ldt, BS_TYPE_BF16, d);
+        else
+            memcpy(dst, (const float *)table->data + idx[i] * ldt, (size_t)d * sizeof(float));
+    }
     return 0;
 }

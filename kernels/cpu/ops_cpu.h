@@ -6,7 +6,13 @@
  * bs_backend_cpu_init and read-only afterwards. scratch, scratch_floats and
  * scratch_bytes belong to whoever holds scratch_lock: an op that uses the
  * scratch takes the lock, grows it if needed, runs its tasks on the pool (task
- * thread t uses slice t) and releases the lock when the run has returned. */
+ * thread t uses slice t) and releases the lock when the run has returned.
+ * The BF16 weights packed by pack_weight (packed, n_packed, cap_packed) and
+ * gemm_scratch belong to whoever holds packed_lock for writing (pack_weight,
+ * buf_free); linear holds it for reading while it looks a weight up.
+ * gemm_scratch is allocated once, by the first pack_weight, and then used only
+ * inside pool runs of the BF16 GEMM, slice t by pool thread t (the pool
+ * serialises runs, so two tasks never share a slice). */
 #ifndef BS_OPS_CPU_H
 #define BS_OPS_CPU_H
 
@@ -17,14 +23,38 @@
 #include "backend.h"
 #include "threadpool.h"
 
+/* The instruction sets the kernels dispatch on, in increasing order; chosen
+ * once per backend (bs__cpu_isa_detect): the best the CPU has, capped by
+ * BS_CPU_ISA (generic, avx2, avx512, avx512bf16) so tests reach each path. */
+enum bs__cpu_isa {
+    BS__ISA_GENERIC,     /* plain C and OpenBLAS */
+    BS__ISA_AVX2,        /* AVX2 + FMA + F16C (the build's baseline, x86-64-v3) */
+    BS__ISA_AVX512,      /* AVX-512 F, BW, DQ, VL */
+    BS__ISA_AVX512_BF16, /* and AVX512_BF16: vdpbf16ps, vcvtne2ps2bf16 */
+};
+
+/* Name of an ISA as BS_CPU_ISA spells it. */
+const char *bs__cpu_isa_name(enum bs__cpu_isa isa);
+
+/* The ISA this CPU runs, capped by $BS_CPU_ISA when set (an unknown value is
+ * ignored); the build's own limit applies too (no AVX2 code without it). */
+enum bs__cpu_isa bs__cpu_isa_detect(void);
+
 struct bs__cpu {
     bs_pool_t *pool;
     int n_threads;
+    enum bs__cpu_isa isa; /* set at init, read-only afterwards */
+    enum bs_dtype dtype;  /* the default compute dtype: F32 or BF16 */
 
     pthread_mutex_t scratch_lock;
     float *scratch;        /* n_threads slices of scratch_floats floats, 64-byte aligned */
     size_t scratch_floats; /* per thread */
     size_t scratch_bytes;  /* total allocated */
+
+    pthread_rwlock_t packed_lock;
+    struct bs__cpu_packed *packed; /* by base address; defined in backend_cpu.c */
+    size_t n_packed, cap_packed;
+    void *gemm_scratch; /* n_threads slices of bs__gemm_bf16_scratch_bytes, or NULL */
 };
 
 /* Bytes of per-thread scratch the CPU backend context holds (for tests). */

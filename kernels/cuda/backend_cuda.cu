@@ -1,5 +1,5 @@
-/* The CUDA backend: device memory, one stream and one cuBLAS handle per
- * backend instance, pinned staging for host copies, GEMMs through
+/* The CUDA backend: device memory, a stream, a cuBLAS handle and pinned
+ * staging per host thread (cuda_common.cuh says who owns what), GEMMs through
  * cublasGemmEx (BF16/FP16 operands with FP32 accumulation and FP32 output, or
  * FP32 with TF32 only when asked), weight copies in the compute dtype made
  * once at load (weights_ready), and the kernels of ops_cuda.cu and
@@ -9,12 +9,15 @@
  * Errors: every CUDA and cuBLAS call is checked; a failure returns
  * BS_EINTERNAL with the call and CUDA's message, so the batch that hit it
  * fails and the server goes on. Kernel faults surface at the next
- * synchronising call (copy_out), which reports them the same way. */
+ * synchronising call of the thread that queued them (copy_out), which
+ * reports them the same way; so does an operand that overflowed the compute
+ * dtype (overflow.cuh). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cuda_common.cuh"
+#include "overflow.cuh"
 
 #define PINNED_BYTES  (8u << 20)  /* staging chunk for copy_in / copy_out */
 #define BLAS_WS_BYTES (32u << 20) /* cuBLAS workspace */
@@ -44,25 +47,132 @@ static int blas_check(cublasStatus_t s, const char *op, const char *what, struct
                       cublasGetStatusName(s));
 }
 
-/* ---- memory ------------------------------------------------------------ */
+/* ---- per-thread state ---------------------------------------------------- */
 
-void *bs__cuda_scratch(struct bs__cuda *c, size_t bytes, struct bs_err *err)
+static void thread_free(struct bs__cuda *c, struct bs__cuda_thread *t)
 {
-    bytes = (bytes + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
-    if (bytes <= c->scratch_bytes)
-        return c->scratch;
-    /* Queued kernels may still read the old buffer: drain the stream first. */
-    if (bs__cuda_check(cudaStreamSynchronize(c->stream), "scratch", "cudaStreamSynchronize", err))
-        return NULL;
-    cudaFree(c->scratch);
-    c->scratch = NULL;
-    c->scratch_bytes = 0;
-    if (bs__cuda_check(cudaMalloc(&c->scratch, bytes), "scratch", "cudaMalloc", err)) {
-        c->scratch = NULL;
+    if (t->stream)
+        cudaStreamSynchronize(t->stream);
+    if (t->blas)
+        cublasDestroy(t->blas);
+    if (t->blas_ws)
+        cudaFree(t->blas_ws);
+    if (t->scratch)
+        cudaFree(t->scratch);
+    if (t->pinned)
+        cudaFreeHost(t->pinned);
+    if (c->bare)
+        free(t->overflow);
+    else if (t->overflow)
+        cudaFreeHost(t->overflow);
+    if (t->stream)
+        cudaStreamDestroy(t->stream);
+    free(t);
+}
+
+/* A device allocation into *p, left NULL on failure. */
+static int dev_alloc(void **p, size_t bytes, const char *op, struct bs_err *err)
+{
+    int rc = bs__cuda_check(cudaMalloc(p, bytes), op, "cudaMalloc", err);
+    if (rc != 0)
+        *p = NULL;
+    return rc;
+}
+
+/* t's resources; on failure what was made stays in t for thread_free. */
+static int thread_make(struct bs__cuda *c, struct bs__cuda_thread *t, const char *op,
+                       struct bs_err *err)
+{
+    int rc;
+    if (c->bare) { /* no device: a flag in plain memory, for the test hooks */
+        t->overflow = t->overflow_dev = (int *)calloc(1, sizeof(int));
+        return t->overflow ? 0 : bs_err_set(err, BS_ENOMEM, "cuda %s: out of memory", op);
+    }
+    if ((rc = bs__cuda_check(cudaStreamCreateWithFlags(&t->stream, cudaStreamNonBlocking), op,
+                             "cudaStreamCreate", err)) != 0) {
+        t->stream = NULL;
+        return rc;
+    }
+    cublasStatus_t s = cublasCreate(&t->blas);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        t->blas = NULL;
+        return blas_check(s, op, "cublasCreate", err);
+    }
+    TRY_RC(rc, blas_check(cublasSetStream(t->blas, t->stream), op, "cublasSetStream", err));
+    TRY_RC(rc, dev_alloc(&t->blas_ws, BLAS_WS_BYTES, op, err));
+    TRY_RC(rc, blas_check(cublasSetWorkspace(t->blas, t->blas_ws, BLAS_WS_BYTES), op,
+                          "cublasSetWorkspace", err));
+    if ((rc = bs__cuda_check(cudaMallocHost(&t->pinned, PINNED_BYTES), op, "cudaMallocHost",
+                             err)) != 0) {
+        t->pinned = NULL;
+        return rc;
+    }
+    t->pinned_bytes = PINNED_BYTES;
+    if ((rc = bs__cuda_check(cudaHostAlloc((void **)&t->overflow, sizeof(int), cudaHostAllocMapped),
+                             op, "cudaHostAlloc", err)) != 0) {
+        t->overflow = NULL;
+        return rc;
+    }
+    *t->overflow = 0;
+    return bs__cuda_check(cudaHostGetDevicePointer((void **)&t->overflow_dev, t->overflow, 0), op,
+                          "cudaHostGetDevicePointer", err);
+}
+
+struct bs__cuda_thread *bs__cuda_thread_get(struct bs__cuda *c, const char *op, struct bs_err *err)
+{
+    struct bs__cuda_thread *t = (struct bs__cuda_thread *)pthread_getspecific(c->key);
+    if (!c->bare && bs__cuda_check(cudaSetDevice(c->device), op, "cudaSetDevice", err))
+        return NULL; /* the current device is per host thread */
+    if (t != NULL)
+        return t;
+    t = (struct bs__cuda_thread *)calloc(1, sizeof(*t));
+    if (t == NULL) {
+        bs_err_set(err, BS_ENOMEM, "cuda %s: out of memory", op);
         return NULL;
     }
-    c->scratch_bytes = bytes;
-    return c->scratch;
+    int rc = thread_make(c, t, op, err);
+    if (rc == 0 && pthread_setspecific(c->key, t) != 0)
+        rc = bs_err_set(err, BS_ENOMEM, "cuda %s: pthread_setspecific failed", op);
+    if (rc != 0) {
+        thread_free(c, t);
+        return NULL;
+    }
+    bs__cuda_lock l(c);
+    t->next = c->threads;
+    c->threads = t;
+    c->n_threads++;
+    return t;
+}
+
+/* The thread's overflow flag, taken after the thread waited for its stream
+ * (rc: how the wait went) and cleared, so that it fails only this batch:
+ * rc when the wait failed (the batch fails with that), else the overflow's
+ * error (overflow.cuh) when the flag was set, else 0. */
+static int take_overflow(const struct bs__cuda *c, struct bs__cuda_thread *t, int rc,
+                         struct bs_err *err)
+{
+    int flags = *(volatile int *)t->overflow;
+    *(volatile int *)t->overflow = 0;
+    return rc != 0 ? rc : bs__cuda_overflow_error(flags, c->dtype, err);
+}
+
+/* ---- memory ------------------------------------------------------------ */
+
+void *bs__cuda_scratch(struct bs__cuda_thread *t, size_t bytes, struct bs_err *err)
+{
+    bytes = (bytes + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
+    if (bytes <= t->scratch_bytes)
+        return t->scratch;
+    /* Queued kernels may still read the old buffer: drain the stream first. */
+    if (bs__cuda_check(cudaStreamSynchronize(t->stream), "scratch", "cudaStreamSynchronize", err))
+        return NULL;
+    cudaFree(t->scratch);
+    t->scratch = NULL;
+    t->scratch_bytes = 0;
+    if (dev_alloc(&t->scratch, bytes, "scratch", err) != 0)
+        return NULL;
+    t->scratch_bytes = bytes;
+    return t->scratch;
 }
 
 static void *cuda_buf_alloc(void *ctx, size_t size)
@@ -77,97 +187,148 @@ static void *cuda_buf_alloc(void *ctx, size_t size)
     return p;
 }
 
+/* Removes the shadow of the buffer at base, if any; returns its copy. */
+static void *shadow_forget(struct bs__cuda *c, const void *base)
+{
+    bs__cuda_lock l(c);
+    for (int i = 0; i < c->n_shadows; i++) {
+        if (c->shadows[i].base != (const char *)base)
+            continue;
+        void *half = c->shadows[i].half;
+        c->shadows[i] = c->shadows[--c->n_shadows];
+        return half;
+    }
+    return NULL;
+}
+
+/* Any thread's queued work may use ptr (a batcher's arena passes from
+ * worker to worker): wait for the whole device, then free it and its copy. */
 static void cuda_buf_free(void *ctx, void *ptr)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     if (ptr == NULL)
         return;
-    bs__cuda_guard g(c);
-    cudaStreamSynchronize(c->stream);
-    for (int i = 0; i < c->n_shadows; i++) {
-        if (c->shadows[i].base != (const char *)ptr)
-            continue;
-        cudaFree(c->shadows[i].half);
-        c->shadows[i] = c->shadows[--c->n_shadows];
-        break;
-    }
+    void *half = shadow_forget(c, ptr);
+    if (c->bare) /* a test backend: nothing on a device */
+        return;
+    cudaSetDevice(c->device);
+    cudaDeviceSynchronize();
+    if (half != NULL)
+        cudaFree(half);
     cudaFree(ptr);
+    cudaGetLastError(); /* an error here is reported by the next op that meets it */
 }
 
-/* Host to device through the pinned chunk, synchronously (src may be freed
- * on return). */
+/* Host to device through the thread's pinned chunk, synchronously (src may
+ * be freed on return); an overflow flagged by the thread's earlier ops fails
+ * it too. */
 static int cuda_copy_in(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
-    bs__cuda_guard g(c);
-    for (size_t off = 0; off < size; off += c->pinned_bytes) {
-        size_t n = size - off < c->pinned_bytes ? size - off : c->pinned_bytes;
-        memcpy(c->pinned, (const char *)src + off, n);
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "copy_in", err);
+    if (t == NULL)
+        return err->code;
+    for (size_t off = 0; off < size; off += t->pinned_bytes) {
+        size_t n = size - off < t->pinned_bytes ? size - off : t->pinned_bytes;
+        memcpy(t->pinned, (const char *)src + off, n);
         if (bs__cuda_check(
-                cudaMemcpyAsync((char *)dst + off, c->pinned, n, cudaMemcpyHostToDevice, c->stream),
+                cudaMemcpyAsync((char *)dst + off, t->pinned, n, cudaMemcpyHostToDevice, t->stream),
                 "copy_in", "cudaMemcpyAsync", err) ||
-            bs__cuda_check(cudaStreamSynchronize(c->stream), "copy_in", "cudaStreamSynchronize",
-                           err))
-            return err->code;
+            bs__cuda_check(cudaStreamSynchronize(t->stream), "copy_in",
+                           "cudaStreamSynchronize (this or an earlier op failed)", err))
+            return take_overflow(c, t, err->code, err);
     }
-    return 0;
+    return take_overflow(c, t, 0, err);
 }
 
-/* Device to host; waits for every queued op, so kernel faults show here. */
+/* Device to host; waits for every op this thread queued, so their faults
+ * and overflows (overflow.cuh) show here. size 0: only that wait. No lock:
+ * the stream and the staging are the thread's own. */
 static int cuda_copy_out(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
-    bs__cuda_guard g(c);
-    if (size == 0)
-        return bs__cuda_check(cudaStreamSynchronize(c->stream), "copy_out",
-                              "cudaStreamSynchronize (an earlier op failed)", err);
-    for (size_t off = 0; off < size; off += c->pinned_bytes) {
-        size_t n = size - off < c->pinned_bytes ? size - off : c->pinned_bytes;
-        if (bs__cuda_check(cudaMemcpyAsync(c->pinned, (const char *)src + off, n,
-                                           cudaMemcpyDeviceToHost, c->stream),
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "copy_out", err);
+    if (t == NULL)
+        return err->code;
+    if (size == 0 && bs__cuda_check(cudaStreamSynchronize(t->stream), "copy_out",
+                                    "cudaStreamSynchronize (an earlier op failed)", err))
+        return take_overflow(c, t, err->code, err);
+    for (size_t off = 0; off < size; off += t->pinned_bytes) {
+        size_t n = size - off < t->pinned_bytes ? size - off : t->pinned_bytes;
+        if (bs__cuda_check(cudaMemcpyAsync(t->pinned, (const char *)src + off, n,
+                                           cudaMemcpyDeviceToHost, t->stream),
                            "copy_out", "cudaMemcpyAsync", err) ||
-            bs__cuda_check(cudaStreamSynchronize(c->stream), "copy_out",
+            bs__cuda_check(cudaStreamSynchronize(t->stream), "copy_out",
                            "cudaStreamSynchronize (this or an earlier op failed)", err))
-            return err->code;
-        memcpy((char *)dst + off, c->pinned, n);
+            return take_overflow(c, t, err->code, err);
+        memcpy((char *)dst + off, t->pinned, n);
     }
-    return 0;
+    return take_overflow(c, t, 0, err);
 }
 
 /* ---- weights in the compute dtype -------------------------------------- */
 
+/* Records half as the copy of [base, base + bytes): a buffer registered
+ * again (weights_ready twice) has its entry replaced, and *replaced is the
+ * old copy for the caller to free (else NULL). */
+static int shadow_register(struct bs__cuda *c, const void *base, size_t bytes, void *half,
+                           void **replaced, struct bs_err *err)
+{
+    bs__cuda_lock l(c);
+    *replaced = NULL;
+    for (int i = 0; i < c->n_shadows; i++)
+        if (c->shadows[i].base == (const char *)base) {
+            *replaced = c->shadows[i].half;
+            c->shadows[i] = {(const char *)base, bytes, half};
+            return 0;
+        }
+    if (c->n_shadows == BS_CUDA_MAX_SHADOWS)
+        return bs_err_set(err, BS_ERANGE, "cuda: more than %d models loaded", BS_CUDA_MAX_SHADOWS);
+    c->shadows[c->n_shadows++] = {(const char *)base, bytes, half};
+    return 0;
+}
+
+/* The model's weights converted once; called again for the same buffer, the
+ * copy is made anew and replaces the old one (freed), so nothing leaks. A
+ * weight beyond the dtype's range fails the load (overflow.cuh). */
 static int cuda_weights_ready(void *ctx, void *buf, size_t size, struct bs_err *err)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     if (c->dtype == BS_TYPE_F32 || size < sizeof(float))
         return 0;
-    bs__cuda_guard g(c);
-    if (c->n_shadows == BS_CUDA_MAX_SHADOWS)
-        return bs_err_set(err, BS_ERANGE, "cuda: more than %d models loaded", BS_CUDA_MAX_SHADOWS);
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "weights_ready", err);
+    if (t == NULL)
+        return err->code;
     int64_t n = (int64_t)(size / sizeof(float));
-    void *half = NULL;
+    void *half = NULL, *old = NULL;
     if (cudaMalloc(&half, (size_t)n * 2) != cudaSuccess) {
         cudaGetLastError();
         return bs_err_set(err, BS_ENOMEM, "cuda: cannot allocate %zu bytes for %s weights",
                           (size_t)n * 2, bs_dtype_name(c->dtype));
     }
-    int rc = bs__cuda_to_half(c, half, (const float *)buf, 1, n, n, err);
+    int rc = bs__cuda_to_half(c, t, half, (const float *)buf, 1, n, n, BS_OVF_WEIGHTS, err);
     if (rc == 0)
-        rc = bs__cuda_check(cudaStreamSynchronize(c->stream), "weights_ready",
+        rc = bs__cuda_check(cudaStreamSynchronize(t->stream), "weights_ready",
                             "cudaStreamSynchronize", err);
+    rc = take_overflow(c, t, rc, err);
+    if (rc == 0)
+        rc = shadow_register(c, buf, size, half, &old, err);
     if (rc != 0) {
         cudaFree(half);
         return rc;
     }
-    c->shadows[c->n_shadows++] = {(const char *)buf, size, half};
+    if (old != NULL)
+        cudaFree(old); /* this thread's stream is idle; others' linear read buf's copy only
+                          while the model serves, and weights are not reloaded then */
     return 0;
 }
 
 /* The compute-dtype copy of F32 weights at w, or NULL when w is not in a
  * registered buffer. */
-static const void *shadow_of(const struct bs__cuda *c, const void *w)
+static const void *shadow_of(struct bs__cuda *c, const void *w)
 {
     const char *p = (const char *)w;
+    bs__cuda_lock l(c);
     for (int i = 0; i < c->n_shadows; i++) {
         const struct bs__cuda_shadow *s = &c->shadows[i];
         if (p >= s->base && p < s->base + s->bytes && (p - s->base) % sizeof(float) == 0)
@@ -185,6 +346,9 @@ static int check_linear(struct bs_tensor *y, const struct bs_tensor *x, const st
     int rc = bs_opcheck_linear(y, x, w, b, beta, err);
     if (rc != 0)
         return rc;
+    if (w->type != BS_TYPE_F32) /* no pack_weight here: a BF16 w is another backend's */
+        return bs_err_set(err, BS_EINVAL, "linear: w must be F32 on the cuda backend (got %s)",
+                          bs_dtype_name(w->type));
     int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
     if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || bs_tensor_ld(x) > INT32_MAX ||
         bs_tensor_ld(y) > INT32_MAX)
@@ -194,18 +358,19 @@ static int check_linear(struct bs_tensor *y, const struct bs_tensor *x, const st
 
 /* Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T = w^T(op T) x^T:
  * A = w (lda K, transposed), B = x (ldb = its row stride), C = y (ldc). */
-static int gemm(struct bs__cuda *c, float *y, int64_t ldy, const void *x, int64_t ldx,
-                const void *w, int64_t m, int64_t n, int64_t k, float beta, struct bs_err *err)
+static int gemm(const struct bs__cuda *c, struct bs__cuda_thread *t, float *y, int64_t ldy,
+                const void *x, int64_t ldx, const void *w, int64_t m, int64_t n, int64_t k,
+                float beta, struct bs_err *err)
 {
     const float one = 1.0f;
-    cudaDataType_t t = c->dtype == BS_TYPE_F32    ? CUDA_R_32F
-                       : c->dtype == BS_TYPE_BF16 ? CUDA_R_16BF
-                                                  : CUDA_R_16F;
+    cudaDataType_t ty = c->dtype == BS_TYPE_F32    ? CUDA_R_32F
+                        : c->dtype == BS_TYPE_BF16 ? CUDA_R_16BF
+                                                   : CUDA_R_16F;
     cublasComputeType_t ct =
         c->dtype == BS_TYPE_F32 && c->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-    return blas_check(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)m, (int)k, &one,
-                                   w, t, (int)k, x, t, (int)ldx, &beta, y, CUDA_R_32F, (int)ldy, ct,
-                                   CUBLAS_GEMM_DEFAULT),
+    return blas_check(cublasGemmEx(t->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)m, (int)k, &one,
+                                   w, ty, (int)k, x, ty, (int)ldx, &beta, y, CUDA_R_32F, (int)ldy,
+                                   ct, CUBLAS_GEMM_DEFAULT),
                       "linear", "cublasGemmEx", err);
 }
 
@@ -221,49 +386,55 @@ static int cuda_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     int64_t ldx = bs_tensor_ld(x), ldy = bs_tensor_ld(y);
     if (m == 0 || n == 0)
         return 0;
-    bs__cuda_guard g(c);
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "linear", err);
+    if (t == NULL)
+        return err->code;
     float *yd = (float *)y->data;
     if (b != NULL || (k == 0 && beta == 0.0f)) { /* bias first, then accumulate onto it */
         TRY_RC(rc,
-               bs__cuda_bias_rows(c, yd, ldy, b ? (const float *)b->data : NULL, m, n, beta, err));
+               bs__cuda_bias_rows(t, yd, ldy, b ? (const float *)b->data : NULL, m, n, beta, err));
         beta = 1.0f;
     }
     if (k == 0)
         return 0;
     if (c->dtype == BS_TYPE_F32)
-        return gemm(c, yd, ldy, x->data, ldx, w->data, m, n, k, beta, err);
+        return gemm(c, t, yd, ldy, x->data, ldx, w->data, m, n, k, beta, err);
     const void *wh = shadow_of(c, w->data);
     size_t xbytes = ((size_t)(m * k) * 2 + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
-    char *s = (char *)bs__cuda_scratch(c, xbytes + (wh ? 0 : (size_t)(n * k) * 2), err);
+    char *s = (char *)bs__cuda_scratch(t, xbytes + (wh ? 0 : (size_t)(n * k) * 2), err);
     if (s == NULL)
         return bs_err_wrap(err, "linear");
-    TRY_RC(rc, bs__cuda_to_half(c, s, (const float *)x->data, m, k, ldx, err));
+    TRY_RC(rc, bs__cuda_to_half(c, t, s, (const float *)x->data, m, k, ldx, BS_OVF_LINEAR, err));
     if (wh == NULL) { /* weights outside a model buffer (tests): convert per call */
-        TRY_RC(rc, bs__cuda_to_half(c, s + xbytes, (const float *)w->data, n, k, k, err));
+        TRY_RC(rc, bs__cuda_to_half(c, t, s + xbytes, (const float *)w->data, n, k, k,
+                                    BS_OVF_LINEAR, err));
         wh = s + xbytes;
     }
-    return gemm(c, yd, ldy, s, k, wh, m, n, k, beta, err);
+    return gemm(c, t, yd, ldy, s, k, wh, m, n, k, beta, err);
 }
 
 /* ---- the backend ------------------------------------------------------- */
 
+/* Every thread's state goes (no op may run any more: the caller's
+ * contract), then the weight copies. */
 static void cuda_free(void *ctx)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     if (c == NULL)
         return;
-    cudaSetDevice(c->device);
-    if (c->stream)
-        cudaStreamSynchronize(c->stream);
+    if (!c->bare) {
+        cudaSetDevice(c->device);
+        cudaDeviceSynchronize();
+    }
+    while (c->threads != NULL) {
+        struct bs__cuda_thread *t = c->threads;
+        c->threads = t->next;
+        thread_free(c, t);
+    }
     for (int i = 0; i < c->n_shadows; i++)
-        cudaFree(c->shadows[i].half);
-    if (c->blas)
-        cublasDestroy(c->blas);
-    cudaFree(c->blas_ws);
-    cudaFree(c->scratch);
-    cudaFreeHost(c->pinned);
-    if (c->stream)
-        cudaStreamDestroy(c->stream);
+        if (!c->bare)
+            cudaFree(c->shadows[i].half);
+    pthread_key_delete(c->key);
     pthread_mutex_destroy(&c->lock);
     free(c);
 }
@@ -365,30 +536,33 @@ static int pick_device(struct bs__cuda *c, struct bs_err *err)
     return bs__cuda_check(cudaSetDevice(0), "init", "cudaSetDevice", err);
 }
 
+/* The device, and the calling thread's state (the loop thread's, which
+ * loads the models). */
 static int init_ctx(struct bs__cuda *c, struct bs_err *err)
 {
     int rc;
     TRY_RC(rc, pick_device(c, err));
-    TRY_RC(rc, bs__cuda_check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "init",
-                              "cudaStreamCreate", err));
-    cublasStatus_t s = cublasCreate(&c->blas);
-    if (s != CUBLAS_STATUS_SUCCESS) {
-        c->blas = NULL;
-        return bs_err_set(err, BS_EUNSUPP, "no usable CUDA GPU: cublasCreate: %s",
-                          cublasGetStatusString(s));
-    }
-    TRY_RC(rc, blas_check(cublasSetStream(c->blas, c->stream), "init", "cublasSetStream", err));
-    TRY_RC(rc, bs__cuda_check(cudaMalloc(&c->blas_ws, BLAS_WS_BYTES), "init", "cudaMalloc", err));
-    c->blas_ws_bytes = BLAS_WS_BYTES;
-    TRY_RC(rc, blas_check(cublasSetWorkspace(c->blas, c->blas_ws, c->blas_ws_bytes), "init",
-                          "cublasSetWorkspace", err));
-    TRY_RC(rc,
-           bs__cuda_check(cudaMallocHost(&c->pinned, PINNED_BYTES), "init", "cudaMallocHost", err));
-    c->pinned_bytes = PINNED_BYTES;
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "init", err);
+    if (t == NULL)
+        return err->code;
     /* One round trip proves the device works before we promise to use it. */
-    TRY_RC(rc, bs__cuda_check(cudaMemsetAsync(c->blas_ws, 0, 256, c->stream), "init",
+    TRY_RC(rc, bs__cuda_check(cudaMemsetAsync(t->blas_ws, 0, 256, t->stream), "init",
                               "cudaMemsetAsync", err));
-    return bs__cuda_check(cudaStreamSynchronize(c->stream), "init", "cudaStreamSynchronize", err);
+    return bs__cuda_check(cudaStreamSynchronize(t->stream), "init", "cudaStreamSynchronize", err);
+}
+
+/* A zeroed context with its lock and thread key; NULL when out of memory. */
+static struct bs__cuda *ctx_alloc(void)
+{
+    struct bs__cuda *c = (struct bs__cuda *)calloc(1, sizeof(struct bs__cuda));
+    if (c == NULL)
+        return NULL;
+    if (pthread_key_create(&c->key, NULL) != 0) {
+        free(c);
+        return NULL;
+    }
+    pthread_mutex_init(&c->lock, NULL);
+    return c;
 }
 
 /* ---- entry points --------------------------------------------------------- */
@@ -398,10 +572,9 @@ static int cuda_module_init(struct bs_backend *be, const struct bs_backend_opts 
 {
     int rc;
     memset(be, 0, sizeof(*be));
-    struct bs__cuda *c = (struct bs__cuda *)calloc(1, sizeof(*c));
+    struct bs__cuda *c = ctx_alloc();
     if (c == NULL)
         return bs_err_set(err, BS_ENOMEM, "cuda backend: out of memory");
-    pthread_mutex_init(&c->lock, NULL);
     c->tf32 = o->tf32;
     if ((rc = parse_dtype(o->dtype, &c->dtype, err)) != 0 || (rc = init_ctx(c, err)) != 0) {
         cuda_free(c);
@@ -425,17 +598,18 @@ static int cuda_attention_unfused(struct bs_backend *be, struct bs_tensor *o,
 }
 
 /* BS_PROC_TEST_BACKEND (tests/unit/test_cuda_host.c): a backend whose context
- * is bound to no device (no stream, no cuBLAS handle, no staging), so that a
- * machine without a GPU can check the ops' argument checks against the CPU
- * twins and see valid calls fail cleanly with BS_EINTERNAL. Never use it with
- * a GPU: the ops would launch on the tensors' (host) pointers. No copy ops. */
+ * is bound to no device (bare: its thread states have no stream, cuBLAS
+ * handle or staging), so that a machine without a GPU can check the ops'
+ * argument checks against the CPU twins and see valid calls fail cleanly
+ * with BS_EINTERNAL. Never use it with a GPU: the ops would launch on the
+ * tensors' (host) pointers. No copy ops. */
 static int cuda_test_backend(struct bs_backend *be, const char *dtype, struct bs_err *err)
 {
     memset(be, 0, sizeof(*be));
-    struct bs__cuda *c = (struct bs__cuda *)calloc(1, sizeof(*c));
+    struct bs__cuda *c = ctx_alloc();
     if (c == NULL)
         return bs_err_set(err, BS_ENOMEM, "cuda backend: out of memory");
-    pthread_mutex_init(&c->lock, NULL);
+    c->bare = true;
     int rc = parse_dtype(dtype, &c->dtype, err);
     if (rc != 0) {
         cuda_free(c);
@@ -446,18 +620,77 @@ static int cuda_test_backend(struct bs_backend *be, const char *dtype, struct bs
     return 0;
 }
 
+/* ---- BS_PROC_TEST_HOOKS: the host-side internals, for test_cuda_host.c ---- */
+
+static struct bs__cuda *test_ctx(const struct bs_backend *be)
+{
+    return be->iface == &cuda_iface ? (struct bs__cuda *)be->ctx : NULL;
+}
+
+static const void *hook_thread_state(struct bs_backend *be, struct bs_err *err)
+{
+    struct bs__cuda *c = test_ctx(be);
+    if (c == NULL) {
+        bs_err_set(err, BS_EINVAL, "not a cuda backend");
+        return NULL;
+    }
+    return bs__cuda_thread_get(c, "test", err);
+}
+
+static int hook_counts(const struct bs_backend *be, int *threads, int *shadows)
+{
+    struct bs__cuda *c = test_ctx(be);
+    if (c == NULL)
+        return BS_EINVAL;
+    bs__cuda_lock l(c);
+    *threads = c->n_threads;
+    *shadows = c->n_shadows;
+    return 0;
+}
+
+static int hook_shadow_register(struct bs_backend *be, const void *base, size_t bytes, void *half,
+                                void **replaced, struct bs_err *err)
+{
+    struct bs__cuda *c = test_ctx(be);
+    if (c == NULL)
+        return bs_err_set(err, BS_EINVAL, "not a cuda backend");
+    return shadow_register(c, base, bytes, half, replaced, err);
+}
+
+static int hook_overflow_take(struct bs_backend *be, int flags, struct bs_err *err)
+{
+    struct bs__cuda *c = test_ctx(be);
+    if (c == NULL)
+        return bs_err_set(err, BS_EINVAL, "not a cuda backend");
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "test", err);
+    if (t == NULL)
+        return err->code;
+    *(volatile int *)t->overflow = flags;
+    return take_overflow(c, t, 0, err);
+}
+
+static const struct bs_backend_test_hooks *cuda_test_hooks(void)
+{
+    static const struct bs_backend_test_hooks hooks = {hook_thread_state, hook_counts,
+                                                       hook_shadow_register, hook_overflow_take};
+    return &hooks;
+}
+
 /* The extra entry points by name (engine/backend.h: BS_PROC_*); the types
  * are checked here against the typedefs the callers use. */
 static void *cuda_get_proc_address(const char *name)
 {
     bs_proc_attention_unfused_fn unfused = cuda_attention_unfused;
     bs_proc_test_backend_fn test_backend = cuda_test_backend;
+    bs_proc_test_hooks_fn test_hooks = cuda_test_hooks;
     if (name == NULL)
         return NULL;
     if (strcmp(name, BS_PROC_ATTENTION_UNFUSED) == 0)
         return reinterpret_cast<void *>(unfused);
     if (strcmp(name, BS_PROC_TEST_BACKEND) == 0)
         return reinterpret_cast<void *>(test_backend);
+    if (strcmp(name, BS_PROC_TEST_HOOKS) == 0)
+        return reinterpret_cast<void *>(test_hooks);
     return NULL;
 }
 

@@ -1,13 +1,27 @@
 /* Internal to the CUDA backend (kernels/cuda): the backend context shared by
- * backend_cuda.cu, ops_cuda.cu and attn_cuda.cu, error helpers, and the op
- * entries that backend_cuda.cu puts in its function table.
+ * backend_cuda.cu, ops_cuda.cu and attn_cuda.cu, the per-thread state, error
+ * helpers, and the op entries that backend_cuda.cu puts in its function
+ * table.
  *
- * Thread ownership (STYLE rule 12): device, dtype and tf32 are set at init
- * and read-only afterwards. Everything else (stream, cuBLAS handle, scratch,
- * pinned staging, weight shadows) belongs to whoever holds lock: every op
- * entry takes it for the whole time it enqueues work, so the ops of several
- * worker threads interleave on the one stream whole, in stream order, and may
- * share the scratch buffer (a later op's kernels run after an earlier op's). */
+ * Thread ownership (STYLE rule 12): device, dtype, tf32, bare and key are
+ * set at init and read-only afterwards. Each host thread that calls the
+ * backend (a batcher's libuv worker, the loop thread while models load) gets
+ * its own struct bs__cuda_thread on first use (bs__cuda_thread_get): a
+ * stream, a cuBLAS handle with its workspace, conversion scratch, pinned
+ * staging and an overflow flag, which only that thread touches, so an op
+ * takes no lock while it enqueues, a copy none while it waits for the
+ * device, and a fault shows in the copy of the batch whose kernels caused it
+ * (the same thread, the same stream). The states are made once per thread
+ * and kept until the backend is freed (a thread that exits leaves its state
+ * to cuda_free; libuv's workers live as long as the process). lock guards
+ * only the list of states (threads) and the weight copies (shadows): held
+ * for a lookup or an update, never while waiting on the device.
+ *
+ * Memory that several threads' streams use one after another (the arena of
+ * a batcher whose batches run on different workers, model weights) is
+ * handed over at a synchronisation: a forward ends with copy_out, which
+ * waits for the thread's stream, and the engine drains it after a failed
+ * forward (copy_out of 0 bytes); buf_free waits for the whole device. */
 #ifndef BS_CUDA_COMMON_CUH
 #define BS_CUDA_COMMON_CUH
 
@@ -38,40 +52,55 @@ struct bs__cuda_shadow {
     void *half;
 };
 
-struct bs__cuda {
-    int device;
-    enum bs_dtype dtype; /* F32, BF16 or F16 */
-    bool tf32;
-    char desc[256];
-
-    pthread_mutex_t lock;
+/* One host thread's resources (top of the file); only that thread uses them. */
+struct bs__cuda_thread {
+    struct bs__cuda_thread *next; /* the context's list, under its lock */
     cudaStream_t stream;
     cublasHandle_t blas;
     void *blas_ws;
-    size_t blas_ws_bytes;
     void *scratch; /* device memory for operand conversions, grown to the high-water mark */
     size_t scratch_bytes;
     void *pinned; /* pinned host staging for copy_in / copy_out */
     size_t pinned_bytes;
+    int *overflow;     /* the overflow flag (overflow.cuh), host memory mapped for the device, */
+    int *overflow_dev; /* and its device address, which the conversion kernels get */
+};
+
+struct bs__cuda {
+    int device;
+    enum bs_dtype dtype; /* F32, BF16 or F16 */
+    bool tf32;
+    bool bare; /* a test backend (BS_PROC_TEST_BACKEND): thread states hold no CUDA resources */
+    pthread_key_t key; /* the calling thread's struct bs__cuda_thread */
+    char desc[256];
+
+    pthread_mutex_t lock; /* guards threads and shadows */
+    struct bs__cuda_thread *threads;
+    int n_threads;
     struct bs__cuda_shadow shadows[BS_CUDA_MAX_SHADOWS];
     int n_shadows;
 };
 
-/* Locks c for the life of the object (an op entry's scope). */
-struct bs__cuda_guard {
+/* Holds c's lock for the life of the object (a short lookup or update). */
+struct bs__cuda_lock {
     struct bs__cuda *c;
-    explicit bs__cuda_guard(struct bs__cuda *cc) : c(cc)
+    explicit bs__cuda_lock(struct bs__cuda *cc) : c(cc)
     {
         pthread_mutex_lock(&c->lock);
-        cudaSetDevice(c->device); /* the current device is per host thread */
     }
-    ~bs__cuda_guard()
+    ~bs__cuda_lock()
     {
         pthread_mutex_unlock(&c->lock);
     }
-    bs__cuda_guard(const bs__cuda_guard &) = delete;
-    bs__cuda_guard &operator=(const bs__cuda_guard &) = delete;
+    bs__cuda_lock(const bs__cuda_lock &) = delete;
+    bs__cuda_lock &operator=(const bs__cuda_lock &) = delete;
 };
+
+/* The calling thread's state, made on first use (stream, cuBLAS handle and
+ * workspace, pinned staging, overflow flag; none of them on a bare test
+ * backend), with the thread's current device set to c's. NULL with err set
+ * ("cuda <op>: ...") when a resource cannot be made. */
+struct bs__cuda_thread *bs__cuda_thread_get(struct bs__cuda *c, const char *op, struct bs_err *err);
 
 /* BS_EINTERNAL with "op: what: CUDA error text" when e is not cudaSuccess. */
 int bs__cuda_check(cudaError_t e, const char *op, const char *what, struct bs_err *err);
@@ -79,19 +108,22 @@ int bs__cuda_check(cudaError_t e, const char *op, const char *what, struct bs_er
 /* The same for the last launch on this thread (cudaGetLastError). */
 int bs__cuda_check_launch(const char *op, struct bs_err *err);
 
-/* Scratch of at least bytes (256-byte aligned), kept for later ops; the
- * caller holds the lock. NULL with err set when out of memory. */
-void *bs__cuda_scratch(struct bs__cuda *c, size_t bytes, struct bs_err *err);
+/* The thread's scratch, at least bytes (256-byte aligned), kept for its
+ * later ops. NULL with err set when out of memory. */
+void *bs__cuda_scratch(struct bs__cuda_thread *t, size_t bytes, struct bs_err *err);
 
 static inline int64_t bs__cdiv(int64_t a, int64_t b)
 {
     return (a + b - 1) / b;
 }
 
-/* Convert n floats (rows of cols with stride ld) into dense rows of the
- * compute dtype at dst, on the stream; returns 0 or an error. */
-int bs__cuda_to_half(struct bs__cuda *c, void *dst, const float *src, int64_t rows, int64_t cols,
-                     int64_t ld, struct bs_err *err);
+/* Convert rows of cols floats (stride ld) into dense rows of the compute
+ * dtype at dst, on the thread's stream; a value beyond the dtype's range
+ * sets the thread's overflow flag to code (BS_OVF_*, overflow.cuh). Returns
+ * 0 or an error. */
+int bs__cuda_to_half(const struct bs__cuda *c, struct bs__cuda_thread *t, void *dst,
+                     const float *src, int64_t rows, int64_t cols, int64_t ld, int code,
+                     struct bs_err *err);
 
 /* Op entries of the function table (contracts in engine/backend.h, argument
  * checks shared with the CPU backend in engine/opcheck.h). */
@@ -114,13 +146,13 @@ int bs__cuda_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q
                        const struct bs_tensor *k, const struct bs_tensor *v,
                        const struct bs_attn_params *p, struct bs_err *err);
 
-/* Bias rows: y[r] = b (beta 0) or y[r] += b (beta 1) for m rows of n. */
-int bs__cuda_bias_rows(struct bs__cuda *c, float *y, int64_t ldy, const float *b, int64_t m,
+/* Bias rows on the thread's stream: y[r] = b (beta 0) or y[r] += b (beta 1)
+ * for m rows of n. */
+int bs__cuda_bias_rows(struct bs__cuda_thread *t, float *y, int64_t ldy, const float *b, int64_t m,
                        int64_t n, float beta, struct bs_err *err);
 
 /* The unfused attention baseline (for the benchmark): per (sample, head),
- * S = q k^T by cuBLAS into scratch, softmax kernel, o = P v by cuBLAS. Takes
- * the lock itself. */
+ * S = q k^T by cuBLAS into scratch, softmax kernel, o = P v by cuBLAS. */
 int bs__cuda_attention_unfused(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
                                const struct bs_tensor *k, const struct bs_tensor *v,
                                const struct bs_attn_params *p, struct bs_err *err);

@@ -1,136 +1,37 @@
-/* CUDA kernels for the row-wise and elementwise ops: layer norm and group norm
+/* The row-wise and elementwise ops on the GPU: layer norm and group norm
  * with modulation, activations, gated units, gated residual adds, transpose,
  * row gathers, bias rows and the F32 to BF16/FP16 operand conversion.
  *
- * Three layers per op (STYLE rule 5): the __global__ kernel, a launcher that
- * takes the stream (launch_*), and the entry (bs__cuda_*) that checks shapes
- * and dtypes with the CPU twin's checks (engine/opcheck.h), takes the context
- * lock and launches. All arithmetic is FP32 (these ops are memory-bound; the
- * compute dtype only narrows GEMM and attention operands);
- * norm statistics accumulate in double, two passes, like the CPU. */
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+ * Three layers per op (STYLE rule 5): the __global__ kernel (ops_kernels.cuh,
+ * shared with the host emulation of tests/gpu_emu), a launcher that takes
+ * the stream (launch_*), and the entry (bs__cuda_*) that checks shapes and
+ * dtypes with the CPU twin's checks (engine/opcheck.h), takes the calling
+ * thread's state (its stream: cuda_common.cuh) and launches. */
 #include "cuda_common.cuh"
 
-#define EW_THREADS   256   /* elementwise kernels: threads per block (x) */
-#define EW_MAX_Y     65535 /* grid y limit: rows beyond it loop */
-#define NORM_THREADS 256
-#define GN_THREADS   512
-#define TR_TILE      32
-
-/* ---- device helpers ---------------------------------------------------- */
-
-__device__ __forceinline__ float act_f(float x, int act)
-{
-    switch (act) {
-    case BS_ACT_GELU:
-        return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case BS_ACT_GELU_TANH: {
-        float u = 0.7978845608028654f * fmaf(0.044715f * x, x * x, x);
-        return x / (1.0f + expf(-2.0f * u));
-    }
-    case BS_ACT_QUICK_GELU:
-        return x / (1.0f + expf(-1.702f * x));
-    case BS_ACT_SILU:
-        return x / (1.0f + expf(-x));
-    case BS_ACT_MISH: {
-        float u = expf(x > 20.0f ? 20.0f : x);
-        float n = u * (u + 2.0f);
-        return x * (n / (n + 2.0f));
-    }
-    default:
-        return x;
-    }
-}
-
-/* Sum over the block (blockDim.x a multiple of 32, at most 1024); every
- * thread gets the result. */
-__device__ double block_sum(double v)
-{
-    __shared__ double part[32];
-    __shared__ double total;
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    __syncthreads(); /* part/total may still be read from a previous call */
-    if (lane == 0)
-        part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        double s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
-        for (int o = 16; o > 0; o >>= 1)
-            s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0)
-            total = s;
-    }
-    __syncthreads();
-    return total;
-}
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x)
-{
-    return __float2bfloat16_rn(x);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float x)
-{
-    return __float2half_rn(x);
-}
-
-static dim3 ew_grid(int64_t rows, int64_t cols)
-{
-    int64_t gx = bs__cdiv(cols, EW_THREADS);
-    return dim3((unsigned)(gx > INT32_MAX ? INT32_MAX : gx),
-                (unsigned)(rows > EW_MAX_Y ? EW_MAX_Y : rows));
-}
-
-/* Loop macros for the 2-d elementwise kernels: rows over grid y, columns over
- * grid x, both grid-strided. */
-#define EW_ROWS(r, rows) for (int64_t r = blockIdx.y; r < (rows); r += gridDim.y)
-#define EW_COLS(i, cols)                                                                           \
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (cols);                   \
-         i += (int64_t)gridDim.x * blockDim.x)
+#include "ops_kernels.cuh"
 
 /* ---- conversion and bias ------------------------------------------------ */
 
-template <typename T>
-__global__ void to_half_kernel(T *dst, const float *src, int64_t rows, int64_t cols, int64_t ld)
-{
-    EW_ROWS(r, rows)
-    EW_COLS(i, cols)
-    dst[r * cols + i] = from_f32<T>(src[r * ld + i]);
-}
-
-int bs__cuda_to_half(struct bs__cuda *c, void *dst, const float *src, int64_t rows, int64_t cols,
-                     int64_t ld, struct bs_err *err)
+int bs__cuda_to_half(const struct bs__cuda *c, struct bs__cuda_thread *t, void *dst,
+                     const float *src, int64_t rows, int64_t cols, int64_t ld, int code,
+                     struct bs_err *err)
 {
     if (rows == 0 || cols == 0)
         return 0;
     if (c->dtype == BS_TYPE_BF16)
-        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, c->stream>>>((__nv_bfloat16 *)dst, src,
-                                                                          rows, cols, ld);
+        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, t->stream>>>(
+            (__nv_bfloat16 *)dst, src, rows, cols, ld, t->overflow_dev, code);
     else
-        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, c->stream>>>((__half *)dst, src, rows,
-                                                                          cols, ld);
+        to_half_kernel<<<ew_grid(rows, cols), EW_THREADS, 0, t->stream>>>(
+            (__half *)dst, src, rows, cols, ld, t->overflow_dev, code);
     return bs__cuda_check_launch("to_half", err);
 }
 
-__global__ void bias_kernel(float *y, int64_t ldy, const float *b, int64_t rows, int64_t cols,
-                            float beta)
-{
-    EW_ROWS(r, rows)
-    EW_COLS(i, cols)
-    {
-        float v = b ? b[i] : 0.0f;
-        y[r * ldy + i] = beta != 0.0f ? y[r * ldy + i] + v : v;
-    }
-}
-
-int bs__cuda_bias_rows(struct bs__cuda *c, float *y, int64_t ldy, const float *b, int64_t m,
+int bs__cuda_bias_rows(struct bs__cuda_thread *t, float *y, int64_t ldy, const float *b, int64_t m,
                        int64_t n, float beta, struct bs_err *err)
 {
-    bias_kernel<<<ew_grid(m, n), EW_THREADS, 0, c->stream>>>(y, ldy, b, m, n, beta);
+    bias_kernel<<<ew_grid(m, n), EW_THREADS, 0, t->stream>>>(y, ldy, b, m, n, beta);
     return bs__cuda_check_launch("linear bias", err);
 }
 
@@ -147,51 +48,6 @@ static int64_t ld_or_zero(const struct bs_tensor *t)
 }
 
 /* ---- layer norm --------------------------------------------------------- */
-
-struct ln_args {
-    const float *x;
-    float *y;
-    int64_t d, ldx, ldy, rows_per_sample;
-    float eps;
-    const float *gamma, *beta, *scale, *shift;
-    int64_t ld_scale, ld_shift;
-};
-
-/* One block per row: mean, then the variance of deviations, then the
- * normalised, affine and modulated row. y may be x (each element is read
- * before its thread writes it, and the statistics are complete by then). */
-__global__ void __launch_bounds__(NORM_THREADS) ln_kernel(struct ln_args a)
-{
-    int64_t r = blockIdx.x;
-    const float *x = a.x + r * a.ldx;
-    float *y = a.y + r * a.ldy;
-    double s = 0.0;
-    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x)
-        s += x[i];
-    double mean = block_sum(s) / (double)a.d;
-    s = 0.0;
-    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x) {
-        double dv = (double)x[i] - mean;
-        s += dv * dv;
-    }
-    float rstd = (float)(1.0 / sqrt(block_sum(s) / (double)a.d + (double)a.eps));
-    float mf = (float)mean;
-    int64_t b = r / a.rows_per_sample;
-    const float *sc = a.scale ? a.scale + b * a.ld_scale : NULL;
-    const float *sh = a.shift ? a.shift + b * a.ld_shift : NULL;
-    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x) {
-        float v = (x[i] - mf) * rstd;
-        if (a.gamma)
-            v *= a.gamma[i];
-        if (a.beta)
-            v += a.beta[i];
-        if (sc)
-            v *= 1.0f + sc[i];
-        if (sh)
-            v += sh[i];
-        y[i] = v;
-    }
-}
 
 int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                         const struct bs_norm_params *p, struct bs_err *err)
@@ -219,55 +75,14 @@ int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
                         data_or_null(p->shift),
                         ld_or_zero(p->scale),
                         ld_or_zero(p->shift)};
-    bs__cuda_guard g(c);
-    ln_kernel<<<(unsigned)rows, NORM_THREADS, 0, c->stream>>>(a);
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, op, err);
+    if (t == NULL)
+        return err->code;
+    ln_kernel<<<(unsigned)rows, NORM_THREADS, 0, t->stream>>>(a);
     return bs__cuda_check_launch(op, err);
 }
 
 /* ---- group norm --------------------------------------------------------- */
-
-struct gn_args {
-    const float *x;
-    float *y;
-    int64_t channels, spatial, groups;
-    float eps;
-    const float *gamma, *beta, *scale, *shift;
-    int64_t ld_scale, ld_shift;
-};
-
-/* One block per (sample, group); per channel the affine and modulation fold
- * into y = (x - mean) * a + off, as on the CPU. */
-__global__ void __launch_bounds__(GN_THREADS) gn_kernel(struct gn_args a)
-{
-    int64_t t = blockIdx.x, b = t / a.groups, cpg = a.channels / a.groups;
-    int64_t c0 = (t % a.groups) * cpg, n = cpg * a.spatial;
-    const float *x = a.x + (b * a.channels + c0) * a.spatial;
-    float *y = a.y + (b * a.channels + c0) * a.spatial;
-    double s = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-        s += x[i];
-    double mean = block_sum(s) / (double)n;
-    s = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        double dv = (double)x[i] - mean;
-        s += dv * dv;
-    }
-    float rstd = (float)(1.0 / sqrt(block_sum(s) / (double)n + (double)a.eps));
-    float mf = (float)mean;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        int64_t ch = c0 + i / a.spatial;
-        float k = a.gamma ? rstd * a.gamma[ch] : rstd;
-        float off = a.beta ? a.beta[ch] : 0.0f;
-        if (a.scale) {
-            float s1 = 1.0f + a.scale[b * a.ld_scale + ch];
-            k *= s1;
-            off *= s1;
-        }
-        if (a.shift)
-            off += a.shift[b * a.ld_shift + ch];
-        y[i] = (x[i] - mf) * k + off;
-    }
-}
 
 int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                         const struct bs_norm_params *p, struct bs_err *err)
@@ -295,20 +110,14 @@ int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
                         data_or_null(p->shift),
                         ld_or_zero(p->scale),
                         ld_or_zero(p->shift)};
-    bs__cuda_guard g(c);
-    gn_kernel<<<(unsigned)(bsz * p->groups), GN_THREADS, 0, c->stream>>>(a);
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, op, err);
+    if (t == NULL)
+        return err->code;
+    gn_kernel<<<(unsigned)(bsz * p->groups), GN_THREADS, 0, t->stream>>>(a);
     return bs__cuda_check_launch(op, err);
 }
 
 /* ---- activations, gated units, residual adds ---------------------------- */
-
-__global__ void act_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows,
-                           int64_t cols, int act)
-{
-    EW_ROWS(r, rows)
-    EW_COLS(i, cols)
-    y[r * ldy + i] = act_f(x[r * ldx + i], act);
-}
 
 int bs__cuda_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum bs_act act,
                  struct bs_err *err)
@@ -320,25 +129,13 @@ int bs__cuda_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
     int64_t rows = bs_tensor_nrows(x), n = bs_opcheck_ncols(x);
     if (rows == 0 || n == 0)
         return 0;
-    bs__cuda_guard g(c);
-    act_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>((float *)y->data, bs_tensor_ld(y),
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "act", err);
+    if (t == NULL)
+        return err->code;
+    act_kernel<<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>((float *)y->data, bs_tensor_ld(y),
                                                                (const float *)x->data,
                                                                bs_tensor_ld(x), rows, n, (int)act);
     return bs__cuda_check_launch("act", err);
-}
-
-/* y = x[:, :n] * act(x[:, n:]); each element is read and written by one
- * thread, so y may be the first half of x. */
-__global__ void glu_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows,
-                           int64_t n, int act)
-{
-    EW_ROWS(r, rows)
-    EW_COLS(i, n)
-    {
-        const float *xr = x + r * ldx;
-        float a = xr[i], gv = act_f(xr[n + i], act);
-        y[r * ldy + i] = a * gv;
-    }
 }
 
 int bs__cuda_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum bs_act act,
@@ -351,31 +148,13 @@ int bs__cuda_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
     int64_t n = bs_opcheck_ncols(y), rows = bs_tensor_nrows(y);
     if (rows == 0 || n == 0)
         return 0;
-    bs__cuda_guard g(c);
-    glu_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>((float *)y->data, bs_tensor_ld(y),
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "glu", err);
+    if (t == NULL)
+        return err->code;
+    glu_kernel<<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>((float *)y->data, bs_tensor_ld(y),
                                                                (const float *)x->data,
                                                                bs_tensor_ld(x), rows, n, (int)act);
     return bs__cuda_check_launch("glu", err);
-}
-
-struct add_args {
-    float *y;
-    const float *x, *gate;
-    int64_t ldy, ldx, ld_gate, rows, n, rows_per_sample;
-    float alpha;
-};
-
-__global__ void add_kernel(struct add_args a)
-{
-    EW_ROWS(r, a.rows)
-    EW_COLS(i, a.n)
-    {
-        float xv = a.x[r * a.ldx + i];
-        if (a.gate)
-            xv *= a.gate[(r / a.rows_per_sample) * a.ld_gate + i];
-        float *yp = a.y + r * a.ldy + i;
-        *yp = a.alpha * (*yp + xv);
-    }
 }
 
 int bs__cuda_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
@@ -399,29 +178,14 @@ int bs__cuda_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                          n,
                          rows_per_sample < 1 ? 1 : rows_per_sample,
                          alpha};
-    bs__cuda_guard g(c);
-    add_kernel<<<ew_grid(rows, n), EW_THREADS, 0, c->stream>>>(a);
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "add", err);
+    if (t == NULL)
+        return err->code;
+    add_kernel<<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>(a);
     return bs__cuda_check_launch("add", err);
 }
 
 /* ---- transpose ---------------------------------------------------------- */
-
-/* One 32 x 32 tile per block through shared memory (padded against bank
- * conflicts), so reads and writes are both coalesced. */
-__global__ void transpose_kernel(float *y, const float *x, int64_t r, int64_t c)
-{
-    __shared__ float tile[TR_TILE][TR_TILE + 1];
-    const float *xb = x + (int64_t)blockIdx.z * r * c;
-    float *yb = y + (int64_t)blockIdx.z * r * c;
-    int64_t c0 = (int64_t)blockIdx.x * TR_TILE, r0 = (int64_t)blockIdx.y * TR_TILE;
-    for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y)
-        if (r0 + i < r && c0 + threadIdx.x < c)
-            tile[i][threadIdx.x] = xb[(r0 + i) * c + c0 + threadIdx.x];
-    __syncthreads();
-    for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y)
-        if (c0 + i < c && r0 + threadIdx.x < r)
-            yb[(c0 + i) * r + r0 + threadIdx.x] = tile[threadIdx.x][i];
-}
 
 int bs__cuda_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                        struct bs_err *err)
@@ -438,9 +202,11 @@ int bs__cuda_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     if (gx > INT32_MAX || gy > 65535 || bsz > 65535)
         return bs_err_set(err, BS_ERANGE, "transpose: [%lld, %lld, %lld] exceeds the grid",
                           (long long)bsz, (long long)r, (long long)cols);
-    bs__cuda_guard g(c);
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "transpose", err);
+    if (t == NULL)
+        return err->code;
     transpose_kernel<<<dim3((unsigned)gx, (unsigned)gy, (unsigned)bsz), dim3(TR_TILE, 8), 0,
-                       c->stream>>>((float *)y->data, (const float *)x->data, r, cols);
+                       t->stream>>>((float *)y->data, (const float *)x->data, r, cols);
     return bs__cuda_check_launch("transpose", err);
 }
 
@@ -456,12 +222,14 @@ int bs__cuda_get_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *ta
         return rc;
     int64_t d = bs_opcheck_ncols(table);
     int64_t ldt = bs_tensor_ld(table), ldy = bs_tensor_ld(y);
-    bs__cuda_guard g(c);
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "get_rows", err);
+    if (t == NULL)
+        return err->code;
     for (int64_t i = 0; i < n && d > 0; i++)
         TRY_RC(rc, bs__cuda_check(cudaMemcpyAsync((float *)y->data + i * ldy,
                                                   (const float *)table->data + idx[i] * ldt,
                                                   (size_t)d * sizeof(float),
-                                                  cudaMemcpyDeviceToDevice, c->stream),
+                                                  cudaMemcpyDeviceToDevice, t->stream),
                                   "get_rows", "cudaMemcpyAsync", err));
     return 0;
 }

@@ -13,8 +13,16 @@
  * - GEMMs and attention in fp32 (TF32 off): atol 1e-4, rtol 1e-4.
  * - GEMMs and attention in bf16: atol 2e-2 x rms(cpu), rtol 2e-2; in fp16:
  *   atol 4e-3 x rms(cpu), rtol 4e-3 (operands rounded to 8 and 11 bits,
- *   FP32 accumulation). */
+ *   FP32 accumulation).
+ *
+ * Also: attention with masks of every kind the mask rule names (rows of
+ * -FLT_MAX, -inf, both, with finite values, -10000, 30000); in fp16, an
+ * operand beyond 65504 fails the copy that follows with "fp16 overflow"
+ * (linear, attention), and the next copy succeeds; three threads running
+ * linear and attention at once, each on its own stream, against the CPU. */
+#include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,7 +121,9 @@ static void expect_close(struct env *e, const char *name, const struct pt *t, do
     double worst = 0, max_abs = 0;
     for (size_t i = 0; i < n; i++) {
         double d = fabs((double)got[i] - (double)want[i]);
-        double r = d / (atol + rtol * fabs((double)want[i]));
+        /* d == 0 passes even where the bound is 0 (an all-zero output with an
+         * rms-scaled tolerance: 0/0 would count as a failure) */
+        double r = d == 0 ? 0 : d / (atol + rtol * fabs((double)want[i]));
         if (!(r <= worst)) /* NaN too */
             worst = isnan(r) ? INFINITY : r;
         if (d > max_abs || isnan(d))
@@ -371,7 +381,32 @@ static void test_add_transpose_rows(struct env *e)
 
 /* ---- attention ------------------------------------------------------------------- */
 
-enum mask_kind { MASK_NONE, MASK_KEYS, MASK_FULL };
+enum mask_kind { MASK_NONE, MASK_KEYS, MASK_FULL, RULE_KEYS, RULE_FULL };
+
+/* Mask row r of a rule mask (RULE_*), key j of lk: as in tests/gpu_emu,
+ * rows of every kind the mask rule names. */
+static float rule_value(int64_t r, int64_t j, int64_t lk)
+{
+    float u = frand(-1, 1);
+    switch (r % 8) {
+    case 0:
+        return -FLT_MAX;
+    case 1:
+        return -INFINITY;
+    case 2:
+        return j == lk - 1 || (j >= lk / 2 && j % 2) ? -FLT_MAX : -INFINITY;
+    case 3:
+        return u < -0.4f ? -FLT_MAX : frand(-2, 0);
+    case 4:
+        return MASK_DROP;
+    case 5:
+        return u < -0.4f ? -INFINITY : frand(-2, 0);
+    case 6:
+        return u < -0.3f ? -FLT_MAX : u < 0.3f ? -INFINITY : 0.0f;
+    default:
+        return 30000.0f;
+    }
+}
 
 /* One attention case: q from its own tensor, k and v column views of one
  * [B*Lk, 2*inner] tensor (self-attention: all three from one fused QKV). */
@@ -394,14 +429,16 @@ static void attn_case(struct env *e, int64_t batch, int64_t lq, int64_t lk, int 
         kv_v = pt_cols(&kv, inner, inner);
     }
     pt_new(e, &o, 2, (int64_t[]){batch * lq, inner}, -1, 1);
-    struct bs_attn_params pc = {batch, lq, lk, heads, hd, 1.0f / sqrtf((float)hd), NULL};
+    struct bs_attn_params pc = {batch, lq, lk, heads, hd, 1.0f / sqrtf((float)hd), NULL, BS_TYPE_F32};
     struct bs_attn_params pg = pc;
     if (mk != MASK_NONE) {
-        int64_t mq = mk == MASK_KEYS ? 1 : lq;
+        int64_t mq = mk == MASK_KEYS || mk == RULE_KEYS ? 1 : lq;
         pt_new(e, &mask, 3, (int64_t[]){batch, mq, lk}, -2, 0);
         float *m = mask.c.data;
         for (int64_t i = 0; i < batch * mq * lk; i++)
-            if (frand(0, 1) < 0.2f)
+            if (mk >= RULE_KEYS)
+                m[i] = rule_value(i / lk, i % lk, lk);
+            else if (frand(0, 1) < 0.2f)
                 m[i] = MASK_DROP;
         if (mk == MASK_FULL && lq > 1 && lk > 0) /* one row with no key at all */
             for (int64_t i = 0; i < lk; i++)
@@ -413,7 +450,8 @@ static void attn_case(struct env *e, int64_t batch, int64_t lq, int64_t lk, int 
     BOTH("attention", CPU->attention(CC, &o.c, &qv.c, &kv_k.c, &kv_v.c, &pc, &ec_),
          GPU->attention(GC, &o.g, &qv.g, &kv_k.g, &kv_v.g, &pg, &eg_));
     char name[128];
-    static const char *const mnames[] = {"no mask", "mask [B,1,Lk]", "mask [B,Lq,Lk]"};
+    static const char *const mnames[] = {"no mask", "mask [B,1,Lk]", "mask [B,Lq,Lk]",
+                                         "rule mask [B,1,Lk]", "rule mask [B,Lq,Lk]"};
     snprintf(name, sizeof(name), "attention B%lld Lq%lld Lk%lld %dx%d %s%s", (long long)batch,
              (long long)lq, (long long)lk, heads, hd, mnames[mk], fused ? " qkv" : "");
     expect_mm(e, name, &o);
@@ -450,6 +488,10 @@ static void test_attention(struct env *e)
     attn_case(e, 1, 1, 5, 3, 64, MASK_NONE, false, NULL);
     attn_case(e, 1, 5, 0, 2, 64, MASK_NONE, false, NULL); /* no keys: zeros */
     attn_case(e, 1, 300, 300, 1, 512, MASK_KEYS, true, NULL);
+    for (int i = 0; i < 3; i++) { /* the mask rule: attn_mma (40, 64), attn_f32 (200) */
+        attn_case(e, 8, 40, 130, 1, (int[]){40, 64, 200}[i], RULE_KEYS, false, NULL);
+        attn_case(e, 1, 70, 130, 2, (int[]){40, 64, 200}[i], RULE_FULL, false, NULL);
+    }
     if (e->self_check)
         return;
     bs_proc_attention_unfused_fn fn;
@@ -462,6 +504,124 @@ static void test_attention(struct env *e)
         return;
     }
     attn_case(e, 2, 128, 128, 2, 64, MASK_KEYS, true, fn);
+    attn_case(e, 2, 40, 130, 2, 64, RULE_FULL, false, fn);
+}
+
+/* ---- fp16 overflow ---------------------------------------------------------- */
+
+/* rc and err of a copy_out of t after an op whose operand overflowed: BS_ERANGE
+ * with "fp16 overflow"; the copy after it succeeds (the flag is cleared). */
+static void expect_overflow(struct env *e, const char *name, const struct pt *t)
+{
+    struct bs_err err = {0};
+    float *got = malloc(t->bytes);
+    if (got == NULL)
+        die("malloc", NULL);
+    int rc = GPU->copy_out(GC, got, t->g.data, t->bytes, &err);
+    struct bs_err err2 = {0};
+    int rc2 = GPU->copy_out(GC, got, t->g.data, t->bytes, &err2);
+    bool ok = rc == BS_ERANGE && strstr(err.msg, "fp16 overflow") != NULL && rc2 == 0;
+    e->checks++;
+    e->failures += !ok;
+    printf("%s %s: copy_out %d \"%.80s\", then %d\n", ok ? "ok  " : "FAIL", name, rc, err.msg, rc2);
+    free(got);
+}
+
+static void test_overflow(struct env *e)
+{
+    struct weights w;
+    struct pt x, y, q, o;
+    weights_new(e, &w, 64, 32, true);
+    pt_new(e, &x, 2, (int64_t[]){8, 32}, -1, 1);
+    pt_new(e, &y, 2, (int64_t[]){8, 64}, -1, 1);
+    ((float *)x.c.data)[37] = 70000.0f; /* beyond 65504 */
+    pt_upload(e, &x);
+    struct bs_err err = {0};
+    if (GPU->linear(GC, &y.g, &x.g, &w.wg, &w.bg, 0.0f, &err) != 0)
+        die("linear", &err);
+    expect_overflow(e, "fp16 overflow in linear's x", &y);
+    pt_new(e, &q, 2, (int64_t[]){2 * 20, 64}, -1, 1);
+    pt_new(e, &o, 2, (int64_t[]){2 * 20, 64}, -1, 1);
+    ((float *)q.c.data)[100] = -1e5f;
+    pt_upload(e, &q);
+    struct bs_attn_params p = {2, 20, 20, 1, 64, 0.125f, NULL, BS_TYPE_F32};
+    if (GPU->attention(GC, &o.g, &q.g, &q.g, &q.g, &p, &err) != 0)
+        die("attention", &err);
+    expect_overflow(e, "fp16 overflow in attention's q", &o);
+    struct pt *all[] = {&x, &y, &q, &o, &w.buf};
+    for (size_t i = 0; i < BS_ARRAY_LEN(all); i++)
+        pt_free(e, all[i]);
+}
+
+/* ---- threads ----------------------------------------------------------------- */
+
+/* Three threads, each with its own x and y, run linear then attention (y as
+ * q, k and v) 10 times on the GPU at once, each on its own stream (and
+ * scratch); each result must match the CPU's, computed here first. */
+struct worker {
+    struct env *e;
+    struct weights *w;
+    struct pt x, y, o;
+    struct bs_attn_params p;
+    float *got;
+    int rc;
+    struct bs_err err;
+};
+
+static void *worker_main(void *arg)
+{
+    struct worker *k = arg;
+    struct env *e = k->e;
+    for (int it = 0; it < 10 && k->rc == 0; it++) {
+        k->rc = GPU->linear(GC, &k->y.g, &k->x.g, &k->w->wg, &k->w->bg, 0.0f, &k->err);
+        if (k->rc == 0)
+            k->rc = GPU->attention(GC, &k->o.g, &k->y.g, &k->y.g, &k->y.g, &k->p, &k->err);
+        if (k->rc == 0)
+            k->rc = GPU->copy_out(GC, k->got, k->o.g.data, k->o.bytes, &k->err);
+    }
+    return NULL;
+}
+
+static void test_threads(struct env *e)
+{
+    enum { N = 3 };
+    struct weights w;
+    struct worker ks[N];
+    pthread_t tid[N];
+    weights_new(e, &w, 128, 96, true);
+    for (int i = 0; i < N; i++) {
+        struct worker *k = &ks[i];
+        memset(k, 0, sizeof(*k));
+        k->e = e, k->w = &w;
+        int64_t l = 300 + 50 * i; /* B 1, L tokens, 2 heads x 64 */
+        pt_new(e, &k->x, 2, (int64_t[]){l, 96}, -1, 1);
+        pt_new(e, &k->y, 2, (int64_t[]){l, 128}, -1, 1);
+        pt_new(e, &k->o, 2, (int64_t[]){l, 128}, -1, 1);
+        k->p = (struct bs_attn_params){1, l, l, 2, 64, 0.125f, NULL, BS_TYPE_F32};
+        struct bs_err err = {0};
+        if (CPU->linear(CC, &k->y.c, &k->x.c, &w.wc, &w.bc, 0.0f, &err) != 0 ||
+            CPU->attention(CC, &k->o.c, &k->y.c, &k->y.c, &k->y.c, &k->p, &err) != 0)
+            die("cpu", &err);
+        k->got = malloc(k->o.bytes);
+        if (k->got == NULL)
+            die("malloc", NULL);
+    }
+    for (int i = 0; i < N; i++)
+        if (pthread_create(&tid[i], NULL, worker_main, &ks[i]) != 0)
+            die("pthread_create", NULL);
+    for (int i = 0; i < N; i++)
+        pthread_join(tid[i], NULL);
+    for (int i = 0; i < N; i++) {
+        struct worker *k = &ks[i];
+        char name[64];
+        snprintf(name, sizeof(name), "thread %d: linear + attention, 10 times", i);
+        if (k->rc != 0)
+            die(name, &k->err);
+        expect_mm(e, name, &k->o); /* o.g holds the thread's last result */
+        free(k->got);
+        pt_free(e, &k->x), pt_free(e, &k->y), pt_free(e, &k->o);
+    }
+    pt_free(e, &w.buf);
 }
 
 static void test_all(struct env *e)
@@ -472,6 +632,9 @@ static void test_all(struct env *e)
     test_act_glu(e);
     test_add_transpose_rows(e);
     test_attention(e);
+    test_threads(e);
+    if (!e->self_check && strcmp(e->dtype, "fp16") == 0)
+        test_overflow(e);
 }
 
 int main(int argc, char **argv)

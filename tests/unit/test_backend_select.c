@@ -1,5 +1,5 @@
 /* Backend selection and the CPU fallback (runs on any machine): --device cpu
- * takes fp32 only; a missing or broken CUDA module fails --device cuda with a
+ * takes fp32 and bf16 (fp16 is refused); a missing or broken CUDA module fails --device cuda with a
  * clear message and lets --device auto fall back to the CPU, saying why; with
  * the real module (argv[1], when the build has one), --device cuda either
  * works (a GPU is there) or fails with "no usable CUDA GPU", never with a
@@ -51,10 +51,14 @@ static void test_cpu_dtypes(void **state)
 {
     struct bs_backend be;
     struct bs_err err;
-    assert_int_equal(init(&be, "cpu", "bf16", &err), BS_EUNSUPP);
-    assert_msg_has(&err, "fp32 only");
-    assert_null(be.iface);
+    assert_int_equal(init(&be, "cpu", "bf16", &err), 0);
+    assert_msg_has(&err, "cpu backend, bf16");
+    assert_msg_has(&err, "bf16 models:");
+    assert_int_equal(be.dtype, BS_TYPE_BF16);
+    bs_backend_free(&be);
     assert_int_equal(init(&be, "cpu", "fp16", &err), BS_EUNSUPP);
+    assert_msg_has(&err, "fp16 is for cuda");
+    assert_null(be.iface);
     assert_int_equal(init(&be, "cpu", "int8", &err), BS_EINVAL);
     assert_msg_has(&err, "unknown dtype");
     assert_int_equal(init(&be, "tpu", NULL, &err), BS_EINVAL);
@@ -85,9 +89,15 @@ static void test_module_missing(void **state)
     assert_string_equal(be.iface->name, "cpu");
     bs_backend_free(&be);
 
-    /* auto with a GPU-only dtype cannot fall back silently */
-    assert_int_equal(init(&be, "auto", "bf16", &err), BS_EUNSUPP);
-    assert_msg_has(&err, "fp32 only");
+    /* auto with a GPU-only dtype cannot fall back silently; bf16 falls back
+     * to the CPU's bf16 and says so */
+    assert_int_equal(init(&be, "auto", "fp16", &err), BS_EUNSUPP);
+    assert_msg_has(&err, "fp16 is for cuda");
+    assert_msg_has(&err, "GPU not used");
+    assert_int_equal(init(&be, "auto", "bf16", &err), 0);
+    assert_msg_has(&err, "cpu backend, bf16");
+    assert_msg_has(&err, "auto: GPU not used");
+    bs_backend_free(&be);
     assert_int_equal(init(&be, "auto", "fp32", &err), 0);
     bs_backend_free(&be);
 }

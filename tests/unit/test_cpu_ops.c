@@ -5,7 +5,8 @@
  *   layer_norm, group_norm      1e-5 (outputs of order 1, means up to 100)
  *   activations                 1e-5 * max(1, |x|), and never NaN or inf
  *   glu                         1e-5 * max(1, |x|)
- *   attention                   1e-4
+ *   attention                   1e-4; 1e-5 for the mask rule's cases (FILL_RULE), and
+ *                               1e-5 x max |o| between a mask of constant rows and none
  *   add, transpose, get_rows    exact (or 1e-6 with alpha != 1)
  * and vmath.h's own claims: exp relative 2e-7, erf 1.5e-7, tanh and sigmoid
  * 2e-7, activations 3e-7 * max(1, |x|). */
@@ -21,6 +22,7 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <float.h>
 
 #include "backend.h"
 #include "ops_cpu.h"
@@ -693,6 +695,7 @@ enum mask_fill {
     FILL_RANDOM,       /* noise, about 30% -10000 */
     FILL_FULLY_MASKED, /* some rows -10000 everywhere */
     FILL_NEG_INF,      /* about 30% -inf, one row -inf everywhere */
+    FILL_RULE,         /* rows of every kind the mask rule names (make_mask) */
 };
 
 struct attn_io {
@@ -703,20 +706,29 @@ struct attn_io {
     int64_t ldq, ldk, ldv, mq;
 };
 
-/* Reference output row (head_dim values) of query i, head h, sample b. */
+/* Reference output row (head_dim values) of query i, head h, sample b, by
+ * the mask rule (kernels/cpu/attn_cpu.c, top): a mask value <= -FLT_MAX masks
+ * its key; a row whose keys are all masked, some at -FLT_MAX, averages V over
+ * those; all at -inf (or Lk = 0) gives 0. The row's maximum M is subtracted
+ * from the mask, which in double changes nothing but the name. */
 static void attn_ref_row(double *out, const struct attn_io *a, int64_t b, int h, int64_t i,
                          double *s)
 {
     const float *q = a->q + (b * a->lq + i) * a->ldq + h * a->hd;
-    double mx = -INFINITY;
+    const float *mr = a->mask ? a->mask + (b * a->mq + (a->mq == 1 ? 0 : i)) * a->lk : NULL;
+    double mx = -INFINITY, mm = -INFINITY;
+    for (int64_t j = 0; mr && j < a->lk; j++)
+        mm = fmax(mm, mr[j]);
     for (int64_t j = 0; j < a->lk; j++) {
         const float *k = a->k + (b * a->lk + j) * a->ldk + h * a->hd;
         double d = 0;
         for (int c = 0; c < a->hd; c++)
             d += (double)q[c] * k[c];
         s[j] = a->scale * d;
-        if (a->mask)
-            s[j] += a->mask[(b * a->mq + (a->mq == 1 ? 0 : i)) * a->lk + j];
+        if (mr && mm == -FLT_MAX) /* all masked, some at -FLT_MAX: uniform over those */
+            s[j] = mr[j] == -FLT_MAX ? 0.0 : -INFINITY;
+        else if (mr)
+            s[j] = mr[j] <= -FLT_MAX ? -INFINITY : s[j] + ((double)mr[j] - mm);
         mx = fmax(mx, s[j]);
     }
     for (int c = 0; c < a->hd; c++)
@@ -735,6 +747,33 @@ static void attn_ref_row(double *out, const struct attn_io *a, int64_t b, int h,
     }
 }
 
+/* Mask row r of FILL_RULE, key j of lk (u uniform in [-1, 1)): row r % 8 is
+ * all -FLT_MAX (torch.finfo(float32).min), all -inf, -inf then -FLT_MAX on
+ * odd keys of the second half (and the last key: a first key tile with none),
+ * -FLT_MAX mixed with finite values, all -10000, -inf mixed with finite
+ * values, -FLT_MAX, -inf and 0 mixed, all 30000. */
+static float rule_value(int64_t r, int64_t j, int64_t lk, float u)
+{
+    switch (r % 8) {
+    case 0:
+        return -FLT_MAX;
+    case 1:
+        return -INFINITY;
+    case 2:
+        return j == lk - 1 || (j >= lk / 2 && j % 2) ? -FLT_MAX : -INFINITY;
+    case 3:
+        return u < -0.4f ? -FLT_MAX : 0.5f * frand();
+    case 4:
+        return -10000.0f;
+    case 5:
+        return u < -0.4f ? -INFINITY : 0.5f * frand();
+    case 6:
+        return u < -0.3f ? -FLT_MAX : u < 0.3f ? -INFINITY : 0.0f;
+    default:
+        return 30000.0f;
+    }
+}
+
 static float *make_mask(int64_t batch, int64_t mq, int64_t lk, enum mask_fill fill)
 {
     float *m = malloc((size_t)(batch * mq * lk) * sizeof(float));
@@ -750,6 +789,9 @@ static float *make_mask(int64_t batch, int64_t mq, int64_t lk, enum mask_fill fi
                 break;
             case FILL_NEG_INF:
                 *e = r == 1 || u < -0.4f ? -INFINITY : 0.0f;
+                break;
+            case FILL_RULE:
+                *e = rule_value(r, j, lk, u);
                 break;
             }
         }
@@ -822,7 +864,11 @@ static void run_attention(const struct attn_case *c)
              "fused %d",
              (long long)c->batch, (long long)c->lq, (long long)c->lk, c->heads, c->hd, c->mask,
              c->fill, c->fused);
-    expect_close(what, o, ldo, want, c->batch * c->lq, inner, 1e-4);
+    double tol = c->fill == FILL_RULE ? 1e-5 : 1e-4;
+    double e = max_err(o, ldo, want, c->batch * c->lq, inner, NULL);
+    if (c->fill == FILL_RULE)
+        printf("%s: max abs error %.3g (%.2f of %.0e)\n", what, e, e / tol, tol);
+    expect_close(what, o, ldo, want, c->batch * c->lq, inner, tol);
     free(qkv), free(qb), free(kb), free(vb), free(mask), free(o), free(want), free(s);
 }
 
@@ -847,9 +893,60 @@ static void test_attention(void **state)
         {1, 16, 65, 4, 1, MASK_NONE, FILL_RANDOM, false},        /* head dim 1 */
         {1, 263, 263, 2, 15, MASK_NONE, FILL_RANDOM, true},      /* 5 query tiles, Lk 256 + 7 */
         {1, 17, 50, 3, 13, MASK_PER_QUERY, FILL_RANDOM, false},  /* Lq 16 + 1 */
+        /* The mask rule: every kind of row, both mask forms, 2 key tiles */
+        {2, 40, 300, 2, 40, MASK_PER_QUERY, FILL_RULE, false},
+        {8, 20, 77, 2, 24, MASK_PER_SAMPLE, FILL_RULE, false},
+        {8, 65, 65, 2, 16, MASK_PER_SAMPLE, FILL_RULE, true},
+        {16, 3, 300, 1, 8, MASK_PER_SAMPLE, FILL_RULE, false},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         run_attention(&cases[i]);
+}
+
+/* A mask whose rows are each one constant (-10000, 30000, 0, -1e30, 5) adds
+ * nothing: the output equals the unmasked one within 1e-5 of max |o| (the
+ * shift makes it exact), in both mask forms. Without the shift, s + (-10000)
+ * in FP32 loses the scores' low bits (spacing 1e-3 there). */
+static void test_attention_mask_constant_rows(void **state)
+{
+    static const float consts[] = {-10000.0f, 30000.0f, 0.0f, -1e30f, 5.0f};
+    const int64_t batch = 3, lq = 70, lk = 300, heads = 2, hd = 40, inner = heads * hd;
+    struct bs_err err = {0};
+    float *q = alloc_rand(batch * lq * inner), *kv = alloc_rand(batch * lk * inner);
+    float *o0 = alloc_rand(batch * lq * inner), *o1 = alloc_rand(batch * lq * inner);
+    float *mask = malloc((size_t)(batch * lq * lk) * sizeof(float));
+    assert_non_null(mask);
+    for (int64_t i = 0; i < batch * lq * inner; i++)
+        q[i] *= 3.0f;
+    struct bs_tensor tq = mat(q, batch * lq, inner, inner), tk = mat(kv, batch * lk, inner, inner);
+    struct bs_tensor t0 = mat(o0, batch * lq, inner, inner), t1 = mat(o1, batch * lq, inner, inner);
+    struct bs_attn_params p = {.batch = batch,
+                               .lq = lq,
+                               .lk = lk,
+                               .heads = heads,
+                               .head_dim = hd,
+                               .scale = 1.0f / sqrtf((float)hd)};
+    call_ok(be.iface->attention(be.ctx, &t0, &tq, &tk, &tk, &p, &err), &err);
+    for (int mq = 1; mq <= lq; mq += lq - 1) {
+        for (int64_t r = 0; r < batch * mq; r++)
+            for (int64_t j = 0; j < lk; j++)
+                mask[r * lk + j] = consts[r % 5];
+        int64_t ne[3] = {batch, mq, lk};
+        struct bs_tensor tm = bs_tensor_make(BS_TYPE_F32, 3, ne, mask);
+        p.mask = &tm;
+        call_ok(be.iface->attention(be.ctx, &t1, &tq, &tk, &tk, &p, &err), &err);
+        double e = 0, big = 0;
+        for (int64_t i = 0; i < batch * lq * inner; i++) {
+            e = fmax(e, fabs((double)o1[i] - o0[i]));
+            big = fmax(big, fabs((double)o0[i]));
+        }
+        printf(
+            "constant mask rows (Mq %d): max |masked - unmasked| %.3g (%.2f of 1e-5 x max |o|)\n",
+            mq, e, e / (1e-5 * big));
+        if (!(e <= 1e-5 * big))
+            fail_msg("constant mask rows (Mq %d) change the output by %.3g", mq, e);
+    }
+    free(q), free(kv), free(o0), free(o1), free(mask);
 }
 
 /* Self-attention over 2 x 2048 tokens, 8 heads x 40, fused QKV: the scratch
@@ -1007,6 +1104,7 @@ int main(void)
         cmocka_unit_test(test_transpose),
         cmocka_unit_test(test_get_rows),
         cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_mask_constant_rows),
         cmocka_unit_test(test_attention_memory),
         cmocka_unit_test(test_attention_concurrent),
         cmocka_unit_test(test_attention_errors),

@@ -4,8 +4,19 @@
  * valid call reaches CUDA and fails cleanly with BS_EINTERNAL and CUDA's
  * message (the path by which a CUDA error fails a batch with INTERNAL).
  * Uses the module's test backend (a context bound to no device). With a GPU
- * present the second part is skipped (tests/gpu covers the real thing). */
+ * present the second part is skipped (tests/gpu covers the real thing).
+ *
+ * Through the module's test hooks (BS_PROC_TEST_HOOKS), the host-side state
+ * that needs no device: each thread gets its own state (stream, cuBLAS
+ * handle, staging, overflow flag), the same on every call, one per thread
+ * and backend; weights_ready on a buffer registered before replaces its
+ * copy instead of keeping two (the second leaked); a set overflow flag fails
+ * the copy with "fp16 overflow ... use --dtype bf16" and is cleared. And the
+ * attention entry takes batch x heads past 65,535 (the grid's y limit it
+ * used to refuse), refusing only more than 2^31 - 1 blocks, with a message
+ * about query tiles. */
 #include <math.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -23,6 +34,7 @@ static const char *module_path;
 struct fixture {
     struct bs_backend cpu, cuda;
     bool gpu_present;
+    const struct bs_backend_test_hooks *hooks;
     float buf[4096]; /* host data standing in for both backends' tensors */
 };
 
@@ -46,6 +58,16 @@ static int setup_dtype(void **state, const char *dtype)
         free(f);
         return -1;
     }
+    bs_proc_test_hooks_fn hooks;
+    *(void **)&hooks = bs_backend_get_proc_address(&f->cuda, BS_PROC_TEST_HOOKS);
+    if (hooks == NULL) {
+        fprintf(stderr, "setup (%s): no %s entry\n", dtype, BS_PROC_TEST_HOOKS);
+        bs_backend_free(&f->cpu);
+        bs_backend_free(&f->cuda);
+        free(f);
+        return -1;
+    }
+    f->hooks = hooks();
     *state = f;
     return 0;
 }
@@ -58,6 +80,11 @@ static int setup_fp32(void **state)
 static int setup_bf16(void **state)
 {
     return setup_dtype(state, "bf16");
+}
+
+static int setup_fp16(void **state)
+{
+    return setup_dtype(state, "fp16");
 }
 
 static int teardown(void **state)
@@ -141,10 +168,10 @@ static void test_checks_match_cpu(void **state)
 
     /* attention: wrong column count, then a mask of the wrong shape */
     struct bs_tensor q = t2(f, 2 * 5, 16), k = t2(f, 2 * 7, 16), o = t2(f, 2 * 5, 16);
-    struct bs_attn_params ap = {2, 5, 7, 2, 6, 0.5f, NULL};
+    struct bs_attn_params ap = {2, 5, 7, 2, 6, 0.5f, NULL, BS_TYPE_F32};
     SAME_ERROR(be->iface->attention(be->ctx, &o, &q, &k, &k, &ap, err));
     struct bs_tensor mask = bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){2, 3, 7}, f->buf);
-    ap = (struct bs_attn_params){2, 5, 7, 2, 8, 0.5f, &mask};
+    ap = (struct bs_attn_params){2, 5, 7, 2, 8, 0.5f, &mask, BS_TYPE_F32};
     SAME_ERROR(be->iface->attention(be->ctx, &o, &q, &k, &k, &ap, err));
     ap.mask = NULL;
     ap.head_dim = -1;
@@ -188,13 +215,143 @@ static void test_valid_calls_fail_cleanly(void **state)
     struct bs_tensor rows = t2(f, 2, 8);
     expect_internal(g->get_rows(c, &rows, &x, idx, 2, &err), &err, "get_rows");
     struct bs_tensor q = t2(f, 2 * 5, 128), k = t2(f, 2 * 7, 128), o = t2(f, 2 * 5, 128);
-    struct bs_attn_params ap = {2, 5, 7, 2, 64, 0.125f, NULL};
+    struct bs_attn_params ap = {2, 5, 7, 2, 64, 0.125f, NULL, BS_TYPE_F32};
     expect_internal(g->attention(c, &o, &q, &k, &k, &ap, &err), &err, "attention");
     struct bs_backend_memory mem;
     expect_internal(g->memory_info(c, &mem, &err), &err, "memory_info");
     /* empty work launches nothing and succeeds, as on the CPU */
     struct bs_tensor e0 = t2(f, 0, 8);
     assert_int_equal(g->act(c, &e0, &e0, BS_ACT_GELU, &err), 0);
+}
+
+/* ---- per-thread state (defect: one stream for all threads) ------------- */
+
+struct thread_arg {
+    struct fixture *f;
+    const void *state, *again;
+    int rc;
+};
+
+static void *thread_main(void *arg)
+{
+    struct thread_arg *a = arg;
+    struct bs_err err = {0};
+    a->state = a->f->hooks->thread_state(&a->f->cuda, &err);
+    a->again = a->f->hooks->thread_state(&a->f->cuda, &err);
+    a->rc = err.code;
+    return NULL;
+}
+
+/* Each thread its own state, the same on each of its calls; one per thread
+ * and backend; counted by the backend (and freed with it: the sanitizer
+ * builds do not build the module, so the count stands in for the leak
+ * check). */
+static void test_thread_states(void **state)
+{
+    struct fixture *f = *state;
+    struct bs_err err = {0};
+    enum { N = 4 };
+    const void *mine = f->hooks->thread_state(&f->cuda, &err);
+    assert_non_null(mine);
+    assert_ptr_equal(mine, f->hooks->thread_state(&f->cuda, &err));
+    struct thread_arg args[N];
+    pthread_t tid[N];
+    for (int i = 0; i < N; i++) {
+        args[i] = (struct thread_arg){.f = f};
+        assert_int_equal(pthread_create(&tid[i], NULL, thread_main, &args[i]), 0);
+    }
+    for (int i = 0; i < N; i++)
+        pthread_join(tid[i], NULL);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(args[i].rc, 0);
+        assert_non_null(args[i].state);
+        assert_ptr_equal(args[i].state, args[i].again);
+        assert_ptr_not_equal(args[i].state, mine);
+        for (int j = 0; j < i; j++)
+            assert_ptr_not_equal(args[i].state, args[j].state);
+    }
+    int threads = 0, shadows = 0;
+    assert_int_equal(f->hooks->counts(&f->cuda, &threads, &shadows), 0);
+    assert_int_equal(threads, N + 1);
+    /* another backend: another state for this thread */
+    struct bs_backend other;
+    bs_proc_test_backend_fn fn;
+    *(void **)&fn = bs_backend_get_proc_address(&f->cuda, BS_PROC_TEST_BACKEND);
+    assert_int_equal(fn(&other, "bf16", &err), 0);
+    const void *theirs = f->hooks->thread_state(&other, &err);
+    assert_non_null(theirs);
+    assert_ptr_not_equal(theirs, mine);
+    assert_int_equal(f->hooks->counts(&other, &threads, &shadows), 0);
+    assert_int_equal(threads, 1);
+    bs_backend_free(&other);
+    print_message("%d threads, %d states, each its own\n", N + 1, N + 1);
+}
+
+/* weights_ready twice on one buffer: the second copy replaces the first
+ * (handed back to be freed), one entry stays, and buf_free removes it. */
+static void test_weights_ready_twice(void **state)
+{
+    struct fixture *f = *state;
+    struct bs_err err = {0};
+    static char weights[1024], copy_a[512], copy_b[512];
+    void *replaced = (void *)1;
+    int threads = 0, shadows = -1;
+    assert_int_equal(
+        f->hooks->shadow_register(&f->cuda, weights, sizeof(weights), copy_a, &replaced, &err), 0);
+    assert_null(replaced);
+    assert_int_equal(
+        f->hooks->shadow_register(&f->cuda, weights, sizeof(weights), copy_b, &replaced, &err), 0);
+    assert_ptr_equal(replaced, copy_a); /* weights_ready frees it */
+    assert_int_equal(f->hooks->counts(&f->cuda, &threads, &shadows), 0);
+    assert_int_equal(shadows, 1);
+    f->cuda.iface->buf_free(f->cuda.ctx, weights); /* a test backend frees nothing on a device */
+    assert_int_equal(f->hooks->counts(&f->cuda, &threads, &shadows), 0);
+    assert_int_equal(shadows, 0);
+}
+
+/* A set overflow flag fails the copy that synchronises (copy_out), naming
+ * the dtype and what to use instead, and is cleared for the next batch. */
+static void test_overflow_fails_copy(void **state)
+{
+    struct fixture *f = *state;
+    struct bs_err err = {0};
+    assert_int_equal(f->hooks->overflow_take(&f->cuda, 0, &err), 0);
+    assert_int_equal(f->hooks->overflow_take(&f->cuda, 2, &err), BS_ERANGE);
+    print_message("%s\n", err.msg);
+    if (strstr(err.msg, "fp16 overflow") == NULL || strstr(err.msg, "attention") == NULL ||
+        strstr(err.msg, "use --dtype bf16") == NULL)
+        fail_msg("message \"%s\"", err.msg);
+    err = (struct bs_err){0};
+    assert_int_equal(f->hooks->overflow_take(&f->cuda, 0, &err), 0); /* cleared */
+}
+
+/* Batch x heads 65,536 passes the entry's checks (no device: INTERNAL, not
+ * the old RANGE "exceeds the grid (65535)"); 2^31 query tiles are refused
+ * with a message that says so. */
+static void test_attention_grid_limits(void **state)
+{
+    struct fixture *f = *state;
+    if (f->gpu_present) {
+        print_message("a GPU is present: tests/gpu covers valid calls\n");
+        skip();
+    }
+    struct bs_err err = {0};
+    struct bs_tensor q = t2(f, 65536, 1), o = t2(f, 65536, 1);
+    struct bs_attn_params ap = {65536, 1, 1, 1, 1, 1.0f, NULL, BS_TYPE_F32};
+    expect_internal(f->cuda.iface->attention(f->cuda.ctx, &o, &q, &q, &q, &ap, &err), &err,
+                    "attention");
+    q = t2(f, 2, 32768), o = t2(f, 2, 32768); /* B 2 x heads 32768 */
+    ap = (struct bs_attn_params){2, 1, 1, 32768, 1, 1.0f, NULL, BS_TYPE_F32};
+    expect_internal(f->cuda.iface->attention(f->cuda.ctx, &o, &q, &q, &q, &ap, &err), &err,
+                    "attention");
+    int64_t lq = (int64_t)16 << 31; /* 2^31 tiles of 16 queries */
+    q = t2(f, lq, 1), o = t2(f, lq, 1);
+    ap = (struct bs_attn_params){1, lq, 1, 1, 1, 1.0f, NULL, BS_TYPE_F32};
+    struct bs_tensor k = t2(f, 1, 1);
+    assert_int_equal(f->cuda.iface->attention(f->cuda.ctx, &o, &q, &k, &k, &ap, &err), BS_ERANGE);
+    print_message("%s\n", err.msg);
+    if (strstr(err.msg, "query tiles") == NULL)
+        fail_msg("message \"%s\" should name the query tiles", err.msg);
 }
 
 int main(int argc, char **argv)
@@ -209,6 +366,10 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_checks_match_cpu, setup_bf16, teardown),
         cmocka_unit_test_setup_teardown(test_valid_calls_fail_cleanly, setup_fp32, teardown),
         cmocka_unit_test_setup_teardown(test_valid_calls_fail_cleanly, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_thread_states, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_weights_ready_twice, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_overflow_fails_copy, setup_fp16, teardown),
+        cmocka_unit_test_setup_teardown(test_attention_grid_limits, setup_fp32, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

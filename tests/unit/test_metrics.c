@@ -160,7 +160,7 @@ static int fake_memory_info(void *ctx, struct bs_backend_memory *mem, struct bs_
 static void test_device_memory(void **state)
 {
     static const struct bs_backend_i fake = {.name = "fake", .memory_info = fake_memory_info};
-    struct bs_backend be = {&fake, NULL};
+    struct bs_backend be = {.iface = &fake};
     bs_metrics_t *m;
     struct bs_err err = {0};
     assert_int_equal(bs_metrics_init(&m, &be, &err), 0);

@@ -1,0 +1,290 @@
+/* The kernels of the row-wise and elementwise ops, written once for nvcc
+ * (ops_cuda.cu launches them) and for the host emulation of tests/gpu_emu
+ * (device.cuh says how): layer norm and group norm with modulation,
+ * activations, gated units, gated residual adds, transpose, bias rows and
+ * the F32 to BF16/FP16 operand conversion (which flags values the dtype
+ * cannot hold: overflow.cuh). All arithmetic is FP32 (these ops
+ * are memory-bound; the compute dtype only narrows GEMM and attention
+ * operands); norm statistics accumulate in double, two passes, like the
+ * CPU. */
+#ifndef BS_CUDA_OPS_KERNELS_CUH
+#define BS_CUDA_OPS_KERNELS_CUH
+
+#include <stdint.h>
+
+extern "C" {
+#include "backend.h"
+}
+
+#include "device.cuh"
+#include "overflow.cuh"
+
+#define EW_THREADS   256   /* elementwise kernels: threads per block (x) */
+#define EW_MAX_Y     65535 /* grid y limit: rows beyond it loop */
+#define NORM_THREADS 256
+#define GN_THREADS   512
+#define TR_TILE      32
+
+/* ---- device helpers ---------------------------------------------------- */
+
+__device__ __forceinline__ float act_f(float x, int act)
+{
+    switch (act) {
+    case BS_ACT_GELU:
+        return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case BS_ACT_GELU_TANH: {
+        float u = 0.7978845608028654f * fmaf(0.044715f * x, x * x, x);
+        return x / (1.0f + expf(-2.0f * u));
+    }
+    case BS_ACT_QUICK_GELU:
+        return x / (1.0f + expf(-1.702f * x));
+    case BS_ACT_SILU:
+        return x / (1.0f + expf(-x));
+    case BS_ACT_MISH: {
+        float u = expf(x > 20.0f ? 20.0f : x);
+        float n = u * (u + 2.0f);
+        return x * (n / (n + 2.0f));
+    }
+    default:
+        return x;
+    }
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, at most 1024); every
+ * thread gets the result. */
+__device__ double block_sum(double v)
+{
+    __shared__ double part[32];
+    __shared__ double total;
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads(); /* part/total may still be read from a previous call */
+    if (lane == 0)
+        part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0)
+            total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x)
+{
+    return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float x)
+{
+    return __float2half_rn(x);
+}
+
+/* The grid of the 2-d elementwise kernels: columns over x, rows over y
+ * (capped at EW_MAX_Y, the kernels loop over the rest). */
+static inline dim3 ew_grid(int64_t rows, int64_t cols)
+{
+    int64_t gx = (cols + EW_THREADS - 1) / EW_THREADS;
+    return dim3((unsigned)(gx > INT32_MAX ? INT32_MAX : gx),
+                (unsigned)(rows > EW_MAX_Y ? EW_MAX_Y : rows));
+}
+
+/* Loop macros for the 2-d elementwise kernels: rows over grid y, columns over
+ * grid x, both grid-strided. */
+#define EW_ROWS(r, rows) for (int64_t r = blockIdx.y; r < (rows); r += gridDim.y)
+#define EW_COLS(i, cols)                                                                           \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (cols);                   \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+/* ---- conversion and bias ------------------------------------------------ */
+
+/* dst = src rounded to T; a finite value that becomes inf stores code in
+ * *overflow (overflow.cuh). */
+template <typename T>
+__global__ void to_half_kernel(T *dst, const float *src, int64_t rows, int64_t cols, int64_t ld,
+                               int *overflow, int code)
+{
+    bool ovf = false;
+    EW_ROWS(r, rows)
+    EW_COLS(i, cols)
+    {
+        float x = src[r * ld + i];
+        ovf |= rounds_to_inf<T>(x);
+        dst[r * cols + i] = from_f32<T>(x);
+    }
+    if (ovf)
+        *(volatile int *)overflow = code;
+}
+
+__global__ void bias_kernel(float *y, int64_t ldy, const float *b, int64_t rows, int64_t cols,
+                            float beta)
+{
+    EW_ROWS(r, rows)
+    EW_COLS(i, cols)
+    {
+        float v = b ? b[i] : 0.0f;
+        y[r * ldy + i] = beta != 0.0f ? y[r * ldy + i] + v : v;
+    }
+}
+
+/* ---- layer norm --------------------------------------------------------- */
+
+struct ln_args {
+    const float *x;
+    float *y;
+    int64_t d, ldx, ldy, rows_per_sample;
+    float eps;
+    const float *gamma, *beta, *scale, *shift;
+    int64_t ld_scale, ld_shift;
+};
+
+/* One block per row: mean, then the variance of deviations, then the
+ * normalised, affine and modulated row. y may be x (each element is read
+ * before its thread writes it, and the statistics are complete by then). */
+__global__ void __launch_bounds__(NORM_THREADS) ln_kernel(struct ln_args a)
+{
+    int64_t r = blockIdx.x;
+    const float *x = a.x + r * a.ldx;
+    float *y = a.y + r * a.ldy;
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x)
+        s += x[i];
+    double mean = block_sum(s) / (double)a.d;
+    s = 0.0;
+    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x) {
+        double dv = (double)x[i] - mean;
+        s += dv * dv;
+    }
+    float rstd = (float)(1.0 / sqrt(block_sum(s) / (double)a.d + (double)a.eps));
+    float mf = (float)mean;
+    int64_t b = r / a.rows_per_sample;
+    const float *sc = a.scale ? a.scale + b * a.ld_scale : NULL;
+    const float *sh = a.shift ? a.shift + b * a.ld_shift : NULL;
+    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x) {
+        float v = (x[i] - mf) * rstd;
+        if (a.gamma)
+            v *= a.gamma[i];
+        if (a.beta)
+            v += a.beta[i];
+        if (sc)
+            v *= 1.0f + sc[i];
+        if (sh)
+            v += sh[i];
+        y[i] = v;
+    }
+}
+
+/* ---- group norm --------------------------------------------------------- */
+
+struct gn_args {
+    const float *x;
+    float *y;
+    int64_t channels, spatial, groups;
+    float eps;
+    const float *gamma, *beta, *scale, *shift;
+    int64_t ld_scale, ld_shift;
+};
+
+/* One block per (sample, group); per channel the affine and modulation fold
+ * into y = (x - mean) * a + off, as on the CPU. */
+__global__ void __launch_bounds__(GN_THREADS) gn_kernel(struct gn_args a)
+{
+    int64_t t = blockIdx.x, b = t / a.groups, cpg = a.channels / a.groups;
+    int64_t c0 = (t % a.groups) * cpg, n = cpg * a.spatial;
+    const float *x = a.x + (b * a.channels + c0) * a.spatial;
+    float *y = a.y + (b * a.channels + c0) * a.spatial;
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        s += x[i];
+    double mean = block_sum(s) / (double)n;
+    s = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        double dv = (double)x[i] - mean;
+        s += dv * dv;
+    }
+    float rstd = (float)(1.0 / sqrt(block_sum(s) / (double)n + (double)a.eps));
+    float mf = (float)mean;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        int64_t ch = c0 + i / a.spatial;
+        float k = a.gamma ? rstd * a.gamma[ch] : rstd;
+        float off = a.beta ? a.beta[ch] : 0.0f;
+        if (a.scale) {
+            float s1 = 1.0f + a.scale[b * a.ld_scale + ch];
+            k *= s1;
+            off *= s1;
+        }
+        if (a.shift)
+            off += a.shift[b * a.ld_shift + ch];
+        y[i] = (x[i] - mf) * k + off;
+    }
+}
+
+/* ---- activations, gated units, residual adds ---------------------------- */
+
+__global__ void act_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows,
+                           int64_t cols, int act)
+{
+    EW_ROWS(r, rows)
+    EW_COLS(i, cols)
+    y[r * ldy + i] = act_f(x[r * ldx + i], act);
+}
+
+/* y = x[:, :n] * act(x[:, n:]); each element is read and written by one
+ * thread, so y may be the first half of x. */
+__global__ void glu_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows,
+                           int64_t n, int act)
+{
+    EW_ROWS(r, rows)
+    EW_COLS(i, n)
+    {
+        const float *xr = x + r * ldx;
+        float a = xr[i], gv = act_f(xr[n + i], act);
+        y[r * ldy + i] = a * gv;
+    }
+}
+
+struct add_args {
+    float *y;
+    const float *x, *gate;
+    int64_t ldy, ldx, ld_gate, rows, n, rows_per_sample;
+    float alpha;
+};
+
+__global__ void add_kernel(struct add_args a)
+{
+    EW_ROWS(r, a.rows)
+    EW_COLS(i, a.n)
+    {
+        float xv = a.x[r * a.ldx + i];
+        if (a.gate)
+            xv *= a.gate[(r / a.rows_per_sample) * a.ld_gate + i];
+        float *yp = a.y + r * a.ldy + i;
+        *yp = a.alpha * (*yp + xv);
+    }
+}
+
+/* ---- transpose ---------------------------------------------------------- */
+
+/* One 32 x 32 tile per block through shared memory (padded: its stores and
+ * loads are conflict-free, tests/gpu_static checks), so reads and writes are
+ * both coalesced. */
+__global__ void transpose_kernel(float *y, const float *x, int64_t r, int64_t c)
+{
+    __shared__ float tile[TR_TILE][TR_TILE + 1];
+    const float *xb = x + (int64_t)blockIdx.z * r * c;
+    float *yb = y + (int64_t)blockIdx.z * r * c;
+    int64_t c0 = (int64_t)blockIdx.x * TR_TILE, r0 = (int64_t)blockIdx.y * TR_TILE;
+    for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y)
+        if (r0 + i < r && c0 + threadIdx.x < c)
+            tile[i][threadIdx.x] = xb[(r0 + i) * c + c0 + threadIdx.x];
+    __syncthreads();
+    for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y)
+        if (c0 + i < c && r0 + threadIdx.x < r)
+            yb[(c0 + i) * r + r0 + threadIdx.x] = tile[threadIdx.x][i];
+}
+
+#endif

@@ -1,0 +1,561 @@
+/* The attention kernels under emulation against the CPU backend's attention
+ * (F32): attn_mma in bf16 and fp16, attn_f32, and softmax_rows (the unfused
+ * baseline's, with its two GEMMs done here on the host as cuBLAS would).
+ *
+ * Shapes reach every template instance and tail: each padded head dim of
+ * attn_mma (32, 48, 64, 80, 128, 160) with 4 warps and those up to 80 with 8
+ * (the launcher takes 8 from 2048 queries; the kernel does not care, so the
+ * harness launches both directly), attn_f32 up to 512; Lq and Lk of 0, 1,
+ * 77, 130 and a tile plus one (65: 64-key tiles and 64-query blocks; 129:
+ * 8-warp blocks; 17: attn_f32's 16); masks [B, 1, Lk] and [B, Lq, Lk] with
+ * a row of -inf; float4 loads on (aligned rows) and off (a head dim not a
+ * multiple of 4, or an odd row stride and offset); B and heads above 1.
+ *
+ * Also, per kernel: masks with rows of every kind the mask rule names
+ * (rule_value: all -FLT_MAX, all -inf, both mixed, with finite values, all
+ * -10000, all 30000) in both forms, against the CPU twin, which
+ * tests/unit/test_cpu_ops.c holds to a double reference of the rule; a mask
+ * of constant rows against the kernel's own unmasked output, to 1e-5
+ * (TOL_EW), not the dtype's tolerance (const_rows_case: the shift loses
+ * nothing); batch x heads 65,552, past grid.y's 65,535 (grid_case: the
+ * blocks at the grid's edges); attn_mma's overflow flag (overflow_case).
+ * Every other case must leave the flag clear. */
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attn_kernels.cuh"
+#include "emu_common.h"
+
+/* The mask's form and fill: noise with 20% -10000 (and a row of -inf in
+ * [B, Lq, Lk]), or rows by the mask rule (rule_value). */
+enum mask_kind { MASK_NONE, MASK_KEYS, MASK_FULL, RULE_KEYS, RULE_FULL };
+enum layout {
+    SEPARATE,  /* q alone; k and v column views of one [B*Lk, 2*inner] tensor */
+    FUSED_QKV, /* q, k and v column views of one [B*L, 3*inner] (self-attention) */
+    UNALIGNED, /* as SEPARATE but every view starts one column in: odd strides */
+};
+
+struct attn_case {
+    int64_t batch, lq, lk;
+    int heads, hd;
+    mask_kind mask;
+    layout lay;
+};
+
+/* The tensors of a case; qv, kk, vv are views of q, kv or qkv. */
+struct attn_io {
+    pair q, kv, qkv, o, mask;
+    pair qv, kk, vv;
+    struct bs_attn_params pc, pe;
+};
+
+static const char *const mask_names[] = {"no mask", "mask [B,1,Lk]", "mask [B,Lq,Lk]",
+                                         "rule mask [B,1,Lk]", "rule mask [B,Lq,Lk]"};
+
+/* The overflow flag the kernels' arguments point to (attn_args_of). */
+static int ovf_flag;
+
+/* Mask row r of a rule mask, key j of lk: row r % 8 is all -FLT_MAX
+ * (torch.finfo(float32).min), all -inf, -inf then -FLT_MAX on odd keys of
+ * the second half (and the last key: a first key tile with none), -FLT_MAX
+ * mixed with finite values, all -10000, -inf mixed with finite values,
+ * -FLT_MAX, -inf and 0 mixed, all 30000. */
+static float rule_value(int64_t r, int64_t j, int64_t lk)
+{
+    float u = frand(-1, 1);
+    switch (r % 8) {
+    case 0:
+        return -FLT_MAX;
+    case 1:
+        return -INFINITY;
+    case 2:
+        return j == lk - 1 || (j >= lk / 2 && j % 2) ? -FLT_MAX : -INFINITY;
+    case 3:
+        return u < -0.4f ? -FLT_MAX : frand(-2, 0);
+    case 4:
+        return -10000.0f;
+    case 5:
+        return u < -0.4f ? -INFINITY : frand(-2, 0);
+    case 6:
+        return u < -0.3f ? -FLT_MAX : u < 0.3f ? -INFINITY : 0.0f;
+    default:
+        return 30000.0f;
+    }
+}
+static const char *const layout_names[] = {"", " qkv", " unaligned"};
+
+static void attn_io_init(attn_io *io, const attn_case &c)
+{
+    int64_t inner = (int64_t)c.heads * c.hd;
+    if (c.lay == FUSED_QKV) {
+        pair_init(&io->qkv, {c.batch * c.lq, 3 * inner}, -1, 1);
+        io->qv = pair_cols(io->qkv, 0, inner);
+        io->kk = pair_cols(io->qkv, inner, inner);
+        io->vv = pair_cols(io->qkv, 2 * inner, inner);
+    } else {
+        int64_t off = c.lay == UNALIGNED ? 1 : 0;
+        pair_init(&io->q, {c.batch * c.lq, inner + off}, -1, 1);
+        pair_init(&io->kv, {c.batch * c.lk, 2 * inner + off}, -1, 1);
+        io->qv = pair_cols(io->q, off, inner);
+        io->kk = pair_cols(io->kv, off, inner);
+        io->vv = pair_cols(io->kv, off + inner, inner);
+    }
+    pair_init(&io->o, {c.batch * c.lq, inner}, -1, 1);
+    io->pc = {}; /* F32, no mask */
+    io->pc.batch = c.batch;
+    io->pc.lq = c.lq;
+    io->pc.lk = c.lk;
+    io->pc.heads = c.heads;
+    io->pc.head_dim = c.hd;
+    io->pc.scale = 1.0f / sqrtf((float)c.hd);
+    io->pe = io->pc;
+    if (c.mask == MASK_NONE || c.lk == 0)
+        return;
+    int64_t mq = c.mask == MASK_KEYS || c.mask == RULE_KEYS ? 1 : c.lq;
+    pair_init(&io->mask, {c.batch, mq, c.lk}, -2, 0);
+    float *m = io->mask.cbuf.data();
+    for (int64_t i = 0; i < c.batch * mq * c.lk; i++)
+        if (c.mask >= RULE_KEYS)
+            m[i] = rule_value(i / c.lk, i % c.lk, c.lk);
+        else if (frand(0, 1) < 0.2f)
+            m[i] = -10000.0f;
+    if (c.mask == MASK_FULL && c.lq > 1) /* one row with no key at all */
+        for (int64_t i = 0; i < c.lk; i++)
+            m[c.lk + i] = -INFINITY;
+    pair_sync(&io->mask);
+    io->pc.mask = &io->mask.c;
+    io->pe.mask = &io->mask.e;
+}
+
+/* The kernels' arguments, as the entry fills them. */
+static attn_args attn_args_of(attn_io *io)
+{
+    attn_args a;
+    attn_args_fill(&a, &io->o.e, &io->qv.e, &io->kk.e, &io->vv.e, &io->pe);
+    a.overflow = &ovf_flag;
+    return a;
+}
+
+/* A case that must not set the overflow flag: counted as failed if it did. */
+static void expect_no_overflow(emu_env *env, tally *t, const char *name)
+{
+    if (ovf_flag == 0)
+        return;
+    char what[200];
+    snprintf(what, sizeof(what), "%s: overflow flag set (%d) without an overflow", name, ovf_flag);
+    expect_value(env, t, what, INFINITY, INFINITY);
+    ovf_flag = 0;
+}
+
+static void cpu_attention(emu_env *env, attn_io *io)
+{
+    struct bs_err err = {};
+    check_cpu(env->cpu.iface->attention(env->cpu.ctx, &io->o.c, &io->qv.c, &io->kk.c, &io->vv.c,
+                                        &io->pc, &err),
+              &err, "attention");
+}
+
+static void case_name(char *buf, size_t size, const char *what, const attn_case &c, bool vec)
+{
+    snprintf(buf, size, "%s B%lld Lq%lld Lk%lld %dx%d %s%s%s", what, (long long)c.batch,
+             (long long)c.lq, (long long)c.lk, c.heads, c.hd, mask_names[c.mask],
+             layout_names[c.lay], vec ? " float4" : "");
+}
+
+/* ---- attn_mma ------------------------------------------------------------------ */
+
+/* Blocks of a grid for emu_launch_blocks: all of them (count 0), or the
+ * range [first, first + count). */
+struct block_range {
+    uint64_t first = 0, count = 0;
+};
+
+template <typename T, int DP, int W>
+static void launch_mma_w(const attn_args &a, int64_t batch, block_range r)
+{
+    using S = mma_smem<DP, W>;
+    dim3 grid = attn_grid(a.lq, batch * a.heads, S::BQ);
+    emu_launch_blocks(attn_mma<T, DP, W>, grid, dim3(S::THREADS), (size_t)S::elems * sizeof(T),
+                      r.first, r.count ? r.count : (uint64_t)grid.x, a);
+}
+
+/* The instances the launcher has: 8 warps only up to DP 80. */
+template <typename T, int DP>
+static void launch_mma_dp(const attn_args &a, int64_t batch, int warps, block_range r)
+{
+    if constexpr (DP <= 80) {
+        if (warps == 8)
+            return launch_mma_w<T, DP, 8>(a, batch, r);
+    }
+    if (warps != 4) {
+        fprintf(stderr, "attn_mma has no %d-warp instance for DP %d\n", warps, DP);
+        exit(2);
+    }
+    launch_mma_w<T, DP, 4>(a, batch, r);
+}
+
+template <typename T>
+static void launch_mma(const attn_args &a, int64_t batch, int warps, block_range r = {})
+{
+    switch (mma_dp(a.head_dim)) {
+    case 32:
+        return launch_mma_dp<T, 32>(a, batch, warps, r);
+    case 48:
+        return launch_mma_dp<T, 48>(a, batch, warps, r);
+    case 64:
+        return launch_mma_dp<T, 64>(a, batch, warps, r);
+    case 80:
+        return launch_mma_dp<T, 80>(a, batch, warps, r);
+    case 128:
+        return launch_mma_dp<T, 128>(a, batch, warps, r);
+    default:
+        return launch_mma_dp<T, 160>(a, batch, warps, r);
+    }
+}
+
+/* attn_mma in dtype dt (the launcher's choice of kernel by head dim). */
+static void launch_mma_dt(enum bs_dtype dt, const attn_args &a, int64_t batch, int warps,
+                          block_range r = {})
+{
+    if (dt == BS_TYPE_BF16)
+        launch_mma<__nv_bfloat16>(a, batch, warps, r);
+    else
+        launch_mma<__half>(a, batch, warps, r);
+}
+
+static void launch_f32(const attn_args &a, int64_t batch, block_range r = {})
+{
+    dim3 grid = attn_grid(a.lq, batch * a.heads, F32_BQ);
+    emu_launch_blocks(attn_f32, grid, dim3(F32_THREADS), attn_f32_smem(a.head_dim), r.first,
+                      r.count ? r.count : (uint64_t)grid.x, a);
+}
+
+/* ---- cases every attention kernel runs ----------------------------------------- */
+
+/* A mask whose rows are each one constant (-10000, 30000, 0, -1e30, 5)
+ * changes nothing: the kernel's output with it equals its output without,
+ * to TOL_EW, in both mask forms (the shift adds exactly 0; adding -10000 to
+ * the scores in FP32 would round them to 1e-3). launch(a) runs the kernel. */
+template <typename L>
+static void const_rows_case(emu_env *env, tally *t, const char *what, attn_case c, L launch)
+{
+    static const float consts[] = {-10000.0f, 30000.0f, 0.0f, -1e30f, 5.0f};
+    c.mask = MASK_NONE;
+    attn_io io;
+    attn_io_init(&io, c);
+    launch(attn_args_of(&io));
+    std::vector<float> ref = io.o.ebuf;
+    for (int64_t mq : {(int64_t)1, c.lq}) {
+        pair mask;
+        pair_init(&mask, {c.batch, mq, c.lk}, 0, 0);
+        for (int64_t r = 0; r < c.batch * mq; r++)
+            for (int64_t j = 0; j < c.lk; j++)
+                mask.ebuf[(size_t)(r * c.lk + j)] = consts[r % 5];
+        io.pe.mask = &mask.e;
+        launch(attn_args_of(&io));
+        double err = 0, share = 0;
+        for (size_t i = 0; i < ref.size(); i++) {
+            double d = fabs((double)io.o.ebuf[i] - ref[i]);
+            err = d > err || isnan(d) ? d : err;
+            double sh = d / (TOL_EW + TOL_EW * fabs((double)ref[i]));
+            share = sh > share || isnan(sh) ? sh : share;
+        }
+        char name[200];
+        snprintf(name, sizeof(name),
+                 "%s B%lld Lq%lld Lk%lld %dx%d constant mask rows [B,%s,Lk] "
+                 "vs none (TOL_EW)",
+                 what, (long long)c.batch, (long long)c.lq, (long long)c.lk, c.heads, c.hd,
+                 mq == 1 ? "1" : "Lq");
+        expect_value(env, t, name, err, share);
+    }
+    expect_no_overflow(env, t, what);
+}
+
+/* Batch x heads 65,552 (past grid.y's 65,535, which the kernels used to
+ * take it from): 4097 samples x 16 heads, head dim 1, Lq 65 (2 to 5 query
+ * tiles), Lk 3, a rule mask [B,1,Lk]. The CPU twin computes everything; the
+ * kernel runs the blocks of (sample, head) 0, 1 and 65,534 to the last, the
+ * grid's edges, which are compared (tol: the kernel's, rms-scaled when
+ * rms). launch(a, range) runs the kernel on the blocks in range; bq is its
+ * queries per block. */
+template <typename L>
+static void grid_case(emu_env *env, tally *t, const char *what, int bq, double tol, bool rms,
+                      L launch)
+{
+    const attn_case c = {4097, 65, 3, 16, 1, RULE_KEYS, SEPARATE};
+    const int64_t bh = c.batch * c.heads, tiles = (c.lq + bq - 1) / bq, lo = 65534;
+    attn_io io;
+    attn_io_init(&io, c);
+    cpu_attention(env, &io);
+    attn_args a = attn_args_of(&io);
+    launch(a, block_range{0, (uint64_t)(2 * tiles)});
+    launch(a, block_range{(uint64_t)(lo * tiles), (uint64_t)((bh - lo) * tiles)});
+    double ss = 0, n = 0, err = 0, share = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int64_t x = 0; x < bh; x = x == 1 ? lo : x + 1) {
+            int64_t b = x / c.heads, h = x % c.heads;
+            for (int64_t i = 0; i < c.lq; i++) {
+                size_t at = (size_t)((b * c.lq + i) * io.o.c.ne[1] + h);
+                double want = io.o.cbuf[at], d = fabs((double)io.o.ebuf[at] - want);
+                if (pass == 0) {
+                    ss += want * want, n++;
+                    continue;
+                }
+                double atol = rms ? tol * sqrt(ss / n) : tol;
+                double sh = d / (atol + tol * fabs(want));
+                err = d > err || isnan(d) ? d : err;
+                share = sh > share || isnan(sh) ? sh : share;
+            }
+        }
+    char name[200];
+    snprintf(name, sizeof(name), "%s B%lld x %d heads = %lld (grid x %lld), edge blocks", what,
+             (long long)c.batch, c.heads, (long long)bh, (long long)(bh * tiles));
+    expect_value(env, t, name, err, share);
+    expect_no_overflow(env, t, what);
+}
+
+static void mma_case(emu_env *env, tally *t, enum bs_dtype dt, const attn_case &c, int warps)
+{
+    attn_io io;
+    attn_io_init(&io, c);
+    cpu_attention(env, &io);
+    attn_args a = attn_args_of(&io);
+    if (c.batch > 0 && c.lq > 0) /* the entry launches nothing otherwise */
+        launch_mma_dt(dt, a, c.batch, warps);
+    char what[64], name[160];
+    snprintf(what, sizeof(what), "attn_mma %s DP%d %dw", bs_dtype_name(dt), mma_dp(c.hd), warps);
+    case_name(name, sizeof(name), what, c, a.vec);
+    double tol = dt == BS_TYPE_BF16 ? TOL_BF16 : TOL_F16;
+    expect_close(env, t, name, io.o, tol, tol, true);
+    expect_no_overflow(env, t, name);
+}
+
+/* attn_mma's overflow flag (overflow.cuh): set when a Q, K or V value (one,
+ * at row r of the tensor named) rounds to inf in the dtype, and only then:
+ * FP16 65504 and 65519 stay finite, 65520 and -70000 do not; BF16 3.38e38
+ * stays finite, FLT_MAX does not; an inf input is not an overflow. With and
+ * without float4 loads (head dims 32 and 30). */
+static void overflow_case(emu_env *env, tally *t, enum bs_dtype dt, int which, float value,
+                          bool want, int hd)
+{
+    const attn_case c = {1, 20, 20, 1, hd, MASK_NONE, SEPARATE};
+    static const char *const names[] = {"q", "k", "v"};
+    attn_io io;
+    attn_io_init(&io, c);
+    pair &p = which == 0 ? io.qv : which == 1 ? io.kk : io.vv;
+    ((float *)p.e.data)[13 * bs_tensor_ld(&p.e) + 5] = value; /* row 13, column 5 */
+    attn_args a = attn_args_of(&io);
+    ovf_flag = 0;
+    launch_mma_dt(dt, a, c.batch, 4);
+    bool got = ovf_flag != 0;
+    bool ok = got == want && (!got || ovf_flag == BS_OVF_ATTENTION);
+    char name[160];
+    snprintf(name, sizeof(name), "attn_mma %s overflow flag: %s = %g%s: %s (want %s)",
+             bs_dtype_name(dt), names[which], (double)value, a.vec ? " float4" : "",
+             got ? "set" : "clear", want ? "set" : "clear");
+    expect_value(env, t, name, 0.0, ok ? 0.0 : INFINITY);
+    ovf_flag = 0;
+}
+
+static void run_mma_overflow(emu_env *env, tally *t, enum bs_dtype dt)
+{
+    bool f16 = dt == BS_TYPE_F16;
+    const float fine[] = {65504.0f, 65519.0f, 3.38e38f, -INFINITY};
+    const float over[] = {65520.0f, -70000.0f, FLT_MAX, -FLT_MAX};
+    for (int hd : {32, 30})
+        for (int which = 0; which < 3; which++) {
+            for (float v : fine) /* 3.38e38 only for bf16 */
+                if (!f16 || v != 3.38e38f)
+                    overflow_case(env, t, dt, which, v, false, hd);
+            for (float v : over) /* bf16: only FLT_MAX's */
+                if (f16 || fabsf(v) == FLT_MAX)
+                    overflow_case(env, t, dt, which, v, true, hd);
+        }
+}
+
+void run_attn_mma(emu_env *env, enum bs_dtype dt)
+{
+    tally t;
+    t.kernel = "attn_mma";
+    t.note = std::string(bs_dtype_name(dt)) + ", DP 32-160 x 4 warps, DP 32-80 x 8 warps";
+    /* Every padded head dim, 4 warps: 2 samples x 2 heads, a query block
+     * plus one, two key tiles. */
+    static const attn_case dims[] = {
+        {2, 65, 77, 2, 32, MASK_FULL, SEPARATE},    {2, 65, 77, 2, 40, MASK_KEYS, SEPARATE},
+        {2, 65, 77, 2, 64, MASK_NONE, SEPARATE},    {2, 65, 77, 2, 72, MASK_FULL, SEPARATE},
+        {2, 65, 77, 2, 128, MASK_KEYS, SEPARATE},   {2, 65, 77, 2, 160, MASK_FULL, SEPARATE},
+        {1, 77, 77, 2, 30, MASK_KEYS, SEPARATE},    /* hd % 4 != 0: scalar loads */
+        {1, 77, 65, 2, 120, MASK_FULL, UNALIGNED},  /* odd strides: scalar loads */
+        {1, 33, 40, 1, 150, MASK_NONE, SEPARATE},   /* DP 160, scalar loads */
+        {1, 130, 130, 2, 48, MASK_FULL, FUSED_QKV}, /* self-attention from one QKV */
+    };
+    for (const attn_case &c : dims)
+        mma_case(env, &t, dt, c, 4);
+    /* Lq and Lk of 0, 1, a tile plus one, 77 and 130; both mask forms. */
+    static const int64_t lens[] = {0, 1, 65, 77, 130};
+    int i = 0;
+    for (int64_t lq : lens)
+        for (int64_t lk : lens)
+            mma_case(env, &t, dt, {1, lq, lk, 1, 32, (mask_kind)(i++ % 3), SEPARATE}, 4);
+    /* 8 warps (128 queries a block): DP up to 80, a block plus one. */
+    static const attn_case eight[] = {
+        {1, 129, 65, 2, 32, MASK_FULL, SEPARATE},  {1, 129, 65, 2, 48, MASK_KEYS, SEPARATE},
+        {1, 129, 65, 2, 64, MASK_NONE, SEPARATE},  {1, 129, 65, 2, 80, MASK_FULL, SEPARATE},
+        {1, 129, 77, 1, 72, MASK_KEYS, UNALIGNED}, {2, 1, 1, 1, 64, MASK_FULL, SEPARATE},
+        {1, 130, 0, 1, 40, MASK_NONE, SEPARATE},
+    };
+    for (const attn_case &c : eight)
+        mma_case(env, &t, dt, c, 8);
+    /* The mask rule in both forms; 3 key tiles (a row's first with no key at
+     * -FLT_MAX); 8 warps too. */
+    static const attn_case rule[] = {
+        {8, 17, 77, 1, 32, RULE_KEYS, SEPARATE},
+        {1, 65, 130, 2, 64, RULE_FULL, SEPARATE},
+        {1, 70, 77, 1, 30, RULE_FULL, UNALIGNED},
+    };
+    for (const attn_case &c : rule)
+        mma_case(env, &t, dt, c, 4);
+    mma_case(env, &t, dt, {1, 129, 77, 1, 48, RULE_FULL, SEPARATE}, 8);
+    char what[64];
+    for (int warps : {4, 8}) {
+        snprintf(what, sizeof(what), "attn_mma %s %dw", bs_dtype_name(dt), warps);
+        const_rows_case(env, &t, what, {2, 40, 130, 1, 40, MASK_NONE, SEPARATE},
+                        [&](const attn_args &a) { launch_mma_dt(dt, a, 2, warps); });
+    }
+    snprintf(what, sizeof(what), "attn_mma %s", bs_dtype_name(dt));
+    double tol = dt == BS_TYPE_BF16 ? TOL_BF16 : TOL_F16;
+    grid_case(env, &t, what, 64, tol, true,
+              [&](const attn_args &a, block_range r) { launch_mma_dt(dt, a, 4097, 4, r); });
+    run_mma_overflow(env, &t, dt);
+    t.note += ", rule masks, constant rows, B x heads 65552, overflow flag";
+    tally_report(env, t);
+}
+
+/* ---- attn_f32 -------------------------------------------------------------------- */
+
+static void f32_case(emu_env *env, tally *t, const attn_case &c)
+{
+    attn_io io;
+    attn_io_init(&io, c);
+    cpu_attention(env, &io);
+    attn_args a = attn_args_of(&io);
+    if (c.batch > 0 && c.lq > 0)
+        launch_f32(a, c.batch);
+    char name[160];
+    case_name(name, sizeof(name), "attn_f32", c, false);
+    expect_close(env, t, name, io.o, TOL_F32, TOL_F32, false);
+    expect_no_overflow(env, t, name);
+}
+
+void run_attn_f32(emu_env *env)
+{
+    tally t;
+    t.kernel = "attn_f32";
+    t.note = "head dims 24-512";
+    static const attn_case dims[] = {
+        {2, 33, 40, 2, 24, MASK_FULL, SEPARATE},   {2, 33, 40, 2, 64, MASK_KEYS, SEPARATE},
+        {1, 33, 40, 2, 30, MASK_KEYS, UNALIGNED},  {2, 17, 33, 2, 161, MASK_FULL, SEPARATE},
+        {1, 20, 20, 2, 200, MASK_NONE, FUSED_QKV}, {1, 17, 33, 1, 512, MASK_KEYS, SEPARATE},
+    };
+    for (const attn_case &c : dims)
+        f32_case(env, &t, c);
+    static const int64_t lens[] = {0, 1, 17, 77, 130};
+    int i = 0;
+    for (int64_t lq : lens)
+        for (int64_t lk : lens)
+            f32_case(env, &t, {1, lq, lk, 1, 24, (mask_kind)(i++ % 3), SEPARATE});
+    f32_case(env, &t, {8, 17, 40, 1, 24, RULE_KEYS, SEPARATE});
+    f32_case(env, &t, {1, 33, 77, 2, 64, RULE_FULL, SEPARATE});
+    const_rows_case(env, &t, "attn_f32", {2, 33, 40, 2, 24, MASK_NONE, SEPARATE},
+                    [](const attn_args &a) { launch_f32(a, 2); });
+    grid_case(env, &t, "attn_f32", F32_BQ, TOL_F32, false,
+              [](const attn_args &a, block_range r) { launch_f32(a, 4097, r); });
+    t.note += ", rule masks, constant rows, B x heads 65552";
+    tally_report(env, t);
+}
+
+/* ---- softmax_rows (the unfused baseline) -------------------------------------------- */
+
+template <typename T> static float round_to(float x)
+{
+    return (float)(T)x;
+}
+
+/* The unfused baseline of attn_cuda.cu on one case: q, k, v rounded to T,
+ * S = scale q k^T per head in T (cuBLAS: FP32 sums, output T), softmax_rows
+ * under emulation, o = P v (FP32 sums) into io->o.e. */
+template <typename T> static void unfused(const attn_case &c, attn_io *io, const attn_args &a)
+{
+    int64_t lq = c.lq, lk = c.lk, hd = c.hd;
+    std::vector<T> s((size_t)(c.heads * lq * lk));
+    const float *q = a.q, *k = a.k, *v = a.v;
+    for (int64_t b = 0; b < c.batch; b++) {
+        for (int h = 0; h < c.heads; h++)
+            for (int64_t i = 0; i < lq; i++)
+                for (int64_t j = 0; j < lk; j++) {
+                    float dot = 0;
+                    for (int64_t d = 0; d < hd; d++)
+                        dot += round_to<T>(q[(b * lq + i) * a.ldq + h * hd + d]) *
+                               round_to<T>(k[(b * lk + j) * a.ldk + h * hd + d]);
+                    s[(size_t)((h * lq + i) * lk + j)] = (T)(a.scale * dot);
+                }
+        const float *mask = a.mask ? a.mask + b * a.mask_nb0 : NULL;
+        emu_launch(softmax_rows<T>, dim3((unsigned)(c.heads * lq)), dim3(256), 0, s.data(), lk, lq,
+                   mask, a.mask_nb1, a.mq);
+        for (int h = 0; h < c.heads; h++)
+            for (int64_t i = 0; i < lq; i++)
+                for (int64_t d = 0; d < hd; d++) {
+                    float acc = 0;
+                    for (int64_t j = 0; j < lk; j++)
+                        acc += (float)s[(size_t)((h * lq + i) * lk + j)] *
+                               round_to<T>(v[(b * lk + j) * a.ldv + h * hd + d]);
+                    a.o[(b * lq + i) * a.ldo + h * hd + d] = acc;
+                }
+    }
+}
+
+void run_softmax_rows(emu_env *env)
+{
+    tally t;
+    t.kernel = "softmax_rows";
+    t.note = "F32, BF16, F16";
+    static const attn_case cases[] = {
+        {2, 3, 1, 2, 16, MASK_KEYS, SEPARATE},  {2, 3, 77, 2, 16, MASK_FULL, SEPARATE},
+        {1, 2, 300, 2, 8, MASK_NONE, SEPARATE}, {1, 3, 300, 1, 8, MASK_FULL, UNALIGNED},
+        {8, 1, 77, 1, 16, RULE_KEYS, SEPARATE}, {1, 8, 130, 1, 8, RULE_FULL, SEPARATE},
+    };
+    static const enum bs_dtype dts[] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+    for (enum bs_dtype dt : dts)
+        for (const attn_case &c : cases) {
+            attn_io io;
+            attn_io_init(&io, c);
+            cpu_attention(env, &io);
+            attn_args a = attn_args_of(&io);
+            double tol = TOL_F32;
+            if (dt == BS_TYPE_F32) {
+                unfused<float>(c, &io, a);
+            } else if (dt == BS_TYPE_BF16) {
+                unfused<__nv_bfloat16>(c, &io, a);
+                tol = TOL_BF16;
+            } else {
+                unfused<__half>(c, &io, a);
+                tol = TOL_F16;
+            }
+            char what[64], name[160];
+            snprintf(what, sizeof(what), "softmax_rows<%s> (unfused)", bs_dtype_name(dt));
+            case_name(name, sizeof(name), what, c, false);
+            expect_close(env, &t, name, io.o, tol, tol, dt != BS_TYPE_F32);
+        }
+    const attn_case cc = {2, 3, 130, 1, 8, MASK_NONE, SEPARATE};
+    const_rows_case(env, &t, "softmax_rows<F32>", cc,
+                    [&](const attn_args &a) { unfused<float>(cc, NULL, a); });
+    const_rows_case(env, &t, "softmax_rows<BF16>", cc,
+                    [&](const attn_args &a) { unfused<__nv_bfloat16>(cc, NULL, a); });
+    const_rows_case(env, &t, "softmax_rows<F16>", cc,
+                    [&](const attn_args &a) { unfused<__half>(cc, NULL, a); });
+    t.note += ", rule masks, constant rows";
+    tally_report(env, t);
+}
