@@ -57,6 +57,8 @@
 #include "backend.h"
 #include "ops_cpu.h"
 #include "tensor.h"
+#define TEST_RNG_SEED 0x2545f4914f6cdd1dull
+#include "test_rand.h"
 
 #define SLACK       2e-5 /* FP32 arithmetic, absolute (see the top) */
 #define SLACK_EXACT 5e-7 /* the same where every weight is 0 or 1 */
@@ -68,18 +70,8 @@ static bool bf16_runs; /* be1 and be2 have the BF16 kernels */
 
 /* ---- helpers ----------------------------------------------------------- */
 
-static uint64_t rng = 0x2545f4914f6cdd1dull;
 
-/* Uniform in [-1, 1). */
-static float frand(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-
-static float *alloc_rand(int64_t n, float scale)
+static float *alloc_scaled(int64_t n, float scale)
 {
     float *p = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
     assert_non_null(p);
@@ -240,14 +232,14 @@ static void io_init(struct attn_io *a, const struct attn_case *c, bool zero_q)
     a->ldo = a->inner + 7;
     if (c->fused) { /* q, k and v from the first B*Lq or B*Lk rows */
         int64_t rows = c->batch * (c->lq > c->lk ? c->lq : c->lk);
-        a->qkv = alloc_rand(rows * 3 * a->inner, 1.0f);
+        a->qkv = alloc_scaled(rows * 3 * a->inner, 1.0f);
         a->q = a->qkv, a->k = a->qkv + a->inner, a->v = a->qkv + 2 * a->inner;
         a->ldq = a->ldk = a->ldv = 3 * a->inner;
     } else { /* separate buffers with padded rows; q larger for a sharper softmax */
         a->ldq = a->inner + 3, a->ldk = a->inner + 5, a->ldv = a->inner;
-        a->q = a->qb = alloc_rand(c->batch * c->lq * a->ldq, 3.0f);
-        a->k = a->kb = alloc_rand(c->batch * c->lk * a->ldk, 1.0f);
-        a->v = a->vb = alloc_rand(c->batch * c->lk * a->ldv, 1.0f);
+        a->q = a->qb = alloc_scaled(c->batch * c->lq * a->ldq, 3.0f);
+        a->k = a->kb = alloc_scaled(c->batch * c->lk * a->ldk, 1.0f);
+        a->v = a->vb = alloc_scaled(c->batch * c->lk * a->ldv, 1.0f);
     }
     for (int64_t r = 0; zero_q && r < c->batch * c->lq; r++)
         memset((float *)a->q + r * a->ldq, 0, (size_t)a->inner * sizeof(float));

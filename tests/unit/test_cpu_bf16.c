@@ -35,28 +35,11 @@
 #include "backend.h"
 #include "ops_cpu.h"
 #include "tensor.h"
+#define TEST_RNG_SEED 0x2545f4914f6cdd1dull
+#include "test_rand.h"
 
 /* ---- helpers ----------------------------------------------------------- */
 
-static uint64_t rng = 0x2545f4914f6cdd1dull;
-
-/* Uniform in [-1, 1). */
-static float frand(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-
-static float *alloc_rand(int64_t n)
-{
-    float *p = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
-    assert_non_null(p);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = frand();
-    return p;
-}
 
 static float round_bf16(float f)
 {

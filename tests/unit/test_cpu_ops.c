@@ -29,6 +29,8 @@
 #include "tensor.h"
 #include "threadpool.h"
 #include "vmath.h"
+#define TEST_RNG_SEED 0x9e3779b97f4a7c15ull
+#include "test_rand.h"
 
 /* 3 threads: an odd count, more than the cores of small CI machines, so that
  * the split paths and the pool's interleavings get exercised anyway. */
@@ -38,25 +40,6 @@ static struct bs_backend be;
 
 /* ---- helpers ----------------------------------------------------------- */
 
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-
-/* Uniform in [-1, 1). */
-static float frand(void)
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-
-static float *alloc_rand(int64_t n)
-{
-    float *p = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
-    assert_non_null(p);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = frand();
-    return p;
-}
 
 static double *alloc_d(int64_t n)
 {
