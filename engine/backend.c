@@ -117,15 +117,12 @@ const char *bs_compute_dtype_name(enum bs_dtype dtype)
                                    : "?";
 }
 
-/* The CPU backend in o's dtype (default fp32), with a note of what was
- * chosen; why, when set, says why the GPU was not used. */
-static int cpu_init(struct bs_backend *be, const struct bs_backend_opts *o, const char *why,
-                    struct bs_err *err)
+/* The CPU backend computing in dtype, with a note of what was chosen; why,
+ * when set, says why the GPU was not used. */
+static int cpu_init(struct bs_backend *be, const struct bs_backend_opts *o, enum bs_dtype dtype,
+                    const char *why, struct bs_err *err)
 {
-    enum bs_dtype dtype = BS_TYPE_F32;
     int rc;
-    if (o->dtype != NULL && (rc = bs_compute_dtype_parse(o->dtype, &dtype, err)) != 0)
-        return rc;
     if ((rc = bs_backend_cpu_init_dtype(be, o->n_threads, dtype, err)) != 0)
         return rc;
     char note[sizeof(err->msg)];
@@ -137,7 +134,8 @@ static int cpu_init(struct bs_backend *be, const struct bs_backend_opts *o, cons
                       note[0] ? "; " : "", note);
 }
 
-static int cuda_init(struct bs_backend *be, const struct bs_backend_opts *o, struct bs_err *err)
+static int cuda_init(struct bs_backend *be, const struct bs_backend_opts *o, enum bs_dtype dtype,
+                     struct bs_err *err)
 {
     const struct bs_backend_module *mod = usable_module(err);
     if (mod == NULL)
@@ -146,10 +144,8 @@ static int cuda_init(struct bs_backend *be, const struct bs_backend_opts *o, str
     int rc = mod->init(be, o, err);
     if (rc != 0)
         memset(be, 0, sizeof(*be));
-    else /* the module's default: bf16 */
-        be->dtype = o->dtype == NULL || strcmp(o->dtype, "bf16") == 0 ? BS_TYPE_BF16
-                    : strcmp(o->dtype, "fp16") == 0                  ? BS_TYPE_F16
-                                                                     : BS_TYPE_F32;
+    else
+        be->dtype = dtype;
     return rc;
 }
 
@@ -157,25 +153,28 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
 {
     const char *device = o->device ? o->device : "auto";
     int rc;
-    enum bs_dtype dtype;
+    /* NULL dtype: each device's default (cpu fp32, cuda bf16) */
+    enum bs_dtype dtype = BS_TYPE_COUNT, cpu_dtype, cuda_dtype;
     memset(be, 0, sizeof(*be));
     if (o->dtype != NULL && (rc = bs_compute_dtype_parse(o->dtype, &dtype, err)) != 0)
         return rc;
+    cpu_dtype = dtype == BS_TYPE_COUNT ? BS_TYPE_F32 : dtype;
+    cuda_dtype = dtype == BS_TYPE_COUNT ? BS_TYPE_BF16 : dtype;
     if (strcmp(device, "cpu") == 0)
-        return cpu_init(be, o, NULL, err);
+        return cpu_init(be, o, cpu_dtype, NULL, err);
     if (strcmp(device, "cuda") == 0) {
-        if ((rc = cuda_init(be, o, err)) != 0)
+        if ((rc = cuda_init(be, o, cuda_dtype, err)) != 0)
             return bs_err_wrap(err, "--device cuda");
         return 0;
     }
     if (strcmp(device, "auto") != 0)
         return bs_err_set(err, BS_EINVAL, "unknown device \"%s\" (expected auto, cpu or cuda)",
                           device);
-    if (cuda_init(be, o, err) == 0)
+    if (cuda_init(be, o, cuda_dtype, err) == 0)
         return 0;
     char why[sizeof(err->msg)];
     snprintf(why, sizeof(why), "%s", err->msg);
-    if ((rc = cpu_init(be, o, why, err)) != 0)
+    if ((rc = cpu_init(be, o, cpu_dtype, why, err)) != 0)
         return bs_err_wrap(err, "--device auto: GPU not used (%.200s)", why);
     return 0;
 }

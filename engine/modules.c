@@ -104,6 +104,13 @@ static void bind_stacked(struct bs__loader *ld, struct bs_tensor *t, const char 
     ld->off += ((size_t)n * each + PARAM_ALIGN - 1) & ~(size_t)(PARAM_ALIGN - 1);
 }
 
+/* Does this load pack linear weights (a narrower compute dtype on a
+ * backend with pack_weight)? */
+static bool packing(const struct bs__loader *ld)
+{
+    return ld->pack != BS_TYPE_F32 && ld->be != NULL && ld->be->iface->pack_weight != NULL;
+}
+
 /* Host staging for one weight, mapped rather than malloc'd: freed blocks
  * of this size would stay in the heap (glibc raises its mmap threshold
  * after such a free) and count in the process's memory for good. */
@@ -144,7 +151,7 @@ static int note_packed(struct bs__loader *ld, void *data)
 static void bind_weight(struct bs__loader *ld, struct bs_tensor *t, const char *const *names,
                         int n, int64_t rows, int64_t cols)
 {
-    if (ld->pack == BS_TYPE_F32 || ld->be == NULL || ld->be->iface->pack_weight == NULL) {
+    if (!packing(ld)) {
         bind_stacked(ld, t, names, n, rows, cols);
         return;
     }
@@ -185,7 +192,7 @@ static void bind(struct bs__loader *ld, struct bs_tensor *t, const char *name, i
 static void bind_table(struct bs__loader *ld, struct bs_tensor *t, const char *name, int64_t rows,
                        int64_t cols)
 {
-    if (ld->pack != BS_TYPE_BF16 || ld->be == NULL || ld->be->iface->pack_weight == NULL) {
+    if (!packing(ld) || ld->pack != BS_TYPE_BF16) {
         bind(ld, t, name, rows, cols);
         return;
     }
