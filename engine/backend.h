@@ -46,7 +46,17 @@ struct bs_norm_params {
 /* Multi-head attention over row tensors. q: [B*Lq rows], k and v: [B*Lk rows];
  * head h reads columns [h*head_dim, (h+1)*head_dim) of each; o: [B*Lq rows]
  * with heads*head_dim columns. mask (optional) is an additive F32 tensor
- * [B, Mq, Lk] with Mq 1 (broadcast over queries) or Lq. */
+ * [B, Mq, Lk] with Mq 1 (broadcast over queries) or Lq.
+ *
+ * A ragged batch (q_off set) packs samples of different lengths without
+ * padding, as FlashAttention's cu_seqlens: sample b's queries are rows
+ * [q_off[b], q_off[b+1]) of q and o, its keys rows [k_off[b], k_off[b+1]) of
+ * k and v (host arrays of batch + 1 offsets from 0; lq and lk are then the
+ * largest lengths, for sizing). A sample may have no keys (its rows of o are
+ * 0, the all-masked rule) but has at least one query. The mask is then a
+ * contiguous F32 tensor of any shape read as flat: sample b's part starts at
+ * element m_off[b] and holds one row of its keys for each of its queries
+ * (mask_per_query) or one row shared by them. */
 struct bs_attn_params {
     int64_t batch, lq, lk;
     int heads, head_dim;
@@ -56,6 +66,9 @@ struct bs_attn_params {
      * P V from BF16 operands with F32 accumulation; softmax in F32). A
      * backend without a BF16 kernel computes in F32. */
     enum bs_dtype compute;
+    const int64_t *q_off, *k_off; /* ragged batch: batch + 1 row offsets each, or NULL */
+    const int64_t *m_off;         /* ragged batch with a mask: batch offsets (elements) */
+    bool mask_per_query;          /* ragged mask rows: one per query (else one per sample) */
 };
 
 /* Device memory as a backend reports it (memory_info). */
@@ -185,8 +198,9 @@ struct bs_backend_opts {
 
 /* Version of struct bs_backend_i, bs_backend_opts and bs_backend_module that a
  * backend module must have been built against. */
-#define BS_BACKEND_ABI 4 /* 2: memory_info; 3: get_proc_address, bs_backend_module;
-                            4: pack_weight, bs_attn_params.compute, bs_backend.dtype */
+#define BS_BACKEND_ABI 5 /* 2: memory_info; 3: get_proc_address, bs_backend_module;
+                            4: pack_weight, bs_attn_params.compute, bs_backend.dtype;
+                            5: ragged attention (bs_attn_params.q_off, k_off, m_off) */
 
 /* What a backend module (libbs_cuda.so) exports: one function, named
  * BS_CUDA_MODULE_ENTRY, of type bs_backend_module_fn. The engine reads abi

@@ -50,6 +50,12 @@ typedef int (*bs_block_cb)(void *arg, int block, int n_blocks, const struct bs_t
 struct bs_forward_opts {
     bs_block_cb on_block; /* optional */
     void *cb_arg;
+    /* Optional: asked before each block of a stack and between the parts of
+     * a block (attention, cross-attention, feed-forward); true stops the
+     * forward, which then fails with BS_ECANCELED. */
+    bool (*should_stop)(void *arg);
+    void *stop_arg;
+    int *blocks_run; /* optional out: blocks of the stack run to their end */
 };
 
 /* Load dir/config.json and its weights (dir/diffusion_pytorch_model.safetensors

@@ -64,11 +64,19 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
             return bs_err_set(err, BS_EINVAL,
                               "serving.dtype: expected \"fp32\", \"bf16\" or \"fp16\"");
         c->has_dtype = true;
+    } else if (strcmp(m->key, "ragged_batching") == 0) {
+        if (m->type != BS_JSON_BOOL)
+            return bs_err_set(err, BS_EINVAL, "serving.ragged_batching: expected true or false");
+        c->ragged_off = !m->boolean;
+    } else if (strcmp(m->key, "max_batch_tokens") == 0) {
+        if ((rc = serving_int(m, m->key, 0, INT64_MAX / 2, &v, err)) == 0)
+            c->max_batch_tokens = v;
     } else {
         return bs_err_set(err, BS_EINVAL,
                           "serving: unknown key \"%s\" (known: max_batch_size, "
                           "max_queue_delay_microseconds, preferred_batch_size, max_queue_size, "
-                          "default_timeout_microseconds, device, dtype)",
+                          "default_timeout_microseconds, device, dtype, ragged_batching, "
+                          "max_batch_tokens)",
                           m->key);
     }
     return rc;

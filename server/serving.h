@@ -23,6 +23,13 @@ struct bs_serving_config {
     int64_t default_timeout_us; /* 0: none */
     bool has_dtype;             /* "dtype" given: the model computes in dtype, */
     enum bs_dtype dtype;        /* else in the server's --dtype */
+    /* Ragged batching: requests whose inputs differ only in their sequence
+     * dims (tokens, context tokens, H x W) share a batch, packed without
+     * padding. "ragged_batching": false sets ragged_off (then only equal
+     * shapes join, for comparison). */
+    bool ragged_off;
+    int64_t max_batch_tokens; /* cap on the main input's tokens (rows) of one
+                                 batch; 0: none */
 };
 
 /* Parse a "serving" object (JSON text of the object) over cfg: the keys it
