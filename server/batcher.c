@@ -350,7 +350,7 @@ static void batch_work(uv_work_t *req)
                            bs_tensor_nbytes(&r->out));
         return;
     }
-    struct bs_forward_opts opts = {batch_on_block, b};
+    struct bs_forward_opts opts = {.on_block = batch_on_block, .cb_arg = b};
     r->rc = bs_model_forward(b->model, &b->arena, in, r->n_in, &r->out,
                              r->want_blocks ? &opts : NULL, &r->err);
     r->t_infer = uv_hrtime();

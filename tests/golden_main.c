@@ -113,7 +113,7 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
     out.data = malloc(bs_tensor_nbytes(&out));
     for (int pass = 0; pass < 2 && rc == 0; pass++) {
         struct cb_state cbs = {0, -1};
-        struct bs_forward_opts opts = {on_block, &cbs};
+        struct bs_forward_opts opts = {.on_block = on_block, .cb_arg = &cbs};
         bool with_cb = pass == 1 && bs_model_config(model)->num_blocks > 1;
         memset(out.data, 0xff, bs_tensor_nbytes(&out)); /* NaN: stale data cannot pass */
         if ((rc = bs_model_forward(model, &arena, in, n_in, &out, with_cb ? &opts : NULL, err)) != 0)

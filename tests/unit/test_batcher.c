@@ -185,7 +185,7 @@ static void check_against_alone(bs_model_t *model, const struct req *r)
     struct bs_arena arena;
     struct bs_tensor out;
     struct ref_blocks rb = {{NULL}, 0};
-    struct bs_forward_opts opts = {ref_on_block, &rb};
+    struct bs_forward_opts opts = {.on_block = ref_on_block, .cb_arg = &rb};
     assert_int_equal(r->done_calls, 1);
     if (r->rc != 0)
         fail_msg("request %d failed: %d %s", r->index, r->rc, r->msg);
