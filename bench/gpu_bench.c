@@ -197,7 +197,13 @@ static int bench_attention(struct bench *bn, int64_t batch, int heads, int hd, i
 {
     struct bs_tensor q, k, v, o;
     int64_t inner = (int64_t)heads * hd;
-    struct bs_attn_params p = {batch, l, l, heads, hd, 1.0f / sqrtf((float)hd), NULL, BS_TYPE_F32};
+    struct bs_attn_params p = {.batch = batch,
+                               .lq = l,
+                               .lk = l,
+                               .heads = heads,
+                               .head_dim = hd,
+                               .scale = 1.0f / sqrtf((float)hd),
+                               .compute = BS_TYPE_F32};
     double flops = 4.0 * (double)batch * heads * (double)l * (double)l * hd, fused, unf;
     int rc;
     if ((rc = dev_tensor(bn, &q, batch * l, inner, err)) ||

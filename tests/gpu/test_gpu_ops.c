@@ -429,7 +429,13 @@ static void attn_case(struct env *e, int64_t batch, int64_t lq, int64_t lk, int 
         kv_v = pt_cols(&kv, inner, inner);
     }
     pt_new(e, &o, 2, (int64_t[]){batch * lq, inner}, -1, 1);
-    struct bs_attn_params pc = {batch, lq, lk, heads, hd, 1.0f / sqrtf((float)hd), NULL, BS_TYPE_F32};
+    struct bs_attn_params pc = {.batch = batch,
+                                .lq = lq,
+                                .lk = lk,
+                                .heads = heads,
+                                .head_dim = hd,
+                                .scale = 1.0f / sqrtf((float)hd),
+                                .compute = BS_TYPE_F32};
     struct bs_attn_params pg = pc;
     if (mk != MASK_NONE) {
         int64_t mq = mk == MASK_KEYS || mk == RULE_KEYS ? 1 : lq;
@@ -544,7 +550,8 @@ static void test_overflow(struct env *e)
     pt_new(e, &o, 2, (int64_t[]){2 * 20, 64}, -1, 1);
     ((float *)q.c.data)[100] = -1e5f;
     pt_upload(e, &q);
-    struct bs_attn_params p = {2, 20, 20, 1, 64, 0.125f, NULL, BS_TYPE_F32};
+    struct bs_attn_params p = {
+        .batch = 2, .lq = 20, .lk = 20, .heads = 1, .head_dim = 64, .scale = 0.125f};
     if (GPU->attention(GC, &o.g, &q.g, &q.g, &q.g, &p, &err) != 0)
         die("attention", &err);
     expect_overflow(e, "fp16 overflow in attention's q", &o);
@@ -597,7 +604,8 @@ static void test_threads(struct env *e)
         pt_new(e, &k->x, 2, (int64_t[]){l, 96}, -1, 1);
         pt_new(e, &k->y, 2, (int64_t[]){l, 128}, -1, 1);
         pt_new(e, &k->o, 2, (int64_t[]){l, 128}, -1, 1);
-        k->p = (struct bs_attn_params){1, l, l, 2, 64, 0.125f, NULL, BS_TYPE_F32};
+        k->p = (struct bs_attn_params){
+            .batch = 1, .lq = l, .lk = l, .heads = 2, .head_dim = 64, .scale = 0.125f};
         struct bs_err err = {0};
         if (CPU->linear(CC, &k->y.c, &k->x.c, &w.wc, &w.bc, 0.0f, &err) != 0 ||
             CPU->attention(CC, &k->o.c, &k->y.c, &k->y.c, &k->y.c, &k->p, &err) != 0)

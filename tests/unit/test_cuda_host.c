@@ -168,10 +168,23 @@ static void test_checks_match_cpu(void **state)
 
     /* attention: wrong column count, then a mask of the wrong shape */
     struct bs_tensor q = t2(f, 2 * 5, 16), k = t2(f, 2 * 7, 16), o = t2(f, 2 * 5, 16);
-    struct bs_attn_params ap = {2, 5, 7, 2, 6, 0.5f, NULL, BS_TYPE_F32};
+    struct bs_attn_params ap = {.batch = 2,
+                                .lq = 5,
+                                .lk = 7,
+                                .heads = 2,
+                                .head_dim = 6,
+                                .scale = 0.5f,
+                                .compute = BS_TYPE_F32};
     SAME_ERROR(be->iface->attention(be->ctx, &o, &q, &k, &k, &ap, err));
     struct bs_tensor mask = bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){2, 3, 7}, f->buf);
-    ap = (struct bs_attn_params){2, 5, 7, 2, 8, 0.5f, &mask, BS_TYPE_F32};
+    ap = (struct bs_attn_params){.batch = 2,
+                                 .lq = 5,
+                                 .lk = 7,
+                                 .heads = 2,
+                                 .head_dim = 8,
+                                 .scale = 0.5f,
+                                 .mask = &mask,
+                                 .compute = BS_TYPE_F32};
     SAME_ERROR(be->iface->attention(be->ctx, &o, &q, &k, &k, &ap, err));
     ap.mask = NULL;
     ap.head_dim = -1;
@@ -215,7 +228,13 @@ static void test_valid_calls_fail_cleanly(void **state)
     struct bs_tensor rows = t2(f, 2, 8);
     expect_internal(g->get_rows(c, &rows, &x, idx, 2, &err), &err, "get_rows");
     struct bs_tensor q = t2(f, 2 * 5, 128), k = t2(f, 2 * 7, 128), o = t2(f, 2 * 5, 128);
-    struct bs_attn_params ap = {2, 5, 7, 2, 64, 0.125f, NULL, BS_TYPE_F32};
+    struct bs_attn_params ap = {.batch = 2,
+                                .lq = 5,
+                                .lk = 7,
+                                .heads = 2,
+                                .head_dim = 64,
+                                .scale = 0.125f,
+                                .compute = BS_TYPE_F32};
     expect_internal(g->attention(c, &o, &q, &k, &k, &ap, &err), &err, "attention");
     struct bs_backend_memory mem;
     expect_internal(g->memory_info(c, &mem, &err), &err, "memory_info");
@@ -337,16 +356,34 @@ static void test_attention_grid_limits(void **state)
     }
     struct bs_err err = {0};
     struct bs_tensor q = t2(f, 65536, 1), o = t2(f, 65536, 1);
-    struct bs_attn_params ap = {65536, 1, 1, 1, 1, 1.0f, NULL, BS_TYPE_F32};
+    struct bs_attn_params ap = {.batch = 65536,
+                                .lq = 1,
+                                .lk = 1,
+                                .heads = 1,
+                                .head_dim = 1,
+                                .scale = 1.0f,
+                                .compute = BS_TYPE_F32};
     expect_internal(f->cuda.iface->attention(f->cuda.ctx, &o, &q, &q, &q, &ap, &err), &err,
                     "attention");
     q = t2(f, 2, 32768), o = t2(f, 2, 32768); /* B 2 x heads 32768 */
-    ap = (struct bs_attn_params){2, 1, 1, 32768, 1, 1.0f, NULL, BS_TYPE_F32};
+    ap = (struct bs_attn_params){.batch = 2,
+                                 .lq = 1,
+                                 .lk = 1,
+                                 .heads = 32768,
+                                 .head_dim = 1,
+                                 .scale = 1.0f,
+                                 .compute = BS_TYPE_F32};
     expect_internal(f->cuda.iface->attention(f->cuda.ctx, &o, &q, &q, &q, &ap, &err), &err,
                     "attention");
     int64_t lq = (int64_t)16 << 31; /* 2^31 tiles of 16 queries */
     q = t2(f, lq, 1), o = t2(f, lq, 1);
-    ap = (struct bs_attn_params){1, lq, 1, 1, 1, 1.0f, NULL, BS_TYPE_F32};
+    ap = (struct bs_attn_params){.batch = 1,
+                                 .lq = lq,
+                                 .lk = 1,
+                                 .heads = 1,
+                                 .head_dim = 1,
+                                 .scale = 1.0f,
+                                 .compute = BS_TYPE_F32};
     struct bs_tensor k = t2(f, 1, 1);
     assert_int_equal(f->cuda.iface->attention(f->cuda.ctx, &o, &q, &k, &k, &ap, &err), BS_ERANGE);
     print_message("%s\n", err.msg);
