@@ -196,13 +196,55 @@ int bs__upload(struct bs__fwd *f, struct bs_tensor *dst, const struct bs_tensor 
 int bs__upload_rows(struct bs__fwd *f, struct bs_tensor *dst, const struct bs_tensor *src)
 {
     int64_t cols = src->ne[src->n_dims - 1], rows = bs_tensor_nelements(src) / cols;
-    f->batch = src->ne[0];
-    f->lq = src->n_dims == 3 ? src->ne[1] : 1;
+    if (f->rg != NULL) { /* packed: the samples' tokens come from the layout */
+        f->batch = f->rg->n;
+        f->lq = f->rg->max[0];
+        f->q_off = f->rg->off[0];
+    } else {
+        f->batch = src->ne[0];
+        f->lq = src->n_dims == 3 ? src->ne[1] : 1;
+    }
     return bs__upload(f, dst, src, rows, cols);
 }
 
-int bs__upload_mask(struct bs__fwd *f, struct bs_tensor *dst, const struct bs_tensor *m)
+int bs__upload_keys(struct bs__fwd *f, const struct bs_tensor *src, int slot)
 {
+    int64_t cols = src->ne[src->n_dims - 1], rows = bs_tensor_nelements(src) / cols;
+    if (f->rg != NULL) {
+        f->lk = f->rg->max[slot];
+        f->k_off = f->rg->off[slot];
+    } else {
+        f->lk = src->ne[1];
+    }
+    return bs__upload(f, &f->enc, src, rows, cols);
+}
+
+/* A packed mask of a ragged batch: flat, each sample's part already whole. */
+static int upload_mask_ragged(struct bs__fwd *f, struct bs__mask *dst, const struct bs_tensor *m,
+                              int slot)
+{
+    int64_t n = bs_tensor_nelements(m);
+    float *tmp = malloc((size_t)n * sizeof(float));
+    if (tmp == NULL)
+        return bs_err_set(f->err, BS_ENOMEM, "out of memory staging a mask");
+    bs_convert_to_f32(tmp, m->data, m->type, n);
+    if (m->type == BS_TYPE_BOOL)
+        for (int64_t i = 0; i < n; i++)
+            tmp[i] = tmp[i] != 0.0f ? 0.0f : MASK_DROP;
+    int rc = upload_f32(f, &dst->t, tmp, 1, n);
+    if (rc == 0)
+        dst->t = bs_tensor_reshape(&dst->t, 1, &n);
+    dst->off = f->rg->m_off[slot];
+    dst->per_query = f->rg->m_per_query[slot];
+    free(tmp);
+    return rc;
+}
+
+int bs__upload_mask(struct bs__fwd *f, struct bs__mask *mask, const struct bs_tensor *m, int slot)
+{
+    if (f->rg != NULL)
+        return upload_mask_ragged(f, mask, m, slot);
+    struct bs_tensor *dst = &mask->t;
     int64_t bm = m->ne[0], lk = m->ne[m->n_dims - 1], mq = m->n_dims == 3 ? m->ne[1] : 1;
     int64_t per = mq * lk, n = f->batch * per;
     float *tmp = malloc((size_t)n * sizeof(float));
@@ -275,7 +317,7 @@ int bs__ff_run(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_tenso
     struct bs_tensor xs, y;
     BS_TRY(bs__upload_rows(f, &xs, x));
     if (ff->has_out)
-        BS_TRY(bs__scratch(f, &y, bs_tensor_nrows(&xs), out->ne[out->n_dims - 1]));
+        BS_TRY(bs__scratch(f, &y, bs_tensor_nrows(&xs), ff->out.w.ne[0]));
     BS_TRY(bs__ff_forward(f, ff, &xs, &y, 0.0f));
     return bs__download(f, out, &y);
 }

@@ -31,7 +31,14 @@ struct bs_class_input {
     int n_dims;              /* the canonical rank */
     unsigned dtypes;         /* accepted dtypes as a bit set */
     enum bs_dtype dtype;     /* the preferred one, shown in metadata */
+    /* Ragged batching: bit i set when dim i (> 0) is a sequence dim (tokens,
+     * H x W) that may differ between the requests of one batch; their
+     * product is a sample's tokens. Masks and conditioning follow their
+     * role and leave it 0. */
+    unsigned ragged_dims;
 };
+
+#define BS_RAGGED(i) (1u << (i))
 
 /* What a model of one config takes and gives, filled by bs_class.describe
  * with bs_class_io_add and bs_class_io_output. */
@@ -126,12 +133,18 @@ int bs__upload(struct bs__fwd *f, struct bs_tensor *dst, const struct bs_tensor 
                int64_t cols);
 
 /* The main input as rows of its last dim (sets f->batch, and f->lq: dim 1 of
- * a 3-D input, else 1). */
+ * a 3-D input, else 1; a ragged batch: its samples, longest and q_off). */
 int bs__upload_rows(struct bs__fwd *f, struct bs_tensor *dst, const struct bs_tensor *src);
 
-/* A checked mask as additive F32 [batch, mq, lk] in backend memory (BOOL
- * keep-masks become 0 / -10000; batch 1 broadcasts). */
-int bs__upload_mask(struct bs__fwd *f, struct bs_tensor *dst, const struct bs_tensor *m);
+/* Encoder states (input slot) as rows in f->enc; sets f->lk (and k_off of a
+ * ragged batch). */
+int bs__upload_keys(struct bs__fwd *f, const struct bs_tensor *src, int slot);
+
+/* A checked mask (input slot) as additive F32 [batch, mq, lk] in backend
+ * memory (BOOL keep-masks become 0 / -10000; batch 1 broadcasts); in a
+ * ragged batch flat, with its samples' offsets and form. */
+int bs__upload_mask(struct bs__fwd *f, struct bs__mask *mask, const struct bs_tensor *m,
+                    int slot);
 
 /* Host conditioning rows from timestep ts and labels lab (either NULL): n = 1
  * when every given value is shared, else the batch; one allocation returned

@@ -81,9 +81,10 @@ static int check_unused(const bs_model_t *m, struct bs__loader *ld, struct bs_er
             unused = key;
     }
     if (n_unused != 0)
-        return bs_err_set(err, BS_EFORMAT, "%s: unexpected tensor \"%s\"%s (not a parameter of %s "
-                          "with this config)", ld->file, unused, n_unused > 1 ? " and others" : "",
-                          m->cls->name);
+        return bs_err_set(err, BS_EFORMAT,
+                          "%s: unexpected tensor \"%s\"%s (not a parameter of %s "
+                          "with this config)",
+                          ld->file, unused, n_unused > 1 ? " and others" : "", m->cls->name);
     return 0;
 }
 
@@ -162,10 +163,9 @@ static int model_dtype(const struct bs_backend *be, const struct bs_model_opts *
     if (*dtype == be->dtype)
         return 0;
     if (!be->iface->host_memory) /* a device backend computes in its own dtype */
-        return bs_err_set(err, BS_EUNSUPP,
-                          "dtype %s: the %s backend computes every model in %s (its --dtype)",
-                          bs_compute_dtype_name(*dtype), be->iface->name,
-                          bs_compute_dtype_name(be->dtype));
+        return bs_err_set(
+            err, BS_EUNSUPP, "dtype %s: the %s backend computes every model in %s (its --dtype)",
+            bs_compute_dtype_name(*dtype), be->iface->name, bs_compute_dtype_name(be->dtype));
     if (*dtype == BS_TYPE_F16)
         return bs_err_set(err, BS_EUNSUPP,
                           "dtype fp16: the %s backend computes in fp32 or bf16 (fp16 is for cuda)",
@@ -324,8 +324,8 @@ static int check_one(const struct bs_input_spec *s, const struct bs_tensor *t, s
                           bs_dtype_name(t->type));
     bool full_rank = t->n_dims == s->n_dims;
     if (t->n_dims > s->n_dims || t->n_dims < s->min_dims)
-        return bs_err_set(err, BS_EINVAL, "input \"%s\": expected %s%d dims, got shape %s",
-                          s->name, s->min_dims < s->n_dims ? "at most " : "", s->n_dims,
+        return bs_err_set(err, BS_EINVAL, "input \"%s\": expected %s%d dims, got shape %s", s->name,
+                          s->min_dims < s->n_dims ? "at most " : "", s->n_dims,
                           bs_tensor_shape_str(t, shape, sizeof(shape)));
     for (int i = 0; i < t->n_dims; i++) {
         if (t->ne[i] < 1 || __builtin_mul_overflow(n, t->ne[i], &n) || n > ((int64_t)1 << 31))
@@ -333,8 +333,9 @@ static int check_one(const struct bs_input_spec *s, const struct bs_tensor *t, s
                               "input \"%s\": shape %s is empty or too large", s->name,
                               bs_tensor_shape_str(t, shape, sizeof(shape)));
         if (full_rank && s->dims[i] != -1 && t->ne[i] != s->dims[i])
-            return bs_err_set(err, BS_EINVAL, "input \"%s\": dim %d is %lld, expected %lld (shape %s)",
-                              s->name, i, (long long)t->ne[i], (long long)s->dims[i],
+            return bs_err_set(err, BS_EINVAL,
+                              "input \"%s\": dim %d is %lld, expected %lld (shape %s)", s->name, i,
+                              (long long)t->ne[i], (long long)s->dims[i],
                               bs_tensor_shape_str(t, shape, sizeof(shape)));
     }
     if (!bs_tensor_is_contiguous(t) || t->data == NULL)
@@ -385,19 +386,18 @@ int bs_model_check(const bs_model_t *m, const struct bs_named_tensor *in, int n_
 
 /* ---- forward ----------------------------------------------------------- */
 
-int bs_model_forward(bs_model_t *m, struct bs_arena *arena, const struct bs_named_tensor *in,
-                     int n_in, struct bs_tensor *out, const struct bs_forward_opts *opts,
-                     struct bs_err *err)
+/* The class's forward on inputs by slot (packed when rg is set), then the
+ * device drained and the arena reset. */
+static int run_forward(bs_model_t *m, struct bs_arena *arena, const struct bs__ragged *rg,
+                       const struct bs_tensor *const *in, struct bs_tensor *out,
+                       const struct bs_forward_opts *opts, struct bs_err *err)
 {
-    struct inputs r;
-    struct bs_tensor shape;
-    TRY(check_inputs(m, in, n_in, &r, &shape, err));
-    if (out->type != BS_TYPE_F32 || out->n_dims != shape.n_dims || out->data == NULL ||
-        memcmp(out->ne, shape.ne, sizeof(int64_t) * (size_t)shape.n_dims) != 0 ||
-        !bs_tensor_is_contiguous(out))
-        return bs_err_set(err, BS_EINVAL, "output buffer does not match the output shape");
-    struct bs__fwd f = {.be = m->be, .dtype = m->dtype, .arena = arena, .err = err};
-    int rc = m->cls->forward(&m->cfg, m->state, &f, r.t, out, opts);
+    struct bs__fwd f = {.be = m->be, .dtype = m->dtype, .arena = arena, .err = err, .rg = rg};
+    if (opts != NULL) {
+        f.should_stop = opts->should_stop;
+        f.stop_arg = opts->stop_arg;
+    }
+    int rc = m->cls->forward(&m->cfg, m->state, &f, in, out, opts);
     if (!m->be->iface->host_memory) {
         /* No op of this forward may still be queued when the arena is reused,
          * maybe by a batch on another thread (backend.h, copy_out): after a
@@ -410,6 +410,20 @@ int bs_model_forward(bs_model_t *m, struct bs_arena *arena, const struct bs_name
     return rc;
 }
 
+int bs_model_forward(bs_model_t *m, struct bs_arena *arena, const struct bs_named_tensor *in,
+                     int n_in, struct bs_tensor *out, const struct bs_forward_opts *opts,
+                     struct bs_err *err)
+{
+    struct inputs r;
+    struct bs_tensor shape;
+    TRY(check_inputs(m, in, n_in, &r, &shape, err));
+    if (out->type != BS_TYPE_F32 || out->n_dims != shape.n_dims || out->data == NULL ||
+        memcmp(out->ne, shape.ne, sizeof(int64_t) * (size_t)shape.n_dims) != 0 ||
+        !bs_tensor_is_contiguous(out))
+        return bs_err_set(err, BS_EINVAL, "output buffer does not match the output shape");
+    return run_forward(m, arena, NULL, r.t, out, opts, err);
+}
+
 double bs_model_flops(const bs_model_t *m, const struct bs_named_tensor *in, int n_in)
 {
     struct inputs r;
@@ -417,4 +431,211 @@ double bs_model_flops(const bs_model_t *m, const struct bs_named_tensor *in, int
     if (resolve(m, in, n_in, &r, &err) != 0)
         return 0;
     return m->cls->flops(&m->cfg, m->state, r.t);
+}
+
+/* ---- ragged batches ---------------------------------------------------- */
+
+static const struct bs_class_input *class_input(const bs_model_t *m, int slot)
+{
+    return &m->cls->inputs[slot];
+}
+
+/* Tokens of one sample of t (input slot): the product of its ragged dims. */
+static int64_t sample_tokens(const bs_model_t *m, int slot, const struct bs_tensor *t)
+{
+    unsigned dims = class_input(m, slot)->ragged_dims;
+    int64_t n = 1;
+    for (int i = 1; i < t->n_dims; i++)
+        if (dims & BS_RAGGED(i))
+            n *= t->ne[i];
+    return n;
+}
+
+/* Does a mask hold a row per query (rank 3 with more than one row)? */
+static bool mask_per_query(const struct bs_tensor *t)
+{
+    return t->n_dims == 3 && t->ne[1] > 1;
+}
+
+int64_t bs_model_tokens(const bs_model_t *m, const struct bs_named_tensor *in, int n_in)
+{
+    const char *main_name = m->io.in[0].name;
+    for (int i = 0; i < n_in; i++)
+        if (strcmp(in[i].name, main_name) == 0 && in[i].t.n_dims >= 1)
+            return in[i].t.ne[0] * sample_tokens(m, m->io.slot[0], &in[i].t);
+    return 0;
+}
+
+static const struct bs_tensor *find_input(const struct bs_named_tensor *in, int n, const char *name)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(in[i].name, name) == 0)
+            return &in[i].t;
+    return NULL;
+}
+
+bool bs_model_ragged_compatible(const bs_model_t *m, const struct bs_named_tensor *a, int n_a,
+                                const struct bs_named_tensor *b, int n_b)
+{
+    if (n_a != n_b)
+        return false;
+    for (int i = 0; i < n_a; i++) {
+        const struct bs_tensor *x = &a[i].t, *y = find_input(b, n_b, a[i].name);
+        int j = spec_index(m, a[i].name);
+        if (y == NULL || j < 0 || x->type != y->type)
+            return false;
+        const struct bs_class_input *ci = class_input(m, m->io.slot[j]);
+        switch (ci->role) {
+        case BS_ROLE_COND:
+            break;
+        case BS_ROLE_MASK:
+            if (mask_per_query(x) != mask_per_query(y))
+                return false;
+            break;
+        case BS_ROLE_BATCHED:
+            if (x->n_dims != y->n_dims)
+                return false;
+            for (int d = 1; d < x->n_dims; d++)
+                if (!(ci->ragged_dims & BS_RAGGED(d)) && x->ne[d] != y->ne[d])
+                    return false;
+            break;
+        }
+    }
+    return true;
+}
+
+/* The packed inputs of a ragged batch and their layout (host memory). */
+struct packed {
+    struct bs__ragged rg;
+    struct bs_tensor t[BS_MAX_INPUTS];
+    const struct bs_tensor *in[BS_MAX_INPUTS]; /* by slot: &t[slot] or NULL */
+    void *mem;                                 /* one allocation for everything */
+};
+
+/* Bytes of slot s packed over the parts, and the offsets it needs. */
+static size_t packed_bytes(const bs_model_t *m, int s, struct inputs *r, int n_parts, int64_t n,
+                           size_t *n_off)
+{
+    const struct bs_class_input *ci = class_input(m, s);
+    size_t bytes = 0;
+    for (int k = 0; k < n_parts; k++) {
+        const struct bs_tensor *t = r[k].t[s];
+        int64_t samples = r[k].t[0]->ne[0];
+        if (ci->role == BS_ROLE_BATCHED)
+            bytes += bs_tensor_nbytes(t);
+        else if (ci->role == BS_ROLE_MASK)
+            bytes += bs_tensor_nbytes(t) / (size_t)t->ne[0] * (size_t)samples;
+        else
+            bytes += bs_dtype_size(t->type) * (size_t)samples;
+    }
+    *n_off = ci->role == BS_ROLE_MASK                              ? (size_t)n
+             : ci->role == BS_ROLE_BATCHED && ci->ragged_dims != 0 ? (size_t)n + 1
+                                                                   : 0;
+    return (bytes + 63) & ~(size_t)63;
+}
+
+/* Concatenate slot s of every part into dst, one sample after another
+ * (a mask or a value shared by a part's samples repeated for each), and
+ * record its layout. */
+static void pack_slot(const bs_model_t *m, int s, struct inputs *r, int n_parts, char *dst,
+                      int64_t *off, struct packed *p)
+{
+    const struct bs_class_input *ci = class_input(m, s);
+    const struct bs_tensor *t0 = r[0].t[s];
+    size_t esize = bs_dtype_size(t0->type), at = 0;
+    int64_t sample = 0, tok = 0, elems = 0, longest = 0;
+    for (int k = 0; k < n_parts; k++) {
+        const struct bs_tensor *t = r[k].t[s];
+        int64_t samples = r[k].t[0]->ne[0];
+        size_t per = ci->role == BS_ROLE_COND ? esize : bs_tensor_nbytes(t) / (size_t)t->ne[0];
+        bool shared = ci->role == BS_ROLE_COND ? bs_tensor_nelements(t) == 1 : t->ne[0] == 1;
+        int64_t ntok = ci->role == BS_ROLE_BATCHED ? sample_tokens(m, s, t) : 0;
+        for (int64_t b = 0; b < samples; b++, sample++) {
+            memcpy(dst + at, (const char *)t->data + (shared ? 0 : per * (size_t)b), per);
+            at += per;
+            if (ci->role == BS_ROLE_MASK) {
+                off[sample] = elems;
+                elems += (int64_t)(per / esize);
+            } else if (off != NULL) {
+                off[sample] = tok;
+                tok += ntok;
+            }
+        }
+        longest = ntok > longest ? ntok : longest;
+    }
+    int64_t n_el = (int64_t)(at / esize), last = t0->ne[t0->n_dims - 1];
+    if (ci->role == BS_ROLE_BATCHED) {
+        if (off != NULL)
+            off[sample] = tok;
+        p->t[s] = bs_tensor_make(t0->type, 2, (int64_t[]){n_el / last, last}, dst);
+        p->rg.off[s] = off;
+        p->rg.max[s] = longest;
+    } else {
+        p->t[s] = bs_tensor_make(t0->type, 1, &n_el, dst);
+        if (ci->role == BS_ROLE_MASK) {
+            p->rg.m_off[s] = off;
+            p->rg.m_per_query[s] = mask_per_query(t0);
+        }
+    }
+    p->in[s] = &p->t[s];
+}
+
+static int pack_parts(const bs_model_t *m, struct inputs *r, int n_parts, int64_t n,
+                      struct packed *p, struct bs_err *err)
+{
+    size_t bytes[BS_MAX_INPUTS] = {0}, n_off[BS_MAX_INPUTS] = {0}, total = 0;
+    memset(p, 0, sizeof(*p));
+    p->rg.n = n;
+    for (int s = 0; s < m->cls->n_inputs; s++)
+        if (r[0].t[s] != NULL) {
+            bytes[s] = packed_bytes(m, s, r, n_parts, n, &n_off[s]);
+            total += bytes[s] + n_off[s] * sizeof(int64_t);
+        }
+    if ((p->mem = malloc(total ? total : 1)) == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory packing a batch of %lld samples",
+                          (long long)n);
+    char *at = p->mem;
+    for (int s = 0; s < m->cls->n_inputs; s++) {
+        if (r[0].t[s] == NULL)
+            continue;
+        int64_t *off = n_off[s] ? (int64_t *)(at + bytes[s]) : NULL;
+        pack_slot(m, s, r, n_parts, at, off, p);
+        at += bytes[s] + n_off[s] * sizeof(int64_t);
+    }
+    return 0;
+}
+
+int bs_model_forward_parts(bs_model_t *m, struct bs_arena *arena, const struct bs_model_part *parts,
+                           int n_parts, struct bs_tensor *out, const struct bs_forward_opts *opts,
+                           struct bs_err *err)
+{
+    if (n_parts < 1 || parts == NULL)
+        return bs_err_set(err, BS_EINVAL, "a ragged batch needs at least one request");
+    struct inputs *r = calloc((size_t)n_parts, sizeof(*r));
+    if (r == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    int64_t n = 0, out_elems = 0;
+    int rc = 0;
+    for (int k = 0; k < n_parts && rc == 0; k++) {
+        struct bs_tensor shape;
+        if ((rc = check_inputs(m, parts[k].in, parts[k].n_in, &r[k], &shape, err)) != 0)
+            break;
+        if (!bs_model_ragged_compatible(m, parts[0].in, parts[0].n_in, parts[k].in, parts[k].n_in))
+            rc = bs_err_set(err, BS_EINVAL,
+                            "request %d of the batch differs from the first beyond its "
+                            "sequence lengths",
+                            k);
+        n += r[k].t[0]->ne[0];
+        out_elems += bs_tensor_nelements(&shape);
+    }
+    if (rc == 0 && (out->type != BS_TYPE_F32 || out->data == NULL ||
+                    !bs_tensor_is_contiguous(out) || bs_tensor_nelements(out) != out_elems))
+        rc = bs_err_set(err, BS_EINVAL, "output buffer does not hold the batch's %lld values",
+                        (long long)out_elems);
+    struct packed p = {0};
+    if (rc == 0 && (rc = pack_parts(m, r, n_parts, n, &p, err)) == 0)
+        rc = run_forward(m, arena, &p.rg, p.in, out, opts, err);
+    free(p.mem);
+    free(r);
+    return rc;
 }

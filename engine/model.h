@@ -124,6 +124,37 @@ enum bs_dtype bs_model_dtype(const bs_model_t *model);
 /* Matmul FLOPs of one forward on these inputs (for GFLOP/s reports). */
 double bs_model_flops(const bs_model_t *model, const struct bs_named_tensor *in, int n_in);
 
+/* ---- ragged batches ------------------------------------------------------
+ * Requests whose inputs differ only in their sequence dims (tokens, context
+ * tokens, H x W, with masks to match) run as one batch, their tokens packed
+ * without padding: the projections, norms and activations run over every
+ * token at once, attention over each sample's own tokens. */
+
+/* One request of a ragged batch: inputs as for bs_model_forward. */
+struct bs_model_part {
+    const struct bs_named_tensor *in;
+    int n_in;
+};
+
+/* Tokens of a request's main input: its samples times the product of its
+ * sequence dims (what a batch's token cap counts). */
+int64_t bs_model_tokens(const bs_model_t *model, const struct bs_named_tensor *in, int n_in);
+
+/* May two checked requests share a ragged batch? The same inputs, each of
+ * one dtype and rank with equal fixed dims (sequence dims may differ);
+ * masks of one form (a row per query, or one row per sample). */
+bool bs_model_ragged_compatible(const bs_model_t *model, const struct bs_named_tensor *a,
+                                int n_a, const struct bs_named_tensor *b, int n_b);
+
+/* Run compatible requests as one ragged batch. out is a contiguous host F32
+ * tensor of the parts' output elements, the parts' outputs (each of its
+ * checked shape) one after another; on_block hears such a tensor too. Each
+ * part's output equals its bs_model_forward up to rounding (the same
+ * operations on the same rows). */
+int bs_model_forward_parts(bs_model_t *model, struct bs_arena *arena,
+                           const struct bs_model_part *parts, int n_parts, struct bs_tensor *out,
+                           const struct bs_forward_opts *opts, struct bs_err *err);
+
 /* Check inputs against the model (names, dtypes, shapes, value ranges) and give
  * the output shape as an F32 tensor with data NULL. Errors name the input. */
 int bs_model_check(const bs_model_t *model, const struct bs_named_tensor *in, int n_in,

@@ -23,8 +23,7 @@
 
 /* Format a state_dict key; keys are short, and one that does not fit is cut
  * and then simply not found in the file. */
-__attribute__((format(printf, 3, 4))) static void keyf(char *dst, size_t size, const char *fmt,
-                                                        ...)
+__attribute__((format(printf, 3, 4))) static void keyf(char *dst, size_t size, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -64,14 +63,18 @@ static int load_key(struct bs__loader *ld, const char *name, int64_t rows, int64
     if (bs_st_get(ld->st, key, &src) != 0)
         return bs_err_set(ld->err, BS_ENOTFOUND, "%s: missing tensor \"%s\"", ld->file, key);
     if (src.type != BS_TYPE_F32 && src.type != BS_TYPE_F16 && src.type != BS_TYPE_BF16)
-        return bs_err_set(ld->err, BS_EFORMAT, "%s: tensor \"%s\" has dtype %s (expected F32, F16 "
-                          "or BF16)", ld->file, key, bs_dtype_name(src.type));
+        return bs_err_set(ld->err, BS_EFORMAT,
+                          "%s: tensor \"%s\" has dtype %s (expected F32, F16 "
+                          "or BF16)",
+                          ld->file, key, bs_dtype_name(src.type));
     if (src.n_dims != n_dims || src.ne[0] != rows || (cols && src.ne[1] != cols)) {
         char found[64];
         bs_tensor_shape_str(&src, found, sizeof(found));
         if (cols)
-            return bs_err_set(ld->err, BS_EFORMAT, "%s: tensor \"%s\": expected shape [%lld, %lld]"
-                              ", found %s", ld->file, key, (long long)rows, (long long)cols, found);
+            return bs_err_set(ld->err, BS_EFORMAT,
+                              "%s: tensor \"%s\": expected shape [%lld, %lld]"
+                              ", found %s",
+                              ld->file, key, (long long)rows, (long long)cols, found);
         return bs_err_set(ld->err, BS_EFORMAT, "%s: tensor \"%s\": expected shape [%lld], found %s",
                           ld->file, key, (long long)rows, found);
     }
@@ -120,8 +123,8 @@ static float *stage_alloc(struct bs__loader *ld, size_t floats)
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p != MAP_FAILED)
         return p;
-    ld->rc = bs_err_set(ld->err, BS_ENOMEM, "%s: cannot stage %zu floats of weights", ld->file,
-                        floats);
+    ld->rc =
+        bs_err_set(ld->err, BS_ENOMEM, "%s: cannot stage %zu floats of weights", ld->file, floats);
     return NULL;
 }
 
@@ -148,8 +151,8 @@ static int note_packed(struct bs__loader *ld, void *data)
 /* A linear layer's weight of n stacked matrices names[0..n), each rows x
  * cols: like bind_stacked, or, when the loader packs, staged, packed by the
  * backend and left out of the F32 buffer. */
-static void bind_weight(struct bs__loader *ld, struct bs_tensor *t, const char *const *names,
-                        int n, int64_t rows, int64_t cols)
+static void bind_weight(struct bs__loader *ld, struct bs_tensor *t, const char *const *names, int n,
+                        int64_t rows, int64_t cols)
 {
     if (!packing(ld)) {
         bind_stacked(ld, t, names, n, rows, cols);
@@ -401,10 +404,30 @@ static int act(struct bs__fwd *f, struct bs_tensor *y, const struct bs_tensor *x
     return f->be->iface->act(f->be->ctx, y, x, a, f->err);
 }
 
+/* Sample b's rows of t, a rows tensor over the tokens of a ragged batch. */
+static struct bs_tensor sample_rows(const struct bs__fwd *f, const struct bs_tensor *t, int64_t b)
+{
+    return bs_tensor_view_outer(t, f->q_off[b], f->q_off[b + 1] - f->q_off[b]);
+}
+
+/* Row b of per-sample conditioning rows v (one row: shared). */
+static struct bs_tensor cond_row(const struct bs_tensor *v, int64_t b)
+{
+    return bs_tensor_view_outer(v, v->ne[0] == 1 ? 0 : b, 1);
+}
+
 static int add(struct bs__fwd *f, struct bs_tensor *y, const struct bs_tensor *x,
                const struct bs_tensor *gate, int64_t rows_per_sample, float alpha)
 {
-    return f->be->iface->add(f->be->ctx, y, x, gate, rows_per_sample, alpha, f->err);
+    if (gate == NULL || f->q_off == NULL)
+        return f->be->iface->add(f->be->ctx, y, x, gate, rows_per_sample, alpha, f->err);
+    /* A ragged batch: each sample's rows with its own gate row. */
+    for (int64_t b = 0; b < f->batch; b++) {
+        struct bs_tensor yb = sample_rows(f, y, b), xb = sample_rows(f, x, b);
+        struct bs_tensor gb = cond_row(gate, b);
+        TRY(f->be->iface->add(f->be->ctx, &yb, &xb, &gb, yb.ne[0], alpha, f->err));
+    }
+    return 0;
 }
 
 /* Rows of x that share one row of conditioning (timestep, labels, emb). */
@@ -425,7 +448,18 @@ static int layer_norm(struct bs__fwd *f, struct bs_tensor *y, const struct bs_te
         .shift = shift,
         .rows_per_sample = rows_per_sample,
     };
-    return f->be->iface->layer_norm(f->be->ctx, y, x, &p, f->err);
+    if (scale == NULL || f->q_off == NULL)
+        return f->be->iface->layer_norm(f->be->ctx, y, x, &p, f->err);
+    /* A ragged batch: each sample's rows with its own modulation row. */
+    for (int64_t b = 0; b < f->batch; b++) {
+        struct bs_tensor yb = sample_rows(f, y, b), xb = sample_rows(f, x, b);
+        struct bs_tensor sb = cond_row(scale, b), hb = cond_row(shift, b);
+        p.scale = &sb;
+        p.shift = &hb;
+        p.rows_per_sample = xb.ne[0];
+        TRY(f->be->iface->layer_norm(f->be->ctx, &yb, &xb, &p, f->err));
+    }
+    return 0;
 }
 
 int bs__ada_norm_forward(struct bs__fwd *f, const struct bs__norm *n, const struct bs_tensor *x,
@@ -469,10 +503,11 @@ static int ada_zero_modulation(struct bs__fwd *f, const struct bs__ada_zero *az,
 /* h += gate * to_out(attention(to_q(x), to_k(src), to_v(src))); src NULL is
  * self-attention (src = x); gate NULL adds without gating. */
 static int attn_forward(struct bs__fwd *f, const struct bs__attn *a, const struct bs_tensor *x,
-                        const struct bs_tensor *src, int64_t lkv, const struct bs_tensor *mask,
+                        const struct bs_tensor *src, int64_t lkv, const struct bs__mask *mask,
                         struct bs_tensor *h, const struct bs_tensor *gate)
 {
     int64_t rows = bs_tensor_nrows(x), inner = a->inner;
+    const int64_t *k_off = src != NULL ? f->k_off : f->q_off;
     struct bs_tensor q, k, v, buf, o;
     if (src == NULL && a->qkv.w.data != NULL) {
         TRY(bs__scratch(f, &buf, rows, 3 * inner));
@@ -491,9 +526,18 @@ static int attn_forward(struct bs__fwd *f, const struct bs__attn *a, const struc
         v = bs_tensor_view_cols(&buf, inner, inner);
     }
     struct bs_attn_params p = {
-        .batch = f->batch, .lq = f->lq, .lk = lkv,
-        .heads = a->heads, .head_dim = a->head_dim, .scale = a->scale, .mask = mask,
+        .batch = f->batch,
+        .lq = f->lq,
+        .lk = lkv,
+        .heads = a->heads,
+        .head_dim = a->head_dim,
+        .scale = a->scale,
+        .mask = mask->t.data != NULL ? &mask->t : NULL,
         .compute = f->dtype,
+        .q_off = f->q_off,
+        .k_off = f->q_off != NULL ? k_off : NULL,
+        .m_off = mask->off,
+        .mask_per_query = mask->per_query,
     };
     TRY(bs__scratch(f, &o, rows, inner));
     TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &p, f->err));
@@ -560,7 +604,15 @@ static int block_cross(struct bs__fwd *f, const struct bs__block *b, struct bs_t
     else
         TRY(layer_norm(f, nh, x, &b->norm2, NULL, NULL, 1));
     const struct bs_tensor *src = opt(&f->enc);
-    return attn_forward(f, &b->attn2, nh, src, src ? f->lk : f->lq, opt(&f->mask2), x, NULL);
+    return attn_forward(f, &b->attn2, nh, src, src ? f->lk : f->lq, &f->mask2, x, NULL);
+}
+
+/* BS_ECANCELED when the forward's owner no longer wants it. */
+static int stop_check(struct bs__fwd *f)
+{
+    if (f->should_stop == NULL || !f->should_stop(f->stop_arg))
+        return 0;
+    return bs_err_set(f->err, BS_ECANCELED, "stopped: no request of the batch is waiting for it");
 }
 
 int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x)
@@ -595,12 +647,12 @@ int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_te
     if (rc != 0)
         goto out;
     const struct bs_tensor *src = c->only_cross_attention ? opt(&f->enc) : NULL;
-    rc = attn_forward(f, &b->attn1, &nh, src, src ? f->lk : f->lq, opt(&f->mask1), x, gate_msa);
+    rc = attn_forward(f, &b->attn1, &nh, src, src ? f->lk : f->lq, &f->mask1, x, gate_msa);
     /* 2. norm2 and cross-attention */
-    if (rc == 0 && b->has_attn2)
+    if (rc == 0 && b->has_attn2 && (rc = stop_check(f)) == 0)
         rc = block_cross(f, b, x, &nh);
     /* 3. norm3 (modulated with ada_norm_zero) and feed-forward */
-    if (rc == 0)
+    if (rc == 0 && (rc = stop_check(f)) == 0)
         rc = layer_norm(f, &nh, x, &b->norm3, scale_mlp, shift_mlp, rps);
     if (rc == 0 && gate_mlp == NULL) {
         rc = bs__ff_forward(f, &b->ff, &nh, x, 1.0f);
@@ -621,17 +673,81 @@ static struct bs_tensor as3(const struct bs_tensor *t, int64_t a, int64_t b, int
     return bs_tensor_reshape(t, 3, ne);
 }
 
+/* Sample b of a ragged batch of channels-first tensors packed at base:
+ * [1, C, S_b], or [1, S_b, C] with tokens_last. */
+static struct bs_tensor sample_cs(const struct bs__fwd *f, void *base, int64_t ch, int64_t b,
+                                  bool tokens_last)
+{
+    int64_t s0 = f->q_off[b], s = f->q_off[b + 1] - s0;
+    int64_t ne[3] = {1, tokens_last ? s : ch, tokens_last ? ch : s};
+    return bs_tensor_make(BS_TYPE_F32, 3, ne, (char *)base + (size_t)(s0 * ch) * sizeof(float));
+}
+
+/* AttentionBlock on a ragged batch: x holds each sample's [C, S_b] in turn;
+ * the norms and transposes go sample by sample, the projections over every
+ * token, attention over each sample's own tokens. */
+static int attention_block_ragged(struct bs__fwd *f, const struct bs__attention_block *a,
+                                  const struct bs_tensor *x, struct bs_tensor *y,
+                                  const struct bs_norm_params *np, int heads)
+{
+    const struct bs_attention_block_config *c = a->cfg;
+    int64_t ch = c->channels, tok = f->q_off[f->batch];
+    struct bs_tensor gn, t, qkv, o, p;
+    TRY(bs__scratch(f, &gn, tok, ch));
+    TRY(bs__scratch(f, &t, tok, ch));
+    for (int64_t b = 0; b < f->batch; b++) {
+        struct bs_tensor xb = sample_cs(f, x->data, ch, b, false);
+        struct bs_tensor gb = sample_cs(f, gn.data, ch, b, false);
+        struct bs_tensor tb = sample_cs(f, t.data, ch, b, true);
+        TRY(f->be->iface->group_norm(f->be->ctx, &gb, &xb, np, f->err));
+        TRY(f->be->iface->transpose(f->be->ctx, &tb, &gb, f->err));
+    }
+    TRY(bs__scratch(f, &qkv, tok, 3 * ch));
+    TRY(linear(f, &qkv, &t, &a->qkv, 0.0f));
+    struct bs_tensor q = bs_tensor_view_cols(&qkv, 0, ch);
+    struct bs_tensor k = bs_tensor_view_cols(&qkv, ch, ch);
+    struct bs_tensor v = bs_tensor_view_cols(&qkv, 2 * ch, ch);
+    struct bs_attn_params ap = {
+        .batch = f->batch,
+        .lq = f->lq,
+        .lk = f->lq,
+        .heads = heads,
+        .head_dim = (int)(ch / heads),
+        .scale = (float)(1.0 / sqrt((double)ch / heads)),
+        .compute = f->dtype,
+        .q_off = f->q_off,
+        .k_off = f->q_off,
+    };
+    TRY(bs__scratch(f, &o, tok, ch));
+    TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &ap, f->err));
+    TRY(bs__scratch(f, &p, tok, ch));
+    TRY(linear(f, &p, &o, &a->proj, 0.0f));
+    TRY(bs__scratch(f, y, tok, ch));
+    for (int64_t b = 0; b < f->batch; b++) {
+        struct bs_tensor yb = sample_cs(f, y->data, ch, b, false);
+        struct bs_tensor pb = sample_cs(f, p.data, ch, b, true);
+        TRY(f->be->iface->transpose(f->be->ctx, &yb, &pb, f->err));
+    }
+    /* (hidden_states + residual) / rescale_output_factor, elementwise */
+    struct bs_tensor xr = bs_tensor_reshape(x, 2, (int64_t[]){tok, ch});
+    return add(f, y, &xr, NULL, 1, (float)(1.0 / c->rescale_output_factor));
+}
+
 int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_block *a,
                                 const struct bs_tensor *x, struct bs_tensor *y)
 {
     const struct bs_attention_block_config *c = a->cfg;
-    int64_t bsz = x->ne[0], ch = x->ne[1], s = x->ne[2];
+    int64_t bsz = x->ne[0], ch = c->channels, s = x->ne[x->n_dims - 1];
     int heads = c->num_head_channels ? (int)(ch / c->num_head_channels) : 1;
     struct bs_tensor gn, t, qkv, o, p;
     struct bs_norm_params np = {
-        .eps = (float)c->eps, .gamma = &a->gn_gamma, .beta = &a->gn_beta,
+        .eps = (float)c->eps,
+        .gamma = &a->gn_gamma,
+        .beta = &a->gn_beta,
         .groups = (int)c->norm_num_groups,
     };
+    if (f->q_off != NULL)
+        return attention_block_ragged(f, a, x, y, &np, heads);
     TRY(bs__scratch(f, &gn, bsz * ch, s));
     gn = as3(&gn, bsz, ch, s);
     TRY(f->be->iface->group_norm(f->be->ctx, &gn, x, &np, f->err));
@@ -644,8 +760,13 @@ int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_bl
     struct bs_tensor k = bs_tensor_view_cols(&qkv, ch, ch);
     struct bs_tensor v = bs_tensor_view_cols(&qkv, 2 * ch, ch);
     struct bs_attn_params ap = {
-        .batch = bsz, .lq = s, .lk = s, .heads = heads, .head_dim = (int)(ch / heads),
-        .scale = (float)(1.0 / sqrt((double)ch / heads)), .compute = f->dtype,
+        .batch = bsz,
+        .lq = s,
+        .lk = s,
+        .heads = heads,
+        .head_dim = (int)(ch / heads),
+        .scale = (float)(1.0 / sqrt((double)ch / heads)),
+        .compute = f->dtype,
     };
     TRY(bs__scratch(f, &o, bsz * s, ch));
     TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &ap, f->err));
@@ -675,8 +796,24 @@ int bs__ada_group_norm_forward(struct bs__fwd *f, const struct bs__ada_group_nor
     struct bs_tensor scale = bs_tensor_view_cols(&ss, 0, c->out_dim);
     struct bs_tensor shift = bs_tensor_view_cols(&ss, c->out_dim, c->out_dim);
     struct bs_norm_params np = {
-        .eps = (float)c->eps, .scale = &scale, .shift = &shift, .groups = (int)c->num_groups,
+        .eps = (float)c->eps,
+        .scale = &scale,
+        .shift = &shift,
+        .groups = (int)c->num_groups,
     };
+    if (f->q_off != NULL) { /* ragged: each sample's [C, S_b] with its own row */
+        int64_t ch = c->out_dim, tok = f->q_off[f->batch];
+        TRY(bs__scratch(f, y, tok, ch));
+        for (int64_t b = 0; b < f->batch; b++) {
+            struct bs_tensor xb = sample_cs(f, x->data, ch, b, false);
+            struct bs_tensor yb = sample_cs(f, y->data, ch, b, false);
+            struct bs_tensor sb = cond_row(&scale, b), hb = cond_row(&shift, b);
+            np.scale = &sb;
+            np.shift = &hb;
+            TRY(f->be->iface->group_norm(f->be->ctx, &yb, &xb, &np, f->err));
+        }
+        return 0;
+    }
     TRY(bs__scratch(f, y, x->ne[0] * x->ne[1], x->ne[2]));
     *y = as3(y, x->ne[0], x->ne[1], x->ne[2]);
     return f->be->iface->group_norm(f->be->ctx, y, x, &np, f->err);

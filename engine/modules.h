@@ -6,6 +6,7 @@
 #include "arena.h"
 #include "backend.h"
 #include "config.h"
+#include "model.h"
 #include "safetensors.h"
 
 /* Places parameters in one backend buffer. bs__bind_* functions run twice: a
@@ -106,17 +107,50 @@ struct bs__cond {
     struct bs_tensor tproj; /* [n, 256] sinusoidal projection in backend memory */
 };
 
+/* A ragged batch as the engine packed it (bs_model_forward_parts): n
+ * samples of different sequence lengths, each input's samples concatenated
+ * without padding. Per input slot: off[slot] the row offsets of each
+ * sample's tokens ([n + 1], inputs with ragged dims) and max[slot] the
+ * longest; masks: m_off[slot] each sample's first element ([n]) and
+ * m_per_query[slot] whether a sample's mask has a row per query. Packed
+ * inputs are rows of their last dim, 2-D [elements / last dim, last dim]
+ * (masks 1-D, conditioning [n] values); a sample's tokens are the product
+ * of its ragged dims (L, or H x W of a [C, H, W] sample). */
+struct bs__ragged {
+    int64_t n;
+    const int64_t *off[BS_MAX_INPUTS];
+    int64_t max[BS_MAX_INPUTS];
+    const int64_t *m_off[BS_MAX_INPUTS];
+    bool m_per_query[BS_MAX_INPUTS];
+};
+
+/* An attention mask in backend memory: additive F32 [batch, mq, lk], or for
+ * a ragged batch flat with each sample's offset (see bs_attn_params). */
+struct bs__mask {
+    struct bs_tensor t;  /* data NULL: no mask */
+    const int64_t *off;  /* ragged: [batch] element offsets, else NULL */
+    bool per_query;      /* ragged: one row per query */
+};
+
 /* One forward's state: backend, scratch and shapes. */
 struct bs__fwd {
     struct bs_backend *be;
     enum bs_dtype dtype;        /* the model's compute dtype (attention products) */
     struct bs_arena *arena;
     struct bs_err *err;
-    int64_t batch, lq, lk;      /* lk: encoder tokens (0 without encoder states) */
+    int64_t batch, lq, lk;      /* lk: encoder tokens (0 without encoder states); ragged:
+                                   the longest */
     struct bs_tensor enc;       /* [batch * lk, enc_dim] or data NULL */
-    struct bs_tensor mask1;     /* attn1 mask [batch, mq, lk1] or data NULL */
-    struct bs_tensor mask2;     /* attn2 mask or data NULL */
+    struct bs__mask mask1;      /* attn1 mask */
+    struct bs__mask mask2;      /* attn2 mask */
     const struct bs__cond *cond;
+    /* Ragged batch (rg set): q_off and k_off are the row offsets [batch + 1]
+     * of each sample's tokens and encoder tokens; NULL when uniform. */
+    const struct bs__ragged *rg;
+    const int64_t *q_off, *k_off;
+    /* Asked between the parts of a block (NULL: never stop). */
+    bool (*should_stop)(void *arg);
+    void *stop_arg;
 };
 
 /* Bind a linear layer "<name>.weight" [out, in] (+ "<name>.bias" [out]). */

@@ -34,6 +34,7 @@
 #include "batcher.h"
 
 #include <assert.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,10 +49,14 @@ enum job_state {
 struct bs_job {
     bs_job_t *prev, *next; /* queue links, or the next of a local list */
     enum job_state state;
-    bool cancelled; /* running: drop the result, answer BS_ECANCELED */
+    /* running: drop the result, answer BS_ECANCELED; the worker reads it
+     * (batch_should_stop) */
+    atomic_bool cancelled;
     bool intermediate;
-    bool solo;     /* inputs of a layout the batcher does not concatenate */
-    int64_t batch; /* samples: dim 0 of the model's main input */
+    bool solo;       /* inputs of a layout the batcher does not concatenate */
+    int64_t batch;   /* samples: dim 0 of the model's main input */
+    int64_t tokens;  /* the main input's tokens (bs_model_tokens) */
+    int64_t out_off; /* running: where its output starts in the batch's (floats) */
     int64_t deadline_ns;
     uint64_t enqueue_ns;
     uint64_t queue_ns;          /* time in the queue, once dispatched */
@@ -77,8 +82,11 @@ struct bs_batch {
     int n_jobs;
     int64_t size; /* samples */
     bool want_blocks;
-    struct bs_named_tensor *in; /* batched inputs (bs_model_n_inputs slots) */
-    void **bufs;                /* their buffers (NULL: a job's own tensor) */
+    bool ragged;                 /* shapes differ: packed (bs_model_forward_parts) */
+    struct bs_model_part *parts; /* ragged: max_batch_size slots */
+    int blocks_run;              /* blocks of a stack that ran (stopped early: fewer) */
+    struct bs_named_tensor *in;  /* batched inputs (bs_model_n_inputs slots) */
+    void **bufs;                 /* their buffers (NULL: a job's own tensor) */
     int n_in;
     struct bs_tensor out;
     int rc;
@@ -166,6 +174,16 @@ static bool sig_equal(const bs_model_t *model, const bs_job_t *a, const bs_job_t
             return false;
     }
     return true;
+}
+
+/* May job c join a batch whose head is h? Equal shapes always; with ragged
+ * batching, shapes that differ only in their sequence dims too. */
+static bool can_join(const bs_batcher_t *b, const bs_job_t *h, const bs_job_t *c)
+{
+    if (sig_equal(b->model, h, c))
+        return true;
+    return !b->cfg.ragged_off && !h->solo && !c->solo &&
+           bs_model_ragged_compatible(b->model, h->in, h->n_in, c->in, c->n_in);
 }
 
 static void queue_push(bs_batcher_t *b, bs_job_t *j)
@@ -324,6 +342,18 @@ static int batch_on_block(void *arg, int block, int n_blocks, const struct bs_te
     return 0;
 }
 
+/* The forward's stop hook, on the worker: true once no request of the
+ * batch waits for it (each cancelled, or past its deadline). */
+static bool batch_should_stop(void *arg)
+{
+    const struct bs_batch *r = arg;
+    int64_t now = (int64_t)uv_hrtime();
+    for (int k = 0; k < r->n_jobs; k++)
+        if (!atomic_load(&r->jobs[k]->cancelled) && r->jobs[k]->deadline_ns > now)
+            return false;
+    return true;
+}
+
 static void batch_work(uv_work_t *req)
 {
     bs_batcher_t *b = req->data;
@@ -333,7 +363,10 @@ static void batch_work(uv_work_t *req)
     r->t_start = uv_hrtime();
     r->rc = 0;
     r->n_in = head->n_in;
-    if (r->n_jobs > 1) {
+    if (r->ragged) {
+        for (int k = 0; k < r->n_jobs; k++)
+            r->parts[k] = (struct bs_model_part){r->jobs[k]->in, r->jobs[k]->n_in};
+    } else if (r->n_jobs > 1) {
         for (int i = 0; i < r->n_in && r->rc == 0; i++)
             r->rc = concat_input(b->model, r, i);
         in = r->in;
@@ -341,19 +374,44 @@ static void batch_work(uv_work_t *req)
     r->t_input = uv_hrtime();
     if (r->rc != 0)
         return;
+    /* The jobs' outputs one after another: a uniform batch's output is the
+     * concatenation along dim 0, a ragged one's is flat. */
+    int64_t total = 0;
+    for (int k = 0; k < r->n_jobs; k++) {
+        r->jobs[k]->out_off = total;
+        total += bs_tensor_nelements(&r->jobs[k]->out_shape);
+    }
     r->out = head->out_shape;
     r->out.ne[0] = r->size;
-    r->out = bs_tensor_make(BS_TYPE_F32, r->out.n_dims, r->out.ne, NULL);
+    r->out = r->ragged ? bs_tensor_make(BS_TYPE_F32, 1, &total, NULL)
+                       : bs_tensor_make(BS_TYPE_F32, r->out.n_dims, r->out.ne, NULL);
     r->out.data = malloc(bs_tensor_nbytes(&r->out));
     if (r->out.data == NULL) {
         r->rc = bs_err_set(&r->err, BS_ENOMEM, "out of memory for a batch output of %zu bytes",
                            bs_tensor_nbytes(&r->out));
         return;
     }
-    struct bs_forward_opts opts = {.on_block = batch_on_block, .cb_arg = b};
-    r->rc = bs_model_forward(b->model, &b->arena, in, r->n_in, &r->out,
-                             r->want_blocks ? &opts : NULL, &r->err);
+    r->blocks_run = 0;
+    struct bs_forward_opts opts = {
+        .on_block = r->want_blocks ? batch_on_block : NULL,
+        .cb_arg = b,
+        .should_stop = batch_should_stop,
+        .stop_arg = r,
+        .blocks_run = &r->blocks_run,
+    };
+    if (r->ragged)
+        r->rc = bs_model_forward_parts(b->model, &b->arena, r->parts, r->n_jobs, &r->out, &opts,
+                                       &r->err);
+    else
+        r->rc = bs_model_forward(b->model, &b->arena, in, r->n_in, &r->out, &opts, &r->err);
     r->t_infer = uv_hrtime();
+}
+
+/* Job j's part of a batch output whose data is base. */
+static struct bs_tensor job_view(const bs_job_t *j, float *base)
+{
+    const struct bs_tensor *s = &j->out_shape;
+    return bs_tensor_make(BS_TYPE_F32, s->n_dims, s->ne, base + j->out_off);
 }
 
 /* ---- back on the loop --------------------------------------------------- */
@@ -369,11 +427,9 @@ static void deliver_blocks(bs_batcher_t *b)
     uv_mutex_unlock(&b->lock);
     while (m != NULL) {
         struct block_msg *next = m->next;
-        int64_t off = 0;
         for (int k = 0; k < b->run.n_jobs; k++) {
             bs_job_t *j = b->run.jobs[k];
-            struct bs_tensor view = bs_tensor_view_outer(&m->out, off, j->batch);
-            off += j->batch;
+            struct bs_tensor view = job_view(j, m->data);
             if (j->intermediate && j->ops.on_block != NULL && !j->cancelled && !b->freeing)
                 j->ops.on_block(j->arg, m->block, m->n_blocks, &view);
         }
@@ -417,20 +473,38 @@ static void batch_after(uv_work_t *req, int status)
     if (status != 0 && r->rc == 0)
         r->rc = bs_err_set(&r->err, BS_ECANCELED, "the batch was cancelled");
     deliver_blocks(b); /* the worker is done: everything it posted is there */
-    if (r->rc == 0)    /* before any answer goes out, so a scrape never lags the answers */
+    if (r->rc == 0) {  /* before any answer goes out, so a scrape never lags the answers */
         bs_metrics_execution(b->metrics, (uint64_t)r->size);
+        if (r->ragged) {
+            bs_metrics_ragged(b->metrics);
+            b->stats.ragged_count++;
+        }
+    }
+    int n_blocks = bs_model_config(b->model)->num_blocks;
+    bool stopped = r->rc == BS_ECANCELED && batch_should_stop(r);
+    if (stopped) {
+        uint64_t skipped = (uint64_t)(n_blocks - r->blocks_run);
+        bs_metrics_stopped(b->metrics, skipped);
+        b->stats.stopped_count++;
+        b->stats.blocks_skipped += skipped;
+    }
     uint64_t t0 = uv_hrtime();
-    int64_t off = 0;
     for (int k = 0; k < r->n_jobs; k++) {
         bs_job_t *j = r->jobs[k];
         struct bs_tensor view = {0};
         if (r->rc == 0)
-            view = bs_tensor_view_outer(&r->out, off, j->batch);
-        off += j->batch;
-        if (j->cancelled || b->freeing)
+            view = job_view(j, r->out.data);
+        if (j->cancelled || b->freeing) {
             job_finish(b, j, BS_ECANCELED, "cancelled", NULL);
-        else
+        } else if (stopped) { /* not cancelled: its deadline passed */
+            char msg[128];
+            snprintf(msg, sizeof(msg),
+                     "deadline exceeded while running; the batch stopped after %d of %d blocks",
+                     r->blocks_run, n_blocks);
+            job_finish(b, j, BS_ETIMEDOUT, msg, NULL);
+        } else {
             job_finish(b, j, r->rc, r->rc == 0 ? "" : r->err.msg, &view);
+        }
     }
     uint64_t t1 = uv_hrtime();
     if (r->rc == 0)
@@ -489,6 +563,9 @@ static void dispatch(bs_batcher_t *b, int n, int64_t size, uint64_t now)
     r->n_jobs = n;
     r->size = size;
     r->want_blocks = false;
+    r->ragged = false;
+    for (int k = 1; k < n; k++)
+        r->ragged |= !sig_equal(b->model, r->jobs[0], r->jobs[k]);
     r->err.code = 0;
     r->err.msg[0] = '\0';
     for (int k = 0; k < n; k++) {
@@ -513,17 +590,19 @@ static bool try_dispatch(bs_batcher_t *b, uint64_t now)
     struct bs_batch *r = &b->run;
     const bs_job_t *h = b->head;
     int64_t max = b->cfg.max_batch_size, size = 0, size_pref = 0;
+    int64_t cap = b->cfg.max_batch_tokens, tokens = 0;
     int n = 0, n_pref = 0;
     bool full = false;
     for (bs_job_t *j = b->head; j != NULL; j = j->next) {
-        if (j != h && !sig_equal(b->model, h, j))
+        if (j != h && !can_join(b, h, j))
             continue; /* waits for a batch of its own */
-        if (size + j->batch > max) {
-            full = true;
+        if (size + j->batch > max || (n > 0 && cap > 0 && tokens + j->tokens > cap)) {
+            full = true; /* a request over the cap alone still runs, alone */
             break;
         }
         r->jobs[n++] = j;
         size += j->batch;
+        tokens += j->tokens;
         if (is_preferred(b, size)) {
             n_pref = n;
             size_pref = size;
@@ -602,6 +681,9 @@ static int check_config(const bs_model_t *model, const struct bs_serving_config 
                           cfg->max_batch_size);
     if (cfg->max_queue_delay_us < 0 || cfg->default_timeout_us < 0 || cfg->max_queue_size < 0)
         return bs_err_set(err, BS_EINVAL, "negative queue delay, timeout or queue size");
+    if (cfg->max_batch_tokens < 0)
+        return bs_err_set(err, BS_EINVAL, "max_batch_tokens %lld: must be 0 (no cap) or more",
+                          (long long)cfg->max_batch_tokens);
     if (cfg->n_preferred < 0 || cfg->n_preferred > BS_MAX_PREFERRED)
         return bs_err_set(err, BS_EINVAL, "%d preferred batch sizes: at most %d", cfg->n_preferred,
                           BS_MAX_PREFERRED);
@@ -616,6 +698,7 @@ static void free_memory(bs_batcher_t *b)
 {
     free(b->stats.batch);
     free(b->run.jobs);
+    free(b->run.parts);
     free(b->run.in);
     free(b->run.bufs);
     free(b);
@@ -641,9 +724,11 @@ int bs_batcher_init(bs_batcher_t **bp, uv_loop_t *loop, bs_model_t *model,
     b->stats.n_batch = cfg->max_batch_size;
     b->stats.batch = calloc((size_t)cfg->max_batch_size, sizeof(*b->stats.batch));
     b->run.jobs = calloc((size_t)cfg->max_batch_size, sizeof(*b->run.jobs));
+    b->run.parts = calloc((size_t)cfg->max_batch_size, sizeof(*b->run.parts));
     b->run.in = calloc((size_t)n_model_in + 1, sizeof(*b->run.in));
     b->run.bufs = calloc((size_t)n_model_in + 1, sizeof(*b->run.bufs));
-    if (b->stats.batch == NULL || b->run.jobs == NULL || b->run.in == NULL || b->run.bufs == NULL) {
+    if (b->stats.batch == NULL || b->run.jobs == NULL || b->run.parts == NULL ||
+        b->run.in == NULL || b->run.bufs == NULL) {
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
         goto fail_alloc;
     }
@@ -716,6 +801,7 @@ int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_i
     memcpy(j->in, in, sizeof(j->in[0]) * (size_t)n_in);
     j->n_in = n_in;
     j->batch = batch;
+    j->tokens = bs_model_tokens(b->model, in, n_in);
     j->out_shape = out;
     j->ops = *ops;
     j->arg = arg;
@@ -743,7 +829,7 @@ void bs_batcher_cancel(bs_batcher_t *b, bs_job_t *j)
         kick(b); /* the head, its delay or a drain may have changed */
         break;
     case JOB_RUNNING:
-        j->cancelled = true;
+        atomic_store(&j->cancelled, true);
         break;
     case JOB_FINISHING:
         break;
@@ -803,6 +889,8 @@ void bs_batcher_free(bs_batcher_t *b)
         queue_unlink(b, j);
         job_finish(b, j, BS_ECANCELED, "the model is being unloaded", NULL);
     }
+    for (int k = 0; b->running && k < b->run.n_jobs; k++) /* the running batch stops early */
+        atomic_store(&b->run.jobs[k]->cancelled, true);
     if (!b->running)
         release(b);
 }

@@ -1,5 +1,8 @@
 /* Per-model dynamic batcher on the libuv loop. Requests whose non-batch dims
- * agree are concatenated along dim 0 up to max_batch_size; a batch leaves
+ * agree are concatenated along dim 0 up to max_batch_size; requests that
+ * differ only in sequence lengths join too, packed without padding (ragged
+ * batching, unless the model turns it off), up to max_batch_tokens; a
+ * batch leaves
  * when it is full, reaches a preferred size, or its oldest request has waited
  * max_queue_delay. Batches run on worker threads (uv_queue_work); results
  * come back to the loop thread and are split per request.
@@ -43,6 +46,10 @@ struct bs_model_stats {
     struct bs_duration success, fail, queue, compute_input, compute_infer, compute_output;
     struct bs_batch_stats *batch; /* indexed by batch size - 1, max_batch_size entries */
     int n_batch;
+    /* blockserve's own: executions packed from requests of different
+     * sequence lengths; executions stopped early because nobody waited for
+     * them, and the blocks of their stacks left unrun. */
+    uint64_t ragged_count, stopped_count, blocks_skipped;
 };
 
 typedef struct bs_batcher bs_batcher_t;

@@ -30,6 +30,7 @@ struct metrics_values {
     uint64_t request_ns, queue_ns, compute_input_ns, compute_infer_ns, compute_output_ns;
     uint64_t batch_bucket[BS_METRICS_BATCH_BUCKETS + 1]; /* non-cumulative; last: above all */
     uint64_t batch_sum;
+    uint64_t ragged, stopped, blocks_skipped;
 };
 
 struct bs_metrics_model {
@@ -42,7 +43,7 @@ struct bs_metrics {
     uv_mutex_t lock;
     const struct bs_backend *be;
     uint64_t unrouted[BS_METRICS_REASON_COUNT]; /* lock */
-    bs_metrics_model_t **models; /* lock */
+    bs_metrics_model_t **models;                /* lock */
     int n_models, cap;
 };
 
@@ -135,6 +136,25 @@ void bs_metrics_execution(bs_metrics_model_t *mm, uint64_t batch_size)
     mm->v.executions++;
     mm->v.batch_bucket[b]++;
     mm->v.batch_sum += batch_size;
+    uv_mutex_unlock(&mm->m->lock);
+}
+
+void bs_metrics_ragged(bs_metrics_model_t *mm)
+{
+    if (mm == NULL)
+        return;
+    uv_mutex_lock(&mm->m->lock);
+    mm->v.ragged++;
+    uv_mutex_unlock(&mm->m->lock);
+}
+
+void bs_metrics_stopped(bs_metrics_model_t *mm, uint64_t blocks_skipped)
+{
+    if (mm == NULL)
+        return;
+    uv_mutex_lock(&mm->m->lock);
+    mm->v.stopped++;
+    mm->v.blocks_skipped += blocks_skipped;
     uv_mutex_unlock(&mm->m->lock);
 }
 
@@ -236,6 +256,18 @@ static uint64_t v_pending(const struct metrics_values *v)
 {
     return v->pending > 0 ? (uint64_t)v->pending : 0;
 }
+static uint64_t v_ragged(const struct metrics_values *v)
+{
+    return v->ragged;
+}
+static uint64_t v_stopped(const struct metrics_values *v)
+{
+    return v->stopped;
+}
+static uint64_t v_blocks_skipped(const struct metrics_values *v)
+{
+    return v->blocks_skipped;
+}
 static uint64_t v_request_us(const struct metrics_values *v)
 {
     return v->request_ns / 1000;
@@ -284,6 +316,14 @@ static const struct family families[] = {
     {"nv_inference_compute_output_duration_us", "counter",
      "Cumulative time successful requests' batches spent splitting outputs, in microseconds",
      v_output_us},
+    {"blockserve_ragged_execution_count", "counter",
+     "Executions whose requests differed in sequence lengths (packed without padding)", v_ragged},
+    {"blockserve_stopped_execution_count", "counter",
+     "Executions stopped early because none of their requests was still waiting "
+     "(cancelled, or past its deadline)",
+     v_stopped},
+    {"blockserve_skipped_block_count", "counter",
+     "Blocks of a stack left unrun by stopped executions", v_blocks_skipped},
 };
 
 static void render_models(struct buf *b, bs_metrics_model_t *const *mm,

@@ -60,6 +60,11 @@ void bs_metrics_failure(bs_metrics_model_t *mm, enum bs_metrics_reason reason);
 void bs_metrics_unrouted(bs_metrics_t *m, enum bs_metrics_reason reason);
 /* One execution of batch_size samples (the batch-size histogram). */
 void bs_metrics_execution(bs_metrics_model_t *mm, uint64_t batch_size);
+/* One execution packed from requests of different sequence lengths. */
+void bs_metrics_ragged(bs_metrics_model_t *mm);
+/* One execution stopped early (nobody waited for it), leaving
+ * blocks_skipped blocks of its stack unrun. */
+void bs_metrics_stopped(bs_metrics_model_t *mm, uint64_t blocks_skipped);
 /* Requests waiting in the model's queue now. */
 void bs_metrics_pending(bs_metrics_model_t *mm, int64_t n);
 

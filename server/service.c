@@ -254,6 +254,10 @@ static void on_model_config(bs_service_t *svc, bs_rpc_call_t *call, const uint8_
         in[i].n_dims = s->n_dims > 0 ? (size_t)s->n_dims - 1 : 0; /* Triton: without batch */
         in[i].dims = (int64_t *)s->dims + 1;
         in[i].optional = !s->required;
+        /* Triton's flag: requests that differ in its variable dims may
+         * share a batch (ragged batching) */
+        for (int k = 1; k < s->n_dims && !sc->ragged_off; k++)
+            in[i].allow_ragged_batch |= s->dims[k] == -1;
         inp[i] = &in[i];
     }
     out.name = "output";

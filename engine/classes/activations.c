@@ -22,7 +22,7 @@ static const struct bs_config_opt proj_opts[] = {
 enum { HIDDEN_STATES, N_INPUTS };
 
 static const struct bs_class_input act_inputs[N_INPUTS] = {
-    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT, BS_TYPE_F32},
+    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT, BS_TYPE_F32, BS_RAGGED(1)},
 };
 
 static void act_describe(const struct bs_model_config *mc, struct bs_class_io *io)

@@ -27,8 +27,8 @@ static int agn_validate(const struct bs_model_config *mc, struct bs_err *err)
 enum { X, EMB, N_INPUTS };
 
 static const struct bs_class_input agn_inputs[N_INPUTS] = {
-    [X] = {"x", BS_ROLE_BATCHED, 4, BS_DTYPES_FLOAT, BS_TYPE_F32},
-    [EMB] = {"emb", BS_ROLE_BATCHED, 2, BS_DTYPES_FLOAT, BS_TYPE_F32},
+    [X] = {"x", BS_ROLE_BATCHED, 4, BS_DTYPES_FLOAT, BS_TYPE_F32, BS_RAGGED(2) | BS_RAGGED(3)},
+    [EMB] = {"emb", BS_ROLE_BATCHED, 2, BS_DTYPES_FLOAT, BS_TYPE_F32, 0},
 };
 
 static void agn_describe(const struct bs_model_config *mc, struct bs_class_io *io)
@@ -67,7 +67,9 @@ static int agn_forward(const struct bs_model_config *c, const void *state, struc
     (void)c;
     (void)opts;
     BS_TRY(bs__upload_rows(f, &x, x_in));
-    x = bs_tensor_reshape(&x, 3, (int64_t[]){x_in->ne[0], x_in->ne[1], x_in->ne[2] * x_in->ne[3]});
+    if (f->rg == NULL) /* packed samples stay flat (bs__ada_group_norm_forward) */
+        x = bs_tensor_reshape(&x, 3,
+                              (int64_t[]){x_in->ne[0], x_in->ne[1], x_in->ne[2] * x_in->ne[3]});
     BS_TRY(bs__upload(f, &emb, emb_in, emb_in->ne[0], emb_in->ne[1]));
     BS_TRY(bs__ada_group_norm_forward(f, state, &x, &emb, &y));
     return bs__download(f, out, &y);

@@ -15,8 +15,8 @@ static const struct bs_config_opt aln_opts[] = {
 enum { HIDDEN_STATES, TIMESTEP, N_INPUTS };
 
 static const struct bs_class_input aln_inputs[N_INPUTS] = {
-    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT, BS_TYPE_F32},
-    [TIMESTEP] = {"timestep", BS_ROLE_COND, 1, BS_DTYPES_NUMBER, BS_TYPE_I64},
+    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT, BS_TYPE_F32, BS_RAGGED(1)},
+    [TIMESTEP] = {"timestep", BS_ROLE_COND, 1, BS_DTYPES_NUMBER, BS_TYPE_I64, 0},
 };
 
 static void aln_describe(const struct bs_model_config *mc, struct bs_class_io *io)

@@ -33,7 +33,8 @@ static int ab_validate(const struct bs_model_config *mc, struct bs_err *err)
 enum { HIDDEN_STATES, N_INPUTS };
 
 static const struct bs_class_input ab_inputs[N_INPUTS] = {
-    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 4, BS_DTYPES_FLOAT, BS_TYPE_F32},
+    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 4, BS_DTYPES_FLOAT, BS_TYPE_F32,
+                       BS_RAGGED(2) | BS_RAGGED(3)},
 };
 
 static void ab_describe(const struct bs_model_config *mc, struct bs_class_io *io)
@@ -64,7 +65,8 @@ static int ab_forward(const struct bs_model_config *c, const void *state, struct
     (void)c;
     (void)opts;
     BS_TRY(bs__upload_rows(f, &x, hs));
-    x = bs_tensor_reshape(&x, 3, (int64_t[]){hs->ne[0], hs->ne[1], hs->ne[2] * hs->ne[3]});
+    if (f->rg == NULL) /* packed samples stay flat (bs__attention_block_forward) */
+        x = bs_tensor_reshape(&x, 3, (int64_t[]){hs->ne[0], hs->ne[1], hs->ne[2] * hs->ne[3]});
     BS_TRY(bs__attention_block_forward(f, state, &x, &y));
     return bs__download(f, out, &y);
 }

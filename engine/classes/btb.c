@@ -46,14 +46,15 @@ enum {
 };
 
 static const struct bs_class_input btb_inputs[N_INPUTS] = {
-    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT, BS_TYPE_F32},
+    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT, BS_TYPE_F32,
+                       BS_RAGGED(1)},
     [ENCODER_HIDDEN_STATES] = {"encoder_hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT,
-                               BS_TYPE_F32},
-    [ATTENTION_MASK] = {"attention_mask", BS_ROLE_MASK, 3, BS_DTYPES_MASK, BS_TYPE_F32},
+                               BS_TYPE_F32, BS_RAGGED(1)},
+    [ATTENTION_MASK] = {"attention_mask", BS_ROLE_MASK, 3, BS_DTYPES_MASK, BS_TYPE_F32, 0},
     [ENCODER_ATTENTION_MASK] = {"encoder_attention_mask", BS_ROLE_MASK, 3, BS_DTYPES_MASK,
-                                BS_TYPE_F32},
-    [TIMESTEP] = {"timestep", BS_ROLE_COND, 1, BS_DTYPES_NUMBER, BS_TYPE_I64},
-    [CLASS_LABELS] = {"class_labels", BS_ROLE_COND, 1, BS_DTYPES_NUMBER, BS_TYPE_I64},
+                                BS_TYPE_F32, 0},
+    [TIMESTEP] = {"timestep", BS_ROLE_COND, 1, BS_DTYPES_NUMBER, BS_TYPE_I64, 0},
+    [CLASS_LABELS] = {"class_labels", BS_ROLE_COND, 1, BS_DTYPES_NUMBER, BS_TYPE_I64, 0},
 };
 
 /* encoder_hidden_states only where an attention uses them (required when
@@ -123,21 +124,27 @@ static int btb_forward(const struct bs_model_config *mc, const void *state, stru
     struct bs__cond cond;
     void *storage = NULL;
     int rc;
-    f->batch = hs->ne[0];
-    f->lq = hs->ne[1];
-    f->lk = enc ? enc->ne[1] : 0;
-    BS_TRY(bs__upload(f, &x, hs, f->batch * f->lq, c->dim));
+    f->lk = 0;
+    BS_TRY(bs__upload_rows(f, &x, hs));
     if (enc != NULL)
-        BS_TRY(bs__upload(f, &f->enc, enc, f->batch * f->lk, enc->ne[2]));
+        BS_TRY(bs__upload_keys(f, enc, ENCODER_HIDDEN_STATES));
     if (in[ATTENTION_MASK] != NULL)
-        BS_TRY(bs__upload_mask(f, &f->mask1, in[ATTENTION_MASK]));
+        BS_TRY(bs__upload_mask(f, &f->mask1, in[ATTENTION_MASK], ATTENTION_MASK));
     if (in[ENCODER_ATTENTION_MASK] != NULL)
-        BS_TRY(bs__upload_mask(f, &f->mask2, in[ENCODER_ATTENTION_MASK]));
+        BS_TRY(bs__upload_mask(f, &f->mask2, in[ENCODER_ATTENTION_MASK], ENCODER_ATTENTION_MASK));
     rc = bs__make_cond(f, in[TIMESTEP], in[CLASS_LABELS], c->norm_type == BS_NORM_ADA_NORM_ZERO,
                        &cond, &storage);
     f->cond = &cond;
     for (int i = 0; rc == 0 && i < mc->num_blocks; i++) {
+        if (f->should_stop != NULL && f->should_stop(f->stop_arg)) {
+            rc = bs_err_set(f->err, BS_ECANCELED,
+                            "stopped before block %d of %d: no request of the batch is waiting "
+                            "for it", i + 1, mc->num_blocks);
+            break;
+        }
         rc = bs__block_forward(f, &blocks[i], &x);
+        if (rc == 0 && opts != NULL && opts->blocks_run != NULL)
+            *opts->blocks_run = i + 1;
         if (rc == 0 && opts != NULL && opts->on_block != NULL &&
             (rc = bs__download(f, out, &x)) == 0)
             rc = opts->on_block(opts->cb_arg, i, mc->num_blocks, out);

@@ -30,7 +30,7 @@ static int ff_validate(const struct bs_model_config *mc, struct bs_err *err)
 enum { HIDDEN_STATES, N_INPUTS };
 
 static const struct bs_class_input ff_inputs[N_INPUTS] = {
-    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT, BS_TYPE_F32},
+    [HIDDEN_STATES] = {"hidden_states", BS_ROLE_BATCHED, 3, BS_DTYPES_FLOAT, BS_TYPE_F32, BS_RAGGED(1)},
 };
 
 static int64_t ff_dim_out(const struct bs_feed_forward_config *c)

@@ -246,7 +246,10 @@ class MetricsTest(unittest.TestCase):
                 "nv_inference_compute_input_duration_us": "counter",
                 "nv_inference_compute_infer_duration_us": "counter",
                 "nv_inference_compute_output_duration_us": "counter",
-                "blockserve_batch_size": "histogram"}
+                "blockserve_batch_size": "histogram",
+                "blockserve_ragged_execution_count": "counter",
+                "blockserve_stopped_execution_count": "counter",
+                "blockserve_skipped_block_count": "counter"}
         for name, kind in want.items():
             self.assertEqual(types.get(name), kind, name)
         models = {dict(k[1]).get("model") for k in samples if dict(k[1]).get("model")}

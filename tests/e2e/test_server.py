@@ -280,6 +280,33 @@ class ServerTest(unittest.TestCase):
         self.assertLess(executions, requests, "no batching happened")
         self.assertTrue(any(b.batch_size > 1 for b in after.batch_stats))
 
+    def test_ragged_batch_of_mixed_lengths(self):
+        # Requests of different token and context lengths share packed
+        # batches; each answer equals the request alone.
+        model = "btb_geglu_cross"
+        rng = np.random.default_rng(11)
+        shapes = [(1, 1), (5, 7), (20, 7), (37, 12), (20, 3), (9, 1)] * 2
+        reqs = [{"hidden_states": ("F32", rng.standard_normal((1, l, 32)).astype(np.float32)),
+                 "encoder_hidden_states": ("F32", rng.standard_normal((1, lk, 24)).astype(np.float32))}
+                for l, lk in shapes]
+        alone = [output_of(self.stub.ModelInfer(infer_request(model, r))) for r in reqs]
+        before = self.stats(model)
+        with concurrent.futures.ThreadPoolExecutor(len(reqs)) as ex:
+            futs = [ex.submit(self.stub.ModelInfer, infer_request(model, r)) for r in reqs]
+            resps = [f.result() for f in futs]
+        after = self.stats(model)
+        for i, resp in enumerate(resps):
+            got = output_of(resp)
+            self.assertEqual(got.shape, (1, shapes[i][0], 32))
+            self.assertLessEqual(float(np.max(np.abs(got - alone[i]))), 1e-5)
+        executions = after.execution_count - before.execution_count
+        self.assertLess(executions, len(reqs), "no ragged batching happened")
+        self.assertTrue(any(b.batch_size > 1 for b in after.batch_stats))
+        cfg = self.stub.ModelConfig(pb.ModelConfigRequest(name=model)).config
+        ragged = {i.name: i.allow_ragged_batch for i in cfg.input}
+        self.assertTrue(ragged["hidden_states"])
+        self.assertTrue(ragged["encoder_hidden_states"])
+
     def stats(self, model):
         return self.stub.ModelStatistics(pb.ModelStatisticsRequest(name=model)).model_stats[0]
 

@@ -463,12 +463,14 @@ static void test_cancel_queued(void **state)
         req_free(&r[i]);
 }
 
-/* (7) Different sequence lengths run in separate batches, the head's first;
- * compatible jobs behind an incompatible one join the head's batch. */
+/* (7) With ragged batching off, different sequence lengths run in separate
+ * batches, the head's first; compatible jobs behind an incompatible one
+ * join the head's batch. */
 static void test_incompatible_signatures(void **state)
 {
     struct fx f;
     struct bs_serving_config cfg = serving(8, 20000);
+    cfg.ragged_off = true;
     struct req r[5] = {0};
     int order[5], n_done = 0;
     fx_init(&f, "btb_geglu_cross", &cfg);
@@ -530,6 +532,182 @@ static void test_intermediate_stack(void **state)
     fx_finish(&f);
     for (int i = 0; i < 3; i++)
         req_free(&r[i]);
+}
+
+/* (7b) Ragged batching: requests of different lengths (tokens and context,
+ * a length of 1, two samples in one request) share one packed batch, each
+ * answer equal to the request alone; a request with another set of inputs
+ * (a mask) waits for a batch of its own. */
+static void test_ragged_mixed_lengths(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 20000);
+    struct req r[6] = {0};
+    static const int64_t len[6][3] = {{1, 20, 7}, {2, 12, 3}, {1, 1, 1},
+                                      {1, 33, 9}, {1, 20, 7}, {1, 5, 2}};
+    (void)state;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 6; i++) {
+        r[i].index = i;
+        req_btb(&r[i], len[i][0], len[i][1], len[i][2]);
+    }
+    req_add_random(&r[5], "encoder_attention_mask", 3, (int64_t[]){1, 5, 2});
+    for (int i = 0; i < 6; i++)
+        submit_ok(f.b, &r[i]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->execution_count, 2);
+    assert_int_equal(s->ragged_count, 1);
+    assert_int_equal(s->batch[5].compute_infer.count, 1); /* 6 samples of 5 requests */
+    assert_int_equal(s->batch[0].compute_infer.count, 1); /* the masked one */
+    for (int i = 0; i < 6; i++) {
+        assert_int_equal(r[i].out.ne[1], len[i][1]);
+        check_against_alone(f.model, &r[i]);
+    }
+    fx_finish(&f);
+    for (int i = 0; i < 6; i++)
+        req_free(&r[i]);
+}
+
+/* (7c) max_batch_tokens: a batch stops growing before the cap; a request
+ * over the cap runs alone. */
+static void test_ragged_token_cap(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 20000);
+    struct req r[6] = {0};
+    static const int64_t len[6] = {50, 20, 12, 20, 1, 5};
+    (void)state;
+    cfg.max_batch_tokens = 40;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 6; i++) {
+        r[i].index = i;
+        req_btb(&r[i], 1, len[i], 7);
+        submit_ok(f.b, &r[i]);
+    }
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->execution_count, 3); /* [50] [20 12] [20 1 5] */
+    assert_int_equal(s->batch[0].compute_infer.count, 1);
+    assert_int_equal(s->batch[1].compute_infer.count, 1);
+    assert_int_equal(s->batch[2].compute_infer.count, 1);
+    for (int i = 0; i < 6; i++)
+        check_against_alone(f.model, &r[i]);
+    fx_finish(&f);
+    for (int i = 0; i < 6; i++)
+        req_free(&r[i]);
+}
+
+/* A stack long enough that a cancel from its first block's output arrives
+ * well before its last block: 24 blocks of dim 128 over 256 tokens. */
+#define STOP_BLOCKS 24
+static const char stop_config[] =
+    "{\"_class_name\": \"BasicTransformerBlock\", \"dim\": 128, \"num_attention_heads\": 4,"
+    " \"attention_head_dim\": 32, \"activation_fn\": \"geglu\","
+    " \"blockserve\": {\"num_blocks\": 24, \"weights_prefix\": \"blocks.{i}.\"}}";
+
+static void gen_small(void *arg, const char *key, int n_dims, const int64_t *ne, float *dst)
+{
+    int64_t n = ne[0] * (n_dims > 1 ? ne[1] : 1);
+    bool norm_weight = strstr(key, "norm") != NULL && strstr(key, "weight") != NULL;
+    (void)arg;
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = norm_weight ? 1.0f : 0.05f * rnd();
+}
+
+static void fx_init_stack(struct fx *f, const struct bs_serving_config *cfg)
+{
+    struct bs_batcher_deps deps = {.be = fx_be};
+    struct bs_model_config mc;
+    struct bs_weight_gen gen = {gen_small, NULL};
+    struct bs_err err = {0};
+    memset(f, 0, sizeof(*f));
+    assert_int_equal(uv_loop_init(&f->loop), 0);
+    if (bs_config_parse(&mc, stop_config, strlen(stop_config), "stack", &err) != 0 ||
+        bs_model_load_generated(&f->model, &mc, &gen, &be, &err) != 0 ||
+        bs_batcher_init(&f->b, &f->loop, f->model, cfg, &deps, &err) != 0)
+        fail_msg("stack: %s", err.msg);
+}
+
+/* (7d) Work that stops when nobody waits: a stack whose only request is
+ * cancelled (from its first block's output) stops at a block boundary, and
+ * the blocks it skipped are counted; with another request still waiting it
+ * runs to the end for that one. Measured by blocks, not time. */
+static void test_stop_when_nobody_waits(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 1000);
+    struct req r[3] = {0};
+    (void)state;
+    fx_init_stack(&f, &cfg);
+    /* alone: cancelled at its first block */
+    req_add_random(&r[0], "hidden_states", 3, (int64_t[]){1, 256, 128});
+    r[0].intermediate = true;
+    r[0].cancel_on_block = &r[0];
+    submit_ok(f.b, &r[0]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(r[0].done_calls, 1);
+    assert_int_equal(r[0].rc, BS_ECANCELED);
+    assert_int_equal(s->stopped_count, 1);
+    if (s->blocks_skipped < STOP_BLOCKS / 2)
+        fail_msg("only %llu of %d blocks skipped", (unsigned long long)s->blocks_skipped,
+                 STOP_BLOCKS);
+    /* one of two cancelled: the batch goes on for the other */
+    for (int i = 1; i < 3; i++) {
+        r[i].index = i;
+        req_add_random(&r[i], "hidden_states", 3, (int64_t[]){1, i == 1 ? 256 : 100, 128});
+    }
+    r[2].intermediate = true;
+    r[2].cancel_on_block = &r[1];
+    for (int i = 1; i < 3; i++)
+        submit_ok(f.b, &r[i]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(r[1].rc, BS_ECANCELED);
+    assert_int_equal(r[2].rc, 0);
+    assert_int_equal(r[2].block_calls, STOP_BLOCKS);
+    assert_int_equal(s->stopped_count, 1);
+    assert_int_equal(s->execution_count, 1); /* the stopped one does not count */
+    fx_finish(&f);
+    for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
+/* (7e) A request whose deadline passes while its stack runs stops it too,
+ * and hears DEADLINE_EXCEEDED. */
+static void test_stop_at_deadline(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 0);
+    struct req r = {0};
+    struct bs_err err = {0};
+    (void)state;
+    fx_init_stack(&f, &cfg);
+    req_add_random(&r, "hidden_states", 3, (int64_t[]){1, 256, 128});
+    /* The deadline: a third of the stack's time alone (measured here), so
+     * that it passes while the stack runs on any machine. */
+    struct bs_arena arena;
+    struct bs_tensor out;
+    assert_int_equal(bs_model_check(f.model, r.in, r.n_in, &out, &err), 0);
+    out.data = malloc(bs_tensor_nbytes(&out));
+    bs_arena_init(&arena, &be);
+    uint64_t t0 = uv_hrtime();
+    assert_int_equal(bs_model_forward(f.model, &arena, r.in, r.n_in, &out, NULL, &err), 0);
+    int64_t alone_ns = (int64_t)(uv_hrtime() - t0);
+    bs_arena_free(&arena);
+    free(out.data);
+    assert_int_equal(submit(f.b, &r, (int64_t)uv_hrtime() + alone_ns / 3, &err), 0);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(r.rc, BS_ETIMEDOUT);
+    if (s->stopped_count == 1) {
+        assert_non_null(strstr(r.msg, "stopped after"));
+        assert_true(s->blocks_skipped > 0);
+    } else { /* a machine so slow that it expired in the queue */
+        assert_int_equal(r.block_calls, 0);
+    }
+    fx_finish(&f);
+    req_free(&r);
 }
 
 struct drain_state {
@@ -810,6 +988,10 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_deadlines),
         cmocka_unit_test(test_cancel_queued),
         cmocka_unit_test(test_incompatible_signatures),
+        cmocka_unit_test(test_ragged_mixed_lengths),
+        cmocka_unit_test(test_ragged_token_cap),
+        cmocka_unit_test(test_stop_when_nobody_waits),
+        cmocka_unit_test(test_stop_at_deadline),
         cmocka_unit_test(test_intermediate_stack),
         cmocka_unit_test(test_drain),
         cmocka_unit_test(test_free_with_queued),
