@@ -81,6 +81,9 @@ struct bs_class {
     /* Matmul FLOPs of one forward on these inputs. */
     double (*flops)(const struct bs_model_config *c, const void *state,
                     const struct bs_tensor *const *in);
+    /* Block caching (model.h): forward honours f->cache, its blocks
+     * BasicTransformerBlocks (bs__block_forward). */
+    bool cacheable;
 };
 
 /* The classes (engine/classes/), listed in the table in engine/class.c. */

@@ -389,10 +389,12 @@ int bs_model_check(const bs_model_t *m, const struct bs_named_tensor *in, int n_
 /* The class's forward on inputs by slot (packed when rg is set), then the
  * device drained and the arena reset. */
 static int run_forward(bs_model_t *m, struct bs_arena *arena, const struct bs__ragged *rg,
-                       const struct bs_tensor *const *in, struct bs_tensor *out,
-                       const struct bs_forward_opts *opts, struct bs_err *err)
+                       const struct bs__caching *cache, const struct bs_tensor *const *in,
+                       struct bs_tensor *out, const struct bs_forward_opts *opts,
+                       struct bs_err *err)
 {
-    struct bs__fwd f = {.be = m->be, .dtype = m->dtype, .arena = arena, .err = err, .rg = rg};
+    struct bs__fwd f = {
+        .be = m->be, .dtype = m->dtype, .arena = arena, .err = err, .rg = rg, .cache = cache};
     if (opts != NULL) {
         f.should_stop = opts->should_stop;
         f.stop_arg = opts->stop_arg;
@@ -421,7 +423,7 @@ int bs_model_forward(bs_model_t *m, struct bs_arena *arena, const struct bs_name
         memcmp(out->ne, shape.ne, sizeof(int64_t) * (size_t)shape.n_dims) != 0 ||
         !bs_tensor_is_contiguous(out))
         return bs_err_set(err, BS_EINVAL, "output buffer does not match the output shape");
-    return run_forward(m, arena, NULL, r.t, out, opts, err);
+    return run_forward(m, arena, NULL, NULL, r.t, out, opts, err);
 }
 
 double bs_model_flops(const bs_model_t *m, const struct bs_named_tensor *in, int n_in)
@@ -605,6 +607,128 @@ static int pack_parts(const bs_model_t *m, struct inputs *r, int n_parts, int64_
     return 0;
 }
 
+/* ---- block caches ------------------------------------------------------ */
+
+static int cache_slots(const bs_model_t *m)
+{
+    return m->cfg.btb.cross_attention_dim != 0 ? 3 : 2;
+}
+
+bool bs_model_cacheable(const bs_model_t *m)
+{
+    return m->cls->cacheable;
+}
+
+size_t bs_block_cache_bytes_for(const bs_model_t *m, int64_t tokens)
+{
+    if (!m->cls->cacheable || tokens < 0)
+        return 0;
+    return (size_t)m->cfg.num_blocks * (size_t)cache_slots(m) * (size_t)tokens *
+           (size_t)m->cfg.btb.dim * sizeof(float);
+}
+
+int bs_block_cache_new(bs_block_cache_t **cp, const bs_model_t *m, struct bs_err *err)
+{
+    *cp = NULL;
+    if (!m->cls->cacheable)
+        return bs_err_set(err, BS_EINVAL,
+                          "block caching applies to BasicTransformerBlock models, "
+                          "not %s",
+                          m->cls->name);
+    bs_block_cache_t *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory");
+    c->be = m->be;
+    c->dim = m->cfg.btb.dim;
+    c->n_blocks = m->cfg.num_blocks;
+    c->n_slots = cache_slots(m);
+    *cp = c;
+    return 0;
+}
+
+void bs_block_cache_free(bs_block_cache_t *c)
+{
+    if (c == NULL)
+        return;
+    if (c->buf != NULL)
+        c->be->iface->buf_free(c->be->ctx, c->buf);
+    free(c);
+}
+
+size_t bs_block_cache_bytes(const bs_block_cache_t *c)
+{
+    return c != NULL && c->buf != NULL ? c->bytes : 0;
+}
+
+/* Make part k's cache ready for its mode, for a request of `rows` tokens. */
+static int cache_prepare(const bs_model_t *m, const struct bs_model_part *p, int k, int64_t rows,
+                         struct bs_err *err)
+{
+    bs_block_cache_t *c = p->cache;
+    if (p->mode == BS_CACHE_OFF)
+        return 0;
+    if (c == NULL || c->be != m->be || c->dim != m->cfg.btb.dim || c->n_blocks != m->cfg.num_blocks)
+        return bs_err_set(err, BS_EINVAL, "request %d of the batch: no block cache of this model",
+                          k);
+    if (p->mode == BS_CACHE_REUSE) {
+        if (!c->valid || c->rows != rows)
+            return bs_err_set(err, BS_EINVAL,
+                              "request %d of the batch: its block cache holds no outputs for "
+                              "%lld tokens (a sequence's shape must stay fixed)",
+                              k, (long long)rows);
+        return 0;
+    }
+    c->valid = false; /* until this refresh succeeds */
+    if (c->buf != NULL && c->rows == rows)
+        return 0;
+    if (c->buf != NULL)
+        m->be->iface->buf_free(m->be->ctx, c->buf);
+    c->rows = rows;
+    c->bytes = bs_block_cache_bytes_for(m, rows);
+    if ((c->buf = m->be->iface->buf_alloc(m->be->ctx, c->bytes)) == NULL)
+        return bs_err_set(err, BS_ENOMEM, "out of memory for a block cache of %zu bytes", c->bytes);
+    return 0;
+}
+
+/* The caching plan of a batch (NULL in *plan when no part caches): parts
+ * that reuse must follow every part that computes. */
+static int cache_plan(const bs_model_t *m, const struct bs_model_part *parts, int n_parts,
+                      struct inputs *r, const struct packed *p, struct bs__cache_part *cp,
+                      struct bs__caching *plan, struct bs_err *err)
+{
+    int64_t sample = 0, n_fresh = 0;
+    bool any = false, reusing = false;
+    memset(plan, 0, sizeof(*plan));
+    for (int k = 0; k < n_parts; k++) {
+        const struct bs_tensor *t = r[k].t[0];
+        int64_t samples = t->ne[0];
+        int64_t row0 = p->rg.off[0][sample], rows = p->rg.off[0][sample + samples] - row0;
+        any |= parts[k].mode != BS_CACHE_OFF;
+        if (parts[k].mode != BS_CACHE_OFF && !m->cls->cacheable)
+            return bs_err_set(err, BS_EINVAL,
+                              "block caching applies to BasicTransformerBlock models, not %s",
+                              m->cls->name);
+        if (parts[k].mode == BS_CACHE_REUSE)
+            reusing = true;
+        else if (reusing)
+            return bs_err_set(err, BS_EINVAL,
+                              "requests that reuse their block caches must come "
+                              "after those that compute");
+        else
+            n_fresh += samples;
+        TRY(cache_prepare(m, &parts[k], k, rows, err));
+        cp[k] = (struct bs__cache_part){parts[k].cache, parts[k].mode, row0, rows};
+        sample += samples;
+    }
+    if (any) {
+        plan->n_fresh = n_fresh;
+        plan->rows_fresh = p->rg.off[0][n_fresh];
+        plan->parts = cp;
+        plan->n_parts = n_parts;
+    }
+    return 0;
+}
+
 int bs_model_forward_parts(bs_model_t *m, struct bs_arena *arena, const struct bs_model_part *parts,
                            int n_parts, struct bs_tensor *out, const struct bs_forward_opts *opts,
                            struct bs_err *err)
@@ -633,8 +757,18 @@ int bs_model_forward_parts(bs_model_t *m, struct bs_arena *arena, const struct b
         rc = bs_err_set(err, BS_EINVAL, "output buffer does not hold the batch's %lld values",
                         (long long)out_elems);
     struct packed p = {0};
-    if (rc == 0 && (rc = pack_parts(m, r, n_parts, n, &p, err)) == 0)
-        rc = run_forward(m, arena, &p.rg, p.in, out, opts, err);
+    struct bs__caching plan = {0};
+    struct bs__cache_part *cp = calloc((size_t)n_parts, sizeof(*cp));
+    if (rc == 0 && cp == NULL)
+        rc = bs_err_set(err, BS_ENOMEM, "out of memory");
+    if (rc == 0 && (rc = pack_parts(m, r, n_parts, n, &p, err)) == 0 &&
+        (rc = cache_plan(m, parts, n_parts, r, &p, cp, &plan, err)) == 0) {
+        rc = run_forward(m, arena, &p.rg, plan.parts ? &plan : NULL, p.in, out, opts, err);
+        for (int k = 0; plan.parts != NULL && k < n_parts; k++)
+            if (parts[k].mode == BS_CACHE_REFRESH && rc == 0)
+                parts[k].cache->valid = true;
+    }
+    free(cp);
     free(p.mem);
     free(r);
     return rc;

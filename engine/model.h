@@ -130,10 +130,42 @@ double bs_model_flops(const bs_model_t *model, const struct bs_named_tensor *in,
  * without padding: the projections, norms and activations run over every
  * token at once, attention over each sample's own tokens. */
 
-/* One request of a ragged batch: inputs as for bs_model_forward. */
+/* Step-level block caching (FORA): a denoising sequence keeps, per block of
+ * a BasicTransformerBlock model, the outputs of attn1, attn2 and ff (after
+ * their output projections, before gates and residual adds). A refresh
+ * runs the model exactly and stores them; a reuse skips those three
+ * computations and takes the stored outputs, computing everything else
+ * (norms, modulation, gates, residual adds) from its own inputs. */
+typedef struct bs_block_cache bs_block_cache_t;
+
+enum bs_cache_mode {
+    BS_CACHE_OFF,     /* exact, nothing stored */
+    BS_CACHE_REFRESH, /* exact, outputs stored */
+    BS_CACHE_REUSE,   /* stored outputs used */
+};
+
+/* An empty cache for requests to model (sized by its first refresh). */
+int bs_block_cache_new(bs_block_cache_t **cache, const bs_model_t *model, struct bs_err *err);
+
+/* Release a cache (not while a forward uses it); NULL is a no-op. */
+void bs_block_cache_free(bs_block_cache_t *cache);
+
+/* Backend bytes the cache holds. */
+size_t bs_block_cache_bytes(const bs_block_cache_t *cache);
+
+/* Bytes a refresh of a request with `tokens` main-input tokens stores. */
+size_t bs_block_cache_bytes_for(const bs_model_t *model, int64_t tokens);
+
+/* Does the model's class support block caching? */
+bool bs_model_cacheable(const bs_model_t *model);
+
+/* One request of a ragged batch: inputs as for bs_model_forward, and what it
+ * does with its block cache (cache NULL: mode must be BS_CACHE_OFF). */
 struct bs_model_part {
     const struct bs_named_tensor *in;
     int n_in;
+    bs_block_cache_t *cache;
+    enum bs_cache_mode mode;
 };
 
 /* Tokens of a request's main input: its samples times the product of its
@@ -150,7 +182,8 @@ bool bs_model_ragged_compatible(const bs_model_t *model, const struct bs_named_t
  * tensor of the parts' output elements, the parts' outputs (each of its
  * checked shape) one after another; on_block hears such a tensor too. Each
  * part's output equals its bs_model_forward up to rounding (the same
- * operations on the same rows). */
+ * operations on the same rows). Parts that reuse their caches come after
+ * all others; a reuse needs a cache refreshed for a request of its shape. */
 int bs_model_forward_parts(bs_model_t *model, struct bs_arena *arena,
                            const struct bs_model_part *parts, int n_parts, struct bs_tensor *out,
                            const struct bs_forward_opts *opts, struct bs_err *err);

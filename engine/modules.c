@@ -500,15 +500,15 @@ static int ada_zero_modulation(struct bs__fwd *f, const struct bs__ada_zero *az,
     return linear(f, mod, &h2, &az->lin, 0.0f);
 }
 
-/* h += gate * to_out(attention(to_q(x), to_k(src), to_v(src))); src NULL is
- * self-attention (src = x); gate NULL adds without gating. */
-static int attn_forward(struct bs__fwd *f, const struct bs__attn *a, const struct bs_tensor *x,
-                        const struct bs_tensor *src, int64_t lkv, const struct bs__mask *mask,
-                        struct bs_tensor *h, const struct bs_tensor *gate)
+/* o = attention(to_q(x), to_k(src), to_v(src)) before to_out; src NULL is
+ * self-attention (src = x). */
+static int attn_core(struct bs__fwd *f, const struct bs__attn *a, const struct bs_tensor *x,
+                     const struct bs_tensor *src, int64_t lkv, const struct bs__mask *mask,
+                     struct bs_tensor *o)
 {
     int64_t rows = bs_tensor_nrows(x), inner = a->inner;
     const int64_t *k_off = src != NULL ? f->k_off : f->q_off;
-    struct bs_tensor q, k, v, buf, o;
+    struct bs_tensor q, k, v, buf;
     if (src == NULL && a->qkv.w.data != NULL) {
         TRY(bs__scratch(f, &buf, rows, 3 * inner));
         TRY(linear(f, &buf, x, &a->qkv, 0.0f));
@@ -539,14 +539,70 @@ static int attn_forward(struct bs__fwd *f, const struct bs__attn *a, const struc
         .m_off = mask->off,
         .mask_per_query = mask->per_query,
     };
-    TRY(bs__scratch(f, &o, rows, inner));
-    TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &p, f->err));
-    if (gate == NULL)
-        return linear(f, h, &o, &a->out, 1.0f); /* residual fused into the GEMM */
-    struct bs_tensor t;
+    TRY(bs__scratch(f, o, rows, inner));
+    return f->be->iface->attention(f->be->ctx, o, &q, &k, &v, &p, f->err);
+}
+
+/* Copy n rows between backend memory (an op: act with no activation). */
+static int copy_rows(struct bs__fwd *f, float *dst, const float *src, int64_t n, int64_t dim)
+{
+    struct bs_tensor d = bs_tensor_make(BS_TYPE_F32, 2, (int64_t[]){n, dim}, dst);
+    struct bs_tensor s = bs_tensor_make(BS_TYPE_F32, 2, (int64_t[]){n, dim}, (void *)src);
+    return act(f, &d, &s, BS_ACT_NONE);
+}
+
+/* t holds the fresh rows' outputs of cache slot `slot` of the current block:
+ * store them for the parts that refresh, fill in the reusing parts' rows. */
+static int cache_exchange(struct bs__fwd *f, int slot, struct bs_tensor *t)
+{
+    const struct bs__caching *c = f->cache;
+    for (int k = 0; k < c->n_parts; k++) {
+        const struct bs__cache_part *p = &c->parts[k];
+        if (p->cache == NULL || p->mode == BS_CACHE_OFF)
+            continue;
+        struct bs_block_cache *bc = p->cache;
+        float *region = bc->buf + ((int64_t)(f->block * bc->n_slots + slot) * bc->rows) * bc->dim;
+        float *rows = (float *)t->data + p->row0 * bc->dim;
+        if (p->mode == BS_CACHE_REFRESH)
+            TRY(copy_rows(f, region, rows, p->rows, bc->dim));
+        else
+            TRY(copy_rows(f, rows, region, p->rows, bc->dim));
+    }
+    return 0;
+}
+
+/* h += gate * to_out(attention(to_q(x), to_k(src), to_v(src))); src NULL is
+ * self-attention (src = x); gate NULL adds without gating. With block
+ * caching, only the fresh rows attend; slot names the cache regions. */
+static int attn_forward(struct bs__fwd *f, const struct bs__attn *a, const struct bs_tensor *x,
+                        const struct bs_tensor *src, int64_t lkv, const struct bs__mask *mask,
+                        struct bs_tensor *h, const struct bs_tensor *gate, int slot)
+{
+    int64_t rows = bs_tensor_nrows(x);
+    struct bs_tensor o, t;
+    if (f->cache == NULL) {
+        TRY(attn_core(f, a, x, src, lkv, mask, &o));
+        if (gate == NULL)
+            return linear(f, h, &o, &a->out, 1.0f); /* residual fused into the GEMM */
+        TRY(bs__scratch(f, &t, rows, a->query_dim));
+        TRY(linear(f, &t, &o, &a->out, 0.0f));
+        return add(f, h, &t, gate, rows_per_cond(f, f->cond->n), 1.0f);
+    }
+    int64_t fresh = f->cache->rows_fresh, batch = f->batch;
     TRY(bs__scratch(f, &t, rows, a->query_dim));
-    TRY(linear(f, &t, &o, &a->out, 0.0f));
-    return add(f, h, &t, gate, rows_per_cond(f, f->cond->n), 1.0f);
+    if (fresh > 0) {
+        struct bs_tensor xf = bs_tensor_view_outer(x, 0, fresh), sf, tf;
+        if (src != NULL)
+            sf = bs_tensor_view_outer(src, 0, f->k_off[f->cache->n_fresh]);
+        tf = bs_tensor_view_outer(&t, 0, fresh);
+        f->batch = f->cache->n_fresh; /* the offsets' prefix */
+        int rc = attn_core(f, a, &xf, src ? &sf : NULL, lkv, mask, &o);
+        f->batch = batch;
+        TRY(rc);
+        TRY(linear(f, &tf, &o, &a->out, 0.0f));
+    }
+    TRY(cache_exchange(f, slot, &t));
+    return add(f, h, &t, gate, rows_per_cond(f, f->cond ? f->cond->n : 1), 1.0f);
 }
 
 int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_tensor *x,
@@ -604,7 +660,25 @@ static int block_cross(struct bs__fwd *f, const struct bs__block *b, struct bs_t
     else
         TRY(layer_norm(f, nh, x, &b->norm2, NULL, NULL, 1));
     const struct bs_tensor *src = opt(&f->enc);
-    return attn_forward(f, &b->attn2, nh, src, src ? f->lk : f->lq, &f->mask2, x, NULL);
+    return attn_forward(f, &b->attn2, nh, src, src ? f->lk : f->lq, &f->mask2, x, NULL,
+                        BS__SLOT_ATTN2);
+}
+
+/* x += gate * ff(nh) with block caching: the fresh rows run the
+ * feed-forward, the others take their caches' outputs. */
+static int ff_cached(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_tensor *nh,
+                     struct bs_tensor *x, const struct bs_tensor *gate, int64_t rps)
+{
+    int64_t fresh = f->cache->rows_fresh;
+    struct bs_tensor t;
+    TRY(bs__scratch(f, &t, bs_tensor_nrows(x), x->ne[1]));
+    if (fresh > 0) {
+        struct bs_tensor nf = bs_tensor_view_outer(nh, 0, fresh);
+        struct bs_tensor tf = bs_tensor_view_outer(&t, 0, fresh);
+        TRY(bs__ff_forward(f, ff, &nf, &tf, 0.0f));
+    }
+    TRY(cache_exchange(f, BS__SLOT_FF, &t));
+    return add(f, x, &t, gate, rps, 1.0f);
 }
 
 /* BS_ECANCELED when the forward's owner no longer wants it. */
@@ -647,14 +721,17 @@ int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_te
     if (rc != 0)
         goto out;
     const struct bs_tensor *src = c->only_cross_attention ? opt(&f->enc) : NULL;
-    rc = attn_forward(f, &b->attn1, &nh, src, src ? f->lk : f->lq, &f->mask1, x, gate_msa);
+    rc = attn_forward(f, &b->attn1, &nh, src, src ? f->lk : f->lq, &f->mask1, x, gate_msa,
+                      BS__SLOT_ATTN1);
     /* 2. norm2 and cross-attention */
     if (rc == 0 && b->has_attn2 && (rc = stop_check(f)) == 0)
         rc = block_cross(f, b, x, &nh);
     /* 3. norm3 (modulated with ada_norm_zero) and feed-forward */
     if (rc == 0 && (rc = stop_check(f)) == 0)
         rc = layer_norm(f, &nh, x, &b->norm3, scale_mlp, shift_mlp, rps);
-    if (rc == 0 && gate_mlp == NULL) {
+    if (rc == 0 && f->cache != NULL) {
+        rc = ff_cached(f, &b->ff, &nh, x, gate_mlp, rps);
+    } else if (rc == 0 && gate_mlp == NULL) {
         rc = bs__ff_forward(f, &b->ff, &nh, x, 1.0f);
     } else if (rc == 0) {
         struct bs_tensor t;

@@ -132,6 +132,33 @@ struct bs__mask {
     bool per_query;      /* ragged: one row per query */
 };
 
+/* A block cache (model.h): per block, n_slots regions of rows x dim F32
+ * in backend memory. */
+struct bs_block_cache {
+    struct bs_backend *be;
+    float *buf;
+    size_t bytes;
+    int64_t rows, dim;
+    int n_blocks, n_slots; /* slots: attn1, ff, then attn2 when the blocks have it */
+    bool valid;            /* holds a refresh's outputs */
+};
+
+enum { BS__SLOT_ATTN1, BS__SLOT_FF, BS__SLOT_ATTN2 };
+
+/* Block caching in one forward: the first n_fresh samples (rows_fresh rows)
+ * are computed, the rest reuse their caches; each part's rows and mode. */
+struct bs__cache_part {
+    struct bs_block_cache *cache; /* NULL: not cached */
+    enum bs_cache_mode mode;
+    int64_t row0, rows;
+};
+
+struct bs__caching {
+    int64_t n_fresh, rows_fresh;
+    const struct bs__cache_part *parts;
+    int n_parts;
+};
+
 /* One forward's state: backend, scratch and shapes. */
 struct bs__fwd {
     struct bs_backend *be;
@@ -151,6 +178,8 @@ struct bs__fwd {
     /* Asked between the parts of a block (NULL: never stop). */
     bool (*should_stop)(void *arg);
     void *stop_arg;
+    const struct bs__caching *cache; /* block caching, or NULL */
+    int block;                       /* the block running (its cache regions) */
 };
 
 /* Bind a linear layer "<name>.weight" [out, in] (+ "<name>.bias" [out]). */

@@ -365,7 +365,7 @@ static void batch_work(uv_work_t *req)
     r->n_in = head->n_in;
     if (r->ragged) {
         for (int k = 0; k < r->n_jobs; k++)
-            r->parts[k] = (struct bs_model_part){r->jobs[k]->in, r->jobs[k]->n_in};
+            r->parts[k] = (struct bs_model_part){.in = r->jobs[k]->in, .n_in = r->jobs[k]->n_in};
     } else if (r->n_jobs > 1) {
         for (int i = 0; i < r->n_in && r->rc == 0; i++)
             r->rc = concat_input(b->model, r, i);

@@ -142,6 +142,7 @@ static int btb_forward(const struct bs_model_config *mc, const void *state, stru
                             "for it", i + 1, mc->num_blocks);
             break;
         }
+        f->block = i;
         rc = bs__block_forward(f, &blocks[i], &x);
         if (rc == 0 && opts != NULL && opts->blocks_run != NULL)
             *opts->blocks_run = i + 1;
@@ -193,4 +194,5 @@ const struct bs_class bs_class_btb = {
     .check = btb_check,
     .forward = btb_forward,
     .flops = btb_flops,
+    .cacheable = true,
 };

@@ -162,7 +162,7 @@ static void check_parts(struct golden *g, struct bs_backend *be, struct request 
 {
     struct bs_arena arena;
     struct bs_err err = {0};
-    struct bs_model_part mp[MAX_PARTS];
+    struct bs_model_part mp[MAX_PARTS] = {{0}};
     int64_t total = 0;
     bs_arena_init(&arena, be);
     for (int k = 0; k < n; k++) {
@@ -346,7 +346,8 @@ static void test_compatible_and_tokens(void **state)
     free(r[1].data[3]); /* encoder_attention_mask, rows per query -> one row */
     r[1].in[3].t = bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){1, 1, 3}, NULL);
     r[1].data[3] = r[1].in[3].t.data = calloc(3, sizeof(float));
-    struct bs_model_part mp[2] = {{r[0].in, r[0].n_in}, {r[1].in, r[1].n_in}};
+    struct bs_model_part mp[2] = {{.in = r[0].in, .n_in = r[0].n_in},
+                                  {.in = r[1].in, .n_in = r[1].n_in}};
     int64_t total = 2 * 20 * 32 + 45 * 32;
     float *out = malloc((size_t)total * sizeof(float));
     struct bs_tensor ot = bs_tensor_make(BS_TYPE_F32, 1, &total, out);
