@@ -74,6 +74,7 @@ set(BS_SERVER_SOURCES
   server/reflection_service.c
   server/log.c
   server/batcher.c
+  server/sequences.c
   server/repository.c
   server/serving.c
   server/core.c
