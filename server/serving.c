@@ -210,18 +210,15 @@ struct given {
     unsigned top, dflt;
 };
 
-static int serving_member(struct bs_serving_config *c, const struct bs_json *m, struct given *g,
-                          struct bs_err *err)
+/* The keys of the queue policies and priority levels; *known is false when m
+ * is none of them. */
+static int queue_member(struct bs_serving_config *c, const struct bs_json *m, struct given *g,
+                        bool *known, struct bs_err *err)
 {
     int64_t v = 0;
     int rc = 0;
-    if (strcmp(m->key, "max_batch_size") == 0) {
-        if ((rc = serving_int(m, m->key, 1, 1024, &v, err)) == 0)
-            c->max_batch_size = (int)v;
-    } else if (strcmp(m->key, "max_queue_delay_microseconds") == 0) {
-        if ((rc = serving_int(m, m->key, 0, 60000000, &v, err)) == 0)
-            c->max_queue_delay_us = v;
-    } else if (strcmp(m->key, "max_queue_size") == 0) {
+    *known = true;
+    if (strcmp(m->key, "max_queue_size") == 0) {
         if ((rc = serving_int(m, m->key, 1, MAX_QUEUE_SIZE, &v, err)) == 0)
             c->max_queue_size = (int)v;
         g->top |= BS_POLICY_QUEUE_SIZE;
@@ -239,6 +236,26 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
     } else if (strcmp(m->key, "default_priority_level") == 0) {
         if ((rc = serving_int(m, m->key, 0, INT32_MAX, &v, err)) == 0)
             c->default_priority_level = (int)v;
+    } else {
+        *known = false;
+    }
+    return rc;
+}
+
+static int serving_member(struct bs_serving_config *c, const struct bs_json *m, struct given *g,
+                          struct bs_err *err)
+{
+    int64_t v = 0;
+    bool known;
+    int rc = queue_member(c, m, g, &known, err);
+    if (known)
+        return rc;
+    if (strcmp(m->key, "max_batch_size") == 0) {
+        if ((rc = serving_int(m, m->key, 1, 1024, &v, err)) == 0)
+            c->max_batch_size = (int)v;
+    } else if (strcmp(m->key, "max_queue_delay_microseconds") == 0) {
+        if ((rc = serving_int(m, m->key, 0, 60000000, &v, err)) == 0)
+            c->max_queue_delay_us = v;
     } else if (strcmp(m->key, "preferred_batch_size") == 0) {
         if (m->type != BS_JSON_ARRAY || m->len > BS_MAX_PREFERRED)
             return bs_err_set(err, BS_EINVAL,
