@@ -442,6 +442,14 @@ static const struct bs_class_input *class_input(const bs_model_t *m, int slot)
     return &m->cls->inputs[slot];
 }
 
+static const struct bs_tensor *find_input(const struct bs_named_tensor *in, int n, const char *name)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(in[i].name, name) == 0)
+            return &in[i].t;
+    return NULL;
+}
+
 /* Tokens of one sample of t (input slot): the product of its ragged dims. */
 static int64_t sample_tokens(const bs_model_t *m, int slot, const struct bs_tensor *t)
 {
@@ -453,10 +461,17 @@ static int64_t sample_tokens(const bs_model_t *m, int slot, const struct bs_tens
     return n;
 }
 
-/* Does a mask hold a row per query (rank 3 with more than one row)? */
-static bool mask_per_query(const struct bs_tensor *t)
+/* A mask's form: a row per query (rank 3 with more than one row), one row
+ * per sample, or either (a request with one query). */
+enum mask_form { MASK_PER_SAMPLE = 1, MASK_PER_QUERY = 2, MASK_EITHER = 3 };
+
+static enum mask_form mask_form(const bs_model_t *m, const struct bs_tensor *t,
+                                const struct bs_named_tensor *in, int n_in)
 {
-    return t->n_dims == 3 && t->ne[1] > 1;
+    const struct bs_tensor *x = find_input(in, n_in, m->io.in[0].name);
+    if (x != NULL && x->n_dims == 3 && x->ne[1] == 1)
+        return MASK_EITHER;
+    return t->n_dims == 3 && t->ne[1] > 1 ? MASK_PER_QUERY : MASK_PER_SAMPLE;
 }
 
 int64_t bs_model_tokens(const bs_model_t *m, const struct bs_named_tensor *in, int n_in)
@@ -466,14 +481,6 @@ int64_t bs_model_tokens(const bs_model_t *m, const struct bs_named_tensor *in, i
         if (strcmp(in[i].name, main_name) == 0 && in[i].t.n_dims >= 1)
             return in[i].t.ne[0] * sample_tokens(m, m->io.slot[0], &in[i].t);
     return 0;
-}
-
-static const struct bs_tensor *find_input(const struct bs_named_tensor *in, int n, const char *name)
-{
-    for (int i = 0; i < n; i++)
-        if (strcmp(in[i].name, name) == 0)
-            return &in[i].t;
-    return NULL;
 }
 
 bool bs_model_ragged_compatible(const bs_model_t *m, const struct bs_named_tensor *a, int n_a,
@@ -491,7 +498,7 @@ bool bs_model_ragged_compatible(const bs_model_t *m, const struct bs_named_tenso
         case BS_ROLE_COND:
             break;
         case BS_ROLE_MASK:
-            if (mask_per_query(x) != mask_per_query(y))
+            if ((mask_form(m, x, a, n_a) & mask_form(m, y, b, n_b)) == 0)
                 return false;
             break;
         case BS_ROLE_BATCHED:
@@ -539,8 +546,8 @@ static size_t packed_bytes(const bs_model_t *m, int s, struct inputs *r, int n_p
 /* Concatenate slot s of every part into dst, one sample after another
  * (a mask or a value shared by a part's samples repeated for each), and
  * record its layout. */
-static void pack_slot(const bs_model_t *m, int s, struct inputs *r, int n_parts, char *dst,
-                      int64_t *off, struct packed *p)
+static void pack_slot(const bs_model_t *m, const struct bs_model_part *parts, int s,
+                      struct inputs *r, int n_parts, char *dst, int64_t *off, struct packed *p)
 {
     const struct bs_class_input *ci = class_input(m, s);
     const struct bs_tensor *t0 = r[0].t[s];
@@ -565,8 +572,9 @@ static void pack_slot(const bs_model_t *m, int s, struct inputs *r, int n_parts,
         }
         longest = ntok > longest ? ntok : longest;
     }
-    int64_t n_el = (int64_t)(at / esize), last = t0->ne[t0->n_dims - 1];
-    if (ci->role == BS_ROLE_BATCHED) {
+    int64_t n_el = (int64_t)(at / esize);
+    if (ci->role == BS_ROLE_BATCHED) { /* rank >= 1: conditioning may be 0-d */
+        int64_t last = t0->ne[t0->n_dims - 1];
         if (off != NULL)
             off[sample] = tok;
         p->t[s] = bs_tensor_make(t0->type, 2, (int64_t[]){n_el / last, last}, dst);
@@ -574,16 +582,18 @@ static void pack_slot(const bs_model_t *m, int s, struct inputs *r, int n_parts,
         p->rg.max[s] = longest;
     } else {
         p->t[s] = bs_tensor_make(t0->type, 1, &n_el, dst);
-        if (ci->role == BS_ROLE_MASK) {
+        if (ci->role == BS_ROLE_MASK) { /* a row per query when any request has one */
             p->rg.m_off[s] = off;
-            p->rg.m_per_query[s] = mask_per_query(t0);
+            for (int k = 0; k < n_parts; k++)
+                p->rg.m_per_query[s] |=
+                    mask_form(m, r[k].t[s], parts[k].in, parts[k].n_in) == MASK_PER_QUERY;
         }
     }
     p->in[s] = &p->t[s];
 }
 
-static int pack_parts(const bs_model_t *m, struct inputs *r, int n_parts, int64_t n,
-                      struct packed *p, struct bs_err *err)
+static int pack_parts(const bs_model_t *m, const struct bs_model_part *parts, struct inputs *r,
+                      int n_parts, int64_t n, struct packed *p, struct bs_err *err)
 {
     size_t bytes[BS_MAX_INPUTS] = {0}, n_off[BS_MAX_INPUTS] = {0}, total = 0;
     memset(p, 0, sizeof(*p));
@@ -601,7 +611,7 @@ static int pack_parts(const bs_model_t *m, struct inputs *r, int n_parts, int64_
         if (r[0].t[s] == NULL)
             continue;
         int64_t *off = n_off[s] ? (int64_t *)(at + bytes[s]) : NULL;
-        pack_slot(m, s, r, n_parts, at, off, p);
+        pack_slot(m, parts, s, r, n_parts, at, off, p);
         at += bytes[s] + n_off[s] * sizeof(int64_t);
     }
     return 0;
@@ -761,7 +771,7 @@ int bs_model_forward_parts(bs_model_t *m, struct bs_arena *arena, const struct b
     struct bs__cache_part *cp = calloc((size_t)n_parts, sizeof(*cp));
     if (rc == 0 && cp == NULL)
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
-    if (rc == 0 && (rc = pack_parts(m, r, n_parts, n, &p, err)) == 0 &&
+    if (rc == 0 && (rc = pack_parts(m, parts, r, n_parts, n, &p, err)) == 0 &&
         (rc = cache_plan(m, parts, n_parts, r, &p, cp, &plan, err)) == 0) {
         rc = run_forward(m, arena, &p.rg, plan.parts ? &plan : NULL, p.in, out, opts, err);
         for (int k = 0; plan.parts != NULL && k < n_parts; k++)

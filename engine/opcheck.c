@@ -239,12 +239,11 @@ int bs_opcheck_attention_mask(const struct bs_attn_params *p, struct bs_err *err
     return 0;
 }
 
-int bs_opcheck_attention(const struct bs_tensor *o, const struct bs_tensor *q,
-                         const struct bs_tensor *k, const struct bs_tensor *v,
-                         const struct bs_attn_params *p, struct bs_err *err)
+/* q, k, v and o rows tensors of heads x head_dim columns, and sane sizes in p:
+ * what a uniform and a ragged batch share. */
+static int attention_tensors(const struct bs_tensor *const ts[4], const char *const names[4],
+                             const struct bs_attn_params *p, struct bs_err *err)
 {
-    const struct bs_tensor *ts[4] = {q, k, v, o};
-    const char *names[4] = {"q", "k", "v", "o"};
     int rc;
     for (int i = 0; i < 4; i++)
         if ((rc = bs_opcheck_rows(ts[i], "attention", names[i], err)))
@@ -255,6 +254,25 @@ int bs_opcheck_attention(const struct bs_tensor *o, const struct bs_tensor *q,
                           "%d)",
                           (long long)p->batch, (long long)p->lq, (long long)p->lk, p->heads,
                           p->head_dim);
+    return 0;
+}
+
+int bs_opcheck_attention(const struct bs_tensor *o, const struct bs_tensor *q,
+                         const struct bs_tensor *k, const struct bs_tensor *v,
+                         const struct bs_attn_params *p, struct bs_err *err)
+{
+    const struct bs_tensor *const ts[4] = {q, k, v, o};
+    const char *const names[4] = {"q", "k", "v", "o"};
+    int rc;
+    if (p->q_off != NULL)
+        return bs_err_set(err, BS_EINVAL,
+                          "attention: this backend takes no ragged batches (q_off set)");
+    if (p->k_off != NULL || p->m_off != NULL || p->mask_per_query)
+        return bs_err_set(err, BS_EINVAL,
+                          "attention: k_off, m_off and mask_per_query describe a ragged batch, "
+                          "but q_off is not set");
+    if ((rc = attention_tensors(ts, names, p, err)))
+        return rc;
     int64_t inner = (int64_t)p->heads * p->head_dim;
     for (int i = 0; i < 4; i++) {
         int64_t rows = i == 1 || i == 2 ? p->batch * p->lk : p->batch * p->lq;
@@ -265,4 +283,92 @@ int bs_opcheck_attention(const struct bs_tensor *o, const struct bs_tensor *q,
                 (long long)bs_opcheck_ncols(ts[i]));
     }
     return 0;
+}
+
+/* The offsets off[0, batch] of a ragged batch (name "q_off" or "k_off", of
+ * rows that are "queries" or "keys"): from 0, never decreasing, each
+ * sample's count in [least, most] (most is p->lq or p->lk, named most_name). */
+static int attention_offsets(const int64_t *off, const char *name, const char *what, int64_t batch,
+                             int64_t least, int64_t most, const char *most_name, struct bs_err *err)
+{
+    if (off == NULL)
+        return bs_err_set(err, BS_EINVAL, "attention: a ragged batch needs %s", name);
+    if (off[0] != 0)
+        return bs_err_set(err, BS_EINVAL, "attention: %s[0] must be 0 (got %lld)", name,
+                          (long long)off[0]);
+    for (int64_t b = 0; b < batch; b++) {
+        if (off[b + 1] < off[b])
+            return bs_err_set(err, BS_EINVAL,
+                              "attention: %s decreases (%s[%lld] = %lld, %s[%lld] = %lld)", name,
+                              name, (long long)b, (long long)off[b], name, (long long)(b + 1),
+                              (long long)off[b + 1]);
+        int64_t n = off[b + 1] - off[b]; /* no overflow: both are >= 0 */
+        if (n < least || n > most)
+            return bs_err_set(err, BS_EINVAL,
+                              "attention: sample %lld has %lld %s (%s[%lld] = %lld, %s[%lld] = "
+                              "%lld); allowed: %lld to %s = %lld",
+                              (long long)b, (long long)n, what, name, (long long)b,
+                              (long long)off[b], name, (long long)(b + 1), (long long)off[b + 1],
+                              (long long)least, most_name, (long long)most);
+    }
+    return 0;
+}
+
+/* The mask of a ragged batch: contiguous F32, m_off given, and each sample's
+ * part (lk_b values, or lq_b rows of them with mask_per_query) inside it. */
+static int attention_ragged_mask(const struct bs_attn_params *p, struct bs_err *err)
+{
+    const struct bs_tensor *m = p->mask;
+    if (m == NULL)
+        return 0;
+    if (m->data == NULL || m->type != BS_TYPE_F32 || !bs_tensor_is_contiguous(m)) {
+        char ms[64];
+        return bs_err_set(err, BS_EINVAL,
+                          "attention: the mask of a ragged batch must be contiguous F32 (got %s "
+                          "%s%s)",
+                          bs_dtype_name(m->type), bs_tensor_shape_str(m, ms, sizeof(ms)),
+                          bs_tensor_is_contiguous(m) ? "" : ", not contiguous");
+    }
+    if (p->m_off == NULL)
+        return bs_err_set(err, BS_EINVAL, "attention: a ragged batch with a mask needs m_off");
+    int64_t total = bs_tensor_nelements(m);
+    for (int64_t b = 0; b < p->batch; b++) {
+        int64_t lq = p->q_off[b + 1] - p->q_off[b], lk = p->k_off[b + 1] - p->k_off[b];
+        int64_t n = bs_mul_sat(lk, p->mask_per_query ? lq : 1), at = p->m_off[b];
+        if (at < 0 || at > total || n > total - at)
+            return bs_err_set(err, BS_EINVAL,
+                              "attention: the mask of sample %lld (%lld values from m_off[%lld] = "
+                              "%lld) lies outside the mask's %lld elements",
+                              (long long)b, (long long)n, (long long)b, (long long)at,
+                              (long long)total);
+    }
+    return 0;
+}
+
+int bs_opcheck_attention_ragged(const struct bs_tensor *o, const struct bs_tensor *q,
+                                const struct bs_tensor *k, const struct bs_tensor *v,
+                                const struct bs_attn_params *p, struct bs_err *err)
+{
+    const struct bs_tensor *const ts[4] = {q, k, v, o};
+    const char *const names[4] = {"q", "k", "v", "o"};
+    int rc;
+    if (p->q_off == NULL)
+        return bs_err_set(err, BS_EINVAL, "attention: a ragged batch needs q_off");
+    if ((rc = attention_tensors(ts, names, p, err)) ||
+        (rc = attention_offsets(p->q_off, "q_off", "queries", p->batch, 1, p->lq, "lq", err)) ||
+        (rc = attention_offsets(p->k_off, "k_off", "keys", p->batch, 0, p->lk, "lk", err)))
+        return rc;
+    for (int i = 0; i < 4; i++) {
+        const int64_t *off = i == 1 || i == 2 ? p->k_off : p->q_off;
+        if (bs_tensor_nrows(ts[i]) != off[p->batch] ||
+            bs_opcheck_ncols(ts[i]) != (int64_t)p->heads * p->head_dim)
+            return bs_err_set(err, BS_EINVAL,
+                              "attention: %s must have %s[%lld] = %lld rows of %lld (got %lld of "
+                              "%lld)",
+                              names[i], i == 1 || i == 2 ? "k_off" : "q_off", (long long)p->batch,
+                              (long long)off[p->batch], (long long)p->heads * p->head_dim,
+                              (long long)bs_tensor_nrows(ts[i]),
+                              (long long)bs_opcheck_ncols(ts[i]));
+    }
+    return attention_ragged_mask(p, err);
 }

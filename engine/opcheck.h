@@ -81,8 +81,11 @@ int bs_opcheck_transpose(const struct bs_tensor *y, const struct bs_tensor *x, s
 int bs_opcheck_get_rows(const struct bs_tensor *y, const struct bs_tensor *table,
                         const int64_t *idx, int64_t n, struct bs_err *err);
 
-/* The tensors of attention: q, k, v, o rows tensors with the row counts and
- * heads x head_dim columns of p, and sane sizes in p. */
+/* The tensors of attention over a uniform batch: q, k, v, o rows tensors
+ * with the row counts and heads x head_dim columns of p, and sane sizes in
+ * p. A ragged batch (q_off set) fails here with a message, as do k_off,
+ * m_off or mask_per_query without q_off: a backend that takes ragged
+ * batches checks them with bs_opcheck_attention_ragged instead. */
 int bs_opcheck_attention(const struct bs_tensor *o, const struct bs_tensor *q,
                          const struct bs_tensor *k, const struct bs_tensor *v,
                          const struct bs_attn_params *p, struct bs_err *err);
@@ -90,6 +93,15 @@ int bs_opcheck_attention(const struct bs_tensor *o, const struct bs_tensor *q,
 /* The mask of attention: p->mask NULL, or F32 [batch, 1 or lq, lk] with a
  * dense last dim and float-aligned strides. */
 int bs_opcheck_attention_mask(const struct bs_attn_params *p, struct bs_err *err);
+
+/* All the arguments of attention over a ragged batch (q_off set; see
+ * struct bs_attn_params): the tensors and sizes as above; q_off and k_off
+ * from 0 and never decreasing, each sample with 1 to lq queries and 0 to lk
+ * keys, q and o of q_off[batch] rows, k and v of k_off[batch]; with a mask,
+ * a contiguous F32 one, m_off given and each sample's part inside it. */
+int bs_opcheck_attention_ragged(const struct bs_tensor *o, const struct bs_tensor *q,
+                                const struct bs_tensor *k, const struct bs_tensor *v,
+                                const struct bs_attn_params *p, struct bs_err *err);
 
 #ifdef __cplusplus
 }

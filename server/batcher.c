@@ -1,19 +1,31 @@
 /* The per-model dynamic batcher (Triton's dynamic batcher semantics).
  *
- * Requests queue in FIFO order. The head of the queue decides the batch's
+ * Requests queue in FIFO order per priority level (one level, 0, without
+ * priority_levels). Candidates are taken in priority order (queue_first,
+ * queue_next): level 1's requests within their queue timeout, oldest first,
+ * then level 1's delayed ones (timeout_action DELAY: past their timeout, in
+ * the order they timed out), then level 2's, and so on, as Triton's priority
+ * queue hands them out. The first candidate, the head, decides the batch's
  * signature; compatible jobs behind it (skipping incompatible ones, which
  * wait for a later batch) join until the batch is full, reaches the largest
- * preferred size it can, or the head has waited max_queue_delay. One batch
- * runs at a time (instance count 1) on the uv threadpool: the worker
+ * preferred size it can, or its oldest job has waited max_queue_delay. One
+ * batch runs at a time (instance count 1) on the uv threadpool: the worker
  * concatenates the inputs along dim 0, runs the forward in the batcher's
  * arena, and the after-work callback splits the output per job.
  *
+ * Each level has its queue policy (bs_serving_policy): a bound on its
+ * queued jobs, a queue timeout (the level's default, or the request's own
+ * when the policy allows and it is shorter) after which a job is answered
+ * BS_ETIMEDOUT (REJECT) or moved behind the level's other jobs (DELAY). The
+ * transport's deadline is apart: past it a queued job is always answered.
+ *
  * Scheduling never runs inside bs_batcher_submit: a submit (or cancel, or
  * drain) kicks the timer with timeout 0, and the timer callback expires
- * deadlines, dispatches, re-arms the timer for the next event (the head's
- * queue delay, the earliest deadline) and reports a finished drain. So jobs
- * submitted in one loop iteration can share a batch even with a delay of 0,
- * and no on_done runs re-entrantly inside submit.
+ * deadlines and timeouts, dispatches, re-arms the timer for the next event
+ * (the waiting batch's queue delay, the earliest deadline or queue timeout)
+ * and reports a finished drain. So jobs submitted in one loop iteration can
+ * share a batch even with a delay of 0, and no on_done runs re-entrantly
+ * inside submit.
  *
  * Thread ownership (STYLE rule 12):
  * - Loop thread: every field of bs_batcher and bs_job, except as below, and
@@ -40,6 +52,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+_Static_assert(BS_MAX_PRIORITY_LEVELS <= BS_METRICS_MAX_PRIORITY,
+               "every priority level has its request counter");
+
 enum job_state {
     JOB_QUEUED,    /* in the queue */
     JOB_RUNNING,   /* in the running batch */
@@ -47,17 +62,21 @@ enum job_state {
 };
 
 struct bs_job {
-    bs_job_t *prev, *next; /* queue links, or the next of a local list */
+    bs_job_t *prev, *next; /* links in its level's list, or the next of a local list */
     enum job_state state;
+    int level;          /* index into the batcher's levels */
+    bool late;          /* in its level's delayed list (timed out, DELAY) */
+    int64_t timeout_ns; /* queue timeout, uv_hrtime()'s clock (INT64_MAX: none, or delayed) */
     /* running: drop the result, answer BS_ECANCELED; the worker reads it
      * (batch_should_stop) */
     atomic_bool cancelled;
     bool intermediate;
-    bool solo;       /* inputs of a layout the batcher does not concatenate */
-    int64_t batch;   /* samples: dim 0 of the model's main input */
-    int64_t tokens;  /* the main input's tokens (bs_model_tokens) */
-    int64_t out_off; /* running: where its output starts in the batch's (floats) */
-    int64_t deadline_ns;
+    bool solo;           /* inputs of a layout the batcher does not concatenate */
+    int64_t batch;       /* samples: dim 0 of the model's main input */
+    int64_t tokens;      /* the main input's tokens (bs_model_tokens) */
+    int64_t out_off;     /* running: where its output starts in the batch's (floats) */
+    int64_t deadline_ns; /* the transport's (INT64_MAX: none) */
+    int64_t stop_ns;     /* running: nobody waits past this (deadline, or its own timeout) */
     uint64_t enqueue_ns;
     uint64_t queue_ns;          /* time in the queue, once dispatched */
     struct bs_tensor out_shape; /* this request's output shape (data NULL) */
@@ -94,6 +113,19 @@ struct bs_batch {
     uint64_t t_start, t_input, t_infer;
 };
 
+/* A list of queued jobs, oldest first. */
+struct jobq {
+    bs_job_t *head, *tail;
+};
+
+/* One priority level's queue (Triton's PolicyQueue): jobs within their queue
+ * timeout, then (DELAY) those past it. */
+struct level {
+    struct bs_queue_policy policy;
+    struct jobq live, late;
+    int n; /* jobs in both lists: what max_queue_size bounds */
+};
+
 struct bs_batcher {
     uv_loop_t *loop;
     bs_model_t *model;
@@ -104,7 +136,8 @@ struct bs_batcher {
     uv_async_t async;            /* block outputs are waiting in msgs */
     int n_open;                  /* handles not yet closed */
     struct bs_arena arena;
-    bs_job_t *head, *tail;
+    struct level *levels;        /* [level - 1], or one (level 0) without priority levels */
+    int n_levels, default_level; /* default_level: the index of default_priority_level */
     int n_queued;
     bool running;
     struct bs_batch run;
@@ -186,32 +219,96 @@ static bool can_join(const bs_batcher_t *b, const bs_job_t *h, const bs_job_t *c
            bs_model_ragged_compatible(b->model, h->in, h->n_in, c->in, c->n_in);
 }
 
+/* ---- the queues --------------------------------------------------------- */
+
+/* The lists in priority order: 2 * level + late (level 1's live jobs, its
+ * delayed ones, level 2's live jobs, ...). */
+static struct jobq *list_at(const bs_batcher_t *b, int k)
+{
+    struct level *lv = &b->levels[k / 2];
+    return k % 2 ? &lv->late : &lv->live;
+}
+
+static struct jobq *job_list(const bs_batcher_t *b, const bs_job_t *j)
+{
+    return list_at(b, 2 * j->level + j->late);
+}
+
+/* The first job of list k or of a list after it, in priority order. */
+static bs_job_t *first_from(const bs_batcher_t *b, int k)
+{
+    for (; k < 2 * b->n_levels; k++)
+        if (list_at(b, k)->head != NULL)
+            return list_at(b, k)->head;
+    return NULL;
+}
+
+/* The head: the oldest job of the highest level that has any. */
+static bs_job_t *queue_first(const bs_batcher_t *b)
+{
+    return first_from(b, 0);
+}
+
+/* The next candidate after j in priority order (NULL after the last). */
+static bs_job_t *queue_next(const bs_batcher_t *b, const bs_job_t *j)
+{
+    return j->next != NULL ? j->next : first_from(b, 2 * j->level + j->late + 1);
+}
+
 static void queue_push(bs_batcher_t *b, bs_job_t *j)
 {
-    j->prev = b->tail;
+    struct jobq *q = job_list(b, j);
+    j->prev = q->tail;
     j->next = NULL;
-    if (b->tail != NULL)
-        b->tail->next = j;
+    if (q->tail != NULL)
+        q->tail->next = j;
     else
-        b->head = j;
-    b->tail = j;
+        q->head = j;
+    q->tail = j;
+    b->levels[j->level].n++;
     b->n_queued++;
     bs_metrics_pending(b->metrics, b->n_queued);
 }
 
 static void queue_unlink(bs_batcher_t *b, bs_job_t *j)
 {
+    struct jobq *q = job_list(b, j);
     if (j->prev != NULL)
         j->prev->next = j->next;
     else
-        b->head = j->next;
+        q->head = j->next;
     if (j->next != NULL)
         j->next->prev = j->prev;
     else
-        b->tail = j->prev;
+        q->tail = j->prev;
     j->prev = j->next = NULL;
+    b->levels[j->level].n--;
     b->n_queued--;
     bs_metrics_pending(b->metrics, b->n_queued);
+}
+
+/* DELAY: a job past its queue timeout goes behind its level's live jobs. */
+static void queue_delay(bs_batcher_t *b, bs_job_t *j)
+{
+    queue_unlink(b, j);
+    j->late = true;
+    j->timeout_ns = INT64_MAX;
+    queue_push(b, j);
+}
+
+/* The level number of a level index, as configured and shown (0: no levels). */
+static int level_number(const bs_batcher_t *b, int index)
+{
+    return b->cfg.priority_levels > 0 ? index + 1 : 0;
+}
+
+/* The level index of a request's priority: 1..priority_levels, or the default
+ * level for 0 and for numbers above them (Triton's InferenceRequest::SetPriority). */
+static int level_of(const bs_batcher_t *b, uint64_t priority)
+{
+    if (priority == 0 || priority > (uint64_t)b->cfg.priority_levels)
+        return b->default_level;
+    return (int)priority - 1;
 }
 
 /* us in ns, saturating (a delay or deadline of "never"). */
@@ -349,7 +446,7 @@ static bool batch_should_stop(void *arg)
     const struct bs_batch *r = arg;
     int64_t now = (int64_t)uv_hrtime();
     for (int k = 0; k < r->n_jobs; k++)
-        if (!atomic_load(&r->jobs[k]->cancelled) && r->jobs[k]->deadline_ns > now)
+        if (!atomic_load(&r->jobs[k]->cancelled) && r->jobs[k]->stop_ns > now)
             return false;
     return true;
 }
@@ -533,14 +630,21 @@ static bool is_preferred(const bs_batcher_t *b, int64_t size)
     return false;
 }
 
-/* Answer BS_ETIMEDOUT to every queued job whose deadline has passed. */
+/* Apply the deadlines and queue timeouts: answer BS_ETIMEDOUT to every
+ * queued job past its deadline, or past its queue timeout where its level
+ * rejects; move those past their timeout where it delays. */
 static void expire(bs_batcher_t *b, uint64_t now)
 {
     bs_job_t *list = NULL, **tail = &list;
-    for (bs_job_t *j = b->head, *next; j != NULL; j = next) {
-        next = j->next;
-        if (j->deadline_ns > (int64_t)now)
+    for (bs_job_t *j = queue_first(b), *next; j != NULL; j = next) {
+        next = queue_next(b, j);
+        bool deadline = j->deadline_ns <= (int64_t)now;
+        if (!deadline && j->timeout_ns > (int64_t)now)
             continue;
+        if (!deadline && b->levels[j->level].policy.timeout_action == BS_TIMEOUT_DELAY) {
+            queue_delay(b, j); /* its new place comes later in this walk: it is skipped there */
+            continue;
+        }
         queue_unlink(b, j);
         j->state = JOB_FINISHING;
         *tail = j;
@@ -550,7 +654,8 @@ static void expire(bs_batcher_t *b, uint64_t now)
         bs_job_t *j = list;
         char msg[96];
         list = j->next;
-        snprintf(msg, sizeof(msg), "deadline exceeded in the queue after %.1f ms",
+        snprintf(msg, sizeof(msg), "%s exceeded in the queue after %.1f ms",
+                 j->deadline_ns <= (int64_t)now ? "deadline" : "timeout",
                  (double)(now - j->enqueue_ns) / 1e6);
         job_finish(b, j, BS_ETIMEDOUT, msg, NULL);
     }
@@ -583,17 +688,29 @@ static void dispatch(bs_batcher_t *b, int n, int64_t size, uint64_t now)
     (void)rc;
 }
 
-/* Form the head's batch and start it when it is full, reaches a preferred
- * size, or the head has waited long enough; returns whether it started. */
-static bool try_dispatch(bs_batcher_t *b, uint64_t now)
+/* When the batch jobs[0..n) may leave without growing: once its oldest job
+ * has waited max_queue_delay (Triton: the pending batch's oldest request). */
+static int64_t batch_ready_ns(const bs_batcher_t *b, bs_job_t *const *jobs, int n)
+{
+    uint64_t oldest = UINT64_MAX;
+    for (int k = 0; k < n; k++)
+        if (jobs[k]->enqueue_ns < oldest)
+            oldest = jobs[k]->enqueue_ns;
+    return bs_add_sat((int64_t)oldest, us_to_ns(b->cfg.max_queue_delay_us));
+}
+
+/* Form the head's batch, candidates in priority order, and start it when it
+ * is full, reaches a preferred size, or has waited long enough; returns
+ * whether it started, else sets *ready_ns to when it may. */
+static bool try_dispatch(bs_batcher_t *b, uint64_t now, int64_t *ready_ns)
 {
     struct bs_batch *r = &b->run;
-    const bs_job_t *h = b->head;
+    const bs_job_t *h = queue_first(b);
     int64_t max = b->cfg.max_batch_size, size = 0, size_pref = 0;
     int64_t cap = b->cfg.max_batch_tokens, tokens = 0;
     int n = 0, n_pref = 0;
     bool full = false;
-    for (bs_job_t *j = b->head; j != NULL; j = j->next) {
+    for (bs_job_t *j = queue_first(b); j != NULL; j = queue_next(b, j)) {
         if (j != h && !can_join(b, h, j))
             continue; /* waits for a batch of its own */
         if (size + j->batch > max || (n > 0 && cap > 0 && tokens + j->tokens > cap)) {
@@ -612,11 +729,13 @@ static bool try_dispatch(bs_batcher_t *b, uint64_t now)
             break;
         }
     }
-    bool waited = b->draining || (int64_t)now >= bs_add_sat((int64_t)h->enqueue_ns,
-                                                            us_to_ns(b->cfg.max_queue_delay_us));
+    int64_t ready = batch_ready_ns(b, r->jobs, n);
+    bool waited = b->draining || (int64_t)now >= ready;
     if (!full && !waited) {
-        if (n_pref == 0)
+        if (n_pref == 0) {
+            *ready_ns = ready;
             return false;
+        }
         n = n_pref; /* the largest preferred size reachable now */
         size = size_pref;
     }
@@ -624,16 +743,17 @@ static bool try_dispatch(bs_batcher_t *b, uint64_t now)
     return true;
 }
 
-/* Arm the timer for the next event: the head's queue delay (when it may
- * start) and the earliest deadline of a queued job. */
-static void arm_timer(bs_batcher_t *b, uint64_t now)
+/* Arm the timer for the next event: ready_ns (when the waiting batch may
+ * start) and the earliest deadline or queue timeout of a queued job. */
+static void arm_timer(bs_batcher_t *b, uint64_t now, int64_t ready_ns)
 {
-    int64_t next = INT64_MAX;
-    if (b->head != NULL && !b->running)
-        next = bs_add_sat((int64_t)b->head->enqueue_ns, us_to_ns(b->cfg.max_queue_delay_us));
-    for (const bs_job_t *j = b->head; j != NULL; j = j->next)
+    int64_t next = ready_ns;
+    for (const bs_job_t *j = queue_first(b); j != NULL; j = queue_next(b, j)) {
         if (j->deadline_ns < next)
             next = j->deadline_ns;
+        if (j->timeout_ns < next)
+            next = j->timeout_ns;
+    }
     if (next == INT64_MAX) {
         uv_timer_stop(&b->timer);
         return;
@@ -649,15 +769,16 @@ static void schedule(bs_batcher_t *b)
     if (b->closing)
         return;
     uint64_t now = uv_hrtime();
+    int64_t ready_ns = INT64_MAX;
     expire(b, now);
     if (b->freeing)
         return; /* an on_done freed the batcher */
-    if (!b->running && b->head != NULL)
-        try_dispatch(b, now);
+    if (!b->running && b->n_queued > 0)
+        try_dispatch(b, now, &ready_ns);
     if (b->freeing)
         return;
-    arm_timer(b, now);
-    if (b->draining && b->drain_cb != NULL && b->head == NULL && !b->running) {
+    arm_timer(b, now, ready_ns);
+    if (b->draining && b->drain_cb != NULL && b->n_queued == 0 && !b->running) {
         void (*done)(void *) = b->drain_cb;
         b->drain_cb = NULL;
         done(b->drain_arg); /* may free b: nothing after this */
@@ -679,8 +800,11 @@ static int check_config(const bs_model_t *model, const struct bs_serving_config 
     if (cfg->max_batch_size < 1)
         return bs_err_set(err, BS_EINVAL, "max_batch_size %d: must be at least 1",
                           cfg->max_batch_size);
-    if (cfg->max_queue_delay_us < 0 || cfg->default_timeout_us < 0 || cfg->max_queue_size < 0)
-        return bs_err_set(err, BS_EINVAL, "negative queue delay, timeout or queue size");
+    if (cfg->max_queue_delay_us < 0)
+        return bs_err_set(err, BS_EINVAL, "negative queue delay");
+    int rc = bs_serving_check(cfg, err); /* queue policies and priority levels */
+    if (rc != 0)
+        return rc;
     if (cfg->max_batch_tokens < 0)
         return bs_err_set(err, BS_EINVAL, "max_batch_tokens %lld: must be 0 (no cap) or more",
                           (long long)cfg->max_batch_tokens);
@@ -696,6 +820,7 @@ static int check_config(const bs_model_t *model, const struct bs_serving_config 
 
 static void free_memory(bs_batcher_t *b)
 {
+    free(b->levels);
     free(b->stats.batch);
     free(b->run.jobs);
     free(b->run.parts);
@@ -721,17 +846,22 @@ int bs_batcher_init(bs_batcher_t **bp, uv_loop_t *loop, bs_model_t *model,
     b->metrics = deps->metrics;
     b->main_input = bs_model_input(model, 0)->name;
     b->msgs_tail = &b->msgs;
+    b->n_levels = cfg->priority_levels > 0 ? cfg->priority_levels : 1;
+    b->default_level = cfg->priority_levels > 0 ? cfg->default_priority_level - 1 : 0;
+    b->levels = calloc((size_t)b->n_levels, sizeof(*b->levels));
     b->stats.n_batch = cfg->max_batch_size;
     b->stats.batch = calloc((size_t)cfg->max_batch_size, sizeof(*b->stats.batch));
     b->run.jobs = calloc((size_t)cfg->max_batch_size, sizeof(*b->run.jobs));
     b->run.parts = calloc((size_t)cfg->max_batch_size, sizeof(*b->run.parts));
     b->run.in = calloc((size_t)n_model_in + 1, sizeof(*b->run.in));
     b->run.bufs = calloc((size_t)n_model_in + 1, sizeof(*b->run.bufs));
-    if (b->stats.batch == NULL || b->run.jobs == NULL || b->run.parts == NULL ||
-        b->run.in == NULL || b->run.bufs == NULL) {
+    if (b->levels == NULL || b->stats.batch == NULL || b->run.jobs == NULL ||
+        b->run.parts == NULL || b->run.in == NULL || b->run.bufs == NULL) {
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
         goto fail_alloc;
     }
+    for (int i = 0; i < b->n_levels; i++)
+        b->levels[i].policy = bs_serving_policy(cfg, level_number(b, i));
     for (int i = 0; i < cfg->max_batch_size; i++)
         b->stats.batch[i].batch_size = (uint64_t)i + 1;
     if ((rc = uv_mutex_init(&b->lock)) != 0) {
@@ -756,10 +886,12 @@ fail_alloc:
     return rc;
 }
 
-/* Can this request join the queue? The main input and its batch size. */
-static int submit_check(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
+/* Can this request join the queue of its level (an index)? The main input
+ * and its batch size. */
+static int submit_check(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in, int level,
                         struct bs_tensor *out, int64_t *batch, struct bs_err *err)
 {
+    const struct level *lv = &b->levels[level];
     int rc;
     if (b->draining)
         return bs_err_set(err, BS_EUNSUPP, "shutting down");
@@ -774,43 +906,68 @@ static int submit_check(bs_batcher_t *b, const struct bs_named_tensor *in, int n
     if (main_t->ne[0] > b->cfg.max_batch_size)
         return bs_err_set(err, BS_EINVAL, "batch %lld exceeds max_batch_size %d",
                           (long long)main_t->ne[0], b->cfg.max_batch_size);
-    if (b->cfg.max_queue_size > 0 && b->n_queued >= b->cfg.max_queue_size)
-        return bs_err_set(err, BS_EBUSY, "queue full (%d requests)", b->n_queued);
+    if (lv->policy.max_queue_size > 0 && lv->n >= lv->policy.max_queue_size) {
+        if (b->cfg.priority_levels == 0)
+            return bs_err_set(err, BS_EBUSY, "queue full (%d requests)", lv->n);
+        return bs_err_set(err, BS_EBUSY, "queue full at priority level %d (%d requests)",
+                          level_number(b, level), lv->n);
+    }
     *batch = main_t->ne[0];
     return 0;
 }
 
-int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
-                      int64_t deadline_ns, bool intermediate, const struct bs_job_ops *ops,
-                      void *arg, bs_job_t **job, struct bs_err *err)
+/* The queue timeout of a job of level lv queued at now_ns: the level's
+ * default, or the request's own timeout where the policy allows it and it is
+ * shorter (Triton's PolicyQueue::Enqueue; a default of 0 is no timeout, so
+ * then any request timeout is shorter). */
+static int64_t queue_timeout_ns(const struct level *lv, int64_t timeout_us, uint64_t now_ns)
+{
+    int64_t t = lv->policy.default_timeout_us;
+    if (lv->policy.allow_timeout_override && timeout_us > 0 && (t == 0 || timeout_us < t))
+        t = timeout_us;
+    return bs_deadline_after_us((int64_t)now_ns, t);
+}
+
+int bs_batcher_submit(bs_batcher_t *b, const struct bs_batcher_request *req,
+                      const struct bs_job_ops *ops, void *arg, bs_job_t **job, struct bs_err *err)
 {
     struct bs_tensor out;
     int64_t batch = 0;
-    int rc;
+    int rc, n_in = req ? req->n_in : 0;
     *job = NULL;
-    if (ops == NULL || ops->on_done == NULL || n_in < 0 || (n_in > 0 && in == NULL))
+    if (req == NULL || ops == NULL || ops->on_done == NULL || n_in < 0 ||
+        (n_in > 0 && req->in == NULL))
         return bs_err_set(err, BS_EINVAL, "batcher: bad submit arguments");
+    int level = level_of(b, req->priority);
+    bs_metrics_priority(b->metrics, level_number(b, level));
     bs_job_t *j = NULL;
-    if ((rc = submit_check(b, in, n_in, &out, &batch, err)) == 0 &&
+    if ((rc = submit_check(b, req->in, n_in, level, &out, &batch, err)) == 0 &&
         (j = calloc(1, sizeof(*j) + sizeof(j->in[0]) * (size_t)n_in)) == NULL)
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
     if (rc != 0) {
         bs_batcher_count_failure(b, rc);
         return rc;
     }
-    memcpy(j->in, in, sizeof(j->in[0]) * (size_t)n_in);
+    memcpy(j->in, req->in, sizeof(j->in[0]) * (size_t)n_in);
     j->n_in = n_in;
     j->batch = batch;
-    j->tokens = bs_model_tokens(b->model, in, n_in);
+    j->tokens = bs_model_tokens(b->model, req->in, n_in);
     j->out_shape = out;
     j->ops = *ops;
     j->arg = arg;
-    j->intermediate = intermediate;
+    j->intermediate = req->intermediate;
     j->solo = !job_is_batchable(b->model, j);
+    j->level = level;
     j->enqueue_ns = uv_hrtime();
-    j->deadline_ns = deadline_ns;
-    if (deadline_ns == INT64_MAX && b->cfg.default_timeout_us > 0)
-        j->deadline_ns = bs_deadline_after_us((int64_t)j->enqueue_ns, b->cfg.default_timeout_us);
+    j->deadline_ns = req->deadline_ns;
+    j->timeout_ns = queue_timeout_ns(&b->levels[level], req->timeout_us, j->enqueue_ns);
+    j->stop_ns = j->deadline_ns;
+    /* its own timeout, where its level honours it, also ends the wait for
+     * it while it runs */
+    if (req->timeout_us > 0 && b->levels[level].policy.allow_timeout_override) {
+        int64_t t = bs_deadline_after_us((int64_t)j->enqueue_ns, req->timeout_us);
+        j->stop_ns = t < j->stop_ns ? t : j->stop_ns;
+    }
     j->state = JOB_QUEUED;
     queue_push(b, j);
     kick(b);
@@ -884,8 +1041,8 @@ void bs_batcher_free(bs_batcher_t *b)
     b->freeing = true;
     b->draining = true;
     b->drain_cb = NULL;
-    while (b->head != NULL) { /* one at a time: an on_done may cancel another */
-        bs_job_t *j = b->head;
+    bs_job_t *j;
+    while ((j = queue_first(b)) != NULL) { /* one at a time: an on_done may cancel another */
         queue_unlink(b, j);
         job_finish(b, j, BS_ECANCELED, "the model is being unloaded", NULL);
     }

@@ -4,8 +4,10 @@
  * batching, unless the model turns it off), up to max_batch_tokens; a
  * batch leaves
  * when it is full, reaches a preferred size, or its oldest request has waited
- * max_queue_delay. Batches run on worker threads (uv_queue_work); results
- * come back to the loop thread and are split per request.
+ * max_queue_delay. With priority levels (Triton's), each level has its own
+ * queue and policy, and batches take the highest levels first. Batches run
+ * on worker threads (uv_queue_work); results come back to the loop thread
+ * and are split per request.
  *
  * Thread ownership: every field and every bs_batcher_* call belongs to the
  * loop thread, except the batch being computed, which the worker owns
@@ -61,8 +63,9 @@ struct bs_job_ops {
      * with intermediate = true); out is this request's slice. */
     void (*on_block)(void *arg, int block, int n_blocks, const struct bs_tensor *out);
     /* Exactly once: rc 0 and the output (valid during the call), or a
-     * negative BS_E* code with a message (BS_ETIMEDOUT: deadline passed in
-     * the queue, BS_ECANCELED: cancelled, others: the forward failed). */
+     * negative BS_E* code with a message (BS_ETIMEDOUT: the deadline or a
+     * rejecting queue timeout passed in the queue, BS_ECANCELED: cancelled,
+     * others: the forward failed). */
     void (*on_done)(void *arg, int rc, const char *msg, const struct bs_tensor *out);
     /* Optional, for a successful job, just before it is counted and on_done
      * runs: the owner prepares its answer from out (e.g. encodes it).
@@ -77,14 +80,28 @@ int bs_batcher_init(bs_batcher_t **b, uv_loop_t *loop, bs_model_t *model,
                     const struct bs_serving_config *cfg, const struct bs_batcher_deps *deps,
                     struct bs_err *err);
 
-/* Queue one request. in (host tensors) must stay valid until on_done.
- * deadline_ns is on uv_hrtime()'s clock (INT64_MAX: none). Returns 0 and a
- * job handle, or an error at once (bad inputs: BS_EINVAL; full queue:
- * BS_EBUSY; draining: BS_EUNSUPP) without calling on_done; such a failure is
- * counted (statistics and metrics) like any other. */
-int bs_batcher_submit(bs_batcher_t *b, const struct bs_named_tensor *in, int n_in,
-                      int64_t deadline_ns, bool intermediate, const struct bs_job_ops *ops,
-                      void *arg, bs_job_t **job, struct bs_err *err);
+/* One request, as bs_batcher_submit reads it (during the call only). */
+struct bs_batcher_request {
+    const struct bs_named_tensor *in; /* host tensors, valid until on_done */
+    int n_in;
+    bool intermediate; /* hear each block's output (on_block) */
+    /* Triton's "priority": 1 the highest; 0, or a number above the model's
+     * priority_levels, means its default_priority_level (ignored without levels). */
+    uint64_t priority;
+    /* Triton's "timeout" in us (0: none): shortens the queue timeout of the
+     * request's level where its policy allows (allow_timeout_override). */
+    int64_t timeout_us;
+    /* The transport's deadline on uv_hrtime()'s clock (INT64_MAX: none):
+     * always applies, whatever the level's policy. */
+    int64_t deadline_ns;
+};
+
+/* Queue one request at its priority level. Returns 0 and a job handle, or an
+ * error at once (bad inputs: BS_EINVAL; its level's queue full: BS_EBUSY;
+ * draining: BS_EUNSUPP) without calling on_done; such a failure is counted
+ * (statistics and metrics) like any other. */
+int bs_batcher_submit(bs_batcher_t *b, const struct bs_batcher_request *req,
+                      const struct bs_job_ops *ops, void *arg, bs_job_t **job, struct bs_err *err);
 
 /* Drop a job: a queued one is removed and hears on_done(BS_ECANCELED) at
  * once; a running one hears it when its batch returns (its output discarded). */

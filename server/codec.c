@@ -327,8 +327,29 @@ static int decode_inputs(const req_msg_t *m, const struct bs_codec_limits *lim,
     return 0;
 }
 
+/* Triton's "priority": a uint64_param, or an int64_param (what tritonclient
+ * sends) that is not negative; the batcher maps it onto the model's levels. */
+static int decode_priority(const Inference__InferParameter *v, struct bs_infer_request *req,
+                           struct bs_err *err)
+{
+    int which = v ? (int)v->parameter_choice_case : 0;
+    if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
+        req->priority = v->uint64_param;
+        return 0;
+    }
+    if (which != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM)
+        return bs_err_set(err, BS_EINVAL,
+                          "parameter 'priority' must be a uint64_param or an int64_param");
+    if (v->int64_param < 0)
+        return bs_err_set(err, BS_EINVAL, "parameter 'priority' is %lld (must be >= 0)",
+                          (long long)v->int64_param);
+    req->priority = (uint64_t)v->int64_param;
+    return 0;
+}
+
 static int decode_params(const req_msg_t *m, struct bs_infer_request *req, struct bs_err *err)
 {
+    int rc;
     for (size_t i = 0; i < m->n_parameters; i++) {
         const char *key = str_or_empty(m->parameters[i]->key);
         const Inference__InferParameter *v = m->parameters[i]->value;
@@ -347,6 +368,8 @@ static int decode_params(const req_msg_t *m, struct bs_infer_request *req, struc
                                   "parameter 'timeout' is %lld (microseconds, must be >= 0)",
                                   (long long)v->int64_param);
             req->timeout_us = v->int64_param;
+        } else if (strcmp(key, "priority") == 0 && (rc = decode_priority(v, req, err)) != 0) {
+            return rc;
         }
     }
     return 0;

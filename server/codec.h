@@ -33,6 +33,7 @@ struct bs_infer_request {
     bool want_output;          /* "output" requested (true when outputs is empty) */
     bool stream_intermediate;  /* parameter stream_intermediate: true */
     int64_t timeout_us;        /* parameter "timeout" in microseconds, 0 when absent */
+    uint64_t priority;         /* parameter "priority" (1: the highest), 0 when absent */
 };
 
 /* Unpack and validate: model name present; each input's name unique, datatype

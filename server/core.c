@@ -5,8 +5,10 @@
  * it names, or as unrouted when it names none; then it is refused at once
  * (BS_EBUSY) past the server-wide bound on requests in flight or while the
  * front end cannot take more answers, and the batcher refuses it past the
- * model's queue bound. The batcher counts whatever it is handed; the core
- * counts what never reaches it.
+ * bound of the queue of the request's priority level. The batcher counts
+ * whatever it is handed; the core counts what never reaches it. The
+ * request's priority and timeout go to the batcher as they came: the queue
+ * policy of its level decides what the timeout does.
  *
  * Shutdown: bs_core_shutdown answers each request in flight at once and
  * cancels its job; the job's own end is then swallowed (req->answered).
@@ -16,8 +18,6 @@
 
 #include <stdlib.h>
 #include <string.h>
-
-#include <uv.h>
 
 #include "batcher.h"
 #include "log.h"
@@ -142,14 +142,6 @@ static const struct bs_job_ops job_ops = {
 
 /* ---- requests ------------------------------------------------------------------ */
 
-/* The request's deadline: the transport's, or its own timeout's if sooner
- * (saturating: a timeout too large to add means none). */
-static int64_t req_deadline(const struct bs_core_request *req)
-{
-    int64_t t = bs_deadline_after_us((int64_t)uv_hrtime(), req->timeout_us);
-    return t < req->deadline_ns ? t : req->deadline_ns;
-}
-
 int bs_core_submit(bs_core_t *core, const struct bs_core_request *req,
                    const struct bs_core_reply *reply, void *arg, bs_core_req_t **handle,
                    struct bs_err *err)
@@ -172,9 +164,15 @@ int bs_core_submit(bs_core_t *core, const struct bs_core_request *req,
     r->rm = rm;
     r->reply = *reply;
     r->arg = arg;
-    /* the batcher counts its own refusals */
-    rc = bs_batcher_submit(rm->batcher, req->inputs, req->n_inputs, req_deadline(req),
-                           req->intermediate, &job_ops, r, &r->job, err);
+    /* the batcher counts its own refusals, and applies the timeout as the
+     * queue policy of the request's priority level says */
+    struct bs_batcher_request br = {.in = req->inputs,
+                                    .n_in = req->n_inputs,
+                                    .intermediate = req->intermediate,
+                                    .priority = req->priority,
+                                    .timeout_us = req->timeout_us,
+                                    .deadline_ns = req->deadline_ns};
+    rc = bs_batcher_submit(rm->batcher, &br, &job_ops, r, &r->job, err);
     if (rc != 0) {
         free(r);
         return rc;

@@ -34,7 +34,9 @@ struct bs_core_request {
     const struct bs_named_tensor *inputs;
     int n_inputs;
     bool intermediate;   /* stream each block's output of a stack (on_block) */
-    int64_t timeout_us;  /* the request's own timeout (0: none) */
+    uint64_t priority;   /* Triton's "priority" (1: the highest; 0: the model's default level) */
+    int64_t timeout_us;  /* the request's own queue timeout (0: none); the model's queue
+                            policy decides whether it applies */
     int64_t deadline_ns; /* the transport's deadline on uv_hrtime()'s clock (INT64_MAX: none) */
     bool sender_full;    /* the front end cannot take more answers now: refuse (BS_EBUSY) */
 };

@@ -31,11 +31,13 @@ struct metrics_values {
     uint64_t batch_bucket[BS_METRICS_BATCH_BUCKETS + 1]; /* non-cumulative; last: above all */
     uint64_t batch_sum;
     uint64_t ragged, stopped, blocks_skipped;
+    uint64_t requests[BS_METRICS_MAX_PRIORITY + 1]; /* by priority level (0: no levels) */
 };
 
 struct bs_metrics_model {
     bs_metrics_t *m;
     char *name, *version;
+    int priority_levels;     /* immutable */
     struct metrics_values v; /* lock */
 };
 
@@ -62,12 +64,16 @@ int bs_metrics_init(bs_metrics_t **mp, const struct bs_backend *be, struct bs_er
     return 0;
 }
 
-bs_metrics_model_t *bs_metrics_model_add(bs_metrics_t *m, const char *name, const char *version)
+bs_metrics_model_t *bs_metrics_model_add(bs_metrics_t *m, const char *name, const char *version,
+                                         int priority_levels)
 {
     bs_metrics_model_t *mm = calloc(1, sizeof(*mm));
     if (mm == NULL)
         return NULL;
     mm->m = m;
+    mm->priority_levels = priority_levels < 0                         ? 0
+                          : priority_levels > BS_METRICS_MAX_PRIORITY ? BS_METRICS_MAX_PRIORITY
+                                                                      : priority_levels;
     mm->name = strdup(name);
     mm->version = strdup(version);
     uv_mutex_lock(&m->lock);
@@ -123,6 +129,15 @@ void bs_metrics_unrouted(bs_metrics_t *m, enum bs_metrics_reason reason)
     uv_mutex_lock(&m->lock);
     m->unrouted[reason]++;
     uv_mutex_unlock(&m->lock);
+}
+
+void bs_metrics_priority(bs_metrics_model_t *mm, int level)
+{
+    if (mm == NULL || level < 0 || level > mm->priority_levels)
+        return;
+    uv_mutex_lock(&mm->m->lock);
+    mm->v.requests[level]++;
+    uv_mutex_unlock(&mm->m->lock);
 }
 
 void bs_metrics_execution(bs_metrics_model_t *mm, uint64_t batch_size)
@@ -366,6 +381,22 @@ static void render_models(struct buf *b, bs_metrics_model_t *const *mm,
     }
 }
 
+/* Requests by priority level: levels 1..N, or one series "0" without levels. */
+static void render_priorities(struct buf *b, bs_metrics_model_t *const *mm,
+                              const struct metrics_values *v, int n)
+{
+    char extra[32];
+    put_family(b, "blockserve_inference_requests_total", "counter",
+               "Inference requests handed to the model's dynamic batcher (queued, or refused "
+               "there), by priority level (0: the model has no priority levels)");
+    for (int i = 0; i < n; i++)
+        for (int lv = mm[i]->priority_levels > 0; lv <= mm[i]->priority_levels; lv++) {
+            snprintf(extra, sizeof(extra), "priority=\"%d\"", lv);
+            put_series(b, "blockserve_inference_requests_total", mm[i], extra);
+            put(b, " %llu\n", (unsigned long long)v[i].requests[lv]);
+        }
+}
+
 /* Failures of calls that name no served model. */
 static void render_unrouted(struct buf *b, const uint64_t *unrouted)
 {
@@ -420,6 +451,7 @@ int bs_metrics_render(bs_metrics_t *m, char **text, size_t *len, struct bs_err *
     if (!b.oom) {
         b.p[0] = '\0';
         render_models(&b, mm, v, n);
+        render_priorities(&b, mm, v, n);
         render_unrouted(&b, unrouted);
         render_memory(&b, m->be);
     }

@@ -2,7 +2,8 @@
  * Triton's names and meanings: per model and version, request successes and
  * failures (by reason), inferences (samples) and executions (batches), the
  * queue size, cumulative request / queue / compute durations, a batch-size
- * histogram, and device memory where the backend reports it.
+ * histogram, requests by priority level, and device memory where the
+ * backend reports it.
  *
  * Threads: the loop thread (service, batchers) updates the counters; the
  * metrics HTTP thread renders them. Both go through one small lock, so a
@@ -34,6 +35,10 @@ enum bs_metrics_reason {
 /* Upper bounds of the batch-size histogram (plus +Inf). */
 #define BS_METRICS_BATCH_BUCKETS 11
 
+/* Priority levels a model's request counter tells apart (serving.h's
+ * BS_MAX_PRIORITY_LEVELS may not exceed it). */
+#define BS_METRICS_MAX_PRIORITY 64
+
 /* Timing of one successful request, in ns (Triton adds each request's share
  * of its batch: the batch's compute time). */
 struct bs_metrics_request {
@@ -47,9 +52,11 @@ struct bs_metrics_request {
  * each rendering and must outlive the registry. */
 int bs_metrics_init(bs_metrics_t **m, const struct bs_backend *be, struct bs_err *err);
 
-/* Register model name at version; NULL when out of memory (the model then
- * goes unmeasured). The handle lives as long as the registry. */
-bs_metrics_model_t *bs_metrics_model_add(bs_metrics_t *m, const char *name, const char *version);
+/* Register model name at version, served with priority_levels levels (0:
+ * none); NULL when out of memory (the model then goes unmeasured). The
+ * handle lives as long as the registry. */
+bs_metrics_model_t *bs_metrics_model_add(bs_metrics_t *m, const char *name, const char *version,
+                                         int priority_levels);
 
 /* Counters. mm may be NULL (no metrics): then these do nothing. */
 void bs_metrics_success(bs_metrics_model_t *mm, const struct bs_metrics_request *r);
@@ -58,6 +65,9 @@ void bs_metrics_failure(bs_metrics_model_t *mm, enum bs_metrics_reason reason);
  * version, a model that failed to load, an unreadable message, a call
  * cancelled before its message arrived); m may be NULL. */
 void bs_metrics_unrouted(bs_metrics_t *m, enum bs_metrics_reason reason);
+/* One request handed to the model's batcher at priority level (1..the
+ * model's levels; 0 for a model without levels). */
+void bs_metrics_priority(bs_metrics_model_t *mm, int level);
 /* One execution of batch_size samples (the batch-size histogram). */
 void bs_metrics_execution(bs_metrics_model_t *mm, uint64_t batch_size);
 /* One execution packed from requests of different sequence lengths. */

@@ -127,7 +127,7 @@ static void msg_relative(char *msg, const char *dir, const char *name)
 static void finish_load(bs_repository_t *r, struct bs_repo_model *rm, int rc, struct bs_err *err)
 {
     if (rc == 0 && r->metrics != NULL)
-        rm->metrics = bs_metrics_model_add(r->metrics, rm->name, "1");
+        rm->metrics = bs_metrics_model_add(r->metrics, rm->name, "1", rm->serving.priority_levels);
     struct bs_batcher_deps deps = {.be = r->be, .metrics = rm->metrics};
     if (rc == 0)
         rc = bs_batcher_init(&rm->batcher, r->loop, rm->model, &rm->serving, &deps, err);

@@ -231,6 +231,54 @@ static Inference__DataType data_type_of(enum bs_dtype t)
     }
 }
 
+/* Storage for ModelConfig's dynamic_batching: the default queue policy and
+ * one policy per level that has a priority_queue_policy entry. */
+struct batching_msg {
+    Inference__ModelDynamicBatching db;
+    Inference__ModelQueuePolicy dflt, level[BS_MAX_PRIORITY_LEVELS];
+    Inference__ModelDynamicBatching__PriorityQueuePolicyEntry entry[BS_MAX_PRIORITY_LEVELS];
+    Inference__ModelDynamicBatching__PriorityQueuePolicyEntry *entryp[BS_MAX_PRIORITY_LEVELS];
+};
+
+static void queue_policy_msg(Inference__ModelQueuePolicy *m, const struct bs_queue_policy *p)
+{
+    inference__model_queue_policy__init(m);
+    m->timeout_action = p->timeout_action == BS_TIMEOUT_DELAY
+                            ? INFERENCE__MODEL_QUEUE_POLICY__TIMEOUT_ACTION__DELAY
+                            : INFERENCE__MODEL_QUEUE_POLICY__TIMEOUT_ACTION__REJECT;
+    m->default_timeout_microseconds = (uint64_t)p->default_timeout_us;
+    m->allow_timeout_override = p->allow_timeout_override;
+    m->max_queue_size = (uint32_t)p->max_queue_size;
+}
+
+/* The batcher's settings as configured; a level's policy is reported whole
+ * (its entry over the default policy), as the batcher applies it. */
+static void batching_msg_fill(struct batching_msg *b, const struct bs_serving_config *sc)
+{
+    Inference__ModelDynamicBatching *db = &b->db;
+    struct bs_queue_policy p = bs_serving_policy(sc, 0);
+    inference__model_dynamic_batching__init(db);
+    db->n_preferred_batch_size = (size_t)sc->n_preferred;
+    db->preferred_batch_size = (int32_t *)sc->preferred_batch_size;
+    db->max_queue_delay_microseconds = (uint64_t)sc->max_queue_delay_us;
+    db->priority_levels = (uint64_t)sc->priority_levels;
+    db->default_priority_level = (uint64_t)sc->default_priority_level;
+    queue_policy_msg(&b->dflt, &p);
+    db->default_queue_policy = &b->dflt;
+    for (int i = 0; i < sc->priority_levels && i < BS_MAX_PRIORITY_LEVELS; i++) {
+        if (sc->level_policy[i].given == 0)
+            continue;
+        size_t k = db->n_priority_queue_policy++;
+        p = bs_serving_policy(sc, i + 1);
+        queue_policy_msg(&b->level[k], &p);
+        inference__model_dynamic_batching__priority_queue_policy_entry__init(&b->entry[k]);
+        b->entry[k].key = (uint64_t)i + 1;
+        b->entry[k].value = &b->level[k];
+        b->entryp[k] = &b->entry[k];
+    }
+    db->priority_queue_policy = b->entryp;
+}
+
 static void on_model_config(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
 {
     struct bs_err err;
@@ -264,15 +312,8 @@ static void on_model_config(bs_service_t *svc, bs_rpc_call_t *call, const uint8_
     out.data_type = INFERENCE__DATA_TYPE__TYPE_FP32;
     out.n_dims = (size_t)out_spec.n_dims - 1;
     out.dims = out_spec.dims + 1;
-    Inference__ModelQueuePolicy policy = INFERENCE__MODEL_QUEUE_POLICY__INIT;
-    policy.default_timeout_microseconds = (uint64_t)sc->default_timeout_us;
-    policy.allow_timeout_override = true;
-    policy.max_queue_size = (uint32_t)sc->max_queue_size;
-    Inference__ModelDynamicBatching db = INFERENCE__MODEL_DYNAMIC_BATCHING__INIT;
-    db.n_preferred_batch_size = (size_t)sc->n_preferred;
-    db.preferred_batch_size = (int32_t *)sc->preferred_batch_size;
-    db.max_queue_delay_microseconds = (uint64_t)sc->max_queue_delay_us;
-    db.default_queue_policy = &policy;
+    struct batching_msg db;
+    batching_msg_fill(&db, sc);
     Inference__ModelInstanceGroup group = INFERENCE__MODEL_INSTANCE_GROUP__INIT, *groupp = &group;
     group.name = rm->name;
     group.count = 1;
@@ -297,7 +338,7 @@ static void on_model_config(bs_service_t *svc, bs_rpc_call_t *call, const uint8_
     c.n_parameters = 1;
     c.parameters = &pep;
     c.scheduling_choice_case = INFERENCE__MODEL_CONFIG__SCHEDULING_CHOICE_DYNAMIC_BATCHING;
-    c.dynamic_batching = &db;
+    c.dynamic_batching = &db.db;
     Inference__ModelConfigResponse r = INFERENCE__MODEL_CONFIG_RESPONSE__INIT;
     r.config = &c;
     reply_msg(call, &r.base);
@@ -634,6 +675,7 @@ static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s,
             .inputs = in->req.inputs,
             .n_inputs = in->req.n_inputs,
             .intermediate = in->req.stream_intermediate,
+            .priority = in->req.priority,
             .timeout_us = in->req.timeout_us,
             .deadline_ns = bs_rpc_call_deadline(call),
             .sender_full = bs_rpc_unsent_full(call),

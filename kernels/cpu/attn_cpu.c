@@ -1,8 +1,9 @@
 /* FlashAttention-style multi-head attention on the CPU.
  *
- * One pool task per (batch, head, tile of ATT_TQ queries); with BF16
- * products, per group of up to ATT_NQ such tiles (below). The task packs its
- * queries transposed and scaled, Q^T (head_dim x ATT_TQ), then walks the keys
+ * One pool task per (sample, head, tile of ATT_TQ queries); with BF16
+ * products, per group of up to ATT_NQ such tiles (below). Samples may differ
+ * in length (ragged batches, below). The task packs its queries transposed
+ * and scaled, Q^T (head_dim x ATT_TQ), then walks its sample's keys
  * in tiles of ATT_TK, reading q, k and v in place through their row stride
  * (fused QKV buffers need no copy). Per key tile: S^T = K Q^T with the mask
  * added and each query's maximum taken on the way; an online softmax along
@@ -67,6 +68,23 @@
  * choice: PyTorch's softmax would give NaN; 0 keeps a batch with one empty
  * row usable). Lk = 0 also gives 0. mask_term is the rule per key.
  *
+ * Ragged batches (bs_attn_params.q_off, engine/backend.h): each sample is
+ * computed as a uniform batch of one on its own rows would be, with the same
+ * tiles from its first query and its first key, and its part of the flat
+ * mask read as that call's [1, 1 or Lq, Lk] mask; so its rows of o are the
+ * bits that call gives (tiles grouped into tasks differently compute the
+ * same values). The tasks are enumerated per sample over its own
+ * lengths: sample b has heads x ceil(ceil(lq_b / ATT_TQ) / nq) of them, and
+ * no task covers another sample's rows or a padding to the longest, so a
+ * batch costs what its samples cost. A table of the samples (struct
+ * attn_seq) in task order, each with its first task, maps a task to its
+ * sample by bisection; the samples go in decreasing order of their largest
+ * task's work (queries padded to the register blocks times keys), so that
+ * the pool, whose threads take the next task as they finish one, starts the
+ * long tasks first and fills the end with short ones. nq (BF16) is chosen as
+ * for a uniform batch, from the task count it leaves. A uniform batch needs
+ * no table: its sample is task / (heads x q_groups).
+ *
  * Thread ownership: the job is read-only during the run; each task writes its
  * own rows of o and the scratch slice of the thread running it. The entry
  * holds the context's scratch_lock from reserving the scratch until the pool
@@ -112,20 +130,36 @@ enum attn_kernel {
     KERN_BF16,   /* 12 x 32 register blocks of vdpbf16ps (compute BF16, AVX512_BF16) */
 };
 
+/* One sample of the batch as its tasks see it: where its rows are, its
+ * lengths, its mask, and its tasks (heads x q_groups from task0, head-major). */
+struct attn_seq {
+    int64_t q_row, k_row; /* its first row of q and o, of k and v */
+    int64_t lq, lk;       /* its queries (>= 1) and keys (>= 0) */
+    const float *mask;    /* its first mask row, or NULL without a mask */
+    int64_t mask_ld;      /* floats from one query's mask row to the next's */
+    bool mask_shared;     /* one mask row for all its queries (mask_ld unused) */
+    int64_t q_groups;     /* tasks per head: its query tiles / nq rounded up */
+    int64_t task0;        /* its first task */
+    int64_t cost;         /* ragged batch: its largest task's work, roughly, to order by */
+};
+
 struct attn_job {
     const float *q, *k, *v, *mask;
     float *o;
     int64_t ldq, ldk, ldv, ldo;
-    int64_t lq, lk;
-    int64_t mq;                 /* mask rows per sample: 1 or lq (0: no mask) */
-    int64_t mask_nb0, mask_nb1; /* mask strides in floats: sample, query row */
+    int64_t lq, lk;             /* uniform batch: every sample's lengths */
+    int64_t mq;                 /* uniform mask rows per sample: 1 or lq (0: no mask) */
+    int64_t mask_nb0, mask_nb1; /* uniform mask strides in floats: sample, query row */
     int heads, head_dim;
     float scale;
-    int64_t q_tiles;
+    int64_t q_tiles; /* uniform batch: query tiles per sample */
     enum attn_kernel kernel;
     int width;        /* query columns per register block: 16 (AVX2, BLAS), 32 (AVX-512) */
-    int nq;           /* query tiles per task */
-    int64_t q_groups; /* tasks per (sample, head): q_tiles / nq rounded up */
+    int nq;           /* query tiles per task at most */
+    int64_t q_groups; /* uniform batch: tasks per (sample, head), q_tiles / nq rounded up */
+    const struct attn_seq *seqs; /* ragged batch: its samples in task order; NULL if uniform */
+    int64_t n_seqs;
+    int64_t n_tasks;
     float *scratch;
     size_t scratch_floats; /* per thread */
 };
@@ -145,10 +179,12 @@ struct attn_tile {
     uint32_t *kb; /* BF16: [ATT_TK][hd2] the key tile's rows, head-dim pairs */
     uint32_t *vb; /* BF16: [ATT_TK / 2][hd16] the value tile, key pairs */
     uint32_t *pb; /* BF16: [ATT_TK / 2][ATT_TQ] P^T, key pairs */
-    int64_t b, h; /* the task's sample and head */
-    int64_t q0;   /* the tile's first query, */
+    int64_t h;    /* the task's head */
+    int64_t q0;   /* the tile's first query in its sample, */
     int64_t tq;   /* and its number of queries */
-    int64_t k0;   /* the current key tile's first key */
+    int64_t k0;   /* the current key tile's first key in its sample */
+
+    const struct attn_seq *sq; /* the task's sample */
 };
 
 _Static_assert(ATT_TQ % 32 == 0 && ATT_TK % 2 == 0 && ATT_TQ <= ATT_TK,
@@ -193,19 +229,53 @@ static size_t attn_layout(struct attn_tile *t, float *base, int head_dim, enum a
     return off;
 }
 
-/* The query tiles of task number task on this thread's scratch: t[0, n),
- * n returned. */
-static int attn_tiles_at(const struct attn_job *j, int64_t task, int thread, struct attn_tile *t)
+/* The sample that task belongs to: in a uniform batch, sample task /
+ * (heads x q_groups), described in *own; in a ragged one, found by bisection
+ * of the samples' first tasks. */
+static const struct attn_seq *attn_seq_of(const struct attn_job *j, int64_t task,
+                                          struct attn_seq *own)
 {
-    int64_t g = task % j->q_groups, bh = task / j->q_groups;
-    int64_t first = g * j->nq;
-    int n = j->q_tiles - first < j->nq ? (int)(j->q_tiles - first) : j->nq;
+    if (j->seqs == NULL) {
+        int64_t b = task / (j->heads * j->q_groups);
+        *own = (struct attn_seq){
+            .q_row = b * j->lq,
+            .k_row = b * j->lk,
+            .lq = j->lq,
+            .lk = j->lk,
+            .mask = j->mask ? j->mask + b * j->mask_nb0 : NULL,
+            .mask_ld = j->mask_nb1,
+            .mask_shared = j->mq == 1,
+            .q_groups = j->q_groups,
+            .task0 = b * j->heads * j->q_groups,
+        };
+        return own;
+    }
+    int64_t lo = 0, hi = j->n_seqs - 1; /* the last sample whose task0 <= task */
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo + 1) / 2;
+        if (j->seqs[mid].task0 <= task)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return &j->seqs[lo];
+}
+
+/* The query tiles of task number task, of sample sq, on this thread's
+ * scratch: t[0, n), n returned. A sample's tasks are its heads in turn, each
+ * its query tiles in groups of nq. */
+static int attn_tiles_at(const struct attn_job *j, int64_t task, const struct attn_seq *sq,
+                         int thread, struct attn_tile *t)
+{
+    int64_t r = task - sq->task0, g = r % sq->q_groups;
+    int64_t first = g * j->nq, q_tiles = (sq->lq + ATT_TQ - 1) / ATT_TQ;
+    int n = q_tiles - first < j->nq ? (int)(q_tiles - first) : j->nq;
     attn_layout(t, j->scratch + (size_t)thread * j->scratch_floats, j->head_dim, j->kernel, n);
     for (int i = 0; i < n; i++) {
-        t[i].b = bh / j->heads;
-        t[i].h = bh % j->heads;
+        t[i].sq = sq;
+        t[i].h = r / sq->q_groups;
         t[i].q0 = (first + i) * ATT_TQ;
-        t[i].tq = j->lq - t[i].q0 < ATT_TQ ? j->lq - t[i].q0 : ATT_TQ;
+        t[i].tq = sq->lq - t[i].q0 < ATT_TQ ? sq->lq - t[i].q0 : ATT_TQ;
         t[i].k0 = 0;
     }
     return n;
@@ -231,9 +301,10 @@ static float max_f32(const float *x, int64_t n)
     return m;
 }
 
-static const float *mask_row(const struct attn_job *j, int64_t b, int64_t qi)
+/* The mask row of query qi of sample sq. */
+static const float *mask_row(const struct attn_seq *sq, int64_t qi)
 {
-    return j->mask + b * j->mask_nb0 + (j->mq == 1 ? 0 : qi) * j->mask_nb1;
+    return sq->mask + (sq->mask_shared ? 0 : qi) * sq->mask_ld;
 }
 
 /* tq rounded up to the register blocks' width (ATT_TQ is a multiple). */
@@ -627,8 +698,8 @@ static ATT_BF16 void attn_load_kv_bf16(const struct attn_job *j, const struct at
 {
     int hd = j->head_dim, hd2 = (hd + 1) / 2, vbs = (hd + 15) & ~15;
     int64_t ldk = j->ldk, ldv = j->ldv;
-    const float *k = j->k + (t->b * j->lk + t->k0) * ldk + t->h * hd;
-    const float *v = j->v + (t->b * j->lk + t->k0) * ldv + t->h * hd;
+    const float *k = j->k + (t->sq->k_row + t->k0) * ldk + t->h * hd;
+    const float *v = j->v + (t->sq->k_row + t->k0) * ldv + t->h * hd;
     for (int64_t r = 0; r < tk; r++) {
         if (r + ATT_AHEAD < tk)
             prefetch_row(k + (r + ATT_AHEAD) * ldk, hd, 0);
@@ -774,7 +845,7 @@ static enum attn_kernel attn_kernel_for(const struct bs__cpu *c, const struct bs
 /* Q^T (FP32) or qb (BF16) for the tile's queries. */
 static void attn_pack_q(const struct attn_job *j, const struct attn_tile *t)
 {
-    const float *q = j->q + (t->b * j->lq + t->q0) * j->ldq + t->h * j->head_dim;
+    const float *q = j->q + (t->sq->q_row + t->q0) * j->ldq + t->h * j->head_dim;
 #if ATT_SIMD
     if (j->kernel == KERN_BF16) {
         attn_pack_qb(j, t, q, t->tq);
@@ -822,7 +893,7 @@ static __attribute__((noinline)) void attn_pv(const struct attn_job *j, const st
                                               int64_t tk)
 {
     int64_t tqp = round_width(j, t->tq);
-    const float *v = j->v + (t->b * j->lk + t->k0) * j->ldv + t->h * j->head_dim;
+    const float *v = j->v + (t->sq->k_row + t->k0) * j->ldv + t->h * j->head_dim;
     switch (j->kernel) {
 #if ATT_SIMD
     case KERN_BF16:
@@ -896,24 +967,26 @@ static void attn_uniform_rows(const struct attn_tile *t, const float *add, int64
  * a mask per query is added afterwards. Either is shifted by the query's
  * mask maximum, and a row all masked with keys at -FLT_MAX replaces the
  * scores (see the top of the file). */
-static void attn_tile_scores(const struct attn_job *j, const struct attn_tile *t, int64_t b,
-                             int64_t q0, int64_t tq, int64_t k0, int64_t tk, float *mx)
+static void attn_tile_scores(const struct attn_job *j, const struct attn_tile *t, int64_t tk,
+                             float *mx)
 {
     float add[ATT_TK];
-    const float *k = j->k + (b * j->lk + k0) * j->ldk;
+    const struct attn_seq *sq = t->sq;
+    int64_t q0 = t->q0, tq = t->tq, k0 = t->k0;
+    const float *k = j->k + (sq->k_row + k0) * j->ldk;
     int64_t tqp = round_width(j, tq);
+    bool shared = sq->mask != NULL && sq->mask_shared;
     for (int64_t i = 0; i < tqp; i++)
         mx[i] = -INFINITY;
-    if (j->mask != NULL && j->mq == 1) {
-        const float *mr = mask_row(j, b, 0) + k0;
+    if (shared) {
+        const float *mr = mask_row(sq, 0) + k0;
         for (int64_t jj = 0; jj < tk; jj++)
             add[jj] = mask_term(mr[jj], t->shift[0]);
     }
-    attn_scores(j, t, k + t->h * j->head_dim, tk, tqp, j->mask != NULL && j->mq == 1 ? add : NULL,
-                mx);
-    if (j->mask == NULL)
+    attn_scores(j, t, k + t->h * j->head_dim, tk, tqp, shared ? add : NULL, mx);
+    if (sq->mask == NULL)
         return;
-    if (j->mq == 1) {
+    if (shared) {
         if (t->shift[0] == -FLT_MAX) {
             for (int64_t i = 0; i < tqp; i++)
                 mx[i] = -INFINITY;
@@ -922,7 +995,7 @@ static void attn_tile_scores(const struct attn_job *j, const struct attn_tile *t
         return;
     }
     for (int64_t i = 0; i < tq; i++) {
-        const float *mr = mask_row(j, b, q0 + i) + k0;
+        const float *mr = mask_row(sq, q0 + i) + k0;
         float sh = t->shift[i];
         if (sh == -FLT_MAX) /* all masked, keys at -FLT_MAX: uniform */
             for (int64_t jj = 0; jj < tk; jj++)
@@ -1069,7 +1142,7 @@ static ATT_BF16 void attn_tile_end_bf16(const struct attn_job *j, const struct a
 {
     int hd = j->head_dim;
     __m512i r[16];
-    float *o = j->o + (t->b * j->lq + t->q0) * j->ldo + t->h * hd;
+    float *o = j->o + (t->sq->q_row + t->q0) * j->ldo + t->h * hd;
     for (int64_t i = 0; i < t->tq && i < 16; i++)
         prefetch_row(o + i * j->ldo, hd, 1);
     for (int64_t i0 = 0; i0 < t->tq; i0 += 16)
@@ -1104,15 +1177,15 @@ static void attn_softmax(const struct attn_job *j, const struct attn_tile *t, in
 
 /* Mask row maxima, the rows' shifts: -FLT_MAX for a row all masked with
  * keys at -FLT_MAX; 0 where a row is -inf everywhere, or without a mask. */
-static void attn_mask_shift(const struct attn_job *j, const struct attn_tile *t, int64_t b,
-                            int64_t q0, int64_t tq)
+static void attn_mask_shift(const struct attn_tile *t)
 {
-    for (int64_t i = 0; i < tq; i++) {
-        if (j->mask == NULL || (i > 0 && j->mq == 1)) {
-            t->shift[i] = j->mask ? t->shift[0] : 0.0f;
+    const struct attn_seq *sq = t->sq;
+    for (int64_t i = 0; i < t->tq; i++) {
+        if (sq->mask == NULL || (i > 0 && sq->mask_shared)) {
+            t->shift[i] = sq->mask ? t->shift[0] : 0.0f;
             continue;
         }
-        float mx = max_f32(mask_row(j, b, q0 + i), j->lk);
+        float mx = max_f32(mask_row(sq, t->q0 + i), sq->lk);
         t->shift[i] = isfinite(mx) ? mx : 0.0f;
     }
 }
@@ -1125,7 +1198,7 @@ static void attn_tile_begin(const struct attn_job *j, const struct attn_tile *t)
         t->m[i] = -INFINITY;
         t->l[i] = 0.0f;
     }
-    attn_mask_shift(j, t, t->b, t->q0, t->tq);
+    attn_mask_shift(t);
     memset(t->acc, 0, (size_t)ATT_TQ * (size_t)j->head_dim * sizeof(float));
 }
 
@@ -1141,7 +1214,7 @@ static void attn_tile_end(const struct attn_job *j, const struct attn_tile *t)
 #endif
     for (int64_t i = 0; i < t->tq; i++) {
         float inv = t->l[i] > 0.0f ? 1.0f / t->l[i] : 0.0f;
-        float *o = j->o + (t->b * j->lq + t->q0 + i) * j->ldo + t->h * hd;
+        float *o = j->o + (t->sq->q_row + t->q0 + i) * j->ldo + t->h * hd;
         for (int c = 0; c < hd; c++)
             o[c] = t->acc[c * ATT_TQ + i] * inv;
     }
@@ -1150,18 +1223,21 @@ static void attn_tile_end(const struct attn_job *j, const struct attn_tile *t)
 static void attn_task(void *arg, int64_t task, int thread)
 {
     const struct attn_job *j = arg;
+    struct attn_seq own;
     struct attn_tile t[ATT_NQ];
     float mx[ATT_TQ];
-    int n = attn_tiles_at(j, task, thread, t);
+    const struct attn_seq *sq = attn_seq_of(j, task, &own);
+    int n = attn_tiles_at(j, task, sq, thread, t);
+    int64_t lk = sq->lk;
     for (int i = 0; i < n; i++)
         attn_tile_begin(j, &t[i]);
-    for (int64_t k0 = 0; k0 < j->lk; k0 += ATT_TK) {
-        int64_t tk = j->lk - k0 < ATT_TK ? j->lk - k0 : ATT_TK;
+    for (int64_t k0 = 0; k0 < lk; k0 += ATT_TK) {
+        int64_t tk = lk - k0 < ATT_TK ? lk - k0 : ATT_TK;
         for (int i = 0; i < n; i++)
             t[i].k0 = k0;
         attn_load_kv(j, &t[0], tk);
         for (int i = 0; i < n; i++) {
-            attn_tile_scores(j, &t[i], t[i].b, t[i].q0, t[i].tq, k0, tk, mx);
+            attn_tile_scores(j, &t[i], tk, mx);
             attn_softmax(j, &t[i], tk, mx);
             attn_pv(j, &t[i], tk);
         }
@@ -1170,20 +1246,87 @@ static void attn_task(void *arg, int64_t task, int thread)
         attn_tile_end(j, &t[i]);
 }
 
+/* Tasks with up to nq query tiles each: per sample and head, its query
+ * tiles / nq rounded up. */
+static int64_t attn_count_tasks(const struct attn_job *j, int64_t batch, int nq)
+{
+    if (j->seqs == NULL)
+        return batch * j->heads * ((j->q_tiles + nq - 1) / nq);
+    int64_t n = 0;
+    for (int64_t b = 0; b < j->n_seqs; b++)
+        n += ((j->seqs[b].lq + ATT_TQ - 1) / ATT_TQ + nq - 1) / nq;
+    return n * j->heads;
+}
+
 /* Query tiles per task: 1 for the FP32 kernels; for BF16, where they share
  * each key tile's conversion, up to ATT_NQ while their accumulators stay
  * within ATT_NQ_BYTES (the L2 cache's half: nq 2 at head_dim 512) and at
- * least 4 tasks per thread are left to balance. */
+ * least 4 tasks per thread are left to balance. j->q_tiles is the most
+ * query tiles a sample has. */
 static void attn_group_tiles(struct attn_job *j, int64_t batch, int n_threads)
 {
-    int64_t bh = batch * j->heads, tile_bytes = ((j->head_dim + 15) & ~15) * ATT_TQ * 4;
+    int64_t tile_bytes = ((j->head_dim + 15) & ~15) * ATT_TQ * 4;
     j->nq = 1;
     if (j->kernel == KERN_BF16)
         for (int nq = ATT_NQ; nq > 1 && j->nq == 1; nq /= 2)
             if (nq <= j->q_tiles && nq * tile_bytes <= ATT_NQ_BYTES &&
-                bh * ((j->q_tiles + nq - 1) / nq) >= 4 * (int64_t)n_threads)
+                attn_count_tasks(j, batch, nq) >= 4 * (int64_t)n_threads)
                 j->nq = nq;
     j->q_groups = (j->q_tiles + j->nq - 1) / j->nq;
+}
+
+/* Ragged batches: samples whose tasks cost more go first. */
+static int attn_seq_cmp(const void *a, const void *b)
+{
+    const struct attn_seq *x = a, *y = b;
+    if (x->cost != y->cost)
+        return x->cost > y->cost ? -1 : 1;
+    return x->q_row < y->q_row ? -1 : x->q_row > y->q_row; /* q_row is unique */
+}
+
+/* The samples of a ragged batch in task order (*seqs, malloc'ed, for the
+ * caller to free), the query tiles per task and the task count: each
+ * sample's tasks in a row, the samples by decreasing cost of their largest
+ * task, so that the pool's threads, taking tasks in order, end together. */
+static int attn_ragged_init(struct attn_job *j, const struct bs_attn_params *p, int n_threads,
+                            struct attn_seq **seqs, struct bs_err *err)
+{
+    struct attn_seq *sq = malloc((size_t)p->batch * sizeof(*sq));
+    if (sq == NULL)
+        return bs_err_set(err, BS_ENOMEM, "attention: cannot allocate a ragged batch of %lld",
+                          (long long)p->batch);
+    j->q_tiles = 0;
+    for (int64_t b = 0; b < p->batch; b++) {
+        int64_t lq = p->q_off[b + 1] - p->q_off[b], lk = p->k_off[b + 1] - p->k_off[b];
+        sq[b] = (struct attn_seq){
+            .q_row = p->q_off[b],
+            .k_row = p->k_off[b],
+            .lq = lq,
+            .lk = lk,
+            .mask = p->mask ? (const float *)p->mask->data + p->m_off[b] : NULL,
+            .mask_ld = lk,
+            .mask_shared = !p->mask_per_query || lq == 1, /* as a uniform [1, 1, Lk] mask */
+        };
+        int64_t tiles = (lq + ATT_TQ - 1) / ATT_TQ;
+        j->q_tiles = tiles > j->q_tiles ? tiles : j->q_tiles;
+    }
+    j->seqs = sq;
+    j->n_seqs = p->batch;
+    attn_group_tiles(j, p->batch, n_threads);
+    for (int64_t b = 0; b < p->batch; b++) {
+        int64_t tiles = (sq[b].lq + ATT_TQ - 1) / ATT_TQ, most = (int64_t)j->nq * ATT_TQ;
+        sq[b].q_groups = (tiles + j->nq - 1) / j->nq;
+        /* its queries (padded to the register blocks) times its keys, + 1 for their packing */
+        sq[b].cost = bs_mul_sat(round_width(j, sq[b].lq < most ? sq[b].lq : most), sq[b].lk + 1);
+    }
+    qsort(sq, (size_t)p->batch, sizeof(*sq), attn_seq_cmp);
+    j->n_tasks = 0;
+    for (int64_t b = 0; b < p->batch; b++) {
+        sq[b].task0 = j->n_tasks;
+        j->n_tasks += p->heads * sq[b].q_groups;
+    }
+    *seqs = sq;
+    return 0;
 }
 
 /* The CPU's own limit on top of the shared checks: row strides go to cblas
@@ -1200,22 +1343,32 @@ static int attn_check_ld(const struct bs_tensor *o, const struct bs_tensor *q,
     return 0;
 }
 
+/* The shared checks of a uniform or a ragged batch, and the CPU's own. */
+static int attn_check(const struct bs_tensor *o, const struct bs_tensor *q,
+                      const struct bs_tensor *k, const struct bs_tensor *v,
+                      const struct bs_attn_params *p, struct bs_err *err)
+{
+    int rc;
+    if (p->q_off != NULL) {
+        if ((rc = bs_opcheck_attention_ragged(o, q, k, v, p, err)))
+            return rc;
+        return attn_check_ld(o, q, k, v, err);
+    }
+    if ((rc = bs_opcheck_attention(o, q, k, v, p, err)) || (rc = attn_check_ld(o, q, k, v, err)))
+        return rc;
+    return bs_opcheck_attention_mask(p, err);
+}
+
 int bs__cpu_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
                       const struct bs_tensor *k, const struct bs_tensor *v,
                       const struct bs_attn_params *p, struct bs_err *err)
 {
     struct bs__cpu *c = ctx;
     struct attn_job j = {0};
+    struct attn_seq *seqs = NULL;
     int rc;
-    if ((rc = bs_opcheck_attention(o, q, k, v, p, err)) || (rc = attn_check_ld(o, q, k, v, err)) ||
-        (rc = bs_opcheck_attention_mask(p, err)))
+    if ((rc = attn_check(o, q, k, v, p, err)))
         return rc;
-    if (p->mask != NULL) {
-        j.mask = p->mask->data;
-        j.mq = p->mask->ne[1] == 1 ? 1 : p->lq;
-        j.mask_nb0 = p->mask->nb[0] / 4;
-        j.mask_nb1 = p->mask->nb[1] / 4;
-    }
     if (p->batch == 0 || p->lq == 0)
         return 0;
     j.q = q->data;
@@ -1226,23 +1379,36 @@ int bs__cpu_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
     j.ldk = bs_tensor_ld(k);
     j.ldv = bs_tensor_ld(v);
     j.ldo = bs_tensor_ld(o);
-    j.lq = p->lq;
-    j.lk = p->lk;
     j.heads = p->heads;
     j.head_dim = p->head_dim;
     j.scale = p->scale;
-    j.q_tiles = (p->lq + ATT_TQ - 1) / ATT_TQ;
     j.kernel = attn_kernel_for(c, p);
     j.width = j.kernel >= KERN_AVX512 ? 32 : 16;
-    attn_group_tiles(&j, p->batch, c->n_threads);
+    if (p->q_off != NULL) {
+        if ((rc = attn_ragged_init(&j, p, c->n_threads, &seqs, err)))
+            return rc;
+    } else {
+        if (p->mask != NULL) {
+            j.mask = p->mask->data;
+            j.mq = p->mask->ne[1] == 1 ? 1 : p->lq;
+            j.mask_nb0 = p->mask->nb[0] / 4;
+            j.mask_nb1 = p->mask->nb[1] / 4;
+        }
+        j.lq = p->lq;
+        j.lk = p->lk;
+        j.q_tiles = (p->lq + ATT_TQ - 1) / ATT_TQ;
+        attn_group_tiles(&j, p->batch, c->n_threads);
+        j.n_tasks = p->batch * p->heads * j.q_groups;
+    }
 
     pthread_mutex_lock(&c->scratch_lock);
     rc = bs__cpu_scratch_reserve(c, attn_layout(NULL, NULL, p->head_dim, j.kernel, j.nq), err);
     if (rc == 0) {
         j.scratch = c->scratch;
         j.scratch_floats = c->scratch_floats;
-        bs_pool_run(c->pool, p->batch * p->heads * j.q_groups, attn_task, &j);
+        bs_pool_run(c->pool, j.n_tasks, attn_task, &j);
     }
     pthread_mutex_unlock(&c->scratch_lock);
+    free(seqs);
     return rc;
 }

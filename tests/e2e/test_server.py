@@ -7,12 +7,14 @@ contents, errors, streaming, batching, health, reflection, shutdown.
 
 import concurrent.futures
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
 import unittest
+import urllib.request
 
 import numpy as np
 
@@ -27,6 +29,7 @@ harness.generate_stubs(STUBS)
 import grpc_service_pb2 as pb  # noqa: E402
 import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 import health_pb2  # noqa: E402
+import model_config_pb2 as mc  # noqa: E402
 import health_pb2_grpc  # noqa: E402
 import reflection_v1_pb2 as refl_1  # noqa: E402
 import reflection_v1_pb2_grpc as refl_1_grpc  # noqa: E402
@@ -93,7 +96,15 @@ class ServerTest(unittest.TestCase):
     def setUpClass(cls):
         serving = {"btb_geglu_cross": {"max_batch_size": 8, "max_queue_delay_microseconds": 20000},
                    "btb_self_only": {"max_batch_size": 4, "max_queue_delay_microseconds": 2000000,
-                                     "max_queue_size": 2}}
+                                     "max_queue_size": 2},
+                   # Triton's priority levels (test_priority)
+                   "attnblock_4heads": {
+                       "priority_levels": 3, "default_priority_level": 2,
+                       "default_queue_policy": {"default_timeout_microseconds": 30000000,
+                                                "allow_timeout_override": True},
+                       "priority_queue_policy": {
+                           "1": {"timeout_action": "DELAY", "max_queue_size": 4},
+                           "3": {"allow_timeout_override": False}}}}
         cls.repo = harness.make_repository(CASES, serving)
         # Entries that are no model directory: listed as unavailable, with reasons.
         os.symlink("loop", os.path.join(cls.repo, "loop"))
@@ -338,6 +349,61 @@ class ServerTest(unittest.TestCase):
         # a client deadline too
         self.assertStatus(grpc.StatusCode.DEADLINE_EXCEEDED, self.stub.ModelInfer,
                           infer_request("btb_self_only", inputs), timeout=0.2)
+
+    # -- priority levels --------------------------------------------------------
+    def priority_counts(self, model):
+        """blockserve_inference_requests_total by priority label."""
+        url = "http://127.0.0.1:%d/metrics" % self.server.metrics_port
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        pat = r'^blockserve_inference_requests_total\{model="%s",version="1",priority="(\d+)"\} (\d+)$'
+        return {int(m.group(1)): int(m.group(2))
+                for m in re.finditer(pat % re.escape(model), text, re.M)}
+
+    def test_priority(self):
+        model = "attnblock_4heads"
+        db = self.stub.ModelConfig(pb.ModelConfigRequest(name=model)).config.dynamic_batching
+        self.assertEqual((db.priority_levels, db.default_priority_level), (3, 2))
+        self.assertEqual(db.default_queue_policy.default_timeout_microseconds, 30000000)
+        self.assertTrue(db.default_queue_policy.allow_timeout_override)
+        self.assertEqual(db.default_queue_policy.max_queue_size, 256)  # --max-queue-size
+        self.assertEqual(sorted(db.priority_queue_policy.keys()), [1, 3])
+        one = db.priority_queue_policy[1]  # its entry over the default policy
+        self.assertEqual(one.timeout_action, mc.ModelQueuePolicy.DELAY)
+        self.assertEqual((one.max_queue_size, one.default_timeout_microseconds), (4, 30000000))
+        self.assertFalse(db.priority_queue_policy[3].allow_timeout_override)
+        # a model without levels reports none
+        other = self.stub.ModelConfig(pb.ModelConfigRequest(name="btb_geglu_cross")).config
+        self.assertEqual(other.dynamic_batching.priority_levels, 0)
+        self.assertEqual(len(other.dynamic_batching.priority_queue_policy), 0)
+
+        inputs = case_inputs(model)
+        want = case_expected(model)
+        before = self.priority_counts(model)
+        self.assertEqual(sorted(before), [1, 2, 3])
+        # uint64_param (Triton's type) and int64_param (what tritonclient sends);
+        # 0 and numbers above the levels mean the default level, 2 (Triton)
+        sent = []
+        for kind, value, level in (("uint64", 1, 1), ("int64", 3, 3), ("int64", 0, 2),
+                                   ("uint64", 99, 2), ("int64", 1, 1)):
+            req = infer_request(model, inputs)
+            setattr(req.parameters["priority"], kind + "_param", value)
+            got = output_of(self.stub.ModelInfer(req))
+            self.assertLessEqual(float(np.max(np.abs(got - want))), TOL)
+            sent.append(level)
+        after = self.priority_counts(model)
+        for level in (1, 2, 3):
+            self.assertEqual(after[level] - before[level], sent.count(level), level)
+        # a negative priority or another type: INVALID_ARGUMENT
+        self.assertStatus(grpc.StatusCode.INVALID_ARGUMENT, self.stub.ModelInfer,
+                          infer_request(model, inputs, params={"priority": -1}),
+                          contains="'priority'")
+        req = infer_request(model, inputs)
+        req.parameters["priority"].string_param = "1"
+        self.assertStatus(grpc.StatusCode.INVALID_ARGUMENT, self.stub.ModelInfer, req,
+                          contains="uint64_param")
+        # models without levels count every request at level 0
+        self.assertEqual(sorted(self.priority_counts("btb_geglu_cross")), [0])
 
     # -- streaming --------------------------------------------------------------
     def test_stream_interleaved_with_errors(self):

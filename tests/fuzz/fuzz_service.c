@@ -122,8 +122,11 @@ static const struct fuzz_model {
     {"ada_group_norm_silu",
      "{\"max_batch_size\": 4, \"max_queue_delay_microseconds\": 0, \"preferred_batch_size\": "
      "[2, 4], \"max_queue_size\": 3, \"default_timeout_microseconds\": 100000}"},
-    {"btb_ada_norm_zero_dit",
-     "{\"max_batch_size\": 3, \"max_queue_delay_microseconds\": 200, \"max_queue_size\": 3}"},
+    {"btb_ada_norm_zero_dit", /* priority levels: level 1 bounded, level 2 (the default) delays */
+     "{\"max_batch_size\": 3, \"max_queue_delay_microseconds\": 200, \"max_queue_size\": 3, "
+     "\"priority_levels\": 2, \"default_priority_level\": 2, \"priority_queue_policy\": "
+     "{\"1\": {\"max_queue_size\": 1}, \"2\": {\"timeout_action\": \"DELAY\", "
+     "\"default_timeout_microseconds\": 100}}}"},
 };
 #define BROKEN_MODEL  "broken"
 #define BROKEN_CONFIG "{\"_class_name\": \"BasicTransformerBlock\", \"dim\": 32}"

@@ -33,6 +33,8 @@ struct req {
     void *bufs[MAX_IN];
     int n_in;
     bool intermediate;
+    uint64_t priority;  /* the request's "priority" (0: the default level) */
+    int64_t timeout_us; /* the request's "timeout" (0: none) */
     bs_job_t *job;
     /* what the batcher answered */
     int rc, done_calls, block_calls, bad_block_order;
@@ -44,6 +46,8 @@ struct req {
     bs_batcher_t *b;
     struct req *cancel_on_block; /* cancel this request from our first on_block */
     int *done_order, *n_done;    /* append our index to done_order */
+    struct req **then;           /* submitted from our on_done (the batch still runs) */
+    int n_then;
     int index;
 };
 
@@ -117,6 +121,8 @@ static void on_block(void *arg, int block, int n_blocks, const struct bs_tensor 
     }
 }
 
+static void submit_ok(bs_batcher_t *b, struct req *r);
+
 static void on_done(void *arg, int rc, const char *msg, const struct bs_tensor *out)
 {
     struct req *r = arg;
@@ -132,15 +138,22 @@ static void on_done(void *arg, int rc, const char *msg, const struct bs_tensor *
     if (r->done_order != NULL)
         r->done_order[(*r->n_done)++] = r->index;
     r->job = NULL;
+    for (int i = 0; i < r->n_then; i++)
+        submit_ok(r->b, r->then[i]);
 }
 
 static const struct bs_job_ops ops = {.on_block = on_block, .on_done = on_done};
 
 static int submit(bs_batcher_t *b, struct req *r, int64_t deadline_ns, struct bs_err *err)
 {
+    struct bs_batcher_request br = {.in = r->in,
+                                    .n_in = r->n_in,
+                                    .intermediate = r->intermediate,
+                                    .priority = r->priority,
+                                    .timeout_us = r->timeout_us,
+                                    .deadline_ns = deadline_ns};
     r->b = b;
-    return bs_batcher_submit(b, r->in, r->n_in, deadline_ns, r->intermediate, &ops, r, &r->job,
-                             err);
+    return bs_batcher_submit(b, &br, &ops, r, &r->job, err);
 }
 
 static void submit_ok(bs_batcher_t *b, struct req *r)
@@ -934,6 +947,224 @@ static void test_backend_internal_error(void **state)
         req_free(&r[i]);
 }
 
+/* ---- priority levels ----------------------------------------------------- */
+
+static struct bs_serving_config serving_levels(int max_batch, int64_t delay_us, int levels,
+                                               int default_level)
+{
+    struct bs_serving_config c = serving(max_batch, delay_us);
+    c.priority_levels = levels;
+    c.default_priority_level = default_level;
+    return c;
+}
+
+/* Requests r[0..n) of one sample each, recording the order of their answers. */
+static void reqs_init(struct req *r, int n, const uint64_t *priority, int *order, int *n_done)
+{
+    for (int i = 0; i < n; i++) {
+        r[i].index = i;
+        r[i].done_order = order;
+        r[i].n_done = n_done;
+        r[i].priority = priority[i];
+        req_btb(&r[i], 1, 20, 7);
+    }
+}
+
+static void reqs_free(struct req *r, int n)
+{
+    for (int i = 0; i < n; i++)
+        req_free(&r[i]);
+}
+
+static void assert_order(const int *got, int n_got, const int *want, int n)
+{
+    if (n_got != n || memcmp(got, want, sizeof(int) * (size_t)n) != 0) {
+        char g[64] = "", *p = g;
+        for (int i = 0; i < n_got && i < 10; i++)
+            p += snprintf(p, (size_t)(g + sizeof(g) - p), " %d", got[i]);
+        fail_msg("answered in the order%s", g);
+    }
+}
+
+/* (11) Priority under a busy worker: while r0's batch runs, two requests of
+ * level 2 queue, then two of level 1. The next batch (max 3) takes level 1's
+ * first and fills up with level 2's oldest; the last one runs after. */
+static void test_priority_order(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving_levels(3, 0, 2, 2);
+    struct req r[5] = {0}, *then[4] = {&r[1], &r[2], &r[3], &r[4]};
+    int order[5], n_done = 0;
+    reqs_init(r, 5, (uint64_t[]){0, 2, 2, 1, 1}, order, &n_done); /* r0: the default level, 2 */
+    r[0].then = then; /* queued from r0's on_done: its batch still holds the worker */
+    r[0].n_then = 4;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    submit_ok(f.b, &r[0]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_order(order, n_done, (int[]){0, 3, 4, 1, 2}, 5);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->execution_count, 3);
+    assert_int_equal(s->batch[0].compute_infer.count, 2); /* r0, then r2 */
+    assert_int_equal(s->batch[2].compute_infer.count, 1); /* r3, r4, r1 */
+    for (int i = 0; i < 5; i++)
+        check_against_alone(f.model, &r[i]);
+    fx_finish(&f);
+    reqs_free(r, 5);
+}
+
+/* (12) The default level: priority 0 and priorities above the levels go to
+ * default_priority_level (Triton); one batch takes the levels in order. */
+static void test_priority_default_level(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving_levels(8, 0, 3, 2);
+    struct req r[5] = {0};
+    int order[5], n_done = 0;
+    reqs_init(r, 5, (uint64_t[]){0, 3, 2, 9, 1}, order, &n_done);
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    for (int i = 0; i < 5; i++)
+        submit_ok(f.b, &r[i]);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(bs_batcher_stats(f.b)->execution_count, 1);
+    assert_order(order, n_done, (int[]){4, 0, 2, 3, 1}, 5);
+    for (int i = 0; i < 5; i++)
+        check_against_alone(f.model, &r[i]);
+    fx_finish(&f);
+    reqs_free(r, 5);
+}
+
+/* (13) max_queue_size per level: level 2's entry bounds it at 1, level 1
+ * (no entry) has the default policy's 3. A full level refuses (BS_EBUSY,
+ * counted) while the other still takes requests. */
+static void test_priority_queue_size(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving_levels(8, 10 * 1000000, 2, 1);
+    struct req r[6] = {0};
+    struct bs_err err = {0};
+    int order[6], n_done = 0;
+    cfg.max_queue_size = 3;
+    cfg.level_policy[1] =
+        (struct bs_level_policy){BS_POLICY_GIVEN | BS_POLICY_QUEUE_SIZE, {.max_queue_size = 1}};
+    reqs_init(r, 6, (uint64_t[]){2, 2, 1, 0, 7, 1}, order, &n_done);
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    submit_ok(f.b, &r[0]);
+    assert_int_equal(submit(f.b, &r[1], INT64_MAX, &err), BS_EBUSY);
+    assert_string_equal(err.msg, "queue full at priority level 2 (1 requests)");
+    for (int i = 2; i < 5; i++) /* level 1: 1, the default for 0, and for 7 */
+        submit_ok(f.b, &r[i]);
+    assert_int_equal(submit(f.b, &r[5], INT64_MAX, &err), BS_EBUSY);
+    assert_string_equal(err.msg, "queue full at priority level 1 (3 requests)");
+    assert_int_equal(bs_batcher_queued(f.b), 4);
+    assert_int_equal(bs_batcher_stats(f.b)->fail.count, 2);
+    bs_batcher_drain(f.b, NULL, NULL); /* now, not after 10 s */
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(bs_batcher_stats(f.b)->execution_count, 1);
+    assert_order(order, n_done, (int[]){2, 3, 4, 0}, 4);
+    for (int i = 0; i < 5; i++)
+        if (i != 1)
+            check_against_alone(f.model, &r[i]);
+    fx_finish(&f);
+    reqs_free(r, 6);
+}
+
+static void on_drain_timer(uv_timer_t *t)
+{
+    bs_batcher_drain(t->data, NULL, NULL);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+/* Drain f's batcher ms from now (the jobs' timeouts pass first). */
+static void drain_after(struct fx *f, uv_timer_t *t, uint64_t ms)
+{
+    uv_timer_init(&f->loop, t);
+    t->data = f->b;
+    uv_update_time(&f->loop);
+    uv_timer_start(t, on_drain_timer, ms, 0);
+}
+
+/* (14) Queue timeouts by level, REJECT and DELAY, with a 10 s batching delay
+ * and a drain at 60 ms:
+ * - level 1 DELAYs: r1 (its own 10 ms timeout) goes behind r2, still runs,
+ *   before level 3's r4; r3 (10 ms, and a 15 ms transport deadline) is
+ *   delayed, then rejected at its deadline, which applies whatever the policy;
+ * - level 2 REJECTs after its default 20 ms: r0. */
+static void test_priority_timeouts(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving_levels(8, 10 * 1000000, 3, 3);
+    struct req r[5] = {0};
+    struct bs_err err = {0};
+    uv_timer_t drain;
+    int order[5], n_done = 0;
+    cfg.level_policy[0] = (struct bs_level_policy){BS_POLICY_GIVEN | BS_POLICY_ACTION,
+                                                   {.timeout_action = BS_TIMEOUT_DELAY}};
+    cfg.level_policy[1] = (struct bs_level_policy){BS_POLICY_GIVEN | BS_POLICY_TIMEOUT,
+                                                   {.default_timeout_us = 20000}};
+    reqs_init(r, 5, (uint64_t[]){2, 1, 1, 1, 0}, order, &n_done);
+    r[1].timeout_us = r[3].timeout_us = 10000;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    uint64_t t0 = uv_hrtime();
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(submit(f.b, &r[i], i == 3 ? (int64_t)(t0 + 15 * MS) : INT64_MAX, &err), 0);
+    drain_after(&f, &drain, 60);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_order(order, n_done, (int[]){3, 0, 2, 1, 4}, 5);
+    assert_int_equal(r[3].rc, BS_ETIMEDOUT);
+    assert_non_null(strstr(r[3].msg, "deadline exceeded in the queue after"));
+    assert_int_equal(r[0].rc, BS_ETIMEDOUT);
+    assert_non_null(strstr(r[0].msg, "timeout exceeded in the queue after"));
+    if ((r[0].done_ns - t0) / MS < 19)
+        fail_msg("level 2's 20 ms timeout passed early: %s", r[0].msg);
+    if ((r[2].done_ns - t0) / MS < 59)
+        fail_msg("the delayed job ran before the drain");
+    for (int i = 1; i < 5; i++)
+        if (i != 3)
+            check_against_alone(f.model, &r[i]);
+    const struct bs_model_stats *s = bs_batcher_stats(f.b);
+    assert_int_equal(s->execution_count, 1);
+    assert_int_equal(s->fail.count, 2);
+    assert_int_equal(s->success.count, 3);
+    fx_finish(&f);
+    reqs_free(r, 5);
+}
+
+/* (15) The request's timeout overrides its level's only where the policy
+ * allows, and only to shorten it: level 1 refuses overrides (r0's 10 ms is
+ * ignored, it runs at the drain); level 2 (30 ms, overrides allowed) takes
+ * r1's 10 ms but not r2's 10 s. */
+static void test_priority_timeout_override(void **state)
+{
+    struct fx f;
+    struct bs_serving_config cfg = serving_levels(8, 10 * 1000000, 2, 1);
+    struct req r[3] = {0};
+    uv_timer_t drain;
+    int order[3], n_done = 0;
+    cfg.level_policy[0] = (struct bs_level_policy){BS_POLICY_GIVEN | BS_POLICY_OVERRIDE,
+                                                   {.allow_timeout_override = false}};
+    cfg.level_policy[1] = (struct bs_level_policy){BS_POLICY_GIVEN | BS_POLICY_TIMEOUT,
+                                                   {.default_timeout_us = 30000}};
+    reqs_init(r, 3, (uint64_t[]){1, 2, 2}, order, &n_done);
+    r[0].timeout_us = r[1].timeout_us = 10000;
+    r[2].timeout_us = 10 * 1000000;
+    fx_init(&f, "btb_geglu_cross", &cfg);
+    uint64_t t0 = uv_hrtime();
+    for (int i = 0; i < 3; i++)
+        submit_ok(f.b, &r[i]);
+    drain_after(&f, &drain, 80);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_order(order, n_done, (int[]){1, 2, 0}, 3);
+    check_against_alone(f.model, &r[0]);
+    for (int i = 1; i < 3; i++)
+        assert_int_equal(r[i].rc, BS_ETIMEDOUT);
+    uint64_t ms1 = (r[1].done_ns - t0) / MS, ms2 = (r[2].done_ns - t0) / MS;
+    if (ms1 < 9 || ms2 < 29 || ms2 > 5000)
+        fail_msg("timeouts after %llu and %llu ms (want 10 and 30)", (unsigned long long)ms1,
+                 (unsigned long long)ms2);
+    fx_finish(&f);
+    reqs_free(r, 3);
+}
+
 /* Bad configurations are refused at init. */
 static void test_bad_config(void **state)
 {
@@ -952,6 +1183,15 @@ static void test_bad_config(void **state)
     cfg.preferred_batch_size[0] = 5;
     cfg.n_preferred = 1;
     assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &deps, &err), BS_EINVAL);
+    cfg = serving_levels(4, 0, 2, 0); /* levels need a default level */
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &deps, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "serving.default_priority_level"));
+    cfg = serving_levels(4, 0, 2, 3);
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &deps, &err), BS_EINVAL);
+    cfg = serving_levels(4, 0, 2, 1);
+    cfg.level_policy[2].given = BS_POLICY_GIVEN; /* level 3 of 2 */
+    assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &deps, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "serving.priority_queue_policy"));
     cfg = serving(4, 0);
     deps.be = NULL;
     assert_int_equal(bs_batcher_init(&b, &loop, f.model, &cfg, &deps, &err), BS_EINVAL);
@@ -998,6 +1238,11 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_stats),
         cmocka_unit_test(test_forward_error),
         cmocka_unit_test(test_backend_internal_error),
+        cmocka_unit_test(test_priority_order),
+        cmocka_unit_test(test_priority_default_level),
+        cmocka_unit_test(test_priority_queue_size),
+        cmocka_unit_test(test_priority_timeouts),
+        cmocka_unit_test(test_priority_timeout_override),
         cmocka_unit_test(test_bad_config),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -358,6 +358,21 @@ static void test_decode_parameters(void **state)
     assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
     assert_true(req.stream_intermediate);
     assert_int_equal(req.timeout_us, 2500000);
+    assert_int_equal(req.priority, 0); /* absent */
+    bs_codec_request_free(&req);
+
+    /* Triton's "priority": uint64_param, or int64_param as tritonclient sends it */
+    b_init(&b, "m");
+    p = b_param(&b, "priority");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM;
+    p->uint64_param = UINT64_MAX; /* above any model's levels: the batcher's default level */
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_true(req.priority == UINT64_MAX);
+    bs_codec_request_free(&req);
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = 3;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_int_equal(req.priority, 3);
     bs_codec_request_free(&req);
 }
 
@@ -381,6 +396,17 @@ static void test_decode_parameter_errors(void **state)
     expect_error(&b, BS_EINVAL, "parameter 'stream_intermediate' must be a bool_param");
     b.params[0].value = NULL; /* an entry without a value */
     expect_error(&b, BS_EINVAL, "parameter 'stream_intermediate' must be a bool_param");
+
+    b_init(&b, "m");
+    p = b_param(&b, "priority");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = -1;
+    expect_error(&b, BS_EINVAL, "parameter 'priority' is -1 (must be >= 0)");
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    p->string_param = "1";
+    expect_error(&b, BS_EINVAL, "parameter 'priority' must be a uint64_param or an int64_param");
+    b.params[0].value = NULL;
+    expect_error(&b, BS_EINVAL, "parameter 'priority' must be a uint64_param or an int64_param");
 }
 
 static void test_decode_outputs(void **state)

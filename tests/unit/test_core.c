@@ -87,7 +87,8 @@ static struct bs_core_request request(struct req *r, const char *model)
                                     .deadline_ns = INT64_MAX};
 }
 
-static void fx_init(struct fx *f, int max_inflight, int max_queue)
+/* A core over a repository of one model, "m", served with sc. */
+static void fx_init_serving(struct fx *f, int max_inflight, const struct bs_serving_config *sc)
 {
     struct bs_err err = {0};
     char link[512], target[512];
@@ -100,15 +101,18 @@ static void fx_init(struct fx *f, int max_inflight, int max_queue)
     assert_int_equal(symlink(target, link), 0);
     assert_int_equal(bs_metrics_init(&f->metrics, NULL, &err), 0);
     const char *dirs[] = {f->root};
-    struct bs_repo_options ro = {dirs, 1,
-                                 (struct bs_serving_config){.max_batch_size = 4,
-                                                            .max_queue_delay_us = 1000,
-                                                            .max_queue_size = max_queue},
-                                 f->metrics};
+    struct bs_repo_options ro = {dirs, 1, *sc, f->metrics};
     if (bs_repository_init(&f->repo, &f->loop, &be, &ro, &err) != 0)
         fail_msg("repository: %s", err.msg);
     struct bs_core_options co = {.max_inflight = max_inflight, .metrics = f->metrics};
     assert_int_equal(bs_core_init(&f->core, f->repo, &co, &err), 0);
+}
+
+static void fx_init(struct fx *f, int max_inflight, int max_queue)
+{
+    struct bs_serving_config sc = {
+        .max_batch_size = 4, .max_queue_delay_us = 1000, .max_queue_size = max_queue};
+    fx_init_serving(f, max_inflight, &sc);
 }
 
 static void fx_finish(struct fx *f)
@@ -267,6 +271,47 @@ static void test_cancel_and_shutdown(void **state)
     fx_finish(&f);
 }
 
+/* The request's priority and timeout reach the batcher, whose queue policy
+ * decides them: level 1 takes overrides (a 1 us timeout expires in the
+ * queue), level 2 refuses them (the same timeout is ignored). Requests are
+ * counted by level. */
+static void test_priority_and_timeout(void **state)
+{
+    struct fx f;
+    struct req r[4];
+    struct bs_err err = {0};
+    struct bs_serving_config sc = {.max_batch_size = 4,
+                                   .max_queue_delay_us = 1000,
+                                   .max_queue_size = 16,
+                                   .priority_levels = 2,
+                                   .default_priority_level = 2};
+    sc.level_policy[1] = (struct bs_level_policy){BS_POLICY_GIVEN | BS_POLICY_OVERRIDE,
+                                                  {.allow_timeout_override = false}};
+    fx_init_serving(&f, 0, &sc);
+    uint64_t priority[4] = {1, 2, 0, 5}; /* 0 and 5: the default level, 2 */
+    for (int i = 0; i < 4; i++) {
+        req_init(&r[i]);
+        struct bs_core_request cr = request(&r[i], "m");
+        cr.priority = priority[i];
+        cr.timeout_us = 1;
+        assert_int_equal(bs_core_submit(f.core, &cr, &reply, &r[i], &r[i].handle, &err), 0);
+    }
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(r[0].rc, BS_ETIMEDOUT);
+    assert_non_null(strstr(r[0].msg, "timeout exceeded in the queue"));
+    for (int i = 1; i < 4; i++) {
+        assert_int_equal(r[i].rc, 0);
+        assert_int_equal(r[i].outputs, 1);
+    }
+    assert_true(metrics_has(
+        &f, "blockserve_inference_requests_total{model=\"m\",version=\"1\",priority=\"1\"} 1"));
+    assert_true(metrics_has(
+        &f, "blockserve_inference_requests_total{model=\"m\",version=\"1\",priority=\"2\"} 3"));
+    assert_true(metrics_has(&f, "nv_inference_request_failure{model=\"m\",version=\"1\","
+                                "reason=\"REJECTED\"} 1"));
+    fx_finish(&f);
+}
+
 int main(int argc, char **argv)
 {
     struct bs_err err = {0};
@@ -289,6 +334,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_counting),
         cmocka_unit_test(test_admission),
         cmocka_unit_test(test_cancel_and_shutdown),
+        cmocka_unit_test(test_priority_and_timeout),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     bs_backend_free(&be);

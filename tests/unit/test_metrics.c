@@ -1,7 +1,7 @@
 /* The metrics registry and its Prometheus text rendering: exact output for
- * known counters, label escaping, the histogram's cumulative buckets, device
- * memory through a backend's memory_info hook (a fake GPU backend), and its
- * absence on the CPU backend. */
+ * known counters (requests by priority level among them), label escaping,
+ * the histogram's cumulative buckets, device memory through a backend's
+ * memory_info hook (a fake GPU backend), and its absence on the CPU backend. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -46,8 +46,8 @@ static void test_counters_and_histogram(void **state)
     bs_metrics_t *m;
     struct bs_err err = {0};
     assert_int_equal(bs_metrics_init(&m, NULL, &err), 0);
-    bs_metrics_model_t *a = bs_metrics_model_add(m, "alpha", "1");
-    bs_metrics_model_t *b = bs_metrics_model_add(m, "beta", "1");
+    bs_metrics_model_t *a = bs_metrics_model_add(m, "alpha", "1", 0);
+    bs_metrics_model_t *b = bs_metrics_model_add(m, "beta", "1", 3); /* 3 priority levels */
     assert_non_null(a);
     assert_non_null(b);
     struct bs_metrics_request r1 = {10000, 2000, 1000, 5000, 1500, 3};
@@ -65,10 +65,19 @@ static void test_counters_and_histogram(void **state)
     bs_metrics_execution(a, 2000); /* above every bound: only +Inf */
     bs_metrics_pending(a, 5);
     bs_metrics_pending(a, 2);
+    bs_metrics_priority(a, 0); /* no levels: level 0 */
+    bs_metrics_priority(a, 0);
+    bs_metrics_priority(a, 1); /* not a level of alpha: ignored */
+    bs_metrics_priority(b, 1);
+    bs_metrics_priority(b, 3);
+    bs_metrics_priority(b, 3);
+    bs_metrics_priority(b, 0); /* beta has levels: ignored, like 4 */
+    bs_metrics_priority(b, 4);
     bs_metrics_success(NULL, &r1); /* no metrics: no-ops */
     bs_metrics_failure(NULL, BS_METRICS_OTHER);
     bs_metrics_execution(NULL, 1);
     bs_metrics_pending(NULL, 1);
+    bs_metrics_priority(NULL, 0);
     bs_metrics_unrouted(m, BS_METRICS_CANCELED);
     bs_metrics_unrouted(m, BS_METRICS_OTHER);
     bs_metrics_unrouted(m, BS_METRICS_OTHER);
@@ -107,6 +116,18 @@ static void test_counters_and_histogram(void **state)
     assert_line(t, "blockserve_batch_size_sum{model=\"alpha\",version=\"1\"} 2008");
     assert_line(t, "blockserve_batch_size_count{model=\"alpha\",version=\"1\"} 4");
     assert_line(t, "blockserve_batch_size_bucket{model=\"beta\",version=\"1\",le=\"+Inf\"} 0");
+    assert_line(t, "# TYPE blockserve_inference_requests_total counter");
+    assert_line(
+        t, "blockserve_inference_requests_total{model=\"alpha\",version=\"1\",priority=\"0\"} 2");
+    assert_null(strstr(t, "model=\"alpha\",version=\"1\",priority=\"1\""));
+    assert_line(
+        t, "blockserve_inference_requests_total{model=\"beta\",version=\"1\",priority=\"1\"} 1");
+    assert_line(
+        t, "blockserve_inference_requests_total{model=\"beta\",version=\"1\",priority=\"2\"} 0");
+    assert_line(
+        t, "blockserve_inference_requests_total{model=\"beta\",version=\"1\",priority=\"3\"} 2");
+    assert_null(strstr(t, "model=\"beta\",version=\"1\",priority=\"0\""));
+    assert_null(strstr(t, "priority=\"4\""));
     assert_line(t, "blockserve_unrouted_request_failure_total{reason=\"OTHER\"} 2");
     assert_line(t, "blockserve_unrouted_request_failure_total{reason=\"CANCELED\"} 1");
     assert_line(t, "blockserve_unrouted_request_failure_total{reason=\"REJECTED\"} 0");
@@ -140,7 +161,7 @@ static void test_label_escaping(void **state)
     bs_metrics_t *m;
     struct bs_err err = {0};
     assert_int_equal(bs_metrics_init(&m, NULL, &err), 0);
-    assert_non_null(bs_metrics_model_add(m, "we\"ird\\name\nx", "1"));
+    assert_non_null(bs_metrics_model_add(m, "we\"ird\\name\nx", "1", 0));
     char *t = render(m);
     assert_line(t, "nv_inference_request_success{model=\"we\\\"ird\\\\name\\nx\",version=\"1\"} 0");
     free(t);
