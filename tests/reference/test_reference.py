@@ -6,9 +6,11 @@
 These pin down what blocks.py means before the golden files are trusted:
 attention against a naive per-head loop, the mask forms against each other,
 per-sample vs shared conditioning, stacks and prefixed loads, the sinusoid
-and the safetensors round trip.
+the safetensors round trip, and the block caching rule of block_cache.py
+against the blocks' formulas written out by hand.
 """
 
+import copy
 import math
 import os
 import sys
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import block_cache  # noqa: E402
 import blocks  # noqa: E402
 import gen_golden  # noqa: E402
 import st  # noqa: E402
@@ -167,6 +170,63 @@ def test_stack_and_prefix():
     for blk in stack.blocks:
         h = blk(h, encoder_hidden_states=enc)
     close(stack(x, encoder_hidden_states=enc), h, tol=0)
+
+
+def _cache_pair(**kw):
+    """A random float64 block and a cached copy of it (CachedModel wraps in place)."""
+    block = blocks.BasicTransformerBlock(dim=16, num_attention_heads=2, attention_head_dim=8, **kw).double().eval()
+    gen_golden.init_weights(block, G)
+    return block, block_cache.CachedModel(copy.deepcopy(block))
+
+
+def test_block_cache_rule():
+    """Refresh and off are the exact forward; a reuse adds the refresh's attn1,
+    attn2 and ff outputs to its own input, gated by its own modulation."""
+    x, x2, enc = randn(2, 5, 16), randn(2, 5, 16), randn(2, 3, 12)
+    with torch.no_grad():
+        # LayerNorm and AdaLayerNorm blocks: no gates, so out' = x' + (out - x)
+        # whatever the new timestep (the norms only feed the skipped modules).
+        for kw, t, t2 in ((dict(cross_attention_dim=12), None, None),
+                          (dict(cross_attention_dim=12, norm_type="ada_norm", num_embeds_ada_norm=9),
+                           torch.tensor([1, 8]), torch.tensor([4, 0]))):
+            block, cached = _cache_pair(**kw)
+            cond = {} if t is None else {"timestep": t}
+            cond2 = {} if t2 is None else {"timestep": t2}
+            try:
+                cached.run("reuse", hidden_states=x, encoder_hidden_states=enc, **cond)
+                raise AssertionError("reuse before a refresh accepted")
+            except RuntimeError:
+                pass
+            out = block(x, encoder_hidden_states=enc, **cond)
+            close(cached.run("off", hidden_states=x, encoder_hidden_states=enc, **cond), out, tol=0)
+            close(cached.run("refresh", hidden_states=x, encoder_hidden_states=enc, **cond), out, tol=0)
+            reuse = cached.run("reuse", hidden_states=x2, encoder_hidden_states=enc, **cond2)
+            close(reuse, x2 + (out - x), tol=1e-12)
+            assert (reuse - block(x2, encoder_hidden_states=enc, **cond2)).abs().max() > 1e-2
+        # AdaLayerNormZero: out' = x' + gate_msa' A + gate_mlp' F with A, F from the refresh.
+        block, cached = _cache_pair(norm_type="ada_norm_zero", num_embeds_ada_norm=5, attention_bias=True)
+        t, c, t2 = torch.tensor([3.0, 700.0]), torch.tensor([1, 5]), torch.tensor([2.0, 650.5])
+        n1, g_msa, shift_mlp, scale_mlp, _ = block.norm1(x, t, c, hidden_dtype=torch.float64)
+        a = block.attn1(n1)
+        h = x + g_msa[:, None] * a
+        f = block.ff(block.norm3(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        _, g_msa2, _, _, g_mlp2 = block.norm1(x2, t2, c, hidden_dtype=torch.float64)
+        cached.run("refresh", hidden_states=x, timestep=t, class_labels=c)
+        reuse = cached.run("reuse", hidden_states=x2, timestep=t2, class_labels=c)
+        close(reuse, x2 + g_msa2[:, None] * a + g_mlp2[:, None] * f, tol=1e-12)
+    # A stack: each block its own records; for LayerNorm blocks the sum telescopes.
+    cfg = gen_golden.btb_config(blockserve={"num_blocks": 3, "weights_prefix": "transformer_blocks.{i}."})
+    stack = blocks.build_model(cfg, gen_golden.random_weights(cfg, G)).double()
+    cached = block_cache.CachedModel(copy.deepcopy(stack))
+    x, x2, enc = randn(2, 4, 32), randn(2, 4, 32), randn(2, 3, 24)
+    with torch.no_grad():
+        out = stack(x, encoder_hidden_states=enc)
+        close(cached.run("refresh", hidden_states=x, encoder_hidden_states=enc), out, tol=0)
+        records = cached.records()
+        assert len(records) == 3 and all(set(r) == {"attn1", "attn2", "ff"} for r in records.values())
+        assert not torch.equal(records[0]["ff"], records[1]["ff"])
+        close(cached.run("reuse", hidden_states=x2, encoder_hidden_states=enc), x2 + (out - x), tol=1e-12)
+    assert block_cache.interval_modes(5, 2) == ["refresh", "reuse", "refresh", "reuse", "refresh"]
 
 
 def test_safetensors_roundtrip():
