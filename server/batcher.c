@@ -71,12 +71,14 @@ struct bs_job {
      * (batch_should_stop) */
     atomic_bool cancelled;
     bool intermediate;
-    bool solo;           /* inputs of a layout the batcher does not concatenate */
-    int64_t batch;       /* samples: dim 0 of the model's main input */
-    int64_t tokens;      /* the main input's tokens (bs_model_tokens) */
-    int64_t out_off;     /* running: where its output starts in the batch's (floats) */
-    int64_t deadline_ns; /* the transport's (INT64_MAX: none) */
-    int64_t stop_ns;     /* running: nobody waits past this (deadline, or its own timeout) */
+    bool solo;               /* inputs of a layout the batcher does not concatenate */
+    int64_t batch;           /* samples: dim 0 of the model's main input */
+    int64_t tokens;          /* the main input's tokens (bs_model_tokens) */
+    int64_t out_off;         /* running: where its output starts in the batch's (floats) */
+    int64_t deadline_ns;     /* the transport's (INT64_MAX: none) */
+    int64_t stop_ns;         /* running: nobody waits past this (deadline, or its own timeout) */
+    bs_block_cache_t *cache; /* its sequence's block cache, or NULL */
+    enum bs_cache_mode cache_mode;
     uint64_t enqueue_ns;
     uint64_t queue_ns;          /* time in the queue, once dispatched */
     struct bs_tensor out_shape; /* this request's output shape (data NULL) */
@@ -462,7 +464,10 @@ static void batch_work(uv_work_t *req)
     r->n_in = head->n_in;
     if (r->ragged) {
         for (int k = 0; k < r->n_jobs; k++)
-            r->parts[k] = (struct bs_model_part){.in = r->jobs[k]->in, .n_in = r->jobs[k]->n_in};
+            r->parts[k] = (struct bs_model_part){.in = r->jobs[k]->in,
+                                                 .n_in = r->jobs[k]->n_in,
+                                                 .cache = r->jobs[k]->cache,
+                                                 .mode = r->jobs[k]->cache_mode};
     } else if (r->n_jobs > 1) {
         for (int i = 0; i < r->n_in && r->rc == 0; i++)
             r->rc = concat_input(b->model, r, i);
@@ -669,8 +674,19 @@ static void dispatch(bs_batcher_t *b, int n, int64_t size, uint64_t now)
     r->size = size;
     r->want_blocks = false;
     r->ragged = false;
+    for (int k = 0; k < n; k++) /* block caching runs through the packed path */
+        r->ragged |= (k > 0 && !sig_equal(b->model, r->jobs[0], r->jobs[k])) ||
+                     r->jobs[k]->cache_mode != BS_CACHE_OFF;
+    /* jobs that reuse their caches after those that compute (the engine's
+     * rule), otherwise in queue order */
     for (int k = 1; k < n; k++)
-        r->ragged |= !sig_equal(b->model, r->jobs[0], r->jobs[k]);
+        for (int i = k; i > 0 && r->jobs[i - 1]->cache_mode == BS_CACHE_REUSE &&
+                        r->jobs[i]->cache_mode != BS_CACHE_REUSE;
+             i--) {
+            bs_job_t *t = r->jobs[i];
+            r->jobs[i] = r->jobs[i - 1];
+            r->jobs[i - 1] = t;
+        }
     r->err.code = 0;
     r->err.msg[0] = '\0';
     for (int k = 0; k < n; k++) {
@@ -962,6 +978,8 @@ int bs_batcher_submit(bs_batcher_t *b, const struct bs_batcher_request *req,
     j->deadline_ns = req->deadline_ns;
     j->timeout_ns = queue_timeout_ns(&b->levels[level], req->timeout_us, j->enqueue_ns);
     j->stop_ns = j->deadline_ns;
+    j->cache = req->cache;
+    j->cache_mode = req->cache_mode;
     /* its own timeout, where its level honours it, also ends the wait for
      * it while it runs */
     if (req->timeout_us > 0 && b->levels[level].policy.allow_timeout_override) {

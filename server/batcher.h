@@ -91,6 +91,10 @@ struct bs_batcher_request {
     /* Triton's "timeout" in us (0: none): shortens the queue timeout of the
      * request's level where its policy allows (allow_timeout_override). */
     int64_t timeout_us;
+    /* Step-level block caching (a call of a denoising sequence): what the
+     * forward does with cache (engine/model.h); BS_CACHE_OFF: nothing. */
+    bs_block_cache_t *cache;
+    enum bs_cache_mode cache_mode;
     /* The transport's deadline on uv_hrtime()'s clock (INT64_MAX: none):
      * always applies, whatever the level's policy. */
     int64_t deadline_ns;

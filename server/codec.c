@@ -347,6 +347,87 @@ static int decode_priority(const Inference__InferParameter *v, struct bs_infer_r
     return 0;
 }
 
+/* A sequence_id as Triton takes it: a uint64_param, an int64_param >= 0,
+ * or a string_param (Triton's string correlation ids): digits are that
+ * number, any other string names the sequence by its 64-bit FNV-1a hash
+ * with the top bit set (so it never collides with a number below 2^63). */
+static int decode_sequence_id(const Inference__InferParameter *v, uint64_t *id, struct bs_err *err)
+{
+    int which = v ? (int)v->parameter_choice_case : 0;
+    if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
+        *id = v->uint64_param;
+        return 0;
+    }
+    if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM && v->int64_param >= 0) {
+        *id = (uint64_t)v->int64_param;
+        return 0;
+    }
+    if (which != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM)
+        return bs_err_set(err, BS_EINVAL,
+                          "parameter 'sequence_id' must be a uint64_param, a "
+                          "non-negative int64_param or a string_param");
+    const char *s = str_or_empty(v->string_param);
+    size_t n = strlen(s);
+    if (n == 0)
+        return bs_err_set(err, BS_EINVAL, "parameter 'sequence_id' is an empty string");
+    if (n <= 19 && strspn(s, "0123456789") == n) {
+        *id = strtoull(s, NULL, 10);
+        return 0;
+    }
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)s[i]) * 0x100000001b3ull;
+    *id = h | (1ull << 63);
+    return 0;
+}
+
+static int decode_bool(const Inference__InferParameter *v, const char *key, bool *out,
+                       struct bs_err *err)
+{
+    if (v == NULL ||
+        v->parameter_choice_case != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM)
+        return bs_err_set(err, BS_EINVAL, "parameter '%s' must be a bool_param", key);
+    *out = v->bool_param != 0;
+    return 0;
+}
+
+/* sequence_id, sequence_start, sequence_end, block_cache_interval: 1 when
+ * key is none of them. */
+static int decode_seq_param(const char *key, const Inference__InferParameter *v,
+                            struct bs_seq_params *p, struct bs_err *err)
+{
+    int which = v ? (int)v->parameter_choice_case : 0;
+    if (strcmp(key, "sequence_id") == 0) {
+        p->given = true;
+        return decode_sequence_id(v, &p->id, err);
+    }
+    if (strcmp(key, "sequence_start") == 0) {
+        p->given = true;
+        return decode_bool(v, key, &p->start, err);
+    }
+    if (strcmp(key, "sequence_end") == 0) {
+        p->given = true;
+        return decode_bool(v, key, &p->end, err);
+    }
+    if (strcmp(key, "block_cache_interval") != 0)
+        return 1;
+    int64_t n = -1;
+    if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM)
+        n = v->int64_param;
+    else if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM)
+        n = v->uint64_param > INT32_MAX ? -1 : (int64_t)v->uint64_param;
+    else
+        return bs_err_set(err, BS_EINVAL,
+                          "parameter 'block_cache_interval' must be an "
+                          "int64_param");
+    if (n < 1 || n > INT32_MAX)
+        return bs_err_set(err, BS_EINVAL,
+                          "parameter 'block_cache_interval' is %lld (must be in [1, 2^31))",
+                          (long long)n);
+    p->cache_interval = n;
+    return 0;
+}
+
 static int decode_params(const req_msg_t *m, struct bs_infer_request *req, struct bs_err *err)
 {
     int rc;
@@ -368,7 +449,10 @@ static int decode_params(const req_msg_t *m, struct bs_infer_request *req, struc
                                   "parameter 'timeout' is %lld (microseconds, must be >= 0)",
                                   (long long)v->int64_param);
             req->timeout_us = v->int64_param;
-        } else if (strcmp(key, "priority") == 0 && (rc = decode_priority(v, req, err)) != 0) {
+        } else if (strcmp(key, "priority") == 0) {
+            if ((rc = decode_priority(v, req, err)) != 0)
+                return rc;
+        } else if ((rc = decode_seq_param(key, v, &req->seq, err)) < 0) {
             return rc;
         }
     }
@@ -546,9 +630,9 @@ struct response {
     Inference__ModelInferResponse__InferOutputTensor *outs[1];
     Inference__InferTensorContents contents;
     ProtobufCBinaryData raw;
-    Inference__InferParameter final;
-    Inference__ModelInferResponse__ParametersEntry final_entry;
-    Inference__ModelInferResponse__ParametersEntry *params[1];
+    Inference__InferParameter final, cache;
+    Inference__ModelInferResponse__ParametersEntry final_entry, cache_entry;
+    Inference__ModelInferResponse__ParametersEntry *params[2];
 };
 
 static int encode_output(struct response *r, const struct bs_tensor *out, bool raw,
@@ -607,8 +691,18 @@ int bs_codec_encode_infer(const struct bs_infer_request *req, const struct bs_te
             INFERENCE__MODEL_INFER_RESPONSE__PARAMETERS_ENTRY__INIT;
         r.final_entry.key = "triton_final_response";
         r.final_entry.value = &r.final;
-        r.params[0] = &r.final_entry;
-        r.msg.n_parameters = 1;
+        r.params[r.msg.n_parameters++] = &r.final_entry;
+        r.msg.parameters = r.params;
+    }
+    if (req->block_cache != NULL) {
+        r.cache = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
+        r.cache.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+        r.cache.string_param = (char *)req->block_cache;
+        r.cache_entry = (Inference__ModelInferResponse__ParametersEntry)
+            INFERENCE__MODEL_INFER_RESPONSE__PARAMETERS_ENTRY__INIT;
+        r.cache_entry.key = "block_cache";
+        r.cache_entry.value = &r.cache;
+        r.params[r.msg.n_parameters++] = &r.cache_entry;
         r.msg.parameters = r.params;
     }
     size_t size = inference__model_infer_response__get_packed_size(&r.msg);

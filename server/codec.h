@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "sequences.h"
 
 #define BS_CODEC_MAX_INPUTS BS_MAX_INPUTS
 
@@ -34,6 +35,10 @@ struct bs_infer_request {
     bool stream_intermediate;  /* parameter stream_intermediate: true */
     int64_t timeout_us;        /* parameter "timeout" in microseconds, 0 when absent */
     uint64_t priority;         /* parameter "priority" (1: the highest), 0 when absent */
+    struct bs_seq_params seq;  /* sequence_id, sequence_start, sequence_end,
+                                  block_cache_interval */
+    const char *block_cache;   /* answer with parameter block_cache ("refresh", "reuse"); NULL:
+                                  none (set by the front end before encoding) */
 };
 
 /* Unpack and validate: model name present; each input's name unique, datatype

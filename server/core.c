@@ -13,6 +13,12 @@
  * Shutdown: bs_core_shutdown answers each request in flight at once and
  * cancels its job; the job's own end is then swallowed (req->answered).
  *
+ * Sequences: a request with sequence parameters begins a call of its
+ * sequence (server/sequences.c), which decides whether it refreshes or
+ * reuses its block cache, before it goes to the batcher. A call whose
+ * sequence has one running waits in the core (no job yet) until that one
+ * ends, so that the calls of a sequence run in order.
+ *
  * Thread ownership: the loop thread owns everything here. */
 #include "core.h"
 
@@ -30,6 +36,11 @@ struct bs_core_req {
     void *arg;
     bool answered;                   /* answered early (shutdown): the job's end only frees */
     struct bs_core_req *prev, *next; /* the core's requests in flight */
+    /* sequences */
+    struct bs_core_request req; /* kept while it waits for its sequence */
+    bool waiting;               /* waits for its sequence's running call (no job) */
+    bs_seq_t *seq;              /* its call's sequence, once begun */
+    struct bs_seq_call call;
 };
 
 struct bs_core {
@@ -38,6 +49,9 @@ struct bs_core {
     bool accepting;
     int in_flight;
     struct bs_core_req *head;
+    bs_seqs_t *seqs;
+    uv_timer_t seq_timer; /* ends idle sequences (with o.loop) */
+    bool timer_open;
 };
 
 /* ---- routing ----------------------------------------------------------------- */
@@ -125,10 +139,12 @@ static int job_output(void *arg, const struct bs_tensor *out, struct bs_err *err
     return r->reply.on_output(r->arg, out, err);
 }
 
-static void job_done(void *arg, int rc, const char *msg, const struct bs_tensor *out)
+static void seq_wake(bs_core_t *core, const struct bs_repo_model *rm, uint64_t id);
+static void seq_arm(bs_core_t *core);
+
+/* Answer r, release it and free it (its job, if any, is over). */
+static void req_end(bs_core_req_t *r, int rc, const char *msg)
 {
-    bs_core_req_t *r = arg;
-    (void)out;
     req_unlink(r);
     if (!r->answered)
         r->reply.on_done(r->arg, rc, msg);
@@ -137,8 +153,137 @@ static void job_done(void *arg, int rc, const char *msg, const struct bs_tensor 
     free(r);
 }
 
+static void job_done(void *arg, int rc, const char *msg, const struct bs_tensor *out)
+{
+    bs_core_req_t *r = arg;
+    bs_core_t *core = r->core;
+    const struct bs_repo_model *rm = r->rm;
+    uint64_t id = r->req.seq.id;
+    bool in_seq = r->seq != NULL;
+    (void)out;
+    if (in_seq)
+        bs_seqs_finish(core->seqs, r->seq, rc, uv_hrtime());
+    req_end(r, rc, msg);
+    if (in_seq) { /* the sequence's next call may run now */
+        seq_wake(core, rm, id);
+        seq_arm(core);
+    }
+}
+
 static const struct bs_job_ops job_ops = {
     .on_block = job_block, .on_done = job_done, .on_output = job_output};
+
+/* ---- sequences ---------------------------------------------------------------- */
+
+/* Publish every served model's sequence counters. */
+static void seq_metrics(bs_core_t *core)
+{
+    for (int i = 0; i < bs_repository_count(core->repo); i++) {
+        struct bs_repo_model *rm = bs_repository_get(core->repo, i);
+        struct bs_seq_stats st;
+        if (rm == NULL || rm->model == NULL || rm->metrics == NULL)
+            continue;
+        bs_seqs_stats(core->seqs, rm->model, &st);
+        struct bs_metrics_seq ms = {st.bytes,     st.sequences, st.hits,
+                                    st.refreshes, st.evictions, st.expired};
+        bs_metrics_sequences(rm->metrics, &ms);
+    }
+}
+
+static void on_seq_timer(uv_timer_t *t)
+{
+    bs_core_t *core = t->data;
+    bs_seqs_expire(core->seqs, uv_hrtime());
+    seq_arm(core);
+}
+
+/* End idle sequences now, and arm the timer for the next one to idle out. */
+static void seq_arm(bs_core_t *core)
+{
+    int64_t next = bs_seqs_expire(core->seqs, uv_hrtime());
+    seq_metrics(core);
+    if (!core->timer_open)
+        return;
+    if (next == INT64_MAX) {
+        uv_timer_stop(&core->seq_timer);
+        return;
+    }
+    int64_t wait_ns = next - (int64_t)uv_hrtime();
+    uv_timer_start(&core->seq_timer, on_seq_timer,
+                   wait_ns <= 0 ? 0 : (uint64_t)((wait_ns + 999999) / 1000000), 0);
+}
+
+/* Begin r's call of its sequence and hand it to the batcher: 0 (queued,
+ * or waiting for the sequence: r->waiting), or a failure code, counted,
+ * with nothing kept of the call. */
+static int seq_start(bs_core_t *core, bs_core_req_t *r, struct bs_err *err)
+{
+    struct bs_repo_model *rm = r->rm;
+    const struct bs_core_request *req = &r->req;
+    struct bs_seq_model sm = {.max_idle_us = rm->serving.max_sequence_idle_us,
+                              .cache_bytes = (size_t)rm->serving.block_cache_bytes};
+    struct bs_tensor shape;
+    int rc;
+    r->seq = NULL;
+    memset(&r->call, 0, sizeof(r->call));
+    if (req->seq.given || req->seq.cache_interval > 0) {
+        /* a request the model refuses is no call of its sequence */
+        if ((rc = bs_model_check(rm->model, req->inputs, req->n_inputs, &shape, err)) != 0) {
+            bs_batcher_count_failure(rm->batcher, rc);
+            return rc;
+        }
+        int64_t tokens = bs_model_tokens(rm->model, req->inputs, req->n_inputs);
+        rc = bs_seqs_begin(core->seqs, rm->model, &sm, &req->seq, tokens, uv_hrtime(), &r->seq,
+                           &r->call, err);
+        if (rc < 0) {
+            bs_batcher_count_failure(rm->batcher, rc);
+            return rc;
+        }
+        seq_arm(core); /* counters, and the idle timer */
+        r->waiting = rc == 1;
+        if (r->waiting) {
+            r->seq = NULL; /* begun again when the running call ends */
+            return 0;
+        }
+    }
+    /* the batcher counts its own refusals, and applies the timeout as the
+     * queue policy of the request's priority level says */
+    struct bs_batcher_request br = {.in = req->inputs,
+                                    .n_in = req->n_inputs,
+                                    .intermediate = req->intermediate,
+                                    .priority = req->priority,
+                                    .timeout_us = req->timeout_us,
+                                    .cache = r->call.cache,
+                                    .cache_mode = r->call.mode,
+                                    .deadline_ns = req->deadline_ns};
+    rc = bs_batcher_submit(rm->batcher, &br, &job_ops, r, &r->job, err);
+    if (rc != 0 && r->seq != NULL) {
+        bs_seqs_finish(core->seqs, r->seq, rc, uv_hrtime());
+        r->seq = NULL;
+    }
+    return rc;
+}
+
+/* The sequence (rm, id) has no call running: start the first request that
+ * waits for it. One that fails now is answered (and counted) at once. */
+static void seq_wake(bs_core_t *core, const struct bs_repo_model *rm, uint64_t id)
+{
+    for (bs_core_req_t *r = core->head; r != NULL; r = r->next) {
+        if (!r->waiting || r->answered || r->rm != rm || r->req.seq.id != id)
+            continue;
+        /* the oldest waiter is the last in the list (requests are pushed at the head) */
+        bs_core_req_t *oldest = r;
+        for (bs_core_req_t *q = r->next; q != NULL; q = q->next)
+            if (q->waiting && !q->answered && q->rm == rm && q->req.seq.id == id)
+                oldest = q;
+        struct bs_err err = {0};
+        oldest->waiting = false;
+        int rc = seq_start(core, oldest, &err);
+        if (rc != 0)
+            req_end(oldest, rc, err.msg);
+        return;
+    }
+}
 
 /* ---- requests ------------------------------------------------------------------ */
 
@@ -164,16 +309,8 @@ int bs_core_submit(bs_core_t *core, const struct bs_core_request *req,
     r->rm = rm;
     r->reply = *reply;
     r->arg = arg;
-    /* the batcher counts its own refusals, and applies the timeout as the
-     * queue policy of the request's priority level says */
-    struct bs_batcher_request br = {.in = req->inputs,
-                                    .n_in = req->n_inputs,
-                                    .intermediate = req->intermediate,
-                                    .priority = req->priority,
-                                    .timeout_us = req->timeout_us,
-                                    .deadline_ns = req->deadline_ns};
-    rc = bs_batcher_submit(rm->batcher, &br, &job_ops, r, &r->job, err);
-    if (rc != 0) {
+    r->req = *req;
+    if ((rc = seq_start(core, r, err)) != 0) {
         free(r);
         return rc;
     }
@@ -189,8 +326,26 @@ int bs_core_submit(bs_core_t *core, const struct bs_core_request *req,
 void bs_core_cancel(bs_core_t *core, bs_core_req_t *r)
 {
     (void)core;
-    if (r != NULL)
-        bs_batcher_cancel(r->rm->batcher, r->job); /* job_done follows */
+    if (r == NULL)
+        return;
+    if (r->waiting) { /* never reached the batcher */
+        bs_batcher_count_failure(r->rm->batcher, BS_ECANCELED);
+        req_end(r, BS_ECANCELED, "cancelled");
+        return;
+    }
+    bs_batcher_cancel(r->rm->batcher, r->job); /* job_done follows */
+}
+
+const char *bs_core_block_cache(const bs_core_req_t *r)
+{
+    if (r == NULL || !r->call.cached)
+        return NULL;
+    return r->call.mode == BS_CACHE_REUSE ? "reuse" : "refresh";
+}
+
+void bs_core_seq_stats(const bs_core_t *core, const bs_model_t *model, struct bs_seq_stats *st)
+{
+    bs_seqs_stats(core->seqs, model, st);
 }
 
 /* ---- lifecycle ------------------------------------------------------------------ */
@@ -205,13 +360,35 @@ int bs_core_init(bs_core_t **core, bs_repository_t *repo, const struct bs_core_o
     c->repo = repo;
     c->o = *opts;
     c->accepting = true;
+    int rc = bs_seqs_init(&c->seqs, opts->block_cache_bytes, err);
+    if (rc != 0) {
+        free(c);
+        return rc;
+    }
+    if (opts->loop != NULL) {
+        uv_timer_init(opts->loop, &c->seq_timer); /* cannot fail */
+        uv_unref((uv_handle_t *)&c->seq_timer);   /* idle sequences keep no loop alive */
+        c->seq_timer.data = c;
+        c->timer_open = true;
+    }
     *core = c;
     return 0;
 }
 
+static void on_timer_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
 void bs_core_free(bs_core_t *core)
 {
-    free(core);
+    if (core == NULL)
+        return;
+    bs_seqs_free(core->seqs);
+    if (core->timer_open) /* the core goes with the timer's close callback */
+        uv_close((uv_handle_t *)&core->seq_timer, on_timer_closed);
+    else
+        free(core);
 }
 
 bs_repository_t *bs_core_repository(bs_core_t *core)
@@ -244,9 +421,15 @@ void bs_core_shutdown(bs_core_t *core)
         r->answered = true;
         r->reply.on_done(r->arg, BS_EUNSUPP, msg);
     }
-    /* A queued job's job_done runs (and frees it) inside bs_batcher_cancel. */
+    /* A queued job's job_done runs (and frees it) inside bs_batcher_cancel;
+     * a request waiting for its sequence has no job. */
     for (bs_core_req_t *r = core->head, *next; r != NULL; r = next) {
         next = r->next;
-        bs_batcher_cancel(r->rm->batcher, r->job);
+        if (r->waiting) {
+            bs_batcher_count_failure(r->rm->batcher, BS_ECANCELED);
+            req_end(r, BS_ECANCELED, msg);
+        } else {
+            bs_batcher_cancel(r->rm->batcher, r->job);
+        }
     }
 }

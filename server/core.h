@@ -15,6 +15,7 @@
 
 #include "metrics.h"
 #include "repository.h"
+#include "sequences.h"
 
 #define BS_MODEL_VERSION "1" /* every model serves this one version */
 
@@ -24,6 +25,11 @@ typedef struct bs_core_req bs_core_req_t;
 struct bs_core_options {
     int max_inflight;      /* requests admitted and not answered, server-wide (0: no bound) */
     bs_metrics_t *metrics; /* for failures that name no served model; NULL: none */
+    /* Denoising sequences: the bytes their block caches may hold
+     * server-wide (0: no caching), and the loop whose timer ends idle
+     * sequences (NULL: they end when a later request looks). */
+    size_t block_cache_bytes;
+    uv_loop_t *loop;
 };
 
 /* One decoded inference request. The core reads it during bs_core_submit;
@@ -39,6 +45,10 @@ struct bs_core_request {
                             policy decides whether it applies */
     int64_t deadline_ns; /* the transport's deadline on uv_hrtime()'s clock (INT64_MAX: none) */
     bool sender_full;    /* the front end cannot take more answers now: refuse (BS_EBUSY) */
+    /* Its denoising sequence (Triton's sequence_id, sequence_start,
+     * sequence_end) and block_cache_interval (server/sequences.h). A call of
+     * a sequence whose previous call still runs waits for it. */
+    struct bs_seq_params seq;
 };
 
 /* What a front end hears about one admitted request, on the loop thread. */
@@ -105,5 +115,13 @@ void bs_core_shutdown(bs_core_t *core);
 
 /* Requests admitted and not yet answered. */
 int bs_core_in_flight(const bs_core_t *core);
+
+/* What a request that asked for block caching did, for its answer:
+ * "refresh" or "reuse"; NULL when it did not ask (valid from submit until
+ * on_done). */
+const char *bs_core_block_cache(const bs_core_req_t *req);
+
+/* Sequence and block-cache counters of model (NULL: all). */
+void bs_core_seq_stats(const bs_core_t *core, const bs_model_t *model, struct bs_seq_stats *st);
 
 #endif

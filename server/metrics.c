@@ -31,6 +31,7 @@ struct metrics_values {
     uint64_t batch_bucket[BS_METRICS_BATCH_BUCKETS + 1]; /* non-cumulative; last: above all */
     uint64_t batch_sum;
     uint64_t ragged, stopped, blocks_skipped;
+    struct bs_metrics_seq seq;
     uint64_t requests[BS_METRICS_MAX_PRIORITY + 1]; /* by priority level (0: no levels) */
 };
 
@@ -173,6 +174,15 @@ void bs_metrics_stopped(bs_metrics_model_t *mm, uint64_t blocks_skipped)
     uv_mutex_unlock(&mm->m->lock);
 }
 
+void bs_metrics_sequences(bs_metrics_model_t *mm, const struct bs_metrics_seq *s)
+{
+    if (mm == NULL)
+        return;
+    uv_mutex_lock(&mm->m->lock);
+    mm->v.seq = *s;
+    uv_mutex_unlock(&mm->m->lock);
+}
+
 void bs_metrics_pending(bs_metrics_model_t *mm, int64_t n)
 {
     if (mm == NULL)
@@ -283,6 +293,30 @@ static uint64_t v_blocks_skipped(const struct metrics_values *v)
 {
     return v->blocks_skipped;
 }
+static uint64_t v_seq_bytes(const struct metrics_values *v)
+{
+    return v->seq.bytes;
+}
+static uint64_t v_seq_live(const struct metrics_values *v)
+{
+    return v->seq.sequences;
+}
+static uint64_t v_seq_hits(const struct metrics_values *v)
+{
+    return v->seq.hits;
+}
+static uint64_t v_seq_refreshes(const struct metrics_values *v)
+{
+    return v->seq.refreshes;
+}
+static uint64_t v_seq_evictions(const struct metrics_values *v)
+{
+    return v->seq.evictions;
+}
+static uint64_t v_seq_expired(const struct metrics_values *v)
+{
+    return v->seq.expired;
+}
 static uint64_t v_request_us(const struct metrics_values *v)
 {
     return v->request_ns / 1000;
@@ -339,6 +373,18 @@ static const struct family families[] = {
      v_stopped},
     {"blockserve_skipped_block_count", "counter",
      "Blocks of a stack left unrun by stopped executions", v_blocks_skipped},
+    {"blockserve_block_cache_bytes", "gauge",
+     "Bytes the model's denoising sequences hold in block caches now", v_seq_bytes},
+    {"blockserve_sequences", "gauge", "Denoising sequences of the model alive now", v_seq_live},
+    {"blockserve_block_cache_hit_count", "counter", "Sequence calls that reused their block caches",
+     v_seq_hits},
+    {"blockserve_block_cache_refresh_count", "counter",
+     "Sequence calls with block caching that ran the blocks and stored their outputs",
+     v_seq_refreshes},
+    {"blockserve_block_cache_eviction_count", "counter",
+     "Block caches evicted (least recently used) to make room for a refresh", v_seq_evictions},
+    {"blockserve_sequence_expired_count", "counter",
+     "Sequences ended by idling past max_sequence_idle_microseconds", v_seq_expired},
 };
 
 static void render_models(struct buf *b, bs_metrics_model_t *const *mm,

@@ -75,6 +75,12 @@ void bs_metrics_ragged(bs_metrics_model_t *mm);
 /* One execution stopped early (nobody waited for it), leaving
  * blocks_skipped blocks of its stack unrun. */
 void bs_metrics_stopped(bs_metrics_model_t *mm, uint64_t blocks_skipped);
+/* The model's denoising sequences and block caches now (server/sequences.h:
+ * bytes and sequences as gauges, the rest cumulative). */
+struct bs_metrics_seq {
+    uint64_t bytes, sequences, hits, refreshes, evictions, expired;
+};
+void bs_metrics_sequences(bs_metrics_model_t *mm, const struct bs_metrics_seq *s);
 /* Requests waiting in the model's queue now. */
 void bs_metrics_pending(bs_metrics_model_t *mm, int64_t n);
 

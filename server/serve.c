@@ -42,6 +42,7 @@ struct serve_opts {
     int max_inflight;
     int max_stream_pending;
     int64_t max_stream_unsent, max_unsent;
+    int64_t block_cache_bytes;
     struct bs_serving_config defaults;
     int metrics_port;            /* 0: no metrics */
     bool metrics_port_given;     /* a busy default port only warns */
@@ -117,6 +118,10 @@ static const struct bs_opt serve_rows[] = {
      .def = "536870912", .metavar = "N",
      .help = "server-wide bound on unsent answers: streams stop\n"
              "reading, new inferences get RESOURCE_EXHAUSTED\n(default %D)"},
+    {"--block-cache-bytes", AT(INT64, block_cache_bytes), .lo = 0, .hi = (int64_t)1 << 50,
+     .def = "1073741824", .metavar = "N",
+     .help = "server-wide budget of the denoising sequences'\nblock caches (0: no caching)\n"
+             "(default %D)"},
     {"--grace-seconds", AT(INT, grace_seconds), .lo = 0, .hi = 86400, .def = "30", .metavar = "N",
      .help = "on SIGTERM/SIGINT, time to finish queued work"},
     {"--max-batch-size", AT(INT, defaults.max_batch_size), .lo = 1, .hi = 1024, .def = "8",
@@ -312,7 +317,10 @@ static int grpc_rows(struct server *s, struct bs_rpc_method *rows)
 static int start(struct server *s, struct bs_err *err)
 {
     struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults, s->metrics};
-    struct bs_core_options co = {.max_inflight = s->opts.max_inflight, .metrics = s->metrics};
+    struct bs_core_options co = {.max_inflight = s->opts.max_inflight,
+                                 .metrics = s->metrics,
+                                 .block_cache_bytes = (size_t)s->opts.block_cache_bytes,
+                                 .loop = s->loop};
     struct bs_service_options so = {
         .limits = {s->opts.max_tensor_elements, BS_CODEC_MAX_INPUTS},
         .max_response_bytes = (size_t)s->opts.max_message_bytes,

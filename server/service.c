@@ -30,7 +30,7 @@
 #include "version.h"
 
 #define BS_SERVER_NAME "blockserve"
-#define MODEL_VERSION BS_MODEL_VERSION
+#define MODEL_VERSION  BS_MODEL_VERSION
 
 struct stream;
 
@@ -59,11 +59,11 @@ struct stream {
     bs_service_t *svc;
     bs_rpc_call_t *call;
     struct infer *head;
-    int n_infer;    /* inferences in flight on it (the transport's flow control) */
-    bool ended;     /* the client half-closed */
-    bool cancelled; /* the call is gone */
-    bool finished;  /* the service finished it (shutdown) */
-    int busy;       /* > 0 while a walk over the list runs: no freeing */
+    int n_infer;                /* inferences in flight on it (the transport's flow control) */
+    bool ended;                 /* the client half-closed */
+    bool cancelled;             /* the call is gone */
+    bool finished;              /* the service finished it (shutdown) */
+    int busy;                   /* > 0 while a walk over the list runs: no freeing */
     struct stream *prev, *next; /* the service's streams */
 };
 
@@ -113,7 +113,7 @@ static ProtobufCMessage *unpack_checked(const ProtobufCMessageDescriptor *desc, 
     return m;
 }
 
-#define UNPACK_OR_FAIL(type, var, data, len, call)                                                  \
+#define UNPACK_OR_FAIL(type, var, data, len, call)                                                 \
     type *var = (type *)unpack_checked(&type##_descriptor_ptr, data, len, call);                   \
     if (var == NULL)                                                                               \
         return;
@@ -126,9 +126,9 @@ static struct bs_repo_model *lookup(bs_service_t *svc, const char *name, const c
 
 /* ---- health and metadata --------------------------------------------------- */
 
-#define Inference__ModelReadyRequest_descriptor_ptr inference__model_ready_request__descriptor
+#define Inference__ModelReadyRequest_descriptor_ptr    inference__model_ready_request__descriptor
 #define Inference__ModelMetadataRequest_descriptor_ptr inference__model_metadata_request__descriptor
-#define Inference__ModelConfigRequest_descriptor_ptr inference__model_config_request__descriptor
+#define Inference__ModelConfigRequest_descriptor_ptr   inference__model_config_request__descriptor
 #define Inference__ModelStatisticsRequest_descriptor_ptr                                           \
     inference__model_statistics_request__descriptor
 #define Inference__RepositoryIndexRequest_descriptor_ptr                                           \
@@ -165,8 +165,9 @@ static void on_model_ready(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t
 
 static void on_server_metadata(bs_service_t *svc, bs_rpc_call_t *call)
 {
-    static char *extensions[] = {"model_configuration", "statistics", "parameters",
-                                 "model_repository(index)", "streaming", "health", "reflection"};
+    static char *extensions[] = {
+        "model_configuration", "statistics", "parameters", "model_repository(index)",
+        "streaming",           "health",     "reflection"};
     Inference__ServerMetadataResponse r = INFERENCE__SERVER_METADATA_RESPONSE__INIT;
     r.name = BS_SERVER_NAME;
     r.version = BS_VERSION;
@@ -222,12 +223,18 @@ static void on_model_metadata(bs_service_t *svc, bs_rpc_call_t *call, const uint
 static Inference__DataType data_type_of(enum bs_dtype t)
 {
     switch (t) {
-    case BS_TYPE_F32: return INFERENCE__DATA_TYPE__TYPE_FP32;
-    case BS_TYPE_F16: return INFERENCE__DATA_TYPE__TYPE_FP16;
-    case BS_TYPE_BF16: return INFERENCE__DATA_TYPE__TYPE_BF16;
-    case BS_TYPE_I64: return INFERENCE__DATA_TYPE__TYPE_INT64;
-    case BS_TYPE_BOOL: return INFERENCE__DATA_TYPE__TYPE_BOOL;
-    default: return INFERENCE__DATA_TYPE__TYPE_INVALID;
+    case BS_TYPE_F32:
+        return INFERENCE__DATA_TYPE__TYPE_FP32;
+    case BS_TYPE_F16:
+        return INFERENCE__DATA_TYPE__TYPE_FP16;
+    case BS_TYPE_BF16:
+        return INFERENCE__DATA_TYPE__TYPE_BF16;
+    case BS_TYPE_I64:
+        return INFERENCE__DATA_TYPE__TYPE_INT64;
+    case BS_TYPE_BOOL:
+        return INFERENCE__DATA_TYPE__TYPE_BOOL;
+    default:
+        return INFERENCE__DATA_TYPE__TYPE_INVALID;
     }
 }
 
@@ -423,8 +430,7 @@ static void free_stats(struct stats_msg *s)
     free(s->bd);
 }
 
-static void on_model_statistics(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d,
-                                size_t n)
+static void on_model_statistics(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
 {
     struct bs_err err;
     UNPACK_OR_FAIL(Inference__ModelStatisticsRequest, q, d, n, call);
@@ -460,13 +466,13 @@ static void on_model_statistics(bs_service_t *svc, bs_rpc_call_t *call, const ui
     protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
-static void on_repository_index(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d,
-                                size_t n)
+static void on_repository_index(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
 {
     UNPACK_OR_FAIL(Inference__RepositoryIndexRequest, q, d, n, call);
     int count = bs_repository_count(bs_core_repository(svc->core)), k = 0;
     Inference__RepositoryIndexResponse__ModelIndex *idx = calloc((size_t)count + 1, sizeof(*idx));
-    Inference__RepositoryIndexResponse__ModelIndex **list = calloc((size_t)count + 1, sizeof(*list));
+    Inference__RepositoryIndexResponse__ModelIndex **list =
+        calloc((size_t)count + 1, sizeof(*list));
     if (idx == NULL || list == NULL) {
         bs_rpc_fail(call, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
     } else {
@@ -608,6 +614,7 @@ static void reply_block(void *arg, const struct bs_tensor *out)
 static int reply_output(void *arg, const struct bs_tensor *out, struct bs_err *err)
 {
     struct infer *in = arg;
+    in->req.block_cache = bs_core_block_cache(in->creq);
     return encode(in, out, in->stream && in->req.stream_intermediate ? 1 : -1, &in->resp,
                   &in->resp_len, err);
 }
@@ -620,8 +627,8 @@ static void reply_done(void *arg, int rc, const char *msg)
     struct stream *s = in->stream;
     infer_unlink(in);
     in->stream = NULL;
-    bs_log(BS_LOG_VERBOSE, in->req.id[0] ? in->req.id : NULL, "model %s: %s",
-           in->req.model_name, rc == 0 ? "ok" : msg);
+    bs_log(BS_LOG_VERBOSE, in->req.id[0] ? in->req.id : NULL, "model %s: %s", in->req.model_name,
+           rc == 0 ? "ok" : msg);
     if (s == NULL && rc == 0)
         bs_rpc_reply(in->call, in->resp, in->resp_len);
     else if (s == NULL)
@@ -643,9 +650,9 @@ static void reply_release(void *arg)
 }
 
 static const struct bs_core_reply core_reply = {.on_block = reply_block,
-                                               .on_output = reply_output,
-                                               .on_done = reply_done,
-                                               .on_release = reply_release};
+                                                .on_output = reply_output,
+                                                .on_done = reply_done,
+                                                .on_release = reply_release};
 
 /* Decode one inference and hand it to the core; on error nothing is kept,
  * the failure is counted, and *label_model / *label_id name the request for
@@ -679,6 +686,7 @@ static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s,
             .timeout_us = in->req.timeout_us,
             .deadline_ns = bs_rpc_call_deadline(call),
             .sender_full = bs_rpc_unsent_full(call),
+            .seq = in->req.seq,
         };
         rc = bs_core_submit(svc->core, &cr, &core_reply, in, &in->creq, err); /* counted */
     }
@@ -712,16 +720,36 @@ static void on_call(void *arg, bs_rpc_call_t *call, int m, const uint8_t *d, siz
 {
     bs_service_t *svc = arg;
     switch ((enum bs_service_method)m) {
-    case BS_SVC_SERVER_LIVE: on_server_live(svc, call); break;
-    case BS_SVC_SERVER_READY: on_server_ready(svc, call); break;
-    case BS_SVC_MODEL_READY: on_model_ready(svc, call, d, n); break;
-    case BS_SVC_SERVER_METADATA: on_server_metadata(svc, call); break;
-    case BS_SVC_MODEL_METADATA: on_model_metadata(svc, call, d, n); break;
-    case BS_SVC_MODEL_INFER: on_model_infer(svc, call, d, n); break;
-    case BS_SVC_MODEL_CONFIG: on_model_config(svc, call, d, n); break;
-    case BS_SVC_MODEL_STATISTICS: on_model_statistics(svc, call, d, n); break;
-    case BS_SVC_REPOSITORY_INDEX: on_repository_index(svc, call, d, n); break;
-    default: bs_rpc_fail(call, BS_RPC_UNIMPLEMENTED, "not a unary method"); break;
+    case BS_SVC_SERVER_LIVE:
+        on_server_live(svc, call);
+        break;
+    case BS_SVC_SERVER_READY:
+        on_server_ready(svc, call);
+        break;
+    case BS_SVC_MODEL_READY:
+        on_model_ready(svc, call, d, n);
+        break;
+    case BS_SVC_SERVER_METADATA:
+        on_server_metadata(svc, call);
+        break;
+    case BS_SVC_MODEL_METADATA:
+        on_model_metadata(svc, call, d, n);
+        break;
+    case BS_SVC_MODEL_INFER:
+        on_model_infer(svc, call, d, n);
+        break;
+    case BS_SVC_MODEL_CONFIG:
+        on_model_config(svc, call, d, n);
+        break;
+    case BS_SVC_MODEL_STATISTICS:
+        on_model_statistics(svc, call, d, n);
+        break;
+    case BS_SVC_REPOSITORY_INDEX:
+        on_repository_index(svc, call, d, n);
+        break;
+    default:
+        bs_rpc_fail(call, BS_RPC_UNIMPLEMENTED, "not a unary method");
+        break;
     }
 }
 
@@ -838,13 +866,13 @@ static const struct {
     [BS_SVC_SERVER_METADATA] = {"/inference.GRPCInferenceService/ServerMetadata", BS_RPC_UNARY, 2},
     [BS_SVC_MODEL_METADATA] = {"/inference.GRPCInferenceService/ModelMetadata", BS_RPC_UNARY, 2},
     [BS_SVC_MODEL_INFER] = {"/inference.GRPCInferenceService/ModelInfer", BS_RPC_UNARY, 128},
-    [BS_SVC_MODEL_STREAM_INFER] = {"/inference.GRPCInferenceService/ModelStreamInfer",
-                                   BS_RPC_BIDI, 16},
+    [BS_SVC_MODEL_STREAM_INFER] = {"/inference.GRPCInferenceService/ModelStreamInfer", BS_RPC_BIDI,
+                                   16},
     [BS_SVC_MODEL_CONFIG] = {"/inference.GRPCInferenceService/ModelConfig", BS_RPC_UNARY, 2},
-    [BS_SVC_MODEL_STATISTICS] = {"/inference.GRPCInferenceService/ModelStatistics",
-                                 BS_RPC_UNARY, 2},
-    [BS_SVC_REPOSITORY_INDEX] = {"/inference.GRPCInferenceService/RepositoryIndex",
-                                 BS_RPC_UNARY, 2},
+    [BS_SVC_MODEL_STATISTICS] = {"/inference.GRPCInferenceService/ModelStatistics", BS_RPC_UNARY,
+                                 2},
+    [BS_SVC_REPOSITORY_INDEX] = {"/inference.GRPCInferenceService/RepositoryIndex", BS_RPC_UNARY,
+                                 2},
 };
 
 int bs_service_methods(bs_service_t *svc, const struct bs_rpc_method **rows)

@@ -292,6 +292,12 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
         if (m->type != BS_JSON_BOOL)
             return bs_err_set(err, BS_EINVAL, "serving.ragged_batching: expected true or false");
         c->ragged_off = !m->boolean;
+    } else if (strcmp(m->key, "max_sequence_idle_microseconds") == 0) {
+        if ((rc = serving_int(m, m->key, 1, INT64_MAX / 1000, &v, err)) == 0)
+            c->max_sequence_idle_us = v;
+    } else if (strcmp(m->key, "block_cache_bytes") == 0) {
+        if ((rc = serving_int(m, m->key, 0, INT64_MAX / 2, &v, err)) == 0)
+            c->block_cache_bytes = v;
     } else if (strcmp(m->key, "max_batch_tokens") == 0) {
         if ((rc = serving_int(m, m->key, 0, INT64_MAX / 2, &v, err)) == 0)
             c->max_batch_tokens = v;
@@ -301,7 +307,8 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
                           "max_queue_delay_microseconds, preferred_batch_size, max_queue_size, "
                           "default_timeout_microseconds, priority_levels, "
                           "default_priority_level, default_queue_policy, priority_queue_policy, "
-                          "device, dtype, ragged_batching, max_batch_tokens)",
+                          "device, dtype, ragged_batching, max_batch_tokens, "
+                          "max_sequence_idle_microseconds, block_cache_bytes)",
                           m->key);
     }
     return rc;

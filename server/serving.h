@@ -73,6 +73,11 @@ struct bs_serving_config {
     bool ragged_off;
     int64_t max_batch_tokens; /* cap on the main input's tokens (rows) of one
                                  batch; 0: none */
+    /* Denoising sequences (server/sequences.h): how long a sequence may
+     * idle (Triton's max_sequence_idle_microseconds; 0: 1 s), and a cap on
+     * the bytes its model's block caches hold (0: the server's budget). */
+    int64_t max_sequence_idle_us;
+    int64_t block_cache_bytes;
 };
 
 /* Parse a "serving" object (JSON text of the object) over cfg: the keys it
