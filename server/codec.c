@@ -30,6 +30,7 @@
 #include "codec.h"
 
 #include <assert.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -349,17 +350,20 @@ static int decode_priority(const Inference__InferParameter *v, struct bs_infer_r
 
 /* A sequence_id as Triton takes it: a uint64_param, an int64_param >= 0,
  * or a string_param (Triton's string correlation ids): digits are that
- * number, any other string names the sequence by its 64-bit FNV-1a hash
- * with the top bit set (so it never collides with a number below 2^63). */
-static int decode_sequence_id(const Inference__InferParameter *v, uint64_t *id, struct bs_err *err)
+ * number (up to 2^64 - 1), any other string names the sequence by its
+ * 64-bit FNV-1a hash with the top bit set (so it never collides with a
+ * number below 2^63), and messages name it by its text (p->name). */
+static int decode_sequence_id(const Inference__InferParameter *v, struct bs_seq_params *p,
+                              struct bs_err *err)
 {
     int which = v ? (int)v->parameter_choice_case : 0;
+    p->name[0] = '\0'; /* a repeated key: the last one wins */
     if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
-        *id = v->uint64_param;
+        p->id = v->uint64_param;
         return 0;
     }
     if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM && v->int64_param >= 0) {
-        *id = (uint64_t)v->int64_param;
+        p->id = (uint64_t)v->int64_param;
         return 0;
     }
     if (which != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM)
@@ -370,14 +374,21 @@ static int decode_sequence_id(const Inference__InferParameter *v, uint64_t *id, 
     size_t n = strlen(s);
     if (n == 0)
         return bs_err_set(err, BS_EINVAL, "parameter 'sequence_id' is an empty string");
-    if (n <= 19 && strspn(s, "0123456789") == n) {
-        *id = strtoull(s, NULL, 10);
-        return 0;
+    if (n <= 20 && strspn(s, "0123456789") == n) {
+        errno = 0;
+        unsigned long long x = strtoull(s, NULL, 10);
+        if (errno == 0) {
+            p->id = x;
+            return 0;
+        }
     }
     uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < n; i++)
         h = (h ^ (uint8_t)s[i]) * 0x100000001b3ull;
-    *id = h | (1ull << 63);
+    p->id = h | (1ull << 63);
+    char nb[SHOW_MAX + 4];
+    _Static_assert(SHOW_MAX + 4 + 2 <= BS_SEQ_NAME_BYTES, "a shown name and its quotes fit");
+    snprintf(p->name, sizeof(p->name), "\"%s\"", show(nb, s));
     return 0;
 }
 
@@ -399,7 +410,7 @@ static int decode_seq_param(const char *key, const Inference__InferParameter *v,
     int which = v ? (int)v->parameter_choice_case : 0;
     if (strcmp(key, "sequence_id") == 0) {
         p->given = true;
-        return decode_sequence_id(v, &p->id, err);
+        return decode_sequence_id(v, p, err);
     }
     if (strcmp(key, "sequence_start") == 0) {
         p->given = true;
@@ -411,19 +422,19 @@ static int decode_seq_param(const char *key, const Inference__InferParameter *v,
     }
     if (strcmp(key, "block_cache_interval") != 0)
         return 1;
-    int64_t n = -1;
+    int64_t n;
     if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM)
         n = v->int64_param;
     else if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM)
-        n = v->uint64_param > INT32_MAX ? -1 : (int64_t)v->uint64_param;
+        n = v->uint64_param > INT64_MAX ? INT64_MAX : (int64_t)v->uint64_param;
     else
         return bs_err_set(err, BS_EINVAL,
-                          "parameter 'block_cache_interval' must be an "
-                          "int64_param");
+                          "parameter 'block_cache_interval' must be an int64_param (or a "
+                          "uint64_param)");
     if (n < 1 || n > INT32_MAX)
         return bs_err_set(err, BS_EINVAL,
-                          "parameter 'block_cache_interval' is %lld (must be in [1, 2^31))",
-                          (long long)n);
+                          "parameter 'block_cache_interval' is %s%lld (must be in [1, 2^31))",
+                          n == INT64_MAX ? "at least " : "", (long long)n);
     p->cache_interval = n;
     return 0;
 }

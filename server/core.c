@@ -161,13 +161,15 @@ static void job_done(void *arg, int rc, const char *msg, const struct bs_tensor 
     uint64_t id = r->req.seq.id;
     bool in_seq = r->seq != NULL;
     (void)out;
-    if (in_seq)
+    /* The sequence's counters are published before the answer goes out: a
+     * scrape after a sequence_end's answer sees its cache gone. */
+    if (in_seq) {
         bs_seqs_finish(core->seqs, r->seq, rc, uv_hrtime());
-    req_end(r, rc, msg);
-    if (in_seq) { /* the sequence's next call may run now */
-        seq_wake(core, rm, id);
         seq_arm(core);
     }
+    req_end(r, rc, msg);
+    if (in_seq) /* the sequence's next call may run now */
+        seq_wake(core, rm, id);
 }
 
 static const struct bs_job_ops job_ops = {
@@ -213,6 +215,17 @@ static void seq_arm(bs_core_t *core)
                    wait_ns <= 0 ? 0 : (uint64_t)((wait_ns + 999999) / 1000000), 0);
 }
 
+/* The request's main input (bs_model_check found it). */
+static const struct bs_named_tensor *main_input(const bs_model_t *model,
+                                                const struct bs_core_request *req)
+{
+    const char *name = bs_model_input(model, 0)->name;
+    for (int i = 0; i < req->n_inputs; i++)
+        if (strcmp(req->inputs[i].name, name) == 0)
+            return &req->inputs[i];
+    return NULL;
+}
+
 /* Begin r's call of its sequence and hand it to the batcher: 0 (queued,
  * or waiting for the sequence: r->waiting), or a failure code, counted,
  * with nothing kept of the call. */
@@ -232,14 +245,18 @@ static int seq_start(bs_core_t *core, bs_core_req_t *r, struct bs_err *err)
             bs_batcher_count_failure(rm->batcher, rc);
             return rc;
         }
-        int64_t tokens = bs_model_tokens(rm->model, req->inputs, req->n_inputs);
-        rc = bs_seqs_begin(core->seqs, rm->model, &sm, &req->seq, tokens, uv_hrtime(), &r->seq,
-                           &r->call, err);
+        const struct bs_named_tensor *main = main_input(rm->model, req);
+        /* sequences idle past their time end before this call looks for its
+         * own, whether or not the timer has run yet */
+        seq_arm(core);
+        rc = main == NULL ? bs_err_set(err, BS_EINTERNAL, "the model's main input is missing")
+                          : bs_seqs_begin(core->seqs, rm->model, &sm, &req->seq, main, uv_hrtime(),
+                                          &r->seq, &r->call, err);
+        seq_arm(core); /* counters, and the idle timer */
         if (rc < 0) {
             bs_batcher_count_failure(rm->batcher, rc);
             return rc;
         }
-        seq_arm(core); /* counters, and the idle timer */
         r->waiting = rc == 1;
         if (r->waiting) {
             r->seq = NULL; /* begun again when the running call ends */
@@ -264,24 +281,26 @@ static int seq_start(bs_core_t *core, bs_core_req_t *r, struct bs_err *err)
     return rc;
 }
 
-/* The sequence (rm, id) has no call running: start the first request that
- * waits for it. One that fails now is answered (and counted) at once. */
+/* The sequence (rm, id) has no call running: start the oldest request that
+ * waits for it. One that fails now is answered (and counted) at once, and
+ * leaves the sequence idle: the next oldest is started, until one runs or
+ * none waits. */
 static void seq_wake(bs_core_t *core, const struct bs_repo_model *rm, uint64_t id)
 {
-    for (bs_core_req_t *r = core->head; r != NULL; r = r->next) {
-        if (!r->waiting || r->answered || r->rm != rm || r->req.seq.id != id)
-            continue;
+    for (;;) {
         /* the oldest waiter is the last in the list (requests are pushed at the head) */
-        bs_core_req_t *oldest = r;
-        for (bs_core_req_t *q = r->next; q != NULL; q = q->next)
-            if (q->waiting && !q->answered && q->rm == rm && q->req.seq.id == id)
-                oldest = q;
+        bs_core_req_t *oldest = NULL;
+        for (bs_core_req_t *r = core->head; r != NULL; r = r->next)
+            if (r->waiting && !r->answered && r->rm == rm && r->req.seq.id == id)
+                oldest = r;
+        if (oldest == NULL)
+            return;
         struct bs_err err = {0};
         oldest->waiting = false;
         int rc = seq_start(core, oldest, &err);
-        if (rc != 0)
-            req_end(oldest, rc, err.msg);
-        return;
+        if (rc == 0)
+            return; /* it runs (or, begun by no one else, cannot wait again) */
+        req_end(oldest, rc, err.msg);
     }
 }
 

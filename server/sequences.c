@@ -9,6 +9,7 @@
  * or the sequence ends. */
 #include "sequences.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,8 +21,10 @@ struct bs_seq {
     bs_model_t *model;
     uint64_t id;
     struct bs_seq_model settings;
-    int64_t calls;           /* calls begun */
-    int64_t tokens;          /* the shape its cache holds (-1: none yet) */
+    int64_t calls;  /* calls begun */
+    int64_t tokens; /* the tokens its cache holds (-1: none yet) */
+    int n_dims;     /* ... and the main input's shape they came in */
+    int64_t ne[BS_MAX_DIMS];
     bs_block_cache_t *cache; /* NULL: none (or evicted) */
     size_t reserved;         /* bytes counted for cache */
     bool busy;               /* a call is running */
@@ -178,6 +181,15 @@ static bool make_room(bs_seqs_t *s, bs_seq_t *q, size_t need)
     return s->used + need <= s->budget && (cap == 0 || model_bytes(s, q->model) + need <= cap);
 }
 
+/* How messages name sequence p: the client's string, or its number. */
+static const char *seq_name(const struct bs_seq_params *p, char buf[BS_SEQ_NAME_BYTES])
+{
+    if (p->name[0] != '\0')
+        return p->name;
+    snprintf(buf, BS_SEQ_NAME_BYTES, "%llu", (unsigned long long)p->id);
+    return buf;
+}
+
 static int check_params(const bs_model_t *model, const struct bs_seq_params *p, struct bs_err *err)
 {
     if (p->cache_interval < 0)
@@ -190,7 +202,7 @@ static int check_params(const bs_model_t *model, const struct bs_seq_params *p, 
         return bs_err_set(err, BS_EINVAL,
                           "block_cache_interval %lld needs a sequence: give a sequence_id",
                           (long long)p->cache_interval);
-    if (p->id == 0 && p->given && p->cache_interval == 0)
+    if (p->id == 0 && p->given)
         return bs_err_set(err, BS_EINVAL, "sequence_id 0 is not a sequence (use 1 or more)");
     if (p->cache_interval > 1 && !bs_model_cacheable(model))
         return bs_err_set(err, BS_EINVAL,
@@ -198,19 +210,38 @@ static int check_params(const bs_model_t *model, const struct bs_seq_params *p, 
     return 0;
 }
 
+static bool same_shape(const bs_seq_t *q, const struct bs_tensor *t)
+{
+    return q->n_dims == t->n_dims && memcmp(q->ne, t->ne, sizeof(int64_t) * (size_t)t->n_dims) == 0;
+}
+
+/* The error for a call whose main input shape differs from the sequence's
+ * earlier calls'. */
+static int shape_changed(const bs_seq_t *q, const struct bs_seq_params *p,
+                         const struct bs_named_tensor *main, struct bs_err *err)
+{
+    char nb[BS_SEQ_NAME_BYTES], was[96], now[96];
+    struct bs_tensor before = bs_tensor_make(BS_TYPE_F32, q->n_dims, q->ne, NULL);
+    return bs_err_set(err, BS_EINVAL,
+                      "sequence %s: %s of shape %s where its earlier calls had %s (a "
+                      "sequence's shape must stay fixed while it caches blocks)",
+                      seq_name(p, nb), main->name, bs_tensor_shape_str(&main->t, now, sizeof(now)),
+                      bs_tensor_shape_str(&before, was, sizeof(was)));
+}
+
 /* Decide the call's mode and make its cache ready for it. */
 static int plan_call(bs_seqs_t *s, bs_seq_t *q, bs_model_t *model, const struct bs_seq_params *p,
-                     int64_t tokens, struct bs_seq_call *call, struct bs_err *err)
+                     const struct bs_named_tensor *main, struct bs_seq_call *call,
+                     struct bs_err *err)
 {
-    int64_t n = p->cache_interval;
+    int64_t n = p->cache_interval, tokens = bs_model_tokens(model, main, 1);
     call->cached = n > 1;
     if (n <= 1)
         return 0; /* exact, nothing stored */
-    if (q->tokens >= 0 && q->tokens != tokens)
-        return bs_err_set(err, BS_EINVAL,
-                          "sequence %llu: %lld tokens where its earlier calls had %lld (a "
-                          "sequence's shape must stay fixed while it caches blocks)",
-                          (unsigned long long)q->id, (long long)tokens, (long long)q->tokens);
+    /* the whole shape, not only the tokens: [2, 20, D] and [1, 40, D] hold
+     * as many rows, which would be reused for other tokens */
+    if (q->tokens >= 0 && !same_shape(q, &main->t))
+        return shape_changed(q, p, main, err);
     bool due = call->index % n == 0;
     if (!due && q->cache != NULL) {
         call->mode = BS_CACHE_REUSE;
@@ -230,15 +261,18 @@ static int plan_call(bs_seqs_t *s, bs_seq_t *q, bs_model_t *model, const struct 
         COUNT(s, model, bytes, need);
     }
     q->tokens = tokens;
+    q->n_dims = main->t.n_dims;
+    memcpy(q->ne, main->t.ne, sizeof(q->ne));
     call->mode = BS_CACHE_REFRESH;
     call->cache = q->cache;
     return 0;
 }
 
 int bs_seqs_begin(bs_seqs_t *s, bs_model_t *model, const struct bs_seq_model *sm,
-                  const struct bs_seq_params *p, int64_t tokens, uint64_t now, bs_seq_t **seqp,
-                  struct bs_seq_call *call, struct bs_err *err)
+                  const struct bs_seq_params *p, const struct bs_named_tensor *main, uint64_t now,
+                  bs_seq_t **seqp, struct bs_seq_call *call, struct bs_err *err)
 {
+    char nb[BS_SEQ_NAME_BYTES];
     memset(call, 0, sizeof(*call));
     *seqp = NULL;
     int rc = check_params(model, p, err);
@@ -251,9 +285,9 @@ int bs_seqs_begin(bs_seqs_t *s, bs_model_t *model, const struct bs_seq_model *sm
     }
     if (q == NULL && !p->start)
         return bs_err_set(err, BS_EINVAL,
-                          "sequence %llu is not known (never started, ended, or idle past "
+                          "sequence %s is not known (never started, ended, or idle past "
                           "max_sequence_idle_microseconds): start it with sequence_start",
-                          (unsigned long long)p->id);
+                          seq_name(p, nb));
     if (q != NULL && p->start) { /* a new start: the old state goes */
         drop_cache(s, q);
         q->calls = 0;
@@ -274,7 +308,7 @@ int bs_seqs_begin(bs_seqs_t *s, bs_model_t *model, const struct bs_seq_model *sm
     }
     q->settings = *sm;
     call->index = q->calls;
-    if ((rc = plan_call(s, q, model, p, tokens, call, err)) != 0) {
+    if ((rc = plan_call(s, q, model, p, main, call, err)) != 0) {
         if (created)
             seq_free(s, q);
         return rc;
@@ -311,9 +345,10 @@ int64_t bs_seqs_expire(bs_seqs_t *s, uint64_t now)
     int64_t next = INT64_MAX;
     for (bs_seq_t *q = s->lru, *n; q != NULL; q = n) {
         n = q->next;
-        int64_t idle_ns =
-            (q->settings.max_idle_us > 0 ? q->settings.max_idle_us : BS_SEQ_DEFAULT_IDLE_US) * 1000;
-        int64_t at = (int64_t)q->last_ns + idle_ns;
+        int64_t idle_us =
+            q->settings.max_idle_us > 0 ? q->settings.max_idle_us : BS_SEQ_DEFAULT_IDLE_US;
+        /* saturating: a huge idle time means never, not a time in the past */
+        int64_t at = bs_deadline_after_us((int64_t)q->last_ns, idle_us);
         if (q->busy)
             continue;
         if (at <= (int64_t)now) {

@@ -27,12 +27,19 @@ typedef struct bs_seq bs_seq_t;
 /* Triton's default max_sequence_idle_microseconds. */
 #define BS_SEQ_DEFAULT_IDLE_US 1000000
 
+/* Room for a sequence's name in messages: a client's string id, cut to 64
+ * bytes, "..." and quotes. */
+#define BS_SEQ_NAME_BYTES 72
+
 /* A request's sequence parameters. */
 struct bs_seq_params {
     bool given;             /* any sequence parameter was present */
-    uint64_t id;            /* sequence_id; 0: none (refused when other flags are set) */
+    uint64_t id;            /* sequence_id; 0: none (refused when given) */
     bool start, end;        /* sequence_start, sequence_end */
     int64_t cache_interval; /* block_cache_interval; 0: not given */
+    /* How messages name the sequence when the client gave a string id (its
+     * text, quoted, control characters as '?'); "": by its number. */
+    char name[BS_SEQ_NAME_BYTES];
 };
 
 /* A model's sequence settings. */
@@ -66,20 +73,22 @@ int bs_seqs_init(bs_seqs_t **seqs, size_t budget_bytes, struct bs_err *err);
 /* Free every sequence and cache; NULL is a no-op. No call may be running. */
 void bs_seqs_free(bs_seqs_t *seqs);
 
-/* Begin a call of sequence p on model, whose request has `tokens` tokens
- * (bs_model_tokens). Returns:
+/* Begin a call of sequence p on model; main is the request's main input
+ * (hidden_states), whose shape a caching sequence keeps (its tokens,
+ * bs_model_tokens, size the cache). Returns:
  * - 0: the call may run now as *call says; *seq is its sequence (NULL for a
  *   request outside any sequence), to be finished with bs_seqs_finish;
  * - 1: the sequence has a call running: *seq is set and nothing changed;
  *   begin again once that call has finished (calls of a sequence run in
  *   order);
- * - a negative BS_E* code with a message: a sequence_id of 0 with sequence
- *   flags, an unknown or expired sequence without sequence_start, a shape
- *   other than the sequence's while it caches, a bad interval, a model
- *   without blocks to cache. */
+ * - a negative BS_E* code with a message naming the sequence: a sequence_id
+ *   of 0, an unknown or expired sequence without sequence_start, a main
+ *   input shape other than the sequence's while it caches, a bad interval,
+ *   a model without blocks to cache; the call is no call of the sequence
+ *   (its count of calls, k, stays). */
 int bs_seqs_begin(bs_seqs_t *seqs, bs_model_t *model, const struct bs_seq_model *sm,
-                  const struct bs_seq_params *p, int64_t tokens, uint64_t now_ns, bs_seq_t **seq,
-                  struct bs_seq_call *call, struct bs_err *err);
+                  const struct bs_seq_params *p, const struct bs_named_tensor *main,
+                  uint64_t now_ns, bs_seq_t **seq, struct bs_seq_call *call, struct bs_err *err);
 
 /* The call begun on seq has ended (rc: its result); a sequence_end call
  * frees the sequence and its cache. */

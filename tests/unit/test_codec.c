@@ -347,7 +347,7 @@ static void test_decode_parameters(void **state)
     p = b_param(&b, "timeout");
     p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
     p->int64_param = 1000;
-    p = b_param(&b, "sequence_id"); /* Triton's own: ignored */
+    p = b_param(&b, "sequence_id"); /* decoded, test_decode_sequence_parameters */
     p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
     p->string_param = "abc";
     p = b_param(&b, "timeout"); /* a repeated key: the last one wins */
@@ -407,6 +407,107 @@ static void test_decode_parameter_errors(void **state)
     expect_error(&b, BS_EINVAL, "parameter 'priority' must be a uint64_param or an int64_param");
     b.params[0].value = NULL;
     expect_error(&b, BS_EINVAL, "parameter 'priority' must be a uint64_param or an int64_param");
+}
+
+/* Decode one parameter of the given kind into req (0) or fail. */
+static int seq_param(const char *key, int kind, int64_t i, uint64_t u, const char *str,
+                     struct bs_infer_request *req, struct bs_err *err)
+{
+    struct builder b;
+    b_init(&b, "m");
+    Inference__InferParameter *p = b_param(&b, key);
+    p->parameter_choice_case = kind;
+    p->int64_param = i;
+    if (kind == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM)
+        p->uint64_param = u;
+    if (kind == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM)
+        p->bool_param = i != 0;
+    if (kind == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM)
+        p->string_param = (char *)str;
+    if (kind == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_DOUBLE_PARAM)
+        p->double_param = 1.0;
+    return b_decode(&b, &limits, req, err);
+}
+
+#define K_I64  INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM
+#define K_U64  INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM
+#define K_STR  INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM
+#define K_BOOL INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM
+#define K_DBL  INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_DOUBLE_PARAM
+
+/* Triton's sequence_id (uint64, int64 >= 0, or string), sequence_start and
+ * sequence_end (bools), and block_cache_interval (int64 in [1, 2^31)). A
+ * string id of digits is that number; another string is a hash with the top
+ * bit set, and messages name it by its text. */
+static void test_decode_sequence_parameters(void **state)
+{
+    (void)state;
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(seq_param("sequence_id", K_U64, 0, 7, NULL, &req, &err), 0);
+    assert_true(req.seq.given);
+    assert_true(req.seq.id == 7);
+    assert_string_equal(req.seq.name, "");
+    bs_codec_request_free(&req);
+    assert_int_equal(seq_param("sequence_id", K_I64, 9, 0, NULL, &req, &err), 0);
+    assert_true(req.seq.id == 9);
+    bs_codec_request_free(&req);
+    assert_int_equal(seq_param("sequence_id", K_STR, 0, 0, "123", &req, &err), 0);
+    assert_true(req.seq.id == 123);
+    assert_string_equal(req.seq.name, "");
+    bs_codec_request_free(&req);
+    assert_int_equal(seq_param("sequence_id", K_STR, 0, 0, "18446744073709551615", &req, &err), 0);
+    assert_true(req.seq.id == UINT64_MAX);
+    bs_codec_request_free(&req);
+    /* past 2^64 - 1, or not digits: a name */
+    static const char *names[][2] = {{"18446744073709551616", "\"18446744073709551616\""},
+                                     {"denoise\t7", "\"denoise?7\""},
+                                     {"abc", "\"abc\""}};
+    uint64_t ids[3];
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(seq_param("sequence_id", K_STR, 0, 0, names[i][0], &req, &err), 0);
+        assert_true(req.seq.id >> 63 == 1);
+        assert_string_equal(req.seq.name, names[i][1]);
+        ids[i] = req.seq.id;
+        bs_codec_request_free(&req);
+    }
+    assert_true(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+    char long_name[200];
+    memset(long_name, 'n', sizeof(long_name) - 1);
+    long_name[sizeof(long_name) - 1] = '\0';
+    assert_int_equal(seq_param("sequence_id", K_STR, 0, 0, long_name, &req, &err), 0);
+    assert_int_equal(strlen(req.seq.name), 1 + 64 + 3 + 1); /* cut: "nnn...nnn..." */
+    bs_codec_request_free(&req);
+    /* wrong types */
+    assert_int_equal(seq_param("sequence_id", K_I64, -1, 0, NULL, &req, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "parameter 'sequence_id' must be a uint64_param"));
+    assert_int_equal(seq_param("sequence_id", K_BOOL, 1, 0, NULL, &req, &err), BS_EINVAL);
+    assert_int_equal(seq_param("sequence_id", K_DBL, 0, 0, NULL, &req, &err), BS_EINVAL);
+    assert_int_equal(seq_param("sequence_id", K_STR, 0, 0, "", &req, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "'sequence_id' is an empty string"));
+    /* flags */
+    assert_int_equal(seq_param("sequence_start", K_BOOL, 1, 0, NULL, &req, &err), 0);
+    assert_true(req.seq.given && req.seq.start && !req.seq.end);
+    bs_codec_request_free(&req);
+    assert_int_equal(seq_param("sequence_end", K_I64, 1, 0, NULL, &req, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "parameter 'sequence_end' must be a bool_param"));
+    /* block_cache_interval */
+    assert_int_equal(seq_param("block_cache_interval", K_I64, 3, 0, NULL, &req, &err), 0);
+    assert_int_equal(req.seq.cache_interval, 3);
+    assert_false(req.seq.given); /* no sequence parameter */
+    bs_codec_request_free(&req);
+    assert_int_equal(seq_param("block_cache_interval", K_U64, 0, 4, NULL, &req, &err), 0);
+    assert_int_equal(req.seq.cache_interval, 4);
+    bs_codec_request_free(&req);
+    assert_int_equal(seq_param("block_cache_interval", K_I64, 0, 0, NULL, &req, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "'block_cache_interval' is 0 (must be in [1, 2^31))"));
+    assert_int_equal(seq_param("block_cache_interval", K_I64, -2, 0, NULL, &req, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "is -2"));
+    assert_int_equal(seq_param("block_cache_interval", K_U64, 0, UINT64_MAX, NULL, &req, &err),
+                     BS_EINVAL);
+    assert_non_null(strstr(err.msg, "is at least 9223372036854775807"));
+    assert_int_equal(seq_param("block_cache_interval", K_STR, 0, 0, "2", &req, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "'block_cache_interval' must be an int64_param"));
 }
 
 static void test_decode_outputs(void **state)
@@ -791,6 +892,19 @@ static void test_encode_raw(void **state)
     assert_int_equal(p->parameter_choice_case,
                      INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM);
     assert_true(p->bool_param);
+    assert_null(find_param(res, "block_cache"));
+    inference__model_infer_response__free_unpacked(res, NULL);
+
+    /* A call of a caching sequence says what it did, next to the final flag. */
+    req.block_cache = "reuse";
+    res = encode_and_unpack(&req, &out, 1);
+    assert_int_equal(res->n_parameters, 2);
+    assert_non_null(find_param(res, "triton_final_response"));
+    p = find_param(res, "block_cache");
+    assert_non_null(p);
+    assert_int_equal(p->parameter_choice_case,
+                     INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM);
+    assert_string_equal(p->string_param, "reuse");
     inference__model_infer_response__free_unpacked(res, NULL);
     bs_codec_request_free(&req);
 }
@@ -890,6 +1004,7 @@ int main(void)
         cmocka_unit_test(test_decode_scalar_and_empty),
         cmocka_unit_test(test_decode_parameters),
         cmocka_unit_test(test_decode_parameter_errors),
+        cmocka_unit_test(test_decode_sequence_parameters),
         cmocka_unit_test(test_decode_outputs),
         cmocka_unit_test(test_decode_request_errors),
         cmocka_unit_test(test_decode_limits),

@@ -42,14 +42,32 @@ struct req {
     int rc;
     char msg[256];
     int64_t out_ne0;
-    bool fail_output; /* on_output refuses (as an answer over the message limit) */
+    bool fail_output;  /* on_output refuses (as an answer over the message limit) */
+    const char *cache; /* bs_core_block_cache, seen by on_output */
+    /* on_done looks for this line in the metrics (metrics_seen) */
+    const char *metric;
+    bs_metrics_t *metrics;
+    bool metric_seen;
 };
+
+/* The metrics text has this line. */
+static bool text_has(bs_metrics_t *m, const char *line)
+{
+    char *text;
+    size_t len;
+    struct bs_err err = {0};
+    assert_int_equal(bs_metrics_render(m, &text, &len, &err), 0);
+    bool found = strstr(text, line) != NULL;
+    free(text);
+    return found;
+}
 
 static int on_output(void *arg, const struct bs_tensor *out, struct bs_err *err)
 {
     struct req *r = arg;
     r->outputs++;
     r->out_ne0 = out->ne[0];
+    r->cache = bs_core_block_cache(r->handle);
     if (r->fail_output)
         return bs_err_set(err, BS_ERANGE, "answer too large");
     return 0;
@@ -61,6 +79,8 @@ static void on_done(void *arg, int rc, const char *msg)
     r->done++;
     r->rc = rc;
     snprintf(r->msg, sizeof(r->msg), "%s", msg ? msg : "");
+    if (r->metric != NULL)
+        r->metric_seen = text_has(r->metrics, r->metric);
 }
 
 static const struct bs_core_reply reply = {.on_output = on_output, .on_done = on_done};
@@ -104,7 +124,8 @@ static void fx_init_serving(struct fx *f, int max_inflight, const struct bs_serv
     struct bs_repo_options ro = {dirs, 1, *sc, f->metrics};
     if (bs_repository_init(&f->repo, &f->loop, &be, &ro, &err) != 0)
         fail_msg("repository: %s", err.msg);
-    struct bs_core_options co = {.max_inflight = max_inflight, .metrics = f->metrics};
+    struct bs_core_options co = {
+        .max_inflight = max_inflight, .metrics = f->metrics, .block_cache_bytes = 1 << 20};
     assert_int_equal(bs_core_init(&f->core, f->repo, &co, &err), 0);
 }
 
@@ -134,16 +155,10 @@ static const struct bs_model_stats *stats(struct fx *f)
     return bs_batcher_stats(bs_repository_find(f->repo, "m")->batcher);
 }
 
-/* The metrics text has this line. */
+/* ... the fixture's metrics. */
 static bool metrics_has(struct fx *f, const char *line)
 {
-    char *text;
-    size_t len;
-    struct bs_err err = {0};
-    assert_int_equal(bs_metrics_render(f->metrics, &text, &len, &err), 0);
-    bool found = strstr(text, line) != NULL;
-    free(text);
-    return found;
+    return text_has(f->metrics, line);
 }
 
 /* Requests run, are answered through the callbacks, and are counted. */
@@ -312,6 +327,85 @@ static void test_priority_and_timeout(void **state)
     fx_finish(&f);
 }
 
+/* Submit r as a call of sequence id (its main input [1, tokens, 32]). */
+static int seq_submit(struct fx *f, struct req *r, uint64_t id, bool start, bool end,
+                      int64_t tokens)
+{
+    struct bs_err err = {0};
+    struct bs_core_request cr = request(r, "m");
+    r->in[0].t = bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){1, tokens, 32}, r->hs);
+    cr.seq = (struct bs_seq_params){
+        .given = true, .id = id, .start = start, .end = end, .cache_interval = 2};
+    int rc = bs_core_submit(f->core, &cr, &reply, r, &r->handle, &err);
+    if (rc != 0)
+        snprintf(r->msg, sizeof(r->msg), "%.200s", err.msg);
+    return rc;
+}
+
+/* Calls of a sequence sent while one runs wait in the core and run in
+ * order; one of them failing as it begins (a shape change) does not strand
+ * those behind it. A sequence_end's answer goes out after the metrics
+ * show its cache gone. */
+static void test_sequence_waiters(void **state)
+{
+    struct fx f;
+    struct req r[5];
+    struct bs_serving_config sc = {.max_batch_size = 4,
+                                   .max_queue_delay_us = 1000,
+                                   .max_queue_size = 16,
+                                   .max_sequence_idle_us = 60000000};
+    fx_init_serving(&f, 0, &sc);
+    for (int i = 0; i < 5; i++)
+        req_init(&r[i]);
+    assert_int_equal(seq_submit(&f, &r[0], 1, true, false, 20), 0);
+    assert_int_equal(seq_submit(&f, &r[1], 1, false, false, 10), 0); /* waits, then fails */
+    assert_int_equal(seq_submit(&f, &r[2], 1, false, false, 20), 0);
+    assert_int_equal(seq_submit(&f, &r[3], 1, false, false, 10), 0); /* waits, then fails */
+    r[4].metric = "blockserve_block_cache_bytes{model=\"m\",version=\"1\"} 0";
+    r[4].metrics = f.metrics;
+    assert_int_equal(seq_submit(&f, &r[4], 1, false, true, 20), 0);
+    assert_int_equal(bs_core_in_flight(f.core), 5);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(r[i].done, 1);
+    assert_int_equal(r[0].rc, 0);
+    assert_string_equal(r[0].cache, "refresh");
+    for (int i = 1; i < 4; i += 2) {
+        assert_int_equal(r[i].rc, BS_EINVAL);
+        assert_non_null(strstr(r[i].msg, "sequence 1: hidden_states of shape [1, 10, 32]"));
+    }
+    assert_int_equal(r[2].rc, 0);
+    assert_string_equal(r[2].cache, "reuse"); /* call 1 */
+    assert_int_equal(r[4].rc, 0);
+    assert_string_equal(r[4].cache, "refresh"); /* call 2 */
+    assert_true(r[4].metric_seen);
+    assert_true(metrics_has(&f, "blockserve_sequences{model=\"m\",version=\"1\"} 0"));
+    fx_finish(&f);
+}
+
+/* Without the idle timer (no loop given to the core), a sequence idle past
+ * its time is gone for the next call that looks for it. */
+static void test_sequence_idle_without_timer(void **state)
+{
+    struct fx f;
+    struct req r[2];
+    struct bs_serving_config sc = {.max_batch_size = 4,
+                                   .max_queue_delay_us = 1000,
+                                   .max_queue_size = 16,
+                                   .max_sequence_idle_us = 1000};
+    fx_init_serving(&f, 0, &sc);
+    req_init(&r[0]);
+    req_init(&r[1]);
+    assert_int_equal(seq_submit(&f, &r[0], 9, true, false, 20), 0);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(r[0].rc, 0);
+    usleep(20000);
+    assert_int_equal(seq_submit(&f, &r[1], 9, false, false, 20), BS_EINVAL);
+    assert_non_null(strstr(r[1].msg, "sequence 9 is not known"));
+    assert_true(metrics_has(&f, "blockserve_sequence_expired_count{model=\"m\",version=\"1\"} 1"));
+    fx_finish(&f);
+}
+
 int main(int argc, char **argv)
 {
     struct bs_err err = {0};
@@ -335,6 +429,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_admission),
         cmocka_unit_test(test_cancel_and_shutdown),
         cmocka_unit_test(test_priority_and_timeout),
+        cmocka_unit_test(test_sequence_waiters),
+        cmocka_unit_test(test_sequence_idle_without_timer),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     bs_backend_free(&be);

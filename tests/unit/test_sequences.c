@@ -3,7 +3,8 @@
  * sequence_end and idling free the state (the cached bytes return to their
  * value before); a small budget evicts the least recently used idle cache
  * and the evicted sequence refreshes and says so; calls of one sequence run
- * in order; every bad use is a clear error.
+ * in order; every bad use is a clear error, naming the sequence as the
+ * client did.
  *
  * usage: test_sequences [GOLDEN_DIR] */
 #include <setjmp.h>
@@ -26,6 +27,11 @@ static bs_model_t *model, *other;
 #define MS     1000000ull
 #define TOKENS 20
 
+/* A request's main input of b samples of l tokens (shape only). */
+#define MAIN(b, l)                                                                                 \
+    (&(struct bs_named_tensor){"hidden_states",                                                    \
+                               bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){(b), (l), 32}, NULL)})
+
 static const struct bs_seq_model settings = {.max_idle_us = 50000};
 
 static struct bs_seq_params seq(uint64_t id, bool start, bool end, int64_t n)
@@ -40,7 +46,7 @@ static enum bs_cache_mode step(bs_seqs_t *s, struct bs_seq_params p, uint64_t no
 {
     struct bs_err err = {0};
     bs_seq_t *q;
-    int rc = bs_seqs_begin(s, model, &settings, &p, TOKENS, now, &q, call, &err);
+    int rc = bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), now, &q, call, &err);
     if (rc != 0)
         fail_msg("begin: %d %s", rc, err.msg);
     bs_seqs_finish(s, q, 0, now);
@@ -84,7 +90,8 @@ static void test_interval_and_end(void **state)
     assert_int_equal(st.sequences, 1); /* 8 */
     bs_seq_t *q;
     struct bs_seq_params p = seq(7, false, false, 3);
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 0, &q, &c, &err), BS_EINVAL);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 0, &q, &c, &err),
+                     BS_EINVAL);
     assert_non_null(strstr(err.msg, "start it with sequence_start"));
     bs_seqs_free(s);
 }
@@ -98,34 +105,39 @@ static void test_bad_use(void **state)
     struct bs_seq_call c;
     assert_int_equal(bs_seqs_init(&s, 64 << 20, &err), 0);
     struct bs_seq_params p = seq(0, true, false, 0);
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 0, &q, &c, &err), BS_EINVAL);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 0, &q, &c, &err),
+                     BS_EINVAL);
     assert_non_null(strstr(err.msg, "needs a sequence_id"));
     p = seq(0, false, false, 0);
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 0, &q, &c, &err), BS_EINVAL);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 0, &q, &c, &err),
+                     BS_EINVAL);
     assert_non_null(strstr(err.msg, "sequence_id 0"));
     p = (struct bs_seq_params){.cache_interval = 4}; /* no sequence at all */
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 0, &q, &c, &err), BS_EINVAL);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 0, &q, &c, &err),
+                     BS_EINVAL);
     assert_non_null(strstr(err.msg, "needs a sequence"));
     p = seq(3, true, false, -2);
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 0, &q, &c, &err), BS_EINVAL);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 0, &q, &c, &err),
+                     BS_EINVAL);
     assert_non_null(strstr(err.msg, "must be 1 or more"));
     p = seq(3, true, false, 2);
-    assert_int_equal(bs_seqs_begin(s, other, &settings, &p, TOKENS, 0, &q, &c, &err), BS_EINVAL);
+    assert_int_equal(bs_seqs_begin(s, other, &settings, &p, MAIN(1, TOKENS), 0, &q, &c, &err),
+                     BS_EINVAL);
     assert_non_null(strstr(err.msg, "no transformer blocks"));
     /* a shape change while caching */
     assert_int_equal(step(s, seq(3, true, false, 2), 0, &c), BS_CACHE_REFRESH);
     p = seq(3, false, false, 2);
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS + 1, 0, &q, &c, &err),
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS + 1), 0, &q, &c, &err),
                      BS_EINVAL);
     assert_non_null(strstr(err.msg, "must stay fixed"));
     /* calls of a sequence run in order: a second while one runs waits */
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 0, &q, &c, &err), 0);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 0, &q, &c, &err), 0);
     assert_int_equal(c.mode, BS_CACHE_REUSE);
     bs_seq_t *q2;
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 0, &q2, &c, &err), 1);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 0, &q2, &c, &err), 1);
     assert_ptr_equal(q2, q);
     bs_seqs_finish(s, q, 0, 0);
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 0, &q2, &c, &err), 0);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 0, &q2, &c, &err), 0);
     assert_int_equal(c.mode, BS_CACHE_REFRESH);
     assert_int_equal(c.index, 2);
     /* a failed refresh leaves nothing to reuse: the next call refreshes */
@@ -159,14 +171,16 @@ static void test_budget_and_idle(void **state)
     struct bs_seq_model capped = {.max_idle_us = 50000, .cache_bytes = bytes};
     bs_seq_t *q;
     struct bs_seq_params p = seq(9, true, false, 2);
-    assert_int_equal(bs_seqs_begin(s, model, &capped, &p, TOKENS, 6 * MS, &q, &c, &err), 0);
+    assert_int_equal(bs_seqs_begin(s, model, &capped, &p, MAIN(1, TOKENS), 6 * MS, &q, &c, &err),
+                     0);
     assert_int_equal(c.mode, BS_CACHE_REFRESH);
     bs_seqs_finish(s, q, 0, 6 * MS);
     bs_seqs_stats(s, model, &st);
     assert_true(st.bytes <= 2 * bytes);
     /* a cache larger than the whole budget: exact, nothing stored */
     p = seq(10, true, false, 2);
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, 100 * TOKENS, 6 * MS, &q, &c, &err), 0);
+    assert_int_equal(
+        bs_seqs_begin(s, model, &settings, &p, MAIN(1, 100 * TOKENS), 6 * MS, &q, &c, &err), 0);
     assert_int_equal(c.mode, BS_CACHE_OFF);
     assert_true(c.cached);
     bs_seqs_finish(s, q, 0, 6 * MS);
@@ -181,14 +195,80 @@ static void test_budget_and_idle(void **state)
     assert_int_equal(st.bytes, 0);
     assert_int_equal(st.expired, live);
     p = seq(1, false, false, 2);
-    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, TOKENS, 101 * MS, &q, &c, &err),
-                     BS_EINVAL);
+    assert_int_equal(
+        bs_seqs_begin(s, model, &settings, &p, MAIN(1, TOKENS), 101 * MS, &q, &c, &err), BS_EINVAL);
     /* a model being unloaded takes its sequences with it */
     assert_int_equal(step(s, seq(4, true, false, 2), 200 * MS, &c), BS_CACHE_REFRESH);
     bs_seqs_drop_model(s, model);
     bs_seqs_stats(s, NULL, &st);
     assert_int_equal(st.sequences, 0);
     assert_int_equal(st.bytes, 0);
+    bs_seqs_free(s);
+}
+
+/* A shape change that keeps the token count ([1, 40] after [2, 20]) is a
+ * shape change too: the cache's rows would be reused for other tokens.
+ * Messages name a sequence as the client did. */
+static void test_shape_and_names(void **state)
+{
+    (void)state;
+    bs_seqs_t *s;
+    bs_seq_t *q;
+    struct bs_err err = {0};
+    struct bs_seq_call c;
+    assert_int_equal(bs_seqs_init(&s, 64 << 20, &err), 0);
+    struct bs_seq_params p = seq(5, true, false, 2);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(2, 20), 0, &q, &c, &err), 0);
+    assert_int_equal(c.mode, BS_CACHE_REFRESH);
+    bs_seqs_finish(s, q, 0, 0);
+    p = seq(5, false, false, 2);
+    static const int64_t shapes[][2] = {{1, 40}, {4, 10}, {2, 21}, {1, 20}};
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(shapes[i][0], shapes[i][1]), 0,
+                                       &q, &c, &err),
+                         BS_EINVAL);
+        assert_non_null(strstr(err.msg, "sequence 5: hidden_states of shape ["));
+        assert_non_null(strstr(err.msg, "where its earlier calls had [2, 20, 32]"));
+    }
+    /* the refused calls were no calls: the next is call 1, a reuse */
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(2, 20), 0, &q, &c, &err), 0);
+    assert_int_equal(c.mode, BS_CACHE_REUSE);
+    assert_int_equal(c.index, 1);
+    bs_seqs_finish(s, q, 0, 0);
+    /* a string id: named by its text */
+    p = seq(0x8000000000000123ull, false, false, 2);
+    snprintf(p.name, sizeof(p.name), "\"denoise-a\"");
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(2, 20), 0, &q, &c, &err),
+                     BS_EINVAL);
+    assert_non_null(strstr(err.msg, "sequence \"denoise-a\" is not known"));
+    /* sequence_id 0 is refused whatever the interval */
+    p = seq(0, false, false, 1);
+    assert_int_equal(bs_seqs_begin(s, model, &settings, &p, MAIN(2, 20), 0, &q, &c, &err),
+                     BS_EINVAL);
+    assert_non_null(strstr(err.msg, "sequence_id 0"));
+    bs_seqs_free(s);
+}
+
+/* A huge max_sequence_idle_microseconds means never, not a time in the past
+ * (it overflowed into one). */
+static void test_huge_idle_time(void **state)
+{
+    (void)state;
+    bs_seqs_t *s;
+    bs_seq_t *q;
+    struct bs_err err = {0};
+    struct bs_seq_call c;
+    struct bs_seq_stats st;
+    const struct bs_seq_model forever = {.max_idle_us = INT64_MAX / 1000}; /* serving's bound */
+    uint64_t now = 5000 * MS;
+    assert_int_equal(bs_seqs_init(&s, 64 << 20, &err), 0);
+    struct bs_seq_params p = seq(6, true, false, 2);
+    assert_int_equal(bs_seqs_begin(s, model, &forever, &p, MAIN(1, TOKENS), now, &q, &c, &err), 0);
+    bs_seqs_finish(s, q, 0, now);
+    assert_int_equal(bs_seqs_expire(s, now + MS), INT64_MAX);
+    bs_seqs_stats(s, NULL, &st);
+    assert_int_equal(st.sequences, 1);
+    assert_int_equal(st.expired, 0);
     bs_seqs_free(s);
 }
 
@@ -220,9 +300,9 @@ int main(int argc, char **argv)
     if (argc > 1)
         golden_dir = argv[1];
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_interval_and_end),
-        cmocka_unit_test(test_bad_use),
-        cmocka_unit_test(test_budget_and_idle),
+        cmocka_unit_test(test_interval_and_end), cmocka_unit_test(test_bad_use),
+        cmocka_unit_test(test_budget_and_idle),  cmocka_unit_test(test_shape_and_names),
+        cmocka_unit_test(test_huge_idle_time),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
