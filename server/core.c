@@ -17,7 +17,9 @@
  * sequence (server/sequences.c), which decides whether it refreshes or
  * reuses its block cache, before it goes to the batcher. A call whose
  * sequence has one running waits in the core (no job yet) until that one
- * ends, so that the calls of a sequence run in order.
+ * ends, so that the calls of a sequence run in order. Caches that
+ * sequences drop are freed on a libuv worker (cache_release): a device
+ * backend's free waits for the whole device, which the loop must not.
  *
  * Thread ownership: the loop thread owns everything here. */
 #include "core.h"
@@ -189,6 +191,43 @@ static void seq_metrics(bs_core_t *core)
         struct bs_metrics_seq ms = {st.bytes,     st.sequences, st.hits,
                                     st.refreshes, st.evictions, st.expired};
         bs_metrics_sequences(rm->metrics, &ms);
+    }
+}
+
+/* A dropped block cache on its way to a worker, to be freed there. */
+struct cache_free {
+    uv_work_t work;
+    bs_block_cache_t *cache;
+};
+
+static void cache_free_work(uv_work_t *w)
+{
+    struct cache_free *f = w->data;
+    bs_block_cache_free(f->cache);
+}
+
+static void cache_free_after(uv_work_t *w, int status)
+{
+    struct cache_free *f = w->data;
+    if (status != 0) /* cancelled: it never ran */
+        bs_block_cache_free(f->cache);
+    free(f);
+}
+
+/* bs_seqs_set_release's hook: free cache off the loop (at once, out of
+ * memory). */
+static void cache_release(void *arg, bs_block_cache_t *cache)
+{
+    bs_core_t *core = arg;
+    struct cache_free *f = malloc(sizeof(*f));
+    if (f != NULL) {
+        f->cache = cache;
+        f->work.data = f;
+    }
+    if (f == NULL ||
+        uv_queue_work(core->o.loop, &f->work, cache_free_work, cache_free_after) != 0) {
+        free(f);
+        bs_block_cache_free(cache);
     }
 }
 
@@ -389,6 +428,7 @@ int bs_core_init(bs_core_t **core, bs_repository_t *repo, const struct bs_core_o
         uv_unref((uv_handle_t *)&c->seq_timer);   /* idle sequences keep no loop alive */
         c->seq_timer.data = c;
         c->timer_open = true;
+        bs_seqs_set_release(c->seqs, cache_release, c);
     }
     *core = c;
     return 0;

@@ -27,7 +27,8 @@ struct bs_core_options {
     bs_metrics_t *metrics; /* for failures that name no served model; NULL: none */
     /* Denoising sequences: the bytes their block caches may hold
      * server-wide (0: no caching), and the loop whose timer ends idle
-     * sequences (NULL: they end when a later request looks). */
+     * sequences and whose workers free dropped caches (NULL: idle ones end
+     * when a later request looks, and caches are freed at once). */
     size_t block_cache_bytes;
     uv_loop_t *loop;
 };

@@ -45,6 +45,9 @@ struct bs_seqs {
     size_t budget, used;
     struct model_stats *models;
     int n_models, cap_models;
+    void (*release)(void *arg, bs_block_cache_t *cache); /* NULL: free at once */
+    void *release_arg;
+    bool freeing; /* bs_seqs_free: at once */
 };
 
 static size_t hash(const bs_model_t *model, uint64_t id)
@@ -124,7 +127,10 @@ static bs_seq_t *find(const bs_seqs_t *s, const bs_model_t *model, uint64_t id)
 /* Give back q's cache and its reservation. */
 static void drop_cache(bs_seqs_t *s, bs_seq_t *q)
 {
-    bs_block_cache_free(q->cache);
+    if (q->cache != NULL && s->release != NULL && !s->freeing)
+        s->release(s->release_arg, q->cache);
+    else
+        bs_block_cache_free(q->cache);
     q->cache = NULL;
     s->used -= q->reserved;
     COUNT(s, q->model, bytes, -(uint64_t)q->reserved);
@@ -147,10 +153,17 @@ void bs_seqs_free(bs_seqs_t *s)
 {
     if (s == NULL)
         return;
+    s->freeing = true;
     while (s->lru != NULL)
         seq_free(s, s->lru);
     free(s->models);
     free(s);
+}
+
+void bs_seqs_set_release(bs_seqs_t *s, void (*fn)(void *arg, bs_block_cache_t *cache), void *arg)
+{
+    s->release = fn;
+    s->release_arg = arg;
 }
 
 /* Bytes model's caches hold now. */

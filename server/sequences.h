@@ -70,8 +70,17 @@ struct bs_seq_stats {
 /* budget_bytes: cached bytes the server may hold (0: none may be cached). */
 int bs_seqs_init(bs_seqs_t **seqs, size_t budget_bytes, struct bs_err *err);
 
-/* Free every sequence and cache; NULL is a no-op. No call may be running. */
+/* Free every sequence and cache (at once); NULL is a no-op. No call may be
+ * running. */
 void bs_seqs_free(bs_seqs_t *seqs);
+
+/* Who frees the caches that sequences drop from now on (evicted, ended,
+ * expired, a failed refresh's): fn(arg, cache) takes each, which no
+ * forward uses any longer, and must bs_block_cache_free it, on any thread
+ * (a device backend's free may wait for the device, which the loop thread
+ * must not). fn NULL: freed at once, on the caller's thread. */
+void bs_seqs_set_release(bs_seqs_t *seqs, void (*fn)(void *arg, bs_block_cache_t *cache),
+                         void *arg);
 
 /* Begin a call of sequence p on model; main is the request's main input
  * (hidden_states), whose shape a caching sequence keeps (its tokens,

@@ -272,6 +272,38 @@ static void test_huge_idle_time(void **state)
     bs_seqs_free(s);
 }
 
+static int released;
+
+static void release(void *arg, bs_block_cache_t *cache)
+{
+    (void)arg;
+    released++;
+    bs_block_cache_free(cache);
+}
+
+/* Dropped caches go to the release hook (the core frees them off the loop);
+ * bs_seqs_free frees what is left itself. */
+static void test_release_hook(void **state)
+{
+    (void)state;
+    bs_seqs_t *s;
+    struct bs_err err = {0};
+    struct bs_seq_call c;
+    size_t bytes = bs_block_cache_bytes_for(model, TOKENS);
+    assert_int_equal(bs_seqs_init(&s, 2 * bytes, &err), 0);
+    bs_seqs_set_release(s, release, NULL);
+    released = 0;
+    assert_int_equal(step(s, seq(1, true, false, 2), 0, &c), BS_CACHE_REFRESH);
+    assert_int_equal(step(s, seq(2, true, false, 2), 0, &c), BS_CACHE_REFRESH);
+    assert_int_equal(step(s, seq(3, true, false, 2), 0, &c), BS_CACHE_REFRESH); /* evicts 1 */
+    assert_int_equal(released, 1);
+    assert_int_equal(step(s, seq(2, false, true, 2), 0, &c), BS_CACHE_REUSE); /* ends 2 */
+    assert_int_equal(released, 2);
+    assert_int_equal(step(s, seq(4, true, false, 2), 0, &c), BS_CACHE_REFRESH);
+    bs_seqs_free(s); /* 3 and 4: freed here */
+    assert_int_equal(released, 2);
+}
+
 static int setup(void **state)
 {
     struct bs_err err = {0};
@@ -302,7 +334,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_interval_and_end), cmocka_unit_test(test_bad_use),
         cmocka_unit_test(test_budget_and_idle),  cmocka_unit_test(test_shape_and_names),
-        cmocka_unit_test(test_huge_idle_time),
+        cmocka_unit_test(test_huge_idle_time),   cmocka_unit_test(test_release_hook),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
