@@ -6,7 +6,9 @@
  * The repository is built once (LLVMFuzzerInitialize) from golden cases
  * (tests/golden, or $BS_FUZZ_GOLDEN): small models with small batches and
  * queues, so that batching, full queues, deadlines and cancellation are all
- * reachable, plus one model that fails to load. Each input is a little
+ * reachable, plus one model that fails to load; denoising sequences get a
+ * block-cache budget of a few caches and btb_stack3 a 2 ms idle time, so
+ * that eviction and idle expiry are too. Each input is a little
  * client program run against a fresh bs_service over that repository:
  *
  *   op byte % 14   arguments                      what the client does
@@ -81,6 +83,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define FUZZ_MAX_ELEMENTS 4096 /* per tensor: forwards stay small */
 #define FUZZ_WAIT_MS      2    /* WAIT blocks at most this long */
 #define FUZZ_IDLE_NS      (20ull * 1000000000ull) /* the service must go idle by then */
+/* Block caches of denoising sequences: a few small ones fit (btb_stack3 at
+ * [1, 4, 32]: 4608 bytes), so that eviction is a few calls away. */
+#define FUZZ_CACHE_BYTES 8192
 
 enum op {
     OP_UNARY,
@@ -100,8 +105,9 @@ enum op {
     OP_COUNT,
 };
 
-static const char *const param_keys[] = {"timeout", "stream_intermediate", "priority",
-                                         "sequence_id"};
+static const char *const param_keys[] = {
+    "timeout",      "stream_intermediate", "priority", "sequence_id", "sequence_start",
+    "sequence_end", "block_cache_interval"};
 
 static const enum bs_service_method unary_methods[] = {
     BS_SVC_SERVER_LIVE,     BS_SVC_SERVER_READY,     BS_SVC_MODEL_READY,
@@ -117,8 +123,10 @@ static const struct fuzz_model {
 } fuzz_models[] = {
     {"btb_geglu_cross",
      "{\"max_batch_size\": 2, \"max_queue_delay_microseconds\": 1000, \"max_queue_size\": 2}"},
-    {"btb_stack3", "{\"max_batch_size\": 2, \"max_queue_delay_microseconds\": 500, "
-                   "\"preferred_batch_size\": [1], \"max_queue_size\": 4}"},
+    {"btb_stack3", /* sequences idle out after 2 ms */
+     "{\"max_batch_size\": 2, \"max_queue_delay_microseconds\": 500, "
+     "\"preferred_batch_size\": [1], \"max_queue_size\": 4, "
+     "\"max_sequence_idle_microseconds\": 2000}"},
     {"ada_group_norm_silu",
      "{\"max_batch_size\": 4, \"max_queue_delay_microseconds\": 0, \"preferred_batch_size\": "
      "[2, 4], \"max_queue_size\": 3, \"default_timeout_microseconds\": 100000}"},
@@ -553,7 +561,10 @@ static void client_step(struct client *c, bs_service_t *svc, enum op op, struct 
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    struct bs_core_options co = {.max_inflight = FUZZ_MAX_INFLIGHT, .metrics = g.metrics};
+    /* no loop: idle sequences end when a call looks, caches are freed at once */
+    struct bs_core_options co = {.max_inflight = FUZZ_MAX_INFLIGHT,
+                                 .metrics = g.metrics,
+                                 .block_cache_bytes = FUZZ_CACHE_BYTES};
     struct bs_service_options so = {.limits = {FUZZ_MAX_ELEMENTS, BS_CODEC_MAX_INPUTS},
                                     .max_response_bytes = FUZZ_MAX_RESPONSE};
     struct bs_err err = {0};

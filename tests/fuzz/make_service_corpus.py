@@ -25,7 +25,8 @@ METHODS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMe
 # deadline bytes
 NONE, PASSED, IN_1MS, IN_1S, FAR, NOW = range(6)
 # PARAM keys and kinds
-PARAM_KEYS = ["timeout", "stream_intermediate", "priority", "sequence_id"]
+PARAM_KEYS = ["timeout", "stream_intermediate", "priority", "sequence_id", "sequence_start",
+              "sequence_end", "block_cache_interval"]
 INT64, BOOL, UINT64, STRING, INT64_NEAR_POW2 = range(5)
 
 
@@ -257,6 +258,59 @@ def corpus(pb):
     # An answer over the message limit (8192 bytes): hidden_states [1, 64, 32].
     out["big_response"] = (unary("ModelInfer", q.btb("big", seq=64)) + open_stream()
                            + send(0, q.btb("big", seq=64)) + end(0) + wait(3))
+    # Denoising sequences: calls of one sequence in order (refresh, reuse, ...),
+    # a shape change, unknown sequences, bad intervals and ids, a model
+    # without blocks to cache.
+    def seq(k, sid=5, start=False, end=False, n=2):
+        return dict({"sequence_id": sid, "block_cache_interval": n},
+                    **({"sequence_start": True} if start else {}),
+                    **({"sequence_end": True} if end else {}))
+    out["sequence_unary"] = b"".join([
+        unary("ModelInfer", q.btb("s0", seq(0, start=True))), wait(2),
+        unary("ModelInfer", q.btb("s1", seq(1))), wait(2),
+        unary("ModelInfer", q.btb("shape", seq(2), seq=5)),
+        unary("ModelInfer", q.btb("s2", seq(2))), wait(2),
+        unary("ModelInfer", q.btb("s3", seq(3, end=True))), wait(2),
+        unary("ModelInfer", q.btb("ended", seq(4))),
+        unary("ModelInfer", q.btb("zero", {"sequence_id": 0, "sequence_start": True})),
+        unary("ModelInfer", q.btb("n0", seq(0, sid=6, start=True, n=0))),
+        unary("ModelInfer", q.btb("str", {"sequence_id": "pipe-1", "sequence_start": True,
+                                          "block_cache_interval": 3})),
+        unary("ModelInfer", q.agn("agn")),
+        param("sequence_id", INT64, 8), param("sequence_start", BOOL, 1),
+        param("block_cache_interval", INT64, 2), unary("ModelInfer", q.agn("agn_seq")),
+        param("block_cache_interval", INT64_NEAR_POW2, (31, 0)), param("sequence_id", UINT64, 9),
+        param("sequence_start", BOOL, 1), unary("ModelInfer", q.btb("n_big")),
+        wait(3),
+    ])
+    # A whole sequence sent at once on a stream (each call waits for the one
+    # before), beside another sequence (at most 6 in flight, the bound);
+    # then a stream cancelled with calls still waiting.
+    out["sequence_stream"] = b"".join([
+        open_stream(),
+        send(0, q.stack("a0", seq(0, sid=1, start=True, n=3))),
+        send(0, q.btb("b0", seq(0, sid=2, start=True))),
+        send(0, q.stack("a1", seq(1, sid=1, n=3))),
+        send(0, q.btb("b1", seq(1, sid=2, end=True))),
+        send(0, q.stack("a2", seq(2, sid=1, end=True, n=3))),
+        end(0), wait(4),
+        open_stream(),
+        send(1, q.btb("c0", seq(0, sid=3, start=True))),
+        send(1, q.btb("c1", seq(1, sid=3))),
+        send(1, q.btb("c2", seq(2, sid=3))),
+        bytes([POLL]), cancel(1, True), wait(4),
+    ])
+    # Two caches of btb_geglu_cross at [1, 16, 32] (6144 bytes) do not fit
+    # together: each start evicts the other's, whose next call refreshes;
+    # btb_stack3's idle time (2 ms) passes between two calls.
+    out["sequence_evict_idle"] = b"".join([
+        unary("ModelInfer", q.btb("e0", seq(0, sid=20, start=True), seq=16)), wait(3),
+        unary("ModelInfer", q.btb("e1", seq(0, sid=21, start=True), seq=16)), wait(3),
+        unary("ModelInfer", q.btb("r0", seq(1, sid=20), seq=16)), wait(3),
+        unary("ModelInfer", q.btb("r1", seq(1, sid=21), seq=16)), wait(3),
+        unary("ModelInfer", q.stack("i0", seq(0, sid=30, start=True))), wait(3),
+        bytes([WAIT]) * 3, unary("ModelInfer", q.stack("i1", seq(1, sid=30))), wait(2),
+    ])
     out["stop_accepting"] = b"".join([
         unary("ModelInfer", q.btb("before")), bytes([STOP]),
         unary("ModelInfer", q.btb("after")), unary("ServerReady"),
