@@ -130,111 +130,14 @@ static int check_launch(const struct bs_attn_params *p, struct bs_err *err)
     return 0;
 }
 
-/* The offsets off[0..batch] of a ragged batch (name: q_off or k_off): from
- * 0, never decreasing, each sample's length (what: queries or keys) from
- * min to max (the largest length, called lname). */
-static int check_offsets(const int64_t *off, const char *name, int64_t batch, int64_t min,
-                         int64_t max, const char *what, const char *lname, struct bs_err *err)
-{
-    if (off == NULL)
-        return bs_err_set(err, BS_EINVAL, "attention: a ragged batch (q_off set) needs %s", name);
-    if (off[0] != 0)
-        return bs_err_set(err, BS_EINVAL, "attention: %s[0] is %lld, must be 0", name,
-                          (long long)off[0]);
-    for (int64_t b = 0; b < batch; b++) {
-        if (off[b + 1] < off[b]) /* off[b] >= 0 here: the difference below cannot overflow */
-            return bs_err_set(err, BS_EINVAL,
-                              "attention: %s decreases at sample %lld (%lld, then %lld)", name,
-                              (long long)b, (long long)off[b], (long long)off[b + 1]);
-        int64_t n = off[b + 1] - off[b];
-        if (n < min || n > max)
-            return bs_err_set(
-                err, BS_EINVAL, "attention: sample %lld has %lld %s (%s), must be %lld to %s %lld",
-                (long long)b, (long long)n, what, name, (long long)min, lname, (long long)max);
-    }
-    return 0;
-}
-
-/* A ragged batch's mask: contiguous F32 read as flat, and each sample's part
- * (lq_b rows of lk_b with mask_per_query, else one row) inside it. */
-static int check_ragged_mask(const struct bs_attn_params *p, struct bs_err *err)
-{
-    const struct bs_tensor *m = p->mask;
-    if (m == NULL)
-        return 0;
-    if (m->data == NULL || m->type != BS_TYPE_F32 || !bs_tensor_is_contiguous(m)) {
-        char ms[64];
-        return bs_err_set(err, BS_EINVAL,
-                          "attention: the mask of a ragged batch must be a contiguous F32 tensor "
-                          "(got %s %s)",
-                          bs_dtype_name(m->type), bs_tensor_shape_str(m, ms, sizeof(ms)));
-    }
-    if (p->m_off == NULL)
-        return bs_err_set(err, BS_EINVAL, "attention: a ragged batch with a mask needs m_off");
-    int64_t n = bs_tensor_nelements(m);
-    for (int64_t b = 0; b < p->batch; b++) {
-        int64_t lq = p->q_off[b + 1] - p->q_off[b], lk = p->k_off[b + 1] - p->k_off[b];
-        int64_t at = p->m_off[b], part = p->mask_per_query ? bs_mul_sat(lq, lk) : lk;
-        if (at < 0 || at > n || part > n - at)
-            return bs_err_set(err, BS_EINVAL,
-                              "attention: sample %lld's mask part (m_off %lld, %lld elements: %s) "
-                              "is outside the mask's %lld elements",
-                              (long long)b, (long long)at, (long long)part,
-                              p->mask_per_query ? "a row per query" : "one row", (long long)n);
-    }
-    return 0;
-}
-
-/* The arguments of a ragged batch (engine/backend.h, bs_attn_params): q, k,
- * v, o as for any batch, with the rows the offsets give. */
-static int check_ragged(struct bs_tensor *o, const struct bs_tensor *q, const struct bs_tensor *k,
-                        const struct bs_tensor *v, const struct bs_attn_params *p,
-                        struct bs_err *err)
-{
-    const struct bs_tensor *ts[4] = {q, k, v, o};
-    const char *names[4] = {"q", "k", "v", "o"};
-    int rc;
-    for (int i = 0; i < 4; i++)
-        TRY_RC(rc, bs_opcheck_rows(ts[i], "attention", names[i], err));
-    if (p->batch < 0 || p->lq < 0 || p->lk < 0 || p->heads < 1 || p->head_dim < 1)
-        return bs_err_set(err, BS_EINVAL,
-                          "attention: bad sizes (batch %lld, lq %lld, lk %lld, heads %d, head_dim "
-                          "%d)",
-                          (long long)p->batch, (long long)p->lq, (long long)p->lk, p->heads,
-                          p->head_dim);
-    TRY_RC(rc, check_offsets(p->q_off, "q_off", p->batch, 1, p->lq, "queries", "lq", err));
-    TRY_RC(rc, check_offsets(p->k_off, "k_off", p->batch, 0, p->lk, "keys", "lk", err));
-    int64_t inner = (int64_t)p->heads * p->head_dim;
-    for (int i = 0; i < 4; i++) {
-        const char *off = i == 1 || i == 2 ? "k_off" : "q_off";
-        int64_t rows = (i == 1 || i == 2 ? p->k_off : p->q_off)[p->batch];
-        if (bs_tensor_nrows(ts[i]) != rows || bs_opcheck_ncols(ts[i]) != inner)
-            return bs_err_set(err, BS_EINVAL,
-                              "attention: %s must have %lld rows (%s[batch]) of %lld (got %lld of "
-                              "%lld)",
-                              names[i], (long long)rows, off, (long long)inner,
-                              (long long)bs_tensor_nrows(ts[i]),
-                              (long long)bs_opcheck_ncols(ts[i]));
-    }
-    return check_ragged_mask(p, err);
-}
-
 static int check_attn(struct bs_tensor *o, const struct bs_tensor *q, const struct bs_tensor *k,
                       const struct bs_tensor *v, const struct bs_attn_params *p, struct bs_err *err)
 {
     int rc;
-    if (p->q_off != NULL) {
-        TRY_RC(rc, check_ragged(o, q, k, v, p, err));
+    if (p->q_off != NULL) { /* the checks the CPU backend makes, with its messages */
+        TRY_RC(rc, bs_opcheck_attention_ragged(o, q, k, v, p, err));
         return check_launch(p, err);
     }
-    const char *stray = p->k_off            ? "k_off"
-                        : p->m_off          ? "m_off"
-                        : p->mask_per_query ? "mask_per_query"
-                                            : NULL;
-    if (stray != NULL)
-        return bs_err_set(err, BS_EINVAL,
-                          "attention: %s is set but q_off is not (only ragged batches have it)",
-                          stray);
     TRY_RC(rc, bs_opcheck_attention(o, q, k, v, p, err));
     TRY_RC(rc, check_launch(p, err));
     return bs_opcheck_attention_mask(p, err);

@@ -17,8 +17,8 @@
  *
  * Also: attention with masks of every kind the mask rule names (rows of
  * -FLT_MAX, -inf, both, with finite values, -10000, 30000); ragged batches
- * (bs_attn_params.q_off) against the CPU twin run on each sample alone
- * (not in self-check: the CPU backend takes no ragged batch); in fp16, an
+ * (bs_attn_params.q_off) against the CPU twin run on each sample alone; in
+ * fp16, an
  * operand beyond 65504 fails the copy that follows with "fp16 overflow"
  * (linear, attention), and the next copy succeeds; three threads running
  * linear and attention at once, each on its own stream, against the CPU. */
@@ -775,8 +775,7 @@ static void test_all(struct env *e)
     test_act_glu(e);
     test_add_transpose_rows(e);
     test_attention(e);
-    if (!e->self_check) /* the CPU backend takes no ragged batch (yet) */
-        test_attention_ragged(e);
+    test_attention_ragged(e);
     test_threads(e);
     if (!e->self_check && strcmp(e->dtype, "fp16") == 0)
         test_overflow(e);

@@ -443,6 +443,16 @@ static int ragged_call(struct fixture *f, struct ragged *r, struct bs_err *err)
     return f->cuda.iface->attention(f->cuda.ctx, &r->o, &r->q, &r->k, &r->k, &r->p, err);
 }
 
+/* The CPU backend refuses the same call with the same message (both ask
+ * engine/opcheck.c). */
+static void expect_cpu_same(struct fixture *f, struct ragged *r, const struct bs_err *cuda)
+{
+    struct bs_err err = {0};
+    int rc = f->cpu.iface->attention(f->cpu.ctx, &r->o, &r->q, &r->k, &r->k, &r->p, &err);
+    if (rc != cuda->code || strcmp(err.msg, cuda->msg) != 0)
+        fail_msg("cpu: rc %d \"%s\"; cuda: rc %d \"%s\"", rc, err.msg, cuda->code, cuda->msg);
+}
+
 /* Each bad argument of a ragged batch, one at a time. */
 static void test_attention_ragged_checks(void **state)
 {
@@ -454,30 +464,32 @@ static void test_attention_ragged_checks(void **state)
         ragged_init(f, &r);                                                                        \
         change;                                                                                    \
         expect_msg(ragged_call(f, &r, &err), &err, BS_EINVAL, want);                               \
+        expect_cpu_same(f, &r, &err);                                                              \
     } while (0)
-    BAD(r.p.k_off = NULL, "a ragged batch (q_off set) needs k_off");
-    BAD(r.q_off[0] = 1, "q_off[0] is 1, must be 0");
-    BAD(r.k_off[0] = -1, "k_off[0] is -1, must be 0");
-    BAD(r.k_off[2] = 3, "k_off decreases at sample 1 (4, then 3)");
-    BAD(r.q_off[1] = 0, "sample 0 has 0 queries (q_off), must be 1 to lq 3");
-    BAD(r.p.lq = 2, "sample 2 has 3 queries (q_off), must be 1 to lq 2");
-    BAD(r.p.lk = 3, "sample 0 has 4 keys (k_off), must be 0 to lk 3");
-    BAD(r.q = t2(f, 7, 8), "q must have 6 rows (q_off[batch]) of 8 (got 7 of 8)");
-    BAD(r.o = t2(f, 5, 8), "o must have 6 rows (q_off[batch]) of 8 (got 5 of 8)");
-    BAD(r.k = t2(f, 6, 6), "k must have 6 rows (k_off[batch]) of 8 (got 6 of 6)");
-    BAD((r.k_off[3] = 7, r.k_off[2] = 5), "k must have 7 rows (k_off[batch]) of 8 (got 6 of 8)");
+    BAD(r.p.k_off = NULL, "a ragged batch needs k_off");
+    BAD(r.q_off[0] = 1, "q_off[0] must be 0 (got 1)");
+    BAD(r.k_off[0] = -1, "k_off[0] must be 0 (got -1)");
+    BAD(r.k_off[2] = 3, "k_off decreases (k_off[1] = 4, k_off[2] = 3)");
+    BAD(r.q_off[1] = 0,
+        "sample 0 has 0 queries (q_off[0] = 0, q_off[1] = 0); allowed: 1 to lq = 3");
+    BAD(r.p.lq = 2, "sample 2 has 3 queries (q_off[2] = 3, q_off[3] = 6); allowed: 1 to lq = 2");
+    BAD(r.p.lk = 3, "sample 0 has 4 keys (k_off[0] = 0, k_off[1] = 4); allowed: 0 to lk = 3");
+    BAD(r.q = t2(f, 7, 8), "q must have q_off[3] = 6 rows of 8 (got 7 of 8)");
+    BAD(r.o = t2(f, 5, 8), "o must have q_off[3] = 6 rows of 8 (got 5 of 8)");
+    BAD(r.k = t2(f, 6, 6), "k must have k_off[3] = 6 rows of 8 (got 6 of 6)");
+    BAD((r.k_off[3] = 7, r.k_off[2] = 5), "k must have k_off[3] = 7 rows of 8 (got 6 of 8)");
     BAD(r.p.m_off = NULL, "a ragged batch with a mask needs m_off");
-    BAD(r.m_off[2] = 9, "sample 2's mask part (m_off 9, 6 elements: a row per query) is outside");
-    BAD(r.m_off[0] = -1, "sample 0's mask part (m_off -1, 8 elements");
-    BAD(r.mask.type = BS_TYPE_BF16,
-        "the mask of a ragged batch must be a contiguous F32 tensor (got BF16");
+    BAD(r.m_off[2] = 9,
+        "the mask of sample 2 (6 values from m_off[2] = 9) lies outside the mask's 14");
+    BAD(r.m_off[0] = -1, "the mask of sample 0 (8 values from m_off[0] = -1) lies outside");
+    BAD(r.mask.type = BS_TYPE_BF16, "the mask of a ragged batch must be contiguous F32 (got BF16");
     struct bs_tensor wide = t2(f, 7, 3);
     BAD(r.mask = bs_tensor_view_cols(&wide, 0, 2),
-        "the mask of a ragged batch must be a contiguous F32 tensor (got F32 [7, 2]");
+        "the mask of a ragged batch must be contiguous F32 (got F32 [7, 2], not contiguous)");
     BAD((r.p.q_off = NULL, r.p.k_off = NULL, r.p.m_off = NULL),
-        "mask_per_query is set but q_off is not (only ragged batches have it)");
+        "k_off, m_off and mask_per_query describe a ragged batch, but q_off is not set");
     BAD((r.p.q_off = NULL, r.p.mask = NULL, r.p.m_off = NULL, r.p.mask_per_query = false),
-        "k_off is set but q_off is not (only ragged batches have it)");
+        "k_off, m_off and mask_per_query describe a ragged batch, but q_off is not set");
 #undef BAD
     /* the unfused baseline takes no ragged batch */
     bs_proc_attention_unfused_fn unfused;
