@@ -2,7 +2,13 @@
  * op for the kernels of attn_kernels.cuh (attn_mma on tensor cores, attn_f32
  * for fp32 and head dims above 160; how they work is said there), and the
  * unfused baseline the benchmark compares against (cuBLAS GEMM for S, the
- * softmax_rows kernel, cuBLAS GEMM for O). */
+ * softmax_rows kernel, cuBLAS GEMM for O).
+ *
+ * A ragged batch (bs_attn_params.q_off): the entry checks the offsets on the
+ * host (check_ragged) and copies them to the device through the thread's
+ * upload ring, on its stream before the kernel (upload_offsets); the grid
+ * is the uniform one of the longest sample. The unfused baseline refuses
+ * it (BS_EUNSUPP). */
 #include <math.h>
 
 #include "cuda_common.cuh"
@@ -11,20 +17,36 @@
 
 /* ---- tensor-core kernel ----------------------------------------------------- */
 
-template <typename T, int DP, int WARPS>
-static int launch_mma_w(const struct attn_args *a, int64_t batch, cudaStream_t st,
+template <typename T, int DP, int WARPS, bool RAGGED>
+static int launch_mma_r(const struct attn_args *a, int64_t batch, cudaStream_t st,
                         struct bs_err *err)
 {
     using S = mma_smem<DP, WARPS>;
     size_t smem = (size_t)S::elems * sizeof(T);
     int rc =
-        bs__cuda_check(cudaFuncSetAttribute(attn_mma<T, DP, WARPS>,
+        bs__cuda_check(cudaFuncSetAttribute(attn_mma<T, DP, WARPS, RAGGED>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                        "attention", "cudaFuncSetAttribute", err);
     if (rc != 0)
         return rc;
-    attn_mma<T, DP, WARPS><<<attn_grid(a->lq, batch * a->heads, S::BQ), S::THREADS, smem, st>>>(*a);
+    attn_mma<T, DP, WARPS, RAGGED>
+        <<<attn_grid(a->lq, batch * a->heads, S::BQ), S::THREADS, smem, st>>>(*a);
     return bs__cuda_check_launch("attention", err);
+}
+
+/* A ragged batch (a->q_off) has instances of its own, so that the uniform
+ * ones compile exactly as they did without the offsets: their registers
+ * sit at the occupancy steps tests/gpu_static shows (DP 64 and 80 at 128).
+ * The ragged ones fit as many blocks per SM except at DP 80 with 4 warps:
+ * 134 registers on sm_80 and 138 on sm_90 (3 blocks, not 4), the sample's
+ * lengths and rows being values in registers, not kernel parameters. */
+template <typename T, int DP, int WARPS>
+static int launch_mma_w(const struct attn_args *a, int64_t batch, cudaStream_t st,
+                        struct bs_err *err)
+{
+    if (a->q_off != NULL)
+        return launch_mma_r<T, DP, WARPS, true>(a, batch, st, err);
+    return launch_mma_r<T, DP, WARPS, false>(a, batch, st, err);
 }
 
 /* Long sequences take 128 queries a block (half the K/V traffic per flop);
@@ -65,27 +87,37 @@ static int launch_mma_t(const struct attn_args *a, int64_t batch, cudaStream_t s
 
 /* ---- FP32 kernel ---------------------------------------------------------- */
 
-static int launch_f32(const struct attn_args *a, int64_t batch, cudaStream_t st, struct bs_err *err)
+template <bool RAGGED>
+static int launch_f32_r(const struct attn_args *a, int64_t batch, cudaStream_t st,
+                        struct bs_err *err)
 {
     size_t smem = attn_f32_smem(a->head_dim);
-    int rc = bs__cuda_check(
-        cudaFuncSetAttribute(attn_f32, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-        "attention", "cudaFuncSetAttribute", err);
+    int rc =
+        bs__cuda_check(cudaFuncSetAttribute(attn_f32<RAGGED>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                       "attention", "cudaFuncSetAttribute", err);
     if (rc != 0)
         return rc;
-    attn_f32<<<attn_grid(a->lq, batch * a->heads, F32_BQ), F32_THREADS, smem, st>>>(*a);
+    attn_f32<RAGGED><<<attn_grid(a->lq, batch * a->heads, F32_BQ), F32_THREADS, smem, st>>>(*a);
     return bs__cuda_check_launch("attention", err);
 }
 
-/* ---- entry ---------------------------------------------------------------- */
-
-static int check_attn(struct bs_tensor *o, const struct bs_tensor *q, const struct bs_tensor *k,
-                      const struct bs_tensor *v, const struct bs_attn_params *p, struct bs_err *err)
+/* Uniform and ragged instances, as launch_mma_w's: one instance for both
+ * took 64 registers on sm_80, where the uniform one has 56. */
+static int launch_f32(const struct attn_args *a, int64_t batch, cudaStream_t st, struct bs_err *err)
 {
-    int rc = bs_opcheck_attention(o, q, k, v, p, err);
-    if (rc != 0)
-        return rc;
-    /* attn_grid: every block in grid.x; F32_BQ is the smallest tile */
+    if (a->q_off != NULL)
+        return launch_f32_r<true>(a, batch, st, err);
+    return launch_f32_r<false>(a, batch, st, err);
+}
+
+/* ---- argument checks ------------------------------------------------------- */
+
+/* What the kernels can launch: the blocks in grid.x (attn_grid; F32_BQ is
+ * the smallest tile, and a ragged batch has the longest sample's tiles for
+ * every sample) and the head dim. */
+static int check_launch(const struct bs_attn_params *p, struct bs_err *err)
+{
     int64_t bh = p->batch * p->heads, tiles = bs__cdiv(p->lq, F32_BQ);
     if (bh > 0 && tiles > INT32_MAX / bh)
         return bs_err_set(err, BS_ERANGE,
@@ -95,8 +127,23 @@ static int check_attn(struct bs_tensor *o, const struct bs_tensor *q, const stru
     if (p->head_dim > F32_MAX_D)
         return bs_err_set(err, BS_EUNSUPP, "attention: head_dim %d above %d on the GPU",
                           p->head_dim, F32_MAX_D);
+    return 0;
+}
+
+static int check_attn(struct bs_tensor *o, const struct bs_tensor *q, const struct bs_tensor *k,
+                      const struct bs_tensor *v, const struct bs_attn_params *p, struct bs_err *err)
+{
+    int rc;
+    if (p->q_off != NULL) { /* the checks the CPU backend makes, with its messages */
+        TRY_RC(rc, bs_opcheck_attention_ragged(o, q, k, v, p, err));
+        return check_launch(p, err);
+    }
+    TRY_RC(rc, bs_opcheck_attention(o, q, k, v, p, err));
+    TRY_RC(rc, check_launch(p, err));
     return bs_opcheck_attention_mask(p, err);
 }
+
+/* ---- entry ---------------------------------------------------------------- */
 
 /* Checks the arguments (check_attn) and fills a from them. */
 static int attn_args_init(struct attn_args *a, struct bs_tensor *o, const struct bs_tensor *q,
@@ -108,6 +155,23 @@ static int attn_args_init(struct attn_args *a, struct bs_tensor *o, const struct
     if (rc != 0)
         return rc;
     attn_args_fill(a, o, q, k, v, p);
+    return 0;
+}
+
+/* A ragged batch's offsets into device memory (the thread's upload ring, on
+ * its stream, before the kernel), where a's point from then on. */
+static int upload_offsets(struct attn_args *a, struct bs__cuda_thread *t,
+                          const struct bs_attn_params *p, struct bs_err *err)
+{
+    size_t n = (size_t)(p->batch + 1) * sizeof(int64_t);
+    const void *srcs[3] = {p->q_off, p->k_off, p->m_off};
+    size_t sizes[3] = {n, n, (size_t)p->batch * sizeof(int64_t)};
+    int64_t *dev = (int64_t *)bs__cuda_upload(t, a->mask ? 3 : 2, srcs, sizes, "attention", err);
+    if (dev == NULL)
+        return err->code;
+    a->q_off = dev;
+    a->k_off = dev + p->batch + 1;
+    a->m_off = a->mask ? dev + 2 * (p->batch + 1) : NULL;
     return 0;
 }
 
@@ -126,6 +190,8 @@ int bs__cuda_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q
     if (t == NULL)
         return err->code;
     a.overflow = t->overflow_dev;
+    if (p->q_off != NULL && (rc = upload_offsets(&a, t, p, err)) != 0)
+        return rc;
     if (c->dtype == BS_TYPE_F32 || mma_dp(p->head_dim) == 0)
         return launch_f32(&a, p->batch, t->stream, err);
     if (c->dtype == BS_TYPE_BF16)
@@ -230,6 +296,10 @@ int bs__cuda_attention_unfused(void *ctx, struct bs_tensor *o, const struct bs_t
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     struct attn_args a;
+    if (p->q_off != NULL)
+        return bs_err_set(err, BS_EUNSUPP,
+                          "attention (unfused): ragged batches (q_off) are not supported; the "
+                          "fused attention takes them");
     int rc = attn_args_init(&a, o, q, k, v, p, err);
     if (rc != 0)
         return rc;

@@ -22,6 +22,19 @@
  * Blocks: grid.x holds (sample, head) x query tile, the query tile fastest
  * (attn_grid), so batch x heads is not bound by grid.y's 65,535.
  *
+ * Ragged batches (bs_attn_params.q_off, as FlashAttention's cu_seqlens):
+ * samples of different lengths packed without padding. The grid is the same,
+ * with the query tiles of the longest sample (lq); each block reads its
+ * sample's row offsets from the device copy the entry made (attn_sample)
+ * and a block past its sample's queries exits at once. Sample b's queries
+ * are rows [q_off[b], q_off[b+1]) of q and o, its keys rows [k_off[b],
+ * k_off[b+1]) of k and v, and its mask part starts at element m_off[b] of
+ * the flat mask, one row of its keys per query or one for them all. A
+ * sample without keys gives 0, as Lk = 0 does. Each kernel has an instance
+ * for ragged batches and one for uniform ones (template argument RAGGED),
+ * which compiles as it did before ragged batches (registers: attn_cuda.cu,
+ * launch_mma_w).
+ *
  * Masks (additive F32 [B, 1 or Lq, Lk]), one rule for every kernel here and
  * the CPU (kernels/cpu/attn_cpu.c; README.md, "Inputs and semantics"): each
  * mask row is shifted by its own maximum M before it is added to the scores
@@ -76,6 +89,18 @@ struct attn_args {
     float scale;
     int vec;       /* q, k, v rows and head offsets are 16-byte aligned: float4 loads */
     int *overflow; /* attn_mma: the thread's overflow flag (overflow.cuh); set by the entry */
+    /* A ragged batch (else NULL): device copies of bs_attn_params' q_off and
+     * k_off (batch + 1 each) and m_off (batch, with a mask); lq and lk are
+     * the largest lengths, mq is 1 or lq (mask_per_query). Set by the entry. */
+    const int64_t *q_off, *k_off, *m_off;
+};
+
+/* Where one sample's rows are (attn_sample). */
+struct attn_seq {
+    int64_t q_row, k_row; /* its first row of q and o, and of k and v */
+    int64_t lq, lk;       /* its queries and keys */
+    const float *mask;    /* its first mask row, or NULL */
+    int64_t mask_ld;      /* elements from one of its mask rows to the next; 0: one row */
 };
 
 /* Blocks of a launch with bq queries a block: one per (sample, head) and
@@ -99,6 +124,34 @@ __device__ __forceinline__ void attn_block(const struct attn_args &a, int bq, in
     int64_t q_tiles = (a.lq + bq - 1) / bq, blk = blockIdx.x;
     *bh = blk / q_tiles;
     *q0 = blk % q_tiles * bq;
+}
+
+/* Sample b's rows and mask: from the offsets in a ragged batch (the
+ * kernels' template argument: their uniform instances compile without the
+ * offsets), else b times the lengths and the mask's strides. */
+__device__ __forceinline__ struct attn_seq attn_sample(const struct attn_args &a, int64_t b,
+                                                       bool ragged)
+{
+    struct attn_seq s;
+    if (ragged) {
+        s.q_row = a.q_off[b];
+        s.lq = a.q_off[b + 1] - s.q_row;
+        s.k_row = a.k_off[b];
+        s.lk = a.k_off[b + 1] - s.k_row;
+#if defined(BS_CUDA_EMU) && defined(BS_ATTN_EMU_MUTANT)
+        s.lk -= s.lk > 1; /* tests/gpu_emu's mutant build: a sample's last key lost */
+#endif
+        s.mask = a.mask ? a.mask + a.m_off[b] : NULL;
+        s.mask_ld = a.mq == 1 ? 0 : s.lk;
+    } else {
+        s.q_row = b * a.lq;
+        s.lq = a.lq;
+        s.k_row = b * a.lk;
+        s.lk = a.lk;
+        s.mask = a.mask ? a.mask + b * a.mask_nb0 : NULL;
+        s.mask_ld = a.mq == 1 ? 0 : a.mask_nb1;
+    }
+    return s;
 }
 
 /* ---- the mask rule (top of the file) -------------------------------------- */
@@ -127,7 +180,9 @@ __device__ __forceinline__ float score_keep(float sh)
 }
 
 /* The kernels' arguments for an attention call the entry has checked
- * (attn_cuda.cu; the emulated tests fill theirs here too). */
+ * (attn_cuda.cu; the emulated tests fill theirs here too). A ragged batch's
+ * offsets are p's host arrays here: the entry points them at its device
+ * copies (under emulation host memory is device memory). */
 static inline void attn_args_fill(struct attn_args *a, struct bs_tensor *o,
                                   const struct bs_tensor *q, const struct bs_tensor *k,
                                   const struct bs_tensor *v, const struct bs_attn_params *p)
@@ -148,7 +203,15 @@ static inline void attn_args_fill(struct attn_args *a, struct bs_tensor *o,
     a->scale = p->scale;
     a->vec = p->head_dim % 4 == 0 && a->ldq % 4 == 0 && a->ldk % 4 == 0 && a->ldv % 4 == 0 &&
              (uintptr_t)a->q % 16 == 0 && (uintptr_t)a->k % 16 == 0 && (uintptr_t)a->v % 16 == 0;
-    if (p->mask != NULL) {
+    if (p->q_off != NULL) {
+        a->q_off = p->q_off;
+        a->k_off = p->k_off;
+        if (p->mask != NULL) {
+            a->mask = (const float *)p->mask->data;
+            a->m_off = p->m_off;
+            a->mq = p->mask_per_query ? p->lq : 1;
+        }
+    } else if (p->mask != NULL) {
         a->mask = (const float *)p->mask->data;
         a->mq = p->mask->ne[1] == 1 ? 1 : p->lq;
         a->mask_nb0 = p->mask->nb[0] / 4;
@@ -266,7 +329,7 @@ __device__ __forceinline__ bool load_tile(T *dst, int dst_ld, const float *src, 
     return ovf;
 }
 
-template <typename T, int DP, int WARPS>
+template <typename T, int DP, int WARPS, bool RAGGED>
 __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
 {
     using S = mma_smem<DP, WARPS>;
@@ -282,10 +345,13 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
     int64_t bh, q0;
     attn_block(a, S::BQ, &bh, &q0);
     const int64_t b = bh / a.heads, h = bh % a.heads;
+    const struct attn_seq sq = attn_sample(a, b, RAGGED);
+    if (RAGGED && q0 >= sq.lq) /* past this sample's queries */
+        return;
     const int hd = a.head_dim;
-    const float *qg = a.q + (b * a.lq + q0) * a.ldq + h * hd;
+    const float *qg = a.q + (sq.q_row + q0) * a.ldq + h * hd;
     bool ovf =
-        load_tile<T, DP, S::BQ, S::THREADS, false>(qs, S::QK_LD, qg, a.ldq, a.lq - q0, hd, a.vec);
+        load_tile<T, DP, S::BQ, S::THREADS, false>(qs, S::QK_LD, qg, a.ldq, sq.lq - q0, hd, a.vec);
 
     /* This thread's two query rows, their mask rows and the rows' shifts:
      * the 4 lanes of a row take every 4th key for its maximum. */
@@ -294,12 +360,10 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
     const float *mrow0 = NULL, *mrow1 = NULL;
     float sh0 = 0.0f, sh1 = 0.0f;
     if (a.mask) {
-        int64_t qa_c = a.mq == 1 ? 0 : (qa < a.lq ? qa : a.lq - 1);
-        int64_t qb_c = a.mq == 1 ? 0 : (qb < a.lq ? qb : a.lq - 1);
-        mrow0 = a.mask + b * a.mask_nb0 + qa_c * a.mask_nb1;
-        mrow1 = a.mask + b * a.mask_nb0 + qb_c * a.mask_nb1;
+        mrow0 = sq.mask + (qa < sq.lq ? qa : sq.lq - 1) * sq.mask_ld;
+        mrow1 = sq.mask + (qb < sq.lq ? qb : sq.lq - 1) * sq.mask_ld;
         float mm0 = -INFINITY, mm1 = -INFINITY;
-        for (int64_t key = t; key < a.lk; key += 4) {
+        for (int64_t key = t; key < sq.lk; key += 4) {
             mm0 = fmaxf(mm0, mrow0[key]);
             mm1 = fmaxf(mm1, mrow1[key]);
         }
@@ -320,13 +384,13 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
         o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f; /* log2 domain */
 
-    for (int64_t k0 = 0; k0 < a.lk; k0 += MMA_BK) {
+    for (int64_t k0 = 0; k0 < sq.lk; k0 += MMA_BK) {
         __syncthreads(); /* the previous tile is consumed (and Qs is written) */
-        const float *kg = a.k + (b * a.lk + k0) * a.ldk + h * hd;
-        const float *vg = a.v + (b * a.lk + k0) * a.ldv + h * hd;
-        ovf |= load_tile<T, DP, MMA_BK, S::THREADS, false>(ks, S::QK_LD, kg, a.ldk, a.lk - k0, hd,
+        const float *kg = a.k + (sq.k_row + k0) * a.ldk + h * hd;
+        const float *vg = a.v + (sq.k_row + k0) * a.ldv + h * hd;
+        ovf |= load_tile<T, DP, MMA_BK, S::THREADS, false>(ks, S::QK_LD, kg, a.ldk, sq.lk - k0, hd,
                                                            a.vec);
-        ovf |= load_tile<T, DP, MMA_BK, S::THREADS, true>(vt, S::VT_LD, vg, a.ldv, a.lk - k0, hd,
+        ovf |= load_tile<T, DP, MMA_BK, S::THREADS, true>(vt, S::VT_LD, vg, a.ldv, sq.lk - k0, hd,
                                                           a.vec);
         __syncthreads();
 
@@ -354,7 +418,7 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
             for (int e = 0; e < 4; e++) {
                 int64_t key = k0 + n * 8 + 2 * t + (e & 1);
                 float v = -INFINITY;
-                if (key < a.lk) {
+                if (key < sq.lk) {
                     v = s[n][e] * (e < 2 ? sl2_0 : sl2_1);
                     if (a.mask)
                         v += mask_term((e < 2 ? mrow0 : mrow1)[key], e < 2 ? sh0 : sh1) * LOG2E;
@@ -419,7 +483,7 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
     if (ovf)
         *(volatile int *)a.overflow = BS_OVF_ATTENTION;
     float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    float *og = a.o + (b * a.lq) * a.ldo + h * hd;
+    float *og = a.o + sq.q_row * a.ldo + h * hd;
 #pragma unroll
     for (int i = 0; i < DT; i++) {
         int d = i * 8 + 2 * t;
@@ -427,9 +491,9 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
         for (int e = 0; e < 2; e++) {
             if (d + e >= hd)
                 continue;
-            if (qa < a.lq)
+            if (qa < sq.lq)
                 og[qa * a.ldo + d + e] = o[i][e] * inv0;
-            if (qb < a.lq)
+            if (qb < sq.lq)
                 og[qb * a.ldo + d + e] = o[i][2 + e] * inv1;
         }
     }
@@ -455,7 +519,7 @@ static inline size_t attn_f32_smem(int hd)
 
 /* 16 query rows per block, 8 threads per row; shared memory holds the Q, K,
  * V tiles, the output accumulator and the probabilities: 256 hd + 1 KiB. */
-__global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
+template <bool RAGGED> __global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
 {
     BS_DYNAMIC_SMEM(float, sm);
     const int hd = a.head_dim;
@@ -465,17 +529,20 @@ __global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
     int64_t bh, q0;
     attn_block(a, F32_BQ, &bh, &q0);
     const int64_t b = bh / a.heads, h = bh % a.heads, qi = q0 + row;
+    const struct attn_seq sq = attn_sample(a, b, RAGGED);
+    if (RAGGED && q0 >= sq.lq) /* past this sample's queries */
+        return;
     for (int e = threadIdx.x; e < F32_BQ * hd; e += F32_THREADS) {
         int r = e / hd, d = e % hd;
-        qs[e] = q0 + r < a.lq ? a.q[(b * a.lq + q0 + r) * a.ldq + h * hd + d] : 0.0f;
+        qs[e] = q0 + r < sq.lq ? a.q[(sq.q_row + q0 + r) * a.ldq + h * hd + d] : 0.0f;
         os[e] = 0.0f;
     }
     const float *mrow = NULL;
     float sh = 0.0f; /* the mask row's shift: its 8 lanes take every 8th key for the maximum */
     if (a.mask) {
-        mrow = a.mask + b * a.mask_nb0 + (a.mq == 1 ? 0 : (qi < a.lq ? qi : a.lq - 1)) * a.mask_nb1;
+        mrow = sq.mask + (qi < sq.lq ? qi : sq.lq - 1) * sq.mask_ld;
         float mm = -INFINITY;
-        for (int64_t key = sub; key < a.lk; key += 8)
+        for (int64_t key = sub; key < sq.lk; key += 8)
             mm = fmaxf(mm, mrow[key]);
         for (int off = 1; off < 8; off <<= 1)
             mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, off));
@@ -483,20 +550,20 @@ __global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
     }
     const float scale = a.scale * score_keep(sh);
     float m = -INFINITY, l = 0.0f;
-    for (int64_t k0 = 0; k0 < a.lk; k0 += F32_BK) {
+    for (int64_t k0 = 0; k0 < sq.lk; k0 += F32_BK) {
         __syncthreads();
         for (int e = threadIdx.x; e < F32_BK * hd; e += F32_THREADS) {
             int r = e / hd, d = e % hd;
-            bool ok = k0 + r < a.lk;
-            ks[e] = ok ? a.k[(b * a.lk + k0 + r) * a.ldk + h * hd + d] : 0.0f;
-            vs[e] = ok ? a.v[(b * a.lk + k0 + r) * a.ldv + h * hd + d] : 0.0f;
+            bool ok = k0 + r < sq.lk;
+            ks[e] = ok ? a.k[(sq.k_row + k0 + r) * a.ldk + h * hd + d] : 0.0f;
+            vs[e] = ok ? a.v[(sq.k_row + k0 + r) * a.ldv + h * hd + d] : 0.0f;
         }
         __syncthreads();
         float sc[2], mx = m;
         for (int jj = 0; jj < 2; jj++) {
             int j = sub + 8 * jj;
             float v = -INFINITY;
-            if (k0 + j < a.lk) {
+            if (k0 + j < sq.lk) {
                 float dot = 0.0f;
                 for (int d = 0; d < hd; d++)
                     dot = fmaf(qs[row * hd + d], ks[j * hd + d], dot);
@@ -526,11 +593,11 @@ __global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
         }
     }
     __syncthreads(); /* with no keys, os was zeroed by other threads */
-    if (qi >= a.lq)
+    if (qi >= sq.lq)
         return;
     float inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (int d = sub; d < hd; d += 8)
-        a.o[(b * a.lq + qi) * a.ldo + h * hd + d] = os[row * hd + d] * inv;
+        a.o[(sq.q_row + qi) * a.ldo + h * hd + d] = os[row * hd + d] * inv;
 }
 
 /* ---- unfused baseline's softmax ------------------------------------------ */

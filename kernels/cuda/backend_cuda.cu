@@ -22,6 +22,7 @@
 #define PINNED_BYTES  (8u << 20)  /* staging chunk for copy_in / copy_out */
 #define BLAS_WS_BYTES (32u << 20) /* cuBLAS workspace */
 #define SCRATCH_ALIGN 256
+#define UP_MIN_BYTES  (16u << 10) /* a slot of the upload ring at least: 680 ragged samples */
 
 /* ---- errors ------------------------------------------------------------ */
 
@@ -49,10 +50,27 @@ static int blas_check(cublasStatus_t s, const char *op, const char *what, struct
 
 /* ---- per-thread state ---------------------------------------------------- */
 
+/* The upload ring's memory and events (the stream has been drained). */
+static void upload_free(struct bs__cuda_thread *t)
+{
+    for (int i = 0; i < BS_CUDA_UP_SLOTS; i++)
+        if (t->up_done[i]) {
+            cudaEventDestroy(t->up_done[i]);
+            t->up_done[i] = NULL;
+        }
+    if (t->up_host)
+        cudaFreeHost(t->up_host);
+    if (t->up_dev)
+        cudaFree(t->up_dev);
+    t->up_host = t->up_dev = NULL;
+    t->up_bytes = 0;
+}
+
 static void thread_free(struct bs__cuda *c, struct bs__cuda_thread *t)
 {
     if (t->stream)
         cudaStreamSynchronize(t->stream);
+    upload_free(t);
     if (t->blas)
         cublasDestroy(t->blas);
     if (t->blas_ws)
@@ -173,6 +191,64 @@ void *bs__cuda_scratch(struct bs__cuda_thread *t, size_t bytes, struct bs_err *e
         return NULL;
     t->scratch_bytes = bytes;
     return t->scratch;
+}
+
+/* The upload ring with slots of at least bytes: the stream drained first
+ * when there is one (its copies and kernels may use the old one). */
+static int upload_grow(struct bs__cuda_thread *t, size_t bytes, const char *op, struct bs_err *err)
+{
+    int rc;
+    size_t slot = UP_MIN_BYTES;
+    while (slot < bytes)
+        slot *= 2;
+    if (t->up_host != NULL)
+        TRY_RC(rc, bs__cuda_check(cudaStreamSynchronize(t->stream), op,
+                                  "cudaStreamSynchronize (this or an earlier op failed)", err));
+    upload_free(t);
+    if ((rc = bs__cuda_check(cudaMallocHost(&t->up_host, slot * BS_CUDA_UP_SLOTS), op,
+                             "cudaMallocHost", err)) != 0) {
+        t->up_host = NULL;
+        return rc;
+    }
+    if ((rc = dev_alloc(&t->up_dev, slot, op, err)) != 0) {
+        upload_free(t);
+        return rc;
+    }
+    for (int i = 0; i < BS_CUDA_UP_SLOTS; i++)
+        if ((rc = bs__cuda_check(cudaEventCreateWithFlags(&t->up_done[i], cudaEventDisableTiming),
+                                 op, "cudaEventCreate", err)) != 0) {
+            t->up_done[i] = NULL;
+            upload_free(t);
+            return rc;
+        }
+    t->up_bytes = slot;
+    t->up_next = 0;
+    return 0;
+}
+
+void *bs__cuda_upload(struct bs__cuda_thread *t, int n, const void *const *srcs,
+                      const size_t *sizes, const char *op, struct bs_err *err)
+{
+    size_t bytes = 0;
+    for (int i = 0; i < n; i++)
+        bytes += sizes[i];
+    if (bytes > t->up_bytes && upload_grow(t, bytes, op, err) != 0)
+        return NULL;
+    int slot = t->up_next;
+    /* the copy from this slot BS_CUDA_UP_SLOTS uploads ago has run (at once
+     * if it was never recorded) */
+    if (bs__cuda_check(cudaEventSynchronize(t->up_done[slot]), op,
+                       "cudaEventSynchronize (this or an earlier op failed)", err))
+        return NULL;
+    char *host = (char *)t->up_host + (size_t)slot * t->up_bytes;
+    for (size_t i = 0, at = 0; i < (size_t)n; at += sizes[i++])
+        memcpy(host + at, srcs[i], sizes[i]);
+    if (bs__cuda_check(cudaMemcpyAsync(t->up_dev, host, bytes, cudaMemcpyHostToDevice, t->stream),
+                       op, "cudaMemcpyAsync", err) ||
+        bs__cuda_check(cudaEventRecord(t->up_done[slot], t->stream), op, "cudaEventRecord", err))
+        return NULL;
+    t->up_next = (slot + 1) % BS_CUDA_UP_SLOTS;
+    return t->up_dev;
 }
 
 static void *cuda_buf_alloc(void *ctx, size_t size)

@@ -8,7 +8,8 @@
  * backend (a batcher's libuv worker, the loop thread while models load) gets
  * its own struct bs__cuda_thread on first use (bs__cuda_thread_get): a
  * stream, a cuBLAS handle with its workspace, conversion scratch, pinned
- * staging and an overflow flag, which only that thread touches, so an op
+ * staging, the upload ring (small host arrays such as a ragged batch's
+ * offsets) and an overflow flag, which only that thread touches, so an op
  * takes no lock while it enqueues, a copy none while it waits for the
  * device, and a fault shows in the copy of the batch whose kernels caused it
  * (the same thread, the same stream). The states are made once per thread
@@ -37,6 +38,7 @@ extern "C" {
 }
 
 #define BS_CUDA_MAX_SHADOWS 64
+#define BS_CUDA_UP_SLOTS    8 /* pinned slots of the upload ring (bs__cuda_upload) */
 
 /* Return rc from the enclosing function when expr fails. */
 #define TRY_RC(rc, expr)                                                                           \
@@ -64,6 +66,14 @@ struct bs__cuda_thread {
     size_t pinned_bytes;
     int *overflow;     /* the overflow flag (overflow.cuh), host memory mapped for the device, */
     int *overflow_dev; /* and its device address, which the conversion kernels get */
+    /* The upload ring (bs__cuda_upload), made on first use and grown to the
+     * largest upload: BS_CUDA_UP_SLOTS pinned slots of up_bytes, each
+     * reused once the copy from it has run (up_done[i] recorded after it),
+     * and one device buffer the copies go to (in stream order). */
+    void *up_host, *up_dev;
+    size_t up_bytes;
+    cudaEvent_t up_done[BS_CUDA_UP_SLOTS];
+    int up_next;
 };
 
 struct bs__cuda {
@@ -111,6 +121,16 @@ int bs__cuda_check_launch(const char *op, struct bs_err *err);
 /* The thread's scratch, at least bytes (256-byte aligned), kept for its
  * later ops. NULL with err set when out of memory. */
 void *bs__cuda_scratch(struct bs__cuda_thread *t, size_t bytes, struct bs_err *err);
+
+/* Copies n host arrays (srcs[i], sizes[i] bytes, each a multiple of 8)
+ * one after another into device memory for the kernels the thread queues
+ * next, asynchronously on its stream, and returns their device address
+ * (NULL with err set, "cuda <op>: ..."). The copy is valid for every
+ * kernel queued before the thread's next upload; the sources may change
+ * on return. The host waits only when the upload BS_CUDA_UP_SLOTS before
+ * this one has not been copied yet, or when the ring grows. */
+void *bs__cuda_upload(struct bs__cuda_thread *t, int n, const void *const *srcs,
+                      const size_t *sizes, const char *op, struct bs_err *err);
 
 static inline int64_t bs__cdiv(int64_t a, int64_t b)
 {

@@ -16,7 +16,9 @@
  *   FP32 accumulation).
  *
  * Also: attention with masks of every kind the mask rule names (rows of
- * -FLT_MAX, -inf, both, with finite values, -10000, 30000); in fp16, an
+ * -FLT_MAX, -inf, both, with finite values, -10000, 30000); ragged batches
+ * (bs_attn_params.q_off) against the CPU twin run on each sample alone; in
+ * fp16, an
  * operand beyond 65504 fails the copy that follows with "fp16 overflow"
  * (linear, attention), and the next copy succeeds; three threads running
  * linear and attention at once, each on its own stream, against the CPU. */
@@ -513,6 +515,139 @@ static void test_attention(struct env *e)
     attn_case(e, 2, 40, 130, 2, 64, RULE_FULL, false, fn);
 }
 
+/* ---- ragged batches ------------------------------------------------------------- */
+
+#define RAGGED_MAX 4 /* samples of a ragged case */
+
+/* A ragged case: n samples of lq[b] queries and lk[b] keys, heads x hd, a
+ * mask of kind mk (flat: one row per sample, or per query for MASK_FULL and
+ * RULE_FULL, each part after a gap of 3 elements), and the offsets. */
+struct ragged {
+    int n, heads, hd;
+    const int64_t *lq, *lk;
+    enum mask_kind mk;
+    bool per_query;
+    int64_t q_off[RAGGED_MAX + 1], k_off[RAGGED_MAX + 1], m_off[RAGGED_MAX];
+    int64_t mask_len, max_lq, max_lk;
+};
+
+static void ragged_offsets(struct ragged *r)
+{
+    r->per_query = r->mk == MASK_FULL || r->mk == RULE_FULL;
+    r->q_off[0] = r->k_off[0] = r->mask_len = r->max_lq = r->max_lk = 0;
+    for (int b = 0; b < r->n; b++) {
+        r->q_off[b + 1] = r->q_off[b] + r->lq[b];
+        r->k_off[b + 1] = r->k_off[b] + r->lk[b];
+        r->max_lq = r->lq[b] > r->max_lq ? r->lq[b] : r->max_lq;
+        r->max_lk = r->lk[b] > r->max_lk ? r->lk[b] : r->max_lk;
+        r->m_off[b] = r->mask_len + 3;
+        r->mask_len = r->m_off[b] + (r->per_query ? r->lq[b] : 1) * r->lk[b];
+    }
+}
+
+static void ragged_mask_fill(const struct ragged *r, float *m)
+{
+    for (int b = 0, row = 0; b < r->n; b++)
+        for (int64_t i = 0; i < (r->per_query ? r->lq[b] : 1); i++, row++)
+            for (int64_t j = 0; j < r->lk[b]; j++) {
+                float *v = m + r->m_off[b] + i * r->lk[b] + j;
+                if (r->mk >= RULE_KEYS)
+                    *v = rule_value(row, j, r->lk[b]);
+                else if (frand(0, 1) < 0.2f)
+                    *v = MASK_DROP;
+            }
+}
+
+/* Sample b of a ragged batch on the CPU alone (a batch of one on views of
+ * its rows and its mask part) against its rows of the GPU's o. */
+static void ragged_check_sample(struct env *e, const struct ragged *r, int b, const struct pt *q,
+                                const struct pt *kk, const struct pt *vv, const struct pt *o,
+                                const struct pt *mask)
+{
+    int64_t lq = r->lq[b], lk = r->lk[b], inner = (int64_t)r->heads * r->hd;
+    struct pt ob = *o;
+    ob.c = bs_tensor_view_outer(&o->c, r->q_off[b], lq);
+    ob.g = bs_tensor_view_outer(&o->g, r->q_off[b], lq);
+    ob.bytes = (size_t)(lq * inner) * sizeof(float);
+    struct bs_tensor qb = bs_tensor_view_outer(&q->c, r->q_off[b], lq);
+    struct bs_tensor kb = bs_tensor_view_outer(&kk->c, r->k_off[b], lk);
+    struct bs_tensor vb = bs_tensor_view_outer(&vv->c, r->k_off[b], lk);
+    struct bs_tensor mb = bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){1, r->per_query ? lq : 1, lk},
+                                         mask ? (float *)mask->c.data + r->m_off[b] : NULL);
+    struct bs_attn_params pc = {.batch = 1,
+                                .lq = lq,
+                                .lk = lk,
+                                .heads = r->heads,
+                                .head_dim = r->hd,
+                                .scale = 1.0f / sqrtf((float)r->hd),
+                                .mask = mask && lk > 0 ? &mb : NULL};
+    struct bs_err err = {0};
+    if (CPU->attention(CC, &ob.c, &qb, &kb, &vb, &pc, &err) != 0)
+        die("attention (a ragged batch's sample, cpu)", &err);
+    static const char *const mnames[] = {"no mask", "mask rows", "mask rows per query",
+                                         "rule mask rows", "rule mask rows per query"};
+    char name[128];
+    snprintf(name, sizeof(name), "attention ragged %d/%d Lq%lld Lk%lld %dx%d %s", b, r->n,
+             (long long)lq, (long long)lk, r->heads, r->hd, mnames[r->mk]);
+    expect_mm(e, name, &ob);
+}
+
+/* A ragged batch on the GPU in one call, against the CPU twin on each
+ * sample alone; each sample's rows of o compared on their own (a sample
+ * without keys is exactly 0). */
+static void attn_ragged_case(struct env *e, int n, const int64_t *lq, const int64_t *lk, int heads,
+                             int hd, enum mask_kind mk)
+{
+    struct ragged r = {.n = n, .heads = heads, .hd = hd, .lq = lq, .lk = lk, .mk = mk};
+    ragged_offsets(&r);
+    int64_t inner = (int64_t)heads * hd;
+    struct pt q, kv, o, mask;
+    pt_new(e, &q, 2, (int64_t[]){r.q_off[n], inner}, -1, 1);
+    pt_new(e, &kv, 2, (int64_t[]){r.k_off[n], 2 * inner}, -1, 1);
+    pt_new(e, &o, 2, (int64_t[]){r.q_off[n], inner}, -1, 1);
+    struct pt kk = pt_cols(&kv, 0, inner), vv = pt_cols(&kv, inner, inner);
+    struct bs_attn_params pg = {.batch = n,
+                                .lq = r.max_lq,
+                                .lk = r.max_lk,
+                                .heads = heads,
+                                .head_dim = hd,
+                                .scale = 1.0f / sqrtf((float)hd),
+                                .q_off = r.q_off,
+                                .k_off = r.k_off};
+    if (mk != MASK_NONE) {
+        pt_new(e, &mask, 1, &r.mask_len, -2, 0);
+        ragged_mask_fill(&r, mask.c.data);
+        pt_upload(e, &mask);
+        pg.mask = &mask.g;
+        pg.m_off = r.m_off;
+        pg.mask_per_query = r.per_query;
+    }
+    struct bs_err err = {0};
+    if (GPU->attention(GC, &o.g, &q.g, &kk.g, &vv.g, &pg, &err) != 0)
+        die("attention (ragged)", &err);
+    for (int b = 0; b < n; b++)
+        ragged_check_sample(e, &r, b, &q, &kk, &vv, &o, mk != MASK_NONE ? &mask : NULL);
+    pt_free(e, &q), pt_free(e, &kv), pt_free(e, &o);
+    if (mk != MASK_NONE)
+        pt_free(e, &mask);
+}
+
+/* Mixed lengths: one query, several query and key tiles of attn_mma (64)
+ * and attn_f32 (16), a sample without keys; each padded head dim, attn_f32's
+ * above 160, and 8-warp blocks (2048 queries and more). */
+static void test_attention_ragged(struct env *e)
+{
+    static const int hds[] = {40, 64, 72, 80, 128, 160, 200, 30};
+    for (size_t i = 0; i < BS_ARRAY_LEN(hds); i++) {
+        attn_ragged_case(e, 4, (int64_t[]){1, 130, 65, 7}, (int64_t[]){77, 0, 200, 1}, 2, hds[i],
+                         (enum mask_kind)(1 + i % 4));
+        attn_ragged_case(e, 3, (int64_t[]){40, 1, 129}, (int64_t[]){130, 65, 3}, 1, hds[i],
+                         (enum mask_kind)(i % 5));
+    }
+    attn_ragged_case(e, 3, (int64_t[]){2100, 3, 700}, (int64_t[]){2100, 77, 0}, 2, 64, MASK_KEYS);
+    attn_ragged_case(e, 2, (int64_t[]){5, 2100}, (int64_t[]){300, 77}, 2, 80, RULE_FULL);
+}
+
 /* ---- fp16 overflow ---------------------------------------------------------- */
 
 /* rc and err of a copy_out of t after an op whose operand overflowed: BS_ERANGE
@@ -640,6 +775,7 @@ static void test_all(struct env *e)
     test_act_glu(e);
     test_add_transpose_rows(e);
     test_attention(e);
+    test_attention_ragged(e);
     test_threads(e);
     if (!e->self_check && strcmp(e->dtype, "fp16") == 0)
         test_overflow(e);

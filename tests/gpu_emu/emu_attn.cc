@@ -18,13 +18,18 @@
  * of constant rows against the kernel's own unmasked output, to 1e-5
  * (TOL_EW), not the dtype's tolerance (const_rows_case: the shift loses
  * nothing); batch x heads 65,552, past grid.y's 65,535 (grid_case: the
- * blocks at the grid's edges); attn_mma's overflow flag (overflow_case).
- * Every other case must leave the flag clear. */
+ * blocks at the grid's edges); attn_mma's overflow flag (overflow_case);
+ * ragged batches (ragged_case_run: the kernels' RAGGED instances on a batch
+ * of mixed lengths against the CPU twin on each sample alone, each sample
+ * to its own tolerance; ragged_cases). Every other case must leave the
+ * flag clear. */
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <algorithm>
 
 #include "attn_kernels.cuh"
 #include "emu_common.h"
@@ -173,13 +178,20 @@ struct block_range {
     uint64_t first = 0, count = 0;
 };
 
+/* The launcher's instance: the ragged one for a ragged batch (a.q_off). */
 template <typename T, int DP, int W>
 static void launch_mma_w(const attn_args &a, int64_t batch, block_range r)
 {
     using S = mma_smem<DP, W>;
     dim3 grid = attn_grid(a.lq, batch * a.heads, S::BQ);
-    emu_launch_blocks(attn_mma<T, DP, W>, grid, dim3(S::THREADS), (size_t)S::elems * sizeof(T),
-                      r.first, r.count ? r.count : (uint64_t)grid.x, a);
+    uint64_t count = r.count ? r.count : (uint64_t)grid.x;
+    size_t smem = (size_t)S::elems * sizeof(T);
+    if (a.q_off != NULL)
+        emu_launch_blocks(attn_mma<T, DP, W, true>, grid, dim3(S::THREADS), smem, r.first, count,
+                          a);
+    else
+        emu_launch_blocks(attn_mma<T, DP, W, false>, grid, dim3(S::THREADS), smem, r.first, count,
+                          a);
 }
 
 /* The instances the launcher has: 8 warps only up to DP 80. */
@@ -229,8 +241,13 @@ static void launch_mma_dt(enum bs_dtype dt, const attn_args &a, int64_t batch, i
 static void launch_f32(const attn_args &a, int64_t batch, block_range r = {})
 {
     dim3 grid = attn_grid(a.lq, batch * a.heads, F32_BQ);
-    emu_launch_blocks(attn_f32, grid, dim3(F32_THREADS), attn_f32_smem(a.head_dim), r.first,
-                      r.count ? r.count : (uint64_t)grid.x, a);
+    uint64_t count = r.count ? r.count : (uint64_t)grid.x;
+    if (a.q_off != NULL)
+        emu_launch_blocks(attn_f32<true>, grid, dim3(F32_THREADS), attn_f32_smem(a.head_dim),
+                          r.first, count, a);
+    else
+        emu_launch_blocks(attn_f32<false>, grid, dim3(F32_THREADS), attn_f32_smem(a.head_dim),
+                          r.first, count, a);
 }
 
 /* ---- cases every attention kernel runs ----------------------------------------- */
@@ -315,6 +332,194 @@ static void grid_case(emu_env *env, tally *t, const char *what, int bq, double t
              (long long)c.batch, c.heads, (long long)bh, (long long)(bh * tiles));
     expect_value(env, t, name, err, share);
     expect_no_overflow(env, t, what);
+}
+
+/* ---- ragged batches ------------------------------------------------------------- */
+
+/* A ragged batch (bs_attn_params.q_off): each sample's queries and keys,
+ * heads x hd, and the mask: MASK_KEYS and RULE_KEYS one row per sample,
+ * MASK_FULL and RULE_FULL one per query (mask_per_query), filled as in
+ * attn_io_init (rule rows counted over the whole flat mask). */
+struct ragged_case {
+    std::vector<int64_t> lq, lk;
+    int heads, hd;
+    mask_kind mask;
+};
+
+#define RAGGED_GAP 3    /* mask elements before each sample's part, */
+#define RAGGED_PAD 7.0f /* at this value: a key read from there would dominate its row */
+
+/* The tensors of a ragged case: q alone, k and v column views of one kv
+ * tensor, o, the flat mask and the offsets; pe the kernel's parameters. */
+struct ragged_io {
+    pair q, kv, o, mask;
+    pair kk, vv;
+    std::vector<int64_t> q_off, k_off, m_off;
+    struct bs_attn_params pe;
+};
+
+static void ragged_mask_init(ragged_io *io, const ragged_case &c)
+{
+    const size_t nb = c.lq.size();
+    const bool per_query = c.mask == MASK_FULL || c.mask == RULE_FULL;
+    int64_t total = 0;
+    for (size_t b = 0; b < nb; b++) {
+        io->m_off.push_back(total + RAGGED_GAP);
+        total += RAGGED_GAP + (per_query ? c.lq[b] : 1) * c.lk[b];
+    }
+    pair_init(&io->mask, {total}, -2, 0);
+    float *m = io->mask.cbuf.data();
+    int64_t row = 0; /* over the whole mask, for rule_value */
+    for (size_t b = 0; b < nb; b++) {
+        float *part = m + io->m_off[b];
+        std::fill(part - RAGGED_GAP, part, RAGGED_PAD);
+        int64_t rows = per_query ? c.lq[b] : 1, lk = c.lk[b];
+        for (int64_t r = 0; r < rows; r++, row++)
+            for (int64_t j = 0; j < lk; j++) {
+                float &v = part[r * lk + j];
+                if (c.mask >= RULE_KEYS)
+                    v = rule_value(row, j, lk);
+                else if (frand(0, 1) < 0.2f)
+                    v = -10000.0f;
+                if (c.mask == MASK_FULL && r == 1) /* a row with no key at all */
+                    v = -INFINITY;
+            }
+    }
+    pair_sync(&io->mask);
+}
+
+static void ragged_io_init(ragged_io *io, const ragged_case &c)
+{
+    const int64_t inner = (int64_t)c.heads * c.hd;
+    int64_t lq = 0, lk = 0;
+    io->q_off = {0};
+    io->k_off = {0};
+    for (size_t b = 0; b < c.lq.size(); b++) {
+        io->q_off.push_back(io->q_off.back() + c.lq[b]);
+        io->k_off.push_back(io->k_off.back() + c.lk[b]);
+        lq = std::max(lq, c.lq[b]);
+        lk = std::max(lk, c.lk[b]);
+    }
+    pair_init(&io->q, {io->q_off.back(), inner}, -1, 1);
+    pair_init(&io->kv, {io->k_off.back(), 2 * inner}, -1, 1);
+    pair_init(&io->o, {io->q_off.back(), inner}, -1, 1);
+    io->kk = pair_cols(io->kv, 0, inner);
+    io->vv = pair_cols(io->kv, inner, inner);
+    io->pe = {};
+    io->pe.batch = (int64_t)c.lq.size();
+    io->pe.lq = lq;
+    io->pe.lk = lk;
+    io->pe.heads = c.heads;
+    io->pe.head_dim = c.hd;
+    io->pe.scale = 1.0f / sqrtf((float)c.hd);
+    io->pe.q_off = io->q_off.data();
+    io->pe.k_off = io->k_off.data();
+    if (c.mask == MASK_NONE)
+        return;
+    ragged_mask_init(io, c);
+    io->pe.mask = &io->mask.e;
+    io->pe.m_off = io->m_off.data();
+    io->pe.mask_per_query = c.mask == MASK_FULL || c.mask == RULE_FULL;
+}
+
+/* The reference: the CPU twin on each sample alone, a uniform batch of one
+ * on views of its rows and its mask part. */
+static void ragged_cpu(emu_env *env, ragged_io *io, const ragged_case &c)
+{
+    for (size_t b = 0; b < c.lq.size(); b++) {
+        int64_t q0 = io->q_off[b], k0 = io->k_off[b], lq = c.lq[b], lk = c.lk[b];
+        struct bs_tensor q = bs_tensor_view_outer(&io->q.c, q0, lq);
+        struct bs_tensor o = bs_tensor_view_outer(&io->o.c, q0, lq);
+        struct bs_tensor k = bs_tensor_view_outer(&io->kk.c, k0, lk);
+        struct bs_tensor v = bs_tensor_view_outer(&io->vv.c, k0, lk);
+        struct bs_tensor mask;
+        int64_t mne[3] = {1, io->pe.mask_per_query ? lq : 1, lk};
+        struct bs_attn_params p = {};
+        p.batch = 1;
+        p.lq = lq;
+        p.lk = lk;
+        p.heads = c.heads;
+        p.head_dim = c.hd;
+        p.scale = io->pe.scale;
+        if (c.mask != MASK_NONE && lk > 0) {
+            mask = bs_tensor_make(BS_TYPE_F32, 3, mne, io->mask.cbuf.data() + io->m_off[b]);
+            p.mask = &mask;
+        }
+        struct bs_err err = {};
+        check_cpu(env->cpu.iface->attention(env->cpu.ctx, &o, &q, &k, &v, &p, &err), &err,
+                  "attention (a ragged batch's sample)");
+    }
+}
+
+/* Each sample's rows of o against the CPU twin's: |emulated - cpu| <= atol
+ * + tol |cpu| with atol tol, or tol x rms(the sample's rows of cpu) when
+ * rms (so that a sample without keys, all 0, lowers no other's
+ * tolerance, and must itself be exactly 0). The largest error and share
+ * over the samples count as one case. */
+static void expect_ragged(emu_env *env, tally *t, const char *name, const ragged_io &io, double tol,
+                          bool rms)
+{
+    const int64_t ld = io.o.c.ne[1];
+    double err = 0, share = 0;
+    for (size_t b = 0; b + 1 < io.q_off.size(); b++) {
+        const size_t lo = (size_t)(io.q_off[b] * ld), hi = (size_t)(io.q_off[b + 1] * ld);
+        double ss = 0, atol = tol;
+        for (size_t i = lo; i < hi; i++)
+            ss += (double)io.o.cbuf[i] * io.o.cbuf[i];
+        if (rms)
+            atol *= sqrt(ss / (double)(hi - lo));
+        for (size_t i = lo; i < hi; i++) {
+            double want = io.o.cbuf[i], d = fabs((double)io.o.ebuf[i] - want);
+            double sh = d == 0 ? 0 : d / (atol + tol * fabs(want));
+            err = d > err || isnan(d) ? d : err;
+            share = sh > share || isnan(sh) ? sh : share;
+        }
+    }
+    expect_value(env, t, name, err, share);
+}
+
+/* One ragged case: the kernel (launch(a)) on the whole batch against the
+ * CPU twin sample by sample (tol: the kernel's, rms scaled when rms). */
+template <typename L>
+static void ragged_case_run(emu_env *env, tally *t, const char *what, const ragged_case &c,
+                            double tol, bool rms, L launch)
+{
+    ragged_io io;
+    ragged_io_init(&io, c);
+    ragged_cpu(env, &io, c);
+    attn_args a;
+    attn_args_fill(&a, &io.o.e, &io.q.e, &io.kk.e, &io.vv.e, &io.pe);
+    a.overflow = &ovf_flag;
+    launch(a);
+    char name[200];
+    int at = snprintf(name, sizeof(name), "%s ragged B%zu Lq", what, c.lq.size());
+    for (size_t b = 0; b < c.lq.size() && at < (int)sizeof(name); b++)
+        at += snprintf(name + at, sizeof(name) - at, "%s%lld", b ? "," : "", (long long)c.lq[b]);
+    for (size_t b = 0; b < c.lk.size() && at < (int)sizeof(name); b++)
+        at += snprintf(name + at, sizeof(name) - at, "%s%lld", b ? "," : " Lk", (long long)c.lk[b]);
+    if (at < (int)sizeof(name))
+        snprintf(name + at, sizeof(name) - at, " %dx%d %s%s", c.heads, c.hd, mask_names[c.mask],
+                 a.vec ? " float4" : "");
+    expect_ragged(env, t, name, io, tol, rms);
+    expect_no_overflow(env, t, name);
+}
+
+/* The ragged cases of attn_mma and attn_f32 (bq: queries a block, bk: keys
+ * a tile): samples of one query and of a tile plus one, lengths crossing
+ * the tiles, a sample without keys, key lengths apart from the query
+ * lengths, both mask forms with -10000, -FLT_MAX and -inf rows (8 samples:
+ * a rule row of each kind in the one-row form), head dims 40, 64, 72, 80,
+ * 128 and 160 (the callers add their own). */
+static std::vector<ragged_case> ragged_cases(int64_t bq, int64_t bk)
+{
+    return {
+        {{1, 2 * bq + 2, bq, bq + 1}, {bk + 13, 0, 2 * bk + 2, 1}, 2, 40, MASK_FULL},
+        {{bq + 1, 1, 3, 1, 5, 1, 2, 2}, {1, 2 * bk + 2, 0, 1, bk + 6, 2, 3, 9}, 1, 64, RULE_KEYS},
+        {{20, 2 * bq + 2}, {2 * bk + 2, bk + 13}, 1, 72, RULE_FULL},
+        {{1, 1, bq + 6}, {bk + 1, 0, bk}, 2, 80, MASK_KEYS},
+        {{bq, 2}, {0, 2 * bk + 1}, 1, 128, MASK_NONE},
+        {{bq + 2, 1}, {bk + 1, 20}, 1, 160, RULE_FULL},
+    };
 }
 
 static void mma_case(emu_env *env, tally *t, enum bs_dtype dt, const attn_case &c, int warps)
@@ -427,10 +632,24 @@ void run_attn_mma(emu_env *env, enum bs_dtype dt)
     }
     snprintf(what, sizeof(what), "attn_mma %s", bs_dtype_name(dt));
     double tol = dt == BS_TYPE_BF16 ? TOL_BF16 : TOL_F16;
+    /* Ragged batches: 4 warps (64 queries a block), the scalar loads, 8
+     * warps (128). */
+    std::vector<ragged_case> rc = ragged_cases(64, MMA_BK);
+    rc.push_back({{10, 70}, {5, 66}, 1, 30, MASK_KEYS});
+    for (const ragged_case &c : rc)
+        ragged_case_run(env, &t, what, c, tol, true,
+                        [&](const attn_args &a) { launch_mma_dt(dt, a, (int64_t)c.lq.size(), 4); });
+    static const ragged_case rc8[] = {
+        {{129, 1, 40}, {65, 3, 0}, 1, 64, RULE_FULL},
+        {{130, 2}, {1, 77}, 1, 80, MASK_KEYS},
+    };
+    for (const ragged_case &c : rc8)
+        ragged_case_run(env, &t, what, c, tol, true,
+                        [&](const attn_args &a) { launch_mma_dt(dt, a, (int64_t)c.lq.size(), 8); });
     grid_case(env, &t, what, 64, tol, true,
               [&](const attn_args &a, block_range r) { launch_mma_dt(dt, a, 4097, 4, r); });
     run_mma_overflow(env, &t, dt);
-    t.note += ", rule masks, constant rows, B x heads 65552, overflow flag";
+    t.note += ", rule masks, constant rows, B x heads 65552, overflow flag, ragged batches";
     tally_report(env, t);
 }
 
@@ -460,6 +679,13 @@ void run_attn_f32(emu_env *env)
         {1, 33, 40, 2, 30, MASK_KEYS, UNALIGNED},  {2, 17, 33, 2, 161, MASK_FULL, SEPARATE},
         {1, 20, 20, 2, 200, MASK_NONE, FUSED_QKV}, {1, 17, 33, 1, 512, MASK_KEYS, SEPARATE},
     };
+    /* Ragged batches first (the mutant build's ragged bug fails the group
+     * early: gpu_emu_mutant_ragged_fails). */
+    std::vector<ragged_case> rc = ragged_cases(F32_BQ, F32_BK);
+    rc.push_back({{17, 1}, {3, 40}, 1, 200, RULE_KEYS});
+    for (const ragged_case &c : rc)
+        ragged_case_run(env, &t, "attn_f32", c, TOL_F32, false,
+                        [&](const attn_args &a) { launch_f32(a, (int64_t)c.lq.size()); });
     for (const attn_case &c : dims)
         f32_case(env, &t, c);
     static const int64_t lens[] = {0, 1, 17, 77, 130};
@@ -473,7 +699,7 @@ void run_attn_f32(emu_env *env)
                     [](const attn_args &a) { launch_f32(a, 2); });
     grid_case(env, &t, "attn_f32", F32_BQ, TOL_F32, false,
               [](const attn_args &a, block_range r) { launch_f32(a, 4097, r); });
-    t.note += ", rule masks, constant rows, B x heads 65552";
+    t.note += ", rule masks, constant rows, B x heads 65552, ragged batches";
     tally_report(env, t);
 }
 

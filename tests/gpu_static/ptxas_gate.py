@@ -149,7 +149,7 @@ def parse_ptx(path):
 
 
 def demangle(names):
-    """'attn_mma<__nv_bfloat16, 80, 8>' for each mangled name."""
+    """'attn_mma<__nv_bfloat16, 80, 8, false>' for each mangled name."""
     r = subprocess.run(["c++filt"], input="\n".join(names) + "\n", stdout=subprocess.PIPE,
                        text=True, check=True)
     out = {}

@@ -4,7 +4,7 @@
  *
  * usage: gpu_static_resources RECORDS
  * RECORDS: one line per kernel instance and architecture, tab-separated:
- *   arch (sm_80), kernel (demangled, "attn_mma<__nv_bfloat16, 80, 8>"),
+ *   arch (sm_80), kernel (demangled, "attn_mma<__nv_bfloat16, 80, 8, false>"),
  *   registers, stack frame, spill stores, spill loads, static shared memory
  *   (bytes), and from the PTX: .maxntid (0: no __launch_bounds__),
  *   .minnctapersm (0: none), .maxnreg (0: none).
@@ -60,17 +60,20 @@ struct launch {
     int dp, warps;   /* attn_mma's template arguments, else 0 */
 };
 
+/* An instance for uniform batches and one for ragged ones (launch_mma_w). */
 template <typename T, int DP, int WARPS>
 static void add_mma(std::vector<launch> *l, const char *tname)
 {
     using S = mma_smem<DP, WARPS>;
-    char name[96];
-    snprintf(name, sizeof(name), "attn_mma<%s, %d, %d>", tname, DP, WARPS);
-    l->push_back({name, S::THREADS, (size_t)S::elems * sizeof(T), true, DP, WARPS});
+    for (const char *ragged : {"false", "true"}) {
+        char name[96];
+        snprintf(name, sizeof(name), "attn_mma<%s, %d, %d, %s>", tname, DP, WARPS, ragged);
+        l->push_back({name, S::THREADS, (size_t)S::elems * sizeof(T), true, DP, WARPS});
+    }
 }
 
 /* launch_mma in attn_cuda.cu: every padded head dim with 4 warps, those up
- * to 80 with 8 (MMA_LONG_SEQ queries and more). */
+ * to 80 with 8 (MMA_LONG_SEQ queries and more); uniform and ragged. */
 template <typename T> static void add_mma_t(std::vector<launch> *l, const char *tname)
 {
     add_mma<T, 32, 4>(l, tname);
@@ -91,7 +94,8 @@ static std::vector<launch> launches(void)
     add_mma_t<__nv_bfloat16>(&l, "__nv_bfloat16");
     add_mma_t<__half>(&l, "__half");
     /* launch_f32: head dims up to F32_MAX_D */
-    l.push_back({"attn_f32", F32_THREADS, attn_f32_smem(F32_MAX_D), true, 0, 0});
+    for (const char *k : {"attn_f32<false>", "attn_f32<true>"})
+        l.push_back({k, F32_THREADS, attn_f32_smem(F32_MAX_D), true, 0, 0});
     /* unfused_sample: 256 threads a row */
     for (const char *t : {"__nv_bfloat16", "__half", "float"})
         l.push_back({std::string("softmax_rows<") + t + ">", 256, 0, false, 0, 0});
@@ -266,7 +270,8 @@ static void check_mma_dps(const std::vector<launch> &ls)
         if (mma_dp(hd) != 0 && (want.empty() || want.back() != mma_dp(hd)))
             want.push_back(mma_dp(hd));
     for (const launch &l : ls)
-        if (l.warps == 4 && l.kernel.find("__nv_bfloat16") != std::string::npos)
+        if (l.warps == 4 && l.kernel.find("__nv_bfloat16") != std::string::npos &&
+            l.kernel.find("false>") != std::string::npos)
             have.push_back(l.dp);
     if (want != have) {
         printf("FAIL: mma_dp's padded head dims are not the launch table's 4-warp ones\n");
@@ -280,7 +285,7 @@ static void check_mma_dps(const std::vector<launch> &ls)
  * attention" in kernels/cuda/README.md (8 warps only where registers and
  * shared memory leave at least two blocks per SM; DP 80 on sm_80 too, since
  * its registers came down from 145 to 128).
- * Both element types. Change them together. */
+ * Both element types, uniform and ragged instances. Change them together. */
 static const struct {
     int dp, warps;
     const char *arch;
@@ -305,7 +310,7 @@ static void check_claims(const std::vector<record> &recs, const std::vector<laun
                     ok = ok && r.blocks >= c.min && r.blocks <= c.max;
                     n++;
                 }
-        ok = ok && n == 2;
+        ok = ok && n == 4;
         char said[32];
         if (c.min == c.max)
             snprintf(said, sizeof(said), "%d", c.min);

@@ -59,6 +59,7 @@
 #include "tensor.h"
 #define TEST_RNG_SEED 0x2545f4914f6cdd1dull
 #include "test_rand.h"
+#include "test_attn_util.h"
 
 #define SLACK       2e-5 /* FP32 arithmetic, absolute (see the top) */
 #define SLACK_EXACT 5e-7 /* the same where every weight is 0 or 1 */
@@ -70,31 +71,6 @@ static bool bf16_runs; /* be1 and be2 have the BF16 kernels */
 
 /* ---- helpers ----------------------------------------------------------- */
 
-
-static float *alloc_scaled(int64_t n, float scale)
-{
-    float *p = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
-    assert_non_null(p);
-    for (int64_t i = 0; i < n; i++)
-        p[i] = scale * frand();
-    return p;
-}
-
-/* x rounded to BF16 as vcvtne2ps2bf16 rounds it: to nearest even, subnormal
- * inputs and results to 0 (no test value is subnormal, NaN or inf). */
-static float bf16_round(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7f800000u) == 0)
-        u &= 0x80000000u;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
-    if ((u & 0x7f800000u) == 0)
-        u &= 0x80000000u;
-    memcpy(&x, &u, 4);
-    return x;
-}
 
 /* A [rows, cols] F32 rows tensor over data with row stride ld. */
 static struct bs_tensor mat(float *data, int64_t rows, int64_t cols, int64_t ld)
@@ -121,7 +97,7 @@ enum mask_fill {
     FILL_RANDOM,       /* noise, about 30% -10000 */
     FILL_FULLY_MASKED, /* some rows -10000 everywhere */
     FILL_NEG_INF,      /* about 30% -inf, row 1 -inf everywhere (output 0) */
-    FILL_RULE,         /* rows of every kind the mask rule names (rule_value) */
+    FILL_RULE,         /* rows of every kind the mask rule names (rule_value01) */
 };
 
 struct attn_case {
@@ -164,7 +140,7 @@ static const struct attn_case cases[] = {
  * -inf, -inf then -FLT_MAX on odd keys of the second half (and the last
  * key), -FLT_MAX or 0, all -10000, -inf or 0, -FLT_MAX, -inf or 0, all
  * 30000. */
-static float rule_value(int64_t r, int64_t j, int64_t lk, float u)
+static float rule_value01(int64_t r, int64_t j, int64_t lk, float u)
 {
     switch (r % 8) {
     case 0:
@@ -204,7 +180,7 @@ static float *make_mask(int64_t batch, int64_t mq, int64_t lk, enum mask_fill fi
                 *e = r == 1 || u < -0.4f ? -INFINITY : 0.0f;
                 break;
             case FILL_RULE:
-                *e = rule_value(r, j, lk, u);
+                *e = rule_value01(r, j, lk, u);
                 break;
             }
         }

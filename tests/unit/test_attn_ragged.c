@@ -45,11 +45,17 @@
 #include "tensor.h"
 #define TEST_RNG_SEED 0x853c49e6748fea9bull
 #include "test_rand.h"
+#include "test_attn_util.h"
 
 #define FP32_TOL    1e-4 /* FP32 against the double reference (see the top) */
 #define BF16_SLACK  2e-5 /* BF16: FP32 arithmetic besides P's rounding */
 #define MAX_SAMPLES 8
 #define PAD         1234.5f /* o's padding columns, never written */
+
+static enum bs__cpu_isa isa_of(const struct bs_backend *be)
+{
+    return ((const struct bs__cpu *)be->ctx)->isa;
+}
 
 /* The instruction sets, 2 threads each, and 1 thread on the best. */
 static const char *const isa_names[] = {"generic", "avx2", "avx512", "avx512bf16"};
@@ -65,35 +71,6 @@ static struct bs_tensor mat(float *data, int64_t rows, int64_t cols, int64_t ld)
     int64_t ne[2] = {rows, ld};
     struct bs_tensor t = bs_tensor_make(BS_TYPE_F32, 2, ne, data);
     return bs_tensor_view_cols(&t, 0, cols);
-}
-
-static float *alloc_scaled(int64_t n, float scale)
-{
-    float *p = alloc_rand(n);
-    for (int64_t i = 0; i < n; i++)
-        p[i] *= scale;
-    return p;
-}
-
-/* x rounded to BF16 as vcvtne2ps2bf16 rounds it: to nearest even, subnormal
- * inputs and results to 0 (no test value is subnormal, NaN or inf). */
-static float bf16_round(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7f800000u) == 0)
-        u &= 0x80000000u;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
-    if ((u & 0x7f800000u) == 0)
-        u &= 0x80000000u;
-    memcpy(&x, &u, 4);
-    return x;
-}
-
-static enum bs__cpu_isa isa_of(const struct bs_backend *be)
-{
-    return ((const struct bs__cpu *)be->ctx)->isa;
 }
 
 static double now_s(void)
@@ -146,33 +123,6 @@ static const struct ragged_case cases[] = {
     /* one sample */
     {2, 64, 1, {129}, {257}, MASK_PER_QUERY, FILL_RULE, false},
 };
-
-/* Mask row r of FILL_RULE, key j of lk (u uniform in [-1, 1)): row r % 8 is
- * all -FLT_MAX (torch.finfo(float32).min), all -inf, -inf then -FLT_MAX on
- * odd keys of the second half (and the last key), -FLT_MAX among finite
- * values, all -10000, -inf among finite values, -FLT_MAX, -inf and 0 mixed,
- * all 30000. */
-static float rule_value(int64_t r, int64_t j, int64_t lk, float u)
-{
-    switch (r % 8) {
-    case 0:
-        return -FLT_MAX;
-    case 1:
-        return -INFINITY;
-    case 2:
-        return j == lk - 1 || (j >= lk / 2 && j % 2) ? -FLT_MAX : -INFINITY;
-    case 3:
-        return u < -0.4f ? -FLT_MAX : 0.5f * frand();
-    case 4:
-        return -10000.0f;
-    case 5:
-        return u < -0.4f ? -INFINITY : 0.5f * frand();
-    case 6:
-        return u < -0.3f ? -FLT_MAX : u < 0.3f ? -INFINITY : 0.0f;
-    default:
-        return 30000.0f;
-    }
-}
 
 /* Mask row r (counted over the whole batch) of lk values into m. */
 static void fill_row(float *m, int64_t r, int64_t lk, enum mask_fill fill)

@@ -666,6 +666,8 @@ static void test_stop_when_nobody_waits(void **state)
     if (s->blocks_skipped < STOP_BLOCKS / 2)
         fail_msg("only %llu of %d blocks skipped", (unsigned long long)s->blocks_skipped,
                  STOP_BLOCKS);
+    print_message("cancelled at its first block: %llu of %d blocks skipped\n",
+                  (unsigned long long)s->blocks_skipped, STOP_BLOCKS);
     /* one of two cancelled: the batch goes on for the other */
     for (int i = 1; i < 3; i++) {
         r[i].index = i;

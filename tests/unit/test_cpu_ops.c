@@ -31,6 +31,7 @@
 #include "vmath.h"
 #define TEST_RNG_SEED 0x9e3779b97f4a7c15ull
 #include "test_rand.h"
+#include "test_attn_util.h"
 
 /* 3 threads: an odd count, more than the cores of small CI machines, so that
  * the split paths and the pool's interleavings get exercised anyway. */
@@ -727,33 +728,6 @@ static void attn_ref_row(double *out, const struct attn_io *a, int64_t b, int h,
         const float *v = a->v + (b * a->lk + j) * a->ldv + h * a->hd;
         for (int c = 0; c < a->hd; c++)
             out[c] += s[j] / sum * v[c];
-    }
-}
-
-/* Mask row r of FILL_RULE, key j of lk (u uniform in [-1, 1)): row r % 8 is
- * all -FLT_MAX (torch.finfo(float32).min), all -inf, -inf then -FLT_MAX on
- * odd keys of the second half (and the last key: a first key tile with none),
- * -FLT_MAX mixed with finite values, all -10000, -inf mixed with finite
- * values, -FLT_MAX, -inf and 0 mixed, all 30000. */
-static float rule_value(int64_t r, int64_t j, int64_t lk, float u)
-{
-    switch (r % 8) {
-    case 0:
-        return -FLT_MAX;
-    case 1:
-        return -INFINITY;
-    case 2:
-        return j == lk - 1 || (j >= lk / 2 && j % 2) ? -FLT_MAX : -INFINITY;
-    case 3:
-        return u < -0.4f ? -FLT_MAX : 0.5f * frand();
-    case 4:
-        return -10000.0f;
-    case 5:
-        return u < -0.4f ? -INFINITY : 0.5f * frand();
-    case 6:
-        return u < -0.3f ? -FLT_MAX : u < 0.3f ? -INFINITY : 0.0f;
-    default:
-        return 30000.0f;
     }
 }
 

@@ -14,7 +14,13 @@
  * the copy with "fp16 overflow ... use --dtype bf16" and is cleared. And the
  * attention entry takes batch x heads past 65,535 (the grid's y limit it
  * used to refuse), refusing only more than 2^31 - 1 blocks, with a message
- * about query tiles. */
+ * about query tiles.
+ *
+ * Ragged batches (bs_attn_params.q_off): the entry refuses bad offsets,
+ * rows, mask parts and stray ragged fields with BS_EINVAL and a message
+ * naming them, the unfused baseline refuses ragged batches with
+ * BS_EUNSUPP, and valid ones (a sample without keys, both mask forms) pass
+ * the checks and reach CUDA (BS_EINTERNAL without a GPU). */
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -391,6 +397,138 @@ static void test_attention_grid_limits(void **state)
         fail_msg("message \"%s\" should name the query tiles", err.msg);
 }
 
+/* ---- ragged batches ------------------------------------------------------ */
+
+/* The call must fail with rc and a message containing want. */
+static void expect_msg(int got, const struct bs_err *err, int rc, const char *want)
+{
+    if (got != rc || strstr(err->msg, want) == NULL)
+        fail_msg("rc %d \"%s\", want %d and \"%s\"", got, err->msg, rc, want);
+    print_message("%s\n", err->msg);
+}
+
+/* A ragged batch of 3 samples: 2, 1 and 3 queries (lq 3), 4, 0 and 2 keys
+ * (lk 4), 2 heads x 4 columns; a mask of 14 elements, a row per query:
+ * parts of 2 x 4, 1 x 0 and 3 x 2 at m_off 0, 8 and 8. */
+struct ragged {
+    int64_t q_off[4], k_off[4], m_off[3];
+    struct bs_tensor q, k, o, mask;
+    struct bs_attn_params p;
+};
+
+static void ragged_init(struct fixture *f, struct ragged *r)
+{
+    *r = (struct ragged){.q_off = {0, 2, 3, 6}, .k_off = {0, 4, 4, 6}, .m_off = {0, 8, 8}};
+    r->q = t2(f, 6, 8);
+    r->k = t2(f, 6, 8);
+    r->o = t2(f, 6, 8);
+    r->mask = t1(f, 14);
+    r->p = (struct bs_attn_params){.batch = 3,
+                                   .lq = 3,
+                                   .lk = 4,
+                                   .heads = 2,
+                                   .head_dim = 4,
+                                   .scale = 0.5f,
+                                   .mask = &r->mask,
+                                   .compute = BS_TYPE_F32,
+                                   .q_off = r->q_off,
+                                   .k_off = r->k_off,
+                                   .m_off = r->m_off,
+                                   .mask_per_query = true};
+}
+
+static int ragged_call(struct fixture *f, struct ragged *r, struct bs_err *err)
+{
+    *err = (struct bs_err){0};
+    return f->cuda.iface->attention(f->cuda.ctx, &r->o, &r->q, &r->k, &r->k, &r->p, err);
+}
+
+/* The CPU backend refuses the same call with the same message (both ask
+ * engine/opcheck.c). */
+static void expect_cpu_same(struct fixture *f, struct ragged *r, const struct bs_err *cuda)
+{
+    struct bs_err err = {0};
+    int rc = f->cpu.iface->attention(f->cpu.ctx, &r->o, &r->q, &r->k, &r->k, &r->p, &err);
+    if (rc != cuda->code || strcmp(err.msg, cuda->msg) != 0)
+        fail_msg("cpu: rc %d \"%s\"; cuda: rc %d \"%s\"", rc, err.msg, cuda->code, cuda->msg);
+}
+
+/* Each bad argument of a ragged batch, one at a time. */
+static void test_attention_ragged_checks(void **state)
+{
+    struct fixture *f = *state;
+    struct bs_err err;
+    struct ragged r;
+#define BAD(change, want)                                                                          \
+    do {                                                                                           \
+        ragged_init(f, &r);                                                                        \
+        change;                                                                                    \
+        expect_msg(ragged_call(f, &r, &err), &err, BS_EINVAL, want);                               \
+        expect_cpu_same(f, &r, &err);                                                              \
+    } while (0)
+    BAD(r.p.k_off = NULL, "a ragged batch needs k_off");
+    BAD(r.q_off[0] = 1, "q_off[0] must be 0 (got 1)");
+    BAD(r.k_off[0] = -1, "k_off[0] must be 0 (got -1)");
+    BAD(r.k_off[2] = 3, "k_off decreases (k_off[1] = 4, k_off[2] = 3)");
+    BAD(r.q_off[1] = 0,
+        "sample 0 has 0 queries (q_off[0] = 0, q_off[1] = 0); allowed: 1 to lq = 3");
+    BAD(r.p.lq = 2, "sample 2 has 3 queries (q_off[2] = 3, q_off[3] = 6); allowed: 1 to lq = 2");
+    BAD(r.p.lk = 3, "sample 0 has 4 keys (k_off[0] = 0, k_off[1] = 4); allowed: 0 to lk = 3");
+    BAD(r.q = t2(f, 7, 8), "q must have q_off[3] = 6 rows of 8 (got 7 of 8)");
+    BAD(r.o = t2(f, 5, 8), "o must have q_off[3] = 6 rows of 8 (got 5 of 8)");
+    BAD(r.k = t2(f, 6, 6), "k must have k_off[3] = 6 rows of 8 (got 6 of 6)");
+    BAD((r.k_off[3] = 7, r.k_off[2] = 5), "k must have k_off[3] = 7 rows of 8 (got 6 of 8)");
+    BAD(r.p.m_off = NULL, "a ragged batch with a mask needs m_off");
+    BAD(r.m_off[2] = 9,
+        "the mask of sample 2 (6 values from m_off[2] = 9) lies outside the mask's 14");
+    BAD(r.m_off[0] = -1, "the mask of sample 0 (8 values from m_off[0] = -1) lies outside");
+    BAD(r.mask.type = BS_TYPE_BF16, "the mask of a ragged batch must be contiguous F32 (got BF16");
+    struct bs_tensor wide = t2(f, 7, 3);
+    BAD(r.mask = bs_tensor_view_cols(&wide, 0, 2),
+        "the mask of a ragged batch must be contiguous F32 (got F32 [7, 2], not contiguous)");
+    BAD((r.p.q_off = NULL, r.p.k_off = NULL, r.p.m_off = NULL),
+        "k_off, m_off and mask_per_query describe a ragged batch, but q_off is not set");
+    BAD((r.p.q_off = NULL, r.p.mask = NULL, r.p.m_off = NULL, r.p.mask_per_query = false),
+        "k_off, m_off and mask_per_query describe a ragged batch, but q_off is not set");
+#undef BAD
+    /* the unfused baseline takes no ragged batch */
+    bs_proc_attention_unfused_fn unfused;
+    *(void **)&unfused = bs_backend_get_proc_address(&f->cuda, BS_PROC_ATTENTION_UNFUSED);
+    assert_non_null(unfused);
+    ragged_init(f, &r);
+    err = (struct bs_err){0};
+    expect_msg(unfused(&f->cuda, &r.o, &r.q, &r.k, &r.k, &r.p, &err), &err, BS_EUNSUPP,
+               "attention (unfused): ragged batches (q_off) are not supported");
+}
+
+/* Valid ragged batches pass the checks and reach CUDA: without a GPU,
+ * BS_EINTERNAL naming cuda and attention (also with no mask, and with a
+ * batch of none). */
+static void test_attention_ragged_valid(void **state)
+{
+    struct fixture *f = *state;
+    if (f->gpu_present) {
+        print_message("a GPU is present: tests/gpu covers valid calls\n");
+        skip();
+    }
+    struct bs_err err;
+    struct ragged r;
+    ragged_init(f, &r);
+    expect_internal(ragged_call(f, &r, &err), &err, "attention");
+    print_message("%s\n", err.msg);
+    ragged_init(f, &r); /* one row per sample: 4, 0 and 2 elements */
+    r.p.mask_per_query = false;
+    r.m_off[0] = 8, r.m_off[1] = 14, r.m_off[2] = 12;
+    expect_internal(ragged_call(f, &r, &err), &err, "attention");
+    ragged_init(f, &r);
+    r.p.mask = NULL, r.p.m_off = NULL, r.p.mask_per_query = false;
+    expect_internal(ragged_call(f, &r, &err), &err, "attention");
+    ragged_init(f, &r); /* no samples: nothing to launch */
+    r.p.batch = 0, r.p.mask = NULL, r.p.m_off = NULL, r.p.mask_per_query = false;
+    r.q = r.k = r.o = t2(f, 0, 8);
+    assert_int_equal(ragged_call(f, &r, &err), 0);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -407,6 +545,10 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_weights_ready_twice, setup_bf16, teardown),
         cmocka_unit_test_setup_teardown(test_overflow_fails_copy, setup_fp16, teardown),
         cmocka_unit_test_setup_teardown(test_attention_grid_limits, setup_fp32, teardown),
+        cmocka_unit_test_setup_teardown(test_attention_ragged_checks, setup_fp32, teardown),
+        cmocka_unit_test_setup_teardown(test_attention_ragged_checks, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_attention_ragged_valid, setup_fp32, teardown),
+        cmocka_unit_test_setup_teardown(test_attention_ragged_valid, setup_bf16, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
