@@ -712,7 +712,8 @@ static int cache_plan(const bs_model_t *m, const struct bs_model_part *parts, in
     for (int k = 0; k < n_parts; k++) {
         const struct bs_tensor *t = r[k].t[0];
         int64_t samples = t->ne[0];
-        int64_t row0 = p->rg.off[0][sample], rows = p->rg.off[0][sample + samples] - row0;
+        const int64_t *off = p->rg.off[0]; /* NULL: a main input without sequence dims */
+        int64_t row0 = off ? off[sample] : 0, rows = off ? off[sample + samples] - row0 : 0;
         any |= parts[k].mode != BS_CACHE_OFF;
         if (parts[k].mode != BS_CACHE_OFF && !m->cls->cacheable)
             return bs_err_set(err, BS_EINVAL,
@@ -732,7 +733,7 @@ static int cache_plan(const bs_model_t *m, const struct bs_model_part *parts, in
     }
     if (any) {
         plan->n_fresh = n_fresh;
-        plan->rows_fresh = p->rg.off[0][n_fresh];
+        plan->rows_fresh = p->rg.off[0] ? p->rg.off[0][n_fresh] : 0;
         plan->parts = cp;
         plan->n_parts = n_parts;
     }
