@@ -31,10 +31,13 @@
  * - Loop thread: every field of bs_batcher and bs_job, except as below, and
  *   every callback to the owner (on_block, on_done, drain's done).
  * - Worker (between uv_queue_work and batch_after): run.in, run.bufs,
- *   run.out, run.rc, run.err, run.t_* and the arena. The loop does not touch
- *   them while `running`; the loop only writes job->state and
- *   job->cancelled (fields the worker never reads). Job inputs, n_in and
- *   batch are immutable after submit, so the worker reads them freely.
+ *   run.parts, run.out, run.rc, run.err, run.t_*, run.blocks_run, the
+ *   running jobs' out_off and the arena. The loop does not touch them while
+ *   `running` (block messages, under lock, carry out_off's writes to it);
+ *   the loop only writes job->state, which the worker never reads, and
+ *   job->cancelled, an atomic the worker's stop hook reads. Job inputs,
+ *   n_in, batch, stop_ns and the cache and its mode are immutable after
+ *   submit, so the worker reads them freely.
  * - msgs, msgs_tail: guarded by lock; the worker appends block outputs
  *   (on_block of the forward) and uv_async_send's; the loop drains them.
  *
