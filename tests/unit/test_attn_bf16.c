@@ -71,7 +71,6 @@ static bool bf16_runs; /* be1 and be2 have the BF16 kernels */
 
 /* ---- helpers ----------------------------------------------------------- */
 
-
 /* A [rows, cols] F32 rows tensor over data with row stride ld. */
 static struct bs_tensor mat(float *data, int64_t rows, int64_t cols, int64_t ld)
 {
@@ -257,46 +256,12 @@ static void reference(const struct attn_io *a, bool bf16, double *want, double *
         for (int h = 0; h < c->heads; h++)
             for (int64_t i = 0; i < c->lq; i++) {
                 int64_t row = b * c->lq + i;
-                const float *q = a->q + row * a->ldq + h * hd;
-                double *out = want + row * a->inner + h * hd,
-                       *bnd = bound + row * a->inner + h * hd;
-                double mx = -INFINITY, sum = 0.0, mm = -INFINITY;
-                for (int d = 0; d < hd; d++) {
-                    float sq = a->p.scale * q[d]; /* FP32, as the kernels scale */
-                    qr[d] = bf16 ? bf16_round(sq) : sq;
-                }
-                /* the mask rule: its row's maximum mm, masked keys, uniform rows */
                 const float *mr =
                     a->mask ? a->mask + (b * a->mq + (a->mq == 1 ? 0 : i)) * c->lk : NULL;
-                for (int64_t j = 0; mr && j < c->lk; j++)
-                    mm = fmax(mm, mr[j]);
-                for (int64_t j = 0; j < c->lk; j++) {
-                    const float *k = a->k + (b * c->lk + j) * a->ldk + h * hd;
-                    double d = 0.0;
-                    for (int e = 0; e < hd; e++)
-                        d += (double)qr[e] * (bf16 ? bf16_round(k[e]) : k[e]);
-                    if (mr && mm == -FLT_MAX)
-                        d = mr[j] == -FLT_MAX ? 0.0 : -INFINITY;
-                    else if (mr)
-                        d = mr[j] <= -FLT_MAX ? -INFINITY : d + ((double)mr[j] - mm);
-                    s[j] = d;
-                    mx = fmax(mx, d);
-                }
-                for (int d = 0; d < hd; d++)
-                    out[d] = bnd[d] = 0.0;
-                dead[row] = mx == -INFINITY;
-                if (dead[row])
-                    continue;
-                for (int64_t j = 0; j < c->lk; j++)
-                    sum += s[j] = exp(s[j] - mx);
-                for (int64_t j = 0; j < c->lk; j++) {
-                    const float *v = a->v + (b * c->lk + j) * a->ldv + h * hd;
-                    for (int d = 0; d < hd; d++) {
-                        double vv = bf16 ? bf16_round(v[d]) : v[d];
-                        out[d] += s[j] / sum * vv;
-                        bnd[d] += s[j] / sum * fabs(vv);
-                    }
-                }
+                dead[row] = !ref_attend_row(
+                    a->q + row * a->ldq + h * hd, a->p.scale, a->k + b * c->lk * a->ldk + h * hd,
+                    a->ldk, a->v + b * c->lk * a->ldv + h * hd, a->ldv, c->lk, hd, mr, bf16, s, qr,
+                    want + row * a->inner + h * hd, bound + row * a->inner + h * hd);
             }
     free(s), free(qr);
 }

@@ -251,46 +251,13 @@ static void reference(const struct ragged_io *a, bool bf16, double *want, double
         for (int h = 0; h < c->heads; h++)
             for (int64_t i = 0; i < c->lq[b]; i++) {
                 int64_t row = a->q_off[b] + i, lk = c->lk[b];
-                const float *q = a->q + row * a->ldq + h * hd;
-                double *out = want + row * a->inner + h * hd,
-                       *bnd = bound + row * a->inner + h * hd;
-                double mx = -INFINITY, sum = 0.0, mm = -INFINITY;
-                for (int d = 0; d < hd; d++) {
-                    float sq = a->p.scale * q[d]; /* FP32, as the kernels scale */
-                    qr[d] = bf16 ? bf16_round(sq) : sq;
-                }
                 const float *mr = NULL;
                 if (a->mask)
                     mr = a->mask + a->m_off[b] + (c->mask == MASK_PER_QUERY ? i * lk : 0);
-                for (int64_t j = 0; mr && j < lk; j++)
-                    mm = fmax(mm, mr[j]);
-                for (int64_t j = 0; j < lk; j++) {
-                    const float *k = a->k + (a->k_off[b] + j) * a->ldk + h * hd;
-                    double d = 0.0;
-                    for (int e = 0; e < hd; e++)
-                        d += (double)qr[e] * (bf16 ? bf16_round(k[e]) : k[e]);
-                    if (mr && mm == -FLT_MAX) /* all masked, some at -FLT_MAX: uniform */
-                        d = mr[j] == -FLT_MAX ? 0.0 : -INFINITY;
-                    else if (mr)
-                        d = mr[j] <= -FLT_MAX ? -INFINITY : d + ((double)mr[j] - mm);
-                    s[j] = d;
-                    mx = fmax(mx, d);
-                }
-                for (int d = 0; d < hd; d++)
-                    out[d] = bnd[d] = 0.0;
-                dead[row] = mx == -INFINITY;
-                if (dead[row])
-                    continue;
-                for (int64_t j = 0; j < lk; j++)
-                    sum += s[j] = exp(s[j] - mx);
-                for (int64_t j = 0; j < lk; j++) {
-                    const float *v = a->v + (a->k_off[b] + j) * a->ldv + h * hd;
-                    for (int d = 0; d < hd; d++) {
-                        double vv = bf16 ? bf16_round(v[d]) : v[d];
-                        out[d] += s[j] / sum * vv;
-                        bnd[d] += s[j] / sum * fabs(vv);
-                    }
-                }
+                dead[row] = !ref_attend_row(
+                    a->q + row * a->ldq + h * hd, a->p.scale, a->k + a->k_off[b] * a->ldk + h * hd,
+                    a->ldk, a->v + a->k_off[b] * a->ldv + h * hd, a->ldv, lk, hd, mr, bf16, s, qr,
+                    want + row * a->inner + h * hd, bound + row * a->inner + h * hd);
             }
     free(s), free(qr);
 }

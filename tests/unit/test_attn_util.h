@@ -1,10 +1,12 @@
 /* Helpers shared by the CPU attention tests (test_cpu_ops, test_attn_bf16,
  * test_attn_ragged): scaled random data, BF16 rounding as the kernels
- * round, and the mask rule's row kinds. Include after test_rand.h. */
+ * round, the mask rule's row kinds, and one row of attention by that rule
+ * in double. Include after test_rand.h. */
 #ifndef BS_TEST_ATTN_UTIL_H
 #define BS_TEST_ATTN_UTIL_H
 
 #include <float.h>
+#include <stdbool.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -58,6 +60,54 @@ static inline float rule_value(int64_t r, int64_t j, int64_t lk, float u)
     default:
         return 30000.0f;
     }
+}
+
+/* One query row of one head by the mask rule, in double: q (head_dim
+ * values, scaled here in FP32 as the kernels scale), key j at k + j * ldk,
+ * value j at v + j * ldv, mr the row's mask (NULL: none) over lk keys;
+ * bf16: q, k and v rounded as the BF16 kernels round them. out gets the
+ * row, bnd P's rounding bound per element (sum of |p v|); s (lk doubles)
+ * and qr (hd floats) are scratch. Returns false where the row has nothing
+ * to attend to (out is then 0). */
+static inline bool ref_attend_row(const float *q, float scale, const float *k, int64_t ldk,
+                                  const float *v, int64_t ldv, int64_t lk, int hd, const float *mr,
+                                  bool bf16, double *s, float *qr, double *out, double *bnd)
+{
+    double mx = -INFINITY, sum = 0.0, mm = -INFINITY;
+    for (int d = 0; d < hd; d++) {
+        float sq = scale * q[d]; /* FP32, as the kernels scale */
+        qr[d] = bf16 ? bf16_round(sq) : sq;
+    }
+    /* the mask rule: its row's maximum mm, masked keys, uniform rows */
+    for (int64_t j = 0; mr && j < lk; j++)
+        mm = fmax(mm, mr[j]);
+    for (int64_t j = 0; j < lk; j++) {
+        const float *kj = k + j * ldk;
+        double d = 0.0;
+        for (int e = 0; e < hd; e++)
+            d += (double)qr[e] * (bf16 ? bf16_round(kj[e]) : kj[e]);
+        if (mr && mm == -FLT_MAX) /* all masked, some at -FLT_MAX: uniform */
+            d = mr[j] == -FLT_MAX ? 0.0 : -INFINITY;
+        else if (mr)
+            d = mr[j] <= -FLT_MAX ? -INFINITY : d + ((double)mr[j] - mm);
+        s[j] = d;
+        mx = fmax(mx, d);
+    }
+    for (int d = 0; d < hd; d++)
+        out[d] = bnd[d] = 0.0;
+    if (mx == -INFINITY)
+        return false;
+    for (int64_t j = 0; j < lk; j++)
+        sum += s[j] = exp(s[j] - mx);
+    for (int64_t j = 0; j < lk; j++) {
+        const float *vj = v + j * ldv;
+        for (int d = 0; d < hd; d++) {
+            double vv = bf16 ? bf16_round(vj[d]) : vj[d];
+            out[d] += s[j] / sum * vv;
+            bnd[d] += s[j] / sum * fabs(vv);
+        }
+    }
+    return true;
 }
 
 #endif
