@@ -78,6 +78,7 @@ set(BS_SERVER_SOURCES
   server/repository.c
   server/serving.c
   server/core.c
+  server/control.c
   server/service.c
   server/serve.c
   server/metrics.c

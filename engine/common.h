@@ -32,7 +32,9 @@ enum bs_reason {
     X(ERANGE, -8, "limit exceeded", 8, 400, OTHER)                                                 \
     X(ETIMEDOUT, -9, "deadline exceeded", 4, 503, REJECTED)                                        \
     X(ECANCELED, -10, "cancelled", 1, 499, CANCELED)                                               \
-    X(EBUSY, -11, "overloaded", 8, 429, REJECTED)
+    X(EBUSY, -11, "overloaded", 8, 429, REJECTED)                                                  \
+    X(ENOTIMPL, -12, "not implemented", 12, 501, OTHER)                                            \
+    X(EEXIST, -13, "already exists", 6, 409, OTHER)
 
 /* BS_EINVAL: bad argument, shape, dtype or value from the caller; BS_ENOMEM:
  * allocation failed; BS_EIO: a file could not be opened, read or written;
@@ -41,7 +43,10 @@ enum bs_reason {
  * backend or state cannot serve (also: shutting down); BS_EINTERNAL: backend
  * failure (e.g. a CUDA error); BS_ERANGE: a size limit exceeded;
  * BS_ETIMEDOUT: a deadline passed; BS_ECANCELED: the caller went away;
- * BS_EBUSY: overloaded, a queue or in-flight bound is full (retry later). */
+ * BS_EBUSY: overloaded, a queue or in-flight bound is full (retry later);
+ * BS_ENOTIMPL: a method this server or build does not offer (CUDA shared
+ * memory without a GPU backend); BS_EEXIST: a name already taken (a shared
+ * memory region registered twice). */
 enum bs_status {
 #define BS_STATUS_ENUM(name, value, msg, grpc, http, reason) BS_##name = value,
     BS_STATUS_MAP(BS_STATUS_ENUM)

@@ -9,6 +9,7 @@
 #include <uv.h>
 
 #include "auth.h"
+#include "control.h"
 #include "descriptors.h"
 #include "health_service.h"
 #include "log.h"
@@ -56,6 +57,7 @@ struct server {
     struct bs_backend be;
     bs_repository_t *repo;
     bs_core_t *core;
+    bs_control_t *control; /* the control plane every front end answers from */
     bs_service_t *svc;
     bs_rpc_server_t *rpc;
     bs_health_service_t *health;
@@ -281,7 +283,7 @@ static const char *const grpc_services[] = {
     "grpc.reflection.v1alpha.ServerReflection",
 };
 
-#define MAX_ROWS 16
+#define MAX_ROWS 40
 
 /* Health, reflection and the bearer token: the parts the transport runs
  * besides inference. */
@@ -340,8 +342,13 @@ static int start(struct server *s, struct bs_err *err)
         return err->code;
     bs_log(BS_LOG_INFO, NULL, "compute: %s", err->msg);
     if (bs_repository_init(&s->repo, s->loop, &s->be, &ro, err) != 0 ||
-        bs_core_init(&s->core, s->repo, &co, err) != 0 ||
-        bs_service_init(&s->svc, s->core, &so, err) != 0 || start_grpc_parts(s, err) != 0)
+        bs_core_init(&s->core, s->repo, &co, err) != 0)
+        return err->code;
+    struct bs_control_options cto = {.core = s->core};
+    if (bs_control_init(&s->control, &cto, err) != 0)
+        return err->code;
+    so.control = s->control;
+    if (bs_service_init(&s->svc, s->core, &so, err) != 0 || start_grpc_parts(s, err) != 0)
         return err->code;
     rpc_opts.methods = rows;
     rpc_opts.n_methods = grpc_rows(s, rows);
@@ -410,6 +417,7 @@ int bs_serve_main(int argc, char **argv)
     bs_reflection_free(s.refl);
     bs_auth_free(s.auth);
     bs_service_free(s.svc);
+    bs_control_free(s.control);
     bs_core_free(s.core);
     bs_repository_free(s.repo);
     uv_run(s.loop, UV_RUN_DEFAULT);

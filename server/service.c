@@ -1,9 +1,10 @@
 /* inference.GRPCInferenceService over the gRPC transport: the front end that
- * speaks protobuf. It decodes each call (codec.c), answers the metadata
- * methods from the repository, and hands inferences to the inference core
- * (core.c), which routes, admits, batches and counts them; what the core
- * answers is encoded back here, stream framing included (codec.c). Errors
- * become gRPC statuses through the status table (status_of).
+ * speaks protobuf. It decodes each inference (codec.c) and hands it to the
+ * inference core (core.c), which routes, admits, batches and counts them;
+ * what the core answers is encoded back here, stream framing included
+ * (codec.c). Every other method belongs to the control plane (control.c):
+ * unpacked here, answered there, packed here. Errors become gRPC statuses
+ * through the status table (status_of).
  *
  * Thread ownership: everything here runs on the loop thread. An inference
  * (struct infer) holds a reference on its call until the core has answered
@@ -25,12 +26,7 @@
 
 #include "grpc_service.pb-c.h"
 #include "log.h"
-#include "model_config.pb-c.h"
 #include "pbcheck.h"
-#include "version.h"
-
-#define BS_SERVER_NAME "blockserve"
-#define MODEL_VERSION  BS_MODEL_VERSION
 
 struct stream;
 
@@ -69,6 +65,8 @@ struct stream {
 
 struct bs_service {
     bs_core_t *core;
+    bs_control_t *control;
+    bool own_control; /* created here (no control in the options) */
     struct bs_service_options o;
     struct bs_rpc_handlers handlers;
     struct bs_rpc_method rows[BS_SVC_METHOD_COUNT];
@@ -111,391 +109,6 @@ static ProtobufCMessage *unpack_checked(const ProtobufCMessageDescriptor *desc, 
     if (m == NULL)
         bs_rpc_fail(call, BS_RPC_INVALID_ARGUMENT, "malformed request message");
     return m;
-}
-
-#define UNPACK_OR_FAIL(type, var, data, len, call)                                                 \
-    type *var = (type *)unpack_checked(&type##_descriptor_ptr, data, len, call);                   \
-    if (var == NULL)                                                                               \
-        return;
-
-static struct bs_repo_model *lookup(bs_service_t *svc, const char *name, const char *version,
-                                    bool need_ready, struct bs_err *err)
-{
-    return bs_core_lookup(svc->core, name, version, need_ready, err);
-}
-
-/* ---- health and metadata --------------------------------------------------- */
-
-#define Inference__ModelReadyRequest_descriptor_ptr    inference__model_ready_request__descriptor
-#define Inference__ModelMetadataRequest_descriptor_ptr inference__model_metadata_request__descriptor
-#define Inference__ModelConfigRequest_descriptor_ptr   inference__model_config_request__descriptor
-#define Inference__ModelStatisticsRequest_descriptor_ptr                                           \
-    inference__model_statistics_request__descriptor
-#define Inference__RepositoryIndexRequest_descriptor_ptr                                           \
-    inference__repository_index_request__descriptor
-
-static void on_server_live(bs_service_t *svc, bs_rpc_call_t *call)
-{
-    Inference__ServerLiveResponse r = INFERENCE__SERVER_LIVE_RESPONSE__INIT;
-    r.live = true;
-    reply_msg(call, &r.base);
-}
-
-static void on_server_ready(bs_service_t *svc, bs_rpc_call_t *call)
-{
-    Inference__ServerReadyResponse r = INFERENCE__SERVER_READY_RESPONSE__INIT;
-    r.ready = bs_core_accepting(svc->core);
-    reply_msg(call, &r.base);
-}
-
-static void on_model_ready(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
-{
-    struct bs_err err;
-    UNPACK_OR_FAIL(Inference__ModelReadyRequest, q, d, n, call);
-    struct bs_repo_model *rm = lookup(svc, q->name, q->version, false, &err);
-    if (rm == NULL) {
-        bs_rpc_fail(call, status_of(err.code), err.msg);
-    } else {
-        Inference__ModelReadyResponse r = INFERENCE__MODEL_READY_RESPONSE__INIT;
-        r.ready = rm->model != NULL && bs_core_accepting(svc->core);
-        reply_msg(call, &r.base);
-    }
-    protobuf_c_message_free_unpacked(&q->base, NULL);
-}
-
-static void on_server_metadata(bs_service_t *svc, bs_rpc_call_t *call)
-{
-    static char *extensions[] = {
-        "model_configuration", "statistics", "parameters", "model_repository(index)",
-        "streaming",           "health",     "reflection"};
-    Inference__ServerMetadataResponse r = INFERENCE__SERVER_METADATA_RESPONSE__INIT;
-    r.name = BS_SERVER_NAME;
-    r.version = BS_VERSION;
-    r.n_extensions = BS_ARRAY_LEN(extensions);
-    r.extensions = extensions;
-    reply_msg(call, &r.base);
-}
-
-/* Tensor metadata for ModelMetadata: every dim of the spec, batch dim -1. */
-static void fill_tensor_meta(Inference__ModelMetadataResponse__TensorMetadata *t,
-                             const struct bs_input_spec *s)
-{
-    inference__model_metadata_response__tensor_metadata__init(t);
-    t->name = (char *)s->name;
-    t->datatype = (char *)bs_codec_datatype(s->dtype);
-    t->n_shape = (size_t)s->n_dims;
-    t->shape = (int64_t *)s->dims;
-}
-
-static void on_model_metadata(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
-{
-    struct bs_err err;
-    UNPACK_OR_FAIL(Inference__ModelMetadataRequest, q, d, n, call);
-    struct bs_repo_model *rm = lookup(svc, q->name, q->version, true, &err);
-    if (rm == NULL) {
-        bs_rpc_fail(call, status_of(err.code), err.msg);
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-        return;
-    }
-    Inference__ModelMetadataResponse__TensorMetadata in[BS_MAX_INPUTS], out;
-    Inference__ModelMetadataResponse__TensorMetadata *inp[BS_MAX_INPUTS], *outp = &out;
-    struct bs_input_spec out_spec = bs_model_output(rm->model);
-    char *versions[] = {MODEL_VERSION};
-    int n_in = bs_model_n_inputs(rm->model);
-    for (int i = 0; i < n_in && i < BS_MAX_INPUTS; i++) {
-        fill_tensor_meta(&in[i], bs_model_input(rm->model, i));
-        inp[i] = &in[i];
-    }
-    fill_tensor_meta(&out, &out_spec);
-    Inference__ModelMetadataResponse r = INFERENCE__MODEL_METADATA_RESPONSE__INIT;
-    r.name = rm->name;
-    r.n_versions = 1;
-    r.versions = versions;
-    r.platform = "blockserve";
-    r.n_inputs = (size_t)n_in;
-    r.inputs = inp;
-    r.n_outputs = 1;
-    r.outputs = &outp;
-    reply_msg(call, &r.base);
-    protobuf_c_message_free_unpacked(&q->base, NULL);
-}
-
-static Inference__DataType data_type_of(enum bs_dtype t)
-{
-    switch (t) {
-    case BS_TYPE_F32:
-        return INFERENCE__DATA_TYPE__TYPE_FP32;
-    case BS_TYPE_F16:
-        return INFERENCE__DATA_TYPE__TYPE_FP16;
-    case BS_TYPE_BF16:
-        return INFERENCE__DATA_TYPE__TYPE_BF16;
-    case BS_TYPE_I64:
-        return INFERENCE__DATA_TYPE__TYPE_INT64;
-    case BS_TYPE_BOOL:
-        return INFERENCE__DATA_TYPE__TYPE_BOOL;
-    default:
-        return INFERENCE__DATA_TYPE__TYPE_INVALID;
-    }
-}
-
-/* Storage for ModelConfig's dynamic_batching: the default queue policy and
- * one policy per level that has a priority_queue_policy entry. */
-struct batching_msg {
-    Inference__ModelDynamicBatching db;
-    Inference__ModelQueuePolicy dflt, level[BS_MAX_PRIORITY_LEVELS];
-    Inference__ModelDynamicBatching__PriorityQueuePolicyEntry entry[BS_MAX_PRIORITY_LEVELS];
-    Inference__ModelDynamicBatching__PriorityQueuePolicyEntry *entryp[BS_MAX_PRIORITY_LEVELS];
-};
-
-static void queue_policy_msg(Inference__ModelQueuePolicy *m, const struct bs_queue_policy *p)
-{
-    inference__model_queue_policy__init(m);
-    m->timeout_action = p->timeout_action == BS_TIMEOUT_DELAY
-                            ? INFERENCE__MODEL_QUEUE_POLICY__TIMEOUT_ACTION__DELAY
-                            : INFERENCE__MODEL_QUEUE_POLICY__TIMEOUT_ACTION__REJECT;
-    m->default_timeout_microseconds = (uint64_t)p->default_timeout_us;
-    m->allow_timeout_override = p->allow_timeout_override;
-    m->max_queue_size = (uint32_t)p->max_queue_size;
-}
-
-/* The batcher's settings as configured; a level's policy is reported whole
- * (its entry over the default policy), as the batcher applies it. */
-static void batching_msg_fill(struct batching_msg *b, const struct bs_serving_config *sc)
-{
-    Inference__ModelDynamicBatching *db = &b->db;
-    struct bs_queue_policy p = bs_serving_policy(sc, 0);
-    inference__model_dynamic_batching__init(db);
-    db->n_preferred_batch_size = (size_t)sc->n_preferred;
-    db->preferred_batch_size = (int32_t *)sc->preferred_batch_size;
-    db->max_queue_delay_microseconds = (uint64_t)sc->max_queue_delay_us;
-    db->priority_levels = (uint64_t)sc->priority_levels;
-    db->default_priority_level = (uint64_t)sc->default_priority_level;
-    queue_policy_msg(&b->dflt, &p);
-    db->default_queue_policy = &b->dflt;
-    for (int i = 0; i < sc->priority_levels && i < BS_MAX_PRIORITY_LEVELS; i++) {
-        if (sc->level_policy[i].given == 0)
-            continue;
-        size_t k = db->n_priority_queue_policy++;
-        p = bs_serving_policy(sc, i + 1);
-        queue_policy_msg(&b->level[k], &p);
-        inference__model_dynamic_batching__priority_queue_policy_entry__init(&b->entry[k]);
-        b->entry[k].key = (uint64_t)i + 1;
-        b->entry[k].value = &b->level[k];
-        b->entryp[k] = &b->entry[k];
-    }
-    db->priority_queue_policy = b->entryp;
-}
-
-static void on_model_config(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
-{
-    struct bs_err err;
-    UNPACK_OR_FAIL(Inference__ModelConfigRequest, q, d, n, call);
-    struct bs_repo_model *rm = lookup(svc, q->name, q->version, true, &err);
-    if (rm == NULL) {
-        bs_rpc_fail(call, status_of(err.code), err.msg);
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-        return;
-    }
-    const struct bs_serving_config *sc = &rm->serving;
-    Inference__ModelInput in[BS_MAX_INPUTS], *inp[BS_MAX_INPUTS];
-    Inference__ModelOutput out = INFERENCE__MODEL_OUTPUT__INIT, *outp = &out;
-    struct bs_input_spec out_spec = bs_model_output(rm->model);
-    int n_in = bs_model_n_inputs(rm->model);
-    for (int i = 0; i < n_in && i < BS_MAX_INPUTS; i++) {
-        const struct bs_input_spec *s = bs_model_input(rm->model, i);
-        inference__model_input__init(&in[i]);
-        in[i].name = (char *)s->name;
-        in[i].data_type = data_type_of(s->dtype);
-        in[i].n_dims = s->n_dims > 0 ? (size_t)s->n_dims - 1 : 0; /* Triton: without batch */
-        in[i].dims = (int64_t *)s->dims + 1;
-        in[i].optional = !s->required;
-        /* Triton's flag: requests that differ in its variable dims may
-         * share a batch (ragged batching) */
-        for (int k = 1; k < s->n_dims && !sc->ragged_off; k++)
-            in[i].allow_ragged_batch |= s->dims[k] == -1;
-        inp[i] = &in[i];
-    }
-    out.name = "output";
-    out.data_type = INFERENCE__DATA_TYPE__TYPE_FP32;
-    out.n_dims = (size_t)out_spec.n_dims - 1;
-    out.dims = out_spec.dims + 1;
-    struct batching_msg db;
-    batching_msg_fill(&db, sc);
-    Inference__ModelInstanceGroup group = INFERENCE__MODEL_INSTANCE_GROUP__INIT, *groupp = &group;
-    group.name = rm->name;
-    group.count = 1;
-    group.kind = INFERENCE__MODEL_INSTANCE_GROUP__KIND__KIND_CPU;
-    Inference__ModelParameter cls = INFERENCE__MODEL_PARAMETER__INIT;
-    cls.string_value = (char *)bs_config_class_name(bs_model_config(rm->model)->cls);
-    Inference__ModelConfig__ParametersEntry pe = INFERENCE__MODEL_CONFIG__PARAMETERS_ENTRY__INIT;
-    Inference__ModelConfig__ParametersEntry *pep = &pe;
-    pe.key = "_class_name";
-    pe.value = &cls;
-    Inference__ModelConfig c = INFERENCE__MODEL_CONFIG__INIT;
-    c.name = rm->name;
-    c.platform = "blockserve";
-    c.backend = "blockserve";
-    c.max_batch_size = sc->max_batch_size;
-    c.n_input = (size_t)n_in;
-    c.input = inp;
-    c.n_output = 1;
-    c.output = &outp;
-    c.n_instance_group = 1;
-    c.instance_group = &groupp;
-    c.n_parameters = 1;
-    c.parameters = &pep;
-    c.scheduling_choice_case = INFERENCE__MODEL_CONFIG__SCHEDULING_CHOICE_DYNAMIC_BATCHING;
-    c.dynamic_batching = &db.db;
-    Inference__ModelConfigResponse r = INFERENCE__MODEL_CONFIG_RESPONSE__INIT;
-    r.config = &c;
-    reply_msg(call, &r.base);
-    protobuf_c_message_free_unpacked(&q->base, NULL);
-}
-
-/* ---- statistics and the repository index ---------------------------------- */
-
-/* Storage for one model's statistics message. */
-struct stats_msg {
-    Inference__ModelStatistics ms;
-    Inference__InferStatistics is;
-    Inference__StatisticDuration d[6];
-    Inference__InferBatchStatistics **bp;
-    Inference__InferBatchStatistics *b;
-    Inference__StatisticDuration *bd;
-};
-
-static void duration(Inference__StatisticDuration *m, const struct bs_duration *d)
-{
-    inference__statistic_duration__init(m);
-    m->count = d->count;
-    m->ns = d->ns;
-}
-
-static int fill_stats(struct stats_msg *s, const struct bs_repo_model *rm)
-{
-    const struct bs_model_stats *st = bs_batcher_stats(rm->batcher);
-    int nb = 0;
-    memset(s, 0, sizeof(*s));
-    inference__model_statistics__init(&s->ms);
-    inference__infer_statistics__init(&s->is);
-    s->ms.name = (char *)rm->name;
-    s->ms.version = MODEL_VERSION;
-    s->ms.last_inference = st->last_inference_ms;
-    s->ms.inference_count = st->inference_count;
-    s->ms.execution_count = st->execution_count;
-    duration(&s->d[0], &st->success);
-    duration(&s->d[1], &st->fail);
-    duration(&s->d[2], &st->queue);
-    duration(&s->d[3], &st->compute_input);
-    duration(&s->d[4], &st->compute_infer);
-    duration(&s->d[5], &st->compute_output);
-    s->is.success = &s->d[0];
-    s->is.fail = &s->d[1];
-    s->is.queue = &s->d[2];
-    s->is.compute_input = &s->d[3];
-    s->is.compute_infer = &s->d[4];
-    s->is.compute_output = &s->d[5];
-    s->ms.inference_stats = &s->is;
-    for (int i = 0; i < st->n_batch; i++)
-        nb += st->batch[i].compute_infer.count > 0;
-    s->b = calloc((size_t)nb + 1, sizeof(*s->b));
-    s->bp = calloc((size_t)nb + 1, sizeof(*s->bp));
-    s->bd = calloc(3 * (size_t)nb + 1, sizeof(*s->bd));
-    if (s->b == NULL || s->bp == NULL || s->bd == NULL)
-        return BS_ENOMEM;
-    for (int i = 0, k = 0; i < st->n_batch; i++) {
-        const struct bs_batch_stats *bs = &st->batch[i];
-        if (bs->compute_infer.count == 0)
-            continue;
-        inference__infer_batch_statistics__init(&s->b[k]);
-        s->b[k].batch_size = bs->batch_size;
-        duration(&s->bd[3 * k], &bs->compute_input);
-        duration(&s->bd[3 * k + 1], &bs->compute_infer);
-        duration(&s->bd[3 * k + 2], &bs->compute_output);
-        s->b[k].compute_input = &s->bd[3 * k];
-        s->b[k].compute_infer = &s->bd[3 * k + 1];
-        s->b[k].compute_output = &s->bd[3 * k + 2];
-        s->bp[k] = &s->b[k];
-        k++;
-    }
-    s->ms.n_batch_stats = (size_t)nb;
-    s->ms.batch_stats = s->bp;
-    return 0;
-}
-
-static void free_stats(struct stats_msg *s)
-{
-    free(s->b);
-    free(s->bp);
-    free(s->bd);
-}
-
-static void on_model_statistics(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
-{
-    struct bs_err err;
-    UNPACK_OR_FAIL(Inference__ModelStatisticsRequest, q, d, n, call);
-    int count = bs_repository_count(bs_core_repository(svc->core)), k = 0, rc = 0;
-    struct bs_repo_model *only = NULL;
-    if (q->name[0] != '\0' && (only = lookup(svc, q->name, q->version, true, &err)) == NULL) {
-        bs_rpc_fail(call, status_of(err.code), err.msg);
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-        return;
-    }
-    struct stats_msg *sm = calloc((size_t)count + 1, sizeof(*sm));
-    Inference__ModelStatistics **list = calloc((size_t)count + 1, sizeof(*list));
-    for (int i = 0; sm && list && i < count && rc == 0; i++) {
-        struct bs_repo_model *rm = bs_repository_get(bs_core_repository(svc->core), i);
-        if (rm->batcher == NULL || (only != NULL && rm != only))
-            continue;
-        rc = fill_stats(&sm[k], rm);
-        list[k] = &sm[k].ms;
-        k++;
-    }
-    if (sm == NULL || list == NULL || rc != 0) {
-        bs_rpc_fail(call, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
-    } else {
-        Inference__ModelStatisticsResponse r = INFERENCE__MODEL_STATISTICS_RESPONSE__INIT;
-        r.n_model_stats = (size_t)k;
-        r.model_stats = list;
-        reply_msg(call, &r.base);
-    }
-    for (int i = 0; sm && i < k; i++)
-        free_stats(&sm[i]);
-    free(sm);
-    free(list);
-    protobuf_c_message_free_unpacked(&q->base, NULL);
-}
-
-static void on_repository_index(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t *d, size_t n)
-{
-    UNPACK_OR_FAIL(Inference__RepositoryIndexRequest, q, d, n, call);
-    int count = bs_repository_count(bs_core_repository(svc->core)), k = 0;
-    Inference__RepositoryIndexResponse__ModelIndex *idx = calloc((size_t)count + 1, sizeof(*idx));
-    Inference__RepositoryIndexResponse__ModelIndex **list =
-        calloc((size_t)count + 1, sizeof(*list));
-    if (idx == NULL || list == NULL) {
-        bs_rpc_fail(call, BS_RPC_RESOURCE_EXHAUSTED, "out of memory");
-    } else {
-        for (int i = 0; i < count; i++) {
-            struct bs_repo_model *rm = bs_repository_get(bs_core_repository(svc->core), i);
-            if (q->ready && rm->model == NULL)
-                continue;
-            inference__repository_index_response__model_index__init(&idx[k]);
-            idx[k].name = rm->name;
-            idx[k].version = MODEL_VERSION;
-            idx[k].state = rm->model ? "READY" : "UNAVAILABLE";
-            idx[k].reason = rm->model ? "" : rm->reason;
-            list[k] = &idx[k];
-            k++;
-        }
-        Inference__RepositoryIndexResponse r = INFERENCE__REPOSITORY_INDEX_RESPONSE__INIT;
-        r.n_models = (size_t)k;
-        r.models = list;
-        reply_msg(call, &r.base);
-    }
-    free(idx);
-    free(list);
-    protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
 /* ---- inference ---------------------------------------------------------------- */
@@ -716,41 +329,59 @@ static void on_model_infer(bs_service_t *svc, bs_rpc_call_t *call, const uint8_t
 
 /* ---- transport callbacks ---------------------------------------------------- */
 
+/* The control method behind each unary row but ModelInfer. */
+static const int control_of[BS_SVC_METHOD_COUNT] = {
+    [BS_SVC_SERVER_LIVE] = BS_CTL_SERVER_LIVE,
+    [BS_SVC_SERVER_READY] = BS_CTL_SERVER_READY,
+    [BS_SVC_MODEL_READY] = BS_CTL_MODEL_READY,
+    [BS_SVC_SERVER_METADATA] = BS_CTL_SERVER_METADATA,
+    [BS_SVC_MODEL_METADATA] = BS_CTL_MODEL_METADATA,
+    [BS_SVC_MODEL_INFER] = -1,
+    [BS_SVC_MODEL_STREAM_INFER] = -1,
+    [BS_SVC_MODEL_CONFIG] = BS_CTL_MODEL_CONFIG,
+    [BS_SVC_MODEL_STATISTICS] = BS_CTL_MODEL_STATISTICS,
+    [BS_SVC_REPOSITORY_INDEX] = BS_CTL_REPOSITORY_INDEX,
+    [BS_SVC_REPOSITORY_MODEL_LOAD] = BS_CTL_REPOSITORY_LOAD,
+    [BS_SVC_REPOSITORY_MODEL_UNLOAD] = BS_CTL_REPOSITORY_UNLOAD,
+    [BS_SVC_SYSTEM_SHM_STATUS] = BS_CTL_SHM_STATUS,
+    [BS_SVC_SYSTEM_SHM_REGISTER] = BS_CTL_SHM_REGISTER,
+    [BS_SVC_SYSTEM_SHM_UNREGISTER] = BS_CTL_SHM_UNREGISTER,
+    [BS_SVC_CUDA_SHM_STATUS] = BS_CTL_CUDA_SHM_STATUS,
+    [BS_SVC_CUDA_SHM_REGISTER] = BS_CTL_CUDA_SHM_REGISTER,
+    [BS_SVC_CUDA_SHM_UNREGISTER] = BS_CTL_CUDA_SHM_UNREGISTER,
+};
+
+/* A control method answered (now or later): pack its response. */
+static void control_done(void *arg, int rc, const char *msg, const ProtobufCMessage *resp)
+{
+    bs_rpc_call_t *call = arg;
+    if (rc != 0)
+        bs_rpc_fail(call, status_of(rc), msg);
+    else
+        reply_msg(call, resp);
+    bs_rpc_call_unref(call);
+}
+
+static void on_control(bs_service_t *svc, bs_rpc_call_t *call, enum bs_control_method m,
+                       const uint8_t *d, size_t n)
+{
+    ProtobufCMessage *q = unpack_checked(bs_control_request_desc(m), d, n, call);
+    if (q == NULL)
+        return;
+    bs_rpc_call_ref(call); /* control_done's, however late it comes */
+    bs_control_call(svc->control, m, q, control_done, call);
+    protobuf_c_message_free_unpacked(q, NULL);
+}
+
 static void on_call(void *arg, bs_rpc_call_t *call, int m, const uint8_t *d, size_t n)
 {
     bs_service_t *svc = arg;
-    switch ((enum bs_service_method)m) {
-    case BS_SVC_SERVER_LIVE:
-        on_server_live(svc, call);
-        break;
-    case BS_SVC_SERVER_READY:
-        on_server_ready(svc, call);
-        break;
-    case BS_SVC_MODEL_READY:
-        on_model_ready(svc, call, d, n);
-        break;
-    case BS_SVC_SERVER_METADATA:
-        on_server_metadata(svc, call);
-        break;
-    case BS_SVC_MODEL_METADATA:
-        on_model_metadata(svc, call, d, n);
-        break;
-    case BS_SVC_MODEL_INFER:
+    if (m == BS_SVC_MODEL_INFER)
         on_model_infer(svc, call, d, n);
-        break;
-    case BS_SVC_MODEL_CONFIG:
-        on_model_config(svc, call, d, n);
-        break;
-    case BS_SVC_MODEL_STATISTICS:
-        on_model_statistics(svc, call, d, n);
-        break;
-    case BS_SVC_REPOSITORY_INDEX:
-        on_repository_index(svc, call, d, n);
-        break;
-    default:
+    else if (m >= 0 && m < BS_SVC_METHOD_COUNT && control_of[m] >= 0)
+        on_control(svc, call, (enum bs_control_method)control_of[m], d, n);
+    else
         bs_rpc_fail(call, BS_RPC_UNIMPLEMENTED, "not a unary method");
-        break;
-    }
 }
 
 static void on_stream_open(void *arg, bs_rpc_call_t *call, int m)
@@ -836,6 +467,16 @@ int bs_service_init(bs_service_t **svc, bs_core_t *core, const struct bs_service
         return bs_err_set(err, BS_ENOMEM, "out of memory");
     s->core = core;
     s->o = *opts;
+    s->control = opts->control;
+    if (s->control == NULL) {
+        struct bs_control_options co = {.core = core};
+        int rc = bs_control_init(&s->control, &co, err);
+        if (rc != 0) {
+            free(s);
+            return rc;
+        }
+        s->own_control = true;
+    }
     *svc = s;
     return 0;
 }
@@ -873,6 +514,22 @@ static const struct {
                                  2},
     [BS_SVC_REPOSITORY_INDEX] = {"/inference.GRPCInferenceService/RepositoryIndex", BS_RPC_UNARY,
                                  2},
+    [BS_SVC_REPOSITORY_MODEL_LOAD] = {"/inference.GRPCInferenceService/RepositoryModelLoad",
+                                      BS_RPC_UNARY, 2},
+    [BS_SVC_REPOSITORY_MODEL_UNLOAD] = {"/inference.GRPCInferenceService/RepositoryModelUnload",
+                                        BS_RPC_UNARY, 2},
+    [BS_SVC_SYSTEM_SHM_STATUS] = {"/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+                                  BS_RPC_UNARY, 2},
+    [BS_SVC_SYSTEM_SHM_REGISTER] = {"/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+                                    BS_RPC_UNARY, 2},
+    [BS_SVC_SYSTEM_SHM_UNREGISTER] =
+        {"/inference.GRPCInferenceService/SystemSharedMemoryUnregister", BS_RPC_UNARY, 2},
+    [BS_SVC_CUDA_SHM_STATUS] = {"/inference.GRPCInferenceService/CudaSharedMemoryStatus",
+                                BS_RPC_UNARY, 2},
+    [BS_SVC_CUDA_SHM_REGISTER] = {"/inference.GRPCInferenceService/CudaSharedMemoryRegister",
+                                  BS_RPC_UNARY, 2},
+    [BS_SVC_CUDA_SHM_UNREGISTER] = {"/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
+                                    BS_RPC_UNARY, 2},
 };
 
 int bs_service_methods(bs_service_t *svc, const struct bs_rpc_method **rows)
@@ -904,5 +561,7 @@ void bs_service_shutdown(bs_service_t *svc)
 
 void bs_service_free(bs_service_t *svc)
 {
+    if (svc != NULL && svc->own_control)
+        bs_control_free(svc->control);
     free(svc);
 }

@@ -7,6 +7,7 @@
 #include <stdbool.h>
 
 #include "codec.h"
+#include "control.h"
 #include "core.h"
 #include "repository.h"
 #include "rpc.h"
@@ -25,12 +26,22 @@ enum bs_service_method {
     BS_SVC_MODEL_CONFIG,
     BS_SVC_MODEL_STATISTICS,
     BS_SVC_REPOSITORY_INDEX,
+    BS_SVC_REPOSITORY_MODEL_LOAD,
+    BS_SVC_REPOSITORY_MODEL_UNLOAD,
+    BS_SVC_SYSTEM_SHM_STATUS,
+    BS_SVC_SYSTEM_SHM_REGISTER,
+    BS_SVC_SYSTEM_SHM_UNREGISTER,
+    BS_SVC_CUDA_SHM_STATUS,
+    BS_SVC_CUDA_SHM_REGISTER,
+    BS_SVC_CUDA_SHM_UNREGISTER,
     BS_SVC_METHOD_COUNT,
 };
 
 struct bs_service_options {
     struct bs_codec_limits limits; /* what one request may hold */
     size_t max_response_bytes;     /* the transport's send limit (0: none) */
+    bs_control_t *control;         /* the control plane to answer from (not owned; NULL:
+                                      the service makes its own over core) */
 };
 
 /* Create the service over core (not owned); bs_service_methods gives its

@@ -32,6 +32,8 @@ static const struct expect table[] = {
     {BS_ETIMEDOUT, "BS_ETIMEDOUT", 4, 503, BS_REASON_REJECTED},
     {BS_ECANCELED, "BS_ECANCELED", 1, 499, BS_REASON_CANCELED},
     {BS_EBUSY, "BS_EBUSY", 8, 429, BS_REASON_REJECTED},
+    {BS_ENOTIMPL, "BS_ENOTIMPL", 12, 501, BS_REASON_OTHER},
+    {BS_EEXIST, "BS_EEXIST", 6, 409, BS_REASON_OTHER},
 };
 
 static void test_mapping(void **state)

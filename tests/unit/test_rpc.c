@@ -306,6 +306,9 @@ static int app_spawn_client(struct app *app, const char *python, const char *scr
 static const char *const app_paths[BS_SVC_METHOD_COUNT] = {
     "ServerLive", "ServerReady",      "ModelReady",  "ServerMetadata",  "ModelMetadata",
     "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
+    "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
 };
 
 static int app_rows(struct app *app, const struct bs_rpc_handlers *h, struct bs_rpc_method *rows,
