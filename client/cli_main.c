@@ -351,6 +351,10 @@ static int plan_init(struct cli *a, struct cli_conn *conn, const struct cli_inpu
     if (!a->shm && !conn->http)
         return 0; /* gRPC: every output, raw, as before */
     int rc = cli_model_metadata(a, conn, &p->m, err);
+    if (rc != 0 && !a->shm) {
+        p->m = NULL; /* HTTP without names: every output as binary data ("binary_data_output") */
+        return 0;
+    }
     if (rc != 0)
         return rc;
     for (size_t k = 0; k < p->m->n_outputs && k < CLI_SHM_MAX_OUTPUTS; k++)
