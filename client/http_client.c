@@ -110,6 +110,19 @@ bool bs_http_url_is_http(const char *url)
     return url && (!strncmp(url, "http://", 7) || !strncmp(url, "https://", 8));
 }
 
+/* The shortest decimal that reads back as f (as a float when single). */
+static void put_shortest(struct buf *b, double f, bool single)
+{
+    char tmp[40];
+    for (int prec = single ? 6 : 15; prec <= (single ? 9 : 17); prec++) {
+        snprintf(tmp, sizeof(tmp), "%.*g", prec, f);
+        double back = strtod(tmp, NULL);
+        if (single ? (float)back == (float)f : back == f)
+            break;
+    }
+    buf_printf(b, "%s", tmp);
+}
+
 /* Element i of t as a JSON value; BS_EINVAL for what JSON cannot hold. */
 static int json_value(struct buf *b, const struct bs_ctensor *t, int64_t i,
                       struct bs_client_err *err)
@@ -154,7 +167,7 @@ static int json_value(struct buf *b, const struct bs_ctensor *t, int64_t i,
             return fail(err, BS_EINVAL,
                         "input '%s': element %lld is %g, which JSON cannot hold (use binary data)",
                         t->name, (long long)i, f);
-        buf_printf(b, strcmp(dt, "FP64") ? "%.9g" : "%.17g", f);
+        put_shortest(b, f, strcmp(dt, "FP64") != 0);
     }
     return 0;
 }
@@ -343,7 +356,10 @@ static int store_value(struct bs_ctensor *t, int64_t i, const struct bs_json *v,
     else if (!strcmp(dt, "UINT32"))
         ((uint32_t *)d)[i] = (uint32_t)k;
     else if (!strcmp(dt, "UINT64"))
-        ((uint64_t *)d)[i] = v->is_integer ? (uint64_t)k : (uint64_t)f;
+        /* past INT64_MAX the parser keeps only a double: exact to its 53 bits, 2^64 clamped */
+        ((uint64_t *)d)[i] = v->is_integer ? (uint64_t)k
+                             : f >= 18446744073709551615.0 ? UINT64_MAX
+                                                            : (uint64_t)f;
     else
         return fail(err, BS_EFORMAT, "output '%s': no JSON form for %s", t->name, dt);
     return 0;
