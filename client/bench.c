@@ -144,8 +144,8 @@ static void *unary_worker(void *arg)
             slots[k] = (struct slot){.t_start = now_s(), .busy = true};
             const struct bs_bench_req *sr = o->slot_reqs ? &o->slot_reqs[w->first_slot + k] : NULL;
             if (bs_client_call_start(w->client, q, BS_CLIENT_METHOD("ModelInfer"),
-                                     sr ? sr->req : o->req, sr ? sr->len : o->req_len,
-                                     o->timeout_s, &slots[k], &w->err) != 0) {
+                                     sr ? sr->req : o->req, sr ? sr->len : o->req_len, o->timeout_s,
+                                     &slots[k], &w->err) != 0) {
                 w->rc = w->err.code;
                 atomic_store(&w->b->stop, true);
                 done = true;
@@ -239,9 +239,8 @@ static int http_calls(struct worker *w, bs_http_call_t **calls, struct slot *slo
     for (int k = 0; k < w->slots; k++) {
         const struct bs_bench_req *sr = o->slot_reqs ? &o->slot_reqs[w->first_slot + k] : NULL;
         int rc = bs_http_call_init(o->http, o->http_path, sr ? sr->req : o->req,
-                                   sr ? sr->len : o->req_len,
-                                   sr ? sr->header_len : o->header_len, o->timeout_s, &calls[k],
-                                   &w->err);
+                                   sr ? sr->len : o->req_len, sr ? sr->header_len : o->header_len,
+                                   o->timeout_s, &calls[k], &w->err);
         if (rc != 0)
             return rc;
         curl_easy_setopt(bs_http_call_easy(calls[k]), CURLOPT_PRIVATE, (char *)&slots[k]);

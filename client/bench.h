@@ -36,7 +36,7 @@ struct bs_bench_opts {
     double timeout_s;   /* deadline per call (a stream: the end of the run plus this) */
     const uint8_t *req; /* the serialized ModelInferRequest sent every time */
     size_t req_len;
-    size_t header_len;  /* HTTP: the Inference-Header-Content-Length of req */
+    size_t header_len; /* HTTP: the Inference-Header-Content-Length of req */
     /* NULL, or one request per slot (concurrency of them): in-flight slot k
        (a stream: stream k) always sends slot_reqs[k], as --shm needs */
     const struct bs_bench_req *slot_reqs;

@@ -895,8 +895,9 @@ int bs_client_shm_register(bs_client_t *c, const char *name, const char *key, ui
     q.key = (char *)key;
     q.offset = offset;
     q.byte_size = byte_size;
-    int rc = CALL(c, "SystemSharedMemoryRegister", &q, Inference__SystemSharedMemoryRegisterResponse,
-                  inference__system_shared_memory_register_response, &r, err);
+    int rc =
+        CALL(c, "SystemSharedMemoryRegister", &q, Inference__SystemSharedMemoryRegisterResponse,
+             inference__system_shared_memory_register_response, &r, err);
     bs_client_msg_free(r);
     return rc;
 }
@@ -938,9 +939,9 @@ int bs_client_shm_unregister(bs_client_t *c, const char *name, struct bs_client_
         INFERENCE__SYSTEM_SHARED_MEMORY_UNREGISTER_REQUEST__INIT;
     Inference__SystemSharedMemoryUnregisterResponse *r = NULL;
     q.name = (char *)(name ? name : "");
-    int rc = CALL(c, "SystemSharedMemoryUnregister", &q,
-                  Inference__SystemSharedMemoryUnregisterResponse,
-                  inference__system_shared_memory_unregister_response, &r, err);
+    int rc =
+        CALL(c, "SystemSharedMemoryUnregister", &q, Inference__SystemSharedMemoryUnregisterResponse,
+             inference__system_shared_memory_unregister_response, &r, err);
     bs_client_msg_free(r);
     return rc;
 }

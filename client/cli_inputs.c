@@ -187,8 +187,8 @@ static bool is_optional(const struct optional_inputs *opt, const char *name)
 
 /* Random tensors for every required input of m, variable dims set to 1. */
 static int from_metadata(const Inference__ModelMetadataResponse *m,
-                         const struct optional_inputs *cfg, uint64_t *seed,
-                         struct cli_inputs *in, struct bs_client_err *err)
+                         const struct optional_inputs *cfg, uint64_t *seed, struct cli_inputs *in,
+                         struct bs_client_err *err)
 {
     for (size_t i = 0; i < m->n_inputs; i++) {
         const Inference__ModelMetadataResponse__TensorMetadata *mi = m->inputs[i];

@@ -44,8 +44,7 @@ static void conn_free(struct cli_conn *conn)
 static int need_grpc(const struct cli *a, const struct cli_conn *conn)
 {
     if (conn->http) {
-        fprintf(stderr, "blockserve-cli %s: not over HTTP (ModelStreamInfer is gRPC's)\n",
-                a->cmd);
+        fprintf(stderr, "blockserve-cli %s: not over HTTP (ModelStreamInfer is gRPC's)\n", a->cmd);
         return 1;
     }
     return 0;
@@ -288,8 +287,8 @@ static int infer_once(struct cli *a, struct cli_conn *conn, const struct cli_inp
 {
     *n_out = 0;
     if (conn->http)
-        return bs_http_infer(conn->http, a->model, in->t, in->n, io, a->http_json, out,
-                             MAX_OUTPUTS, n_out, err);
+        return bs_http_infer(conn->http, a->model, in->t, in->n, io, a->http_json, out, MAX_OUTPUTS,
+                             n_out, err);
     uint8_t *req = NULL, *resp = NULL;
     size_t req_len, resp_len;
     Inference__ModelInferResponse *r = NULL;
@@ -325,7 +324,8 @@ static int read_shm_outputs(const struct cli_shm *s, struct bs_ctensor *out, int
                      out[i].name, out[i].nbytes, k < s->n_out ? s->out_size[k] : 0);
             return err->code;
         }
-        if (out[i].data == NULL && (out[i].data = malloc(out[i].nbytes ? out[i].nbytes : 1)) == NULL)
+        if (out[i].data == NULL &&
+            (out[i].data = malloc(out[i].nbytes ? out[i].nbytes : 1)) == NULL)
             return err->code = BS_ENOMEM;
         memcpy(out[i].data, s->base + s->out_off[k], out[i].nbytes);
     }
@@ -360,8 +360,8 @@ static int plan_init(struct cli *a, struct cli_conn *conn, const struct cli_inpu
     for (size_t k = 0; k < p->m->n_outputs && k < CLI_SHM_MAX_OUTPUTS; k++)
         p->outputs[k] = p->m->outputs[k]->name;
     p->io.outputs = p->outputs;
-    p->io.n_outputs = (int)(p->m->n_outputs < CLI_SHM_MAX_OUTPUTS ? p->m->n_outputs
-                                                                  : CLI_SHM_MAX_OUTPUTS);
+    p->io.n_outputs =
+        (int)(p->m->n_outputs < CLI_SHM_MAX_OUTPUTS ? p->m->n_outputs : CLI_SHM_MAX_OUTPUTS);
     if (!a->shm)
         return 0;
     p->shm_open = true;
@@ -546,7 +546,10 @@ static void print_bench_json(const struct cli *a, struct bs_bench_result *r)
     int nb = bs_latency_histogram(&r->lat, b, 10);
     printf("{\"model\": ");
     print_json_str(a->model);
-    printf(", \"transport\": \"%s\", \"shm\": %s", !a->http ? "grpc" : a->http_json ? "http-json" : "http",
+    printf(", \"transport\": \"%s\", \"shm\": %s",
+           !a->http       ? "grpc"
+           : a->http_json ? "http-json"
+                          : "http",
            a->shm ? "true" : "false");
     printf(", \"stream\": %s, \"concurrency\": %d, \"count\": %lld, \"total_s\": %.6f, "
            "\"rps\": %.3f, \"latency_ms\": {\"min\": %.4f, \"avg\": %.4f, \"max\": %.4f, "
@@ -687,10 +690,10 @@ static int cmd_load(struct cli *a, struct cli_conn *conn)
 {
     struct bs_client_err err = {0};
     bool load = !strcmp(a->cmd, "load");
-    int rc = conn->http ? (load ? bs_http_model_load : bs_http_model_unload)(conn->http, a->model,
-                                                                               &err)
-                        : (load ? bs_client_model_load : bs_client_model_unload)(conn->grpc,
-                                                                                 a->model, &err);
+    int rc =
+        conn->http
+            ? (load ? bs_http_model_load : bs_http_model_unload)(conn->http, a->model, &err)
+            : (load ? bs_client_model_load : bs_client_model_unload)(conn->grpc, a->model, &err);
     if (rc != 0)
         return report(a, &err);
     printf("%s: %s\n", a->model, load ? "loaded" : "unloaded");
@@ -719,7 +722,8 @@ static int shm_register(struct cli *a, struct cli_conn *conn)
     errno = 0;
     unsigned long long size = strtoull(a->args[3], &end, 10);
     if (*end || end == a->args[3] || errno || a->args[3][0] == '-' || size == 0) {
-        fprintf(stderr, "blockserve-cli shm register: SIZE: expected a byte count > 0, got \"%s\"\n",
+        fprintf(stderr,
+                "blockserve-cli shm register: SIZE: expected a byte count > 0, got \"%s\"\n",
                 a->args[3]);
         return 2;
     }
@@ -729,8 +733,7 @@ static int shm_register(struct cli *a, struct cli_conn *conn)
                  : bs_client_shm_register(conn->grpc, name, key, (uint64_t)a->offset, size, &err);
     if (rc != 0)
         return report(a, &err);
-    printf("%s: registered %s offset %lld byte_size %llu\n", name, key, (long long)a->offset,
-           size);
+    printf("%s: registered %s offset %lld byte_size %llu\n", name, key, (long long)a->offset, size);
     return 0;
 }
 
@@ -755,9 +758,9 @@ static int shm_usage_ok(const struct cli *a)
 {
     const char *act = a->args[0];
     int n = a->n_args;
-    if (!strcmp(act, "register") ? n == 4
+    if (!strcmp(act, "register")                               ? n == 4
         : !strcmp(act, "status") || !strcmp(act, "unregister") ? n <= 2
-                                                                : false)
+                                                               : false)
         return 0;
     fprintf(stderr, "blockserve-cli shm: usage: shm register NAME KEY SIZE [--offset O] | "
                     "shm status [NAME] | shm unregister [NAME]\n");

@@ -357,9 +357,9 @@ static int store_value(struct bs_ctensor *t, int64_t i, const struct bs_json *v,
         ((uint32_t *)d)[i] = (uint32_t)k;
     else if (!strcmp(dt, "UINT64"))
         /* past INT64_MAX the parser keeps only a double: exact to its 53 bits, 2^64 clamped */
-        ((uint64_t *)d)[i] = v->is_integer ? (uint64_t)k
+        ((uint64_t *)d)[i] = v->is_integer                 ? (uint64_t)k
                              : f >= 18446744073709551615.0 ? UINT64_MAX
-                                                            : (uint64_t)f;
+                                                           : (uint64_t)f;
     else
         return fail(err, BS_EFORMAT, "output '%s': no JSON form for %s", t->name, dt);
     return 0;
@@ -436,8 +436,8 @@ static int one_output(const struct bs_json *o, const uint8_t *bin, size_t bin_le
     return store_all(t, data, &i, err);
 }
 
-int bs_http_parse_infer(const uint8_t *body, size_t len, size_t header_len,
-                        struct bs_ctensor *out, int max, int *n, struct bs_client_err *err)
+int bs_http_parse_infer(const uint8_t *body, size_t len, size_t header_len, struct bs_ctensor *out,
+                        int max, int *n, struct bs_client_err *err)
 {
     bs_json_doc_t *doc = NULL;
     *n = 0;
@@ -473,36 +473,54 @@ int bs_http_parse_infer(const uint8_t *body, size_t len, size_t header_len,
 int bs_http_status_to_grpc(long status)
 {
     switch (status) {
-    case 200: return 0;
-    case 400: return 3;  /* INVALID_ARGUMENT */
-    case 401: return 16; /* UNAUTHENTICATED */
-    case 403: return 7;  /* PERMISSION_DENIED */
-    case 404: return 5;  /* NOT_FOUND */
-    case 409: return 6;  /* ALREADY_EXISTS */
-    case 429: return 8;  /* RESOURCE_EXHAUSTED */
-    case 499: return 1;  /* CANCELLED */
-    case 501: return 12; /* UNIMPLEMENTED */
-    case 503: return 14; /* UNAVAILABLE */
-    case 504: return 4;  /* DEADLINE_EXCEEDED */
-    default: return status >= 200 && status < 300 ? 0 : 2 /* UNKNOWN */;
+    case 200:
+        return 0;
+    case 400:
+        return 3; /* INVALID_ARGUMENT */
+    case 401:
+        return 16; /* UNAUTHENTICATED */
+    case 403:
+        return 7; /* PERMISSION_DENIED */
+    case 404:
+        return 5; /* NOT_FOUND */
+    case 409:
+        return 6; /* ALREADY_EXISTS */
+    case 429:
+        return 8; /* RESOURCE_EXHAUSTED */
+    case 499:
+        return 1; /* CANCELLED */
+    case 501:
+        return 12; /* UNIMPLEMENTED */
+    case 503:
+        return 14; /* UNAVAILABLE */
+    case 504:
+        return 4; /* DEADLINE_EXCEEDED */
+    default:
+        return status >= 200 && status < 300 ? 0 : 2 /* UNKNOWN */;
     }
 }
 
 static int code_of_status(long status)
 {
     switch (status) {
-    case 400: return BS_EINVAL;
-    case 404: return BS_ENOTFOUND;
-    case 429: return BS_EBUSY;
-    case 499: return BS_ECANCELED;
-    case 503: return BS_EUNSUPP;
-    case 504: return BS_ETIMEDOUT;
-    default: return BS_EIO;
+    case 400:
+        return BS_EINVAL;
+    case 404:
+        return BS_ENOTFOUND;
+    case 429:
+        return BS_EBUSY;
+    case 499:
+        return BS_ECANCELED;
+    case 503:
+        return BS_EUNSUPP;
+    case 504:
+        return BS_ETIMEDOUT;
+    default:
+        return BS_EIO;
     }
 }
 
-int bs_http_error_from_body(long status, const uint8_t *body, size_t len,
-                            struct bs_client_err *err)
+int bs_http_error_from_body(long status, const uint8_t *body, size_t len, struct bs_client_err *err)
 {
     bs_json_doc_t *doc = NULL;
     struct bs_err e = {0};
@@ -940,8 +958,7 @@ static int call_target(struct bs_http_call *c, const char *method, const char *p
                                      : 0;
 }
 
-static int call_new(bs_http_t *h, double timeout_s, bs_http_call_t **out,
-                    struct bs_client_err *err)
+static int call_new(bs_http_t *h, double timeout_s, bs_http_call_t **out, struct bs_client_err *err)
 {
     bs_http_call_t *c = calloc(1, sizeof(*c));
     if (c == NULL || (c->easy = curl_easy_init()) == NULL) {
@@ -1103,8 +1120,8 @@ int bs_http_repository_index(bs_http_t *h, Inference__RepositoryIndexResponse **
     return rc;
 }
 
-int bs_http_optional_inputs(bs_http_t *h, const char *model, char (*names)[BS_CT_MAX_NAME],
-                            int max, int *n, struct bs_client_err *err)
+int bs_http_optional_inputs(bs_http_t *h, const char *model, char (*names)[BS_CT_MAX_NAME], int max,
+                            int *n, struct bs_client_err *err)
 {
     char path[512];
     struct bs_http_response r;
@@ -1222,8 +1239,8 @@ int bs_http_shm_unregister(bs_http_t *h, const char *name, struct bs_client_err 
 }
 
 int bs_http_infer(bs_http_t *h, const char *model, const struct bs_ctensor *in, int n,
-                  const struct bs_client_infer_opts *o, bool json, struct bs_ctensor *out,
-                  int max, int *n_out, struct bs_client_err *err)
+                  const struct bs_client_infer_opts *o, bool json, struct bs_ctensor *out, int max,
+                  int *n_out, struct bs_client_err *err)
 {
     char path[512];
     uint8_t *body = NULL;

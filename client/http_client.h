@@ -53,8 +53,8 @@ int bs_http_pack_infer(const struct bs_ctensor *in, int n, const struct bs_clien
  * "data"; an output with neither (written to shared memory) gets data NULL
  * and nbytes the size its shape and datatype make. On error nothing is left
  * allocated. */
-int bs_http_parse_infer(const uint8_t *body, size_t len, size_t header_len,
-                        struct bs_ctensor *out, int max, int *n, struct bs_client_err *err);
+int bs_http_parse_infer(const uint8_t *body, size_t len, size_t header_len, struct bs_ctensor *out,
+                        int max, int *n, struct bs_client_err *err);
 
 /* Fill err from an HTTP error answer: "HTTP <status>: <error>" with the
  * body's {"error": "..."}, or the body itself (cut) when it is not that. */
@@ -141,8 +141,8 @@ int bs_http_repository_index(bs_http_t *h, Inference__RepositoryIndexResponse **
 
 /* The names of model's optional inputs from /v2/models/{m}/config
  * ("input": [{"name", "optional"}]) into names[0..*n). */
-int bs_http_optional_inputs(bs_http_t *h, const char *model, char (*names)[BS_CT_MAX_NAME],
-                            int max, int *n, struct bs_client_err *err);
+int bs_http_optional_inputs(bs_http_t *h, const char *model, char (*names)[BS_CT_MAX_NAME], int max,
+                            int *n, struct bs_client_err *err);
 
 /* POST /v2/repository/models/{m}/load and /unload with {}. */
 int bs_http_model_load(bs_http_t *h, const char *model, struct bs_client_err *err);
@@ -157,8 +157,8 @@ int bs_http_shm_unregister(bs_http_t *h, const char *name, struct bs_client_err 
 
 /* One infer call: pack, POST, parse. */
 int bs_http_infer(bs_http_t *h, const char *model, const struct bs_ctensor *in, int n,
-                  const struct bs_client_infer_opts *o, bool json, struct bs_ctensor *out,
-                  int max, int *n_out, struct bs_client_err *err);
+                  const struct bs_client_infer_opts *o, bool json, struct bs_ctensor *out, int max,
+                  int *n_out, struct bs_client_err *err);
 
 /* ---- prepared calls (the bench) -------------------------------------------- */
 

@@ -536,6 +536,10 @@ class CliHttp(unittest.TestCase):
         r = json.loads(p.stdout)
         self.assertEqual(r["status_codes"], {"NOT_FOUND": 6})
         self.assertIn('HTTP 404: unknown model "nope"', r["first_error"])
+        # without metadata the outputs are asked for as a whole
+        hl = int(self.stub.infers()[-1][2]["Inference-Header-Content-Length"])
+        q = json.loads(self.stub.infers()[-1][4][:hl])
+        self.assertEqual((q["parameters"], "outputs" in q), ({"binary_data_output": True}, False))
 
     def test_bench_shm(self):
         p = self.cli("bench", "double", "--http", "--shm", "-c", "3", "-n", "30", "--json",

@@ -74,12 +74,17 @@ static void test_json_datatypes(void **state)
     static const struct {
         const char *dt, *data;
     } rows[] = {
-        {"FP32", "[0.5,-3,1e+20,0.1]"},     {"FP16", "[0.5,-3,65504,0]"},
-        {"FP64", "[0.5,-3,1e+300,0.1]"},    {"INT8", "[-128,127,0,1]"},
-        {"INT16", "[-32768,32767,0,1]"},  {"INT32", "[-2147483648,2147483647,0,1]"},
+        {"FP32", "[0.5,-3,1e+20,0.1]"},
+        {"FP16", "[0.5,-3,65504,0]"},
+        {"FP64", "[0.5,-3,1e+300,0.1]"},
+        {"INT8", "[-128,127,0,1]"},
+        {"INT16", "[-32768,32767,0,1]"},
+        {"INT32", "[-2147483648,2147483647,0,1]"},
         {"INT64", "[-9223372036854775808,9223372036854775807,0,1]"},
-        {"UINT8", "[255,0,1,2]"},         {"UINT16", "[65535,0,1,2]"},
-        {"UINT32", "[4294967295,0,1,2]"}, {"UINT64", "[18446744073709551615,0,1,2]"},
+        {"UINT8", "[255,0,1,2]"},
+        {"UINT16", "[65535,0,1,2]"},
+        {"UINT32", "[4294967295,0,1,2]"},
+        {"UINT64", "[18446744073709551615,0,1,2]"},
         {"BOOL", "[true,false,true,false]"},
     };
     for (size_t r = 0; r < sizeof(rows) / sizeof(rows[0]); r++) {
@@ -215,9 +220,9 @@ static void test_parse_binary(void **state)
     assert_int_equal(bs_http_parse_infer(body, hl + 11, hl, out, 3, &n, &err), BS_EINVAL);
     const char *bad = "{\"outputs\":[{\"name\":\"a\",\"datatype\":\"FP32\",\"shape\":[2],"
                       "\"parameters\":{\"binary_data_size\":4}}]}";
-    assert_int_equal(bs_http_parse_infer((const uint8_t *)bad, strlen(bad), strlen(bad), out, 4,
-                                         &n, &err),
-                     BS_EFORMAT);
+    assert_int_equal(
+        bs_http_parse_infer((const uint8_t *)bad, strlen(bad), strlen(bad), out, 4, &n, &err),
+        BS_EFORMAT);
     assert_non_null(strstr(err.msg, "binary_data_size 4, expected 8"));
     const char *few = "{\"outputs\":[{\"name\":\"a\",\"datatype\":\"INT64\",\"shape\":[3],"
                       "\"data\":[1,2]}]}";
