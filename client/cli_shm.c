@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
@@ -30,6 +31,28 @@ size_t cli_shm_output_bytes(const Inference__ModelMetadataResponse__TensorMetada
         n *= (size_t)(d < 0 ? 1 : d);
     }
     return n;
+}
+
+/* Interrupted (^C, SIGTERM): remove the object, then die of the signal as
+ * before. One region at a time has the handler (the CLI makes one). */
+static char signal_key[64];
+
+static void on_signal(int sig)
+{
+    shm_unlink(signal_key); /* unlink(2) on /dev/shm: async-signal-safe in practice */
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void catch_signals(const char *key, bool on)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on ? on_signal : SIG_DFL;
+    if (on)
+        snprintf(signal_key, sizeof(signal_key), "%s", key);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
 }
 
 static int fail_errno(struct bs_client_err *err, const char *what, const char *key)
@@ -90,6 +113,7 @@ int cli_shm_open(struct cli_shm *s, const struct cli_conn *conn,
     s->fd = shm_open(s->key, O_RDWR | O_CREAT | O_EXCL, 0600);
     if (s->fd < 0)
         return fail_errno(err, "shm_open", s->key);
+    catch_signals(s->key, true);
     if (ftruncate(s->fd, (off_t)s->size) != 0)
         return fail_errno(err, "ftruncate", s->key);
     void *p = mmap(NULL, s->size, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
@@ -130,6 +154,7 @@ void cli_shm_close(struct cli_shm *s, const struct cli_conn *conn)
     if (s->fd >= 0) {
         close(s->fd);
         shm_unlink(s->key);
+        catch_signals(s->key, false);
     }
     s->fd = -1;
 }

@@ -18,11 +18,13 @@ import json
 import mmap
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 import zlib
 from concurrent import futures
@@ -549,6 +551,20 @@ class CliHttp(unittest.TestCase):
                 for i in self.stub.infers()}
         self.assertEqual(len(offs), 3)  # each slot its own part of the region
         self.assertEqual(self.stub.shm.status(None), [])
+
+    def test_shm_interrupted(self):
+        p = subprocess.Popen([CLI, "bench", "double", "--http", "--shm", "-c", "2", "-z", "60",
+                              "--shape", "x=2,4:FP32", "-u", self.stub.url],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+        for _ in range(200):  # until it has registered its region and sends
+            if len(self.stub.infers()) > 2:
+                break
+            time.sleep(0.05)
+        self.assertGreater(len(set(leftover_shm()) - self.shm_before), 0)
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+        self.assertEqual(p.returncode, -signal.SIGINT)
+        # tearDown: the object is gone
 
     def test_token(self):
         stub = Stub(token="s3cret")
