@@ -7,6 +7,9 @@
  * (not sleeping) when its next ticket is not due yet. Stream: one thread per
  * stream, one request in flight on it (write, then read its answer).
  *
+ * HTTP: each thread drives its share of the slots through one curl multi
+ * handle, one easy handle a slot, reused call after call (keep-alive).
+ *
  * Threads: each worker owns its struct worker; the shared state is the
  * ticket counter (atomic) and the read-only options. Results are merged on
  * the calling thread after every worker has been joined. */
@@ -18,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <curl/curl.h>
 
 struct bench {
     const struct bs_bench_opts *o;
@@ -35,6 +40,7 @@ struct worker {
     struct bench *b;
     bs_client_t *client;
     int slots;
+    int first_slot; /* its slots are first_slot .. first_slot + slots - 1 overall */
     pthread_t thread;
     struct bs_latency lat;
     struct bs_latency lat_status[BS_BENCH_N_STATUS];
@@ -136,8 +142,10 @@ static void *unary_worker(void *arg)
                 k++;
             record_lag(w, due);
             slots[k] = (struct slot){.t_start = now_s(), .busy = true};
-            if (bs_client_call_start(w->client, q, BS_CLIENT_METHOD("ModelInfer"), o->req,
-                                     o->req_len, o->timeout_s, &slots[k], &w->err) != 0) {
+            const struct bs_bench_req *sr = o->slot_reqs ? &o->slot_reqs[w->first_slot + k] : NULL;
+            if (bs_client_call_start(w->client, q, BS_CLIENT_METHOD("ModelInfer"),
+                                     sr ? sr->req : o->req, sr ? sr->len : o->req_len, o->timeout_s,
+                                     &slots[k], &w->err) != 0) {
                 w->rc = w->err.code;
                 atomic_store(&w->b->stop, true);
                 done = true;
@@ -167,8 +175,9 @@ static int stream_one(struct worker *w, bs_client_stream_t *s)
 {
     const struct bs_bench_opts *o = w->b->o;
     Inference__ModelStreamInferResponse *r;
+    const struct bs_bench_req *sr = o->slot_reqs ? &o->slot_reqs[w->first_slot] : NULL;
     double t = now_s();
-    int rc = bs_client_stream_write(s, o->req, o->req_len, &w->err);
+    int rc = bs_client_stream_write(s, sr ? sr->req : o->req, sr ? sr->len : o->req_len, &w->err);
     if (rc == 0)
         rc = bs_client_stream_read(s, &r, &w->err);
     if (rc == 1)
@@ -223,6 +232,104 @@ static void *stream_worker(void *arg)
     return NULL;
 }
 
+/* HTTP: the easy handles of w's slots, each with its request. */
+static int http_calls(struct worker *w, bs_http_call_t **calls, struct slot *slots)
+{
+    const struct bs_bench_opts *o = w->b->o;
+    for (int k = 0; k < w->slots; k++) {
+        const struct bs_bench_req *sr = o->slot_reqs ? &o->slot_reqs[w->first_slot + k] : NULL;
+        int rc = bs_http_call_init(o->http, o->http_path, sr ? sr->req : o->req,
+                                   sr ? sr->len : o->req_len, sr ? sr->header_len : o->header_len,
+                                   o->timeout_s, &calls[k], &w->err);
+        if (rc != 0)
+            return rc;
+        curl_easy_setopt(bs_http_call_easy(calls[k]), CURLOPT_PRIVATE, (char *)&slots[k]);
+    }
+    return 0;
+}
+
+/* Record every finished transfer of m; returns how many finished. */
+static int http_drain(struct worker *w, CURLM *m, bs_http_call_t **calls, struct slot *slots)
+{
+    CURLMsg *msg;
+    int left, done = 0;
+    while ((msg = curl_multi_info_read(m, &left)) != NULL) {
+        if (msg->msg != CURLMSG_DONE)
+            continue;
+        char *priv = NULL;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, &priv);
+        struct slot *s = (struct slot *)priv;
+        int k = (int)(s - slots);
+        struct bs_client_err e = {0};
+        int st = 0;
+        if (bs_http_call_result(calls[k], msg->data.result, &e) != 0)
+            st = e.grpc_status > 0 && e.grpc_status < 17 ? e.grpc_status : 2 /* UNKNOWN */;
+        record(w, s->t_start, st, e.msg);
+        curl_multi_remove_handle(m, msg->easy_handle);
+        s->busy = false;
+        done++;
+    }
+    return done;
+}
+
+/* HTTP: keep w->slots requests in flight on one curl multi handle. */
+static void *http_worker(void *arg)
+{
+    struct worker *w = arg;
+    CURLM *m = curl_multi_init();
+    bs_http_call_t **calls = calloc((size_t)w->slots, sizeof(*calls));
+    struct slot *slots = calloc((size_t)w->slots, sizeof(*slots));
+    if (m == NULL || calls == NULL || slots == NULL) {
+        w->rc = w->err.code = BS_ENOMEM;
+        snprintf(w->err.msg, sizeof(w->err.msg), "out of memory");
+    } else if (http_calls(w, calls, slots) != 0) {
+        w->rc = w->err.code;
+    } else {
+        curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, (long)w->slots);
+    }
+    bool done = w->rc != 0;
+    if (done)
+        atomic_store(&w->b->stop, true);
+    int inflight = 0;
+    double due = -1;
+    for (;;) {
+        while (!done && inflight < w->slots) {
+            if (due < 0 && (due = take_ticket(w->b)) < 0) {
+                done = true;
+                break;
+            }
+            if (due > now_s())
+                break;
+            int k = 0;
+            while (slots[k].busy)
+                k++;
+            record_lag(w, due);
+            bs_http_call_reset(calls[k]);
+            slots[k] = (struct slot){.t_start = now_s(), .busy = true};
+            curl_multi_add_handle(m, bs_http_call_easy(calls[k]));
+            inflight++;
+            due = -1;
+        }
+        if (inflight == 0 && done)
+            break;
+        int running;
+        curl_multi_perform(m, &running);
+        int n = http_drain(w, m, calls, slots);
+        inflight -= n;
+        if (n == 0) {
+            double wait = due >= 0 ? due - now_s() : 1.0;
+            curl_multi_poll(m, NULL, 0, wait > 0 ? (int)(wait * 1e3) + 1 : 0, NULL);
+        }
+    }
+    for (int k = 0; calls && k < w->slots; k++)
+        bs_http_call_free(calls[k]);
+    if (m)
+        curl_multi_cleanup(m);
+    free(calls);
+    free(slots);
+    return NULL;
+}
+
 static void merge(struct bs_bench_result *r, struct worker *w, int *rc)
 {
     if ((bs_latency_merge(&r->lat, &w->lat) != 0 ||
@@ -265,11 +372,12 @@ int bs_bench_run(bs_client_t *const *clients, int n_clients, const struct bs_ben
     memset(r, 0, sizeof(*r));
     latency_init_all(&r->lat, r->lat_status, &r->start_lag);
     err->grpc_status = -1;
-    if (o->concurrency < 1 || n_clients < 1 || (o->count <= 0 && o->duration_s <= 0)) {
+    if (o->concurrency < 1 || (n_clients < 1 && !o->http) ||
+        (o->count <= 0 && o->duration_s <= 0)) {
         snprintf(err->msg, sizeof(err->msg), "bench: needs -c >= 1 and -n or -z");
         return err->code = BS_EINVAL;
     }
-    int n = o->stream ? o->concurrency : (o->threads > 0 ? o->threads : 1);
+    int n = o->stream && !o->http ? o->concurrency : (o->threads > 0 ? o->threads : 1);
     if (n > o->concurrency)
         n = o->concurrency;
     struct worker *w = calloc((size_t)n, sizeof(*w));
@@ -280,13 +388,16 @@ int bs_bench_run(bs_client_t *const *clients, int n_clients, const struct bs_ben
     struct bench b = {.o = o, .t0 = now_s()};
     atomic_init(&b.next_ticket, 0);
     atomic_init(&b.stop, false);
-    int started = 0, rc = 0;
+    int started = 0, rc = 0, first = 0;
+    void *(*fn)(void *) = o->http ? http_worker : o->stream ? stream_worker : unary_worker;
     for (int i = 0; i < n; i++) {
         w[i].b = &b;
-        w[i].client = clients[i % n_clients];
+        w[i].client = o->http ? NULL : clients[i % n_clients];
         w[i].slots = o->concurrency / n + (i < o->concurrency % n);
+        w[i].first_slot = first;
+        first += w[i].slots;
         latency_init_all(&w[i].lat, w[i].lat_status, &w[i].start_lag);
-        if (pthread_create(&w[i].thread, NULL, o->stream ? stream_worker : unary_worker, &w[i]))
+        if (pthread_create(&w[i].thread, NULL, fn, &w[i]))
             break;
         started++;
     }

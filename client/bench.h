@@ -10,11 +10,21 @@
 #include <stdint.h>
 
 #include "blockserve_client.h"
+#include "http_client.h"
 #include "latency.h"
 
-/* Status slots: the gRPC codes 0..16 and one for error_message on a stream. */
+/* Status slots (HTTP statuses count as the gRPC code they stand for,
+ * bs_http_status_to_grpc): the gRPC codes 0..16 and one for error_message on a stream. */
 #define BS_BENCH_N_STATUS     18
 #define BS_BENCH_STREAM_ERROR 17
+
+/* One request as sent: a serialized ModelInferRequest (gRPC) or an HTTP
+ * infer body whose first header_len bytes are its JSON header. */
+struct bs_bench_req {
+    const uint8_t *req;
+    size_t len;
+    size_t header_len;
+};
 
 struct bs_bench_opts {
     int concurrency;    /* calls (or streams) in flight */
@@ -26,6 +36,12 @@ struct bs_bench_opts {
     double timeout_s;   /* deadline per call (a stream: the end of the run plus this) */
     const uint8_t *req; /* the serialized ModelInferRequest sent every time */
     size_t req_len;
+    size_t header_len; /* HTTP: the Inference-Header-Content-Length of req */
+    /* NULL, or one request per slot (concurrency of them): in-flight slot k
+       (a stream: stream k) always sends slot_reqs[k], as --shm needs */
+    const struct bs_bench_req *slot_reqs;
+    bs_http_t *http;       /* HTTP/REST: POST http_path (curl multi, one easy handle a slot) */
+    const char *http_path; /* "/v2/models/NAME/infer" */
 };
 
 struct bs_bench_result {

@@ -710,34 +710,115 @@ int bs_client_infer(bs_client_t *c, const Inference__ModelInferRequest *req,
 
 /* ---- tensors in requests and responses ------------------------------------ */
 
-int bs_client_pack_infer_request(const char *model, const char *id, const struct bs_ctensor *in,
-                                 int n, uint8_t **buf, size_t *len, struct bs_client_err *err)
+/* The three shared memory parameters of one tensor. The input and output
+ * ParametersEntry messages have one layout (base, key, value); each entry is
+ * initialised with its own descriptor, so one array type serves both. */
+struct shm_params {
+    Inference__InferParameter v[3];
+    Inference__ModelInferRequest__InferInputTensor__ParametersEntry e[3];
+    Inference__ModelInferRequest__InferInputTensor__ParametersEntry *p[3];
+};
+
+static void shm_params_fill(struct shm_params *s, const ProtobufCMessageDescriptor *entry_desc,
+                            const struct bs_client_shm_ref *r)
 {
-    typedef Inference__ModelInferRequest__InferInputTensor input_t;
-    input_t *tensors = calloc((size_t)n + 1, sizeof(*tensors));
-    input_t **ptrs = calloc((size_t)n + 1, sizeof(*ptrs));
-    ProtobufCBinaryData *raw = calloc((size_t)n + 1, sizeof(*raw));
+    static const char *const keys[3] = {"shared_memory_region", "shared_memory_byte_size",
+                                        "shared_memory_offset"};
+    for (int k = 0; k < 3; k++) {
+        inference__infer_parameter__init(&s->v[k]);
+        protobuf_c_message_init(entry_desc, &s->e[k]);
+        s->e[k].key = (char *)keys[k];
+        s->e[k].value = &s->v[k];
+        s->p[k] = &s->e[k];
+    }
+    s->v[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    s->v[0].string_param = (char *)r->region;
+    s->v[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    s->v[1].int64_param = (int64_t)r->byte_size;
+    s->v[2].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    s->v[2].int64_param = (int64_t)r->offset;
+}
+
+struct pack_parts {
+    Inference__ModelInferRequest__InferInputTensor *tensors, **ptrs;
+    Inference__ModelInferRequest__InferRequestedOutputTensor *outs, **out_ptrs;
+    ProtobufCBinaryData *raw;
+    struct shm_params *shm; /* n inputs, then n_outputs outputs */
+};
+
+static void pack_parts_free(struct pack_parts *p)
+{
+    free(p->tensors);
+    free(p->ptrs);
+    free(p->outs);
+    free(p->out_ptrs);
+    free(p->raw);
+    free(p->shm);
+}
+
+static void pack_outputs(struct pack_parts *p, const struct bs_client_infer_opts *o, int n)
+{
+    typedef Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry entry_t;
+    for (int i = 0; i < o->n_outputs; i++) {
+        inference__model_infer_request__infer_requested_output_tensor__init(&p->outs[i]);
+        p->outs[i].name = (char *)o->outputs[i];
+        if (o->out_shm != NULL) {
+            shm_params_fill(
+                &p->shm[n + i],
+                &inference__model_infer_request__infer_requested_output_tensor__parameters_entry__descriptor,
+                &o->out_shm[i]);
+            p->outs[i].n_parameters = 3;
+            p->outs[i].parameters = (entry_t **)p->shm[n + i].p;
+        }
+        p->out_ptrs[i] = &p->outs[i];
+    }
+}
+
+int bs_client_pack_infer_request_ex(const char *model, const struct bs_ctensor *in, int n,
+                                    const struct bs_client_infer_opts *o, uint8_t **buf,
+                                    size_t *len, struct bs_client_err *err)
+{
+    size_t nn = (size_t)n + 1, no = (size_t)(o->n_outputs > 0 ? o->n_outputs : 0) + 1;
+    struct pack_parts p = {
+        .tensors = calloc(nn, sizeof(*p.tensors)),
+        .ptrs = calloc(nn, sizeof(*p.ptrs)),
+        .outs = calloc(no, sizeof(*p.outs)),
+        .out_ptrs = calloc(no, sizeof(*p.out_ptrs)),
+        .raw = calloc(nn, sizeof(*p.raw)),
+        .shm = calloc(nn + no, sizeof(*p.shm)),
+    };
     int rc = 0;
-    if (tensors == NULL || ptrs == NULL || raw == NULL)
+    if (!p.tensors || !p.ptrs || !p.outs || !p.out_ptrs || !p.raw || !p.shm)
         rc = fail(err, BS_ENOMEM, -1, "out of memory");
     for (int i = 0; rc == 0 && i < n; i++) {
-        inference__model_infer_request__infer_input_tensor__init(&tensors[i]);
-        tensors[i].name = (char *)in[i].name;
-        tensors[i].datatype = (char *)in[i].datatype;
-        tensors[i].n_shape = (size_t)in[i].n_dims;
-        tensors[i].shape = (int64_t *)in[i].shape;
-        ptrs[i] = &tensors[i];
-        raw[i].len = in[i].nbytes;
-        raw[i].data = in[i].data;
+        inference__model_infer_request__infer_input_tensor__init(&p.tensors[i]);
+        p.tensors[i].name = (char *)in[i].name;
+        p.tensors[i].datatype = (char *)in[i].datatype;
+        p.tensors[i].n_shape = (size_t)in[i].n_dims;
+        p.tensors[i].shape = (int64_t *)in[i].shape;
+        if (o->in_shm != NULL) {
+            shm_params_fill(
+                &p.shm[i],
+                &inference__model_infer_request__infer_input_tensor__parameters_entry__descriptor,
+                &o->in_shm[i]);
+            p.tensors[i].n_parameters = 3;
+            p.tensors[i].parameters = p.shm[i].p;
+        }
+        p.ptrs[i] = &p.tensors[i];
+        p.raw[i].len = in[i].nbytes;
+        p.raw[i].data = in[i].data;
     }
     if (rc == 0) {
+        pack_outputs(&p, o, n);
         Inference__ModelInferRequest q = INFERENCE__MODEL_INFER_REQUEST__INIT;
         q.model_name = (char *)model;
-        q.id = (char *)(id ? id : "");
+        q.id = (char *)(o->id ? o->id : "");
         q.n_inputs = (size_t)n;
-        q.inputs = ptrs;
-        q.n_raw_input_contents = (size_t)n;
-        q.raw_input_contents = raw;
+        q.inputs = p.ptrs;
+        q.n_outputs = (size_t)(o->n_outputs > 0 ? o->n_outputs : 0);
+        q.outputs = p.out_ptrs;
+        q.n_raw_input_contents = o->in_shm ? 0 : (size_t)n;
+        q.raw_input_contents = p.raw;
         *len = protobuf_c_message_get_packed_size(&q.base);
         *buf = malloc(*len ? *len : 1);
         if (*buf == NULL)
@@ -745,9 +826,123 @@ int bs_client_pack_infer_request(const char *model, const char *id, const struct
         else
             protobuf_c_message_pack(&q.base, *buf);
     }
-    free(tensors);
-    free(ptrs);
-    free(raw);
+    pack_parts_free(&p);
+    return rc;
+}
+
+int bs_client_pack_infer_request(const char *model, const char *id, const struct bs_ctensor *in,
+                                 int n, uint8_t **buf, size_t *len, struct bs_client_err *err)
+{
+    struct bs_client_infer_opts o = {.id = id};
+    return bs_client_pack_infer_request_ex(model, in, n, &o, buf, len, err);
+}
+
+int bs_client_response_output_meta(const Inference__ModelInferResponse *r, struct bs_ctensor *out,
+                                   int max, int *n, struct bs_client_err *err)
+{
+    *n = 0;
+    if (r->n_outputs > (size_t)max)
+        return fail(err, BS_EINVAL, -1, "the response has %zu outputs (at most %d)", r->n_outputs,
+                    max);
+    for (size_t i = 0; i < r->n_outputs; i++) {
+        const Inference__ModelInferResponse__InferOutputTensor *o = r->outputs[i];
+        struct bs_ctensor *t = &out[i];
+        memset(t, 0, sizeof(*t));
+        snprintf(t->name, sizeof(t->name), "%s", o->name ? o->name : "");
+        snprintf(t->datatype, sizeof(t->datatype), "%s", o->datatype ? o->datatype : "");
+        if (o->n_shape > BS_CT_MAX_DIMS)
+            return fail(err, BS_EFORMAT, -1, "output '%s': %zu dims", t->name, o->n_shape);
+        t->n_dims = (int)o->n_shape;
+        memcpy(t->shape, o->shape, o->n_shape * sizeof(int64_t));
+        int64_t ne = bs_ct_nelements(t);
+        t->nbytes = ne < 0 ? 0 : (size_t)ne * bs_ct_datatype_size(t->datatype);
+    }
+    *n = (int)r->n_outputs;
+    return 0;
+}
+
+/* ---- model control and shared memory ---------------------------------------- */
+
+int bs_client_model_load(bs_client_t *c, const char *model, struct bs_client_err *err)
+{
+    Inference__RepositoryModelLoadRequest q = INFERENCE__REPOSITORY_MODEL_LOAD_REQUEST__INIT;
+    Inference__RepositoryModelLoadResponse *r = NULL;
+    q.model_name = (char *)model;
+    int rc = CALL(c, "RepositoryModelLoad", &q, Inference__RepositoryModelLoadResponse,
+                  inference__repository_model_load_response, &r, err);
+    bs_client_msg_free(r);
+    return rc;
+}
+
+int bs_client_model_unload(bs_client_t *c, const char *model, struct bs_client_err *err)
+{
+    Inference__RepositoryModelUnloadRequest q = INFERENCE__REPOSITORY_MODEL_UNLOAD_REQUEST__INIT;
+    Inference__RepositoryModelUnloadResponse *r = NULL;
+    q.model_name = (char *)model;
+    int rc = CALL(c, "RepositoryModelUnload", &q, Inference__RepositoryModelUnloadResponse,
+                  inference__repository_model_unload_response, &r, err);
+    bs_client_msg_free(r);
+    return rc;
+}
+
+int bs_client_shm_register(bs_client_t *c, const char *name, const char *key, uint64_t offset,
+                           uint64_t byte_size, struct bs_client_err *err)
+{
+    Inference__SystemSharedMemoryRegisterRequest q =
+        INFERENCE__SYSTEM_SHARED_MEMORY_REGISTER_REQUEST__INIT;
+    Inference__SystemSharedMemoryRegisterResponse *r = NULL;
+    q.name = (char *)name;
+    q.key = (char *)key;
+    q.offset = offset;
+    q.byte_size = byte_size;
+    int rc =
+        CALL(c, "SystemSharedMemoryRegister", &q, Inference__SystemSharedMemoryRegisterResponse,
+             inference__system_shared_memory_register_response, &r, err);
+    bs_client_msg_free(r);
+    return rc;
+}
+
+static int region_cmp(const void *a, const void *b)
+{
+    return strcmp(((const struct bs_client_shm_region *)a)->name,
+                  ((const struct bs_client_shm_region *)b)->name);
+}
+
+int bs_client_shm_status(bs_client_t *c, const char *name, struct bs_client_shm_region *regions,
+                         int max, int *n, struct bs_client_err *err)
+{
+    Inference__SystemSharedMemoryStatusRequest q =
+        INFERENCE__SYSTEM_SHARED_MEMORY_STATUS_REQUEST__INIT;
+    Inference__SystemSharedMemoryStatusResponse *r = NULL;
+    q.name = (char *)(name ? name : "");
+    *n = 0;
+    int rc = CALL(c, "SystemSharedMemoryStatus", &q, Inference__SystemSharedMemoryStatusResponse,
+                  inference__system_shared_memory_status_response, &r, err);
+    for (size_t i = 0; rc == 0 && i < r->n_regions && *n < max; i++) {
+        const Inference__SystemSharedMemoryStatusResponse__RegionStatus *v = r->regions[i]->value;
+        struct bs_client_shm_region *g = &regions[(*n)++];
+        snprintf(g->name, sizeof(g->name), "%s",
+                 v && v->name && v->name[0] ? v->name : r->regions[i]->key);
+        snprintf(g->key, sizeof(g->key), "%s", v && v->key ? v->key : "");
+        g->offset = v ? v->offset : 0;
+        g->byte_size = v ? v->byte_size : 0;
+    }
+    bs_client_msg_free(r);
+    if (rc == 0)
+        qsort(regions, (size_t)*n, sizeof(*regions), region_cmp);
+    return rc;
+}
+
+int bs_client_shm_unregister(bs_client_t *c, const char *name, struct bs_client_err *err)
+{
+    Inference__SystemSharedMemoryUnregisterRequest q =
+        INFERENCE__SYSTEM_SHARED_MEMORY_UNREGISTER_REQUEST__INIT;
+    Inference__SystemSharedMemoryUnregisterResponse *r = NULL;
+    q.name = (char *)(name ? name : "");
+    int rc =
+        CALL(c, "SystemSharedMemoryUnregister", &q, Inference__SystemSharedMemoryUnregisterResponse,
+             inference__system_shared_memory_unregister_response, &r, err);
+    bs_client_msg_free(r);
     return rc;
 }
 

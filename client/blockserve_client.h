@@ -111,6 +111,60 @@ int bs_client_infer(bs_client_t *c, const Inference__ModelInferRequest *req,
 int bs_client_pack_infer_request(const char *model, const char *id, const struct bs_ctensor *in,
                                  int n, uint8_t **buf, size_t *len, struct bs_client_err *err);
 
+/* A part of a registered system shared memory region (Triton's
+ * shared_memory_region, shared_memory_offset, shared_memory_byte_size). */
+struct bs_client_shm_ref {
+    const char *region;
+    uint64_t offset;
+    uint64_t byte_size;
+};
+
+/* What a request carries besides its inputs. */
+struct bs_client_infer_opts {
+    const char *id;                          /* request id; NULL: none */
+    const struct bs_client_shm_ref *in_shm;  /* NULL, or one per input: its data is there */
+    const char *const *outputs;              /* requested outputs; NULL: every output */
+    int n_outputs;                           /* length of outputs */
+    const struct bs_client_shm_ref *out_shm; /* NULL, or one per requested output */
+};
+
+/* As bs_client_pack_infer_request, with shared memory: an input with an
+ * in_shm entry carries no bytes in raw_input_contents (then none does: the
+ * request names every input's region), and requested outputs may name where
+ * the server writes them. */
+int bs_client_pack_infer_request_ex(const char *model, const struct bs_ctensor *in, int n,
+                                    const struct bs_client_infer_opts *o, uint8_t **buf,
+                                    size_t *len, struct bs_client_err *err);
+
+/* The outputs' names, datatypes and shapes of a response whose data the
+ * server wrote to shared memory: out[i].data stays NULL, nbytes is the size. */
+int bs_client_response_output_meta(const Inference__ModelInferResponse *r, struct bs_ctensor *out,
+                                   int max, int *n, struct bs_client_err *err);
+
+/* RepositoryModelLoad and RepositoryModelUnload of model. */
+int bs_client_model_load(bs_client_t *c, const char *model, struct bs_client_err *err);
+int bs_client_model_unload(bs_client_t *c, const char *model, struct bs_client_err *err);
+
+/* One registered system shared memory region, as the status lists it. */
+struct bs_client_shm_region {
+    char name[128];
+    char key[256];
+    uint64_t offset;
+    uint64_t byte_size;
+};
+
+/* SystemSharedMemoryRegister: region name over key's bytes [offset, offset + byte_size). */
+int bs_client_shm_register(bs_client_t *c, const char *name, const char *key, uint64_t offset,
+                           uint64_t byte_size, struct bs_client_err *err);
+
+/* SystemSharedMemoryStatus of name (NULL or "": every region) into
+ * regions[0..*n) (at most max, sorted by name). */
+int bs_client_shm_status(bs_client_t *c, const char *name, struct bs_client_shm_region *regions,
+                         int max, int *n, struct bs_client_err *err);
+
+/* SystemSharedMemoryUnregister of name (NULL or "": every region). */
+int bs_client_shm_unregister(bs_client_t *c, const char *name, struct bs_client_err *err);
+
 /* The outputs of a response (raw_output_contents or typed contents) as
  * tensors in out[0..*n); free each with bs_ct_free. */
 int bs_client_response_outputs(const Inference__ModelInferResponse *r, struct bs_ctensor *out,

@@ -23,9 +23,12 @@ static const struct bs_opt input_rows[] = {
     BS_OPTS_NULL,
 };
 
+static const char *const encodings[] = {"none", "gzip", "deflate", NULL}; /* bs_http_encoding */
+
 static const struct bs_opt connection_rows[] = {
     {"--url", AT(STR, co.url), .alias = "-u", .metavar = "HOST:PORT",
-     .help = "server (default localhost:8001; grpcs:// means TLS)"},
+     .help = "server (default localhost:8001, HTTP: localhost:8000);\n"
+             "grpcs:// means TLS, http:// and https:// HTTP"},
     {"--timeout", AT(SECONDS, co.call_timeout_s), .metavar = "SECONDS",
      .help = "deadline for connecting (default 5) and per call\n(default 60, bench: 10)"},
     {"--tls", AT(FLAG, co.tls), .help = "TLS with the system's root certificates"},
@@ -40,6 +43,13 @@ static const struct bs_opt connection_rows[] = {
      .help = "send \"authorization: Bearer TOKEN\""},
     {"--token-file", AT(STR, token_file), .metavar = "FILE",
      .help = "... with the token in FILE (its first line)"},
+    {"--http", AT(FLAG, http),
+     .help = "KServe v2 HTTP/REST instead of gRPC (also: an\nhttp:// or https:// URL; "
+             "default localhost:8000)"},
+    {"--http-json", AT(FLAG, http_json),
+     .help = "HTTP with tensors as JSON \"data\" arrays instead of\nbinary data (implies --http)"},
+    {"--compress", AT(ENUM, compress), .choices = encodings, .def = "none",
+     .help = "HTTP: Content-Encoding of requests and\nAccept-Encoding of answers"},
     {"--json", AT(FLAG, json), .help = "machine-readable output (metadata, models, bench)"},
     {"--help", .kind = BS_OPT_HELP, .alias = "-h", .help = "this help"},
     BS_OPTS_NULL,
@@ -68,6 +78,11 @@ static const struct bs_opt command_rows[] = {
      .want = "a small integer", .help = "bench: client threads"},
     {"--connections", AT(INT, connections), .lo = 1, .hi = 1000000, .def = "1", .metavar = "K",
      .want = "a small integer", .help = "bench: HTTP/2 connections"},
+    {"--shm", AT(FLAG, shm),
+     .help = "infer, bench: inputs and outputs through a POSIX\nshared memory region "
+             "the CLI makes and registers"},
+    {"--offset", AT(INT64, offset), .lo = 0, .hi = INT64_MAX, .def = "0", .metavar = "O",
+     .want = "a byte offset", .help = "shm register: where the region starts in KEY"},
     {"--window", AT(INT, window), .lo = 1, .hi = 1000000, .def = "1", .metavar = "W",
      .want = "a small integer", .help = "stream: requests in flight"},
     BS_OPTS_NULL,
@@ -86,11 +101,17 @@ void cli_usage(FILE *out)
         "  health [MODEL]            exit 0 only when the server (and MODEL) is ready\n"
         "  models                    one line per model: name version state [reason]\n"
         "  metadata MODEL            inputs and outputs: name, datatype, shape\n"
-        "  infer MODEL [inputs] [--output FILE.npy|FILE.safetensors]\n"
+        "  infer MODEL [inputs] [--output FILE.npy|FILE.safetensors] [--shm]\n"
         "  stream MODEL [inputs] [-n COUNT] [--window W]\n"
         "                            COUNT requests over one ModelStreamInfer stream\n"
         "  bench MODEL -c CONCURRENCY (-n COUNT | -z DURATION) [--rps R] [--stream]\n"
-        "        [inputs] [--threads T] [--connections K] [--json]\n"
+        "        [inputs] [--threads T] [--connections K] [--shm] [--json]\n"
+        "  load MODEL                RepositoryModelLoad (HTTP: POST .../load)\n"
+        "  unload MODEL              RepositoryModelUnload\n"
+        "  shm register NAME KEY SIZE [--offset O]\n"
+        "                            register system shared memory KEY as NAME\n"
+        "  shm status [NAME]         one line per region: name key offset byte_size\n"
+        "  shm unregister [NAME]     unregister NAME (none given: every region)\n"
         "  make-request MODEL [inputs] --out FILE [--format bin|json]\n"
         "                            a serialized ModelInferRequest (ghz -B), or ghz JSON (-D)\n"
         "  version                   blockserve-cli's version\n"
@@ -126,11 +147,29 @@ static int read_token_file(struct cli *a)
     return 0;
 }
 
+/* shm ACTION [NAME [KEY [SIZE]]]: the words before the first option. */
+static int take_shm_args(int *argc, char ***argv, struct cli *a)
+{
+    while (*argc > 1 && (*argv)[1][0] != '-' && a->n_args < 4) {
+        a->args[a->n_args++] = (*argv)[1];
+        (*argv)[1] = (*argv)[0]; /* shift: argv[0] stays the subcommand */
+        (*argv)++;
+        (*argc)--;
+    }
+    if (a->n_args == 0) {
+        fprintf(stderr, "blockserve-cli shm: give register, status or unregister\n");
+        return -1;
+    }
+    return 0;
+}
+
 int cli_parse(int argc, char **argv, struct cli *a)
 {
     struct bs_opts_err e;
     memset(a, 0, sizeof(*a));
     a->cmd = argv[0];
+    if (!strcmp(a->cmd, "shm") && take_shm_args(&argc, &argv, a) != 0)
+        return -1;
     int rc = bs_opts_parse(&cli_cmd, a, argc, argv, &e);
     if (rc == BS_OPTS_HELP) {
         cli_usage(stdout);
@@ -142,6 +181,11 @@ int cli_parse(int argc, char **argv, struct cli *a)
         return -1;
     }
     a->co.connect_timeout_s = a->co.call_timeout_s; /* --timeout sets both */
+    a->http = a->http || a->http_json || bs_http_url_is_http(a->co.url);
+    if (a->compress != BS_HTTP_IDENTITY && !a->http) {
+        fprintf(stderr, "blockserve-cli %s: --compress is for HTTP (add --http)\n", a->cmd);
+        return -1;
+    }
     if (a->co.token && a->token_file) {
         fprintf(stderr, "blockserve-cli %s: give --token or --token-file, not both\n", a->cmd);
         return -1;

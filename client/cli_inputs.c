@@ -169,18 +169,26 @@ static int parse_shape(const char *spec, const Inference__ModelMetadataResponse 
     return 0;
 }
 
-static bool is_optional(const Inference__ModelConfigResponse *cfg, const char *name)
+#define MAX_OPTIONAL 16
+
+/* The names of a model's optional inputs (ModelConfig's, or HTTP's /config). */
+struct optional_inputs {
+    char names[MAX_OPTIONAL][BS_CT_MAX_NAME];
+    int n;
+};
+
+static bool is_optional(const struct optional_inputs *opt, const char *name)
 {
-    for (size_t i = 0; cfg && cfg->config && i < cfg->config->n_input; i++)
-        if (cfg->config->input[i]->name && !strcmp(cfg->config->input[i]->name, name))
-            return cfg->config->input[i]->optional;
+    for (int i = 0; i < opt->n; i++)
+        if (!strcmp(opt->names[i], name))
+            return true;
     return false;
 }
 
 /* Random tensors for every required input of m, variable dims set to 1. */
 static int from_metadata(const Inference__ModelMetadataResponse *m,
-                         const Inference__ModelConfigResponse *cfg, uint64_t *seed,
-                         struct cli_inputs *in, struct bs_client_err *err)
+                         const struct optional_inputs *cfg, uint64_t *seed, struct cli_inputs *in,
+                         struct bs_client_err *err)
 {
     for (size_t i = 0; i < m->n_inputs; i++) {
         const Inference__ModelMetadataResponse__TensorMetadata *mi = m->inputs[i];
@@ -205,27 +213,48 @@ static int from_metadata(const Inference__ModelMetadataResponse *m,
     return 0;
 }
 
-static int fetch_metadata(const struct cli *a, bs_client_t *c, Inference__ModelMetadataResponse **m,
-                          Inference__ModelConfigResponse **cfg, struct bs_client_err *err)
+int cli_model_metadata(const struct cli *a, const struct cli_conn *conn,
+                       Inference__ModelMetadataResponse **m, struct bs_client_err *err)
 {
-    if (c == NULL)
+    if (conn == NULL || (conn->grpc == NULL && conn->http == NULL))
         return fail(err, BS_EINVAL, "the inputs need the model's metadata: give a server (-u)");
-    int rc = bs_client_model_metadata(c, a->model, m, err);
-    if (rc == 0 && bs_client_model_config(c, a->model, cfg, err) != 0)
-        *cfg = NULL; /* optional: without it every input counts as required */
-    return rc;
+    if (conn->http)
+        return bs_http_model_metadata(conn->http, a->model, m, err);
+    return bs_client_model_metadata(conn->grpc, a->model, m, err);
 }
 
-int cli_inputs_load(const struct cli *a, bs_client_t *c, struct cli_inputs *in,
+/* The optional inputs: without them (no config) every input counts as required. */
+static void fetch_optional(const struct cli *a, const struct cli_conn *conn,
+                           struct optional_inputs *opt)
+{
+    struct bs_client_err e = {0};
+    Inference__ModelConfigResponse *cfg = NULL;
+    opt->n = 0;
+    if (conn->http) {
+        if (bs_http_optional_inputs(conn->http, a->model, opt->names, MAX_OPTIONAL, &opt->n, &e))
+            opt->n = 0;
+        return;
+    }
+    if (bs_client_model_config(conn->grpc, a->model, &cfg, &e) != 0)
+        return;
+    for (size_t i = 0; cfg->config && i < cfg->config->n_input && opt->n < MAX_OPTIONAL; i++)
+        if (cfg->config->input[i]->name && cfg->config->input[i]->optional)
+            snprintf(opt->names[opt->n++], BS_CT_MAX_NAME, "%s", cfg->config->input[i]->name);
+    bs_client_msg_free(cfg);
+}
+
+int cli_inputs_load(const struct cli *a, const struct cli_conn *conn, struct cli_inputs *in,
                     struct bs_client_err *err)
 {
     Inference__ModelMetadataResponse *m = NULL;
-    Inference__ModelConfigResponse *cfg = NULL;
+    struct optional_inputs cfg = {0};
     uint64_t seed = a->seed;
     int rc = 0;
     memset(in, 0, sizeof(*in));
     if (cli_inputs_need_server(a))
-        rc = fetch_metadata(a, c, &m, &cfg, err);
+        rc = cli_model_metadata(a, conn, &m, err);
+    if (rc == 0 && m != NULL)
+        fetch_optional(a, conn, &cfg);
     for (int i = 0; rc == 0 && i < a->n_inputs; i++)
         rc = load_file(a->inputs[i], in, err);
     for (int i = 0; rc == 0 && i < a->n_shapes; i++) {
@@ -239,9 +268,8 @@ int cli_inputs_load(const struct cli *a, bs_client_t *c, struct cli_inputs *in,
             bs_ct_free(&t);
     }
     if (rc == 0 && a->n_inputs == 0 && a->n_shapes == 0)
-        rc = from_metadata(m, cfg, &seed, in, err);
+        rc = from_metadata(m, &cfg, &seed, in, err);
     bs_client_msg_free(m);
-    bs_client_msg_free(cfg);
     if (rc != 0)
         cli_inputs_free(in);
     return rc;

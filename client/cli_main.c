@@ -1,6 +1,8 @@
-/* blockserve-cli: health, models, metadata, infer, stream, bench and
- * make-request against a blockserve (or any KServe v2 gRPC) server. Exit
- * status: 0 success, 1 failure (the message says why), 2 usage error. */
+/* blockserve-cli: health, models, metadata, infer, stream, bench, load,
+ * unload, shm and make-request against a blockserve (or any KServe v2)
+ * server, over gRPC or HTTP/REST. Exit status: 0 success, 1 failure (the
+ * message says why), 2 usage error. */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +12,8 @@
 #include "blockserve_client.h"
 #include "cli_args.h"
 #include "cli_inputs.h"
+#include "cli_shm.h"
+#include "http_client.h"
 #include "version.h"
 
 #define MAX_OUTPUTS 8
@@ -20,11 +24,29 @@ static int report(const struct cli *a, const struct bs_client_err *err)
     return 1;
 }
 
-static int connect_or_report(struct cli *a, bs_client_t **c)
+static int connect_or_report(struct cli *a, struct cli_conn *conn)
 {
     struct bs_client_err err = {0};
-    if (bs_client_connect(c, &a->co, &err) != 0)
+    memset(conn, 0, sizeof(*conn));
+    if (a->http ? bs_http_init(&conn->http, &a->co, (enum bs_http_encoding)a->compress, &err)
+                : bs_client_connect(&conn->grpc, &a->co, &err))
         return report(a, &err);
+    return 0;
+}
+
+static void conn_free(struct cli_conn *conn)
+{
+    bs_client_free(conn->grpc);
+    bs_http_free(conn->http);
+    memset(conn, 0, sizeof(*conn));
+}
+
+static int need_grpc(const struct cli *a, const struct cli_conn *conn)
+{
+    if (conn->http) {
+        fprintf(stderr, "blockserve-cli %s: not over HTTP (ModelStreamInfer is gRPC's)\n", a->cmd);
+        return 1;
+    }
     return 0;
 }
 
@@ -72,8 +94,32 @@ static bool needs_credentials(const struct bs_client_err *err)
 /* grpc.health.v1 first: servers with authentication answer it without a
  * token. ServerLive/ServerReady then, unless they need credentials we lack;
  * servers without grpc.health.v1 (UNIMPLEMENTED) are judged by ServerReady. */
-static int cmd_health(struct cli *a, bs_client_t *c)
+/* HTTP: /v2/health/live, /v2/health/ready and the model's /ready. */
+static int cmd_health_http(struct cli *a, bs_http_t *h)
 {
+    struct bs_client_err err = {0};
+    bool live = false, ready = false, model_ready = true;
+    if (bs_http_server_live(h, &live, &err) != 0 || bs_http_server_ready(h, &ready, &err) != 0)
+        return report(a, &err);
+    if (a->model && bs_http_model_ready(h, a->model, &model_ready, &err) != 0)
+        return report(a, &err);
+    printf("%s: live %s, ready %s", bs_http_base(h), live ? "yes" : "no", ready ? "yes" : "no");
+    if (a->model)
+        printf(", model %s ready %s", a->model, model_ready ? "yes" : "no");
+    printf("\n");
+    if (!ready || !model_ready) {
+        fprintf(stderr, "blockserve-cli health: %s is not ready\n",
+                ready ? a->model : "the server");
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_health(struct cli *a, struct cli_conn *conn)
+{
+    if (conn->http)
+        return cmd_health_http(a, conn->http);
+    bs_client_t *c = conn->grpc;
     static const char *const serving[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
     struct bs_client_err err = {0};
     bool live = false, ready = false, model_ready = true, checked = true;
@@ -108,11 +154,12 @@ static int cmd_health(struct cli *a, bs_client_t *c)
     return 0;
 }
 
-static int cmd_models(struct cli *a, bs_client_t *c)
+static int cmd_models(struct cli *a, struct cli_conn *conn)
 {
     struct bs_client_err err = {0};
     Inference__RepositoryIndexResponse *r;
-    if (bs_client_repository_index(c, &r, &err) != 0)
+    if ((conn->http ? bs_http_repository_index(conn->http, &r, &err)
+                    : bs_client_repository_index(conn->grpc, &r, &err)) != 0)
         return report(a, &err);
     if (a->json)
         printf("[");
@@ -156,14 +203,19 @@ static void print_tensor_meta(const char *kind,
     printf("]%s\n", optional ? " (optional)" : "");
 }
 
-static int cmd_metadata(struct cli *a, bs_client_t *c)
+static int cmd_metadata(struct cli *a, struct cli_conn *conn)
 {
     struct bs_client_err err = {0};
     Inference__ModelMetadataResponse *m;
     Inference__ModelConfigResponse *cfg = NULL;
-    if (bs_client_model_metadata(c, a->model, &m, &err) != 0)
+    char optional[16][BS_CT_MAX_NAME];
+    int n_optional = 0;
+    if (cli_model_metadata(a, conn, &m, &err) != 0)
         return report(a, &err);
-    if (bs_client_model_config(c, a->model, &cfg, &err) != 0)
+    if (conn->http &&
+        bs_http_optional_inputs(conn->http, a->model, optional, 16, &n_optional, &err) != 0)
+        n_optional = 0;
+    if (conn->grpc && bs_client_model_config(conn->grpc, a->model, &cfg, &err) != 0)
         cfg = NULL;
     if (a->json)
         printf("{\"name\": \"%s\", \"platform\": \"%s\", \"inputs\": [", m->name, m->platform);
@@ -175,6 +227,8 @@ static int cmd_metadata(struct cli *a, bs_client_t *c)
         for (size_t k = 0; cfg && cfg->config && k < cfg->config->n_input; k++)
             if (!strcmp(cfg->config->input[k]->name, m->inputs[i]->name))
                 opt = cfg->config->input[k]->optional;
+        for (int k = 0; k < n_optional; k++)
+            opt |= !strcmp(optional[k], m->inputs[i]->name);
         print_tensor_meta("input", m->inputs[i], opt, a->json, i == 0);
     }
     if (a->json)
@@ -225,29 +279,124 @@ static int write_outputs(const struct cli *a, const struct bs_ctensor *t, int n,
     return 0;
 }
 
-static int cmd_infer(struct cli *a, bs_client_t *c)
+/* One infer call over conn with io's id, outputs and shared memory: out
+ * gets the outputs (data NULL for those in shared memory). */
+static int infer_once(struct cli *a, struct cli_conn *conn, const struct cli_inputs *in,
+                      const struct bs_client_infer_opts *io, struct bs_ctensor *out, int *n_out,
+                      struct bs_client_err *err)
+{
+    *n_out = 0;
+    if (conn->http)
+        return bs_http_infer(conn->http, a->model, in->t, in->n, io, a->http_json, out, MAX_OUTPUTS,
+                             n_out, err);
+    uint8_t *req = NULL, *resp = NULL;
+    size_t req_len, resp_len;
+    Inference__ModelInferResponse *r = NULL;
+    int rc = bs_client_pack_infer_request_ex(a->model, in->t, in->n, io, &req, &req_len, err);
+    if (rc == 0)
+        rc = bs_client_call_raw(conn->grpc, BS_CLIENT_METHOD("ModelInfer"), req, req_len, 0, &resp,
+                                &resp_len, err);
+    if (rc == 0 && (r = inference__model_infer_response__unpack(NULL, resp_len, resp)) == NULL) {
+        snprintf(err->msg, sizeof(err->msg), "cannot parse the ModelInferResponse");
+        rc = err->code = BS_EFORMAT;
+    }
+    if (rc == 0)
+        rc = io->out_shm ? bs_client_response_output_meta(r, out, MAX_OUTPUTS, n_out, err)
+                         : response_outputs(r, out, n_out, err);
+    bs_client_msg_free(r);
+    free(resp);
+    free(req);
+    return rc;
+}
+
+/* Copy each output from its part of slot 0 of the region. */
+static int read_shm_outputs(const struct cli_shm *s, struct bs_ctensor *out, int n,
+                            struct bs_client_err *err)
+{
+    for (int i = 0; i < n; i++) {
+        int k = 0;
+        while (k < s->n_out && strcmp(s->out_names[k], out[i].name) != 0)
+            k++;
+        if (k == s->n_out || out[i].nbytes > s->out_size[k]) {
+            err->code = BS_EFORMAT;
+            snprintf(err->msg, sizeof(err->msg),
+                     "--shm: output '%s' (%zu bytes) is not in the region's %zu bytes for it",
+                     out[i].name, out[i].nbytes, k < s->n_out ? s->out_size[k] : 0);
+            return err->code;
+        }
+        if (out[i].data == NULL &&
+            (out[i].data = malloc(out[i].nbytes ? out[i].nbytes : 1)) == NULL)
+            return err->code = BS_ENOMEM;
+        memcpy(out[i].data, s->base + s->out_off[k], out[i].nbytes);
+    }
+    return 0;
+}
+
+/* The request's extras: --id, the model's outputs by name (HTTP binary data
+ * asks for each; --shm gives each its part of the region). */
+struct infer_plan {
+    Inference__ModelMetadataResponse *m;
+    const char *outputs[CLI_SHM_MAX_OUTPUTS];
+    struct bs_client_infer_opts io;
+    struct cli_shm shm;
+    bool shm_open;
+};
+
+static int plan_init(struct cli *a, struct cli_conn *conn, const struct cli_inputs *in, int slots,
+                     struct infer_plan *p, struct bs_client_err *err)
+{
+    memset(p, 0, sizeof(*p));
+    p->io.id = a->id;
+    p->shm.fd = -1;
+    if (!a->shm && !conn->http)
+        return 0; /* gRPC: every output, raw, as before */
+    int rc = cli_model_metadata(a, conn, &p->m, err);
+    if (rc != 0 && !a->shm) {
+        p->m = NULL; /* HTTP without names: every output as binary data ("binary_data_output") */
+        return 0;
+    }
+    if (rc != 0)
+        return rc;
+    for (size_t k = 0; k < p->m->n_outputs && k < CLI_SHM_MAX_OUTPUTS; k++)
+        p->outputs[k] = p->m->outputs[k]->name;
+    p->io.outputs = p->outputs;
+    p->io.n_outputs =
+        (int)(p->m->n_outputs < CLI_SHM_MAX_OUTPUTS ? p->m->n_outputs : CLI_SHM_MAX_OUTPUTS);
+    if (!a->shm)
+        return 0;
+    p->shm_open = true;
+    return cli_shm_open(&p->shm, conn, p->m, in, slots, err);
+}
+
+static void plan_free(struct infer_plan *p, struct cli_conn *conn)
+{
+    if (p->shm_open)
+        cli_shm_close(&p->shm, conn);
+    bs_client_msg_free(p->m);
+}
+
+static int cmd_infer(struct cli *a, struct cli_conn *conn)
 {
     struct bs_client_err err = {0};
     struct cli_inputs in;
-    uint8_t *req = NULL, *resp = NULL;
-    size_t req_len, resp_len;
     struct bs_ctensor out[MAX_OUTPUTS];
+    struct bs_client_shm_ref in_refs[CLI_MAX_TENSORS], out_refs[CLI_SHM_MAX_OUTPUTS];
+    struct infer_plan p;
     int n_out = 0;
-    if (cli_inputs_load(a, c, &in, &err) != 0)
+    if (cli_inputs_load(a, conn, &in, &err) != 0)
         return report(a, &err);
-    int rc = bs_client_pack_infer_request(a->model, a->id, in.t, in.n, &req, &req_len, &err);
+    int rc = plan_init(a, conn, &in, 1, &p, &err);
+    if (rc == 0 && a->shm) {
+        cli_shm_refs(&p.shm, &in, 0, in_refs, out_refs);
+        p.io.in_shm = in_refs;
+        p.io.out_shm = out_refs;
+    }
     double t0 = now_s();
     if (rc == 0)
-        rc = bs_client_call_raw(c, BS_CLIENT_METHOD("ModelInfer"), req, req_len, 0, &resp,
-                                &resp_len, &err);
+        rc = infer_once(a, conn, &in, &p.io, out, &n_out, &err);
     double ms = (now_s() - t0) * 1e3;
-    Inference__ModelInferResponse *r = NULL;
-    if (rc == 0 && (r = inference__model_infer_response__unpack(NULL, resp_len, resp)) == NULL) {
-        snprintf(err.msg, sizeof(err.msg), "cannot parse the ModelInferResponse");
-        rc = BS_EFORMAT;
-    }
-    if (rc == 0)
-        rc = response_outputs(r, out, &n_out, &err);
+    if (rc == 0 && a->shm)
+        rc = read_shm_outputs(&p.shm, out, n_out, &err);
     if (rc == 0 && a->output)
         rc = write_outputs(a, out, n_out, &err);
     if (rc == 0) {
@@ -257,9 +406,7 @@ static int cmd_infer(struct cli *a, bs_client_t *c)
     }
     for (int i = 0; i < n_out; i++)
         bs_ct_free(&out[i]);
-    bs_client_msg_free(r);
-    free(resp);
-    free(req);
+    plan_free(&p, conn);
     cli_inputs_free(&in);
     return rc == 0 ? 0 : report(a, &err);
 }
@@ -312,14 +459,17 @@ static int stream_request(struct cli *a, const struct cli_inputs *in, int64_t i,
     return bs_client_pack_infer_request(a->model, id, in->t, in->n, buf, len, err);
 }
 
-static int cmd_stream(struct cli *a, bs_client_t *c)
+static int cmd_stream(struct cli *a, struct cli_conn *conn)
 {
     struct bs_client_err err = {0};
     struct cli_inputs in;
     bs_client_stream_t *s = NULL;
+    bs_client_t *c = conn->grpc;
+    if (need_grpc(a, conn))
+        return 1;
     int64_t n = a->count > 0 ? a->count : 1, sent = 0, done = 0, failed = 0;
     double *t_sent = calloc((size_t)n, sizeof(double)), t0 = now_s();
-    if (t_sent == NULL || cli_inputs_load(a, c, &in, &err) != 0) {
+    if (t_sent == NULL || cli_inputs_load(a, conn, &in, &err) != 0) {
         free(t_sent);
         return t_sent ? report(a, &err) : 1;
     }
@@ -396,6 +546,11 @@ static void print_bench_json(const struct cli *a, struct bs_bench_result *r)
     int nb = bs_latency_histogram(&r->lat, b, 10);
     printf("{\"model\": ");
     print_json_str(a->model);
+    printf(", \"transport\": \"%s\", \"shm\": %s",
+           !a->http       ? "grpc"
+           : a->http_json ? "http-json"
+                          : "http",
+           a->shm ? "true" : "false");
     printf(", \"stream\": %s, \"concurrency\": %d, \"count\": %lld, \"total_s\": %.6f, "
            "\"rps\": %.3f, \"latency_ms\": {\"min\": %.4f, \"avg\": %.4f, \"max\": %.4f, "
            "\"p50\": %.4f, \"p90\": %.4f, \"p95\": %.4f, \"p99\": %.4f}, \"histogram\": [",
@@ -433,23 +588,66 @@ static void print_bench_json(const struct cli *a, struct bs_bench_result *r)
     printf("}\n");
 }
 
-static int cmd_bench(struct cli *a, bs_client_t *c)
+/* Serialize one request for conn's transport into r. */
+static int pack_for(struct cli *a, struct cli_conn *conn, const struct cli_inputs *in,
+                    const struct bs_client_infer_opts *io, struct bs_bench_req *r,
+                    struct bs_client_err *err)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0, hl = 0;
+    int rc = conn->http
+                 ? bs_http_pack_infer(in->t, in->n, io, a->http_json, &buf, &len, &hl, err)
+                 : bs_client_pack_infer_request_ex(a->model, in->t, in->n, io, &buf, &len, err);
+    if (rc == 0)
+        *r = (struct bs_bench_req){buf, len, hl};
+    return rc;
+}
+
+/* The requests: one, or with --shm one per slot, each naming its own part of the region. */
+static int bench_requests(struct cli *a, struct cli_conn *conn, const struct cli_inputs *in,
+                          struct infer_plan *p, struct bs_bench_req *reqs, int n,
+                          struct bs_client_err *err)
+{
+    struct bs_client_shm_ref in_refs[CLI_MAX_TENSORS], out_refs[CLI_SHM_MAX_OUTPUTS];
+    for (int k = 0; k < n; k++) {
+        if (a->shm) {
+            cli_shm_refs(&p->shm, in, k, in_refs, out_refs);
+            p->io.in_shm = in_refs;
+            p->io.out_shm = out_refs;
+        }
+        int rc = pack_for(a, conn, in, &p->io, &reqs[k], err);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+static int cmd_bench(struct cli *a, struct cli_conn *conn)
 {
     struct bs_client_err err = {0};
-    struct cli_inputs in;
-    uint8_t *req = NULL;
-    size_t req_len = 0;
-    bs_client_t *extra[64] = {c};
-    int n_clients = 1, rc;
+    struct cli_inputs in = {0};
+    struct infer_plan p = {0};
+    char path[512] = "";
+    bs_client_t *extra[64] = {conn->grpc};
+    int n_clients = 1, rc, n_reqs = a->shm ? a->concurrency : 1;
     if (a->count <= 0 && a->duration_s <= 0) {
         fprintf(stderr, "blockserve-cli bench: give -n COUNT or -z DURATION\n");
         return 2;
     }
-    if ((rc = cli_inputs_load(a, c, &in, &err)) == 0)
-        rc = bs_client_pack_infer_request(a->model, a->id, in.t, in.n, &req, &req_len, &err);
+    if (a->stream && need_grpc(a, conn))
+        return 2;
+    struct bs_bench_req *reqs = calloc((size_t)n_reqs, sizeof(*reqs));
+    if (reqs == NULL)
+        return 1;
+    if ((rc = cli_inputs_load(a, conn, &in, &err)) == 0)
+        rc = plan_init(a, conn, &in, n_reqs, &p, &err);
+    if (rc == 0)
+        rc = bench_requests(a, conn, &in, &p, reqs, n_reqs, &err);
+    if (rc == 0 && conn->http && bs_http_model_path(path, sizeof(path), a->model, NULL, "/infer"))
+        rc = BS_EINVAL;
     struct bs_client_options co = a->co;
     co.own_connection = true;
-    for (; rc == 0 && n_clients < a->connections && n_clients < 64; n_clients++)
+    for (; rc == 0 && conn->grpc && n_clients < a->connections && n_clients < 64; n_clients++)
         rc = bs_client_connect(&extra[n_clients], &co, &err);
     struct bs_bench_opts o = {
         .concurrency = a->concurrency,
@@ -459,12 +657,16 @@ static int cmd_bench(struct cli *a, bs_client_t *c)
         .stream = a->stream,
         .threads = a->threads,
         .timeout_s = a->co.call_timeout_s > 0 ? a->co.call_timeout_s : 10,
-        .req = req,
-        .req_len = req_len,
+        .req = reqs[0].req,
+        .req_len = reqs[0].len,
+        .header_len = reqs[0].header_len,
+        .slot_reqs = a->shm ? reqs : NULL,
+        .http = conn->http,
+        .http_path = path,
     };
     struct bs_bench_result r = {0};
     if (rc == 0)
-        rc = bs_bench_run(extra, n_clients, &o, &r, &err);
+        rc = bs_bench_run(conn->http ? NULL : extra, conn->http ? 0 : n_clients, &o, &r, &err);
     if (rc == 0 && a->json)
         print_bench_json(a, &r);
     else if (rc == 0)
@@ -472,11 +674,97 @@ static int cmd_bench(struct cli *a, bs_client_t *c)
     bs_bench_result_free(&r);
     for (int i = 1; i < n_clients; i++)
         bs_client_free(extra[i]);
-    free(req);
+    for (int k = 0; k < n_reqs; k++)
+        free((void *)reqs[k].req);
+    free(reqs);
+    plan_free(&p, conn);
     cli_inputs_free(&in);
     if (rc != 0)
         return report(a, &err);
     return r.status[0] == r.count ? 0 : 1; /* any failed call fails the run */
+}
+
+/* ---- load, unload, shm ------------------------------------------------------- */
+
+static int cmd_load(struct cli *a, struct cli_conn *conn)
+{
+    struct bs_client_err err = {0};
+    bool load = !strcmp(a->cmd, "load");
+    int rc =
+        conn->http
+            ? (load ? bs_http_model_load : bs_http_model_unload)(conn->http, a->model, &err)
+            : (load ? bs_client_model_load : bs_client_model_unload)(conn->grpc, a->model, &err);
+    if (rc != 0)
+        return report(a, &err);
+    printf("%s: %s\n", a->model, load ? "loaded" : "unloaded");
+    return 0;
+}
+
+static int shm_status(struct cli *a, struct cli_conn *conn, const char *name)
+{
+    struct bs_client_err err = {0};
+    struct bs_client_shm_region g[64];
+    int n = 0;
+    int rc = conn->http ? bs_http_shm_status(conn->http, name, g, 64, &n, &err)
+                        : bs_client_shm_status(conn->grpc, name, g, 64, &n, &err);
+    if (rc != 0)
+        return report(a, &err);
+    for (int i = 0; i < n; i++)
+        printf("%s\t%s\t%llu\t%llu\n", g[i].name, g[i].key, (unsigned long long)g[i].offset,
+               (unsigned long long)g[i].byte_size);
+    return 0;
+}
+
+static int shm_register(struct cli *a, struct cli_conn *conn)
+{
+    struct bs_client_err err = {0};
+    char *end;
+    errno = 0;
+    unsigned long long size = strtoull(a->args[3], &end, 10);
+    if (*end || end == a->args[3] || errno || a->args[3][0] == '-' || size == 0) {
+        fprintf(stderr,
+                "blockserve-cli shm register: SIZE: expected a byte count > 0, got \"%s\"\n",
+                a->args[3]);
+        return 2;
+    }
+    const char *name = a->args[1], *key = a->args[2];
+    int rc = conn->http
+                 ? bs_http_shm_register(conn->http, name, key, (uint64_t)a->offset, size, &err)
+                 : bs_client_shm_register(conn->grpc, name, key, (uint64_t)a->offset, size, &err);
+    if (rc != 0)
+        return report(a, &err);
+    printf("%s: registered %s offset %lld byte_size %llu\n", name, key, (long long)a->offset, size);
+    return 0;
+}
+
+static int cmd_shm(struct cli *a, struct cli_conn *conn)
+{
+    struct bs_client_err err = {0};
+    const char *act = a->args[0], *name = a->n_args > 1 ? a->args[1] : "";
+    if (!strcmp(act, "register"))
+        return shm_register(a, conn);
+    if (!strcmp(act, "status"))
+        return shm_status(a, conn, name);
+    int rc = conn->http ? bs_http_shm_unregister(conn->http, name, &err)
+                        : bs_client_shm_unregister(conn->grpc, name, &err);
+    if (rc != 0)
+        return report(a, &err);
+    printf("%s: unregistered\n", name[0] ? name : "every region");
+    return 0;
+}
+
+/* shm ACTION's words: register NAME KEY SIZE, status [NAME], unregister [NAME]. */
+static int shm_usage_ok(const struct cli *a)
+{
+    const char *act = a->args[0];
+    int n = a->n_args;
+    if (!strcmp(act, "register")                               ? n == 4
+        : !strcmp(act, "status") || !strcmp(act, "unregister") ? n <= 2
+                                                               : false)
+        return 0;
+    fprintf(stderr, "blockserve-cli shm: usage: shm register NAME KEY SIZE [--offset O] | "
+                    "shm status [NAME] | shm unregister [NAME]\n");
+    return 2;
 }
 
 /* ---- make-request ------------------------------------------------------------ */
@@ -518,7 +806,7 @@ static int cmd_make_request(struct cli *a)
 {
     struct bs_client_err err = {0};
     struct cli_inputs in;
-    bs_client_t *c = NULL;
+    struct cli_conn c = {0};
     uint8_t *req = NULL;
     size_t len = 0;
     if (a->out == NULL) {
@@ -527,7 +815,7 @@ static int cmd_make_request(struct cli *a)
     }
     if (cli_inputs_need_server(a) && connect_or_report(a, &c) != 0)
         return 1;
-    int rc = cli_inputs_load(a, c, &in, &err);
+    int rc = cli_inputs_load(a, &c, &in, &err);
     if (rc == 0 && a->format == CLI_FORMAT_BIN)
         rc = bs_client_pack_infer_request(a->model, a->id, in.t, in.n, &req, &len, &err);
     FILE *f = rc == 0 ? fopen(a->out, "wb") : NULL;
@@ -550,7 +838,7 @@ static int cmd_make_request(struct cli *a)
                req ? "binary protobuf, ghz -B" : "JSON, ghz -D");
     cli_inputs_free(&in);
     free(req);
-    bs_client_free(c);
+    conn_free(&c);
     return rc == 0 ? 0 : report(a, &err);
 }
 
@@ -561,11 +849,13 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         bool model;
-        int (*fn)(struct cli *, bs_client_t *);
+        int (*fn)(struct cli *, struct cli_conn *);
     } cmds[] = {
         {"health", false, cmd_health},    {"models", false, cmd_models},
         {"metadata", true, cmd_metadata}, {"infer", true, cmd_infer},
         {"stream", true, cmd_stream},     {"bench", true, cmd_bench},
+        {"load", true, cmd_load},         {"unload", true, cmd_load},
+        {"shm", false, cmd_shm},
     };
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") ||
         !strcmp(argv[1], "help")) {
@@ -587,11 +877,13 @@ int main(int argc, char **argv)
             continue;
         if (cmds[i].model && need_model(&a))
             return 2;
-        bs_client_t *c;
+        if (!strcmp(a.cmd, "shm") && shm_usage_ok(&a))
+            return 2;
+        struct cli_conn c;
         if (connect_or_report(&a, &c) != 0)
             return 1;
-        int rc = cmds[i].fn(&a, c);
-        bs_client_free(c);
+        int rc = cmds[i].fn(&a, &c);
+        conn_free(&c);
         return rc;
     }
     fprintf(stderr, "blockserve-cli: unknown command \"%s\"\n\n", a.cmd);

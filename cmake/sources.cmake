@@ -95,6 +95,7 @@ set(BS_SERVER_MAIN_SOURCES
 # The C client library.
 set(BS_CLIENT_SOURCES
   client/blockserve_client.c
+  client/http_client.c
   client/ctensor.c
   client/npy.c
   client/latency.c
@@ -106,6 +107,7 @@ set(BS_CLI_SOURCES
   client/cli_main.c
   client/cli_args.c
   client/cli_inputs.c
+  client/cli_shm.c
 )
 
 # bs_sources(<out> <list>...): the named lists as absolute paths in <out>, for

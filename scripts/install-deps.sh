@@ -20,6 +20,7 @@ packages=(
   libcmocka-dev
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler grpc-proto libuv1-dev
   libmicrohttpd-dev libssl-dev openssl
+  libcurl4-openssl-dev zlib1g-dev
   clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
   python3-yaml python3-h2
