@@ -35,7 +35,10 @@ harness.generate_stubs(STUBS)
 import grpc_service_pb2 as pb  # noqa: E402
 
 METHODS = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-           "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex"}
+           "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex",
+           "RepositoryModelLoad", "RepositoryModelUnload", "SystemSharedMemoryStatus",
+           "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
+           "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister"}
 
 
 def readme_json_data():
