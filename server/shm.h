@@ -19,7 +19,8 @@
 
 #include "common.h"
 
-#define BS_SHM_NAME_MAX 128 /* region names and keys, NUL included */
+#define BS_SHM_NAME_MAX    128  /* region names and keys, NUL included */
+#define BS_SHM_MAX_REGIONS 1024 /* registered at once (held-only ones not counted) */
 
 typedef struct bs_shm bs_shm_t;
 typedef struct bs_shm_region bs_shm_region_t;
@@ -83,9 +84,20 @@ int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs,
                        struct bs_err *err);
 
 /* Write out (its bytes, contiguous) into the range ref names; BS_EINVAL
- * when the range is smaller than the output ("... needs N bytes"). */
+ * when the range is smaller than the output ("... needs N bytes"), with
+ * nothing written. Looks the region up by name now: a front end that must
+ * survive an unregister while the request runs holds the range from decoding
+ * on (bs_shm_acquire) and writes with bs_shm_write_held instead. */
 struct bs_tensor;
 int bs_shm_write_output(bs_shm_t *shm, const struct bs_shm_ref *ref, const struct bs_tensor *out,
                         struct bs_err *err);
+
+/* Write out into ptr, a range of ref->byte_size bytes acquired for ref;
+ * the same checks and errors as bs_shm_write_output. */
+int bs_shm_write_held(void *ptr, const struct bs_shm_ref *ref, const struct bs_tensor *out,
+                      struct bs_err *err);
+
+/* Regions registered now (for tests and the metrics). */
+int bs_shm_count(const bs_shm_t *shm);
 
 #endif
