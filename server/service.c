@@ -143,7 +143,7 @@ static int infer_bind_shm(struct infer *in, struct bs_err *err)
         return 0;
     bs_shm_t *shm = in->svc->o.shm;
     if (shm == NULL)
-        return bs_err_set(err, BS_EUNSUPP, "this server has no system shared memory");
+        return bs_err_set(err, BS_ENOTIMPL, "this server has no system shared memory");
     int rc = bs_shm_bind_inputs(shm, r->in_shm, r->inputs, r->n_inputs, in->holds, err);
     if (rc == 0 && r->out_shm.given &&
         (rc = bs_shm_acquire(shm, &r->out_shm, &in->out_hold, &in->out_ptr, err)) != 0) {

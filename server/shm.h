@@ -50,7 +50,8 @@ void bs_shm_free(bs_shm_t *shm);
 
 /* Register name over [offset, offset + byte_size) of the object key: opens
  * and maps it now. BS_EEXIST: the name is taken; BS_ENOTFOUND: no such key;
- * BS_EINVAL: a bad name, key, offset or size (past the object's end). */
+ * BS_EINVAL: a bad name, key, offset or size (0, or past the object's end);
+ * BS_ERANGE: BS_SHM_MAX_REGIONS are registered. */
 int bs_shm_register(bs_shm_t *shm, const char *name, const char *key, uint64_t offset,
                     uint64_t byte_size, struct bs_err *err);
 
@@ -74,10 +75,11 @@ void bs_shm_release(bs_shm_region_t *region);
 
 /* For the front ends, after decoding: every input whose refs[i].given is
  * set is bound to its bytes. The ref's byte size must equal the tensor's
- * (its shape and datatype, already decoded); the range is acquired and the
- * tensor's data points at it; holds[i] receives the region to release when
- * the request ends (NULL for inputs that came in the message). Errors name
- * the input; on error nothing stays held. */
+ * (its shape and datatype, already decoded) and its data must start at a
+ * multiple of the element size; the range is acquired and the tensor's data
+ * points at it; holds[i] receives the region to release when the request
+ * ends (NULL for inputs that came in the message). Errors name the input;
+ * on error nothing stays held and no input is left bound. */
 struct bs_named_tensor;
 int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs,
                        struct bs_named_tensor *inputs, int n, bs_shm_region_t **holds,
