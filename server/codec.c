@@ -283,8 +283,8 @@ static int shm_u64(const Inference__InferParameter *v, const char *what, const c
         return 0;
     }
     if (which != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM)
-        return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' must be an int64_param",
-                          what, show(nb, name), key);
+        return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' must be an int64_param", what,
+                          show(nb, name), key);
     if (v->int64_param < 0)
         return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' is %lld (must be >= 0)", what,
                           show(nb, name), key, (long long)v->int64_param);
@@ -318,10 +318,9 @@ static int shm_param(const char *key, const Inference__InferParameter *v, const 
     const char *r = str_or_empty(v->string_param);
     size_t n = strlen(r);
     if (n == 0 || n >= sizeof(ref->region))
-        return bs_err_set(err, BS_EINVAL,
-                          "%s '%s': parameter 'shared_memory_region' '%s' is %s (1 to %zu bytes)",
-                          what, show(nb, name), show(rb, r), n ? "too long" : "empty",
-                          sizeof(ref->region) - 1);
+        return bs_err_set(
+            err, BS_EINVAL, "%s '%s': parameter 'shared_memory_region' '%s' is %s (1 to %zu bytes)",
+            what, show(nb, name), show(rb, r), n ? "too long" : "empty", sizeof(ref->region) - 1);
     memcpy(ref->region, r, n + 1);
     ref->given = true;
     return 0;
@@ -789,9 +788,9 @@ static void encode_output_shm(struct response *r, const struct bs_shm_ref *ref)
             p->string_param = (char *)ref->region;
         } else {
             uint64_t v = i == 1 ? ref->byte_size : ref->offset;
-            p->parameter_choice_case = v <= INT64_MAX
-                                           ? INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM
-                                           : INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM;
+            p->parameter_choice_case =
+                v <= INT64_MAX ? INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM
+                               : INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM;
             p->int64_param = (int64_t)v;
             if (v > INT64_MAX)
                 p->uint64_param = v;

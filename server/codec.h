@@ -38,7 +38,7 @@ struct bs_infer_request {
      * but no bytes: the front end writes them into the region) */
     struct bs_shm_ref in_shm[BS_CODEC_MAX_INPUTS];
     struct bs_shm_ref out_shm;
-    bool raw_output;           /* answer in raw_output_contents (the request used raw inputs) */
+    bool raw_output;           /* answer in raw_output_contents (raw or shared memory inputs) */
     bool want_output;          /* "output" requested (true when outputs is empty) */
     bool stream_intermediate;  /* parameter stream_intermediate: true */
     int64_t timeout_us;        /* parameter "timeout" in microseconds, 0 when absent */

@@ -40,9 +40,9 @@ enum bs_control_method {
 };
 
 struct bs_control_options {
-    bs_core_t *core; /* not owned */
-    bs_shm_t *shm;   /* system shared memory regions (not owned; NULL: none, the methods
-                        answer BS_ENOTIMPL) */
+    bs_core_t *core;    /* not owned */
+    bs_shm_t *shm;      /* system shared memory regions (not owned; NULL: none, the methods
+                           answer BS_ENOTIMPL) */
     const char *device; /* the compute backend's name ("cpu", "cuda"), for the CUDA shared
                            memory methods' answer; NULL: "cpu" */
 };

@@ -168,8 +168,7 @@ int bs_shm_register(bs_shm_t *shm, const char *name, const char *key, uint64_t o
     char nb[SHOW_MAX + 4];
     int rc;
     bool found;
-    if ((rc = check_name("region name", name, err)) != 0 ||
-        (rc = check_name("key", key, err)) != 0)
+    if ((rc = check_name("region name", name, err)) != 0 || (rc = check_name("key", key, err)) != 0)
         return rc;
     if (byte_size == 0)
         return bs_err_set(err, BS_EINVAL, "shared memory region '%s': byte_size is 0",
@@ -283,9 +282,8 @@ void bs_shm_release(bs_shm_region_t *region)
         region_unref(region);
 }
 
-int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs,
-                       struct bs_named_tensor *inputs, int n, bs_shm_region_t **holds,
-                       struct bs_err *err)
+int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs, struct bs_named_tensor *inputs,
+                       int n, bs_shm_region_t **holds, struct bs_err *err)
 {
     char nb[SHOW_MAX + 4], sb[96];
     int rc = 0, i;
@@ -300,8 +298,8 @@ int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs,
         if (refs[i].byte_size != want)
             rc = bs_err_set(err, BS_EINVAL,
                             "input '%s': shared_memory_byte_size is %llu, expected %zu (%s %s)",
-                            show(nb, inputs[i].name), (unsigned long long)refs[i].byte_size,
-                            want, bs_codec_datatype(t->type), bs_tensor_shape_str(t, sb, sizeof(sb)));
+                            show(nb, inputs[i].name), (unsigned long long)refs[i].byte_size, want,
+                            bs_codec_datatype(t->type), bs_tensor_shape_str(t, sb, sizeof(sb)));
         else if ((rc = bs_shm_acquire(shm, &refs[i], &holds[i], &ptr, err)) != 0)
             bs_err_wrap(err, "input '%s'", show(nb, inputs[i].name));
         else if (((uintptr_t)ptr % align) != 0)

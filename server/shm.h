@@ -81,9 +81,8 @@ void bs_shm_release(bs_shm_region_t *region);
  * ends (NULL for inputs that came in the message). Errors name the input;
  * on error nothing stays held and no input is left bound. */
 struct bs_named_tensor;
-int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs,
-                       struct bs_named_tensor *inputs, int n, bs_shm_region_t **holds,
-                       struct bs_err *err);
+int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs, struct bs_named_tensor *inputs,
+                       int n, bs_shm_region_t **holds, struct bs_err *err);
 
 /* Write out (its bytes, contiguous) into the range ref names; BS_EINVAL
  * when the range is smaller than the output ("... needs N bytes"), with

@@ -1000,8 +1000,8 @@ static Inference__InferParameter *in_param(struct builder *b, struct shm_params 
 {
     size_t k = b->in[i].n_parameters++;
     sp->v[i][k] = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
-    sp->in[i][k] = (in_param_t)
-        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__PARAMETERS_ENTRY__INIT;
+    sp->in[i][k] =
+        (in_param_t)INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__PARAMETERS_ENTRY__INIT;
     sp->in[i][k].key = (char *)key;
     sp->in[i][k].value = &sp->v[i][k];
     sp->in_ptrs[i][k] = &sp->in[i][k];
@@ -1110,7 +1110,8 @@ static void test_decode_shm_errors(void **state)
     /* the raw entries are those of the inputs not in shared memory */
     shm_request(&b, &sp);
     b_raw(&b, vals6, sizeof(vals6));
-    expect_error(&b, BS_EINVAL, "raw_input_contents has 2 entries for 1 inputs not in shared memory");
+    expect_error(&b, BS_EINVAL,
+                 "raw_input_contents has 2 entries for 1 inputs not in shared memory");
     shm_request(&b, &sp);
     b.msg.n_raw_input_contents = 0; /* y then has no data: typed, empty */
     expect_error(&b, BS_EINVAL, "input 'y': contents.fp32_contents holds 0 values, expected 6");
@@ -1121,7 +1122,8 @@ static void test_decode_shm_errors(void **state)
     /* parameter types and values */
     shm_request(&b, &sp);
     set_i64(&sp.v[0][0], 5);
-    expect_error(&b, BS_EINVAL, "input 'x': parameter 'shared_memory_region' must be a string_param");
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': parameter 'shared_memory_region' must be a string_param");
     shm_request(&b, &sp);
     set_str(&sp.v[0][0], "");
     expect_error(&b, BS_EINVAL, "parameter 'shared_memory_region' '' is empty");
@@ -1146,8 +1148,9 @@ static void test_decode_shm_errors(void **state)
     shm_request(&b, &sp);
     sp.in[0][0].key = "region"; /* offset and size without a region */
     b_raw(&b, vals6, sizeof(vals6));
-    expect_error(&b, BS_EINVAL, "input 'x': parameter 'shared_memory_byte_size' needs "
-                                "'shared_memory_region'");
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': parameter 'shared_memory_byte_size' needs "
+                 "'shared_memory_region'");
     /* the output's */
     shm_request(&b, &sp);
     set_i64(&sp.v[3][0], 1);
@@ -1155,8 +1158,9 @@ static void test_decode_shm_errors(void **state)
                  "output 'output': parameter 'shared_memory_region' must be a string_param");
     shm_request(&b, &sp);
     b.outs[0].n_parameters = 1;
-    expect_error(&b, BS_EINVAL, "output 'output': parameter 'shared_memory_byte_size' must be "
-                                "given with 'shared_memory_region'");
+    expect_error(&b, BS_EINVAL,
+                 "output 'output': parameter 'shared_memory_byte_size' must be "
+                 "given with 'shared_memory_region'");
     shm_request(&b, &sp);
     sp.out[0].key = "other";
     expect_error(&b, BS_EINVAL,
