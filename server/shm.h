@@ -55,8 +55,8 @@ void bs_shm_free(bs_shm_t *shm);
 int bs_shm_register(bs_shm_t *shm, const char *name, const char *key, uint64_t offset,
                     uint64_t byte_size, struct bs_err *err);
 
-/* Unregister name ("" or NULL: every region). BS_ENOTFOUND: no such
- * region (a named one). */
+/* Unregister name ("" or NULL: every region). A name that is not
+ * registered is no error (as in Triton: clients unregister defensively). */
 int bs_shm_unregister(bs_shm_t *shm, const char *name, struct bs_err *err);
 
 /* The registered regions in name order (name "" or NULL: all; a name that is
