@@ -65,6 +65,7 @@ set(BS_ENGINE_SOURCES
 # the inference core, batcher, repository, metrics, TLS.
 set(BS_SERVER_SOURCES
   server/codec.c
+  server/shm.c
   server/pbcheck.c
   server/rpc.c
   server/auth.c

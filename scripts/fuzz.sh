@@ -74,7 +74,8 @@ for list in BS_CORE_SOURCES BS_BACKEND_SOURCES BS_CPU_SOURCES BS_ENGINE_SOURCES;
   mapfile -t -O "${#engine[@]}" engine <<<"$files"
 done
 codec_cov=(server/codec.c server/pbcheck.c engine/common.c engine/tensor.c)
-service_cov=("${codec_cov[@]}" server/core.c server/service.c server/batcher.c server/repository.c
+service_cov=("${codec_cov[@]}" server/core.c server/service.c server/control.c server/shm.c
+  server/batcher.c server/repository.c
   server/serving.c server/sequences.c server/log.c
   server/metrics.c engine/model.c engine/class.c engine/opcheck.c)
 cov_srcs=("${service_cov[@]}" tests/fuzz/fuzz_codec.c tests/fuzz/fuzz_service.c tests/fuzz/fake_rpc.c)

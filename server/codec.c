@@ -174,11 +174,11 @@ static enum typed_field other_typed_field(const contents_msg_t *c, enum typed_fi
     return FIELD_NONE;
 }
 
-static int raw_data(const req_msg_t *m, size_t i, const char *name, const struct bs_tensor *t,
-                    void **data, struct bs_err *err)
+static int raw_data(const req_msg_t *m, size_t i, size_t k, const char *name,
+                    const struct bs_tensor *t, void **data, struct bs_err *err)
 {
     const input_msg_t *in = m->inputs[i];
-    ProtobufCBinaryData *b = &m->raw_input_contents[i];
+    ProtobufCBinaryData *b = &m->raw_input_contents[k]; /* k: i less the inputs in shm before */
     char nb[SHOW_MAX + 4], sb[96];
     if (in->contents != NULL && other_typed_field(in->contents, FIELD_NONE) != FIELD_NONE)
         return bs_err_set(err, BS_EINVAL,
@@ -189,11 +189,11 @@ static int raw_data(const req_msg_t *m, size_t i, const char *name, const struct
         return bs_err_set(
             err, BS_EINVAL,
             "input '%s': raw_input_contents[%zu] holds %zu bytes, expected %zu (%s %s)",
-            show(nb, name), i, b->len, want, datatype_names[t->type],
+            show(nb, name), k, b->len, want, datatype_names[t->type],
             bs_tensor_shape_str(t, sb, sizeof(sb)));
     if (t->type == BS_TYPE_BOOL)
-        for (size_t k = 0; k < b->len; k++)
-            b->data[k] = b->data[k] != 0;
+        for (size_t j = 0; j < b->len; j++)
+            b->data[j] = b->data[j] != 0;
     *data = want > 0 ? b->data : empty_data;
     return 0;
 }
@@ -269,8 +269,99 @@ static int typed_data(const input_msg_t *in, const char *name, const struct bs_t
     return 0;
 }
 
-static int decode_input(const req_msg_t *m, size_t i, bool raw, const struct bs_codec_limits *lim,
-                        struct bs_infer_request *req, struct bs_err *err)
+/* ---- shared memory parameters ----------------------------------------- */
+
+/* A uint64 parameter: an int64_param >= 0 (what Triton and its clients
+ * send) or a uint64_param. */
+static int shm_u64(const Inference__InferParameter *v, const char *what, const char *name,
+                   const char *key, uint64_t *out, struct bs_err *err)
+{
+    int which = v ? (int)v->parameter_choice_case : 0;
+    char nb[SHOW_MAX + 4];
+    if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
+        *out = v->uint64_param;
+        return 0;
+    }
+    if (which != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM)
+        return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' must be an int64_param", what,
+                          show(nb, name), key);
+    if (v->int64_param < 0)
+        return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' is %lld (must be >= 0)", what,
+                          show(nb, name), key, (long long)v->int64_param);
+    *out = (uint64_t)v->int64_param;
+    return 0;
+}
+
+/* One parameter of a tensor into ref (what: "input" or "output"); other keys
+ * are ignored. *size_given records shared_memory_byte_size, *off_given the
+ * offset. */
+static int shm_param(const char *key, const Inference__InferParameter *v, const char *what,
+                     const char *name, struct bs_shm_ref *ref, bool *size_given, bool *off_given,
+                     struct bs_err *err)
+{
+    char nb[SHOW_MAX + 4], rb[SHOW_MAX + 4];
+    if (strcmp(key, "shared_memory_offset") == 0) {
+        *off_given = true;
+        return shm_u64(v, what, name, key, &ref->offset, err);
+    }
+    if (strcmp(key, "shared_memory_byte_size") == 0) {
+        *size_given = true;
+        return shm_u64(v, what, name, key, &ref->byte_size, err);
+    }
+    if (strcmp(key, "shared_memory_region") != 0)
+        return 0;
+    if (v == NULL ||
+        v->parameter_choice_case != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM)
+        return bs_err_set(err, BS_EINVAL,
+                          "%s '%s': parameter 'shared_memory_region' must be a string_param", what,
+                          show(nb, name));
+    const char *r = str_or_empty(v->string_param);
+    size_t n = strlen(r);
+    if (n == 0 || n >= sizeof(ref->region))
+        return bs_err_set(
+            err, BS_EINVAL, "%s '%s': parameter 'shared_memory_region' '%s' is %s (1 to %zu bytes)",
+            what, show(nb, name), show(rb, r), n ? "too long" : "empty", sizeof(ref->region) - 1);
+    memcpy(ref->region, r, n + 1);
+    ref->given = true;
+    return 0;
+}
+
+/* Triton's rules: shared_memory_byte_size is required with a region, and
+ * neither it nor an offset goes without one. */
+static int shm_finish(const char *what, const char *name, struct bs_shm_ref *ref, bool size_given,
+                      bool off_given, struct bs_err *err)
+{
+    char nb[SHOW_MAX + 4];
+    if (ref->given && !size_given)
+        return bs_err_set(err, BS_EINVAL,
+                          "%s '%s': parameter 'shared_memory_byte_size' must be given with "
+                          "'shared_memory_region'",
+                          what, show(nb, name));
+    if (!ref->given && (size_given || off_given))
+        return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' needs 'shared_memory_region'",
+                          what, show(nb, name),
+                          size_given ? "shared_memory_byte_size" : "shared_memory_offset");
+    return 0;
+}
+
+/* The shared memory parameters of input i into req->in_shm[i]. */
+static int decode_input_shm(const input_msg_t *in, struct bs_shm_ref *ref, struct bs_err *err)
+{
+    const char *name = str_or_empty(in->name);
+    bool size_given = false, off_given = false;
+    memset(ref, 0, sizeof(*ref));
+    for (size_t k = 0; k < in->n_parameters; k++) {
+        int rc = shm_param(str_or_empty(in->parameters[k]->key), in->parameters[k]->value, "input",
+                           name, ref, &size_given, &off_given, err);
+        if (rc != 0)
+            return rc;
+    }
+    return shm_finish("input", name, ref, size_given, off_given, err);
+}
+
+static int decode_input(const req_msg_t *m, size_t i, size_t k, bool raw,
+                        const struct bs_codec_limits *lim, struct bs_infer_request *req,
+                        struct bs_err *err)
 {
     const input_msg_t *in = m->inputs[i];
     const char *name = str_or_empty(in->name);
@@ -288,8 +379,15 @@ static int decode_input(const req_msg_t *m, size_t i, bool raw, const struct bs_
     if (rc != 0)
         return rc;
     struct bs_tensor t = bs_tensor_make(type, (int)in->n_shape, ne, NULL);
-    rc = raw ? raw_data(m, i, name, &t, &t.data, err)
-             : typed_data(in, name, &t, &t.data, &req->owned[i], err);
+    if (req->in_shm[i].given) { /* bound by the front end */
+        if (in->contents != NULL && other_typed_field(in->contents, FIELD_NONE) != FIELD_NONE)
+            return bs_err_set(err, BS_EINVAL,
+                              "input '%s': contents must be empty for an input in shared memory",
+                              show(nb, name));
+    } else {
+        rc = raw ? raw_data(m, i, k, name, &t, &t.data, err)
+                 : typed_data(in, name, &t, &t.data, &req->owned[i], err);
+    }
     if (rc != 0)
         return rc;
     req->inputs[i] = (struct bs_named_tensor){.name = name, .t = t};
@@ -306,25 +404,39 @@ static int decode_inputs(const req_msg_t *m, const struct bs_codec_limits *lim,
     if (m->n_inputs > (size_t)max)
         return bs_err_set(err, BS_ERANGE, "too many inputs: %zu (the limit is %d)", m->n_inputs,
                           max);
-    bool raw = m->n_raw_input_contents > 0;
-    if (raw && m->n_raw_input_contents < m->n_inputs) {
-        char nb[SHOW_MAX + 4];
-        const char *name = str_or_empty(m->inputs[m->n_raw_input_contents]->name);
-        return bs_err_set(err, BS_EINVAL,
-                          "input '%s': no raw_input_contents entry (%zu entries for %zu inputs; "
-                          "raw data needs one per input, in order)",
-                          show(nb, name), m->n_raw_input_contents, m->n_inputs);
-    }
-    if (raw && m->n_raw_input_contents > m->n_inputs)
-        return bs_err_set(err, BS_EINVAL,
-                          "raw_input_contents has %zu entries for %zu inputs (one per input)",
-                          m->n_raw_input_contents, m->n_inputs);
+    size_t n_plain = 0; /* inputs not in shared memory: one raw entry each */
+    bool any_shm = false;
     for (size_t i = 0; i < m->n_inputs; i++) {
-        int rc = decode_input(m, i, raw, lim, req, err);
+        int rc = decode_input_shm(m->inputs[i], &req->in_shm[i], err);
         if (rc != 0)
             return rc;
+        n_plain += !req->in_shm[i].given;
+        any_shm |= req->in_shm[i].given;
     }
-    req->raw_output = raw;
+    bool raw = m->n_raw_input_contents > 0;
+    if (raw && m->n_raw_input_contents < n_plain) {
+        char nb[SHOW_MAX + 4];
+        size_t i = 0;
+        for (size_t k = 0; i < m->n_inputs; i++) /* the first input without an entry */
+            if (!req->in_shm[i].given && k++ == m->n_raw_input_contents)
+                break;
+        return bs_err_set(err, BS_EINVAL,
+                          "input '%s': no raw_input_contents entry (%zu entries for %zu inputs%s; "
+                          "raw data needs one per input, in order)",
+                          show(nb, str_or_empty(m->inputs[i]->name)), m->n_raw_input_contents,
+                          n_plain, any_shm ? " not in shared memory" : "");
+    }
+    if (raw && m->n_raw_input_contents > n_plain)
+        return bs_err_set(err, BS_EINVAL,
+                          "raw_input_contents has %zu entries for %zu inputs%s (one per input)",
+                          m->n_raw_input_contents, n_plain, any_shm ? " not in shared memory" : "");
+    for (size_t i = 0, k = 0; i < m->n_inputs; i++) {
+        int rc = decode_input(m, i, k, raw, lim, req, err);
+        if (rc != 0)
+            return rc;
+        k += !req->in_shm[i].given;
+    }
+    req->raw_output = raw || any_shm;
     return 0;
 }
 
@@ -480,6 +592,17 @@ static int decode_outputs(const req_msg_t *m, struct bs_infer_request *req, stru
                               show(nb, name));
         if (i > 0)
             return bs_err_set(err, BS_EINVAL, "output 'output' requested twice");
+        const Inference__ModelInferRequest__InferRequestedOutputTensor *o = m->outputs[i];
+        bool size_given = false, off_given = false;
+        for (size_t k = 0; k < o->n_parameters; k++) {
+            int rc = shm_param(str_or_empty(o->parameters[k]->key), o->parameters[k]->value,
+                               "output", name, &req->out_shm, &size_given, &off_given, err);
+            if (rc != 0)
+                return rc;
+        }
+        int rc = shm_finish("output", name, &req->out_shm, size_given, off_given, err);
+        if (rc != 0)
+            return rc;
     }
     req->want_output = true; /* empty list: every output; otherwise "output" was named */
     return 0;
@@ -560,6 +683,8 @@ int bs_codec_decode_infer_labeled(const uint8_t *data, size_t len,
             free(req->owned[i]);
         memset(req->owned, 0, sizeof(req->owned));
         memset(req->inputs, 0, sizeof(req->inputs));
+        memset(req->in_shm, 0, sizeof(req->in_shm));
+        memset(&req->out_shm, 0, sizeof(req->out_shm));
         req->n_inputs = 0;
     }
     return rc;
@@ -644,10 +769,44 @@ struct response {
     Inference__InferParameter final, cache;
     Inference__ModelInferResponse__ParametersEntry final_entry, cache_entry;
     Inference__ModelInferResponse__ParametersEntry *params[2];
+    Inference__InferParameter shm[3]; /* the output's shared_memory_* parameters */
+    Inference__ModelInferResponse__InferOutputTensor__ParametersEntry shm_entry[3];
+    Inference__ModelInferResponse__InferOutputTensor__ParametersEntry *shm_params[3];
 };
 
+/* Echo the output's shared memory parameters on its tensor (region, byte
+ * size, offset), in the types Triton's clients send them. */
+static void encode_output_shm(struct response *r, const struct bs_shm_ref *ref)
+{
+    static const char *const keys[3] = {"shared_memory_region", "shared_memory_byte_size",
+                                        "shared_memory_offset"};
+    for (int i = 0; i < 3; i++) {
+        Inference__InferParameter *p = &r->shm[i];
+        *p = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
+        if (i == 0) {
+            p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+            p->string_param = (char *)ref->region;
+        } else {
+            uint64_t v = i == 1 ? ref->byte_size : ref->offset;
+            p->parameter_choice_case =
+                v <= INT64_MAX ? INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM
+                               : INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM;
+            p->int64_param = (int64_t)v;
+            if (v > INT64_MAX)
+                p->uint64_param = v;
+        }
+        r->shm_entry[i] = (Inference__ModelInferResponse__InferOutputTensor__ParametersEntry)
+            INFERENCE__MODEL_INFER_RESPONSE__INFER_OUTPUT_TENSOR__PARAMETERS_ENTRY__INIT;
+        r->shm_entry[i].key = (char *)keys[i];
+        r->shm_entry[i].value = p;
+        r->shm_params[i] = &r->shm_entry[i];
+    }
+    r->out.n_parameters = 3;
+    r->out.parameters = r->shm_params;
+}
+
 static int encode_output(struct response *r, const struct bs_tensor *out, bool raw,
-                         struct bs_err *err)
+                         const struct bs_shm_ref *shm, struct bs_err *err)
 {
     if (out == NULL || out->type != BS_TYPE_F32 || out->n_dims < 0 || out->n_dims > BS_MAX_DIMS ||
         !bs_tensor_is_contiguous(out))
@@ -662,6 +821,10 @@ static int encode_output(struct response *r, const struct bs_tensor *out, bool r
     r->out.n_shape = (size_t)out->n_dims;
     r->out.shape = (int64_t *)out->ne;
     void *data = numel > 0 ? out->data : empty_data;
+    if (shm->given) { /* the bytes are in shared memory */
+        encode_output_shm(r, shm);
+        numel = 0;
+    }
     if (raw) {
         r->raw = (ProtobufCBinaryData){.len = (size_t)numel * sizeof(float), .data = data};
         r->msg.n_raw_output_contents = 1;
@@ -670,7 +833,7 @@ static int encode_output(struct response *r, const struct bs_tensor *out, bool r
         r->contents = (Inference__InferTensorContents)INFERENCE__INFER_TENSOR_CONTENTS__INIT;
         r->contents.n_fp32_contents = (size_t)numel;
         r->contents.fp32_contents = data;
-        r->out.contents = &r->contents;
+        r->out.contents = shm->given ? NULL : &r->contents;
     }
     r->outs[0] = &r->out;
     r->msg.n_outputs = 1;
@@ -690,7 +853,7 @@ int bs_codec_encode_infer(const struct bs_infer_request *req, const struct bs_te
     r.msg.model_version = (char *)(version[0] ? version : "1");
     r.msg.id = (char *)str_or_empty(req->id);
     if (req->want_output) {
-        int rc = encode_output(&r, out, req->raw_output, err);
+        int rc = encode_output(&r, out, req->raw_output, &req->out_shm, err);
         if (rc != 0)
             return rc;
     }

@@ -10,6 +10,7 @@
 
 #include "model.h"
 #include "sequences.h"
+#include "shm.h"
 
 #define BS_CODEC_MAX_INPUTS BS_MAX_INPUTS
 
@@ -21,7 +22,9 @@ struct bs_codec_limits {
 
 /* A decoded, validated request. Input tensors are host tensors whose data
  * points into the unpacked message (raw contents) or into buffers the request
- * owns (typed contents); all of it lives until bs_codec_request_free. */
+ * owns (typed contents); all of it lives until bs_codec_request_free. An
+ * input that names a shared memory region (in_shm[i].given) has no data
+ * (NULL) until the front end binds it (bs_shm_bind_inputs). */
 struct bs_infer_request {
     void *msg;                 /* Inference__ModelInferRequest (protobuf-c) */
     const char *model_name;
@@ -30,7 +33,12 @@ struct bs_infer_request {
     struct bs_named_tensor inputs[BS_CODEC_MAX_INPUTS];
     int n_inputs;
     void *owned[BS_CODEC_MAX_INPUTS];
-    bool raw_output;           /* answer in raw_output_contents (the request used raw inputs) */
+    /* Triton's shared_memory_region / _offset / _byte_size of each input and
+     * of the output "output" (the answer then carries its datatype and shape
+     * but no bytes: the front end writes them into the region) */
+    struct bs_shm_ref in_shm[BS_CODEC_MAX_INPUTS];
+    struct bs_shm_ref out_shm;
+    bool raw_output;           /* answer in raw_output_contents (raw or shared memory inputs) */
     bool want_output;          /* "output" requested (true when outputs is empty) */
     bool stream_intermediate;  /* parameter stream_intermediate: true */
     int64_t timeout_us;        /* parameter "timeout" in microseconds, 0 when absent */
@@ -45,8 +53,13 @@ struct bs_infer_request {
  * one of FP32, FP16, BF16 (raw only), INT64, BOOL, shape of at most 4 non-negative
  * dims within limits, and contents (raw_input_contents, one per input in
  * order, or typed contents) of exactly the size the shape needs; requested
- * outputs exist ("output"). Errors name the input: BS_EINVAL for a bad
- * request, BS_ERANGE for limits. On error *req is left empty. */
+ * outputs exist ("output"). Inputs in shared memory (Triton's parameters
+ * shared_memory_region, a string_param; shared_memory_byte_size, required
+ * with it, and shared_memory_offset, an int64_param >= 0 or a uint64_param)
+ * carry no contents and, as in Triton, no raw_input_contents entry: the
+ * entries are those of the other inputs, in order. Errors name the input:
+ * BS_EINVAL for a bad request, BS_ERANGE for limits. On error *req is left
+ * empty. */
 int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec_limits *lim,
                           struct bs_infer_request *req, struct bs_err *err);
 
@@ -62,7 +75,11 @@ int bs_codec_decode_infer_labeled(const uint8_t *data, size_t len,
 void bs_codec_request_free(struct bs_infer_request *req);
 
 /* Serialize the response for req: model_name/version/id echoed, one FP32
- * output "output" of out's shape, raw or typed as the request was, and with
+ * output "output" of out's shape, raw or typed as the request was (raw when
+ * any input was raw or in shared memory); an output in shared memory
+ * (req->out_shm) carries no bytes (with raw answers an empty
+ * raw_output_contents entry, as Triton sends) and echoes its three
+ * shared_memory_* parameters; with
  * final >= 0 the parameter triton_final_response = final (streams). *data is
  * malloc'ed. */
 int bs_codec_encode_infer(const struct bs_infer_request *req, const struct bs_tensor *out,

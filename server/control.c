@@ -5,6 +5,7 @@
  * Thread ownership: everything here runs on the loop thread. */
 #include "control.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,6 +19,8 @@
 
 struct bs_control {
     bs_core_t *core;
+    bs_shm_t *shm;
+    const char *device;
 };
 
 static struct bs_repo_model *lookup(bs_control_t *ctl, const char *name, const char *version,
@@ -64,11 +67,11 @@ static void on_server_metadata(bs_control_t *ctl, const ProtobufCMessage *req, b
 {
     static char *extensions[] = {
         "model_configuration", "statistics", "parameters", "model_repository(index)",
-        "streaming",           "health",     "reflection"};
+        "streaming",           "health",     "reflection", "system_shared_memory"};
     Inference__ServerMetadataResponse r = INFERENCE__SERVER_METADATA_RESPONSE__INIT;
     r.name = BS_SERVER_NAME;
     r.version = BS_VERSION;
-    r.n_extensions = BS_ARRAY_LEN(extensions);
+    r.n_extensions = BS_ARRAY_LEN(extensions) - (ctl->shm == NULL); /* the last: shm */
     r.extensions = extensions;
     done(arg, 0, NULL, &r.base);
 }
@@ -392,6 +395,121 @@ static void on_repository_index(bs_control_t *ctl, const ProtobufCMessage *req,
     free(list);
 }
 
+/* ---- system shared memory ---------------------------------------------------- */
+
+/* Storage for SystemSharedMemoryStatus's map, one entry per region. */
+struct shm_status_msg {
+    Inference__SystemSharedMemoryStatusResponse__RegionStatus *st;
+    Inference__SystemSharedMemoryStatusResponse__RegionsEntry *ent, **list;
+    size_t n;
+};
+
+static void shm_status_add(void *arg, const struct bs_shm_status *st)
+{
+    struct shm_status_msg *m = arg;
+    size_t k = m->n++;
+    inference__system_shared_memory_status_response__region_status__init(&m->st[k]);
+    m->st[k].name = (char *)st->name; /* valid until shm_status returns: packed before */
+    m->st[k].key = (char *)st->key;
+    m->st[k].offset = st->offset;
+    m->st[k].byte_size = st->byte_size;
+    inference__system_shared_memory_status_response__regions_entry__init(&m->ent[k]);
+    m->ent[k].key = (char *)st->name;
+    m->ent[k].value = &m->st[k];
+    m->list[k] = &m->ent[k];
+}
+
+static bool shm_served(bs_control_t *ctl, bs_control_done done, void *arg)
+{
+    if (ctl->shm == NULL)
+        done(arg, BS_ENOTIMPL, "system shared memory is not available on this server", NULL);
+    return ctl->shm != NULL;
+}
+
+static void on_shm_status(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
+                          void *arg)
+{
+    const Inference__SystemSharedMemoryStatusRequest *q =
+        (const Inference__SystemSharedMemoryStatusRequest *)req;
+    if (!shm_served(ctl, done, arg))
+        return;
+    size_t n = (size_t)bs_shm_count(ctl->shm) + 1;
+    struct shm_status_msg m = {.st = calloc(n, sizeof(*m.st)),
+                               .ent = calloc(n, sizeof(*m.ent)),
+                               .list = calloc(n, sizeof(*m.list))};
+    struct bs_err err;
+    if (m.st == NULL || m.ent == NULL || m.list == NULL) {
+        done(arg, BS_ENOMEM, "out of memory", NULL);
+    } else if (bs_shm_status(ctl->shm, q->name, shm_status_add, &m, &err) != 0) {
+        done(arg, err.code, err.msg, NULL);
+    } else {
+        Inference__SystemSharedMemoryStatusResponse r =
+            INFERENCE__SYSTEM_SHARED_MEMORY_STATUS_RESPONSE__INIT;
+        r.n_regions = m.n;
+        r.regions = m.list;
+        done(arg, 0, NULL, &r.base);
+    }
+    free(m.st);
+    free(m.ent);
+    free(m.list);
+}
+
+static void on_shm_register(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
+                            void *arg)
+{
+    const Inference__SystemSharedMemoryRegisterRequest *q =
+        (const Inference__SystemSharedMemoryRegisterRequest *)req;
+    struct bs_err err;
+    if (!shm_served(ctl, done, arg))
+        return;
+    if (bs_shm_register(ctl->shm, q->name, q->key, q->offset, q->byte_size, &err) != 0) {
+        done(arg, err.code, err.msg, NULL);
+        return;
+    }
+    Inference__SystemSharedMemoryRegisterResponse r =
+        INFERENCE__SYSTEM_SHARED_MEMORY_REGISTER_RESPONSE__INIT;
+    done(arg, 0, NULL, &r.base);
+}
+
+static void on_shm_unregister(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
+                              void *arg)
+{
+    const Inference__SystemSharedMemoryUnregisterRequest *q =
+        (const Inference__SystemSharedMemoryUnregisterRequest *)req;
+    struct bs_err err;
+    if (!shm_served(ctl, done, arg))
+        return;
+    if (bs_shm_unregister(ctl->shm, q->name, &err) != 0) {
+        done(arg, err.code, err.msg, NULL);
+        return;
+    }
+    Inference__SystemSharedMemoryUnregisterResponse r =
+        INFERENCE__SYSTEM_SHARED_MEMORY_UNREGISTER_RESPONSE__INIT;
+    done(arg, 0, NULL, &r.base);
+}
+
+/* CUDA shared memory (Register, Status, Unregister alike): not served. On
+ * the CPU backend there is no device memory to read; with the CUDA backend
+ * it would need cudaIpcOpenMemHandle behind a backend hook, not built yet.
+ * Status answers the same error rather than an empty map, so that a client
+ * learns at once that registering cannot work. */
+static void on_cuda_shm(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
+                        void *arg)
+{
+    char msg[160];
+    (void)req;
+    if (strcmp(ctl->device, "cuda") != 0)
+        snprintf(msg, sizeof(msg),
+                 "CUDA shared memory needs the cuda backend; this server computes on %s (use "
+                 "system shared memory)",
+                 ctl->device);
+    else
+        snprintf(msg, sizeof(msg),
+                 "CUDA shared memory is not implemented by this server yet (it computes on cuda; "
+                 "use system shared memory)");
+    done(arg, BS_ENOTIMPL, msg, NULL);
+}
+
 /* ---- not yet served ----------------------------------------------------------- */
 
 static void on_not_implemented(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
@@ -427,17 +545,17 @@ static const struct {
     [BS_CTL_REPOSITORY_UNLOAD] = {&inference__repository_model_unload_request__descriptor,
                                   on_not_implemented},
     [BS_CTL_SHM_STATUS] = {&inference__system_shared_memory_status_request__descriptor,
-                           on_not_implemented},
+                           on_shm_status},
     [BS_CTL_SHM_REGISTER] = {&inference__system_shared_memory_register_request__descriptor,
-                             on_not_implemented},
+                             on_shm_register},
     [BS_CTL_SHM_UNREGISTER] = {&inference__system_shared_memory_unregister_request__descriptor,
-                               on_not_implemented},
+                               on_shm_unregister},
     [BS_CTL_CUDA_SHM_STATUS] = {&inference__cuda_shared_memory_status_request__descriptor,
-                                on_not_implemented},
+                                on_cuda_shm},
     [BS_CTL_CUDA_SHM_REGISTER] = {&inference__cuda_shared_memory_register_request__descriptor,
-                                  on_not_implemented},
+                                  on_cuda_shm},
     [BS_CTL_CUDA_SHM_UNREGISTER] = {&inference__cuda_shared_memory_unregister_request__descriptor,
-                                    on_not_implemented},
+                                    on_cuda_shm},
 };
 
 const ProtobufCMessageDescriptor *bs_control_request_desc(enum bs_control_method m)
@@ -461,6 +579,8 @@ int bs_control_init(bs_control_t **ctl, const struct bs_control_options *opts, s
     if (c == NULL)
         return bs_err_set(err, BS_ENOMEM, "out of memory");
     c->core = opts->core;
+    c->shm = opts->shm;
+    c->device = opts->device ? opts->device : "cpu";
     *ctl = c;
     return 0;
 }

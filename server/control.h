@@ -15,6 +15,7 @@
 
 #include "common.h"
 #include "core.h"
+#include "shm.h"
 
 typedef struct bs_control bs_control_t;
 
@@ -39,7 +40,11 @@ enum bs_control_method {
 };
 
 struct bs_control_options {
-    bs_core_t *core; /* not owned */
+    bs_core_t *core;    /* not owned */
+    bs_shm_t *shm;      /* system shared memory regions (not owned; NULL: none, the methods
+                           answer BS_ENOTIMPL) */
+    const char *device; /* the compute backend's name ("cpu", "cuda"), for the CUDA shared
+                           memory methods' answer; NULL: "cpu" */
 };
 
 /* How a method ends: rc 0 and its response message (valid during the call

@@ -58,6 +58,7 @@ struct server {
     bs_repository_t *repo;
     bs_core_t *core;
     bs_control_t *control; /* the control plane every front end answers from */
+    bs_shm_t *shm;         /* system shared memory regions, shared by every front end */
     bs_service_t *svc;
     bs_rpc_server_t *rpc;
     bs_health_service_t *health;
@@ -344,10 +345,13 @@ static int start(struct server *s, struct bs_err *err)
     if (bs_repository_init(&s->repo, s->loop, &s->be, &ro, err) != 0 ||
         bs_core_init(&s->core, s->repo, &co, err) != 0)
         return err->code;
-    struct bs_control_options cto = {.core = s->core};
+    if (bs_shm_init(&s->shm, err) != 0)
+        return err->code;
+    struct bs_control_options cto = {.core = s->core, .shm = s->shm, .device = s->be.iface->name};
     if (bs_control_init(&s->control, &cto, err) != 0)
         return err->code;
     so.control = s->control;
+    so.shm = s->shm;
     if (bs_service_init(&s->svc, s->core, &so, err) != 0 || start_grpc_parts(s, err) != 0)
         return err->code;
     rpc_opts.methods = rows;
@@ -418,6 +422,7 @@ int bs_serve_main(int argc, char **argv)
     bs_auth_free(s.auth);
     bs_service_free(s.svc);
     bs_control_free(s.control);
+    bs_shm_free(s.shm); /* after the service: no request holds a region now */
     bs_core_free(s.core);
     bs_repository_free(s.repo);
     uv_run(s.loop, UV_RUN_DEFAULT);

@@ -47,6 +47,11 @@ struct infer {
     bs_core_req_t *creq;
     uint8_t *resp; /* the encoded answer, between reply_output and reply_done */
     size_t resp_len;
+    /* Shared memory held until the core releases the request: the inputs'
+     * ranges (NULL: from the message) and the output's. */
+    bs_shm_region_t *holds[BS_CODEC_MAX_INPUTS];
+    bs_shm_region_t *out_hold;
+    void *out_ptr;
     struct infer *prev, *next; /* the stream's in-flight list */
 };
 
@@ -113,8 +118,44 @@ static ProtobufCMessage *unpack_checked(const ProtobufCMessageDescriptor *desc, 
 
 /* ---- inference ---------------------------------------------------------------- */
 
+/* Let go of the shared memory ranges the request holds. */
+static void infer_release_shm(struct infer *in)
+{
+    for (int i = 0; i < BS_CODEC_MAX_INPUTS; i++) {
+        bs_shm_release(in->holds[i]);
+        in->holds[i] = NULL;
+    }
+    bs_shm_release(in->out_hold);
+    in->out_hold = NULL;
+    in->out_ptr = NULL;
+}
+
+/* After decoding: point the inputs that name shared memory at their bytes
+ * and hold the output's range, so that an unregister while the request runs
+ * unmaps nothing it uses. On error nothing is held. */
+static int infer_bind_shm(struct infer *in, struct bs_err *err)
+{
+    struct bs_infer_request *r = &in->req;
+    bool any = r->out_shm.given;
+    for (int i = 0; i < r->n_inputs; i++)
+        any |= r->in_shm[i].given;
+    if (!any)
+        return 0;
+    bs_shm_t *shm = in->svc->o.shm;
+    if (shm == NULL)
+        return bs_err_set(err, BS_ENOTIMPL, "this server has no system shared memory");
+    int rc = bs_shm_bind_inputs(shm, r->in_shm, r->inputs, r->n_inputs, in->holds, err);
+    if (rc == 0 && r->out_shm.given &&
+        (rc = bs_shm_acquire(shm, &r->out_shm, &in->out_hold, &in->out_ptr, err)) != 0) {
+        bs_err_wrap(err, "output 'output'");
+        infer_release_shm(in);
+    }
+    return rc;
+}
+
 static void infer_free(struct infer *in)
 {
+    infer_release_shm(in);
     bs_codec_request_free(&in->req);
     free(in->resp);
     if (in->call != NULL)
@@ -213,14 +254,21 @@ static int encode(struct infer *in, const struct bs_tensor *out, int final, uint
     return rc;
 }
 
+/* An intermediate block's output (stream_intermediate): it travels in the
+ * message even when the output names shared memory, which receives only
+ * the final output (the region holds one answer, and a client reading it
+ * after the last message reads the last block's). */
 static void reply_block(void *arg, const struct bs_tensor *out)
 {
     struct infer *in = arg;
     struct bs_err err;
     uint8_t *buf = NULL;
     size_t len = 0;
+    bool shm = in->req.out_shm.given;
+    in->req.out_shm.given = false;
     if (in->stream != NULL && encode(in, out, 0, &buf, &len, &err) == 0)
         stream_send(in->stream, buf, len, NULL, NULL, NULL);
+    in->req.out_shm.given = shm;
     free(buf);
 }
 
@@ -228,6 +276,11 @@ static int reply_output(void *arg, const struct bs_tensor *out, struct bs_err *e
 {
     struct infer *in = arg;
     in->req.block_cache = bs_core_block_cache(in->creq);
+    if (in->req.out_shm.given) {
+        int rc = bs_shm_write_held(in->out_ptr, &in->req.out_shm, out, err);
+        if (rc != 0)
+            return rc;
+    }
     return encode(in, out, in->stream && in->req.stream_intermediate ? 1 : -1, &in->resp,
                   &in->resp_len, err);
 }
@@ -288,6 +341,8 @@ static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s,
     } else if (in->req.stream_intermediate && s == NULL) {
         rc = bs_err_set(err, BS_EINVAL, "stream_intermediate needs ModelStreamInfer");
         bs_core_count_failure(svc->core, in->req.model_name, in->req.model_version, rc);
+    } else if ((rc = infer_bind_shm(in, err)) != 0) {
+        bs_core_count_failure(svc->core, in->req.model_name, in->req.model_version, rc);
     } else {
         struct bs_core_request cr = {
             .model_name = in->req.model_name,
@@ -304,6 +359,7 @@ static int start_infer(bs_service_t *svc, bs_rpc_call_t *call, struct stream *s,
         rc = bs_core_submit(svc->core, &cr, &core_reply, in, &in->creq, err); /* counted */
     }
     if (rc != 0) {
+        infer_release_shm(in);
         *label = in->req; /* the caller frees it */
         free(in);
         return rc;
@@ -469,7 +525,7 @@ int bs_service_init(bs_service_t **svc, bs_core_t *core, const struct bs_service
     s->o = *opts;
     s->control = opts->control;
     if (s->control == NULL) {
-        struct bs_control_options co = {.core = core};
+        struct bs_control_options co = {.core = core, .shm = opts->shm};
         int rc = bs_control_init(&s->control, &co, err);
         if (rc != 0) {
             free(s);

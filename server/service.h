@@ -42,6 +42,8 @@ struct bs_service_options {
     size_t max_response_bytes;     /* the transport's send limit (0: none) */
     bs_control_t *control;         /* the control plane to answer from (not owned; NULL:
                                       the service makes its own over core) */
+    bs_shm_t *shm;                 /* system shared memory for tensors (not owned; NULL:
+                                      a request naming a region is refused) */
 };
 
 /* Create the service over core (not owned); bs_service_methods gives its

@@ -24,14 +24,30 @@ static void check(bool ok)
         __builtin_trap();
 }
 
-/* Every input is a sane contiguous tensor whose bytes can all be read. */
+/* A shared memory reference names a region by a non-empty, terminated name. */
+static void check_shm_ref(const struct bs_shm_ref *ref)
+{
+    if (!ref->given)
+        return;
+    size_t n = strnlen(ref->region, sizeof(ref->region));
+    check(n > 0 && n < sizeof(ref->region));
+}
+
+/* Every input is a sane contiguous tensor whose bytes can all be read, or
+ * (in shared memory) one without data yet. */
 static void check_inputs(const struct bs_infer_request *req)
 {
     check(req->n_inputs >= 0 && req->n_inputs <= limits.max_inputs);
+    check_shm_ref(&req->out_shm);
     for (int i = 0; i < req->n_inputs; i++) {
         const struct bs_tensor *t = &req->inputs[i].t;
         check(req->inputs[i].name != NULL && req->inputs[i].name[0] != '\0');
         check((unsigned)t->type < BS_TYPE_COUNT && t->n_dims >= 0 && t->n_dims <= BS_MAX_DIMS);
+        check_shm_ref(&req->in_shm[i]);
+        if (req->in_shm[i].given) { /* bound later by the front end */
+            check(t->data == NULL && bs_tensor_is_contiguous(t));
+            continue;
+        }
         check(t->data != NULL && bs_tensor_is_contiguous(t));
         int64_t n = bs_tensor_nelements(t);
         check(n >= 0 && n <= FUZZ_MAX_ELEMENTS);
@@ -62,7 +78,11 @@ static void check_response(const struct bs_infer_request *req, const struct bs_t
     for (int i = 0; i < out->n_dims; i++)
         check(o->shape[i] == out->ne[i]);
     size_t nbytes = bs_tensor_nbytes(out);
-    if (req->raw_output) {
+    if (req->out_shm.given) { /* no bytes: an empty raw entry, or no contents */
+        check(o->n_parameters == 3 && o->contents == NULL);
+        check(res->n_raw_output_contents == (req->raw_output ? 1u : 0u));
+        check(!req->raw_output || res->raw_output_contents[0].len == 0);
+    } else if (req->raw_output) {
         check(res->n_raw_output_contents == 1 && res->raw_output_contents[0].len == nbytes);
         check(nbytes == 0 || memcmp(res->raw_output_contents[0].data, out->data, nbytes) == 0);
     } else {

@@ -981,6 +981,242 @@ static void test_encode_errors(void **state)
     inference__model_infer_response__free_unpacked(res, NULL);
 }
 
+/* ---- shared memory parameters ------------------------------------------------ */
+
+typedef Inference__ModelInferRequest__InferInputTensor__ParametersEntry in_param_t;
+typedef Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry out_param_t;
+
+/* Up to 4 parameters on each of 3 inputs and on the output. */
+struct shm_params {
+    Inference__InferParameter v[4][4];
+    in_param_t in[3][4];
+    in_param_t *in_ptrs[3][4];
+    out_param_t out[4];
+    out_param_t *out_ptrs[4];
+};
+
+static Inference__InferParameter *in_param(struct builder *b, struct shm_params *sp, int i,
+                                           const char *key)
+{
+    size_t k = b->in[i].n_parameters++;
+    sp->v[i][k] = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
+    sp->in[i][k] =
+        (in_param_t)INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__PARAMETERS_ENTRY__INIT;
+    sp->in[i][k].key = (char *)key;
+    sp->in[i][k].value = &sp->v[i][k];
+    sp->in_ptrs[i][k] = &sp->in[i][k];
+    b->in[i].parameters = sp->in_ptrs[i];
+    return &sp->v[i][k];
+}
+
+static Inference__InferParameter *out_param(struct builder *b, struct shm_params *sp,
+                                            const char *key)
+{
+    size_t k = b->outs[0].n_parameters++;
+    sp->v[3][k] = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
+    sp->out[k] = (out_param_t)
+        INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__PARAMETERS_ENTRY__INIT;
+    sp->out[k].key = (char *)key;
+    sp->out[k].value = &sp->v[3][k];
+    sp->out_ptrs[k] = &sp->out[k];
+    b->outs[0].parameters = sp->out_ptrs;
+    return &sp->v[3][k];
+}
+
+static void set_str(Inference__InferParameter *p, const char *s)
+{
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    p->string_param = (char *)s;
+}
+
+static void set_i64(Inference__InferParameter *p, int64_t v)
+{
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = v;
+}
+
+static void set_u64(Inference__InferParameter *p, uint64_t v)
+{
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM;
+    p->uint64_param = v;
+}
+
+/* Input "x" in region "reg" at offset 8, "y" in the message (raw), "z" in
+ * "reg2" (uint64 byte size, no offset); the output in "out" at offset 16. */
+static void shm_request(struct builder *b, struct shm_params *sp)
+{
+    memset(sp, 0, sizeof(*sp));
+    b_init(b, "m");
+    b_input(b, "x", "FP32", 2, shape23);
+    set_str(in_param(b, sp, 0, "shared_memory_region"), "reg");
+    set_i64(in_param(b, sp, 0, "shared_memory_byte_size"), 24);
+    set_i64(in_param(b, sp, 0, "shared_memory_offset"), 8);
+    b_input(b, "y", "FP32", 2, shape23);
+    b_raw(b, vals6, sizeof(vals6));
+    b_input(b, "z", "BF16", 2, shape23);
+    set_str(in_param(b, sp, 2, "shared_memory_region"), "reg2");
+    set_u64(in_param(b, sp, 2, "shared_memory_byte_size"), 12);
+    b_output(b, "output");
+    set_str(out_param(b, sp, "shared_memory_region"), "out");
+    set_i64(out_param(b, sp, "shared_memory_byte_size"), 4096);
+    set_i64(out_param(b, sp, "shared_memory_offset"), 16);
+}
+
+static void test_decode_shm(void **state)
+{
+    (void)state;
+    struct builder b;
+    struct shm_params sp;
+    struct bs_infer_request req;
+    struct bs_err err;
+    shm_request(&b, &sp);
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_int_equal(req.n_inputs, 3);
+    assert_true(req.in_shm[0].given);
+    assert_string_equal(req.in_shm[0].region, "reg");
+    assert_int_equal(req.in_shm[0].offset, 8);
+    assert_int_equal(req.in_shm[0].byte_size, 24);
+    assert_null(req.inputs[0].t.data); /* bound by the front end */
+    assert_false(req.in_shm[1].given);
+    assert_memory_equal(req.inputs[1].t.data, vals6, sizeof(vals6)); /* raw entry 0 */
+    assert_true(req.in_shm[2].given);
+    assert_int_equal(req.in_shm[2].offset, 0);
+    assert_int_equal(req.in_shm[2].byte_size, 12);
+    assert_int_equal(req.inputs[2].t.type, BS_TYPE_BF16);
+    assert_true(req.out_shm.given);
+    assert_string_equal(req.out_shm.region, "out");
+    assert_int_equal(req.out_shm.offset, 16);
+    assert_int_equal(req.out_shm.byte_size, 4096);
+    assert_true(req.raw_output);
+    bs_codec_request_free(&req);
+
+    /* every input in shared memory: no raw entries, and the answer is raw */
+    b_init(&b, "m");
+    memset(&sp, 0, sizeof(sp));
+    b_input(&b, "x", "FP32", 2, shape23);
+    set_str(in_param(&b, &sp, 0, "shared_memory_region"), "reg");
+    set_i64(in_param(&b, &sp, 0, "shared_memory_byte_size"), 24);
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_true(req.raw_output);
+    assert_false(req.out_shm.given);
+    bs_codec_request_free(&req);
+}
+
+static void test_decode_shm_errors(void **state)
+{
+    (void)state;
+    struct builder b;
+    struct shm_params sp;
+    /* the raw entries are those of the inputs not in shared memory */
+    shm_request(&b, &sp);
+    b_raw(&b, vals6, sizeof(vals6));
+    expect_error(&b, BS_EINVAL,
+                 "raw_input_contents has 2 entries for 1 inputs not in shared memory");
+    shm_request(&b, &sp);
+    b.msg.n_raw_input_contents = 0; /* y then has no data: typed, empty */
+    expect_error(&b, BS_EINVAL, "input 'y': contents.fp32_contents holds 0 values, expected 6");
+    shm_request(&b, &sp);
+    b_contents(&b, 0)->n_fp32_contents = 6;
+    b_contents(&b, 0)->fp32_contents = (float *)vals6;
+    expect_error(&b, BS_EINVAL, "input 'x': contents must be empty for an input in shared memory");
+    /* parameter types and values */
+    shm_request(&b, &sp);
+    set_i64(&sp.v[0][0], 5);
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': parameter 'shared_memory_region' must be a string_param");
+    shm_request(&b, &sp);
+    set_str(&sp.v[0][0], "");
+    expect_error(&b, BS_EINVAL, "parameter 'shared_memory_region' '' is empty");
+    shm_request(&b, &sp);
+    char long_region[BS_SHM_NAME_MAX + 1];
+    memset(long_region, 'r', BS_SHM_NAME_MAX);
+    long_region[BS_SHM_NAME_MAX] = '\0';
+    set_str(&sp.v[0][0], long_region);
+    expect_error(&b, BS_EINVAL, "is too long (1 to 127 bytes)");
+    shm_request(&b, &sp);
+    set_str(&sp.v[0][1], "24");
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': parameter 'shared_memory_byte_size' must be an int64_param");
+    shm_request(&b, &sp);
+    set_i64(&sp.v[0][2], -1);
+    expect_error(&b, BS_EINVAL, "input 'x': parameter 'shared_memory_offset' is -1 (must be >= 0)");
+    shm_request(&b, &sp);
+    b.in[0].n_parameters = 1; /* region without byte size */
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': parameter 'shared_memory_byte_size' must be given with "
+                 "'shared_memory_region'");
+    shm_request(&b, &sp);
+    sp.in[0][0].key = "region"; /* offset and size without a region */
+    b_raw(&b, vals6, sizeof(vals6));
+    expect_error(&b, BS_EINVAL,
+                 "input 'x': parameter 'shared_memory_byte_size' needs "
+                 "'shared_memory_region'");
+    /* the output's */
+    shm_request(&b, &sp);
+    set_i64(&sp.v[3][0], 1);
+    expect_error(&b, BS_EINVAL,
+                 "output 'output': parameter 'shared_memory_region' must be a string_param");
+    shm_request(&b, &sp);
+    b.outs[0].n_parameters = 1;
+    expect_error(&b, BS_EINVAL,
+                 "output 'output': parameter 'shared_memory_byte_size' must be "
+                 "given with 'shared_memory_region'");
+    shm_request(&b, &sp);
+    sp.out[0].key = "other";
+    expect_error(&b, BS_EINVAL,
+                 "output 'output': parameter 'shared_memory_byte_size' needs "
+                 "'shared_memory_region'");
+}
+
+static void test_encode_shm_output(void **state)
+{
+    (void)state;
+    struct builder b;
+    struct shm_params sp;
+    struct bs_infer_request req;
+    struct bs_err err;
+    float out_data[6] = {1, 2, 3, 4, 5, 6};
+    struct bs_tensor out = bs_tensor_make(BS_TYPE_F32, 2, shape23, out_data);
+    for (int typed = 0; typed < 2; typed++) {
+        shm_request(&b, &sp);
+        if (typed) { /* typed inputs only: a typed answer, without contents */
+            b.msg.n_inputs = 2;
+            b.msg.n_raw_input_contents = 0;
+            b.in[0].n_parameters = 0;
+            b_contents(&b, 0)->n_fp32_contents = 6;
+            b_contents(&b, 0)->fp32_contents = (float *)vals6;
+            b_contents(&b, 1)->n_fp32_contents = 6;
+            b_contents(&b, 1)->fp32_contents = (float *)vals6;
+        }
+        assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+        assert_int_equal(req.raw_output, !typed);
+        Inference__ModelInferResponse *res = encode_and_unpack(&req, &out, -1);
+        const Inference__ModelInferResponse__InferOutputTensor *o = res->outputs[0];
+        assert_string_equal(o->datatype, "FP32");
+        assert_int_equal(o->n_shape, 2);
+        assert_int_equal(o->shape[1], 3);
+        assert_null(o->contents);
+        /* Triton's: one (empty) raw entry per output in raw answers */
+        assert_int_equal(res->n_raw_output_contents, typed ? 0 : 1);
+        if (!typed)
+            assert_int_equal(res->raw_output_contents[0].len, 0);
+        assert_int_equal(o->n_parameters, 3);
+        for (size_t k = 0; k < o->n_parameters; k++) {
+            const Inference__InferParameter *v = o->parameters[k]->value;
+            if (strcmp(o->parameters[k]->key, "shared_memory_region") == 0)
+                assert_string_equal(v->string_param, "out");
+            else if (strcmp(o->parameters[k]->key, "shared_memory_byte_size") == 0)
+                assert_int_equal(v->int64_param, 4096);
+            else if (strcmp(o->parameters[k]->key, "shared_memory_offset") == 0)
+                assert_int_equal(v->int64_param, 16);
+            else
+                fail_msg("unexpected parameter %s", o->parameters[k]->key);
+        }
+        inference__model_infer_response__free_unpacked(res, NULL);
+        bs_codec_request_free(&req);
+    }
+}
+
 static void test_datatype_names(void **state)
 {
     (void)state;
@@ -1018,6 +1254,9 @@ int main(void)
         cmocka_unit_test(test_encode_typed),
         cmocka_unit_test(test_encode_errors),
         cmocka_unit_test(test_datatype_names),
+        cmocka_unit_test(test_decode_shm),
+        cmocka_unit_test(test_decode_shm_errors),
+        cmocka_unit_test(test_encode_shm_output),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
