@@ -121,7 +121,7 @@ static void fx_init_serving(struct fx *f, int max_inflight, const struct bs_serv
     assert_int_equal(symlink(target, link), 0);
     assert_int_equal(bs_metrics_init(&f->metrics, NULL, &err), 0);
     const char *dirs[] = {f->root};
-    struct bs_repo_options ro = {dirs, 1, *sc, f->metrics};
+    struct bs_repo_options ro = {.dirs = dirs, .n_dirs = 1, .defaults = *sc, .metrics = f->metrics};
     if (bs_repository_init(&f->repo, &f->loop, &be, &ro, &err) != 0)
         fail_msg("repository: %s", err.msg);
     struct bs_core_options co = {
