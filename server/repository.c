@@ -562,14 +562,6 @@ static void list_remove(bs_repository_t *r, struct bs_repo_model *rm)
         }
 }
 
-/* Put rm in old's place (old leaves the list). */
-static void list_replace(bs_repository_t *r, struct bs_repo_model *old, struct bs_repo_model *rm)
-{
-    for (int i = 0; i < r->n; i++)
-        if (r->models[i] == old)
-            r->models[i] = rm;
-}
-
 static struct bs_repo_model *find_exact(bs_repository_t *r, const char *name, int64_t version)
 {
     for (int i = 0; i < r->n; i++)
@@ -731,9 +723,10 @@ static void add_marker(bs_repository_t *r, const char *name, int64_t version)
         free(rm);
 }
 
-/* On the loop: swap a load's entries in. Returns 0, or the failure (msg):
- * a failed version keeps its old entry serving; a failed model keeps its
- * old entries, or is listed with its reason when it has none. */
+/* On the loop: swap a load's entries in, all or none. Returns 0, or the
+ * failure (msg): when a version or the whole model fails while the model
+ * serves, nothing changes (the old entries keep serving); when it does
+ * not serve, the failures are listed with their reasons. */
 static int install(bs_repository_t *r, struct op *op, char *msg, size_t cap)
 {
     struct name_rec *nr = name_rec(r, op->name, true);
@@ -745,44 +738,38 @@ static int install(bs_repository_t *r, struct op *op, char *msg, size_t cap)
         snprintf(msg, cap, "%s", op->err.msg);
         if (has_ready(r, op->name) || op->err.code == BS_ENOTFOUND)
             return rc; /* the served versions stay; an unknown model is not listed */
-        for (int i = r->n - 1; i >= 0; i--)
-            if (strcmp(r->models[i]->name, op->name) == 0)
-                retire(r, r->models[i], NULL);
         struct bs_repo_model *rm = new_entry(r, op->name, 1);
-        if (rm != NULL) {
-            snprintf(rm->reason, sizeof(rm->reason), "%s", op->err.msg);
-            bs_log(BS_LOG_ERROR, NULL, "model %s failed to load: %s", rm->name, rm->reason);
-            if (list_add(r, rm) != 0)
-                free(rm);
-        }
-        return rc;
+        if (rm == NULL)
+            return rc;
+        snprintf(rm->reason, sizeof(rm->reason), "%s", op->err.msg);
+        bs_log(BS_LOG_ERROR, NULL, "model %s failed to load: %s", rm->name, rm->reason);
+        op->got[0] = rm; /* listed in the place of the entries it had */
+        op->n_got = 1;
     }
-    /* versions no longer served, and the marker of an unloaded model, go */
+    for (int k = 0; k < op->n_got && op->rc == 0; k++) {
+        finish_load(r, op->got[k]);
+        if (op->got[k]->model == NULL) {
+            size_t used = strlen(msg);
+            snprintf(msg + used, cap - used, "%s%s", used ? "; " : "", op->got[k]->reason);
+            rc = BS_EINVAL;
+        }
+    }
+    if (rc != 0 && has_ready(r, op->name))
+        return rc; /* op_free frees the new entries */
+    /* versions no longer served, failed ones and the marker of an unloaded
+     * model go; requests go to the new entries from now on */
     for (int i = r->n - 1; i >= 0; i--) {
         struct bs_repo_model *rm = r->models[i];
-        bool kept = false;
-        for (int k = 0; k < op->n_got && !kept; k++)
-            kept = op->got[k]->version == rm->version;
-        if (strcmp(rm->name, op->name) == 0 && (!kept || rm->unloaded))
+        if (strcmp(rm->name, op->name) == 0)
             retire(r, rm, NULL);
     }
     for (int k = 0; k < op->n_got; k++) {
-        struct bs_repo_model *rm = op->got[k], *old = find_exact(r, op->name, rm->version);
+        if (list_add(r, op->got[k]) != 0) {
+            rc = bs_err_set(&op->err, BS_ENOMEM, "out of memory");
+            snprintf(msg, cap, "out of memory");
+            continue; /* op_free frees it */
+        }
         op->got[k] = NULL;
-        finish_load(r, rm);
-        if (rm->model == NULL) {
-            size_t used = strlen(msg);
-            snprintf(msg + used, cap - used, "%s%s", used ? "; " : "", rm->reason);
-            rc = BS_EINVAL;
-        }
-        if (rm->model == NULL && old != NULL && old->model != NULL) {
-            entry_free(rm); /* the old one keeps serving */
-        } else if (old != NULL) {
-            list_replace(r, old, rm);
-            retire(r, old, NULL); /* requests go to rm from now on */
-        } else if (list_add(r, rm) != 0) {
-            entry_free(rm);
-        }
     }
     return rc;
 }
@@ -1181,6 +1168,17 @@ static const char *state_name(const struct bs_repo_model *rm)
     return rm->unloaded ? "UNAVAILABLE" : names[rm->state];
 }
 
+/* Rows by name, then version (numerically; "" first). */
+static int cmp_row(const void *a, const void *b)
+{
+    const struct bs_repo_row *x = a, *y = b;
+    int c = strcmp(x->name, y->name);
+    size_t lx = strlen(x->version), ly = strlen(y->version);
+    if (c != 0)
+        return c;
+    return lx != ly ? (lx < ly ? -1 : 1) : strcmp(x->version, y->version);
+}
+
 int bs_repository_index(bs_repository_t *r, struct bs_repo_row *rows, int max)
 {
     int k = 0;
@@ -1203,6 +1201,8 @@ int bs_repository_index(bs_repository_t *r, struct bs_repo_row *rows, int max)
             rows[k] = (struct bs_repo_row){r->ops->name, "", "LOADING", ""};
         k++;
     }
+    if (rows != NULL)
+        qsort(rows, (size_t)(k < max ? k : max), sizeof(*rows), cmp_row);
     return k;
 }
 
