@@ -442,8 +442,7 @@ static void on_control_done(void *arg, int rc, const char *msg)
 
 /* Triton's load parameters: "config" and "file:<path>" override the
  * model's files, which this server does not do; other keys are ignored. */
-static int check_load_parameters(const Inference__RepositoryModelLoadRequest *q,
-                                 struct bs_err *err)
+static int check_load_parameters(const Inference__RepositoryModelLoadRequest *q, struct bs_err *err)
 {
     for (size_t i = 0; i < q->n_parameters; i++) {
         const char *key = q->parameters[i]->key;
@@ -481,8 +480,8 @@ static void on_repository_control(bs_control_t *ctl, const char *name, bool unlo
     }
 }
 
-static void on_repository_load(bs_control_t *ctl, const ProtobufCMessage *req,
-                               bs_control_done done, void *arg)
+static void on_repository_load(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
+                               void *arg)
 {
     struct bs_err err = {0};
     const Inference__RepositoryModelLoadRequest *q =

@@ -73,8 +73,8 @@ static const char *served_versions(bs_core_t *core, const char *name, char *buf,
     for (int i = 0; i < bs_repository_count(core->repo) && used < cap; i++) {
         const struct bs_repo_model *rm = bs_repository_get(core->repo, i);
         if (rm->model != NULL && strcmp(rm->name, name) == 0)
-            used += (size_t)snprintf(buf + used, cap - used, "%s%s", used ? ", " : "",
-                                     rm->version_str);
+            used +=
+                (size_t)snprintf(buf + used, cap - used, "%s%s", used ? ", " : "", rm->version_str);
     }
     return buf[0] != '\0' ? buf : "none";
 }
@@ -93,8 +93,9 @@ struct bs_repo_model *bs_core_lookup(bs_core_t *core, const char *name, const ch
     if (version[0] != '\0') {
         rm = bs_repository_find_version(core->repo, name, version);
         if (rm == NULL || (need_ready && rm->unloaded)) {
-            bs_err_set(err, BS_ENOTFOUND, "model \"%s\" has no version \"%s\" (versions served: %s)",
-                       name, version, served_versions(core, name, served, sizeof(served)));
+            bs_err_set(err, BS_ENOTFOUND,
+                       "model \"%s\" has no version \"%s\" (versions served: %s)", name, version,
+                       served_versions(core, name, served, sizeof(served)));
             return NULL;
         }
     }
@@ -180,7 +181,7 @@ static void req_end(bs_core_req_t *r, int rc, const char *msg)
     if (!r->answered)
         r->reply.on_done(r->arg, rc, msg);
     if (r->reply.on_release != NULL)
-        r->reply.on_release(r->arg); /* the batcher is done with the inputs */
+        r->reply.on_release(r->arg);           /* the batcher is done with the inputs */
     bs_repository_unref(r->core->repo, r->rm); /* an unloaded model may go now */
     free(r);
 }

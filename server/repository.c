@@ -165,8 +165,8 @@ static int load_serving(struct bs_repo_model *rm, const char *dir, const char *t
 /* Triton's version_policy. */
 struct policy {
     enum { POLICY_LATEST, POLICY_ALL, POLICY_SPECIFIC } kind;
-    int64_t latest;            /* POLICY_LATEST: how many */
-    int64_t v[MAX_VERSIONS];   /* POLICY_SPECIFIC */
+    int64_t latest;          /* POLICY_LATEST: how many */
+    int64_t v[MAX_VERSIONS]; /* POLICY_SPECIFIC */
     int n_v;
 };
 
@@ -386,8 +386,8 @@ static int check_entry(const char *path, const char *name, struct bs_err *err)
     if (stat(path, &st) != 0) {
         int e = errno;
         if (e == ENOENT && lstat(path, &lst) == 0 && S_ISLNK(lst.st_mode))
-            return bs_err_set(err, BS_EIO,
-                              "%s: dangling symbolic link (its target does not exist)", name);
+            return bs_err_set(err, BS_EIO, "%s: dangling symbolic link (its target does not exist)",
+                              name);
         return bs_err_set(err, BS_EIO, "%s: cannot read: %s", name, strerror(e));
     }
     if (!S_ISDIR(st.st_mode))
@@ -532,8 +532,7 @@ static void finish_load(bs_repository_t *r, struct bs_repo_model *rm)
     bs_log(BS_LOG_INFO, NULL, "model %s version %s ready (%s, %s, %.1f MB of weights%s)", rm->name,
            rm->version_str, bs_config_class_name(bs_model_config(rm->model)->cls),
            bs_compute_dtype_name(bs_model_dtype(rm->model)),
-           (double)bs_model_weight_bytes(rm->model) / 1048576.0,
-           rm->builtin ? ", generated" : "");
+           (double)bs_model_weight_bytes(rm->model) / 1048576.0, rm->builtin ? ", generated" : "");
 }
 
 /* ---- the entries (loop thread) --------------------------------------------------- */
@@ -682,8 +681,8 @@ void bs_repository_unref(bs_repository_t *r, struct bs_repo_model *rm)
         maybe_free(r, rm);
 }
 
-void bs_repository_set_free_hook(bs_repository_t *r, void (*fn)(void *arg, struct bs_repo_model *rm),
-                                 void *arg)
+void bs_repository_set_free_hook(bs_repository_t *r,
+                                 void (*fn)(void *arg, struct bs_repo_model *rm), void *arg)
 {
     r->free_hook = fn;
     r->free_hook_arg = arg;
@@ -842,8 +841,7 @@ static void poll_scan(bs_repository_t *r, struct op *op)
             bool dup = false;
             for (int k = 0; k < op->n_seen && !dup; k++)
                 dup = strcmp(op->seen[k].name, name) == 0;
-            if (name[0] != '.' && valid_name(name) && !dup &&
-                !is_plain_file(r->dirs[d], name)) {
+            if (name[0] != '.' && valid_name(name) && !dup && !is_plain_file(r->dirs[d], name)) {
                 if (op->n_seen == cap) {
                     cap = cap ? 2 * cap : 16;
                     struct name_rec *p = realloc(op->seen, (size_t)cap * sizeof(*p));
@@ -852,7 +850,8 @@ static void poll_scan(bs_repository_t *r, struct op *op)
                     op->seen = p;
                 }
                 snprintf(path, sizeof(path), "%s/%s", r->dirs[d], name);
-                snprintf(op->seen[op->n_seen].name, BS_MODEL_NAME_MAX, "%s", name);
+                snprintf(op->seen[op->n_seen].name, BS_MODEL_NAME_MAX, "%.*s",
+                         BS_MODEL_NAME_MAX - 1, name); /* valid_name: it fits */
                 op->seen[op->n_seen++].sig = folder_sig(path);
             }
             free(list[i]);
@@ -944,8 +943,7 @@ static void unload_run(bs_repository_t *r, struct op *op)
         char msg[BS_MODEL_NAME_MAX + 32];
         snprintf(msg, sizeof(msg), "unknown model \"%s\"", op->name);
         op_done(r, op, BS_ENOTFOUND, msg);
-    }
-    else if (op->pending == 0)
+    } else if (op->pending == 0)
         op_done(r, op, 0, NULL);
     else
         bs_log(BS_LOG_INFO, NULL, "model %s: unloading (%d versions draining)", op->name,
@@ -1103,8 +1101,7 @@ int bs_repository_init(bs_repository_t **repo, uv_loop_t *loop, struct bs_backen
         rc = load_dir(r, opts, opts->dirs[i], err);
     for (int i = 0; rc == 0 && opts->n_dirs == 0 && i < bs_builtin_count(); i++)
         load_now(r, opts, bs_builtin_get(i)->name);
-    for (int i = 0; rc == 0 && opts->control == BS_REPO_CONTROL_EXPLICIT &&
-                    i < opts->n_load_models;
+    for (int i = 0; rc == 0 && opts->control == BS_REPO_CONTROL_EXPLICIT && i < opts->n_load_models;
          i++) {
         const char *name = opts->load_models[i];
         if (strcmp(name, "*") != 0 && bs_repository_find(r, name) == NULL)
@@ -1144,8 +1141,7 @@ struct bs_repo_model *bs_repository_find(bs_repository_t *r, const char *name)
         struct bs_repo_model *rm = r->models[i];
         if (strcmp(rm->name, name) != 0)
             continue;
-        bool better = best == NULL ||
-                      (rm->model != NULL) > (best->model != NULL) ||
+        bool better = best == NULL || (rm->model != NULL) > (best->model != NULL) ||
                       ((rm->model != NULL) == (best->model != NULL) && rm->version > best->version);
         if (better)
             best = rm;
@@ -1182,11 +1178,18 @@ static int cmp_row(const void *a, const void *b)
 int bs_repository_index(bs_repository_t *r, struct bs_repo_row *rows, int max)
 {
     int k = 0;
-    for (int i = 0; i < r->n; i++, k++) {
+    for (int i = 0; i < r->n; i++) {
         const struct bs_repo_model *rm = r->models[i];
+        bool draining = false;
+        for (const struct bs_repo_model *d = r->retired; d != NULL && rm->unloaded;
+             d = d->next_retired)
+            draining |= d->version == rm->version && strcmp(d->name, rm->name) == 0;
+        if (draining)
+            continue; /* listed as UNLOADING below */
         if (k < max)
             rows[k] = (struct bs_repo_row){rm->name, rm->version_str, state_name(rm),
                                            rm->model != NULL ? "" : rm->reason};
+        k++;
     }
     for (const struct bs_repo_model *rm = r->retired; rm != NULL; rm = rm->next_retired) {
         const struct bs_repo_model *now = find_exact(r, rm->name, rm->version);

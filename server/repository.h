@@ -65,10 +65,10 @@ struct bs_repo_model {
     bool unloaded; /* a model not loaded now (unloaded, or not yet loaded): no version */
     /* the repository's own */
     struct bs_repository *repo;
-    int refs;       /* requests that hold it (loop thread) */
-    bool retired;   /* out of routing: draining, then freed */
-    bool drained;   /* its batcher has drained */
-    void *unload;   /* the unload waiting for it to be freed */
+    int refs;     /* requests that hold it (loop thread) */
+    bool retired; /* out of routing: draining, then freed */
+    bool drained; /* its batcher has drained */
+    void *unload; /* the unload waiting for it to be freed */
     struct bs_repo_model *next_retired;
 };
 

@@ -259,8 +259,9 @@ static void test_versions(void **state)
     assert_int_equal(bs_repository_find(repo, "all")->serving.max_batch_size, 2);
     snprintf(path, sizeof(path), "%s/all/2", fx->root);
     assert_string_equal(bs_repository_find(repo, "all")->path, path);
-    expect_model(repo, "badpolicy", "badpolicy/serving.json: version_policy: unknown policy "
-                                    "\"newest\" (known: latest, all, specific)");
+    expect_model(repo, "badpolicy",
+                 "badpolicy/serving.json: version_policy: unknown policy "
+                 "\"newest\" (known: latest, all, specific)");
     expect_model(repo, "badlatest",
                  "badlatest/serving.json: version_policy.latest.num_versions: expected an "
                  "integer >= 1");
