@@ -524,15 +524,16 @@ static void finish_load(bs_repository_t *r, struct bs_repo_model *rm)
     }
     if (rm->model == NULL) {
         rm->state = BS_REPO_UNAVAILABLE;
-        bs_log(BS_LOG_ERROR, NULL, "model %s version %s failed to load: %s", rm->name,
+        bs_log(BS_LOG_ERROR, NULL, "model %s failed to load (version %s): %s", rm->name,
                rm->version_str, rm->reason);
         return;
     }
     rm->state = BS_REPO_READY;
-    bs_log(BS_LOG_INFO, NULL, "model %s version %s ready (%s, %s, %.1f MB of weights%s)", rm->name,
-           rm->version_str, bs_config_class_name(bs_model_config(rm->model)->cls),
+    bs_log(BS_LOG_INFO, NULL, "model %s ready (%s, %s, %.1f MB of weights%s, version %s)", rm->name,
+           bs_config_class_name(bs_model_config(rm->model)->cls),
            bs_compute_dtype_name(bs_model_dtype(rm->model)),
-           (double)bs_model_weight_bytes(rm->model) / 1048576.0, rm->builtin ? ", generated" : "");
+           (double)bs_model_weight_bytes(rm->model) / 1048576.0, rm->builtin ? ", generated" : "",
+           rm->version_str);
 }
 
 /* ---- the entries (loop thread) --------------------------------------------------- */
