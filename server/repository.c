@@ -444,12 +444,14 @@ static void load_version(bs_repository_t *r, struct op *op, const char *dir, con
     op->got[op->n_got++] = rm;
 }
 
-/* The model folder of name: the first repository folder that has it. */
+/* The model folder of name: the first repository folder that has an entry
+ * of that name which is no plain file (as the start-up scan sees them). */
 static bool find_folder(const bs_repository_t *r, const char *name, char *dir, size_t cap)
 {
     struct stat st;
     for (int i = 0; i < r->n_dirs; i++)
-        if ((size_t)snprintf(dir, cap, "%s/%s", r->dirs[i], name) < cap && lstat(dir, &st) == 0)
+        if ((size_t)snprintf(dir, cap, "%s/%s", r->dirs[i], name) < cap && lstat(dir, &st) == 0 &&
+            !is_plain_file(r->dirs[i], name))
             return true;
     return false;
 }
