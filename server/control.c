@@ -15,7 +15,6 @@
 #include "version.h"
 
 #define BS_SERVER_NAME "blockserve"
-#define MODEL_VERSION  BS_MODEL_VERSION
 
 struct bs_control {
     bs_core_t *core;
@@ -65,15 +64,38 @@ static void on_model_ready(bs_control_t *ctl, const ProtobufCMessage *req, bs_co
 static void on_server_metadata(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
                                void *arg)
 {
-    static char *extensions[] = {
-        "model_configuration", "statistics", "parameters", "model_repository(index)",
-        "streaming",           "health",     "reflection", "system_shared_memory"};
+    static char *extensions[] = {"model_configuration", "statistics", "parameters",
+                                 "model_repository",    "sequence",   "streaming",
+                                 "schedule_policy",     "health",     "reflection",
+                                 "system_shared_memory"};
     Inference__ServerMetadataResponse r = INFERENCE__SERVER_METADATA_RESPONSE__INIT;
     r.name = BS_SERVER_NAME;
     r.version = BS_VERSION;
     r.n_extensions = BS_ARRAY_LEN(extensions) - (ctl->shm == NULL); /* the last: shm */
     r.extensions = extensions;
     done(arg, 0, NULL, &r.base);
+}
+
+/* The ready versions of model name, lowest first (ModelMetadata's list). */
+static size_t ready_versions(bs_control_t *ctl, const char *name, char **out, size_t max)
+{
+    bs_repository_t *repo = bs_core_repository(ctl->core);
+    struct bs_repo_model *v[64];
+    size_t n = 0;
+    for (int i = 0; i < bs_repository_count(repo) && n < max && n < BS_ARRAY_LEN(v); i++) {
+        struct bs_repo_model *rm = bs_repository_get(repo, i);
+        if (rm->model != NULL && strcmp(rm->name, name) == 0)
+            v[n++] = rm;
+    }
+    for (size_t i = 1; i < n; i++) /* insertion sort by version */
+        for (size_t k = i; k > 0 && v[k - 1]->version > v[k]->version; k--) {
+            struct bs_repo_model *t = v[k];
+            v[k] = v[k - 1];
+            v[k - 1] = t;
+        }
+    for (size_t i = 0; i < n; i++)
+        out[i] = v[i]->version_str;
+    return n;
 }
 
 /* Tensor metadata for ModelMetadata: every dim of the spec, batch dim -1. */
@@ -100,7 +122,8 @@ static void on_model_metadata(bs_control_t *ctl, const ProtobufCMessage *req, bs
     Inference__ModelMetadataResponse__TensorMetadata in[BS_MAX_INPUTS], out;
     Inference__ModelMetadataResponse__TensorMetadata *inp[BS_MAX_INPUTS], *outp = &out;
     struct bs_input_spec out_spec = bs_model_output(rm->model);
-    char *versions[] = {MODEL_VERSION};
+    char *versions[64];
+    size_t n_versions = ready_versions(ctl, rm->name, versions, BS_ARRAY_LEN(versions));
     int n_in = bs_model_n_inputs(rm->model);
     for (int i = 0; i < n_in && i < BS_MAX_INPUTS; i++) {
         fill_tensor_meta(&in[i], bs_model_input(rm->model, i));
@@ -109,7 +132,7 @@ static void on_model_metadata(bs_control_t *ctl, const ProtobufCMessage *req, bs
     fill_tensor_meta(&out, &out_spec);
     Inference__ModelMetadataResponse r = INFERENCE__MODEL_METADATA_RESPONSE__INIT;
     r.name = rm->name;
-    r.n_versions = 1;
+    r.n_versions = n_versions;
     r.versions = versions;
     r.platform = "blockserve";
     r.n_inputs = (size_t)n_in;
@@ -277,7 +300,7 @@ static int fill_stats(struct stats_msg *s, const struct bs_repo_model *rm)
     inference__model_statistics__init(&s->ms);
     inference__infer_statistics__init(&s->is);
     s->ms.name = (char *)rm->name;
-    s->ms.version = MODEL_VERSION;
+    s->ms.version = (char *)rm->version_str;
     s->ms.last_inference = st->last_inference_ms;
     s->ms.inference_count = st->inference_count;
     s->ms.execution_count = st->execution_count;
@@ -339,11 +362,13 @@ static void on_model_statistics(bs_control_t *ctl, const ProtobufCMessage *req,
         done(arg, err.code, err.msg, NULL);
         return;
     }
+    bool all_versions = only != NULL && q->version[0] == '\0'; /* every version of the model */
     struct stats_msg *sm = calloc((size_t)count + 1, sizeof(*sm));
     Inference__ModelStatistics **list = calloc((size_t)count + 1, sizeof(*list));
     for (int i = 0; sm && list && i < count && rc == 0; i++) {
         struct bs_repo_model *rm = bs_repository_get(bs_core_repository(ctl->core), i);
-        if (rm->batcher == NULL || (only != NULL && rm != only))
+        if (rm->batcher == NULL ||
+            (only != NULL && (all_versions ? strcmp(rm->name, only->name) != 0 : rm != only)))
             continue;
         rc = fill_stats(&sm[k], rm);
         list[k] = &sm[k].ms;
@@ -367,22 +392,24 @@ static void on_repository_index(bs_control_t *ctl, const ProtobufCMessage *req,
                                 bs_control_done done, void *arg)
 {
     const Inference__RepositoryIndexRequest *q = (const Inference__RepositoryIndexRequest *)req;
-    int count = bs_repository_count(bs_core_repository(ctl->core)), k = 0;
+    bs_repository_t *repo = bs_core_repository(ctl->core);
+    int count = bs_repository_index(repo, NULL, 0), k = 0;
+    struct bs_repo_row *rows = calloc((size_t)count + 1, sizeof(*rows));
     Inference__RepositoryIndexResponse__ModelIndex *idx = calloc((size_t)count + 1, sizeof(*idx));
     Inference__RepositoryIndexResponse__ModelIndex **list =
         calloc((size_t)count + 1, sizeof(*list));
-    if (idx == NULL || list == NULL) {
+    if (rows == NULL || idx == NULL || list == NULL) {
         done(arg, BS_ENOMEM, "out of memory", NULL);
     } else {
+        count = bs_repository_index(repo, rows, count);
         for (int i = 0; i < count; i++) {
-            struct bs_repo_model *rm = bs_repository_get(bs_core_repository(ctl->core), i);
-            if (q->ready && rm->model == NULL)
+            if (q->ready && strcmp(rows[i].state, "READY") != 0)
                 continue;
             inference__repository_index_response__model_index__init(&idx[k]);
-            idx[k].name = rm->name;
-            idx[k].version = MODEL_VERSION;
-            idx[k].state = rm->model ? "READY" : "UNAVAILABLE";
-            idx[k].reason = rm->model ? "" : rm->reason;
+            idx[k].name = (char *)rows[i].name;
+            idx[k].version = (char *)rows[i].version;
+            idx[k].state = (char *)rows[i].state;
+            idx[k].reason = (char *)rows[i].reason;
             list[k] = &idx[k];
             k++;
         }
@@ -391,6 +418,7 @@ static void on_repository_index(bs_control_t *ctl, const ProtobufCMessage *req,
         r.models = list;
         done(arg, 0, NULL, &r.base);
     }
+    free(rows);
     free(idx);
     free(list);
 }
@@ -510,14 +538,85 @@ static void on_cuda_shm(bs_control_t *ctl, const ProtobufCMessage *req, bs_contr
     done(arg, BS_ENOTIMPL, msg, NULL);
 }
 
-/* ---- not yet served ----------------------------------------------------------- */
+/* ---- model control ------------------------------------------------------------------ */
 
-static void on_not_implemented(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
+/* A load or unload waiting for the repository. */
+struct control_wait {
+    bs_control_done done;
+    void *arg;
+    bool unload;
+};
+
+static void on_control_done(void *arg, int rc, const char *msg)
+{
+    struct control_wait *w = arg;
+    Inference__RepositoryModelLoadResponse lr = INFERENCE__REPOSITORY_MODEL_LOAD_RESPONSE__INIT;
+    Inference__RepositoryModelUnloadResponse ur = INFERENCE__REPOSITORY_MODEL_UNLOAD_RESPONSE__INIT;
+    if (rc != 0)
+        w->done(w->arg, rc, msg, NULL);
+    else
+        w->done(w->arg, 0, NULL, w->unload ? &ur.base : &lr.base);
+    free(w);
+}
+
+/* Triton's load parameters: "config" and "file:<path>" override the
+ * model's files, which this server does not do; other keys are ignored. */
+static int check_load_parameters(const Inference__RepositoryModelLoadRequest *q, struct bs_err *err)
+{
+    for (size_t i = 0; i < q->n_parameters; i++) {
+        const char *key = q->parameters[i]->key;
+        if (strcmp(key, "config") == 0)
+            return bs_err_set(err, BS_EINVAL,
+                              "load parameter \"config\": overriding the model configuration "
+                              "is not supported (edit the model folder's config.json and "
+                              "serving.json, then load)");
+        if (strncmp(key, "file:", 5) == 0)
+            return bs_err_set(err, BS_EINVAL,
+                              "load parameter \"file:...\": model files sent with the load "
+                              "request are not supported (put them in the model folder)");
+    }
+    return 0;
+}
+
+/* RepositoryModelLoad / Unload: answered once the repository has swapped
+ * the model in (or failed to), or unloaded it and freed its memory. */
+static void on_repository_control(bs_control_t *ctl, const char *name, bool unload,
+                                  bs_control_done done, void *arg)
+{
+    struct bs_err err = {0};
+    bs_repository_t *repo = bs_core_repository(ctl->core);
+    struct control_wait *w = calloc(1, sizeof(*w));
+    if (w == NULL) {
+        done(arg, BS_ENOMEM, "out of memory", NULL);
+        return;
+    }
+    *w = (struct control_wait){done, arg, unload};
+    int rc = unload ? bs_repository_unload(repo, name, on_control_done, w, &err)
+                    : bs_repository_load(repo, name, on_control_done, w, &err);
+    if (rc != 0) {
+        free(w);
+        done(arg, rc, err.msg, NULL);
+    }
+}
+
+static void on_repository_load(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
                                void *arg)
 {
-    (void)ctl;
-    (void)req;
-    done(arg, BS_ENOTIMPL, "this method is not implemented by this server", NULL);
+    struct bs_err err = {0};
+    const Inference__RepositoryModelLoadRequest *q =
+        (const Inference__RepositoryModelLoadRequest *)req;
+    if (check_load_parameters(q, &err) != 0)
+        done(arg, err.code, err.msg, NULL);
+    else
+        on_repository_control(ctl, q->model_name, false, done, arg);
+}
+
+static void on_repository_unload(bs_control_t *ctl, const ProtobufCMessage *req,
+                                 bs_control_done done, void *arg)
+{
+    const Inference__RepositoryModelUnloadRequest *q =
+        (const Inference__RepositoryModelUnloadRequest *)req;
+    on_repository_control(ctl, q->model_name, true, done, arg);
 }
 
 /* ---- the method table ------------------------------------------------------------ */
@@ -541,9 +640,9 @@ static const struct {
     [BS_CTL_REPOSITORY_INDEX] = {&inference__repository_index_request__descriptor,
                                  on_repository_index},
     [BS_CTL_REPOSITORY_LOAD] = {&inference__repository_model_load_request__descriptor,
-                                on_not_implemented},
+                                on_repository_load},
     [BS_CTL_REPOSITORY_UNLOAD] = {&inference__repository_model_unload_request__descriptor,
-                                  on_not_implemented},
+                                  on_repository_unload},
     [BS_CTL_SHM_STATUS] = {&inference__system_shared_memory_status_request__descriptor,
                            on_shm_status},
     [BS_CTL_SHM_REGISTER] = {&inference__system_shared_memory_register_request__descriptor,

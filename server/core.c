@@ -21,6 +21,13 @@
  * sequences drop are freed on a libuv worker (cache_release): a device
  * backend's free waits for the whole device, which the loop must not.
  *
+ * Model control: each request holds a reference on its model's entry
+ * (bs_repository_ref, from admission to req_end, after on_release), so a
+ * replaced or unloaded model is freed only once its last request is done
+ * with its inputs and outputs; the repository then calls on_model_freed,
+ * which ends the model's sequences. References are taken and dropped on
+ * the loop thread only: the batcher's workers never see them.
+ *
  * Thread ownership: the loop thread owns everything here. */
 #include "core.h"
 
@@ -58,9 +65,24 @@ struct bs_core {
 
 /* ---- routing ----------------------------------------------------------------- */
 
+/* The ready versions of name, "1, 2" (or "none"), into buf. */
+static const char *served_versions(bs_core_t *core, const char *name, char *buf, size_t cap)
+{
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < bs_repository_count(core->repo) && used < cap; i++) {
+        const struct bs_repo_model *rm = bs_repository_get(core->repo, i);
+        if (rm->model != NULL && strcmp(rm->name, name) == 0)
+            used +=
+                (size_t)snprintf(buf + used, cap - used, "%s%s", used ? ", " : "", rm->version_str);
+    }
+    return buf[0] != '\0' ? buf : "none";
+}
+
 struct bs_repo_model *bs_core_lookup(bs_core_t *core, const char *name, const char *version,
                                      bool need_ready, struct bs_err *err)
 {
+    char served[128];
     name = name ? name : "";
     version = version ? version : "";
     struct bs_repo_model *rm = bs_repository_find(core->repo, name);
@@ -68,9 +90,17 @@ struct bs_repo_model *bs_core_lookup(bs_core_t *core, const char *name, const ch
         bs_err_set(err, BS_ENOTFOUND, "unknown model \"%s\"", name);
         return NULL;
     }
-    if (version[0] != '\0' && strcmp(version, BS_MODEL_VERSION) != 0) {
-        bs_err_set(err, BS_ENOTFOUND, "model \"%s\" has no version \"%s\" (only \"1\")", name,
-                   version);
+    if (version[0] != '\0') {
+        rm = bs_repository_find_version(core->repo, name, version);
+        if (rm == NULL || (need_ready && rm->unloaded)) {
+            bs_err_set(err, BS_ENOTFOUND,
+                       "model \"%s\" has no version \"%s\" (versions served: %s)", name, version,
+                       served_versions(core, name, served, sizeof(served)));
+            return NULL;
+        }
+    }
+    if (need_ready && rm->unloaded) {
+        bs_err_set(err, BS_ENOTFOUND, "unknown model \"%s\" (not loaded: unloaded)", name);
         return NULL;
     }
     if (need_ready && rm->model == NULL) {
@@ -151,7 +181,8 @@ static void req_end(bs_core_req_t *r, int rc, const char *msg)
     if (!r->answered)
         r->reply.on_done(r->arg, rc, msg);
     if (r->reply.on_release != NULL)
-        r->reply.on_release(r->arg); /* the batcher is done with the inputs */
+        r->reply.on_release(r->arg);           /* the batcher is done with the inputs */
+    bs_repository_unref(r->core->repo, r->rm); /* an unloaded model may go now */
     free(r);
 }
 
@@ -372,6 +403,7 @@ int bs_core_submit(bs_core_t *core, const struct bs_core_request *req,
         free(r);
         return rc;
     }
+    bs_repository_ref(core->repo, rm); /* held until req_end */
     r->next = core->head;
     if (core->head != NULL)
         core->head->prev = r;
@@ -408,6 +440,16 @@ void bs_core_seq_stats(const bs_core_t *core, const bs_model_t *model, struct bs
 
 /* ---- lifecycle ------------------------------------------------------------------ */
 
+/* The repository frees a replaced or unloaded model (no request holds it):
+ * its sequences end and their caches go. */
+static void on_model_freed(void *arg, struct bs_repo_model *rm)
+{
+    bs_core_t *core = arg;
+    if (rm->model != NULL)
+        bs_seqs_drop_model(core->seqs, rm->model);
+    seq_arm(core);
+}
+
 int bs_core_init(bs_core_t **core, bs_repository_t *repo, const struct bs_core_options *opts,
                  struct bs_err *err)
 {
@@ -430,6 +472,7 @@ int bs_core_init(bs_core_t **core, bs_repository_t *repo, const struct bs_core_o
         c->timer_open = true;
         bs_seqs_set_release(c->seqs, cache_release, c);
     }
+    bs_repository_set_free_hook(repo, on_model_freed, c);
     *core = c;
     return 0;
 }
@@ -443,6 +486,7 @@ void bs_core_free(bs_core_t *core)
 {
     if (core == NULL)
         return;
+    bs_repository_set_free_hook(core->repo, NULL, NULL);
     bs_seqs_free(core->seqs);
     if (core->timer_open) /* the core goes with the timer's close callback */
         uv_close((uv_handle_t *)&core->seq_timer, on_timer_closed);

@@ -17,8 +17,6 @@
 #include "repository.h"
 #include "sequences.h"
 
-#define BS_MODEL_VERSION "1" /* every model serves this one version */
-
 typedef struct bs_core bs_core_t;
 typedef struct bs_core_req bs_core_req_t;
 
@@ -37,7 +35,7 @@ struct bs_core_options {
  * the inputs must stay valid until on_done. */
 struct bs_core_request {
     const char *model_name;
-    const char *model_version; /* "" or NULL: the model's version */
+    const char *model_version; /* "" or NULL: the model's highest ready version */
     const struct bs_named_tensor *inputs;
     int n_inputs;
     bool intermediate;   /* stream each block's output of a stack (on_block) */
@@ -98,8 +96,10 @@ void bs_core_count_failure(bs_core_t *core, const char *model_name, const char *
  * (cancelled: by the client or its deadline). */
 void bs_core_count_lost(bs_core_t *core, bool cancelled);
 
-/* The served model of name and version ("" or NULL: any), loaded when
- * need_ready; NULL with BS_ENOTFOUND or BS_EUNSUPP (not ready) in err. */
+/* The entry of model name at version ("" or NULL: its highest ready
+ * version), loaded when need_ready; NULL with BS_ENOTFOUND (unknown model,
+ * a version not served, an unloaded model) or BS_EUNSUPP (failed to load)
+ * in err. Without need_ready, an unloaded model's entry (model NULL). */
 struct bs_repo_model *bs_core_lookup(bs_core_t *core, const char *name, const char *version,
                                      bool need_ready, struct bs_err *err);
 

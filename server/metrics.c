@@ -65,9 +65,23 @@ int bs_metrics_init(bs_metrics_t **mp, const struct bs_backend *be, struct bs_er
     return 0;
 }
 
+/* The registered model of name and version, or NULL (under the lock). */
+static bs_metrics_model_t *model_find(bs_metrics_t *m, const char *name, const char *version)
+{
+    for (int i = 0; i < m->n_models; i++)
+        if (strcmp(m->models[i]->name, name) == 0 && strcmp(m->models[i]->version, version) == 0)
+            return m->models[i];
+    return NULL;
+}
+
 bs_metrics_model_t *bs_metrics_model_add(bs_metrics_t *m, const char *name, const char *version,
                                          int priority_levels)
 {
+    uv_mutex_lock(&m->lock);
+    bs_metrics_model_t *old = model_find(m, name, version);
+    uv_mutex_unlock(&m->lock);
+    if (old != NULL) /* reloaded: its series go on (the levels it was added with) */
+        return old;
     bs_metrics_model_t *mm = calloc(1, sizeof(*mm));
     if (mm == NULL)
         return NULL;

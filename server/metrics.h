@@ -8,7 +8,7 @@
  * Threads: the loop thread (service, batchers) updates the counters; the
  * metrics HTTP thread renders them. Both go through one small lock, so a
  * rendering is a consistent snapshot (a histogram's buckets, sum and count
- * agree with the execution count). Models are added before rendering starts. */
+ * agree with the execution count). */
 #ifndef BS_METRICS_H
 #define BS_METRICS_H
 
@@ -54,7 +54,9 @@ int bs_metrics_init(bs_metrics_t **m, const struct bs_backend *be, struct bs_err
 
 /* Register model name at version, served with priority_levels levels (0:
  * none); NULL when out of memory (the model then goes unmeasured). The
- * handle lives as long as the registry. */
+ * handle lives as long as the registry; adding a name and version again
+ * (a reloaded model) returns the same handle, whose series go on. Models
+ * may be added while the registry renders. */
 bs_metrics_model_t *bs_metrics_model_add(bs_metrics_t *m, const char *name, const char *version,
                                          int priority_levels);
 

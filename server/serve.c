@@ -23,13 +23,18 @@
 #include "serve.h"
 #include "service.h"
 
-#define MAX_REPOS 16
+#define MAX_REPOS       16
+#define MAX_LOAD_MODELS 256
 
 struct serve_opts {
     const char *address;
     int port;
     const char *repos[MAX_REPOS];
     int n_repos;
+    int control_mode; /* enum bs_repo_control */
+    const char *load_models[MAX_LOAD_MODELS];
+    int n_load_models;
+    int poll_secs;
     const char *device;
     const char *dtype; /* NULL: the backend's default */
     bool tf32;
@@ -79,6 +84,8 @@ struct server {
 #define GIVEN(field)    BS_OPTS_GIVEN(struct serve_opts, field)
 
 static const char *const log_formats[] = {"text", "json", NULL};
+/* in the order of enum bs_repo_control */
+static const char *const control_modes[] = {"none", "poll", "explicit", NULL};
 
 /* blockserve serve's options, as --help lists them. */
 static const struct bs_opt serve_rows[] = {
@@ -90,6 +97,15 @@ static const struct bs_opt serve_rows[] = {
      BS_OPTS_COUNT(struct serve_opts, n_repos), .metavar = "DIR",
      .help = "serve each model directory in DIR (repeatable);\n"
              "without one, the built-in models (generated weights)"},
+    {"--model-control-mode", AT(ENUM, control_mode), .choices = control_modes, .def = "none",
+     .help = "none: load every model at start; poll: ... and\n"
+             "follow the folders' changes; explicit: load what\n"
+             "--load-model names, then RepositoryModelLoad/Unload"},
+    {"--load-model", AT(LIST, load_models), .hi = MAX_LOAD_MODELS,
+     BS_OPTS_COUNT(struct serve_opts, n_load_models), .metavar = "NAME",
+     .help = "explicit mode: load this model at start\n(repeatable; \"*\": every model)"},
+    {"--repository-poll-secs", AT(INT, poll_secs), .lo = 1, .hi = 86400, .def = "15",
+     .metavar = "N", .help = "poll mode: rescan the folders every N s"},
     {"--device", AT(STR, device), .def = "auto", .metavar = "auto|cpu|cuda",
      .help = "compute device"},
     {"--threads", AT(INT, threads), .lo = 0, .hi = 1024, .metavar = "N",
@@ -172,6 +188,10 @@ static int parse_opts(int argc, char **argv, struct serve_opts *o)
     if (rc == BS_OPTS_HELP) {
         usage(stdout);
         exit(0);
+    }
+    if (rc == BS_OPTS_OK && o->n_load_models > 0 && o->control_mode != BS_REPO_CONTROL_EXPLICIT) {
+        fprintf(stderr, "blockserve: --load-model needs --model-control-mode explicit\n");
+        return -1;
     }
     if (rc == BS_OPTS_OK)
         return 0;
@@ -319,7 +339,14 @@ static int grpc_rows(struct server *s, struct bs_rpc_method *rows)
 
 static int start(struct server *s, struct bs_err *err)
 {
-    struct bs_repo_options ro = {s->opts.repos, s->opts.n_repos, s->opts.defaults, s->metrics};
+    struct bs_repo_options ro = {.dirs = s->opts.repos,
+                                 .n_dirs = s->opts.n_repos,
+                                 .defaults = s->opts.defaults,
+                                 .metrics = s->metrics,
+                                 .control = (enum bs_repo_control)s->opts.control_mode,
+                                 .load_models = s->opts.load_models,
+                                 .n_load_models = s->opts.n_load_models,
+                                 .poll_secs = s->opts.poll_secs};
     struct bs_core_options co = {.max_inflight = s->opts.max_inflight,
                                  .metrics = s->metrics,
                                  .block_cache_bytes = (size_t)s->opts.block_cache_bytes,

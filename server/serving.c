@@ -301,6 +301,8 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
     } else if (strcmp(m->key, "max_batch_tokens") == 0) {
         if ((rc = serving_int(m, m->key, 0, INT64_MAX / 2, &v, err)) == 0)
             c->max_batch_tokens = v;
+    } else if (strcmp(m->key, "version_policy") == 0) {
+        /* the repository reads it (server/repository.c: which versions serve) */
     } else {
         return bs_err_set(err, BS_EINVAL,
                           "serving: unknown key \"%s\" (known: max_batch_size, "
@@ -308,7 +310,7 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
                           "default_timeout_microseconds, priority_levels, "
                           "default_priority_level, default_queue_policy, priority_queue_policy, "
                           "device, dtype, ragged_batching, max_batch_tokens, "
-                          "max_sequence_idle_microseconds, block_cache_bytes)",
+                          "max_sequence_idle_microseconds, block_cache_bytes, version_policy)",
                           m->key);
     }
     return rc;

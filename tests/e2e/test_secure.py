@@ -225,7 +225,7 @@ class TokenTest(ServerCase):
         refl = refl_1_grpc.ServerReflectionStub(self.channel)
         yield lambda: list(refl.ServerReflectionInfo(iter([refl_1.ServerReflectionRequest(
             list_services="")]), metadata=metadata, timeout=30))
-        unknown = self.channel.unary_unary("/inference.GRPCInferenceService/RepositoryModelLoad")
+        unknown = self.channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
         yield lambda: unknown(b"", metadata=metadata, timeout=30)
 
     def test_missing_or_wrong_token_is_unauthenticated(self):

@@ -259,7 +259,7 @@ class ServerTest(unittest.TestCase):
         self.check_case("btb_geglu_cross")
 
     def test_unknown_method_is_unimplemented(self):
-        call = self.channel.unary_unary("/inference.GRPCInferenceService/RepositoryModelLoad")
+        call = self.channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
         t0 = time.time()
         self.assertStatus(grpc.StatusCode.UNIMPLEMENTED, call, b"", timeout=5)
         self.assertLess(time.time() - t0, 2)

@@ -24,6 +24,8 @@
 
 static const char *golden_dir;
 static struct bs_backend be;
+/* The fixture's model control (test_model_control: explicit, "m" loaded). */
+static enum bs_repo_control fx_control = BS_REPO_CONTROL_NONE;
 
 struct fx {
     uv_loop_t loop;
@@ -121,7 +123,14 @@ static void fx_init_serving(struct fx *f, int max_inflight, const struct bs_serv
     assert_int_equal(symlink(target, link), 0);
     assert_int_equal(bs_metrics_init(&f->metrics, NULL, &err), 0);
     const char *dirs[] = {f->root};
-    struct bs_repo_options ro = {dirs, 1, *sc, f->metrics};
+    const char *load[] = {"m"};
+    struct bs_repo_options ro = {.dirs = dirs,
+                                 .n_dirs = 1,
+                                 .defaults = *sc,
+                                 .metrics = f->metrics,
+                                 .control = fx_control,
+                                 .load_models = load,
+                                 .n_load_models = fx_control == BS_REPO_CONTROL_EXPLICIT};
     if (bs_repository_init(&f->repo, &f->loop, &be, &ro, &err) != 0)
         fail_msg("repository: %s", err.msg);
     struct bs_core_options co = {
@@ -327,6 +336,90 @@ static void test_priority_and_timeout(void **state)
     fx_finish(&f);
 }
 
+/* A load or unload's answer. */
+struct ctl_done {
+    int calls, rc;
+    char msg[512];
+};
+
+static void on_ctl_done(void *arg, int rc, const char *msg)
+{
+    struct ctl_done *d = arg;
+    d->calls++;
+    d->rc = rc;
+    snprintf(d->msg, sizeof(d->msg), "%s", msg ? msg : "");
+}
+
+/* Model control under requests: a reload swaps the model while requests
+ * of the old one run (they finish normally, holding the old entry); an
+ * unload answers the queued requests, then refuses new ones (NOT_FOUND);
+ * a load brings it back. Every request holds a reference on its entry. */
+static void test_model_control(void **state)
+{
+    struct fx f;
+    struct req r[6];
+    struct bs_err err = {0};
+    struct ctl_done load = {0}, unload = {0};
+    fx_control = BS_REPO_CONTROL_EXPLICIT;
+    fx_init(&f, 0, 16);
+    fx_control = BS_REPO_CONTROL_NONE;
+    struct bs_repo_model *old = bs_repository_find(f.repo, "m");
+    assert_non_null(old);
+    assert_non_null(old->model);
+    for (int i = 0; i < 3; i++) {
+        req_init(&r[i]);
+        struct bs_core_request cr = request(&r[i], "m");
+        assert_int_equal(bs_core_submit(f.core, &cr, &reply, &r[i], &r[i].handle, &err), 0);
+    }
+    assert_int_equal(old->refs, 3);
+    assert_int_equal(bs_repository_load(f.repo, "m", on_ctl_done, &load, &err), 0);
+    assert_int_equal(load.calls, 0); /* never inside the call */
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(load.calls, 1);
+    assert_int_equal(load.rc, 0);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(r[i].rc, 0); /* the old entry answered them */
+    struct bs_repo_model *now = bs_repository_find(f.repo, "m");
+    assert_non_null(now);
+    assert_ptr_not_equal(now, old); /* swapped (the old one is freed: ASan watches) */
+    assert_int_equal(now->refs, 0);
+    assert_string_equal(now->version_str, "1");
+
+    /* unload while two requests are queued: they finish, then it is gone */
+    for (int i = 3; i < 5; i++) {
+        req_init(&r[i]);
+        struct bs_core_request cr = request(&r[i], "m");
+        assert_int_equal(bs_core_submit(f.core, &cr, &reply, &r[i], &r[i].handle, &err), 0);
+    }
+    assert_int_equal(bs_repository_unload(f.repo, "m", on_ctl_done, &unload, &err), 0);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(unload.calls, 1);
+    assert_int_equal(unload.rc, 0);
+    assert_int_equal(r[3].rc, 0);
+    assert_int_equal(r[4].rc, 0);
+    req_init(&r[5]);
+    struct bs_core_request cr = request(&r[5], "m");
+    assert_int_equal(bs_core_submit(f.core, &cr, &reply, &r[5], &r[5].handle, &err), BS_ENOTFOUND);
+    assert_non_null(strstr(err.msg, "unloaded"));
+    assert_null(bs_core_lookup(f.core, "m", "", true, &err));
+    struct bs_repo_model *marker = bs_core_lookup(f.core, "m", "", false, &err);
+    assert_non_null(marker); /* ModelReady: known, not ready */
+    assert_null(marker->model);
+
+    /* and back */
+    load.calls = 0;
+    assert_int_equal(bs_repository_load(f.repo, "m", on_ctl_done, &load, &err), 0);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(load.rc, 0);
+    req_init(&r[5]);
+    cr = request(&r[5], "m");
+    assert_int_equal(bs_core_submit(f.core, &cr, &reply, &r[5], &r[5].handle, &err), 0);
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(r[5].rc, 0);
+    assert_int_equal(r[5].outputs, 1);
+    fx_finish(&f);
+}
+
 /* Submit r as a call of sequence id (its main input [1, tokens, 32]). */
 static int seq_submit(struct fx *f, struct req *r, uint64_t id, bool start, bool end,
                       int64_t tokens)
@@ -431,6 +524,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_priority_and_timeout),
         cmocka_unit_test(test_sequence_waiters),
         cmocka_unit_test(test_sequence_idle_without_timer),
+        cmocka_unit_test(test_model_control),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     bs_backend_free(&be);

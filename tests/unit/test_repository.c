@@ -187,6 +187,269 @@ static void test_relative_root(void **state)
         fail_msg("reason \"%s\"", rm->reason);
 }
 
+/* A model folder of version folders 1..n, each a link to the good case,
+ * with serving.json holding policy (NULL: none). */
+static void make_versioned(const char *root, const char *name, int n, const char *policy)
+{
+    char rel[256], target[512], text[512];
+    snprintf(target, sizeof(target), "%s/%s", golden, GOOD_CASE);
+    make_dir(root, name);
+    for (int v = 1; v <= n; v++) {
+        snprintf(rel, sizeof(rel), "%s/%d", name, v);
+        make_link(root, rel, target);
+    }
+    if (policy != NULL) {
+        snprintf(rel, sizeof(rel), "%s/serving.json", name);
+        snprintf(text, sizeof(text), "{\"max_batch_size\": 2, \"version_policy\": %s}", policy);
+        write_text(root, rel, text);
+    }
+}
+
+/* The ready versions of name, "1,3" (into buf). */
+static const char *ready_versions(bs_repository_t *repo, const char *name, char *buf, size_t cap)
+{
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int v = 1; v < 10; v++) {
+        char vs[8];
+        snprintf(vs, sizeof(vs), "%d", v);
+        const struct bs_repo_model *rm = bs_repository_find_version(repo, name, vs);
+        if (rm != NULL && rm->model != NULL)
+            used += (size_t)snprintf(buf + used, cap - used, "%s%d", used ? "," : "", v);
+    }
+    return buf;
+}
+
+/* Version folders and Triton's version policies. */
+static void test_versions(void **state)
+{
+    struct fixture *fx = *state;
+    char buf[64], path[512];
+    make_versioned(fx->root, "latest1", 3, NULL);
+    make_versioned(fx->root, "latest2", 3, "{\"latest\": {\"num_versions\": 2}}");
+    make_versioned(fx->root, "all", 2, "{\"all\": {}}");
+    make_versioned(fx->root, "specific", 3, "{\"specific\": {\"versions\": [1, 3, 7]}}");
+    make_versioned(fx->root, "badpolicy", 1, "{\"newest\": {}}");
+    make_versioned(fx->root, "badlatest", 1, "{\"latest\": {\"num_versions\": 0}}");
+    make_versioned(fx->root, "badspecific", 1, "{\"specific\": {\"versions\": [\"1\"]}}");
+    make_versioned(fx->root, "noneserved", 2, "{\"specific\": {\"versions\": [5]}}");
+    make_versioned(fx->root, "odd", 1, NULL);
+    make_dir(fx->root, "odd/01"); /* not version folders */
+    make_dir(fx->root, "odd/abc");
+    make_versioned(fx->root, "brokenv", 0, NULL);
+    make_dir(fx->root, "brokenv/4");
+    write_text(fx->root, "brokenv/4/config.json", broken_config);
+    const char *dirs[] = {fx->root};
+    struct bs_repo_options opts = {.dirs = dirs, .n_dirs = 1};
+    opts.defaults.max_batch_size = 1;
+    opts.defaults.max_queue_size = 16;
+    struct bs_err err = {0};
+    assert_int_equal(bs_repository_init(&fx->repo, &fx->loop, &fx->be, &opts, &err), 0);
+    bs_repository_t *repo = fx->repo;
+
+    assert_string_equal(ready_versions(repo, "latest1", buf, sizeof(buf)), "3");
+    assert_int_equal(bs_repository_find(repo, "latest1")->version, 3);
+    assert_null(bs_repository_find_version(repo, "latest1", "1"));
+    assert_null(bs_repository_find_version(repo, "latest1", "03")); /* not a version number */
+    assert_string_equal(ready_versions(repo, "latest2", buf, sizeof(buf)), "2,3");
+    assert_string_equal(ready_versions(repo, "all", buf, sizeof(buf)), "1,2");
+    assert_string_equal(ready_versions(repo, "specific", buf, sizeof(buf)), "1,3");
+    assert_string_equal(ready_versions(repo, "odd", buf, sizeof(buf)), "1");
+    /* serving.json at the model folder's top serves every version */
+    assert_int_equal(bs_repository_find(repo, "all")->serving.max_batch_size, 2);
+    snprintf(path, sizeof(path), "%s/all/2", fx->root);
+    assert_string_equal(bs_repository_find(repo, "all")->path, path);
+    expect_model(repo, "badpolicy",
+                 "badpolicy/serving.json: version_policy: unknown policy "
+                 "\"newest\" (known: latest, all, specific)");
+    expect_model(repo, "badlatest",
+                 "badlatest/serving.json: version_policy.latest.num_versions: expected an "
+                 "integer >= 1");
+    expect_model(repo, "badspecific", "badspecific/serving.json: version_policy.specific.versions");
+    expect_model(repo, "noneserved", "version_policy serves none of its version folders");
+    const struct bs_repo_model *rm = expect_model(repo, "brokenv", "brokenv/4/config.json: ");
+    assert_int_equal(rm->version, 4);
+
+    /* the index: one row per version, by name and version */
+    struct bs_repo_row rows[64];
+    int n = bs_repository_index(repo, rows, 64);
+    assert_int_equal(n, bs_repository_count(repo));
+    for (int i = 1; i < n; i++)
+        assert_true(strcmp(rows[i - 1].name, rows[i].name) <= 0);
+    bool seen = false;
+    for (int i = 0; i < n; i++)
+        if (strcmp(rows[i].name, "specific") == 0 && strcmp(rows[i].version, "3") == 0) {
+            assert_string_equal(rows[i].state, "READY");
+            seen = true;
+        }
+    assert_true(seen);
+}
+
+/* What a load or unload answered. */
+struct answer {
+    int calls, rc;
+    char msg[512];
+};
+
+static void on_answer(void *arg, int rc, const char *msg)
+{
+    struct answer *a = arg;
+    a->calls++;
+    a->rc = rc;
+    snprintf(a->msg, sizeof(a->msg), "%s", msg ? msg : "");
+}
+
+static int freed;
+static void on_freed(void *arg, struct bs_repo_model *rm)
+{
+    (void)arg;
+    (void)rm;
+    freed++;
+}
+
+/* none and poll refuse load and unload. */
+static void test_control_refused(void **state)
+{
+    struct fixture *fx = *state;
+    make_versioned(fx->root, "m", 1, NULL);
+    const char *dirs[] = {fx->root};
+    struct bs_repo_options opts = {.dirs = dirs, .n_dirs = 1, .control = BS_REPO_CONTROL_POLL};
+    opts.defaults.max_batch_size = 1;
+    opts.defaults.max_queue_size = 16;
+    struct bs_err err = {0};
+    struct answer a = {0};
+    assert_int_equal(bs_repository_init(&fx->repo, &fx->loop, &fx->be, &opts, &err), 0);
+    assert_int_equal(bs_repository_load(fx->repo, "m", on_answer, &a, &err), BS_EUNSUPP);
+    assert_non_null(strstr(err.msg, "--model-control-mode poll"));
+    assert_int_equal(bs_repository_unload(fx->repo, "m", on_answer, &a, &err), BS_EUNSUPP);
+    bs_repository_free(fx->repo);
+    uv_run(&fx->loop, UV_RUN_DEFAULT);
+    opts.control = BS_REPO_CONTROL_NONE;
+    assert_int_equal(bs_repository_init(&fx->repo, &fx->loop, &fx->be, &opts, &err), 0);
+    assert_int_equal(bs_repository_load(fx->repo, "m", on_answer, &a, &err), BS_EUNSUPP);
+    assert_non_null(strstr(err.msg, "model control is disabled (--model-control-mode none)"));
+    assert_int_equal(a.calls, 0);
+    /* explicit: --load-model must name a model */
+    bs_repository_free(fx->repo);
+    uv_run(&fx->loop, UV_RUN_DEFAULT);
+    fx->repo = NULL;
+    const char *load[] = {"nope"};
+    opts.control = BS_REPO_CONTROL_EXPLICIT;
+    opts.load_models = load;
+    opts.n_load_models = 1;
+    assert_int_equal(bs_repository_init(&fx->repo, &fx->loop, &fx->be, &opts, &err), BS_ENOTFOUND);
+    assert_non_null(strstr(err.msg, "--load-model nope"));
+}
+
+/* Explicit control: the state machine of load, reload, failed reload and
+ * unload, with references held by requests. */
+static void test_explicit_control(void **state)
+{
+    struct fixture *fx = *state;
+    char target[512];
+    snprintf(target, sizeof(target), "%s/%s", golden, GOOD_CASE);
+    make_link(fx->root, "good", target);
+    make_link(fx->root, "other", target);
+    make_versioned(fx->root, "flip", 1, NULL);
+    const char *dirs[] = {fx->root}, *load[] = {"good", "flip"};
+    struct bs_repo_options opts = {.dirs = dirs,
+                                   .n_dirs = 1,
+                                   .control = BS_REPO_CONTROL_EXPLICIT,
+                                   .load_models = load,
+                                   .n_load_models = 2};
+    opts.defaults.max_batch_size = 1;
+    opts.defaults.max_queue_size = 16;
+    struct bs_err err = {0};
+    struct answer a = {0}, b = {0};
+    assert_int_equal(bs_repository_init(&fx->repo, &fx->loop, &fx->be, &opts, &err), 0);
+    bs_repository_t *repo = fx->repo;
+    freed = 0;
+    bs_repository_set_free_hook(repo, on_freed, NULL);
+    expect_model(repo, "good", NULL);
+    const struct bs_repo_model *other = bs_repository_find(repo, "other");
+    assert_non_null(other); /* listed, not loaded */
+    assert_true(other->unloaded);
+    assert_null(other->model);
+
+    /* unknown model, bad name */
+    assert_int_equal(bs_repository_load(repo, "nope", on_answer, &a, &err), 0);
+    assert_int_equal(bs_repository_load(repo, "../etc", on_answer, &b, &err), BS_EINVAL);
+    assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(a.rc, BS_ENOTFOUND);
+    assert_non_null(strstr(a.msg, "no model \"nope\" in the model repository folders"));
+    assert_null(bs_repository_find(repo, "nope"));
+
+    /* load; two loads of one model run one after the other */
+    memset(&a, 0, sizeof(a));
+    assert_int_equal(bs_repository_load(repo, "other", on_answer, &a, &err), 0);
+    assert_int_equal(bs_repository_load(repo, "other", on_answer, &b, &err), 0);
+    assert_int_equal(a.calls, 0); /* never inside the call */
+    assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(a.calls, 1);
+    assert_int_equal(b.calls, 1);
+    assert_int_equal(a.rc, 0);
+    assert_int_equal(b.rc, 0);
+    expect_model(repo, "other", NULL);
+    assert_int_equal(freed, 1); /* the first load's entry, replaced by the second */
+
+    /* reload while a request holds the old entry: it is freed only when released */
+    struct bs_repo_model *old = bs_repository_find(repo, "good");
+    bs_repository_ref(repo, old);
+    memset(&a, 0, sizeof(a));
+    freed = 0;
+    assert_int_equal(bs_repository_load(repo, "good", on_answer, &a, &err), 0);
+    assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(a.rc, 0);
+    assert_ptr_not_equal(bs_repository_find(repo, "good"), old);
+    assert_true(old->retired);
+    assert_int_equal(freed, 0);
+    bs_repository_unref(repo, old);
+    assert_int_equal(freed, 1);
+    assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+
+    /* a failed reload keeps the old version serving, and says why */
+    make_dir(fx->root, "flip/2");
+    write_text(fx->root, "flip/2/config.json", broken_config);
+    memset(&a, 0, sizeof(a));
+    assert_int_equal(bs_repository_load(repo, "flip", on_answer, &a, &err), 0);
+    assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(a.rc, BS_EINVAL);
+    assert_non_null(strstr(a.msg, "failed to load model \"flip\": flip/2/config.json: "));
+    assert_null(strstr(a.msg, fx->root));
+    assert_int_equal(bs_repository_find(repo, "flip")->version, 1);
+    assert_non_null(bs_repository_find(repo, "flip")->model);
+
+    /* unload waits for the request that holds the entry */
+    old = bs_repository_find(repo, "good");
+    bs_repository_ref(repo, old);
+    memset(&a, 0, sizeof(a));
+    assert_int_equal(bs_repository_unload(repo, "good", on_answer, &a, &err), 0);
+    for (int i = 0; i < 20; i++)
+        uv_run(&fx->loop, UV_RUN_NOWAIT);
+    assert_int_equal(a.calls, 0);
+    assert_true(bs_repository_find(repo, "good")->unloaded); /* out of routing already */
+    struct bs_repo_row rows[32];
+    int n = bs_repository_index(repo, rows, 32);
+    bool unloading = false;
+    for (int i = 0; i < n; i++)
+        unloading |= strcmp(rows[i].name, "good") == 0 && strcmp(rows[i].state, "UNLOADING") == 0;
+    assert_true(unloading);
+    bs_repository_unref(repo, old);
+    assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(a.calls, 1);
+    assert_int_equal(a.rc, 0);
+    n = bs_repository_index(repo, rows, 32);
+    for (int i = 0; i < n; i++)
+        if (strcmp(rows[i].name, "good") == 0) {
+            assert_string_equal(rows[i].state, "UNAVAILABLE");
+            assert_string_equal(rows[i].reason, "unloaded");
+        }
+    memset(&a, 0, sizeof(a));
+    assert_int_equal(bs_repository_unload(repo, "nope", on_answer, &a, &err), 0);
+    assert_int_equal(uv_run(&fx->loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(a.rc, BS_ENOTFOUND);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -197,6 +460,9 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_hostile_entries, setup, teardown),
         cmocka_unit_test_setup_teardown(test_relative_root, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_versions, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_control_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_explicit_control, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
