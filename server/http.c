@@ -39,7 +39,6 @@
 
 #include <gnutls/gnutls.h>
 #include <microhttpd.h>
-#include <zlib.h>
 
 #include "grpc_service.pb-c.h"
 #include "http_codec.h"
@@ -206,87 +205,6 @@ static enum MHD_Result reply_error(struct MHD_Connection *conn, unsigned status,
         return MHD_NO;
     }
     return queue_bytes(conn, status, b.data, b.len, "application/json", allow, NULL, NULL);
-}
-
-/* ---- compression ------------------------------------------------------------------ */
-
-static int window_bits(enum encoding e)
-{
-    return e == ENC_GZIP ? 15 + 16 : 15; /* deflate: the zlib format (RFC 9110) */
-}
-
-/* Inflate j->body in place of itself, up to max bytes. */
-static int inflate_body(struct job *j, size_t max, struct bs_err *err)
-{
-    z_stream z = {0};
-    if (inflateInit2(&z, window_bits(j->enc_in)) != Z_OK)
-        return bs_err_set(err, BS_ENOMEM, "out of memory");
-    size_t cap = j->len * 4 + 1024, len = 0;
-    if (cap > max + 1)
-        cap = max + 1;
-    uint8_t *out = malloc(cap);
-    int zrc = Z_OK;
-    z.next_in = j->body;
-    z.avail_in = (uInt)j->len;
-    while (out != NULL && zrc == Z_OK) {
-        if (len == cap) {
-            size_t ncap = cap * 2 > max + 1 ? max + 1 : cap * 2;
-            uint8_t *n = ncap > cap ? realloc(out, ncap) : NULL;
-            if (n == NULL)
-                break;
-            out = n;
-            cap = ncap;
-        }
-        z.next_out = out + len;
-        z.avail_out = (uInt)(cap - len);
-        zrc = inflate(&z, Z_NO_FLUSH);
-        len = cap - z.avail_out;
-        if (zrc == Z_BUF_ERROR && z.avail_in == 0)
-            break;
-        if (zrc == Z_BUF_ERROR)
-            zrc = Z_OK;
-    }
-    inflateEnd(&z);
-    int rc = 0;
-    if (out == NULL)
-        rc = bs_err_set(err, BS_ENOMEM, "out of memory inflating the body");
-    else if (len > max)
-        rc = bs_err_set(err, BS_ERANGE,
-                        "the body inflates to more than %zu bytes (the limit, "
-                        "--max-message-bytes)",
-                        max);
-    else if (zrc != Z_STREAM_END)
-        rc = bs_err_set(err, BS_EINVAL, "the body is not valid %s data",
-                        j->enc_in == ENC_GZIP ? "gzip" : "deflate");
-    if (rc != 0) {
-        free(out);
-        return rc;
-    }
-    free(j->body);
-    j->body = out;
-    j->len = j->cap = len;
-    return 0;
-}
-
-/* Compress data (len) as e; NULL when that fails (the caller sends it as is). */
-static uint8_t *deflate_body(const uint8_t *data, size_t len, enum encoding e, size_t *out_len)
-{
-    z_stream z = {0};
-    if (deflateInit2(&z, 1, Z_DEFLATED, window_bits(e), 8, Z_DEFAULT_STRATEGY) != Z_OK)
-        return NULL;
-    size_t cap = deflateBound(&z, (uLong)len);
-    uint8_t *out = malloc(cap);
-    z.next_in = (Bytef *)data;
-    z.avail_in = (uInt)len;
-    z.next_out = out;
-    z.avail_out = (uInt)cap;
-    if (out == NULL || deflate(&z, Z_FINISH) != Z_STREAM_END) {
-        free(out);
-        out = NULL;
-    }
-    *out_len = cap - z.avail_out;
-    deflateEnd(&z);
-    return out;
 }
 
 /* ---- jobs ------------------------------------------------------------------------- */
@@ -505,8 +423,16 @@ static enum MHD_Result job_dispatch(bs_http_t *h, struct job *j)
                  h->o.max_body_bytes);
         return early_error(j, 413, msg, NULL);
     }
-    if (j->enc_in != ENC_NONE && inflate_body(j, h->o.max_body_bytes, &err) != 0)
-        return early_error(j, bs_status_http(err.code), err.msg, NULL);
+    if (j->enc_in != ENC_NONE) {
+        uint8_t *out;
+        size_t n;
+        if (bs_http_inflate(j->body, j->len, j->enc_in == ENC_GZIP, h->o.max_body_bytes, &out,
+                            &n, &err) != 0)
+            return early_error(j, bs_status_http(err.code), err.msg, NULL);
+        free(j->body);
+        j->body = out;
+        j->len = j->cap = n;
+    }
     if (j->route->kind == R_INFER) {
         j->pre_rc = bs_http_decode_infer(j->model, j->version ? j->version : "", j->body, j->len,
                                          j->header_len, &j->hi, &err);
@@ -558,7 +484,7 @@ static enum MHD_Result job_send(struct job *j)
     const char *enc = NULL;
     if (j->enc_out != ENC_NONE && b.len > 0) {
         size_t zl;
-        uint8_t *z = deflate_body((uint8_t *)b.data, b.len, j->enc_out, &zl);
+        uint8_t *z = bs_http_deflate((uint8_t *)b.data, b.len, j->enc_out == ENC_GZIP, &zl);
         if (z != NULL) {
             free(b.data);
             b.data = (char *)z;

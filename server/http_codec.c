@@ -15,9 +15,12 @@
 #include "http_codec.h"
 
 #include <inttypes.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <zlib.h>
 
 #include "grpc_service.pb-c.h"
 
@@ -613,4 +616,84 @@ int bs_http_encode_infer(const struct bs_http_answer *a, const struct bs_tensor 
     if (b->oom)
         return bs_err_set(err, BS_ENOMEM, "out of memory for a %zu-byte answer", b->len);
     return 0;
+}
+
+/* ---- Content-Encoding ------------------------------------------------------------ */
+
+int bs_http_inflate(const uint8_t *data, size_t len, bool gzip, size_t max, uint8_t **outp,
+                    size_t *out_len, struct bs_err *err)
+{
+    z_stream z = {0};
+    *outp = NULL;
+    *out_len = 0;
+    if (len > UINT_MAX)
+        return bs_err_set(err, BS_ERANGE, "a compressed body of %zu bytes is too large", len);
+    if (inflateInit2(&z, gzip ? 15 + 16 : 15) != Z_OK)
+        return OOM(err);
+    size_t cap = len < (max + 1) / 4 ? len * 4 + 1024 : max + 1, n = 0;
+    if (cap > max + 1)
+        cap = max + 1;
+    uint8_t *out = malloc(cap);
+    int zrc = Z_OK;
+    z.next_in = (Bytef *)data;
+    z.avail_in = (uInt)len;
+    while (out != NULL && zrc == Z_OK && n <= max) {
+        if (n == cap) { /* grow, up to max + 1 bytes: one more than allowed tells */
+            size_t ncap = cap > (max + 1) / 2 ? max + 1 : cap * 2;
+            uint8_t *bigger = realloc(out, ncap);
+            if (bigger == NULL) {
+                free(out);
+                out = NULL;
+                break;
+            }
+            out = bigger;
+            cap = ncap;
+        }
+        size_t room = cap - n > UINT_MAX ? UINT_MAX : cap - n;
+        z.next_out = out + n;
+        z.avail_out = (uInt)room;
+        zrc = inflate(&z, Z_NO_FLUSH);
+        n += room - z.avail_out;
+        if (zrc == Z_BUF_ERROR && z.avail_in > 0 && n == cap)
+            zrc = Z_OK; /* only the output was full */
+    }
+    inflateEnd(&z);
+    int rc = 0;
+    if (out == NULL)
+        rc = bs_err_set(err, BS_ENOMEM, "out of memory inflating the body");
+    else if (n > max)
+        rc = bs_err_set(err, BS_ERANGE,
+                        "the body inflates to more than %zu bytes (the limit, --max-message-bytes)",
+                        max);
+    else if (zrc != Z_STREAM_END)
+        rc = bs_err_set(err, BS_EINVAL, "the body is not valid %s data (%s)",
+                        gzip ? "gzip" : "deflate", zrc == Z_BUF_ERROR ? "cut short" : "corrupt");
+    if (rc != 0) {
+        free(out);
+        return rc;
+    }
+    *outp = out;
+    *out_len = n;
+    return 0;
+}
+
+uint8_t *bs_http_deflate(const uint8_t *data, size_t len, bool gzip, size_t *out_len)
+{
+    z_stream z = {0};
+    if (len > UINT_MAX || deflateInit2(&z, 1, Z_DEFLATED, gzip ? 15 + 16 : 15, 8,
+                                       Z_DEFAULT_STRATEGY) != Z_OK)
+        return NULL;
+    size_t cap = deflateBound(&z, (uLong)len);
+    uint8_t *out = cap <= UINT_MAX ? malloc(cap) : NULL;
+    z.next_in = (Bytef *)data;
+    z.avail_in = (uInt)len;
+    z.next_out = out;
+    z.avail_out = (uInt)cap;
+    if (out == NULL || deflate(&z, Z_FINISH) != Z_STREAM_END) {
+        free(out);
+        out = NULL;
+    }
+    *out_len = cap - z.avail_out;
+    deflateEnd(&z);
+    return out;
 }

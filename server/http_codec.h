@@ -58,4 +58,14 @@ struct bs_http_answer {
 int bs_http_encode_infer(const struct bs_http_answer *a, const struct bs_tensor *out,
                          struct bs_jbuf *b, size_t *json_len, struct bs_err *err);
 
+/* Content-Encoding: inflate data (gzip, else deflate: the zlib format, as
+ * RFC 9110 means it) into *out (malloc'ed), at most max bytes: more is
+ * BS_ERANGE ("inflates to more than ..."), found out without holding more
+ * than max + 1 bytes (a zip bomb costs nothing); bad data BS_EINVAL. */
+int bs_http_inflate(const uint8_t *data, size_t len, bool gzip, size_t max, uint8_t **out,
+                    size_t *out_len, struct bs_err *err);
+
+/* Compress data as gzip (else deflate); NULL when that fails. */
+uint8_t *bs_http_deflate(const uint8_t *data, size_t len, bool gzip, size_t *out_len);
+
 #endif
