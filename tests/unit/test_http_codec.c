@@ -357,7 +357,7 @@ static void test_inflate(void **state)
 static void test_gzip_bomb(void **state)
 {
     (void)state;
-    size_t big = (size_t)1 << 30; /* 1 GiB of zeros, about 1 MiB compressed */
+    size_t big = (size_t)256 << 20; /* 256 MiB of zeros, about 250 KiB compressed */
     z_stream z = {0};
     assert_int_equal(deflateInit2(&z, 9, Z_DEFLATED, 15 + 16, 9, Z_DEFAULT_STRATEGY), Z_OK);
     size_t cap = (size_t)2 << 20, zl = 0;
