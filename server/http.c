@@ -313,15 +313,39 @@ static bool client_cert_ok(struct MHD_Connection *conn)
     return gnutls_certificate_verify_peers2(s, &status) == 0 && status == 0;
 }
 
-static enum encoding parse_encoding(const char *v, bool accept)
+/* Whether the Accept-Encoding list v accepts name (not with q=0). */
+static bool accepts(const char *v, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = v; (p = strcasestr(p, name)) != NULL; p += n) {
+        bool starts = p == v || p[-1] == ',' || p[-1] == ' ';
+        const char *e = p + n;
+        while (*e == ' ')
+            e++;
+        if (!starts || (*e != '\0' && *e != ',' && *e != ';'))
+            continue;
+        const char *q = *e == ';' ? strstr(e, "q=") : NULL;
+        const char *comma = strchr(e, ',');
+        if (q != NULL && (comma == NULL || q < comma) && strtod(q + 2, NULL) <= 0)
+            return false;
+        return true;
+    }
+    return false;
+}
+
+/* Content-Encoding (accept: false; -1 for one we cannot inflate) or what
+ * Accept-Encoding lets the answer use (accept: true). */
+static int parse_encoding(const char *v, bool accept)
 {
     if (v == NULL)
         return ENC_NONE;
-    if (accept ? strstr(v, "gzip") != NULL : strcasecmp(v, "gzip") == 0)
+    if (accept)
+        return accepts(v, "gzip") ? ENC_GZIP : accepts(v, "deflate") ? ENC_DEFLATE : ENC_NONE;
+    if (strcasecmp(v, "gzip") == 0)
         return ENC_GZIP;
-    if (accept ? strstr(v, "deflate") != NULL : strcasecmp(v, "deflate") == 0)
+    if (strcasecmp(v, "deflate") == 0)
         return ENC_DEFLATE;
-    return accept || strcasecmp(v, "identity") == 0 ? ENC_NONE : (enum encoding)-1;
+    return strcasecmp(v, "identity") == 0 ? ENC_NONE : -1;
 }
 
 static enum MHD_Result early_error(struct job *j, unsigned status, const char *msg,
@@ -370,7 +394,7 @@ static enum MHD_Result job_begin(bs_http_t *h, struct MHD_Connection *conn, cons
         return early_error(j, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE,
                            "unsupported Content-Encoding (gzip, deflate or identity)", NULL);
     j->enc_in = (enum encoding)enc;
-    j->enc_out = parse_encoding(
+    j->enc_out = (enum encoding)parse_encoding(
         MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Accept-Encoding"), true);
     const char *hl =
         MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Inference-Header-Content-Length");

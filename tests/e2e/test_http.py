@@ -369,6 +369,13 @@ class HttpTest(unittest.TestCase):
             # a control answer compressed
             status, rh, body = self.c.request("GET", "/v2", None, {"Accept-Encoding": name})
             self.assertEqual(json.loads(unpack(body))["name"], "blockserve")
+        # q=0 refuses an encoding; the next acceptable one is used
+        status, rh, body = self.c.request("GET", "/v2", None,
+                                          {"Accept-Encoding": "gzip;q=0, deflate"})
+        self.assertEqual(rh.get("content-encoding"), "deflate")
+        status, rh, body = self.c.request("GET", "/v2", None, {"Accept-Encoding": "gzip; q=0"})
+        self.assertNotIn("content-encoding", rh)
+        self.assertEqual(json.loads(body)["name"], "blockserve")
         # not what it claims, an unknown encoding, a bomb
         status, rh, body = self.c.request("POST", "/v2/models/%s/infer" % case, plain,
                                           {"Content-Encoding": "gzip"})
