@@ -941,12 +941,13 @@ static void run_infer(bs_http_t *h, struct job *j)
     memset(&j->hi, 0, sizeof(j->hi));
     j->body = NULL;
     j->model = j->version = NULL;
-    rc = bs_codec_decode_infer_msg(in->hi.msg, &h->o.limits, &in->req, &err);
     bool shm = false;
-    for (int i = 0; i < in->req.n_inputs; i++)
+    for (int i = 0; i < BS_CODEC_MAX_INPUTS; i++)
         shm |= in->hi.in_shm[i].given;
-    if (rc == 0 && (shm || in->hi.out_shm.given) && h->o.shm == NULL)
+    if ((shm || in->hi.out_shm.given) && h->o.shm == NULL)
         rc = bs_err_set(&err, BS_EINVAL, "shared memory is not served here");
+    else
+        rc = bs_codec_decode_infer_msg(in->hi.msg, &h->o.limits, &in->req, &err);
     if (rc == 0 && shm)
         rc = bs_shm_bind_inputs(h->o.shm, in->hi.in_shm, in->req.inputs, in->req.n_inputs,
                                 in->holds, &err);

@@ -7,11 +7,12 @@
  * may mix both kinds. JSON data may be flat or nested (row-major); its
  * number of values must match the shape (checked here, so that the message
  * speaks of values rather than bytes); BF16 only as binary data (Triton
- * too). Request parameters are passed through as InferParameters (bool,
- * integer: int64_param, other numbers: double_param, string), but for
- * binary_data_output; input parameters binary_data_size and
- * shared_memory_* and output parameters binary_data and shared_memory_* are
- * HTTP's and stay out of the message. */
+ * too). Request, input and output parameters are passed through as
+ * InferParameters (bool, integer: int64_param, other numbers: double_param,
+ * string) but for HTTP's own: binary_data_output, binary_data_size,
+ * binary_data. shared_memory_* are passed on (the codec reads them) and also
+ * kept in hi; an input in shared memory has no raw_input_contents entry (the
+ * entries are those of the other inputs, in order, as the codec expects). */
 #include "http_codec.h"
 
 #include <inttypes.h>
@@ -328,11 +329,8 @@ static int input_params(struct bs_http_infer *hi, const struct bs_json *obj, int
             *binary_size = (int64_t)n;
             continue;
         }
-        if ((rc = shm_param(v, where, &hi->in_shm[idx], err)) <= 0) {
-            if (rc < 0)
-                return rc;
-            continue;
-        }
+        if ((rc = shm_param(v, where, &hi->in_shm[idx], err)) < 0)
+            return rc; /* shared_memory_*: kept here and passed on for the codec */
         Inference__ModelInferRequest__InferInputTensor__ParametersEntry *e =
             hc_alloc(hi, sizeof(*e));
         if (e == NULL)
@@ -436,10 +434,13 @@ static int decode_inputs(struct bs_http_infer *hi, const struct bs_json *inputs,
             return OOM(err);
         *in = (input_msg_t)INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
         m->inputs[i] = in;
-        m->n_inputs = m->n_raw_input_contents = (size_t)i + 1;
-        int rc = decode_input(hi, j, i, bin, in, &m->raw_input_contents[i], err);
+        m->n_inputs = (size_t)i + 1;
+        int rc = decode_input(hi, j, i, bin, in, &m->raw_input_contents[m->n_raw_input_contents],
+                              err);
         if (rc != 0)
             return rc;
+        if (!hi->in_shm[i].given) /* as in Triton: shared memory inputs have no entry */
+            m->n_raw_input_contents++;
     }
     if (bin->at != bin->end)
         return bs_err_set(err, BS_EINVAL,
@@ -473,6 +474,8 @@ static int decode_outputs(struct bs_http_infer *hi, const struct bs_json *output
         if (p != NULL && p->type != BS_JSON_OBJECT)
             return bs_err_set(err, BS_EINVAL, "output '%s': 'parameters' must be an object",
                               o->name);
+        if (p != NULL && (o->parameters = hc_alloc(hi, p->len * sizeof(*o->parameters))) == NULL)
+            return OOM(err);
         for (const struct bs_json *v = p ? p->child : NULL; v != NULL; v = v->next) {
             int rc;
             if (strcmp(v->key, "binary_data") == 0) {
@@ -480,9 +483,21 @@ static int decode_outputs(struct bs_http_infer *hi, const struct bs_json *output
                     return bs_err_set(err, BS_EINVAL,
                                       "output parameter 'binary_data' must be a bool");
                 hi->binary_output = v->boolean;
-            } else if ((rc = shm_param(v, "output: ", &hi->out_shm, err)) < 0) {
+                continue;
+            }
+            if ((rc = shm_param(v, "output: ", &hi->out_shm, err)) < 0)
                 return rc;
-            } /* others (classification, ...): ignored, as the gRPC codec does */
+            /* shared_memory_* and the rest (classification, ...) go on to the codec */
+            Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry *e =
+                hc_alloc(hi, sizeof(*e));
+            if (e == NULL)
+                return OOM(err);
+            *e = (Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry)
+                INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__PARAMETERS_ENTRY__INIT;
+            e->key = (char *)v->key;
+            if ((rc = make_param(hi, v, "output: ", &e->value, err)) != 0)
+                return rc;
+            o->parameters[o->n_parameters++] = e;
         }
     }
     return 0;

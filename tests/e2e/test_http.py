@@ -435,6 +435,13 @@ class HttpTest(unittest.TestCase):
         bad = json.loads(good)
         bad["inputs"][1]["name"] = bad["inputs"][0]["name"]
         cases.append((json.dumps(bad), 400, "name given twice"))
+        bad = json.loads(good)
+        del bad["inputs"][0]["data"]
+        bad["inputs"][0]["parameters"] = {"shared_memory_region": "no_such_region",
+                                          "shared_memory_byte_size": 5120}
+        status, b = self.c.json("POST", "/v2/models/%s/infer" % case, json.dumps(bad))
+        self.assertIn(status, (400, 404))  # not served yet, or an unknown region
+        self.assertTrue("shared memory" in b["error"] or "no_such_region" in b["error"], b)
         before = self.stats(case)["inference_stats"]["fail"]["count"]
         for body, want, fragment in cases:
             status, b = self.c.json("POST", "/v2/models/%s/infer" % case, body)

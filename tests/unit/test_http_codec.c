@@ -240,6 +240,24 @@ static void test_shared_memory_parameters(void **state)
     assert_true(hi.out_shm.given);
     assert_string_equal(hi.out_shm.region, "out");
     assert_int_equal(hi.out_shm.byte_size, 64);
+    /* passed on for the codec, without a raw entry for the input */
+    const Inference__ModelInferRequest *m = hi.msg;
+    assert_int_equal(m->n_raw_input_contents, 0);
+    assert_int_equal(m->inputs[0]->n_parameters, 3);
+    assert_int_equal(m->outputs[0]->n_parameters, 2);
+    bs_http_infer_free(&hi);
+    /* a shared memory input between two others: entries for those two only */
+    uint8_t mixed[] = "{\"inputs\":[{\"name\":\"a\",\"datatype\":\"FP32\",\"shape\":[1],"
+                      "\"data\":[1]},{\"name\":\"s\",\"datatype\":\"FP32\",\"shape\":[4],"
+                      "\"parameters\":{\"shared_memory_region\":\"r0\",\"shared_memory_byte_size\":"
+                      "16}},{\"name\":\"b\",\"datatype\":\"INT64\",\"shape\":[1],\"data\":[7]}]}";
+    assert_int_equal(bs_http_decode_infer("m", "", mixed, sizeof(mixed) - 1, -1, &hi, &err), 0);
+    m = hi.msg;
+    assert_int_equal(m->n_inputs, 3);
+    assert_int_equal(m->n_raw_input_contents, 2);
+    assert_int_equal(m->raw_input_contents[1].len, 8);
+    assert_int_equal(*(const int64_t *)m->raw_input_contents[1].data, 7);
+    assert_false(hi.in_shm[0].given || hi.in_shm[2].given);
     bs_http_infer_free(&hi);
     uint8_t bad[] = "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[4],"
                     "\"parameters\":{\"shared_memory_region\":\"\"}}]}";
