@@ -622,6 +622,59 @@ class HttpSecureTest(unittest.TestCase):
             harness.shutdown(server)
 
 
+class HttpStartupTest(unittest.TestCase):
+    """The port options: a busy default port only warns, an explicit one is an
+    error, 0 turns HTTP off, a bad address is an error."""
+
+    def run_server(self, args, until="serving 1 models"):
+        repo = harness.make_repository(["btb_self_only"], broken=False)
+        try:
+            proc = subprocess.Popen([BINARY, "serve", "--grpc-port", "0", "--grpc-address",
+                                     "127.0.0.1", "--metrics-port", "0", "--model-repository",
+                                     repo] + args, stderr=subprocess.PIPE, text=True)
+            lines = []
+            for line in proc.stderr:
+                lines.append(line)
+                if until in line:
+                    proc.terminate()
+                    break
+            lines.append(proc.communicate(timeout=60)[1])
+        finally:
+            shutil.rmtree(repo, ignore_errors=True)
+        return proc.returncode, "".join(lines)
+
+    def test_ports(self):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", 8000))
+            sock.listen(1)
+        except OSError:
+            sock.close()
+            sock = None  # taken already: the default is busy either way
+        try:
+            code, text = self.run_server([])
+            self.assertEqual(code, 0, text)
+            self.assertIn("http: cannot listen on 127.0.0.1:8000", text)
+            self.assertIn("serving without HTTP", text)
+            port = harness.free_port()
+            busy = socket.socket()
+            busy.bind(("127.0.0.1", port))
+            busy.listen(1)
+            code, text = self.run_server(["--http-port", str(port)])
+            busy.close()
+            self.assertEqual(code, 1, text)
+            self.assertIn("http: cannot listen on 127.0.0.1:%d" % port, text)
+        finally:
+            if sock is not None:
+                sock.close()
+        code, text = self.run_server(["--http-port", "0"])
+        self.assertEqual(code, 0, text)
+        self.assertNotIn("HTTP on", text)
+        code, text = self.run_server(["--http-address", "localhost"])
+        self.assertEqual(code, 1, text)
+        self.assertIn('--http-address "localhost"', text)
+
+
 class HttpShutdownTest(unittest.TestCase):
     def test_in_flight_answered_at_shutdown(self):
         repo = harness.make_repository(["btb_self_only"], {"btb_self_only": {
