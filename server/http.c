@@ -366,13 +366,11 @@ static enum MHD_Result job_begin(bs_http_t *h, struct MHD_Connection *conn, cons
     j->h = h;
     j->conn = conn;
     j->header_len = -1;
-    unsigned st = route_match(j, url, verb, &allow);
-    if (st != 0) {
-        job_free(j);
-        return reply_error(conn, st, st == MHD_HTTP_NOT_FOUND ? "not found" : "method not allowed",
-                           allow);
-    }
     *con_cls = j; /* freed by on_completed from here on */
+    unsigned st = route_match(j, url, verb, &allow);
+    if (st != 0)
+        return early_error(j, st, st == MHD_HTTP_NOT_FOUND ? "not found" : "method not allowed",
+                           allow);
     bool health = j->route->method == BS_CTL_SERVER_LIVE ||
                   j->route->method == BS_CTL_SERVER_READY || j->route->method == BS_CTL_MODEL_READY;
     health &= j->route->kind == R_CONTROL;
@@ -413,6 +411,10 @@ static enum MHD_Result job_begin(bs_http_t *h, struct MHD_Connection *conn, cons
     return MHD_YES;
 }
 
+/* Keep n more bytes of the body; past the limit they are read and dropped
+ * (answering 413 before the client has sent it all would reset the
+ * connection under a client still writing, which then never reads the
+ * answer). */
 static void job_append(struct job *j, const char *data, size_t n)
 {
     size_t max = j->h->o.max_body_bytes;
