@@ -841,6 +841,21 @@ static void on_disconnect(uv_poll_t *p, int status, int events)
         bs_core_cancel(in->h->o.core, in->creq); /* reply_done follows */
 }
 
+/* While the core has the request (the connection suspended, so that
+ * libmicrohttpd does not watch it): a client that goes away cancels it. */
+static void infer_watch(struct infer *in, int fd)
+{
+    if (fd < 0 || (in->poll = malloc(sizeof(*in->poll))) == NULL)
+        return;
+    if (uv_poll_init(in->h->o.loop, in->poll, fd) != 0) {
+        free(in->poll);
+        in->poll = NULL;
+        return;
+    }
+    in->poll->data = in;
+    uv_poll_start(in->poll, UV_DISCONNECT, on_disconnect);
+}
+
 static int reply_output(void *arg, const struct bs_tensor *out, struct bs_err *err)
 {
     struct infer *in = arg;
@@ -976,15 +991,7 @@ static void run_infer(bs_http_t *h, struct job *j)
         job_fail(j, rc, err.msg);
         return;
     }
-    if (j->fd >= 0 && (in->poll = malloc(sizeof(*in->poll))) != NULL) {
-        if (uv_poll_init(h->o.loop, in->poll, j->fd) == 0) {
-            in->poll->data = in;
-            uv_poll_start(in->poll, UV_DISCONNECT, on_disconnect);
-        } else {
-            free(in->poll);
-            in->poll = NULL;
-        }
-    }
+    infer_watch(in, j->fd);
 }
 
 static void run_job(bs_http_t *h, struct job *j)
