@@ -73,7 +73,10 @@ struct route {
     const char *caps;
 };
 
-#define CTL(p, verb, m, caps) {p, verb, R_CONTROL, m, caps}
+#define CTL(p, verb, m, caps)                                                                      \
+    {                                                                                              \
+        p, verb, R_CONTROL, m, caps                                                                \
+    }
 #define SHM_ROUTES(base, pre)                                                                      \
     CTL(base "/status", "GET", pre##STATUS, ""),                                                   \
         CTL(base "/region/*/status", "GET", pre##STATUS, "r"),                                     \
@@ -115,7 +118,7 @@ struct job {
     uint8_t *body;
     size_t len, cap;
     bool too_big, dispatched, answered;
-    bool replied; /* answered on the HTTP thread at once (an error) */
+    bool replied;       /* answered on the HTTP thread at once (an error) */
     int64_t header_len; /* Inference-Header-Content-Length; -1: none */
     enum encoding enc_in, enc_out;
     int fd;
@@ -375,8 +378,7 @@ static enum MHD_Result job_begin(bs_http_t *h, struct MHD_Connection *conn, cons
                   j->route->method == BS_CTL_SERVER_READY || j->route->method == BS_CTL_MODEL_READY;
     health &= j->route->kind == R_CONTROL;
     if (h->o.tls_client_ca != NULL && !client_cert_ok(conn))
-        return early_error(j, MHD_HTTP_FORBIDDEN, "a valid client certificate is required",
-                           NULL);
+        return early_error(j, MHD_HTTP_FORBIDDEN, "a valid client certificate is required", NULL);
     if (h->o.auth != NULL && !health) {
         size_t n = 0;
         const char *v = NULL, *why = NULL;
@@ -452,8 +454,8 @@ static enum MHD_Result job_dispatch(bs_http_t *h, struct job *j)
     if (j->enc_in != ENC_NONE) {
         uint8_t *out;
         size_t n;
-        if (bs_http_inflate(j->body, j->len, j->enc_in == ENC_GZIP, h->o.max_body_bytes, &out,
-                            &n, &err) != 0)
+        if (bs_http_inflate(j->body, j->len, j->enc_in == ENC_GZIP, h->o.max_body_bytes, &out, &n,
+                            &err) != 0)
             return early_error(j, bs_status_http(err.code), err.msg, NULL);
         free(j->body);
         j->body = out;
@@ -798,9 +800,8 @@ static void run_control(bs_http_t *h, struct job *j)
     if (rc == 0 && root != NULL && root->type != BS_JSON_OBJECT)
         rc = bs_err_set(&err, BS_EINVAL, "the body must be a JSON object");
     for (const struct bs_json *v = root ? root->child : NULL; rc == 0 && v; v = v->next) {
-        if (strcmp(v->key, "parameters") == 0 &&
-            (j->route->method == BS_CTL_REPOSITORY_LOAD ||
-             j->route->method == BS_CTL_REPOSITORY_UNLOAD))
+        if (strcmp(v->key, "parameters") == 0 && (j->route->method == BS_CTL_REPOSITORY_LOAD ||
+                                                  j->route->method == BS_CTL_REPOSITORY_UNLOAD))
             rc = set_repo_params(m, v, owned, &err);
         else
             rc = set_member(m, v, &owned[2], &err);
@@ -931,9 +932,8 @@ static void reply_release(void *arg)
     infer_free(arg);
 }
 
-static const struct bs_core_reply core_reply = {.on_output = reply_output,
-                                                .on_done = reply_done,
-                                                .on_release = reply_release};
+static const struct bs_core_reply core_reply = {
+    .on_output = reply_output, .on_done = reply_done, .on_release = reply_release};
 
 static void run_infer(bs_http_t *h, struct job *j)
 {

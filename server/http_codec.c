@@ -113,8 +113,7 @@ static int make_param(struct bs_http_infer *hi, const struct bs_json *v, const c
 }
 
 /* A non-negative integer parameter (binary_data_size, shared_memory_*). */
-static int uint_param(const struct bs_json *v, const char *where, uint64_t *out,
-                      struct bs_err *err)
+static int uint_param(const struct bs_json *v, const char *where, uint64_t *out, struct bs_err *err)
 {
     if (v->type != BS_JSON_NUMBER || !v->is_integer || v->integer < 0)
         return bs_err_set(err, BS_EINVAL, "%sparameter '%s' must be an integer >= 0", where,
@@ -230,8 +229,8 @@ static int fill_one(struct fill *f, const struct bs_json *v, struct bs_err *err)
     unsigned char *p = f->out + f->i * kind_size[f->k];
     bool num = v->type == BS_JSON_NUMBER;
     if (f->k == K_BOOL ? v->type != BS_JSON_BOOL : !num || (f->k == K_I64 && !v->is_integer))
-        return bs_err_set(err, BS_EINVAL, "input '%s': data[%zu] is not %s (%s)",
-                          show(nb, f->name), f->i,
+        return bs_err_set(err, BS_EINVAL, "input '%s': data[%zu] is not %s (%s)", show(nb, f->name),
+                          f->i,
                           f->k == K_BOOL  ? "a bool"
                           : f->k == K_I64 ? "an integer within int64"
                                           : "a number",
@@ -414,8 +413,8 @@ static int decode_input(struct bs_http_infer *hi, const struct bs_json *j, int i
     return json_data(hi, data, in, raw, err);
 }
 
-static int decode_inputs(struct bs_http_infer *hi, const struct bs_json *inputs,
-                         struct binary *bin, req_msg_t *m, struct bs_err *err)
+static int decode_inputs(struct bs_http_infer *hi, const struct bs_json *inputs, struct binary *bin,
+                         req_msg_t *m, struct bs_err *err)
 {
     if (inputs == NULL || inputs->type != BS_JSON_ARRAY)
         return bs_err_set(err, BS_EINVAL, "'inputs' (an array) is required");
@@ -435,8 +434,8 @@ static int decode_inputs(struct bs_http_infer *hi, const struct bs_json *inputs,
         *in = (input_msg_t)INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
         m->inputs[i] = in;
         m->n_inputs = (size_t)i + 1;
-        int rc = decode_input(hi, j, i, bin, in, &m->raw_input_contents[m->n_raw_input_contents],
-                              err);
+        int rc =
+            decode_input(hi, j, i, bin, in, &m->raw_input_contents[m->n_raw_input_contents], err);
         if (rc != 0)
             return rc;
         if (!hi->in_shm[i].given) /* as in Triton: shared memory inputs have no entry */
@@ -695,8 +694,8 @@ int bs_http_inflate(const uint8_t *data, size_t len, bool gzip, size_t max, uint
 uint8_t *bs_http_deflate(const uint8_t *data, size_t len, bool gzip, size_t *out_len)
 {
     z_stream z = {0};
-    if (len > UINT_MAX || deflateInit2(&z, 1, Z_DEFLATED, gzip ? 15 + 16 : 15, 8,
-                                       Z_DEFAULT_STRATEGY) != Z_OK)
+    if (len > UINT_MAX ||
+        deflateInit2(&z, 1, Z_DEFLATED, gzip ? 15 + 16 : 15, 8, Z_DEFAULT_STRATEGY) != Z_OK)
         return NULL;
     size_t cap = deflateBound(&z, (uLong)len);
     uint8_t *out = cap <= UINT_MAX ? malloc(cap) : NULL;

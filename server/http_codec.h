@@ -28,7 +28,7 @@ struct bs_http_infer {
     void *msg; /* Inference__ModelInferRequest, for bs_codec_decode_infer_msg */
     struct bs_shm_ref in_shm[BS_CODEC_MAX_INPUTS]; /* shared_memory_* of each input */
     struct bs_shm_ref out_shm;                     /* ... of the output */
-    bool binary_output; /* answer the output as binary data */
+    bool binary_output;                            /* answer the output as binary data */
     bs_json_doc_t *doc;
     void *arena; /* everything else the message holds */
 };
@@ -47,7 +47,7 @@ void bs_http_infer_free(struct bs_http_infer *hi);
 /* What the answer names. */
 struct bs_http_answer {
     const char *model_name, *model_version, *id;
-    const char *block_cache; /* parameter block_cache; NULL: none */
+    const char *block_cache;          /* parameter block_cache; NULL: none */
     const struct bs_shm_ref *out_shm; /* the output went to shared memory (NULL: not) */
     bool binary_output;
 };

@@ -37,8 +37,10 @@ static void check_answer(const struct bs_infer_request *req, const struct bs_htt
         memcpy(ne, req->inputs[0].t.ne, sizeof(ne));
     }
     struct bs_tensor out = bs_tensor_make(BS_TYPE_F32, n_dims, ne, zeros);
-    struct bs_http_answer a = {.model_name = req->model_name, .model_version = req->model_version,
-                               .id = req->id, .binary_output = hi->binary_output};
+    struct bs_http_answer a = {.model_name = req->model_name,
+                               .model_version = req->model_version,
+                               .id = req->id,
+                               .binary_output = hi->binary_output};
     struct bs_jbuf b = {0};
     size_t json_len = 0;
     struct bs_err err = {0};

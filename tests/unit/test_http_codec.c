@@ -34,8 +34,8 @@ static int decode(struct decoded *d, const char *text, const void *bin, size_t b
     memcpy(d->body, text, n);
     if (bin_len > 0)
         memcpy(d->body + n, bin, bin_len);
-    int rc = bs_http_decode_infer("m", "", d->body, n + bin_len, bin ? (int64_t)n : -1, &d->hi,
-                                  err);
+    int rc =
+        bs_http_decode_infer("m", "", d->body, n + bin_len, bin ? (int64_t)n : -1, &d->hi, err);
     if (rc == 0)
         rc = bs_codec_decode_infer_msg(d->hi.msg, &limits, &d->req, err);
     return rc;
@@ -55,8 +55,7 @@ static void expect_error(const char *text, const void *bin, size_t bin_len, int 
     struct bs_err err = {0};
     int rc = decode(&d, text, bin, bin_len, &err);
     if (rc != code || strstr(err.msg, fragment) == NULL)
-        fail_msg("%s\n  got %d \"%s\", expected %d with \"%s\"", text, rc, err.msg, code,
-                 fragment);
+        fail_msg("%s\n  got %d \"%s\", expected %d with \"%s\"", text, rc, err.msg, code, fragment);
     release(&d);
 }
 
@@ -97,7 +96,8 @@ static void test_json_data_errors(void **state)
 {
     (void)state;
 #define IN(dt, shape, data)                                                                        \
-    "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"" dt "\",\"shape\":" shape ",\"data\":" data "}]}"
+    "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"" dt "\",\"shape\":" shape ",\"data\":" data "}]" \
+                                                                                              "}"
     expect_error(IN("FP32", "[2,3]", "[1,2,3,4,5]"), NULL, 0, BS_EINVAL,
                  "data holds 5 values, shape needs 6");
     expect_error(IN("FP32", "[2]", "[[1],[2],[3]]"), NULL, 0, BS_EINVAL, "holds 3 values");
@@ -119,8 +119,8 @@ static void test_json_data_errors(void **state)
                  BS_EINVAL, "no 'data'");
     expect_error("{\"inputs\":[{\"datatype\":\"FP32\",\"shape\":[1],\"data\":[1]}]}", NULL, 0,
                  BS_EINVAL, "'name'");
-    expect_error("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"data\":[1]}]}", NULL, 0,
-                 BS_EINVAL, "'datatype'");
+    expect_error("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"data\":[1]}]}", NULL, 0, BS_EINVAL,
+                 "'datatype'");
     expect_error("{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[1],\"data\":[1]},"
                  "{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[1],\"data\":[1]}]}",
                  NULL, 0, BS_EINVAL, "name given twice");
@@ -136,8 +136,8 @@ static void test_json_data_errors(void **state)
                  "'timeout'");
     expect_error("{\"inputs\":[],\"parameters\":{\"x\":[1]}}", NULL, 0, BS_EINVAL,
                  "a bool, a number or a string");
-    expect_error("{\"inputs\":[],\"parameters\":{\"binary_data_output\":1}}", NULL, 0,
-                 BS_EINVAL, "binary_data_output");
+    expect_error("{\"inputs\":[],\"parameters\":{\"binary_data_output\":1}}", NULL, 0, BS_EINVAL,
+                 "binary_data_output");
     /* nesting deeper than the parser allows */
     expect_error(IN("FP32", "[1]", "[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]"), NULL, 0, BS_EINVAL,
                  "malformed JSON");
@@ -261,8 +261,7 @@ static void test_shared_memory_parameters(void **state)
     bs_http_infer_free(&hi);
     uint8_t bad[] = "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[4],"
                     "\"parameters\":{\"shared_memory_region\":\"\"}}]}";
-    assert_int_equal(bs_http_decode_infer("m", "", bad, sizeof(bad) - 1, -1, &hi, &err),
-                     BS_EINVAL);
+    assert_int_equal(bs_http_decode_infer("m", "", bad, sizeof(bad) - 1, -1, &hi, &err), BS_EINVAL);
     assert_non_null(strstr(err.msg, "shared_memory_region"));
 }
 
@@ -271,8 +270,9 @@ static void test_too_many_values(void **state)
     (void)state;
     size_t n = (size_t)BS_HTTP_MAX_JSON_VALUES + 10;
     char *text = malloc(n * 2 + 100);
-    size_t o = (size_t)sprintf(text, "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\","
-                                     "\"shape\":[%zu],\"data\":[",
+    size_t o = (size_t)sprintf(text,
+                               "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\","
+                               "\"shape\":[%zu],\"data\":[",
                                n);
     for (size_t i = 0; i < n; i++) {
         text[o++] = '0';
@@ -293,8 +293,8 @@ static void test_encode_answers(void **state)
     float v[4] = {0.1f, -2.5f, 1e-40f, 3.0f};
     int64_t ne[2] = {2, 2};
     struct bs_tensor out = bs_tensor_make(BS_TYPE_F32, 2, ne, v);
-    struct bs_http_answer a = {.model_name = "m", .model_version = "", .id = "q\"1",
-                               .block_cache = "reuse"};
+    struct bs_http_answer a = {
+        .model_name = "m", .model_version = "", .id = "q\"1", .block_cache = "reuse"};
     struct bs_jbuf b = {0};
     size_t json_len;
     struct bs_err err = {0};

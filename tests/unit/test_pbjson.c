@@ -171,7 +171,8 @@ static void test_map_values_and_fields(void **state)
 static void test_bytes_base64(void **state)
 {
     (void)state;
-    Inference__CudaSharedMemoryRegisterRequest r = INFERENCE__CUDA_SHARED_MEMORY_REGISTER_REQUEST__INIT;
+    Inference__CudaSharedMemoryRegisterRequest r =
+        INFERENCE__CUDA_SHARED_MEMORY_REGISTER_REQUEST__INIT;
     uint8_t raw[] = {0, 1, 2, 3, 0xff};
     r.name = "c";
     r.raw_handle = (ProtobufCBinaryData){sizeof(raw), raw};
