@@ -84,6 +84,9 @@ set(BS_SERVER_SOURCES
   server/serve.c
   server/metrics.c
   server/metrics_http.c
+  server/http.c
+  server/http_codec.c
+  server/pbjson.c
   server/secure.c
 )
 

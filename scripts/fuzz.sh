@@ -3,6 +3,9 @@
 # each for FUZZ_SECONDS (default 30) on its checked-in seeds:
 #   codec    tests/fuzz/fuzz_codec.c: the request decoder (server/codec.c);
 #            seeds tests/fuzz/corpus
+#   http     tests/fuzz/fuzz_http_codec.c: the HTTP/REST request decoder, answer
+#            and inflater (server/http_codec.c) with the codec behind it; seeds
+#            tests/fuzz/corpus_http
 #   service  tests/fuzz/fuzz_service.c: the inference service (server/service.c,
 #            batchers, repository, engine, CPU backend, a libuv loop) behind the
 #            fake transport tests/fuzz/fake_rpc.c; seeds tests/fuzz/corpus_service
@@ -10,7 +13,7 @@
 #   scripts/fuzz.sh                 build, then fuzz every target in turn
 #   scripts/fuzz.sh FILE...         build, then run only these inputs (reproduce)
 #   FUZZ_TARGET=service scripts/fuzz.sh build-fuzz/service-crash-<sha1>
-# Environment: FUZZ_TARGET (codec, service or all; default all, and codec when
+# Environment: FUZZ_TARGET (codec, http, service or all; default all, and codec when
 # reproducing), FUZZ_SECONDS (per target), FUZZ_JOBS (parallel fuzzing
 # processes, default 1), FUZZ_BUILD_DIR (default build-fuzz), CC (default clang).
 # Objects are rebuilt only when a source, a header it includes or the flags
@@ -25,12 +28,12 @@ cc=${CC:-clang}
 case "$cc" in *clang*) ;; *) cc=clang ;; esac # libFuzzer needs clang
 if [ "$#" -gt 0 ]; then target=${FUZZ_TARGET:-codec}; else target=${FUZZ_TARGET:-all}; fi
 case "$target" in
-  codec | service) targets=("$target") ;;
-  all) targets=(codec service) ;;
-  *) echo "fuzz.sh: FUZZ_TARGET must be codec, service or all (got \"$target\")" >&2; exit 2 ;;
+  codec | http | service) targets=("$target") ;;
+  all) targets=(codec http service) ;;
+  *) echo "fuzz.sh: FUZZ_TARGET must be codec, http, service or all (got \"$target\")" >&2; exit 2 ;;
 esac
 if [ "$#" -gt 0 ] && [ "${#targets[@]}" -ne 1 ]; then
-  echo "fuzz.sh: reproducing needs one target (FUZZ_TARGET=codec or service)" >&2
+  echo "fuzz.sh: reproducing needs one target (FUZZ_TARGET=codec, http or service)" >&2
   exit 2
 fi
 
@@ -78,7 +81,9 @@ service_cov=("${codec_cov[@]}" server/core.c server/service.c server/control.c s
   server/batcher.c server/repository.c
   server/serving.c server/sequences.c server/log.c
   server/metrics.c engine/model.c engine/class.c engine/opcheck.c)
-cov_srcs=("${service_cov[@]}" tests/fuzz/fuzz_codec.c tests/fuzz/fuzz_service.c tests/fuzz/fake_rpc.c)
+http_cov=(server/http_codec.c server/pbjson.c engine/json.c)
+cov_srcs=("${service_cov[@]}" "${http_cov[@]}" tests/fuzz/fuzz_codec.c tests/fuzz/fuzz_http_codec.c
+  tests/fuzz/fuzz_service.c tests/fuzz/fake_rpc.c)
 plain_srcs=()
 for f in "${engine[@]}"; do
   [[ " ${cov_srcs[*]} " == *" $f "* ]] || plain_srcs+=("$f")
@@ -150,6 +155,11 @@ for t in "${targets[@]}"; do
       mapfile -t link < <(objs "${gen_srcs[@]}" "${codec_cov[@]}" tests/fuzz/fuzz_codec.c)
       libs=(-lprotobuf-c -lm)
       ;;
+    http)
+      mapfile -t link < <(objs "${gen_srcs[@]}" "${codec_cov[@]}" "${http_cov[@]}" \
+        tests/fuzz/fuzz_http_codec.c)
+      libs=(-lprotobuf-c -lz -lm)
+      ;;
     service)
       mapfile -t link < <(objs "${gen_srcs[@]}" "${service_cov[@]}" "${plain_srcs[@]}" \
         tests/fuzz/fuzz_service.c tests/fuzz/fake_rpc.c)
@@ -174,6 +184,7 @@ fi
 for t in "${targets[@]}"; do
   case "$t" in
     codec) seeds=tests/fuzz/corpus new="$out/corpus" max_len=16384 prefix="$out/" ;;
+    http) seeds=tests/fuzz/corpus_http new="$out/corpus_http" max_len=16384 prefix="$out/http-" ;;
     service) seeds=tests/fuzz/corpus_service new="$out/corpus_service" max_len=32768 \
       prefix="$out/service-" ;;
   esac

@@ -19,18 +19,18 @@ packages=(
   openssl
   libcmocka-dev
   libgrpc-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler grpc-proto libuv1-dev
-  libmicrohttpd-dev libssl-dev openssl
-  libcurl4-openssl-dev zlib1g-dev
+  libmicrohttpd-dev libssl-dev openssl zlib1g-dev libgnutls28-dev
+  libcurl4-openssl-dev
   clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
-  python3-yaml python3-h2
+  python3-yaml python3-h2 curl
 )
 
 # Packages only the tests use; "build" and "serve" leave them out.
 test_only=(
   libcmocka-dev clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-grpcio python3-grpc-tools python3-protobuf
-  python3-yaml python3-h2
+  python3-yaml python3-h2 curl
 )
 
 case "$mode" in

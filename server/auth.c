@@ -34,13 +34,10 @@ int bs_auth_bearer_init(bs_auth_t **auth, const char *token, struct bs_err *err)
     return 0;
 }
 
-static bool auth_check(void *arg, const bs_rpc_call_t *call, const char **why)
+bool bs_auth_check_value(const bs_auth_t *a, const char *got, size_t n, const char **why)
 {
-    const bs_auth_t *a = arg;
-    size_t n = 0;
-    const char *got = bs_rpc_call_metadata_bytes(call, "authorization", &n);
     if (got == NULL) {
-        *why = "missing \"authorization: Bearer <token>\" metadata";
+        *why = "missing \"authorization: Bearer <token>\"";
         return false;
     }
     unsigned char diff = n != a->len;
@@ -52,6 +49,18 @@ static bool auth_check(void *arg, const bs_rpc_call_t *call, const char **why)
     *why = memchr(got, 0, n) != NULL ? "invalid bearer token (it contains a NUL byte)"
                                      : "invalid bearer token";
     return false;
+}
+
+static bool auth_check(void *arg, const bs_rpc_call_t *call, const char **why)
+{
+    const bs_auth_t *a = arg;
+    size_t n = 0;
+    const char *got = bs_rpc_call_metadata_bytes(call, "authorization", &n);
+    if (got == NULL) {
+        *why = "missing \"authorization: Bearer <token>\" metadata";
+        return false;
+    }
+    return bs_auth_check_value(a, got, n, why);
 }
 
 struct bs_rpc_auth bs_auth_hook(bs_auth_t *auth)

@@ -16,6 +16,11 @@ int bs_auth_bearer_init(bs_auth_t **auth, const char *token, struct bs_err *err)
 /* The hook to hand the transport (it refers to auth, which must outlive it). */
 struct bs_rpc_auth bs_auth_hook(bs_auth_t *auth);
 
+/* Whether got (n bytes, NULL: absent) is "Bearer <token>" (lengths
+ * compared, constant time); *why says what is wrong otherwise. Reads only
+ * what init wrote, so any thread may call it (the HTTP front end does). */
+bool bs_auth_check_value(const bs_auth_t *auth, const char *got, size_t n, const char **why);
+
 /* Wipe and free the token copy; NULL is a no-op. */
 void bs_auth_free(bs_auth_t *auth);
 

@@ -656,17 +656,11 @@ static int unpack(const uint8_t *data, size_t len, req_msg_t **msg, struct bs_er
     return 0;
 }
 
-int bs_codec_decode_infer_labeled(const uint8_t *data, size_t len,
-                                  const struct bs_codec_limits *lim, struct bs_infer_request *req,
-                                  struct bs_err *err)
+/* Validate an unpacked (or built) message into req, keeping the labels on error. */
+static int validate(req_msg_t *m, const struct bs_codec_limits *lim, struct bs_infer_request *req,
+                    struct bs_err *err)
 {
-    assert(lim != NULL && req != NULL);
-    memset(req, 0, sizeof(*req));
-    req_msg_t *m;
-    int rc = unpack(data, len, &m, err);
-    if (rc != 0)
-        return rc;
-    req->msg = m;
+    int rc = 0;
     req->model_name = str_or_empty(m->model_name);
     req->model_version = str_or_empty(m->model_version);
     req->id = str_or_empty(m->id);
@@ -688,6 +682,28 @@ int bs_codec_decode_infer_labeled(const uint8_t *data, size_t len,
         req->n_inputs = 0;
     }
     return rc;
+}
+
+int bs_codec_decode_infer_labeled(const uint8_t *data, size_t len,
+                                  const struct bs_codec_limits *lim, struct bs_infer_request *req,
+                                  struct bs_err *err)
+{
+    assert(lim != NULL && req != NULL);
+    memset(req, 0, sizeof(*req));
+    req_msg_t *m;
+    int rc = unpack(data, len, &m, err);
+    if (rc != 0)
+        return rc;
+    req->msg = m;
+    return validate(m, lim, req, err);
+}
+
+int bs_codec_decode_infer_msg(void *msg, const struct bs_codec_limits *lim,
+                              struct bs_infer_request *req, struct bs_err *err)
+{
+    assert(msg != NULL && lim != NULL && req != NULL);
+    memset(req, 0, sizeof(*req)); /* req->msg stays NULL: the caller owns msg */
+    return validate(msg, lim, req, err);
 }
 
 int bs_codec_decode_infer(const uint8_t *data, size_t len, const struct bs_codec_limits *lim,

@@ -71,6 +71,14 @@ int bs_codec_decode_infer_labeled(const uint8_t *data, size_t len,
                                   const struct bs_codec_limits *lim, struct bs_infer_request *req,
                                   struct bs_err *err);
 
+/* As bs_codec_decode_infer_labeled, on a message the caller built (an
+ * Inference__ModelInferRequest, e.g. from HTTP/JSON) instead of bytes: the
+ * same checks and errors. The caller keeps owning msg (req->msg stays NULL)
+ * and frees it after bs_codec_request_free; raw BOOL bytes are
+ * canonicalised in place. */
+int bs_codec_decode_infer_msg(void *msg, const struct bs_codec_limits *lim,
+                              struct bs_infer_request *req, struct bs_err *err);
+
 /* Release what a decoded request holds; safe on an empty request. */
 void bs_codec_request_free(struct bs_infer_request *req);
 

@@ -12,6 +12,7 @@
 #include "control.h"
 #include "descriptors.h"
 #include "health_service.h"
+#include "http.h"
 #include "log.h"
 #include "metrics.h"
 #include "metrics_http.h"
@@ -54,6 +55,9 @@ struct serve_opts {
     bool metrics_port_given;     /* a busy default port only warns */
     const char *metrics_address; /* NULL: the gRPC address */
     const char *tls_cert, *tls_key, *tls_client_ca, *token_file;
+    int http_port;            /* 0: no HTTP */
+    bool http_port_given;     /* a busy default port only warns */
+    const char *http_address; /* NULL: the gRPC address */
 };
 
 struct server {
@@ -72,6 +76,7 @@ struct server {
     bs_auth_t *auth; /* NULL: no bearer token */
     bs_metrics_t *metrics;
     bs_metrics_http_t *metrics_http;
+    bs_http_t *http; /* the HTTP/REST front end (NULL: none) */
     struct bs_secure sec;
     uv_signal_t sigint, sigterm;
     uv_timer_t grace;
@@ -118,7 +123,7 @@ static const struct bs_opt serve_rows[] = {
     {"--log-format", AT(ENUM, json_logs), .choices = log_formats, .def = "text",
      .help = "log lines"},
     {"--max-message-bytes", AT(INT, max_message_bytes), .lo = 1024, .hi = INT32_MAX,
-     .def = "67108864", .metavar = "N", .help = "gRPC message limit"},
+     .def = "67108864", .metavar = "N", .help = "gRPC message and HTTP body limit"},
     {"--max-tensor-elements", AT(INT64, max_tensor_elements), .lo = 1, .hi = (int64_t)1 << 34,
      .def = "134217728", .metavar = "N", .help = "per input tensor"},
     {"--max-concurrent-streams", AT(INT, max_streams), .lo = 1, .hi = 1 << 20, .def = "256",
@@ -149,6 +154,12 @@ static const struct bs_opt serve_rows[] = {
      .def = "2000", .metavar = "N", .help = "default batching delay"},
     {"--max-queue-size", AT(INT, defaults.max_queue_size), .lo = 1, .hi = 1000000, .def = "256",
      .metavar = "N", .help = "default queue bound"},
+    {"--http-port", AT(INT, http_port), .lo = 0, .hi = 65535, .def = "8000", GIVEN(http_port_given),
+     .metavar = "N",
+     .help = "KServe v2 HTTP/REST on this port (default %D, busy:\n"
+             "a warning; 0: no HTTP); TLS and the token as gRPC"},
+    {"--http-address", AT(STR, http_address), .metavar = "HOST",
+     .help = "address for HTTP (default: --grpc-address)"},
     {"--metrics-port", AT(INT, metrics_port), .lo = 0, .hi = 65535, .def = "8002",
      GIVEN(metrics_port_given), .metavar = "N",
      .help = "Prometheus metrics on http://HOST:N/metrics (default\n"
@@ -226,6 +237,8 @@ static void shut_transport(struct server *s)
         bs_log(BS_LOG_INFO, NULL, "stopping the gRPC transport (monotonic clock %.6f s)",
                (double)uv_hrtime() / 1e9);
         bs_service_shutdown(s->svc); /* every admitted request gets its own answer first */
+        bs_log(BS_LOG_INFO, NULL, "stopping the HTTP front end");
+        bs_http_shutdown(s->http);
         bs_rpc_server_shutdown(s->rpc, on_rpc_down, s);
     }
 }
@@ -278,6 +291,38 @@ static int start_metrics(struct server *s, struct bs_err *err)
         return 0;
     }
     bs_log(BS_LOG_INFO, NULL, "metrics on http://%s%s%s:%d/metrics",
+           strchr(address, ':') ? "[" : "", address, strchr(address, ':') ? "]" : "", port);
+    return 0;
+}
+
+/* The HTTP/REST front end; a busy default port only costs HTTP. */
+static int start_http(struct server *s, struct bs_err *err)
+{
+    const char *address = s->opts.http_address ? s->opts.http_address : s->opts.address;
+    int port = 0;
+    if (s->opts.http_port == 0)
+        return 0;
+    struct bs_http_options ho = {
+        .address = address,
+        .port = s->opts.http_port,
+        .loop = s->loop,
+        .core = s->core,
+        .control = s->control,
+        .shm = s->shm,
+        .auth = s->auth,
+        .limits = {s->opts.max_tensor_elements, BS_CODEC_MAX_INPUTS},
+        .max_body_bytes = (size_t)s->opts.max_message_bytes,
+        .tls_cert = s->sec.cert_chain,
+        .tls_key = s->sec.key,
+        .tls_client_ca = s->sec.client_ca,
+    };
+    if (bs_http_start(&s->http, &ho, &port, err) != 0) {
+        if (s->opts.http_port_given || s->opts.http_address != NULL || err->code != BS_EIO)
+            return err->code; /* only the default port being busy is forgiven */
+        bs_log(BS_LOG_WARN, NULL, "%s; serving without HTTP", err->msg);
+        return 0;
+    }
+    bs_log(BS_LOG_INFO, NULL, "HTTP on %s://%s%s%s:%d/v2", s->opts.tls_cert ? "https" : "http",
            strchr(address, ':') ? "[" : "", address, strchr(address, ':') ? "]" : "", port);
     return 0;
 }
@@ -392,7 +437,7 @@ static int start(struct server *s, struct bs_err *err)
     rpc_opts.tls_cert_chain = s->sec.cert_chain;
     rpc_opts.tls_key = s->sec.key;
     rpc_opts.tls_client_ca = s->sec.client_ca;
-    if (start_metrics(s, err) != 0)
+    if (start_metrics(s, err) != 0 || start_http(s, err) != 0)
         return err->code;
     if (bs_rpc_server_init(&s->rpc, s->loop, &rpc_opts, &port, err) != 0)
         return err->code;
@@ -437,11 +482,13 @@ int bs_serve_main(int argc, char **argv)
         bs_log(BS_LOG_ERROR, NULL, "%s", err.msg);
         if (s.rpc != NULL)
             bs_rpc_server_shutdown(s.rpc, on_rpc_down, &s);
+        bs_http_shutdown(s.http);
         uv_run(s.loop, UV_RUN_DEFAULT);
     }
     /* uv_run returned: no batch is running (their work requests keep the
      * loop alive). Batchers close their handles asynchronously: run once more. */
     bs_metrics_http_stop(s.metrics_http);
+    bs_http_free(s.http); /* before the core: its threads post nothing more */
     bs_rpc_server_free(s.rpc);
     bs_health_service_free(s.health);
     bs_reflection_service_free(s.refl_svc);

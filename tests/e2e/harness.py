@@ -93,18 +93,22 @@ def free_port():
 
 class Server:
     """blockserve serve on a free port; stop() sends SIGTERM and returns the exit code.
-    Metrics go to a free port too (metrics_port; None with --no-metrics)."""
+    Metrics and HTTP/REST go to free ports too (metrics_port, http_port; None
+    with --no-metrics, --http-port 0)."""
 
     def __init__(self, binary, args):
         for attempt in range(3):
             extra = []
             if "--metrics-port" not in args and "--no-metrics" not in args:
                 extra = ["--metrics-port", str(free_port())]
+            if "--http-port" not in args:
+                extra += ["--http-port", str(free_port())]
             try:
                 self._start(binary, extra + list(args))
                 return
             except RuntimeError as e:
-                if not extra or "metrics: cannot listen" not in str(e) or attempt == 2:
+                busy = "metrics: cannot listen" in str(e) or "http: cannot listen" in str(e)
+                if not extra or not busy or attempt == 2:
                     raise
 
     def _start(self, binary, args):
@@ -127,6 +131,8 @@ class Server:
         self.address = "127.0.0.1:%d" % self.port
         m = re.search(r"metrics on http://[0-9.]+:(\d+)/metrics", self.text())
         self.metrics_port = int(m.group(1)) if m else None
+        m = re.search(r"HTTP on https?://[0-9.]+:(\d+)/v2", self.text())
+        self.http_port = int(m.group(1)) if m else None
 
     def text(self):
         self.log.seek(0)
