@@ -1,9 +1,9 @@
-# blockserve image: the gRPC inference server (port 8001; metrics on 8002).
+# blockserve image: the inference server (gRPC on 8001, HTTP/REST on 8000, metrics on 8002).
 #
 #   docker build -t blockserve .                            CUDA 13.0 + CPU fallback
 #   docker build -t blockserve:cpu --build-arg WITH_CUDA=0 .  CPU only (no NVIDIA packages)
 #   docker build --build-arg BS_CPU_ARCH= .                  portable CPU code (no AVX2 needed)
-#   docker run --gpus all -p 8001:8001 -p 8002:8002 blockserve               built-in models
+#   docker run --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 blockserve  built-in models
 #   docker run --gpus all -p 8001:8001 -v /models:/models:ro blockserve --model-repository /models
 #
 # Both stages are Debian 12, the distribution CI (.ci/run) builds and tests
@@ -62,7 +62,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # A numeric user, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 # gRPC (KServe v2 / Triton protocol, grpc.health.v1) and Prometheus metrics.
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # Ready (models loaded, serving) or not; the server's default gRPC port.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["/usr/local/bin/blockserve-cli", "health", "-u", "127.0.0.1:8001"]

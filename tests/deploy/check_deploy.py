@@ -70,6 +70,7 @@ class Context:
         self.root = args.root
         self.flags = dl.serve_help(args.blockserve)
         self.grpc_port = int(self.flags["--grpc-port"])
+        self.http_port = int(self.flags.get("--http-port") or 0)  # 0: no HTTP front end
         self.grace = int(self.flags["--grace-seconds"])
         self.max_streams = int(self.flags["--max-concurrent-streams"])
         self.df = dl.Dockerfile(os.path.join(self.root, "Dockerfile"))
@@ -133,6 +134,8 @@ def check_dockerfile(ctx, c, build_dir):
     if ctx.metrics_port is not None:
         c.check(ctx.metrics_port in ctx.expose, where, "EXPOSE lacks the metrics port %d"
                 % ctx.metrics_port)
+    if ctx.http_port:
+        c.check(ctx.http_port in ctx.expose, where, "EXPOSE lacks the HTTP port %d" % ctx.http_port)
 
     # Install prefix: cmake --install --prefix P in the build stage; the runtime
     # stage copies DESTDIR/P to P; entry point and health check live in P/bin.
@@ -253,6 +256,9 @@ def check_compose(ctx, c):
     if ctx.metrics_port:
         c.check(ctx.metrics_port in ports, where, "%s does not publish the metrics port %d"
                 % (name, ctx.metrics_port))
+    if ctx.http_port:
+        c.check(ctx.http_port in ports, where, "%s does not publish the HTTP port %d"
+                % (name, ctx.http_port))
     for p in ports:
         c.check(p in ctx.expose, where, "publishes container port %d, which the image does not EXPOSE" % p)
 
@@ -344,6 +350,9 @@ def check_k8s(ctx, c, docs):
     if ctx.metrics_port:
         c.check(ctx.metrics_port in cports.values(), path,
                 "no containerPort for the metrics port %d" % ctx.metrics_port)
+    if ctx.http_port:
+        c.check(ctx.http_port in cports.values(), path,
+                "no containerPort for the HTTP port %d" % ctx.http_port)
     for n, p in cports.items():
         c.check(p in ctx.expose, path, "containerPort %s=%d is not EXPOSEd by the image" % (n, p))
     ann = dep["spec"]["template"]["metadata"].get("annotations", {})

@@ -21,13 +21,21 @@ def serve_help(blockserve):
     text = out.stdout + out.stderr
     if out.returncode != 0:
         raise RuntimeError("blockserve serve --help failed (%d): %s" % (out.returncode, text))
-    flags = {}
+    helps = {}  # flag: its help, continuation lines joined
+    flag = None
     for line in text.splitlines():
         m = re.match(r"\s*(--[a-z0-9][a-z0-9-]*)\b(.*)", line)
-        if not m:
-            continue
-        d = re.search(r"\(default:?\s+([^;)\s]+)", m.group(2))
-        flags[m.group(1)] = d.group(1) if d else None
+        if m:
+            flag = m.group(1)
+            helps[flag] = m.group(2)
+        elif flag is not None and line.startswith(" "):
+            helps[flag] += " " + line.strip()
+        else:
+            flag = None
+    flags = {}
+    for f, h in helps.items():
+        d = re.search(r"\(default:?\s+([^;),\s]+)", h)
+        flags[f] = d.group(1) if d else None
     if not flags:
         raise RuntimeError("blockserve serve --help lists no flags:\n" + text)
     return flags
