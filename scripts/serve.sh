@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, build, and start the gRPC server (port 8001 unless given) on its
+# Install, build, and start the server (gRPC on 8001, HTTP on 8000 unless given) on its
 # built-in models, whose weights are generated deterministically (not
 # trained). Extra arguments go to blockserve serve, e.g.
 #   bash scripts/serve.sh --model-repository /models --grpc-port 9001
