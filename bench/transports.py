@@ -7,7 +7,9 @@ down-block-0 block at 4,096 tokens (64 x 64 latents, 320 channels, context
 77 x 768). The load comes from blockserve-cli bench (C, one thread), so the
 client's own cost is the same small C code for every transport.
 
-Per workload and transport it prints requests/s, latency p50/p99 and the
+Per workload, concurrency (1 and 4; the server runs one request at a time,
+--max-batch-size 1, so that compute per request is the same in every row)
+and transport it prints requests/s, latency p50/p99 and the
 server's mean compute time per request (ModelStatistics' compute_infer
 over the run), so that latency minus compute is what the transport and
 queueing cost. Rounds alternate the transports, so that machine noise
@@ -29,18 +31,20 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
 import harness  # noqa: E402
 
 WORKLOADS = [
-    # name, model, CLI shapes, requests per round, concurrency
+    # name, model, CLI shapes, requests per round and concurrency
     ("DiT-XL/2 block, 256 tokens", "dit_xl_block",
-     ["hidden_states=1,256,1152:FP32", "timestep=1:INT64", "class_labels=1:INT64"], 24, 2),
+     ["hidden_states=1,256,1152:FP32", "timestep=1:INT64", "class_labels=1:INT64"], 24),
     ("SD-1.5 down-block-0, 4096 tokens", "sd15_down0_block",
-     ["hidden_states=1,4096,320:FP32", "encoder_hidden_states=1,77,768:FP32"], 8, 2),
+     ["hidden_states=1,4096,320:FP32", "encoder_hidden_states=1,77,768:FP32"], 12),
 ]
 TRANSPORTS = [
     ("gRPC", []),
     ("HTTP binary", ["--http"]),
     ("HTTP JSON", ["--http-json"]),
     ("shared memory (gRPC)", ["--shm"]),
+    ("shared memory (HTTP)", ["--http", "--shm"]),
 ]
+CONCURRENCY = (1, 4)  # 1: what one call costs; 4: throughput with a queue
 
 
 def compute_ns(http_port, model):
@@ -82,7 +86,7 @@ def main():
     srv = harness.Server(binary, ["--http-port", str(http_port), "--max-batch-size", "1"])
     try:
         print("loadavg before: %.1f" % os.getloadavg()[0])
-        for title, model, shapes, n, c in WORKLOADS:
+        for (title, model, shapes, n), c in [(w, c) for w in WORKLOADS for c in CONCURRENCY]:
             if a.quick:
                 n = 2
             res = {t: [] for t, _ in TRANSPORTS}
