@@ -108,6 +108,19 @@ __attribute__((format(printf, 4, 5))) static int fail(struct bs_client_err *err,
     return code;
 }
 
+int bs_client_err_set(struct bs_client_err *err, int code, const char *fmt, ...)
+{
+    if (err == NULL)
+        return code;
+    va_list ap;
+    va_start(ap, fmt);
+    err->code = code;
+    err->grpc_status = -1;
+    vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+    va_end(ap);
+    return code;
+}
+
 /* The engine-style code for a failed call's status. */
 static int code_of_status(int s)
 {

@@ -47,6 +47,11 @@ struct bs_client_err {
     char msg[640];
 };
 
+/* Record a local failure (grpc_status -1) in err: code and a printf-style
+ * message; returns code. err may be NULL. */
+int bs_client_err_set(struct bs_client_err *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* The upper-case name of a gRPC status code ("NOT_FOUND"), "UNKNOWN" when out of range. */
 const char *bs_client_status_name(int grpc_status);
 

@@ -9,20 +9,6 @@
 #include "tensor.h"
 #include "ctensor.h"
 
-static int fail(struct bs_client_err *err, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int fail(struct bs_client_err *err, int code, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    err->code = code;
-    err->grpc_status = -1;
-    vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
-    va_end(ap);
-    return code;
-}
-
 bool cli_inputs_need_server(const struct cli *a)
 {
     if (a->n_inputs == 0 && a->n_shapes == 0)
@@ -44,13 +30,13 @@ static int add(struct cli_inputs *in, struct bs_ctensor *t, struct bs_client_err
 {
     for (int i = 0; i < in->n; i++)
         if (strcmp(in->t[i].name, t->name) == 0) {
-            int rc = fail(err, BS_EINVAL, "input '%s' is given twice", t->name);
+            int rc = bs_client_err_set(err, BS_EINVAL, "input '%s' is given twice", t->name);
             bs_ct_free(t);
             return rc;
         }
     if (in->n == CLI_MAX_TENSORS) {
         bs_ct_free(t);
-        return fail(err, BS_EINVAL, "too many inputs (at most %d)", CLI_MAX_TENSORS);
+        return bs_client_err_set(err, BS_EINVAL, "too many inputs (at most %d)", CLI_MAX_TENSORS);
     }
     in->t[in->n++] = *t;
     return 0;
@@ -64,7 +50,7 @@ static int load_file(const char *spec, struct cli_inputs *in, struct bs_client_e
     const char *path = spec;
     if (eq != NULL) {
         if ((size_t)(eq - spec) >= sizeof(name) || eq == spec)
-            return fail(err, BS_EINVAL, "--input %s: bad NAME", spec);
+            return bs_client_err_set(err, BS_EINVAL, "--input %s: bad NAME", spec);
         memcpy(name, spec, (size_t)(eq - spec));
         name[eq - spec] = '\0';
         path = eq + 1;
@@ -73,17 +59,18 @@ static int load_file(const char *spec, struct cli_inputs *in, struct bs_client_e
     struct bs_err e = {0};
     int n;
     if (eq == NULL && strstr(path, ".safetensors") == NULL)
-        return fail(err, BS_EINVAL, "--input %s: give the input's name, --input NAME=%s", spec,
-                    spec);
+        return bs_client_err_set(err, BS_EINVAL,
+                                 "--input %s: give the input's name, --input NAME=%s", spec, spec);
     if (bs_ct_read_file(path, name, t, BS_CT_MAX_FILE_TENSORS, &n, &e) != 0)
-        return fail(err, e.code, "--input %s", e.msg);
+        return bs_client_err_set(err, e.code, "--input %s", e.msg);
     int rc = 0, pick = -1;
     if (name[0] != '\0' && n > 1) {
         for (int i = 0; i < n; i++)
             if (strcmp(t[i].name, name) == 0)
                 pick = i;
         if (pick < 0)
-            rc = fail(err, BS_ENOTFOUND, "--input %s: %s holds no tensor '%s'", spec, path, name);
+            rc = bs_client_err_set(err, BS_ENOTFOUND, "--input %s: %s holds no tensor '%s'", spec,
+                                   path, name);
     } else if (name[0] != '\0') {
         pick = 0;
         snprintf(t[0].name, sizeof(t[0].name), "%s", name);
@@ -110,7 +97,7 @@ static int fill_random(struct bs_ctensor *t, uint64_t *seed, struct bs_client_er
 {
     struct bs_err e = {0};
     if (bs_ct_alloc(t, &e) != 0)
-        return fail(err, e.code, "input '%s': %s", t->name, e.msg);
+        return bs_client_err_set(err, e.code, "input '%s': %s", t->name, e.msg);
     int64_t n = bs_ct_nelements(t);
     for (int64_t i = 0; i < n; i++) {
         uint64_t r = next_u64(seed);
@@ -125,7 +112,8 @@ static int fill_random(struct bs_ctensor *t, uint64_t *seed, struct bs_client_er
         } else if (!strcmp(t->datatype, "BOOL")) {
             ((uint8_t *)t->data)[i] = (uint8_t)(r & 1);
         } else {
-            return fail(err, BS_EUNSUPP, "input '%s': no random data for %s", t->name, t->datatype);
+            return bs_client_err_set(err, BS_EUNSUPP, "input '%s': no random data for %s", t->name,
+                                     t->datatype);
         }
     }
     return 0;
@@ -147,7 +135,8 @@ static int parse_shape(const char *spec, const Inference__ModelMetadataResponse 
     memset(t, 0, sizeof(*t));
     const char *eq = strchr(spec, '='), *colon = strchr(spec, ':');
     if (eq == NULL || eq == spec || (size_t)(eq - spec) >= sizeof(t->name))
-        return fail(err, BS_EINVAL, "--shape %s: expected NAME=d1,d2,...[:DATATYPE]", spec);
+        return bs_client_err_set(err, BS_EINVAL, "--shape %s: expected NAME=d1,d2,...[:DATATYPE]",
+                                 spec);
     memcpy(t->name, spec, (size_t)(eq - spec));
     const char *p = eq + 1;
     while (*p && *p != ':') {
@@ -155,17 +144,19 @@ static int parse_shape(const char *spec, const Inference__ModelMetadataResponse 
         long long d = strtoll(p, &end, 10);
         if (end == p || d < 0 || t->n_dims == BS_CT_MAX_DIMS ||
             (*end && *end != ',' && *end != ':'))
-            return fail(err, BS_EINVAL, "--shape %s: expected NAME=d1,d2,...[:DATATYPE]", spec);
+            return bs_client_err_set(err, BS_EINVAL,
+                                     "--shape %s: expected NAME=d1,d2,...[:DATATYPE]", spec);
         t->shape[t->n_dims++] = d;
         p = *end == ',' ? end + 1 : end;
     }
     const Inference__ModelMetadataResponse__TensorMetadata *mi = meta_input(m, t->name);
     const char *dt = colon ? colon + 1 : mi ? mi->datatype : NULL;
     if (dt == NULL)
-        return fail(err, BS_ENOTFOUND, "--shape %s: the model has no input '%s'", spec, t->name);
+        return bs_client_err_set(err, BS_ENOTFOUND, "--shape %s: the model has no input '%s'", spec,
+                                 t->name);
     snprintf(t->datatype, sizeof(t->datatype), "%s", dt);
     if (bs_ct_datatype_size(t->datatype) == 0)
-        return fail(err, BS_EINVAL, "--shape %s: unknown datatype '%s'", spec, dt);
+        return bs_client_err_set(err, BS_EINVAL, "--shape %s: unknown datatype '%s'", spec, dt);
     return 0;
 }
 
@@ -198,7 +189,7 @@ static int from_metadata(const Inference__ModelMetadataResponse *m,
         snprintf(t.name, sizeof(t.name), "%s", mi->name);
         snprintf(t.datatype, sizeof(t.datatype), "%s", mi->datatype);
         if (mi->n_shape > BS_CT_MAX_DIMS)
-            return fail(err, BS_EINVAL, "input '%s': %zu dims", t.name, mi->n_shape);
+            return bs_client_err_set(err, BS_EINVAL, "input '%s': %zu dims", t.name, mi->n_shape);
         t.n_dims = (int)mi->n_shape;
         for (int k = 0; k < t.n_dims; k++)
             t.shape[k] = mi->shape[k] < 0 ? 1 : mi->shape[k];
@@ -217,7 +208,8 @@ int cli_model_metadata(const struct cli *a, const struct cli_conn *conn,
                        Inference__ModelMetadataResponse **m, struct bs_client_err *err)
 {
     if (conn == NULL || (conn->grpc == NULL && conn->http == NULL))
-        return fail(err, BS_EINVAL, "the inputs need the model's metadata: give a server (-u)");
+        return bs_client_err_set(err, BS_EINVAL,
+                                 "the inputs need the model's metadata: give a server (-u)");
     if (conn->http)
         return bs_http_model_metadata(conn->http, a->model, m, err);
     return bs_client_model_metadata(conn->grpc, a->model, m, err);

@@ -17,18 +17,6 @@
 #include "json.h"
 #include "tensor.h"
 
-__attribute__((format(printf, 3, 4))) static int fail(struct bs_client_err *err, int code,
-                                                      const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    err->code = code;
-    err->grpc_status = -1;
-    vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
-    va_end(ap);
-    return code;
-}
-
 /* ---- a growable buffer ------------------------------------------------------ */
 
 struct buf {
@@ -156,17 +144,19 @@ static int json_value(struct buf *b, const struct bs_ctensor *t, int64_t i,
     else if (!strcmp(dt, "UINT64"))
         buf_printf(b, "%" PRIu64, ((const uint64_t *)d)[i]);
     else if (!strcmp(dt, "BF16"))
-        return fail(err, BS_EINVAL,
-                    "input '%s': BF16 has no JSON form in Triton's HTTP protocol: send it as "
-                    "binary data (drop --http-json)",
-                    t->name);
+        return bs_client_err_set(
+            err, BS_EINVAL,
+            "input '%s': BF16 has no JSON form in Triton's HTTP protocol: send it as "
+            "binary data (drop --http-json)",
+            t->name);
     else
-        return fail(err, BS_EINVAL, "input '%s': no JSON form for %s", t->name, dt);
+        return bs_client_err_set(err, BS_EINVAL, "input '%s': no JSON form for %s", t->name, dt);
     if (!strcmp(dt, "FP32") || !strcmp(dt, "FP16") || !strcmp(dt, "FP64")) {
         if (!isfinite(f))
-            return fail(err, BS_EINVAL,
-                        "input '%s': element %lld is %g, which JSON cannot hold (use binary data)",
-                        t->name, (long long)i, f);
+            return bs_client_err_set(
+                err, BS_EINVAL,
+                "input '%s': element %lld is %g, which JSON cannot hold (use binary data)", t->name,
+                (long long)i, f);
         put_shortest(b, f, strcmp(dt, "FP64") != 0);
     }
     return 0;
@@ -276,7 +266,7 @@ int bs_http_pack_infer(const struct bs_ctensor *in, int n, const struct bs_clien
     for (int i = 0; rc == 0 && !json && o->in_shm == NULL && i < n; i++)
         buf_put(&b, in[i].data, in[i].nbytes);
     if (rc == 0 && b.oom)
-        rc = fail(err, BS_ENOMEM, "out of memory for the request body");
+        rc = bs_client_err_set(err, BS_ENOMEM, "out of memory for the request body");
     if (rc != 0) {
         free(b.p);
         return rc;
@@ -293,7 +283,7 @@ static int parse_json(bs_json_doc_t **doc, const void *text, size_t len, const c
 {
     struct bs_err e = {0};
     if (bs_json_parse(doc, text, len, 0, &e) != 0)
-        return fail(err, BS_EFORMAT, "%s: %s", what, e.msg);
+        return bs_client_err_set(err, BS_EFORMAT, "%s: %s", what, e.msg);
     return 0;
 }
 
@@ -322,14 +312,14 @@ static int store_value(struct bs_ctensor *t, int64_t i, const struct bs_json *v,
     void *d = t->data;
     if (!strcmp(dt, "BOOL")) {
         if (v->type != BS_JSON_BOOL)
-            return fail(err, BS_EFORMAT, "output '%s': element %lld is not true/false", t->name,
-                        (long long)i);
+            return bs_client_err_set(err, BS_EFORMAT, "output '%s': element %lld is not true/false",
+                                     t->name, (long long)i);
         ((uint8_t *)d)[i] = v->boolean;
         return 0;
     }
     if (v->type != BS_JSON_NUMBER)
-        return fail(err, BS_EFORMAT, "output '%s': element %lld is not a number", t->name,
-                    (long long)i);
+        return bs_client_err_set(err, BS_EFORMAT, "output '%s': element %lld is not a number",
+                                 t->name, (long long)i);
     double f = v->number;
     int64_t k = v->is_integer ? v->integer : (int64_t)f;
     if (!strcmp(dt, "FP32"))
@@ -339,8 +329,8 @@ static int store_value(struct bs_ctensor *t, int64_t i, const struct bs_json *v,
     else if (!strcmp(dt, "FP64"))
         ((double *)d)[i] = f;
     else if (!v->is_integer && !(f >= 0 && f <= 18446744073709551615.0 && !strcmp(dt, "UINT64")))
-        return fail(err, BS_EFORMAT, "output '%s': element %lld is not an integer", t->name,
-                    (long long)i);
+        return bs_client_err_set(err, BS_EFORMAT, "output '%s': element %lld is not an integer",
+                                 t->name, (long long)i);
     else if (!strcmp(dt, "INT8"))
         ((int8_t *)d)[i] = (int8_t)k;
     else if (!strcmp(dt, "INT16"))
@@ -361,7 +351,7 @@ static int store_value(struct bs_ctensor *t, int64_t i, const struct bs_json *v,
                              : f >= 18446744073709551615.0 ? UINT64_MAX
                                                            : (uint64_t)f;
     else
-        return fail(err, BS_EFORMAT, "output '%s': no JSON form for %s", t->name, dt);
+        return bs_client_err_set(err, BS_EFORMAT, "output '%s': no JSON form for %s", t->name, dt);
     return 0;
 }
 
@@ -386,15 +376,16 @@ static int output_meta(const struct bs_json *o, struct bs_ctensor *t, struct bs_
     snprintf(t->datatype, sizeof(t->datatype), "%s", json_str(o, "datatype"));
     const struct bs_json *shape = bs_json_get(o, "shape");
     if (shape == NULL || shape->type != BS_JSON_ARRAY || shape->len > BS_CT_MAX_DIMS)
-        return fail(err, BS_EFORMAT, "output '%s': no shape (or more than %d dims)", t->name,
-                    BS_CT_MAX_DIMS);
+        return bs_client_err_set(err, BS_EFORMAT, "output '%s': no shape (or more than %d dims)",
+                                 t->name, BS_CT_MAX_DIMS);
     for (const struct bs_json *d = shape->child; d; d = d->next) {
         if (d->type != BS_JSON_NUMBER || !d->is_integer || d->integer < 0)
-            return fail(err, BS_EFORMAT, "output '%s': bad shape", t->name);
+            return bs_client_err_set(err, BS_EFORMAT, "output '%s': bad shape", t->name);
         t->shape[t->n_dims++] = d->integer;
     }
     if (bs_ct_datatype_size(t->datatype) == 0)
-        return fail(err, BS_EFORMAT, "output '%s': unknown datatype '%s'", t->name, t->datatype);
+        return bs_client_err_set(err, BS_EFORMAT, "output '%s': unknown datatype '%s'", t->name,
+                                 t->datatype);
     return 0;
 }
 
@@ -414,16 +405,17 @@ static int one_output(const struct bs_json *o, const uint8_t *bin, size_t bin_le
     }
     struct bs_err e = {0};
     if (bs_ct_alloc(t, &e) != 0)
-        return fail(err, e.code, "output '%s': %s", t->name, e.msg);
+        return bs_client_err_set(err, e.code, "output '%s': %s", t->name, e.msg);
     if (bsize != NULL) {
         if (bsize->type != BS_JSON_NUMBER || !bsize->is_integer ||
             (uint64_t)bsize->integer != t->nbytes)
-            return fail(err, BS_EFORMAT, "output '%s': binary_data_size %.0f, expected %zu",
-                        t->name, bsize->number, t->nbytes);
+            return bs_client_err_set(err, BS_EFORMAT,
+                                     "output '%s': binary_data_size %.0f, expected %zu", t->name,
+                                     bsize->number, t->nbytes);
         if (*pos > bin_len || bin_len - *pos < t->nbytes)
-            return fail(err, BS_EFORMAT,
-                        "output '%s': the body ends %zu bytes into its %zu bytes of data", t->name,
-                        *pos <= bin_len ? bin_len - *pos : 0, t->nbytes);
+            return bs_client_err_set(
+                err, BS_EFORMAT, "output '%s': the body ends %zu bytes into its %zu bytes of data",
+                t->name, *pos <= bin_len ? bin_len - *pos : 0, t->nbytes);
         if (t->nbytes)
             memcpy(t->data, bin + *pos, t->nbytes);
         *pos += t->nbytes;
@@ -431,8 +423,8 @@ static int one_output(const struct bs_json *o, const uint8_t *bin, size_t bin_le
     }
     int64_t have = count_leaves(data), i = 0;
     if (have != bs_ct_nelements(t))
-        return fail(err, BS_EFORMAT, "output '%s': %lld values for %lld elements", t->name,
-                    (long long)have, (long long)bs_ct_nelements(t));
+        return bs_client_err_set(err, BS_EFORMAT, "output '%s': %lld values for %lld elements",
+                                 t->name, (long long)have, (long long)bs_ct_nelements(t));
     return store_all(t, data, &i, err);
 }
 
@@ -442,25 +434,27 @@ int bs_http_parse_infer(const uint8_t *body, size_t len, size_t header_len, stru
     bs_json_doc_t *doc = NULL;
     *n = 0;
     if (header_len > len)
-        return fail(err, BS_EFORMAT,
-                    "Inference-Header-Content-Length %zu is past the body's %zu bytes", header_len,
-                    len);
+        return bs_client_err_set(err, BS_EFORMAT,
+                                 "Inference-Header-Content-Length %zu is past the body's %zu bytes",
+                                 header_len, len);
     size_t hl = header_len ? header_len : len;
     int rc = parse_json(&doc, body, hl, "the infer response", err);
     if (rc != 0)
         return rc;
     const struct bs_json *outs = bs_json_get(bs_json_doc_root(doc), "outputs");
     if (outs == NULL || outs->type != BS_JSON_ARRAY)
-        rc = fail(err, BS_EFORMAT, "the infer response has no \"outputs\" array");
+        rc = bs_client_err_set(err, BS_EFORMAT, "the infer response has no \"outputs\" array");
     else if (outs->len > (size_t)max)
-        rc = fail(err, BS_EINVAL, "the response has %zu outputs (at most %d)", outs->len, max);
+        rc = bs_client_err_set(err, BS_EINVAL, "the response has %zu outputs (at most %d)",
+                               outs->len, max);
     size_t pos = 0;
     for (const struct bs_json *o = rc ? NULL : outs->child; o && rc == 0; o = o->next) {
         rc = one_output(o, body + hl, len - hl, &pos, &out[*n], err);
         (*n)++;
     }
     if (rc == 0 && pos != len - hl)
-        rc = fail(err, BS_EFORMAT, "%zu bytes of binary data follow the outputs'", len - hl - pos);
+        rc = bs_client_err_set(err, BS_EFORMAT, "%zu bytes of binary data follow the outputs'",
+                               len - hl - pos);
     if (rc != 0) {
         for (int i = 0; i < *n; i++)
             bs_ct_free(&out[i]);
@@ -530,15 +524,15 @@ int bs_http_error_from_body(long status, const uint8_t *body, size_t len, struct
         msg = v && v->type == BS_JSON_STRING ? v->string : NULL;
     }
     if (msg != NULL)
-        fail(err, code_of_status(status), "HTTP %ld: %s", status, msg);
+        bs_client_err_set(err, code_of_status(status), "HTTP %ld: %s", status, msg);
     else if (len > 0) /* not Triton's shape: show the start of the body, one line */
-        fail(err, code_of_status(status), "HTTP %ld: %.*s", status,
-             (int)strcspn((const char *)body, "\r\n") < 200
-                 ? (int)strcspn((const char *)body, "\r\n")
-                 : 200,
-             (const char *)body);
+        bs_client_err_set(err, code_of_status(status), "HTTP %ld: %.*s", status,
+                          (int)strcspn((const char *)body, "\r\n") < 200
+                              ? (int)strcspn((const char *)body, "\r\n")
+                              : 200,
+                          (const char *)body);
     else
-        fail(err, code_of_status(status), "HTTP %ld (no body)", status);
+        bs_client_err_set(err, code_of_status(status), "HTTP %ld (no body)", status);
     err->grpc_status = bs_http_status_to_grpc(status);
     bs_json_doc_free(doc);
     return err->code;
@@ -558,12 +552,13 @@ int bs_http_compress(enum bs_http_encoding enc, const void *in, size_t len, uint
     memset(&z, 0, sizeof(z));
     if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, window_bits(enc), 8,
                      Z_DEFAULT_STRATEGY) != Z_OK)
-        return fail(err, BS_ENOMEM, "zlib: cannot start compressing");
+        return bs_client_err_set(err, BS_ENOMEM, "zlib: cannot start compressing");
     size_t cap = deflateBound(&z, (uLong)len) + 32;
     *out = malloc(cap);
     if (*out == NULL) {
         deflateEnd(&z);
-        return fail(err, BS_ENOMEM, "out of memory for a %zu-byte compressed body", cap);
+        return bs_client_err_set(err, BS_ENOMEM, "out of memory for a %zu-byte compressed body",
+                                 cap);
     }
     z.next_in = (Bytef *)in;
     z.avail_in = (uInt)len;
@@ -575,7 +570,7 @@ int bs_http_compress(enum bs_http_encoding enc, const void *in, size_t len, uint
     if (zr != Z_STREAM_END) {
         free(*out);
         *out = NULL;
-        return fail(err, BS_EINTERNAL, "zlib: compressing failed (%d)", zr);
+        return bs_client_err_set(err, BS_EINTERNAL, "zlib: compressing failed (%d)", zr);
     }
     return 0;
 }
@@ -586,11 +581,11 @@ int bs_http_decompress(enum bs_http_encoding enc, const void *in, size_t len, si
     z_stream z;
     memset(&z, 0, sizeof(z));
     if (inflateInit2(&z, window_bits(enc)) != Z_OK)
-        return fail(err, BS_ENOMEM, "zlib: cannot start decompressing");
+        return bs_client_err_set(err, BS_ENOMEM, "zlib: cannot start decompressing");
     *out = malloc(max_len + 1);
     if (*out == NULL) {
         inflateEnd(&z);
-        return fail(err, BS_ENOMEM, "out of memory");
+        return bs_client_err_set(err, BS_ENOMEM, "out of memory");
     }
     z.next_in = (Bytef *)in;
     z.avail_in = (uInt)len;
@@ -602,8 +597,9 @@ int bs_http_decompress(enum bs_http_encoding enc, const void *in, size_t len, si
     if (zr != Z_STREAM_END) {
         free(*out);
         *out = NULL;
-        return fail(err, BS_EFORMAT, "zlib: not a whole %s stream within %zu bytes (%d)",
-                    enc == BS_HTTP_GZIP ? "gzip" : "deflate", max_len, zr);
+        return bs_client_err_set(err, BS_EFORMAT,
+                                 "zlib: not a whole %s stream within %zu bytes (%d)",
+                                 enc == BS_HTTP_GZIP ? "gzip" : "deflate", max_len, zr);
     }
     return 0;
 }
@@ -617,11 +613,11 @@ static int repack(const ProtobufCMessage *msg, ProtobufCMessage **out, struct bs
     size_t len = protobuf_c_message_get_packed_size(msg);
     uint8_t *tmp = malloc(len ? len : 1);
     if (tmp == NULL)
-        return fail(err, BS_ENOMEM, "out of memory");
+        return bs_client_err_set(err, BS_ENOMEM, "out of memory");
     protobuf_c_message_pack(msg, tmp);
     *out = protobuf_c_message_unpack(msg->descriptor, NULL, len, tmp);
     free(tmp);
-    return *out ? 0 : fail(err, BS_ENOMEM, "out of memory");
+    return *out ? 0 : bs_client_err_set(err, BS_ENOMEM, "out of memory");
 }
 
 typedef Inference__ModelMetadataResponse__TensorMetadata tmeta_t;
@@ -634,7 +630,7 @@ static int meta_tensors(const struct bs_json *v, tmeta_t *t, tmeta_t **p, int64_
     for (const struct bs_json *o = v && v->type == BS_JSON_ARRAY ? v->child : NULL; o;
          o = o->next) {
         if (*n == 32)
-            return fail(err, BS_ERANGE, "model metadata: more than 32 tensors");
+            return bs_client_err_set(err, BS_ERANGE, "model metadata: more than 32 tensors");
         tmeta_t *m = &t[*n];
         inference__model_metadata_response__tensor_metadata__init(m);
         m->name = (char *)json_str(o, "name");
@@ -644,7 +640,8 @@ static int meta_tensors(const struct bs_json *v, tmeta_t *t, tmeta_t **p, int64_
         for (const struct bs_json *d = s && s->type == BS_JSON_ARRAY ? s->child : NULL; d;
              d = d->next) {
             if (m->n_shape == 8 || d->type != BS_JSON_NUMBER || !d->is_integer)
-                return fail(err, BS_EFORMAT, "model metadata: bad shape of '%s'", m->name);
+                return bs_client_err_set(err, BS_EFORMAT, "model metadata: bad shape of '%s'",
+                                         m->name);
             m->shape[m->n_shape++] = d->integer;
         }
         p[(*n)++] = m;
@@ -696,12 +693,12 @@ int bs_http_parse_repository_index(const char *json, size_t len,
     const struct bs_json *root = bs_json_doc_root(doc);
     if (root->type != BS_JSON_ARRAY) {
         bs_json_doc_free(doc);
-        return fail(err, BS_EFORMAT, "repository index: not a JSON array");
+        return bs_client_err_set(err, BS_EFORMAT, "repository index: not a JSON array");
     }
     idx_t *m = calloc(root->len + 1, sizeof(*m));
     idx_t **p = calloc(root->len + 1, sizeof(*p));
     Inference__RepositoryIndexResponse q = INFERENCE__REPOSITORY_INDEX_RESPONSE__INIT;
-    rc = m && p ? 0 : fail(err, BS_ENOMEM, "out of memory");
+    rc = m && p ? 0 : bs_client_err_set(err, BS_ENOMEM, "out of memory");
     for (const struct bs_json *o = rc ? NULL : root->child; o; o = o->next) {
         idx_t *x = &m[q.n_models];
         inference__repository_index_response__model_index__init(x);
@@ -746,7 +743,7 @@ int bs_http_parse_shm_status(const char *json, size_t len, struct bs_client_shm_
         return rc;
     const struct bs_json *root = bs_json_doc_root(doc);
     if (root->type != BS_JSON_ARRAY)
-        rc = fail(err, BS_EFORMAT, "shared memory status: not a JSON array");
+        rc = bs_client_err_set(err, BS_EFORMAT, "shared memory status: not a JSON array");
     for (const struct bs_json *o = rc ? NULL : root->child; o && *n < max; o = o->next) {
         struct bs_client_shm_region *g = &regions[(*n)++];
         snprintf(g->name, sizeof(g->name), "%s", json_str(o, "name"));
@@ -822,11 +819,11 @@ int bs_http_init(bs_http_t **out, const struct bs_client_options *o, enum bs_htt
 {
     static bool global_done; /* the CLI's main thread makes its clients first */
     if (!global_done && curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
-        return fail(err, BS_EINTERNAL, "libcurl: cannot initialise");
+        return bs_client_err_set(err, BS_EINTERNAL, "libcurl: cannot initialise");
     global_done = true;
     bs_http_t *h = calloc(1, sizeof(*h));
     if (h == NULL)
-        return fail(err, BS_ENOMEM, "out of memory");
+        return bs_client_err_set(err, BS_ENOMEM, "out of memory");
     const char *url = o->url ? o->url : BS_HTTP_DEFAULT_URL;
     h->https = !strncmp(url, "https://", 8) ||
                (!bs_http_url_is_http(url) && (o->tls || o->tls_ca || o->tls_cert));
@@ -940,7 +937,7 @@ static int call_target(struct bs_http_call *c, const char *method, const char *p
         c->headers = curl_slist_append(c->headers, hdr);
     } else if (len > 0) {
         if ((c->body = malloc(len)) == NULL)
-            return fail(err, BS_ENOMEM, "out of memory for a %zu-byte request", len);
+            return bs_client_err_set(err, BS_ENOMEM, "out of memory for a %zu-byte request", len);
         memcpy(c->body, body, len);
         c->body_len = len;
     }
@@ -954,8 +951,9 @@ static int call_target(struct bs_http_call *c, const char *method, const char *p
     bad |= curl_easy_setopt(c->easy, CURLOPT_POST, 1L);
     bad |= curl_easy_setopt(c->easy, CURLOPT_POSTFIELDS, c->body ? (char *)c->body : "");
     bad |= curl_easy_setopt(c->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)c->body_len);
-    return bad || c->headers == NULL ? fail(err, BS_EINTERNAL, "libcurl: cannot set up a request")
-                                     : 0;
+    return bad || c->headers == NULL
+               ? bs_client_err_set(err, BS_EINTERNAL, "libcurl: cannot set up a request")
+               : 0;
 }
 
 static int call_new(bs_http_t *h, double timeout_s, bs_http_call_t **out, struct bs_client_err *err)
@@ -963,12 +961,12 @@ static int call_new(bs_http_t *h, double timeout_s, bs_http_call_t **out, struct
     bs_http_call_t *c = calloc(1, sizeof(*c));
     if (c == NULL || (c->easy = curl_easy_init()) == NULL) {
         free(c);
-        return fail(err, BS_ENOMEM, "libcurl: cannot make a handle");
+        return bs_client_err_set(err, BS_ENOMEM, "libcurl: cannot make a handle");
     }
     c->h = h;
     if (call_common(c, timeout_s) != 0) {
         bs_http_call_free(c);
-        return fail(err, BS_EINTERNAL, "libcurl: cannot set the options (TLS files?)");
+        return bs_client_err_set(err, BS_EINTERNAL, "libcurl: cannot set the options (TLS files?)");
     }
     *out = c;
     return 0;
@@ -1007,9 +1005,9 @@ int bs_http_call_result(bs_http_call_t *c, int curl_code, struct bs_client_err *
 {
     long status = 0;
     if (curl_code != CURLE_OK) {
-        fail(err, curl_code == CURLE_OPERATION_TIMEDOUT ? BS_ETIMEDOUT : BS_EIO,
-             "cannot reach %s: %s", c->h->base,
-             c->errbuf[0] ? c->errbuf : curl_easy_strerror((CURLcode)curl_code));
+        bs_client_err_set(err, curl_code == CURLE_OPERATION_TIMEDOUT ? BS_ETIMEDOUT : BS_EIO,
+                          "cannot reach %s: %s", c->h->base,
+                          c->errbuf[0] ? c->errbuf : curl_easy_strerror((CURLcode)curl_code));
         err->grpc_status = curl_code == CURLE_OPERATION_TIMEDOUT ? 4 : 14;
         return err->code;
     }
@@ -1055,13 +1053,13 @@ int bs_http_request(bs_http_t *h, const char *method, const char *path, const vo
     if (rc != 0)
         return rc;
     if (c->resp.oom)
-        return fail(err, BS_ENOMEM, "out of memory for the answer");
+        return bs_client_err_set(err, BS_ENOMEM, "out of memory for the answer");
     r->body = (uint8_t *)c->resp.p;
     r->len = c->resp.len;
     r->header_len = c->resp_header_len;
     c->resp = (struct buf){0}; /* the answer is the caller's now */
     if (r->body == NULL && (r->body = calloc(1, 1)) == NULL)
-        return fail(err, BS_ENOMEM, "out of memory");
+        return bs_client_err_set(err, BS_ENOMEM, "out of memory");
     return 0;
 }
 
@@ -1091,7 +1089,7 @@ int bs_http_model_ready(bs_http_t *h, const char *model, bool *ready, struct bs_
 {
     char path[512];
     if (bs_http_model_path(path, sizeof(path), model, NULL, "/ready") != 0)
-        return fail(err, BS_EINVAL, "model name too long");
+        return bs_client_err_set(err, BS_EINVAL, "model name too long");
     return get_ok(h, path, ready, err);
 }
 
@@ -1101,7 +1099,7 @@ int bs_http_model_metadata(bs_http_t *h, const char *model, Inference__ModelMeta
     char path[512];
     struct bs_http_response r;
     if (bs_http_model_path(path, sizeof(path), model, NULL, "") != 0)
-        return fail(err, BS_EINVAL, "model name too long");
+        return bs_client_err_set(err, BS_EINVAL, "model name too long");
     int rc = bs_http_request(h, "GET", path, NULL, 0, 0, &r, err);
     if (rc == 0)
         rc = bs_http_parse_model_metadata((const char *)r.body, r.len, m, err);
@@ -1128,7 +1126,7 @@ int bs_http_optional_inputs(bs_http_t *h, const char *model, char (*names)[BS_CT
     bs_json_doc_t *doc = NULL;
     *n = 0;
     if (bs_http_model_path(path, sizeof(path), model, NULL, "/config") != 0)
-        return fail(err, BS_EINVAL, "model name too long");
+        return bs_client_err_set(err, BS_EINVAL, "model name too long");
     int rc = bs_http_request(h, "GET", path, NULL, 0, 0, &r, err);
     if (rc == 0)
         rc = parse_json(&doc, r.body, r.len, "model config", err);
@@ -1168,7 +1166,7 @@ int bs_http_model_load(bs_http_t *h, const char *model, struct bs_client_err *er
 {
     char path[512];
     if (repo_path(path, sizeof(path), model, "load") != 0)
-        return fail(err, BS_EINVAL, "model name too long");
+        return bs_client_err_set(err, BS_EINVAL, "model name too long");
     return post_empty(h, path, err);
 }
 
@@ -1176,7 +1174,7 @@ int bs_http_model_unload(bs_http_t *h, const char *model, struct bs_client_err *
 {
     char path[512];
     if (repo_path(path, sizeof(path), model, "unload") != 0)
-        return fail(err, BS_EINVAL, "model name too long");
+        return bs_client_err_set(err, BS_EINVAL, "model name too long");
     return post_empty(h, path, err);
 }
 
@@ -1202,12 +1200,12 @@ int bs_http_shm_register(bs_http_t *h, const char *name, const char *key, uint64
     char path[512];
     struct buf b = {0};
     if (shm_path(path, sizeof(path), name, "register") != 0)
-        return fail(err, BS_EINVAL, "region name too long");
+        return bs_client_err_set(err, BS_EINVAL, "region name too long");
     buf_put(&b, "{\"key\":", 7);
     buf_str(&b, key);
     buf_printf(&b, ",\"offset\":%" PRIu64 ",\"byte_size\":%" PRIu64 "}", offset, byte_size);
     struct bs_http_response r;
-    int rc = b.oom ? fail(err, BS_ENOMEM, "out of memory")
+    int rc = b.oom ? bs_client_err_set(err, BS_ENOMEM, "out of memory")
                    : bs_http_request(h, "POST", path, b.p, b.len, 0, &r, err);
     if (!b.oom)
         bs_http_response_free(&r);
@@ -1222,7 +1220,7 @@ int bs_http_shm_status(bs_http_t *h, const char *name, struct bs_client_shm_regi
     struct bs_http_response r;
     *n = 0;
     if (shm_path(path, sizeof(path), name, "status") != 0)
-        return fail(err, BS_EINVAL, "region name too long");
+        return bs_client_err_set(err, BS_EINVAL, "region name too long");
     int rc = bs_http_request(h, "GET", path, NULL, 0, 0, &r, err);
     if (rc == 0)
         rc = bs_http_parse_shm_status((const char *)r.body, r.len, regions, max, n, err);
@@ -1234,7 +1232,7 @@ int bs_http_shm_unregister(bs_http_t *h, const char *name, struct bs_client_err 
 {
     char path[512];
     if (shm_path(path, sizeof(path), name, "unregister") != 0)
-        return fail(err, BS_EINVAL, "region name too long");
+        return bs_client_err_set(err, BS_EINVAL, "region name too long");
     return post_empty(h, path, err);
 }
 
@@ -1248,7 +1246,7 @@ int bs_http_infer(bs_http_t *h, const char *model, const struct bs_ctensor *in, 
     struct bs_http_response r = {0};
     *n_out = 0;
     if (bs_http_model_path(path, sizeof(path), model, NULL, "/infer") != 0)
-        return fail(err, BS_EINVAL, "model name too long");
+        return bs_client_err_set(err, BS_EINVAL, "model name too long");
     int rc = bs_http_pack_infer(in, n, o, json, &body, &len, &header_len, err);
     if (rc == 0)
         rc = bs_http_request(h, "POST", path, body, len, header_len, &r, err);

@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -41,15 +42,15 @@ struct status_row {
 };
 
 static const struct status_row status_rows[] = {
-#define BS_STATUS_ROW(name, value, msg, grpc, http, reason)                                         \
+#define BS_STATUS_ROW(name, value, msg, grpc, http, reason)                                        \
     {value, "BS_" #name, msg, grpc, http, BS_REASON_##reason},
     BS_STATUS_MAP(BS_STATUS_ROW)
 #undef BS_STATUS_ROW
 };
 
 /* Codes unknown to the table are answered as internal errors. */
-static const struct status_row status_unknown = {0, "BS_E?", "unknown error", 13, 500,
-                                                 BS_REASON_BACKEND};
+static const struct status_row status_unknown = {0,  "BS_E?", "unknown error",
+                                                 13, 500,     BS_REASON_BACKEND};
 
 static const struct status_row *status_row(int code)
 {
@@ -82,4 +83,21 @@ int bs_status_http(int code)
 enum bs_reason bs_status_reason(int code)
 {
     return status_row(code)->reason;
+}
+
+const char *bs_show(char *buf, const char *s)
+{
+    size_t n = strnlen(s, BS_SHOW_MAX + 1);
+    bool cut = n > BS_SHOW_MAX;
+    if (cut) {
+        n = BS_SHOW_MAX;
+        while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80) /* s[n] continues a char */
+            n--;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        buf[i] = c < 0x20 || c == 0x7f ? '?' : (char)c;
+    }
+    memcpy(buf + n, cut ? "..." : "", cut ? 4 : 1);
+    return buf;
 }

@@ -66,6 +66,13 @@ int bs_err_set(struct bs_err *err, int code, const char *fmt, ...)
 /* Prefix the message already in err with a printf-style context; returns err->code. */
 int bs_err_wrap(struct bs_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* A client-chosen name (a model, input or region name) for an error
+ * message: copied into buf, which holds BS_SHOW_MAX + 4 bytes, cut at
+ * BS_SHOW_MAX bytes on a UTF-8 character boundary with "..." appended,
+ * control characters as '?'. Returns buf. */
+#define BS_SHOW_MAX 64
+const char *bs_show(char *buf, const char *s);
+
 /* A short constant message for a status code ("invalid argument", ...). */
 const char *bs_status_str(int code);
 
@@ -104,7 +111,7 @@ static inline int64_t bs_deadline_after_us(int64_t now_ns, int64_t timeout_us)
     return timeout_us <= 0 ? INT64_MAX : bs_add_sat(now_ns, bs_mul_sat(timeout_us, 1000));
 }
 
-#define BS_UNUSED(x) ((void)(x))
+#define BS_UNUSED(x)    ((void)(x))
 #define BS_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
 #endif

@@ -46,8 +46,6 @@ typedef Inference__ModelInferRequest req_msg_t;
 typedef Inference__ModelInferRequest__InferInputTensor input_msg_t;
 typedef Inference__InferTensorContents contents_msg_t;
 
-#define SHOW_MAX 64 /* bytes of a client-chosen name shown in an error message */
-
 #define UNPACK_BUDGET_FACTOR 8
 #define UNPACK_BUDGET_SLACK  (1u << 20)
 
@@ -69,24 +67,6 @@ static const char *str_or_empty(const char *s)
     return s ? s : "";
 }
 
-/* Copy a client-chosen name into buf (SHOW_MAX + 4 bytes) for an error message. */
-static const char *show(char *buf, const char *s)
-{
-    size_t n = strnlen(s, SHOW_MAX + 1);
-    bool cut = n > SHOW_MAX;
-    if (cut) {
-        n = SHOW_MAX;
-        while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80) /* s[n] continues a char */
-            n--;
-    }
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        buf[i] = c < 0x20 || c == 0x7f ? '?' : (char)c;
-    }
-    memcpy(buf + n, cut ? "..." : "", cut ? 4 : 1);
-    return buf;
-}
-
 /* ---- decoding ------------------------------------------------------------ */
 
 static int parse_datatype(const input_msg_t *in, const char *name, enum bs_dtype *type,
@@ -99,10 +79,10 @@ static int parse_datatype(const input_msg_t *in, const char *name, enum bs_dtype
             return 0;
         }
     }
-    char nb[SHOW_MAX + 4], db[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4], db[BS_SHOW_MAX + 4];
     return bs_err_set(err, BS_EINVAL,
                       "input '%s': datatype '%s' is not supported (FP32, FP16, BF16, INT64, BOOL)",
-                      show(nb, name), show(db, dt));
+                      bs_show(nb, name), bs_show(db, dt));
 }
 
 /* Check the shape and count its elements. The product of the non-zero dims
@@ -112,17 +92,17 @@ static int parse_shape(const input_msg_t *in, const char *name, enum bs_dtype ty
                        const struct bs_codec_limits *lim, int64_t *ne, int64_t *numel,
                        struct bs_err *err)
 {
-    char nb[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4];
     if (in->n_shape > BS_MAX_DIMS)
         return bs_err_set(err, BS_EINVAL, "input '%s': shape has %zu dims (at most %d)",
-                          show(nb, name), in->n_shape, BS_MAX_DIMS);
+                          bs_show(nb, name), in->n_shape, BS_MAX_DIMS);
     int64_t span = 1; /* product of max(dim, 1) */
     bool overflow = false, empty = false;
     for (size_t i = 0; i < in->n_shape; i++) {
         int64_t d = in->shape[i];
         if (d < 0)
             return bs_err_set(err, BS_EINVAL, "input '%s': shape[%zu] is %lld (dims must be >= 0)",
-                              show(nb, name), i, (long long)d);
+                              bs_show(nb, name), i, (long long)d);
         ne[i] = d;
         empty |= d == 0;
         overflow |= __builtin_mul_overflow(span, d > 0 ? d : 1, &span);
@@ -136,7 +116,7 @@ static int parse_shape(const input_msg_t *in, const char *name, enum bs_dtype ty
         return bs_err_set(
             err, BS_ERANGE,
             "input '%s': shape %s is too large (the limit is %lld elements per tensor)",
-            show(nb, name), bs_tensor_shape_str(&shape, sb, sizeof(sb)),
+            bs_show(nb, name), bs_tensor_shape_str(&shape, sb, sizeof(sb)),
             (long long)lim->max_elements);
     }
     *numel = empty ? 0 : span;
@@ -179,17 +159,17 @@ static int raw_data(const req_msg_t *m, size_t i, size_t k, const char *name,
 {
     const input_msg_t *in = m->inputs[i];
     ProtobufCBinaryData *b = &m->raw_input_contents[k]; /* k: i less the inputs in shm before */
-    char nb[SHOW_MAX + 4], sb[96];
+    char nb[BS_SHOW_MAX + 4], sb[96];
     if (in->contents != NULL && other_typed_field(in->contents, FIELD_NONE) != FIELD_NONE)
         return bs_err_set(err, BS_EINVAL,
                           "input '%s': contents must be empty when raw_input_contents is used",
-                          show(nb, name));
+                          bs_show(nb, name));
     size_t want = bs_tensor_nbytes(t);
     if (b->len != want)
         return bs_err_set(
             err, BS_EINVAL,
             "input '%s': raw_input_contents[%zu] holds %zu bytes, expected %zu (%s %s)",
-            show(nb, name), k, b->len, want, datatype_names[t->type],
+            bs_show(nb, name), k, b->len, want, datatype_names[t->type],
             bs_tensor_shape_str(t, sb, sizeof(sb)));
     if (t->type == BS_TYPE_BOOL)
         for (size_t j = 0; j < b->len; j++)
@@ -204,9 +184,9 @@ static int own_bools(const contents_msg_t *c, const char *name, void **data, voi
 {
     uint8_t *bools = malloc(c->n_bool_contents);
     if (bools == NULL) {
-        char nb[SHOW_MAX + 4];
+        char nb[BS_SHOW_MAX + 4];
         return bs_err_set(err, BS_ENOMEM, "input '%s': out of memory for %zu BOOL values",
-                          show(nb, name), c->n_bool_contents);
+                          bs_show(nb, name), c->n_bool_contents);
     }
     for (size_t k = 0; k < c->n_bool_contents; k++)
         bools[k] = c->bool_contents[k] != 0;
@@ -221,7 +201,7 @@ static int typed_data(const input_msg_t *in, const char *name, const struct bs_t
     static const contents_msg_t none = INFERENCE__INFER_TENSOR_CONTENTS__INIT;
     const contents_msg_t *c = in->contents ? in->contents : &none;
     const char *dt = datatype_names[t->type];
-    char nb[SHOW_MAX + 4], sb[96];
+    char nb[BS_SHOW_MAX + 4], sb[96];
     int64_t numel = bs_tensor_nelements(t);
     enum typed_field field = FIELD_NONE;
     size_t n = 0;
@@ -245,19 +225,19 @@ static int typed_data(const input_msg_t *in, const char *name, const struct bs_t
         if (numel > 0 || other_typed_field(c, FIELD_NONE) != FIELD_NONE)
             return bs_err_set(err, BS_EINVAL,
                               "input '%s': %s data must be sent in raw_input_contents",
-                              show(nb, name), dt);
+                              bs_show(nb, name), dt);
         *data = empty_data;
         return 0;
     }
     enum typed_field other = other_typed_field(c, field);
     if (other != FIELD_NONE)
-        return bs_err_set(err, BS_EINVAL,
-                          "input '%s': %s data goes in contents.%s, not contents.%s",
-                          show(nb, name), dt, typed_field_names[field], typed_field_names[other]);
+        return bs_err_set(
+            err, BS_EINVAL, "input '%s': %s data goes in contents.%s, not contents.%s",
+            bs_show(nb, name), dt, typed_field_names[field], typed_field_names[other]);
     if (n != (uint64_t)numel)
         return bs_err_set(err, BS_EINVAL,
                           "input '%s': contents.%s holds %zu values, expected %lld (%s %s)",
-                          show(nb, name), typed_field_names[field], n, (long long)numel, dt,
+                          bs_show(nb, name), typed_field_names[field], n, (long long)numel, dt,
                           bs_tensor_shape_str(t, sb, sizeof(sb)));
     if (n == 0) {
         *data = empty_data;
@@ -277,17 +257,17 @@ static int shm_u64(const Inference__InferParameter *v, const char *what, const c
                    const char *key, uint64_t *out, struct bs_err *err)
 {
     int which = v ? (int)v->parameter_choice_case : 0;
-    char nb[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4];
     if (which == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
         *out = v->uint64_param;
         return 0;
     }
     if (which != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM)
         return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' must be an int64_param", what,
-                          show(nb, name), key);
+                          bs_show(nb, name), key);
     if (v->int64_param < 0)
         return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' is %lld (must be >= 0)", what,
-                          show(nb, name), key, (long long)v->int64_param);
+                          bs_show(nb, name), key, (long long)v->int64_param);
     *out = (uint64_t)v->int64_param;
     return 0;
 }
@@ -299,7 +279,7 @@ static int shm_param(const char *key, const Inference__InferParameter *v, const 
                      const char *name, struct bs_shm_ref *ref, bool *size_given, bool *off_given,
                      struct bs_err *err)
 {
-    char nb[SHOW_MAX + 4], rb[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4], rb[BS_SHOW_MAX + 4];
     if (strcmp(key, "shared_memory_offset") == 0) {
         *off_given = true;
         return shm_u64(v, what, name, key, &ref->offset, err);
@@ -314,13 +294,14 @@ static int shm_param(const char *key, const Inference__InferParameter *v, const 
         v->parameter_choice_case != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM)
         return bs_err_set(err, BS_EINVAL,
                           "%s '%s': parameter 'shared_memory_region' must be a string_param", what,
-                          show(nb, name));
+                          bs_show(nb, name));
     const char *r = str_or_empty(v->string_param);
     size_t n = strlen(r);
     if (n == 0 || n >= sizeof(ref->region))
-        return bs_err_set(
-            err, BS_EINVAL, "%s '%s': parameter 'shared_memory_region' '%s' is %s (1 to %zu bytes)",
-            what, show(nb, name), show(rb, r), n ? "too long" : "empty", sizeof(ref->region) - 1);
+        return bs_err_set(err, BS_EINVAL,
+                          "%s '%s': parameter 'shared_memory_region' '%s' is %s (1 to %zu bytes)",
+                          what, bs_show(nb, name), bs_show(rb, r), n ? "too long" : "empty",
+                          sizeof(ref->region) - 1);
     memcpy(ref->region, r, n + 1);
     ref->given = true;
     return 0;
@@ -331,15 +312,15 @@ static int shm_param(const char *key, const Inference__InferParameter *v, const 
 static int shm_finish(const char *what, const char *name, struct bs_shm_ref *ref, bool size_given,
                       bool off_given, struct bs_err *err)
 {
-    char nb[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4];
     if (ref->given && !size_given)
         return bs_err_set(err, BS_EINVAL,
                           "%s '%s': parameter 'shared_memory_byte_size' must be given with "
                           "'shared_memory_region'",
-                          what, show(nb, name));
+                          what, bs_show(nb, name));
     if (!ref->given && (size_given || off_given))
         return bs_err_set(err, BS_EINVAL, "%s '%s': parameter '%s' needs 'shared_memory_region'",
-                          what, show(nb, name),
+                          what, bs_show(nb, name),
                           size_given ? "shared_memory_byte_size" : "shared_memory_offset");
     return 0;
 }
@@ -365,12 +346,12 @@ static int decode_input(const req_msg_t *m, size_t i, size_t k, bool raw,
 {
     const input_msg_t *in = m->inputs[i];
     const char *name = str_or_empty(in->name);
-    char nb[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4];
     if (name[0] == '\0')
         return bs_err_set(err, BS_EINVAL, "input %zu: name is required", i);
     for (size_t j = 0; j < i; j++)
         if (strcmp(req->inputs[j].name, name) == 0)
-            return bs_err_set(err, BS_EINVAL, "input '%s': name given twice", show(nb, name));
+            return bs_err_set(err, BS_EINVAL, "input '%s': name given twice", bs_show(nb, name));
     enum bs_dtype type = BS_TYPE_F32;
     int64_t ne[BS_MAX_DIMS] = {0}, numel;
     int rc = parse_datatype(in, name, &type, err);
@@ -383,7 +364,7 @@ static int decode_input(const req_msg_t *m, size_t i, size_t k, bool raw,
         if (in->contents != NULL && other_typed_field(in->contents, FIELD_NONE) != FIELD_NONE)
             return bs_err_set(err, BS_EINVAL,
                               "input '%s': contents must be empty for an input in shared memory",
-                              show(nb, name));
+                              bs_show(nb, name));
     } else {
         rc = raw ? raw_data(m, i, k, name, &t, &t.data, err)
                  : typed_data(in, name, &t, &t.data, &req->owned[i], err);
@@ -415,7 +396,7 @@ static int decode_inputs(const req_msg_t *m, const struct bs_codec_limits *lim,
     }
     bool raw = m->n_raw_input_contents > 0;
     if (raw && m->n_raw_input_contents < n_plain) {
-        char nb[SHOW_MAX + 4];
+        char nb[BS_SHOW_MAX + 4];
         size_t i = 0;
         for (size_t k = 0; i < m->n_inputs; i++) /* the first input without an entry */
             if (!req->in_shm[i].given && k++ == m->n_raw_input_contents)
@@ -423,7 +404,7 @@ static int decode_inputs(const req_msg_t *m, const struct bs_codec_limits *lim,
         return bs_err_set(err, BS_EINVAL,
                           "input '%s': no raw_input_contents entry (%zu entries for %zu inputs%s; "
                           "raw data needs one per input, in order)",
-                          show(nb, str_or_empty(m->inputs[i]->name)), m->n_raw_input_contents,
+                          bs_show(nb, str_or_empty(m->inputs[i]->name)), m->n_raw_input_contents,
                           n_plain, any_shm ? " not in shared memory" : "");
     }
     if (raw && m->n_raw_input_contents > n_plain)
@@ -498,9 +479,9 @@ static int decode_sequence_id(const Inference__InferParameter *v, struct bs_seq_
     for (size_t i = 0; i < n; i++)
         h = (h ^ (uint8_t)s[i]) * 0x100000001b3ull;
     p->id = h | (1ull << 63);
-    char nb[SHOW_MAX + 4];
-    _Static_assert(SHOW_MAX + 4 + 2 <= BS_SEQ_NAME_BYTES, "a shown name and its quotes fit");
-    snprintf(p->name, sizeof(p->name), "\"%s\"", show(nb, s));
+    char nb[BS_SHOW_MAX + 4];
+    _Static_assert(BS_SHOW_MAX + 4 + 2 <= BS_SEQ_NAME_BYTES, "a shown name and its quotes fit");
+    snprintf(p->name, sizeof(p->name), "\"%s\"", bs_show(nb, s));
     return 0;
 }
 
@@ -586,10 +567,10 @@ static int decode_outputs(const req_msg_t *m, struct bs_infer_request *req, stru
 {
     for (size_t i = 0; i < m->n_outputs; i++) {
         const char *name = str_or_empty(m->outputs[i]->name);
-        char nb[SHOW_MAX + 4];
+        char nb[BS_SHOW_MAX + 4];
         if (strcmp(name, "output") != 0)
             return bs_err_set(err, BS_EINVAL, "unknown output '%s' (the model has 'output')",
-                              show(nb, name));
+                              bs_show(nb, name));
         if (i > 0)
             return bs_err_set(err, BS_EINVAL, "output 'output' requested twice");
         const Inference__ModelInferRequest__InferRequestedOutputTensor *o = m->outputs[i];

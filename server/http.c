@@ -160,12 +160,8 @@ struct bs_http {
 
 static void http_log(void *cls, const char *fmt, va_list ap)
 {
-    char msg[512];
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    size_t n = strlen(msg);
-    while (n > 0 && msg[n - 1] == '\n')
-        msg[--n] = '\0';
-    bs_log(BS_LOG_VERBOSE, NULL, "http: %s", msg);
+    (void)cls;
+    bs_log_lib(BS_LOG_VERBOSE, "http", fmt, ap);
 }
 
 static enum MHD_Result queue_bytes(struct MHD_Connection *conn, unsigned status, void *data,

@@ -57,9 +57,10 @@ void bs_log(enum bs_log_level level, const char *request_id, const char *fmt, ..
         json_escape(esc_msg, sizeof(esc_msg), msg);
         if (request_id != NULL)
             json_escape(esc_id, sizeof(esc_id), request_id);
-        len = snprintf(line, sizeof(line), "{\"ts\":\"%s\",\"level\":\"%s\"%s%s%s,\"msg\":\"%s\"}\n",
-                       ts, names[level], request_id ? ",\"request_id\":\"" : "", esc_id,
-                       request_id ? "\"" : "", esc_msg);
+        len =
+            snprintf(line, sizeof(line), "{\"ts\":\"%s\",\"level\":\"%s\"%s%s%s,\"msg\":\"%s\"}\n",
+                     ts, names[level], request_id ? ",\"request_id\":\"" : "", esc_id,
+                     request_id ? "\"" : "", esc_msg);
     } else {
         len = snprintf(line, sizeof(line), "%s %-7s %s%s%s%s\n", ts, names[level],
                        request_id ? "[" : "", request_id ? request_id : "", request_id ? "] " : "",
@@ -70,4 +71,14 @@ void bs_log(enum bs_log_level level, const char *request_id, const char *fmt, ..
     if (write(STDERR_FILENO, line, (size_t)len) < 0) {
         /* nothing sensible to do when stderr is gone */
     }
+}
+
+void bs_log_lib(enum bs_log_level level, const char *prefix, const char *fmt, va_list ap)
+{
+    char msg[512];
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    size_t n = strlen(msg);
+    while (n > 0 && msg[n - 1] == '\n')
+        msg[--n] = '\0';
+    bs_log(level, NULL, "%s: %s", prefix, msg);
 }

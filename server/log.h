@@ -3,6 +3,8 @@
 #ifndef BS_LOG_H
 #define BS_LOG_H
 
+#include <stdarg.h>
+
 enum bs_log_level {
     BS_LOG_ERROR,
     BS_LOG_WARN,
@@ -17,5 +19,9 @@ void bs_log_init(int verbosity, int json);
 /* Log one event; request_id may be NULL. */
 void bs_log(enum bs_log_level level, const char *request_id, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* A library's message (libmicrohttpd's logger callback), as one line at
+ * level, headed by prefix: trailing newlines dropped. */
+void bs_log_lib(enum bs_log_level level, const char *prefix, const char *fmt, va_list ap);
 
 #endif

@@ -75,12 +75,8 @@ static enum MHD_Result http_on_request(void *cls, struct MHD_Connection *conn, c
 
 static void http_log(void *cls, const char *fmt, va_list ap)
 {
-    char msg[512];
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    size_t n = strlen(msg);
-    while (n > 0 && msg[n - 1] == '\n')
-        msg[--n] = '\0';
-    bs_log(BS_LOG_WARN, NULL, "metrics http: %s", msg);
+    (void)cls;
+    bs_log_lib(BS_LOG_WARN, "metrics http", fmt, ap);
 }
 
 /* address:port as a socket address (numeric hosts only: no lookups). */

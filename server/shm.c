@@ -29,8 +29,6 @@
 
 #include "codec.h"
 
-#define SHOW_MAX 64 /* bytes of a client-chosen name shown in an error message */
-
 struct bs_shm_region {
     char name[BS_SHM_NAME_MAX];
     char key[BS_SHM_NAME_MAX];
@@ -45,25 +43,6 @@ struct bs_shm {
     bs_shm_region_t *regions[BS_SHM_MAX_REGIONS]; /* registered, in name order */
     int n;
 };
-
-/* A client-chosen name for a message: cut to SHOW_MAX bytes, control
- * characters as '?'. buf holds SHOW_MAX + 4 bytes. */
-static const char *show(char *buf, const char *s)
-{
-    size_t n = strnlen(s, SHOW_MAX + 1);
-    bool cut = n > SHOW_MAX;
-    if (cut) {
-        n = SHOW_MAX;
-        while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80)
-            n--;
-    }
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        buf[i] = c < 0x20 || c == 0x7f ? '?' : (char)c;
-    }
-    memcpy(buf + n, cut ? "..." : "", cut ? 4 : 1);
-    return buf;
-}
 
 int bs_shm_init(bs_shm_t **shm, struct bs_err *err)
 {
@@ -112,24 +91,24 @@ static int find(const bs_shm_t *shm, const char *name, bool *found)
 static int check_name(const char *what, const char *s, struct bs_err *err)
 {
     size_t n = s ? strnlen(s, BS_SHM_NAME_MAX) : 0;
-    char nb[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4];
     if (n == 0)
         return bs_err_set(err, BS_EINVAL, "shared memory %s is empty", what);
     if (n >= BS_SHM_NAME_MAX)
         return bs_err_set(err, BS_EINVAL, "shared memory %s '%s' is too long (at most %d bytes)",
-                          what, show(nb, s), BS_SHM_NAME_MAX - 1);
+                          what, bs_show(nb, s), BS_SHM_NAME_MAX - 1);
     return 0;
 }
 
 /* Open key and map [offset, offset + byte_size) of it into r. */
 static int map_object(bs_shm_region_t *r, struct bs_err *err)
 {
-    char kb[SHOW_MAX + 4];
+    char kb[BS_SHOW_MAX + 4];
     int fd = shm_open(r->key, O_RDWR, 0);
     if (fd < 0) {
         int e = errno;
         return bs_err_set(err, e == ENOENT ? BS_ENOTFOUND : BS_EINVAL,
-                          "shared memory key '%s' cannot be opened: %s", show(kb, r->key),
+                          "shared memory key '%s' cannot be opened: %s", bs_show(kb, r->key),
                           strerror(e));
     }
     struct stat st;
@@ -138,14 +117,14 @@ static int map_object(bs_shm_region_t *r, struct bs_err *err)
     long page = sysconf(_SC_PAGESIZE);
     uint64_t start = r->offset - r->offset % (uint64_t)page;
     if (fstat(fd, &st) != 0) {
-        rc = bs_err_set(err, BS_EIO, "shared memory key '%s': fstat: %s", show(kb, r->key),
+        rc = bs_err_set(err, BS_EIO, "shared memory key '%s': fstat: %s", bs_show(kb, r->key),
                         strerror(errno));
     } else if (__builtin_add_overflow(r->offset, r->byte_size, &end) ||
                end > (uint64_t)st.st_size || end - start > SIZE_MAX) {
         rc = bs_err_set(err, BS_EINVAL,
                         "shared memory key '%s' holds %lld bytes: offset %llu + byte_size %llu "
                         "is past its end",
-                        show(kb, r->key), (long long)st.st_size, (unsigned long long)r->offset,
+                        bs_show(kb, r->key), (long long)st.st_size, (unsigned long long)r->offset,
                         (unsigned long long)r->byte_size);
     } else {
         r->map_len = (size_t)(end - start);
@@ -153,7 +132,7 @@ static int map_object(bs_shm_region_t *r, struct bs_err *err)
         if (r->map == MAP_FAILED) {
             r->map = NULL;
             rc = bs_err_set(err, BS_EINVAL, "shared memory key '%s' cannot be mapped: %s",
-                            show(kb, r->key), strerror(errno));
+                            bs_show(kb, r->key), strerror(errno));
         } else {
             r->data = (unsigned char *)r->map + (r->offset - start);
         }
@@ -165,24 +144,24 @@ static int map_object(bs_shm_region_t *r, struct bs_err *err)
 int bs_shm_register(bs_shm_t *shm, const char *name, const char *key, uint64_t offset,
                     uint64_t byte_size, struct bs_err *err)
 {
-    char nb[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4];
     int rc;
     bool found;
     if ((rc = check_name("region name", name, err)) != 0 || (rc = check_name("key", key, err)) != 0)
         return rc;
     if (byte_size == 0)
         return bs_err_set(err, BS_EINVAL, "shared memory region '%s': byte_size is 0",
-                          show(nb, name));
+                          bs_show(nb, name));
     int at = find(shm, name, &found);
     if (found)
         return bs_err_set(err, BS_EEXIST,
                           "shared memory region '%s' is already registered (unregister it first)",
-                          show(nb, name));
+                          bs_show(nb, name));
     if (shm->n >= BS_SHM_MAX_REGIONS)
         return bs_err_set(err, BS_ERANGE,
                           "cannot register shared memory region '%s': %d regions are registered "
                           "(the limit)",
-                          show(nb, name), BS_SHM_MAX_REGIONS);
+                          bs_show(nb, name), BS_SHM_MAX_REGIONS);
     bs_shm_region_t *r = calloc(1, sizeof(*r));
     if (r == NULL)
         return bs_err_set(err, BS_ENOMEM, "out of memory");
@@ -230,9 +209,9 @@ int bs_shm_status(const bs_shm_t *shm, const char *name,
     if (name != NULL && name[0] != '\0') {
         lo = find(shm, name, &found);
         if (!found) {
-            char nb[SHOW_MAX + 4];
+            char nb[BS_SHOW_MAX + 4];
             return bs_err_set(err, BS_ENOTFOUND, "shared memory region '%s' is not registered",
-                              show(nb, name));
+                              bs_show(nb, name));
         }
         hi = lo + 1;
     }
@@ -252,7 +231,7 @@ int bs_shm_count(const bs_shm_t *shm)
 int bs_shm_acquire(bs_shm_t *shm, const struct bs_shm_ref *ref, bs_shm_region_t **region,
                    void **ptr, struct bs_err *err)
 {
-    char nb[SHOW_MAX + 4];
+    char nb[BS_SHOW_MAX + 4];
     bool found;
     uint64_t end;
     *region = NULL;
@@ -260,14 +239,14 @@ int bs_shm_acquire(bs_shm_t *shm, const struct bs_shm_ref *ref, bs_shm_region_t 
     int at = find(shm, ref->region, &found);
     if (!found)
         return bs_err_set(err, BS_ENOTFOUND, "shared memory region '%s' is not registered",
-                          show(nb, ref->region));
+                          bs_show(nb, ref->region));
     bs_shm_region_t *r = shm->regions[at];
     if (__builtin_add_overflow(ref->offset, ref->byte_size, &end) || end > r->byte_size)
         return bs_err_set(err, BS_EINVAL,
                           "shared_memory_offset %llu + shared_memory_byte_size %llu is past the "
                           "end of shared memory region '%s' (%llu bytes)",
                           (unsigned long long)ref->offset, (unsigned long long)ref->byte_size,
-                          show(nb, ref->region), (unsigned long long)r->byte_size);
+                          bs_show(nb, ref->region), (unsigned long long)r->byte_size);
     r->refs++;
     *region = r;
     *ptr = r->data + ref->offset;
@@ -283,7 +262,7 @@ void bs_shm_release(bs_shm_region_t *region)
 int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs, struct bs_named_tensor *inputs,
                        int n, bs_shm_region_t **holds, struct bs_err *err)
 {
-    char nb[SHOW_MAX + 4], sb[96];
+    char nb[BS_SHOW_MAX + 4], sb[96];
     int rc = 0, i;
     for (i = 0; i < n; i++)
         holds[i] = NULL;
@@ -294,18 +273,18 @@ int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs, struct bs_n
         size_t want = bs_tensor_nbytes(t), align = bs_dtype_size(t->type);
         void *ptr;
         if (refs[i].byte_size != want)
-            rc = bs_err_set(err, BS_EINVAL,
-                            "input '%s': shared_memory_byte_size is %llu, expected %zu (%s %s)",
-                            show(nb, inputs[i].name), (unsigned long long)refs[i].byte_size, want,
-                            bs_codec_datatype(t->type), bs_tensor_shape_str(t, sb, sizeof(sb)));
+            rc = bs_err_set(
+                err, BS_EINVAL, "input '%s': shared_memory_byte_size is %llu, expected %zu (%s %s)",
+                bs_show(nb, inputs[i].name), (unsigned long long)refs[i].byte_size, want,
+                bs_codec_datatype(t->type), bs_tensor_shape_str(t, sb, sizeof(sb)));
         else if ((rc = bs_shm_acquire(shm, &refs[i], &holds[i], &ptr, err)) != 0)
-            bs_err_wrap(err, "input '%s'", show(nb, inputs[i].name));
+            bs_err_wrap(err, "input '%s'", bs_show(nb, inputs[i].name));
         else if (((uintptr_t)ptr % align) != 0)
             rc = bs_err_set(err, BS_EINVAL,
                             "input '%s': its data in shared memory region '%s' starts at an "
                             "address that is not a multiple of %zu bytes (its element size; "
                             "align the region's offset plus shared_memory_offset)",
-                            show(nb, inputs[i].name), show(sb, refs[i].region), align);
+                            bs_show(nb, inputs[i].name), bs_show(sb, refs[i].region), align);
         else
             t->data = ptr;
     }
@@ -323,7 +302,7 @@ int bs_shm_bind_inputs(bs_shm_t *shm, const struct bs_shm_ref *refs, struct bs_n
 int bs_shm_write_held(void *ptr, const struct bs_shm_ref *ref, const struct bs_tensor *out,
                       struct bs_err *err)
 {
-    char nb[SHOW_MAX + 4], sb[96];
+    char nb[BS_SHOW_MAX + 4], sb[96];
     if (!bs_tensor_is_contiguous(out))
         return bs_err_set(err, BS_EINTERNAL, "output: not contiguous");
     size_t need = bs_tensor_nbytes(out);
@@ -331,7 +310,7 @@ int bs_shm_write_held(void *ptr, const struct bs_shm_ref *ref, const struct bs_t
         return bs_err_set(err, BS_EINVAL,
                           "output 'output': shared_memory_byte_size is %llu in region '%s', but "
                           "the output (%s %s) needs %zu bytes",
-                          (unsigned long long)ref->byte_size, show(nb, ref->region),
+                          (unsigned long long)ref->byte_size, bs_show(nb, ref->region),
                           bs_codec_datatype(out->type), bs_tensor_shape_str(out, sb, sizeof(sb)),
                           need);
     if (need > 0)
