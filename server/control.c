@@ -64,9 +64,18 @@ static void on_model_ready(bs_control_t *ctl, const ProtobufCMessage *req, bs_co
 static void on_server_metadata(bs_control_t *ctl, const ProtobufCMessage *req, bs_control_done done,
                                void *arg)
 {
-    static char *extensions[] = {"model_configuration", "statistics", "parameters",
-                                 "model_repository",    "sequence",   "streaming",
-                                 "schedule_policy",     "health",     "reflection",
+    /* Triton's names where Triton has one; binary_tensor_data: the HTTP
+     * front end's binary tensors (raw_*_contents on gRPC), as Triton lists it */
+    static char *extensions[] = {"model_configuration",
+                                 "statistics",
+                                 "parameters",
+                                 "model_repository",
+                                 "sequence",
+                                 "streaming",
+                                 "schedule_policy",
+                                 "health",
+                                 "reflection",
+                                 "binary_tensor_data",
                                  "system_shared_memory"};
     Inference__ServerMetadataResponse r = INFERENCE__SERVER_METADATA_RESPONSE__INIT;
     r.name = BS_SERVER_NAME;

@@ -433,6 +433,11 @@ const char *bs_core_block_cache(const bs_core_req_t *r)
     return r->call.mode == BS_CACHE_REUSE ? "reuse" : "refresh";
 }
 
+const char *bs_core_version(const bs_core_req_t *r)
+{
+    return r != NULL && r->rm != NULL ? r->rm->version_str : "";
+}
+
 void bs_core_seq_stats(const bs_core_t *core, const bs_model_t *model, struct bs_seq_stats *st)
 {
     bs_seqs_stats(core->seqs, model, st);

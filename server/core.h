@@ -122,6 +122,10 @@ int bs_core_in_flight(const bs_core_t *core);
  * on_done). */
 const char *bs_core_block_cache(const bs_core_req_t *req);
 
+/* The version that serves req ("1", "3", ...: the resolved one when the
+ * request named none), for its answer (valid from submit until on_done). */
+const char *bs_core_version(const bs_core_req_t *req);
+
 /* Sequence and block-cache counters of model (NULL: all). */
 void bs_core_seq_stats(const bs_core_t *core, const bs_model_t *model, struct bs_seq_stats *st);
 

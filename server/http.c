@@ -892,7 +892,7 @@ static void reply_done(void *arg, int rc, const char *msg)
         return;
     }
     j->ans_model = strdup(in->req.model_name);
-    j->ans_version = strdup(in->req.model_version);
+    j->ans_version = strdup(bs_core_version(in->creq)); /* the version that served it */
     j->ans_id = strdup(in->req.id);
     if (j->ans_model == NULL || j->ans_version == NULL || j->ans_id == NULL) {
         j->has_out = false;
@@ -959,8 +959,9 @@ static void run_infer(bs_http_t *h, struct job *j)
     if (rc == 0 && shm)
         rc = bs_shm_bind_inputs(h->o.shm, in->hi.in_shm, in->req.inputs, in->req.n_inputs,
                                 in->holds, &err);
-    if (rc == 0 && in->hi.out_shm.given) /* held until released: an unregister cannot drop it */
-        rc = bs_shm_acquire(h->o.shm, &in->hi.out_shm, &in->out_hold, &in->out_ptr, &err);
+    if (rc == 0 && in->hi.out_shm.given && /* held until released: an unregister cannot drop it */
+        (rc = bs_shm_acquire(h->o.shm, &in->hi.out_shm, &in->out_hold, &in->out_ptr, &err)) != 0)
+        bs_err_wrap(&err, "output 'output'"); /* named as gRPC names it */
     if (rc == 0 && in->req.stream_intermediate)
         rc = bs_err_set(&err, BS_EINVAL, "stream_intermediate needs ModelStreamInfer (gRPC)");
     if (rc != 0) {

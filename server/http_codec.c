@@ -390,6 +390,10 @@ static int decode_input(struct bs_http_infer *hi, const struct bs_json *j, int i
     if (rc != 0)
         return rc;
     const struct bs_json *data = bs_json_get(j, "data");
+    if (hi->in_shm[idx].given && (data != NULL || binary_size >= 0)) /* as gRPC's contents */
+        return bs_err_set(err, BS_EINVAL,
+                          "input '%s': %s must not be given for an input in shared memory",
+                          show(nb, in->name), data != NULL ? "'data'" : "binary_data_size");
     if (binary_size >= 0) {
         if (data != NULL)
             return bs_err_set(err, BS_EINVAL, "input '%s': both 'data' and binary_data_size",
@@ -578,8 +582,9 @@ static void put_output(struct bs_jbuf *b, const struct bs_http_answer *a,
     if (a->out_shm != NULL && a->out_shm->given) {
         bs_jbuf_puts(b, ",\"parameters\":{");
         put_key_str(b, "shared_memory_region", a->out_shm->region);
-        bs_jbuf_printf(b, ",\"shared_memory_offset\":%" PRIu64 ",\"shared_memory_byte_size\":%zu}",
-                       a->out_shm->offset, nbytes);
+        bs_jbuf_printf(
+            b, ",\"shared_memory_offset\":%" PRIu64 ",\"shared_memory_byte_size\":%" PRIu64 "}",
+            a->out_shm->offset, a->out_shm->byte_size); /* as asked, as gRPC answers */
     } else if (a->binary_output) {
         bs_jbuf_printf(b, ",\"parameters\":{\"binary_data_size\":%zu}", nbytes);
     } else {
@@ -599,8 +604,9 @@ static void put_output(struct bs_jbuf *b, const struct bs_http_answer *a,
 int bs_http_encode_infer(const struct bs_http_answer *a, const struct bs_tensor *out,
                          struct bs_jbuf *b, size_t *json_len, struct bs_err *err)
 {
+    bool in_shm = a->out_shm != NULL && a->out_shm->given; /* its bytes are in the region */
     if (out != NULL && (out->type != BS_TYPE_F32 || !bs_tensor_is_contiguous(out) ||
-                        (bs_tensor_nelements(out) > 0 && out->data == NULL)))
+                        (bs_tensor_nelements(out) > 0 && out->data == NULL && !in_shm)))
         return bs_err_set(err, BS_EINTERNAL, "output: expected a contiguous FP32 tensor");
     const char *version = a->model_version && a->model_version[0] ? a->model_version : "1";
     size_t nbytes = out ? bs_tensor_nbytes(out) : 0, start = b->len;
@@ -624,7 +630,7 @@ int bs_http_encode_infer(const struct bs_http_answer *a, const struct bs_tensor 
     }
     bs_jbuf_puts(b, "}");
     *json_len = b->len - start;
-    bool raw = out != NULL && a->binary_output && !(a->out_shm && a->out_shm->given);
+    bool raw = out != NULL && a->binary_output && !in_shm;
     if (raw && nbytes > 0)
         bs_jbuf_put(b, out->data, nbytes);
     if (b->oom)

@@ -266,6 +266,7 @@ static void reply_block(void *arg, const struct bs_tensor *out)
     size_t len = 0;
     bool shm = in->req.out_shm.given;
     in->req.out_shm.given = false;
+    in->req.model_version = bs_core_version(in->creq); /* the version that serves it */
     if (in->stream != NULL && encode(in, out, 0, &buf, &len, &err) == 0)
         stream_send(in->stream, buf, len, NULL, NULL, NULL);
     in->req.out_shm.given = shm;
@@ -276,6 +277,7 @@ static int reply_output(void *arg, const struct bs_tensor *out, struct bs_err *e
 {
     struct infer *in = arg;
     in->req.block_cache = bs_core_block_cache(in->creq);
+    in->req.model_version = bs_core_version(in->creq); /* the version that serves it */
     if (in->req.out_shm.given) {
         int rc = bs_shm_write_held(in->out_ptr, &in->req.out_shm, out, err);
         if (rc != 0)
