@@ -178,14 +178,16 @@ struct block_range {
     uint64_t first = 0, count = 0;
 };
 
-/* The launcher's instance: the ragged one for a ragged batch (a.q_off). */
+/* The launcher's instance: the ragged one for a ragged batch (a.q_off);
+ * shared memory as the launcher sizes it (mask rows). */
 template <typename T, int DP, int W>
 static void launch_mma_w(const attn_args &a, int64_t batch, block_range r)
 {
     using S = mma_smem<DP, W>;
     dim3 grid = attn_grid(a.lq, batch * a.heads, S::BQ);
     uint64_t count = r.count ? r.count : (uint64_t)grid.x;
-    size_t smem = (size_t)S::elems * sizeof(T);
+    int mrows = a.mask == NULL ? 0 : a.mq == 1 ? 1 : S::BQ;
+    size_t smem = S::bytes(sizeof(T), mrows);
     if (a.q_off != NULL)
         emu_launch_blocks(attn_mma<T, DP, W, true>, grid, dim3(S::THREADS), smem, r.first, count,
                           a);
@@ -209,9 +211,42 @@ static void launch_mma_dp(const attn_args &a, int64_t batch, int warps, block_ra
     launch_mma_w<T, DP, 4>(a, batch, r);
 }
 
+/* The entry's conversion pass (attn_cuda.cu, launch_mma_t): Q, K and V of
+ * a (F32) into buf in T by attn_to16, on a small grid (its loops stride
+ * over rows and columns; the emulation runs a host thread per CUDA
+ * thread). */
 template <typename T>
-static void launch_mma(const attn_args &a, int64_t batch, int warps, block_range r = {})
+static attn_src16 convert16(const attn_args &a, int64_t batch, std::vector<unsigned char> *buf)
 {
+    int64_t rq = a.q_off ? a.q_off[batch] : batch * a.lq, rk = a.q_off ? a.k_off[batch] : batch * a.lk;
+    int hs = attn_hs(a.head_dim);
+    buf->assign(attn16_bytes(rq, rk, a.heads, hs, sizeof(T)) + 16, 0xff);
+    void *base = (void *)(((uintptr_t)buf->data() + 15) & ~(uintptr_t)15);
+    attn_src16 s = attn16_layout(base, rq, rk, a.heads, hs, sizeof(T));
+    const float *srcs[3] = {a.q, a.k, a.v};
+    const void *dsts[3] = {s.q, s.k, s.v};
+    int64_t lds[3] = {a.ldq, a.ldk, a.ldv}, rows[3] = {rq, rk, rk};
+    for (int i = 0; i < 3; i++)
+        if (rows[i] > 0)
+            emu_launch(attn_to16<T>, dim3(1, (unsigned)std::min<int64_t>(rows[i], 2)), dim3(64), 0, (T *)dsts[i], srcs[i], rows[i], lds[i], a.heads,
+                       a.head_dim, hs, a.overflow);
+    return s;
+}
+
+/* attn_mma on src16, or (NULL) on a's F32 operands through the conversion
+ * pass, as the entry runs it. */
+template <typename T>
+static void launch_mma(const attn_args &a0, int64_t batch, int warps, block_range r = {},
+                       const attn_src16 *src16 = NULL)
+{
+    attn_args a = a0;
+    std::vector<unsigned char> buf;
+    attn_src16 conv;
+    if (src16 == NULL) {
+        conv = convert16<T>(a, batch, &buf);
+        src16 = &conv;
+    }
+    attn_src16_set(&a, src16);
     switch (mma_dp(a.head_dim)) {
     case 32:
         return launch_mma_dp<T, 32>(a, batch, warps, r);
