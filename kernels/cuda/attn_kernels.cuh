@@ -73,7 +73,7 @@ extern "C" {
 
 #define MMA_BK       64
 #define MMA_PAD      8 /* elements of row padding: conflict-free copies and ldmatrix (gpu_static) */
-#define MMA_SLOTS_8W 2 /* blocks of 8 warps an SM holds at least (sm_80, sm_90: tests/gpu_static) */
+#define MMA_SLOTS_8W 1 /* blocks of 8 warps an SM holds at least (sm_80, sm_90: tests/gpu_static) */
 
 #define F32_BQ      16
 #define F32_BK      16
@@ -406,13 +406,12 @@ template <int DP, int WARPS> struct mma_smem {
  * row's 32 bytes are one sector of global memory. Each thread has one row,
  * so its bounds check is one comparison a tile. */
 template <typename T, int DP, int WARPS, int ROWS>
-__device__ __forceinline__ void mma_copy_tile(T *dst, const T *src, int64_t ld, int64_t rows_left,
-                                              int hc)
+__device__ __forceinline__ void mma_copy_tile(T *dst, const T *src, int ld, int rows_left, int hc)
 {
     using S = mma_smem<DP, WARPS>;
-    constexpr int RB = ROWS / 16;    /* 16-row blocks */
-    constexpr int CP = S::C / 2;     /* chunk pairs a row */
-    constexpr int ITEMS = RB * CP;   /* warp instructions a tile */
+    constexpr int RB = ROWS / 16;  /* 16-row blocks */
+    constexpr int CP = S::C / 2;   /* chunk pairs a row */
+    constexpr int ITEMS = RB * CP; /* warp instructions a tile */
     constexpr int PER = (ITEMS + WARPS - 1) / WARPS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int rsub = ((lane >> 4) << 3) + (lane & 7), csub = (lane >> 3) & 1;
@@ -422,9 +421,9 @@ __device__ __forceinline__ void mma_copy_tile(T *dst, const T *src, int64_t ld, 
         if (ITEMS % WARPS != 0 && item >= ITEMS)
             break;
         const int r = (item % RB) * 16 + rsub, c = (item / RB) * 2 + csub;
-        const bool ok = r < rows_left && c < hc;
-        const T *s = src + (ok ? r * ld + c * 8 : 0);
-        ptx_cp_async_cg16_zfill(dst + r * S::LD + c * 8, s, ok ? 16 : 0);
+        /* a row past the end reads nothing (0 bytes) from a row that exists */
+        const T *s = src + (r < rows_left ? r : 0) * ld + c * 8;
+        ptx_cp_async_cg16_zfill(dst + r * S::LD + c * 8, s, r < rows_left && c < hc ? 16 : 0);
     }
 }
 
@@ -571,7 +570,8 @@ __device__ __forceinline__ void mma_tile(mma_warp_state<DP> &w, const T *ks, con
 /* Everything the key loop needs besides the warp's state. */
 struct mma_loop_args {
     const unsigned char *kg, *vg; /* key 0 of the sample and head in K and V (T) */
-    int64_t ldk, ldv, lk;
+    int ldk, ldv; /* row strides of K and V (elements) */
+    int64_t lk;
     const float *mask; /* the sample's first mask row, or NULL */
     int64_t mask_ld, q0, lq;
     int mrows, hc; /* mask rows of the tile; chunks of 8 elements of a head's head_dim */
@@ -595,11 +595,12 @@ __device__ __forceinline__ void mma_key_loop(mma_warp_state<DP> &w, T *smem, flo
         __syncthreads(); /* tile j is in; every warp is done with tile j - 1 (and Q) */
         const int nx = (j + 1) & 1;
         const int64_t k1 = (int64_t)(j + 1) * MMA_BK;
+        const int left = (int)(L.lk - k1 < MMA_BK ? L.lk - k1 : MMA_BK);
         T *st = smem + nx * S::STAGE;
         mma_copy_tile<T, DP, WARPS, MMA_BK>(
-            st, reinterpret_cast<const T *>(L.kg) + k1 * L.ldk, L.ldk, L.lk - k1, L.hc);
+            st, reinterpret_cast<const T *>(L.kg) + k1 * L.ldk, L.ldk, left, L.hc);
         mma_copy_tile<T, DP, WARPS, MMA_BK>(
-            st + S::TILE, reinterpret_cast<const T *>(L.vg) + k1 * L.ldv, L.ldv, L.lk - k1, L.hc);
+            st + S::TILE, reinterpret_cast<const T *>(L.vg) + k1 * L.ldv, L.ldv, left, L.hc);
         if (MASK)
             mma_copy_mask<S::THREADS>(msm + nx * mstage, L.mask, L.mask_ld, L.mrows, L.q0, L.lq,
                                       k1, L.lk, L.mvec);
@@ -641,8 +642,8 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
                                                    sq.k_row * a.ldkh + h * a.hs);
     L.vg = reinterpret_cast<const unsigned char *>(reinterpret_cast<const T *>(a.vh) +
                                                    sq.k_row * a.ldvh + h * a.hs);
-    L.ldk = a.ldkh;
-    L.ldv = a.ldvh;
+    L.ldk = (int)a.ldkh;
+    L.ldv = (int)a.ldvh;
     L.lk = sq.lk;
     L.mask = sq.mask;
     L.mask_ld = sq.mask_ld;
@@ -655,12 +656,14 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
     /* The prologue: Q (over stage 1) and key tile 0 (stage 0) in one group. */
     const T *qg = reinterpret_cast<const T *>(a.qh) + (sq.q_row + q0) * a.ldqh + h * a.hs;
     T *qs = smem + S::STAGE;
-    mma_copy_tile<T, DP, WARPS, S::BQ>(qs, qg, a.ldqh, sq.lq - q0, L.hc);
+    mma_copy_tile<T, DP, WARPS, S::BQ>(qs, qg, (int)a.ldqh,
+                                       (int)(sq.lq - q0 < S::BQ ? sq.lq - q0 : S::BQ), L.hc);
     if (sq.lk > 0) {
-        mma_copy_tile<T, DP, WARPS, MMA_BK>(smem, reinterpret_cast<const T *>(L.kg), L.ldk,
-                                            sq.lk, L.hc);
+        const int left = (int)(sq.lk < MMA_BK ? sq.lk : MMA_BK);
+        mma_copy_tile<T, DP, WARPS, MMA_BK>(smem, reinterpret_cast<const T *>(L.kg), L.ldk, left,
+                                            L.hc);
         mma_copy_tile<T, DP, WARPS, MMA_BK>(smem + S::TILE, reinterpret_cast<const T *>(L.vg),
-                                            L.ldv, sq.lk, L.hc);
+                                            L.ldv, left, L.hc);
         if (mrows)
             mma_copy_mask<S::THREADS>(msm, L.mask, L.mask_ld, mrows, q0, sq.lq, 0, sq.lk, L.mvec);
     }
