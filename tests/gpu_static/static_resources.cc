@@ -287,20 +287,22 @@ static void check_mma_dps(const std::vector<launch> &ls)
 /* ---- occupancy claims ------------------------------------------------------ */
 
 /* Blocks per SM that comments state: attn_kernels.cuh (MMA_SLOTS_8W,
- * mma_warps) and "Fused attention" in kernels/cuda/README.md: every 4-warp
- * instance at least 2 blocks per SM, the 8-warp ones at least MMA_SLOTS_8W
- * (1: they take 124 to 200 registers; bounding them to 128 for 2 blocks
- * spilled). Both element types, uniform and ragged instances. Change them
- * together. */
+ * mma_warps) and "Fused attention" in kernels/cuda/README.md, at the
+ * launcher's largest shared memory (4 warps: a mask row per query): the
+ * 4-warp instances at least 2 blocks per SM except DP 128 on sm_80 and
+ * DP 160 (1: 90 and 120 KiB of shared memory), the 8-warp ones at least
+ * MMA_SLOTS_8W (1: they take 122 to 200 registers; bounding them to 128
+ * for 2 blocks spilled). Both element types, uniform and ragged instances.
+ * Change them together. */
 static const struct {
     int dp, warps;
     const char *arch;
     int min, max;
 } occupancy_claims[] = {
     {32, 4, "sm_80", 2, 32},  {48, 4, "sm_80", 2, 32},  {64, 4, "sm_80", 2, 32},
-    {80, 4, "sm_80", 2, 32},  {128, 4, "sm_80", 2, 32}, {160, 4, "sm_80", 2, 32},
+    {80, 4, "sm_80", 2, 32},  {128, 4, "sm_80", 1, 32}, {160, 4, "sm_80", 1, 32},
     {32, 4, "sm_90", 2, 32},  {48, 4, "sm_90", 2, 32},  {64, 4, "sm_90", 2, 32},
-    {80, 4, "sm_90", 2, 32},  {128, 4, "sm_90", 2, 32}, {160, 4, "sm_90", 2, 32},
+    {80, 4, "sm_90", 2, 32},  {128, 4, "sm_90", 2, 32}, {160, 4, "sm_90", 1, 32},
     {32, 8, "sm_80", MMA_SLOTS_8W, 32}, {48, 8, "sm_80", MMA_SLOTS_8W, 32},
     {64, 8, "sm_80", MMA_SLOTS_8W, 32}, {80, 8, "sm_80", MMA_SLOTS_8W, 32},
     {32, 8, "sm_90", MMA_SLOTS_8W, 32}, {48, 8, "sm_90", MMA_SLOTS_8W, 32},
