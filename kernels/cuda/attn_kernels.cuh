@@ -8,16 +8,20 @@
  * written to global memory.
  *
  * Two kernels:
- * - attn_mma<T, DP, WARPS>: BF16 or FP16 operands on tensor cores (mma.sync
- *   m16n8k16, FP32 accumulation), 4 or 8 warps x 16 query rows (8 from
- *   2048 queries, head dims up to 80), 64-key tiles, float4 loads when
- *   aligned,
- *   head dims padded with zeros to DP (32, 48, 64, 80, 128, 160: 40 -> 48,
- *   72 -> 80). Q, K and V are read as F32 (the backend contract) and rounded
- *   to T as they enter shared memory; V is stored transposed so that its
- *   mma fragments are single 32-bit loads.
+ * - attn_mma<T, DP, WARPS, RAGGED>: BF16 or FP16 operands on tensor cores
+ *   (mma.sync m16n8k16, FP32 accumulation), FlashAttention-2 class: 4 or 8
+ *   warps x 16 query rows (mma_warps), Q fragments loaded once with
+ *   ldmatrix and kept in registers, K and V (16-bit, from the conversion
+ *   pass attn_to16 or from 16-bit activations: struct attn_src16) in
+ *   64-key tiles through a 2-stage cp.async pipeline, fragments by
+ *   ldmatrix.x4 (.trans for V) from padded rows (conflict-free copies and
+ *   reads: tests/gpu_static), mask tiles staged in shared memory, bounds
+ *   checks only on the last key tile; head dims padded with zeros to DP
+ *   (32, 48, 64, 80, 128, 160: 40 -> 48, 72 -> 80). No GPU has run it:
+ *   tests/gpu_emu runs it under emulation, tests/gpu_static models it.
  * - attn_f32: FP32 on CUDA cores for the fp32 compute dtype (exact to the
- *   CPU within rounding) and for head dims above 160; 16 x 16 tiles.
+ *   CPU within rounding) and for head dims above 160; 16 x 16 tiles; reads
+ *   the F32 activations.
  *
  * Blocks: grid.x holds (sample, head) x query tile, the query tile fastest
  * (attn_grid), so batch x heads is not bound by grid.y's 65,535.
@@ -47,9 +51,9 @@
  * (score_keep); with every key at -inf, or Lk = 0, output 0. Kernels find M
  * in a first pass over the row, before the key loop. Keys past Lk are -inf.
  *
- * attn_mma rounds Q, K and V to T; a finite value that becomes inf (FP16
- * beyond 65504) sets the overflow flag (overflow.cuh) instead of returning
- * NaN unnoticed.
+ * attn_to16 rounds Q, K and V to T for attn_mma; a finite value that
+ * becomes inf (FP16 beyond 65504) sets the overflow flag (overflow.cuh)
+ * instead of returning NaN unnoticed.
  *
  * Also here: softmax_rows, the softmax of the unfused baseline (the same
  * mask rule). */
