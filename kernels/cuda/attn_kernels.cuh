@@ -77,7 +77,7 @@ extern "C" {
 
 #define MMA_BK       64
 #define MMA_PAD      8 /* elements of row padding: conflict-free copies and ldmatrix (gpu_static) */
-#define MMA_SLOTS_8W 1 /* blocks of 8 warps an SM holds at least (sm_80, sm_90: tests/gpu_static) */
+#define MMA_SLOTS_8W 1 /* 8-warp blocks an SM holds at least (sm_80, sm_90: gpu_static) */
 
 #define F32_BQ      16
 #define F32_BK      16
@@ -379,7 +379,7 @@ static inline void attn_rows(const struct bs_attn_params *p, int64_t *rows_q, in
  * stage 1 (read into registers once, before stage 1 is first written), then
  * two stages of the mask tile (F32, mask rows of MASK_LD floats; 1 row for
  * [B, 1, Lk], BQ rows for [B, Lq, Lk]). */
-#define MMA_MASK_LD 72 /* floats: 64 keys + 8, rows 288 bytes apart (float2 reads conflict-free) */
+#define MMA_MASK_LD 72 /* floats: 64 keys + 8 (conflict-free float2 reads) */
 
 template <int DP, int WARPS> struct mma_smem {
     static constexpr int BQ = 16 * WARPS; /* queries per block */
