@@ -89,9 +89,9 @@ static int launch_mma_t(struct attn_args *a, const struct attn_src16 *src16,
         for (int i = 0; i < 3; i++) {
             if (rows[i] == 0)
                 continue;
-            attn_to16<T><<<attn_to16_grid(rows[i], p->heads, hs), ATTN_TO16_THREADS, 0,
-                           th->stream>>>((T *)dsts[i], srcs[i], rows[i], lds[i], p->heads,
-                                         p->head_dim, hs, a->overflow);
+            attn_to16<T>
+                <<<attn_to16_grid(rows[i], p->heads, hs), ATTN_TO16_THREADS, 0, th->stream>>>(
+                    (T *)dsts[i], srcs[i], rows[i], lds[i], p->heads, p->head_dim, hs, a->overflow);
             int rc = bs__cuda_check_launch("attention (conversion)", err);
             if (rc != 0)
                 return rc;

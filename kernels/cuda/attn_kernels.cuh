@@ -294,8 +294,8 @@ static inline int attn_hs(int hd)
 static inline bool attn_src16_ok(const void *q, int64_t ldq, const void *k, int64_t ldk,
                                  const void *v, int64_t ldv, int hd)
 {
-    return hd % 8 == 0 && ldq % 8 == 0 && ldk % 8 == 0 && ldv % 8 == 0 &&
-           (uintptr_t)q % 16 == 0 && (uintptr_t)k % 16 == 0 && (uintptr_t)v % 16 == 0;
+    return hd % 8 == 0 && ldq % 8 == 0 && ldk % 8 == 0 && ldv % 8 == 0 && (uintptr_t)q % 16 == 0 &&
+           (uintptr_t)k % 16 == 0 && (uintptr_t)v % 16 == 0;
 }
 
 /* The conversion pass (attn_src16): rows x (heads x hd) F32 (row stride ld)
@@ -478,8 +478,8 @@ template <int DP> struct mma_warp_state {
  * voff: this lane's ldmatrix row offsets (elements) in K and V; mr0, mr1:
  * its rows' mask rows in ms. */
 template <typename T, int DP, bool LAST, bool MASK>
-__device__ __forceinline__ void mma_tile(mma_warp_state<DP> &w, const T *ks, const T *vs,
-                                         int koff, int voff, const float *mr0, const float *mr1,
+__device__ __forceinline__ void mma_tile(mma_warp_state<DP> &w, const T *ks, const T *vs, int koff,
+                                         int voff, const float *mr0, const float *mr1,
                                          int keys_left)
 {
     constexpr int LD = DP + MMA_PAD, KS = DP / 16, NT = MMA_BK / 8, DT = DP / 8;
@@ -574,7 +574,7 @@ __device__ __forceinline__ void mma_tile(mma_warp_state<DP> &w, const T *ks, con
 /* Everything the key loop needs besides the warp's state. */
 struct mma_loop_args {
     const unsigned char *kg, *vg; /* key 0 of the sample and head in K and V (T) */
-    int ldk, ldv; /* row strides of K and V (elements) */
+    int ldk, ldv;                 /* row strides of K and V (elements) */
     int64_t lk;
     const float *mask; /* the sample's first mask row, or NULL */
     int64_t mask_ld, q0, lq;
@@ -601,13 +601,13 @@ __device__ __forceinline__ void mma_key_loop(mma_warp_state<DP> &w, T *smem, flo
         const int64_t k1 = (int64_t)(j + 1) * MMA_BK;
         const int left = (int)(L.lk - k1 < MMA_BK ? L.lk - k1 : MMA_BK);
         T *st = smem + nx * S::STAGE;
-        mma_copy_tile<T, DP, WARPS, MMA_BK>(
-            st, reinterpret_cast<const T *>(L.kg) + k1 * L.ldk, L.ldk, left, L.hc);
+        mma_copy_tile<T, DP, WARPS, MMA_BK>(st, reinterpret_cast<const T *>(L.kg) + k1 * L.ldk,
+                                            L.ldk, left, L.hc);
         mma_copy_tile<T, DP, WARPS, MMA_BK>(
             st + S::TILE, reinterpret_cast<const T *>(L.vg) + k1 * L.ldv, L.ldv, left, L.hc);
         if (MASK)
-            mma_copy_mask<S::THREADS>(msm + nx * mstage, L.mask, L.mask_ld, L.mrows, L.q0, L.lq,
-                                      k1, L.lk, L.mvec);
+            mma_copy_mask<S::THREADS>(msm + nx * mstage, L.mask, L.mask_ld, L.mrows, L.q0, L.lq, k1,
+                                      L.lk, L.mvec);
         ptx_cp_async_commit_group();
         const int cur = j & 1;
         const T *kt = smem + cur * S::STAGE;
@@ -619,8 +619,7 @@ __device__ __forceinline__ void mma_key_loop(mma_warp_state<DP> &w, T *smem, flo
     const int cur = (nt - 1) & 1;
     const T *kt = smem + cur * S::STAGE;
     mma_tile<T, DP, true, MASK>(w, kt, kt + S::TILE, koff, voff, mr0_base + cur * mstage,
-                                mr1_base + cur * mstage,
-                                (int)(L.lk - (int64_t)(nt - 1) * MMA_BK));
+                                mr1_base + cur * mstage, (int)(L.lk - (int64_t)(nt - 1) * MMA_BK));
 }
 
 template <typename T, int DP, int WARPS, bool RAGGED>

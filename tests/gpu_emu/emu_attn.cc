@@ -219,7 +219,8 @@ static void launch_mma_dp(const attn_args &a, int64_t batch, int warps, block_ra
 template <typename T>
 static attn_src16 convert16(const attn_args &a, int64_t batch, std::vector<unsigned char> *buf)
 {
-    int64_t rq = a.q_off ? a.q_off[batch] : batch * a.lq, rk = a.q_off ? a.k_off[batch] : batch * a.lk;
+    int64_t rq = a.q_off ? a.q_off[batch] : batch * a.lq,
+            rk = a.q_off ? a.k_off[batch] : batch * a.lk;
     int hs = attn_hs(a.head_dim);
     buf->assign(attn16_bytes(rq, rk, a.heads, hs, sizeof(T)) + 16, 0xff);
     void *base = (void *)(((uintptr_t)buf->data() + 15) & ~(uintptr_t)15);
@@ -229,8 +230,8 @@ static attn_src16 convert16(const attn_args &a, int64_t batch, std::vector<unsig
     int64_t lds[3] = {a.ldq, a.ldk, a.ldv}, rows[3] = {rq, rk, rk};
     for (int i = 0; i < 3; i++)
         if (rows[i] > 0)
-            emu_launch(attn_to16<T>, dim3(1, (unsigned)std::min<int64_t>(rows[i], 2)), dim3(64), 0, (T *)dsts[i], srcs[i], rows[i], lds[i], a.heads,
-                       a.head_dim, hs, a.overflow);
+            emu_launch(attn_to16<T>, dim3(1, (unsigned)std::min<int64_t>(rows[i], 2)), dim3(64), 0,
+                       (T *)dsts[i], srcs[i], rows[i], lds[i], a.heads, a.head_dim, hs, a.overflow);
     return s;
 }
 
@@ -631,8 +632,8 @@ static void direct16_case(emu_env *env, tally *t, enum bs_dtype dt, const attn_c
     const int64_t inner = (int64_t)c.heads * c.hd, ld = inner + 8;
     std::vector<T> h16[3];
     const float *src[3] = {a.q, a.k, a.v};
-    int64_t lds[3] = {a.ldq, a.ldk, a.ldv}, rows[3] = {c.batch * c.lq, c.batch * c.lk,
-                                                       c.batch * c.lk};
+    int64_t lds[3] = {a.ldq, a.ldk, a.ldv},
+            rows[3] = {c.batch * c.lq, c.batch * c.lk, c.batch * c.lk};
     for (int i = 0; i < 3; i++) {
         h16[i].assign((size_t)(rows[i] * ld + 8), (T)NAN);
         for (int64_t r = 0; r < rows[i]; r++)
@@ -780,7 +781,7 @@ void run_attn_mma(emu_env *env, enum bs_dtype dt)
     tally tc;
     tc.kernel = "attn_to16";
     tc.note = std::string(bs_dtype_name(dt)) + ", bit for bit, heads padded to 8 (overflow: "
-              "attn_mma's overflow cases run through it)";
+                                               "attn_mma's overflow cases run through it)";
     for (int hd : {30, 40, 64})
         if (dt == BS_TYPE_BF16)
             to16_case<__nv_bfloat16>(env, &tc, hd);

@@ -148,9 +148,14 @@ enum mma_access {
 };
 
 static const char *const mma_access_names[] = {
-    "K/V tile cp.async (16 B)", "Q tile cp.async (16 B)",    "Q ldmatrix.x4",
-    "K ldmatrix.x4",            "V ldmatrix.x4.trans",       "mask cp.async (16 B)",
-    "mask store (4 B)",         "mask float2 read (8 B)",
+    "K/V tile cp.async (16 B)",
+    "Q tile cp.async (16 B)",
+    "Q ldmatrix.x4",
+    "K ldmatrix.x4",
+    "V ldmatrix.x4.trans",
+    "mask cp.async (16 B)",
+    "mask store (4 B)",
+    "mask float2 read (8 B)",
 };
 
 static const int mma_access_bytes[] = {16, 16, 16, 16, 16, 16, 4, 8};
@@ -212,7 +217,8 @@ template <int DP, int WARPS> static stats mma_pattern(mma_access acc)
                     },
                     emit);
         break;
-    case K_LDSM: /* koff + np * 16 * LD + kk * 16, koff = ((m >> 1) * 8 + (l & 7)) * LD + (m & 1) * 8 */
+    case K_LDSM: /* koff + np * 16 * LD + kk * 16, koff = ((m >> 1) * 8 + (l & 7)) * LD + (m & 1) *
+                    8 */
         for (int w = 0; w < WARPS; w++)
             for (int kk = 0; kk < KS; kk++)
                 for (int np = 0; np < NT / 2; np++)
@@ -224,7 +230,8 @@ template <int DP, int WARPS> static stats mma_pattern(mma_access acc)
                         },
                         emit);
         break;
-    case V_LDSM: /* voff + j * 16 * LD + ip * 16, voff = ((m & 1) * 8 + (l & 7)) * LD + (m >> 1) * 8 */
+    case V_LDSM: /* voff + j * 16 * LD + ip * 16, voff = ((m & 1) * 8 + (l & 7)) * LD + (m >> 1) * 8
+                  */
         for (int w = 0; w < WARPS; w++)
             for (int j = 0; j < MMA_BK / 16; j++)
                 for (int ip = 0; ip < DT / 2; ip++)
@@ -263,9 +270,8 @@ template <int DP, int WARPS> static stats mma_pattern(mma_access acc)
                     std::vector<lane_access> req;
                     for (int lane = 0; lane < 32; lane++) {
                         int g = lane >> 2, t = lane & 3;
-                        req.push_back(
-                            {lane, 4 * ((int64_t)(w * 16 + g + 8 * hi) * MMA_MASK_LD + n * 8 +
-                                        2 * t)});
+                        req.push_back({lane, 4 * ((int64_t)(w * 16 + g + 8 * hi) * MMA_MASK_LD +
+                                                  n * 8 + 2 * t)});
                     }
                     emit(req);
                 }
@@ -317,10 +323,11 @@ template <int DP, int WARPS> static stats per_tile(void)
             }
     };
     /* K: uint2 at r * qk_ld + d; V^T: four 16-bit stores at (d + i) * vt_ld + r */
-    loop(64 * DV, [&](int e) { return (int64_t)2 * ((e / DV) * qk_ld + (e % DV) * 4); }, 8);
+    loop(
+        64 * DV, [&](int e) { return (int64_t)2 * ((e / DV) * qk_ld + (e % DV) * 4); }, 8);
     for (int i = 0; i < 4; i++)
-        loop(64 * DV, [&](int e) { return (int64_t)2 * (((e % DV) * 4 + i) * vt_ld + e / DV); },
-             2);
+        loop(
+            64 * DV, [&](int e) { return (int64_t)2 * (((e % DV) * 4 + i) * vt_ld + e / DV); }, 2);
     request_fn e4 = emit_b(4);
     auto frag = [&](int64_t base, int ld) {
         std::vector<lane_access> req;
@@ -430,9 +437,11 @@ static void check_claims(stats table[][N_MMA_ACCESS], const double *wf)
     for (int i = 0; i < N_MMA_INSTANCES; i++)
         if (wf[i] > WAVEFRONTS_PER_HMMA_MAX)
             bad += " DP " + std::to_string(mma_instances[i].dp) + "/" +
-                   std::to_string(mma_instances[i].warps) + " warps: " + std::to_string(wf[i]) + ";";
+                   std::to_string(mma_instances[i].warps) + " warps: " + std::to_string(wf[i]) +
+                   ";";
     char what[120];
-    snprintf(what, sizeof(what), "attn_mma inner loop at most %.2f shared-memory wavefronts per HMMA",
+    snprintf(what, sizeof(what),
+             "attn_mma inner loop at most %.2f shared-memory wavefronts per HMMA",
              WAVEFRONTS_PER_HMMA_MAX);
     claim(bad.empty(), what, bad);
     stats ts = transpose_pattern(false), tl = transpose_pattern(true);

@@ -69,8 +69,8 @@ static void add_mma(std::vector<launch> *l, const char *tname)
         char name[96];
         snprintf(name, sizeof(name), "attn_mma<%s, %d, %d, %s>", tname, DP, WARPS, ragged);
         /* 8 warps only with a mask of one row or none (mma_warps) */
-        l->push_back({name, S::THREADS, S::bytes(sizeof(T), WARPS == 4 ? S::BQ : 1), true, DP,
-                      WARPS});
+        l->push_back(
+            {name, S::THREADS, S::bytes(sizeof(T), WARPS == 4 ? S::BQ : 1), true, DP, WARPS});
     }
 }
 
@@ -299,14 +299,26 @@ static const struct {
     const char *arch;
     int min, max;
 } occupancy_claims[] = {
-    {32, 4, "sm_80", 2, 32},  {48, 4, "sm_80", 2, 32},  {64, 4, "sm_80", 2, 32},
-    {80, 4, "sm_80", 2, 32},  {128, 4, "sm_80", 1, 32}, {160, 4, "sm_80", 1, 32},
-    {32, 4, "sm_90", 2, 32},  {48, 4, "sm_90", 2, 32},  {64, 4, "sm_90", 2, 32},
-    {80, 4, "sm_90", 2, 32},  {128, 4, "sm_90", 2, 32}, {160, 4, "sm_90", 1, 32},
-    {32, 8, "sm_80", MMA_SLOTS_8W, 32}, {48, 8, "sm_80", MMA_SLOTS_8W, 32},
-    {64, 8, "sm_80", MMA_SLOTS_8W, 32}, {80, 8, "sm_80", MMA_SLOTS_8W, 32},
-    {32, 8, "sm_90", MMA_SLOTS_8W, 32}, {48, 8, "sm_90", MMA_SLOTS_8W, 32},
-    {64, 8, "sm_90", MMA_SLOTS_8W, 32}, {80, 8, "sm_90", MMA_SLOTS_8W, 32},
+    {32, 4, "sm_80", 2, 32},
+    {48, 4, "sm_80", 2, 32},
+    {64, 4, "sm_80", 2, 32},
+    {80, 4, "sm_80", 2, 32},
+    {128, 4, "sm_80", 1, 32},
+    {160, 4, "sm_80", 1, 32},
+    {32, 4, "sm_90", 2, 32},
+    {48, 4, "sm_90", 2, 32},
+    {64, 4, "sm_90", 2, 32},
+    {80, 4, "sm_90", 2, 32},
+    {128, 4, "sm_90", 2, 32},
+    {160, 4, "sm_90", 1, 32},
+    {32, 8, "sm_80", MMA_SLOTS_8W, 32},
+    {48, 8, "sm_80", MMA_SLOTS_8W, 32},
+    {64, 8, "sm_80", MMA_SLOTS_8W, 32},
+    {80, 8, "sm_80", MMA_SLOTS_8W, 32},
+    {32, 8, "sm_90", MMA_SLOTS_8W, 32},
+    {48, 8, "sm_90", MMA_SLOTS_8W, 32},
+    {64, 8, "sm_90", MMA_SLOTS_8W, 32},
+    {80, 8, "sm_90", MMA_SLOTS_8W, 32},
 };
 
 static void check_claims(const std::vector<record> &recs, const std::vector<launch> &ls)
