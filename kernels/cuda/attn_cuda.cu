@@ -81,7 +81,7 @@ static int launch_mma_t(struct attn_args *a, const struct attn_src16 *src16,
         int hs = attn_hs(p->head_dim);
         void *buf = bs__cuda_scratch(th, attn16_bytes(rq, rk, p->heads, hs, sizeof(T)), err);
         if (buf == NULL)
-            return err->code;
+            return bs_err_wrap(err, "attention");
         conv = attn16_layout(buf, rq, rk, p->heads, hs, sizeof(T));
         const float *srcs[3] = {a->q, a->k, a->v};
         const void *dsts[3] = {conv.q, conv.k, conv.v};
