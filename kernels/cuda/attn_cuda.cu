@@ -22,7 +22,8 @@ static int launch_mma_r(const struct attn_args *a, int64_t batch, cudaStream_t s
                         struct bs_err *err)
 {
     using S = mma_smem<DP, WARPS>;
-    size_t smem = (size_t)S::elems * sizeof(T);
+    int mrows = a->mask == NULL ? 0 : a->mq == 1 ? 1 : S::BQ;
+    size_t smem = S::bytes(sizeof(T), mrows);
     int rc =
         bs__cuda_check(cudaFuncSetAttribute(attn_mma<T, DP, WARPS, RAGGED>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
@@ -35,11 +36,7 @@ static int launch_mma_r(const struct attn_args *a, int64_t batch, cudaStream_t s
 }
 
 /* A ragged batch (a->q_off) has instances of its own, so that the uniform
- * ones compile exactly as they did without the offsets: their registers
- * sit at the occupancy steps tests/gpu_static shows (DP 64 and 80 at 128).
- * The ragged ones fit as many blocks per SM except at DP 80 with 4 warps:
- * 134 registers on sm_80 and 138 on sm_90 (3 blocks, not 4), the sample's
- * lengths and rows being values in registers, not kernel parameters. */
+ * ones need no offsets (blocks per SM of each: tests/gpu_static). */
 template <typename T, int DP, int WARPS>
 static int launch_mma_w(const struct attn_args *a, int64_t batch, cudaStream_t st,
                         struct bs_err *err)
@@ -49,39 +46,72 @@ static int launch_mma_w(const struct attn_args *a, int64_t batch, cudaStream_t s
     return launch_mma_r<T, DP, WARPS, false>(a, batch, st, err);
 }
 
-/* Long sequences take 128 queries a block (half the K/V traffic per flop);
- * short ones 64 (more blocks to fill the GPU). 8 warps only for DP <= 80,
- * where registers and shared memory leave at least two such blocks per SM
- * (DP 80 on sm_80 included, at 128 registers since the mask rule's rework:
- * it had 145 and one block). tests/gpu_static checks these counts against
- * ptxas's figures. */
+/* 4 or 8 warps a block by mma_warps (attn_kernels.cuh): 8 only for DP <= 80,
+ * a mask of one row (or none), and enough blocks to fill the SMs' slots. */
 template <typename T, int DP>
-static int launch_mma(const struct attn_args *a, int64_t batch, cudaStream_t st, struct bs_err *err)
+static int launch_mma(const struct attn_args *a, int64_t batch, int sms, cudaStream_t st,
+                      struct bs_err *err)
 {
     if constexpr (DP <= 80) {
-        if (a->lq >= MMA_LONG_SEQ)
+        if (mma_warps(DP, a->lq, batch * a->heads, sms, a->mask != NULL && a->mq != 1) == 8)
             return launch_mma_w<T, DP, 8>(a, batch, st, err);
     }
     return launch_mma_w<T, DP, 4>(a, batch, st, err);
 }
 
+/* attn_mma on the operands src16 (16-bit, rows and heads 16-byte aligned:
+ * attn_src16_ok), or where src16 is NULL on Q, K and V converted from a's
+ * F32 activations first: attn_to16, three launches into the thread's
+ * scratch (heads padded to multiples of 8 elements). That pass reads 4
+ * and writes 2 bytes an element of Q, K and V once, where the kernel then
+ * reads 2 bytes an element per query block (every K and V element
+ * ceil(lq / BQ) times): about 6 (lq + 2 lk) x heads x head_dim bytes of
+ * extra traffic a call, a few percent of the kernel's K and V traffic from
+ * lq = 256 on. When activations arrive in 16 bits (issue 14, item 1), the
+ * entry passes them here and the pass is skipped. */
 template <typename T>
-static int launch_mma_t(const struct attn_args *a, int64_t batch, cudaStream_t st,
+static int launch_mma_t(struct attn_args *a, const struct attn_src16 *src16,
+                        const struct bs_attn_params *p, int sms, struct bs__cuda_thread *th,
                         struct bs_err *err)
 {
+    struct attn_src16 conv;
+    if (src16 == NULL) {
+        int64_t rq, rk;
+        attn_rows(p, &rq, &rk);
+        int hs = attn_hs(p->head_dim);
+        void *buf = bs__cuda_scratch(th, attn16_bytes(rq, rk, p->heads, hs, sizeof(T)), err);
+        if (buf == NULL)
+            return bs_err_wrap(err, "attention");
+        conv = attn16_layout(buf, rq, rk, p->heads, hs, sizeof(T));
+        const float *srcs[3] = {a->q, a->k, a->v};
+        const void *dsts[3] = {conv.q, conv.k, conv.v};
+        int64_t lds[3] = {a->ldq, a->ldk, a->ldv}, rows[3] = {rq, rk, rk};
+        for (int i = 0; i < 3; i++) {
+            if (rows[i] == 0)
+                continue;
+            attn_to16<T>
+                <<<attn_to16_grid(rows[i], p->heads, hs), ATTN_TO16_THREADS, 0, th->stream>>>(
+                    (T *)dsts[i], srcs[i], rows[i], lds[i], p->heads, p->head_dim, hs, a->overflow);
+            int rc = bs__cuda_check_launch("attention (conversion)", err);
+            if (rc != 0)
+                return rc;
+        }
+        src16 = &conv;
+    }
+    attn_src16_set(a, src16);
     switch (mma_dp(a->head_dim)) {
     case 32:
-        return launch_mma<T, 32>(a, batch, st, err);
+        return launch_mma<T, 32>(a, p->batch, sms, th->stream, err);
     case 48:
-        return launch_mma<T, 48>(a, batch, st, err);
+        return launch_mma<T, 48>(a, p->batch, sms, th->stream, err);
     case 64:
-        return launch_mma<T, 64>(a, batch, st, err);
+        return launch_mma<T, 64>(a, p->batch, sms, th->stream, err);
     case 80:
-        return launch_mma<T, 80>(a, batch, st, err);
+        return launch_mma<T, 80>(a, p->batch, sms, th->stream, err);
     case 128:
-        return launch_mma<T, 128>(a, batch, st, err);
+        return launch_mma<T, 128>(a, p->batch, sms, th->stream, err);
     default:
-        return launch_mma<T, 160>(a, batch, st, err);
+        return launch_mma<T, 160>(a, p->batch, sms, th->stream, err);
     }
 }
 
@@ -194,9 +224,11 @@ int bs__cuda_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q
         return rc;
     if (c->dtype == BS_TYPE_F32 || mma_dp(p->head_dim) == 0)
         return launch_f32(&a, p->batch, t->stream, err);
+    /* The activations are F32 (the backend contract): attn_mma's operands
+     * come from the conversion pass (src16 NULL). */
     if (c->dtype == BS_TYPE_BF16)
-        return launch_mma_t<__nv_bfloat16>(&a, p->batch, t->stream, err);
-    return launch_mma_t<__half>(&a, p->batch, t->stream, err);
+        return launch_mma_t<__nv_bfloat16>(&a, NULL, p, c->sms, t, err);
+    return launch_mma_t<__half>(&a, NULL, p, c->sms, t, err);
 }
 
 /* ---- unfused baseline (benchmark only) ------------------------------------ */

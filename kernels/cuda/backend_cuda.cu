@@ -603,6 +603,7 @@ static int pick_device(struct bs__cuda *c, struct bs_err *err)
             "no usable CUDA GPU: %.100s is sm_%d%d; this backend needs sm_80 or newer", prop.name,
             prop.major, prop.minor);
     c->device = 0;
+    c->sms = prop.multiProcessorCount;
     snprintf(c->desc, sizeof(c->desc), "cuda backend on %.100s (sm_%d%d, %.0f GiB), compute %s%s",
              prop.name, prop.major, prop.minor, (double)prop.totalGlobalMem / (1 << 30),
              c->dtype == BS_TYPE_F32    ? "fp32"

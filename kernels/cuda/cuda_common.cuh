@@ -78,6 +78,7 @@ struct bs__cuda_thread {
 
 struct bs__cuda {
     int device;
+    int sms;             /* the device's SMs (attention's choice of block size) */
     enum bs_dtype dtype; /* F32, BF16 or F16 */
     bool tf32;
     bool bare; /* a test backend (BS_PROC_TEST_BACKEND): thread states hold no CUDA resources */

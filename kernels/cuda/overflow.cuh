@@ -1,5 +1,5 @@
 /* The compute dtype's overflow flag, shared by the conversion kernels
- * (to_half_kernel in ops_kernels.cuh, attn_mma's tile loads in
+ * (to_half_kernel in ops_kernels.cuh, attn_to16 in
  * attn_kernels.cuh), the backend that reads it (backend_cuda.cu) and the
  * emulated tests (tests/gpu_emu).
  *
@@ -26,7 +26,7 @@ extern "C" {
 #include "device.cuh"
 
 #define BS_OVF_LINEAR    1 /* to_half_kernel: an operand of linear (or of the unfused attention) */
-#define BS_OVF_ATTENTION 2 /* attn_mma: Q, K or V */
+#define BS_OVF_ATTENTION 2 /* attn_to16: Q, K or V of attn_mma */
 #define BS_OVF_WEIGHTS   4 /* to_half_kernel: a model's weights (weights_ready, at load) */
 
 /* True when the finite x rounds to +-inf in T (round to nearest even). */

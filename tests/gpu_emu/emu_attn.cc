@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "attn_kernels.cuh"
 #include "emu_common.h"
@@ -178,14 +179,16 @@ struct block_range {
     uint64_t first = 0, count = 0;
 };
 
-/* The launcher's instance: the ragged one for a ragged batch (a.q_off). */
+/* The launcher's instance: the ragged one for a ragged batch (a.q_off);
+ * shared memory as the launcher sizes it (mask rows). */
 template <typename T, int DP, int W>
 static void launch_mma_w(const attn_args &a, int64_t batch, block_range r)
 {
     using S = mma_smem<DP, W>;
     dim3 grid = attn_grid(a.lq, batch * a.heads, S::BQ);
     uint64_t count = r.count ? r.count : (uint64_t)grid.x;
-    size_t smem = (size_t)S::elems * sizeof(T);
+    int mrows = a.mask == NULL ? 0 : a.mq == 1 ? 1 : S::BQ;
+    size_t smem = S::bytes(sizeof(T), mrows);
     if (a.q_off != NULL)
         emu_launch_blocks(attn_mma<T, DP, W, true>, grid, dim3(S::THREADS), smem, r.first, count,
                           a);
@@ -209,9 +212,43 @@ static void launch_mma_dp(const attn_args &a, int64_t batch, int warps, block_ra
     launch_mma_w<T, DP, 4>(a, batch, r);
 }
 
+/* The entry's conversion pass (attn_cuda.cu, launch_mma_t): Q, K and V of
+ * a (F32) into buf in T by attn_to16, on a small grid (its loops stride
+ * over rows and columns; the emulation runs a host thread per CUDA
+ * thread). */
 template <typename T>
-static void launch_mma(const attn_args &a, int64_t batch, int warps, block_range r = {})
+static attn_src16 convert16(const attn_args &a, int64_t batch, std::vector<unsigned char> *buf)
 {
+    int64_t rq = a.q_off ? a.q_off[batch] : batch * a.lq,
+            rk = a.q_off ? a.k_off[batch] : batch * a.lk;
+    int hs = attn_hs(a.head_dim);
+    buf->assign(attn16_bytes(rq, rk, a.heads, hs, sizeof(T)) + 16, 0xff);
+    void *base = (void *)(((uintptr_t)buf->data() + 15) & ~(uintptr_t)15);
+    attn_src16 s = attn16_layout(base, rq, rk, a.heads, hs, sizeof(T));
+    const float *srcs[3] = {a.q, a.k, a.v};
+    const void *dsts[3] = {s.q, s.k, s.v};
+    int64_t lds[3] = {a.ldq, a.ldk, a.ldv}, rows[3] = {rq, rk, rk};
+    for (int i = 0; i < 3; i++)
+        if (rows[i] > 0)
+            emu_launch(attn_to16<T>, dim3(1, (unsigned)std::min<int64_t>(rows[i], 2)), dim3(64), 0,
+                       (T *)dsts[i], srcs[i], rows[i], lds[i], a.heads, a.head_dim, hs, a.overflow);
+    return s;
+}
+
+/* attn_mma on src16, or (NULL) on a's F32 operands through the conversion
+ * pass, as the entry runs it. */
+template <typename T>
+static void launch_mma(const attn_args &a0, int64_t batch, int warps, block_range r = {},
+                       const attn_src16 *src16 = NULL)
+{
+    attn_args a = a0;
+    std::vector<unsigned char> buf;
+    attn_src16 conv;
+    if (src16 == NULL) {
+        conv = convert16<T>(a, batch, &buf);
+        src16 = &conv;
+    }
+    attn_src16_set(&a, src16);
     switch (mma_dp(a.head_dim)) {
     case 32:
         return launch_mma_dp<T, 32>(a, batch, warps, r);
@@ -581,6 +618,70 @@ static void run_mma_overflow(emu_env *env, tally *t, enum bs_dtype dt)
         }
 }
 
+/* attn_mma on 16-bit operands handed to it as they are (attn_src16: the
+ * path of 16-bit activations, no conversion pass): Q, K and V rounded to T
+ * on the host into rows with a gap of 8 elements of NaN after the heads
+ * (row stride heads x hd + 8), against the CPU twin. */
+template <typename T>
+static void direct16_case(emu_env *env, tally *t, enum bs_dtype dt, const attn_case &c, int warps)
+{
+    attn_io io;
+    attn_io_init(&io, c);
+    cpu_attention(env, &io);
+    attn_args a = attn_args_of(&io);
+    const int64_t inner = (int64_t)c.heads * c.hd, ld = inner + 8;
+    std::vector<T> h16[3];
+    const float *src[3] = {a.q, a.k, a.v};
+    int64_t lds[3] = {a.ldq, a.ldk, a.ldv},
+            rows[3] = {c.batch * c.lq, c.batch * c.lk, c.batch * c.lk};
+    for (int i = 0; i < 3; i++) {
+        h16[i].assign((size_t)(rows[i] * ld + 8), (T)NAN);
+        for (int64_t r = 0; r < rows[i]; r++)
+            for (int64_t j = 0; j < inner; j++)
+                h16[i][(size_t)(r * ld + j)] = (T)src[i][r * lds[i] + j];
+    }
+    attn_src16 s = {h16[0].data(), h16[1].data(), h16[2].data(), ld, ld, ld, c.hd};
+    bool ok = attn_src16_ok(s.q, s.ldq, s.k, s.ldk, s.v, s.ldv, c.hd);
+    launch_mma<T>(a, c.batch, warps, {}, &s);
+    char what[96], name[200];
+    snprintf(what, sizeof(what), "attn_mma %s DP%d %dw 16-bit operands as they are%s",
+             bs_dtype_name(dt), mma_dp(c.hd), warps, ok ? "" : " (NOT ALIGNED)");
+    case_name(name, sizeof(name), what, c, false);
+    double tol = dt == BS_TYPE_BF16 ? TOL_BF16 : TOL_F16;
+    if (!ok)
+        expect_value(env, t, name, INFINITY, INFINITY);
+    expect_close(env, t, name, io.o, tol, tol, true);
+    expect_no_overflow(env, t, name);
+}
+
+/* attn_to16, the conversion pass, bit for bit against CUDA's host rounding:
+ * 5 rows of 3 heads x hd from a view with an odd row stride, into rows of
+ * 3 x attn_hs(hd), zero from hd to the next multiple of 8. */
+template <typename T> static void to16_case(emu_env *env, tally *t, int hd)
+{
+    const int heads = 3, hs = attn_hs(hd);
+    const int64_t rows = 5, ld = heads * hd + 3;
+    std::vector<float> src((size_t)(rows * ld));
+    for (float &x : src)
+        x = frand(-3, 3);
+    std::vector<T> dst((size_t)(rows * heads * hs) + 8, (T)NAN);
+    emu_launch(attn_to16<T>, dim3(2, 2), dim3(32), 0, dst.data(), (const float *)src.data() + 1,
+               rows, ld, heads, hd, hs, &ovf_flag);
+    int bad = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int h = 0; h < heads; h++)
+            for (int d = 0; d < hs; d++) {
+                T want = d < hd ? (T)src[(size_t)(r * ld + 1 + h * hd + d)] : (T)0.0f;
+                T got = dst[(size_t)((r * heads + h) * hs + d)];
+                bad += memcmp(&want, &got, sizeof(T)) != 0;
+            }
+    char name[120];
+    snprintf(name, sizeof(name), "attn_to16 %s 5 rows x 3 heads x %d (padded to %d): %d wrong",
+             sizeof(T) == 2 && std::is_same<T, __half>::value ? "F16" : "BF16", hd, hs, bad);
+    expect_value(env, t, name, bad, bad ? INFINITY : 0.0);
+    expect_no_overflow(env, t, name);
+}
+
 void run_attn_mma(emu_env *env, enum bs_dtype dt)
 {
     tally t;
@@ -649,8 +750,44 @@ void run_attn_mma(emu_env *env, enum bs_dtype dt)
     grid_case(env, &t, what, 64, tol, true,
               [&](const attn_args &a, block_range r) { launch_mma_dt(dt, a, 4097, 4, r); });
     run_mma_overflow(env, &t, dt);
-    t.note += ", rule masks, constant rows, B x heads 65552, overflow flag, ragged batches";
+    /* The pipeline's depth: Lk of 1, one tile, one tile plus one, 2 and 3
+     * tiles, 2 and 3 tiles plus a tail; masks of rows 16-byte aligned (Lk a
+     * multiple of 4: the mask's cp.async path) and not; 4 and 8 warps. */
+    static const int64_t depths[] = {1, 64, 65, 128, 150, 192, 200};
+    int k = 0;
+    for (int64_t lk : depths) {
+        mma_case(env, &t, dt, {1, 70, lk, 2, 64, (mask_kind)(1 + k % 4), SEPARATE}, 4);
+        mma_case(env, &t, dt, {2, 20, lk, 1, 128, (mask_kind)(k % 5), SEPARATE}, 4);
+        mma_case(env, &t, dt, {1, 130, lk, 1, 72, (mask_kind)((k + 2) % 5), UNALIGNED}, 8);
+        k++;
+    }
+    /* 16-bit operands passed as they are (no conversion pass). */
+    static const attn_case d16[] = {
+        {2, 65, 77, 2, 40, MASK_KEYS, SEPARATE},
+        {1, 70, 150, 1, 128, RULE_FULL, SEPARATE},
+        {1, 129, 130, 2, 80, MASK_NONE, SEPARATE},
+    };
+    for (const attn_case &c : d16) {
+        int warps = c.hd <= 80 && c.lq > 128 ? 8 : 4;
+        if (dt == BS_TYPE_BF16)
+            direct16_case<__nv_bfloat16>(env, &t, dt, c, warps);
+        else
+            direct16_case<__half>(env, &t, dt, c, warps);
+    }
+    t.note += ", rule masks, constant rows, B x heads 65552, overflow flag, ragged batches, "
+              "pipeline depths, 16-bit operands";
     tally_report(env, t);
+
+    tally tc;
+    tc.kernel = "attn_to16";
+    tc.note = std::string(bs_dtype_name(dt)) + ", bit for bit, heads padded to 8 (overflow: "
+                                               "attn_mma's overflow cases run through it)";
+    for (int hd : {30, 40, 64})
+        if (dt == BS_TYPE_BF16)
+            to16_case<__nv_bfloat16>(env, &tc, hd);
+        else
+            to16_case<__half>(env, &tc, hd);
+    tally_report(env, tc);
 }
 
 /* ---- attn_f32 -------------------------------------------------------------------- */

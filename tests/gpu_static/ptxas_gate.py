@@ -3,7 +3,7 @@
 (label gpu_static).
 
 usage: ptxas_gate.py --src SRC --build BUILD --check GPU_STATIC_RESOURCES
-                     [--nvcc NVCC] [--generator GEN]
+                     [--nvcc NVCC] [--generator GEN] [--save-ptx DIR]
 
 Compiles each source of the CUDA module (the kernels/cuda/*.cu entries of
 BUILD/compile_commands.json: the very commands the build runs, -O3,
@@ -19,12 +19,16 @@ A build tree that does not build the module (BS_CUDA=OFF, or the sanitizer
 build) has no such commands: they then come from a Release configuration
 with BS_CUDA=ON in BUILD/tests/gpu_static/module_flags (configured, not
 built). Exit 77 (CTest: skipped) only when there is no nvcc.
+
+--save-ptx DIR keeps the sm_90 PTX of attn_cuda.cu as DIR/attn_cuda.sm_90.ptx
+(removed first): static_perf.py (gpu_static_perf) counts its inner loop.
 """
 import argparse
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,7 +177,11 @@ def main():
     ap.add_argument("--check", required=True)
     ap.add_argument("--nvcc", default="")
     ap.add_argument("--generator", default="")
+    ap.add_argument("--save-ptx", default="")
     args = ap.parse_args()
+    saved = os.path.join(args.save_ptx, "attn_cuda.sm_90.ptx") if args.save_ptx else ""
+    if saved and os.path.exists(saved):
+        os.remove(saved)
 
     nvcc = find_nvcc(args.nvcc)
     if nvcc is None:
@@ -205,6 +213,9 @@ def main():
             recs.update(parse_ptxas(r.stdout))
             for f in os.listdir(keep):
                 m = re.search(r"\.compute_(\d+)\.ptx$", f)
+                if m and saved and m.group(1) == "90" and f.startswith("attn_cuda"):
+                    os.makedirs(args.save_ptx, exist_ok=True)
+                    shutil.copyfile(os.path.join(keep, f), saved)
                 if m:
                     for k, v in parse_ptx(os.path.join(keep, f)).items():
                         bounds[("sm_" + m.group(1), k)] = v

@@ -13,7 +13,7 @@
  * most dynamic shared memory its launcher (attn_cuda.cu, ops_cuda.cu) uses
  * and whether the launcher raises cudaFuncAttributeMaxDynamicSharedMemorySize
  * (opt-in), from the kernel headers' own constants (attn_mma's
- * mma_smem<DP, WARPS>::elems * sizeof(T), attn_f32_smem). Every compiled
+ * mma_smem<DP, WARPS>::bytes(sizeof(T), mask rows), attn_f32_smem). Every compiled
  * instance must have a row and every row a compiled instance, so a new
  * kernel or instance fails here until it is added.
  *
@@ -68,12 +68,14 @@ static void add_mma(std::vector<launch> *l, const char *tname)
     for (const char *ragged : {"false", "true"}) {
         char name[96];
         snprintf(name, sizeof(name), "attn_mma<%s, %d, %d, %s>", tname, DP, WARPS, ragged);
-        l->push_back({name, S::THREADS, (size_t)S::elems * sizeof(T), true, DP, WARPS});
+        /* 8 warps only with a mask of one row or none (mma_warps) */
+        l->push_back(
+            {name, S::THREADS, S::bytes(sizeof(T), WARPS == 4 ? S::BQ : 1), true, DP, WARPS});
     }
 }
 
 /* launch_mma in attn_cuda.cu: every padded head dim with 4 warps, those up
- * to 80 with 8 (MMA_LONG_SEQ queries and more); uniform and ragged. */
+ * to 80 with 8 (mma_warps); uniform and ragged. */
 template <typename T> static void add_mma_t(std::vector<launch> *l, const char *tname)
 {
     add_mma<T, 32, 4>(l, tname);
@@ -93,6 +95,9 @@ static std::vector<launch> launches(void)
     std::vector<launch> l;
     add_mma_t<__nv_bfloat16>(&l, "__nv_bfloat16");
     add_mma_t<__half>(&l, "__half");
+    /* launch_mma_t's conversion pass */
+    for (const char *k : {"attn_to16<__nv_bfloat16>", "attn_to16<__half>"})
+        l.push_back({k, ATTN_TO16_THREADS, 0, false, 0, 0});
     /* launch_f32: head dims up to F32_MAX_D */
     for (const char *k : {"attn_f32<false>", "attn_f32<true>"})
         l.push_back({k, F32_THREADS, attn_f32_smem(F32_MAX_D), true, 0, 0});
@@ -281,19 +286,39 @@ static void check_mma_dps(const std::vector<launch> &ls)
 
 /* ---- occupancy claims ------------------------------------------------------ */
 
-/* Blocks per SM that comments state: launch_mma in attn_cuda.cu and "Fused
- * attention" in kernels/cuda/README.md (8 warps only where registers and
- * shared memory leave at least two blocks per SM; DP 80 on sm_80 too, since
- * its registers came down from 145 to 128).
- * Both element types, uniform and ragged instances. Change them together. */
+/* Blocks per SM that comments state: attn_kernels.cuh (MMA_SLOTS_8W,
+ * mma_warps) and "Fused attention" in kernels/cuda/README.md, at the
+ * launcher's largest shared memory (4 warps: a mask row per query): the
+ * 4-warp instances at least 2 blocks per SM except DP 128 on sm_80 and
+ * DP 160 (1: 90 and 120 KiB of shared memory), the 8-warp ones at least
+ * MMA_SLOTS_8W (1: they take 122 to 200 registers; bounding them to 128
+ * for 2 blocks spilled). Both element types, uniform and ragged instances.
+ * Change them together. */
 static const struct {
     int dp, warps;
     const char *arch;
     int min, max;
 } occupancy_claims[] = {
-    {32, 8, "sm_80", 2, 32}, {48, 8, "sm_80", 2, 32}, {64, 8, "sm_80", 2, 32},
-    {80, 8, "sm_80", 2, 32}, {32, 8, "sm_90", 2, 32}, {48, 8, "sm_90", 2, 32},
-    {64, 8, "sm_90", 2, 32}, {80, 8, "sm_90", 2, 32},
+    {32, 4, "sm_80", 2, 32},
+    {48, 4, "sm_80", 2, 32},
+    {64, 4, "sm_80", 2, 32},
+    {80, 4, "sm_80", 2, 32},
+    {128, 4, "sm_80", 1, 32},
+    {160, 4, "sm_80", 1, 32},
+    {32, 4, "sm_90", 2, 32},
+    {48, 4, "sm_90", 2, 32},
+    {64, 4, "sm_90", 2, 32},
+    {80, 4, "sm_90", 2, 32},
+    {128, 4, "sm_90", 2, 32},
+    {160, 4, "sm_90", 1, 32},
+    {32, 8, "sm_80", MMA_SLOTS_8W, 32},
+    {48, 8, "sm_80", MMA_SLOTS_8W, 32},
+    {64, 8, "sm_80", MMA_SLOTS_8W, 32},
+    {80, 8, "sm_80", MMA_SLOTS_8W, 32},
+    {32, 8, "sm_90", MMA_SLOTS_8W, 32},
+    {48, 8, "sm_90", MMA_SLOTS_8W, 32},
+    {64, 8, "sm_90", MMA_SLOTS_8W, 32},
+    {80, 8, "sm_90", MMA_SLOTS_8W, 32},
 };
 
 static void check_claims(const std::vector<record> &recs, const std::vector<launch> &ls)
