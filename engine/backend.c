@@ -158,25 +158,30 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
     memset(be, 0, sizeof(*be));
     if (o->dtype != NULL && (rc = bs_compute_dtype_parse(o->dtype, &dtype, err)) != 0)
         return rc;
+    const char *acts = o->activations ? o->activations : "auto";
+    if (strcmp(acts, "auto") != 0 && strcmp(acts, "fp32") != 0 && strcmp(acts, "compute") != 0)
+        return bs_err_set(err, BS_EINVAL,
+                          "unknown activation dtype \"%s\" (expected auto, fp32 or compute)", acts);
     cpu_dtype = dtype == BS_TYPE_COUNT ? BS_TYPE_F32 : dtype;
     cuda_dtype = dtype == BS_TYPE_COUNT ? BS_TYPE_BF16 : dtype;
-    if (strcmp(device, "cpu") == 0)
-        return cpu_init(be, o, cpu_dtype, NULL, err);
-    if (strcmp(device, "cuda") == 0) {
+    if (strcmp(device, "cpu") == 0) {
+        rc = cpu_init(be, o, cpu_dtype, NULL, err);
+    } else if (strcmp(device, "cuda") == 0) {
         if ((rc = cuda_init(be, o, cuda_dtype, err)) != 0)
             return bs_err_wrap(err, "--device cuda");
-        return 0;
-    }
-    if (strcmp(device, "auto") != 0)
+    } else if (strcmp(device, "auto") != 0) {
         return bs_err_set(err, BS_EINVAL, "unknown device \"%s\" (expected auto, cpu or cuda)",
                           device);
-    if (cuda_init(be, o, cuda_dtype, err) == 0)
-        return 0;
-    char why[sizeof(err->msg)];
-    snprintf(why, sizeof(why), "%s", err->msg);
-    if ((rc = cpu_init(be, o, cpu_dtype, why, err)) != 0)
-        return bs_err_wrap(err, "--device auto: GPU not used (%.200s)", why);
-    return 0;
+    } else if ((rc = cuda_init(be, o, cuda_dtype, err)) != 0) {
+        char why[sizeof(err->msg)];
+        snprintf(why, sizeof(why), "%s", err->msg);
+        if ((rc = cpu_init(be, o, cpu_dtype, why, err)) != 0)
+            return bs_err_wrap(err, "--device auto: GPU not used (%.200s)", why);
+    }
+    if (rc == 0) /* auto: narrow activations where the backend computes off the host */
+        be->act_f32 = strcmp(acts, "fp32") == 0 ||
+                      (strcmp(acts, "auto") == 0 && be->iface->host_memory);
+    return rc;
 }
 
 int bs_backend_init(struct bs_backend *be, const char *device, int n_threads, struct bs_err *err)

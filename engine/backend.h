@@ -3,10 +3,21 @@
  * in kernels/cpu, a CUDA backend later in kernels/cuda.
  *
  * Conventions shared by every op:
- * - Activations and weights are F32 tensors in the backend's memory. A
- *   backend may compute in a narrower dtype (bs_backend_opts.dtype, or a
- *   model's own): it then converts operands itself and may keep weight
- *   copies (weights_ready) or packed weights of its own layout (pack_weight).
+ * - Weights are F32 tensors in the backend's memory. A backend may compute
+ *   in a narrower dtype (bs_backend_opts.dtype, or a model's own): it then
+ *   converts operands itself and may keep weight copies (weights_ready) or
+ *   packed weights of its own layout (pack_weight).
+ * - Activations (x, y of linear, the norms, act, glu, add, transpose; q, k,
+ *   v, o of attention) are F32, or a narrow activation dtype the backend
+ *   lists in act_dtypes (BF16, F16). An op reads narrow operands widened to
+ *   F32, computes as it does in F32 (with its compute dtype's operand
+ *   rounding), and rounds each result once to its output's dtype (to
+ *   nearest even; a value beyond a narrow dtype's range becomes inf). The
+ *   dtypes of one op's inputs and output may differ (act with BS_ACT_NONE
+ *   converts), except where an op says otherwise: attention's q, k and v
+ *   share one dtype; transpose's x and y too. Always F32: weights, biases,
+ *   gamma and beta, modulation rows (scale, shift, gate), masks, get_rows'
+ *   table rows and y.
  * - "Rows" tensors (bs_tensor_is_rows) are matrices: nrows x last-dim, with a
  *   row stride that may exceed the last dim (column views of a fused QKV).
  * - Modulation vectors (scale, shift, gate) are [B, D] rows tensors; row r of
@@ -84,6 +95,10 @@ struct bs_backend_i {
     /* True when buf_alloc returns plain host memory, which the engine may then
      * fill directly instead of staging and calling copy_in. */
     bool host_memory;
+
+    /* The narrow activation dtypes every op takes (see the conventions
+     * above): 1u << BS_TYPE_BF16, 1u << BS_TYPE_F16, or 0 (F32 only). */
+    unsigned act_dtypes;
 
     /* Release the backend context. */
     void (*free)(void *ctx);
@@ -185,6 +200,10 @@ struct bs_backend {
     void *ctx;
     enum bs_dtype dtype; /* compute dtype of models that name none (set by
                             bs_backend_init_opts): F32, BF16 or F16 */
+    /* Activations of a model computing in a narrow dtype: true keeps them
+     * F32; false has them in the model's compute dtype where act_dtypes
+     * lists it (the engine's choice of which stay F32: engine/modules.c). */
+    bool act_f32;
 };
 
 /* Options of bs_backend_init_opts. */
@@ -194,13 +213,19 @@ struct bs_backend_opts {
     const char *dtype;  /* compute dtype "fp32", "bf16" or "fp16"; NULL: the
                            backend's default (cpu: fp32, cuda: bf16) */
     bool tf32;          /* FP32 GEMMs may use TF32 tensor cores (cuda) */
+    /* Activation dtype: "compute" (the compute dtype where the backend takes
+     * it as activations), "fp32", or NULL/"auto": compute on cuda, fp32 on
+     * cpu. */
+    const char *activations;
 };
 
 /* Version of struct bs_backend_i, bs_backend_opts and bs_backend_module that a
  * backend module must have been built against. */
-#define BS_BACKEND_ABI 5 /* 2: memory_info; 3: get_proc_address, bs_backend_module;
+#define BS_BACKEND_ABI 6 /* 2: memory_info; 3: get_proc_address, bs_backend_module;
                             4: pack_weight, bs_attn_params.compute, bs_backend.dtype;
-                            5: ragged attention (bs_attn_params.q_off, k_off, m_off) */
+                            5: ragged attention (bs_attn_params.q_off, k_off, m_off);
+                            6: narrow activations (act_dtypes, bs_backend.act_f32,
+                               bs_backend_opts.activations) */
 
 /* What a backend module (libbs_cuda.so) exports: one function, named
  * BS_CUDA_MODULE_ENTRY, of type bs_backend_module_fn. The engine reads abi

@@ -18,11 +18,31 @@ int bs_opcheck_rows(const struct bs_tensor *t, const char *op, const char *name,
     return 0;
 }
 
+bool bs_opcheck_is_act_dtype(enum bs_dtype t)
+{
+    return t == BS_TYPE_F32 || t == BS_TYPE_BF16 || t == BS_TYPE_F16;
+}
+
+int bs_opcheck_act_rows(const struct bs_tensor *t, const char *op, const char *name,
+                        struct bs_err *err)
+{
+    if (t == NULL || t->data == NULL)
+        return bs_err_set(err, BS_EINVAL, "%s: %s is missing", op, name);
+    if (!bs_opcheck_is_act_dtype(t->type))
+        return bs_err_set(err, BS_EINVAL, "%s: %s must be F32, BF16 or F16 (got %s)", op, name,
+                          bs_dtype_name(t->type));
+    if (!bs_tensor_is_rows(t))
+        return bs_err_set(err, BS_EINVAL,
+                          "%s: %s must be a rows tensor (dense last dim, one row stride)", op,
+                          name);
+    return 0;
+}
+
 int bs_opcheck_same_rows(const struct bs_tensor *y, const struct bs_tensor *x, const char *op,
                          struct bs_err *err)
 {
     int rc;
-    if ((rc = bs_opcheck_rows(x, op, "x", err)) || (rc = bs_opcheck_rows(y, op, "y", err)))
+    if ((rc = bs_opcheck_act_rows(x, op, "x", err)) || (rc = bs_opcheck_act_rows(y, op, "y", err)))
         return rc;
     if (bs_tensor_nrows(x) != bs_tensor_nrows(y) || bs_opcheck_ncols(x) != bs_opcheck_ncols(y)) {
         char xs[64], ys[64];
@@ -87,8 +107,8 @@ int bs_opcheck_linear(const struct bs_tensor *y, const struct bs_tensor *x,
                       struct bs_err *err)
 {
     int rc;
-    if ((rc = bs_opcheck_rows(x, "linear", "x", err)) ||
-        (rc = bs_opcheck_rows(y, "linear", "y", err)))
+    if ((rc = bs_opcheck_act_rows(x, "linear", "x", err)) ||
+        (rc = bs_opcheck_act_rows(y, "linear", "y", err)))
         return rc;
     /* BF16: a weight the backend packed (pack_weight), or rows of one; the
      * backend checks that it is one. */
@@ -130,11 +150,12 @@ int bs_opcheck_group_norm(const struct bs_tensor *y, const struct bs_tensor *x,
                           const struct bs_norm_params *p, struct bs_err *err)
 {
     const char *op = "group_norm";
-    if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 ||
-        !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y) ||
+    if (!bs_opcheck_is_act_dtype(x->type) || !bs_opcheck_is_act_dtype(y->type) ||
+        x->n_dims < 2 || !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y) ||
         bs_tensor_nelements(x) != bs_tensor_nelements(y))
         return bs_err_set(err, BS_EINVAL,
-                          "%s: x and y must be contiguous F32 [B, C, ...] tensors of the same size",
+                          "%s: x and y must be contiguous F32 (or BF16, F16) [B, C, ...] tensors "
+                          "of the same size",
                           op);
     int64_t bsz = x->ne[0], ch = x->ne[1];
     if (p->groups < 1 || ch % p->groups != 0)
@@ -158,7 +179,8 @@ int bs_opcheck_glu(const struct bs_tensor *y, const struct bs_tensor *x, enum bs
 {
     int rc;
     if ((rc = bs_opcheck_act_valid(act, "glu", err)) ||
-        (rc = bs_opcheck_rows(x, "glu", "x", err)) || (rc = bs_opcheck_rows(y, "glu", "y", err)))
+        (rc = bs_opcheck_act_rows(x, "glu", "x", err)) ||
+        (rc = bs_opcheck_act_rows(y, "glu", "y", err)))
         return rc;
     int64_t n = bs_opcheck_ncols(y), rows = bs_tensor_nrows(y);
     if (bs_tensor_nrows(x) != rows || bs_opcheck_ncols(x) != 2 * n)
@@ -185,11 +207,12 @@ int bs_opcheck_add(const struct bs_tensor *y, const struct bs_tensor *x,
 
 int bs_opcheck_transpose(const struct bs_tensor *y, const struct bs_tensor *x, struct bs_err *err)
 {
-    if (x->type != BS_TYPE_F32 || y->type != BS_TYPE_F32 || x->n_dims < 2 || x->n_dims > 3 ||
-        y->n_dims != x->n_dims || !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y))
+    if (!bs_opcheck_is_act_dtype(x->type) || y->type != x->type || x->n_dims < 2 ||
+        x->n_dims > 3 || y->n_dims != x->n_dims || !bs_tensor_is_contiguous(x) ||
+        !bs_tensor_is_contiguous(y))
         return bs_err_set(err, BS_EINVAL,
-                          "transpose: x and y must be contiguous F32 [B, R, C] and [B, C, R] (or "
-                          "2-d)");
+                          "transpose: x and y must be contiguous [B, R, C] and [B, C, R] (or "
+                          "2-d) of one dtype, F32, BF16 or F16");
     int nd = x->n_dims;
     int64_t bsz = nd == 3 ? x->ne[0] : 1, r = x->ne[nd - 2], c = x->ne[nd - 1];
     if ((nd == 3 && y->ne[0] != bsz) || y->ne[nd - 2] != c || y->ne[nd - 1] != r) {
@@ -246,8 +269,12 @@ static int attention_tensors(const struct bs_tensor *const ts[4], const char *co
 {
     int rc;
     for (int i = 0; i < 4; i++)
-        if ((rc = bs_opcheck_rows(ts[i], "attention", names[i], err)))
+        if ((rc = bs_opcheck_act_rows(ts[i], "attention", names[i], err)))
             return rc;
+    if (ts[1]->type != ts[0]->type || ts[2]->type != ts[0]->type)
+        return bs_err_set(err, BS_EINVAL, "attention: q, k and v must share one dtype (%s, %s, %s)",
+                          bs_dtype_name(ts[0]->type), bs_dtype_name(ts[1]->type),
+                          bs_dtype_name(ts[2]->type));
     if (p->batch < 0 || p->lq < 0 || p->lk < 0 || p->heads < 1 || p->head_dim < 1)
         return bs_err_set(err, BS_EINVAL,
                           "attention: bad sizes (batch %lld, lq %lld, lk %lld, heads %d, head_dim "

@@ -7,6 +7,7 @@
 #ifndef BS_OPCHECK_H
 #define BS_OPCHECK_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "backend.h"
@@ -27,7 +28,15 @@ static inline int64_t bs_opcheck_ncols(const struct bs_tensor *t)
 int bs_opcheck_rows(const struct bs_tensor *t, const char *op, const char *name,
                     struct bs_err *err);
 
-/* 0 when x and y are F32 rows tensors with the same rows and columns. */
+/* An activation dtype (backend.h): F32, BF16 or F16. */
+bool bs_opcheck_is_act_dtype(enum bs_dtype t);
+
+/* 0 when t is present, of an activation dtype and a rows tensor. */
+int bs_opcheck_act_rows(const struct bs_tensor *t, const char *op, const char *name,
+                        struct bs_err *err);
+
+/* 0 when x and y are activation rows tensors with the same rows and columns
+ * (their dtypes may differ). */
 int bs_opcheck_same_rows(const struct bs_tensor *y, const struct bs_tensor *x, const char *op,
                          struct bs_err *err);
 

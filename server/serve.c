@@ -38,6 +38,7 @@ struct serve_opts {
     int poll_secs;
     const char *device;
     const char *dtype; /* NULL: the backend's default */
+    const char *activations;
     bool tf32;
     int threads;
     int verbose;
@@ -117,6 +118,9 @@ static const struct bs_opt serve_rows[] = {
      .help = "compute threads (default: one per core)"},
     {"--dtype", AT(STR, dtype), .metavar = "fp32|bf16|fp16",
      .help = "compute dtype (default: cpu fp32, cuda bf16)"},
+    {"--activations", AT(STR, activations), .def = "auto", .metavar = "auto|fp32|compute",
+     .help = "activation dtype between ops: compute (the compute dtype), fp32 (default: cpu "
+             "fp32, cuda compute)"},
     {"--tf32", AT(FLAG, tf32), .help = "let FP32 GEMMs use TF32 tensor cores (cuda)"},
     {"--log-verbose", AT(INT, verbose), .lo = 0, .hi = 9, .metavar = "N",
      .help = "0: info, 1: every request"},
@@ -410,7 +414,8 @@ static int start(struct server *s, struct bs_err *err)
     struct bs_rpc_auth auth;
     char address[300];
     int port = 0;
-    struct bs_backend_opts bo = {s->opts.device, s->opts.threads, s->opts.dtype, s->opts.tf32};
+    struct bs_backend_opts bo = {s->opts.device, s->opts.threads, s->opts.dtype, s->opts.tf32,
+                                 s->opts.activations};
     if (bs_backend_init_opts(&s->be, &bo, err) != 0)
         return err->code;
     bs_log(BS_LOG_INFO, NULL, "compute: %s", err->msg);
