@@ -179,8 +179,8 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
             return bs_err_wrap(err, "--device auto: GPU not used (%.200s)", why);
     }
     if (rc == 0) /* auto: narrow activations where the backend computes off the host */
-        be->act_f32 = strcmp(acts, "fp32") == 0 ||
-                      (strcmp(acts, "auto") == 0 && be->iface->host_memory);
+        be->act_f32 =
+            strcmp(acts, "fp32") == 0 || (strcmp(acts, "auto") == 0 && be->iface->host_memory);
     return rc;
 }
 

@@ -176,6 +176,22 @@ static int upload_f32(struct bs__fwd *f, struct bs_tensor *dst, const float *src
     return f->be->iface->copy_in(f->be->ctx, dst->data, src, (size_t)(rows * cols) * 4, f->err);
 }
 
+/* Whether src's bytes can go to the device as they are: a 16-bit float
+ * dtype the backend takes as activations. */
+static bool upload_raw(const struct bs__fwd *f, const struct bs_tensor *src)
+{
+    return !f->be->iface->host_memory && (src->type == BS_TYPE_BF16 || src->type == BS_TYPE_F16) &&
+           ((f->be->iface->act_dtypes >> src->type) & 1u);
+}
+
+/* src [rows, cols] copied as it is into scratch *raw of its dtype. */
+static int upload_as_is(struct bs__fwd *f, struct bs_tensor *raw, const struct bs_tensor *src,
+                        int64_t rows, int64_t cols)
+{
+    BS_TRY(bs__scratch_type(f, raw, src->type, rows, cols));
+    return f->be->iface->copy_in(f->be->ctx, raw->data, src->data, bs_tensor_nbytes(raw), f->err);
+}
+
 int bs__upload(struct bs__fwd *f, struct bs_tensor *dst, const struct bs_tensor *src, int64_t rows,
                int64_t cols)
 {
@@ -183,6 +199,12 @@ int bs__upload(struct bs__fwd *f, struct bs_tensor *dst, const struct bs_tensor 
     if (f->be->iface->host_memory) {
         BS_TRY(bs__scratch(f, dst, rows, cols));
         return bs_convert_to_f32(dst->data, src->data, src->type, n);
+    }
+    if (upload_raw(f, src)) { /* half the bytes over the bus, widened there (exact) */
+        struct bs_tensor raw;
+        BS_TRY(upload_as_is(f, &raw, src, rows, cols));
+        BS_TRY(bs__scratch(f, dst, rows, cols));
+        return f->be->iface->act(f->be->ctx, dst, &raw, BS_ACT_NONE, f->err);
     }
     float *tmp = malloc((size_t)n * sizeof(float));
     if (tmp == NULL)
@@ -216,6 +238,10 @@ int bs__upload_keys(struct bs__fwd *f, const struct bs_tensor *src, int slot)
     } else {
         f->lk = src->ne[1];
     }
+    /* Encoder states only feed the K and V projections, which read a 16-bit
+     * x as exactly as its F32 widening: they stay as they came. */
+    if (upload_raw(f, src))
+        return upload_as_is(f, &f->enc, src, rows, cols);
     return bs__upload(f, &f->enc, src, rows, cols);
 }
 
@@ -306,7 +332,29 @@ int bs__make_cond(struct bs__fwd *f, const struct bs_tensor *ts, const struct bs
 
 int bs__download(struct bs__fwd *f, struct bs_tensor *out, const struct bs_tensor *x)
 {
-    return f->be->iface->copy_out(f->be->ctx, out->data, x->data, bs_tensor_nbytes(out), f->err);
+    const struct bs_backend_i *be = f->be->iface;
+    if (out->type == x->type)
+        return be->copy_out(f->be->ctx, out->data, x->data, bs_tensor_nbytes(out), f->err);
+    int64_t n = bs_tensor_nelements(out);
+    if (be->host_memory) { /* F32 rows in host memory: narrowed here */
+        bs_convert_from_f32(out->data, out->type, x->data, n);
+        return 0;
+    }
+    if (!((be->act_dtypes >> out->type) & 1u)) { /* F32 down, narrowed here */
+        float *tmp = malloc((size_t)n * sizeof(float));
+        if (tmp == NULL)
+            return bs_err_set(f->err, BS_ENOMEM, "out of memory staging an output");
+        int rc = be->copy_out(f->be->ctx, tmp, x->data, (size_t)n * sizeof(float), f->err);
+        if (rc == 0)
+            bs_convert_from_f32(out->data, out->type, tmp, n);
+        free(tmp);
+        return rc;
+    }
+    /* narrowed on the device: half the bytes over the bus */
+    struct bs_tensor nx, xr = bs_tensor_reshape(x, 2, (int64_t[]){1, n});
+    BS_TRY(bs__scratch_type(f, &nx, out->type, 1, n));
+    BS_TRY(be->act(f->be->ctx, &nx, &xr, BS_ACT_NONE, f->err));
+    return be->copy_out(f->be->ctx, out->data, nx.data, bs_tensor_nbytes(out), f->err);
 }
 
 /* ---- shared by FeedForward and the bare activation modules ------------- */

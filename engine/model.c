@@ -24,6 +24,7 @@ struct bs_model {
     void *weights; /* one backend buffer holding every F32 parameter */
     size_t weight_bytes;
     enum bs_dtype dtype; /* compute dtype */
+    enum bs_dtype act;   /* activation dtype (modules.h, bs__scratch_act) */
     void **packed;       /* linear weights the backend packed (buf_free each) */
     int n_packed;
     size_t packed_bytes;
@@ -193,6 +194,9 @@ static int load_common(bs_model_t **model, const struct bs_model_config *cfg,
     m->be = be;
     if ((rc = model_dtype(be, o, &m->dtype, err)) != 0)
         goto fail;
+    m->act = !be->act_f32 && m->dtype != BS_TYPE_F32 && (be->iface->act_dtypes >> m->dtype) & 1u
+                 ? m->dtype
+                 : BS_TYPE_F32;
     if ((m->state = calloc(1, m->cls->state_size(cfg))) == NULL) {
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
         goto fail;
@@ -299,6 +303,11 @@ enum bs_dtype bs_model_dtype(const bs_model_t *m)
     return m->dtype;
 }
 
+enum bs_dtype bs_model_act_dtype(const bs_model_t *m)
+{
+    return m->act;
+}
+
 /* ---- input checking ---------------------------------------------------- */
 
 static int unknown_input(const bs_model_t *m, const char *name, struct bs_err *err)
@@ -386,6 +395,14 @@ int bs_model_check(const bs_model_t *m, const struct bs_named_tensor *in, int n_
 
 /* ---- forward ----------------------------------------------------------- */
 
+/* An output dtype the forward writes: F32, or a 16-bit float (narrowed
+ * from F32 once: on the device where the backend takes it, else on the
+ * host: bs__download). */
+static bool out_dtype_ok(enum bs_dtype t)
+{
+    return t == BS_TYPE_F32 || t == BS_TYPE_BF16 || t == BS_TYPE_F16;
+}
+
 /* The class's forward on inputs by slot (packed when rg is set), then the
  * device drained and the arena reset. */
 static int run_forward(bs_model_t *m, struct bs_arena *arena, const struct bs__ragged *rg,
@@ -393,8 +410,13 @@ static int run_forward(bs_model_t *m, struct bs_arena *arena, const struct bs__r
                        struct bs_tensor *out, const struct bs_forward_opts *opts,
                        struct bs_err *err)
 {
-    struct bs__fwd f = {
-        .be = m->be, .dtype = m->dtype, .arena = arena, .err = err, .rg = rg, .cache = cache};
+    struct bs__fwd f = {.be = m->be,
+                        .dtype = m->dtype,
+                        .act = m->act,
+                        .arena = arena,
+                        .err = err,
+                        .rg = rg,
+                        .cache = cache};
     if (opts != NULL) {
         f.should_stop = opts->should_stop;
         f.stop_arg = opts->stop_arg;
@@ -419,7 +441,7 @@ int bs_model_forward(bs_model_t *m, struct bs_arena *arena, const struct bs_name
     struct inputs r;
     struct bs_tensor shape;
     TRY(check_inputs(m, in, n_in, &r, &shape, err));
-    if (out->type != BS_TYPE_F32 || out->n_dims != shape.n_dims || out->data == NULL ||
+    if (!out_dtype_ok(out->type) || out->n_dims != shape.n_dims || out->data == NULL ||
         memcmp(out->ne, shape.ne, sizeof(int64_t) * (size_t)shape.n_dims) != 0 ||
         !bs_tensor_is_contiguous(out))
         return bs_err_set(err, BS_EINVAL, "output buffer does not match the output shape");
@@ -763,7 +785,7 @@ int bs_model_forward_parts(bs_model_t *m, struct bs_arena *arena, const struct b
         n += r[k].t[0]->ne[0];
         out_elems += bs_tensor_nelements(&shape);
     }
-    if (rc == 0 && (out->type != BS_TYPE_F32 || out->data == NULL ||
+    if (rc == 0 && (!out_dtype_ok(out->type) || out->data == NULL ||
                     !bs_tensor_is_contiguous(out) || bs_tensor_nelements(out) != out_elems))
         rc = bs_err_set(err, BS_EINVAL, "output buffer does not hold the batch's %lld values",
                         (long long)out_elems);

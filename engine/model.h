@@ -44,7 +44,7 @@ struct bs_input_spec {
 };
 
 /* Called after each block of a stack with that block's output (host memory,
- * F32, the output's shape); return non-zero to stop the forward. */
+ * the output's shape and dtype); return non-zero to stop the forward. */
 typedef int (*bs_block_cb)(void *arg, int block, int n_blocks, const struct bs_tensor *out);
 
 struct bs_forward_opts {
@@ -94,8 +94,8 @@ int bs_model_load_generated(bs_model_t **model, const struct bs_model_config *cf
  * state_dict key and shape (the order of loading). BS_ENOMEM when the
  * modules' scratch cannot be allocated (fn was not called). */
 int bs_model_params(const struct bs_model_config *cfg,
-                     void (*fn)(void *arg, const char *key, int n_dims, const int64_t *ne),
-                     void *arg);
+                    void (*fn)(void *arg, const char *key, int n_dims, const int64_t *ne),
+                    void *arg);
 
 /* Free the model and its weights; NULL is a no-op. */
 void bs_model_free(bs_model_t *model);
@@ -120,6 +120,11 @@ size_t bs_model_weight_bytes(const bs_model_t *model);
 
 /* The dtype the model's products compute in: BS_TYPE_F32, BF16 or F16. */
 enum bs_dtype bs_model_dtype(const bs_model_t *model);
+
+/* The dtype of the model's activations between ops (backend.h, act_f32):
+ * its compute dtype where the backend takes it and --activations allows,
+ * else BS_TYPE_F32. */
+enum bs_dtype bs_model_act_dtype(const bs_model_t *model);
 
 /* Matmul FLOPs of one forward on these inputs (for GFLOP/s reports). */
 double bs_model_flops(const bs_model_t *model, const struct bs_named_tensor *in, int n_in);
@@ -175,15 +180,15 @@ int64_t bs_model_tokens(const bs_model_t *model, const struct bs_named_tensor *i
 /* May two checked requests share a ragged batch? The same inputs, each of
  * one dtype and rank with equal fixed dims (sequence dims may differ);
  * masks of one form (a row per query, or one row per sample). */
-bool bs_model_ragged_compatible(const bs_model_t *model, const struct bs_named_tensor *a,
-                                int n_a, const struct bs_named_tensor *b, int n_b);
+bool bs_model_ragged_compatible(const bs_model_t *model, const struct bs_named_tensor *a, int n_a,
+                                const struct bs_named_tensor *b, int n_b);
 
-/* Run compatible requests as one ragged batch. out is a contiguous host F32
- * tensor of the parts' output elements, the parts' outputs (each of its
- * checked shape) one after another; on_block hears such a tensor too. Each
- * part's output equals its bs_model_forward up to rounding (the same
- * operations on the same rows). Parts that reuse their caches come after
- * all others; a reuse needs a cache refreshed for a request of its shape. */
+/* Run compatible requests as one ragged batch. out is a contiguous host
+ * tensor (F32, BF16 or F16, as bs_model_forward) of the parts' output elements, the parts' outputs
+ * (each of its checked shape) one after another; on_block hears such a tensor too. Each part's
+ * output equals its bs_model_forward up to rounding (the same operations on the same rows). Parts
+ * that reuse their caches come after all others; a reuse needs a cache refreshed for a request of
+ * its shape. */
 int bs_model_forward_parts(bs_model_t *model, struct bs_arena *arena,
                            const struct bs_model_part *parts, int n_parts, struct bs_tensor *out,
                            const struct bs_forward_opts *opts, struct bs_err *err);
@@ -193,8 +198,10 @@ int bs_model_forward_parts(bs_model_t *model, struct bs_arena *arena,
 int bs_model_check(const bs_model_t *model, const struct bs_named_tensor *in, int n_in,
                    struct bs_tensor *out, struct bs_err *err);
 
-/* Run the model: inputs as for bs_model_check; out is a host F32 tensor of the
- * checked output shape. Scratch comes from arena (reset on return). */
+/* Run the model: inputs as for bs_model_check; out is a host tensor of the
+ * checked output shape, F32, or BF16 or F16: the F32 result rounded once to
+ * nearest even (on the device where the backend takes that dtype, halving
+ * the bytes copied back). Scratch comes from arena (reset on return). */
 int bs_model_forward(bs_model_t *model, struct bs_arena *arena, const struct bs_named_tensor *in,
                      int n_in, struct bs_tensor *out, const struct bs_forward_opts *opts,
                      struct bs_err *err);

@@ -378,14 +378,25 @@ void bs__bind_ada_group_norm(struct bs__loader *ld, struct bs__ada_group_norm *a
 
 /* ---- forwards ---------------------------------------------------------- */
 
-int bs__scratch(struct bs__fwd *f, struct bs_tensor *t, int64_t rows, int64_t cols)
+int bs__scratch_type(struct bs__fwd *f, struct bs_tensor *t, enum bs_dtype type, int64_t rows,
+                     int64_t cols)
 {
     int64_t ne[2] = {rows, cols};
-    void *p = bs_arena_alloc(f->arena, (size_t)(rows * cols) * sizeof(float), f->err);
+    void *p = bs_arena_alloc(f->arena, (size_t)(rows * cols) * bs_dtype_size(type), f->err);
     if (p == NULL)
         return f->err->code;
-    *t = bs_tensor_make(BS_TYPE_F32, 2, ne, p);
+    *t = bs_tensor_make(type, 2, ne, p);
     return 0;
+}
+
+int bs__scratch(struct bs__fwd *f, struct bs_tensor *t, int64_t rows, int64_t cols)
+{
+    return bs__scratch_type(f, t, BS_TYPE_F32, rows, cols);
+}
+
+int bs__scratch_act(struct bs__fwd *f, struct bs_tensor *t, int64_t rows, int64_t cols)
+{
+    return bs__scratch_type(f, t, f->act, rows, cols);
 }
 
 static const struct bs_tensor *opt(const struct bs_tensor *t)
@@ -510,7 +521,7 @@ static int attn_core(struct bs__fwd *f, const struct bs__attn *a, const struct b
     const int64_t *k_off = src != NULL ? f->k_off : f->q_off;
     struct bs_tensor q, k, v, buf;
     if (src == NULL && a->qkv.w.data != NULL) {
-        TRY(bs__scratch(f, &buf, rows, 3 * inner));
+        TRY(bs__scratch_act(f, &buf, rows, 3 * inner));
         TRY(linear(f, &buf, x, &a->qkv, 0.0f));
         q = bs_tensor_view_cols(&buf, 0, inner);
         k = bs_tensor_view_cols(&buf, inner, inner);
@@ -518,9 +529,9 @@ static int attn_core(struct bs__fwd *f, const struct bs__attn *a, const struct b
     } else {
         if (src == NULL)
             src = x;
-        TRY(bs__scratch(f, &q, rows, inner));
+        TRY(bs__scratch_act(f, &q, rows, inner));
         TRY(linear(f, &q, x, &a->q, 0.0f));
-        TRY(bs__scratch(f, &buf, bs_tensor_nrows(src), 2 * inner));
+        TRY(bs__scratch_act(f, &buf, bs_tensor_nrows(src), 2 * inner));
         TRY(linear(f, &buf, src, &a->kv, 0.0f));
         k = bs_tensor_view_cols(&buf, 0, inner);
         v = bs_tensor_view_cols(&buf, inner, inner);
@@ -539,7 +550,7 @@ static int attn_core(struct bs__fwd *f, const struct bs__attn *a, const struct b
         .m_off = mask->off,
         .mask_per_query = mask->per_query,
     };
-    TRY(bs__scratch(f, o, rows, inner));
+    TRY(bs__scratch_act(f, o, rows, inner));
     return f->be->iface->attention(f->be->ctx, o, &q, &k, &v, &p, f->err);
 }
 
@@ -610,7 +621,10 @@ int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_t
 {
     int64_t rows = bs_tensor_nrows(x);
     struct bs_tensor h, g;
-    TRY(bs__scratch(f, &h, rows, ff->inner));
+    /* the hidden layer in the activation dtype; a bare activation module's
+     * is its output, F32 */
+    TRY(ff->has_out ? bs__scratch_act(f, &h, rows, ff->inner)
+                    : bs__scratch(f, &h, rows, ff->inner));
     switch (ff->act) {
     case BS_FF_GELU:
     case BS_FF_GELU_APPROXIMATE:
@@ -619,16 +633,16 @@ int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_t
         break;
     case BS_FF_GEGLU: {
         /* A BF16 model gates in row chunks, so that the projection's
-         * [rows, 2 inner] F32 output never exists whole (21 MB for the SD-1.5
-         * mid block at batch 8, the largest buffer of its forward); FP32
-         * models keep the single GEMM (and their exact results). */
+         * [rows, 2 inner] output never exists whole (21 MB in F32 for the
+         * SD-1.5 mid block at batch 8, the largest buffer of its forward);
+         * FP32 models keep the single GEMM (and their exact results). */
         int64_t chunk = rows;
         if (f->dtype != BS_TYPE_F32) {
-            chunk = GEGLU_CHUNK_BYTES / (2 * ff->inner * (int64_t)sizeof(float));
+            chunk = GEGLU_CHUNK_BYTES / (2 * ff->inner * (int64_t)bs_dtype_size(f->act));
             chunk = chunk < 64 ? 64 : chunk / 16 * 16;
         }
         chunk = chunk < rows ? chunk : rows;
-        TRY(bs__scratch(f, &g, chunk, 2 * ff->inner));
+        TRY(bs__scratch_act(f, &g, chunk, 2 * ff->inner));
         for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
             int64_t r1 = r0 + chunk < rows ? r0 + chunk : rows;
             struct bs_tensor xr = bs_tensor_view_outer(x, r0, r1 - r0);
@@ -699,7 +713,7 @@ int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_te
     int64_t rps = rows_per_cond(f, f->cond ? f->cond->n : 1);
     int rc;
 
-    if ((rc = bs__scratch(f, &nh, rows, d)) != 0)
+    if ((rc = bs__scratch_act(f, &nh, rows, d)) != 0)
         goto out;
     /* 1. norm1 and self-attention (cross-attention with only_cross_attention) */
     if (c->norm_type == BS_NORM_ADA_NORM_ZERO) {
@@ -750,14 +764,15 @@ static struct bs_tensor as3(const struct bs_tensor *t, int64_t a, int64_t b, int
     return bs_tensor_reshape(t, 3, ne);
 }
 
-/* Sample b of a ragged batch of channels-first tensors packed at base:
- * [1, C, S_b], or [1, S_b, C] with tokens_last. */
-static struct bs_tensor sample_cs(const struct bs__fwd *f, void *base, int64_t ch, int64_t b,
-                                  bool tokens_last)
+/* Sample b of a ragged batch of channels-first tensors t packed: [1, C,
+ * S_b], or [1, S_b, C] with tokens_last. */
+static struct bs_tensor sample_cs(const struct bs__fwd *f, const struct bs_tensor *t, int64_t ch,
+                                  int64_t b, bool tokens_last)
 {
     int64_t s0 = f->q_off[b], s = f->q_off[b + 1] - s0;
     int64_t ne[3] = {1, tokens_last ? s : ch, tokens_last ? ch : s};
-    return bs_tensor_make(BS_TYPE_F32, 3, ne, (char *)base + (size_t)(s0 * ch) * sizeof(float));
+    return bs_tensor_make(t->type, 3, ne,
+                          (char *)t->data + (size_t)(s0 * ch) * bs_dtype_size(t->type));
 }
 
 /* AttentionBlock on a ragged batch: x holds each sample's [C, S_b] in turn;
@@ -770,16 +785,16 @@ static int attention_block_ragged(struct bs__fwd *f, const struct bs__attention_
     const struct bs_attention_block_config *c = a->cfg;
     int64_t ch = c->channels, tok = f->q_off[f->batch];
     struct bs_tensor gn, t, qkv, o, p;
-    TRY(bs__scratch(f, &gn, tok, ch));
-    TRY(bs__scratch(f, &t, tok, ch));
+    TRY(bs__scratch_act(f, &gn, tok, ch));
+    TRY(bs__scratch_act(f, &t, tok, ch));
     for (int64_t b = 0; b < f->batch; b++) {
-        struct bs_tensor xb = sample_cs(f, x->data, ch, b, false);
-        struct bs_tensor gb = sample_cs(f, gn.data, ch, b, false);
-        struct bs_tensor tb = sample_cs(f, t.data, ch, b, true);
+        struct bs_tensor xb = sample_cs(f, x, ch, b, false);
+        struct bs_tensor gb = sample_cs(f, &gn, ch, b, false);
+        struct bs_tensor tb = sample_cs(f, &t, ch, b, true);
         TRY(f->be->iface->group_norm(f->be->ctx, &gb, &xb, np, f->err));
         TRY(f->be->iface->transpose(f->be->ctx, &tb, &gb, f->err));
     }
-    TRY(bs__scratch(f, &qkv, tok, 3 * ch));
+    TRY(bs__scratch_act(f, &qkv, tok, 3 * ch));
     TRY(linear(f, &qkv, &t, &a->qkv, 0.0f));
     struct bs_tensor q = bs_tensor_view_cols(&qkv, 0, ch);
     struct bs_tensor k = bs_tensor_view_cols(&qkv, ch, ch);
@@ -795,14 +810,14 @@ static int attention_block_ragged(struct bs__fwd *f, const struct bs__attention_
         .q_off = f->q_off,
         .k_off = f->q_off,
     };
-    TRY(bs__scratch(f, &o, tok, ch));
+    TRY(bs__scratch_act(f, &o, tok, ch));
     TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &ap, f->err));
     TRY(bs__scratch(f, &p, tok, ch));
     TRY(linear(f, &p, &o, &a->proj, 0.0f));
     TRY(bs__scratch(f, y, tok, ch));
     for (int64_t b = 0; b < f->batch; b++) {
-        struct bs_tensor yb = sample_cs(f, y->data, ch, b, false);
-        struct bs_tensor pb = sample_cs(f, p.data, ch, b, true);
+        struct bs_tensor yb = sample_cs(f, y, ch, b, false);
+        struct bs_tensor pb = sample_cs(f, &p, ch, b, true);
         TRY(f->be->iface->transpose(f->be->ctx, &yb, &pb, f->err));
     }
     /* (hidden_states + residual) / rescale_output_factor, elementwise */
@@ -825,13 +840,13 @@ int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_bl
     };
     if (f->q_off != NULL)
         return attention_block_ragged(f, a, x, y, &np, heads);
-    TRY(bs__scratch(f, &gn, bsz * ch, s));
+    TRY(bs__scratch_act(f, &gn, bsz * ch, s));
     gn = as3(&gn, bsz, ch, s);
     TRY(f->be->iface->group_norm(f->be->ctx, &gn, x, &np, f->err));
-    TRY(bs__scratch(f, &t, bsz * s, ch));
+    TRY(bs__scratch_act(f, &t, bsz * s, ch));
     struct bs_tensor t3 = as3(&t, bsz, s, ch);
     TRY(f->be->iface->transpose(f->be->ctx, &t3, &gn, f->err));
-    TRY(bs__scratch(f, &qkv, bsz * s, 3 * ch));
+    TRY(bs__scratch_act(f, &qkv, bsz * s, 3 * ch));
     TRY(linear(f, &qkv, &t, &a->qkv, 0.0f));
     struct bs_tensor q = bs_tensor_view_cols(&qkv, 0, ch);
     struct bs_tensor k = bs_tensor_view_cols(&qkv, ch, ch);
@@ -845,7 +860,7 @@ int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_bl
         .scale = (float)(1.0 / sqrt((double)ch / heads)),
         .compute = f->dtype,
     };
-    TRY(bs__scratch(f, &o, bsz * s, ch));
+    TRY(bs__scratch_act(f, &o, bsz * s, ch));
     TRY(f->be->iface->attention(f->be->ctx, &o, &q, &k, &v, &ap, f->err));
     TRY(bs__scratch(f, &p, bsz * s, ch));
     TRY(linear(f, &p, &o, &a->proj, 0.0f));
@@ -882,8 +897,8 @@ int bs__ada_group_norm_forward(struct bs__fwd *f, const struct bs__ada_group_nor
         int64_t ch = c->out_dim, tok = f->q_off[f->batch];
         TRY(bs__scratch(f, y, tok, ch));
         for (int64_t b = 0; b < f->batch; b++) {
-            struct bs_tensor xb = sample_cs(f, x->data, ch, b, false);
-            struct bs_tensor yb = sample_cs(f, y->data, ch, b, false);
+            struct bs_tensor xb = sample_cs(f, x, ch, b, false);
+            struct bs_tensor yb = sample_cs(f, y, ch, b, false);
             struct bs_tensor sb = cond_row(&scale, b), hb = cond_row(&shift, b);
             np.scale = &sb;
             np.shift = &hb;

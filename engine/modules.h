@@ -14,15 +14,15 @@
  * weight to F32 into host staging and points tensors at the backend buffer. */
 struct bs__loader {
     const bs_st_file_t *st;
-    const char *file;            /* for messages */
-    char prefix[BS_PREFIX_MAX];  /* key prefix of the module being bound */
-    char *base;                  /* backend buffer, or NULL while sizing */
-    float *host;                 /* staging for base */
-    size_t off;                  /* bytes placed so far */
-    char **names;                /* full key of every parameter bound (fill pass) */
+    const char *file;           /* for messages */
+    char prefix[BS_PREFIX_MAX]; /* key prefix of the module being bound */
+    char *base;                 /* backend buffer, or NULL while sizing */
+    float *host;                /* staging for base */
+    size_t off;                 /* bytes placed so far */
+    char **names;               /* full key of every parameter bound (fill pass) */
     int n_names, cap_names;
     struct bs_err *err;
-    int rc;                      /* first error; later binds are skipped */
+    int rc; /* first error; later binds are skipped */
     /* Describe mode: when set, each parameter is reported (full key, shape)
      * instead of loaded. */
     void (*describe)(void *arg, const char *key, int n_dims, const int64_t *ne);
@@ -47,9 +47,9 @@ struct bs__linear {
 };
 
 struct bs__attn {
-    struct bs__linear q, kv;  /* kv: to_k and to_v stacked, [2 * inner, kv_dim] */
-    struct bs__linear qkv;    /* q, k, v stacked, valid when kv_dim == query_dim */
-    struct bs__linear out;    /* to_out.0 */
+    struct bs__linear q, kv; /* kv: to_k and to_v stacked, [2 * inner, kv_dim] */
+    struct bs__linear qkv;   /* q, k, v stacked, valid when kv_dim == query_dim */
+    struct bs__linear out;   /* to_out.0 */
     int heads, head_dim;
     int64_t query_dim, kv_dim, inner;
     float scale;
@@ -59,15 +59,15 @@ struct bs__attn {
 struct bs__norm {
     struct bs_tensor gamma, beta; /* data NULL without elementwise affine */
     float eps;
-    struct bs_tensor emb;   /* AdaLayerNorm: nn.Embedding [num_embeddings, dim] */
-    struct bs__linear lin;  /* AdaLayerNorm: [2 dim, dim] */
+    struct bs_tensor emb;  /* AdaLayerNorm: nn.Embedding [num_embeddings, dim] */
+    struct bs__linear lin; /* AdaLayerNorm: [2 dim, dim] */
 };
 
 /* AdaLayerNormZero's conditioning: CombinedTimestepLabelEmbeddings + linear. */
 struct bs__ada_zero {
-    struct bs__linear t1, t2;     /* timestep_embedder.linear_1/2 */
-    struct bs_tensor table;       /* class_embedder.embedding_table [classes + 1, dim] */
-    struct bs__linear lin;        /* [6 dim, dim] */
+    struct bs__linear t1, t2; /* timestep_embedder.linear_1/2 */
+    struct bs_tensor table;   /* class_embedder.embedding_table [classes + 1, dim] */
+    struct bs__linear lin;    /* [6 dim, dim] */
 };
 
 struct bs__ff {
@@ -127,9 +127,9 @@ struct bs__ragged {
 /* An attention mask in backend memory: additive F32 [batch, mq, lk], or for
  * a ragged batch flat with each sample's offset (see bs_attn_params). */
 struct bs__mask {
-    struct bs_tensor t;  /* data NULL: no mask */
-    const int64_t *off;  /* ragged: [batch] element offsets, else NULL */
-    bool per_query;      /* ragged: one row per query */
+    struct bs_tensor t; /* data NULL: no mask */
+    const int64_t *off; /* ragged: [batch] element offsets, else NULL */
+    bool per_query;     /* ragged: one row per query */
 };
 
 /* A block cache (model.h): per block, n_slots regions of rows x dim F32
@@ -162,14 +162,15 @@ struct bs__caching {
 /* One forward's state: backend, scratch and shapes. */
 struct bs__fwd {
     struct bs_backend *be;
-    enum bs_dtype dtype;        /* the model's compute dtype (attention products) */
+    enum bs_dtype dtype; /* the model's compute dtype (attention products) */
+    enum bs_dtype act;   /* activation dtype of bs__scratch_act: F32 or dtype */
     struct bs_arena *arena;
     struct bs_err *err;
-    int64_t batch, lq, lk;      /* lk: encoder tokens (0 without encoder states); ragged:
-                                   the longest */
-    struct bs_tensor enc;       /* [batch * lk, enc_dim] or data NULL */
-    struct bs__mask mask1;      /* attn1 mask */
-    struct bs__mask mask2;      /* attn2 mask */
+    int64_t batch, lq, lk; /* lk: encoder tokens (0 without encoder states); ragged:
+                              the longest */
+    struct bs_tensor enc;  /* [batch * lk, enc_dim] or data NULL */
+    struct bs__mask mask1; /* attn1 mask */
+    struct bs__mask mask2; /* attn2 mask */
     const struct bs__cond *cond;
     /* Ragged batch (rg set): q_off and k_off are the row offsets [batch + 1]
      * of each sample's tokens and encoder tokens; NULL when uniform. */
@@ -220,5 +221,15 @@ int bs__ada_group_norm_forward(struct bs__fwd *f, const struct bs__ada_group_nor
 
 /* A 2-D F32 scratch tensor [rows, cols] from the forward's arena. */
 int bs__scratch(struct bs__fwd *f, struct bs_tensor *t, int64_t rows, int64_t cols);
+
+/* The same of dtype type. */
+int bs__scratch_type(struct bs__fwd *f, struct bs_tensor *t, enum bs_dtype type, int64_t rows,
+                     int64_t cols);
+
+/* The same in the forward's activation dtype (f->act): for the tensors that
+ * feed a GEMM or attention and nothing else (norm outputs, q, k, v,
+ * attention outputs, feed-forward hidden layers). The residual stream, the
+ * blocks' inputs and outputs and the modulation rows stay F32. */
+int bs__scratch_act(struct bs__fwd *f, struct bs_tensor *t, int64_t rows, int64_t cols);
 
 #endif

@@ -150,8 +150,8 @@ int bs_opcheck_group_norm(const struct bs_tensor *y, const struct bs_tensor *x,
                           const struct bs_norm_params *p, struct bs_err *err)
 {
     const char *op = "group_norm";
-    if (!bs_opcheck_is_act_dtype(x->type) || !bs_opcheck_is_act_dtype(y->type) ||
-        x->n_dims < 2 || !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y) ||
+    if (!bs_opcheck_is_act_dtype(x->type) || !bs_opcheck_is_act_dtype(y->type) || x->n_dims < 2 ||
+        !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y) ||
         bs_tensor_nelements(x) != bs_tensor_nelements(y))
         return bs_err_set(err, BS_EINVAL,
                           "%s: x and y must be contiguous F32 (or BF16, F16) [B, C, ...] tensors "
@@ -207,9 +207,8 @@ int bs_opcheck_add(const struct bs_tensor *y, const struct bs_tensor *x,
 
 int bs_opcheck_transpose(const struct bs_tensor *y, const struct bs_tensor *x, struct bs_err *err)
 {
-    if (!bs_opcheck_is_act_dtype(x->type) || y->type != x->type || x->n_dims < 2 ||
-        x->n_dims > 3 || y->n_dims != x->n_dims || !bs_tensor_is_contiguous(x) ||
-        !bs_tensor_is_contiguous(y))
+    if (!bs_opcheck_is_act_dtype(x->type) || y->type != x->type || x->n_dims < 2 || x->n_dims > 3 ||
+        y->n_dims != x->n_dims || !bs_tensor_is_contiguous(x) || !bs_tensor_is_contiguous(y))
         return bs_err_set(err, BS_EINVAL,
                           "transpose: x and y must be contiguous [B, R, C] and [B, C, R] (or "
                           "2-d) of one dtype, F32, BF16 or F16");

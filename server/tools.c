@@ -285,8 +285,8 @@ int bs_tools_bench(int argc, char **argv)
         printf("model=%s class=%s backend=%s dtype=%s reps=%d min_ms=%.3f max_ms=%.3f "
                "weights_mb=%.1f scratch_mb=%.1f\n",
                a.model_dir, bs_config_class_name(bs_model_config(s.model)->cls), s.be.iface->name,
-               bs_compute_dtype_name(bs_model_dtype(s.model)),
-               a.reps, ms[0], ms[a.reps - 1], (double)bs_model_weight_bytes(s.model) / 1048576.0,
+               bs_compute_dtype_name(bs_model_dtype(s.model)), a.reps, ms[0], ms[a.reps - 1],
+               (double)bs_model_weight_bytes(s.model) / 1048576.0,
                (double)bs_arena_capacity(&s.arena) / 1048576.0);
         double hwm = proc_status_mb("VmHWM");
         if (peak_ok && hwm >= 0 && base_mb >= 0)
