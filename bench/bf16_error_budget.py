@@ -17,7 +17,16 @@ isolates one choice:
   products, cond  the same, but the conditioning linears (timestep embedder,
                   AdaLayerNorm / AdaLayerNormZero / AdaGroupNorm modulation)
                   exact: what keeping the timestep embeddings in FP32 buys.
-  + norm out      products, and every norm's output stored as BF16.
+  narrow acts     products, and the feed-forward's pre-activation (the
+                  output of its first linear, GEGLU's both halves) stored as
+                  BF16: with the operands of every product rounded anyway,
+                  this is the only extra rounding of blockserve's narrow
+                  activations (--activations compute, the cuda default:
+                  norm outputs, q, k, v, attention outputs and feed-forward
+                  hidden layers in BF16; the residual stream, modulation
+                  rows and norm statistics in FP32).
+  + norm out      products, and every norm's output stored as BF16
+                  (AdaLayerNormZero's modulation rows too).
   + activations   products, and every module's output stored as BF16 (the
                   residual stream and every activation in BF16, as PyTorch's
                   BF16 modules store them).
@@ -60,8 +69,9 @@ def bf16(x):
 class Rounding:
     """Monkeypatches that round operands to BF16 while the modules run in FP64."""
 
-    def __init__(self, model, keep_cond=False, norm_out=False, all_out=False):
+    def __init__(self, model, keep_cond=False, norm_out=False, all_out=False, ff_pre=False):
         self.model, self.keep_cond, self.norm_out, self.all_out = model, keep_cond, norm_out, all_out
+        self.ff_pre = ff_pre
 
     @contextlib.contextmanager
     def active(self):
@@ -84,6 +94,10 @@ class Rounding:
             return orig_bmm(bf16(a), bf16(b))
 
         hooks = []
+        if self.ff_pre:  # FeedForward.net[0].proj: the input of GELU / GEGLU / ApproximateGELU
+            for name, m in self.model.named_modules():
+                if isinstance(m, torch.nn.Linear) and name.endswith("net.0.proj"):
+                    hooks.append(m.register_forward_hook(lambda mod, inp, out: bf16(out)))
         norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, blocks.AdaLayerNorm, blocks.AdaLayerNormZero,
                       blocks.AdaGroupNorm)
         for m in self.model.modules():
@@ -130,7 +144,8 @@ def budget(d):
     ref = forward(model, cls, inputs, torch.float64)
     row = {}
     for name, kw in [("products", {}), ("products, cond", {"keep_cond": True}),
-                     ("+ norm out", {"norm_out": True}), ("+ activations", {"all_out": True})]:
+                     ("narrow acts", {"ff_pre": True}), ("+ norm out", {"norm_out": True}),
+                     ("+ activations", {"all_out": True})]:
         with Rounding(model, **kw).active():
             row[name] = rel(forward(model, cls, inputs, torch.float64), ref)
     del model  # .to() converts in place: each of the last two gets a fresh copy
@@ -148,7 +163,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     models = os.path.join(os.path.abspath(args.build), "bench-models")
-    cols = ["products", "products, cond", "+ norm out", "+ activations", "torch bf16", "fp32"]
+    cols = ["products", "products, cond", "narrow acts", "+ norm out", "+ activations", "torch bf16",
+            "fp32"]
     print(f"{'workload':<18} " + " ".join(f"{c:>15}" for c in cols))
     for name in [w for w in args.workloads.split(",") if w]:
         d = os.path.join(models, name)
