@@ -44,6 +44,7 @@
 #include "http_codec.h"
 #include "json.h"
 #include "log.h"
+#include "metrics_http.h"
 #include "pbjson.h"
 
 #define HTTP_THREADS         4
@@ -1019,25 +1020,6 @@ static void on_async(uv_async_t *a)
 
 /* ---- lifecycle ------------------------------------------------------------------------ */
 
-static int resolve(const char *address, int port, struct sockaddr_storage *ss, struct bs_err *err)
-{
-    struct addrinfo hints = {0}, *res = NULL;
-    char service[16];
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICHOST | AI_NUMERICSERV;
-    snprintf(service, sizeof(service), "%d", port);
-    int rc = getaddrinfo(address, service, &hints, &res);
-    if (rc != 0)
-        return bs_err_set(err, BS_EINVAL,
-                          "--http-address \"%s\": %s (a numeric IPv4 or IPv6 address is expected)",
-                          address, gai_strerror(rc));
-    memset(ss, 0, sizeof(*ss));
-    memcpy(ss, res->ai_addr, res->ai_addrlen);
-    freeaddrinfo(res);
-    return 0;
-}
-
 static struct MHD_Daemon *start_daemon(bs_http_t *h, const struct sockaddr_storage *ss)
 {
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
@@ -1075,7 +1057,7 @@ int bs_http_start(bs_http_t **hp, const struct bs_http_options *o, int *bound, s
     int rc;
     bool fail = false;
     *hp = NULL;
-    if ((rc = resolve(o->address, o->port, &ss, err)) != 0)
+    if ((rc = bs_http_resolve("--http-address", o->address, o->port, &ss, err)) != 0)
         return rc;
     if (o->tls_cert != NULL && !MHD_is_feature_supported(MHD_FEATURE_TLS))
         return bs_err_set(err, BS_EINVAL, "HTTPS: this libmicrohttpd has no TLS");

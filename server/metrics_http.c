@@ -79,9 +79,8 @@ static void http_log(void *cls, const char *fmt, va_list ap)
     bs_log_lib(BS_LOG_WARN, "metrics http", fmt, ap);
 }
 
-/* address:port as a socket address (numeric hosts only: no lookups). */
-static int http_resolve(const char *address, int port, struct sockaddr_storage *ss,
-                        struct bs_err *err)
+int bs_http_resolve(const char *option, const char *address, int port, struct sockaddr_storage *ss,
+                    struct bs_err *err)
 {
     struct addrinfo hints, *res = NULL;
     char service[16];
@@ -93,8 +92,7 @@ static int http_resolve(const char *address, int port, struct sockaddr_storage *
     int rc = getaddrinfo(address, service, &hints, &res);
     if (rc != 0)
         return bs_err_set(err, BS_EINVAL,
-                          "--metrics-address \"%s\": %s (a numeric IPv4 or IPv6 "
-                          "address is expected)",
+                          "%s \"%s\": %s (a numeric IPv4 or IPv6 address is expected)", option,
                           address, gai_strerror(rc));
     memset(ss, 0, sizeof(*ss));
     memcpy(ss, res->ai_addr, res->ai_addrlen);
@@ -108,7 +106,7 @@ int bs_metrics_http_start(bs_metrics_http_t **hp, bs_metrics_t *m, const char *a
     struct sockaddr_storage ss;
     int rc;
     *hp = NULL;
-    if ((rc = http_resolve(address, port, &ss, err)) != 0)
+    if ((rc = bs_http_resolve("--metrics-address", address, port, &ss, err)) != 0)
         return rc;
     bs_metrics_http_t *h = calloc(1, sizeof(*h));
     if (h == NULL)

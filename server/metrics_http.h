@@ -4,6 +4,8 @@
 #ifndef BS_METRICS_HTTP_H
 #define BS_METRICS_HTTP_H
 
+#include <sys/socket.h>
+
 #include "common.h"
 #include "metrics.h"
 
@@ -16,5 +18,11 @@ int bs_metrics_http_start(bs_metrics_http_t **h, bs_metrics_t *m, const char *ad
 
 /* Stop serving (joins the thread) and free; NULL is a no-op. */
 void bs_metrics_http_stop(bs_metrics_http_t *h);
+
+/* address:port as a socket address for a listener (numeric hosts only: no
+ * lookups), shared by the metrics and the HTTP/REST endpoints; a bad address
+ * is BS_EINVAL naming option (e.g. "--http-address"). */
+int bs_http_resolve(const char *option, const char *address, int port, struct sockaddr_storage *ss,
+                    struct bs_err *err);
 
 #endif
