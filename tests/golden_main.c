@@ -7,7 +7,12 @@
  * test_golden CASE_DIR [DEVICE DTYPE TOLERANCE] runs on another device and
  * compute dtype (tests/gpu): for bf16 and fp16 the tolerance bounds max abs
  * error divided by max(1, max |expected|) (fp32: max abs error), and exit
- * code 77 (skipped) means the device is not usable here. */
+ * code 77 (skipped) means the device is not usable here.
+ *
+ * test_golden CASE_DIR DEVICE DTYPE TOLERANCE ACTIVATIONS [OUT_DTYPE] also
+ * sets --activations (auto, fp32 or compute: compute fails unless the model
+ * then has narrow activations) and the output's dtype (fp32, bf16 or fp16;
+ * the output is compared widened). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,7 +29,9 @@
 struct golden_opts {
     const char *device, *dtype;
     double tolerance;
-    bool relative; /* divide by max(1, max |expected|) */
+    bool relative;           /* divide by max(1, max |expected|) */
+    const char *activations; /* NULL: the backend's default */
+    enum bs_dtype out_type;
 };
 
 struct cb_state {
@@ -45,17 +52,20 @@ static int on_block(void *arg, int block, int n_blocks, const struct bs_tensor *
 
 static double max_abs_err(const struct bs_tensor *got, const struct bs_tensor *want, bool relative)
 {
-    float *w = malloc(bs_tensor_nelements(want) * sizeof(float));
+    int64_t n = bs_tensor_nelements(want);
+    float *w = malloc(n * sizeof(float)), *g = malloc(n * sizeof(float));
     double m = 0, scale = 1;
-    bs_convert_to_f32(w, want->data, want->type, bs_tensor_nelements(want));
-    for (int64_t i = 0; i < bs_tensor_nelements(want); i++) {
-        double d = fabs((double)((float *)got->data)[i] - (double)w[i]);
+    bs_convert_to_f32(w, want->data, want->type, n);
+    bs_convert_to_f32(g, got->data, got->type, n);
+    for (int64_t i = 0; i < n; i++) {
+        double d = fabs((double)g[i] - (double)w[i]);
         if (!(d <= m)) /* also catches NaN */
             m = isnan(d) ? INFINITY : d;
         if (relative && fabs((double)w[i]) > scale)
             scale = fabs((double)w[i]);
     }
     free(w);
+    free(g);
     return m / scale;
 }
 
@@ -70,7 +80,8 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
     struct bs_arena arena;
     int n_in = 0, rc;
     bs_arena_init(&arena, &be);
-    struct bs_backend_opts bo = {.device = go->device, .dtype = go->dtype};
+    struct bs_backend_opts bo = {
+        .device = go->device, .dtype = go->dtype, .activations = go->activations};
     if ((rc = bs_backend_init_opts(&be, &bo, err)) != 0) {
         if (rc == BS_EUNSUPP && strcmp(go->device, "cpu") != 0)
             rc = EXIT_SKIP;
@@ -80,10 +91,15 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
         printf("%s\n", err->msg);
     if ((rc = bs_model_load(&model, dir, &be, err)) != 0)
         goto done;
-    if (go->dtype != NULL &&
-        strcmp(bs_compute_dtype_name(bs_model_dtype(model)), go->dtype) != 0) {
+    if (go->dtype != NULL && strcmp(bs_compute_dtype_name(bs_model_dtype(model)), go->dtype) != 0) {
         rc = bs_err_set(err, BS_EINTERNAL, "the model computes in %s, not %s",
                         bs_compute_dtype_name(bs_model_dtype(model)), go->dtype);
+        goto done;
+    }
+    if (go->activations != NULL && strcmp(go->activations, "compute") == 0 &&
+        bs_model_act_dtype(model) != bs_model_dtype(model)) {
+        rc = bs_err_set(err, BS_EINTERNAL, "--activations compute: the activations are %s, not %s",
+                        bs_dtype_name(bs_model_act_dtype(model)), go->dtype);
         goto done;
     }
     snprintf(path, sizeof(path), "%s/inputs.safetensors", dir);
@@ -110,13 +126,15 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
                         bs_tensor_shape_str(&want, b, sizeof(b)));
         goto done;
     }
+    out = bs_tensor_make(go->out_type, out.n_dims, out.ne, NULL);
     out.data = malloc(bs_tensor_nbytes(&out));
     for (int pass = 0; pass < 2 && rc == 0; pass++) {
         struct cb_state cbs = {0, -1};
         struct bs_forward_opts opts = {.on_block = on_block, .cb_arg = &cbs};
         bool with_cb = pass == 1 && bs_model_config(model)->num_blocks > 1;
         memset(out.data, 0xff, bs_tensor_nbytes(&out)); /* NaN: stale data cannot pass */
-        if ((rc = bs_model_forward(model, &arena, in, n_in, &out, with_cb ? &opts : NULL, err)) != 0)
+        if ((rc = bs_model_forward(model, &arena, in, n_in, &out, with_cb ? &opts : NULL, err)) !=
+            0)
             break;
         double e = max_abs_err(&out, &want, go->relative);
         const char *what = go->relative ? "max abs err / max(1, max |expected|)" : "max abs err";
@@ -141,13 +159,24 @@ done:
 int main(int argc, char **argv)
 {
     struct bs_err err = {0};
-    struct golden_opts go = {"cpu", NULL, TOLERANCE, false};
-    if (argc != 2 && argc != 5) {
-        fprintf(stderr, "usage: test_golden CASE_DIR [DEVICE DTYPE TOLERANCE]\n");
+    struct golden_opts go = {"cpu", NULL, TOLERANCE, false, NULL, BS_TYPE_F32};
+    if (argc != 2 && (argc < 5 || argc > 7)) {
+        fprintf(stderr, "usage: test_golden CASE_DIR [DEVICE DTYPE TOLERANCE [ACTIVATIONS "
+                        "[OUT_DTYPE]]]\n");
         return 2;
     }
-    if (argc == 5) {
-        go = (struct golden_opts){argv[2], argv[3], atof(argv[4]), strcmp(argv[3], "fp32") != 0};
+    if (argc >= 5) {
+        go = (struct golden_opts){argv[2],
+                                  argv[3],
+                                  atof(argv[4]),
+                                  strcmp(argv[3], "fp32") != 0,
+                                  argc >= 6 ? argv[5] : NULL,
+                                  BS_TYPE_F32};
+        if (argc == 7 && bs_compute_dtype_parse(argv[6], &go.out_type, &err) != 0) {
+            fprintf(stderr, "test_golden: output dtype: %s\n", err.msg);
+            return 2;
+        }
+        go.relative |= go.out_type != BS_TYPE_F32;
         if (!(go.tolerance > 0)) {
             fprintf(stderr, "test_golden: bad tolerance \"%s\"\n", argv[4]);
             return 2;
