@@ -20,7 +20,7 @@
 #include "overflow.cuh"
 #include "xfer.h"
 
-#define PINNED_BYTES  (4u << 20)  /* each of the two staging buffers of copy_in / copy_out */
+#define PINNED_BYTES  BS_CUDA_XFER_CHUNK /* each of copy_in / copy_out's two staging buffers */
 #define BLAS_WS_BYTES (32u << 20) /* cuBLAS workspace */
 #define SCRATCH_ALIGN 256
 #define UP_MIN_BYTES  (16u << 10) /* a slot of the upload ring at least: 680 ragged samples */

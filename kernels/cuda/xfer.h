@@ -25,6 +25,10 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+/* Bytes of each of the two staging buffers (a thread's pinned staging is
+ * twice this). */
+#define BS_CUDA_XFER_CHUNK (4u << 20)
+
 enum bs__xfer_op { BS_XFER_WAIT, BS_XFER_HOST, BS_XFER_DMA, BS_XFER_DONE };
 
 struct bs__xfer_step {
