@@ -407,21 +407,26 @@ static void summary(const struct bench *bn)
     for (int i = 0; i < 2; i++) {
         const struct attn_res *a = &bn->attn[i];
         double ms = a->fused_gpu, ums = a->unf_gpu;
-        printf("attention %lld tokens, head dim %d (B%lld x %d heads): fused GPU %s; unfused ",
-               (long long)a->l, a->hd, (long long)a->batch, a->heads,
-               fmt_time(g, sizeof(g), bn, a->flops, ms));
-        if (ums < 0)
+        printf("attention %lld tokens, head dim %d (B%lld x %d heads), GPU: fused ",
+               (long long)a->l, a->hd, (long long)a->batch, a->heads);
+        if (ms < 0)
             printf("n/a (cpu)");
         else
-            printf("%.1f TFLOP/s (%.2fx)", tflops(a->flops, ums), ms > 0 ? ums / ms : 0);
-        printf("; FA2 reference %.0f TFLOP/s (%s)\n", a->fa2, FA2_SOURCE);
+            printf("%.1f TFLOP/s (%.1f%%)", tflops(a->flops, ms),
+                   100 * tflops(a->flops, ms) / bn->peak);
+        if (ums < 0)
+            printf("; unfused cuBLAS n/a (cpu)");
+        else
+            printf("; unfused cuBLAS %.1f TFLOP/s (fused %.2fx)", tflops(a->flops, ums),
+                   ms > 0 ? ums / ms : 0);
+        printf("; FA2 reference %.0f TFLOP/s [%s]\n", a->fa2, FA2_SOURCE);
     }
     const struct attn_res *a = &bn->attn[0];
     bool gpu = a->fused_gpu > 0 && a->unf_gpu > 0;
     double tf = gpu ? tflops(a->flops, a->fused_gpu) : 0, sp = gpu ? a->unf_gpu / a->fused_gpu : 0;
-    printf("target: fused attention 4096 tokens, head dim 64 >= 300 TFLOP/s: %.1f: %s\n", tf,
-           verdict(gpu, tf >= 300));
-    printf("target: fused >= 3x the unfused cuBLAS baseline there: %.2fx: %s\n", sp,
+    printf("target: fused attention 4096 tokens, head dim 64 >= 300 TFLOP/s (GPU): %.1f: %s\n",
+           tf, verdict(gpu, tf >= 300));
+    printf("target: fused >= 3x the unfused cuBLAS baseline there (GPU): %.2fx: %s\n", sp,
            verdict(gpu, sp >= 3));
     const struct row *d = NULL;
     for (int i = 0; i < bn->n_rows; i++)
