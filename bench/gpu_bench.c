@@ -109,8 +109,7 @@ static double tflops(double flops, double ms)
 }
 
 /* "12.345 ms  67.8 TFLOP/s (6.9% of peak)" or "n/a (cpu)" into buf. */
-static const char *fmt_time(char *buf, size_t size, const struct bench *bn, double flops,
-                            double ms)
+static const char *fmt_time(char *buf, size_t size, const struct bench *bn, double flops, double ms)
 {
     if (ms < 0)
         snprintf(buf, size, "%-38s", "n/a (cpu)");
@@ -200,8 +199,8 @@ static int bench_batch(struct bench *bn, bs_model_t *m, const struct bs_builtin 
     rc = time_forwards(bn, m, &arena, in, n_in, &out, ms, ms + bn->reps, ms + 2 * bn->reps, err);
     if (rc == 0 && bn->n_rows < MAX_ROWS) {
         struct row *w = &bn->rows[bn->n_rows++];
-        *w = (struct row){b->name, batch, bs_model_flops(m, in, n_in), median(ms, bn->reps),
-                          -1, -1};
+        *w =
+            (struct row){b->name, batch, bs_model_flops(m, in, n_in), median(ms, bn->reps), -1, -1};
         if (bn->timer != NULL) {
             w->gpu = median(ms + bn->reps, bn->reps);
             w->xfer = median(ms + 2 * bn->reps, bn->reps);
@@ -339,8 +338,9 @@ static int bench_attention(struct bench *bn, int64_t batch, int heads, int hd, i
                                .head_dim = hd,
                                .scale = 1.0f / sqrtf((float)hd),
                                .compute = bn->be.dtype};
-    struct attn_res a = {batch, l, heads, hd, 4.0 * (double)batch * heads * (double)l * (double)l * hd,
-                         -1, -1, -1, -1, fa2};
+    struct attn_res a = {
+        batch, l,  heads, hd, 4.0 * (double)batch * heads * (double)l * (double)l * hd,
+        -1,    -1, -1,    -1, fa2};
     int rc = 0;
     for (int i = 0; rc == 0 && i < 4; i++)
         rc = dev_tensor(bn, &t[i], batch * l, inner, err);
@@ -424,8 +424,8 @@ static void summary(const struct bench *bn)
     const struct attn_res *a = &bn->attn[0];
     bool gpu = a->fused_gpu > 0 && a->unf_gpu > 0;
     double tf = gpu ? tflops(a->flops, a->fused_gpu) : 0, sp = gpu ? a->unf_gpu / a->fused_gpu : 0;
-    printf("target: fused attention 4096 tokens, head dim 64 >= 300 TFLOP/s (GPU): %.1f: %s\n",
-           tf, verdict(gpu, tf >= 300));
+    printf("target: fused attention 4096 tokens, head dim 64 >= 300 TFLOP/s (GPU): %.1f: %s\n", tf,
+           verdict(gpu, tf >= 300));
     printf("target: fused >= 3x the unfused cuBLAS baseline there (GPU): %.2fx: %s\n", sp,
            verdict(gpu, sp >= 3));
     const struct row *d = NULL;

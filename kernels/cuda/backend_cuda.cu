@@ -70,9 +70,9 @@ static void upload_free(struct bs__cuda_thread *t)
 /* An event into *e (timing or not), left NULL on failure. */
 static int event_make(cudaEvent_t *e, bool timing, const char *op, struct bs_err *err)
 {
-    int rc = bs__cuda_check(cudaEventCreateWithFlags(e, timing ? cudaEventDefault
-                                                               : cudaEventDisableTiming),
-                            op, "cudaEventCreate", err);
+    int rc = bs__cuda_check(
+        cudaEventCreateWithFlags(e, timing ? cudaEventDefault : cudaEventDisableTiming), op,
+        "cudaEventCreate", err);
     if (rc != 0)
         *e = NULL;
     return rc;
@@ -345,12 +345,11 @@ static int xfer_step(struct bs__cuda_thread *t, const struct bs__xfer_step *s, c
             memcpy(b, host + s->off, s->len);
         return 0;
     case BS_XFER_DMA:
-        TRY_RC(rc, bs__cuda_check(cudaMemcpyAsync(out ? b : dev + s->off, out ? dev + s->off : b,
-                                                  s->len,
-                                                  out ? cudaMemcpyDeviceToHost
-                                                      : cudaMemcpyHostToDevice,
-                                                  t->stream),
-                                  op, "cudaMemcpyAsync", err));
+        TRY_RC(rc,
+               bs__cuda_check(cudaMemcpyAsync(
+                                  out ? b : dev + s->off, out ? dev + s->off : b, s->len,
+                                  out ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, t->stream),
+                              op, "cudaMemcpyAsync", err));
         return bs__cuda_check(cudaEventRecord(t->xfer_done[s->buf], t->stream), op,
                               "cudaEventRecord", err);
     case BS_XFER_DONE:
@@ -369,9 +368,9 @@ static int xfer_run(struct bs__cuda_thread *t, char *dev, char *host, size_t siz
                     const char *op, struct bs_err *err)
 {
     bool timed = t->tm_on && size > 0;
-    int rc = timed ? bs__cuda_check(cudaEventRecord(t->tm_copy0, t->stream), op,
-                                    "cudaEventRecord", err)
-                   : 0;
+    int rc =
+        timed ? bs__cuda_check(cudaEventRecord(t->tm_copy0, t->stream), op, "cudaEventRecord", err)
+              : 0;
     struct bs__xfer x;
     bs__xfer_init(&x, size, t->pinned_bytes, out);
     for (struct bs__xfer_step s = bs__xfer_next(&x); rc == 0 && s.op != BS_XFER_DONE;
@@ -796,8 +795,8 @@ static int gpu_timer_start(struct bs_backend *be, struct bs_err *err)
     t->tm_copy_ms = 0;
     t->tm_copy_bytes = 0;
     t->tm_copies = 0;
-    int rc = bs__cuda_check(cudaEventRecord(t->tm_start, t->stream), "gpu_timer",
-                            "cudaEventRecord", err);
+    int rc = bs__cuda_check(cudaEventRecord(t->tm_start, t->stream), "gpu_timer", "cudaEventRecord",
+                            err);
     t->tm_on = rc == 0;
     return rc;
 }

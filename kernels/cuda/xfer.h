@@ -1,7 +1,7 @@
 /* The schedule of a host <-> device copy through two pinned staging buffers
  * (kernels/cuda/backend_cuda.cu: copy_in, copy_out), as a pure state machine
- * with no CUDA in it (internal to the backend, not API), so that tests/unit/test_cuda_host.c can replay it
- * against a model of the device. Plain C, included by C and CUDA sources.
+ * with no CUDA in it (internal to the backend, not API), so that tests/unit/test_cuda_host.c can
+ * replay it against a model of the device. Plain C, included by C and CUDA sources.
  *
  * A copy of size bytes goes in chunks of at most chunk bytes; chunk i uses
  * staging buffer i % 2. Steps:
@@ -33,15 +33,15 @@ enum bs__xfer_op { BS_XFER_WAIT, BS_XFER_HOST, BS_XFER_DMA, BS_XFER_DONE };
 
 struct bs__xfer_step {
     enum bs__xfer_op op;
-    int buf;        /* staging buffer 0 or 1 */
+    int buf;         /* staging buffer 0 or 1 */
     size_t off, len; /* HOST, DMA: the chunk's bytes [off, off + len) */
 };
 
 struct bs__xfer {
     size_t size, chunk, n; /* n chunks */
     bool out;
-    size_t i;  /* the chunk being worked on */
-    int phase; /* where in chunk i's steps */
+    size_t i;        /* the chunk being worked on */
+    int phase;       /* where in chunk i's steps */
     size_t dma_next; /* out: the next chunk to queue a DMA for */
 };
 
@@ -62,8 +62,8 @@ static inline void bs__xfer_init(struct bs__xfer *x, size_t size, size_t chunk, 
     x->dma_next = 0;
 }
 
-static inline struct bs__xfer_step bs__xfer_chunk_step(const struct bs__xfer *x, enum bs__xfer_op op,
-                                                 size_t i)
+static inline struct bs__xfer_step bs__xfer_chunk_step(const struct bs__xfer *x,
+                                                       enum bs__xfer_op op, size_t i)
 {
     struct bs__xfer_step s;
     s.op = op;
