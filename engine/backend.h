@@ -254,6 +254,32 @@ typedef int (*bs_proc_attention_unfused_fn)(struct bs_backend *be, struct bs_ten
                                             const struct bs_tensor *v,
                                             const struct bs_attn_params *p, struct bs_err *err);
 
+/* GPU time of the calling thread's work (cuda), for the benchmark and
+ * tests, never for serving. start records a CUDA event on the thread's
+ * stream and, until stop, has each copy_in and copy_out of that thread
+ * (size > 0) measure its own span on the stream: from the point the stream
+ * reaches the copy (every op queued before it done) to the end of its last
+ * DMA, staging waits included. stop records a second event, waits for it
+ * (not for the overflow flag: the next copy takes that) and fills t. So
+ * around a whole forward, total_ms - transfer_ms is the GPU time of its
+ * kernels and of the gaps between them (host launch overhead where the
+ * stream ran dry), without its uploads and downloads. One timer per
+ * thread; start again restarts it. Errors: BS_EINVAL for stop without
+ * start or a backend of another module, BS_EUNSUPP on a test backend (no
+ * device), BS_EINTERNAL for a CUDA failure. */
+#define BS_PROC_GPU_TIMER "gpu_timer"
+struct bs_gpu_time {
+    double total_ms;         /* start to stop, on the GPU (cudaEventElapsedTime) */
+    double transfer_ms;      /* the copies' spans within it */
+    uint64_t transfer_bytes; /* bytes those copies moved */
+    int transfers;           /* how many copies */
+};
+struct bs_backend_gpu_timer {
+    int (*start)(struct bs_backend *be, struct bs_err *err);
+    int (*stop)(struct bs_backend *be, struct bs_gpu_time *t, struct bs_err *err);
+};
+typedef const struct bs_backend_gpu_timer *(*bs_proc_gpu_timer_fn)(void);
+
 /* A backend of this module bound to no device (cuda), so that a machine
  * without a GPU can check the ops' argument checks; valid calls fail with
  * BS_EINTERNAL. No copy ops; never for use with a GPU. Free with

@@ -18,8 +18,9 @@
 
 #include "cuda_common.cuh"
 #include "overflow.cuh"
+#include "xfer.h"
 
-#define PINNED_BYTES  (8u << 20)  /* staging chunk for copy_in / copy_out */
+#define PINNED_BYTES  BS_CUDA_XFER_CHUNK /* each of copy_in / copy_out's two staging buffers */
 #define BLAS_WS_BYTES (32u << 20) /* cuBLAS workspace */
 #define SCRATCH_ALIGN 256
 #define UP_MIN_BYTES  (16u << 10) /* a slot of the upload ring at least: 680 ragged samples */
@@ -66,11 +67,35 @@ static void upload_free(struct bs__cuda_thread *t)
     t->up_bytes = 0;
 }
 
+/* An event into *e (timing or not), left NULL on failure. */
+static int event_make(cudaEvent_t *e, bool timing, const char *op, struct bs_err *err)
+{
+    int rc = bs__cuda_check(
+        cudaEventCreateWithFlags(e, timing ? cudaEventDefault : cudaEventDisableTiming), op,
+        "cudaEventCreate", err);
+    if (rc != 0)
+        *e = NULL;
+    return rc;
+}
+
+/* The staging buffers' and the timer's events (the stream has been drained). */
+static void events_free(struct bs__cuda_thread *t)
+{
+    cudaEvent_t *all[] = {&t->xfer_done[0], &t->xfer_done[1], &t->tm_start,
+                          &t->tm_stop,      &t->tm_copy0,     &t->tm_copy1};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        if (*all[i]) {
+            cudaEventDestroy(*all[i]);
+            *all[i] = NULL;
+        }
+}
+
 static void thread_free(struct bs__cuda *c, struct bs__cuda_thread *t)
 {
     if (t->stream)
         cudaStreamSynchronize(t->stream);
     upload_free(t);
+    events_free(t);
     if (t->blas)
         cublasDestroy(t->blas);
     if (t->blas_ws)
@@ -120,12 +145,14 @@ static int thread_make(struct bs__cuda *c, struct bs__cuda_thread *t, const char
     TRY_RC(rc, dev_alloc(&t->blas_ws, BLAS_WS_BYTES, op, err));
     TRY_RC(rc, blas_check(cublasSetWorkspace(t->blas, t->blas_ws, BLAS_WS_BYTES), op,
                           "cublasSetWorkspace", err));
-    if ((rc = bs__cuda_check(cudaMallocHost(&t->pinned, PINNED_BYTES), op, "cudaMallocHost",
-                             err)) != 0) {
+    if ((rc = bs__cuda_check(cudaMallocHost(&t->pinned, 2 * (size_t)PINNED_BYTES), op,
+                             "cudaMallocHost", err)) != 0) {
         t->pinned = NULL;
         return rc;
     }
     t->pinned_bytes = PINNED_BYTES;
+    TRY_RC(rc, event_make(&t->xfer_done[0], false, op, err));
+    TRY_RC(rc, event_make(&t->xfer_done[1], false, op, err));
     if ((rc = bs__cuda_check(cudaHostAlloc((void **)&t->overflow, sizeof(int), cudaHostAllocMapped),
                              op, "cudaHostAlloc", err)) != 0) {
         t->overflow = NULL;
@@ -295,26 +322,91 @@ static void cuda_buf_free(void *ctx, void *ptr)
     cudaGetLastError(); /* an error here is reported by the next op that meets it */
 }
 
-/* Host to device through the thread's pinned chunk, synchronously (src may
- * be freed on return); an overflow flagged by the thread's earlier ops fails
- * it too. */
+/* Staging buffer b of t (two of pinned_bytes: xfer.h). */
+static char *xfer_buf(struct bs__cuda_thread *t, int b)
+{
+    return (char *)t->pinned + (size_t)b * t->pinned_bytes;
+}
+
+/* One step of xfer.h's schedule for a copy between host and dev. */
+static int xfer_step(struct bs__cuda_thread *t, const struct bs__xfer_step *s, char *dev,
+                     char *host, bool out, const char *op, struct bs_err *err)
+{
+    char *b = xfer_buf(t, s->buf);
+    int rc = 0;
+    switch (s->op) {
+    case BS_XFER_WAIT:
+        return bs__cuda_check(cudaEventSynchronize(t->xfer_done[s->buf]), op,
+                              "cudaEventSynchronize (this or an earlier op failed)", err);
+    case BS_XFER_HOST:
+        if (out)
+            memcpy(host + s->off, b, s->len);
+        else
+            memcpy(b, host + s->off, s->len);
+        return 0;
+    case BS_XFER_DMA:
+        TRY_RC(rc,
+               bs__cuda_check(cudaMemcpyAsync(
+                                  out ? b : dev + s->off, out ? dev + s->off : b, s->len,
+                                  out ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, t->stream),
+                              op, "cudaMemcpyAsync", err));
+        return bs__cuda_check(cudaEventRecord(t->xfer_done[s->buf], t->stream), op,
+                              "cudaEventRecord", err);
+    case BS_XFER_DONE:
+        break;
+    }
+    return 0;
+}
+
+/* A copy of size bytes through the two staging buffers, the host's memcpy
+ * of one chunk overlapping the DMA of the next (copy_out) or previous
+ * (copy_in) one; then the wait for the thread's stream, so that every op
+ * it queued before has finished. While the thread's GPU timer runs, the
+ * copy's span on the stream is added to it. On failure the stream is
+ * drained (best effort), so no DMA still uses the staging on return. */
+static int xfer_run(struct bs__cuda_thread *t, char *dev, char *host, size_t size, bool out,
+                    const char *op, struct bs_err *err)
+{
+    bool timed = t->tm_on && size > 0;
+    int rc =
+        timed ? bs__cuda_check(cudaEventRecord(t->tm_copy0, t->stream), op, "cudaEventRecord", err)
+              : 0;
+    struct bs__xfer x;
+    bs__xfer_init(&x, size, t->pinned_bytes, out);
+    for (struct bs__xfer_step s = bs__xfer_next(&x); rc == 0 && s.op != BS_XFER_DONE;
+         s = bs__xfer_next(&x))
+        rc = xfer_step(t, &s, dev, host, out, op, err);
+    if (rc == 0 && timed)
+        rc = bs__cuda_check(cudaEventRecord(t->tm_copy1, t->stream), op, "cudaEventRecord", err);
+    if (rc == 0)
+        rc = bs__cuda_check(cudaStreamSynchronize(t->stream), op,
+                            "cudaStreamSynchronize (this or an earlier op failed)", err);
+    else {
+        cudaStreamSynchronize(t->stream);
+        cudaGetLastError();
+    }
+    float ms = 0;
+    if (rc == 0 && timed &&
+        (rc = bs__cuda_check(cudaEventElapsedTime(&ms, t->tm_copy0, t->tm_copy1), op,
+                             "cudaEventElapsedTime", err)) == 0) {
+        t->tm_copy_ms += ms;
+        t->tm_copy_bytes += size;
+        t->tm_copies++;
+    }
+    return rc;
+}
+
+/* Host to device through the thread's pinned staging (src may be freed on
+ * return); waits for every op the thread queued, so an overflow flagged by
+ * its earlier ops fails it too. */
 static int cuda_copy_in(void *ctx, void *dst, const void *src, size_t size, struct bs_err *err)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "copy_in", err);
     if (t == NULL)
         return err->code;
-    for (size_t off = 0; off < size; off += t->pinned_bytes) {
-        size_t n = size - off < t->pinned_bytes ? size - off : t->pinned_bytes;
-        memcpy(t->pinned, (const char *)src + off, n);
-        if (bs__cuda_check(
-                cudaMemcpyAsync((char *)dst + off, t->pinned, n, cudaMemcpyHostToDevice, t->stream),
-                "copy_in", "cudaMemcpyAsync", err) ||
-            bs__cuda_check(cudaStreamSynchronize(t->stream), "copy_in",
-                           "cudaStreamSynchronize (this or an earlier op failed)", err))
-            return take_overflow(c, t, err->code, err);
-    }
-    return take_overflow(c, t, 0, err);
+    int rc = xfer_run(t, (char *)dst, (char *)(uintptr_t)src, size, false, "copy_in", err);
+    return take_overflow(c, t, rc, err);
 }
 
 /* Device to host; waits for every op this thread queued, so their faults
@@ -326,20 +418,8 @@ static int cuda_copy_out(void *ctx, void *dst, const void *src, size_t size, str
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "copy_out", err);
     if (t == NULL)
         return err->code;
-    if (size == 0 && bs__cuda_check(cudaStreamSynchronize(t->stream), "copy_out",
-                                    "cudaStreamSynchronize (an earlier op failed)", err))
-        return take_overflow(c, t, err->code, err);
-    for (size_t off = 0; off < size; off += t->pinned_bytes) {
-        size_t n = size - off < t->pinned_bytes ? size - off : t->pinned_bytes;
-        if (bs__cuda_check(cudaMemcpyAsync(t->pinned, (const char *)src + off, n,
-                                           cudaMemcpyDeviceToHost, t->stream),
-                           "copy_out", "cudaMemcpyAsync", err) ||
-            bs__cuda_check(cudaStreamSynchronize(t->stream), "copy_out",
-                           "cudaStreamSynchronize (this or an earlier op failed)", err))
-            return take_overflow(c, t, err->code, err);
-        memcpy((char *)dst + off, t->pinned, n);
-    }
-    return take_overflow(c, t, 0, err);
+    int rc = xfer_run(t, (char *)(uintptr_t)src, (char *)dst, size, true, "copy_out", err);
+    return take_overflow(c, t, rc, err);
 }
 
 /* ---- weights in the compute dtype -------------------------------------- */
@@ -674,6 +754,85 @@ static int cuda_attention_unfused(struct bs_backend *be, struct bs_tensor *o,
     return bs__cuda_attention_unfused(be->ctx, o, q, k, v, p, err);
 }
 
+/* ---- BS_PROC_GPU_TIMER: CUDA events on the calling thread's stream ---- */
+
+/* The calling thread's state for the timer, with its events made. */
+static struct bs__cuda_thread *timer_thread(struct bs_backend *be, struct bs_err *err)
+{
+    if (be->iface != &cuda_iface) {
+        bs_err_set(err, BS_EINVAL, "gpu_timer: not a cuda backend");
+        return NULL;
+    }
+    struct bs__cuda *c = (struct bs__cuda *)be->ctx;
+    if (c->bare) {
+        bs_err_set(err, BS_EUNSUPP, "gpu_timer: a test backend has no device to time");
+        return NULL;
+    }
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "gpu_timer", err);
+    if (t == NULL || t->tm_stop != NULL)
+        return t;
+    if (event_make(&t->tm_start, true, "gpu_timer", err) ||
+        event_make(&t->tm_stop, true, "gpu_timer", err) ||
+        event_make(&t->tm_copy0, true, "gpu_timer", err) ||
+        event_make(&t->tm_copy1, true, "gpu_timer", err)) {
+        cudaEvent_t *all[] = {&t->tm_start, &t->tm_stop, &t->tm_copy0, &t->tm_copy1};
+        for (int i = 0; i < 4; i++) /* made again on the next start */
+            if (*all[i]) {
+                cudaEventDestroy(*all[i]);
+                *all[i] = NULL;
+            }
+        return NULL;
+    }
+    return t;
+}
+
+static int gpu_timer_start(struct bs_backend *be, struct bs_err *err)
+{
+    struct bs__cuda_thread *t = timer_thread(be, err);
+    if (t == NULL)
+        return err->code;
+    t->tm_on = false;
+    t->tm_copy_ms = 0;
+    t->tm_copy_bytes = 0;
+    t->tm_copies = 0;
+    int rc = bs__cuda_check(cudaEventRecord(t->tm_start, t->stream), "gpu_timer", "cudaEventRecord",
+                            err);
+    t->tm_on = rc == 0;
+    return rc;
+}
+
+static int gpu_timer_stop(struct bs_backend *be, struct bs_gpu_time *out, struct bs_err *err)
+{
+    memset(out, 0, sizeof(*out));
+    if (be->iface == &cuda_iface && ((struct bs__cuda *)be->ctx)->bare)
+        return bs_err_set(err, BS_EINVAL, "gpu_timer: stop without start on this thread");
+    struct bs__cuda_thread *t = timer_thread(be, err);
+    if (t == NULL)
+        return err->code;
+    if (!t->tm_on)
+        return bs_err_set(err, BS_EINVAL, "gpu_timer: stop without start on this thread");
+    t->tm_on = false;
+    float ms = 0;
+    int rc;
+    TRY_RC(rc, bs__cuda_check(cudaEventRecord(t->tm_stop, t->stream), "gpu_timer",
+                              "cudaEventRecord", err));
+    TRY_RC(rc, bs__cuda_check(cudaEventSynchronize(t->tm_stop), "gpu_timer",
+                              "cudaEventSynchronize (this or an earlier op failed)", err));
+    TRY_RC(rc, bs__cuda_check(cudaEventElapsedTime(&ms, t->tm_start, t->tm_stop), "gpu_timer",
+                              "cudaEventElapsedTime", err));
+    out->total_ms = ms;
+    out->transfer_ms = t->tm_copy_ms;
+    out->transfer_bytes = t->tm_copy_bytes;
+    out->transfers = t->tm_copies;
+    return 0;
+}
+
+static const struct bs_backend_gpu_timer *cuda_gpu_timer(void)
+{
+    static const struct bs_backend_gpu_timer timer = {gpu_timer_start, gpu_timer_stop};
+    return &timer;
+}
+
 /* BS_PROC_TEST_BACKEND (tests/unit/test_cuda_host.c): a backend whose context
  * is bound to no device (bare: its thread states have no stream, cuBLAS
  * handle or staging), so that a machine without a GPU can check the ops'
@@ -760,6 +919,7 @@ static void *cuda_get_proc_address(const char *name)
     bs_proc_attention_unfused_fn unfused = cuda_attention_unfused;
     bs_proc_test_backend_fn test_backend = cuda_test_backend;
     bs_proc_test_hooks_fn test_hooks = cuda_test_hooks;
+    bs_proc_gpu_timer_fn gpu_timer = cuda_gpu_timer;
     if (name == NULL)
         return NULL;
     if (strcmp(name, BS_PROC_ATTENTION_UNFUSED) == 0)
@@ -768,6 +928,8 @@ static void *cuda_get_proc_address(const char *name)
         return reinterpret_cast<void *>(test_backend);
     if (strcmp(name, BS_PROC_TEST_HOOKS) == 0)
         return reinterpret_cast<void *>(test_hooks);
+    if (strcmp(name, BS_PROC_GPU_TIMER) == 0)
+        return reinterpret_cast<void *>(gpu_timer);
     return NULL;
 }
 

@@ -62,7 +62,7 @@ struct bs__cuda_thread {
     void *blas_ws;
     void *scratch; /* device memory for operand conversions, grown to the high-water mark */
     size_t scratch_bytes;
-    void *pinned; /* pinned host staging for copy_in / copy_out */
+    void *pinned; /* pinned host staging for copy_in / copy_out (two buffers: xfer_done) */
     size_t pinned_bytes;
     int *overflow;     /* the overflow flag (overflow.cuh), host memory mapped for the device, */
     int *overflow_dev; /* and its device address, which the conversion kernels get */
@@ -74,6 +74,19 @@ struct bs__cuda_thread {
     size_t up_bytes;
     cudaEvent_t up_done[BS_CUDA_UP_SLOTS];
     int up_next;
+    /* copy_in / copy_out: pinned holds two staging buffers of pinned_bytes
+     * each, used in turn (the schedule of xfer.h); xfer_done[b] is recorded
+     * after the last DMA queued from or into buffer b, so the host refills
+     * or reads it only once that DMA has run. */
+    cudaEvent_t xfer_done[2];
+    /* BS_PROC_GPU_TIMER (backend.h), made on the thread's first start:
+     * tm_start and tm_stop around the timed work; tm_copy0 and tm_copy1
+     * around each copy while tm_on, whose spans add up in tm_copy_ms. */
+    cudaEvent_t tm_start, tm_stop, tm_copy0, tm_copy1;
+    bool tm_on;
+    double tm_copy_ms;
+    uint64_t tm_copy_bytes;
+    int tm_copies;
 };
 
 struct bs__cuda {

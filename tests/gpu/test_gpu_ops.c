@@ -21,7 +21,14 @@
  * fp16, an
  * operand beyond 65504 fails the copy that follows with "fp16 overflow"
  * (linear, attention), and the next copy succeeds; three threads running
- * linear and attention at once, each on its own stream, against the CPU. */
+ * linear and attention at once, each on its own stream, against the CPU.
+ *
+ * copy_in / copy_out round trips of sizes around the staging chunk
+ * (BS_CUDA_XFER_CHUNK: 0, 1, chunk - 1, chunk, chunk + 1, 3 chunks + 13) at
+ * odd host and device offsets, bytes past the end untouched; and the GPU
+ * timer (BS_PROC_GPU_TIMER): it counts the copies between start and stop
+ * with their bytes, a span within the total, and a GEMM's time; a second
+ * stop fails. It prints the copies' bandwidth (256 MiB each way). */
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
@@ -30,6 +37,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "xfer.h"
 
 #define EXIT_SKIP 77
 #define MASK_DROP -10000.0f
@@ -767,6 +775,128 @@ static void test_threads(struct env *e)
     pt_free(e, &w.buf);
 }
 
+/* ---- copies and the GPU timer ------------------------------------------- */
+
+#define GUARD 64
+
+static void expect_true(struct env *e, const char *name, bool ok)
+{
+    e->checks++;
+    if (!ok) {
+        printf("FAIL %s\n", name);
+        e->failures++;
+    }
+}
+
+/* size bytes up at device offset doff from host offset 3, then down again
+ * into a fresh buffer at host offset 5; the guard bytes stay as they were. */
+static void copy_round_trip(struct env *e, size_t size, size_t doff)
+{
+    char name[640];
+    struct bs_err err = {0};
+    unsigned char *src = malloc(size + GUARD), *dst = malloc(size + GUARD);
+    unsigned char *dev = e->gpu.iface->buf_alloc(e->gpu.ctx, size + doff + GUARD);
+    if (src == NULL || dst == NULL || dev == NULL)
+        die("copy round trip: out of memory", NULL);
+    for (size_t i = 0; i < size + GUARD; i++)
+        src[i] = (unsigned char)(i * 167 + 11);
+    memset(dst, 0xa5, size + GUARD);
+    int rc = e->gpu.iface->copy_in(e->gpu.ctx, dev + doff, src + 3, size, &err);
+    if (rc == 0)
+        rc = e->gpu.iface->copy_out(e->gpu.ctx, dst + 5, dev + doff, size, &err);
+    snprintf(name, sizeof(name), "copy round trip %zu bytes (device offset %zu): %s", size, doff,
+             rc ? err.msg : "ok");
+    bool ok = rc == 0 && memcmp(dst + 5, src + 3, size) == 0;
+    for (size_t i = 0; i < 5; i++)
+        ok = ok && dst[i] == 0xa5;
+    for (size_t i = size + 5; i < size + GUARD; i++)
+        ok = ok && dst[i] == 0xa5;
+    expect_true(e, name, ok);
+    e->gpu.iface->buf_free(e->gpu.ctx, dev);
+    free(src);
+    free(dst);
+}
+
+static void test_copies(struct env *e)
+{
+    const size_t c = BS_CUDA_XFER_CHUNK;
+    const size_t sizes[] = {0, 1, c - 1, c, c + 1, 2 * c, 3 * c + 13};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        copy_round_trip(e, sizes[i], 0);
+        copy_round_trip(e, sizes[i], 7);
+    }
+}
+
+/* The copies' bandwidth, for the log: bytes each way within the timer. */
+static void print_bandwidth(struct env *e, const struct bs_backend_gpu_timer *t, size_t bytes)
+{
+    struct bs_err err = {0};
+    struct bs_gpu_time up = {0}, down = {0};
+    void *h = calloc(1, bytes), *d = e->gpu.iface->buf_alloc(e->gpu.ctx, bytes);
+    int rc = h && d ? 0 : bs_err_set(&err, BS_ENOMEM, "out of memory");
+    if (rc == 0 && (rc = t->start(&e->gpu, &err)) == 0 &&
+        (rc = e->gpu.iface->copy_in(e->gpu.ctx, d, h, bytes, &err)) == 0)
+        rc = t->stop(&e->gpu, &up, &err);
+    if (rc == 0 && (rc = t->start(&e->gpu, &err)) == 0 &&
+        (rc = e->gpu.iface->copy_out(e->gpu.ctx, h, d, bytes, &err)) == 0)
+        rc = t->stop(&e->gpu, &down, &err);
+    expect_true(e, "copies of 256 MiB under the timer", rc == 0);
+    if (rc == 0)
+        printf("copy_in %zu MiB: %.2f ms on the stream, %.1f GB/s; copy_out: %.2f ms, %.1f GB/s\n",
+               bytes >> 20, up.transfer_ms, bytes / (up.transfer_ms * 1e6), down.transfer_ms,
+               bytes / (down.transfer_ms * 1e6));
+    if (d)
+        e->gpu.iface->buf_free(e->gpu.ctx, d);
+    free(h);
+}
+
+static void test_gpu_timer(struct env *e)
+{
+    struct bs_err err = {0};
+    bs_proc_gpu_timer_fn fn;
+    *(void **)&fn = bs_backend_get_proc_address(&e->gpu, BS_PROC_GPU_TIMER);
+    expect_true(e, "the cuda backend has " BS_PROC_GPU_TIMER, fn != NULL);
+    if (fn == NULL)
+        return;
+    const struct bs_backend_gpu_timer *t = fn();
+    const size_t bytes = 3 * (size_t)BS_CUDA_XFER_CHUNK + 13;
+    unsigned char *h = calloc(1, bytes), *d = e->gpu.iface->buf_alloc(e->gpu.ctx, bytes);
+    struct bs_gpu_time gt = {0};
+    struct weights w;
+    struct pt x, y;
+    weights_new(e, &w, 1024, 1024, true);
+    pt_new(e, &x, 2, (int64_t[]){2048, 1024}, -1, 1);
+    pt_new(e, &y, 2, (int64_t[]){2048, 1024}, -1, 1);
+    int rc = h && d ? t->start(&e->gpu, &err) : BS_ENOMEM;
+    if (rc == 0 && (rc = e->gpu.iface->copy_in(e->gpu.ctx, d, h, bytes, &err)) == 0 &&
+        (rc = GPU->linear(GC, &y.g, &x.g, &w.wg, NULL, 0.0f, &err)) == 0 &&
+        (rc = e->gpu.iface->copy_out(e->gpu.ctx, h, d, bytes, &err)) == 0)
+        rc = t->stop(&e->gpu, &gt, &err);
+    printf("timer: total %.3f ms, transfers %.3f ms (%d, %llu bytes): %s\n", gt.total_ms,
+           gt.transfer_ms, gt.transfers, (unsigned long long)gt.transfer_bytes,
+           rc ? err.msg : "ok");
+    expect_true(e, "timer: copies counted with their bytes",
+                rc == 0 && gt.transfers == 2 && gt.transfer_bytes == 2 * bytes);
+    expect_true(e, "timer: 0 < transfers < total (the GEMM between them)",
+                rc == 0 && gt.transfer_ms > 0 && gt.transfer_ms < gt.total_ms);
+    err = (struct bs_err){0};
+    expect_true(e, "timer: a second stop fails", t->stop(&e->gpu, &gt, &err) == BS_EINVAL);
+    /* kernels alone: no copies counted, a positive time */
+    rc = t->start(&e->gpu, &err);
+    for (int i = 0; rc == 0 && i < 4; i++)
+        rc = GPU->linear(GC, &y.g, &x.g, &w.wg, NULL, 0.0f, &err);
+    if (rc == 0)
+        rc = t->stop(&e->gpu, &gt, &err);
+    expect_true(e, "timer: 4 GEMMs, no copies",
+                rc == 0 && gt.transfers == 0 && gt.transfer_ms == 0 && gt.total_ms > 0);
+    print_bandwidth(e, t, (size_t)256 << 20);
+    pt_free(e, &x);
+    pt_free(e, &y);
+    pt_free(e, &w.buf);
+    e->gpu.iface->buf_free(e->gpu.ctx, d);
+    free(h);
+}
+
 static void test_all(struct env *e)
 {
     test_linear(e);
@@ -777,6 +907,9 @@ static void test_all(struct env *e)
     test_attention(e);
     test_attention_ragged(e);
     test_threads(e);
+    test_copies(e);
+    if (!e->self_check)
+        test_gpu_timer(e);
     if (!e->self_check && strcmp(e->dtype, "fp16") == 0)
         test_overflow(e);
 }

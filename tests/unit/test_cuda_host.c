@@ -20,7 +20,15 @@
  * rows, mask parts and stray ragged fields with BS_EINVAL and a message
  * naming them, the unfused baseline refuses ragged batches with
  * BS_EUNSUPP, and valid ones (a sample without keys, both mask forms) pass
- * the checks and reach CUDA (BS_EINTERNAL without a GPU). */
+ * the checks and reach CUDA (BS_EINTERNAL without a GPU).
+ *
+ * copy_in / copy_out's double-buffered staging (kernels/cuda/xfer.h),
+ * replayed against a model of the stream for sizes around the chunk
+ * boundary: every byte arrives, no staging buffer is touched by the host
+ * while a DMA may use it, and the host's memcpy of one chunk overlaps the
+ * DMA of the next. And the GPU timer (BS_PROC_GPU_TIMER) refuses cleanly
+ * where there is nothing to time: a stop without a start, a test backend,
+ * the CPU backend (no entry). */
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -34,6 +42,7 @@
 #include <cmocka.h>
 
 #include "backend.h"
+#include "xfer.h"
 
 static const char *module_path;
 
@@ -529,6 +538,148 @@ static void test_attention_ragged_valid(void **state)
     assert_int_equal(ragged_call(f, &r, &err), 0);
 }
 
+/* ---- the staging schedule (xfer.h) ------------------------------------- */
+
+/* The model of the stream: queued DMAs run in order, each as late as the
+ * schedule lets it (at a WAIT that needs it, or at the end), so a buffer the
+ * host refills or reads too early holds the wrong bytes. */
+struct xfer_model {
+    unsigned char *dev, *host, *buf[2];
+    bool out;
+    struct bs__xfer_step q[8]; /* queued DMAs, oldest first */
+    int nq;
+    size_t *hosted, *retired; /* per chunk: HOST steps, DMAs run */
+};
+
+static void model_run_dma(struct xfer_model *m, const struct bs__xfer_step *s, size_t chunk)
+{
+    if (m->out)
+        memcpy(m->buf[s->buf], m->dev + s->off, s->len);
+    else
+        memcpy(m->dev + s->off, m->buf[s->buf], s->len);
+    m->retired[s->off / chunk]++;
+}
+
+/* Runs the queue up to and including the last DMA on buffer b (b < 0: all). */
+static void model_wait(struct xfer_model *m, int b, size_t chunk)
+{
+    int last = -1;
+    for (int i = 0; i < m->nq; i++)
+        if (b < 0 || m->q[i].buf == b)
+            last = i;
+    for (int i = 0; i <= last; i++)
+        model_run_dma(m, &m->q[i], chunk);
+    memmove(m->q, m->q + last + 1, (size_t)(m->nq - last - 1) * sizeof(m->q[0]));
+    m->nq -= last + 1;
+}
+
+/* One copy of size bytes in chunks of chunk, one direction. */
+static void replay_xfer(size_t size, size_t chunk, bool out)
+{
+    size_t n = bs__xfer_chunks(size, chunk), steps = 0;
+    unsigned char *src = malloc(size + 1), *dst = malloc(size + 1);
+    struct xfer_model m = {.out = out, .buf = {malloc(chunk), malloc(chunk)}};
+    m.hosted = calloc(n + 1, sizeof(size_t));
+    m.retired = calloc(n + 1, sizeof(size_t));
+    assert_non_null(src && dst && m.buf[0] && m.buf[1] && m.hosted && m.retired);
+    for (size_t i = 0; i < size; i++)
+        src[i] = (unsigned char)(i * 131 + 7);
+    memset(dst, 0xee, size + 1);
+    m.dev = out ? src : dst;
+    m.host = out ? dst : src;
+    struct bs__xfer x;
+    bs__xfer_init(&x, size, chunk, out);
+    for (struct bs__xfer_step s = bs__xfer_next(&x); s.op != BS_XFER_DONE; s = bs__xfer_next(&x)) {
+        assert_true(++steps <= 4 * n + 4);
+        assert_true(s.buf == 0 || s.buf == 1);
+        size_t i = s.off / chunk;
+        switch (s.op) {
+        case BS_XFER_WAIT:
+            model_wait(&m, s.buf, chunk);
+            break;
+        case BS_XFER_HOST:
+            assert_true(s.len > 0 && s.len <= chunk && s.off + s.len <= size);
+            assert_int_equal(s.buf, (int)(i % 2));
+            for (int j = 0; j < m.nq; j++) /* no DMA on this buffer may be pending */
+                assert_int_not_equal(m.q[j].buf, s.buf);
+            if (out)
+                memcpy(m.host + s.off, m.buf[s.buf], s.len);
+            else
+                memcpy(m.buf[s.buf], m.host + s.off, s.len);
+            m.hosted[i]++;
+            break;
+        case BS_XFER_DMA:
+            assert_true(s.len > 0 && s.len <= chunk && s.off + s.len <= size);
+            assert_true(m.nq < 8);
+            /* the overlap: in, chunk i's DMA is queued while the host still
+             * has chunk i + 1 to stage (nothing waited for it); out, chunk
+             * i + 1's DMA is queued before the host empties chunk i */
+            if (out && i >= 1)
+                assert_int_equal(m.hosted[i - 1], 0);
+            m.q[m.nq++] = s;
+            break;
+        case BS_XFER_DONE:
+            break;
+        }
+        /* in: chunk i + 1 is staged before chunk i's DMA has to have run */
+        if (!out && s.op == BS_XFER_HOST && i >= 1)
+            assert_int_equal(m.retired[i - 1], 0);
+    }
+    model_wait(&m, -1, chunk); /* the stream's final wait */
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(m.hosted[i], 1);
+        assert_int_equal(m.retired[i], 1);
+    }
+    assert_memory_equal(dst, src, size);
+    assert_int_equal(dst[size], 0xee); /* nothing past the end */
+    free(src);
+    free(dst);
+    free(m.buf[0]);
+    free(m.buf[1]);
+    free(m.hosted);
+    free(m.retired);
+}
+
+static void test_xfer_schedule(void **state)
+{
+    (void)state;
+    const size_t chunks[] = {1, 7, 64};
+    assert_int_equal(bs__xfer_chunks(0, 64), 0);
+    assert_int_equal(bs__xfer_chunks(64, 64), 1);
+    assert_int_equal(bs__xfer_chunks(65, 64), 2);
+    assert_int_equal(bs__xfer_chunks(10, 0), 0);
+    for (size_t c = 0; c < BS_ARRAY_LEN(chunks); c++) {
+        size_t k = chunks[c];
+        const size_t sizes[] = {0, 1, k - 1, k, k + 1, 2 * k, 3 * k + 5, 10 * k + 1};
+        for (size_t i = 0; i < BS_ARRAY_LEN(sizes); i++) {
+            replay_xfer(sizes[i], k, false);
+            replay_xfer(sizes[i], k, true);
+        }
+    }
+}
+
+/* The timer's refusals where nothing can be timed. */
+static void test_gpu_timer_refusals(void **state)
+{
+    struct fixture *f = *state;
+    struct bs_err err = {0};
+    bs_proc_gpu_timer_fn fn;
+    assert_null(bs_backend_get_proc_address(&f->cpu, BS_PROC_GPU_TIMER));
+    *(void **)&fn = bs_backend_get_proc_address(&f->cuda, BS_PROC_GPU_TIMER);
+    assert_non_null(fn);
+    const struct bs_backend_gpu_timer *t = fn();
+    struct bs_gpu_time gt = {.total_ms = 5};
+    assert_int_equal(t->stop(&f->cuda, &gt, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "stop without start"));
+    assert_true(gt.total_ms == 0);
+    err = (struct bs_err){0};
+    assert_int_equal(t->start(&f->cuda, &err), BS_EUNSUPP);
+    assert_non_null(strstr(err.msg, "no device"));
+    err = (struct bs_err){0};
+    assert_int_equal(t->start(&f->cpu, &err), BS_EINVAL);
+    assert_non_null(strstr(err.msg, "not a cuda backend"));
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -549,6 +700,8 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_attention_ragged_checks, setup_bf16, teardown),
         cmocka_unit_test_setup_teardown(test_attention_ragged_valid, setup_fp32, teardown),
         cmocka_unit_test_setup_teardown(test_attention_ragged_valid, setup_bf16, teardown),
+        cmocka_unit_test(test_xfer_schedule),
+        cmocka_unit_test_setup_teardown(test_gpu_timer_refusals, setup_bf16, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
