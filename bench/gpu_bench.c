@@ -51,12 +51,17 @@
  * the transcription does not say which of the paper's causal / non-causal
  * panels it is. The same charts give standard (PyTorch) attention 18 and
  * 133 TFLOP/s. H200 has H100's SMs and clocks (more HBM bandwidth), so these
- * are the nearest published yardstick. The FA2 paper's own A100 figures
- * (Dao 2023, arXiv:2307.08691) were not found in the references searched,
- * so none are printed. */
+ * are the nearest published yardstick. The FA2 paper itself (Dao 2023,
+ * arXiv:2307.08691) states in its abstract 50-73% of the A100's theoretical
+ * maximum (312 TFLOP/s dense FP16/BF16), i.e. about 156-228 TFLOP/s across
+ * its forward and backward benchmarks; its per-head-dim figures were not
+ * found in the references searched. */
 #define FA2_H100_HD64_4K  284.0
 #define FA2_H100_HD128_4K 368.0
-#define FA2_SOURCE        "FA3 paper (arXiv:2407.08608) FA2 baseline, H100 SXM5, FP16, 4k"
+#define FA2_SOURCE                                                                                 \
+    "FA3 paper (arXiv:2407.08608) FA2 baseline, H100 SXM5, FP16, 4k, transcribed from its "        \
+    "charts, "                                                                                     \
+    "unverified; FA2 paper: 50-73% of A100 peak"
 
 /* One model at one batch: medians in ms (gpu and xfer < 0: not measured). */
 struct row {
