@@ -347,6 +347,7 @@ static int plan_init(struct cli *a, struct cli_conn *conn, const struct cli_inpu
 {
     memset(p, 0, sizeof(*p));
     p->io.id = a->id;
+    p->io.output_datatype = a->output_datatype;
     p->shm.fd = -1;
     if (!a->shm && !conn->http)
         return 0; /* gRPC: every output, raw, as before */
@@ -456,7 +457,8 @@ static int stream_request(struct cli *a, const struct cli_inputs *in, int64_t i,
 {
     char id[32];
     snprintf(id, sizeof(id), "%lld", (long long)i);
-    return bs_client_pack_infer_request(a->model, id, in->t, in->n, buf, len, err);
+    struct bs_client_infer_opts o = {.id = id, .output_datatype = a->output_datatype};
+    return bs_client_pack_infer_request_ex(a->model, in->t, in->n, &o, buf, len, err);
 }
 
 static int cmd_stream(struct cli *a, struct cli_conn *conn)
