@@ -202,7 +202,7 @@ class OutputDtypeTest(unittest.TestCase):
             elif want == "FP16":
                 got = got.view(np.float16).astype(np.float32)
             # batched: within the batching tolerance of the request alone,
-            # plus the narrow type's rounding (half an ulp: 2^-9, 2^-12 relative)
+            # plus the narrow type's rounding (half an ulp: at most 2^-8, 2^-11 of the value)
             ulp = {"FP32": 0.0, "BF16": 2.0 ** -8, "FP16": 2.0 ** -11}[want]
             err = np.abs(got - ref)
             bound = BATCH_TOL * float(np.max(np.abs(ref))) + ulp * np.abs(ref) + 1e-7
