@@ -250,11 +250,16 @@ static void print_outputs(const struct bs_ctensor *t, int n, const char *prefix)
         char sb[128];
         printf("%s%s %s %s", prefix, t[i].name, t[i].datatype,
                bs_ct_shape_str(&t[i], sb, sizeof(sb)));
-        if (!strcmp(t[i].datatype, "FP32")) {
+        bool f32 = !strcmp(t[i].datatype, "FP32"), f16 = !strcmp(t[i].datatype, "FP16");
+        if (f32 || f16 || !strcmp(t[i].datatype, "BF16")) {
             int64_t ne = bs_ct_nelements(&t[i]);
+            const uint16_t *h = t[i].data;
             printf(" [");
             for (int64_t k = 0; k < ne && k < 4; k++)
-                printf("%s%.6g", k ? ", " : "", (double)((const float *)t[i].data)[k]);
+                printf("%s%.6g", k ? ", " : "",
+                       f32   ? (double)((const float *)t[i].data)[k]
+                       : f16 ? (double)bs_fp16_to_f32(h[k])
+                             : (double)bs_bf16_to_f32(h[k]));
             printf("%s]", ne > 4 ? ", ..." : "");
         }
         printf("\n");
