@@ -14,6 +14,7 @@
 #include "cli_inputs.h"
 #include "cli_shm.h"
 #include "http_client.h"
+#include "tensor.h"
 #include "version.h"
 
 #define MAX_OUTPUTS 8
