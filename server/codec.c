@@ -862,8 +862,8 @@ static int encode_output(struct response *r, const struct bs_tensor *out, bool r
         numel = 0;
     }
     if (raw) {
-        r->raw = (ProtobufCBinaryData){.len = (size_t)numel * bs_dtype_size(out->type),
-                                       .data = data};
+        r->raw =
+            (ProtobufCBinaryData){.len = (size_t)numel * bs_dtype_size(out->type), .data = data};
         r->msg.n_raw_output_contents = 1;
         r->msg.raw_output_contents = &r->raw;
     } else {

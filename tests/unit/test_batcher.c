@@ -592,9 +592,8 @@ static void test_output_dtypes(void **state)
         assert_int_equal(rb.n, 3);
         for (int k = 0; k <= 3; k++) { /* blocks 0..2, then the output */
             const float *w = k < 3 ? rb.blocks[k] : want;
-            assert_int_equal(bs_convert_to_f32(got, k < 3 ? q->blocks[k] : q->out.data,
-                                               q->out.type, n),
-                             0);
+            assert_int_equal(
+                bs_convert_to_f32(got, k < 3 ? q->blocks[k] : q->out.data, q->out.type, n), 0);
             for (int64_t e = 0; e < n; e++) {
                 double d = fabs((double)got[e] - w[e]);
                 double bound = TOLERANCE + half_ulp[i % 3] * fabs(w[e]) * 1.01;

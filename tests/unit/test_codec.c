@@ -888,7 +888,7 @@ static void test_decode_output_datatype(void **state)
     p = b_param(&b, "output_datatype");
     p->parameter_choice_case = K_STR;
     p->string_param = "FP\x01\x7f";
-    expect_error(&b, BS_EINVAL, "parameter 'output_datatype' is 'FP?" "?'");
+    expect_error(&b, BS_EINVAL, "parameter 'output_datatype' is 'FP\?\?'");
     p->parameter_choice_case = K_I64;
     p->int64_param = 16;
     expect_error(&b, BS_EINVAL, "parameter 'output_datatype' must be a string_param");

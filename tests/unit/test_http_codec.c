@@ -354,8 +354,8 @@ static void test_output_datatype(void **state)
     assert_int_equal(d.req.out_dtype, BS_TYPE_BF16);
     assert_false(d.hi.binary_output);
     release(&d);
-    expect_error("{\"parameters\":{\"output_datatype\":\"FP8\"},\"inputs\":[]}", NULL, 0,
-                 BS_EINVAL, "parameter 'output_datatype' is 'FP8' (accepted: FP32, BF16, FP16)");
+    expect_error("{\"parameters\":{\"output_datatype\":\"FP8\"},\"inputs\":[]}", NULL, 0, BS_EINVAL,
+                 "parameter 'output_datatype' is 'FP8' (accepted: FP32, BF16, FP16)");
     expect_error("{\"parameters\":{\"output_datatype\":32},\"inputs\":[]}", NULL, 0, BS_EINVAL,
                  "parameter 'output_datatype' must be a string_param");
 
