@@ -9,10 +9,10 @@
  * signature (its inputs, and its output dtype); compatible jobs behind it
  * (skipping incompatible ones, which wait for a later batch) join until the
  * batch is full, reaches the largest preferred size it can, or its oldest
- * job has waited max_queue_delay. One
- * batch runs at a time (instance count 1) on the uv threadpool: the worker
- * concatenates the inputs along dim 0, runs the forward in the batcher's
- * arena, and the after-work callback splits the output per job.
+ * job has waited max_queue_delay. One batch runs at a time (instance count
+ * 1) on the uv threadpool: the worker concatenates the inputs along dim 0,
+ * runs the forward in the batcher's arena (the output in the batch's output
+ * dtype), and the after-work callback splits the output per job.
  *
  * Each level has its queue policy (bs_serving_policy): a bound on its
  * queued jobs, a queue timeout (the level's default, or the request's own
