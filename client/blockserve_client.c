@@ -832,6 +832,18 @@ int bs_client_pack_infer_request_ex(const char *model, const struct bs_ctensor *
         q.outputs = p.out_ptrs;
         q.n_raw_input_contents = o->in_shm ? 0 : (size_t)n;
         q.raw_input_contents = p.raw;
+        Inference__InferParameter odt = INFERENCE__INFER_PARAMETER__INIT;
+        Inference__ModelInferRequest__ParametersEntry odt_entry =
+            INFERENCE__MODEL_INFER_REQUEST__PARAMETERS_ENTRY__INIT;
+        Inference__ModelInferRequest__ParametersEntry *params[1] = {&odt_entry};
+        if (o->output_datatype != NULL) {
+            odt.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+            odt.string_param = (char *)o->output_datatype;
+            odt_entry.key = "output_datatype";
+            odt_entry.value = &odt;
+            q.n_parameters = 1;
+            q.parameters = params;
+        }
         *len = protobuf_c_message_get_packed_size(&q.base);
         *buf = malloc(*len ? *len : 1);
         if (*buf == NULL)

@@ -131,6 +131,8 @@ struct bs_client_infer_opts {
     const char *const *outputs;              /* requested outputs; NULL: every output */
     int n_outputs;                           /* length of outputs */
     const struct bs_client_shm_ref *out_shm; /* NULL, or one per requested output */
+    const char *output_datatype;             /* request parameter output_datatype ("FP32", "BF16",
+                                                "FP16"); NULL: not sent (the model's default) */
 };
 
 /* As bs_client_pack_infer_request, with shared memory: an input with an

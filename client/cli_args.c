@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "opts.h"
 
@@ -64,6 +65,9 @@ static const struct bs_opt command_rows[] = {
     {"--out", AT(STR, out), .metavar = "FILE", .help = "make-request: the file to write"},
     {"--format", AT(ENUM, format), .choices = formats, .def = "bin",
      .help = "make-request: the request as binary protobuf\n(ghz -B) or JSON (ghz -D)"},
+    {"--output-dtype", AT(STR, output_dtype), .metavar = "fp32|bf16|fp16",
+     .help = "infer, stream, bench: the output's dtype (the\nparameter output_datatype; "
+             "default: the model's)"},
     {"--id", AT(STR, id), .metavar = "ID", .help = "infer, bench, make-request: the request id"},
     {"--count", AT(INT64, count), .alias = "-n", .lo = 1, .hi = INT64_MAX, .metavar = "COUNT",
      .want = "an integer", .help = "stream, bench: requests to send (stream: default 1)"},
@@ -163,6 +167,20 @@ static int take_shm_args(int *argc, char ***argv, struct cli *a)
     return 0;
 }
 
+/* --output-dtype into the datatype name the server takes. */
+static int output_datatype(struct cli *a)
+{
+    static const char *const names[][2] = {{"fp32", "FP32"}, {"bf16", "BF16"}, {"fp16", "FP16"}};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcasecmp(a->output_dtype, names[i][0]) == 0) {
+            a->output_datatype = names[i][1];
+            return 0;
+        }
+    fprintf(stderr, "blockserve-cli %s: --output-dtype '%s': expected fp32, bf16 or fp16\n", a->cmd,
+            a->output_dtype);
+    return -1;
+}
+
 int cli_parse(int argc, char **argv, struct cli *a)
 {
     struct bs_opts_err e;
@@ -190,5 +208,7 @@ int cli_parse(int argc, char **argv, struct cli *a)
         fprintf(stderr, "blockserve-cli %s: give --token or --token-file, not both\n", a->cmd);
         return -1;
     }
+    if (a->output_dtype != NULL && output_datatype(a) != 0)
+        return -1;
     return a->token_file ? read_token_file(a) : 0;
 }

@@ -33,6 +33,8 @@ struct cli {
     const char *out;     /* make-request --out */
     int format;          /* make-request --format: CLI_FORMAT_BIN or CLI_FORMAT_JSON */
     const char *id;      /* request id */
+    const char *output_dtype;    /* --output-dtype fp32|bf16|fp16 as given; NULL: not given */
+    const char *output_datatype; /* ... as the parameter output_datatype: "FP32", "BF16", "FP16" */
     int64_t count;       /* -n */
     double duration_s;   /* -z */
     int concurrency;     /* -c */

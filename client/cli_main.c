@@ -14,6 +14,7 @@
 #include "cli_inputs.h"
 #include "cli_shm.h"
 #include "http_client.h"
+#include "tensor.h"
 #include "version.h"
 
 #define MAX_OUTPUTS 8
@@ -250,11 +251,16 @@ static void print_outputs(const struct bs_ctensor *t, int n, const char *prefix)
         char sb[128];
         printf("%s%s %s %s", prefix, t[i].name, t[i].datatype,
                bs_ct_shape_str(&t[i], sb, sizeof(sb)));
-        if (!strcmp(t[i].datatype, "FP32")) {
+        bool f32 = !strcmp(t[i].datatype, "FP32"), f16 = !strcmp(t[i].datatype, "FP16");
+        if (f32 || f16 || !strcmp(t[i].datatype, "BF16")) {
             int64_t ne = bs_ct_nelements(&t[i]);
+            const uint16_t *h = t[i].data;
             printf(" [");
             for (int64_t k = 0; k < ne && k < 4; k++)
-                printf("%s%.6g", k ? ", " : "", (double)((const float *)t[i].data)[k]);
+                printf("%s%.6g", k ? ", " : "",
+                       f32   ? (double)((const float *)t[i].data)[k]
+                       : f16 ? (double)bs_fp16_to_f32(h[k])
+                             : (double)bs_bf16_to_f32(h[k]));
             printf("%s]", ne > 4 ? ", ..." : "");
         }
         printf("\n");
@@ -347,6 +353,7 @@ static int plan_init(struct cli *a, struct cli_conn *conn, const struct cli_inpu
 {
     memset(p, 0, sizeof(*p));
     p->io.id = a->id;
+    p->io.output_datatype = a->output_datatype;
     p->shm.fd = -1;
     if (!a->shm && !conn->http)
         return 0; /* gRPC: every output, raw, as before */
@@ -456,7 +463,8 @@ static int stream_request(struct cli *a, const struct cli_inputs *in, int64_t i,
 {
     char id[32];
     snprintf(id, sizeof(id), "%lld", (long long)i);
-    return bs_client_pack_infer_request(a->model, id, in->t, in->n, buf, len, err);
+    struct bs_client_infer_opts o = {.id = id, .output_datatype = a->output_datatype};
+    return bs_client_pack_infer_request_ex(a->model, in->t, in->n, &o, buf, len, err);
 }
 
 static int cmd_stream(struct cli *a, struct cli_conn *conn)

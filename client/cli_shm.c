@@ -21,6 +21,8 @@ size_t cli_shm_output_bytes(const Inference__ModelMetadataResponse__TensorMetada
                             const struct cli_inputs *in)
 {
     size_t n = bs_ct_datatype_size(o->datatype);
+    if (!strcmp(o->datatype, "FP16") || !strcmp(o->datatype, "BF16"))
+        n = 4; /* a request may ask for FP32 (--output-dtype) */
     for (size_t k = 0; k < o->n_shape; k++) {
         int64_t d = o->shape[k];
         for (int i = 0; d < 0 && i < in->n; i++)

@@ -32,7 +32,9 @@ struct cli_shm {
 
 /* Bytes of output o of metadata m for these inputs: its dims, a variable
  * one (-1) taken from the same position of an input of the same rank (the
- * batch dim from the first input), else 1. */
+ * batch dim from the first input), else 1; a 16-bit float output (a model
+ * whose default output_datatype is BF16 or FP16) gets the room of FP32,
+ * which a request may ask for, so one layout fits any --output-dtype. */
 size_t cli_shm_output_bytes(const Inference__ModelMetadataResponse__TensorMetadata *o,
                             const struct cli_inputs *in);
 

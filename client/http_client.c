@@ -257,8 +257,18 @@ int bs_http_pack_infer(const struct bs_ctensor *in, int n, const struct bs_clien
         buf_put(&b, ",", 1);
     }
     /* without named outputs, every output comes back as binary data */
-    if (o->outputs == NULL && !json && o->out_shm == NULL)
-        buf_put(&b, "\"parameters\":{\"binary_data_output\":true},", 41);
+    bool all_binary = o->outputs == NULL && !json && o->out_shm == NULL;
+    if (all_binary || o->output_datatype != NULL) {
+        buf_put(&b, "\"parameters\":{", 14);
+        if (all_binary)
+            buf_put(&b, "\"binary_data_output\":true", 25);
+        if (o->output_datatype != NULL) {
+            buf_put(&b, all_binary ? ",\"output_datatype\":" : "\"output_datatype\":",
+                    all_binary ? 19 : 18);
+            buf_str(&b, o->output_datatype);
+        }
+        buf_put(&b, "},", 2);
+    }
     rc = json_inputs(&b, in, n, o, json, err);
     json_outputs(&b, o, json);
     buf_put(&b, "}", 1);

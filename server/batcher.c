@@ -6,12 +6,13 @@
  * then level 1's delayed ones (timeout_action DELAY: past their timeout, in
  * the order they timed out), then level 2's, and so on, as Triton's priority
  * queue hands them out. The first candidate, the head, decides the batch's
- * signature; compatible jobs behind it (skipping incompatible ones, which
- * wait for a later batch) join until the batch is full, reaches the largest
- * preferred size it can, or its oldest job has waited max_queue_delay. One
- * batch runs at a time (instance count 1) on the uv threadpool: the worker
- * concatenates the inputs along dim 0, runs the forward in the batcher's
- * arena, and the after-work callback splits the output per job.
+ * signature (its inputs, and its output dtype); compatible jobs behind it
+ * (skipping incompatible ones, which wait for a later batch) join until the
+ * batch is full, reaches the largest preferred size it can, or its oldest
+ * job has waited max_queue_delay. One batch runs at a time (instance count
+ * 1) on the uv threadpool: the worker concatenates the inputs along dim 0,
+ * runs the forward in the batcher's arena (the output in the batch's output
+ * dtype), and the after-work callback splits the output per job.
  *
  * Each level has its queue policy (bs_serving_policy): a bound on its
  * queued jobs, a queue timeout (the level's default, or the request's own
@@ -74,10 +75,11 @@ struct bs_job {
      * (batch_should_stop) */
     atomic_bool cancelled;
     bool intermediate;
+    enum bs_dtype out_dtype; /* F32, BF16 or F16: only equal ones share a batch */
     bool solo;               /* inputs of a layout the batcher does not concatenate */
     int64_t batch;           /* samples: dim 0 of the model's main input */
     int64_t tokens;          /* the main input's tokens (bs_model_tokens) */
-    int64_t out_off;         /* running: where its output starts in the batch's (floats) */
+    int64_t out_off;         /* running: where its output starts in the batch's (elements) */
     int64_t deadline_ns;     /* the transport's (INT64_MAX: none) */
     int64_t stop_ns;         /* running: nobody waits past this (deadline, or its own timeout) */
     bs_block_cache_t *cache; /* its sequence's block cache, or NULL */
@@ -95,8 +97,8 @@ struct bs_job {
 struct block_msg {
     struct block_msg *next;
     int block, n_blocks;
-    struct bs_tensor out; /* the batch's shape; data points at data[] */
-    float data[];
+    struct bs_tensor out; /* the batch's shape and output dtype; data points at data[] */
+    float data[];         /* its bytes (F32, BF16 or F16 values) */
 };
 
 /* The batch in flight (one per batcher). */
@@ -218,6 +220,8 @@ static bool sig_equal(const bs_model_t *model, const bs_job_t *a, const bs_job_t
  * batching, shapes that differ only in their sequence dims too. */
 static bool can_join(const bs_batcher_t *b, const bs_job_t *h, const bs_job_t *c)
 {
+    if (h->out_dtype != c->out_dtype) /* one output buffer, of one dtype */
+        return false;
     if (sig_equal(b->model, h, c))
         return true;
     return !b->cfg.ragged_off && !h->solo && !c->solo &&
@@ -434,7 +438,7 @@ static int batch_on_block(void *arg, int block, int n_blocks, const struct bs_te
     m->next = NULL;
     m->block = block;
     m->n_blocks = n_blocks;
-    m->out = bs_tensor_make(BS_TYPE_F32, out->n_dims, out->ne, m->data);
+    m->out = bs_tensor_make(out->type, out->n_dims, out->ne, m->data);
     memcpy(m->data, out->data, bytes);
     uv_mutex_lock(&b->lock);
     *b->msgs_tail = m;
@@ -488,8 +492,8 @@ static void batch_work(uv_work_t *req)
     }
     r->out = head->out_shape;
     r->out.ne[0] = r->size;
-    r->out = r->ragged ? bs_tensor_make(BS_TYPE_F32, 1, &total, NULL)
-                       : bs_tensor_make(BS_TYPE_F32, r->out.n_dims, r->out.ne, NULL);
+    r->out = r->ragged ? bs_tensor_make(head->out_dtype, 1, &total, NULL)
+                       : bs_tensor_make(head->out_dtype, r->out.n_dims, r->out.ne, NULL);
     r->out.data = malloc(bs_tensor_nbytes(&r->out));
     if (r->out.data == NULL) {
         r->rc = bs_err_set(&r->err, BS_ENOMEM, "out of memory for a batch output of %zu bytes",
@@ -512,11 +516,12 @@ static void batch_work(uv_work_t *req)
     r->t_infer = uv_hrtime();
 }
 
-/* Job j's part of a batch output whose data is base. */
-static struct bs_tensor job_view(const bs_job_t *j, float *base)
+/* Job j's part of a batch output whose data is base (of j's output dtype). */
+static struct bs_tensor job_view(const bs_job_t *j, void *base)
 {
     const struct bs_tensor *s = &j->out_shape;
-    return bs_tensor_make(BS_TYPE_F32, s->n_dims, s->ne, base + j->out_off);
+    size_t off = (size_t)j->out_off * bs_dtype_size(j->out_dtype);
+    return bs_tensor_make(j->out_dtype, s->n_dims, s->ne, (char *)base + off);
 }
 
 /* ---- back on the loop --------------------------------------------------- */
@@ -955,7 +960,9 @@ int bs_batcher_submit(bs_batcher_t *b, const struct bs_batcher_request *req,
     int rc, n_in = req ? req->n_in : 0;
     *job = NULL;
     if (req == NULL || ops == NULL || ops->on_done == NULL || n_in < 0 ||
-        (n_in > 0 && req->in == NULL))
+        (n_in > 0 && req->in == NULL) ||
+        (req->out_dtype != BS_TYPE_F32 && req->out_dtype != BS_TYPE_BF16 &&
+         req->out_dtype != BS_TYPE_F16))
         return bs_err_set(err, BS_EINVAL, "batcher: bad submit arguments");
     int level = level_of(b, req->priority);
     bs_metrics_priority(b->metrics, level_number(b, level));
@@ -975,6 +982,7 @@ int bs_batcher_submit(bs_batcher_t *b, const struct bs_batcher_request *req,
     j->ops = *ops;
     j->arg = arg;
     j->intermediate = req->intermediate;
+    j->out_dtype = req->out_dtype;
     j->solo = !job_is_batchable(b->model, j);
     j->level = level;
     j->enqueue_ns = uv_hrtime();

@@ -85,6 +85,10 @@ struct bs_batcher_request {
     const struct bs_named_tensor *in; /* host tensors, valid until on_done */
     int n_in;
     bool intermediate; /* hear each block's output (on_block) */
+    /* The output's dtype: BS_TYPE_F32 (the zero value), BF16 or F16. Only
+     * requests of one output dtype share a batch; on_block and on_done
+     * hear tensors of it. */
+    enum bs_dtype out_dtype;
     /* Triton's "priority": 1 the highest; 0, or a number above the model's
      * priority_levels, means its default_priority_level (ignored without levels). */
     uint64_t priority;

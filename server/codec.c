@@ -12,6 +12,10 @@
  * - Unknown request, input and output parameters are ignored (Triton clients
  *   send some of their own, e.g. "binary_data_size", "sequence_id").
  * - Raw BOOL bytes are canonicalised to 0/1 in place.
+ * - The parameter output_datatype (a string_param: "FP32", "BF16" or
+ *   "FP16") asks for the output in that dtype; BF16 and FP16 answers are
+ *   always raw (raw_output_contents), since InferTensorContents has no
+ *   16-bit float field.
  * - A tensor with zero elements gets a non-NULL data pointer to an empty,
  *   never-written static buffer.
  * - A string field (at any depth) with an embedded NUL byte fails the whole
@@ -56,6 +60,17 @@ static const char *const datatype_names[BS_TYPE_COUNT] = {
     [BS_TYPE_F32] = "FP32",  [BS_TYPE_F16] = "FP16",  [BS_TYPE_BF16] = "BF16",
     [BS_TYPE_I64] = "INT64", [BS_TYPE_BOOL] = "BOOL",
 };
+
+int bs_codec_output_dtype(const char *name, enum bs_dtype *type)
+{
+    static const enum bs_dtype ok[] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+    for (size_t i = 0; name != NULL && i < sizeof(ok) / sizeof(ok[0]); i++)
+        if (strcmp(name, datatype_names[ok[i]]) == 0) {
+            *type = ok[i];
+            return 0;
+        }
+    return -1;
+}
 
 const char *bs_codec_datatype(enum bs_dtype type)
 {
@@ -532,6 +547,24 @@ static int decode_seq_param(const char *key, const Inference__InferParameter *v,
     return 0;
 }
 
+/* "output_datatype": a string_param naming FP32, BF16 or FP16. */
+static int decode_out_dtype(const Inference__InferParameter *v, struct bs_infer_request *req,
+                            struct bs_err *err)
+{
+    char nb[BS_SHOW_MAX + 4];
+    if (v == NULL ||
+        v->parameter_choice_case != INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM)
+        return bs_err_set(err, BS_EINVAL,
+                          "parameter 'output_datatype' must be a string_param (\"FP32\", "
+                          "\"BF16\" or \"FP16\")");
+    if (bs_codec_output_dtype(str_or_empty(v->string_param), &req->out_dtype) != 0)
+        return bs_err_set(err, BS_EINVAL,
+                          "parameter 'output_datatype' is '%s' (accepted: FP32, BF16, FP16)",
+                          bs_show(nb, str_or_empty(v->string_param)));
+    req->has_out_dtype = true;
+    return 0;
+}
+
 static int decode_params(const req_msg_t *m, struct bs_infer_request *req, struct bs_err *err)
 {
     int rc;
@@ -555,6 +588,9 @@ static int decode_params(const req_msg_t *m, struct bs_infer_request *req, struc
             req->timeout_us = v->int64_param;
         } else if (strcmp(key, "priority") == 0) {
             if ((rc = decode_priority(v, req, err)) != 0)
+                return rc;
+        } else if (strcmp(key, "output_datatype") == 0) {
+            if ((rc = decode_out_dtype(v, req, err)) != 0)
                 return rc;
         } else if ((rc = decode_seq_param(key, v, &req->seq, err)) < 0) {
             return rc;
@@ -805,16 +841,19 @@ static void encode_output_shm(struct response *r, const struct bs_shm_ref *ref)
 static int encode_output(struct response *r, const struct bs_tensor *out, bool raw,
                          const struct bs_shm_ref *shm, struct bs_err *err)
 {
-    if (out == NULL || out->type != BS_TYPE_F32 || out->n_dims < 0 || out->n_dims > BS_MAX_DIMS ||
-        !bs_tensor_is_contiguous(out))
-        return bs_err_set(err, BS_EINTERNAL, "output: expected a contiguous FP32 tensor");
+    if (out == NULL ||
+        (out->type != BS_TYPE_F32 && out->type != BS_TYPE_BF16 && out->type != BS_TYPE_F16) ||
+        out->n_dims < 0 || out->n_dims > BS_MAX_DIMS || !bs_tensor_is_contiguous(out))
+        return bs_err_set(err, BS_EINTERNAL,
+                          "output: expected a contiguous FP32, BF16 or FP16 tensor");
     int64_t numel = bs_tensor_nelements(out);
     if (numel > 0 && out->data == NULL)
         return bs_err_set(err, BS_EINTERNAL, "output: no data");
     r->out = (Inference__ModelInferResponse__InferOutputTensor)
         INFERENCE__MODEL_INFER_RESPONSE__INFER_OUTPUT_TENSOR__INIT;
     r->out.name = "output";
-    r->out.datatype = "FP32";
+    r->out.datatype = (char *)datatype_names[out->type];
+    raw |= out->type != BS_TYPE_F32; /* no typed field for 16-bit floats */
     r->out.n_shape = (size_t)out->n_dims;
     r->out.shape = (int64_t *)out->ne;
     void *data = numel > 0 ? out->data : empty_data;
@@ -823,7 +862,8 @@ static int encode_output(struct response *r, const struct bs_tensor *out, bool r
         numel = 0;
     }
     if (raw) {
-        r->raw = (ProtobufCBinaryData){.len = (size_t)numel * sizeof(float), .data = data};
+        r->raw =
+            (ProtobufCBinaryData){.len = (size_t)numel * bs_dtype_size(out->type), .data = data};
         r->msg.n_raw_output_contents = 1;
         r->msg.raw_output_contents = &r->raw;
     } else {

@@ -41,6 +41,8 @@ struct bs_infer_request {
     bool raw_output;           /* answer in raw_output_contents (raw or shared memory inputs) */
     bool want_output;          /* "output" requested (true when outputs is empty) */
     bool stream_intermediate;  /* parameter stream_intermediate: true */
+    bool has_out_dtype;        /* parameter output_datatype given: */
+    enum bs_dtype out_dtype;   /* the output's dtype (F32, BF16, F16); else the model's default */
     int64_t timeout_us;        /* parameter "timeout" in microseconds, 0 when absent */
     uint64_t priority;         /* parameter "priority" (1: the highest), 0 when absent */
     struct bs_seq_params seq;  /* sequence_id, sequence_start, sequence_end,
@@ -82,9 +84,11 @@ int bs_codec_decode_infer_msg(void *msg, const struct bs_codec_limits *lim,
 /* Release what a decoded request holds; safe on an empty request. */
 void bs_codec_request_free(struct bs_infer_request *req);
 
-/* Serialize the response for req: model_name/version/id echoed, one FP32
- * output "output" of out's shape, raw or typed as the request was (raw when
- * any input was raw or in shared memory); an output in shared memory
+/* Serialize the response for req: model_name/version/id echoed, one output
+ * "output" of out's shape and dtype (FP32, BF16 or FP16), raw or typed as
+ * the request was (raw when any input was raw or in shared memory; BF16 and
+ * FP16 always raw: InferTensorContents has no field for them, as in
+ * Triton); an output in shared memory
  * (req->out_shm) carries no bytes (with raw answers an empty
  * raw_output_contents entry, as Triton sends) and echoes its three
  * shared_memory_* parameters; with
@@ -100,6 +104,11 @@ int bs_codec_encode_stream(const uint8_t *resp, size_t resp_len, uint8_t **data,
                            struct bs_err *err);
 int bs_codec_encode_stream_error(const char *model_name, const char *id, const char *error,
                                  uint8_t **data, size_t *len, struct bs_err *err);
+
+/* The dtype an output may be answered in, by its Triton datatype name
+ * ("FP32", "BF16" or "FP16", exactly): 0, or -1 for any other name. The
+ * request parameter output_datatype and serving.json's output_datatype. */
+int bs_codec_output_dtype(const char *name, enum bs_dtype *type);
 
 /* Triton's datatype name for an engine dtype ("FP32", "INT64", ...). */
 const char *bs_codec_datatype(enum bs_dtype type);

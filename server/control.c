@@ -131,6 +131,7 @@ static void on_model_metadata(bs_control_t *ctl, const ProtobufCMessage *req, bs
     Inference__ModelMetadataResponse__TensorMetadata in[BS_MAX_INPUTS], out;
     Inference__ModelMetadataResponse__TensorMetadata *inp[BS_MAX_INPUTS], *outp = &out;
     struct bs_input_spec out_spec = bs_model_output(rm->model);
+    out_spec.dtype = rm->serving.out_dtype; /* what requests that do not ask get */
     char *versions[64];
     size_t n_versions = ready_versions(ctl, rm->name, versions, BS_ARRAY_LEN(versions));
     int n_in = bs_model_n_inputs(rm->model);
@@ -247,7 +248,7 @@ static void on_model_config(bs_control_t *ctl, const ProtobufCMessage *req, bs_c
         inp[i] = &in[i];
     }
     out.name = "output";
-    out.data_type = INFERENCE__DATA_TYPE__TYPE_FP32;
+    out.data_type = data_type_of(sc->out_dtype); /* serving output_datatype (FP32 unless set) */
     out.n_dims = (size_t)out_spec.n_dims - 1;
     out.dims = out_spec.dims + 1;
     struct batching_msg db;

@@ -338,6 +338,8 @@ static int seq_start(bs_core_t *core, bs_core_req_t *r, struct bs_err *err)
     struct bs_batcher_request br = {.in = req->inputs,
                                     .n_in = req->n_inputs,
                                     .intermediate = req->intermediate,
+                                    .out_dtype =
+                                        req->has_out_dtype ? req->out_dtype : rm->serving.out_dtype,
                                     .priority = req->priority,
                                     .timeout_us = req->timeout_us,
                                     .cache = r->call.cache,

@@ -39,6 +39,12 @@ struct bs_core_request {
     const struct bs_named_tensor *inputs;
     int n_inputs;
     bool intermediate;   /* stream each block's output of a stack (on_block) */
+    /* The output's dtype (BS_TYPE_F32, BF16 or F16: the F32 result rounded
+     * to nearest even) when has_out_dtype; else the model's serving
+     * output_datatype (FP32 unless set). on_block and on_output hear
+     * tensors of that dtype. */
+    bool has_out_dtype;
+    enum bs_dtype out_dtype;
     uint64_t priority;   /* Triton's "priority" (1: the highest; 0: the model's default level) */
     int64_t timeout_us;  /* the request's own queue timeout (0: none); the model's queue
                             policy decides whether it applies */

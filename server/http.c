@@ -973,6 +973,8 @@ static void run_infer(bs_http_t *h, struct job *j)
             .model_version = in->req.model_version,
             .inputs = in->req.inputs,
             .n_inputs = in->req.n_inputs,
+            .has_out_dtype = in->req.has_out_dtype,
+            .out_dtype = in->req.out_dtype,
             .priority = in->req.priority,
             .timeout_us = in->req.timeout_us,
             .deadline_ns = INT64_MAX,

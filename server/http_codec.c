@@ -572,10 +572,27 @@ static void put_key_str(struct bs_jbuf *b, const char *key, const char *v)
     bs_jbuf_str(b, v, strlen(v));
 }
 
+/* Is out answered as binary data? When asked, and always for BF16 (JSON
+ * has no BF16 numbers: Triton's rule, binary data only); FP16 goes as JSON
+ * numbers (each value widened to F32 exactly). */
+static bool binary_out(const struct bs_http_answer *a, const struct bs_tensor *out)
+{
+    return a->binary_output || out->type == BS_TYPE_BF16;
+}
+
+/* Output value i as a float. */
+static float out_value(const struct bs_tensor *out, int64_t i)
+{
+    if (out->type == BS_TYPE_F16)
+        return bs_fp16_to_f32(((const uint16_t *)out->data)[i]);
+    return ((const float *)out->data)[i];
+}
+
 static void put_output(struct bs_jbuf *b, const struct bs_http_answer *a,
                        const struct bs_tensor *out, size_t nbytes)
 {
-    bs_jbuf_puts(b, "{\"name\":\"output\",\"datatype\":\"FP32\",\"shape\":[");
+    bs_jbuf_printf(b, "{\"name\":\"output\",\"datatype\":\"%s\",\"shape\":[",
+                   bs_codec_datatype(out->type));
     for (int d = 0; d < out->n_dims; d++)
         bs_jbuf_printf(b, "%s%" PRId64, d ? "," : "", out->ne[d]);
     bs_jbuf_puts(b, "]");
@@ -585,16 +602,15 @@ static void put_output(struct bs_jbuf *b, const struct bs_http_answer *a,
         bs_jbuf_printf(
             b, ",\"shared_memory_offset\":%" PRIu64 ",\"shared_memory_byte_size\":%" PRIu64 "}",
             a->out_shm->offset, a->out_shm->byte_size); /* as asked, as gRPC answers */
-    } else if (a->binary_output) {
+    } else if (binary_out(a, out)) {
         bs_jbuf_printf(b, ",\"parameters\":{\"binary_data_size\":%zu}", nbytes);
     } else {
-        const float *x = out->data;
         int64_t n = bs_tensor_nelements(out);
         bs_jbuf_puts(b, ",\"data\":[");
         for (int64_t i = 0; i < n; i++) {
             if (i > 0)
                 bs_jbuf_put(b, ",", 1);
-            bs_jbuf_float(b, x[i]);
+            bs_jbuf_float(b, out_value(out, i));
         }
         bs_jbuf_puts(b, "]");
     }
@@ -605,9 +621,12 @@ int bs_http_encode_infer(const struct bs_http_answer *a, const struct bs_tensor 
                          struct bs_jbuf *b, size_t *json_len, struct bs_err *err)
 {
     bool in_shm = a->out_shm != NULL && a->out_shm->given; /* its bytes are in the region */
-    if (out != NULL && (out->type != BS_TYPE_F32 || !bs_tensor_is_contiguous(out) ||
-                        (bs_tensor_nelements(out) > 0 && out->data == NULL && !in_shm)))
-        return bs_err_set(err, BS_EINTERNAL, "output: expected a contiguous FP32 tensor");
+    if (out != NULL &&
+        ((out->type != BS_TYPE_F32 && out->type != BS_TYPE_BF16 && out->type != BS_TYPE_F16) ||
+         !bs_tensor_is_contiguous(out) ||
+         (bs_tensor_nelements(out) > 0 && out->data == NULL && !in_shm)))
+        return bs_err_set(err, BS_EINTERNAL,
+                          "output: expected a contiguous FP32, BF16 or FP16 tensor");
     const char *version = a->model_version && a->model_version[0] ? a->model_version : "1";
     size_t nbytes = out ? bs_tensor_nbytes(out) : 0, start = b->len;
     bs_jbuf_puts(b, "{");
@@ -630,7 +649,7 @@ int bs_http_encode_infer(const struct bs_http_answer *a, const struct bs_tensor 
     }
     bs_jbuf_puts(b, "}");
     *json_len = b->len - start;
-    bool raw = out != NULL && a->binary_output && !in_shm;
+    bool raw = out != NULL && binary_out(a, out) && !in_shm;
     if (raw && nbytes > 0)
         bs_jbuf_put(b, out->data, nbytes);
     if (b->oom)

@@ -52,9 +52,11 @@ struct bs_http_answer {
     bool binary_output;
 };
 
-/* Append the answer for out (a contiguous FP32 tensor; NULL: no output) to
- * b: the JSON, then with binary_output the output's bytes; *json_len is the
- * JSON's length (the Inference-Header-Content-Length). */
+/* Append the answer for out (a contiguous FP32, BF16 or FP16 tensor; NULL:
+ * no output) to b: the JSON, then with binary_output the output's bytes;
+ * *json_len is the JSON's length (the Inference-Header-Content-Length).
+ * BF16 is always binary data (JSON has no BF16 numbers, as in Triton);
+ * FP16 as JSON `data` holds each value widened to F32 (exact). */
 int bs_http_encode_infer(const struct bs_http_answer *a, const struct bs_tensor *out,
                          struct bs_jbuf *b, size_t *json_len, struct bs_err *err);
 

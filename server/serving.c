@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "codec.h"
 
 #define MAX_QUEUE_SIZE 1000000
 #define MAX_TIMEOUT_US (INT64_MAX / 1000)
@@ -288,6 +289,10 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
             return bs_err_set(err, BS_EINVAL,
                               "serving.dtype: expected \"fp32\", \"bf16\" or \"fp16\"");
         c->has_dtype = true;
+    } else if (strcmp(m->key, "output_datatype") == 0) {
+        if (m->type != BS_JSON_STRING || bs_codec_output_dtype(m->string, &c->out_dtype) != 0)
+            return bs_err_set(err, BS_EINVAL,
+                              "serving.output_datatype: expected \"FP32\", \"BF16\" or \"FP16\"");
     } else if (strcmp(m->key, "ragged_batching") == 0) {
         if (m->type != BS_JSON_BOOL)
             return bs_err_set(err, BS_EINVAL, "serving.ragged_batching: expected true or false");
@@ -309,7 +314,7 @@ static int serving_member(struct bs_serving_config *c, const struct bs_json *m, 
                           "max_queue_delay_microseconds, preferred_batch_size, max_queue_size, "
                           "default_timeout_microseconds, priority_levels, "
                           "default_priority_level, default_queue_policy, priority_queue_policy, "
-                          "device, dtype, ragged_batching, max_batch_tokens, "
+                          "device, dtype, output_datatype, ragged_batching, max_batch_tokens, "
                           "max_sequence_idle_microseconds, block_cache_bytes, version_policy)",
                           m->key);
     }

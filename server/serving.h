@@ -64,6 +64,10 @@ struct bs_serving_config {
     int priority_levels;
     int default_priority_level;
     struct bs_level_policy level_policy[BS_MAX_PRIORITY_LEVELS]; /* [level - 1] */
+    /* "output_datatype": what requests without the parameter output_datatype
+     * are answered in (F32, the zero value: the default; BF16 or F16: the
+     * F32 output rounded to nearest even). */
+    enum bs_dtype out_dtype;
     bool has_dtype;             /* "dtype" given: the model computes in dtype, */
     enum bs_dtype dtype;        /* else in the server's --dtype */
     /* Ragged batching: requests whose inputs differ only in their sequence

@@ -1,7 +1,8 @@
 """blockserve-cli against a real blockserve over every transport at once:
 gRPC, HTTP with binary data, HTTP with JSON data, gzip-compressed HTTP and
 shared memory (over gRPC and HTTP) give identical outputs (.npy, bit for
-bit) for vae_mid_attention and sd15_down0_block; bench over each transport;
+bit) for vae_mid_attention and sd15_down0_block, in FP16 and BF16 too
+(--output-dtype: the FP32 output rounded to nearest even); bench over each transport;
 load/unload in explicit mode over gRPC and HTTP; shm register/status/
 unregister with an object made here; errors with their HTTP status.
 
@@ -90,6 +91,48 @@ class CliServerTest(unittest.TestCase):
                 np.testing.assert_array_equal(arr.view(np.uint32), ref.view(np.uint32),
                                               "%s over %s" % (model, label))
             print("\n  %s: %d transports, bit for bit" % (model, len(outs)))
+        self.assertEqual(set(glob.glob("/dev/shm/bs-cli-*")) - self.before, set())
+
+    def test_output_dtype_every_transport(self):
+        """--output-dtype fp16 (.npy: numpy's float16) and bf16 (.safetensors:
+        BF16) equal the FP32 output rounded to nearest even, bit for bit,
+        over every transport (BF16 comes back as binary data over HTTP JSON;
+        in shared memory the region takes the 16-bit bytes)."""
+        shape = SHAPES["sd15_down0_block"]
+        ref_path = self.path("odt_ref.npy")
+        self.cli("infer", "sd15_down0_block", *shape, "--seed", "9", "--output", ref_path)
+        ref = np.load(ref_path)
+        u = ref.view(np.uint32).astype(np.uint64)
+        want_bf16 = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        want_fp16 = ref.astype(np.float16)
+        for label, opts in TRANSPORTS:
+            p16 = self.path("odt_%s.npy" % label)
+            self.cli("infer", "sd15_down0_block", *shape, "--seed", "9", "--output-dtype", "fp16",
+                     "--output", p16, opts=opts)
+            got = np.load(p16)
+            self.assertEqual(got.dtype, np.float16, label)
+            np.testing.assert_array_equal(got.view(np.uint16), want_fp16.view(np.uint16), label)
+            pb = self.path("odt_%s.safetensors" % label)
+            p = self.cli("infer", "sd15_down0_block", *shape, "--seed", "9", "--output-dtype",
+                         "bf16", "--output", pb, opts=opts)
+            self.assertIn("BF16", p.stdout)
+            dt, got = harness.st_load(pb)["output"]
+            self.assertEqual(dt, "BF16", label)
+            np.testing.assert_array_equal(got, want_bf16.reshape(got.shape), label)
+        # bench and stream send it too
+        p = self.cli("bench", "sd15_down0_block", *shape, "-c", "2", "-n", "6", "--json",
+                     "--output-dtype", "bf16", opts=["--http-json"])
+        self.assertEqual(json.loads(p.stdout)["status_codes"], {"OK": 6}, p.stdout)
+        p = self.cli("stream", "sd15_down0_block", *shape, "-n", "2", "--output-dtype", "fp16")
+        self.assertEqual(p.stdout.count("FP16"), 2, p.stdout)
+        # BF16 has no NumPy dtype (as for inputs): .safetensors only; a bad name
+        p = self.cli("infer", "sd15_down0_block", *shape, "--output-dtype", "bf16", "--output",
+                     self.path("odt_bad.npy"), ok=False)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("BF16 has no NumPy dtype (use .safetensors)", p.stderr)
+        p = self.cli("infer", "sd15_down0_block", "--output-dtype", "fp64", ok=False)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertIn("--output-dtype 'fp64': expected fp32, bf16 or fp16", p.stderr)
         self.assertEqual(set(glob.glob("/dev/shm/bs-cli-*")) - self.before, set())
 
     def test_bench_every_transport(self):

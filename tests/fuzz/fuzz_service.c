@@ -123,13 +123,14 @@ static const struct fuzz_model {
 } fuzz_models[] = {
     {"btb_geglu_cross",
      "{\"max_batch_size\": 2, \"max_queue_delay_microseconds\": 1000, \"max_queue_size\": 2}"},
-    {"btb_stack3", /* sequences idle out after 2 ms */
+    {"btb_stack3", /* sequences idle out after 2 ms; outputs in BF16 (streamed blocks too) */
      "{\"max_batch_size\": 2, \"max_queue_delay_microseconds\": 500, "
-     "\"preferred_batch_size\": [1], \"max_queue_size\": 4, "
+     "\"output_datatype\": \"BF16\", \"preferred_batch_size\": [1], \"max_queue_size\": 4, "
      "\"max_sequence_idle_microseconds\": 2000}"},
-    {"ada_group_norm_silu",
-     "{\"max_batch_size\": 4, \"max_queue_delay_microseconds\": 0, \"preferred_batch_size\": "
-     "[2, 4], \"max_queue_size\": 3, \"default_timeout_microseconds\": 100000}"},
+    {"ada_group_norm_silu", /* outputs in FP16 */
+     "{\"output_datatype\": \"FP16\", \"max_batch_size\": 4, "
+     "\"max_queue_delay_microseconds\": 0, \"preferred_batch_size\": [2, 4], "
+     "\"max_queue_size\": 3, \"default_timeout_microseconds\": 100000}"},
     {"btb_ada_norm_zero_dit", /* priority levels: level 1 bounded, level 2 (the default) delays */
      "{\"max_batch_size\": 3, \"max_queue_delay_microseconds\": 200, \"max_queue_size\": 3, "
      "\"priority_levels\": 2, \"default_priority_level\": 2, \"priority_queue_policy\": "

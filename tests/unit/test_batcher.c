@@ -33,6 +33,7 @@ struct req {
     void *bufs[MAX_IN];
     int n_in;
     bool intermediate;
+    enum bs_dtype out_dtype; /* the output's (F32, the zero value; BF16, F16) */
     uint64_t priority;  /* the request's "priority" (0: the default level) */
     int64_t timeout_us; /* the request's "timeout" (0: none) */
     bs_job_t *job;
@@ -149,6 +150,7 @@ static int submit(bs_batcher_t *b, struct req *r, int64_t deadline_ns, struct bs
     struct bs_batcher_request br = {.in = r->in,
                                     .n_in = r->n_in,
                                     .intermediate = r->intermediate,
+                                    .out_dtype = r->out_dtype,
                                     .priority = r->priority,
                                     .timeout_us = r->timeout_us,
                                     .deadline_ns = deadline_ns};
@@ -544,6 +546,73 @@ static void test_intermediate_stack(void **state)
     assert_int_equal(bs_batcher_stats(f.b)->fail.count, 1);
     fx_finish(&f);
     for (int i = 0; i < 3; i++)
+        req_free(&r[i]);
+}
+
+/* (8b) Output dtypes: requests asking F32, BF16 and F16 outputs of one
+ * shape batch only with their own dtype (three executions of two); each
+ * answer and each streamed block is in its dtype, within TOLERANCE of the
+ * request alone in F32 plus half an ulp of its dtype (the F32 result rounded
+ * to nearest even once). */
+static void test_output_dtypes(void **state)
+{
+    static const enum bs_dtype types[3] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+    static const double half_ulp[3] = {0, 0x1p-8, 0x1p-11}; /* x |value| at most */
+    struct fx f;
+    struct bs_serving_config cfg = serving(8, 20000);
+    struct req r[6] = {0};
+    fx_init(&f, "btb_stack3", &cfg);
+    for (int i = 0; i < 6; i++) {
+        r[i].index = i;
+        r[i].out_dtype = types[i % 3];
+        r[i].intermediate = true;
+        req_btb(&r[i], 1, 20, 7);
+        submit_ok(f.b, &r[i]);
+    }
+    assert_int_equal(uv_run(&f.loop, UV_RUN_DEFAULT), 0);
+    assert_int_equal(bs_batcher_stats(f.b)->execution_count, 3);
+    assert_int_equal(bs_batcher_stats(f.b)->batch[1].compute_infer.count, 3);
+    double worst = 0;
+    for (int i = 0; i < 6; i++) {
+        struct req *q = &r[i];
+        assert_int_equal(q->rc, 0);
+        assert_int_equal(q->out.type, types[i % 3]);
+        assert_int_equal(q->block_calls, 3);
+        int64_t n = bs_tensor_nelements(&q->out);
+        float *got = malloc(sizeof(float) * (size_t)n), *want = malloc(sizeof(float) * (size_t)n);
+        struct bs_tensor ref;
+        struct bs_err err = {0};
+        struct bs_arena arena;
+        struct ref_blocks rb = {{NULL}, 0};
+        struct bs_forward_opts opts = {.on_block = ref_on_block, .cb_arg = &rb};
+        assert_int_equal(bs_model_check(f.model, q->in, q->n_in, &ref, &err), 0);
+        ref.data = want;
+        bs_arena_init(&arena, &be);
+        assert_int_equal(bs_model_forward(f.model, &arena, q->in, q->n_in, &ref, &opts, &err), 0);
+        assert_int_equal(rb.n, 3);
+        for (int k = 0; k <= 3; k++) { /* blocks 0..2, then the output */
+            const float *w = k < 3 ? rb.blocks[k] : want;
+            assert_int_equal(
+                bs_convert_to_f32(got, k < 3 ? q->blocks[k] : q->out.data, q->out.type, n), 0);
+            for (int64_t e = 0; e < n; e++) {
+                double d = fabs((double)got[e] - w[e]);
+                double bound = TOLERANCE + half_ulp[i % 3] * fabs(w[e]) * 1.01;
+                if (!(d <= bound))
+                    fail_msg("request %d (%s) %s %d value %lld: %.9g, alone %.9g", i,
+                             bs_dtype_name(q->out.type), k < 3 ? "block" : "output", k,
+                             (long long)e, got[e], w[e]);
+                worst = fmax(worst, d / bound);
+            }
+        }
+        for (int k = 0; k < 3; k++)
+            free(rb.blocks[k]);
+        bs_arena_free(&arena);
+        free(got);
+        free(want);
+    }
+    printf("output dtypes: worst error %.2f of the bound\n", worst);
+    fx_finish(&f);
+    for (int i = 0; i < 6; i++)
         req_free(&r[i]);
 }
 
@@ -1230,6 +1299,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_deadlines),
         cmocka_unit_test(test_cancel_queued),
         cmocka_unit_test(test_incompatible_signatures),
+        cmocka_unit_test(test_output_dtypes),
         cmocka_unit_test(test_ragged_mixed_lengths),
         cmocka_unit_test(test_ragged_token_cap),
         cmocka_unit_test(test_stop_when_nobody_waits),

@@ -831,6 +831,73 @@ static void test_decode_amplification(void **state)
 
 /* ---- encoding ------------------------------------------------------------ */
 
+/* The parameter output_datatype: a string_param naming FP32, BF16 or FP16
+ * exactly; absent, the request leaves the choice to the model. */
+static void test_decode_output_datatype(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *name;
+        enum bs_dtype type;
+    } ok[] = {{"FP32", BS_TYPE_F32}, {"BF16", BS_TYPE_BF16}, {"FP16", BS_TYPE_F16}};
+    struct builder b;
+    struct bs_infer_request req;
+    struct bs_err err;
+    b_init(&b, "m");
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_false(req.has_out_dtype);
+    bs_codec_request_free(&req);
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        b_init(&b, "m");
+        Inference__InferParameter *p = b_param(&b, "output_datatype");
+        p->parameter_choice_case = K_STR;
+        p->string_param = (char *)ok[i].name;
+        assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+        assert_true(req.has_out_dtype);
+        assert_int_equal(req.out_dtype, ok[i].type);
+        bs_codec_request_free(&req);
+        enum bs_dtype t = BS_TYPE_COUNT;
+        assert_int_equal(bs_codec_output_dtype(ok[i].name, &t), 0);
+        assert_int_equal(t, ok[i].type);
+    }
+    /* a repeated key: the last one wins */
+    b_init(&b, "m");
+    Inference__InferParameter *p = b_param(&b, "output_datatype");
+    p->parameter_choice_case = K_STR;
+    p->string_param = "BF16";
+    p = b_param(&b, "output_datatype");
+    p->parameter_choice_case = K_STR;
+    p->string_param = "FP16";
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_int_equal(req.out_dtype, BS_TYPE_F16);
+    bs_codec_request_free(&req);
+
+    static const char *const bad[] = {"fp16", "FP64", "INT64", "BOOL", "", "BF16 ", "F32"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        enum bs_dtype t = BS_TYPE_I64;
+        assert_int_equal(bs_codec_output_dtype(bad[i], &t), -1);
+        assert_int_equal(t, BS_TYPE_I64); /* untouched */
+        b_init(&b, "m");
+        p = b_param(&b, "output_datatype");
+        p->parameter_choice_case = K_STR;
+        p->string_param = (char *)bad[i];
+        expect_error(&b, BS_EINVAL, "(accepted: FP32, BF16, FP16)");
+    }
+    assert_int_equal(bs_codec_output_dtype(NULL, &(enum bs_dtype){0}), -1);
+    b_init(&b, "m");
+    p = b_param(&b, "output_datatype");
+    p->parameter_choice_case = K_STR;
+    p->string_param = "FP\x01\x7f";
+    expect_error(&b, BS_EINVAL, "parameter 'output_datatype' is 'FP\?\?'");
+    p->parameter_choice_case = K_I64;
+    p->int64_param = 16;
+    expect_error(&b, BS_EINVAL, "parameter 'output_datatype' must be a string_param");
+    p->parameter_choice_case = K_BOOL;
+    expect_error(&b, BS_EINVAL, "parameter 'output_datatype' must be a string_param");
+    b.params[0].value = NULL;
+    expect_error(&b, BS_EINVAL, "parameter 'output_datatype' must be a string_param");
+}
+
 static Inference__ModelInferResponse *encode_and_unpack(const struct bs_infer_request *req,
                                                         const struct bs_tensor *out, int final)
 {
@@ -948,6 +1015,47 @@ static void test_encode_typed(void **state)
     assert_int_equal(res->n_raw_output_contents, 0);
     assert_int_equal(res->n_parameters, 1);
     inference__model_infer_response__free_unpacked(res, NULL);
+    bs_codec_request_free(&req);
+}
+
+/* BF16 and FP16 outputs: their datatype, their bytes, always raw (no typed
+ * field holds them), also for a request with typed inputs. */
+static void test_encode_narrow(void **state)
+{
+    (void)state;
+    struct builder b;
+    b_init(&b, "m");
+    int i = b_input(&b, "x", "FP32", 2, shape23);
+    b_contents(&b, i)->n_fp32_contents = 6;
+    b_contents(&b, i)->fp32_contents = (float *)vals6;
+    struct bs_infer_request req;
+    struct bs_err err;
+    assert_int_equal(b_decode(&b, &limits, &req, &err), 0);
+    assert_false(req.raw_output);
+    static const enum bs_dtype types[] = {BS_TYPE_BF16, BS_TYPE_F16};
+    for (int k = 0; k < 2; k++) {
+        uint16_t bits[6] = {0x3f80, 0xc000, 0x4050, 0, 0x8000, 0x7149};
+        struct bs_tensor out = bs_tensor_make(types[k], 2, shape23, bits);
+        Inference__ModelInferResponse *res = encode_and_unpack(&req, &out, -1);
+        const Inference__ModelInferResponse__InferOutputTensor *o = res->outputs[0];
+        assert_string_equal(o->datatype, k == 0 ? "BF16" : "FP16");
+        assert_int_equal(o->n_shape, 2);
+        assert_null(o->contents);
+        assert_int_equal(res->n_raw_output_contents, 1);
+        assert_int_equal(res->raw_output_contents[0].len, sizeof(bits));
+        assert_memory_equal(res->raw_output_contents[0].data, bits, sizeof(bits));
+        inference__model_infer_response__free_unpacked(res, NULL);
+    }
+    /* in shared memory: the datatype, no bytes */
+    req.out_shm = (struct bs_shm_ref){.given = true, .region = "r", .byte_size = 12};
+    uint16_t bits[6] = {0};
+    struct bs_tensor out = bs_tensor_make(BS_TYPE_BF16, 2, shape23, bits);
+    Inference__ModelInferResponse *res = encode_and_unpack(&req, &out, -1);
+    assert_string_equal(res->outputs[0]->datatype, "BF16");
+    assert_int_equal(res->n_raw_output_contents, 1);
+    assert_int_equal(res->raw_output_contents[0].len, 0);
+    inference__model_infer_response__free_unpacked(res, NULL);
+    req.out_shm = (struct bs_shm_ref){0};
     bs_codec_request_free(&req);
 }
 
@@ -1253,6 +1361,8 @@ int main(void)
         cmocka_unit_test(test_encode_raw),
         cmocka_unit_test(test_encode_typed),
         cmocka_unit_test(test_encode_errors),
+        cmocka_unit_test(test_decode_output_datatype),
+        cmocka_unit_test(test_encode_narrow),
         cmocka_unit_test(test_datatype_names),
         cmocka_unit_test(test_decode_shm),
         cmocka_unit_test(test_decode_shm_errors),

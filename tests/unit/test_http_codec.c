@@ -339,6 +339,71 @@ static void test_encode_answers(void **state)
     free(b.data);
 }
 
+/* output_datatype in the request's parameters (passed through to the
+ * codec, which checks it), and the answers in BF16 (binary data, asked or
+ * not) and FP16 (JSON numbers, each the 16-bit value; or binary data). */
+static void test_output_datatype(void **state)
+{
+    (void)state;
+    struct decoded d;
+    struct bs_err err = {0};
+    const char *text = "{\"parameters\":{\"output_datatype\":\"BF16\"},\"inputs\":[{\"name\":\"x\","
+                       "\"datatype\":\"FP32\",\"shape\":[1],\"data\":[1]}]}";
+    assert_int_equal(decode(&d, text, NULL, 0, &err), 0);
+    assert_true(d.req.has_out_dtype);
+    assert_int_equal(d.req.out_dtype, BS_TYPE_BF16);
+    assert_false(d.hi.binary_output);
+    release(&d);
+    expect_error("{\"parameters\":{\"output_datatype\":\"FP8\"},\"inputs\":[]}", NULL, 0, BS_EINVAL,
+                 "parameter 'output_datatype' is 'FP8' (accepted: FP32, BF16, FP16)");
+    expect_error("{\"parameters\":{\"output_datatype\":32},\"inputs\":[]}", NULL, 0, BS_EINVAL,
+                 "parameter 'output_datatype' must be a string_param");
+
+    int64_t ne[2] = {1, 3};
+    uint16_t h[3] = {0x3c00, 0xc100, 0x0001}; /* FP16 1, -2.5, the smallest subnormal */
+    struct bs_tensor out = bs_tensor_make(BS_TYPE_F16, 2, ne, h);
+    struct bs_http_answer a = {.model_name = "m"};
+    struct bs_jbuf b = {0};
+    size_t json_len;
+    bs_json_doc_t *doc;
+    assert_int_equal(bs_http_encode_infer(&a, &out, &b, &json_len, &err), 0);
+    assert_int_equal(json_len, b.len);
+    assert_int_equal(bs_json_parse(&doc, b.data, b.len, 0, &err), 0);
+    const struct bs_json *o = bs_json_get(bs_json_doc_root(doc), "outputs")->child;
+    assert_string_equal(bs_json_get(o, "datatype")->string, "FP16");
+    int i = 0;
+    for (const struct bs_json *x = bs_json_get(o, "data")->child; x; x = x->next, i++)
+        assert_true((float)x->number == bs_fp16_to_f32(h[i]));
+    assert_int_equal(i, 3);
+    bs_json_doc_free(doc);
+    free(b.data);
+
+    /* BF16: binary data although JSON was asked for; its datatype, its bytes */
+    out.type = BS_TYPE_BF16;
+    b = (struct bs_jbuf){0};
+    assert_int_equal(bs_http_encode_infer(&a, &out, &b, &json_len, &err), 0);
+    assert_int_equal(b.len, json_len + sizeof(h));
+    assert_memory_equal(b.data + json_len, h, sizeof(h));
+    assert_int_equal(bs_json_parse(&doc, b.data, json_len, 0, &err), 0);
+    o = bs_json_get(bs_json_doc_root(doc), "outputs")->child;
+    assert_string_equal(bs_json_get(o, "datatype")->string, "BF16");
+    assert_null(bs_json_get(o, "data"));
+    assert_int_equal(bs_json_get(bs_json_get(o, "parameters"), "binary_data_size")->integer, 6);
+    bs_json_doc_free(doc);
+    free(b.data);
+
+    /* in shared memory: neither data nor bytes */
+    struct bs_shm_ref ref = {.given = true, .region = "r", .byte_size = 6};
+    a.out_shm = &ref;
+    b = (struct bs_jbuf){0};
+    assert_int_equal(bs_http_encode_infer(&a, &out, &b, &json_len, &err), 0);
+    assert_int_equal(b.len, json_len);
+    bs_jbuf_put(&b, "", 1); /* a C string, for strstr */
+    assert_non_null(strstr(b.data, "\"datatype\":\"BF16\""));
+    assert_null(strstr(b.data, "binary_data_size"));
+    free(b.data);
+}
+
 static void test_inflate(void **state)
 {
     (void)state;
@@ -411,6 +476,7 @@ int main(void)
         cmocka_unit_test(test_shared_memory_parameters),
         cmocka_unit_test(test_too_many_values),
         cmocka_unit_test(test_encode_answers),
+        cmocka_unit_test(test_output_datatype),
         cmocka_unit_test(test_inflate),
         cmocka_unit_test(test_gzip_bomb),
     };

@@ -206,6 +206,23 @@ static void test_check(void **state)
     assert_policy(&p, BS_TIMEOUT_REJECT, 0, true, 3);
 }
 
+/* output_datatype: FP32 (the zero value) unless set; Triton's names only. */
+static void test_output_datatype(void **state)
+{
+    (void)state;
+    assert_int_equal(parse_ok("{}").out_dtype, BS_TYPE_F32);
+    assert_int_equal(parse_ok("{\"output_datatype\": \"BF16\"}").out_dtype, BS_TYPE_BF16);
+    assert_int_equal(parse_ok("{\"output_datatype\": \"FP16\"}").out_dtype, BS_TYPE_F16);
+    assert_int_equal(parse_ok("{\"output_datatype\": \"FP32\"}").out_dtype, BS_TYPE_F32);
+    const char *want = "serving.output_datatype: expected \"FP32\", \"BF16\" or \"FP16\"";
+    parse_bad("{\"output_datatype\": \"bf16\"}", want);
+    parse_bad("{\"output_datatype\": \"FP64\"}", want);
+    parse_bad("{\"output_datatype\": \"INT64\"}", want);
+    parse_bad("{\"output_datatype\": 16}", want);
+    parse_bad("{\"output_datatype\": null}", want);
+    parse_bad("{\"output_dtype\": \"BF16\"}", "output_datatype"); /* the known keys list it */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -213,6 +230,7 @@ int main(void)
         cmocka_unit_test(test_levels),
         cmocka_unit_test(test_bad_settings),
         cmocka_unit_test(test_check),
+        cmocka_unit_test(test_output_datatype),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
