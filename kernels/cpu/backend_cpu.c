@@ -241,6 +241,61 @@ int bs__cpu_scratch_reserve(struct bs__cpu *c, size_t floats, struct bs_err *err
     return 0;
 }
 
+/* ---- narrow activations: the generic path ------------------------------ */
+
+/* Ops without a narrow kernel of their own (engine/backend.h, ABI 6) run as
+ * the contract reads: the narrow operands widened into F32 copies, the F32
+ * op on those, each narrow output rounded once from its F32 copy. An
+ * operand is copied whole (malloc'ed per call, freed on return), so aliasing
+ * between narrow operands is harmless: every input is read before any
+ * output is written. */
+
+static bool is_narrow(const struct bs_tensor *t)
+{
+    return t != NULL && t->type != BS_TYPE_F32;
+}
+
+/* An activation operand as the F32 op sees it: the caller's tensor when F32,
+ * else a contiguous F32 tensor of its shape over buf. */
+struct wide {
+    struct bs_tensor f;
+    float *buf; /* owned; NULL when f is the caller's tensor */
+};
+
+/* Fill w for t; load: widen t's values into the copy (an input, or an
+ * output the op also reads). Returns 0 or BS_ENOMEM (w then holds nothing). */
+static int wide_init(struct bs__cpu *c, struct wide *w, const struct bs_tensor *t, bool load,
+                     const char *op, struct bs_err *err)
+{
+    w->f = *t;
+    w->buf = NULL;
+    if (!is_narrow(t))
+        return 0;
+    size_t bytes = (size_t)bs_tensor_nrows(t) * (size_t)bs_opcheck_ncols(t) * sizeof(float);
+    void *p = NULL;
+    if (posix_memalign(&p, CPU_ALIGN, bytes ? bytes : CPU_ALIGN) != 0)
+        return bs_err_set(err, BS_ENOMEM, "%s: cannot allocate %zu bytes for an F32 copy of a %s "
+                          "operand", op, bytes, bs_dtype_name(t->type));
+    w->buf = p;
+    w->f = bs_tensor_make(BS_TYPE_F32, t->n_dims, t->ne, p);
+    if (load)
+        bs__cpu_rows_widen(c, w->buf, t);
+    return 0;
+}
+
+/* Round w's F32 copy into t, when t is narrow. */
+static void wide_store(struct bs__cpu *c, const struct wide *w, struct bs_tensor *t)
+{
+    if (w->buf != NULL)
+        bs__cpu_rows_narrow(c, t, w->buf);
+}
+
+static void wide_free(struct wide *w)
+{
+    free(w->buf);
+    w->buf = NULL;
+}
+
 /* ---- linear ------------------------------------------------------------ */
 
 struct linear_job {
@@ -317,13 +372,15 @@ static void linear_run(struct bs__cpu *c, struct linear_job *j)
     bs_pool_run(c->pool, mt * j->nt, linear_task, j);
 }
 
-/* linear with a BF16 w: a packed weight, or rows [n0, n0 + n) of one. */
+/* linear with a BF16 w: a packed weight, or rows [n0, n0 + n) of one; x
+ * F32 or BF16 (read as it is), y F32. */
 static int linear_bf16(struct bs__cpu *c, struct bs_tensor *y, const struct bs_tensor *x,
                        const struct bs_tensor *w, const struct bs_tensor *b, float beta,
                        struct bs_err *err)
 {
     struct bs__gemm_bf16_args g = {
         .x = x->data,
+        .x_bf16 = x->type == BS_TYPE_BF16,
         .m = bs_tensor_nrows(x),
         .k = bs_opcheck_ncols(x),
         .ldx = bs_tensor_ld(x),
@@ -357,13 +414,11 @@ static int linear_bf16(struct bs__cpu *c, struct bs_tensor *y, const struct bs_t
     return bs__gemm_bf16_run(c, &g, scratch, err);
 }
 
-static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+/* linear on F32 x and y (x BF16 too with a packed w). */
+static int linear_f32(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                       const struct bs_tensor *w, const struct bs_tensor *b, float beta,
                       struct bs_err *err)
 {
-    int rc = bs_opcheck_linear(y, x, w, b, beta, err);
-    if (rc != 0)
-        return rc;
     if (w->type == BS_TYPE_BF16)
         return linear_bf16(ctx, y, x, w, b, beta, err);
     int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
@@ -386,6 +441,94 @@ static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
     };
     linear_run(ctx, &j);
     return 0;
+}
+
+/* A BF16 x meets a packed w as it is (the GEMM would round an F32 x to those
+ * very values); any other narrow x is widened, and a narrow y is computed in
+ * an F32 copy (holding y's values when beta is 1) and rounded once. */
+static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                      const struct bs_tensor *w, const struct bs_tensor *b, float beta,
+                      struct bs_err *err)
+{
+    int rc = bs_opcheck_linear(y, x, w, b, beta, err);
+    if (rc != 0)
+        return rc;
+    if (!is_narrow(x) && !is_narrow(y))
+        return linear_f32(ctx, y, x, w, b, beta, err);
+    bool x_direct = x->type == BS_TYPE_BF16 && w->type == BS_TYPE_BF16;
+    struct wide wx = {.f = *x}, wy = {.f = *y};
+    if ((x_direct || (rc = wide_init(ctx, &wx, x, true, "linear", err)) == 0) &&
+        (rc = wide_init(ctx, &wy, y, beta != 0.0f, "linear", err)) == 0 &&
+        (rc = linear_f32(ctx, &wy.f, &wx.f, w, b, beta, err)) == 0)
+        wide_store(ctx, &wy, y);
+    wide_free(&wx);
+    wide_free(&wy);
+    return rc;
+}
+
+/* ---- the other ops' entries -------------------------------------------- */
+
+/* layer_norm: narrow rows up to BS__CPU_ROW_MAX in ops_cpu.c, longer ones
+ * through F32 copies. */
+static int cpu_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                          const struct bs_norm_params *p, struct bs_err *err)
+{
+    if ((!is_narrow(x) && !is_narrow(y)) || bs_opcheck_ncols(x) <= BS__CPU_ROW_MAX)
+        return bs__cpu_layer_norm(ctx, y, x, p, err);
+    int rc = bs_opcheck_layer_norm(y, x, p, err);
+    if (rc != 0)
+        return rc;
+    struct wide wx = {.f = *x}, wy = {.f = *y};
+    if ((rc = wide_init(ctx, &wx, x, true, "layer_norm", err)) == 0 &&
+        (rc = wide_init(ctx, &wy, y, false, "layer_norm", err)) == 0 &&
+        (rc = bs__cpu_layer_norm(ctx, &wy.f, &wx.f, p, err)) == 0)
+        wide_store(ctx, &wy, y);
+    wide_free(&wx);
+    wide_free(&wy);
+    return rc;
+}
+
+/* group_norm: narrow x and y through F32 copies. */
+static int cpu_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                          const struct bs_norm_params *p, struct bs_err *err)
+{
+    if (!is_narrow(x) && !is_narrow(y))
+        return bs__cpu_group_norm(ctx, y, x, p, err);
+    int rc = bs_opcheck_group_norm(y, x, p, err);
+    if (rc != 0)
+        return rc;
+    struct wide wx = {.f = *x}, wy = {.f = *y};
+    if ((rc = wide_init(ctx, &wx, x, true, "group_norm", err)) == 0 &&
+        (rc = wide_init(ctx, &wy, y, false, "group_norm", err)) == 0 &&
+        (rc = bs__cpu_group_norm(ctx, &wy.f, &wx.f, p, err)) == 0)
+        wide_store(ctx, &wy, y);
+    wide_free(&wx);
+    wide_free(&wy);
+    return rc;
+}
+
+/* attention: narrow q, k, v (one dtype) and o through F32 copies. */
+static int cpu_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
+                         const struct bs_tensor *k, const struct bs_tensor *v,
+                         const struct bs_attn_params *p, struct bs_err *err)
+{
+    if (!is_narrow(q) && !is_narrow(k) && !is_narrow(v) && !is_narrow(o))
+        return bs__cpu_attention(ctx, o, q, k, v, p, err);
+    int rc = p->q_off ? bs_opcheck_attention_ragged(o, q, k, v, p, err)
+                      : bs_opcheck_attention(o, q, k, v, p, err);
+    if (rc == 0 && p->q_off == NULL)
+        rc = bs_opcheck_attention_mask(p, err);
+    if (rc != 0)
+        return rc;
+    struct wide w[4] = {{.f = *q}, {.f = *k}, {.f = *v}, {.f = *o}};
+    const struct bs_tensor *ts[4] = {q, k, v, o};
+    for (int i = 0; i < 4 && rc == 0; i++)
+        rc = wide_init(ctx, &w[i], ts[i], i < 3, "attention", err);
+    if (rc == 0 && (rc = bs__cpu_attention(ctx, &w[3].f, &w[0].f, &w[1].f, &w[2].f, p, err)) == 0)
+        wide_store(ctx, &w[3], o);
+    for (int i = 0; i < 4; i++)
+        wide_free(&w[i]);
+    return rc;
 }
 
 /* ---- instruction sets -------------------------------------------------- */
@@ -448,6 +591,7 @@ static int cpu_memory_info(void *ctx, struct bs_backend_memory *mem, struct bs_e
 static const struct bs_backend_i cpu_iface = {
     .name = "cpu",
     .host_memory = true,
+    .act_dtypes = (1u << BS_TYPE_BF16) | (1u << BS_TYPE_F16),
     .free = cpu_free,
     .buf_alloc = cpu_buf_alloc,
     .buf_free = cpu_buf_free,
@@ -455,11 +599,11 @@ static const struct bs_backend_i cpu_iface = {
     .copy_out = cpu_copy,
     .linear = cpu_linear,
     .pack_weight = cpu_pack_weight,
-    .layer_norm = bs__cpu_layer_norm,
-    .group_norm = bs__cpu_group_norm,
+    .layer_norm = cpu_layer_norm,
+    .group_norm = cpu_group_norm,
     .act = bs__cpu_act,
     .glu = bs__cpu_glu,
-    .attention = bs__cpu_attention,
+    .attention = cpu_attention,
     .add = bs__cpu_add,
     .transpose = bs__cpu_transpose,
     .get_rows = bs__cpu_get_rows,
