@@ -245,55 +245,103 @@ int bs__cpu_scratch_reserve(struct bs__cpu *c, size_t floats, struct bs_err *err
 
 /* Ops without a narrow kernel of their own (engine/backend.h, ABI 6) run as
  * the contract reads: the narrow operands widened into F32 copies, the F32
- * op on those, each narrow output rounded once from its F32 copy. An
- * operand is copied whole (malloc'ed per call, freed on return), so aliasing
- * between narrow operands is harmless: every input is read before any
- * output is written. */
+ * op on those, each narrow output rounded once from its F32 copy. Operands
+ * are copied whole before the op runs and outputs rounded back after, so
+ * aliasing between narrow operands is harmless (y == x in place).
+ *
+ * The copies of one op share one block: the context's cached one
+ * (wide_buf, grown to the largest op's need and kept, as an arena keeps its
+ * high-water size: mapping and faulting in tens of MB per call cost a
+ * quarter of a large GEMM), or, while another thread's op holds it, one
+ * malloc'ed for the call. */
+
+#define WIDE_MAX 4
+
+struct wides {
+    struct bs_tensor f[WIDE_MAX]; /* operand i as the F32 op sees it */
+    bool copied[WIDE_MAX];        /* f[i] is an F32 copy of a narrow operand */
+    float *mem;                   /* the copies */
+    bool cached;                  /* mem is c->wide_buf, held through wide_lock */
+};
 
 static bool is_narrow(const struct bs_tensor *t)
 {
     return t != NULL && t->type != BS_TYPE_F32;
 }
 
-/* An activation operand as the F32 op sees it: the caller's tensor when F32,
- * else a contiguous F32 tensor of its shape over buf. */
-struct wide {
-    struct bs_tensor f;
-    float *buf; /* owned; NULL when f is the caller's tensor */
-};
-
-/* Fill w for t; load: widen t's values into the copy (an input, or an
- * output the op also reads). Returns 0 or BS_ENOMEM (w then holds nothing). */
-static int wide_init(struct bs__cpu *c, struct wide *w, const struct bs_tensor *t, bool load,
-                     const char *op, struct bs_err *err)
+/* floats of memory for the copies, or NULL. */
+static float *wides_mem(struct bs__cpu *c, size_t floats, bool *cached)
 {
-    w->f = *t;
-    w->buf = NULL;
-    if (!is_narrow(t))
-        return 0;
-    size_t bytes = (size_t)bs_tensor_nrows(t) * (size_t)bs_opcheck_ncols(t) * sizeof(float);
     void *p = NULL;
-    if (posix_memalign(&p, CPU_ALIGN, bytes ? bytes : CPU_ALIGN) != 0)
-        return bs_err_set(err, BS_ENOMEM, "%s: cannot allocate %zu bytes for an F32 copy of a %s "
-                          "operand", op, bytes, bs_dtype_name(t->type));
-    w->buf = p;
-    w->f = bs_tensor_make(BS_TYPE_F32, t->n_dims, t->ne, p);
-    if (load)
-        bs__cpu_rows_widen(c, w->buf, t);
+    size_t bytes = floats * sizeof(float);
+    *cached = false;
+    if (pthread_mutex_trylock(&c->wide_lock) == 0) {
+        if (c->wide_floats >= floats) {
+            *cached = true;
+            return c->wide_buf;
+        }
+        if (posix_memalign(&p, CPU_ALIGN, bytes) == 0) {
+            free(c->wide_buf);
+            c->wide_buf = p;
+            c->wide_floats = floats;
+            *cached = true;
+            return p;
+        }
+        pthread_mutex_unlock(&c->wide_lock);
+    }
+    return posix_memalign(&p, CPU_ALIGN, bytes) == 0 ? p : NULL;
+}
+
+/* F32 copies of the narrow ones among ts[0, n) (NULL: an operand the caller
+ * passes as it is), widened where bit i of load is set (inputs, and outputs
+ * the op also reads); F32 operands are used in place. Returns 0, or
+ * BS_ENOMEM with nothing held. */
+static int wides_init(struct bs__cpu *c, struct wides *w, int n, const struct bs_tensor *const *ts,
+                      unsigned load, const char *op, struct bs_err *err)
+{
+    size_t floats = 0, at[WIDE_MAX] = {0};
+    memset(w, 0, sizeof(*w));
+    for (int i = 0; i < n; i++) {
+        if (ts[i] != NULL)
+            w->f[i] = *ts[i];
+        if (!is_narrow(ts[i]))
+            continue;
+        at[i] = floats;
+        size_t f = (size_t)bs_tensor_nrows(ts[i]) * (size_t)bs_opcheck_ncols(ts[i]);
+        floats += (f + 15) & ~(size_t)15; /* 64-byte aligned copies */
+    }
+    if (floats == 0)
+        return 0;
+    w->mem = wides_mem(c, floats, &w->cached);
+    if (w->mem == NULL)
+        return bs_err_set(err, BS_ENOMEM,
+                          "%s: cannot allocate %zu bytes for F32 copies of narrow operands", op,
+                          floats * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        if (!is_narrow(ts[i]))
+            continue;
+        w->f[i] = bs_tensor_make(BS_TYPE_F32, ts[i]->n_dims, ts[i]->ne, w->mem + at[i]);
+        w->copied[i] = true;
+        if (load >> i & 1)
+            bs__cpu_rows_widen(c, w->mem + at[i], ts[i]);
+    }
     return 0;
 }
 
-/* Round w's F32 copy into t, when t is narrow. */
-static void wide_store(struct bs__cpu *c, const struct wide *w, struct bs_tensor *t)
+/* Round operand i's F32 copy into t (when it has one). */
+static void wides_store(struct bs__cpu *c, const struct wides *w, int i, struct bs_tensor *t)
 {
-    if (w->buf != NULL)
-        bs__cpu_rows_narrow(c, t, w->buf);
+    if (w->copied[i])
+        bs__cpu_rows_narrow(c, t, w->f[i].data);
 }
 
-static void wide_free(struct wide *w)
+static void wides_free(struct bs__cpu *c, struct wides *w)
 {
-    free(w->buf);
-    w->buf = NULL;
+    if (w->cached)
+        pthread_mutex_unlock(&c->wide_lock);
+    else
+        free(w->mem);
+    w->mem = NULL;
 }
 
 /* ---- linear ------------------------------------------------------------ */
@@ -456,13 +504,13 @@ static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
     if (!is_narrow(x) && !is_narrow(y))
         return linear_f32(ctx, y, x, w, b, beta, err);
     bool x_direct = x->type == BS_TYPE_BF16 && w->type == BS_TYPE_BF16;
-    struct wide wx = {.f = *x}, wy = {.f = *y};
-    if ((x_direct || (rc = wide_init(ctx, &wx, x, true, "linear", err)) == 0) &&
-        (rc = wide_init(ctx, &wy, y, beta != 0.0f, "linear", err)) == 0 &&
-        (rc = linear_f32(ctx, &wy.f, &wx.f, w, b, beta, err)) == 0)
-        wide_store(ctx, &wy, y);
-    wide_free(&wx);
-    wide_free(&wy);
+    const struct bs_tensor *ts[2] = {x_direct ? NULL : x, y};
+    struct wides cp;
+    if ((rc = wides_init(ctx, &cp, 2, ts, beta != 0.0f ? 3u : 1u, "linear", err)) != 0)
+        return rc;
+    if ((rc = linear_f32(ctx, &cp.f[1], x_direct ? x : &cp.f[0], w, b, beta, err)) == 0)
+        wides_store(ctx, &cp, 1, y);
+    wides_free(ctx, &cp);
     return rc;
 }
 
@@ -478,13 +526,13 @@ static int cpu_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor
     int rc = bs_opcheck_layer_norm(y, x, p, err);
     if (rc != 0)
         return rc;
-    struct wide wx = {.f = *x}, wy = {.f = *y};
-    if ((rc = wide_init(ctx, &wx, x, true, "layer_norm", err)) == 0 &&
-        (rc = wide_init(ctx, &wy, y, false, "layer_norm", err)) == 0 &&
-        (rc = bs__cpu_layer_norm(ctx, &wy.f, &wx.f, p, err)) == 0)
-        wide_store(ctx, &wy, y);
-    wide_free(&wx);
-    wide_free(&wy);
+    const struct bs_tensor *ts[2] = {x, y};
+    struct wides cp;
+    if ((rc = wides_init(ctx, &cp, 2, ts, 1u, "layer_norm", err)) != 0)
+        return rc;
+    if ((rc = bs__cpu_layer_norm(ctx, &cp.f[1], &cp.f[0], p, err)) == 0)
+        wides_store(ctx, &cp, 1, y);
+    wides_free(ctx, &cp);
     return rc;
 }
 
@@ -497,13 +545,13 @@ static int cpu_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor
     int rc = bs_opcheck_group_norm(y, x, p, err);
     if (rc != 0)
         return rc;
-    struct wide wx = {.f = *x}, wy = {.f = *y};
-    if ((rc = wide_init(ctx, &wx, x, true, "group_norm", err)) == 0 &&
-        (rc = wide_init(ctx, &wy, y, false, "group_norm", err)) == 0 &&
-        (rc = bs__cpu_group_norm(ctx, &wy.f, &wx.f, p, err)) == 0)
-        wide_store(ctx, &wy, y);
-    wide_free(&wx);
-    wide_free(&wy);
+    const struct bs_tensor *ts[2] = {x, y};
+    struct wides cp;
+    if ((rc = wides_init(ctx, &cp, 2, ts, 1u, "group_norm", err)) != 0)
+        return rc;
+    if ((rc = bs__cpu_group_norm(ctx, &cp.f[1], &cp.f[0], p, err)) == 0)
+        wides_store(ctx, &cp, 1, y);
+    wides_free(ctx, &cp);
     return rc;
 }
 
@@ -520,14 +568,13 @@ static int cpu_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor 
         rc = bs_opcheck_attention_mask(p, err);
     if (rc != 0)
         return rc;
-    struct wide w[4] = {{.f = *q}, {.f = *k}, {.f = *v}, {.f = *o}};
     const struct bs_tensor *ts[4] = {q, k, v, o};
-    for (int i = 0; i < 4 && rc == 0; i++)
-        rc = wide_init(ctx, &w[i], ts[i], i < 3, "attention", err);
-    if (rc == 0 && (rc = bs__cpu_attention(ctx, &w[3].f, &w[0].f, &w[1].f, &w[2].f, p, err)) == 0)
-        wide_store(ctx, &w[3], o);
-    for (int i = 0; i < 4; i++)
-        wide_free(&w[i]);
+    struct wides cp;
+    if ((rc = wides_init(ctx, &cp, 4, ts, 7u, "attention", err)) != 0)
+        return rc;
+    if ((rc = bs__cpu_attention(ctx, &cp.f[3], &cp.f[0], &cp.f[1], &cp.f[2], p, err)) == 0)
+        wides_store(ctx, &cp, 3, o);
+    wides_free(ctx, &cp);
     return rc;
 }
 
@@ -578,6 +625,8 @@ static void cpu_free(void *ctx)
     free(c->scratch);
     pthread_rwlock_destroy(&c->packed_lock);
     free(c->packed);
+    pthread_mutex_destroy(&c->wide_lock);
+    free(c->wide_buf);
     free(c->gemm_scratch);
     free(c);
 }
@@ -634,6 +683,7 @@ int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err
         goto fail_pool;
     pthread_mutex_init(&c->scratch_lock, NULL);
     pthread_rwlock_init(&c->packed_lock, NULL);
+    pthread_mutex_init(&c->wide_lock, NULL);
     pthread_once(&blas_once, blas_single_thread);
     be->iface = &cpu_iface;
     be->ctx = c;

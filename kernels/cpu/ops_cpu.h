@@ -12,7 +12,9 @@
  * buf_free); linear holds it for reading while it looks a weight up.
  * gemm_scratch is allocated once, by the first pack_weight, and then used only
  * inside pool runs of the BF16 GEMM, slice t by pool thread t (the pool
- * serialises runs, so two tasks never share a slice). */
+ * serialises runs, so two tasks never share a slice). wide_buf and
+ * wide_floats (the F32 copies of narrow operands, backend_cpu.c) belong to
+ * whoever holds wide_lock; an op that finds it held uses memory of its own. */
 #ifndef BS_OPS_CPU_H
 #define BS_OPS_CPU_H
 
@@ -55,6 +57,10 @@ struct bs__cpu {
     struct bs__cpu_packed *packed; /* by base address; defined in backend_cpu.c */
     size_t n_packed, cap_packed;
     void *gemm_scratch; /* n_threads slices of bs__gemm_bf16_scratch_bytes, or NULL */
+
+    pthread_mutex_t wide_lock;
+    float *wide_buf;    /* 64-byte aligned, or NULL */
+    size_t wide_floats; /* its size */
 };
 
 /* Bytes of per-thread scratch the CPU backend context holds (for tests). */

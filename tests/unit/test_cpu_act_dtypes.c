@@ -22,6 +22,7 @@
  * mixed dtypes and a transpose between dtypes fail with BS_EINVAL; the
  * backend lists BF16 and F16 in act_dtypes. */
 #include <math.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -681,6 +682,66 @@ static void test_attention(void **state)
                         attn_case(all[a], all[b], r == 1, c ? BS_TYPE_BF16 : BS_TYPE_F32);
 }
 
+/* ---- two threads at once ---------------------------------------------- */
+
+/* Narrow linears from two threads at once (the calls only: cmocka checks on
+ * the main thread): one holds the backend's cached F32 copies, the other gets
+ * memory of its own; both must give the reference's bits every time. */
+struct conc {
+    struct bs_tensor x, y;
+    const struct bs_tensor *w;
+    char *want;
+    int bad; /* calls that failed or gave other bits */
+};
+
+static void *conc_main(void *arg)
+{
+    struct conc *j = arg;
+    for (int i = 0; i < 40; i++) {
+        struct bs_err err = {0};
+        memset(j->y.data, 0, rows_bytes(&j->y));
+        if (be.iface->linear(be.ctx, &j->y, &j->x, j->w, NULL, 0.0f, &err) != 0 ||
+            memcmp(j->y.data, j->want, rows_bytes(&j->y)) != 0)
+            j->bad++;
+    }
+    return NULL;
+}
+
+static void test_concurrent(void **state)
+{
+    struct bs_err err = {0};
+    int64_t m = 120, n = 64, k = 300, ne[2] = {n, k};
+    float *wv = rand_vals(n * k, 0.2f);
+    struct bs_tensor w = bs_tensor_make(BS_TYPE_F32, 2, ne, wv);
+    struct conc j[2];
+    for (int t = 0; t < 2; t++) {
+        float *vx = rand_vals(m * k, 1.0f), *zero = calloc((size_t)(m * n), sizeof(float));
+        j[t].x = make_rows(t ? BS_TYPE_F16 : BS_TYPE_BF16, m, k, k, vx);
+        j[t].y = make_rows(t ? BS_TYPE_BF16 : BS_TYPE_F16, m, n, n, zero);
+        j[t].w = &w;
+        j[t].bad = 0;
+        float *xf = widen_rows(&j[t].x), *rf = malloc((size_t)(m * n) * sizeof(float));
+        struct bs_tensor tx = f32_like(&j[t].x, xf), tr = f32_like(&j[t].y, rf);
+        assert_int_equal(be.iface->linear(be.ctx, &tr, &tx, &w, NULL, 0.0f, &err), 0);
+        j[t].want = expected(&j[t].y, j[t].y.data, rf);
+        free(vx);
+        free(zero);
+        free(xf);
+        free(rf);
+    }
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, conc_main, &j[1]), 0);
+    conc_main(&j[0]);
+    assert_int_equal(pthread_join(th, NULL), 0);
+    for (int t = 0; t < 2; t++) {
+        assert_int_equal(j[t].bad, 0);
+        free(j[t].want);
+        free_rows(&j[t].x);
+        free_rows(&j[t].y);
+    }
+    free(wv);
+}
+
 /* ---- errors and the table ---------------------------------------------- */
 
 static void test_errors(void **state)
@@ -719,7 +780,7 @@ int main(void)
         cmocka_unit_test(test_transpose),     cmocka_unit_test(test_layer_norm),
         cmocka_unit_test(test_group_norm),    cmocka_unit_test(test_linear_f32_weight),
         cmocka_unit_test(test_linear_packed), cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_concurrent),    cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
