@@ -133,8 +133,8 @@ void bs__cpu_narrow(void *dst, enum bs_dtype t, const float *src, int64_t n)
 }
 
 struct conv_job {
-    float *f;            /* contiguous F32 rows */
-    char *t;             /* the tensor's rows */
+    float *f; /* contiguous F32 rows */
+    char *t;  /* the tensor's rows */
     int64_t cols, ld_bytes;
     enum bs_dtype type;
     bool widen;
@@ -535,8 +535,7 @@ int bs__cpu_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum 
         }
         return 0;
     }
-    bs__cpu_parallel_for(ctx, bs_tensor_nrows(x), 8 * j.n, narrow ? act_rows_narrow : act_rows,
-                         &j);
+    bs__cpu_parallel_for(ctx, bs_tensor_nrows(x), 8 * j.n, narrow ? act_rows_narrow : act_rows, &j);
     return 0;
 }
 
@@ -705,7 +704,7 @@ struct tr_job {
  * elements of type T (float, or uint16_t for BF16 and F16: a transpose moves
  * values, so narrow ones move as they are). */
 #define TR_BLOCKS(name, T)                                                                         \
-    static void name(void *arg, int64_t t0, int64_t t1)                                          \
+    static void name(void *arg, int64_t t0, int64_t t1)                                            \
     {                                                                                              \
         const struct tr_job *j = arg;                                                              \
         for (int64_t t = t0; t < t1; t++) {                                                        \

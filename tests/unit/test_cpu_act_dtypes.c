@@ -49,9 +49,9 @@ struct mix {
     enum bs_dtype x, y;
 };
 static const struct mix mixes[] = {
-    {BS_TYPE_BF16, BS_TYPE_F32},  {BS_TYPE_F16, BS_TYPE_F32},  {BS_TYPE_F32, BS_TYPE_BF16},
-    {BS_TYPE_F32, BS_TYPE_F16},   {BS_TYPE_BF16, BS_TYPE_BF16}, {BS_TYPE_F16, BS_TYPE_F16},
-    {BS_TYPE_BF16, BS_TYPE_F16},  {BS_TYPE_F16, BS_TYPE_BF16},
+    {BS_TYPE_BF16, BS_TYPE_F32}, {BS_TYPE_F16, BS_TYPE_F32},   {BS_TYPE_F32, BS_TYPE_BF16},
+    {BS_TYPE_F32, BS_TYPE_F16},  {BS_TYPE_BF16, BS_TYPE_BF16}, {BS_TYPE_F16, BS_TYPE_F16},
+    {BS_TYPE_BF16, BS_TYPE_F16}, {BS_TYPE_F16, BS_TYPE_BF16},
 };
 #define N_MIXES (sizeof(mixes) / sizeof(mixes[0]))
 
@@ -172,8 +172,8 @@ static void test_convert(void **state)
         bs__cpu_widen(got, h, dt, 65539);
         bs_convert_to_f32(want, h, dt, 65539);
         for (int i = 0; i < 65539; i++) {
-            bool snan16 = dt == BS_TYPE_F16 && (h[i] & 0x7c00) == 0x7c00 && (h[i] & 0x3ff) &&
-                          !(h[i] & 0x200);
+            bool snan16 =
+                dt == BS_TYPE_F16 && (h[i] & 0x7c00) == 0x7c00 && (h[i] & 0x3ff) && !(h[i] & 0x200);
             if (snan16)
                 assert_true(isnan(got[i]) && isnan(want[i]));
             else if (memcmp(&got[i], &want[i], 4) != 0)
@@ -196,9 +196,9 @@ static void test_convert(void **state)
             u = (u & ~0x1fffu) | 0x1000u; /* an F16 tie (normal range) */
         memcpy(&f[i], &u, 4);
     }
-    const float edges[16] = {65504.0f,  65520.0f, 65519.99f, -65520.0f, 0x1p-25f, 0x1.8p-25f,
-                             0x1p-24f,  0x1p-14f, 0x1.ff8p-15f, 3.3895314e38f, INFINITY,
-                             -INFINITY, NAN,      -NAN,         0.0f,          -0.0f};
+    const float edges[16] = {65504.0f, 65520.0f, 65519.99f,    -65520.0f,     0x1p-25f, 0x1.8p-25f,
+                             0x1p-24f, 0x1p-14f, 0x1.ff8p-15f, 3.3895314e38f, INFINITY, -INFINITY,
+                             NAN,      -NAN,     0.0f,         -0.0f};
     memcpy(f + N, edges, sizeof(edges));
     for (int t = 0; t < 2; t++) {
         enum bs_dtype dt = narrow_types[t];
@@ -236,9 +236,8 @@ static void act_case(struct mix m, enum bs_act act, int64_t rows, int64_t cols, 
     if (rc != 0)
         fail_msg("act: %s", err.msg);
     char what[128];
-    snprintf(what, sizeof(what), "act %d %s -> %s [%lld x %lld]%s", (int)act,
-             bs_dtype_name(m.x), bs_dtype_name(y.type), (long long)rows, (long long)cols,
-             inplace ? " in place" : "");
+    snprintf(what, sizeof(what), "act %d %s -> %s [%lld x %lld]%s", (int)act, bs_dtype_name(m.x),
+             bs_dtype_name(y.type), (long long)rows, (long long)cols, inplace ? " in place" : "");
     check_bits(what, &y, want);
     free(want);
     free(xf);
@@ -252,8 +251,8 @@ static void act_case(struct mix m, enum bs_act act, int64_t rows, int64_t cols, 
 
 static void test_act(void **state)
 {
-    const enum bs_act acts[] = {BS_ACT_NONE, BS_ACT_GELU, BS_ACT_GELU_TANH, BS_ACT_SILU,
-                                BS_ACT_QUICK_GELU, BS_ACT_MISH};
+    const enum bs_act acts[] = {BS_ACT_NONE, BS_ACT_GELU,       BS_ACT_GELU_TANH,
+                                BS_ACT_SILU, BS_ACT_QUICK_GELU, BS_ACT_MISH};
     for (size_t i = 0; i < N_MIXES; i++)
         for (size_t a = 0; a < sizeof(acts) / sizeof(acts[0]); a++) {
             act_case(mixes[i], acts[a], 37, 100, 100, 100, false); /* flat: 3 x 1024 + 628 */
@@ -310,10 +309,8 @@ static void add_case(struct mix m, bool gated, float alpha, bool inplace)
     int64_t rows = 12, cols = 270, rps = 4;
     float *vx = rand_vals(rows * cols, 2.0f), *vy = rand_vals(rows * cols, 2.0f);
     float *vg = rand_vals(3 * cols, 1.0f);
-    struct bs_tensor x = make_rows(m.x, rows, cols, cols + 5, vx);
     struct bs_tensor y = make_rows(m.y, rows, cols, cols, vy);
-    if (inplace)
-        x = y;
+    struct bs_tensor x = inplace ? y : make_rows(m.x, rows, cols, cols + 5, vx);
     int64_t gne[2] = {3, cols};
     struct bs_tensor gate = bs_tensor_make(BS_TYPE_F32, 2, gne, vg);
     float *xf = widen_rows(&x), *rf = widen_rows(&y);
@@ -512,8 +509,8 @@ static void test_group_norm(void **state)
 /* linear on be2 with weight w (F32 [n, k], or a packed one), x [m, k] (stride
  * k + 3) and y [m, n] of the mix, bias, beta; against the reference (the
  * same w). */
-static void linear_case(struct bs_backend *b2, struct mix mx, const struct bs_tensor *w,
-                        int64_t m, bool bias, float beta)
+static void linear_case(struct bs_backend *b2, struct mix mx, const struct bs_tensor *w, int64_t m,
+                        bool bias, float beta)
 {
     struct bs_err err = {0};
     int64_t n = w->ne[0], k = w->ne[1];
@@ -636,10 +633,15 @@ static void attn_case(enum bs_dtype tq, enum bs_dtype to, bool ragged, enum bs_d
     for (int64_t i = 0; i < rk; i += 7)
         mv[i] = -INFINITY;
     int64_t mne[3] = {batch, 1, lk}, fne[1] = {rk};
-    struct bs_tensor mask = ragged ? bs_tensor_make(BS_TYPE_F32, 1, fne, mv)
-                                   : bs_tensor_make(BS_TYPE_F32, 3, mne, mv);
-    struct bs_attn_params p = {.batch = batch, .lq = lq, .lk = lk, .heads = heads,
-                               .head_dim = hd, .scale = 0.158f, .mask = &mask,
+    struct bs_tensor mask =
+        ragged ? bs_tensor_make(BS_TYPE_F32, 1, fne, mv) : bs_tensor_make(BS_TYPE_F32, 3, mne, mv);
+    struct bs_attn_params p = {.batch = batch,
+                               .lq = lq,
+                               .lk = lk,
+                               .heads = heads,
+                               .head_dim = hd,
+                               .scale = 0.158f,
+                               .mask = &mask,
                                .compute = compute};
     if (ragged) {
         p.q_off = q_off;
@@ -755,8 +757,8 @@ static void test_errors(void **state)
     struct bs_tensor vf = bs_tensor_make(BS_TYPE_F32, 2, ne, buf);
     float ob[4 * 16];
     struct bs_tensor o = bs_tensor_make(BS_TYPE_BF16, 2, ne, ob);
-    struct bs_attn_params p = {.batch = 1, .lq = 4, .lk = 4, .heads = 2, .head_dim = 8,
-                               .scale = 1.0f};
+    struct bs_attn_params p = {
+        .batch = 1, .lq = 4, .lk = 4, .heads = 2, .head_dim = 8, .scale = 1.0f};
     assert_int_equal(be.iface->attention(be.ctx, &o, &qb, &kh, &qb, &p, &err), BS_EINVAL);
     assert_non_null(strstr(err.msg, "one dtype"));
     assert_int_equal(be.iface->attention(be.ctx, &o, &qb, &qb, &vf, &p, &err), BS_EINVAL);
