@@ -299,7 +299,7 @@ static float *wides_mem(struct bs__cpu *c, size_t floats, bool *cached)
 static int wides_init(struct bs__cpu *c, struct wides *w, int n, const struct bs_tensor *const *ts,
                       unsigned load, const char *op, struct bs_err *err)
 {
-    size_t floats = 0, at[WIDE_MAX] = {0};
+    size_t floats = 0, at[WIDE_MAX] = {0}, size[WIDE_MAX] = {0};
     memset(w, 0, sizeof(*w));
     for (int i = 0; i < n; i++) {
         if (ts[i] != NULL)
@@ -307,22 +307,21 @@ static int wides_init(struct bs__cpu *c, struct wides *w, int n, const struct bs
         if (!is_narrow(ts[i]))
             continue;
         at[i] = floats;
-        size_t f = (size_t)bs_tensor_nrows(ts[i]) * (size_t)bs_opcheck_ncols(ts[i]);
-        floats += (f + 15) & ~(size_t)15; /* 64-byte aligned copies */
+        size[i] = (size_t)bs_tensor_nrows(ts[i]) * (size_t)bs_opcheck_ncols(ts[i]);
+        floats += (size[i] + 15) & ~(size_t)15; /* 64-byte aligned copies */
     }
-    if (floats == 0)
-        return 0;
-    w->mem = wides_mem(c, floats, &w->cached);
-    if (w->mem == NULL)
+    if (floats != 0 && (w->mem = wides_mem(c, floats, &w->cached)) == NULL)
         return bs_err_set(err, BS_ENOMEM,
                           "%s: cannot allocate %zu bytes for F32 copies of narrow operands", op,
                           floats * sizeof(float));
     for (int i = 0; i < n; i++) {
         if (!is_narrow(ts[i]))
             continue;
-        w->f[i] = bs_tensor_make(BS_TYPE_F32, ts[i]->n_dims, ts[i]->ne, w->mem + at[i]);
-        w->copied[i] = true;
-        if (load >> i & 1)
+        /* an empty operand: an F32 one over the same (untouched) data */
+        void *data = size[i] ? (void *)(w->mem + at[i]) : ts[i]->data;
+        w->f[i] = bs_tensor_make(BS_TYPE_F32, ts[i]->n_dims, ts[i]->ne, data);
+        w->copied[i] = size[i] != 0;
+        if (size[i] && (load >> i & 1))
             bs__cpu_rows_widen(c, w->mem + at[i], ts[i]);
     }
     return 0;

@@ -744,6 +744,36 @@ static void test_concurrent(void **state)
     free(wv);
 }
 
+/* ---- empty operands ---------------------------------------------------- */
+
+/* No rows: every op returns 0 and touches nothing, on the F32 copies' path
+ * too (a layer norm row longer than the stack buffers, a linear, attention). */
+static void test_empty(void **state)
+{
+    struct bs_err err = {0};
+    int64_t d = BS__CPU_ROW_MAX + 904, n = 16, ne_w[2] = {n, d};
+    float one = 1.0f, *wv = calloc((size_t)(n * d), sizeof(float));
+    struct bs_tensor x = make_rows(BS_TYPE_BF16, 0, d, d, &one);
+    struct bs_tensor y = make_rows(BS_TYPE_F16, 0, d, d, &one);
+    struct bs_tensor yl = make_rows(BS_TYPE_BF16, 0, n, n, &one);
+    struct bs_tensor w = bs_tensor_make(BS_TYPE_F32, 2, ne_w, wv);
+    struct bs_norm_params p = {.eps = 1e-5f};
+    assert_int_equal(be.iface->layer_norm(be.ctx, &y, &x, &p, &err), 0);
+    assert_int_equal(be.iface->layer_norm(be.ctx, &x, &x, &p, &err), 0);
+    assert_int_equal(be.iface->linear(be.ctx, &yl, &x, &w, NULL, 1.0f, &err), 0);
+    struct bs_tensor q = make_rows(BS_TYPE_F16, 0, 32, 32, &one);
+    struct bs_tensor o = make_rows(BS_TYPE_BF16, 0, 32, 32, &one);
+    struct bs_attn_params ap = {
+        .batch = 0, .lq = 3, .lk = 3, .heads = 2, .head_dim = 16, .scale = 1.0f};
+    assert_int_equal(be.iface->attention(be.ctx, &o, &q, &q, &q, &ap, &err), 0);
+    free_rows(&x);
+    free_rows(&y);
+    free_rows(&yl);
+    free_rows(&q);
+    free_rows(&o);
+    free(wv);
+}
+
 /* ---- errors and the table ---------------------------------------------- */
 
 static void test_errors(void **state)
@@ -782,7 +812,8 @@ int main(void)
         cmocka_unit_test(test_transpose),     cmocka_unit_test(test_layer_norm),
         cmocka_unit_test(test_group_norm),    cmocka_unit_test(test_linear_f32_weight),
         cmocka_unit_test(test_linear_packed), cmocka_unit_test(test_attention),
-        cmocka_unit_test(test_concurrent),    cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_concurrent),    cmocka_unit_test(test_empty),
+        cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
