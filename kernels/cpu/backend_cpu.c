@@ -241,6 +241,108 @@ int bs__cpu_scratch_reserve(struct bs__cpu *c, size_t floats, struct bs_err *err
     return 0;
 }
 
+/* ---- narrow activations: the generic path ------------------------------ */
+
+/* Ops without a narrow kernel of their own (engine/backend.h, ABI 6) run as
+ * the contract reads: the narrow operands widened into F32 copies, the F32
+ * op on those, each narrow output rounded once from its F32 copy. Operands
+ * are copied whole before the op runs and outputs rounded back after, so
+ * aliasing between narrow operands is harmless (y == x in place).
+ *
+ * The copies of one op share one block: the context's cached one
+ * (wide_buf, grown to the largest op's need and kept, as an arena keeps its
+ * high-water size: mapping and faulting in tens of MB per call cost a
+ * quarter of a large GEMM), or, while another thread's op holds it, one
+ * malloc'ed for the call. */
+
+#define WIDE_MAX 4
+
+struct wides {
+    struct bs_tensor f[WIDE_MAX]; /* operand i as the F32 op sees it */
+    bool copied[WIDE_MAX];        /* f[i] is an F32 copy of a narrow operand */
+    float *mem;                   /* the copies */
+    bool cached;                  /* mem is c->wide_buf, held through wide_lock */
+};
+
+static bool is_narrow(const struct bs_tensor *t)
+{
+    return t != NULL && t->type != BS_TYPE_F32;
+}
+
+/* floats of memory for the copies, or NULL. */
+static float *wides_mem(struct bs__cpu *c, size_t floats, bool *cached)
+{
+    void *p = NULL;
+    size_t bytes = floats * sizeof(float);
+    *cached = false;
+    if (pthread_mutex_trylock(&c->wide_lock) == 0) {
+        if (c->wide_floats >= floats) {
+            *cached = true;
+            return c->wide_buf;
+        }
+        if (posix_memalign(&p, CPU_ALIGN, bytes) == 0) {
+            free(c->wide_buf);
+            c->wide_buf = p;
+            c->wide_floats = floats;
+            *cached = true;
+            return p;
+        }
+        pthread_mutex_unlock(&c->wide_lock);
+    }
+    return posix_memalign(&p, CPU_ALIGN, bytes) == 0 ? p : NULL;
+}
+
+/* F32 copies of the narrow ones among ts[0, n) (NULL: an operand the caller
+ * passes as it is), widened where bit i of load is set (inputs, and outputs
+ * the op also reads); F32 operands are used in place. Returns 0, or
+ * BS_ENOMEM with nothing held. */
+static int wides_init(struct bs__cpu *c, struct wides *w, int n, const struct bs_tensor *const *ts,
+                      unsigned load, const char *op, struct bs_err *err)
+{
+    size_t floats = 0, at[WIDE_MAX] = {0}, size[WIDE_MAX] = {0};
+    memset(w, 0, sizeof(*w));
+    for (int i = 0; i < n; i++) {
+        if (ts[i] != NULL)
+            w->f[i] = *ts[i];
+        if (!is_narrow(ts[i]))
+            continue;
+        at[i] = floats;
+        size[i] = (size_t)bs_tensor_nrows(ts[i]) * (size_t)bs_opcheck_ncols(ts[i]);
+        floats += (size[i] + 15) & ~(size_t)15; /* 64-byte aligned copies */
+    }
+    if (floats != 0 && (w->mem = wides_mem(c, floats, &w->cached)) == NULL)
+        return bs_err_set(err, BS_ENOMEM,
+                          "%s: cannot allocate %zu bytes for F32 copies of narrow operands", op,
+                          floats * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        if (!is_narrow(ts[i]))
+            continue;
+        /* an empty operand: an F32 one over the same (untouched) data */
+        void *data = size[i] ? (void *)(w->mem + at[i]) : ts[i]->data;
+        w->f[i] = bs_tensor_make(BS_TYPE_F32, ts[i]->n_dims, ts[i]->ne, data);
+        w->copied[i] = size[i] != 0;
+        if (size[i] && (load >> i & 1))
+            bs__cpu_rows_widen(c, w->mem + at[i], ts[i]);
+    }
+    return 0;
+}
+
+/* Round operand i's F32 copy into t (when it has one). */
+static void wides_store(struct bs__cpu *c, const struct wides *w, int i, struct bs_tensor *t)
+{
+    if (w->copied[i])
+        bs__cpu_rows_narrow(c, t, w->f[i].data);
+}
+
+static void wides_free(struct bs__cpu *c, struct wides *w)
+{
+    if (w->cached)
+        pthread_mutex_unlock(&c->wide_lock);
+    else
+        free(w->mem);
+    w->mem = NULL;
+}
+
 /* ---- linear ------------------------------------------------------------ */
 
 struct linear_job {
@@ -317,13 +419,15 @@ static void linear_run(struct bs__cpu *c, struct linear_job *j)
     bs_pool_run(c->pool, mt * j->nt, linear_task, j);
 }
 
-/* linear with a BF16 w: a packed weight, or rows [n0, n0 + n) of one. */
+/* linear with a BF16 w: a packed weight, or rows [n0, n0 + n) of one; x
+ * F32 or BF16 (read as it is), y F32. */
 static int linear_bf16(struct bs__cpu *c, struct bs_tensor *y, const struct bs_tensor *x,
                        const struct bs_tensor *w, const struct bs_tensor *b, float beta,
                        struct bs_err *err)
 {
     struct bs__gemm_bf16_args g = {
         .x = x->data,
+        .x_bf16 = x->type == BS_TYPE_BF16,
         .m = bs_tensor_nrows(x),
         .k = bs_opcheck_ncols(x),
         .ldx = bs_tensor_ld(x),
@@ -357,13 +461,11 @@ static int linear_bf16(struct bs__cpu *c, struct bs_tensor *y, const struct bs_t
     return bs__gemm_bf16_run(c, &g, scratch, err);
 }
 
-static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+/* linear on F32 x and y (x BF16 too with a packed w). */
+static int linear_f32(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                       const struct bs_tensor *w, const struct bs_tensor *b, float beta,
                       struct bs_err *err)
 {
-    int rc = bs_opcheck_linear(y, x, w, b, beta, err);
-    if (rc != 0)
-        return rc;
     if (w->type == BS_TYPE_BF16)
         return linear_bf16(ctx, y, x, w, b, beta, err);
     int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
@@ -386,6 +488,93 @@ static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
     };
     linear_run(ctx, &j);
     return 0;
+}
+
+/* A BF16 x meets a packed w as it is (the GEMM would round an F32 x to those
+ * very values); any other narrow x is widened, and a narrow y is computed in
+ * an F32 copy (holding y's values when beta is 1) and rounded once. */
+static int cpu_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                      const struct bs_tensor *w, const struct bs_tensor *b, float beta,
+                      struct bs_err *err)
+{
+    int rc = bs_opcheck_linear(y, x, w, b, beta, err);
+    if (rc != 0)
+        return rc;
+    if (!is_narrow(x) && !is_narrow(y))
+        return linear_f32(ctx, y, x, w, b, beta, err);
+    bool x_direct = x->type == BS_TYPE_BF16 && w->type == BS_TYPE_BF16;
+    const struct bs_tensor *ts[2] = {x_direct ? NULL : x, y};
+    struct wides cp;
+    if ((rc = wides_init(ctx, &cp, 2, ts, beta != 0.0f ? 3u : 1u, "linear", err)) != 0)
+        return rc;
+    if ((rc = linear_f32(ctx, &cp.f[1], x_direct ? x : &cp.f[0], w, b, beta, err)) == 0)
+        wides_store(ctx, &cp, 1, y);
+    wides_free(ctx, &cp);
+    return rc;
+}
+
+/* ---- the other ops' entries -------------------------------------------- */
+
+/* layer_norm: narrow rows up to BS__CPU_ROW_MAX in ops_cpu.c, longer ones
+ * through F32 copies. */
+static int cpu_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                          const struct bs_norm_params *p, struct bs_err *err)
+{
+    if ((!is_narrow(x) && !is_narrow(y)) || bs_opcheck_ncols(x) <= BS__CPU_ROW_MAX)
+        return bs__cpu_layer_norm(ctx, y, x, p, err);
+    int rc = bs_opcheck_layer_norm(y, x, p, err);
+    if (rc != 0)
+        return rc;
+    const struct bs_tensor *ts[2] = {x, y};
+    struct wides cp;
+    if ((rc = wides_init(ctx, &cp, 2, ts, 1u, "layer_norm", err)) != 0)
+        return rc;
+    if ((rc = bs__cpu_layer_norm(ctx, &cp.f[1], &cp.f[0], p, err)) == 0)
+        wides_store(ctx, &cp, 1, y);
+    wides_free(ctx, &cp);
+    return rc;
+}
+
+/* group_norm: narrow x and y through F32 copies. */
+static int cpu_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                          const struct bs_norm_params *p, struct bs_err *err)
+{
+    if (!is_narrow(x) && !is_narrow(y))
+        return bs__cpu_group_norm(ctx, y, x, p, err);
+    int rc = bs_opcheck_group_norm(y, x, p, err);
+    if (rc != 0)
+        return rc;
+    const struct bs_tensor *ts[2] = {x, y};
+    struct wides cp;
+    if ((rc = wides_init(ctx, &cp, 2, ts, 1u, "group_norm", err)) != 0)
+        return rc;
+    if ((rc = bs__cpu_group_norm(ctx, &cp.f[1], &cp.f[0], p, err)) == 0)
+        wides_store(ctx, &cp, 1, y);
+    wides_free(ctx, &cp);
+    return rc;
+}
+
+/* attention: narrow q, k, v (one dtype) and o through F32 copies. */
+static int cpu_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
+                         const struct bs_tensor *k, const struct bs_tensor *v,
+                         const struct bs_attn_params *p, struct bs_err *err)
+{
+    if (!is_narrow(q) && !is_narrow(k) && !is_narrow(v) && !is_narrow(o))
+        return bs__cpu_attention(ctx, o, q, k, v, p, err);
+    int rc = p->q_off ? bs_opcheck_attention_ragged(o, q, k, v, p, err)
+                      : bs_opcheck_attention(o, q, k, v, p, err);
+    if (rc == 0 && p->q_off == NULL)
+        rc = bs_opcheck_attention_mask(p, err);
+    if (rc != 0)
+        return rc;
+    const struct bs_tensor *ts[4] = {q, k, v, o};
+    struct wides cp;
+    if ((rc = wides_init(ctx, &cp, 4, ts, 7u, "attention", err)) != 0)
+        return rc;
+    if ((rc = bs__cpu_attention(ctx, &cp.f[3], &cp.f[0], &cp.f[1], &cp.f[2], p, err)) == 0)
+        wides_store(ctx, &cp, 3, o);
+    wides_free(ctx, &cp);
+    return rc;
 }
 
 /* ---- instruction sets -------------------------------------------------- */
@@ -435,6 +624,8 @@ static void cpu_free(void *ctx)
     free(c->scratch);
     pthread_rwlock_destroy(&c->packed_lock);
     free(c->packed);
+    pthread_mutex_destroy(&c->wide_lock);
+    free(c->wide_buf);
     free(c->gemm_scratch);
     free(c);
 }
@@ -448,6 +639,7 @@ static int cpu_memory_info(void *ctx, struct bs_backend_memory *mem, struct bs_e
 static const struct bs_backend_i cpu_iface = {
     .name = "cpu",
     .host_memory = true,
+    .act_dtypes = (1u << BS_TYPE_BF16) | (1u << BS_TYPE_F16),
     .free = cpu_free,
     .buf_alloc = cpu_buf_alloc,
     .buf_free = cpu_buf_free,
@@ -455,11 +647,11 @@ static const struct bs_backend_i cpu_iface = {
     .copy_out = cpu_copy,
     .linear = cpu_linear,
     .pack_weight = cpu_pack_weight,
-    .layer_norm = bs__cpu_layer_norm,
-    .group_norm = bs__cpu_group_norm,
+    .layer_norm = cpu_layer_norm,
+    .group_norm = cpu_group_norm,
     .act = bs__cpu_act,
     .glu = bs__cpu_glu,
-    .attention = bs__cpu_attention,
+    .attention = cpu_attention,
     .add = bs__cpu_add,
     .transpose = bs__cpu_transpose,
     .get_rows = bs__cpu_get_rows,
@@ -490,6 +682,7 @@ int bs_backend_cpu_init(struct bs_backend *be, int n_threads, struct bs_err *err
         goto fail_pool;
     pthread_mutex_init(&c->scratch_lock, NULL);
     pthread_rwlock_init(&c->packed_lock, NULL);
+    pthread_mutex_init(&c->wide_lock, NULL);
     pthread_once(&blas_once, blas_single_thread);
     be->iface = &cpu_iface;
     be->ctx = c;

@@ -148,7 +148,8 @@ void bs__gemm_bf16_pack(struct bs__cpu *c, void *dst, const float *w, int64_t n,
 /* ---- the job ----------------------------------------------------------- */
 
 struct gemm_job {
-    const float *x;
+    const void *x; /* F32, or BF16 (x_bf16) */
+    bool x_bf16;
     int64_t m, k, ldx;
     const uint16_t *w;
     int64_t kpn;    /* k-pairs of the packed weight */
@@ -197,7 +198,25 @@ static void bias_only(const struct gemm_job *j)
 
 /* A block for the avx2 and generic paths: rows [0, rows) of x, k-pairs
  * [kb, kb + kc), rounded to BF16 and stored as floats, [k-pair][row][2] per
- * micro-panel of mr rows. */
+ * micro-panel of mr rows. A BF16 x (pack_a_f32_bf16) is widened as it is:
+ * the same values. */
+static void pack_a_f32_bf16(float *dst, const uint16_t *x, int64_t ldx, int64_t rows, int64_t k,
+                            int64_t kb, int64_t kc, int64_t mr_max)
+{
+    for (int64_t i = 0; i < rows; i += mr_max) {
+        int64_t mr = min64(mr_max, rows - i);
+        float *d = dst + i * kc * 2;
+        for (int64_t r = 0; r < mr; r++) {
+            const uint16_t *xr = x + (i + r) * ldx + 2 * kb;
+            int64_t left = k - 2 * kb;
+            for (int64_t p = 0; p < kc; p++) {
+                d[(p * mr + r) * 2] = bf16_f32(xr[2 * p]);
+                d[(p * mr + r) * 2 + 1] = 2 * p + 1 < left ? bf16_f32(xr[2 * p + 1]) : 0;
+            }
+        }
+    }
+}
+
 static void pack_a_f32(float *dst, const float *x, int64_t ldx, int64_t rows, int64_t k, int64_t kb,
                        int64_t kc, int64_t mr_max)
 {
@@ -408,6 +427,31 @@ T512 static void pack_a_bf16(uint32_t *dst, const float *x, int64_t ldx, int64_t
     }
 }
 
+/* The same from a BF16 x: its pairs copied as they are. The F32 path's
+ * vcvtne2ps2bf16 flushes denormals to zero where this keeps them, but
+ * vdpbf16ps takes BF16 denormals as zero: the products are the same. */
+T512 static void pack_a_bf16_bf16(uint32_t *dst, const uint16_t *x, int64_t ldx, int64_t rows,
+                                  int64_t k, int64_t kb, int64_t kc)
+{
+    int64_t nch = cdiv(kc, KCH);
+    for (int64_t i = 0; i < rows; i += MR_BF16) {
+        int64_t mr = min64(MR_BF16, rows - i);
+        uint32_t *d = dst + i * nch * KCH;
+        for (int64_t r = 0; r < mr; r++) {
+            const uint16_t *xr = x + (i + r) * ldx;
+            for (int64_t ch = 0; ch < nch; ch++) {
+                int64_t e = 2 * (kb + ch * KCH), left = k - e;
+                __m512i v;
+                if (left >= 2 * KCH)
+                    v = _mm512_loadu_si512((const void *)(xr + e));
+                else
+                    v = _mm512_maskz_loadu_epi16((__mmask32)(((uint64_t)1 << left) - 1), xr + e);
+                _mm512_store_si512((void *)(d + (ch * mr + r) * KCH), v);
+            }
+        }
+    }
+}
+
 /* One k-pair into accumulators c0, c1: s is the pair's index in its chunk
  * ac. */
 #define BF16_STEP(c0, c1, bk, ac, s)                                                               \
@@ -573,23 +617,33 @@ static void gemm_block(const struct gemm_job *j, void *abuf, int64_t m0, int64_t
     for (int64_t e = 0; e < nmc; e++) {
         int64_t i0 = m0 + split_at(mps, nmc, e) * j->mr;
         int64_t rows = min64(m0 + split_at(mps, nmc, e + 1) * j->mr, m1) - i0;
-        const float *x = j->x + i0 * j->ldx;
+        const float *x = j->x_bf16 ? NULL : (const float *)j->x + i0 * j->ldx;
+        const uint16_t *xh = j->x_bf16 ? (const uint16_t *)j->x + i0 * j->ldx : NULL;
         for (int64_t kb = 0; kb < j->kpn; kb += j->kc) {
             int64_t kc = min64(j->kc, j->kpn - kb);
             bool first = kb == 0;
             switch (j->path) {
 #ifdef GEMM_X86
             case PATH_BF16:
-                pack_a_bf16(abuf, x, j->ldx, rows, j->k, kb, kc);
+                if (xh != NULL)
+                    pack_a_bf16_bf16(abuf, xh, j->ldx, rows, j->k, kb, kc);
+                else
+                    pack_a_bf16(abuf, x, j->ldx, rows, j->k, kb, kc);
                 block_bf16(j, abuf, i0, rows, qa, qz, kb, kc, first);
                 break;
             case PATH_AVX2:
-                pack_a_f32(abuf, x, j->ldx, rows, j->k, kb, kc, MR_AVX2);
+                if (xh != NULL)
+                    pack_a_f32_bf16(abuf, xh, j->ldx, rows, j->k, kb, kc, MR_AVX2);
+                else
+                    pack_a_f32(abuf, x, j->ldx, rows, j->k, kb, kc, MR_AVX2);
                 block_avx2(j, abuf, i0, rows, qa, qz, kb, kc, first);
                 break;
 #endif
             default:
-                pack_a_f32(abuf, x, j->ldx, rows, j->k, kb, kc, MR_GEN);
+                if (xh != NULL)
+                    pack_a_f32_bf16(abuf, xh, j->ldx, rows, j->k, kb, kc, MR_GEN);
+                else
+                    pack_a_f32(abuf, x, j->ldx, rows, j->k, kb, kc, MR_GEN);
                 block_gen(j, abuf, i0, rows, qa, qz, kb, kc, first);
                 break;
             }
@@ -737,6 +791,7 @@ int bs__gemm_bf16_run(struct bs__cpu *c, const struct bs__gemm_bf16_args *g, voi
 {
     struct gemm_job j = {
         .x = g->x,
+        .x_bf16 = g->x_bf16,
         .m = g->m,
         .k = g->k,
         .ldx = g->ldx,

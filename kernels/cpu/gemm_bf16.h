@@ -22,6 +22,7 @@
 #ifndef BS_GEMM_BF16_H
 #define BS_GEMM_BF16_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -41,7 +42,8 @@ size_t bs__gemm_bf16_scratch_bytes(void);
 
 /* A GEMM on rows [n0, n0 + n) of a packed [wn, k] weight. */
 struct bs__gemm_bf16_args {
-    const float *x; /* [m, k], row stride ldx */
+    const void *x; /* [m, k], row stride ldx (elements): F32, or BF16 when x_bf16 */
+    bool x_bf16;   /* x is BF16: read as it is (the values F32 x would round to) */
     int64_t m, k, ldx;
     const void *w;  /* the packed weight's base (its row 0) */
     int64_t wn;     /* rows of the packed weight */

@@ -12,7 +12,9 @@
  * buf_free); linear holds it for reading while it looks a weight up.
  * gemm_scratch is allocated once, by the first pack_weight, and then used only
  * inside pool runs of the BF16 GEMM, slice t by pool thread t (the pool
- * serialises runs, so two tasks never share a slice). */
+ * serialises runs, so two tasks never share a slice). wide_buf and
+ * wide_floats (the F32 copies of narrow operands, backend_cpu.c) belong to
+ * whoever holds wide_lock; an op that finds it held uses memory of its own. */
 #ifndef BS_OPS_CPU_H
 #define BS_OPS_CPU_H
 
@@ -55,6 +57,10 @@ struct bs__cpu {
     struct bs__cpu_packed *packed; /* by base address; defined in backend_cpu.c */
     size_t n_packed, cap_packed;
     void *gemm_scratch; /* n_threads slices of bs__gemm_bf16_scratch_bytes, or NULL */
+
+    pthread_mutex_t wide_lock;
+    float *wide_buf;    /* 64-byte aligned, or NULL */
+    size_t wide_floats; /* its size */
 };
 
 /* Bytes of per-thread scratch the CPU backend context holds (for tests). */
@@ -72,8 +78,29 @@ typedef void (*bs__range_fn)(void *arg, int64_t i0, int64_t i1);
  * workers, else in one call on this thread. */
 void bs__cpu_parallel_for(struct bs__cpu *c, int64_t n, int64_t cost, bs__range_fn fn, void *arg);
 
+/* Narrow activations (engine/backend.h, ABI 6). bs__cpu_widen: n values of
+ * dtype t (F32, BF16, F16) at src as F32 into dst, the values
+ * bs_convert_to_f32 gives. bs__cpu_narrow: n floats rounded once into dtype
+ * t at dst, to nearest even as bs_convert_from_f32 (the same bits, NaN
+ * included; F16 through F16C where the build has it). */
+void bs__cpu_widen(float *dst, const void *src, enum bs_dtype t, int64_t n);
+void bs__cpu_narrow(void *dst, enum bs_dtype t, const float *src, int64_t n);
+
+/* Rows tensor t widened into contiguous F32 dst (nrows x ncols), and back:
+ * src rounded into t (bs__cpu_narrow per row); split on the pool. */
+void bs__cpu_rows_widen(struct bs__cpu *c, float *dst, const struct bs_tensor *t);
+void bs__cpu_rows_narrow(struct bs__cpu *c, struct bs_tensor *t, const float *src);
+
+/* Longest row (floats) that layer_norm takes with a narrow x or y: such rows
+ * go through stack buffers. The backend's entry widens longer ones itself
+ * (bs__cpu_layer_norm fails on them with BS_EINVAL). */
+#define BS__CPU_ROW_MAX 4096
+
 /* Op entries of the function table (contracts in engine/backend.h, argument
- * checks in engine/opcheck.h); linear lives in backend_cpu.c. */
+ * checks in engine/opcheck.h); linear lives in backend_cpu.c. act, glu, add,
+ * transpose and layer_norm (rows up to BS__CPU_ROW_MAX) take narrow
+ * activations themselves; group_norm and attention take F32 only and the
+ * entries of backend_cpu.c give them F32 copies. */
 int bs__cpu_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                        const struct bs_norm_params *p, struct bs_err *err);
 int bs__cpu_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
