@@ -181,7 +181,8 @@ int bs__cuda_to_half(const struct bs__cuda *c, struct bs__cuda_thread *t, void *
 const void *bs__cuda_shadow_of(struct bs__cuda *c, const void *w);
 
 /* The thread's cuBLASLt plan cache, made on first use (with its handle,
- * except on a bare backend); NULL with err set. */
+ * except on a bare backend; no handle: every plan falls back); NULL with
+ * err set when out of memory. */
 struct bs__cuda_lt_cache *bs__cuda_lt_cache_get(const struct bs__cuda *c,
                                                 struct bs__cuda_thread *t, struct bs_err *err);
 

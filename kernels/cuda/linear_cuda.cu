@@ -70,6 +70,17 @@ static void plan_clear(struct bs__cuda_lt_plan *p)
     memset(p, 0, sizeof(*p));
 }
 
+/* p's descriptors destroyed, its key and use kept. */
+static void plan_reset(struct bs__cuda_lt_plan *p)
+{
+    int64_t key[BS_CUDA_LT_KEY];
+    memcpy(key, p->key, sizeof(key));
+    uint64_t used = p->used;
+    plan_clear(p);
+    memcpy(p->key, key, sizeof(key));
+    p->used = used;
+}
+
 int bs__cuda_lt_lookup(struct bs__cuda_lt_cache *cache, const int64_t key[BS_CUDA_LT_KEY],
                        bool *hit, bool *evicted)
 {
@@ -100,19 +111,15 @@ int bs__cuda_lt_lookup(struct bs__cuda_lt_cache *cache, const int64_t key[BS_CUD
     return slot;
 }
 
-struct bs__cuda_lt_cache *bs__cuda_lt_cache_get(const struct bs__cuda *c,
-                                                struct bs__cuda_thread *t, struct bs_err *err)
+struct bs__cuda_lt_cache *bs__cuda_lt_cache_get(const struct bs__cuda *c, struct bs__cuda_thread *t,
+                                                struct bs_err *err)
 {
     if (t->lt_cache != NULL)
         return t->lt_cache;
-    if (!c->bare && t->lt == NULL) {
-        cublasStatus_t s = cublasLtCreate(&t->lt);
-        if (s != CUBLAS_STATUS_SUCCESS) {
-            t->lt = NULL;
-            lt_check(s, "linear", "cublasLtCreate", err);
-            return NULL;
-        }
-    }
+    /* without a handle (a bare backend, or cublasLtCreate failed) every
+     * plan is a fallback: linear still runs, on cublasGemmEx */
+    if (!c->bare && t->lt == NULL && cublasLtCreate(&t->lt) != CUBLAS_STATUS_SUCCESS)
+        t->lt = NULL;
     t->lt_cache = (struct bs__cuda_lt_cache *)calloc(1, sizeof(*t->lt_cache));
     if (t->lt_cache == NULL)
         bs_err_set(err, BS_ENOMEM, "cuda linear: out of memory");
@@ -173,8 +180,8 @@ static int plan_make(const struct bs__cuda *c, struct bs__cuda_thread *t,
     TRY_RC(rc, lt_check(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb,
                                                        sizeof(tb)),
                         op, "cublasLtMatmulDescSetAttribute", err));
-    TRY_RC(rc, lt_check(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE,
-                                                       &epi, sizeof(epi)),
+    TRY_RC(rc, lt_check(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi,
+                                                       sizeof(epi)),
                         op, "cublasLtMatmulDescSetAttribute", err));
     if (bias != NULL) {
         int32_t bt = bias_d ? (int32_t)yt : (int32_t)CUDA_R_32F;
@@ -185,18 +192,17 @@ static int plan_make(const struct bs__cuda *c, struct bs__cuda_thread *t,
                                 p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
                             op, "cublasLtMatmulDescSetAttribute", err));
     }
-    TRY_RC(rc, lt_check(cublasLtMatrixLayoutCreate(&p->a, at, (uint64_t)g->k, (uint64_t)g->n,
-                                                   g->k),
+    TRY_RC(rc, lt_check(cublasLtMatrixLayoutCreate(&p->a, at, (uint64_t)g->k, (uint64_t)g->n, g->k),
                         op, "cublasLtMatrixLayoutCreate", err));
-    TRY_RC(rc, lt_check(cublasLtMatrixLayoutCreate(&p->b, at, (uint64_t)g->k, (uint64_t)g->m,
-                                                   g->ldx),
-                        op, "cublasLtMatrixLayoutCreate", err));
-    TRY_RC(rc, lt_check(cublasLtMatrixLayoutCreate(&p->cd, yt, (uint64_t)g->n, (uint64_t)g->m,
-                                                   g->ldy),
-                        op, "cublasLtMatrixLayoutCreate", err));
+    TRY_RC(rc,
+           lt_check(cublasLtMatrixLayoutCreate(&p->b, at, (uint64_t)g->k, (uint64_t)g->m, g->ldx),
+                    op, "cublasLtMatrixLayoutCreate", err));
+    TRY_RC(rc,
+           lt_check(cublasLtMatrixLayoutCreate(&p->cd, yt, (uint64_t)g->n, (uint64_t)g->m, g->ldy),
+                    op, "cublasLtMatrixLayoutCreate", err));
     cublasLtMatmulPreference_t pref;
-    TRY_RC(rc, lt_check(cublasLtMatmulPreferenceCreate(&pref), op,
-                        "cublasLtMatmulPreferenceCreate", err));
+    TRY_RC(rc, lt_check(cublasLtMatmulPreferenceCreate(&pref), op, "cublasLtMatmulPreferenceCreate",
+                        err));
     uint64_t ws = BS_CUDA_BLAS_WS_BYTES;
     uint32_t al_a = (uint32_t)align_of(g->w), al_b = (uint32_t)align_of(g->x),
              al_c = (uint32_t)align_of(g->y);
@@ -222,7 +228,8 @@ static int plan_make(const struct bs__cuda *c, struct bs__cuda_thread *t,
     return 0; /* NOT_SUPPORTED or no algorithm: declined, not an error */
 }
 
-/* The plan for g (made on a miss); NULL with err set on a failure. */
+/* The plan for g (made on a miss; a plan cuBLASLt declines is a fallback
+ * plan); NULL with err set only when the thread's cache cannot be made. */
 static struct bs__cuda_lt_plan *plan_get(const struct bs__cuda *c, struct bs__cuda_thread *t,
                                          const struct gemm_args *g, struct bs_err *err)
 {
@@ -241,36 +248,24 @@ static struct bs__cuda_lt_plan *plan_get(const struct bs__cuda *c, struct bs__cu
         return p;
     bool ok = false;
     int rc = 0;
-    if (t->lt == NULL) { /* a bare test backend: no cuBLASLt, the fallback fails cleanly */
+    if (t->lt == NULL) { /* no handle (a bare test backend: the fallback fails cleanly) */
         p->fallback = true;
         return p;
     }
-    if (g->epi == EPI_NONE || g->epi == EPI_GELU || g->yt == BS_TYPE_F32) {
-        rc = plan_make(c, t, p, g, g->b, false, &ok, err);
-    } else { /* narrow D with a bias: an F32 bias if cuBLASLt takes it, else D's dtype */
-        rc = plan_make(c, t, p, g, g->b, false, &ok, err);
-        if (rc == 0 && !ok && g->bd != NULL) {
-            int64_t k2[BS_CUDA_LT_KEY];
-            memcpy(k2, p->key, sizeof(k2));
-            uint64_t used = p->used;
-            plan_clear(p);
-            memcpy(p->key, k2, sizeof(k2));
-            p->used = used;
-            rc = plan_make(c, t, p, g, g->bd, true, &ok, err);
-            p->bias_d = ok;
-        }
+    rc = plan_make(c, t, p, g, g->b, false, &ok, err);
+    if (rc == 0 && !ok && g->bd != NULL) { /* no F32 bias with this (narrow) D: D's dtype */
+        plan_reset(p);
+        rc = plan_make(c, t, p, g, g->bd, true, &ok, err);
+        p->bias_d = ok;
     }
     if (rc != 0 || !ok) { /* keep the key: later calls go straight to the fallback */
-        int64_t k2[BS_CUDA_LT_KEY];
-        memcpy(k2, p->key, sizeof(k2));
-        uint64_t used = p->used;
-        plan_clear(p);
-        memcpy(p->key, k2, sizeof(k2));
-        p->used = used;
+        plan_reset(p);
         p->fallback = true;
-        if (rc != 0) {
-            p->used = 0; /* a failure to make descriptors is not remembered */
-            return NULL;
+        if (rc != 0) { /* a descriptor cuBLASLt could not make: this call falls back, and
+                          the slot is free again (the next call tries anew) */
+            p->used = 0;
+            err->code = 0;
+            err->msg[0] = '\0';
         }
     }
     return p;
@@ -305,11 +300,11 @@ static int gemm_fallback(const struct bs__cuda *c, struct bs__cuda_thread *t,
         cudaDataType_t ty = cuda_type(g->ct);
         cublasComputeType_t ct =
             g->ct == BS_TYPE_F32 && c->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-        TRY_RC(rc, lt_check(cublasGemmEx(t->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)g->n, (int)g->m,
-                                         (int)g->k, &one, g->w, ty, (int)g->k, g->x, ty,
-                                         (int)g->ldx, &beta, out, CUDA_R_32F, (int)ldo, ct,
-                                         CUBLAS_GEMM_DEFAULT),
-                            "linear", "cublasGemmEx", err));
+        TRY_RC(rc,
+               lt_check(cublasGemmEx(t->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)g->n, (int)g->m,
+                                     (int)g->k, &one, g->w, ty, (int)g->k, g->x, ty, (int)g->ldx,
+                                     &beta, out, CUDA_R_32F, (int)ldo, ct, CUBLAS_GEMM_DEFAULT),
+                        "linear", "cublasGemmEx", err));
     }
     if (g->yt == BS_TYPE_BF16)
         lin_store_kernel<<<lin_grid(g->m, g->n), LIN_THREADS, 0, t->stream>>>(
@@ -334,15 +329,15 @@ static int gemm_run(const struct bs__cuda *c, struct bs__cuda_thread *t, const s
     float beta = g->beta;
     if (g->b != NULL) {
         const void *bias = p->bias_d ? g->bd : (const void *)g->b;
-        int rc = lt_check(cublasLtMatmulDescSetAttribute(
-                              p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)),
+        int rc = lt_check(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                         &bias, sizeof(bias)),
                           "linear", "cublasLtMatmulDescSetAttribute", err);
         if (rc != 0)
             return rc;
     }
-    cublasStatus_t s = cublasLtMatmul(t->lt, p->desc, &one, g->w, p->a, g->x, p->b, &beta, g->y,
-                                      p->cd, g->y, p->cd, &p->algo, t->blas_ws,
-                                      BS_CUDA_BLAS_WS_BYTES, t->stream);
+    cublasStatus_t s =
+        cublasLtMatmul(t->lt, p->desc, &one, g->w, p->a, g->x, p->b, &beta, g->y, p->cd, g->y,
+                       p->cd, &p->algo, t->blas_ws, BS_CUDA_BLAS_WS_BYTES, t->stream);
     if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_INVALID_VALUE) {
         ((struct bs__cuda_lt_plan *)p)->fallback = true; /* declined at launch: remember */
         return gemm_fallback(c, t, g, acc, err);
@@ -377,8 +372,8 @@ static int convert_x(struct bs__cuda_thread *t, void *dst, enum bs_dtype ct,
     int64_t ld = bs_tensor_ld(x);
     dim3 grid = lin_grid(m, k);
 #define CONV(TO, TI)                                                                               \
-    lin_convert_kernel<<<grid, LIN_THREADS, 0, t->stream>>>(                                       \
-        (TO *)dst, (const TI *)x->data, m, k, ld, t->overflow_dev, BS_OVF_LINEAR)
+    lin_convert_kernel<<<grid, LIN_THREADS, 0, t->stream>>>((TO *)dst, (const TI *)x->data, m, k,  \
+                                                            ld, t->overflow_dev, BS_OVF_LINEAR)
     if (ct == BS_TYPE_F32) {
         if (x->type == BS_TYPE_BF16)
             CONV(float, __nv_bfloat16);
@@ -400,9 +395,8 @@ static int convert_x(struct bs__cuda_thread *t, void *dst, enum bs_dtype ct,
 }
 
 /* The act (in place) or glu (from h) kernel after the GEMM, in y's dtype. */
-static int run_act(struct bs__cuda_thread *t, const struct bs_tensor *y, const void *h,
-                   int64_t ldh, int64_t m, int64_t n, enum bs_act act, bool gated,
-                   struct bs_err *err)
+static int run_act(struct bs__cuda_thread *t, const struct bs_tensor *y, const void *h, int64_t ldh,
+                   int64_t m, int64_t n, enum bs_act act, bool gated, struct bs_err *err)
 {
     int64_t ldy = bs_tensor_ld(y);
     dim3 grid = lin_grid(m, n);
