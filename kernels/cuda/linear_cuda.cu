@@ -317,13 +317,14 @@ static int gemm_fallback(const struct bs__cuda *c, struct bs__cuda_thread *t,
     return bs__cuda_check_launch("linear", err);
 }
 
-/* Runs g: its plan, or the fallback (g->epi's GELU then not applied: the
- * caller asks for EPI_GELU* only after gemm_lt_can says so). acc: F32
- * scratch of m x n for a narrow y's fallback. */
+/* Runs g: its plan, or the fallback (marking the plan when cuBLASLt
+ * refuses it at launch), which applies no GELU of g->epi: the caller runs
+ * the act kernel when the plan is a fallback. acc: F32 scratch of m x n
+ * for a narrow y's fallback. */
 static int gemm_run(const struct bs__cuda *c, struct bs__cuda_thread *t, const struct gemm_args *g,
                     const struct bs__cuda_lt_plan *p, float *acc, struct bs_err *err)
 {
-    if (p->fallback || g->k == 0 || (p->bias_d && g->bd == NULL))
+    if (p->fallback) /* K = 0 too (a fallback plan); a plan with bias_d has g->bd (its key) */
         return gemm_fallback(c, t, g, acc, err);
     const float one = 1.0f;
     float beta = g->beta;
@@ -475,15 +476,14 @@ static int linear_impl(struct bs__cuda *c, struct bs_tensor *y, const struct bs_
     if (k > 0) {
         if ((p = plan_get(c, t, &g, err)) == NULL)
             return err->code;
-        if (p->fallback && fuse_gelu) { /* the act kernel does the GELU instead */
-            g.epi = b ? EPI_BIAS : EPI_NONE;
-            fuse_gelu = false;
-        }
     } else {
         memset(&fb, 0, sizeof(fb));
         fb.fallback = true;
     }
     TRY_RC(rc, gemm_run(c, t, &g, p, acc, err));
+    if (p->fallback) /* the GEMM ran without the epilogue's GELU (gemm_run may have just
+                        found that): the act kernel does it */
+        fuse_gelu = false;
     if (gated)
         return run_act(t, y, g.y, nw, m, n, act, true, err);
     if (act != BS_ACT_NONE && !fuse_gelu)
