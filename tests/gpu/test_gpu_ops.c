@@ -111,8 +111,8 @@ static struct pt pt_cols(const struct pt *t, int64_t c0, int64_t n)
 
 /* Compare n values got with want: |got - want| <= atol + rtol |want| (atol
  * times rms(want) when rms_scaled). */
-static void compare(struct env *e, const char *name, const float *got, const float *want,
-                    size_t n, double atol, double rtol, bool rms_scaled)
+static void compare(struct env *e, const char *name, const float *got, const float *want, size_t n,
+                    double atol, double rtol, bool rms_scaled)
 {
     if (rms_scaled) {
         double ss = 0;
@@ -466,9 +466,9 @@ static void test_linear_act(struct env *e)
     for (int d = 0; d < nd; d++)
         for (int gated = 0; gated < (GPU->linear_act ? 2 : 1); gated++)
             for (int a = 0; a < BS_ACT_COUNT; a++)
-                for (int bias = 0; bias < 2; bias++) {
+                for (int bias = 0; bias < 3; bias++) { /* none, bias, bias with K = 0 */
                     enum bs_dtype yt = dts[d];
-                    int64_t m = 67, k = 96, n = 72;
+                    int64_t m = 67, k = bias == 2 ? 0 : 96, n = 72;
                     struct weights w;
                     struct apt x, y;
                     weights_new(e, &w, gated ? 2 * n : n, k, true);
@@ -482,7 +482,10 @@ static void test_linear_act(struct env *e)
                                        gated, &eg) != 0)
                         die("linear_act", &eg);
                     snprintf(name, sizeof(name), "linear_act %s%s -> %s%s", act_names[a],
-                             gated ? " gated" : "", dt_name(yt), bias ? ", bias" : "");
+                             gated ? " gated" : "", dt_name(yt),
+                             bias == 2 ? ", bias, K = 0"
+                             : bias    ? ", bias"
+                                       : "");
                     apt_expect(e, name, &y);
                     apt_free(e, &x), apt_free(e, &y);
                     pt_free(e, &w.buf);
@@ -542,7 +545,6 @@ static void test_group_norm(struct env *e)
 }
 
 /* ---- elementwise -------------------------------------------------------------- */
-
 
 static void test_act_glu(struct env *e)
 {

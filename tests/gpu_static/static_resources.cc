@@ -114,11 +114,10 @@ static std::vector<launch> launches(void)
     l.push_back({"gn_kernel", GN_THREADS, 0, false, 0, 0});
     l.push_back({"transpose_kernel", TR_TILE * 8, 0, false, 0, 0}); /* dim3(TR_TILE, 8) */
     /* linear_cuda.cu */
-    for (const char *k : {"lin_convert_kernel<__nv_bfloat16, float>",
-                          "lin_convert_kernel<__nv_bfloat16, __half>",
-                          "lin_convert_kernel<__half, float>",
-                          "lin_convert_kernel<__half, __nv_bfloat16>",
-                          "lin_convert_kernel<float, __nv_bfloat16>", "lin_convert_kernel<float, __half>"})
+    for (const char *k :
+         {"lin_convert_kernel<__nv_bfloat16, float>", "lin_convert_kernel<__nv_bfloat16, __half>",
+          "lin_convert_kernel<__half, float>", "lin_convert_kernel<__half, __nv_bfloat16>",
+          "lin_convert_kernel<float, __nv_bfloat16>", "lin_convert_kernel<float, __half>"})
         l.push_back({k, LIN_THREADS, 0, false, 0, 0});
     for (const char *t : {"float", "__nv_bfloat16", "__half"})
         for (const char *k : {"lin_act_kernel<", "lin_glu_kernel<"})
