@@ -41,6 +41,7 @@ set(BS_CUDA_SOURCES
   kernels/cuda/backend_cuda.cu
   kernels/cuda/ops_cuda.cu
   kernels/cuda/attn_cuda.cu
+  kernels/cuda/linear_cuda.cu
 )
 
 # The engine on top of the backends.

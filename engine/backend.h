@@ -132,6 +132,17 @@ struct bs_backend_i {
                   const struct bs_tensor *w, const struct bs_tensor *b, float beta,
                   struct bs_err *err);
 
+    /* Optional (NULL: the engine calls linear, then act, or glu for gated).
+     * y = act(x w^T + b) with beta 0; x, w and b as in linear. gated false:
+     * w is [N, K], y [M, N], the same result as linear into y then act on y
+     * in place. gated true (GEGLU, SwiGLU): w is [2N, K] and b [2N], y is
+     * [M, N]; the same result as linear into an [M, 2N] h of y's dtype,
+     * then glu(y, h, act). A backend fuses what it can (kernels/cuda/
+     * README.md says what the CUDA backend fuses). */
+    int (*linear_act)(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                      const struct bs_tensor *w, const struct bs_tensor *b, enum bs_act act,
+                      bool gated, struct bs_err *err);
+
     /* Layer norm over the last dim of rows tensor x into y (y may be x). */
     int (*layer_norm)(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                       const struct bs_norm_params *p, struct bs_err *err);
@@ -225,7 +236,7 @@ struct bs_backend_opts {
                             4: pack_weight, bs_attn_params.compute, bs_backend.dtype;
                             5: ragged attention (bs_attn_params.q_off, k_off, m_off);
                             6: narrow activations (act_dtypes, bs_backend.act_f32,
-                               bs_backend_opts.activations) */
+                               bs_backend_opts.activations), linear_act */
 
 /* What a backend module (libbs_cuda.so) exports: one function, named
  * BS_CUDA_MODULE_ENTRY, of type bs_backend_module_fn. The engine reads abi
@@ -308,6 +319,14 @@ struct bs_backend_test_hooks {
      * kernel would, then takes it as copy_out does after its wait: 0, or
      * the error copy_out fails with; the flag is clear afterwards. */
     int (*overflow_take)(struct bs_backend *be, int flags, struct bs_err *err);
+    /* linear's GEMM plan cache (the calling thread's, bounded, least
+     * recently used out first) looked up with key (its fields: m, n, k,
+     * ldx, ldy, dtypes, epilogue, beta, alignments, packed in 8 values) as
+     * linear does, with no descriptor made: *slot is the entry's index,
+     * *hit whether it was there, *evicted whether an entry was pushed out
+     * for it; returns 0 or an error. */
+    int (*lt_cache_probe)(struct bs_backend *be, const int64_t key[8], int *slot, bool *hit,
+                          bool *evicted, struct bs_err *err);
 };
 typedef const struct bs_backend_test_hooks *(*bs_proc_test_hooks_fn)(void);
 

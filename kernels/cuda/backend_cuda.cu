@@ -1,7 +1,7 @@
 /* The CUDA backend: device memory, a stream, a cuBLAS handle and pinned
- * staging per host thread (cuda_common.cuh says who owns what), GEMMs through
- * cublasGemmEx (BF16/FP16 operands with FP32 accumulation and FP32 output, or
- * FP32 with TF32 only when asked), weight copies in the compute dtype made
+ * staging per host thread (cuda_common.cuh says who owns what), GEMMs in
+ * linear_cuda.cu (cuBLASLt with fused epilogues, cublasGemmEx where it
+ * declines), weight copies in the compute dtype made
  * once at load (weights_ready), and the kernels of ops_cuda.cu and
  * attn_cuda.cu. Built as a module (libbs_cuda.so) that engine/backend.c
  * loads with dlopen; bs_cuda_backend_module is its one exported symbol.
@@ -21,7 +21,7 @@
 #include "xfer.h"
 
 #define PINNED_BYTES  BS_CUDA_XFER_CHUNK /* each of copy_in / copy_out's two staging buffers */
-#define BLAS_WS_BYTES (32u << 20) /* cuBLAS workspace */
+#define BLAS_WS_BYTES BS_CUDA_BLAS_WS_BYTES
 #define SCRATCH_ALIGN 256
 #define UP_MIN_BYTES  (16u << 10) /* a slot of the upload ring at least: 680 ragged samples */
 
@@ -96,6 +96,7 @@ static void thread_free(struct bs__cuda *c, struct bs__cuda_thread *t)
         cudaStreamSynchronize(t->stream);
     upload_free(t);
     events_free(t);
+    bs__cuda_lt_free(t);
     if (t->blas)
         cublasDestroy(t->blas);
     if (t->blas_ws)
@@ -479,9 +480,7 @@ static int cuda_weights_ready(void *ctx, void *buf, size_t size, struct bs_err *
     return 0;
 }
 
-/* The compute-dtype copy of F32 weights at w, or NULL when w is not in a
- * registered buffer. */
-static const void *shadow_of(struct bs__cuda *c, const void *w)
+const void *bs__cuda_shadow_of(struct bs__cuda *c, const void *w)
 {
     const char *p = (const char *)w;
     bs__cuda_lock l(c);
@@ -491,82 +490,6 @@ static const void *shadow_of(struct bs__cuda *c, const void *w)
             return (const char *)s->half + (p - s->base) / 2;
     }
     return NULL;
-}
-
-/* ---- linear ------------------------------------------------------------ */
-
-/* The shared checks, then the int range of cuBLAS. */
-static int check_linear(struct bs_tensor *y, const struct bs_tensor *x, const struct bs_tensor *w,
-                        const struct bs_tensor *b, float beta, struct bs_err *err)
-{
-    int rc = bs_opcheck_linear(y, x, w, b, beta, err);
-    if (rc != 0)
-        return rc;
-    if (w->type != BS_TYPE_F32) /* no pack_weight here: a BF16 w is another backend's */
-        return bs_err_set(err, BS_EINVAL, "linear: w must be F32 on the cuda backend (got %s)",
-                          bs_dtype_name(w->type));
-    int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
-    if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX || bs_tensor_ld(x) > INT32_MAX ||
-        bs_tensor_ld(y) > INT32_MAX)
-        return bs_err_set(err, BS_ERANGE, "linear: dimensions exceed the cuBLAS integer range");
-    return 0;
-}
-
-/* Row-major y[M,N] = x[M,K] w[N,K]^T is column-major y^T = w^T(op T) x^T:
- * A = w (lda K, transposed), B = x (ldb = its row stride), C = y (ldc). */
-static int gemm(const struct bs__cuda *c, struct bs__cuda_thread *t, float *y, int64_t ldy,
-                const void *x, int64_t ldx, const void *w, int64_t m, int64_t n, int64_t k,
-                float beta, struct bs_err *err)
-{
-    const float one = 1.0f;
-    cudaDataType_t ty = c->dtype == BS_TYPE_F32    ? CUDA_R_32F
-                        : c->dtype == BS_TYPE_BF16 ? CUDA_R_16BF
-                                                   : CUDA_R_16F;
-    cublasComputeType_t ct =
-        c->dtype == BS_TYPE_F32 && c->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-    return blas_check(cublasGemmEx(t->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)m, (int)k, &one,
-                                   w, ty, (int)k, x, ty, (int)ldx, &beta, y, CUDA_R_32F, (int)ldy,
-                                   ct, CUBLAS_GEMM_DEFAULT),
-                      "linear", "cublasGemmEx", err);
-}
-
-static int cuda_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
-                       const struct bs_tensor *w, const struct bs_tensor *b, float beta,
-                       struct bs_err *err)
-{
-    struct bs__cuda *c = (struct bs__cuda *)ctx;
-    int rc = check_linear(y, x, w, b, beta, err);
-    if (rc != 0)
-        return rc;
-    int64_t m = bs_tensor_nrows(x), k = bs_opcheck_ncols(x), n = w->ne[0];
-    int64_t ldx = bs_tensor_ld(x), ldy = bs_tensor_ld(y);
-    if (m == 0 || n == 0)
-        return 0;
-    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "linear", err);
-    if (t == NULL)
-        return err->code;
-    float *yd = (float *)y->data;
-    if (b != NULL || (k == 0 && beta == 0.0f)) { /* bias first, then accumulate onto it */
-        TRY_RC(rc,
-               bs__cuda_bias_rows(t, yd, ldy, b ? (const float *)b->data : NULL, m, n, beta, err));
-        beta = 1.0f;
-    }
-    if (k == 0)
-        return 0;
-    if (c->dtype == BS_TYPE_F32)
-        return gemm(c, t, yd, ldy, x->data, ldx, w->data, m, n, k, beta, err);
-    const void *wh = shadow_of(c, w->data);
-    size_t xbytes = ((size_t)(m * k) * 2 + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
-    char *s = (char *)bs__cuda_scratch(t, xbytes + (wh ? 0 : (size_t)(n * k) * 2), err);
-    if (s == NULL)
-        return bs_err_wrap(err, "linear");
-    TRY_RC(rc, bs__cuda_to_half(c, t, s, (const float *)x->data, m, k, ldx, BS_OVF_LINEAR, err));
-    if (wh == NULL) { /* weights outside a model buffer (tests): convert per call */
-        TRY_RC(rc, bs__cuda_to_half(c, t, s + xbytes, (const float *)w->data, n, k, k,
-                                    BS_OVF_LINEAR, err));
-        wh = s + xbytes;
-    }
-    return gemm(c, t, yd, ldy, s, k, wh, m, n, k, beta, err);
 }
 
 /* ---- the backend ------------------------------------------------------- */
@@ -633,7 +556,8 @@ static struct bs_backend_i make_iface(void)
     i.buf_free = cuda_buf_free;
     i.copy_in = cuda_copy_in;
     i.copy_out = cuda_copy_out;
-    i.linear = cuda_linear;
+    i.linear = bs__cuda_linear;
+    i.linear_act = bs__cuda_linear_act;
     i.layer_norm = bs__cuda_layer_norm;
     i.group_norm = bs__cuda_group_norm;
     i.act = bs__cuda_act;
@@ -905,10 +829,28 @@ static int hook_overflow_take(struct bs_backend *be, int flags, struct bs_err *e
     return take_overflow(c, t, 0, err);
 }
 
+static int hook_lt_cache_probe(struct bs_backend *be, const int64_t key[8], int *slot, bool *hit,
+                               bool *evicted, struct bs_err *err)
+{
+    static_assert(BS_CUDA_LT_KEY == 8, "the hook's key has 8 values");
+    struct bs__cuda *c = test_ctx(be);
+    if (c == NULL)
+        return bs_err_set(err, BS_EINVAL, "not a cuda backend");
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "test", err);
+    if (t == NULL)
+        return err->code;
+    struct bs__cuda_lt_cache *cache = bs__cuda_lt_cache_get(c, t, err);
+    if (cache == NULL)
+        return err->code;
+    *slot = bs__cuda_lt_lookup(cache, key, hit, evicted);
+    return 0;
+}
+
 static const struct bs_backend_test_hooks *cuda_test_hooks(void)
 {
     static const struct bs_backend_test_hooks hooks = {hook_thread_state, hook_counts,
-                                                       hook_shadow_register, hook_overflow_take};
+                                                       hook_shadow_register, hook_overflow_take,
+                                                       hook_lt_cache_probe};
     return &hooks;
 }
 

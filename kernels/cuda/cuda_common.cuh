@@ -26,6 +26,7 @@
 #ifndef BS_CUDA_COMMON_CUH
 #define BS_CUDA_COMMON_CUH
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <pthread.h>
@@ -39,6 +40,9 @@ extern "C" {
 
 #define BS_CUDA_MAX_SHADOWS 64
 #define BS_CUDA_UP_SLOTS    8 /* pinned slots of the upload ring (bs__cuda_upload) */
+#define BS_CUDA_BLAS_WS_BYTES (32u << 20) /* a thread's cuBLAS (and cuBLASLt) workspace */
+#define BS_CUDA_LT_CACHE      64          /* linear's GEMM plans kept per thread */
+#define BS_CUDA_LT_KEY        8           /* int64 values of a plan's key (linear_cuda.cu) */
 
 /* Return rc from the enclosing function when expr fails. */
 #define TRY_RC(rc, expr)                                                                           \
@@ -52,6 +56,27 @@ struct bs__cuda_shadow {
     const char *base;
     size_t bytes; /* of F32 */
     void *half;
+};
+
+/* One GEMM plan of linear (linear_cuda.cu): cuBLASLt's descriptors and the
+ * algorithm its heuristic chose for one key (shape, strides, dtypes,
+ * epilogue, beta, pointer alignments), or fallback when cuBLASLt declined
+ * the key (then linear runs cublasGemmEx for it). used: the cache's clock
+ * at the entry's last use, 0 for an empty entry. */
+struct bs__cuda_lt_plan {
+    int64_t key[BS_CUDA_LT_KEY];
+    uint64_t used;
+    bool fallback;
+    bool bias_d; /* the bias goes in D's dtype (cuBLASLt took no F32 bias) */
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, cd;
+    cublasLtMatmulAlgo_t algo;
+};
+
+/* A thread's plans, the least recently used replaced when full. */
+struct bs__cuda_lt_cache {
+    struct bs__cuda_lt_plan plan[BS_CUDA_LT_CACHE];
+    uint64_t clock;
 };
 
 /* One host thread's resources (top of the file); only that thread uses them. */
@@ -87,6 +112,11 @@ struct bs__cuda_thread {
     double tm_copy_ms;
     uint64_t tm_copy_bytes;
     int tm_copies;
+    /* linear's cuBLASLt handle and plan cache (linear_cuda.cu), made on
+     * first use; it shares blas_ws (the same stream runs one GEMM at a
+     * time). */
+    cublasLtHandle_t lt;
+    struct bs__cuda_lt_cache *lt_cache;
 };
 
 struct bs__cuda {
@@ -159,8 +189,34 @@ int bs__cuda_to_half(const struct bs__cuda *c, struct bs__cuda_thread *t, void *
                      const float *src, int64_t rows, int64_t cols, int64_t ld, int code,
                      struct bs_err *err);
 
+/* The compute-dtype copy of F32 weights at w (weights_ready), or NULL when
+ * w is not in a registered buffer. */
+const void *bs__cuda_shadow_of(struct bs__cuda *c, const void *w);
+
+/* The thread's cuBLASLt plan cache, made on first use (with its handle,
+ * except on a bare backend; no handle: every plan falls back); NULL with
+ * err set when out of memory. */
+struct bs__cuda_lt_cache *bs__cuda_lt_cache_get(const struct bs__cuda *c,
+                                                struct bs__cuda_thread *t, struct bs_err *err);
+
+/* The plan for key in cache: *hit when it is there; else a slot is taken
+ * (an empty one, or the least recently used, whose descriptors are
+ * destroyed: *evicted), its key set and the rest cleared for the caller to
+ * fill. Marks the plan used. Returns its index. */
+int bs__cuda_lt_lookup(struct bs__cuda_lt_cache *cache, const int64_t key[BS_CUDA_LT_KEY],
+                       bool *hit, bool *evicted);
+
+/* The thread's cuBLASLt handle and plans go (thread_free). */
+void bs__cuda_lt_free(struct bs__cuda_thread *t);
+
 /* Op entries of the function table (contracts in engine/backend.h, argument
  * checks shared with the CPU backend in engine/opcheck.h). */
+int bs__cuda_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                    const struct bs_tensor *w, const struct bs_tensor *b, float beta,
+                    struct bs_err *err);
+int bs__cuda_linear_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
+                        const struct bs_tensor *w, const struct bs_tensor *b, enum bs_act act,
+                        bool gated, struct bs_err *err);
 int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                         const struct bs_norm_params *p, struct bs_err *err);
 int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,

@@ -16,6 +16,7 @@ extern "C" {
 #include "backend.h"
 }
 
+#include "act_fn.cuh"
 #include "device.cuh"
 #include "overflow.cuh"
 
@@ -26,29 +27,6 @@ extern "C" {
 #define TR_TILE      32
 
 /* ---- device helpers ---------------------------------------------------- */
-
-__device__ __forceinline__ float act_f(float x, int act)
-{
-    switch (act) {
-    case BS_ACT_GELU:
-        return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
-    case BS_ACT_GELU_TANH: {
-        float u = 0.7978845608028654f * fmaf(0.044715f * x, x * x, x);
-        return x / (1.0f + expf(-2.0f * u));
-    }
-    case BS_ACT_QUICK_GELU:
-        return x / (1.0f + expf(-1.702f * x));
-    case BS_ACT_SILU:
-        return x / (1.0f + expf(-x));
-    case BS_ACT_MISH: {
-        float u = expf(x > 20.0f ? 20.0f : x);
-        float n = u * (u + 2.0f);
-        return x * (n / (n + 2.0f));
-    }
-    default:
-        return x;
-    }
-}
 
 /* Sum over the block (blockDim.x a multiple of 32, at most 1024); every
  * thread gets the result. */

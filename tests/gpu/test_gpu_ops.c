@@ -15,6 +15,13 @@
  *   atol 4e-3 x rms(cpu), rtol 4e-3 (operands rounded to 8 and 11 bits,
  *   FP32 accumulation).
  *
+ * linear with x and y of every activation dtype pair (F32, BF16, F16), with
+ * and without bias, beta 0 and 1, repeated (the plan cache), and shapes
+ * cuBLASLt may decline (odd K, strided misaligned x, M = 1, K = 0);
+ * linear_act with each act, gated or not: against the CPU's F32 op on the
+ * same (widened) values, its result rounded to the output's dtype; a narrow
+ * output may also be 1 ulp off (apt_expect).
+ *
  * Also: attention with masks of every kind the mask rule names (rows of
  * -FLT_MAX, -inf, both, with finite values, -10000, 30000); ragged batches
  * (bs_attn_params.q_off) against the CPU twin run on each sample alone; in
@@ -110,18 +117,11 @@ static struct pt pt_cols(const struct pt *t, int64_t c0, int64_t n)
     return v;
 }
 
-/* Compare the whole buffer of t (views: the untouched columns must agree too). */
-static void expect_close(struct env *e, const char *name, const struct pt *t, double atol,
-                         double rtol, bool rms_scaled)
+/* Compare n values got with want: |got - want| <= atol + rtol |want| (atol
+ * times rms(want) when rms_scaled). */
+static void compare(struct env *e, const char *name, const float *got, const float *want, size_t n,
+                    double atol, double rtol, bool rms_scaled)
 {
-    struct bs_err err = {0};
-    size_t n = t->bytes / sizeof(float);
-    float *got = malloc(t->bytes ? t->bytes : 4);
-    const float *want = t->c.data;
-    if (got == NULL)
-        die("malloc", NULL);
-    if (e->gpu.iface->copy_out(e->gpu.ctx, got, t->g.data, t->bytes, &err) != 0)
-        die(name, &err);
     if (rms_scaled) {
         double ss = 0;
         for (size_t i = 0; i < n; i++)
@@ -145,6 +145,20 @@ static void expect_close(struct env *e, const char *name, const struct pt *t, do
         e->failures++;
     printf("%s %-44s max abs err %.3g (%.2f of tolerance)\n", ok ? "ok  " : "FAIL", name, max_abs,
            worst);
+}
+
+/* Compare the whole buffer of t (views: the untouched columns must agree too). */
+static void expect_close(struct env *e, const char *name, const struct pt *t, double atol,
+                         double rtol, bool rms_scaled)
+{
+    struct bs_err err = {0};
+    size_t n = t->bytes / sizeof(float);
+    float *got = malloc(t->bytes ? t->bytes : 4);
+    if (got == NULL)
+        die("malloc", NULL);
+    if (e->gpu.iface->copy_out(e->gpu.ctx, got, t->g.data, t->bytes, &err) != 0)
+        die(name, &err);
+    compare(e, name, got, t->c.data, n, atol, rtol, rms_scaled);
     free(got);
 }
 
@@ -263,6 +277,229 @@ static void test_linear(struct env *e)
         pt_free(e, &ws[i]->buf);
 }
 
+/* ---- linear with narrow activations, linear_act ------------------------------- */
+
+static const char *const act_names[BS_ACT_COUNT] = {"none",       "gelu", "gelu_tanh",
+                                                    "quick_gelu", "silu", "mish"};
+
+/* An activation tensor [rows, cols] (row stride ld elements) of dtype dt on
+ * the GPU and its F32 twin on the CPU holding the same values (a narrow
+ * dtype's values widened exactly). */
+struct apt {
+    struct bs_tensor c, g;
+    enum bs_dtype dt;
+    size_t cbytes, gbytes;
+};
+
+static const char *dt_name(enum bs_dtype t)
+{
+    return t == BS_TYPE_F32 ? "f32" : t == BS_TYPE_BF16 ? "bf16" : "f16";
+}
+
+/* Round n floats at p to dt and back (what a tensor of dt can hold). */
+static void round_to(float *p, size_t n, enum bs_dtype dt)
+{
+    if (dt == BS_TYPE_F32 || n == 0)
+        return;
+    uint16_t *tmp = malloc(n * 2);
+    if (tmp == NULL)
+        die("malloc", NULL);
+    bs_convert_from_f32(tmp, dt, p, (int64_t)n);
+    bs_convert_to_f32(p, tmp, dt, (int64_t)n);
+    free(tmp);
+}
+
+static void apt_upload(struct env *e, struct apt *t)
+{
+    struct bs_err err = {0};
+    size_t n = t->cbytes / sizeof(float);
+    void *tmp = malloc(t->gbytes ? t->gbytes : 4);
+    if (tmp == NULL)
+        die("malloc", NULL);
+    bs_convert_from_f32(tmp, t->dt, t->c.data, (int64_t)n);
+    if (e->gpu.iface->copy_in(e->gpu.ctx, t->g.data, tmp, t->gbytes, &err) != 0)
+        die("copy_in", &err);
+    free(tmp);
+}
+
+static void apt_new(struct env *e, struct apt *t, int64_t rows, int64_t cols, enum bs_dtype dt,
+                    float lo, float hi)
+{
+    int64_t ne[2] = {rows, cols};
+    t->dt = dt;
+    t->c = bs_tensor_make(BS_TYPE_F32, 2, ne, NULL);
+    t->g = bs_tensor_make(dt, 2, ne, NULL);
+    t->cbytes = bs_tensor_nbytes(&t->c);
+    t->gbytes = bs_tensor_nbytes(&t->g);
+    t->c.data = e->cpu.iface->buf_alloc(e->cpu.ctx, t->cbytes);
+    t->g.data = e->gpu.iface->buf_alloc(e->gpu.ctx, t->gbytes);
+    if (t->c.data == NULL || t->g.data == NULL)
+        die("buf_alloc", NULL);
+    float *p = t->c.data;
+    for (size_t i = 0; i < t->cbytes / sizeof(float); i++)
+        p[i] = frand(lo, hi);
+    round_to(p, t->cbytes / sizeof(float), dt);
+    apt_upload(e, t);
+}
+
+static void apt_free(struct env *e, struct apt *t)
+{
+    e->cpu.iface->buf_free(e->cpu.ctx, t->c.data);
+    e->gpu.iface->buf_free(e->gpu.ctx, t->g.data);
+}
+
+/* Column views [c0, c0 + n) on both sides. */
+static struct apt apt_cols(const struct apt *t, int64_t c0, int64_t n)
+{
+    struct apt v = *t;
+    v.c = bs_tensor_view_cols(&t->c, c0, n);
+    v.g = bs_tensor_view_cols(&t->g, c0, n);
+    return v;
+}
+
+/* The GPU's whole buffer of t widened against the CPU's rounded to t's
+ * dtype (the reference: the F32 op's result rounded once). A narrow
+ * output may differ by one unit in the last place where the two F32
+ * results straddle a rounding boundary: rtol is at least that ulp. */
+static void apt_expect(struct env *e, const char *name, const struct apt *t)
+{
+    struct bs_err err = {0};
+    size_t n = t->cbytes / sizeof(float);
+    float *got = malloc(t->cbytes + 4), *want = malloc(t->cbytes + 4);
+    void *raw = malloc(t->gbytes + 4);
+    if (got == NULL || want == NULL || raw == NULL)
+        die("malloc", NULL);
+    if (e->gpu.iface->copy_out(e->gpu.ctx, raw, t->g.data, t->gbytes, &err) != 0)
+        die(name, &err);
+    bs_convert_to_f32(got, raw, t->dt, (int64_t)n);
+    memcpy(want, t->c.data, t->cbytes);
+    round_to(want, n, t->dt);
+    double ulp = t->dt == BS_TYPE_BF16 ? 1.0 / 128 : t->dt == BS_TYPE_F16 ? 1.0 / 1024 : 0;
+    double rtol = e->mm_tol > ulp ? e->mm_tol : ulp;
+    compare(e, name, got, want, n, e->mm_tol, rtol, e->mm_rms);
+    free(got), free(want), free(raw);
+}
+
+/* The reference of linear_act on the CPU (which has none): linear into
+ * y (or into h [M, 2N] when gated), its result rounded to dt as the GPU's
+ * y (h) holds it, then act (glu) in F32. */
+static int cpu_linear_act(struct env *e, struct bs_tensor *y, const struct bs_tensor *x,
+                          const struct bs_tensor *w, const struct bs_tensor *b, enum bs_act act,
+                          bool gated, enum bs_dtype dt, struct bs_err *err)
+{
+    int rc;
+    if (!gated) {
+        if ((rc = CPU->linear(CC, y, x, w, b, 0.0f, err)) != 0)
+            return rc;
+        round_to(y->data, (size_t)(bs_tensor_nrows(y) * bs_tensor_ld(y)), dt);
+        return CPU->act(CC, y, y, act, err);
+    }
+    int64_t ne[2] = {bs_tensor_nrows(y), w->ne[0]};
+    struct bs_tensor h = bs_tensor_make(BS_TYPE_F32, 2, ne, NULL);
+    h.data = malloc(bs_tensor_nbytes(&h) + 4);
+    if (h.data == NULL)
+        die("malloc", NULL);
+    if ((rc = CPU->linear(CC, &h, x, w, b, 0.0f, err)) == 0) {
+        round_to(h.data, (size_t)(ne[0] * ne[1]), dt);
+        rc = CPU->glu(CC, y, &h, act, err);
+    }
+    free(h.data);
+    return rc;
+}
+
+/* linear_act on the GPU backend, or what the engine does without it. */
+static int gpu_linear_act(struct env *e, struct bs_tensor *y, const struct bs_tensor *x,
+                          const struct bs_tensor *w, const struct bs_tensor *b, enum bs_act act,
+                          bool gated, struct bs_err *err)
+{
+    if (GPU->linear_act != NULL)
+        return GPU->linear_act(GC, y, x, w, b, act, gated, err);
+    if (gated)
+        die("linear_act: no gated fallback in the self-check", NULL);
+    int rc = GPU->linear(GC, y, x, w, b, 0.0f, err);
+    return rc != 0 ? rc : GPU->act(GC, y, y, act, err);
+}
+
+/* One linear with x of dtype xt and y of dtype yt: bias or none, beta 0
+ * then 1 (the residual), then the same call again (the plan cache's hit). */
+static void linear_dt_case(struct env *e, const char *what, int64_t m, int64_t k, int64_t n,
+                           int64_t x_extra, enum bs_dtype xt, enum bs_dtype yt, bool bias)
+{
+    char name[128];
+    struct weights w;
+    struct apt xf, y;
+    weights_new(e, &w, n, k, true);
+    apt_new(e, &xf, m, k + x_extra, xt, -1, 1);
+    apt_new(e, &y, m, n, yt, -1, 1);
+    struct apt x = apt_cols(&xf, x_extra, k); /* x_extra > 0: strided, misaligned rows */
+    const struct bs_tensor *bc = bias ? &w.bc : NULL, *bg = bias ? &w.bg : NULL;
+    for (int rep = 0; rep < 3; rep++) {
+        float beta = rep == 0 ? 0.0f : 1.0f;
+        BOTH("linear", CPU->linear(CC, &y.c, &x.c, &w.wc, bc, beta, &ec_),
+             GPU->linear(GC, &y.g, &x.g, &w.wg, bg, beta, &eg_));
+        snprintf(name, sizeof(name), "linear %s, %s -> %s%s, beta %g%s", what, dt_name(xt),
+                 dt_name(yt), bias ? ", bias" : "", (double)beta, rep == 2 ? " (again)" : "");
+        apt_expect(e, name, &y);
+        round_to(y.c.data, y.cbytes / sizeof(float), yt); /* y as the GPU holds it */
+        apt_upload(e, &y);
+    }
+    apt_free(e, &xf), apt_free(e, &y);
+    pt_free(e, &w.buf);
+}
+
+static void test_linear_dtypes(struct env *e)
+{
+    static const enum bs_dtype dts[3] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+    int nd = e->self_check ? 1 : 3; /* the CPU backend takes F32 activations only */
+    for (int i = 0; i < nd; i++)
+        for (int j = 0; j < nd; j++)
+            for (int b = 0; b < 2; b++)
+                linear_dt_case(e, "77x96->130", 77, 96, 130, 0, dts[i], dts[j], b);
+    /* shapes cuBLASLt may decline: odd K, a row stride no multiple of 8 (x
+     * a column view at an odd offset), M = 1, K = 0 */
+    for (int i = 0; i < nd; i++) {
+        enum bs_dtype dt = dts[i], ct = e->self_check ? BS_TYPE_F32 : dts[(i + 1) % 3];
+        linear_dt_case(e, "odd k 33, ldx 38", 45, 33, 70, 5, dt, ct, true);
+        linear_dt_case(e, "m 1", 1, 256, 384, 0, dt, dt, true);
+        linear_dt_case(e, "k 0", 5, 0, 7, 0, dt, ct, true);
+        linear_dt_case(e, "k 0, no bias", 5, 0, 7, 0, dt, dt, false);
+    }
+}
+
+static void test_linear_act(struct env *e)
+{
+    static const enum bs_dtype dts[3] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+    int nd = e->self_check ? 1 : 3;
+    char name[128];
+    for (int d = 0; d < nd; d++)
+        for (int gated = 0; gated < (GPU->linear_act ? 2 : 1); gated++)
+            for (int a = 0; a < BS_ACT_COUNT; a++)
+                for (int bias = 0; bias < 3; bias++) { /* none, bias, bias with K = 0 */
+                    enum bs_dtype yt = dts[d];
+                    int64_t m = 67, k = bias == 2 ? 0 : 96, n = 72;
+                    struct weights w;
+                    struct apt x, y;
+                    weights_new(e, &w, gated ? 2 * n : n, k, true);
+                    apt_new(e, &x, m, k, BS_TYPE_F32, -2, 2);
+                    apt_new(e, &y, m, n, yt, -1, 1);
+                    struct bs_err ec = {0}, eg = {0};
+                    if (cpu_linear_act(e, &y.c, &x.c, &w.wc, bias ? &w.bc : NULL, (enum bs_act)a,
+                                       gated, yt, &ec) != 0)
+                        die("linear_act (cpu)", &ec);
+                    if (gpu_linear_act(e, &y.g, &x.g, &w.wg, bias ? &w.bg : NULL, (enum bs_act)a,
+                                       gated, &eg) != 0)
+                        die("linear_act", &eg);
+                    snprintf(name, sizeof(name), "linear_act %s%s -> %s%s", act_names[a],
+                             gated ? " gated" : "", dt_name(yt),
+                             bias == 2 ? ", bias, K = 0"
+                             : bias    ? ", bias"
+                                       : "");
+                    apt_expect(e, name, &y);
+                    apt_free(e, &x), apt_free(e, &y);
+                    pt_free(e, &w.buf);
+                }
+}
+
 /* ---- norms ------------------------------------------------------------------ */
 
 static void test_layer_norm(struct env *e)
@@ -316,9 +553,6 @@ static void test_group_norm(struct env *e)
 }
 
 /* ---- elementwise -------------------------------------------------------------- */
-
-static const char *const act_names[BS_ACT_COUNT] = {"none",       "gelu", "gelu_tanh",
-                                                    "quick_gelu", "silu", "mish"};
 
 static void test_act_glu(struct env *e)
 {
@@ -900,6 +1134,8 @@ static void test_gpu_timer(struct env *e)
 static void test_all(struct env *e)
 {
     test_linear(e);
+    test_linear_dtypes(e);
+    test_linear_act(e);
     test_layer_norm(e);
     test_group_norm(e);
     test_act_glu(e);

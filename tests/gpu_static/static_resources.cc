@@ -10,7 +10,8 @@
  *   .minnctapersm (0: none), .maxnreg (0: none).
  *
  * The launch table below says, for every instance, the block size and the
- * most dynamic shared memory its launcher (attn_cuda.cu, ops_cuda.cu) uses
+ * most dynamic shared memory its launcher (attn_cuda.cu, ops_cuda.cu,
+ * linear_cuda.cu) uses
  * and whether the launcher raises cudaFuncAttributeMaxDynamicSharedMemorySize
  * (opt-in), from the kernel headers' own constants (attn_mma's
  * mma_smem<DP, WARPS>::bytes(sizeof(T), mask rows), attn_f32_smem). Every compiled
@@ -48,6 +49,7 @@
 #include <cuda_occupancy.h>
 
 #include "attn_kernels.cuh"
+#include "linear_kernels.cuh"
 #include "ops_kernels.cuh"
 
 /* ---- what the launchers launch ---------------------------------------------- */
@@ -111,6 +113,18 @@ static std::vector<launch> launches(void)
     l.push_back({"ln_kernel", NORM_THREADS, 0, false, 0, 0});
     l.push_back({"gn_kernel", GN_THREADS, 0, false, 0, 0});
     l.push_back({"transpose_kernel", TR_TILE * 8, 0, false, 0, 0}); /* dim3(TR_TILE, 8) */
+    /* linear_cuda.cu */
+    for (const char *k :
+         {"lin_convert_kernel<__nv_bfloat16, float>", "lin_convert_kernel<__nv_bfloat16, __half>",
+          "lin_convert_kernel<__half, float>", "lin_convert_kernel<__half, __nv_bfloat16>",
+          "lin_convert_kernel<float, __nv_bfloat16>", "lin_convert_kernel<float, __half>"})
+        l.push_back({k, LIN_THREADS, 0, false, 0, 0});
+    for (const char *t : {"float", "__nv_bfloat16", "__half"})
+        for (const char *k : {"lin_act_kernel<", "lin_glu_kernel<"})
+            l.push_back({std::string(k) + t + ">", LIN_THREADS, 0, false, 0, 0});
+    for (const char *t : {"__nv_bfloat16", "__half"})
+        for (const char *k : {"lin_seed_kernel<", "lin_store_kernel<"})
+            l.push_back({std::string(k) + t + ">", LIN_THREADS, 0, false, 0, 0});
     return l;
 }
 

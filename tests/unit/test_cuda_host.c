@@ -16,6 +16,12 @@
  * used to refuse), refusing only more than 2^31 - 1 blocks, with a message
  * about query tiles.
  *
+ * linear_act (the fused activation) refuses what linear refuses and a
+ * gated w or y of the wrong shape; linear's plan cache fills, hits and
+ * pushes out its least recently used plan (lt_cache_probe); valid linear
+ * calls with every (x, y) activation dtype pair, and linear_act with each
+ * act, gated or not, reach CUDA.
+ *
  * Ragged batches (bs_attn_params.q_off): the entry refuses bad offsets,
  * rows, mask parts and stray ragged fields with BS_EINVAL and a message
  * naming them, the unfused baseline refuses ragged batches with
@@ -215,6 +221,76 @@ static void expect_internal(int rc, const struct bs_err *err, const char *op)
         fail_msg("message \"%s\" should name cuda and %s", err->msg, op);
 }
 
+/* linear_act (the CPU backend has none: the engine runs linear then act
+ * there) refuses what linear refuses, and a gated w or y of the wrong shape. */
+static void test_linear_act_checks(void **state)
+{
+    struct fixture *f = *state;
+    const struct bs_backend_i *g = f->cuda.iface;
+    void *c = f->cuda.ctx;
+    struct bs_err ea = {0};
+    assert_null(f->cpu.iface->linear_act);
+    assert_non_null(g->linear_act);
+    struct bs_tensor x = t2(f, 4, 8), w = t2(f, 6, 8), w7 = t2(f, 7, 8), y = t2(f, 4, 6);
+    struct bs_tensor y3 = t2(f, 4, 3), y4 = t2(f, 4, 4), wbad = t2(f, 6, 7), b5 = t1(f, 5);
+    assert_int_equal(g->linear_act(c, &y, &x, &wbad, NULL, BS_ACT_GELU, false, &ea), BS_EINVAL);
+    assert_non_null(strstr(ea.msg, "shapes do not match"));
+    assert_int_equal(g->linear_act(c, &y, &x, &w, &b5, BS_ACT_GELU, false, &ea), BS_EINVAL);
+    assert_int_equal(g->linear_act(c, &y, &x, &w, NULL, (enum bs_act)99, false, &ea), BS_EINVAL);
+    assert_non_null(strstr(ea.msg, "unknown activation"));
+    assert_int_equal(g->linear_act(c, &y3, &x, &w7, NULL, BS_ACT_GELU, true, &ea), BS_EINVAL);
+    assert_non_null(strstr(ea.msg, "[2N, K]"));
+    assert_int_equal(g->linear_act(c, &y4, &x, &w, NULL, BS_ACT_GELU, true, &ea), BS_EINVAL);
+    assert_non_null(strstr(ea.msg, "3 columns"));
+    struct bs_tensor b6 = t1(f, 6), b3 = t1(f, 3);
+    assert_int_equal(g->linear_act(c, &y3, &x, &w, &b3, BS_ACT_GELU, true, &ea), BS_EINVAL);
+    assert_non_null(strstr(ea.msg, "bias"));
+    /* a dtype that is no activation's */
+    struct bs_tensor xi = x;
+    xi.type = BS_TYPE_I64;
+    assert_int_equal(g->linear_act(c, &y3, &xi, &w, &b6, BS_ACT_GELU, true, &ea), BS_EINVAL);
+    SAME_ERROR(be->iface->linear(be->ctx, &y, &xi, &w, NULL, 0.0f, err));
+}
+
+/* linear's plan cache (the calling thread's): 64 keys fill it without an
+ * eviction, a key seen before is a hit in its slot, the 65th key pushes out
+ * the least recently used (not one just used), which then misses. */
+static void test_lt_cache(void **state)
+{
+    struct fixture *f = *state;
+    struct bs_err err = {0};
+    int slot, slot0 = -1, slot1 = -1;
+    bool hit, evicted;
+    int64_t key[8] = {0, 320, 1280, 1280, 1280, 0x0201, 0x104, 0};
+    for (int i = 0; i < 64; i++) {
+        key[0] = 4096 + i;
+        assert_int_equal(f->hooks->lt_cache_probe(&f->cuda, key, &slot, &hit, &evicted, &err), 0);
+        assert_false(hit);
+        assert_false(evicted);
+        if (i == 0)
+            slot0 = slot;
+        if (i == 1)
+            slot1 = slot;
+    }
+    key[0] = 4096;
+    assert_int_equal(f->hooks->lt_cache_probe(&f->cuda, key, &slot, &hit, &evicted, &err), 0);
+    assert_true(hit);
+    assert_int_equal(slot, slot0);
+    key[7] = 1; /* another alignment: another plan, in the LRU slot (key 4097's) */
+    assert_int_equal(f->hooks->lt_cache_probe(&f->cuda, key, &slot, &hit, &evicted, &err), 0);
+    assert_false(hit);
+    assert_true(evicted);
+    assert_int_equal(slot, slot1);
+    key[7] = 0;
+    assert_int_equal(f->hooks->lt_cache_probe(&f->cuda, key, &slot, &hit, &evicted, &err), 0);
+    assert_true(hit); /* 4096 survived: it was used after 4097 */
+    key[0] = 4097;
+    assert_int_equal(f->hooks->lt_cache_probe(&f->cuda, key, &slot, &hit, &evicted, &err), 0);
+    assert_false(hit);
+    assert_true(evicted);
+    assert_int_not_equal(slot, slot0);
+}
+
 static void test_valid_calls_fail_cleanly(void **state)
 {
     struct fixture *f = *state;
@@ -228,6 +304,21 @@ static void test_valid_calls_fail_cleanly(void **state)
     struct bs_tensor x = t2(f, 4, 8), w = t2(f, 6, 8), y = t2(f, 4, 6), b = t1(f, 6);
     expect_internal(g->linear(c, &y, &x, &w, &b, 0.0f, &err), &err, "linear");
     expect_internal(g->linear(c, &y, &x, &w, NULL, 1.0f, &err), &err, "linear");
+    /* narrow activations, each (x, y) pair; and linear_act, fused or not */
+    static const enum bs_dtype dts[3] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) {
+            struct bs_tensor xn = bs_tensor_make(dts[i], 2, (int64_t[]){4, 8}, f->buf);
+            struct bs_tensor yn = bs_tensor_make(dts[j], 2, (int64_t[]){4, 6}, f->buf);
+            expect_internal(g->linear(c, &yn, &xn, &w, &b, 1.0f, &err), &err, "linear");
+        }
+    struct bs_tensor y3 = t2(f, 4, 3);
+    for (int a = 0; a < BS_ACT_COUNT; a++) {
+        expect_internal(g->linear_act(c, &y, &x, &w, &b, (enum bs_act)a, false, &err), &err,
+                        "linear");
+        expect_internal(g->linear_act(c, &y3, &x, &w, &b, (enum bs_act)a, true, &err), &err,
+                        "linear");
+    }
     struct bs_norm_params np = {1e-5f, NULL, NULL, NULL, NULL, 1, 0};
     expect_internal(g->layer_norm(c, &x, &x, &np, &err), &err, "layer_norm");
     struct bs_tensor gn = bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){2, 4, 5}, f->buf);
@@ -690,6 +781,9 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_checks_match_cpu, setup_fp32, teardown),
         cmocka_unit_test_setup_teardown(test_checks_match_cpu, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_linear_act_checks, setup_fp32, teardown),
+        cmocka_unit_test_setup_teardown(test_linear_act_checks, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_lt_cache, setup_bf16, teardown),
         cmocka_unit_test_setup_teardown(test_valid_calls_fail_cleanly, setup_fp32, teardown),
         cmocka_unit_test_setup_teardown(test_valid_calls_fail_cleanly, setup_bf16, teardown),
         cmocka_unit_test_setup_teardown(test_thread_states, setup_bf16, teardown),
