@@ -616,11 +616,28 @@ static int attn_forward(struct bs__fwd *f, const struct bs__attn *a, const struc
     return add(f, h, &t, gate, rows_per_cond(f, f->cond ? f->cond->n : 1), 1.0f);
 }
 
+/* h = act(x w^T + b) (gated: x w^T + b is [rows, 2N] and h its glu): one
+ * fused op where the backend has linear_act, else linear then act or glu
+ * through g, scratch of [rows, 2N] for gated. */
+static int linear_act(struct bs__fwd *f, struct bs_tensor *h, const struct bs_tensor *x,
+                      const struct bs__linear *l, enum bs_act a, bool gated, struct bs_tensor *g)
+{
+    const struct bs_backend_i *be = f->be->iface;
+    if (be->linear_act != NULL)
+        return be->linear_act(f->be->ctx, h, x, &l->w, opt(&l->b), a, gated, f->err);
+    if (!gated) {
+        TRY(linear(f, h, x, l, 0.0f));
+        return act(f, h, h, a);
+    }
+    TRY(linear(f, g, x, l, 0.0f));
+    return be->glu(f->be->ctx, h, g, a, f->err);
+}
+
 int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_tensor *x,
                    struct bs_tensor *y, float beta)
 {
     int64_t rows = bs_tensor_nrows(x);
-    struct bs_tensor h, g;
+    struct bs_tensor h, g = {0};
     /* the hidden layer in the activation dtype; a bare activation module's
      * is its output, F32 */
     TRY(ff->has_out ? bs__scratch_act(f, &h, rows, ff->inner)
@@ -628,8 +645,8 @@ int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_t
     switch (ff->act) {
     case BS_FF_GELU:
     case BS_FF_GELU_APPROXIMATE:
-        TRY(linear(f, &h, x, &ff->proj, 0.0f));
-        TRY(act(f, &h, &h, ff->act == BS_FF_GELU ? BS_ACT_GELU : BS_ACT_GELU_TANH));
+        TRY(linear_act(f, &h, x, &ff->proj, ff->act == BS_FF_GELU ? BS_ACT_GELU : BS_ACT_GELU_TANH,
+                       false, NULL));
         break;
     case BS_FF_GEGLU: {
         /* A BF16 model gates in row chunks, so that the projection's
@@ -642,20 +659,19 @@ int bs__ff_forward(struct bs__fwd *f, const struct bs__ff *ff, const struct bs_t
             chunk = chunk < 64 ? 64 : chunk / 16 * 16;
         }
         chunk = chunk < rows ? chunk : rows;
-        TRY(bs__scratch_act(f, &g, chunk, 2 * ff->inner));
+        if (f->be->iface->linear_act == NULL) /* the backend's own otherwise */
+            TRY(bs__scratch_act(f, &g, chunk, 2 * ff->inner));
         for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
             int64_t r1 = r0 + chunk < rows ? r0 + chunk : rows;
             struct bs_tensor xr = bs_tensor_view_outer(x, r0, r1 - r0);
             struct bs_tensor hr = bs_tensor_view_outer(&h, r0, r1 - r0);
             struct bs_tensor gr = bs_tensor_view_outer(&g, 0, r1 - r0);
-            TRY(linear(f, &gr, &xr, &ff->proj, 0.0f));
-            TRY(f->be->iface->glu(f->be->ctx, &hr, &gr, BS_ACT_GELU, f->err));
+            TRY(linear_act(f, &hr, &xr, &ff->proj, BS_ACT_GELU, true, &gr));
         }
         break;
     }
     case BS_FF_GEGLU_APPROXIMATE:
-        TRY(linear(f, &h, x, &ff->proj, 0.0f));
-        TRY(act(f, &h, &h, BS_ACT_QUICK_GELU));
+        TRY(linear_act(f, &h, x, &ff->proj, BS_ACT_QUICK_GELU, false, NULL));
         break;
     }
     if (!ff->has_out) {
