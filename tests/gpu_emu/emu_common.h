@@ -79,6 +79,7 @@ void run_attn_mma(emu_env *env, enum bs_dtype dtype);
 void run_attn_f32(emu_env *env);
 void run_softmax_rows(emu_env *env);
 void run_ops(emu_env *env);
+void run_norm(emu_env *env);
 void run_ptx(emu_env *env);
 
 #endif
