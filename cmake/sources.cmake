@@ -40,6 +40,7 @@ set(BS_CPU_SOURCES
 set(BS_CUDA_SOURCES
   kernels/cuda/backend_cuda.cu
   kernels/cuda/ops_cuda.cu
+  kernels/cuda/norm_cuda.cu
   kernels/cuda/attn_cuda.cu
   kernels/cuda/linear_cuda.cu
 )

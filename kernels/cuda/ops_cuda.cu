@@ -1,5 +1,5 @@
-/* The row-wise and elementwise ops on the GPU: layer norm and group norm
- * with modulation, activations, gated units, gated residual adds, transpose,
+/* The row-wise and elementwise ops on the GPU:
+ * activations, gated units, gated residual adds, transpose,
  * row gathers, bias rows and the F32 to BF16/FP16 operand conversion.
  *
  * Three layers per op (STYLE rule 5): the __global__ kernel (ops_kernels.cuh,
@@ -45,76 +45,6 @@ static const float *data_or_null(const struct bs_tensor *t)
 static int64_t ld_or_zero(const struct bs_tensor *t)
 {
     return t ? bs_tensor_ld(t) : 0;
-}
-
-/* ---- layer norm --------------------------------------------------------- */
-
-int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
-                        const struct bs_norm_params *p, struct bs_err *err)
-{
-    struct bs__cuda *c = (struct bs__cuda *)ctx;
-    const char *op = "layer_norm";
-    int rc = bs_opcheck_layer_norm(y, x, p, err);
-    if (rc != 0)
-        return rc;
-    int64_t rows = bs_tensor_nrows(x), d = bs_opcheck_ncols(x), rps = p->rows_per_sample;
-    if (d == 0 || rows == 0)
-        return 0;
-    if (rows > INT32_MAX)
-        return bs_err_set(err, BS_ERANGE, "%s: too many rows", op);
-    struct ln_args a = {(const float *)x->data,
-                        (float *)y->data,
-                        d,
-                        bs_tensor_ld(x),
-                        bs_tensor_ld(y),
-                        rps < 1 ? 1 : rps,
-                        p->eps,
-                        data_or_null(p->gamma),
-                        data_or_null(p->beta),
-                        data_or_null(p->scale),
-                        data_or_null(p->shift),
-                        ld_or_zero(p->scale),
-                        ld_or_zero(p->shift)};
-    struct bs__cuda_thread *t = bs__cuda_thread_get(c, op, err);
-    if (t == NULL)
-        return err->code;
-    ln_kernel<<<(unsigned)rows, NORM_THREADS, 0, t->stream>>>(a);
-    return bs__cuda_check_launch(op, err);
-}
-
-/* ---- group norm --------------------------------------------------------- */
-
-int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
-                        const struct bs_norm_params *p, struct bs_err *err)
-{
-    struct bs__cuda *c = (struct bs__cuda *)ctx;
-    const char *op = "group_norm";
-    int rc = bs_opcheck_group_norm(y, x, p, err);
-    if (rc != 0)
-        return rc;
-    int64_t bsz = x->ne[0], ch = x->ne[1];
-    int64_t s = bsz > 0 && ch > 0 ? bs_tensor_nelements(x) / (bsz * ch) : 0;
-    if (s == 0)
-        return 0;
-    if (bsz * p->groups > INT32_MAX)
-        return bs_err_set(err, BS_ERANGE, "%s: too many groups", op);
-    struct gn_args a = {(const float *)x->data,
-                        (float *)y->data,
-                        ch,
-                        s,
-                        p->groups,
-                        p->eps,
-                        data_or_null(p->gamma),
-                        data_or_null(p->beta),
-                        data_or_null(p->scale),
-                        data_or_null(p->shift),
-                        ld_or_zero(p->scale),
-                        ld_or_zero(p->shift)};
-    struct bs__cuda_thread *t = bs__cuda_thread_get(c, op, err);
-    if (t == NULL)
-        return err->code;
-    gn_kernel<<<(unsigned)(bsz * p->groups), GN_THREADS, 0, t->stream>>>(a);
-    return bs__cuda_check_launch(op, err);
 }
 
 /* ---- activations, gated units, residual adds ---------------------------- */

@@ -1,12 +1,11 @@
 /* The kernels of the row-wise and elementwise ops, written once for nvcc
  * (ops_cuda.cu launches them) and for the host emulation of tests/gpu_emu
- * (device.cuh says how): layer norm and group norm with modulation,
+ * (device.cuh says how):
  * activations, gated units, gated residual adds, transpose, bias rows and
  * the F32 to BF16/FP16 operand conversion (which flags values the dtype
  * cannot hold: overflow.cuh). All arithmetic is FP32 (these ops
  * are memory-bound; the compute dtype only narrows GEMM and attention
- * operands); norm statistics accumulate in double, two passes, like the
- * CPU. */
+ * operands). */
 #ifndef BS_CUDA_OPS_KERNELS_CUH
 #define BS_CUDA_OPS_KERNELS_CUH
 
@@ -22,35 +21,9 @@ extern "C" {
 
 #define EW_THREADS   256   /* elementwise kernels: threads per block (x) */
 #define EW_MAX_Y     65535 /* grid y limit: rows beyond it loop */
-#define NORM_THREADS 256
-#define GN_THREADS   512
 #define TR_TILE      32
 
 /* ---- device helpers ---------------------------------------------------- */
-
-/* Sum over the block (blockDim.x a multiple of 32, at most 1024); every
- * thread gets the result. */
-__device__ double block_sum(double v)
-{
-    __shared__ double part[32];
-    __shared__ double total;
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    __syncthreads(); /* part/total may still be read from a previous call */
-    if (lane == 0)
-        part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        double s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
-        for (int o = 16; o > 0; o >>= 1)
-            s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0)
-            total = s;
-    }
-    __syncthreads();
-    return total;
-}
 
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x)
@@ -106,98 +79,6 @@ __global__ void bias_kernel(float *y, int64_t ldy, const float *b, int64_t rows,
     {
         float v = b ? b[i] : 0.0f;
         y[r * ldy + i] = beta != 0.0f ? y[r * ldy + i] + v : v;
-    }
-}
-
-/* ---- layer norm --------------------------------------------------------- */
-
-struct ln_args {
-    const float *x;
-    float *y;
-    int64_t d, ldx, ldy, rows_per_sample;
-    float eps;
-    const float *gamma, *beta, *scale, *shift;
-    int64_t ld_scale, ld_shift;
-};
-
-/* One block per row: mean, then the variance of deviations, then the
- * normalised, affine and modulated row. y may be x (each element is read
- * before its thread writes it, and the statistics are complete by then). */
-__global__ void __launch_bounds__(NORM_THREADS) ln_kernel(struct ln_args a)
-{
-    int64_t r = blockIdx.x;
-    const float *x = a.x + r * a.ldx;
-    float *y = a.y + r * a.ldy;
-    double s = 0.0;
-    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x)
-        s += x[i];
-    double mean = block_sum(s) / (double)a.d;
-    s = 0.0;
-    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x) {
-        double dv = (double)x[i] - mean;
-        s += dv * dv;
-    }
-    float rstd = (float)(1.0 / sqrt(block_sum(s) / (double)a.d + (double)a.eps));
-    float mf = (float)mean;
-    int64_t b = r / a.rows_per_sample;
-    const float *sc = a.scale ? a.scale + b * a.ld_scale : NULL;
-    const float *sh = a.shift ? a.shift + b * a.ld_shift : NULL;
-    for (int64_t i = threadIdx.x; i < a.d; i += blockDim.x) {
-        float v = (x[i] - mf) * rstd;
-        if (a.gamma)
-            v *= a.gamma[i];
-        if (a.beta)
-            v += a.beta[i];
-        if (sc)
-            v *= 1.0f + sc[i];
-        if (sh)
-            v += sh[i];
-        y[i] = v;
-    }
-}
-
-/* ---- group norm --------------------------------------------------------- */
-
-struct gn_args {
-    const float *x;
-    float *y;
-    int64_t channels, spatial, groups;
-    float eps;
-    const float *gamma, *beta, *scale, *shift;
-    int64_t ld_scale, ld_shift;
-};
-
-/* One block per (sample, group); per channel the affine and modulation fold
- * into y = (x - mean) * a + off, as on the CPU. */
-__global__ void __launch_bounds__(GN_THREADS) gn_kernel(struct gn_args a)
-{
-    int64_t t = blockIdx.x, b = t / a.groups, cpg = a.channels / a.groups;
-    int64_t c0 = (t % a.groups) * cpg, n = cpg * a.spatial;
-    const float *x = a.x + (b * a.channels + c0) * a.spatial;
-    float *y = a.y + (b * a.channels + c0) * a.spatial;
-    double s = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-        s += x[i];
-    double mean = block_sum(s) / (double)n;
-    s = 0.0;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        double dv = (double)x[i] - mean;
-        s += dv * dv;
-    }
-    float rstd = (float)(1.0 / sqrt(block_sum(s) / (double)n + (double)a.eps));
-    float mf = (float)mean;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        int64_t ch = c0 + i / a.spatial;
-        float k = a.gamma ? rstd * a.gamma[ch] : rstd;
-        float off = a.beta ? a.beta[ch] : 0.0f;
-        if (a.scale) {
-            float s1 = 1.0f + a.scale[b * a.ld_scale + ch];
-            k *= s1;
-            off *= s1;
-        }
-        if (a.shift)
-            off += a.shift[b * a.ld_shift + ch];
-        y[i] = (x[i] - mf) * k + off;
     }
 }
 

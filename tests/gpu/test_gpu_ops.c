@@ -21,6 +21,9 @@
  * linear_act with each act, gated or not: against the CPU's F32 op on the
  * same (widened) values, its result rounded to the output's dtype; a narrow
  * output may also be 1 ulp off (apt_expect).
+ * Norms also in BF16 and F16 (x, y; every pair): against the CPU's F32 op
+ * on the widened inputs, rounded; within the F32 tolerance plus 1 ulp of
+ * the output's dtype.
  *
  * Also: attention with masks of every kind the mask rule names (rows of
  * -FLT_MAX, -inf, both, with finite values, -10000, 30000); ragged batches
@@ -550,6 +553,231 @@ static void test_group_norm(struct env *e)
     struct pt *all[] = {&x, &y, &gamma, &beta, &scale, &shift, &v, &vy};
     for (size_t i = 0; i < BS_ARRAY_LEN(all); i++)
         pt_free(e, all[i]);
+}
+
+/* ---- norms in every activation dtype ------------------------------------------ */
+
+/* A tensor of dtype dt on both backends: the CPU side holds the GPU side's
+ * values widened to F32 (the reference of issue 14: widen, F32 op, round). */
+struct ptd {
+    struct bs_tensor c, g;
+    enum bs_dtype dt;
+    int64_t n;
+};
+
+static void ptd_new(struct env *e, struct ptd *t, enum bs_dtype dt, int n_dims, const int64_t *ne,
+                    float lo, float hi, float base)
+{
+    t->dt = dt;
+    t->c = bs_tensor_make(BS_TYPE_F32, n_dims, ne, NULL);
+    t->g = bs_tensor_make(dt, n_dims, ne, NULL);
+    t->n = bs_tensor_nelements(&t->c);
+    size_t es = bs_dtype_size(dt), nb = (size_t)(t->n ? t->n : 1);
+    t->c.data = e->cpu.iface->buf_alloc(e->cpu.ctx, nb * 4);
+    t->g.data = e->gpu.iface->buf_alloc(e->gpu.ctx, nb * es);
+    float *f = malloc(nb * 4);
+    void *h = malloc(nb * es);
+    if (t->c.data == NULL || t->g.data == NULL || f == NULL || h == NULL)
+        die("buf_alloc", NULL);
+    for (int64_t i = 0; i < t->n; i++)
+        f[i] = base + frand(lo, hi);
+    bs_convert_from_f32(h, dt, f, t->n);
+    bs_convert_to_f32(t->c.data, h, dt, t->n);
+    struct bs_err err = {0};
+    if (e->gpu.iface->copy_in(e->gpu.ctx, t->g.data, h, nb * es, &err) != 0)
+        die("copy_in", &err);
+    free(f);
+    free(h);
+}
+
+static void ptd_free(struct env *e, struct ptd *t)
+{
+    e->cpu.iface->buf_free(e->cpu.ctx, t->c.data);
+    e->gpu.iface->buf_free(e->gpu.ctx, t->g.data);
+}
+
+static struct ptd ptd_cols(const struct ptd *t, int64_t c0, int64_t n)
+{
+    struct ptd v = *t;
+    v.c = bs_tensor_view_cols(&t->c, c0, n);
+    v.g = bs_tensor_view_cols(&t->g, c0, n);
+    return v;
+}
+
+/* The whole buffer of t: F32 within 1e-5 (atol and rtol), BF16/F16 within
+ * 1e-5 (atol and rtol) plus 1 ulp of the dtype of the CPU's F32 result
+ * rounded (F32 results within 1e-5 may round 1 ulp apart). */
+static void expect_dt(struct env *e, const char *name, const struct ptd *t)
+{
+    struct bs_err err = {0};
+    size_t es = bs_dtype_size(t->dt), nb = (size_t)(t->n ? t->n : 1);
+    void *h = malloc(nb * es), *want = malloc(nb * es);
+    float *got = malloc(nb * 4);
+    if (h == NULL || want == NULL || got == NULL)
+        die("malloc", NULL);
+    if (e->gpu.iface->copy_out(e->gpu.ctx, h, t->g.data, (size_t)t->n * es, &err) != 0)
+        die(name, &err);
+    bs_convert_to_f32(got, h, t->dt, t->n);
+    bs_convert_from_f32(want, t->dt, t->c.data, t->n);
+    const float *ref = t->c.data;
+    double worst = 0, max_abs = 0;
+    for (int64_t i = 0; i < t->n; i++) {
+        double r, d;
+        if (t->dt == BS_TYPE_F32) {
+            d = fabs((double)got[i] - (double)ref[i]);
+            r = d == 0 ? 0 : d / (1e-5 + 1e-5 * fabs((double)ref[i]));
+        } else {
+            /* the narrow dtype's spacing at the reference (its subnormal
+             * spacing below the smallest normal) */
+            int ex, mant = t->dt == BS_TYPE_BF16 ? 7 : 10,
+                    lo_ex = t->dt == BS_TYPE_BF16 ? -125 : -13;
+            double a = fabs((double)ref[i]);
+            frexp(a > 0 ? a : 1e-30, &ex);
+            double ulp = ldexp(1.0, (ex < lo_ex ? lo_ex : ex) - 1 - mant);
+            float wf;
+            bs_convert_to_f32(&wf, (const uint16_t *)want + i, t->dt, 1);
+            d = fabs((double)got[i] - (double)wf);
+            r = d == 0 ? 0 : d / (ulp + 1e-5 + 1e-5 * a);
+        }
+        if (!(r <= worst))
+            worst = isnan(r) ? INFINITY : r;
+        if (d > max_abs || isnan(d))
+            max_abs = d;
+    }
+    e->checks++;
+    bool ok = worst <= 1.0;
+    if (!ok)
+        e->failures++;
+    printf("%s %-44s max abs err %.3g (%.2f of tolerance)\n", ok ? "ok  " : "FAIL", name, max_abs,
+           worst);
+    free(h), free(want), free(got);
+}
+
+static const char *dt_name(enum bs_dtype dt)
+{
+    return dt == BS_TYPE_BF16 ? "bf16" : dt == BS_TYPE_F16 ? "f16" : "f32";
+}
+
+/* Layer norm: DiT-XL's AdaLN rows in every dtype pair, rows of 8192 (the
+ * registers' most) and past them, a length not a multiple of 8 in aligned
+ * rows, unaligned views, in place in 16 bits, 1000 + noise. The narrow
+ * cases need a GPU (the CPU backend takes F32 only). */
+static void test_layer_norm_dtypes(struct env *e)
+{
+    const enum bs_dtype all[] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+    int nd = e->self_check ? 1 : 3;
+    char name[96];
+    struct ptd g, b, s, h;
+    ptd_new(e, &g, BS_TYPE_F32, 1, (int64_t[]){1152}, 0.5f, 1.5f, 0);
+    ptd_new(e, &b, BS_TYPE_F32, 1, (int64_t[]){1152}, -0.5f, 0.5f, 0);
+    ptd_new(e, &s, BS_TYPE_F32, 2, (int64_t[]){4, 1152}, -0.5f, 0.5f, 0);
+    ptd_new(e, &h, BS_TYPE_F32, 2, (int64_t[]){4, 1152}, -0.5f, 0.5f, 0);
+    struct bs_norm_params pc = {1e-6f, &g.c, &b.c, &s.c, &h.c, 256, 0};
+    struct bs_norm_params pg = {1e-6f, &g.g, &b.g, &s.g, &h.g, 256, 0};
+    for (int i = 0; i < nd; i++)
+        for (int j = 0; j < nd; j++) {
+            struct ptd x, y;
+            ptd_new(e, &x, all[i], 2, (int64_t[]){1024, 1152}, -2, 3, 0);
+            ptd_new(e, &y, all[j], 2, (int64_t[]){1024, 1152}, -1, 1, 0);
+            BOTH("layer_norm", CPU->layer_norm(CC, &y.c, &x.c, &pc, &ec_),
+                 GPU->layer_norm(GC, &y.g, &x.g, &pg, &eg_));
+            snprintf(name, sizeof(name), "layer_norm [1024,1152] AdaLN %s -> %s", dt_name(all[i]),
+                     dt_name(all[j]));
+            expect_dt(e, name, &y);
+            ptd_free(e, &x), ptd_free(e, &y);
+        }
+    struct bs_norm_params q = {1e-5f, NULL, NULL, NULL, NULL, 1, 0};
+    const struct {
+        int64_t rows, d, ld, c0; /* a view [c0, c0 + d) of rows of ld */
+        int dx, dy;              /* indices into all[] */
+        float base;
+        bool in_place;
+    } cs[] = {
+        {3, 8192, 8192, 0, 1, 0, 0, false},     {2, 9000, 9000, 0, 0, 0, 100, false},
+        {5, 1155, 1160, 0, 0, 2, 0, false},     {6, 640, 700, 3, 2, 1, 0, false},
+        {7, 1280, 1280, 0, 1, 1, 0, true},      {7, 1280, 1280, 0, 2, 2, 0, true},
+        {64, 1280, 1280, 0, 0, 0, 1000, false}, {1, 20001, 20003, 2, 2, 1, 0, false},
+    };
+    for (size_t i = 0; i < BS_ARRAY_LEN(cs); i++) {
+        if (cs[i].dx >= nd || cs[i].dy >= nd)
+            continue;
+        struct ptd x, y, xv, yv;
+        ptd_new(e, &x, all[cs[i].dx], 2, (int64_t[]){cs[i].rows, cs[i].ld}, -2, 2, cs[i].base);
+        xv = ptd_cols(&x, cs[i].c0, cs[i].d);
+        if (cs[i].in_place)
+            y = x, yv = xv;
+        else {
+            ptd_new(e, &y, all[cs[i].dy], 2, (int64_t[]){cs[i].rows, cs[i].ld}, -1, 1, 0);
+            yv = ptd_cols(&y, cs[i].c0 ? 1 : 0, cs[i].d);
+        }
+        BOTH("layer_norm", CPU->layer_norm(CC, &yv.c, &xv.c, &q, &ec_),
+             GPU->layer_norm(GC, &yv.g, &xv.g, &q, &eg_));
+        snprintf(name, sizeof(name), "layer_norm [%lld,%lld] of %lld +%lld %s%s -> %s",
+                 (long long)cs[i].rows, (long long)cs[i].d, (long long)cs[i].ld,
+                 (long long)cs[i].c0, cs[i].base != 0 ? "mean>>std " : "", dt_name(all[cs[i].dx]),
+                 dt_name(all[cs[i].dy]));
+        expect_dt(e, name, &y);
+        ptd_free(e, &x);
+        if (!cs[i].in_place)
+            ptd_free(e, &y);
+    }
+    ptd_free(e, &g), ptd_free(e, &b), ptd_free(e, &s), ptd_free(e, &h);
+}
+
+/* Group norm: SD's down-block-0 at batch 1 (320 x 64 x 64, 32 groups: many
+ * chunks a group) in F32 and in place in 16 bits, every dtype pair with
+ * modulation at batch 2, groups not a multiple of 8, 1000 + noise. */
+static void test_group_norm_dtypes(struct env *e)
+{
+    const enum bs_dtype all[] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+    int nd = e->self_check ? 1 : 3;
+    char name[96];
+    struct ptd g, b, s, h;
+    ptd_new(e, &g, BS_TYPE_F32, 1, (int64_t[]){320}, 0.5f, 1.5f, 0);
+    ptd_new(e, &b, BS_TYPE_F32, 1, (int64_t[]){320}, -0.5f, 0.5f, 0);
+    ptd_new(e, &s, BS_TYPE_F32, 2, (int64_t[]){2, 320}, -0.5f, 0.5f, 0);
+    ptd_new(e, &h, BS_TYPE_F32, 2, (int64_t[]){2, 320}, -0.5f, 0.5f, 0);
+    const struct {
+        int64_t bsz, ch, sp;
+        int groups, dx, dy;
+        float base;
+        bool mod, in_place;
+    } cs[] = {
+        {1, 320, 4096, 32, 0, 0, 0, false, false},    {1, 320, 4096, 32, 1, 1, 0, false, true},
+        {1, 320, 4096, 32, 2, 2, 0, false, true},     {2, 320, 250, 32, 0, 1, 0, true, false},
+        {2, 320, 250, 32, 1, 0, 0, true, false},      {2, 320, 250, 32, 2, 1, 0, true, false},
+        {2, 320, 250, 32, 1, 2, 0, true, false},      {1, 60, 999, 20, 2, 0, 0, false, false},
+        {1, 320, 1024, 32, 0, 0, 1000, false, false}, {8, 320, 1024, 32, 1, 1, 0, false, false},
+    };
+    for (size_t i = 0; i < BS_ARRAY_LEN(cs); i++) {
+        if (cs[i].dx >= nd || cs[i].dy >= nd)
+            continue;
+        int64_t ne[3] = {cs[i].bsz, cs[i].ch, cs[i].sp};
+        struct ptd x, y;
+        ptd_new(e, &x, all[cs[i].dx], 3, ne, -2, 3, cs[i].base);
+        if (cs[i].in_place)
+            y = x;
+        else
+            ptd_new(e, &y, all[cs[i].dy], 3, ne, -1, 1, 0);
+        bool mod = cs[i].mod;
+        struct bs_norm_params pc = {1e-5f, &g.c,        &b.c, mod ? &s.c : NULL, mod ? &h.c : NULL,
+                                    0,     cs[i].groups};
+        struct bs_norm_params pg = {1e-5f, &g.g,        &b.g, mod ? &s.g : NULL, mod ? &h.g : NULL,
+                                    0,     cs[i].groups};
+        if (cs[i].ch != 320) /* gamma and beta are [320] */
+            pc.gamma = pc.beta = pg.gamma = pg.beta = NULL;
+        BOTH("group_norm", CPU->group_norm(CC, &y.c, &x.c, &pc, &ec_),
+             GPU->group_norm(GC, &y.g, &x.g, &pg, &eg_));
+        snprintf(name, sizeof(name), "group_norm [%lld,%lld,%lld] /%d %s%s%s -> %s",
+                 (long long)cs[i].bsz, (long long)cs[i].ch, (long long)cs[i].sp, cs[i].groups,
+                 mod ? "mod " : "", cs[i].base != 0 ? "mean>>std " : "", dt_name(all[cs[i].dx]),
+                 dt_name(all[cs[i].dy]));
+        expect_dt(e, name, &y);
+        ptd_free(e, &x);
+        if (!cs[i].in_place)
+            ptd_free(e, &y);
+    }
+    ptd_free(e, &g), ptd_free(e, &b), ptd_free(e, &s), ptd_free(e, &h);
 }
 
 /* ---- elementwise -------------------------------------------------------------- */
@@ -1138,6 +1366,8 @@ static void test_all(struct env *e)
     test_linear_act(e);
     test_layer_norm(e);
     test_group_norm(e);
+    test_layer_norm_dtypes(e);
+    test_group_norm_dtypes(e);
     test_act_glu(e);
     test_add_transpose_rows(e);
     test_attention(e);

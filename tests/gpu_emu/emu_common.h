@@ -80,6 +80,7 @@ void run_attn_f32(emu_env *env);
 void run_softmax_rows(emu_env *env);
 void run_ops(emu_env *env);
 void run_linear(emu_env *env);
+void run_norm(emu_env *env);
 void run_ptx(emu_env *env);
 
 #endif

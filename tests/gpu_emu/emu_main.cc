@@ -4,7 +4,7 @@
  * definitions of its instructions.
  *
  * usage: test_gpu_emu GROUP [--log FILE] [--expect-failure] [-v]
- *   GROUP: attn_mma_bf16, attn_mma_fp16, attn_f32, softmax_rows, ops, linear, ptx.
+ *   GROUP: attn_mma_bf16, attn_mma_fp16, attn_f32, softmax_rows, ops, linear, norm, ptx.
  * Prints one line per kernel, "emulated <kernel>: <cases> cases, max err
  * <e> (<share> of tolerance), <what they covered>", also written to FILE; a case out of
  * tolerance prints FAIL and the test exits 1. --expect-failure (the
@@ -135,7 +135,7 @@ int main(int argc, char **argv)
     }
     if (group == NULL) {
         fprintf(stderr, "usage: test_gpu_emu attn_mma_bf16|attn_mma_fp16|attn_f32|softmax_rows|"
-                        "ops|linear|ptx [--log FILE] [--expect-failure] [-v]\n");
+                        "ops|linear|norm|ptx [--log FILE] [--expect-failure] [-v]\n");
         return 2;
     }
     env.stop_at_failure = expect_failure;
@@ -157,6 +157,8 @@ int main(int argc, char **argv)
         run_ops(&env);
     else if (strcmp(group, "linear") == 0)
         run_linear(&env);
+    else if (strcmp(group, "norm") == 0)
+        run_norm(&env);
     else if (strcmp(group, "ptx") == 0)
         run_ptx(&env);
     else {

@@ -1,6 +1,5 @@
 /* The kernels of ops_kernels.cuh under emulation against the CPU backend's
- * ops: norms with and without their affine and modulation parameters, rows
- * shorter and longer than a block, in place and on column views; every
+ * ops (the norms: emu_norm.cc): every
  * activation and gated unit; gated adds; transposes with partial tiles; the
  * bias rows of linear (its CPU twin: linear with K = 0); the F32 to BF16/FP16
  * conversion (its twin: bs_convert_from_f32, bit for bit) and its overflow
@@ -37,122 +36,6 @@ static int64_t eld(const pair *p)
 static const struct bs_tensor *ct(const pair *p)
 {
     return p ? &p->c : NULL;
-}
-
-/* ---- layer norm and group norm ------------------------------------------------ */
-
-struct norm_case {
-    const char *name;
-    pair *y, *x, *gamma, *beta, *scale, *shift; /* y and x may be views of whole */
-    pair *whole;                                /* the buffer compared */
-    float eps;
-    int64_t rows_per_sample;
-    int groups;
-};
-
-static void ln_case(emu_env *env, tally *t, const norm_case &n)
-{
-    struct bs_norm_params p = {n.eps,       ct(n.gamma),       ct(n.beta), ct(n.scale),
-                               ct(n.shift), n.rows_per_sample, 0};
-    struct bs_err err = {};
-    check_cpu(CPU->layer_norm(CC, &n.y->c, &n.x->c, &p, &err), &err, n.name);
-    int64_t rows = bs_tensor_nrows(&n.x->e), rps = n.rows_per_sample;
-    struct ln_args a = {(const float *)n.x->e.data,
-                        (float *)n.y->e.data,
-                        n.x->e.ne[n.x->e.n_dims - 1],
-                        bs_tensor_ld(&n.x->e),
-                        bs_tensor_ld(&n.y->e),
-                        rps < 1 ? 1 : rps,
-                        n.eps,
-                        edata(n.gamma),
-                        edata(n.beta),
-                        edata(n.scale),
-                        edata(n.shift),
-                        eld(n.scale),
-                        eld(n.shift)};
-    emu_launch(ln_kernel, dim3((unsigned)rows), dim3(NORM_THREADS), 0, a);
-    expect_close(env, t, n.name, *n.whole, TOL_EW, TOL_EW, false);
-}
-
-static void run_ln(emu_env *env)
-{
-    tally t;
-    t.kernel = "ln_kernel";
-    pair x, y, gamma, beta, scale, shift, w, wy, l, lg;
-    pair_init(&x, {6, 320}, 2, 4); /* mean far from 0 */
-    pair_init(&y, {6, 320}, -1, 1);
-    pair_init(&gamma, {320}, 0.5f, 1.5f);
-    pair_init(&beta, {320}, -0.5f, 0.5f);
-    pair_init(&scale, {3, 320}, -0.5f, 0.5f);
-    pair_init(&shift, {3, 320}, -0.5f, 0.5f);
-    ln_case(env, &t,
-            {"ln [6,320] affine + scale/shift", &y, &x, &gamma, &beta, &scale, &shift, &y, 1e-6f, 2,
-             0});
-    ln_case(env, &t,
-            {"ln [6,320] in place, scale only", &x, &x, NULL, NULL, &scale, NULL, &x, 1e-5f, 2, 0});
-    /* 77 columns (fewer than the block's threads), column views of both */
-    pair_init(&w, {4, 100}, -3, 3);
-    pair_init(&wy, {4, 90}, -1, 1);
-    pair wv = pair_cols(w, 10, 77), wyv = pair_cols(wy, 5, 77);
-    ln_case(
-        env, &t,
-        {"ln [4,77] views, no parameters", &wyv, &wv, NULL, NULL, NULL, NULL, &wy, 1e-5f, 0, 0});
-    /* 1000 columns: each thread loops */
-    pair_init(&l, {2, 1000}, -2, 5);
-    pair_init(&lg, {1000}, 0.5f, 1.5f);
-    ln_case(env, &t,
-            {"ln [2,1000] in place, gamma", &l, &l, &lg, NULL, NULL, NULL, &l, 1e-5f, 1, 0});
-    tally_report(env, t);
-}
-
-static void gn_case(emu_env *env, tally *t, const norm_case &n)
-{
-    struct bs_norm_params p = {n.eps,       ct(n.gamma), ct(n.beta), ct(n.scale),
-                               ct(n.shift), 0,           n.groups};
-    struct bs_err err = {};
-    check_cpu(CPU->group_norm(CC, &n.y->c, &n.x->c, &p, &err), &err, n.name);
-    int64_t bsz = n.x->e.ne[0], ch = n.x->e.ne[1];
-    struct gn_args a = {(const float *)n.x->e.data,
-                        (float *)n.y->e.data,
-                        ch,
-                        bs_tensor_nelements(&n.x->e) / (bsz * ch),
-                        n.groups,
-                        n.eps,
-                        edata(n.gamma),
-                        edata(n.beta),
-                        edata(n.scale),
-                        edata(n.shift),
-                        eld(n.scale),
-                        eld(n.shift)};
-    emu_launch(gn_kernel, dim3((unsigned)(bsz * n.groups)), dim3(GN_THREADS), 0, a);
-    expect_close(env, t, n.name, *n.whole, TOL_EW, TOL_EW, false);
-}
-
-static void run_gn(emu_env *env)
-{
-    tally t;
-    t.kernel = "gn_kernel";
-    pair x, y, gamma, beta, scale, shift, v, vy, s, s_shift;
-    pair_init(&x, {2, 16, 37}, -2, 3);
-    pair_init(&y, {2, 16, 37}, -1, 1);
-    pair_init(&gamma, {16}, 0.5f, 1.5f);
-    pair_init(&beta, {16}, -0.5f, 0.5f);
-    pair_init(&scale, {2, 16}, -0.5f, 0.5f);
-    pair_init(&shift, {2, 16}, -0.5f, 0.5f);
-    gn_case(env, &t,
-            {"gn [2,16,37] /4, affine + scale/shift", &y, &x, &gamma, &beta, &scale, &shift, &y,
-             1e-5f, 0, 4});
-    /* 4 channels x 1100 a group: each thread loops */
-    pair_init(&v, {1, 8, 1100}, -3, 3);
-    pair_init(&vy, {1, 8, 1100}, -1, 1);
-    gn_case(env, &t, {"gn [1,8,1100] /2", &vy, &v, NULL, NULL, NULL, NULL, &vy, 1e-6f, 0, 2});
-    /* in place, 20 values a group (fewer than the threads), shift only */
-    pair_init(&s, {1, 12, 5}, 1, 2);
-    pair_init(&s_shift, {1, 12}, -0.5f, 0.5f);
-    gn_case(
-        env, &t,
-        {"gn [1,12,5] /3 in place, shift", &s, &s, NULL, NULL, NULL, &s_shift, &s, 1e-5f, 0, 3});
-    tally_report(env, t);
 }
 
 /* ---- activations, gated units, adds --------------------------------------------- */
@@ -416,8 +299,6 @@ static void run_to_half(emu_env *env)
 
 void run_ops(emu_env *env)
 {
-    run_ln(env);
-    run_gn(env);
     run_act(env);
     run_glu(env);
     run_add(env);

@@ -11,7 +11,7 @@
  *
  * The launch table below says, for every instance, the block size and the
  * most dynamic shared memory its launcher (attn_cuda.cu, ops_cuda.cu,
- * linear_cuda.cu) uses
+ * linear_cuda.cu, norm_cuda.cu) uses
  * and whether the launcher raises cudaFuncAttributeMaxDynamicSharedMemorySize
  * (opt-in), from the kernel headers' own constants (attn_mma's
  * mma_smem<DP, WARPS>::bytes(sizeof(T), mask rows), attn_f32_smem). Every compiled
@@ -50,6 +50,7 @@
 
 #include "attn_kernels.cuh"
 #include "linear_kernels.cuh"
+#include "norm_kernels.cuh"
 #include "ops_kernels.cuh"
 
 /* ---- what the launchers launch ---------------------------------------------- */
@@ -110,8 +111,15 @@ static std::vector<launch> launches(void)
     for (const char *k : {"to_half_kernel<__nv_bfloat16>", "to_half_kernel<__half>", "bias_kernel",
                           "act_kernel", "glu_kernel", "add_kernel"})
         l.push_back({k, EW_THREADS, 0, false, 0, 0});
-    l.push_back({"ln_kernel", NORM_THREADS, 0, false, 0, 0});
-    l.push_back({"gn_kernel", GN_THREADS, 0, false, 0, 0});
+    /* norm_cuda.cu: every (x, y) dtype pair, NORM_THREADS a block */
+    static const char *const nt[] = {"float", "__nv_bfloat16", "__half"};
+    for (const char *tx : nt) {
+        l.push_back({std::string("gn_stats_kernel<") + tx + ">", NORM_THREADS, 0, false, 0, 0});
+        for (const char *ty : nt)
+            for (const char *k : {"ln_kernel", "ln_wide_kernel", "gn_norm_kernel"})
+                l.push_back(
+                    {std::string(k) + "<" + tx + ", " + ty + ">", NORM_THREADS, 0, false, 0, 0});
+    }
     l.push_back({"transpose_kernel", TR_TILE * 8, 0, false, 0, 0}); /* dim3(TR_TILE, 8) */
     /* linear_cuda.cu */
     for (const char *k :
