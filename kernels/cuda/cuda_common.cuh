@@ -146,6 +146,14 @@ int bs__cuda_to_half(const struct bs__cuda *c, struct bs__cuda_thread *t, void *
                      const float *src, int64_t rows, int64_t cols, int64_t ld, int code,
                      struct bs_err *err);
 
+/* act's kernel on the thread's stream without the entry's checks: rows x
+ * cols of x (dtype tx, row stride ldx) through act into y (ty, ldy); with
+ * BS_ACT_NONE a dtype conversion (attention's output in a dtype its kernel
+ * has no instance for). */
+int bs__cuda_act_rows(struct bs__cuda_thread *t, void *y, enum bs_dtype ty, int64_t ldy,
+                      const void *x, enum bs_dtype tx, int64_t ldx, int64_t rows, int64_t cols,
+                      enum bs_act act, struct bs_err *err);
+
 /* Op entries of the function table (contracts in engine/backend.h, argument
  * checks shared with the CPU backend in engine/opcheck.h). */
 int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,

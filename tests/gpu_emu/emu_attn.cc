@@ -181,7 +181,7 @@ struct block_range {
 
 /* The launcher's instance: the ragged one for a ragged batch (a.q_off);
  * shared memory as the launcher sizes it (mask rows). */
-template <typename T, int DP, int W>
+template <typename T, typename TO, int DP, int W>
 static void launch_mma_w(const attn_args &a, int64_t batch, block_range r)
 {
     using S = mma_smem<DP, W>;
@@ -190,33 +190,33 @@ static void launch_mma_w(const attn_args &a, int64_t batch, block_range r)
     int mrows = a.mask == NULL ? 0 : a.mq == 1 ? 1 : S::BQ;
     size_t smem = S::bytes(sizeof(T), mrows);
     if (a.q_off != NULL)
-        emu_launch_blocks(attn_mma<T, DP, W, true>, grid, dim3(S::THREADS), smem, r.first, count,
+        emu_launch_blocks(attn_mma<T, DP, W, true, TO>, grid, dim3(S::THREADS), smem, r.first, count,
                           a);
     else
-        emu_launch_blocks(attn_mma<T, DP, W, false>, grid, dim3(S::THREADS), smem, r.first, count,
+        emu_launch_blocks(attn_mma<T, DP, W, false, TO>, grid, dim3(S::THREADS), smem, r.first, count,
                           a);
 }
 
 /* The instances the launcher has: 8 warps only up to DP 80. */
-template <typename T, int DP>
+template <typename T, typename TO, int DP>
 static void launch_mma_dp(const attn_args &a, int64_t batch, int warps, block_range r)
 {
     if constexpr (DP <= 80) {
         if (warps == 8)
-            return launch_mma_w<T, DP, 8>(a, batch, r);
+            return launch_mma_w<T, TO, DP, 8>(a, batch, r);
     }
     if (warps != 4) {
         fprintf(stderr, "attn_mma has no %d-warp instance for DP %d\n", warps, DP);
         exit(2);
     }
-    launch_mma_w<T, DP, 4>(a, batch, r);
+    launch_mma_w<T, TO, DP, 4>(a, batch, r);
 }
 
 /* The entry's conversion pass (attn_cuda.cu, launch_mma_t): Q, K and V of
- * a (F32) into buf in T by attn_to16, on a small grid (its loops stride
- * over rows and columns; the emulation runs a host thread per CUDA
- * thread). */
-template <typename T>
+ * a (TS: F32 or 16-bit) into buf in T by attn_to16, on a small grid (its
+ * loops stride over rows and columns; the emulation runs a host thread per
+ * CUDA thread). */
+template <typename T, typename TS = float>
 static attn_src16 convert16(const attn_args &a, int64_t batch, std::vector<unsigned char> *buf)
 {
     int64_t rq = a.q_off ? a.q_off[batch] : batch * a.lq,
@@ -225,19 +225,19 @@ static attn_src16 convert16(const attn_args &a, int64_t batch, std::vector<unsig
     buf->assign(attn16_bytes(rq, rk, a.heads, hs, sizeof(T)) + 16, 0xff);
     void *base = (void *)(((uintptr_t)buf->data() + 15) & ~(uintptr_t)15);
     attn_src16 s = attn16_layout(base, rq, rk, a.heads, hs, sizeof(T));
-    const float *srcs[3] = {a.q, a.k, a.v};
+    const TS *srcs[3] = {(const TS *)a.q, (const TS *)a.k, (const TS *)a.v};
     const void *dsts[3] = {s.q, s.k, s.v};
     int64_t lds[3] = {a.ldq, a.ldk, a.ldv}, rows[3] = {rq, rk, rk};
     for (int i = 0; i < 3; i++)
         if (rows[i] > 0)
-            emu_launch(attn_to16<T>, dim3(1, (unsigned)std::min<int64_t>(rows[i], 2)), dim3(64), 0,
+            emu_launch(attn_to16<T, TS>, dim3(1, (unsigned)std::min<int64_t>(rows[i], 2)), dim3(64), 0,
                        (T *)dsts[i], srcs[i], rows[i], lds[i], a.heads, a.head_dim, hs, a.overflow);
     return s;
 }
 
-/* attn_mma on src16, or (NULL) on a's F32 operands through the conversion
- * pass, as the entry runs it. */
-template <typename T>
+/* attn_mma on src16, or (NULL) on a's operands (of TS) through the
+ * conversion pass, as the entry runs it; o of TO (F32 or T). */
+template <typename T, typename TO = float, typename TS = float>
 static void launch_mma(const attn_args &a0, int64_t batch, int warps, block_range r = {},
                        const attn_src16 *src16 = NULL)
 {
@@ -245,23 +245,23 @@ static void launch_mma(const attn_args &a0, int64_t batch, int warps, block_rang
     std::vector<unsigned char> buf;
     attn_src16 conv;
     if (src16 == NULL) {
-        conv = convert16<T>(a, batch, &buf);
+        conv = convert16<T, TS>(a, batch, &buf);
         src16 = &conv;
     }
     attn_src16_set(&a, src16);
     switch (mma_dp(a.head_dim)) {
     case 32:
-        return launch_mma_dp<T, 32>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 32>(a, batch, warps, r);
     case 48:
-        return launch_mma_dp<T, 48>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 48>(a, batch, warps, r);
     case 64:
-        return launch_mma_dp<T, 64>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 64>(a, batch, warps, r);
     case 80:
-        return launch_mma_dp<T, 80>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 80>(a, batch, warps, r);
     case 128:
-        return launch_mma_dp<T, 128>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 128>(a, batch, warps, r);
     default:
-        return launch_mma_dp<T, 160>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 160>(a, batch, warps, r);
     }
 }
 
@@ -275,16 +275,18 @@ static void launch_mma_dt(enum bs_dtype dt, const attn_args &a, int64_t batch, i
         launch_mma<__half>(a, batch, warps, r);
 }
 
+/* attn_f32 on q, k, v of TI into o of TO. */
+template <typename TI = float, typename TO = float>
 static void launch_f32(const attn_args &a, int64_t batch, block_range r = {})
 {
     dim3 grid = attn_grid(a.lq, batch * a.heads, F32_BQ);
     uint64_t count = r.count ? r.count : (uint64_t)grid.x;
     if (a.q_off != NULL)
-        emu_launch_blocks(attn_f32<true>, grid, dim3(F32_THREADS), attn_f32_smem(a.head_dim),
-                          r.first, count, a);
+        emu_launch_blocks(attn_f32<TI, TO, true>, grid, dim3(F32_THREADS),
+                          attn_f32_smem(a.head_dim), r.first, count, a);
     else
-        emu_launch_blocks(attn_f32<false>, grid, dim3(F32_THREADS), attn_f32_smem(a.head_dim),
-                          r.first, count, a);
+        emu_launch_blocks(attn_f32<TI, TO, false>, grid, dim3(F32_THREADS),
+                          attn_f32_smem(a.head_dim), r.first, count, a);
 }
 
 /* ---- cases every attention kernel runs ----------------------------------------- */
@@ -631,7 +633,7 @@ static void direct16_case(emu_env *env, tally *t, enum bs_dtype dt, const attn_c
     attn_args a = attn_args_of(&io);
     const int64_t inner = (int64_t)c.heads * c.hd, ld = inner + 8;
     std::vector<T> h16[3];
-    const float *src[3] = {a.q, a.k, a.v};
+    const float *src[3] = {(const float *)a.q, (const float *)a.k, (const float *)a.v};
     int64_t lds[3] = {a.ldq, a.ldk, a.ldv},
             rows[3] = {c.batch * c.lq, c.batch * c.lk, c.batch * c.lk};
     for (int i = 0; i < 3; i++) {
@@ -665,7 +667,7 @@ template <typename T> static void to16_case(emu_env *env, tally *t, int hd)
     for (float &x : src)
         x = frand(-3, 3);
     std::vector<T> dst((size_t)(rows * heads * hs) + 8, (T)NAN);
-    emu_launch(attn_to16<T>, dim3(2, 2), dim3(32), 0, dst.data(), (const float *)src.data() + 1,
+    emu_launch(attn_to16<T, float>, dim3(2, 2), dim3(32), 0, dst.data(), (const float *)src.data() + 1,
                rows, ld, heads, hd, hs, &ovf_flag);
     int bad = 0;
     for (int64_t r = 0; r < rows; r++)
@@ -854,7 +856,8 @@ template <typename T> static void unfused(const attn_case &c, attn_io *io, const
 {
     int64_t lq = c.lq, lk = c.lk, hd = c.hd;
     std::vector<T> s((size_t)(c.heads * lq * lk));
-    const float *q = a.q, *k = a.k, *v = a.v;
+    const float *q = (const float *)a.q, *k = (const float *)a.k, *v = (const float *)a.v;
+    float *o = (float *)a.o;
     for (int64_t b = 0; b < c.batch; b++) {
         for (int h = 0; h < c.heads; h++)
             for (int64_t i = 0; i < lq; i++)
@@ -875,7 +878,7 @@ template <typename T> static void unfused(const attn_case &c, attn_io *io, const
                     for (int64_t j = 0; j < lk; j++)
                         acc += (float)s[(size_t)((h * lq + i) * lk + j)] *
                                round_to<T>(v[(b * lk + j) * a.ldv + h * hd + d]);
-                    a.o[(b * lq + i) * a.ldo + h * hd + d] = acc;
+                    o[(b * lq + i) * a.ldo + h * hd + d] = acc;
                 }
     }
 }
