@@ -3,7 +3,7 @@
  * to the output's dtype (to nearest even), with these overloads, so that a
  * kernel templated on its input and output types reads and writes all three
  * alike. A launcher picks the instance with a switch on the tensors'
- * enum bs_dtype. */ 
+ * enum bs_dtype. */
 #ifndef BS_CUDA_ACT_IO_CUH
 #define BS_CUDA_ACT_IO_CUH
 

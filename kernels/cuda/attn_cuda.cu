@@ -26,10 +26,10 @@ static int launch_mma_r(const struct attn_args *a, int64_t batch, cudaStream_t s
     using S = mma_smem<DP, WARPS>;
     int mrows = a->mask == NULL ? 0 : a->mq == 1 ? 1 : S::BQ;
     size_t smem = S::bytes(sizeof(T), mrows);
-    int rc = bs__cuda_check(
-        cudaFuncSetAttribute(attn_mma<T, DP, WARPS, RAGGED, TO>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-        "attention", "cudaFuncSetAttribute", err);
+    int rc =
+        bs__cuda_check(cudaFuncSetAttribute(attn_mma<T, DP, WARPS, RAGGED, TO>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                       "attention", "cudaFuncSetAttribute", err);
     if (rc != 0)
         return rc;
     attn_mma<T, DP, WARPS, RAGGED, TO>
@@ -162,10 +162,10 @@ static int launch_f32_r(const struct attn_args *a, int64_t batch, cudaStream_t s
                         struct bs_err *err)
 {
     size_t smem = attn_f32_smem(a->head_dim);
-    int rc = bs__cuda_check(
-        cudaFuncSetAttribute(attn_f32<TI, TO, RAGGED>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)smem),
-        "attention", "cudaFuncSetAttribute", err);
+    int rc =
+        bs__cuda_check(cudaFuncSetAttribute(attn_f32<TI, TO, RAGGED>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                       "attention", "cudaFuncSetAttribute", err);
     if (rc != 0)
         return rc;
     attn_f32<TI, TO, RAGGED>
@@ -364,10 +364,10 @@ static int unfused(const struct bs__cuda *c, struct bs__cuda_thread *th, struct 
                 rc = bs__cuda_act_rows(th, dsts[i], c->dtype, inner, src, t->type, ld, lens[i],
                                        inner, BS_ACT_NONE, err);
             else if (c->dtype == BS_TYPE_F32)
-                rc = bs__cuda_check(cudaMemcpy2DAsync(dsts[i], inner * 4, src, ld * 4, inner * 4,
-                                                      lens[i], cudaMemcpyDeviceToDevice,
-                                                      th->stream),
-                                    "attention (unfused)", "copy q, k, v", err);
+                rc =
+                    bs__cuda_check(cudaMemcpy2DAsync(dsts[i], inner * 4, src, ld * 4, inner * 4,
+                                                     lens[i], cudaMemcpyDeviceToDevice, th->stream),
+                                   "attention (unfused)", "copy q, k, v", err);
             else
                 rc = bs__cuda_to_half(c, th, dsts[i], (const float *)src, lens[i], inner, ld,
                                       BS_OVF_ATTENTION, err);
@@ -378,9 +378,9 @@ static int unfused(const struct bs__cuda *c, struct bs__cuda_thread *th, struct 
         int64_t ldo = otmp ? inner : bs_tensor_ld(o);
         TRY_RC(rc, unfused_sample<T>(c, th, ob, ldo, qh, kh, vh, s, p, a, b, err));
         if (otmp)
-            TRY_RC(rc, bs__cuda_act_rows(th, (void *)sample_rows(o, b, p->lq), o->type,
-                                         bs_tensor_ld(o), otmp, BS_TYPE_F32, inner, p->lq, inner,
-                                         BS_ACT_NONE, err));
+            TRY_RC(rc,
+                   bs__cuda_act_rows(th, (void *)sample_rows(o, b, p->lq), o->type, bs_tensor_ld(o),
+                                     otmp, BS_TYPE_F32, inner, p->lq, inner, BS_ACT_NONE, err));
     }
     return 0;
 }

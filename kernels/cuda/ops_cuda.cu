@@ -233,9 +233,9 @@ int bs__cuda_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
         return err->code;
     dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)bsz), block(TR_TILE, 8);
     act_type(x->type, [&](auto *xt) { /* y has x's type (bs_opcheck_transpose) */
-        using T = ACT_T(xt);
-        transpose_kernel<T><<<grid, block, 0, t->stream>>>((T *)y->data, (const T *)x->data, r,
-                                                           cols);
+                                      using T = ACT_T(xt);
+                                      transpose_kernel<T><<<grid, block, 0, t->stream>>>(
+                                          (T *)y->data, (const T *)x->data, r, cols);
     });
     return bs__cuda_check_launch("transpose", err);
 }

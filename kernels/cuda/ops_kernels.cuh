@@ -230,8 +230,8 @@ __global__ void __launch_bounds__(GN_THREADS) gn_kernel(struct gn_args a)
  * act_io.cuh), computing in FP32; y may be x (same type: each element is
  * read and written by one thread). */
 template <typename TY, typename TX>
-__global__ void act_kernel(TY *y, int64_t ldy, const TX *x, int64_t ldx, int64_t rows,
-                           int64_t cols, int act)
+__global__ void act_kernel(TY *y, int64_t ldy, const TX *x, int64_t ldx, int64_t rows, int64_t cols,
+                           int act)
 {
     EW_ROWS(r, rows)
     EW_COLS(i, cols)

@@ -169,15 +169,16 @@ static void run_act(emu_env *env)
         pair_init(&y, {3, 257}, -1, 1);
         pair xs = pair_cols(x, 0, 257);
         check_cpu(CPU->act(CC, &y.c, &xs.c, (enum bs_act)act, &err), &err, "act");
-        emu_launch(act_kernel<float, float>, ew_grid(3, 257), dim3(EW_THREADS), 0, (float *)y.e.data,
-                   (int64_t)257, (const float *)xs.e.data, (int64_t)400, (int64_t)3, (int64_t)257,
-                   act);
+        emu_launch(act_kernel<float, float>, ew_grid(3, 257), dim3(EW_THREADS), 0,
+                   (float *)y.e.data, (int64_t)257, (const float *)xs.e.data, (int64_t)400,
+                   (int64_t)3, (int64_t)257, act);
         snprintf(name, sizeof(name), "act %s [3,257]", act_names[act]);
         expect_close(env, &t, name, y, TOL_EW, TOL_EW, false);
         pair xv = pair_cols(x, 50, 300); /* in place on a view, on the small grid */
         check_cpu(CPU->act(CC, &xv.c, &xv.c, (enum bs_act)act, &err), &err, "act");
-        emu_launch(act_kernel<float, float>, small_grid, dim3(EW_THREADS), 0, (float *)xv.e.data, (int64_t)400,
-                   (const float *)xv.e.data, (int64_t)400, (int64_t)3, (int64_t)300, act);
+        emu_launch(act_kernel<float, float>, small_grid, dim3(EW_THREADS), 0, (float *)xv.e.data,
+                   (int64_t)400, (const float *)xv.e.data, (int64_t)400, (int64_t)3, (int64_t)300,
+                   act);
         snprintf(name, sizeof(name), "act %s in place, view, grid-stride", act_names[act]);
         expect_close(env, &t, name, x, TOL_EW, TOL_EW, false);
     }
@@ -195,15 +196,16 @@ static void run_glu(emu_env *env)
         pair_init(&g, {3, 600}, -6, 6);
         pair_init(&h, {3, 300}, -1, 1);
         check_cpu(CPU->glu(CC, &h.c, &g.c, (enum bs_act)act, &err), &err, "glu");
-        emu_launch(glu_kernel<float, float>, ew_grid(3, 300), dim3(EW_THREADS), 0, (float *)h.e.data,
-                   (int64_t)300, (const float *)g.e.data, (int64_t)600, (int64_t)3, (int64_t)300,
-                   act);
+        emu_launch(glu_kernel<float, float>, ew_grid(3, 300), dim3(EW_THREADS), 0,
+                   (float *)h.e.data, (int64_t)300, (const float *)g.e.data, (int64_t)600,
+                   (int64_t)3, (int64_t)300, act);
         snprintf(name, sizeof(name), "glu %s [3,600]", act_names[act]);
         expect_close(env, &t, name, h, TOL_EW, TOL_EW, false);
         pair gv = pair_cols(g, 0, 300); /* y is the first half of x */
         check_cpu(CPU->glu(CC, &gv.c, &g.c, (enum bs_act)act, &err), &err, "glu");
-        emu_launch(glu_kernel<float, float>, small_grid, dim3(EW_THREADS), 0, (float *)g.e.data, (int64_t)600,
-                   (const float *)g.e.data, (int64_t)600, (int64_t)3, (int64_t)300, act);
+        emu_launch(glu_kernel<float, float>, small_grid, dim3(EW_THREADS), 0, (float *)g.e.data,
+                   (int64_t)600, (const float *)g.e.data, (int64_t)600, (int64_t)3, (int64_t)300,
+                   act);
         snprintf(name, sizeof(name), "glu %s into its own input, grid-stride", act_names[act]);
         expect_close(env, &t, name, g, TOL_EW, TOL_EW, false);
     }
@@ -217,16 +219,9 @@ static void add_case(emu_env *env, tally *t, const char *name, pair *y, pair *x,
     pair_sync(y); /* each case from the same y on both sides */
     check_cpu(CPU->add(CC, &y->c, &x->c, ct(gate), rps, alpha, &err), &err, name);
     int64_t rows = bs_tensor_nrows(&x->e), n = x->e.ne[x->e.n_dims - 1];
-    struct add_args a = {y->e.data,
-                         x->e.data,
-                         edata(gate),
-                         bs_tensor_ld(&y->e),
-                         bs_tensor_ld(&x->e),
-                         eld(gate),
-                         rows,
-                         n,
-                         rps < 1 ? 1 : rps,
-                         alpha};
+    struct add_args a = {y->e.data,           x->e.data, edata(gate), bs_tensor_ld(&y->e),
+                         bs_tensor_ld(&x->e), eld(gate), rows,        n,
+                         rps < 1 ? 1 : rps,   alpha};
     emu_launch(add_kernel<float, float>, grid, dim3(EW_THREADS), 0, a);
     expect_close(env, t, name, *y, TOL_EW, TOL_EW, false);
 }
@@ -468,16 +463,6 @@ static std::vector<float> round_dt(const std::vector<float> &v, enum bs_dtype dt
     return abuf(dt, v).widen();
 }
 
-/* An upper bound of one ulp of dtype dt at x (0 for F32). */
-static double ulp_dt(enum bs_dtype dt, double x)
-{
-    if (dt == BS_TYPE_BF16)
-        return fmax(fabs(x) * 0x1p-7, 0x1p-133);
-    if (dt == BS_TYPE_F16)
-        return fmax(fabs(x) * 0x1p-10, 0x1p-24);
-    return 0.0;
-}
-
 /* got (the kernel's output, widened) against want (the F32 reference
  * rounded to dt), per element within TOL_EW (1 + |want|) + 1 ulp. */
 static void expect_narrow(emu_env *env, tally *t, const char *what, const std::vector<float> &got,
@@ -488,7 +473,8 @@ static void expect_narrow(emu_env *env, tally *t, const char *what, const std::v
     for (size_t i = 0; i < want.size(); i++) {
         double d = fabs((double)got[i] - (double)want[i]);
         inexact += got[i] != want[i] && !(isnan(got[i]) && isnan(want[i]));
-        double sh = d == 0 ? 0 : d / (TOL_EW + TOL_EW * fabs((double)want[i]) + ulp_dt(dt, want[i]));
+        double sh =
+            d == 0 ? 0 : d / (TOL_EW + TOL_EW * fabs((double)want[i]) + ulp_dt(dt, want[i]));
         err = d > err || isnan(d) ? d : err;
         share = sh > share || isnan(sh) ? sh : share;
     }
@@ -501,6 +487,16 @@ static struct bs_tensor f32_rows(std::vector<float> *v, int64_t rows, int64_t ld
 {
     int64_t ne[2] = {rows, ld};
     return bs_tensor_make(BS_TYPE_F32, 2, ne, v->data());
+}
+
+void emu_act_convert(void *y, enum bs_dtype ty, int64_t ldy, const float *x, int64_t ldx,
+                     int64_t rows, int64_t cols)
+{
+    act_type(ty, [&](auto *yt) {
+        using TY = ACT_T(yt);
+        emu_launch(act_kernel<TY, float>, ew_grid(rows, cols), dim3(EW_THREADS), 0, (TY *)y, ldy, x,
+                   ldx, rows, cols, (int)BS_ACT_NONE);
+    });
 }
 
 /* act and its dtype conversion (BS_ACT_NONE): x [3, 300] in rows of 320,
@@ -538,8 +534,7 @@ static void run_act_narrow(emu_env *env)
                 });
                 char name[128];
                 snprintf(name, sizeof(name), "act %s %s -> %s [3,300]%s", act_names[act],
-                         bs_dtype_name(tx), bs_dtype_name(ty),
-                         k % 3 == 2 ? ", grid-stride" : "");
+                         bs_dtype_name(tx), bs_dtype_name(ty), k % 3 == 2 ? ", grid-stride" : "");
                 expect_narrow(env, &t, name, yb.widen(), ref, ty);
             }
             k++;
@@ -638,8 +633,8 @@ static void run_add_narrow(emu_env *env)
             struct bs_err err = {};
             check_cpu(CPU->add(CC, &yc, &xc, gated ? &gc : NULL, 2, alpha, &err), &err, "add");
             ref = round_dt(ref, ty);
-            struct add_args a = {yb.data(), xb.data(), gated ? gv.data() : NULL, ldy, n, n, rows,
-                                 n, 2, alpha};
+            struct add_args a = {yb.data(), xb.data(), gated ? gv.data() : NULL, ldy, n, n, rows, n,
+                                 2,         alpha};
             act_type(ty, [&](auto *yt) {
                 act_type(tx, [&](auto *xt) {
                     emu_launch(add_kernel<ACT_T(yt), ACT_T(xt)>,
