@@ -709,7 +709,7 @@ static void run_mma_narrow(emu_env *env, tally *t, enum bs_dtype dt)
     narrow_case(env, t, dt, {1, 129, 70, 1, 32, MASK_KEYS, SEPARATE}, 8, dt, dt);
     narrow_case(env, t, dt, {1, 40, 70, 1, 64, MASK_KEYS, UNALIGNED}, 4, dt, BS_TYPE_F32);
     narrow_case(env, t, dt, {1, 33, 65, 2, 40, RULE_KEYS, SEPARATE}, 4, other, other);
-    narrow_case(env, t, dt, {1, 20, 30, 1, 48, MASK_NONE, FUSED_QKV}, 4, BS_TYPE_F32, dt);
+    narrow_case(env, t, dt, {1, 30, 30, 1, 48, MASK_NONE, FUSED_QKV}, 4, BS_TYPE_F32, dt);
     narrow_ragged(env, t, dt, {{10, 70, 1}, {65, 5, 0}, 1, 64, RULE_FULL}, 4, dt, dt);
     narrow_ragged(env, t, dt, {{3, 66}, {70, 2}, 2, 40, MASK_KEYS}, 4, other, BS_TYPE_F32);
 }
