@@ -8,7 +8,7 @@
  * written to global memory.
  *
  * Two kernels:
- * - attn_mma<T, DP, WARPS, RAGGED>: BF16 or FP16 operands on tensor cores
+ * - attn_mma<T, DP, WARPS, RAGGED, TO>: BF16 or FP16 operands on tensor cores
  *   (mma.sync m16n8k16, FP32 accumulation), FlashAttention-2 class: 4 or 8
  *   warps x 16 query rows (mma_warps), Q fragments loaded once with
  *   ldmatrix and kept in registers, K and V (16-bit, from the conversion
@@ -19,9 +19,11 @@
  *   checks only on the last key tile; head dims padded with zeros to DP
  *   (32, 48, 64, 80, 128, 160: 40 -> 48, 72 -> 80). No GPU has run it:
  *   tests/gpu_emu runs it under emulation, tests/gpu_static models it.
- * - attn_f32: FP32 on CUDA cores for the fp32 compute dtype (exact to the
- *   CPU within rounding) and for head dims above 160; 16 x 16 tiles; reads
- *   the F32 activations.
+ * - attn_f32<TI, TO, RAGGED>: FP32 on CUDA cores for the fp32 compute dtype
+ *   (exact to the CPU within rounding) and for head dims above 160; 16 x 16
+ *   tiles; reads q, k, v of TI and writes o of TO (F32, BF16 or F16 each).
+ * Both round each output value once to o's type (act_io.cuh; attn_mma's
+ * TO is F32 or T).
  *
  * Blocks: grid.x holds (sample, head) x query tile, the query tile fastest
  * (attn_grid), so batch x heads is not bound by grid.y's 65,535.
