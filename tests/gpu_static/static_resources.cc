@@ -291,7 +291,7 @@ static void check_mma_dps(const std::vector<launch> &ls)
             want.push_back(mma_dp(hd));
     for (const launch &l : ls)
         if (l.warps == 4 && l.kernel.find("__nv_bfloat16") != std::string::npos &&
-            l.kernel.find("false>") != std::string::npos)
+            l.kernel.find("false, float>") != std::string::npos)
             have.push_back(l.dp);
     if (want != have) {
         printf("FAIL: mma_dp's padded head dims are not the launch table's 4-warp ones\n");
