@@ -8,7 +8,7 @@
  * written to global memory.
  *
  * Two kernels:
- * - attn_mma<T, DP, WARPS, RAGGED>: BF16 or FP16 operands on tensor cores
+ * - attn_mma<T, DP, WARPS, RAGGED, TO>: BF16 or FP16 operands on tensor cores
  *   (mma.sync m16n8k16, FP32 accumulation), FlashAttention-2 class: 4 or 8
  *   warps x 16 query rows (mma_warps), Q fragments loaded once with
  *   ldmatrix and kept in registers, K and V (16-bit, from the conversion
@@ -19,9 +19,11 @@
  *   checks only on the last key tile; head dims padded with zeros to DP
  *   (32, 48, 64, 80, 128, 160: 40 -> 48, 72 -> 80). No GPU has run it:
  *   tests/gpu_emu runs it under emulation, tests/gpu_static models it.
- * - attn_f32: FP32 on CUDA cores for the fp32 compute dtype (exact to the
- *   CPU within rounding) and for head dims above 160; 16 x 16 tiles; reads
- *   the F32 activations.
+ * - attn_f32<TI, TO, RAGGED>: FP32 on CUDA cores for the fp32 compute dtype
+ *   (exact to the CPU within rounding) and for head dims above 160; 16 x 16
+ *   tiles; reads q, k, v of TI and writes o of TO (F32, BF16 or F16 each).
+ * Both round each output value once to o's type (act_io.cuh; attn_mma's
+ * TO is F32 or T).
  *
  * Blocks: grid.x holds (sample, head) x query tile, the query tile fastest
  * (attn_grid), so batch x heads is not bound by grid.y's 65,535.
@@ -70,6 +72,7 @@ extern "C" {
 #include "backend.h"
 }
 
+#include "act_io.cuh"
 #include "device.cuh"
 #include "overflow.cuh"
 
@@ -85,8 +88,11 @@ extern "C" {
 #define F32_MAX_D   512
 
 struct attn_args {
-    const float *q, *k, *v, *mask;
-    float *o;
+    /* q, k, v in one activation dtype, o in one too (F32, BF16 or F16: the
+     * kernels' template arguments say which; engine/backend.h) */
+    const void *q, *k, *v;
+    const float *mask;
+    void *o;
     int64_t ldq, ldk, ldv, ldo;
     int64_t lq, lk, mask_nb0, mask_nb1, mq;
     int heads, head_dim;
@@ -198,10 +204,10 @@ static inline void attn_args_fill(struct attn_args *a, struct bs_tensor *o,
                                   const struct bs_tensor *v, const struct bs_attn_params *p)
 {
     memset(a, 0, sizeof(*a));
-    a->q = (const float *)q->data;
-    a->k = (const float *)k->data;
-    a->v = (const float *)v->data;
-    a->o = (float *)o->data;
+    a->q = q->data;
+    a->k = k->data;
+    a->v = v->data;
+    a->o = o->data;
     a->ldq = bs_tensor_ld(q);
     a->ldk = bs_tensor_ld(k);
     a->ldv = bs_tensor_ld(v);
@@ -298,13 +304,15 @@ static inline bool attn_src16_ok(const void *q, int64_t ldq, const void *k, int6
            (uintptr_t)k % 16 == 0 && (uintptr_t)v % 16 == 0;
 }
 
-/* The conversion pass (attn_src16): rows x (heads x hd) F32 (row stride ld)
- * into rows x (heads x hs) T, zero-padded from hd to hs, rows and heads
- * grid-strided (grid: attn_to16_grid). A finite value that becomes inf
- * stores BS_OVF_ATTENTION in *overflow (overflow.cuh), as to_half_kernel
- * does for linear. */
-template <typename T>
-__global__ void attn_to16(T *dst, const float *src, int64_t rows, int64_t ld, int heads, int hd,
+/* The conversion pass (attn_src16): rows x (heads x hd) activations of TS
+ * (F32, BF16 or F16; row stride ld) into rows x (heads x hs) T, zero-padded
+ * from hd to hs, rows and heads grid-strided (grid: attn_to16_grid). A
+ * finite value that becomes inf stores BS_OVF_ATTENTION in *overflow
+ * (overflow.cuh), as to_half_kernel does for linear. TS == T: 16-bit
+ * activations of the compute dtype whose rows or heads are not 16-byte
+ * aligned (attn_src16_ok), copied as they are. */
+template <typename T, typename TS>
+__global__ void attn_to16(T *dst, const TS *src, int64_t rows, int64_t ld, int heads, int hd,
                           int hs, int *overflow)
 {
     bool ovf = false;
@@ -313,7 +321,7 @@ __global__ void attn_to16(T *dst, const float *src, int64_t rows, int64_t ld, in
         for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < cols;
              i += (int64_t)gridDim.x * blockDim.x) {
             int64_t h = i / hs, d = i % hs;
-            float x = d < hd ? src[r * ld + h * hd + d] : 0.0f;
+            float x = d < hd ? act_ld(src + r * ld + h * hd + d) : 0.0f;
             ovf |= rounds_to_inf<T>(x);
             dst[r * cols + i] = to_t<T>(x);
         }
@@ -622,7 +630,8 @@ __device__ __forceinline__ void mma_key_loop(mma_warp_state<DP> &w, T *smem, flo
                                 mr1_base + cur * mstage, (int)(L.lk - (int64_t)(nt - 1) * MMA_BK));
 }
 
-template <typename T, int DP, int WARPS, bool RAGGED>
+/* TO: o's type (F32 or T; the entry converts to the other 16-bit type). */
+template <typename T, int DP, int WARPS, bool RAGGED, typename TO>
 __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
 {
     using S = mma_smem<DP, WARPS>;
@@ -738,7 +747,7 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
         l1 += __shfl_xor_sync(0xffffffffu, l1, off);
     }
     float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    float *og = a.o + sq.q_row * a.ldo + h * hd;
+    TO *og = reinterpret_cast<TO *>(a.o) + sq.q_row * a.ldo + h * hd;
 #pragma unroll
     for (int i = 0; i < DT; i++) {
         int d = i * 8 + 2 * t;
@@ -747,9 +756,9 @@ __global__ void __launch_bounds__(32 * WARPS) attn_mma(struct attn_args a)
             if (d + e >= hd)
                 continue;
             if (qa < sq.lq)
-                og[qa * a.ldo + d + e] = w.o[i][e] * inv0;
+                act_st(og + qa * a.ldo + d + e, w.o[i][e] * inv0);
             if (qb < sq.lq)
-                og[qb * a.ldo + d + e] = w.o[i][2 + e] * inv1;
+                act_st(og + qb * a.ldo + d + e, w.o[i][2 + e] * inv1);
         }
     }
 }
@@ -788,9 +797,13 @@ static inline size_t attn_f32_smem(int hd)
 }
 
 /* 16 query rows per block, 8 threads per row; shared memory holds the Q, K,
- * V tiles, the output accumulator and the probabilities: 256 hd + 1 KiB. */
-template <bool RAGGED> __global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
+ * V tiles (widened to F32 from TI), the output accumulator and the
+ * probabilities: 256 hd + 1 KiB. o is TO, each value rounded once. */
+template <typename TI, typename TO, bool RAGGED>
+__global__ void __launch_bounds__(F32_THREADS) attn_f32(struct attn_args a)
 {
+    const TI *qg = reinterpret_cast<const TI *>(a.q), *kg = reinterpret_cast<const TI *>(a.k),
+             *vg = reinterpret_cast<const TI *>(a.v);
     BS_DYNAMIC_SMEM(float, sm);
     const int hd = a.head_dim;
     float *qs = sm, *ks = qs + F32_BQ * hd, *vs = ks + F32_BK * hd, *os = vs + F32_BK * hd;
@@ -804,7 +817,7 @@ template <bool RAGGED> __global__ void __launch_bounds__(F32_THREADS) attn_f32(s
         return;
     for (int e = threadIdx.x; e < F32_BQ * hd; e += F32_THREADS) {
         int r = e / hd, d = e % hd;
-        qs[e] = q0 + r < sq.lq ? a.q[(sq.q_row + q0 + r) * a.ldq + h * hd + d] : 0.0f;
+        qs[e] = q0 + r < sq.lq ? act_ld(qg + (sq.q_row + q0 + r) * a.ldq + h * hd + d) : 0.0f;
         os[e] = 0.0f;
     }
     const float *mrow = NULL;
@@ -825,8 +838,8 @@ template <bool RAGGED> __global__ void __launch_bounds__(F32_THREADS) attn_f32(s
         for (int e = threadIdx.x; e < F32_BK * hd; e += F32_THREADS) {
             int r = e / hd, d = e % hd;
             bool ok = k0 + r < sq.lk;
-            ks[e] = ok ? a.k[(sq.k_row + k0 + r) * a.ldk + h * hd + d] : 0.0f;
-            vs[e] = ok ? a.v[(sq.k_row + k0 + r) * a.ldv + h * hd + d] : 0.0f;
+            ks[e] = ok ? act_ld(kg + (sq.k_row + k0 + r) * a.ldk + h * hd + d) : 0.0f;
+            vs[e] = ok ? act_ld(vg + (sq.k_row + k0 + r) * a.ldv + h * hd + d) : 0.0f;
         }
         __syncthreads();
         float sc[2], mx = m;
@@ -867,7 +880,8 @@ template <bool RAGGED> __global__ void __launch_bounds__(F32_THREADS) attn_f32(s
         return;
     float inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (int d = sub; d < hd; d += 8)
-        a.o[(sq.q_row + qi) * a.ldo + h * hd + d] = os[row * hd + d] * inv;
+        act_st(reinterpret_cast<TO *>(a.o) + (sq.q_row + qi) * a.ldo + h * hd + d,
+               os[row * hd + d] * inv);
 }
 
 /* ---- unfused baseline's softmax ------------------------------------------ */

@@ -209,6 +209,14 @@ int bs__cuda_lt_lookup(struct bs__cuda_lt_cache *cache, const int64_t key[BS_CUD
 /* The thread's cuBLASLt handle and plans go (thread_free). */
 void bs__cuda_lt_free(struct bs__cuda_thread *t);
 
+/* act's kernel on the thread's stream without the entry's checks: rows x
+ * cols of x (dtype tx, row stride ldx) through act into y (ty, ldy); with
+ * BS_ACT_NONE a dtype conversion (attention's output in a dtype its kernel
+ * has no instance for). */
+int bs__cuda_act_rows(struct bs__cuda_thread *t, void *y, enum bs_dtype ty, int64_t ldy,
+                      const void *x, enum bs_dtype tx, int64_t ldx, int64_t rows, int64_t cols,
+                      enum bs_act act, struct bs_err *err);
+
 /* Op entries of the function table (contracts in engine/backend.h, argument
  * checks shared with the CPU backend in engine/opcheck.h). */
 int bs__cuda_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,

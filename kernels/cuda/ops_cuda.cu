@@ -49,6 +49,9 @@ static int64_t ld_or_zero(const struct bs_tensor *t)
 
 /* ---- activations, gated units, residual adds ---------------------------- */
 
+/* Activations are F32, BF16 or F16 (engine/backend.h): each launcher picks
+ * the kernel instance of its tensors' dtypes (act_type, act_io.cuh). */
+
 int bs__cuda_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum bs_act act,
                  struct bs_err *err)
 {
@@ -62,9 +65,22 @@ int bs__cuda_act(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "act", err);
     if (t == NULL)
         return err->code;
-    act_kernel<<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>((float *)y->data, bs_tensor_ld(y),
-                                                               (const float *)x->data,
-                                                               bs_tensor_ld(x), rows, n, (int)act);
+    return bs__cuda_act_rows(t, y->data, y->type, bs_tensor_ld(y), x->data, x->type,
+                             bs_tensor_ld(x), rows, n, act, err);
+}
+
+int bs__cuda_act_rows(struct bs__cuda_thread *t, void *y, enum bs_dtype ty, int64_t ldy,
+                      const void *x, enum bs_dtype tx, int64_t ldx, int64_t rows, int64_t cols,
+                      enum bs_act act, struct bs_err *err)
+{
+    act_type(ty, [&](auto *yt) {
+        act_type(tx, [&](auto *xt) {
+            using TY = ACT_T(yt);
+            using TX = ACT_T(xt);
+            act_kernel<TY, TX><<<ew_grid(rows, cols), EW_THREADS, 0, t->stream>>>(
+                (TY *)y, ldy, (const TX *)x, ldx, rows, cols, (int)act);
+        });
+    });
     return bs__cuda_check_launch("act", err);
 }
 
@@ -81,9 +97,15 @@ int bs__cuda_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "glu", err);
     if (t == NULL)
         return err->code;
-    glu_kernel<<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>((float *)y->data, bs_tensor_ld(y),
-                                                               (const float *)x->data,
-                                                               bs_tensor_ld(x), rows, n, (int)act);
+    int64_t ldy = bs_tensor_ld(y), ldx = bs_tensor_ld(x);
+    act_type(y->type, [&](auto *yt) {
+        act_type(x->type, [&](auto *xt) {
+            using TY = ACT_T(yt);
+            using TX = ACT_T(xt);
+            glu_kernel<TY, TX><<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>(
+                (TY *)y->data, ldy, (const TX *)x->data, ldx, rows, n, (int)act);
+        });
+    });
     return bs__cuda_check_launch("glu", err);
 }
 
@@ -98,8 +120,8 @@ int bs__cuda_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
     int64_t rows = bs_tensor_nrows(x), n = bs_opcheck_ncols(x);
     if (rows == 0 || n == 0)
         return 0;
-    struct add_args a = {(float *)y->data,
-                         (const float *)x->data,
+    struct add_args a = {y->data,
+                         x->data,
                          data_or_null(gate),
                          bs_tensor_ld(y),
                          bs_tensor_ld(x),
@@ -111,7 +133,11 @@ int bs__cuda_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "add", err);
     if (t == NULL)
         return err->code;
-    add_kernel<<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>(a);
+    act_type(y->type, [&](auto *yt) {
+        act_type(x->type, [&](auto *xt) {
+            add_kernel<ACT_T(yt), ACT_T(xt)><<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>(a);
+        });
+    });
     return bs__cuda_check_launch("add", err);
 }
 
@@ -135,8 +161,12 @@ int bs__cuda_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *x
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "transpose", err);
     if (t == NULL)
         return err->code;
-    transpose_kernel<<<dim3((unsigned)gx, (unsigned)gy, (unsigned)bsz), dim3(TR_TILE, 8), 0,
-                       t->stream>>>((float *)y->data, (const float *)x->data, r, cols);
+    dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)bsz), block(TR_TILE, 8);
+    act_type(x->type, [&](auto *xt) { /* y has x's type (bs_opcheck_transpose) */
+                                      using T = ACT_T(xt);
+                                      transpose_kernel<T><<<grid, block, 0, t->stream>>>(
+                                          (T *)y->data, (const T *)x->data, r, cols);
+    });
     return bs__cuda_check_launch("transpose", err);
 }
 

@@ -16,6 +16,7 @@ extern "C" {
 }
 
 #include "act_fn.cuh"
+#include "act_io.cuh"
 #include "device.cuh"
 #include "overflow.cuh"
 
@@ -84,45 +85,55 @@ __global__ void bias_kernel(float *y, int64_t ldy, const float *b, int64_t rows,
 
 /* ---- activations, gated units, residual adds ---------------------------- */
 
-__global__ void act_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows,
-                           int64_t cols, int act)
+/* The activation kernels read x as TX and write y as TY (F32, BF16 or F16:
+ * act_io.cuh), computing in FP32; y may be x (same type: each element is
+ * read and written by one thread). */
+template <typename TY, typename TX>
+__global__ void act_kernel(TY *y, int64_t ldy, const TX *x, int64_t ldx, int64_t rows, int64_t cols,
+                           int act)
 {
     EW_ROWS(r, rows)
     EW_COLS(i, cols)
-    y[r * ldy + i] = act_f(x[r * ldx + i], act);
+    act_st(y + r * ldy + i, act_f(act_ld(x + r * ldx + i), act));
 }
 
 /* y = x[:, :n] * act(x[:, n:]); each element is read and written by one
- * thread, so y may be the first half of x. */
-__global__ void glu_kernel(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t rows,
-                           int64_t n, int act)
+ * thread, so y may be the first half of x (same type). */
+template <typename TY, typename TX>
+__global__ void glu_kernel(TY *y, int64_t ldy, const TX *x, int64_t ldx, int64_t rows, int64_t n,
+                           int act)
 {
     EW_ROWS(r, rows)
     EW_COLS(i, n)
     {
-        const float *xr = x + r * ldx;
-        float a = xr[i], gv = act_f(xr[n + i], act);
-        y[r * ldy + i] = a * gv;
+        const TX *xr = x + r * ldx;
+        float a = act_ld(xr + i), gv = act_f(act_ld(xr + n + i), act);
+        act_st(y + r * ldy + i, a * gv);
     }
 }
 
+/* y (TY) and x (TX) as the kernel's instance reads them; gate F32. */
 struct add_args {
-    float *y;
-    const float *x, *gate;
+    void *y;
+    const void *x;
+    const float *gate;
     int64_t ldy, ldx, ld_gate, rows, n, rows_per_sample;
     float alpha;
 };
 
-__global__ void add_kernel(struct add_args a)
+/* y = alpha (y + x gate), read widened and rounded once to TY. */
+template <typename TY, typename TX> __global__ void add_kernel(struct add_args a)
 {
+    TY *y = (TY *)a.y;
+    const TX *x = (const TX *)a.x;
     EW_ROWS(r, a.rows)
     EW_COLS(i, a.n)
     {
-        float xv = a.x[r * a.ldx + i];
+        float xv = act_ld(x + r * a.ldx + i);
         if (a.gate)
             xv *= a.gate[(r / a.rows_per_sample) * a.ld_gate + i];
-        float *yp = a.y + r * a.ldy + i;
-        *yp = a.alpha * (*yp + xv);
+        TY *yp = y + r * a.ldy + i;
+        act_st(yp, a.alpha * (act_ld(yp) + xv));
     }
 }
 
@@ -130,20 +141,21 @@ __global__ void add_kernel(struct add_args a)
 
 /* One 32 x 32 tile per block through shared memory (padded: its stores and
  * loads are conflict-free, tests/gpu_static checks), so reads and writes are
- * both coalesced. */
-__global__ void transpose_kernel(float *y, const float *x, int64_t r, int64_t c)
+ * both coalesced. T is x's and y's one type; the tile holds the values
+ * widened to F32 (exact: a 16-bit value goes back bit for bit). */
+template <typename T> __global__ void transpose_kernel(T *y, const T *x, int64_t r, int64_t c)
 {
     __shared__ float tile[TR_TILE][TR_TILE + 1];
-    const float *xb = x + (int64_t)blockIdx.z * r * c;
-    float *yb = y + (int64_t)blockIdx.z * r * c;
+    const T *xb = x + (int64_t)blockIdx.z * r * c;
+    T *yb = y + (int64_t)blockIdx.z * r * c;
     int64_t c0 = (int64_t)blockIdx.x * TR_TILE, r0 = (int64_t)blockIdx.y * TR_TILE;
     for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y)
         if (r0 + i < r && c0 + threadIdx.x < c)
-            tile[i][threadIdx.x] = xb[(r0 + i) * c + c0 + threadIdx.x];
+            tile[i][threadIdx.x] = act_ld(xb + (r0 + i) * c + c0 + threadIdx.x);
     __syncthreads();
     for (int i = threadIdx.y; i < TR_TILE; i += blockDim.y)
         if (c0 + i < c && r0 + threadIdx.x < r)
-            yb[(c0 + i) * r + r0 + threadIdx.x] = tile[threadIdx.x][i];
+            act_st(yb + (c0 + i) * r + r0 + threadIdx.x, tile[threadIdx.x][i]);
 }
 
 #endif

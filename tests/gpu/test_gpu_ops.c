@@ -1118,6 +1118,356 @@ static void test_attention_ragged(struct env *e)
     attn_ragged_case(e, 2, (int64_t[]){5, 2100}, (int64_t[]){300, 77}, 2, 80, RULE_FULL);
 }
 
+/* ---- narrow activations (BF16, F16) ------------------------------------------------ */
+
+/* A tensor of dtype dt on the GPU with its F32 twin on the CPU side, which
+ * holds the values dt holds (random values rounded through dt): the CPU
+ * backend's F32 op on it, rounded once to the output's dtype (npt_expect),
+ * is the reference of engine/backend.h for an op on narrow activations. */
+struct npt {
+    struct bs_tensor c, g;
+    enum bs_dtype dt;
+    size_t n; /* elements of the whole buffer */
+};
+
+static void round_through(float *v, size_t n, enum bs_dtype dt)
+{
+    if (dt == BS_TYPE_F32 || n == 0)
+        return;
+    uint16_t *h = malloc(n * sizeof(uint16_t));
+    if (h == NULL)
+        die("malloc", NULL);
+    bs_convert_from_f32(h, dt, v, (int64_t)n);
+    bs_convert_to_f32(v, h, dt, (int64_t)n);
+    free(h);
+}
+
+static void npt_upload(struct env *e, struct npt *t)
+{
+    struct bs_err err = {0};
+    size_t bytes = t->n * bs_dtype_size(t->dt);
+    void *h = malloc(bytes ? bytes : 4);
+    if (h == NULL)
+        die("malloc", NULL);
+    bs_convert_from_f32(h, t->dt, t->c.data, (int64_t)t->n);
+    if (GPU->copy_in(GC, t->g.data, h, bytes, &err) != 0)
+        die("copy_in", &err);
+    free(h);
+}
+
+static void npt_new(struct env *e, struct npt *t, enum bs_dtype dt, int n_dims, const int64_t *ne,
+                    float lo, float hi)
+{
+    t->dt = dt;
+    t->c = bs_tensor_make(BS_TYPE_F32, n_dims, ne, NULL);
+    t->g = bs_tensor_make(dt, n_dims, ne, NULL);
+    t->n = (size_t)bs_tensor_nelements(&t->c);
+    t->c.data = CPU->buf_alloc(CC, t->n * sizeof(float) + 4);
+    t->g.data = GPU->buf_alloc(GC, t->n * bs_dtype_size(dt) + 4);
+    if (t->c.data == NULL || t->g.data == NULL)
+        die("buf_alloc", NULL);
+    float *p = t->c.data;
+    for (size_t i = 0; i < t->n; i++)
+        p[i] = frand(lo, hi);
+    round_through(p, t->n, dt);
+    npt_upload(e, t);
+}
+
+static struct npt npt_cols(const struct npt *t, int64_t c0, int64_t n)
+{
+    struct npt v = *t;
+    v.c = bs_tensor_view_cols(&t->c, c0, n);
+    v.g = bs_tensor_view_cols(&t->g, c0, n);
+    return v;
+}
+
+static void npt_free(struct env *e, struct npt *t)
+{
+    CPU->buf_free(CC, t->c.data);
+    GPU->buf_free(GC, t->g.data);
+}
+
+/* An upper bound of one ulp of dt at x (0 for F32). */
+static double ulp_dt(enum bs_dtype dt, double x)
+{
+    x = fabs(x);
+    if (dt == BS_TYPE_BF16)
+        return fmax(x * 0x1p-7, 0x1p-133);
+    if (dt == BS_TYPE_F16)
+        return fmax(x * 0x1p-10, 0x1p-24);
+    return 0.0;
+}
+
+/* The whole GPU buffer of t, widened, against its CPU side rounded to t->dt:
+ * per element within atol + rtol |want| + 1 ulp of t->dt (the GPU's FP32
+ * result and the CPU's may straddle a rounding boundary); atol scales with
+ * rms(want) when rms. */
+static void npt_expect(struct env *e, const char *name, const struct npt *t, double atol,
+                       double rtol, bool rms)
+{
+    struct bs_err err = {0};
+    size_t es = bs_dtype_size(t->dt), n = t->n;
+    void *h = malloc(n * es + 4);
+    float *got = malloc(n * sizeof(float) + 4), *want = malloc(n * sizeof(float) + 4);
+    if (h == NULL || got == NULL || want == NULL)
+        die("malloc", NULL);
+    if (GPU->copy_out(GC, h, t->g.data, n * es, &err) != 0)
+        die(name, &err);
+    bs_convert_to_f32(got, h, t->dt, (int64_t)n);
+    memcpy(want, t->c.data, n * sizeof(float));
+    round_through(want, n, t->dt);
+    if (rms) {
+        double ss = 0;
+        for (size_t i = 0; i < n; i++)
+            ss += (double)want[i] * want[i];
+        atol *= n ? sqrt(ss / (double)n) : 1.0;
+    }
+    double worst = 0, max_abs = 0;
+    size_t inexact = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - (double)want[i]);
+        inexact += d != 0;
+        double r = d == 0 ? 0 : d / (atol + rtol * fabs((double)want[i]) + ulp_dt(t->dt, want[i]));
+        if (!(r <= worst))
+            worst = isnan(r) ? INFINITY : r;
+        if (d > max_abs || isnan(d))
+            max_abs = d;
+    }
+    e->checks++;
+    bool ok = worst <= 1.0;
+    if (!ok)
+        e->failures++;
+    printf("%s %-44s max abs err %.3g (%.2f of tolerance), %zu of %zu not bit-exact\n",
+           ok ? "ok  " : "FAIL", name, max_abs, worst, inexact, n);
+    free(h);
+    free(got);
+    free(want);
+}
+
+static const enum bs_dtype act_dts[] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+
+/* act, glu and add on every (input, output) dtype pair the contract allows
+ * (not F32 to F32: test_act_glu), transpose in BF16 and F16 (bit for bit:
+ * atol 0). */
+static void test_narrow_ew(struct env *e)
+{
+    char name[128];
+    int k = 0;
+    for (size_t i = 0; i < BS_ARRAY_LEN(act_dts); i++)
+        for (size_t j = 0; j < BS_ARRAY_LEN(act_dts); j++, k++) {
+            enum bs_dtype tx = act_dts[i], ty = act_dts[j];
+            if (tx == BS_TYPE_F32 && ty == BS_TYPE_F32)
+                continue;
+            int a = k % BS_ACT_COUNT;
+            struct npt x, y, g, h, ay, ax;
+            struct pt gate;
+            npt_new(e, &x, tx, 2, (int64_t[]){100, 300}, -8, 8);
+            npt_new(e, &y, ty, 2, (int64_t[]){100, 310}, -1, 1);
+            struct npt xv = npt_cols(&x, 0, 257), yv = npt_cols(&y, 3, 257);
+            BOTH("act", CPU->act(CC, &yv.c, &xv.c, (enum bs_act)a, &ec_),
+                 GPU->act(GC, &yv.g, &xv.g, (enum bs_act)a, &eg_));
+            snprintf(name, sizeof(name), "act %s %s -> %s, views", act_names[a], bs_dtype_name(tx),
+                     bs_dtype_name(ty));
+            npt_expect(e, name, &y, 1e-5, 1e-5, false);
+
+            npt_new(e, &g, tx, 2, (int64_t[]){64, 600}, -6, 6);
+            npt_new(e, &h, ty, 2, (int64_t[]){64, 300}, -1, 1);
+            BOTH("glu", CPU->glu(CC, &h.c, &g.c, (enum bs_act)a, &ec_),
+                 GPU->glu(GC, &h.g, &g.g, (enum bs_act)a, &eg_));
+            snprintf(name, sizeof(name), "glu %s %s -> %s", act_names[a], bs_dtype_name(tx),
+                     bs_dtype_name(ty));
+            npt_expect(e, name, &h, 1e-5, 1e-5, false);
+
+            npt_new(e, &ax, tx, 2, (int64_t[]){120, 200}, -1, 1);
+            npt_new(e, &ay, ty, 2, (int64_t[]){120, 200}, -1, 1);
+            pt_new(e, &gate, 2, (int64_t[]){3, 200}, -2, 2);
+            BOTH("add",
+                 CPU->add(CC, &ay.c, &ax.c, k % 2 ? &gate.c : NULL, 40, k % 3 ? 1.0f : 0.5f, &ec_),
+                 GPU->add(GC, &ay.g, &ax.g, k % 2 ? &gate.g : NULL, 40, k % 3 ? 1.0f : 0.5f, &eg_));
+            snprintf(name, sizeof(name), "add %s -> %s%s", bs_dtype_name(tx), bs_dtype_name(ty),
+                     k % 2 ? ", gate per sample" : "");
+            npt_expect(e, name, &ay, 1e-5, 1e-5, false);
+            struct npt *all[] = {&x, &y, &g, &h, &ax, &ay};
+            for (size_t m = 0; m < BS_ARRAY_LEN(all); m++)
+                npt_free(e, all[m]);
+            pt_free(e, &gate);
+        }
+    for (size_t i = 1; i < BS_ARRAY_LEN(act_dts); i++) {
+        struct npt t, tt;
+        npt_new(e, &t, act_dts[i], 3, (int64_t[]){3, 70, 45}, -1, 1);
+        npt_new(e, &tt, act_dts[i], 3, (int64_t[]){3, 45, 70}, -1, 1);
+        BOTH("transpose", CPU->transpose(CC, &tt.c, &t.c, &ec_),
+             GPU->transpose(GC, &tt.g, &t.g, &eg_));
+        snprintf(name, sizeof(name), "transpose %s [3,70,45] (bit for bit)",
+                 bs_dtype_name(act_dts[i]));
+        npt_expect(e, name, &tt, 0, 0, false);
+        npt_free(e, &t);
+        npt_free(e, &tt);
+    }
+}
+
+/* Attention with q, k, v of qt and o of ot: q alone and k, v column views
+ * of one kv tensor; off 1 starts every view one column in (rows and heads
+ * not 16-byte aligned: the conversion pass); fused: q, k, v from one QKV.
+ * unfused: the baseline too. */
+static void attn_narrow_case(struct env *e, int64_t batch, int64_t lq, int64_t lk, int heads,
+                             int hd, enum mask_kind mk, bool fused, int off, enum bs_dtype qt,
+                             enum bs_dtype ot, bs_proc_attention_unfused_fn unfused)
+{
+    int64_t inner = (int64_t)heads * hd;
+    struct npt qkv, q, kv, o, qv, kk, vv;
+    struct pt mask;
+    if (fused) {
+        npt_new(e, &qkv, qt, 2, (int64_t[]){batch * lq, 3 * inner}, -1, 1);
+        qv = npt_cols(&qkv, 0, inner);
+        kk = npt_cols(&qkv, inner, inner);
+        vv = npt_cols(&qkv, 2 * inner, inner);
+    } else {
+        npt_new(e, &q, qt, 2, (int64_t[]){batch * lq, inner + off}, -1, 1);
+        npt_new(e, &kv, qt, 2, (int64_t[]){batch * lk, 2 * inner + off}, -1, 1);
+        qv = npt_cols(&q, off, inner);
+        kk = npt_cols(&kv, off, inner);
+        vv = npt_cols(&kv, off + inner, inner);
+    }
+    npt_new(e, &o, ot, 2, (int64_t[]){batch * lq, inner}, -1, 1);
+    struct bs_attn_params pc = {.batch = batch,
+                                .lq = lq,
+                                .lk = lk,
+                                .heads = heads,
+                                .head_dim = hd,
+                                .scale = 1.0f / sqrtf((float)hd),
+                                .compute = BS_TYPE_F32};
+    struct bs_attn_params pg = pc;
+    if (mk != MASK_NONE) {
+        int64_t mq = mk == MASK_KEYS || mk == RULE_KEYS ? 1 : lq;
+        pt_new(e, &mask, 3, (int64_t[]){batch, mq, lk}, -2, 0);
+        float *m = mask.c.data;
+        for (int64_t i = 0; i < batch * mq * lk; i++)
+            if (mk >= RULE_KEYS)
+                m[i] = rule_value(i / lk, i % lk, lk);
+            else if (frand(0, 1) < 0.2f)
+                m[i] = MASK_DROP;
+        pt_upload(e, &mask);
+        pc.mask = &mask.c;
+        pg.mask = &mask.g;
+    }
+    BOTH("attention", CPU->attention(CC, &o.c, &qv.c, &kk.c, &vv.c, &pc, &ec_),
+         GPU->attention(GC, &o.g, &qv.g, &kk.g, &vv.g, &pg, &eg_));
+    char name[160];
+    snprintf(name, sizeof(name), "attention q,k,v %s o %s B%lld Lq%lld Lk%lld %dx%d%s%s",
+             bs_dtype_name(qt), bs_dtype_name(ot), (long long)batch, (long long)lq, (long long)lk,
+             heads, hd, fused ? " qkv" : "", off ? " unaligned" : "");
+    npt_expect(e, name, &o, e->mm_tol, e->mm_tol, e->mm_rms);
+    if (unfused != NULL) {
+        BOTH("attention (unfused)", 0, unfused(&e->gpu, &o.g, &qv.g, &kk.g, &vv.g, &pg, &eg_));
+        snprintf(name, sizeof(name), "attention (unfused) q,k,v %s o %s Lq%lld %dx%d",
+                 bs_dtype_name(qt), bs_dtype_name(ot), (long long)lq, heads, hd);
+        npt_expect(e, name, &o, e->mm_tol, e->mm_tol, e->mm_rms);
+    }
+    if (fused) {
+        npt_free(e, &qkv);
+    } else {
+        npt_free(e, &q);
+        npt_free(e, &kv);
+    }
+    npt_free(e, &o);
+    if (mk != MASK_NONE)
+        pt_free(e, &mask);
+}
+
+static void test_narrow_attention(struct env *e)
+{
+    static const struct {
+        enum bs_dtype qt, ot;
+    } pairs[] = {{BS_TYPE_BF16, BS_TYPE_BF16}, {BS_TYPE_F16, BS_TYPE_F16},
+                 {BS_TYPE_BF16, BS_TYPE_F32},  {BS_TYPE_F32, BS_TYPE_BF16},
+                 {BS_TYPE_F16, BS_TYPE_BF16},  {BS_TYPE_BF16, BS_TYPE_F16}};
+    bs_proc_attention_unfused_fn fn;
+    *(void **)&fn = bs_backend_get_proc_address(&e->gpu, BS_PROC_ATTENTION_UNFUSED);
+    for (size_t i = 0; i < BS_ARRAY_LEN(pairs); i++) {
+        enum bs_dtype qt = pairs[i].qt, ot = pairs[i].ot;
+        attn_narrow_case(e, 2, 100, 100, 2, 64, MASK_NONE, true, 0, qt, ot, NULL);
+        attn_narrow_case(e, 2, 70, 130, 2, 64, MASK_FULL, false, 0, qt, ot, fn);
+        attn_narrow_case(e, 1, 65, 77, 2, 40, RULE_KEYS, false, 1, qt, ot, NULL);
+        attn_narrow_case(e, 1, 2100, 77, 2, 80, MASK_KEYS, false, 0, qt, ot, NULL); /* 8 warps */
+        attn_narrow_case(e, 1, 40, 50, 1, 200, RULE_FULL, false, 0, qt, ot, NULL);  /* attn_f32 */
+    }
+}
+
+/* A ragged batch with q, k, v of qt and o of ot: the CPU twin on each sample
+ * alone (F32 on the values qt holds) into o's CPU side, then the whole of o
+ * against it rounded to ot (npt_expect, rms over the batch). */
+static void attn_narrow_ragged_case(struct env *e, int n, const int64_t *lq, const int64_t *lk,
+                                    int heads, int hd, enum mask_kind mk, enum bs_dtype qt,
+                                    enum bs_dtype ot)
+{
+    struct ragged r = {.n = n, .heads = heads, .hd = hd, .lq = lq, .lk = lk, .mk = mk};
+    ragged_offsets(&r);
+    int64_t inner = (int64_t)heads * hd;
+    struct npt q, kv, o;
+    struct pt mask;
+    npt_new(e, &q, qt, 2, (int64_t[]){r.q_off[n], inner}, -1, 1);
+    npt_new(e, &kv, qt, 2, (int64_t[]){r.k_off[n], 2 * inner}, -1, 1);
+    npt_new(e, &o, ot, 2, (int64_t[]){r.q_off[n], inner}, -1, 1);
+    struct npt kk = npt_cols(&kv, 0, inner), vv = npt_cols(&kv, inner, inner);
+    struct bs_attn_params pg = {.batch = n,
+                                .lq = r.max_lq,
+                                .lk = r.max_lk,
+                                .heads = heads,
+                                .head_dim = hd,
+                                .scale = 1.0f / sqrtf((float)hd),
+                                .q_off = r.q_off,
+                                .k_off = r.k_off};
+    if (mk != MASK_NONE) {
+        pt_new(e, &mask, 1, &r.mask_len, -2, 0);
+        ragged_mask_fill(&r, mask.c.data);
+        pt_upload(e, &mask);
+        pg.mask = &mask.g;
+        pg.m_off = r.m_off;
+        pg.mask_per_query = r.per_query;
+    }
+    struct bs_err err = {0};
+    if (GPU->attention(GC, &o.g, &q.g, &kk.g, &vv.g, &pg, &err) != 0)
+        die("attention (ragged, narrow)", &err);
+    for (int b = 0; b < n; b++) {
+        struct bs_tensor ob = bs_tensor_view_outer(&o.c, r.q_off[b], lq[b]);
+        struct bs_tensor qb = bs_tensor_view_outer(&q.c, r.q_off[b], lq[b]);
+        struct bs_tensor kb = bs_tensor_view_outer(&kk.c, r.k_off[b], lk[b]);
+        struct bs_tensor vb = bs_tensor_view_outer(&vv.c, r.k_off[b], lk[b]);
+        struct bs_tensor mb =
+            bs_tensor_make(BS_TYPE_F32, 3, (int64_t[]){1, r.per_query ? lq[b] : 1, lk[b]},
+                           mk != MASK_NONE ? (float *)mask.c.data + r.m_off[b] : NULL);
+        struct bs_attn_params pc = {.batch = 1,
+                                    .lq = lq[b],
+                                    .lk = lk[b],
+                                    .heads = heads,
+                                    .head_dim = hd,
+                                    .scale = pg.scale,
+                                    .mask = mk != MASK_NONE && lk[b] > 0 ? &mb : NULL};
+        if (CPU->attention(CC, &ob, &qb, &kb, &vb, &pc, &err) != 0)
+            die("attention (a ragged batch's sample, cpu)", &err);
+    }
+    char name[128];
+    snprintf(name, sizeof(name), "attention ragged q,k,v %s o %s B%d %dx%d", bs_dtype_name(qt),
+             bs_dtype_name(ot), n, heads, hd);
+    npt_expect(e, name, &o, e->mm_tol, e->mm_tol, e->mm_rms);
+    npt_free(e, &q), npt_free(e, &kv), npt_free(e, &o);
+    if (mk != MASK_NONE)
+        pt_free(e, &mask);
+}
+
+static void test_narrow_ragged(struct env *e)
+{
+    attn_narrow_ragged_case(e, 4, (int64_t[]){1, 130, 65, 7}, (int64_t[]){77, 0, 200, 1}, 2, 64,
+                            RULE_FULL, BS_TYPE_BF16, BS_TYPE_BF16);
+    attn_narrow_ragged_case(e, 3, (int64_t[]){40, 1, 129}, (int64_t[]){130, 65, 3}, 1, 40,
+                            MASK_KEYS, BS_TYPE_F16, BS_TYPE_F16);
+    attn_narrow_ragged_case(e, 3, (int64_t[]){2100, 3, 700}, (int64_t[]){2100, 77, 0}, 2, 64,
+                            MASK_KEYS, BS_TYPE_BF16, BS_TYPE_F32);
+    attn_narrow_ragged_case(e, 2, (int64_t[]){17, 5}, (int64_t[]){30, 3}, 1, 200, RULE_KEYS,
+                            BS_TYPE_F16, BS_TYPE_BF16);
+}
+
 /* ---- fp16 overflow ---------------------------------------------------------- */
 
 /* rc and err of a copy_out of t after an op whose operand overflowed: BS_ERANGE
@@ -1372,6 +1722,12 @@ static void test_all(struct env *e)
     test_add_transpose_rows(e);
     test_attention(e);
     test_attention_ragged(e);
+    /* the CPU backend (the self-check's "GPU") takes F32 activations only */
+    if (!e->self_check) {
+        test_narrow_ew(e);
+        test_narrow_attention(e);
+        test_narrow_ragged(e);
+    }
     test_threads(e);
     test_copies(e);
     if (!e->self_check)

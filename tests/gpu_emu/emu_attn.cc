@@ -181,7 +181,7 @@ struct block_range {
 
 /* The launcher's instance: the ragged one for a ragged batch (a.q_off);
  * shared memory as the launcher sizes it (mask rows). */
-template <typename T, int DP, int W>
+template <typename T, typename TO, int DP, int W>
 static void launch_mma_w(const attn_args &a, int64_t batch, block_range r)
 {
     using S = mma_smem<DP, W>;
@@ -190,33 +190,33 @@ static void launch_mma_w(const attn_args &a, int64_t batch, block_range r)
     int mrows = a.mask == NULL ? 0 : a.mq == 1 ? 1 : S::BQ;
     size_t smem = S::bytes(sizeof(T), mrows);
     if (a.q_off != NULL)
-        emu_launch_blocks(attn_mma<T, DP, W, true>, grid, dim3(S::THREADS), smem, r.first, count,
-                          a);
+        emu_launch_blocks(attn_mma<T, DP, W, true, TO>, grid, dim3(S::THREADS), smem, r.first,
+                          count, a);
     else
-        emu_launch_blocks(attn_mma<T, DP, W, false>, grid, dim3(S::THREADS), smem, r.first, count,
-                          a);
+        emu_launch_blocks(attn_mma<T, DP, W, false, TO>, grid, dim3(S::THREADS), smem, r.first,
+                          count, a);
 }
 
 /* The instances the launcher has: 8 warps only up to DP 80. */
-template <typename T, int DP>
+template <typename T, typename TO, int DP>
 static void launch_mma_dp(const attn_args &a, int64_t batch, int warps, block_range r)
 {
     if constexpr (DP <= 80) {
         if (warps == 8)
-            return launch_mma_w<T, DP, 8>(a, batch, r);
+            return launch_mma_w<T, TO, DP, 8>(a, batch, r);
     }
     if (warps != 4) {
         fprintf(stderr, "attn_mma has no %d-warp instance for DP %d\n", warps, DP);
         exit(2);
     }
-    launch_mma_w<T, DP, 4>(a, batch, r);
+    launch_mma_w<T, TO, DP, 4>(a, batch, r);
 }
 
 /* The entry's conversion pass (attn_cuda.cu, launch_mma_t): Q, K and V of
- * a (F32) into buf in T by attn_to16, on a small grid (its loops stride
- * over rows and columns; the emulation runs a host thread per CUDA
- * thread). */
-template <typename T>
+ * a (TS: F32 or 16-bit) into buf in T by attn_to16, on a small grid (its
+ * loops stride over rows and columns; the emulation runs a host thread per
+ * CUDA thread). */
+template <typename T, typename TS = float>
 static attn_src16 convert16(const attn_args &a, int64_t batch, std::vector<unsigned char> *buf)
 {
     int64_t rq = a.q_off ? a.q_off[batch] : batch * a.lq,
@@ -225,19 +225,20 @@ static attn_src16 convert16(const attn_args &a, int64_t batch, std::vector<unsig
     buf->assign(attn16_bytes(rq, rk, a.heads, hs, sizeof(T)) + 16, 0xff);
     void *base = (void *)(((uintptr_t)buf->data() + 15) & ~(uintptr_t)15);
     attn_src16 s = attn16_layout(base, rq, rk, a.heads, hs, sizeof(T));
-    const float *srcs[3] = {a.q, a.k, a.v};
+    const TS *srcs[3] = {(const TS *)a.q, (const TS *)a.k, (const TS *)a.v};
     const void *dsts[3] = {s.q, s.k, s.v};
     int64_t lds[3] = {a.ldq, a.ldk, a.ldv}, rows[3] = {rq, rk, rk};
     for (int i = 0; i < 3; i++)
         if (rows[i] > 0)
-            emu_launch(attn_to16<T>, dim3(1, (unsigned)std::min<int64_t>(rows[i], 2)), dim3(64), 0,
-                       (T *)dsts[i], srcs[i], rows[i], lds[i], a.heads, a.head_dim, hs, a.overflow);
+            emu_launch(attn_to16<T, TS>, dim3(1, (unsigned)std::min<int64_t>(rows[i], 2)), dim3(64),
+                       0, (T *)dsts[i], srcs[i], rows[i], lds[i], a.heads, a.head_dim, hs,
+                       a.overflow);
     return s;
 }
 
-/* attn_mma on src16, or (NULL) on a's F32 operands through the conversion
- * pass, as the entry runs it. */
-template <typename T>
+/* attn_mma on src16, or (NULL) on a's operands (of TS) through the
+ * conversion pass, as the entry runs it; o of TO (F32 or T). */
+template <typename T, typename TO = float, typename TS = float>
 static void launch_mma(const attn_args &a0, int64_t batch, int warps, block_range r = {},
                        const attn_src16 *src16 = NULL)
 {
@@ -245,23 +246,23 @@ static void launch_mma(const attn_args &a0, int64_t batch, int warps, block_rang
     std::vector<unsigned char> buf;
     attn_src16 conv;
     if (src16 == NULL) {
-        conv = convert16<T>(a, batch, &buf);
+        conv = convert16<T, TS>(a, batch, &buf);
         src16 = &conv;
     }
     attn_src16_set(&a, src16);
     switch (mma_dp(a.head_dim)) {
     case 32:
-        return launch_mma_dp<T, 32>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 32>(a, batch, warps, r);
     case 48:
-        return launch_mma_dp<T, 48>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 48>(a, batch, warps, r);
     case 64:
-        return launch_mma_dp<T, 64>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 64>(a, batch, warps, r);
     case 80:
-        return launch_mma_dp<T, 80>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 80>(a, batch, warps, r);
     case 128:
-        return launch_mma_dp<T, 128>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 128>(a, batch, warps, r);
     default:
-        return launch_mma_dp<T, 160>(a, batch, warps, r);
+        return launch_mma_dp<T, TO, 160>(a, batch, warps, r);
     }
 }
 
@@ -275,16 +276,18 @@ static void launch_mma_dt(enum bs_dtype dt, const attn_args &a, int64_t batch, i
         launch_mma<__half>(a, batch, warps, r);
 }
 
+/* attn_f32 on q, k, v of TI into o of TO. */
+template <typename TI = float, typename TO = float>
 static void launch_f32(const attn_args &a, int64_t batch, block_range r = {})
 {
     dim3 grid = attn_grid(a.lq, batch * a.heads, F32_BQ);
     uint64_t count = r.count ? r.count : (uint64_t)grid.x;
     if (a.q_off != NULL)
-        emu_launch_blocks(attn_f32<true>, grid, dim3(F32_THREADS), attn_f32_smem(a.head_dim),
-                          r.first, count, a);
+        emu_launch_blocks(attn_f32<TI, TO, true>, grid, dim3(F32_THREADS),
+                          attn_f32_smem(a.head_dim), r.first, count, a);
     else
-        emu_launch_blocks(attn_f32<false>, grid, dim3(F32_THREADS), attn_f32_smem(a.head_dim),
-                          r.first, count, a);
+        emu_launch_blocks(attn_f32<TI, TO, false>, grid, dim3(F32_THREADS),
+                          attn_f32_smem(a.head_dim), r.first, count, a);
 }
 
 /* ---- cases every attention kernel runs ----------------------------------------- */
@@ -494,7 +497,7 @@ static void ragged_cpu(emu_env *env, ragged_io *io, const ragged_case &c)
  * tolerance, and must itself be exactly 0). The largest error and share
  * over the samples count as one case. */
 static void expect_ragged(emu_env *env, tally *t, const char *name, const ragged_io &io, double tol,
-                          bool rms)
+                          bool rms, enum bs_dtype ot = BS_TYPE_F32)
 {
     const int64_t ld = io.o.c.ne[1];
     double err = 0, share = 0;
@@ -507,12 +510,208 @@ static void expect_ragged(emu_env *env, tally *t, const char *name, const ragged
             atol *= sqrt(ss / (double)(hi - lo));
         for (size_t i = lo; i < hi; i++) {
             double want = io.o.cbuf[i], d = fabs((double)io.o.ebuf[i] - want);
-            double sh = d == 0 ? 0 : d / (atol + tol * fabs(want));
+            double sh = d == 0 ? 0 : d / (atol + tol * fabs(want) + ulp_dt(ot, want));
             err = d > err || isnan(d) ? d : err;
             share = sh > share || isnan(sh) ? sh : share;
         }
     }
     expect_value(env, t, name, err, share);
+}
+
+/* ---- narrow activations ------------------------------------------------------------ */
+
+/* A case's q, k, v in dtype qt and o in ot (engine/backend.h: BF16, F16 or
+ * F32 each; q, k, v one dtype). The q, k, v tensors' values (both sides)
+ * are first rounded to qt, so that the CPU twin reads what the kernel
+ * reads; a's q, k and v then point into 16-bit copies of those tensors at
+ * the views' offsets (same strides in elements), a's o into a 16-bit
+ * buffer of o's layout. After the kernel, narrow_finish widens o into the
+ * emulated side and rounds the CPU twin's o to ot: the reference of
+ * issue 14 (widen, F32 op, round once). */
+struct narrow_io {
+    std::vector<uint16_t> in[2], o16;
+    enum bs_dtype qt, ot;
+};
+
+static void narrow_start(narrow_io *n, attn_args *a, std::initializer_list<pair *> wholes, pair *o,
+                         enum bs_dtype qt, enum bs_dtype ot)
+{
+    n->qt = qt;
+    n->ot = ot;
+    int i = 0;
+    for (pair *w : wholes) {
+        std::vector<uint16_t> &h = n->in[i++];
+        int64_t len = (int64_t)w->cbuf.size();
+        h.assign((size_t)len, 0);
+        if (qt == BS_TYPE_F32)
+            continue;
+        bs_convert_from_f32(h.data(), qt, w->cbuf.data(), len);
+        bs_convert_to_f32(w->cbuf.data(), h.data(), qt, len);
+        pair_sync(w);
+        for (const void **p : {&a->q, &a->k, &a->v}) {
+            const float *f = (const float *)*p;
+            if (f >= w->ebuf.data() && f < w->ebuf.data() + len)
+                *p = h.data() + (f - w->ebuf.data());
+        }
+    }
+    if (ot != BS_TYPE_F32) {
+        n->o16.assign(o->ebuf.size(), 0xffff); /* NaN in both dtypes */
+        a->o = n->o16.data() + ((const float *)a->o - o->ebuf.data());
+    }
+}
+
+static void narrow_finish(const narrow_io &n, pair *o)
+{
+    if (n.ot == BS_TYPE_F32)
+        return;
+    int64_t len = (int64_t)o->cbuf.size();
+    bs_convert_to_f32(o->ebuf.data(), n.o16.data(), n.ot, len);
+    std::vector<uint16_t> r((size_t)len);
+    bs_convert_from_f32(r.data(), n.ot, o->cbuf.data(), len);
+    bs_convert_to_f32(o->cbuf.data(), r.data(), n.ot, len);
+}
+
+/* expect_close with 1 ulp of ot more per element (ulp_dt). */
+static void expect_close_ot(emu_env *env, tally *t, const char *name, const pair &p, double tol,
+                            bool rms, enum bs_dtype ot)
+{
+    size_t n = p.cbuf.size();
+    double atol = tol, err = 0, share = 0;
+    if (rms) {
+        double ss = 0;
+        for (float w : p.cbuf)
+            ss += (double)w * w;
+        atol *= n ? sqrt(ss / (double)n) : 1.0;
+    }
+    for (size_t i = 0; i < n; i++) {
+        double want = p.cbuf[i], d = fabs((double)p.ebuf[i] - want);
+        double sh = d == 0 ? 0 : d / (atol + tol * fabs(want) + ulp_dt(ot, want));
+        err = d > err || isnan(d) ? d : err;
+        share = sh > share || isnan(sh) ? sh : share;
+    }
+    expect_value(env, t, name, err, share);
+}
+
+/* The fused entry's attn_mma path (attn_cuda.cu, launch_mma_t) for q, k, v
+ * of qt and o of ot: operands of T's dtype with aligned rows and heads go
+ * to the kernel as they are (*direct set), others through attn_to16<T,
+ * TS>; o of F32 or T straight from the kernel, of the other 16-bit dtype
+ * through F32 rows and act_kernel<TO, float> (BS_ACT_NONE). */
+template <typename T>
+static void mma_entry(const attn_args &a0, int64_t rows_q, int64_t batch, int warps,
+                      enum bs_dtype qt, enum bs_dtype ot, bool *direct)
+{
+    const enum bs_dtype tt = std::is_same<T, __half>::value ? BS_TYPE_F16 : BS_TYPE_BF16;
+    attn_args a = a0;
+    *direct = qt == tt && attn_src16_ok(a.q, a.ldq, a.k, a.ldk, a.v, a.ldv, a.head_dim);
+    attn_src16 s = {a.q, a.k, a.v, a.ldq, a.ldk, a.ldv, a.head_dim};
+    const attn_src16 *src = *direct ? &s : NULL;
+    const int64_t inner = (int64_t)a.heads * a.head_dim;
+    std::vector<float> tmp;
+    const bool o_tmp = ot != BS_TYPE_F32 && ot != tt;
+    if (o_tmp) {
+        tmp.assign((size_t)(rows_q * inner), NAN);
+        a.o = tmp.data();
+        a.ldo = inner;
+    }
+    act_type(qt, [&](auto *qp) {
+        using TS = ACT_T(qp);
+        if (ot == tt)
+            launch_mma<T, T, TS>(a, batch, warps, {}, src);
+        else
+            launch_mma<T, float, TS>(a, batch, warps, {}, src);
+    });
+    if (o_tmp && rows_q > 0)
+        emu_act_convert(a0.o, ot, a0.ldo, tmp.data(), inner, rows_q, inner);
+}
+
+/* One uniform case with narrow tensors: attn_mma in dt through mma_entry
+ * (warps), or attn_f32<TI, TO> (dt F32). */
+static void narrow_case(emu_env *env, tally *t, enum bs_dtype dt, const attn_case &c, int warps,
+                        enum bs_dtype qt, enum bs_dtype ot)
+{
+    attn_io io;
+    attn_io_init(&io, c);
+    attn_args a = attn_args_of(&io);
+    narrow_io n;
+    if (c.lay == FUSED_QKV)
+        narrow_start(&n, &a, {&io.qkv}, &io.o, qt, ot);
+    else
+        narrow_start(&n, &a, {&io.q, &io.kv}, &io.o, qt, ot);
+    cpu_attention(env, &io);
+    bool direct = false;
+    if (dt == BS_TYPE_F32)
+        act_type(qt, [&](auto *qp) {
+            act_type(ot, [&](auto *op) { launch_f32<ACT_T(qp), ACT_T(op)>(a, c.batch); });
+        });
+    else if (dt == BS_TYPE_BF16)
+        mma_entry<__nv_bfloat16>(a, c.batch * c.lq, c.batch, warps, qt, ot, &direct);
+    else
+        mma_entry<__half>(a, c.batch * c.lq, c.batch, warps, qt, ot, &direct);
+    narrow_finish(n, &io.o);
+    char what[96], name[240];
+    if (dt == BS_TYPE_F32)
+        snprintf(what, sizeof(what), "attn_f32 q,k,v %s o %s", bs_dtype_name(qt),
+                 bs_dtype_name(ot));
+    else
+        snprintf(what, sizeof(what), "attn_mma %s DP%d %dw q,k,v %s%s o %s", bs_dtype_name(dt),
+                 mma_dp(c.hd), warps, bs_dtype_name(qt), direct ? " (as they are)" : "",
+                 bs_dtype_name(ot));
+    case_name(name, sizeof(name), what, c, false);
+    double tol = dt == BS_TYPE_F32 ? TOL_F32 : dt == BS_TYPE_BF16 ? TOL_BF16 : TOL_F16;
+    expect_close_ot(env, t, name, io.o, tol, dt != BS_TYPE_F32, ot);
+    expect_no_overflow(env, t, name);
+}
+
+/* One ragged case with narrow tensors (as narrow_case), each sample to its
+ * own tolerance (expect_ragged). */
+static void narrow_ragged(emu_env *env, tally *t, enum bs_dtype dt, const ragged_case &c, int warps,
+                          enum bs_dtype qt, enum bs_dtype ot)
+{
+    ragged_io io;
+    ragged_io_init(&io, c);
+    attn_args a;
+    attn_args_fill(&a, &io.o.e, &io.q.e, &io.kk.e, &io.vv.e, &io.pe);
+    a.overflow = &ovf_flag;
+    narrow_io n;
+    narrow_start(&n, &a, {&io.q, &io.kv}, &io.o, qt, ot);
+    ragged_cpu(env, &io, c);
+    int64_t batch = (int64_t)c.lq.size();
+    bool direct = false;
+    if (dt == BS_TYPE_F32)
+        act_type(qt, [&](auto *qp) {
+            act_type(ot, [&](auto *op) { launch_f32<ACT_T(qp), ACT_T(op)>(a, batch); });
+        });
+    else if (dt == BS_TYPE_BF16)
+        mma_entry<__nv_bfloat16>(a, io.q_off.back(), batch, warps, qt, ot, &direct);
+    else
+        mma_entry<__half>(a, io.q_off.back(), batch, warps, qt, ot, &direct);
+    narrow_finish(n, &io.o);
+    char name[200];
+    snprintf(name, sizeof(name), "%s %s ragged B%lld %dx%d %s q,k,v %s%s o %s",
+             dt == BS_TYPE_F32 ? "attn_f32" : "attn_mma", bs_dtype_name(dt), (long long)batch,
+             c.heads, c.hd, mask_names[c.mask], bs_dtype_name(qt), direct ? " (as they are)" : "",
+             bs_dtype_name(ot));
+    double tol = dt == BS_TYPE_F32 ? TOL_F32 : dt == BS_TYPE_BF16 ? TOL_BF16 : TOL_F16;
+    expect_ragged(env, t, name, io, tol, dt != BS_TYPE_F32, ot);
+    expect_no_overflow(env, t, name);
+}
+
+/* attn_mma's narrow cases in dt (T) with other the other 16-bit dtype:
+ * q, k, v of T aligned (as they are) into o of T, uniform with a mask per
+ * query and ragged with a rule mask; of T unaligned (attn_to16<T, T>) into
+ * F32; of the other dtype into the other (attn_to16<T, other>, o through
+ * F32 rows and act_kernel); F32 into T from a fused QKV. */
+static void run_mma_narrow(emu_env *env, tally *t, enum bs_dtype dt)
+{
+    const enum bs_dtype other = dt == BS_TYPE_BF16 ? BS_TYPE_F16 : BS_TYPE_BF16;
+    narrow_case(env, t, dt, {2, 65, 77, 2, 64, MASK_FULL, SEPARATE}, 4, dt, dt);
+    narrow_case(env, t, dt, {1, 129, 70, 1, 32, MASK_KEYS, SEPARATE}, 8, dt, dt);
+    narrow_case(env, t, dt, {1, 40, 70, 1, 64, MASK_KEYS, UNALIGNED}, 4, dt, BS_TYPE_F32);
+    narrow_case(env, t, dt, {1, 33, 65, 2, 40, RULE_KEYS, SEPARATE}, 4, other, other);
+    narrow_case(env, t, dt, {1, 30, 30, 1, 48, MASK_NONE, FUSED_QKV}, 4, BS_TYPE_F32, dt);
+    narrow_ragged(env, t, dt, {{10, 70, 1}, {65, 5, 0}, 1, 64, RULE_FULL}, 4, dt, dt);
+    narrow_ragged(env, t, dt, {{3, 66}, {70, 2}, 2, 40, MASK_KEYS}, 4, other, BS_TYPE_F32);
 }
 
 /* One ragged case: the kernel (launch(a)) on the whole batch against the
@@ -631,7 +830,7 @@ static void direct16_case(emu_env *env, tally *t, enum bs_dtype dt, const attn_c
     attn_args a = attn_args_of(&io);
     const int64_t inner = (int64_t)c.heads * c.hd, ld = inner + 8;
     std::vector<T> h16[3];
-    const float *src[3] = {a.q, a.k, a.v};
+    const float *src[3] = {(const float *)a.q, (const float *)a.k, (const float *)a.v};
     int64_t lds[3] = {a.ldq, a.ldk, a.ldv},
             rows[3] = {c.batch * c.lq, c.batch * c.lk, c.batch * c.lk};
     for (int i = 0; i < 3; i++) {
@@ -665,8 +864,8 @@ template <typename T> static void to16_case(emu_env *env, tally *t, int hd)
     for (float &x : src)
         x = frand(-3, 3);
     std::vector<T> dst((size_t)(rows * heads * hs) + 8, (T)NAN);
-    emu_launch(attn_to16<T>, dim3(2, 2), dim3(32), 0, dst.data(), (const float *)src.data() + 1,
-               rows, ld, heads, hd, hs, &ovf_flag);
+    emu_launch(attn_to16<T, float>, dim3(2, 2), dim3(32), 0, dst.data(),
+               (const float *)src.data() + 1, rows, ld, heads, hd, hs, &ovf_flag);
     int bad = 0;
     for (int64_t r = 0; r < rows; r++)
         for (int h = 0; h < heads; h++)
@@ -774,8 +973,9 @@ void run_attn_mma(emu_env *env, enum bs_dtype dt)
         else
             direct16_case<__half>(env, &t, dt, c, warps);
     }
+    run_mma_narrow(env, &t, dt);
     t.note += ", rule masks, constant rows, B x heads 65552, overflow flag, ragged batches, "
-              "pipeline depths, 16-bit operands";
+              "pipeline depths, 16-bit operands, narrow q/k/v/o";
     tally_report(env, t);
 
     tally tc;
@@ -836,7 +1036,29 @@ void run_attn_f32(emu_env *env)
                     [](const attn_args &a) { launch_f32(a, 2); });
     grid_case(env, &t, "attn_f32", F32_BQ, TOL_F32, false,
               [](const attn_args &a, block_range r) { launch_f32(a, 4097, r); });
-    t.note += ", rule masks, constant rows, B x heads 65552, ragged batches";
+    /* narrow q, k, v and o (every kernel instance's input and output type) */
+    narrow_case(env, &t, BS_TYPE_F32, {2, 17, 33, 2, 24, MASK_FULL, SEPARATE}, 0, BS_TYPE_BF16,
+                BS_TYPE_BF16);
+    narrow_case(env, &t, BS_TYPE_F32, {1, 17, 40, 1, 30, MASK_KEYS, UNALIGNED}, 0, BS_TYPE_F16,
+                BS_TYPE_F32);
+    narrow_case(env, &t, BS_TYPE_F32, {1, 20, 20, 2, 200, RULE_FULL, FUSED_QKV}, 0, BS_TYPE_F32,
+                BS_TYPE_F16);
+    narrow_case(env, &t, BS_TYPE_F32, {1, 18, 20, 1, 161, MASK_NONE, SEPARATE}, 0, BS_TYPE_F16,
+                BS_TYPE_BF16);
+    narrow_case(env, &t, BS_TYPE_F32, {1, 5, 7, 1, 24, MASK_KEYS, SEPARATE}, 0, BS_TYPE_BF16,
+                BS_TYPE_F32);
+    narrow_case(env, &t, BS_TYPE_F32, {1, 5, 7, 1, 24, MASK_FULL, SEPARATE}, 0, BS_TYPE_F16,
+                BS_TYPE_F16);
+    narrow_case(env, &t, BS_TYPE_F32, {1, 5, 7, 1, 24, MASK_NONE, SEPARATE}, 0, BS_TYPE_F32,
+                BS_TYPE_BF16);
+    narrow_case(env, &t, BS_TYPE_F32, {1, 5, 7, 1, 24, RULE_KEYS, SEPARATE}, 0, BS_TYPE_BF16,
+                BS_TYPE_F16);
+    narrow_ragged(env, &t, BS_TYPE_F32, {{17, 1, 5}, {3, 40, 0}, 2, 24, RULE_KEYS}, 0, BS_TYPE_BF16,
+                  BS_TYPE_F16);
+    narrow_ragged(env, &t, BS_TYPE_F32, {{2, 20}, {18, 1}, 1, 32, MASK_FULL}, 0, BS_TYPE_F16,
+                  BS_TYPE_F16);
+    t.note += ", rule masks, constant rows, B x heads 65552, ragged batches, narrow q/k/v/o "
+              "(every pair)";
     tally_report(env, t);
 }
 
@@ -854,7 +1076,8 @@ template <typename T> static void unfused(const attn_case &c, attn_io *io, const
 {
     int64_t lq = c.lq, lk = c.lk, hd = c.hd;
     std::vector<T> s((size_t)(c.heads * lq * lk));
-    const float *q = a.q, *k = a.k, *v = a.v;
+    const float *q = (const float *)a.q, *k = (const float *)a.k, *v = (const float *)a.v;
+    float *o = (float *)a.o;
     for (int64_t b = 0; b < c.batch; b++) {
         for (int h = 0; h < c.heads; h++)
             for (int64_t i = 0; i < lq; i++)
@@ -875,7 +1098,7 @@ template <typename T> static void unfused(const attn_case &c, attn_io *io, const
                     for (int64_t j = 0; j < lk; j++)
                         acc += (float)s[(size_t)((h * lq + i) * lk + j)] *
                                round_to<T>(v[(b * lk + j) * a.ldv + h * hd + d]);
-                    a.o[(b * lq + i) * a.ldo + h * hd + d] = acc;
+                    o[(b * lq + i) * a.ldo + h * hd + d] = acc;
                 }
     }
 }

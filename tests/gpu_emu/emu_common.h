@@ -23,6 +23,18 @@ extern "C" {
 #define TOL_BF16 2e-2 /* attention in bf16: rtol, and atol x rms(cpu) */
 #define TOL_F16  4e-3 /* attention in fp16 */
 
+/* An upper bound of one ulp of dtype dt at x (0 for F32): narrow results
+ * may differ from the reference rounded to dt by that much (the kernel's
+ * FP32 value and the CPU's may straddle a rounding boundary). */
+static inline double ulp_dt(enum bs_dtype dt, double x)
+{
+    if (dt == BS_TYPE_BF16)
+        return x < 0 ? ulp_dt(dt, -x) : (x * 0x1p-7 > 0x1p-133 ? x * 0x1p-7 : 0x1p-133);
+    if (dt == BS_TYPE_F16)
+        return x < 0 ? ulp_dt(dt, -x) : (x * 0x1p-10 > 0x1p-24 ? x * 0x1p-10 : 0x1p-24);
+    return 0.0;
+}
+
 /* One tensor on both sides: c for the CPU twin, e for the kernel. */
 struct pair {
     struct bs_tensor c, e;
@@ -73,6 +85,12 @@ void tally_report(emu_env *env, const tally &t);
 
 /* Exit the test with a message when an op of the CPU twin fails. */
 void check_cpu(int rc, const struct bs_err *err, const char *what);
+
+/* act_kernel<TY, float> (BS_ACT_NONE) under emulation: rows x cols F32
+ * (stride ldx) rounded into y of dtype ty (stride ldy), as the attention
+ * entry converts an o of a dtype attn_mma has no instance for. */
+void emu_act_convert(void *y, enum bs_dtype ty, int64_t ldy, const float *x, int64_t ldx,
+                     int64_t rows, int64_t cols);
 
 /* The groups of cases, one per file; each reports its kernels. */
 void run_attn_mma(emu_env *env, enum bs_dtype dtype);

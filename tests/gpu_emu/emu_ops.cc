@@ -52,15 +52,16 @@ static void run_act(emu_env *env)
         pair_init(&y, {3, 257}, -1, 1);
         pair xs = pair_cols(x, 0, 257);
         check_cpu(CPU->act(CC, &y.c, &xs.c, (enum bs_act)act, &err), &err, "act");
-        emu_launch(act_kernel, ew_grid(3, 257), dim3(EW_THREADS), 0, (float *)y.e.data,
-                   (int64_t)257, (const float *)xs.e.data, (int64_t)400, (int64_t)3, (int64_t)257,
-                   act);
+        emu_launch(act_kernel<float, float>, ew_grid(3, 257), dim3(EW_THREADS), 0,
+                   (float *)y.e.data, (int64_t)257, (const float *)xs.e.data, (int64_t)400,
+                   (int64_t)3, (int64_t)257, act);
         snprintf(name, sizeof(name), "act %s [3,257]", act_names[act]);
         expect_close(env, &t, name, y, TOL_EW, TOL_EW, false);
         pair xv = pair_cols(x, 50, 300); /* in place on a view, on the small grid */
         check_cpu(CPU->act(CC, &xv.c, &xv.c, (enum bs_act)act, &err), &err, "act");
-        emu_launch(act_kernel, small_grid, dim3(EW_THREADS), 0, (float *)xv.e.data, (int64_t)400,
-                   (const float *)xv.e.data, (int64_t)400, (int64_t)3, (int64_t)300, act);
+        emu_launch(act_kernel<float, float>, small_grid, dim3(EW_THREADS), 0, (float *)xv.e.data,
+                   (int64_t)400, (const float *)xv.e.data, (int64_t)400, (int64_t)3, (int64_t)300,
+                   act);
         snprintf(name, sizeof(name), "act %s in place, view, grid-stride", act_names[act]);
         expect_close(env, &t, name, x, TOL_EW, TOL_EW, false);
     }
@@ -78,15 +79,16 @@ static void run_glu(emu_env *env)
         pair_init(&g, {3, 600}, -6, 6);
         pair_init(&h, {3, 300}, -1, 1);
         check_cpu(CPU->glu(CC, &h.c, &g.c, (enum bs_act)act, &err), &err, "glu");
-        emu_launch(glu_kernel, ew_grid(3, 300), dim3(EW_THREADS), 0, (float *)h.e.data,
-                   (int64_t)300, (const float *)g.e.data, (int64_t)600, (int64_t)3, (int64_t)300,
-                   act);
+        emu_launch(glu_kernel<float, float>, ew_grid(3, 300), dim3(EW_THREADS), 0,
+                   (float *)h.e.data, (int64_t)300, (const float *)g.e.data, (int64_t)600,
+                   (int64_t)3, (int64_t)300, act);
         snprintf(name, sizeof(name), "glu %s [3,600]", act_names[act]);
         expect_close(env, &t, name, h, TOL_EW, TOL_EW, false);
         pair gv = pair_cols(g, 0, 300); /* y is the first half of x */
         check_cpu(CPU->glu(CC, &gv.c, &g.c, (enum bs_act)act, &err), &err, "glu");
-        emu_launch(glu_kernel, small_grid, dim3(EW_THREADS), 0, (float *)g.e.data, (int64_t)600,
-                   (const float *)g.e.data, (int64_t)600, (int64_t)3, (int64_t)300, act);
+        emu_launch(glu_kernel<float, float>, small_grid, dim3(EW_THREADS), 0, (float *)g.e.data,
+                   (int64_t)600, (const float *)g.e.data, (int64_t)600, (int64_t)3, (int64_t)300,
+                   act);
         snprintf(name, sizeof(name), "glu %s into its own input, grid-stride", act_names[act]);
         expect_close(env, &t, name, g, TOL_EW, TOL_EW, false);
     }
@@ -100,17 +102,10 @@ static void add_case(emu_env *env, tally *t, const char *name, pair *y, pair *x,
     pair_sync(y); /* each case from the same y on both sides */
     check_cpu(CPU->add(CC, &y->c, &x->c, ct(gate), rps, alpha, &err), &err, name);
     int64_t rows = bs_tensor_nrows(&x->e), n = x->e.ne[x->e.n_dims - 1];
-    struct add_args a = {(float *)y->e.data,
-                         (const float *)x->e.data,
-                         edata(gate),
-                         bs_tensor_ld(&y->e),
-                         bs_tensor_ld(&x->e),
-                         eld(gate),
-                         rows,
-                         n,
-                         rps < 1 ? 1 : rps,
-                         alpha};
-    emu_launch(add_kernel, grid, dim3(EW_THREADS), 0, a);
+    struct add_args a = {y->e.data,           x->e.data, edata(gate), bs_tensor_ld(&y->e),
+                         bs_tensor_ld(&x->e), eld(gate), rows,        n,
+                         rps < 1 ? 1 : rps,   alpha};
+    emu_launch(add_kernel<float, float>, grid, dim3(EW_THREADS), 0, a);
     expect_close(env, t, name, *y, TOL_EW, TOL_EW, false);
 }
 
@@ -143,7 +138,7 @@ static void run_transpose(emu_env *env)
         check_cpu(CPU->transpose(CC, &y.c, &x.c, &err), &err, "transpose");
         dim3 grid((unsigned)((s[2] + TR_TILE - 1) / TR_TILE),
                   (unsigned)((s[1] + TR_TILE - 1) / TR_TILE), (unsigned)s[0]);
-        emu_launch(transpose_kernel, grid, dim3(TR_TILE, 8), 0, (float *)y.e.data,
+        emu_launch(transpose_kernel<float>, grid, dim3(TR_TILE, 8), 0, (float *)y.e.data,
                    (const float *)x.e.data, s[1], s[2]);
         char name[64];
         snprintf(name, sizeof(name), "transpose [%lld,%lld,%lld]", (long long)s[0], (long long)s[1],
@@ -297,6 +292,283 @@ static void run_to_half(emu_env *env)
     tally_report(env, t);
 }
 
+/* ---- narrow activations (BF16, F16) ------------------------------------------------ */
+
+/* The elementwise kernels on every pair of input and output dtypes the
+ * contract allows (engine/backend.h): against the reference of
+ * issue 14 (the narrow inputs widened to F32, the CPU backend's F32 op, the
+ * result rounded once to the output's dtype), to TOL_EW before the
+ * rounding plus 1 ulp of the output's dtype (the kernel's FP32 result and
+ * the CPU's may straddle a rounding boundary); the cases also count the
+ * elements not bit-exact. transpose: bit for bit. */
+
+static const enum bs_dtype act_dts[] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
+
+/* A host buffer of activations in dtype dt, from F32 values (rounded). */
+struct abuf {
+    enum bs_dtype dt;
+    std::vector<float> f;
+    std::vector<uint16_t> h;
+    abuf(enum bs_dtype d, const std::vector<float> &v) : dt(d)
+    {
+        if (d == BS_TYPE_F32) {
+            f = v;
+            return;
+        }
+        h.resize(v.size());
+        bs_convert_from_f32(h.data(), d, v.data(), (int64_t)v.size());
+    }
+    void *data()
+    {
+        return dt == BS_TYPE_F32 ? (void *)f.data() : (void *)h.data();
+    }
+    std::vector<float> widen() const
+    {
+        if (dt == BS_TYPE_F32)
+            return f;
+        std::vector<float> w(h.size());
+        bs_convert_to_f32(w.data(), h.data(), dt, (int64_t)h.size());
+        return w;
+    }
+};
+
+static std::vector<float> rand_vec(size_t n, float lo, float hi)
+{
+    std::vector<float> v(n);
+    for (float &x : v)
+        x = frand(lo, hi);
+    return v;
+}
+
+/* v as dtype dt holds it (F32: v). */
+static std::vector<float> round_dt(const std::vector<float> &v, enum bs_dtype dt)
+{
+    return abuf(dt, v).widen();
+}
+
+/* got (the kernel's output, widened) against want (the F32 reference
+ * rounded to dt), per element within TOL_EW (1 + |want|) + 1 ulp. */
+static void expect_narrow(emu_env *env, tally *t, const char *what, const std::vector<float> &got,
+                          const std::vector<float> &want, enum bs_dtype dt)
+{
+    double err = 0, share = 0;
+    size_t inexact = 0;
+    for (size_t i = 0; i < want.size(); i++) {
+        double d = fabs((double)got[i] - (double)want[i]);
+        inexact += got[i] != want[i] && !(isnan(got[i]) && isnan(want[i]));
+        double sh =
+            d == 0 ? 0 : d / (TOL_EW + TOL_EW * fabs((double)want[i]) + ulp_dt(dt, want[i]));
+        err = d > err || isnan(d) ? d : err;
+        share = sh > share || isnan(sh) ? sh : share;
+    }
+    char name[200];
+    snprintf(name, sizeof(name), "%s (%zu of %zu not bit-exact)", what, inexact, want.size());
+    expect_value(env, t, name, err, share);
+}
+
+static struct bs_tensor f32_rows(std::vector<float> *v, int64_t rows, int64_t ld)
+{
+    int64_t ne[2] = {rows, ld};
+    return bs_tensor_make(BS_TYPE_F32, 2, ne, v->data());
+}
+
+void emu_act_convert(void *y, enum bs_dtype ty, int64_t ldy, const float *x, int64_t ldx,
+                     int64_t rows, int64_t cols)
+{
+    act_type(ty, [&](auto *yt) {
+        using TY = ACT_T(yt);
+        emu_launch(act_kernel<TY, float>, ew_grid(rows, cols), dim3(EW_THREADS), 0, (TY *)y, ldy, x,
+                   ldx, rows, cols, (int)BS_ACT_NONE);
+    });
+}
+
+/* act and its dtype conversion (BS_ACT_NONE): x [3, 300] in rows of 320,
+ * y [3, 300] in rows of 310, every (x, y) dtype pair. */
+static void run_act_narrow(emu_env *env)
+{
+    tally t;
+    t.kernel = "act_kernel";
+    t.note = "narrow: x, y of F32/BF16/F16, every pair";
+    const int64_t rows = 3, n = 300, ldx = 320, ldy = 310;
+    int k = 0;
+    for (enum bs_dtype tx : act_dts)
+        for (enum bs_dtype ty : act_dts) {
+            for (int act : {(int)BS_ACT_NONE, 1 + k % (BS_ACT_COUNT - 1)}) {
+                if (tx == BS_TYPE_F32 && ty == BS_TYPE_F32)
+                    continue;
+                std::vector<float> xv = round_dt(rand_vec((size_t)(rows * ldx), -8, 8), tx);
+                std::vector<float> yv = rand_vec((size_t)(rows * ldy), -1, 1);
+                abuf xb(tx, xv), yb(ty, yv);
+                std::vector<float> ref = yb.widen(); /* untouched columns stay */
+                struct bs_tensor xc = f32_rows(&xv, rows, ldx), yc = f32_rows(&ref, rows, ldy);
+                struct bs_tensor xcv = bs_tensor_view_cols(&xc, 0, n),
+                                 ycv = bs_tensor_view_cols(&yc, 0, n);
+                struct bs_err err = {};
+                check_cpu(CPU->act(CC, &ycv, &xcv, (enum bs_act)act, &err), &err, "act");
+                ref = round_dt(ref, ty);
+                dim3 grid = k % 3 == 2 ? small_grid : ew_grid(rows, n);
+                act_type(ty, [&](auto *yt) {
+                    act_type(tx, [&](auto *xt) {
+                        using TY = ACT_T(yt);
+                        using TX = ACT_T(xt);
+                        emu_launch(act_kernel<TY, TX>, grid, dim3(EW_THREADS), 0, (TY *)yb.data(),
+                                   ldy, (const TX *)xb.data(), ldx, rows, n, act);
+                    });
+                });
+                char name[128];
+                snprintf(name, sizeof(name), "act %s %s -> %s [3,300]%s", act_names[act],
+                         bs_dtype_name(tx), bs_dtype_name(ty), k % 3 == 2 ? ", grid-stride" : "");
+                expect_narrow(env, &t, name, yb.widen(), ref, ty);
+            }
+            k++;
+        }
+    /* in place on a narrow view */
+    for (enum bs_dtype dt : {BS_TYPE_BF16, BS_TYPE_F16}) {
+        std::vector<float> xv = round_dt(rand_vec((size_t)(rows * ldx), -6, 6), dt);
+        abuf xb(dt, xv);
+        struct bs_tensor xc = f32_rows(&xv, rows, ldx), xcv = bs_tensor_view_cols(&xc, 10, n);
+        struct bs_err err = {};
+        check_cpu(CPU->act(CC, &xcv, &xcv, BS_ACT_SILU, &err), &err, "act");
+        std::vector<float> ref = round_dt(xv, dt);
+        act_type(dt, [&](auto *tp) {
+            using T = ACT_T(tp);
+            T *p = (T *)xb.data() + 10;
+            emu_launch(act_kernel<T, T>, ew_grid(rows, n), dim3(EW_THREADS), 0, p, ldx,
+                       (const T *)p, ldx, rows, n, (int)BS_ACT_SILU);
+        });
+        char name[96];
+        snprintf(name, sizeof(name), "act silu %s in place, view", bs_dtype_name(dt));
+        expect_narrow(env, &t, name, xb.widen(), ref, dt);
+    }
+    tally_report(env, t);
+}
+
+/* glu: x [3, 2 x 260] and y [3, 260] of each dtype pair; y the first half
+ * of a narrow x. */
+static void run_glu_narrow(emu_env *env)
+{
+    tally t;
+    t.kernel = "glu_kernel";
+    t.note = "narrow: x, y of F32/BF16/F16, every pair";
+    const int64_t rows = 3, n = 260;
+    int k = 0;
+    for (enum bs_dtype tx : act_dts)
+        for (enum bs_dtype ty : act_dts) {
+            if (tx == BS_TYPE_F32 && ty == BS_TYPE_F32)
+                continue;
+            int act = k++ % BS_ACT_COUNT;
+            std::vector<float> xv = round_dt(rand_vec((size_t)(rows * 2 * n), -6, 6), tx);
+            std::vector<float> ref((size_t)(rows * n));
+            abuf xb(tx, xv), yb(ty, ref);
+            struct bs_tensor xc = f32_rows(&xv, rows, 2 * n), yc = f32_rows(&ref, rows, n);
+            struct bs_err err = {};
+            check_cpu(CPU->glu(CC, &yc, &xc, (enum bs_act)act, &err), &err, "glu");
+            ref = round_dt(ref, ty);
+            act_type(ty, [&](auto *yt) {
+                act_type(tx, [&](auto *xt) {
+                    using TY = ACT_T(yt);
+                    using TX = ACT_T(xt);
+                    emu_launch(glu_kernel<TY, TX>, k % 3 ? ew_grid(rows, n) : small_grid,
+                               dim3(EW_THREADS), 0, (TY *)yb.data(), n, (const TX *)xb.data(),
+                               2 * n, rows, n, act);
+                });
+            });
+            char name[128];
+            snprintf(name, sizeof(name), "glu %s %s -> %s [3,520]", act_names[act],
+                     bs_dtype_name(tx), bs_dtype_name(ty));
+            expect_narrow(env, &t, name, yb.widen(), ref, ty);
+        }
+    /* y is the first half of x (BF16) */
+    std::vector<float> xv = round_dt(rand_vec((size_t)(rows * 2 * n), -6, 6), BS_TYPE_BF16);
+    abuf xb(BS_TYPE_BF16, xv);
+    struct bs_tensor xc = f32_rows(&xv, rows, 2 * n), yc = bs_tensor_view_cols(&xc, 0, n);
+    struct bs_err err = {};
+    check_cpu(CPU->glu(CC, &yc, &xc, BS_ACT_GELU, &err), &err, "glu");
+    std::vector<float> ref = round_dt(xv, BS_TYPE_BF16);
+    emu_launch(glu_kernel<__nv_bfloat16, __nv_bfloat16>, small_grid, dim3(EW_THREADS), 0,
+               (__nv_bfloat16 *)xb.data(), 2 * n, (const __nv_bfloat16 *)xb.data(), 2 * n, rows, n,
+               (int)BS_ACT_GELU);
+    expect_narrow(env, &t, "glu gelu BF16 into its own input", xb.widen(), ref, BS_TYPE_BF16);
+    tally_report(env, t);
+}
+
+/* add: y (read and written) and x of each dtype pair, with and without a
+ * gate, y a view of rows of 310. */
+static void run_add_narrow(emu_env *env)
+{
+    tally t;
+    t.kernel = "add_kernel";
+    t.note = "narrow: y, x of F32/BF16/F16, every pair";
+    const int64_t rows = 6, n = 300, ldy = 310;
+    int k = 0;
+    for (enum bs_dtype tx : act_dts)
+        for (enum bs_dtype ty : act_dts) {
+            if (tx == BS_TYPE_F32 && ty == BS_TYPE_F32)
+                continue;
+            bool gated = k % 2 == 0;
+            float alpha = k % 3 == 1 ? 0.5f : 1.0f;
+            std::vector<float> xv = round_dt(rand_vec((size_t)(rows * n), -1, 1), tx);
+            std::vector<float> ref = round_dt(rand_vec((size_t)(rows * ldy), -1, 1), ty);
+            std::vector<float> gv = rand_vec((size_t)(3 * n), -2, 2);
+            abuf xb(tx, xv), yb(ty, ref);
+            struct bs_tensor xc = f32_rows(&xv, rows, n), yw = f32_rows(&ref, rows, ldy),
+                             yc = bs_tensor_view_cols(&yw, 0, n), gc = f32_rows(&gv, 3, n);
+            struct bs_err err = {};
+            check_cpu(CPU->add(CC, &yc, &xc, gated ? &gc : NULL, 2, alpha, &err), &err, "add");
+            ref = round_dt(ref, ty);
+            struct add_args a = {yb.data(), xb.data(), gated ? gv.data() : NULL, ldy, n, n, rows, n,
+                                 2,         alpha};
+            act_type(ty, [&](auto *yt) {
+                act_type(tx, [&](auto *xt) {
+                    emu_launch(add_kernel<ACT_T(yt), ACT_T(xt)>,
+                               k % 3 == 2 ? small_grid : ew_grid(rows, n), dim3(EW_THREADS), 0, a);
+                });
+            });
+            char name[128];
+            snprintf(name, sizeof(name), "add %s -> %s [6,300]%s, alpha %g", bs_dtype_name(tx),
+                     bs_dtype_name(ty), gated ? ", gate per 2 rows" : "", (double)alpha);
+            expect_narrow(env, &t, name, yb.widen(), ref, ty);
+            k++;
+        }
+    tally_report(env, t);
+}
+
+/* transpose of BF16 and F16, partial tiles: bit for bit. */
+static void run_transpose_narrow(emu_env *env)
+{
+    tally t;
+    t.kernel = "transpose_kernel";
+    t.note = "narrow: BF16, F16 bit for bit";
+    static const int64_t shapes[][3] = {{3, 70, 45}, {1, 33, 65}};
+    for (enum bs_dtype dt : {BS_TYPE_BF16, BS_TYPE_F16})
+        for (const int64_t *s : shapes) {
+            size_t n = (size_t)(s[0] * s[1] * s[2]);
+            std::vector<float> xv = round_dt(rand_vec(n, -3, 3), dt), ref(n);
+            for (int64_t b = 0; b < s[0]; b++)
+                for (int64_t i = 0; i < s[1]; i++)
+                    for (int64_t j = 0; j < s[2]; j++)
+                        ref[(size_t)((b * s[2] + j) * s[1] + i)] =
+                            xv[(size_t)((b * s[1] + i) * s[2] + j)];
+            abuf xb(dt, xv), yb(dt, std::vector<float>(n, NAN));
+            dim3 grid((unsigned)((s[2] + TR_TILE - 1) / TR_TILE),
+                      (unsigned)((s[1] + TR_TILE - 1) / TR_TILE), (unsigned)s[0]);
+            act_type(dt, [&](auto *tp) {
+                using T = ACT_T(tp);
+                emu_launch(transpose_kernel<T>, grid, dim3(TR_TILE, 8), 0, (T *)yb.data(),
+                           (const T *)xb.data(), s[1], s[2]);
+            });
+            std::vector<float> got = yb.widen();
+            size_t bad = 0;
+            for (size_t i = 0; i < n; i++)
+                bad += memcmp(&got[i], &ref[i], sizeof(float)) != 0;
+            char name[96];
+            snprintf(name, sizeof(name), "transpose %s [%lld,%lld,%lld]: %zu wrong",
+                     bs_dtype_name(dt), (long long)s[0], (long long)s[1], (long long)s[2], bad);
+            expect_value(env, &t, name, (double)bad, bad ? INFINITY : 0.0);
+        }
+    tally_report(env, t);
+}
+
 void run_ops(emu_env *env)
 {
     run_act(env);
@@ -305,4 +577,8 @@ void run_ops(emu_env *env)
     run_transpose(env);
     run_bias(env);
     run_to_half(env);
+    run_act_narrow(env);
+    run_glu_narrow(env);
+    run_add_narrow(env);
+    run_transpose_narrow(env);
 }

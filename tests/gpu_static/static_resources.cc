@@ -63,18 +63,21 @@ struct launch {
     int dp, warps;   /* attn_mma's template arguments, else 0 */
 };
 
-/* An instance for uniform batches and one for ragged ones (launch_mma_w). */
+/* An instance for uniform batches and one for ragged ones (launch_mma_w),
+ * each with an F32 output and one of T (launch_mma_t). */
 template <typename T, int DP, int WARPS>
 static void add_mma(std::vector<launch> *l, const char *tname)
 {
     using S = mma_smem<DP, WARPS>;
-    for (const char *ragged : {"false", "true"}) {
-        char name[96];
-        snprintf(name, sizeof(name), "attn_mma<%s, %d, %d, %s>", tname, DP, WARPS, ragged);
-        /* 8 warps only with a mask of one row or none (mma_warps) */
-        l->push_back(
-            {name, S::THREADS, S::bytes(sizeof(T), WARPS == 4 ? S::BQ : 1), true, DP, WARPS});
-    }
+    for (const char *ragged : {"false", "true"})
+        for (const char *oname : {"float", tname}) {
+            char name[128];
+            snprintf(name, sizeof(name), "attn_mma<%s, %d, %d, %s, %s>", tname, DP, WARPS, ragged,
+                     oname);
+            /* 8 warps only with a mask of one row or none (mma_warps) */
+            l->push_back(
+                {name, S::THREADS, S::bytes(sizeof(T), WARPS == 4 ? S::BQ : 1), true, DP, WARPS});
+        }
 }
 
 /* launch_mma in attn_cuda.cu: every padded head dim with 4 warps, those up
@@ -98,19 +101,32 @@ static std::vector<launch> launches(void)
     std::vector<launch> l;
     add_mma_t<__nv_bfloat16>(&l, "__nv_bfloat16");
     add_mma_t<__half>(&l, "__half");
-    /* launch_mma_t's conversion pass */
-    for (const char *k : {"attn_to16<__nv_bfloat16>", "attn_to16<__half>"})
-        l.push_back({k, ATTN_TO16_THREADS, 0, false, 0, 0});
-    /* launch_f32: head dims up to F32_MAX_D */
-    for (const char *k : {"attn_f32<false>", "attn_f32<true>"})
-        l.push_back({k, F32_THREADS, attn_f32_smem(F32_MAX_D), true, 0, 0});
+    /* activation types (act_type): launch_mma_t's conversion pass from each
+     * into each 16-bit type, launch_f32 (head dims up to F32_MAX_D) and the
+     * elementwise kernels of ops_cuda.cu on every input and output type */
+    static const char *const acts[] = {"float", "__nv_bfloat16", "__half"};
+    for (const char *t : {"__nv_bfloat16", "__half"})
+        for (const char *s : acts)
+            l.push_back({std::string("attn_to16<") + t + ", " + s + ">", ATTN_TO16_THREADS, 0,
+                         false, 0, 0});
+    for (const char *ti : acts)
+        for (const char *to : acts)
+            for (const char *ragged : {"false", "true"})
+                l.push_back({std::string("attn_f32<") + ti + ", " + to + ", " + ragged + ">",
+                             F32_THREADS, attn_f32_smem(F32_MAX_D), true, 0, 0});
     /* unfused_sample: 256 threads a row */
     for (const char *t : {"__nv_bfloat16", "__half", "float"})
         l.push_back({std::string("softmax_rows<") + t + ">", 256, 0, false, 0, 0});
     /* ops_cuda.cu */
-    for (const char *k : {"to_half_kernel<__nv_bfloat16>", "to_half_kernel<__half>", "bias_kernel",
-                          "act_kernel", "glu_kernel", "add_kernel"})
+    for (const char *k : {"to_half_kernel<__nv_bfloat16>", "to_half_kernel<__half>", "bias_kernel"})
         l.push_back({k, EW_THREADS, 0, false, 0, 0});
+    for (const char *k : {"act_kernel", "glu_kernel", "add_kernel"})
+        for (const char *ty : acts)
+            for (const char *tx : acts)
+                l.push_back(
+                    {std::string(k) + "<" + ty + ", " + tx + ">", EW_THREADS, 0, false, 0, 0});
+    for (const char *t : acts) /* dim3(TR_TILE, 8) */
+        l.push_back({std::string("transpose_kernel<") + t + ">", TR_TILE * 8, 0, false, 0, 0});
     /* norm_cuda.cu: every (x, y) dtype pair, NORM_THREADS a block */
     static const char *const nt[] = {"float", "__nv_bfloat16", "__half"};
     for (const char *tx : nt) {
@@ -120,7 +136,6 @@ static std::vector<launch> launches(void)
                 l.push_back(
                     {std::string(k) + "<" + tx + ", " + ty + ">", NORM_THREADS, 0, false, 0, 0});
     }
-    l.push_back({"transpose_kernel", TR_TILE * 8, 0, false, 0, 0}); /* dim3(TR_TILE, 8) */
     /* linear_cuda.cu */
     for (const char *k :
          {"lin_convert_kernel<__nv_bfloat16, float>", "lin_convert_kernel<__nv_bfloat16, __half>",
@@ -298,7 +313,7 @@ static void check_mma_dps(const std::vector<launch> &ls)
             want.push_back(mma_dp(hd));
     for (const launch &l : ls)
         if (l.warps == 4 && l.kernel.find("__nv_bfloat16") != std::string::npos &&
-            l.kernel.find("false>") != std::string::npos)
+            l.kernel.find("false, float>") != std::string::npos)
             have.push_back(l.dp);
     if (want != have) {
         printf("FAIL: mma_dp's padded head dims are not the launch table's 4-warp ones\n");
@@ -314,8 +329,8 @@ static void check_mma_dps(const std::vector<launch> &ls)
  * 4-warp instances at least 2 blocks per SM except DP 128 on sm_80 and
  * DP 160 (1: 90 and 120 KiB of shared memory), the 8-warp ones at least
  * MMA_SLOTS_8W (1: they take 122 to 200 registers; bounding them to 128
- * for 2 blocks spilled). Both element types, uniform and ragged instances.
- * Change them together. */
+ * for 2 blocks spilled). Both element types, uniform and ragged instances,
+ * F32 and T outputs. Change them together. */
 static const struct {
     int dp, warps;
     const char *arch;
@@ -357,7 +372,7 @@ static void check_claims(const std::vector<record> &recs, const std::vector<laun
                     ok = ok && r.blocks >= c.min && r.blocks <= c.max;
                     n++;
                 }
-        ok = ok && n == 4;
+        ok = ok && n == 8;
         char said[32];
         if (c.min == c.max)
             snprintf(said, sizeof(said), "%d", c.min);

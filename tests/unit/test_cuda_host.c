@@ -210,6 +210,16 @@ static void test_checks_match_cpu(void **state)
     ap.mask = NULL;
     ap.head_dim = -1;
     SAME_ERROR(be->iface->attention(be->ctx, &o, &q, &k, &k, &ap, err));
+
+    /* narrow activations: dtypes the contract does not allow (ABI 6) */
+    ap.head_dim = 8;
+    struct bs_tensor qb = bs_tensor_make(BS_TYPE_BF16, 2, (int64_t[]){2 * 5, 16}, f->buf);
+    struct bs_tensor kh = bs_tensor_make(BS_TYPE_F16, 2, (int64_t[]){2 * 7, 16}, f->buf);
+    SAME_ERROR(be->iface->attention(be->ctx, &o, &qb, &kh, &kh, &ap, err)); /* q, k, v differ */
+    struct bs_tensor tr16 = bs_tensor_make(BS_TYPE_F16, 3, (int64_t[]){2, 3, 5}, f->buf);
+    struct bs_tensor trb = bs_tensor_make(BS_TYPE_BF16, 3, (int64_t[]){2, 5, 3}, f->buf);
+    SAME_ERROR(be->iface->transpose(be->ctx, &trb, &tr16, err));        /* x and y differ */
+    SAME_ERROR(be->iface->act(be->ctx, &x48, &x48i, BS_ACT_GELU, err)); /* x I64 */
 }
 
 /* Valid calls reach CUDA, which has no device here: BS_EINTERNAL, and the
@@ -344,6 +354,20 @@ static void test_valid_calls_fail_cleanly(void **state)
     expect_internal(g->attention(c, &o, &q, &k, &k, &ap, &err), &err, "attention");
     struct bs_backend_memory mem;
     expect_internal(g->memory_info(c, &mem, &err), &err, "memory_info");
+    /* narrow activations (ABI 6) pass the checks and reach CUDA: act and
+     * add with x and y of different dtypes, transpose and attention of
+     * 16-bit tensors (q, k, v BF16 with an F16 o: attn_mma's conversion of
+     * o in a bf16 backend) */
+    struct bs_tensor xb = bs_tensor_make(BS_TYPE_BF16, 2, (int64_t[]){4, 8}, f->buf);
+    struct bs_tensor yh = bs_tensor_make(BS_TYPE_F16, 2, (int64_t[]){4, 8}, f->buf + 64);
+    expect_internal(g->act(c, &yh, &xb, BS_ACT_NONE, &err), &err, "act");
+    expect_internal(g->add(c, &x, &yh, NULL, 1, 1.0f, &err), &err, "add");
+    struct bs_tensor trh = bs_tensor_make(BS_TYPE_F16, 2, (int64_t[]){8, 4}, f->buf + 128);
+    expect_internal(g->transpose(c, &trh, &yh, &err), &err, "transpose");
+    struct bs_tensor qb = bs_tensor_make(BS_TYPE_BF16, 2, (int64_t[]){2 * 5, 128}, f->buf);
+    struct bs_tensor kb = bs_tensor_make(BS_TYPE_BF16, 2, (int64_t[]){2 * 7, 128}, f->buf);
+    struct bs_tensor oh = bs_tensor_make(BS_TYPE_F16, 2, (int64_t[]){2 * 5, 128}, f->buf);
+    expect_internal(g->attention(c, &oh, &qb, &kb, &kb, &ap, &err), &err, "attention");
     /* empty work launches nothing and succeeds, as on the CPU */
     struct bs_tensor e0 = t2(f, 0, 8);
     assert_int_equal(g->act(c, &e0, &e0, BS_ACT_GELU, &err), 0);
