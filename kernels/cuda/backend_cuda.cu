@@ -556,6 +556,7 @@ static struct bs_backend_i make_iface(void)
     i.buf_free = cuda_buf_free;
     i.copy_in = cuda_copy_in;
     i.copy_out = cuda_copy_out;
+    i.act_dtypes = (1u << BS_TYPE_BF16) | (1u << BS_TYPE_F16);
     i.linear = bs__cuda_linear;
     i.linear_act = bs__cuda_linear_act;
     i.layer_norm = bs__cuda_layer_norm;

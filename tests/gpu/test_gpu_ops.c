@@ -653,11 +653,6 @@ static void expect_dt(struct env *e, const char *name, const struct ptd *t)
     free(h), free(want), free(got);
 }
 
-static const char *dt_name(enum bs_dtype dt)
-{
-    return dt == BS_TYPE_BF16 ? "bf16" : dt == BS_TYPE_F16 ? "f16" : "f32";
-}
-
 /* Layer norm: DiT-XL's AdaLN rows in every dtype pair, rows of 8192 (the
  * registers' most) and past them, a length not a multiple of 8 in aligned
  * rows, unaligned views, in place in 16 bits, 1000 + noise. The narrow
