@@ -252,23 +252,31 @@ static int bench_models(struct bench *bn, struct bs_err *err)
 /* ---- attention kernel ------------------------------------------------------ */
 
 /* A [rows, cols] F32 tensor in backend memory filled with small values. */
+/* A [rows, cols] tensor in backend memory filled with values in [-1, 1),
+ * in the activation dtype a model on this backend would have (the compute
+ * dtype with narrow activations, else F32): what attention reads in
+ * serving. */
 static int dev_tensor(struct bench *bn, struct bs_tensor *t, int64_t rows, int64_t cols,
                       struct bs_err *err)
 {
-    *t = bs_tensor_make(BS_TYPE_F32, 2, (int64_t[]){rows, cols}, NULL);
-    size_t n = (size_t)(rows * cols);
+    const struct bs_backend *be = &bn->be;
+    enum bs_dtype dt =
+        !be->act_f32 && ((be->iface->act_dtypes >> be->dtype) & 1u) ? be->dtype : BS_TYPE_F32;
+    *t = bs_tensor_make(dt, 2, (int64_t[]){rows, cols}, NULL);
+    size_t n = (size_t)(rows * cols), bytes = bs_tensor_nbytes(t);
     float *h = malloc(n * sizeof(float));
-    t->data = bn->be.iface->buf_alloc(bn->be.ctx, n * sizeof(float));
+    t->data = be->iface->buf_alloc(be->ctx, bytes);
     if (h == NULL || t->data == NULL) {
         free(h);
         if (t->data != NULL)
-            bn->be.iface->buf_free(bn->be.ctx, t->data);
+            be->iface->buf_free(be->ctx, t->data);
         t->data = NULL;
         return bs_err_set(err, BS_ENOMEM, "attention bench: out of memory");
     }
     for (size_t i = 0; i < n; i++)
         h[i] = (float)((i * 2654435761u) % 2000) / 1000.0f - 1.0f;
-    int rc = bn->be.iface->copy_in(bn->be.ctx, t->data, h, n * sizeof(float), err);
+    bs_convert_from_f32(h, dt, h, (int64_t)n); /* in place: the narrow bytes first */
+    int rc = be->iface->copy_in(be->ctx, t->data, h, bytes, err);
     free(h);
     return rc;
 }
