@@ -3,9 +3,12 @@
  * to the output's dtype (to nearest even), with these overloads, so that a
  * kernel templated on its input and output types reads and writes all three
  * alike. A launcher picks the instance with a switch on the tensors'
- * enum bs_dtype. */
+ * enum bs_dtype. Also the grid every 2-d elementwise kernel (ops, linear's)
+ * runs on. */
 #ifndef BS_CUDA_ACT_IO_CUH
 #define BS_CUDA_ACT_IO_CUH
+
+#include <stdint.h>
 
 #include <type_traits>
 
@@ -61,5 +64,26 @@ template <typename F> static inline void act_type(enum bs_dtype t, F &&f)
     }
 }
 #define ACT_T(p) std::remove_pointer_t<decltype(p)>
+
+/* ---- the elementwise grid --------------------------------------------------- */
+
+#define EW_THREADS 256   /* elementwise kernels: threads per block (x) */
+#define EW_MAX_Y   65535 /* grid y limit: rows beyond it loop */
+
+/* The grid of the 2-d elementwise kernels: columns over x, rows over y
+ * (capped at EW_MAX_Y, the kernels loop over the rest). */
+static inline dim3 ew_grid(int64_t rows, int64_t cols)
+{
+    int64_t gx = (cols + EW_THREADS - 1) / EW_THREADS;
+    return dim3((unsigned)(gx > INT32_MAX ? INT32_MAX : gx),
+                (unsigned)(rows > EW_MAX_Y ? EW_MAX_Y : rows));
+}
+
+/* Loop macros for the 2-d elementwise kernels: rows over grid y, columns over
+ * grid x, both grid-strided. */
+#define EW_ROWS(r, rows) for (int64_t r = blockIdx.y; r < (rows); r += gridDim.y)
+#define EW_COLS(i, cols)                                                                           \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (cols);                   \
+         i += (int64_t)gridDim.x * blockDim.x)
 
 #endif

@@ -38,8 +38,8 @@ extern "C" {
 #include "opcheck.h"
 }
 
-#define BS_CUDA_MAX_SHADOWS 64
-#define BS_CUDA_UP_SLOTS    8 /* pinned slots of the upload ring (bs__cuda_upload) */
+#define BS_CUDA_MAX_SHADOWS   64
+#define BS_CUDA_UP_SLOTS      8           /* pinned slots of the upload ring (bs__cuda_upload) */
 #define BS_CUDA_BLAS_WS_BYTES (32u << 20) /* a thread's cuBLAS (and cuBLASLt) workspace */
 #define BS_CUDA_LT_CACHE      64          /* linear's GEMM plans kept per thread */
 #define BS_CUDA_LT_KEY        8           /* int64 values of a plan's key (linear_cuda.cu) */
@@ -196,8 +196,8 @@ const void *bs__cuda_shadow_of(struct bs__cuda *c, const void *w);
 /* The thread's cuBLASLt plan cache, made on first use (with its handle,
  * except on a bare backend; no handle: every plan falls back); NULL with
  * err set when out of memory. */
-struct bs__cuda_lt_cache *bs__cuda_lt_cache_get(const struct bs__cuda *c,
-                                                struct bs__cuda_thread *t, struct bs_err *err);
+struct bs__cuda_lt_cache *bs__cuda_lt_cache_get(const struct bs__cuda *c, struct bs__cuda_thread *t,
+                                                struct bs_err *err);
 
 /* The plan for key in cache: *hit when it is there; else a slot is taken
  * (an empty one, or the least recently used, whose descriptors are
@@ -215,6 +215,12 @@ void bs__cuda_lt_free(struct bs__cuda_thread *t);
  * has no instance for). */
 int bs__cuda_act_rows(struct bs__cuda_thread *t, void *y, enum bs_dtype ty, int64_t ldy,
                       const void *x, enum bs_dtype tx, int64_t ldx, int64_t rows, int64_t cols,
+                      enum bs_act act, struct bs_err *err);
+
+/* glu's kernel the same way: y [rows, n] = x[:, :n] * act(x[:, n:]) (x of
+ * rows x 2n, dtype tx, stride ldx; y of ty, ldy). */
+int bs__cuda_glu_rows(struct bs__cuda_thread *t, void *y, enum bs_dtype ty, int64_t ldy,
+                      const void *x, enum bs_dtype tx, int64_t ldx, int64_t rows, int64_t n,
                       enum bs_act act, struct bs_err *err);
 
 /* Op entries of the function table (contracts in engine/backend.h, argument

@@ -285,10 +285,10 @@ static int gemm_fallback(const struct bs__cuda *c, struct bs__cuda_thread *t,
     if (g->yt != BS_TYPE_F32) {
         out = acc, ldo = g->n;
         if (g->yt == BS_TYPE_BF16)
-            lin_seed_kernel<<<lin_grid(g->m, g->n), LIN_THREADS, 0, t->stream>>>(
+            lin_seed_kernel<<<ew_grid(g->m, g->n), EW_THREADS, 0, t->stream>>>(
                 acc, (const __nv_bfloat16 *)g->y, g->ldy, g->b, g->m, g->n, g->beta);
         else
-            lin_seed_kernel<<<lin_grid(g->m, g->n), LIN_THREADS, 0, t->stream>>>(
+            lin_seed_kernel<<<ew_grid(g->m, g->n), EW_THREADS, 0, t->stream>>>(
                 acc, (const __half *)g->y, g->ldy, g->b, g->m, g->n, g->beta);
         TRY_RC(rc, bs__cuda_check_launch("linear", err));
         beta = 1.0f;
@@ -306,15 +306,10 @@ static int gemm_fallback(const struct bs__cuda *c, struct bs__cuda_thread *t,
                                      &beta, out, CUDA_R_32F, (int)ldo, ct, CUBLAS_GEMM_DEFAULT),
                         "linear", "cublasGemmEx", err));
     }
-    if (g->yt == BS_TYPE_BF16)
-        lin_store_kernel<<<lin_grid(g->m, g->n), LIN_THREADS, 0, t->stream>>>(
-            (__nv_bfloat16 *)g->y, g->ldy, acc, g->m, g->n);
-    else if (g->yt == BS_TYPE_F16)
-        lin_store_kernel<<<lin_grid(g->m, g->n), LIN_THREADS, 0, t->stream>>>(
-            (__half *)g->y, g->ldy, acc, g->m, g->n);
-    else
+    if (g->yt == BS_TYPE_F32)
         return 0;
-    return bs__cuda_check_launch("linear", err);
+    return bs__cuda_act_rows(t, g->y, g->yt, g->ldy, acc, BS_TYPE_F32, g->n, g->m, g->n,
+                             BS_ACT_NONE, err); /* rounded once into y */
 }
 
 /* Runs g: its plan, or the fallback (marking the plan when cuBLASLt
@@ -371,10 +366,10 @@ static int convert_x(struct bs__cuda_thread *t, void *dst, enum bs_dtype ct,
                      const struct bs_tensor *x, int64_t m, int64_t k, struct bs_err *err)
 {
     int64_t ld = bs_tensor_ld(x);
-    dim3 grid = lin_grid(m, k);
+    dim3 grid = ew_grid(m, k);
 #define CONV(TO, TI)                                                                               \
-    lin_convert_kernel<<<grid, LIN_THREADS, 0, t->stream>>>((TO *)dst, (const TI *)x->data, m, k,  \
-                                                            ld, t->overflow_dev, BS_OVF_LINEAR)
+    lin_convert_kernel<<<grid, EW_THREADS, 0, t->stream>>>((TO *)dst, (const TI *)x->data, m, k,   \
+                                                           ld, t->overflow_dev, BS_OVF_LINEAR)
     if (ct == BS_TYPE_F32) {
         if (x->type == BS_TYPE_BF16)
             CONV(float, __nv_bfloat16);
@@ -395,29 +390,15 @@ static int convert_x(struct bs__cuda_thread *t, void *dst, enum bs_dtype ct,
     return bs__cuda_check_launch("linear", err);
 }
 
-/* The act (in place) or glu (from h) kernel after the GEMM, in y's dtype. */
+/* The act (in place) or glu (from h, of y's dtype) after the GEMM: the
+ * elementwise ops' own kernels (ops_cuda.cu). */
 static int run_act(struct bs__cuda_thread *t, const struct bs_tensor *y, const void *h, int64_t ldh,
                    int64_t m, int64_t n, enum bs_act act, bool gated, struct bs_err *err)
 {
     int64_t ldy = bs_tensor_ld(y);
-    dim3 grid = lin_grid(m, n);
-#define ACT(T)                                                                                     \
-    do {                                                                                           \
-        if (gated)                                                                                 \
-            lin_glu_kernel<<<grid, LIN_THREADS, 0, t->stream>>>((T *)y->data, ldy, (const T *)h,   \
-                                                                ldh, m, n, (int)act);              \
-        else                                                                                       \
-            lin_act_kernel<<<grid, LIN_THREADS, 0, t->stream>>>((T *)y->data, ldy, m, n,           \
-                                                                (int)act);                         \
-    } while (0)
-    if (y->type == BS_TYPE_F32)
-        ACT(float);
-    else if (y->type == BS_TYPE_BF16)
-        ACT(__nv_bfloat16);
-    else
-        ACT(__half);
-#undef ACT
-    return bs__cuda_check_launch("linear_act", err);
+    if (gated)
+        return bs__cuda_glu_rows(t, y->data, y->type, ldy, h, y->type, ldh, m, n, act, err);
+    return bs__cuda_act_rows(t, y->data, y->type, ldy, y->data, y->type, ldy, m, n, act, err);
 }
 
 /* linear (act BS_ACT_NONE, gated false, beta as given) and linear_act. */

@@ -97,13 +97,20 @@ int bs__cuda_glu(void *ctx, struct bs_tensor *y, const struct bs_tensor *x, enum
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "glu", err);
     if (t == NULL)
         return err->code;
-    int64_t ldy = bs_tensor_ld(y), ldx = bs_tensor_ld(x);
-    act_type(y->type, [&](auto *yt) {
-        act_type(x->type, [&](auto *xt) {
+    return bs__cuda_glu_rows(t, y->data, y->type, bs_tensor_ld(y), x->data, x->type,
+                             bs_tensor_ld(x), rows, n, act, err);
+}
+
+int bs__cuda_glu_rows(struct bs__cuda_thread *t, void *y, enum bs_dtype ty, int64_t ldy,
+                      const void *x, enum bs_dtype tx, int64_t ldx, int64_t rows, int64_t n,
+                      enum bs_act act, struct bs_err *err)
+{
+    act_type(ty, [&](auto *yt) {
+        act_type(tx, [&](auto *xt) {
             using TY = ACT_T(yt);
             using TX = ACT_T(xt);
             glu_kernel<TY, TX><<<ew_grid(rows, n), EW_THREADS, 0, t->stream>>>(
-                (TY *)y->data, ldy, (const TX *)x->data, ldx, rows, n, (int)act);
+                (TY *)y, ldy, (const TX *)x, ldx, rows, n, (int)act);
         });
     });
     return bs__cuda_check_launch("glu", err);

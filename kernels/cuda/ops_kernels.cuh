@@ -20,9 +20,7 @@ extern "C" {
 #include "device.cuh"
 #include "overflow.cuh"
 
-#define EW_THREADS   256   /* elementwise kernels: threads per block (x) */
-#define EW_MAX_Y     65535 /* grid y limit: rows beyond it loop */
-#define TR_TILE      32
+#define TR_TILE 32
 
 /* ---- device helpers ---------------------------------------------------- */
 
@@ -35,22 +33,6 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float x)
 {
     return __float2half_rn(x);
 }
-
-/* The grid of the 2-d elementwise kernels: columns over x, rows over y
- * (capped at EW_MAX_Y, the kernels loop over the rest). */
-static inline dim3 ew_grid(int64_t rows, int64_t cols)
-{
-    int64_t gx = (cols + EW_THREADS - 1) / EW_THREADS;
-    return dim3((unsigned)(gx > INT32_MAX ? INT32_MAX : gx),
-                (unsigned)(rows > EW_MAX_Y ? EW_MAX_Y : rows));
-}
-
-/* Loop macros for the 2-d elementwise kernels: rows over grid y, columns over
- * grid x, both grid-strided. */
-#define EW_ROWS(r, rows) for (int64_t r = blockIdx.y; r < (rows); r += gridDim.y)
-#define EW_COLS(i, cols)                                                                           \
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (cols);                   \
-         i += (int64_t)gridDim.x * blockDim.x)
 
 /* ---- conversion and bias ------------------------------------------------ */
 

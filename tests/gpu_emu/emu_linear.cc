@@ -1,12 +1,11 @@
 /* The kernels of linear_kernels.cuh (linear and linear_act on the GPU)
  * under emulation: the conversion of x to the compute dtype from each other
  * activation dtype (its twin: bs_convert_from_f32 of the widened values, bit
- * for bit) with its overflow flag; act in place and glu after the GEMM in
- * F32, BF16 and FP16 against the CPU backend's act and glu on the widened
- * values, rounded (at most 1 ulp of the dtype apart, or the F32
- * tolerance); the fallback's accumulator seed (b + beta y) and its store
- * (rounded once), exactly. Strided rows (the columns beyond a view must stay
- * as they were) and a grid smaller than the work (the loops). */
+ * for bit) with its overflow flag; the fallback's accumulator seed (b +
+ * beta y), exactly. Strided rows and a grid smaller than the work (the
+ * loops). The fallback's store (act_kernel<T, float>, BS_ACT_NONE) and the
+ * act and glu after a GEMM are the ops' own kernels, tested with them
+ * (emu_ops.cc: every dtype pair). */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -14,29 +13,20 @@
 #include "emu_common.h"
 #include "linear_kernels.cuh"
 
-#define CPU env->cpu.iface
-#define CC  env->cpu.ctx
-
 static const dim3 small_grid(1, 2);
-
-static const char *const act_names[BS_ACT_COUNT] = {"none",       "gelu", "gelu_tanh",
-                                                    "quick_gelu", "silu", "mish"};
 
 template <typename T> struct lt;
 template <> struct lt<float> {
     static constexpr enum bs_dtype dt = BS_TYPE_F32;
     static constexpr const char *name = "float";
-    static constexpr double ulp = 0; /* relative, at most */
 };
 template <> struct lt<__nv_bfloat16> {
     static constexpr enum bs_dtype dt = BS_TYPE_BF16;
     static constexpr const char *name = "__nv_bfloat16";
-    static constexpr double ulp = 1.0 / 128;
 };
 template <> struct lt<__half> {
     static constexpr enum bs_dtype dt = BS_TYPE_F16;
     static constexpr const char *name = "__half";
-    static constexpr double ulp = 1.0 / 1024;
 };
 
 /* n random values in [lo, hi) as T holds them: the T storage and the F32 values. */
@@ -98,8 +88,8 @@ template <typename TO, typename TI> static void convert_case(emu_env *env, tally
     for (int g = 0; g < 2; g++) {
         std::vector<TO> dst((size_t)(rows * cols));
         int flag = 0;
-        emu_launch(lin_convert_kernel<TO, TI>, g ? small_grid : lin_grid(rows, cols),
-                   dim3(LIN_THREADS), 0, dst.data(), (const TI *)src.data(), rows, cols, ld, &flag,
+        emu_launch(lin_convert_kernel<TO, TI>, g ? small_grid : ew_grid(rows, cols),
+                   dim3(EW_THREADS), 0, dst.data(), (const TI *)src.data(), rows, cols, ld, &flag,
                    4);
         char name[128];
         snprintf(name, sizeof(name), "lin_convert %s -> %s%s%s", lt<TI>::name, lt<TO>::name,
@@ -125,51 +115,9 @@ static void run_convert(emu_env *env)
     tally_report(env, t);
 }
 
-/* ---- lin_act_kernel and lin_glu_kernel ------------------------------------------- */
-
-template <typename T> static void act_cases(emu_env *env, tally *ta, tally *tg)
-{
-    const int64_t rows = 3, cols = 257, ld = 300, n = 140;
-    double rtol = lt<T>::ulp > TOL_EW ? lt<T>::ulp : TOL_EW;
-    for (int a = 0; a < BS_ACT_COUNT; a++)
-        for (int g = 0; g < 2; g++) {
-            char name[128];
-            struct bs_err err = {};
-            /* act in place on a column view [0, cols) of rows of ld */
-            std::vector<T> y;
-            std::vector<float> yf;
-            rand_t(&y, &yf, (size_t)(rows * ld), -8, 8);
-            int64_t ne[2] = {rows, ld};
-            struct bs_tensor whole = bs_tensor_make(BS_TYPE_F32, 2, ne, yf.data());
-            struct bs_tensor v = bs_tensor_view_cols(&whole, 0, cols);
-            check_cpu(CPU->act(CC, &v, &v, (enum bs_act)a, &err), &err, "act");
-            emu_launch(lin_act_kernel<T>, g ? small_grid : lin_grid(rows, cols), dim3(LIN_THREADS),
-                       0, y.data(), ld, rows, cols, a);
-            snprintf(name, sizeof(name), "lin_act %s %s%s", lt<T>::name, act_names[a],
-                     g ? ", small grid" : "");
-            expect_t(env, ta, name, y, yf, TOL_EW, rtol);
-
-            /* glu: h [rows, 2n] into y, a view of rows of ld */
-            std::vector<T> h, yo;
-            std::vector<float> hf, yof;
-            rand_t(&h, &hf, (size_t)(rows * 2 * n), -6, 6);
-            rand_t(&yo, &yof, (size_t)(rows * ld), -1, 1);
-            int64_t hne[2] = {rows, 2 * n}, yne[2] = {rows, ld};
-            struct bs_tensor ht = bs_tensor_make(BS_TYPE_F32, 2, hne, hf.data());
-            struct bs_tensor yw = bs_tensor_make(BS_TYPE_F32, 2, yne, yof.data());
-            struct bs_tensor yv = bs_tensor_view_cols(&yw, 3, n);
-            check_cpu(CPU->glu(CC, &yv, &ht, (enum bs_act)a, &err), &err, "glu");
-            emu_launch(lin_glu_kernel<T>, g ? small_grid : lin_grid(rows, n), dim3(LIN_THREADS), 0,
-                       yo.data() + 3, ld, (const T *)h.data(), 2 * n, rows, n, a);
-            snprintf(name, sizeof(name), "lin_glu %s %s%s", lt<T>::name, act_names[a],
-                     g ? ", small grid" : "");
-            expect_t(env, tg, name, yo, yof, TOL_EW, rtol);
-        }
-}
-
 /* ---- the fallback's seed and store --------------------------------------------- */
 
-template <typename T> static void fallback_cases(emu_env *env, tally *ts, tally *tt)
+template <typename T> static void fallback_cases(emu_env *env, tally *ts)
 {
     const int64_t rows = 4, n = 270, ld = 301;
     for (int c = 0; c < 3; c++) { /* bias and beta 1, bias and beta 0, beta 1 alone */
@@ -186,44 +134,24 @@ template <typename T> static void fallback_cases(emu_env *env, tally *ts, tally 
                 float v = bias ? b[i] : 0.0f;
                 want[r * n + i] = beta != 0.0f ? v + yf[r * ld + 2 + i] : v;
             }
-        emu_launch(lin_seed_kernel<T>, c == 2 ? small_grid : lin_grid(rows, n), dim3(LIN_THREADS),
-                   0, acc.data(), (const T *)y.data() + 2, ld,
+        emu_launch(lin_seed_kernel<T>, c == 2 ? small_grid : ew_grid(rows, n), dim3(EW_THREADS), 0,
+                   acc.data(), (const T *)y.data() + 2, ld,
                    bias ? (const float *)b.data() : (const float *)NULL, rows, n, beta);
         char name[128];
         snprintf(name, sizeof(name), "lin_seed %s%s, beta %g", lt<T>::name, bias ? ", bias" : "",
                  (double)beta);
         std::vector<float> acc_raw = acc; /* F32: compare exactly */
         expect_t<float>(env, ts, name, acc_raw, want, 0, 0);
-
-        /* store: y's view [2, 2 + n) = acc rounded once; the rest unchanged */
-        std::vector<float> yw = yf;
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t i = 0; i < n; i++)
-                yw[r * ld + 2 + i] = want[r * n + i] * 3.0f;
-        for (auto &v : want)
-            v *= 3.0f;
-        emu_launch(lin_store_kernel<T>, c == 2 ? small_grid : lin_grid(rows, n), dim3(LIN_THREADS),
-                   0, y.data() + 2, ld, (const float *)want.data(), rows, n);
-        snprintf(name, sizeof(name), "lin_store %s, case %d", lt<T>::name, c);
-        expect_t(env, tt, name, y, yw, 0, 0);
     }
 }
 
 void run_linear(emu_env *env)
 {
     run_convert(env);
-    tally ta, tg, ts, tt;
-    ta.kernel = "lin_act_kernel", tg.kernel = "lin_glu_kernel";
-    ts.kernel = "lin_seed_kernel", tt.kernel = "lin_store_kernel";
-    act_cases<float>(env, &ta, &tg);
-    act_cases<__nv_bfloat16>(env, &ta, &tg);
-    act_cases<__half>(env, &ta, &tg);
-    fallback_cases<__nv_bfloat16>(env, &ts, &tt);
-    fallback_cases<__half>(env, &ts, &tt);
-    ta.note = tg.note = "every act, F32/BF16/FP16, strided rows, small grid";
-    ts.note = tt.note = "BF16/FP16 y, bias or none, beta 0 or 1, strided rows";
-    tally_report(env, ta);
-    tally_report(env, tg);
+    tally ts;
+    ts.kernel = "lin_seed_kernel";
+    fallback_cases<__nv_bfloat16>(env, &ts);
+    fallback_cases<__half>(env, &ts);
+    ts.note = "the fallback for a BF16/FP16 y: bias or none, beta 0 or 1, strided rows";
     tally_report(env, ts);
-    tally_report(env, tt);
 }

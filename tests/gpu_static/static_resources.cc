@@ -141,13 +141,9 @@ static std::vector<launch> launches(void)
          {"lin_convert_kernel<__nv_bfloat16, float>", "lin_convert_kernel<__nv_bfloat16, __half>",
           "lin_convert_kernel<__half, float>", "lin_convert_kernel<__half, __nv_bfloat16>",
           "lin_convert_kernel<float, __nv_bfloat16>", "lin_convert_kernel<float, __half>"})
-        l.push_back({k, LIN_THREADS, 0, false, 0, 0});
-    for (const char *t : {"float", "__nv_bfloat16", "__half"})
-        for (const char *k : {"lin_act_kernel<", "lin_glu_kernel<"})
-            l.push_back({std::string(k) + t + ">", LIN_THREADS, 0, false, 0, 0});
+        l.push_back({k, EW_THREADS, 0, false, 0, 0});
     for (const char *t : {"__nv_bfloat16", "__half"})
-        for (const char *k : {"lin_seed_kernel<", "lin_store_kernel<"})
-            l.push_back({std::string(k) + t + ">", LIN_THREADS, 0, false, 0, 0});
+        l.push_back({std::string("lin_seed_kernel<") + t + ">", EW_THREADS, 0, false, 0, 0});
     return l;
 }
 
