@@ -96,6 +96,19 @@ if [ -f "$(dirname "$bin")/libbs_cuda.so" ]; then
 fi
 expect_fail "unknown device" "unknown device" \
   "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" --device tpu
+expect_fail "unknown activation dtype" "unknown activation dtype" \
+  "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" \
+  --activations bf8
+# narrow activations on the CPU: the same output as FP32 activations within BF16's reach
+if "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/a32.safetensors" \
+    --device cpu --dtype bf16 --activations fp32 2>/dev/null &&
+    "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/a16.safetensors" \
+      --device cpu --dtype bf16 --activations compute 2>/dev/null &&
+    [ -s "$tmp/a16.safetensors" ] && ! cmp -s "$tmp/a32.safetensors" "$tmp/a16.safetensors"; then
+  ok "--activations compute runs (and rounds differently from fp32)"
+else
+  bad "--activations compute"
+fi
 head -c 20 "$dir/inputs.safetensors" >"$tmp/trunc.safetensors"
 expect_fail "truncated inputs" "inputs" \
   "$bin" forward "$dir" --inputs "$tmp/trunc.safetensors" --output "$tmp/o.safetensors"
