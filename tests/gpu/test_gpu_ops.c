@@ -5,7 +5,7 @@
  * Exits 77 (CTest: skipped) when no usable GPU is there. test_gpu_ops
  * self-check runs the harness with the CPU backend on both sides (every
  * comparison must then be exact), so that it is tested on machines without
- * a GPU too.
+ * a GPU too, narrow (BF16, F16) activations included: the CPU takes them.
  *
  * Tolerances, per element: |gpu - cpu| <= atol + rtol |cpu|.
  * - Ops computed in FP32 in every dtype (norms, activations, gated units,
@@ -453,7 +453,7 @@ static void linear_dt_case(struct env *e, const char *what, int64_t m, int64_t k
 static void test_linear_dtypes(struct env *e)
 {
     static const enum bs_dtype dts[3] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
-    int nd = e->self_check ? 1 : 3; /* the CPU backend takes F32 activations only */
+    int nd = 3;
     for (int i = 0; i < nd; i++)
         for (int j = 0; j < nd; j++)
             for (int b = 0; b < 2; b++)
@@ -461,7 +461,7 @@ static void test_linear_dtypes(struct env *e)
     /* shapes cuBLASLt may decline: odd K, a row stride no multiple of 8 (x
      * a column view at an odd offset), M = 1, K = 0 */
     for (int i = 0; i < nd; i++) {
-        enum bs_dtype dt = dts[i], ct = e->self_check ? BS_TYPE_F32 : dts[(i + 1) % 3];
+        enum bs_dtype dt = dts[i], ct = dts[(i + 1) % 3];
         linear_dt_case(e, "odd k 33, ldx 38", 45, 33, 70, 5, dt, ct, true);
         linear_dt_case(e, "m 1", 1, 256, 384, 0, dt, dt, true);
         linear_dt_case(e, "k 0", 5, 0, 7, 0, dt, ct, true);
@@ -472,7 +472,7 @@ static void test_linear_dtypes(struct env *e)
 static void test_linear_act(struct env *e)
 {
     static const enum bs_dtype dts[3] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
-    int nd = e->self_check ? 1 : 3;
+    int nd = 3;
     char name[128];
     for (int d = 0; d < nd; d++)
         for (int gated = 0; gated < (GPU->linear_act ? 2 : 1); gated++)
@@ -655,12 +655,11 @@ static void expect_dt(struct env *e, const char *name, const struct ptd *t)
 
 /* Layer norm: DiT-XL's AdaLN rows in every dtype pair, rows of 8192 (the
  * registers' most) and past them, a length not a multiple of 8 in aligned
- * rows, unaligned views, in place in 16 bits, 1000 + noise. The narrow
- * cases need a GPU (the CPU backend takes F32 only). */
+ * rows, unaligned views, in place in 16 bits, 1000 + noise. */
 static void test_layer_norm_dtypes(struct env *e)
 {
     const enum bs_dtype all[] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
-    int nd = e->self_check ? 1 : 3;
+    int nd = 3;
     char name[96];
     struct ptd g, b, s, h;
     ptd_new(e, &g, BS_TYPE_F32, 1, (int64_t[]){1152}, 0.5f, 1.5f, 0);
@@ -725,7 +724,7 @@ static void test_layer_norm_dtypes(struct env *e)
 static void test_group_norm_dtypes(struct env *e)
 {
     const enum bs_dtype all[] = {BS_TYPE_F32, BS_TYPE_BF16, BS_TYPE_F16};
-    int nd = e->self_check ? 1 : 3;
+    int nd = 3;
     char name[96];
     struct ptd g, b, s, h;
     ptd_new(e, &g, BS_TYPE_F32, 1, (int64_t[]){320}, 0.5f, 1.5f, 0);
@@ -1717,12 +1716,9 @@ static void test_all(struct env *e)
     test_add_transpose_rows(e);
     test_attention(e);
     test_attention_ragged(e);
-    /* the CPU backend (the self-check's "GPU") takes F32 activations only */
-    if (!e->self_check) {
-        test_narrow_ew(e);
-        test_narrow_attention(e);
-        test_narrow_ragged(e);
-    }
+    test_narrow_ew(e);
+    test_narrow_attention(e);
+    test_narrow_ragged(e);
     test_threads(e);
     test_copies(e);
     if (!e->self_check)
