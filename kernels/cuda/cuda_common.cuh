@@ -181,6 +181,18 @@ static inline int64_t bs__cdiv(int64_t a, int64_t b)
     return (a + b - 1) / b;
 }
 
+/* An optional F32 operand's data (gamma, beta, modulation rows, gates), or
+ * NULL without one; and its row stride, or 0. */
+static inline const float *bs__cuda_f32_or_null(const struct bs_tensor *t)
+{
+    return t ? (const float *)t->data : NULL;
+}
+
+static inline int64_t bs__cuda_ld_or_zero(const struct bs_tensor *t)
+{
+    return t ? bs_tensor_ld(t) : 0;
+}
+
 /* Convert rows of cols floats (stride ld) into dense rows of the compute
  * dtype at dst, on the thread's stream; a value beyond the dtype's range
  * sets the thread's overflow flag to code (BS_OVF_*, overflow.cuh). Returns

@@ -2,69 +2,16 @@
  * scale/shift modulation; x and y each F32, BF16 or F16.
  *
  * Three layers per op (STYLE rule 5): the kernels (norm_kernels.cuh, shared
- * with the host emulation of tests/gpu_emu), a launcher per dtype pair on
- * the stream (launch_ln, launch_gn), and the entry (bs__cuda_layer_norm,
- * bs__cuda_group_norm) that checks shapes and dtypes with the CPU twin's
- * checks (engine/opcheck.h), fills the kernel arguments, takes the calling
- * thread's state and dispatches on the dtypes. */
+ * with the host emulation of tests/gpu_emu), and the entry
+ * (bs__cuda_layer_norm, bs__cuda_group_norm) that checks shapes and dtypes
+ * with the CPU twin's checks (engine/opcheck.h), fills the kernel
+ * arguments, takes the calling thread's state and launches the instance of
+ * the dtype pair on its stream (act_type, act_io.cuh, as the other ops). */
 #include "cuda_common.cuh"
 
 #include "norm_kernels.cuh"
 
-static const float *data_or_null(const struct bs_tensor *t)
-{
-    return t ? (const float *)t->data : NULL;
-}
-
-static int64_t ld_or_zero(const struct bs_tensor *t)
-{
-    return t ? bs_tensor_ld(t) : 0;
-}
-
-/* Calls F<TX, TY>::run(args...) for the tensors' dtypes (each F32, BF16 or
- * F16; the opchecks have refused the rest). */
-template <template <typename, typename> class F, typename TX, typename... A>
-static void on_ty(enum bs_dtype ty, A... args)
-{
-    switch (ty) {
-    case BS_TYPE_BF16:
-        F<TX, __nv_bfloat16>::run(args...);
-        break;
-    case BS_TYPE_F16:
-        F<TX, __half>::run(args...);
-        break;
-    default:
-        F<TX, float>::run(args...);
-    }
-}
-
-template <template <typename, typename> class F, typename... A>
-static void on_types(enum bs_dtype tx, enum bs_dtype ty, A... args)
-{
-    switch (tx) {
-    case BS_TYPE_BF16:
-        on_ty<F, __nv_bfloat16>(ty, args...);
-        break;
-    case BS_TYPE_F16:
-        on_ty<F, __half>(ty, args...);
-        break;
-    default:
-        on_ty<F, float>(ty, args...);
-    }
-}
-
 /* ---- layer norm --------------------------------------------------------- */
-
-template <typename TX, typename TY> struct launch_ln {
-    static void run(const ln_args &a, cudaStream_t s)
-    {
-        ln_plan p = ln_plan_make(a.rows, a.d);
-        if (p.wide)
-            ln_wide_kernel<TX, TY><<<p.grid, p.block, 0, s>>>(a);
-        else
-            ln_kernel<TX, TY><<<p.grid, p.block, 0, s>>>(a);
-    }
-};
 
 int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                         const struct bs_norm_params *p, struct bs_err *err)
@@ -88,30 +35,32 @@ int bs__cuda_layer_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
                         ldy,
                         rps < 1 ? 1 : rps,
                         p->eps,
-                        data_or_null(p->gamma),
-                        data_or_null(p->beta),
-                        data_or_null(p->scale),
-                        data_or_null(p->shift),
-                        ld_or_zero(p->scale),
-                        ld_or_zero(p->shift),
+                        bs__cuda_f32_or_null(p->gamma),
+                        bs__cuda_f32_or_null(p->beta),
+                        bs__cuda_f32_or_null(p->scale),
+                        bs__cuda_f32_or_null(p->shift),
+                        bs__cuda_ld_or_zero(p->scale),
+                        bs__cuda_ld_or_zero(p->shift),
                         norm_vec_ok(x->data, ldx, bs_dtype_size(x->type)),
                         norm_vec_ok(y->data, ldy, bs_dtype_size(y->type))};
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, op, err);
     if (t == NULL)
         return err->code;
-    on_types<launch_ln>(x->type, y->type, a, t->stream);
+    ln_plan pl = ln_plan_make(a.rows, a.d);
+    act_type(x->type, [&](auto *xt) {
+        act_type(y->type, [&](auto *yt) {
+            using TX = ACT_T(xt);
+            using TY = ACT_T(yt);
+            if (pl.wide)
+                ln_wide_kernel<TX, TY><<<pl.grid, pl.block, 0, t->stream>>>(a);
+            else
+                ln_kernel<TX, TY><<<pl.grid, pl.block, 0, t->stream>>>(a);
+        });
+    });
     return bs__cuda_check_launch(op, err);
 }
 
 /* ---- group norm --------------------------------------------------------- */
-
-template <typename TX, typename TY> struct launch_gn {
-    static void run(const gn_args &a, unsigned blocks, cudaStream_t s)
-    {
-        gn_stats_kernel<TX><<<blocks, NORM_THREADS, 0, s>>>(a);
-        gn_norm_kernel<TX, TY><<<blocks, NORM_THREADS, 0, s>>>(a);
-    }
-};
 
 int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                         const struct bs_norm_params *p, struct bs_err *err)
@@ -138,12 +87,12 @@ int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
                         0,
                         0,
                         p->eps,
-                        data_or_null(p->gamma),
-                        data_or_null(p->beta),
-                        data_or_null(p->scale),
-                        data_or_null(p->shift),
-                        ld_or_zero(p->scale),
-                        ld_or_zero(p->shift),
+                        bs__cuda_f32_or_null(p->gamma),
+                        bs__cuda_f32_or_null(p->beta),
+                        bs__cuda_f32_or_null(p->scale),
+                        bs__cuda_f32_or_null(p->shift),
+                        bs__cuda_ld_or_zero(p->scale),
+                        bs__cuda_ld_or_zero(p->shift),
                         NULL,
                         norm_vec_ok(x->data, n, bs_dtype_size(x->type)),
                         norm_vec_ok(y->data, n, bs_dtype_size(y->type))};
@@ -157,6 +106,13 @@ int bs__cuda_group_norm(void *ctx, struct bs_tensor *y, const struct bs_tensor *
     a.part = (double *)bs__cuda_scratch(t, blocks * 2 * sizeof(double), err);
     if (a.part == NULL)
         return bs_err_wrap(err, op);
-    on_types<launch_gn>(x->type, y->type, a, (unsigned)blocks, t->stream);
+    act_type(x->type, [&](auto *xt) {
+        act_type(y->type, [&](auto *yt) {
+            using TX = ACT_T(xt);
+            using TY = ACT_T(yt);
+            gn_stats_kernel<TX><<<(unsigned)blocks, NORM_THREADS, 0, t->stream>>>(a);
+            gn_norm_kernel<TX, TY><<<(unsigned)blocks, NORM_THREADS, 0, t->stream>>>(a);
+        });
+    });
     return bs__cuda_check_launch(op, err);
 }

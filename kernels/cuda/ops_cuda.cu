@@ -35,18 +35,6 @@ int bs__cuda_bias_rows(struct bs__cuda_thread *t, float *y, int64_t ldy, const f
     return bs__cuda_check_launch("linear bias", err);
 }
 
-/* ---- operand helpers -------------------------------------------------- */
-
-static const float *data_or_null(const struct bs_tensor *t)
-{
-    return t ? (const float *)t->data : NULL;
-}
-
-static int64_t ld_or_zero(const struct bs_tensor *t)
-{
-    return t ? bs_tensor_ld(t) : 0;
-}
-
 /* ---- activations, gated units, residual adds ---------------------------- */
 
 /* Activations are F32, BF16 or F16 (engine/backend.h): each launcher picks
@@ -129,10 +117,10 @@ int bs__cuda_add(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
         return 0;
     struct add_args a = {y->data,
                          x->data,
-                         data_or_null(gate),
+                         bs__cuda_f32_or_null(gate),
                          bs_tensor_ld(y),
                          bs_tensor_ld(x),
-                         ld_or_zero(gate),
+                         bs__cuda_ld_or_zero(gate),
                          rows,
                          n,
                          rows_per_sample < 1 ? 1 : rows_per_sample,
