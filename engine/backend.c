@@ -9,6 +9,7 @@
 #include <dlfcn.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -162,6 +163,11 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
     if (strcmp(acts, "auto") != 0 && strcmp(acts, "fp32") != 0 && strcmp(acts, "compute") != 0)
         return bs_err_set(err, BS_EINVAL,
                           "unknown activation dtype \"%s\" (expected auto, fp32 or compute)", acts);
+    const char *graphs = o->graphs ? o->graphs : "auto";
+    if (strcmp(graphs, "auto") != 0 && strcmp(graphs, "on") != 0 && strcmp(graphs, "off") != 0 &&
+        strcmp(graphs, "emulate") != 0)
+        return bs_err_set(err, BS_EINVAL,
+                          "unknown graphs mode \"%s\" (expected auto, on, off or emulate)", graphs);
     cpu_dtype = dtype == BS_TYPE_COUNT ? BS_TYPE_F32 : dtype;
     cuda_dtype = dtype == BS_TYPE_COUNT ? BS_TYPE_BF16 : dtype;
     if (strcmp(device, "cpu") == 0) {
@@ -178,10 +184,28 @@ int bs_backend_init_opts(struct bs_backend *be, const struct bs_backend_opts *o,
         if ((rc = cpu_init(be, o, cpu_dtype, why, err)) != 0)
             return bs_err_wrap(err, "--device auto: GPU not used (%.200s)", why);
     }
-    if (rc == 0) /* auto: narrow activations where the backend computes off the host */
-        be->act_f32 =
-            strcmp(acts, "fp32") == 0 || (strcmp(acts, "auto") == 0 && be->iface->host_memory);
-    return rc;
+    if (rc != 0)
+        return rc;
+    /* auto: narrow activations where the backend computes off the host */
+    be->act_f32 = strcmp(acts, "fp32") == 0 || (strcmp(acts, "auto") == 0 && be->iface->host_memory);
+    static atomic_uint_least64_t serials;
+    be->serial = atomic_fetch_add(&serials, 1) + 1;
+    bool has_graphs = be->iface->graph_begin != NULL;
+    if (strcmp(graphs, "emulate") == 0) {
+        be->graphs = BS_GRAPHS_EMULATE;
+    } else if (strcmp(graphs, "off") == 0 || (strcmp(graphs, "auto") == 0 && !has_graphs)) {
+        be->graphs = BS_GRAPHS_OFF;
+    } else if (has_graphs) {
+        be->graphs = BS_GRAPHS_ON;
+    } else {
+        const char *name = be->iface->name;
+        bs_backend_free(be);
+        return bs_err_set(err, BS_EUNSUPP,
+                          "--graphs on: the %s backend has no launch graphs (off, or emulate to "
+                          "check the graph logic without them)",
+                          name);
+    }
+    return 0;
 }
 
 int bs_backend_init(struct bs_backend *be, const char *device, int n_threads, struct bs_err *err)

@@ -89,6 +89,9 @@ struct bs_backend_memory {
     uint64_t total_bytes; /* the device's capacity */
 };
 
+/* An executable launch graph of a backend (graph_* below). */
+struct bs_backend_graph;
+
 struct bs_backend_i {
     const char *name;
 
@@ -203,6 +206,55 @@ struct bs_backend_i {
      * ggml's get_proc_address: the function (cast to void *) or NULL when the
      * backend has no entry of that name. Names and types: BS_PROC_* below. */
     void *(*get_proc_address)(const char *name);
+
+    /* Optional launch graphs (CUDA graphs): all of graph_begin ..
+     * graph_epoch, or all NULL. The engine (engine/graph.c) records the ops
+     * of a part of a forward (a transformer block) with their arguments,
+     * has the backend capture them into a graph once, and later launches
+     * that graph in place of the same ops, having checked that the ops and
+     * every argument are the same; so a backend only captures and launches.
+     * A graph belongs to the thread that captured it: only that thread
+     * launches, waits for and frees it.
+     *
+     * graph_begin: the ops the calling thread calls until graph_end are
+     * captured, not run (nothing runs before graph_launch). An op that
+     * cannot be captured (memory of the backend's own it would have to
+     * grow, host data it would have to upload) fails (BS_EUNSUPP), and the
+     * engine then runs the part without a graph.
+     * graph_end: ends the capture. keep: *g is the captured graph, not yet
+     * run; a capture that broke fails (nothing kept). !keep: discarded.
+     * graph_rows: during a capture, get_rows of y from table for n indices
+     * that the graph reads from *idx when it runs: host memory for n
+     * int64_t that the graph owns until graph_free, which the caller fills
+     * (indices checked against the table) before each launch, after
+     * graph_wait.
+     * graph_launch: queues g's work on the calling thread's queue, as ops
+     * are queued (copy_out waits for it).
+     * graph_wait: returns once no launch of g reads its idx memory.
+     * graph_free: releases g (waiting for its launches first); free (the
+     * backend's) releases the graphs not freed yet.
+     * graph_epoch: a counter the backend bumps whenever memory a graph may
+     * hold without the engine having passed it (the backend's own scratch,
+     * its copies of weights) moves or is freed; a graph captured at another
+     * epoch is freed, never launched. Thread-safe. */
+    int (*graph_begin)(void *ctx, struct bs_err *err);
+    int (*graph_end)(void *ctx, bool keep, struct bs_backend_graph **g, struct bs_err *err);
+    int (*graph_rows)(void *ctx, struct bs_tensor *y, const struct bs_tensor *table, int64_t n,
+                      int64_t **idx, struct bs_err *err);
+    int (*graph_launch)(void *ctx, struct bs_backend_graph *g, struct bs_err *err);
+    int (*graph_wait)(void *ctx, struct bs_backend_graph *g, struct bs_err *err);
+    void (*graph_free)(void *ctx, struct bs_backend_graph *g);
+    uint64_t (*graph_epoch)(void *ctx);
+};
+
+/* Whether the engine runs transformer blocks through launch graphs
+ * (bs_backend_opts.graphs): off; on (the backend's graph_* ops); emulate
+ * (the engine records and replays the ops itself, on any backend: the
+ * same checks and bookkeeping as on, for testing them without a GPU). */
+enum bs_graph_mode {
+    BS_GRAPHS_OFF,
+    BS_GRAPHS_ON,
+    BS_GRAPHS_EMULATE,
 };
 
 /* A backend instance. */
@@ -215,6 +267,12 @@ struct bs_backend {
      * F32; false has them in the model's compute dtype where act_dtypes
      * lists it (the engine's choice of which stay F32: engine/modules.c). */
     bool act_f32;
+    /* Launch graphs for transformer blocks (bs_backend_opts.graphs). */
+    enum bs_graph_mode graphs;
+    /* Unique per backend made in this process (from 1; set by
+     * bs_backend_init_opts): what the engine's per-thread graph caches are
+     * keyed on, since a freed backend's address can come back. */
+    uint64_t serial;
 };
 
 /* Options of bs_backend_init_opts. */
@@ -228,15 +286,20 @@ struct bs_backend_opts {
      * it as activations), "fp32", or NULL/"auto": compute on cuda, fp32 on
      * cpu. */
     const char *activations;
+    /* Launch graphs: "on" (the backend must have them), "off", "emulate"
+     * (enum bs_graph_mode), or NULL/"auto": on where the backend has them
+     * (cuda), else off. */
+    const char *graphs;
 };
 
 /* Version of struct bs_backend_i, bs_backend_opts and bs_backend_module that a
  * backend module must have been built against. */
-#define BS_BACKEND_ABI 6 /* 2: memory_info; 3: get_proc_address, bs_backend_module;
+#define BS_BACKEND_ABI 7 /* 2: memory_info; 3: get_proc_address, bs_backend_module;
                             4: pack_weight, bs_attn_params.compute, bs_backend.dtype;
                             5: ragged attention (bs_attn_params.q_off, k_off, m_off);
                             6: narrow activations (act_dtypes, bs_backend.act_f32,
-                               bs_backend_opts.activations), linear_act */
+                               bs_backend_opts.activations), linear_act;
+                            7: launch graphs (graph_*, bs_backend_opts.graphs) */
 
 /* What a backend module (libbs_cuda.so) exports: one function, named
  * BS_CUDA_MODULE_ENTRY, of type bs_backend_module_fn. The engine reads abi

@@ -39,6 +39,7 @@ struct serve_opts {
     const char *device;
     const char *dtype; /* NULL: the backend's default */
     const char *activations;
+    const char *graphs;
     bool tf32;
     int threads;
     int verbose;
@@ -121,6 +122,9 @@ static const struct bs_opt serve_rows[] = {
     {"--activations", AT(STR, activations), .def = "auto", .metavar = "auto|fp32|compute",
      .help = "activation dtype between ops: compute (the compute dtype), fp32 (default: cpu "
              "fp32, cuda compute)"},
+    {"--graphs", AT(STR, graphs), .def = "auto", .metavar = "auto|on|off|emulate",
+     .help = "run transformer blocks through launch graphs, captured per model and batch shape "
+             "(default: cuda on, cpu off; emulate: the engine replays the ops, for testing)"},
     {"--tf32", AT(FLAG, tf32), .help = "let FP32 GEMMs use TF32 tensor cores (cuda)"},
     {"--log-verbose", AT(INT, verbose), .lo = 0, .hi = 9, .metavar = "N",
      .help = "0: info, 1: every request"},
@@ -415,7 +419,7 @@ static int start(struct server *s, struct bs_err *err)
     char address[300];
     int port = 0;
     struct bs_backend_opts bo = {s->opts.device, s->opts.threads, s->opts.dtype, s->opts.tf32,
-                                 s->opts.activations};
+                                 s->opts.activations, s->opts.graphs};
     if (bs_backend_init_opts(&s->be, &bo, err) != 0)
         return err->code;
     bs_log(BS_LOG_INFO, NULL, "compute: %s", err->msg);

@@ -27,6 +27,7 @@ struct tool_args {
     const char *dtype; /* NULL: the backend's default */
     bool tf32;
     const char *activations;
+    const char *graphs;
     int threads;
     int reps;
 };
@@ -46,6 +47,8 @@ static const struct bs_opt common_rows[] = {
     {"--tf32", AT(FLAG, tf32), .help = "let FP32 GEMMs use TF32 tensor cores (cuda)"},
     {"--activations", AT(STR, activations), .def = "auto", .metavar = "auto|fp32|compute",
      .help = "activation dtype between ops (default: cpu fp32, cuda compute)"},
+    {"--graphs", AT(STR, graphs), .def = "auto", .metavar = "auto|on|off|emulate",
+     .help = "run transformer blocks through launch graphs (default: cuda on, cpu off)"},
     BS_OPTS_NULL,
 };
 static const struct bs_opt forward_rows[] = {
@@ -151,7 +154,8 @@ static int session_open(struct session *s, const struct tool_args *a, struct bs_
 {
     memset(s, 0, sizeof(*s));
     bs_arena_init(&s->arena, &s->be);
-    struct bs_backend_opts bo = {a->device, a->threads, a->dtype, a->tf32, a->activations};
+    struct bs_backend_opts bo = {a->device, a->threads, a->dtype, a->tf32, a->activations,
+                                 a->graphs};
     if (bs_backend_init_opts(&s->be, &bo, err) != 0)
         return err->code;
     fprintf(stderr, "blockserve %s: compute: %s\n", a->cmd, err->msg);
