@@ -53,6 +53,7 @@ set(BS_ENGINE_SOURCES
   engine/config.c
   engine/model.c
   engine/modules.c
+  engine/graph.c
   engine/class.c
   engine/classes/btb.c
   engine/classes/attention_block.c

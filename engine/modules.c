@@ -2,6 +2,8 @@
  * sequences: parameter binding from state_dict keys, then forwards. */
 #include "modules.h"
 
+#include "graph.h"
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -719,11 +721,12 @@ static int stop_check(struct bs__fwd *f)
     return bs_err_set(f->err, BS_ECANCELED, "stopped: no request of the batch is waiting for it");
 }
 
-int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x)
+/* One BasicTransformerBlock on x in place; its scratch is released by the
+ * caller (bs__block_forward), after a graph that reads it has been queued. */
+static int block_body(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x)
 {
     const struct bs_btb_config *c = b->cfg;
     int64_t d = c->dim, rows = bs_tensor_nrows(x);
-    struct bs_arena_mark mark = bs_arena_mark(f->arena);
     struct bs_tensor nh, mod, col[6];
     const struct bs_tensor *gate_msa = NULL, *gate_mlp = NULL, *scale_mlp = NULL, *shift_mlp = NULL;
     int64_t rps = rows_per_cond(f, f->cond ? f->cond->n : 1);
@@ -770,6 +773,53 @@ int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_te
             rc = add(f, x, &t, gate_mlp, rps, 1.0f);
     }
 out:
+    return rc;
+}
+
+/* What a block's ops depend on besides their arguments (engine/graph.h):
+ * zeroed first, so that its padding compares equal. */
+struct block_key {
+    const struct bs__block *b;
+    const void *x, *enc, *mask1, *mask2, *tproj;
+    int64_t rows, batch, lq, lk, cond_n;
+    int32_t act;
+};
+
+struct block_arg {
+    const struct bs__block *b;
+    struct bs_tensor *x;
+};
+
+static int block_part(struct bs__fwd *f, void *arg)
+{
+    struct block_arg *a = arg;
+    return block_body(f, a->b, a->x);
+}
+
+int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x)
+{
+    struct bs_arena_mark mark = bs_arena_mark(f->arena);
+    int rc;
+    if (f->be->graphs == BS_GRAPHS_OFF || f->rg != NULL || f->cache != NULL) {
+        rc = block_body(f, b, x);
+    } else {
+        struct block_key k;
+        struct block_arg a = {b, x};
+        memset(&k, 0, sizeof(k));
+        k.b = b;
+        k.x = x->data;
+        k.enc = f->enc.data;
+        k.mask1 = f->mask1.t.data;
+        k.mask2 = f->mask2.t.data;
+        k.tproj = f->cond != NULL ? f->cond->tproj.data : NULL;
+        k.rows = bs_tensor_nrows(x);
+        k.batch = f->batch;
+        k.lq = f->lq;
+        k.lk = f->lk;
+        k.cond_n = f->cond != NULL ? f->cond->n : 0;
+        k.act = (int32_t)f->act;
+        rc = bs__graph_run(f, &k, sizeof(k), block_part, &a);
+    }
     bs_arena_release(f->arena, mark);
     return rc;
 }

@@ -12,7 +12,12 @@
  * test_golden CASE_DIR DEVICE DTYPE TOLERANCE ACTIVATIONS [OUT_DTYPE] also
  * sets --activations (auto, fp32 or compute: compute fails unless the model
  * then has narrow activations) and the output's dtype (fp32, bf16 or fp16;
- * the output is compared widened). */
+ * the output is compared widened).
+ *
+ * test_golden CASE_DIR DEVICE DTYPE TOLERANCE ACTIVATIONS OUT_DTYPE GRAPHS
+ * also sets --graphs (auto, on, off or emulate); with graphs on or emulate
+ * the forward runs three times (warm-up, capture, launch), each compared,
+ * and a BasicTransformerBlock model must have launched a graph per block. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +25,7 @@
 
 #include "arena.h"
 #include "backend.h"
+#include "graph.h"
 #include "model.h"
 #include "safetensors.h"
 
@@ -32,6 +38,7 @@ struct golden_opts {
     bool relative;           /* divide by max(1, max |expected|) */
     const char *activations; /* NULL: the backend's default */
     enum bs_dtype out_type;
+    const char *graphs; /* NULL: the backend's default */
 };
 
 struct cb_state {
@@ -81,7 +88,8 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
     int n_in = 0, rc;
     bs_arena_init(&arena, &be);
     struct bs_backend_opts bo = {
-        .device = go->device, .dtype = go->dtype, .activations = go->activations};
+        .device = go->device, .dtype = go->dtype, .activations = go->activations,
+        .graphs = go->graphs};
     if ((rc = bs_backend_init_opts(&be, &bo, err)) != 0) {
         if (rc == BS_EUNSUPP && strcmp(go->device, "cpu") != 0)
             rc = EXIT_SKIP;
@@ -128,7 +136,10 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
     }
     out = bs_tensor_make(go->out_type, out.n_dims, out.ne, NULL);
     out.data = malloc(bs_tensor_nbytes(&out));
-    for (int pass = 0; pass < 2 && rc == 0; pass++) {
+    int passes = be.graphs != BS_GRAPHS_OFF ? 3 : 2;
+    struct bs_graph_stats gs0, gs1;
+    bs_graph_stats(&gs0);
+    for (int pass = 0; pass < passes && rc == 0; pass++) {
         struct cb_state cbs = {0, -1};
         struct bs_forward_opts opts = {.on_block = on_block, .cb_arg = &cbs};
         bool with_cb = pass == 1 && bs_model_config(model)->num_blocks > 1;
@@ -146,6 +157,19 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
             rc = bs_err_set(err, BS_EINTERNAL, "callback ran %d times for %d blocks", cbs.calls,
                             bs_model_config(model)->num_blocks);
     }
+    bs_graph_stats(&gs1);
+    if (rc == 0 && be.graphs != BS_GRAPHS_OFF) {
+        uint64_t launched = gs1.launched - gs0.launched, captured = gs1.captured - gs0.captured;
+        int blocks = strcmp(bs_config_class_name(bs_model_config(model)->cls), "BasicTransformerBlock") == 0
+                         ? bs_model_config(model)->num_blocks
+                         : 0;
+        printf("graphs: %llu eager, %llu captured, %llu launched, %llu reran\n",
+               (unsigned long long)(gs1.eager - gs0.eager), (unsigned long long)captured,
+               (unsigned long long)launched, (unsigned long long)(gs1.reran - gs0.reran));
+        if (launched != (uint64_t)blocks || captured != (uint64_t)blocks)
+            rc = bs_err_set(err, BS_EINTERNAL, "%d blocks: %llu graphs captured, %llu launched",
+                            blocks, (unsigned long long)captured, (unsigned long long)launched);
+    }
 done:
     free(out.data);
     bs_st_close(exp_file);
@@ -159,10 +183,10 @@ done:
 int main(int argc, char **argv)
 {
     struct bs_err err = {0};
-    struct golden_opts go = {"cpu", NULL, TOLERANCE, false, NULL, BS_TYPE_F32};
-    if (argc != 2 && (argc < 5 || argc > 7)) {
+    struct golden_opts go = {"cpu", NULL, TOLERANCE, false, NULL, BS_TYPE_F32, NULL};
+    if (argc != 2 && (argc < 5 || argc > 8)) {
         fprintf(stderr, "usage: test_golden CASE_DIR [DEVICE DTYPE TOLERANCE [ACTIVATIONS "
-                        "[OUT_DTYPE]]]\n");
+                        "[OUT_DTYPE [GRAPHS]]]]\n");
         return 2;
     }
     if (argc >= 5) {
@@ -171,8 +195,9 @@ int main(int argc, char **argv)
                                   atof(argv[4]),
                                   strcmp(argv[3], "fp32") != 0,
                                   argc >= 6 ? argv[5] : NULL,
-                                  BS_TYPE_F32};
-        if (argc == 7 && bs_compute_dtype_parse(argv[6], &go.out_type, &err) != 0) {
+                                  BS_TYPE_F32,
+                                  argc >= 8 ? argv[7] : NULL};
+        if (argc >= 7 && bs_compute_dtype_parse(argv[6], &go.out_type, &err) != 0) {
             fprintf(stderr, "test_golden: output dtype: %s\n", err.msg);
             return 2;
         }
