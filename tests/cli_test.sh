@@ -109,6 +109,23 @@ if "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/a32.s
 else
   bad "--activations compute"
 fi
+# launch graphs: emulated on the CPU, the same bytes as without; "on" needs a
+# backend that has them; an unknown mode names the choices
+if "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/g0.safetensors" \
+    --device cpu --graphs off 2>/dev/null &&
+    "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/g1.safetensors" \
+      --device cpu --graphs emulate 2>/dev/null &&
+    [ -s "$tmp/g1.safetensors" ] && cmp -s "$tmp/g0.safetensors" "$tmp/g1.safetensors"; then
+  ok "--graphs emulate: the output of --graphs off"
+else
+  bad "--graphs emulate"
+fi
+expect_fail "--graphs on on the cpu" "has no launch graphs" \
+  "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" \
+  --device cpu --graphs on
+expect_fail "unknown graphs mode" "unknown graphs mode \"x\"" \
+  "$bin" forward "$dir" --inputs "$dir/inputs.safetensors" --output "$tmp/o.safetensors" \
+  --graphs x
 head -c 20 "$dir/inputs.safetensors" >"$tmp/trunc.safetensors"
 expect_fail "truncated inputs" "inputs" \
   "$bin" forward "$dir" --inputs "$tmp/trunc.safetensors" --output "$tmp/o.safetensors"
