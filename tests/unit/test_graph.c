@@ -761,6 +761,9 @@ static void bench_init(struct bench *b, struct bs_backend *be)
     memset(b, 0, sizeof(*b));
     b->be = be;
     bs_arena_init(&b->arena, be);
+    /* one chunk kept between runs (as bs_model_forward's reset keeps it):
+     * the part's scratch has one address each time */
+    assert_int_equal(bs_arena_reserve(&b->arena, 1 << 16, &b->err), 0);
     b->f = (struct bs__fwd){.be = be, .dtype = BS_TYPE_F32, .act = BS_TYPE_F32,
                             .arena = &b->arena, .err = &b->err, .should_stop = stop_fn,
                             .stop_arg = b};
