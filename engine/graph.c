@@ -844,7 +844,8 @@ static int run_warm(struct bs__fwd *f, struct entry *e, int (*part)(struct bs__f
     }
     if (on) {
         struct bs_err ignored = {0};
-        (void)be->iface->graph_end(be->ctx, false, NULL, &ignored);
+        struct bs_backend_graph *none = NULL;
+        (void)be->iface->graph_end(be->ctx, false, &none, &ignored);
     }
     entry_clear(e, !on);
     if (rc == BS_ECANCELED && p.rc == 0)
@@ -870,6 +871,14 @@ static int run_ready(struct bs__fwd *f, struct entry *e, int (*part)(struct bs__
     }
     proxy_init(&p, be, e, P_COMPARE);
     rc = run_proxied(f, &p, part, arg);
+    if (rc == 0 && !p.mismatch && p.pos == e->rec_len && epoch_of(be) != e->epoch) {
+        /* memory the graph may hold moved meanwhile: the rerun is a
+         * warm-up, capture next time */
+        entry_drop_graph(e, be);
+        atomic_fetch_add(&st_freed, 1);
+        e->state = ST_WARM;
+        return rerun(f, &saved, part, arg);
+    }
     if (rc == 0 && !p.mismatch && p.pos == e->rec_len) {
         atomic_fetch_add(&st_launched, 1);
         if (e->g == NULL)

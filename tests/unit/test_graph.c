@@ -705,6 +705,7 @@ struct part_arg {
     int64_t idx[PR];
     float alpha;
     bool copy;
+    int bump; /* the fake's epoch moves in the next `bump` runs of the part */
 };
 
 static int stop_check(struct bs__fwd *f)
@@ -725,6 +726,10 @@ static int part_fn(struct bs__fwd *f, void *arg)
         (rc = i->linear(f->be->ctx, &a->y, &a->x, &a->w, NULL, 0.0f, f->err)) != 0 ||
         (rc = stop_check(f)) != 0)
         return rc;
+    if (a->bump > 0) {
+        a->bump--;
+        fk.epoch++; /* as another thread's weights_ready would */
+    }
     if (a->copy && (rc = i->copy_in(f->be->ctx, a->z.data, a->x.data, 16, f->err)) != 0)
         return rc;
     return i->add(f->be->ctx, &a->y, &g, NULL, 1, a->alpha, f->err);
@@ -897,6 +902,40 @@ static void test_stop(void **state)
     assert_int_equal(fk.end_drop, 1); /* the capture stopped inside */
     assert_int_equal(fk.end_keep, 1);
     assert_int_equal(fk.launch, 2); /* after the capture, and READY once */
+    fake_free();
+}
+
+/* The epoch moves while a part is captured or compared: the graph is
+ * freed, never launched, and the part reruns eagerly. */
+static void test_epoch_moves_on(void **state)
+{
+    (void)state;
+    struct bench b;
+    struct bs_graph_stats s0;
+    fake_init();
+    bench_init(&b, &fk.be);
+    b.f.should_stop = NULL;
+    bs_graph_stats(&s0);
+    assert_int_equal(bench_run(&b, 5), 0); /* warm-up */
+    b.a.bump = 1;
+    assert_int_equal(bench_run(&b, 5), 0); /* captured, then stale */
+    assert_stats(&s0, 1, 0, 0, 1, 1);
+    assert_int_equal(fk.end_keep, 1);
+    assert_int_equal(fk.freed, 1);
+    assert_int_equal(fk.launch, 0);
+    assert_int_equal(bench_run(&b, 5), 0); /* captured again */
+    assert_int_equal(bench_run(&b, 5), 0); /* launched */
+    assert_stats(&s0, 1, 1, 1, 1, 1);
+    b.a.bump = 1;
+    assert_int_equal(bench_run(&b, 5), 0); /* compared, then stale */
+    assert_stats(&s0, 1, 1, 1, 2, 2);
+    assert_int_equal(fk.launch, 2);
+    assert_int_equal(fk.freed, 2);
+    assert_int_equal(bench_run(&b, 5), 0); /* captured again */
+    assert_stats(&s0, 1, 2, 1, 2, 2);
+    assert_int_equal(fk.n_live, 1);
+    assert_int_equal(fk.violations, 0);
+    bench_free(&b);
     fake_free();
 }
 
@@ -1075,7 +1114,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_blocks_emulate), cmocka_unit_test(test_blocks_on),
         cmocka_unit_test(test_epoch_on),       cmocka_unit_test(test_capture_fails_on),
         cmocka_unit_test(test_mismatch),       cmocka_unit_test(test_stop),
-        cmocka_unit_test(test_refused),        cmocka_unit_test(test_lru),
+        cmocka_unit_test(test_epoch_moves_on), cmocka_unit_test(test_refused),
+        cmocka_unit_test(test_lru),
         cmocka_unit_test(test_threads),        cmocka_unit_test(test_bypass),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
