@@ -15,7 +15,7 @@
 #include <string.h>
 
 #define GRAPH_ENTRIES 32 /* per backend per thread, least recently used out first */
-#define GRAPH_CACHES 4   /* backends a thread keeps caches of */
+#define GRAPH_CACHES  4  /* backends a thread keeps caches of */
 
 enum entry_state {
     ST_NEW,    /* not seen (or forgotten) */
@@ -331,9 +331,15 @@ static void put_attn(struct proxy *p, const struct bs_attn_params *ap)
 }
 
 static const char *const op_names[] = {
-    [OP_LINEAR] = "linear",       [OP_LINEAR_ACT] = "linear_act", [OP_LAYER_NORM] = "layer_norm",
-    [OP_GROUP_NORM] = "group_norm", [OP_ACT] = "act",             [OP_GLU] = "glu",
-    [OP_ATTENTION] = "attention", [OP_ADD] = "add",               [OP_TRANSPOSE] = "transpose",
+    [OP_LINEAR] = "linear",
+    [OP_LINEAR_ACT] = "linear_act",
+    [OP_LAYER_NORM] = "layer_norm",
+    [OP_GROUP_NORM] = "group_norm",
+    [OP_ACT] = "act",
+    [OP_GLU] = "glu",
+    [OP_ATTENTION] = "attention",
+    [OP_ADD] = "add",
+    [OP_TRANSPOSE] = "transpose",
     [OP_GET_ROWS] = "get_rows",
 };
 
@@ -343,8 +349,8 @@ static int op_checked(struct proxy *p, enum op_code op, struct bs_err *err)
 {
     p->op++;
     if (p->rc == BS_ENOMEM)
-        return bs_err_set(err, BS_ENOMEM, "launch graph: out of memory recording op %d (%s)",
-                          p->op, op_names[op]);
+        return bs_err_set(err, BS_ENOMEM, "launch graph: out of memory recording op %d (%s)", p->op,
+                          op_names[op]);
     if (p->rc != 0)
         return p->rc; /* an op before failed: the part should have stopped */
     if (p->mismatch)
@@ -407,8 +413,8 @@ static int op_done(struct proxy *p, int op_rc)
 }
 
 #define PROXY(ctx) ((struct proxy *)(ctx))
-#define REAL(p) ((p)->real->iface)
-#define RCTX(p) ((p)->real->ctx)
+#define REAL(p)    ((p)->real->iface)
+#define RCTX(p)    ((p)->real->ctx)
 
 static int px_linear(void *ctx, struct bs_tensor *y, const struct bs_tensor *x,
                      const struct bs_tensor *w, const struct bs_tensor *b, float beta,
@@ -452,8 +458,8 @@ static int px_linear_act(void *ctx, struct bs_tensor *y, const struct bs_tensor 
     return 0;
 }
 
-static int px_norm(struct proxy *p, enum op_code op, struct bs_tensor *y,
-                   const struct bs_tensor *x, const struct bs_norm_params *np, struct bs_err *err)
+static int px_norm(struct proxy *p, enum op_code op, struct bs_tensor *y, const struct bs_tensor *x,
+                   const struct bs_norm_params *np, struct bs_err *err)
 {
     put_i32(p, op);
     put_tensor(p, y), put_tensor(p, x), put_norm(p, np);
@@ -588,8 +594,8 @@ static int px_transpose(void *ctx, struct bs_tensor *y, const struct bs_tensor *
 
 /* A new slot of n indices for the recording: the backend's (graph_rows,
  * which captures the gather) or, emulating, the engine's. */
-static int slot_add(struct proxy *p, struct bs_tensor *y, const struct bs_tensor *table,
-                    int64_t n, struct bs_err *err)
+static int slot_add(struct proxy *p, struct bs_tensor *y, const struct bs_tensor *table, int64_t n,
+                    struct bs_err *err)
 {
     struct entry *e = p->e;
     if (e->n_slots == e->cap_slots) {
@@ -704,7 +710,7 @@ static int replay_op(const struct bs_backend *be, const struct entry *e, struct 
         return i->linear_act(c, &t[0], &t[1], &t[2], eop_get(o, 3), o->act, o->gated, err);
     case OP_LAYER_NORM:
     case OP_GROUP_NORM: {
-        struct bs_norm_params np = {o->f,           eop_get(o, 2), eop_get(o, 3), eop_get(o, 4),
+        struct bs_norm_params np = {o->f,          eop_get(o, 2), eop_get(o, 3), eop_get(o, 4),
                                     eop_get(o, 5), o->n,          o->groups};
         if (o->op == OP_LAYER_NORM)
             return i->layer_norm(c, &t[0], &t[1], &np, err);
@@ -863,7 +869,8 @@ static int run_ready(struct bs__fwd *f, struct entry *e, int (*part)(struct bs__
     struct bs_err saved = *f->err;
     struct proxy p;
     int rc;
-    if (e->g != NULL && e->n_slots > 0 && (rc = be->iface->graph_wait(be->ctx, e->g, f->err)) != 0) {
+    if (e->g != NULL && e->n_slots > 0 &&
+        (rc = be->iface->graph_wait(be->ctx, e->g, f->err)) != 0) {
         entry_drop_graph(e, be);
         atomic_fetch_add(&st_freed, 1);
         e->state = ST_BROKEN;

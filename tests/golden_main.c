@@ -87,9 +87,10 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
     struct bs_arena arena;
     int n_in = 0, rc;
     bs_arena_init(&arena, &be);
-    struct bs_backend_opts bo = {
-        .device = go->device, .dtype = go->dtype, .activations = go->activations,
-        .graphs = go->graphs};
+    struct bs_backend_opts bo = {.device = go->device,
+                                 .dtype = go->dtype,
+                                 .activations = go->activations,
+                                 .graphs = go->graphs};
     if ((rc = bs_backend_init_opts(&be, &bo, err)) != 0) {
         if (rc == BS_EUNSUPP && strcmp(go->device, "cpu") != 0)
             rc = EXIT_SKIP;
@@ -160,9 +161,10 @@ static int run(const char *dir, const struct golden_opts *go, struct bs_err *err
     bs_graph_stats(&gs1);
     if (rc == 0 && be.graphs != BS_GRAPHS_OFF) {
         uint64_t launched = gs1.launched - gs0.launched, captured = gs1.captured - gs0.captured;
-        int blocks = strcmp(bs_config_class_name(bs_model_config(model)->cls), "BasicTransformerBlock") == 0
-                         ? bs_model_config(model)->num_blocks
-                         : 0;
+        int blocks =
+            strcmp(bs_config_class_name(bs_model_config(model)->cls), "BasicTransformerBlock") == 0
+                ? bs_model_config(model)->num_blocks
+                : 0;
         printf("graphs: %llu eager, %llu captured, %llu launched, %llu reran\n",
                (unsigned long long)(gs1.eager - gs0.eager), (unsigned long long)captured,
                (unsigned long long)launched, (unsigned long long)(gs1.reran - gs0.reran));

@@ -33,7 +33,7 @@
 #endif
 
 #define FORWARDS 6
-#define ENTRIES 32 /* engine/graph.c: GRAPH_ENTRIES */
+#define ENTRIES  32 /* engine/graph.c: GRAPH_ENTRIES */
 
 static const char *golden_dir = BS_GOLDEN_DIR;
 
@@ -61,8 +61,8 @@ static void assert_stats(const struct bs_graph_stats *s0, uint64_t eager, uint64
                          uint64_t launched, uint64_t reran, uint64_t freed)
 {
     struct bs_graph_stats d = stats_since(s0);
-    if (d.eager != eager || d.captured != captured || d.launched != launched ||
-        d.reran != reran || d.freed != freed)
+    if (d.eager != eager || d.captured != captured || d.launched != launched || d.reran != reran ||
+        d.freed != freed)
         fail_msg("graph stats: eager %llu captured %llu launched %llu reran %llu freed %llu; "
                  "expected %llu %llu %llu %llu %llu",
                  (unsigned long long)d.eager, (unsigned long long)d.captured,
@@ -130,7 +130,7 @@ static const struct bs_tensor *fk_get(const struct fop *o, int i)
     return o->has & (1u << i) ? &o->t[i] : NULL;
 }
 
-#define CPU(k) ((k)->cpu.iface)
+#define CPU(k)  ((k)->cpu.iface)
 #define CCTX(k) ((k)->cpu.ctx)
 
 static void *fk_alloc(void *ctx, size_t size)
@@ -298,8 +298,8 @@ static int fk_graph_end(void *ctx, bool keep, struct bs_backend_graph **g, struc
     return 0;
 }
 
-static int fk_graph_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *table,
-                         int64_t n, int64_t **idx, struct bs_err *err)
+static int fk_graph_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *table, int64_t n,
+                         int64_t **idx, struct bs_err *err)
 {
     struct bs_backend_graph *g = fk.cur;
     assert_non_null(g);
@@ -496,9 +496,9 @@ static float *forward_step(struct run *r, struct bs_arena *arena, int step)
         if (!hs && !ts && !lab)
             continue;
         int64_t n = bs_tensor_nelements(&in[i].t);
-        int64_t lim = lab ? c->btb.num_embeds_ada_norm + 1
-                          : c->btb.norm_type == BS_NORM_ADA_NORM ? c->btb.num_embeds_ada_norm
-                                                                 : 1000;
+        int64_t lim = lab                                    ? c->btb.num_embeds_ada_norm + 1
+                      : c->btb.norm_type == BS_NORM_ADA_NORM ? c->btb.num_embeds_ada_norm
+                                                             : 1000;
         bufs[i] = malloc(bs_tensor_nbytes(&in[i].t));
         assert_non_null(bufs[i]);
         for (int64_t e = 0; e < n; e++) {
@@ -564,13 +564,13 @@ static void check_case(const char *name, struct bs_backend *be)
 }
 
 static const char *const cases[] = {
-    "btb_geglu_cross",            /* LayerNorm, encoder states */
-    "btb_ada_norm_per_sample_t",  /* ada_norm: get_rows of the timesteps */
-    "btb_ada_norm_float_t",       /* ada_norm, one float timestep */
-    "btb_ada_norm_zero_dit",      /* ada_norm_zero: class labels, float timesteps */
-    "btb_ada_norm_zero_cross",    /* ada_norm_zero with encoder states */
-    "btb_stack3",                 /* 3 blocks, encoder mask */
-    "btb_stack3_dit",             /* 3 ada_norm_zero blocks */
+    "btb_geglu_cross",           /* LayerNorm, encoder states */
+    "btb_ada_norm_per_sample_t", /* ada_norm: get_rows of the timesteps */
+    "btb_ada_norm_float_t",      /* ada_norm, one float timestep */
+    "btb_ada_norm_zero_dit",     /* ada_norm_zero: class labels, float timesteps */
+    "btb_ada_norm_zero_cross",   /* ada_norm_zero with encoder states */
+    "btb_stack3",                /* 3 blocks, encoder mask */
+    "btb_stack3_dit",            /* 3 ada_norm_zero blocks */
     "btb_only_cross_attention_masks",
     "btb_mask_3d",
 };
@@ -769,8 +769,12 @@ static void bench_init(struct bench *b, struct bs_backend *be)
     /* one chunk kept between runs (as bs_model_forward's reset keeps it):
      * the part's scratch has one address each time */
     assert_int_equal(bs_arena_reserve(&b->arena, 1 << 16, &b->err), 0);
-    b->f = (struct bs__fwd){.be = be, .dtype = BS_TYPE_F32, .act = BS_TYPE_F32,
-                            .arena = &b->arena, .err = &b->err, .should_stop = stop_fn,
+    b->f = (struct bs__fwd){.be = be,
+                            .dtype = BS_TYPE_F32,
+                            .act = BS_TYPE_F32,
+                            .arena = &b->arena,
+                            .err = &b->err,
+                            .should_stop = stop_fn,
                             .stop_arg = b};
     b->a.x = host_tensor(PR, PC, 1.0f);
     b->a.w = host_tensor(PC, PC, 2.0f);
@@ -1111,12 +1115,17 @@ int main(int argc, char **argv)
     if (argc > 1)
         golden_dir = argv[1];
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_blocks_emulate), cmocka_unit_test(test_blocks_on),
-        cmocka_unit_test(test_epoch_on),       cmocka_unit_test(test_capture_fails_on),
-        cmocka_unit_test(test_mismatch),       cmocka_unit_test(test_stop),
-        cmocka_unit_test(test_epoch_moves_on), cmocka_unit_test(test_refused),
+        cmocka_unit_test(test_blocks_emulate),
+        cmocka_unit_test(test_blocks_on),
+        cmocka_unit_test(test_epoch_on),
+        cmocka_unit_test(test_capture_fails_on),
+        cmocka_unit_test(test_mismatch),
+        cmocka_unit_test(test_stop),
+        cmocka_unit_test(test_epoch_moves_on),
+        cmocka_unit_test(test_refused),
         cmocka_unit_test(test_lru),
-        cmocka_unit_test(test_threads),        cmocka_unit_test(test_bypass),
+        cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_bypass),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
