@@ -2,14 +2,14 @@
  * sequences: parameter binding from state_dict keys, then forwards. */
 #include "modules.h"
 
-#include "graph.h"
-
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+
+#include "graph.h"
 
 #define PARAM_ALIGN 64
 /* Largest F32 projection buffer of a BF16 model's GEGLU (bs__ff_forward). */

@@ -198,7 +198,9 @@ void bs__bind_ada_norm(struct bs__loader *ld, struct bs__norm *n, const char *na
 void bs__bind_ada_group_norm(struct bs__loader *ld, struct bs__ada_group_norm *a,
                              const struct bs_ada_group_norm_config *c);
 
-/* Run one BasicTransformerBlock on x [batch * lq, dim] in place. */
+/* Run one BasicTransformerBlock on x [batch * lq, dim] in place; through a
+ * launch graph (engine/graph.h) where f->be->graphs is not off, the batch
+ * uniform (rg NULL) and without block caching (cache NULL). */
 int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x);
 
 /* AttentionBlock on x [B, C, S] (contiguous); result in *y (arena). */
