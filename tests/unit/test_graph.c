@@ -1012,6 +1012,44 @@ static void test_lru(void **state)
     fake_free();
 }
 
+/* A thread keeps the caches of a few backends (GRAPH_CACHES, 4): a fifth
+ * pushes out the least recently used one (its host memory; the backend
+ * frees its graphs). A key longer than BS_GRAPH_KEY_MAX runs eagerly. */
+static void test_backends(void **state)
+{
+    (void)state;
+    struct bs_backend be[5];
+    struct bench b[5];
+    struct bs_graph_stats s0;
+    for (int i = 0; i < 5; i++) {
+        backend_make(&be[i], "emulate");
+        bench_init(&b[i], &be[i]);
+        b[i].f.should_stop = NULL;
+    }
+    bs_graph_stats(&s0);
+    for (int i = 0; i < 4; i++)
+        for (int k = 0; k < 2; k++)
+            assert_int_equal(bench_run(&b[i], 1), 0);
+    assert_stats(&s0, 4, 4, 0, 0, 0);
+    assert_int_equal(bench_run(&b[1], 1), 0); /* backend 0 is now the oldest */
+    assert_int_equal(bench_run(&b[4], 1), 0); /* pushes out backend 0's cache */
+    assert_int_equal(bench_run(&b[1], 1), 0);
+    assert_stats(&s0, 5, 4, 2, 0, 0);
+    assert_int_equal(bench_run(&b[0], 1), 0); /* a warm-up again */
+    assert_stats(&s0, 6, 4, 2, 0, 0);
+    unsigned char key[BS_GRAPH_KEY_MAX + 1] = {0};
+    for (int k = 0; k < 3; k++) {
+        struct bs_arena_mark m = bs_arena_mark(&b[0].arena);
+        assert_int_equal(bs__graph_run(&b[0].f, key, sizeof(key), part_fn, &b[0].a), 0);
+        bs_arena_release(&b[0].arena, m);
+    }
+    assert_stats(&s0, 9, 4, 2, 0, 0);
+    for (int i = 0; i < 5; i++) {
+        bench_free(&b[i]);
+        bs_backend_free(&be[i]);
+    }
+}
+
 /* Two threads, each with its arena and graph cache, on one model. */
 struct thread_arg {
     struct run *r;
@@ -1124,6 +1162,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_epoch_moves_on),
         cmocka_unit_test(test_refused),
         cmocka_unit_test(test_lru),
+        cmocka_unit_test(test_backends),
         cmocka_unit_test(test_threads),
         cmocka_unit_test(test_bypass),
     };
