@@ -16,12 +16,16 @@
 
 #define GRAPH_ENTRIES 32 /* per backend per thread, least recently used out first */
 #define GRAPH_CACHES  4  /* backends a thread keeps caches of */
+/* Eager runs of a BROKEN key before its capture is tried again: a capture
+ * can break for a passing reason (another thread's device-wide wait, a
+ * scratch growth) that moves no epoch. */
+#define GRAPH_RETRY 64
 
 enum entry_state {
     ST_NEW,    /* not seen (or forgotten) */
     ST_WARM,   /* ran eagerly once: capture next */
     ST_READY,  /* a graph (a recording, emulating) is made */
-    ST_BROKEN, /* runs eagerly until the backend's epoch changes */
+    ST_BROKEN, /* runs eagerly until the backend's epoch changes, or GRAPH_RETRY runs */
 };
 
 enum op_code {
@@ -64,6 +68,7 @@ struct entry {
     enum entry_state state;
     uint64_t epoch; /* graph_epoch() at capture (READY) or break (BROKEN) */
     uint64_t used;  /* LRU tick */
+    int broken_runs; /* BROKEN: eager runs since */
     struct bs_backend_graph *g;
     unsigned char *rec; /* the ops' serialised arguments, in order */
     size_t rec_len, rec_cap;
@@ -803,6 +808,7 @@ static int capture_finish(struct bs__fwd *f, struct entry *e, uint64_t epoch, bo
     if (be->iface->graph_end(be->ctx, true, &g, f->err) != 0) {
         *abandon = true;
         e->state = ST_BROKEN;
+        e->broken_runs = 0;
         e->epoch = epoch;
         entry_clear(e, false);
         return 0;
@@ -823,6 +829,7 @@ static int capture_finish(struct bs__fwd *f, struct entry *e, uint64_t epoch, bo
     if (rc != 0) {
         entry_drop_graph(e, be);
         e->state = ST_BROKEN;
+        e->broken_runs = 0;
     }
     return rc;
 }
@@ -839,6 +846,7 @@ static int run_warm(struct bs__fwd *f, struct entry *e, int (*part)(struct bs__f
     entry_clear(e, !on); /* nothing there: a WARM entry has no recording */
     if (on && be->iface->graph_begin(be->ctx, f->err) != 0) {
         e->state = ST_BROKEN;
+        e->broken_runs = 0;
         e->epoch = epoch;
         return rerun(f, &saved, part, arg);
     }
@@ -857,6 +865,7 @@ static int run_warm(struct bs__fwd *f, struct entry *e, int (*part)(struct bs__f
     if (rc == BS_ECANCELED && p.rc == 0)
         return rc; /* nothing ran; capture next time */
     e->state = ST_BROKEN;
+    e->broken_runs = 0;
     e->epoch = epoch;
     return rerun(f, &saved, part, arg);
 }
@@ -874,6 +883,7 @@ static int run_ready(struct bs__fwd *f, struct entry *e, int (*part)(struct bs__
         entry_drop_graph(e, be);
         atomic_fetch_add(&st_freed, 1);
         e->state = ST_BROKEN;
+        e->broken_runs = 0;
         return rc;
     }
     proxy_init(&p, be, e, P_COMPARE);
@@ -894,6 +904,7 @@ static int run_ready(struct bs__fwd *f, struct entry *e, int (*part)(struct bs__
             entry_drop_graph(e, be);
             atomic_fetch_add(&st_freed, 1);
             e->state = ST_BROKEN;
+            e->broken_runs = 0;
         }
         return rc;
     }
@@ -940,9 +951,10 @@ int bs__graph_run(struct bs__fwd *f, const void *key, size_t key_bytes,
     case ST_READY:
         rc = run_ready(f, e, part, arg);
         break;
-    default: /* NEW: a warm-up; BROKEN: no graph */
+    default: /* NEW: a warm-up; BROKEN: no graph (for GRAPH_RETRY runs) */
         atomic_fetch_add(&st_eager, 1);
-        if ((rc = run_eager(f, part, arg)) == 0 && e->state == ST_NEW)
+        if ((rc = run_eager(f, part, arg)) == 0 &&
+            (e->state == ST_NEW || ++e->broken_runs >= GRAPH_RETRY))
             e->state = ST_WARM;
         break;
     }
