@@ -365,9 +365,13 @@ static void cuda_buf_free(void *ctx, void *ptr)
         t->cap_frees[t->n_cap_frees++] = ptr;
         return;
     }
+    /* The epoch moves first: the device-wide wait below may break another
+     * thread's capture (CUDA lets no synchronising call of any thread
+     * through while a stream of the device captures), and a capture that
+     * broke at a new epoch is worth trying again; and a graph may hold the
+     * buffer's weights copy. */
+    bs__cuda_epoch_bump(c);
     void *half = shadow_forget(c, ptr);
-    if (half != NULL)
-        bs__cuda_epoch_bump(c);
     if (c->bare) /* a test backend: nothing on a device */
         return;
     cudaSetDevice(c->device);
@@ -519,6 +523,7 @@ static int cuda_weights_ready(void *ctx, void *buf, size_t size, struct bs_err *
     if (bs__cuda_capturing(t))
         return bs__cuda_refuse_capture("weights_ready",
                                        "it allocates the copy and waits for the stream", err);
+    bs__cuda_epoch_bump(c); /* its allocation and wait may break another thread's capture */
     int64_t n = (int64_t)(size / sizeof(float));
     void *half = NULL, *old = NULL;
     if (cudaMalloc(&half, (size_t)n * 2) != cudaSuccess) {
