@@ -366,10 +366,9 @@ static void cuda_buf_free(void *ctx, void *ptr)
         return;
     }
     /* The epoch moves first: the device-wide wait below may break another
-     * thread's capture (CUDA lets no synchronising call of any thread
-     * through while a stream of the device captures), and a capture that
-     * broke at a new epoch is worth trying again; and a graph may hold the
-     * buffer's weights copy. */
+     * thread's capture in progress (README: Launch graphs), which at a new
+     * epoch is worth trying again; and a graph may hold the buffer's
+     * weights copy. */
     bs__cuda_epoch_bump(c);
     void *half = shadow_forget(c, ptr);
     if (c->bare) /* a test backend: nothing on a device */

@@ -22,7 +22,14 @@
  * a batcher whose batches run on different workers, model weights) is
  * handed over at a synchronisation: a forward ends with copy_out, which
  * waits for the thread's stream, and the engine drains it after a failed
- * forward (copy_out of 0 bytes); buf_free waits for the whole device. */
+ * forward (copy_out of 0 bytes); buf_free waits for the whole device.
+ *
+ * Launch graphs (graph_*, backend_cuda.cu) are the thread's too: a thread
+ * captures on its own stream (bs__cuda_thread.cap while it does), and what
+ * would allocate, free or wait on it then fails with BS_EUNSUPP
+ * (bs__cuda_refuse_capture); its graphs are listed in its state and go
+ * with it. The context's epoch (graph_epoch) is an atomic any thread
+ * bumps. */
 #ifndef BS_CUDA_COMMON_CUH
 #define BS_CUDA_COMMON_CUH
 
