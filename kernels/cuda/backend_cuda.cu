@@ -347,6 +347,8 @@ static void *shadow_forget(struct bs__cuda *c, const void *base)
 
 /* Any thread's queued work may use ptr (a batcher's arena passes from
  * worker to worker): wait for the whole device, then free it and its copy. */
+static void buf_free_now(struct bs__cuda *c, void *ptr);
+
 static void cuda_buf_free(void *ctx, void *ptr)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
@@ -365,6 +367,13 @@ static void cuda_buf_free(void *ctx, void *ptr)
         t->cap_frees[t->n_cap_frees++] = ptr;
         return;
     }
+    buf_free_now(c, ptr);
+}
+
+/* buf_free on a thread that is not capturing (or a capture's deferred
+ * frees, once it ended). */
+static void buf_free_now(struct bs__cuda *c, void *ptr)
+{
     /* The epoch moves first: the device-wide wait below may break another
      * thread's capture in progress (README: Launch graphs), which at a new
      * epoch is worth trying again; and a graph may hold the buffer's
@@ -665,7 +674,7 @@ static struct bs_backend_graph *graph_new(struct bs__cuda *c, struct bs__cuda_th
 static void cap_frees_run(struct bs__cuda *c, struct bs__cuda_thread *t)
 {
     for (int i = 0; i < t->n_cap_frees; i++)
-        cuda_buf_free(c, t->cap_frees[i]);
+        buf_free_now(c, t->cap_frees[i]);
     t->n_cap_frees = 0;
 }
 
@@ -920,6 +929,9 @@ static void cuda_free(void *ctx)
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     if (c == NULL)
         return;
+    struct bs__cuda_thread *self = capturing_thread(c);
+    if (self != NULL)
+        graphs_free(c, self); /* a capture left open ends before the device-wide wait */
     if (!c->bare) {
         cudaSetDevice(c->device);
         cudaDeviceSynchronize();
