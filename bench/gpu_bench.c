@@ -96,9 +96,9 @@ struct attn_res {
 };
 
 struct bench {
-    struct bs_backend be;   /* graphs off */
-    struct bs_backend be_g; /* graphs on (the CPU: emulate) */
-    const char *gmode;      /* be_g's bs_backend_opts.graphs */
+    struct bs_backend be;                     /* graphs off */
+    struct bs_backend be_g;                   /* graphs on (the CPU: emulate) */
+    const char *gmode;                        /* be_g's bs_backend_opts.graphs */
     const struct bs_backend_gpu_timer *timer; /* NULL: no GPU timing (the CPU) */
     const char *dtype;
     int reps;
@@ -266,8 +266,15 @@ static int bench_batch(struct bench *bn, bs_model_t *m, bs_model_t *mg, const st
                            ms + 5 * n, &graphs, err);
     if (rc == 0 && bn->n_rows < MAX_ROWS) {
         struct row *w = &bn->rows[bn->n_rows++];
-        *w = (struct row){b->name,      batch, bs_model_flops(m, in, n_in), median(ms, n), -1, -1,
-                          median(ms + 3 * n, n), -1,   graphs};
+        *w = (struct row){.name = b->name,
+                          .batch = batch,
+                          .flops = bs_model_flops(m, in, n_in),
+                          .wall = median(ms, n),
+                          .gpu = -1,
+                          .xfer = -1,
+                          .wall_g = median(ms + 3 * n, n),
+                          .gpu_g = -1,
+                          .graphs = graphs};
         if (bn->timer != NULL) {
             w->gpu = median(ms + n, n);
             w->xfer = median(ms + 2 * n, n);
@@ -586,8 +593,8 @@ int main(int argc, char **argv)
     /* graphs on the GPU: off and on; on the CPU (no graph ops): off and
      * the engine's emulation, which runs the same bookkeeping */
     bn.gmode = bn.smoke ? "emulate" : "on";
-    struct bs_backend_opts o = {.device = bn.smoke ? "cpu" : "cuda", .dtype = bn.dtype,
-                                .graphs = "off"};
+    struct bs_backend_opts o = {
+        .device = bn.smoke ? "cpu" : "cuda", .dtype = bn.dtype, .graphs = "off"};
     int rc = bs_backend_init_opts(&bn.be, &o, &err);
     if (rc == BS_EUNSUPP) {
         printf("SKIP: %s\n", err.msg);

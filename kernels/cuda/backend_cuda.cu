@@ -345,10 +345,10 @@ static void *shadow_forget(struct bs__cuda *c, const void *base)
     return NULL;
 }
 
-/* Any thread's queued work may use ptr (a batcher's arena passes from
- * worker to worker): wait for the whole device, then free it and its copy. */
 static void buf_free_now(struct bs__cuda *c, void *ptr);
 
+/* On a thread that is capturing, ptr waits in its cap_frees for graph_end;
+ * else buf_free_now. */
 static void cuda_buf_free(void *ctx, void *ptr)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
@@ -370,8 +370,10 @@ static void cuda_buf_free(void *ctx, void *ptr)
     buf_free_now(c, ptr);
 }
 
-/* buf_free on a thread that is not capturing (or a capture's deferred
- * frees, once it ended). */
+/* Any thread's queued work may use ptr (a batcher's arena passes from
+ * worker to worker): wait for the whole device, then free it and its copy
+ * (buf_free on a thread that is not capturing, or a capture's deferred
+ * frees once it ended). */
 static void buf_free_now(struct bs__cuda *c, void *ptr)
 {
     /* The epoch moves first: the device-wide wait below may break another
@@ -798,8 +800,8 @@ static int cuda_graph_end(void *ctx, bool keep, struct bs_backend_graph **out, s
     return 0;
 }
 
-static int cuda_graph_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *table,
-                           int64_t n, int64_t **idx, struct bs_err *err)
+static int cuda_graph_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *table, int64_t n,
+                           int64_t **idx, struct bs_err *err)
 {
     static const int64_t zeros[BS_CUDA_GRAPH_IDX] = {0};
     struct bs__cuda *c = (struct bs__cuda *)ctx;

@@ -1,6 +1,7 @@
 /* The row-wise and elementwise ops on the GPU:
  * activations, gated units, gated residual adds, transpose,
- * row gathers (host indices; and device indices for launch graphs), bias rows and the F32 to BF16/FP16 operand conversion.
+ * row gathers (host indices; and device indices for launch graphs), bias rows and the F32 to
+ * BF16/FP16 operand conversion.
  *
  * Three layers per op (STYLE rule 5): the __global__ kernel (ops_kernels.cuh,
  * shared with the host emulation of tests/gpu_emu), a launcher that takes

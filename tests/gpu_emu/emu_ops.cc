@@ -584,8 +584,7 @@ static void gather_case(emu_env *env, tally *t, const char *name, pair *y, const
 {
     struct bs_err err = {};
     int64_t n = (int64_t)idx.size(), d = tv.e.ne[tv.e.n_dims - 1];
-    check_cpu(CPU->get_rows(CC, (struct bs_tensor *)&yv.c, &tv.c, idx.data(), n, &err), &err,
-              name);
+    check_cpu(CPU->get_rows(CC, (struct bs_tensor *)&yv.c, &tv.c, idx.data(), n, &err), &err, name);
     std::vector<int64_t> dev(idx); /* the device copy the graph's H2D node writes */
     emu_launch(gather_rows_kernel, grid, dim3(EW_THREADS), 0, (float *)yv.e.data,
                bs_tensor_ld(&yv.e), (const float *)tv.e.data, bs_tensor_ld(&tv.e),

@@ -722,8 +722,7 @@ static void test_graph_misuse(void **state)
     /* graph_rows' own checks, in a capture */
     expect_msg(g->graph_rows(c, &rows, &table, -1, &idx, &err), &err, BS_EINVAL, "-1 indices");
     expect_msg(g->graph_rows(c, &rows, &table, 3, &idx, &err), &err, BS_EINVAL, "[3, 8]");
-    expect_msg(g->graph_rows(c, &rows, &table, 100000, &idx, &err), &err, BS_EUNSUPP,
-               "0 to 2048");
+    expect_msg(g->graph_rows(c, &rows, &table, 100000, &idx, &err), &err, BS_EUNSUPP, "0 to 2048");
     struct bs_tensor table_i = table;
     table_i.type = BS_TYPE_I64;
     assert_int_equal(g->graph_rows(c, &rows, &table_i, 2, &idx, &err), BS_EINVAL);
