@@ -22,7 +22,18 @@
  *   the copy to its last DMA): the GPU time of the forward's kernels and
  *   of the gaps between them; the transfers are printed apart.
  * The attention kernels run N launches between the two events (no copies),
- * and wall time around the same launches and one synchronising copy. */
+ * and wall time around the same launches and one synchronising copy.
+ *
+ * Launch graphs (issue 14 item 6): each model runs on two backends, made
+ * with bs_backend_opts.graphs "off" and "on" (the CPU smoke run: "off" and
+ * "emulate"), two warm-up forwards each (the engine runs a block eagerly
+ * the first time and captures it the second), and both times are printed
+ * for each, with the saving of on against off: the launch overhead the
+ * graphs remove (GPU-only: gaps where the stream ran dry; end to end: also
+ * the host's launch calls). "graphs/fwd" is how many graphs each timed
+ * forward launched (bs_graph_stats): 0 means the engine ran everything
+ * eagerly (an engine without its graph side, or parts it would not
+ * capture), so on equals off there. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,7 +43,12 @@
 #include "arena.h"
 #include "backend.h"
 #include "builtin.h"
+#include "graph.h"
 #include "model.h"
+
+/* Weak: an engine built before its side of the launch graphs has no
+ * bs_graph_stats (then the graphs column reads n/a). */
+#pragma weak bs_graph_stats
 
 #define EXIT_SKIP 77
 #define MAX_ROWS  16
@@ -63,11 +79,13 @@
     "charts, "                                                                                     \
     "unverified; FA2 paper: 50-73% of A100 peak"
 
-/* One model at one batch: medians in ms (gpu and xfer < 0: not measured). */
+/* One model at one batch: medians in ms (gpu and xfer < 0: not measured),
+ * graphs off and on (_g); graphs: graphs launched per timed forward with
+ * graphs on (< 0: not known). */
 struct row {
     const char *name;
     int64_t batch;
-    double flops, wall, gpu, xfer;
+    double flops, wall, gpu, xfer, wall_g, gpu_g, graphs;
 };
 
 /* One attention case: per launch, ms (< 0: not measured). */
@@ -78,7 +96,9 @@ struct attn_res {
 };
 
 struct bench {
-    struct bs_backend be;
+    struct bs_backend be;                     /* graphs off */
+    struct bs_backend be_g;                   /* graphs on (the CPU: emulate) */
+    const char *gmode;                        /* be_g's bs_backend_opts.graphs */
     const struct bs_backend_gpu_timer *timer; /* NULL: no GPU timing (the CPU) */
     const char *dtype;
     int reps;
@@ -160,37 +180,75 @@ static int make_inputs(const bs_model_t *m, const struct bs_builtin *b, int64_t 
     return 0;
 }
 
-/* reps timed forwards after a warm-up: wall, GPU-only and transfer times
- * into the three arrays (the last two left alone without a timer). */
-static int time_forwards(struct bench *bn, bs_model_t *m, struct bs_arena *arena,
-                         const struct bs_named_tensor *in, int n_in, struct bs_tensor *out,
-                         double *wall, double *gpu, double *xfer, struct bs_err *err)
+/* Graphs launched so far in the process, or -1 without bs_graph_stats. */
+static double graphs_launched(void)
 {
-    int rc = bs_model_forward(m, arena, in, n_in, out, NULL, err); /* sizes the arena */
+    struct bs_graph_stats st;
+    if (bs_graph_stats == NULL)
+        return -1;
+    bs_graph_stats(&st);
+    return (double)st.launched;
+}
+
+/* reps timed forwards of m (loaded on be) after two warm-ups (the arena's
+ * size; a graph's eager run and capture): wall, GPU-only and transfer
+ * times into the three arrays (the last two left alone without a timer);
+ * *graphs: graphs launched per timed forward (-1: not known). */
+static int time_forwards(struct bench *bn, struct bs_backend *be, bs_model_t *m,
+                         struct bs_arena *arena, const struct bs_named_tensor *in, int n_in,
+                         struct bs_tensor *out, double *wall, double *gpu, double *xfer,
+                         double *graphs, struct bs_err *err)
+{
+    int rc = 0;
+    for (int w = 0; rc == 0 && w < 2; w++)
+        rc = bs_model_forward(m, arena, in, n_in, out, NULL, err);
+    double g0 = graphs_launched();
     for (int r = 0; rc == 0 && r < bn->reps; r++) {
         struct bs_gpu_time gt;
-        if (bn->timer != NULL && (rc = bn->timer->start(&bn->be, err)) != 0)
+        if (bn->timer != NULL && (rc = bn->timer->start(be, err)) != 0)
             break;
         double t0 = now_s();
         rc = bs_model_forward(m, arena, in, n_in, out, NULL, err);
         wall[r] = (now_s() - t0) * 1e3;
-        if (rc == 0 && bn->timer != NULL && (rc = bn->timer->stop(&bn->be, &gt, err)) == 0) {
+        if (rc == 0 && bn->timer != NULL && (rc = bn->timer->stop(be, &gt, err)) == 0) {
             gpu[r] = gt.total_ms - gt.transfer_ms;
             xfer[r] = gt.transfer_ms;
         }
     }
+    *graphs = g0 < 0 ? -1 : (graphs_launched() - g0) / bn->reps;
     return rc;
 }
 
-static int bench_batch(struct bench *bn, bs_model_t *m, const struct bs_builtin *b, int64_t batch,
-                       struct bs_err *err)
+/* "  0.123 ms (  9.8%)": off - on, as a share of off; or n/a. */
+static const char *fmt_saving(char *buf, size_t size, double off, double on)
+{
+    if (off <= 0 || on < 0)
+        snprintf(buf, size, "%-18s", "n/a");
+    else
+        snprintf(buf, size, "%7.3f ms (%5.1f%%)", off - on, 100.0 * (off - on) / off);
+    return buf;
+}
+
+static const char *fmt_graphs(char *buf, size_t size, double graphs)
+{
+    if (graphs < 0)
+        snprintf(buf, size, "n/a");
+    else
+        snprintf(buf, size, "%.1f", graphs);
+    return buf;
+}
+
+/* m on bn->be (graphs off) and mg, the same model on bn->be_g (on). */
+static int bench_batch(struct bench *bn, bs_model_t *m, bs_model_t *mg, const struct bs_builtin *b,
+                       int64_t batch, struct bs_err *err)
 {
     struct bs_named_tensor in[8];
     struct bs_tensor out = {0};
-    struct bs_arena arena;
-    double *ms = calloc(3 * (size_t)bn->reps, sizeof(double));
-    int n_in = 0, rc = 0;
+    struct bs_arena arena, arena_g;
+    double *ms = calloc(6 * (size_t)bn->reps, sizeof(double)), graphs_off = 0, graphs = -1;
+    int n_in = 0, rc = 0, n = bn->reps;
     bs_arena_init(&arena, &bn->be);
+    bs_arena_init(&arena_g, &bn->be_g);
     if (ms == NULL || make_inputs(m, b, batch, in, &n_in) != 0) {
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
         goto done;
@@ -201,23 +259,42 @@ static int bench_batch(struct bench *bn, bs_model_t *m, const struct bs_builtin 
         rc = bs_err_set(err, BS_ENOMEM, "out of memory");
         goto done;
     }
-    rc = time_forwards(bn, m, &arena, in, n_in, &out, ms, ms + bn->reps, ms + 2 * bn->reps, err);
+    rc = time_forwards(bn, &bn->be, m, &arena, in, n_in, &out, ms, ms + n, ms + 2 * n, &graphs_off,
+                       err);
+    if (rc == 0)
+        rc = time_forwards(bn, &bn->be_g, mg, &arena_g, in, n_in, &out, ms + 3 * n, ms + 4 * n,
+                           ms + 5 * n, &graphs, err);
     if (rc == 0 && bn->n_rows < MAX_ROWS) {
         struct row *w = &bn->rows[bn->n_rows++];
-        *w =
-            (struct row){b->name, batch, bs_model_flops(m, in, n_in), median(ms, bn->reps), -1, -1};
+        *w = (struct row){.name = b->name,
+                          .batch = batch,
+                          .flops = bs_model_flops(m, in, n_in),
+                          .wall = median(ms, n),
+                          .gpu = -1,
+                          .xfer = -1,
+                          .wall_g = median(ms + 3 * n, n),
+                          .gpu_g = -1,
+                          .graphs = graphs};
         if (bn->timer != NULL) {
-            w->gpu = median(ms + bn->reps, bn->reps);
-            w->xfer = median(ms + 2 * bn->reps, bn->reps);
+            w->gpu = median(ms + n, n);
+            w->xfer = median(ms + 2 * n, n);
+            w->gpu_g = median(ms + 4 * n, n);
         }
-        char e2e[64], gpu[64];
-        printf("model %-18s batch %lld %s: end-to-end %s | GPU-only %s | transfers ", w->name,
-               (long long)batch, bn->dtype, fmt_time(e2e, sizeof(e2e), bn, w->flops, w->wall),
-               fmt_time(gpu, sizeof(gpu), bn, w->flops, w->gpu));
+        char t0[64], t1[64], t2[64], t3[64], s0[32], s1[32], gr[16];
+        printf("model %-18s batch %lld %s: GPU-only off %s | %s %s (saves %s) | end-to-end off %s "
+               "| %s %s (saves %s) | transfers ",
+               w->name, (long long)batch, bn->dtype, fmt_time(t0, sizeof(t0), bn, w->flops, w->gpu),
+               bn->gmode, fmt_time(t1, sizeof(t1), bn, w->flops, w->gpu_g),
+               fmt_saving(s0, sizeof(s0), w->gpu, w->gpu_g),
+               fmt_time(t2, sizeof(t2), bn, w->flops, w->wall), bn->gmode,
+               fmt_time(t3, sizeof(t3), bn, w->flops, w->wall_g),
+               fmt_saving(s1, sizeof(s1), w->wall, w->wall_g));
         if (w->xfer < 0)
-            printf("n/a (cpu)\n");
+            printf("n/a (cpu)");
         else
-            printf("%.3f ms\n", w->xfer);
+            printf("%.3f ms", w->xfer);
+        printf(" | graphs/fwd %s (off: %s)\n", fmt_graphs(gr, sizeof(gr), w->graphs),
+               fmt_graphs(s0, sizeof(s0), graphs_off));
     }
 done:
     for (int i = 0; i < n_in; i++)
@@ -225,6 +302,7 @@ done:
     free(out.data);
     free(ms);
     bs_arena_free(&arena);
+    bs_arena_free(&arena_g);
     return rc;
 }
 
@@ -237,12 +315,15 @@ static int bench_models(struct bench *bn, struct bs_err *err)
     size_t n_batches = bn->smoke ? 1 : BS_ARRAY_LEN(batches);
     for (size_t i = 0; i < n_models; i++) {
         const struct bs_builtin *b = bs_builtin_find(names[i]);
-        bs_model_t *m = NULL;
+        bs_model_t *m = NULL, *mg = NULL;
         int rc = b ? bs_builtin_load(b, &bn->be, &m, err)
                    : bs_err_set(err, BS_ENOTFOUND, "no built-in %s", names[i]);
+        if (rc == 0)
+            rc = bs_builtin_load(b, &bn->be_g, &mg, err);
         for (size_t j = 0; rc == 0 && j < n_batches; j++)
-            rc = bench_batch(bn, m, b, batches[j], err);
+            rc = bench_batch(bn, m, mg, b, batches[j], err);
         bs_model_free(m);
+        bs_model_free(mg);
         if (rc != 0)
             return bs_err_wrap(err, "%s", names[i]);
     }
@@ -401,22 +482,48 @@ static const char *verdict(bool measured, bool ok)
     return !measured ? "n/a (cpu)" : ok ? "met" : "NOT met";
 }
 
-static void summary(const struct bench *bn)
+/* The launch graphs' saving: GPU-only (or, on the CPU, end-to-end) time
+ * off against on per model and batch, on one line. */
+static void graphs_line(const struct bench *bn)
 {
-    char g[64], w[64];
-    printf("\n== summary (%s, peak %.1f TFLOP/s) ==\n", bn->dtype, bn->peak);
-    printf("workload                  batch  GPU-only                               "
-           "end-to-end                             transfers\n");
+    bool gpu = bn->timer != NULL;
+    printf("launch graphs (%s vs off), %s saving:", bn->gmode, gpu ? "GPU-only" : "end-to-end");
     for (int i = 0; i < bn->n_rows; i++) {
         const struct row *r = &bn->rows[i];
-        printf("%-24s %6lld  %s  %s  ", r->name, (long long)r->batch,
-               fmt_time(g, sizeof(g), bn, r->flops, r->gpu),
-               fmt_time(w, sizeof(w), bn, r->flops, r->wall));
-        if (r->xfer < 0)
-            printf("n/a (cpu)\n");
-        else
-            printf("%.3f ms\n", r->xfer);
+        double off = gpu ? r->gpu : r->wall, on = gpu ? r->gpu_g : r->wall_g;
+        char s[32], gr[16];
+        printf("%s %s b%lld %s [graphs/fwd %s]", i ? ";" : "", r->name, (long long)r->batch,
+               fmt_saving(s, sizeof(s), off, on), fmt_graphs(gr, sizeof(gr), r->graphs));
     }
+    printf("\n");
+}
+
+static void summary(const struct bench *bn)
+{
+    char g[64], w[64], gg[64], wg[64], s0[32], s1[32], gr[16];
+    printf("\n== summary (%s, peak %.1f TFLOP/s; graphs off, then %s) ==\n", bn->dtype, bn->peak,
+           bn->gmode);
+    printf("workload                  batch  GPU-only off                           "
+           "GPU-only %-7s                        saving              end-to-end off          "
+           "               end-to-end %-7s                      saving              transfers  "
+           "graphs/fwd\n",
+           bn->gmode, bn->gmode);
+    for (int i = 0; i < bn->n_rows; i++) {
+        const struct row *r = &bn->rows[i];
+        printf("%-24s %6lld  %s  %s  %s  %s  %s  %s  ", r->name, (long long)r->batch,
+               fmt_time(g, sizeof(g), bn, r->flops, r->gpu),
+               fmt_time(gg, sizeof(gg), bn, r->flops, r->gpu_g),
+               fmt_saving(s0, sizeof(s0), r->gpu, r->gpu_g),
+               fmt_time(w, sizeof(w), bn, r->flops, r->wall),
+               fmt_time(wg, sizeof(wg), bn, r->flops, r->wall_g),
+               fmt_saving(s1, sizeof(s1), r->wall, r->wall_g));
+        if (r->xfer < 0)
+            printf("n/a (cpu)  ");
+        else
+            printf("%.3f ms  ", r->xfer);
+        printf("%s\n", fmt_graphs(gr, sizeof(gr), r->graphs));
+    }
+    graphs_line(bn);
     for (int i = 0; i < 2; i++) {
         const struct attn_res *a = &bn->attn[i];
         double ms = a->fused_gpu, ums = a->unf_gpu;
@@ -483,7 +590,11 @@ int main(int argc, char **argv)
         bn.reps = 1;
         bn.dtype = "fp32";
     }
-    struct bs_backend_opts o = {.device = bn.smoke ? "cpu" : "cuda", .dtype = bn.dtype};
+    /* graphs on the GPU: off and on; on the CPU (no graph ops): off and
+     * the engine's emulation, which runs the same bookkeeping */
+    bn.gmode = bn.smoke ? "emulate" : "on";
+    struct bs_backend_opts o = {
+        .device = bn.smoke ? "cpu" : "cuda", .dtype = bn.dtype, .graphs = "off"};
     int rc = bs_backend_init_opts(&bn.be, &o, &err);
     if (rc == BS_EUNSUPP) {
         printf("SKIP: %s\n", err.msg);
@@ -494,6 +605,12 @@ int main(int argc, char **argv)
         return 1;
     }
     printf("%s\n", err.msg);
+    o.graphs = bn.gmode;
+    if ((rc = bs_backend_init_opts(&bn.be_g, &o, &err)) != 0) {
+        fprintf(stderr, "gpu_bench: graphs %s: %s\n", bn.gmode, err.msg);
+        bs_backend_free(&bn.be);
+        return 1;
+    }
     bs_proc_gpu_timer_fn timer;
     *(void **)&timer = bs_backend_get_proc_address(&bn.be, BS_PROC_GPU_TIMER);
     bn.timer = timer != NULL ? timer() : NULL;
@@ -509,5 +626,6 @@ int main(int argc, char **argv)
     else
         summary(&bn);
     bs_backend_free(&bn.be);
+    bs_backend_free(&bn.be_g);
     return rc == 0 ? 0 : 1;
 }

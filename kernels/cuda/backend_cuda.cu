@@ -41,6 +41,12 @@ int bs__cuda_check_launch(const char *op, struct bs_err *err)
     return bs__cuda_check(cudaGetLastError(), op, "kernel launch", err);
 }
 
+int bs__cuda_refuse_capture(const char *what, const char *why, struct bs_err *err)
+{
+    return bs_err_set(err, BS_EUNSUPP, "cuda %s cannot run while a graph is being captured (%s)",
+                      what, why);
+}
+
 static int blas_check(cublasStatus_t s, const char *op, const char *what, struct bs_err *err)
 {
     if (s == CUBLAS_STATUS_SUCCESS)
@@ -90,8 +96,11 @@ static void events_free(struct bs__cuda_thread *t)
         }
 }
 
+static void graphs_free(struct bs__cuda *c, struct bs__cuda_thread *t);
+
 static void thread_free(struct bs__cuda *c, struct bs__cuda_thread *t)
 {
+    graphs_free(c, t); /* a capture in progress ended, every graph released */
     if (t->stream)
         cudaStreamSynchronize(t->stream);
     upload_free(t);
@@ -167,6 +176,9 @@ static int thread_make(struct bs__cuda *c, struct bs__cuda_thread *t, const char
 struct bs__cuda_thread *bs__cuda_thread_get(struct bs__cuda *c, const char *op, struct bs_err *err)
 {
     struct bs__cuda_thread *t = (struct bs__cuda_thread *)pthread_getspecific(c->key);
+    if (t != NULL && t->cap != NULL)
+        return t; /* capturing: the device was set at graph_begin; no call that the capture
+                     might not allow */
     if (!c->bare && bs__cuda_check(cudaSetDevice(c->device), op, "cudaSetDevice", err))
         return NULL; /* the current device is per host thread */
     if (t != NULL)
@@ -176,6 +188,7 @@ struct bs__cuda_thread *bs__cuda_thread_get(struct bs__cuda *c, const char *op, 
         bs_err_set(err, BS_ENOMEM, "cuda %s: out of memory", op);
         return NULL;
     }
+    t->c = c;
     int rc = thread_make(c, t, op, err);
     if (rc == 0 && pthread_setspecific(c->key, t) != 0)
         rc = bs_err_set(err, BS_ENOMEM, "cuda %s: pthread_setspecific failed", op);
@@ -209,9 +222,17 @@ void *bs__cuda_scratch(struct bs__cuda_thread *t, size_t bytes, struct bs_err *e
     bytes = (bytes + SCRATCH_ALIGN - 1) & ~(size_t)(SCRATCH_ALIGN - 1);
     if (bytes <= t->scratch_bytes)
         return t->scratch;
+    if (bs__cuda_capturing(t)) {
+        char why[128];
+        snprintf(why, sizeof(why), "growing the thread's scratch from %zu to %zu bytes",
+                 t->scratch_bytes, bytes);
+        bs__cuda_refuse_capture("scratch", why, err);
+        return NULL;
+    }
     /* Queued kernels may still read the old buffer: drain the stream first. */
     if (bs__cuda_check(cudaStreamSynchronize(t->stream), "scratch", "cudaStreamSynchronize", err))
         return NULL;
+    bs__cuda_epoch_bump(t->c); /* graphs captured with the old buffer must not run */
     cudaFree(t->scratch);
     t->scratch = NULL;
     t->scratch_bytes = 0;
@@ -232,6 +253,7 @@ static int upload_grow(struct bs__cuda_thread *t, size_t bytes, const char *op, 
     if (t->up_host != NULL)
         TRY_RC(rc, bs__cuda_check(cudaStreamSynchronize(t->stream), op,
                                   "cudaStreamSynchronize (this or an earlier op failed)", err));
+    bs__cuda_epoch_bump(t->c);
     upload_free(t);
     if ((rc = bs__cuda_check(cudaMallocHost(&t->up_host, slot * BS_CUDA_UP_SLOTS), op,
                              "cudaMallocHost", err)) != 0) {
@@ -258,6 +280,13 @@ void *bs__cuda_upload(struct bs__cuda_thread *t, int n, const void *const *srcs,
                       const size_t *sizes, const char *op, struct bs_err *err)
 {
     size_t bytes = 0;
+    if (bs__cuda_capturing(t)) {
+        bs__cuda_refuse_capture(op,
+                                "the upload ring copies host data that a graph would bake "
+                                "in, and waits for its slots",
+                                err);
+        return NULL;
+    }
     for (int i = 0; i < n; i++)
         bytes += sizes[i];
     if (bytes > t->up_bytes && upload_grow(t, bytes, op, err) != 0)
@@ -279,10 +308,21 @@ void *bs__cuda_upload(struct bs__cuda_thread *t, int n, const void *const *srcs,
     return t->up_dev;
 }
 
+/* The calling thread's state when it is capturing a graph, else NULL
+ * (made by no call: a thread without a state is not capturing). */
+static struct bs__cuda_thread *capturing_thread(struct bs__cuda *c)
+{
+    struct bs__cuda_thread *t = (struct bs__cuda_thread *)pthread_getspecific(c->key);
+    return t != NULL && t->cap != NULL ? t : NULL;
+}
+
+/* NULL on a thread that is capturing (cudaMalloc is not allowed there). */
 static void *cuda_buf_alloc(void *ctx, size_t size)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     void *p = NULL;
+    if (capturing_thread(c) != NULL)
+        return NULL;
     cudaSetDevice(c->device);
     if (cudaMalloc(&p, size ? size : SCRATCH_ALIGN) != cudaSuccess) {
         cudaGetLastError(); /* clear the (non-sticky) allocation error */
@@ -305,13 +345,42 @@ static void *shadow_forget(struct bs__cuda *c, const void *base)
     return NULL;
 }
 
-/* Any thread's queued work may use ptr (a batcher's arena passes from
- * worker to worker): wait for the whole device, then free it and its copy. */
+static void buf_free_now(struct bs__cuda *c, void *ptr);
+
+/* On a thread that is capturing, ptr waits in its cap_frees for graph_end;
+ * else buf_free_now. */
 static void cuda_buf_free(void *ctx, void *ptr)
 {
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     if (ptr == NULL)
         return;
+    struct bs__cuda_thread *t = capturing_thread(c);
+    if (t != NULL) { /* no wait or free while capturing: at graph_end (cap_frees_run) */
+        if (t->n_cap_frees == t->cap_frees_max) {
+            int m = t->cap_frees_max ? 2 * t->cap_frees_max : 8;
+            void **p = (void **)realloc(t->cap_frees, (size_t)m * sizeof(void *));
+            if (p == NULL)
+                return; /* out of memory: the buffer leaks rather than break the capture */
+            t->cap_frees = p;
+            t->cap_frees_max = m;
+        }
+        t->cap_frees[t->n_cap_frees++] = ptr;
+        return;
+    }
+    buf_free_now(c, ptr);
+}
+
+/* Any thread's queued work may use ptr (a batcher's arena passes from
+ * worker to worker): wait for the whole device, then free it and its copy
+ * (buf_free on a thread that is not capturing, or a capture's deferred
+ * frees once it ended). */
+static void buf_free_now(struct bs__cuda *c, void *ptr)
+{
+    /* The epoch moves first: the device-wide wait below may break another
+     * thread's capture in progress (README: Launch graphs), which at a new
+     * epoch is worth trying again; and a graph may hold the buffer's
+     * weights copy. */
+    bs__cuda_epoch_bump(c);
     void *half = shadow_forget(c, ptr);
     if (c->bare) /* a test backend: nothing on a device */
         return;
@@ -406,6 +475,8 @@ static int cuda_copy_in(void *ctx, void *dst, const void *src, size_t size, stru
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "copy_in", err);
     if (t == NULL)
         return err->code;
+    if (bs__cuda_capturing(t))
+        return bs__cuda_refuse_capture("copy_in", "it waits for the thread's stream", err);
     int rc = xfer_run(t, (char *)dst, (char *)(uintptr_t)src, size, false, "copy_in", err);
     return take_overflow(c, t, rc, err);
 }
@@ -419,6 +490,8 @@ static int cuda_copy_out(void *ctx, void *dst, const void *src, size_t size, str
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "copy_out", err);
     if (t == NULL)
         return err->code;
+    if (bs__cuda_capturing(t))
+        return bs__cuda_refuse_capture("copy_out", "it waits for the thread's stream", err);
     int rc = xfer_run(t, (char *)(uintptr_t)src, (char *)dst, size, true, "copy_out", err);
     return take_overflow(c, t, rc, err);
 }
@@ -433,6 +506,7 @@ static int shadow_register(struct bs__cuda *c, const void *base, size_t bytes, v
 {
     bs__cuda_lock l(c);
     *replaced = NULL;
+    bs__cuda_epoch_bump(c); /* linear's w now comes from another copy */
     for (int i = 0; i < c->n_shadows; i++)
         if (c->shadows[i].base == (const char *)base) {
             *replaced = c->shadows[i].half;
@@ -456,6 +530,10 @@ static int cuda_weights_ready(void *ctx, void *buf, size_t size, struct bs_err *
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "weights_ready", err);
     if (t == NULL)
         return err->code;
+    if (bs__cuda_capturing(t))
+        return bs__cuda_refuse_capture("weights_ready",
+                                       "it allocates the copy and waits for the stream", err);
+    bs__cuda_epoch_bump(c); /* its allocation and wait may break another thread's capture */
     int64_t n = (int64_t)(size / sizeof(float));
     void *half = NULL, *old = NULL;
     if (cudaMalloc(&half, (size_t)n * 2) != cudaSuccess) {
@@ -492,6 +570,358 @@ const void *bs__cuda_shadow_of(struct bs__cuda *c, const void *w)
     return NULL;
 }
 
+/* ---- launch graphs (engine/backend.h: graph_*) --------------------------- */
+
+/* A thread captures with cudaStreamBeginCapture on its own stream in
+ * cudaStreamCaptureModeThreadLocal (other threads go on as before). What
+ * would allocate, free or wait on that thread fails cleanly while it
+ * captures (bs__cuda_refuse_capture: BS_EUNSUPP) and the capture goes on:
+ * scratch growth, the upload ring, get_rows with host indices, copies,
+ * weights_ready, the GPU timer, buf_alloc (NULL); buf_free waits for
+ * graph_end. graph_end always ends the capture and clears CUDA's last
+ * error, so nothing of a failed capture is reported by a later op.
+ *
+ * On a test backend (bare) the bookkeeping runs (begin, end without keep,
+ * the argument checks) with host memory only; what needs the device
+ * (graph_end's instantiation, graph_rows' copy and gather) fails with
+ * BS_EINTERNAL, as every valid call does there. */
+
+#define GRAPH_IDX_BYTES ((size_t)BS_CUDA_GRAPH_IDX * sizeof(int64_t))
+
+static void graph_param_free(struct bs__cuda *c, int64_t *host, int64_t *dev)
+{
+    if (c->bare) {
+        free(host);
+        return;
+    }
+    if (host)
+        cudaFreeHost(host);
+    if (dev)
+        cudaFree(dev);
+}
+
+/* g's CUDA objects and memory go (its launches waited for first); its
+ * param memory becomes t's spare when t has none. g is unlinked already. */
+static void graph_release(struct bs__cuda *c, struct bs__cuda_thread *t, struct bs_backend_graph *g)
+{
+    if (g->done != NULL) {
+        if (g->launched)
+            cudaEventSynchronize(g->done);
+        cudaEventDestroy(g->done);
+    }
+    if (g->exec != NULL)
+        cudaGraphExecDestroy(g->exec);
+    if (t->spare_host == NULL) {
+        t->spare_host = g->idx_host;
+        t->spare_dev = g->idx_dev;
+    } else
+        graph_param_free(c, g->idx_host, g->idx_dev);
+    if (!c->bare)
+        cudaGetLastError(); /* a failed wait here is the launch's, reported by the next copy */
+    free(g);
+}
+
+static void graph_unlink(struct bs__cuda_thread *t, struct bs_backend_graph *g)
+{
+    if (g->prev)
+        g->prev->next = g->next;
+    else
+        t->graphs = g->next;
+    if (g->next)
+        g->next->prev = g->prev;
+    g->next = g->prev = NULL;
+}
+
+/* A graph for t to capture into, with its param memory (t's spare, else
+ * new: pinned host and device, or plain host memory on a bare backend). */
+static struct bs_backend_graph *graph_new(struct bs__cuda *c, struct bs__cuda_thread *t,
+                                          struct bs_err *err)
+{
+    struct bs_backend_graph *g = (struct bs_backend_graph *)calloc(1, sizeof(*g));
+    if (g == NULL) {
+        bs_err_set(err, BS_ENOMEM, "cuda graph_begin: out of memory");
+        return NULL;
+    }
+    g->owner = t;
+    if (t->spare_host != NULL) {
+        g->idx_host = t->spare_host;
+        g->idx_dev = t->spare_dev;
+        t->spare_host = t->spare_dev = NULL;
+        return g;
+    }
+    int rc = 0;
+    if (c->bare) {
+        g->idx_host = (int64_t *)calloc(1, GRAPH_IDX_BYTES);
+        if (g->idx_host == NULL)
+            rc = bs_err_set(err, BS_ENOMEM, "cuda graph_begin: out of memory");
+    } else {
+        void *h = NULL, *d = NULL;
+        rc = bs__cuda_check(cudaMallocHost(&h, GRAPH_IDX_BYTES), "graph_begin", "cudaMallocHost",
+                            err);
+        g->idx_host = rc == 0 ? (int64_t *)h : NULL;
+        if (rc == 0) {
+            rc = dev_alloc(&d, GRAPH_IDX_BYTES, "graph_begin", err);
+            g->idx_dev = (int64_t *)d;
+        }
+    }
+    if (rc != 0) {
+        graph_param_free(c, g->idx_host, g->idx_dev);
+        free(g);
+        return NULL;
+    }
+    return g;
+}
+
+/* buf_free's calls made while t captured, now that it does not. */
+static void cap_frees_run(struct bs__cuda *c, struct bs__cuda_thread *t)
+{
+    for (int i = 0; i < t->n_cap_frees; i++)
+        buf_free_now(c, t->cap_frees[i]);
+    t->n_cap_frees = 0;
+}
+
+/* Ends t's capture, if any (the graph captured so far is discarded; on a
+ * real device cudaStreamEndCapture, whose error, if any, is returned);
+ * the pointers buf_free deferred are freed and the graphs freed during
+ * the capture released. */
+static cudaError_t capture_end(struct bs__cuda *c, struct bs__cuda_thread *t, cudaGraph_t *graph)
+{
+    cudaError_t e = cudaSuccess;
+    *graph = NULL;
+    struct bs_backend_graph *g = t->cap;
+    if (g == NULL)
+        return e;
+    if (!c->bare) {
+        e = cudaStreamEndCapture(t->stream, graph);
+        cudaGetLastError(); /* an invalidated capture leaves its error here: clear it */
+        if (e != cudaSuccess)
+            *graph = NULL;
+    }
+    t->cap = NULL;
+    cap_frees_run(c, t);
+    for (struct bs_backend_graph *d = t->graphs, *next; d != NULL; d = next) {
+        next = d->next;
+        if (d->dead) {
+            graph_unlink(t, d);
+            graph_release(c, t, d);
+        }
+    }
+    return e;
+}
+
+/* t's capture ended and every graph of t released (thread_free). */
+static void graphs_free(struct bs__cuda *c, struct bs__cuda_thread *t)
+{
+    cudaGraph_t graph = NULL;
+    struct bs_backend_graph *cap = t->cap;
+    capture_end(c, t, &graph);
+    if (graph != NULL)
+        cudaGraphDestroy(graph);
+    if (cap != NULL)
+        graph_release(c, t, cap);
+    while (t->graphs != NULL) {
+        struct bs_backend_graph *g = t->graphs;
+        graph_unlink(t, g);
+        graph_release(c, t, g);
+    }
+    graph_param_free(c, t->spare_host, t->spare_dev);
+    t->spare_host = t->spare_dev = NULL;
+    free(t->cap_frees);
+    t->cap_frees = NULL;
+    t->cap_frees_max = 0;
+}
+
+static int cuda_graph_begin(void *ctx, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "graph_begin", err);
+    if (t == NULL)
+        return err->code;
+    if (t->cap != NULL)
+        return bs_err_set(err, BS_EINVAL,
+                          "cuda graph_begin: this thread is already capturing a graph "
+                          "(graph_end first)");
+    struct bs_backend_graph *g = graph_new(c, t, err);
+    if (g == NULL)
+        return err->code;
+    if (!c->bare) {
+        int rc = bs__cuda_check(cudaStreamBeginCapture(t->stream, cudaStreamCaptureModeThreadLocal),
+                                "graph_begin", "cudaStreamBeginCapture", err);
+        if (rc != 0) {
+            graph_release(c, t, g);
+            return rc;
+        }
+    }
+    t->cap = g;
+    return 0;
+}
+
+static int cuda_graph_end(void *ctx, bool keep, struct bs_backend_graph **out, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    if (out != NULL)
+        *out = NULL;
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "graph_end", err);
+    if (t == NULL)
+        return err->code;
+    struct bs_backend_graph *g = t->cap;
+    if (g == NULL)
+        return bs_err_set(err, BS_EINVAL, "cuda graph_end: no graph_begin on this thread");
+    cudaGraph_t graph = NULL;
+    cudaError_t e = capture_end(c, t, &graph);
+    int rc = 0;
+    if (keep && out == NULL)
+        rc = bs_err_set(err, BS_EINVAL, "cuda graph_end: keep without a place for the graph (g)");
+    else if (keep && e != cudaSuccess)
+        rc = bs_err_set(err, BS_EINTERNAL, "cuda graph_end: the capture broke: %s (%s)",
+                        cudaGetErrorString(e), cudaGetErrorName(e));
+    else if (keep && c->bare)
+        rc = bs_err_set(err, BS_EINTERNAL,
+                        "cuda graph_end: a test backend has no device to make the graph on");
+    if (rc == 0 && keep) {
+        rc = bs__cuda_check(cudaGraphInstantiate(&g->exec, graph, 0), "graph_end",
+                            "cudaGraphInstantiate", err);
+        if (rc != 0)
+            g->exec = NULL;
+        else if ((rc = event_make(&g->done, false, "graph_end", err)) != 0)
+            g->done = NULL;
+    }
+    if (graph != NULL)
+        cudaGraphDestroy(graph);
+    if (rc != 0 || !keep) {
+        graph_release(c, t, g);
+        return rc;
+    }
+    g->next = t->graphs;
+    if (t->graphs)
+        t->graphs->prev = g;
+    t->graphs = g;
+    *out = g;
+    return 0;
+}
+
+static int cuda_graph_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *table, int64_t n,
+                           int64_t **idx, struct bs_err *err)
+{
+    static const int64_t zeros[BS_CUDA_GRAPH_IDX] = {0};
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    int rc;
+    if (idx == NULL)
+        return bs_err_set(err, BS_EINVAL, "cuda graph_rows: idx is NULL");
+    *idx = NULL;
+    if (n < 0 || n > BS_CUDA_GRAPH_IDX)
+        return bs_err_set(err, n < 0 ? BS_EINVAL : BS_EUNSUPP,
+                          "cuda graph_rows: %lld indices (a graph takes 0 to %d in all)",
+                          (long long)n, BS_CUDA_GRAPH_IDX);
+    if ((rc = bs_opcheck_get_rows(y, table, zeros, n, err)) != 0)
+        return rc;
+    if (y->type != BS_TYPE_F32 || table->type != BS_TYPE_F32)
+        return bs_err_set(err, BS_EINVAL, "cuda graph_rows: table and y must be F32 (got %s, %s)",
+                          bs_dtype_name(table->type), bs_dtype_name(y->type));
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, "graph_rows", err);
+    if (t == NULL)
+        return err->code;
+    struct bs_backend_graph *g = t->cap;
+    if (g == NULL)
+        return bs_err_set(err, BS_EINVAL,
+                          "cuda graph_rows: outside a capture (graph_begin on this thread first)");
+    if (n > BS_CUDA_GRAPH_IDX - g->idx_used)
+        return bs_err_set(err, BS_EUNSUPP,
+                          "cuda graph_rows: more than %d indices in one graph (%lld taken, %lld "
+                          "more)",
+                          BS_CUDA_GRAPH_IDX, (long long)g->idx_used, (long long)n);
+    int64_t *h = g->idx_host + g->idx_used;
+    memset(h, 0, (size_t)n * sizeof(int64_t)); /* in range until the engine writes them */
+    int64_t d = bs_opcheck_ncols(table);
+    if (n > 0 && d > 0) {
+        if (c->bare)
+            return bs_err_set(err, BS_EINTERNAL,
+                              "cuda graph_rows: a test backend has no device to gather on");
+        TRY_RC(rc, bs__cuda_gather_rows(t, (float *)y->data, bs_tensor_ld(y),
+                                        (const float *)table->data, bs_tensor_ld(table),
+                                        bs_tensor_nrows(table), h, g->idx_dev + g->idx_used, n, d,
+                                        err));
+    }
+    g->idx_used += n;
+    *idx = h;
+    return 0;
+}
+
+/* The calling thread's state for an op on g (not NULL, the thread's own). */
+static struct bs__cuda_thread *graph_owner(struct bs__cuda *c, struct bs_backend_graph *g,
+                                           const char *op, struct bs_err *err)
+{
+    if (g == NULL) {
+        bs_err_set(err, BS_EINVAL, "cuda %s: NULL graph", op);
+        return NULL;
+    }
+    struct bs__cuda_thread *t = bs__cuda_thread_get(c, op, err);
+    if (t != NULL && g->owner != t) {
+        bs_err_set(err, BS_EINVAL, "cuda %s: the graph belongs to another thread", op);
+        return NULL;
+    }
+    return t;
+}
+
+static int cuda_graph_launch(void *ctx, struct bs_backend_graph *g, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    struct bs__cuda_thread *t = graph_owner(c, g, "graph_launch", err);
+    int rc;
+    if (t == NULL)
+        return err->code;
+    if (bs__cuda_capturing(t))
+        return bs_err_set(err, BS_EINVAL,
+                          "cuda graph_launch: this thread is capturing a graph (graph_end first)");
+    if (g->dead)
+        return bs_err_set(err, BS_EINVAL, "cuda graph_launch: the graph was freed");
+    TRY_RC(rc, bs__cuda_check(cudaGraphLaunch(g->exec, t->stream), "graph_launch",
+                              "cudaGraphLaunch", err));
+    TRY_RC(rc, bs__cuda_check(cudaEventRecord(g->done, t->stream), "graph_launch",
+                              "cudaEventRecord", err));
+    g->launched = true;
+    return 0;
+}
+
+static int cuda_graph_wait(void *ctx, struct bs_backend_graph *g, struct bs_err *err)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    struct bs__cuda_thread *t = graph_owner(c, g, "graph_wait", err);
+    if (t == NULL)
+        return err->code;
+    if (bs__cuda_capturing(t))
+        return bs__cuda_refuse_capture("graph_wait", "it waits for the device", err);
+    if (!g->launched)
+        return 0;
+    return bs__cuda_check(cudaEventSynchronize(g->done), "graph_wait",
+                          "cudaEventSynchronize (this or an earlier op failed)", err);
+}
+
+/* Waits for g's launches and releases it; while the thread captures, at
+ * graph_end. A graph of another thread is left to the backend's free. */
+static void cuda_graph_free(void *ctx, struct bs_backend_graph *g)
+{
+    struct bs__cuda *c = (struct bs__cuda *)ctx;
+    struct bs_err err;
+    memset(&err, 0, sizeof(err));
+    if (g == NULL)
+        return;
+    struct bs__cuda_thread *t = graph_owner(c, g, "graph_free", &err);
+    if (t == NULL)
+        return;
+    if (bs__cuda_capturing(t)) {
+        g->dead = true;
+        return;
+    }
+    graph_unlink(t, g);
+    graph_release(c, t, g);
+}
+
+static uint64_t cuda_graph_epoch(void *ctx)
+{
+    return __atomic_load_n(&((struct bs__cuda *)ctx)->epoch, __ATOMIC_ACQUIRE);
+}
+
 /* ---- the backend ------------------------------------------------------- */
 
 /* Every thread's state goes (no op may run any more: the caller's
@@ -501,6 +931,9 @@ static void cuda_free(void *ctx)
     struct bs__cuda *c = (struct bs__cuda *)ctx;
     if (c == NULL)
         return;
+    struct bs__cuda_thread *self = capturing_thread(c);
+    if (self != NULL)
+        graphs_free(c, self); /* a capture left open ends before the device-wide wait */
     if (!c->bare) {
         cudaSetDevice(c->device);
         cudaDeviceSynchronize();
@@ -570,6 +1003,13 @@ static struct bs_backend_i make_iface(void)
     i.weights_ready = cuda_weights_ready;
     i.memory_info = cuda_memory_info;
     i.get_proc_address = cuda_get_proc_address;
+    i.graph_begin = cuda_graph_begin;
+    i.graph_end = cuda_graph_end;
+    i.graph_rows = cuda_graph_rows;
+    i.graph_launch = cuda_graph_launch;
+    i.graph_wait = cuda_graph_wait;
+    i.graph_free = cuda_graph_free;
+    i.graph_epoch = cuda_graph_epoch;
     return i;
 }
 
@@ -694,6 +1134,10 @@ static struct bs__cuda_thread *timer_thread(struct bs_backend *be, struct bs_err
         return NULL;
     }
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "gpu_timer", err);
+    if (t != NULL && bs__cuda_capturing(t)) {
+        bs__cuda_refuse_capture("gpu_timer", "its events would be captured, and stop waits", err);
+        return NULL;
+    }
     if (t == NULL || t->tm_stop != NULL)
         return t;
     if (event_make(&t->tm_start, true, "gpu_timer", err) ||

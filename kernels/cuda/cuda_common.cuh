@@ -22,7 +22,14 @@
  * a batcher whose batches run on different workers, model weights) is
  * handed over at a synchronisation: a forward ends with copy_out, which
  * waits for the thread's stream, and the engine drains it after a failed
- * forward (copy_out of 0 bytes); buf_free waits for the whole device. */
+ * forward (copy_out of 0 bytes); buf_free waits for the whole device.
+ *
+ * Launch graphs (graph_*, backend_cuda.cu) are the thread's too: a thread
+ * captures on its own stream (bs__cuda_thread.cap while it does), and what
+ * would allocate, free or wait on it then fails with BS_EUNSUPP
+ * (bs__cuda_refuse_capture); its graphs are listed in its state and go
+ * with it. The context's epoch (graph_epoch) is an atomic any thread
+ * bumps. */
 #ifndef BS_CUDA_COMMON_CUH
 #define BS_CUDA_COMMON_CUH
 
@@ -43,6 +50,7 @@ extern "C" {
 #define BS_CUDA_BLAS_WS_BYTES (32u << 20) /* a thread's cuBLAS (and cuBLASLt) workspace */
 #define BS_CUDA_LT_CACHE      64          /* linear's GEMM plans kept per thread */
 #define BS_CUDA_LT_KEY        8           /* int64 values of a plan's key (linear_cuda.cu) */
+#define BS_CUDA_GRAPH_IDX     2048        /* indices a graph's graph_rows take in all (16 KiB) */
 
 /* Return rc from the enclosing function when expr fails. */
 #define TRY_RC(rc, expr)                                                                           \
@@ -79,9 +87,29 @@ struct bs__cuda_lt_cache {
     uint64_t clock;
 };
 
+/* A launch graph (engine/backend.h, graph_*; backend_cuda.cu): the
+ * instantiated capture of the ops one thread called between graph_begin
+ * and graph_end, on that thread's stream. Only the owner thread touches
+ * it; the backend's free releases the graphs still listed. */
+struct bs_backend_graph {
+    struct bs_backend_graph *next, *prev; /* the owner's list (bs__cuda_thread.graphs) */
+    struct bs__cuda_thread *owner;
+    cudaGraphExec_t exec;
+    cudaEvent_t done; /* recorded after each launch: graph_wait, graph_free */
+    bool launched;    /* done has been recorded */
+    bool dead;        /* graph_free while its thread captured: released at graph_end */
+    /* graph_rows' indices: BS_CUDA_GRAPH_IDX int64 of pinned host memory
+     * (the engine fills its slots before each launch) and their device
+     * copy, which the graph's H2D copies fill and its gathers read;
+     * idx_used taken so far by the capture's graph_rows. */
+    int64_t *idx_host, *idx_dev;
+    int64_t idx_used;
+};
+
 /* One host thread's resources (top of the file); only that thread uses them. */
 struct bs__cuda_thread {
     struct bs__cuda_thread *next; /* the context's list, under its lock */
+    struct bs__cuda *c;           /* the backend it belongs to */
     cudaStream_t stream;
     cublasHandle_t blas;
     void *blas_ws;
@@ -117,6 +145,17 @@ struct bs__cuda_thread {
      * time). */
     cublasLtHandle_t lt;
     struct bs__cuda_lt_cache *lt_cache;
+    /* Launch graphs (backend_cuda.cu): cap is the graph being captured
+     * (graph_begin .. graph_end; NULL otherwise: bs__cuda_capturing), and
+     * while it is, buf_free's pointers wait in cap_frees (n_cap_frees of
+     * cap_frees_max) for graph_end. graphs: the graphs made and not freed.
+     * spare_host / spare_dev: param memory of a released graph, kept for
+     * the next graph_begin (one set). */
+    struct bs_backend_graph *cap;
+    void **cap_frees;
+    int n_cap_frees, cap_frees_max;
+    struct bs_backend_graph *graphs;
+    int64_t *spare_host, *spare_dev;
 };
 
 struct bs__cuda {
@@ -133,6 +172,13 @@ struct bs__cuda {
     int n_threads;
     struct bs__cuda_shadow shadows[BS_CUDA_MAX_SHADOWS];
     int n_shadows;
+    /* graph_epoch: bumped (atomically, any thread: bs__cuda_epoch_bump)
+     * whenever memory a graph may hold without the engine having passed
+     * it moves or goes: a thread's scratch grows, its upload ring grows, a
+     * weights copy (shadow) is made, replaced or freed; and by every
+     * buf_free (its device-wide wait may break another thread's capture,
+     * which is then worth another try). */
+    uint64_t epoch;
 };
 
 /* Holds c's lock for the life of the object (a short lookup or update). */
@@ -155,6 +201,23 @@ struct bs__cuda_lock {
  * backend), with the thread's current device set to c's. NULL with err set
  * ("cuda <op>: ...") when a resource cannot be made. */
 struct bs__cuda_thread *bs__cuda_thread_get(struct bs__cuda *c, const char *op, struct bs_err *err);
+
+/* Whether thread t is capturing a launch graph (graph_begin .. graph_end). */
+static inline bool bs__cuda_capturing(const struct bs__cuda_thread *t)
+{
+    return t->cap != NULL;
+}
+
+/* BS_EUNSUPP for what (an op or a step of one) on a thread that is
+ * capturing: "cuda <what> cannot run while a graph is being captured
+ * (<why>)"; nothing was queued, and the capture goes on. */
+int bs__cuda_refuse_capture(const char *what, const char *why, struct bs_err *err);
+
+/* graph_epoch's counter, bumped (memory a graph may hold moved). */
+static inline void bs__cuda_epoch_bump(struct bs__cuda *c)
+{
+    __atomic_fetch_add(&c->epoch, 1, __ATOMIC_ACQ_REL);
+}
 
 /* BS_EINTERNAL with "op: what: CUDA error text" when e is not cudaSuccess. */
 int bs__cuda_check(cudaError_t e, const char *op, const char *what, struct bs_err *err);
@@ -261,6 +324,14 @@ int bs__cuda_get_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *ta
 int bs__cuda_attention(void *ctx, struct bs_tensor *o, const struct bs_tensor *q,
                        const struct bs_tensor *k, const struct bs_tensor *v,
                        const struct bs_attn_params *p, struct bs_err *err);
+
+/* graph_rows' work on the capturing thread's stream: the n indices at
+ * idx_host (pinned) copied to idx_dev, then the gather kernel y[i] =
+ * table[idx_dev[i]] (F32 rows of d values; ldy, ldt row strides; an index
+ * outside [0, nrows) gives a row of zeros). */
+int bs__cuda_gather_rows(struct bs__cuda_thread *t, float *y, int64_t ldy, const float *table,
+                         int64_t ldt, int64_t nrows, const int64_t *idx_host, int64_t *idx_dev,
+                         int64_t n, int64_t d, struct bs_err *err);
 
 /* Bias rows on the thread's stream: y[r] = b (beta 0) or y[r] += b (beta 1)
  * for m rows of n. */

@@ -116,6 +116,10 @@ struct bs__cuda_lt_cache *bs__cuda_lt_cache_get(const struct bs__cuda *c, struct
 {
     if (t->lt_cache != NULL)
         return t->lt_cache;
+    if (bs__cuda_capturing(t)) { /* never the case after the engine's eager warm-up */
+        bs__cuda_refuse_capture("linear", "the thread's first GEMM makes its cuBLASLt handle", err);
+        return NULL;
+    }
     /* without a handle (a bare backend, or cublasLtCreate failed) every
      * plan is a fallback: linear still runs, on cublasGemmEx */
     if (!c->bare && t->lt == NULL && cublasLtCreate(&t->lt) != CUBLAS_STATUS_SUCCESS)

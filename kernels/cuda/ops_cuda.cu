@@ -1,6 +1,7 @@
 /* The row-wise and elementwise ops on the GPU:
  * activations, gated units, gated residual adds, transpose,
- * row gathers, bias rows and the F32 to BF16/FP16 operand conversion.
+ * row gathers (host indices; and device indices for launch graphs), bias rows and the F32 to
+ * BF16/FP16 operand conversion.
  *
  * Three layers per op (STYLE rule 5): the __global__ kernel (ops_kernels.cuh,
  * shared with the host emulation of tests/gpu_emu), a launcher that takes
@@ -180,6 +181,11 @@ int bs__cuda_get_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *ta
     struct bs__cuda_thread *t = bs__cuda_thread_get(c, "get_rows", err);
     if (t == NULL)
         return err->code;
+    if (bs__cuda_capturing(t))
+        return bs__cuda_refuse_capture("get_rows",
+                                       "its host indices would be baked into the graph; "
+                                       "graph_rows reads them on the device",
+                                       err);
     for (int64_t i = 0; i < n && d > 0; i++)
         TRY_RC(rc, bs__cuda_check(cudaMemcpyAsync((float *)y->data + i * ldy,
                                                   (const float *)table->data + idx[i] * ldt,
@@ -187,4 +193,22 @@ int bs__cuda_get_rows(void *ctx, struct bs_tensor *y, const struct bs_tensor *ta
                                                   cudaMemcpyDeviceToDevice, t->stream),
                                   "get_rows", "cudaMemcpyAsync", err));
     return 0;
+}
+
+/* graph_rows (backend_cuda.cu) on the capturing thread's stream: the copy
+ * of the indices from the graph's pinned slots and the gather are captured
+ * as two nodes, so each launch reads the indices the engine wrote last. */
+int bs__cuda_gather_rows(struct bs__cuda_thread *t, float *y, int64_t ldy, const float *table,
+                         int64_t ldt, int64_t nrows, const int64_t *idx_host, int64_t *idx_dev,
+                         int64_t n, int64_t d, struct bs_err *err)
+{
+    int rc;
+    if (n == 0 || d == 0)
+        return 0;
+    TRY_RC(rc, bs__cuda_check(cudaMemcpyAsync(idx_dev, idx_host, (size_t)n * sizeof(int64_t),
+                                              cudaMemcpyHostToDevice, t->stream),
+                              "graph_rows", "cudaMemcpyAsync", err));
+    gather_rows_kernel<<<ew_grid(n, d), EW_THREADS, 0, t->stream>>>(y, ldy, table, ldt, idx_dev, n,
+                                                                    d, nrows);
+    return bs__cuda_check_launch("graph_rows", err);
 }

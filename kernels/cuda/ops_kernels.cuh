@@ -1,7 +1,8 @@
 /* The kernels of the row-wise and elementwise ops, written once for nvcc
  * (ops_cuda.cu launches them) and for the host emulation of tests/gpu_emu
  * (device.cuh says how):
- * activations, gated units, gated residual adds, transpose, bias rows and
+ * activations, gated units, gated residual adds, transpose, bias rows,
+ * the row gather of launch graphs (indices read on the device) and
  * the F32 to BF16/FP16 operand conversion (which flags values the dtype
  * cannot hold: overflow.cuh). All arithmetic is FP32 (these ops
  * are memory-bound; the compute dtype only narrows GEMM and attention
@@ -116,6 +117,25 @@ template <typename TY, typename TX> __global__ void add_kernel(struct add_args a
             xv *= a.gate[(r / a.rows_per_sample) * a.ld_gate + i];
         TY *yp = y + r * a.ldy + i;
         act_st(yp, a.alpha * (act_ld(yp) + xv));
+    }
+}
+
+/* ---- row gather (graph_rows) --------------------------------------------- */
+
+/* y[r] = table[idx[r]] for r < n, rows of d floats (strides ldy, ldt), the
+ * indices read on the device (a launch graph's, written before each
+ * launch). An index outside [0, nrows) gives a row of zeros instead of a
+ * read outside the table (the engine checks indices before each launch:
+ * this only keeps a bad one contained). Bit for bit a copy. */
+__global__ void gather_rows_kernel(float *y, int64_t ldy, const float *table, int64_t ldt,
+                                   const int64_t *idx, int64_t n, int64_t d, int64_t nrows)
+{
+    EW_ROWS(r, n)
+    {
+        int64_t s = idx[r];
+        bool ok = s >= 0 && s < nrows;
+        EW_COLS(i, d)
+        y[r * ldy + i] = ok ? table[s * ldt + i] : 0.0f;
     }
 }
 

@@ -16,7 +16,9 @@
 # attention at 4096 tokens, head dim 64 and 128, against the unfused cuBLAS
 # baseline and FlashAttention-2's published H100 figure; the copies'
 # bandwidth; and the targets (fused attention >= 300 TFLOP/s and >= 3x the
-# baseline at head dim 64; sd15_down0_block batch 8 >= 40% of peak GPU-only).
+# baseline at head dim 64; sd15_down0_block batch 8 >= 40% of peak GPU-only);
+# the launch graphs' cases and their saving (each model with graphs off and
+# on: GPU-only and end-to-end time, and graphs launched per forward).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 build=${BUILD_DIR:-build-gpu}
@@ -65,5 +67,11 @@ grep -E "^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Subprocess aborted)\)" "$buil
 echo "skipped GPU tests: $skipped (should be 0 on a GPU machine)"
 grep -E "^(copy_in [0-9]+ MiB|timer:)" "$build/gpu_ops_bf16.log" || echo "copy bandwidth: not measured"
 sed -n '/== summary/,$p' "$build/gpu_bench.log"
+# launch graphs (issue 14 item 6): the GPU cases of test_gpu_ops, and the
+# launch overhead the graphs save (bench: graphs on against off; "graphs/fwd
+# 0" or "n/a" means the engine launched none, so there is no saving to see)
+echo "launch graphs: test_gpu_ops bf16 $(grep -E '^graphs: ' "$build/gpu_ops_bf16.log" || echo 'graphs: not run')"
+grep -E "^launch graphs " "$build/gpu_bench.log" | sed 's/^/launch-overhead saving: /' ||
+  echo "launch-overhead saving: not measured"
 echo "wall time: $(( $(date +%s) - start )) s; status $status"
 exit $status

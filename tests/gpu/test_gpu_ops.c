@@ -38,7 +38,16 @@
  * odd host and device offsets, bytes past the end untouched; and the GPU
  * timer (BS_PROC_GPU_TIMER): it counts the copies between start and stop
  * with their bytes, a span within the total, and a GEMM's time; a second
- * stop fails. It prints the copies' bandwidth (256 MiB each way). */
+ * stop fails. It prints the copies' bandwidth (256 MiB each way).
+ *
+ * Launch graphs (graph_*): linear + act + add + graph_rows captured once,
+ * launched three times with other indices and new data in the same
+ * buffers, bit for bit the same as the ops run eagerly; two launches then
+ * graph_free at once (it waits for them); on a fresh thread, a capture
+ * whose op would grow the scratch fails with BS_EUNSUPP, the stream works
+ * afterwards and the eager growth moves graph_epoch. The self-check (no
+ * graph ops on the CPU) runs the same comparisons with the ops in place
+ * of the launches. */
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
@@ -1703,6 +1712,210 @@ static void test_gpu_timer(struct env *e)
     free(h);
 }
 
+/* ---- launch graphs (graph_*) ----------------------------------------------- */
+
+/* The captured sequence: y = gelu(x w^T + b); z += y; r = table[idx] (3
+ * rows), on the GPU side of the tensors; r through graph_rows when slot is
+ * set (capturing), else get_rows with idx. */
+struct gseq {
+    struct weights w;
+    struct pt x, table;
+};
+
+static int gseq_ops(struct env *e, struct gseq *s, struct pt *y, struct pt *z, struct pt *r,
+                    const int64_t *idx, int64_t **slot, struct bs_err *err)
+{
+    int rc;
+    if ((rc = GPU->linear(GC, &y->g, &s->x.g, &s->w.wg, &s->w.bg, 0.0f, err)) != 0 ||
+        (rc = GPU->act(GC, &y->g, &y->g, BS_ACT_GELU, err)) != 0 ||
+        (rc = GPU->add(GC, &z->g, &y->g, NULL, 1, 1.0f, err)) != 0)
+        return rc;
+    if (slot != NULL)
+        return GPU->graph_rows(GC, &r->g, &s->table.g, 3, slot, err);
+    return GPU->get_rows(GC, &r->g, &s->table.g, idx, 3, err);
+}
+
+/* The GPU sides of a and b hold the same bytes. */
+static void expect_same(struct env *e, const char *name, const struct pt *a, const struct pt *b)
+{
+    struct bs_err err = {0};
+    char *ha = malloc(a->bytes), *hb = malloc(b->bytes);
+    if (ha == NULL || hb == NULL)
+        die("malloc", NULL);
+    if (GPU->copy_out(GC, ha, a->g.data, a->bytes, &err) != 0 ||
+        GPU->copy_out(GC, hb, b->g.data, b->bytes, &err) != 0)
+        die(name, &err);
+    expect_true(e, name, a->bytes == b->bytes && memcmp(ha, hb, a->bytes) == 0);
+    free(ha);
+    free(hb);
+}
+
+/* New x values and the same z on both sides (graph's and eager's). */
+static void gseq_inputs(struct env *e, struct gseq *s, struct pt *zg, struct pt *ze)
+{
+    float *x = s->x.c.data, *z = zg->c.data;
+    for (size_t i = 0; i < s->x.bytes / sizeof(float); i++)
+        x[i] = frand(-1, 1);
+    for (size_t i = 0; i < zg->bytes / sizeof(float); i++)
+        z[i] = frand(-1, 1);
+    memcpy(ze->c.data, z, zg->bytes);
+    pt_upload(e, &s->x);
+    pt_upload(e, zg);
+    pt_upload(e, ze);
+}
+
+/* A fresh thread (scratch 0): a capture whose op would grow the scratch
+ * fails cleanly (BS_EUNSUPP), graph_end discards it, and then the same op
+ * runs eagerly, grows the scratch (the epoch moves) and is right. */
+struct gthread {
+    struct env *e;
+    struct pt *x, *y;
+    int op_rc, end_rc, eager_rc, drain_rc;
+    uint64_t ep0, ep1, ep2;
+    struct bs_err err;
+};
+
+static void *gthread_main(void *arg)
+{
+    struct gthread *a = arg;
+    struct env *e = a->e;
+    struct bs_err err = {0};
+    struct bs_backend_graph *g = NULL;
+    struct bs_norm_params p = {1e-5f, NULL, NULL, NULL, NULL, 0, 8};
+    a->ep0 = GPU->graph_epoch(GC);
+    if (GPU->graph_begin(GC, &a->err) != 0) {
+        a->op_rc = -1000;
+        return NULL;
+    }
+    a->op_rc = GPU->group_norm(GC, &a->y->g, &a->x->g, &p, &a->err);
+    a->end_rc = GPU->graph_end(GC, false, &g, &err);
+    a->ep1 = GPU->graph_epoch(GC);
+    a->eager_rc = GPU->group_norm(GC, &a->y->g, &a->x->g, &p, &err);
+    a->drain_rc = GPU->copy_out(GC, NULL, NULL, 0, &err);
+    a->ep2 = GPU->graph_epoch(GC);
+    return NULL;
+}
+
+static void test_graph_scratch(struct env *e)
+{
+    struct pt x, y;
+    pt_new(e, &x, 3, (int64_t[]){2, 64, 256}, -2, 3);
+    pt_new(e, &y, 3, (int64_t[]){2, 64, 256}, -1, 1);
+    struct gthread a = {.e = e, .x = &x, .y = &y};
+    pthread_t tid;
+    if (pthread_create(&tid, NULL, gthread_main, &a) != 0)
+        die("pthread_create", NULL);
+    pthread_join(tid, NULL);
+    printf("graph: capture needing scratch: %s\n", a.err.msg);
+    expect_true(e, "graph: an op that would grow the scratch fails in a capture (EUNSUPP)",
+                a.op_rc == BS_EUNSUPP &&
+                    strstr(a.err.msg, "cannot run while a graph is being captured") != NULL);
+    expect_true(e, "graph: graph_end after the failed op", a.end_rc == 0);
+    expect_true(e, "graph: the stream works after the failed capture",
+                a.eager_rc == 0 && a.drain_rc == 0);
+    expect_true(e, "graph: no epoch change from the refused growth", a.ep1 == a.ep0);
+    expect_true(e, "graph: the scratch's growth moves the epoch", a.ep2 > a.ep1);
+    struct bs_err ec = {0};
+    struct bs_norm_params p = {1e-5f, NULL, NULL, NULL, NULL, 0, 8};
+    if (CPU->group_norm(CC, &y.c, &x.c, &p, &ec) != 0)
+        die("group_norm", &ec);
+    expect_ew(e, "graph: group_norm after the failed capture", &y);
+    pt_free(e, &x);
+    pt_free(e, &y);
+}
+
+/* A small sequence captured once and launched three times with other
+ * indices and new data in the same buffers: bit for bit the same as the
+ * ops run eagerly into other buffers; then two launches and a graph_free
+ * while they may still run. Self-check (no graph ops): the "graph" side
+ * runs the ops eagerly, so the harness's comparisons run too. */
+static void test_graphs(struct env *e)
+{
+    struct gseq s;
+    struct pt yg, zg, rg, ye, ze, re;
+    struct bs_err err = {0};
+    bool has = GPU->graph_begin != NULL;
+    int checks0 = e->checks, failures0 = e->failures;
+    weights_new(e, &s.w, 96, 64, true);
+    pt_new(e, &s.x, 2, (int64_t[]){8, 64}, -1, 1);
+    pt_new(e, &s.table, 2, (int64_t[]){16, 96}, -3, 3);
+    pt_new(e, &yg, 2, (int64_t[]){8, 96}, -1, 1);
+    pt_new(e, &zg, 2, (int64_t[]){8, 96}, -1, 1);
+    pt_new(e, &rg, 2, (int64_t[]){3, 96}, -1, 1);
+    pt_new(e, &ye, 2, (int64_t[]){8, 96}, -1, 1);
+    pt_new(e, &ze, 2, (int64_t[]){8, 96}, -1, 1);
+    pt_new(e, &re, 2, (int64_t[]){3, 96}, -1, 1);
+    const int64_t idx0[3] = {0, 1, 2};
+    /* warm-up (scratch, plans), as the engine's first eager run */
+    if (gseq_ops(e, &s, &ye, &ze, &re, idx0, NULL, &err) != 0)
+        die("graph warm-up", &err);
+    struct bs_backend_graph *g = NULL;
+    int64_t *slot = NULL;
+    uint64_t ep = has ? GPU->graph_epoch(GC) : 0;
+    if (has) {
+        int rc = GPU->graph_begin(GC, &err);
+        if (rc == 0)
+            rc = gseq_ops(e, &s, &yg, &zg, &rg, NULL, &slot, &err);
+        struct bs_err ee = {0};
+        int rc_end = GPU->graph_end(GC, rc == 0, &g, rc == 0 ? &err : &ee);
+        if (rc != 0 || rc_end != 0)
+            die("graph capture", &err);
+        expect_true(e, "graph: captured, idx slot given", g != NULL && slot != NULL);
+        expect_true(e, "graph: epoch unchanged by the capture", GPU->graph_epoch(GC) == ep);
+    }
+    static const int64_t idx[3][3] = {{3, 15, 7}, {0, 0, 9}, {12, 4, 4}};
+    char name[128];
+    for (int k = 0; k < 3; k++) {
+        gseq_inputs(e, &s, &zg, &ze);
+        if (has) {
+            if (GPU->graph_wait(GC, g, &err) != 0)
+                die("graph_wait", &err);
+            memcpy(slot, idx[k], sizeof(idx[k]));
+            if (GPU->graph_launch(GC, g, &err) != 0)
+                die("graph_launch", &err);
+        } else if (gseq_ops(e, &s, &yg, &zg, &rg, idx[k], NULL, &err) != 0)
+            die("graph (eager stand-in)", &err);
+        if (gseq_ops(e, &s, &ye, &ze, &re, idx[k], NULL, &err) != 0)
+            die("graph: eager", &err);
+        snprintf(name, sizeof(name), "graph launch %d: y bit for bit", k);
+        expect_same(e, name, &yg, &ye);
+        snprintf(name, sizeof(name), "graph launch %d: z (+= y) bit for bit", k);
+        expect_same(e, name, &zg, &ze);
+        snprintf(name, sizeof(name), "graph launch %d: rows %lld %lld %lld bit for bit", k,
+                 (long long)idx[k][0], (long long)idx[k][1], (long long)idx[k][2]);
+        expect_same(e, name, &rg, &re);
+    }
+    /* two launches queued, freed at once (graph_free waits for them) */
+    gseq_inputs(e, &s, &zg, &ze);
+    for (int k = 0; k < 2; k++) {
+        if (has) {
+            if (GPU->graph_wait(GC, g, &err) != 0)
+                die("graph_wait", &err);
+            memcpy(slot, idx[2 - k], sizeof(idx[0]));
+            if (GPU->graph_launch(GC, g, &err) != 0)
+                die("graph_launch", &err);
+        } else if (gseq_ops(e, &s, &yg, &zg, &rg, idx[2 - k], NULL, &err) != 0)
+            die("graph (eager stand-in)", &err);
+        if (gseq_ops(e, &s, &ye, &ze, &re, idx[2 - k], NULL, &err) != 0)
+            die("graph: eager", &err);
+    }
+    if (has)
+        GPU->graph_free(GC, g);
+    expect_same(e, "graph freed in flight: z after two launches", &zg, &ze);
+    expect_same(e, "graph freed in flight: rows", &rg, &re);
+    expect_true(e, "graph: the stream works after graph_free",
+                GPU->copy_out(GC, NULL, NULL, 0, &err) == 0);
+    if (has) {
+        expect_true(e, "graph: epoch unchanged by launches", GPU->graph_epoch(GC) == ep);
+        test_graph_scratch(e);
+    }
+    printf("graphs: %d checks, %d failed%s\n", e->checks - checks0, e->failures - failures0,
+           has ? "" : " (no graph ops: the ops stood in for the launches)");
+    struct pt *all[] = {&s.w.buf, &s.x, &s.table, &yg, &zg, &rg, &ye, &ze, &re};
+    for (size_t i = 0; i < BS_ARRAY_LEN(all); i++)
+        pt_free(e, all[i]);
+}
+
 static void test_all(struct env *e)
 {
     test_linear(e);
@@ -1721,6 +1934,7 @@ static void test_all(struct env *e)
     test_narrow_ragged(e);
     test_threads(e);
     test_copies(e);
+    test_graphs(e);
     if (!e->self_check)
         test_gpu_timer(e);
     if (!e->self_check && strcmp(e->dtype, "fp16") == 0)

@@ -3,7 +3,10 @@
  * activation and gated unit; gated adds; transposes with partial tiles; the
  * bias rows of linear (its CPU twin: linear with K = 0); the F32 to BF16/FP16
  * conversion (its twin: bs_convert_from_f32, bit for bit) and its overflow
- * flag (overflow.cuh), with the message the backend turns it into. The elementwise
+ * flag (overflow.cuh), with the message the backend turns it into; the row
+ * gather of launch graphs (gather_rows_kernel, indices read on the device)
+ * against get_rows, bit for bit, and its zero rows for an index out of
+ * range. The elementwise
  * kernels run on the entry's grid (ew_grid) and on a smaller one, so that
  * their grid-stride loops over rows and columns run too. */
 #include <float.h>
@@ -569,8 +572,70 @@ static void run_transpose_narrow(emu_env *env)
     tally_report(env, t);
 }
 
+/* ---- row gather (graph_rows) ------------------------------------------------------ */
+
+/* gather_rows_kernel against the CPU's get_rows with the same indices: a
+ * copy, so bit for bit (tolerance 0), on whole tensors and on column views
+ * (the columns left alone stay equal), on the entry's grid and a smaller
+ * one; indices changed in place between launches (as a graph's are); an
+ * index outside the table gives a row of zeros and leaves the rest. */
+static void gather_case(emu_env *env, tally *t, const char *name, pair *y, const pair &yv,
+                        const pair &tv, const std::vector<int64_t> &idx, dim3 grid)
+{
+    struct bs_err err = {};
+    int64_t n = (int64_t)idx.size(), d = tv.e.ne[tv.e.n_dims - 1];
+    check_cpu(CPU->get_rows(CC, (struct bs_tensor *)&yv.c, &tv.c, idx.data(), n, &err), &err, name);
+    std::vector<int64_t> dev(idx); /* the device copy the graph's H2D node writes */
+    emu_launch(gather_rows_kernel, grid, dim3(EW_THREADS), 0, (float *)yv.e.data,
+               bs_tensor_ld(&yv.e), (const float *)tv.e.data, bs_tensor_ld(&tv.e),
+               (const int64_t *)dev.data(), n, d, bs_tensor_nrows(&tv.e));
+    expect_close(env, t, name, *y, 0.0, 0.0, false);
+}
+
+static void run_gather(emu_env *env)
+{
+    tally t;
+    t.kernel = "gather_rows_kernel";
+    pair table, y, tw, yw;
+    pair_init(&table, {10, 300}, -3, 3);
+    pair_init(&y, {4, 300}, -1, 1);
+    gather_case(env, &t, "gather [4 of 10, 300]", &y, y, table, {3, 0, 9, 3}, ew_grid(4, 300));
+    gather_case(env, &t, "gather, new indices in place", &y, y, table, {9, 8, 1, 0},
+                ew_grid(4, 300));
+    gather_case(env, &t, "gather, grid-stride", &y, y, table, {2, 2, 7, 5}, small_grid);
+    pair_init(&tw, {7, 400}, -3, 3);
+    pair_init(&yw, {5, 310}, -1, 1);
+    pair tv = pair_cols(tw, 50, 257), yv = pair_cols(yw, 3, 257);
+    gather_case(env, &t, "gather, column views (strides 400, 310)", &yw, yv, tv, {6, 0, 6, 1, 4},
+                ew_grid(5, 257));
+    gather_case(env, &t, "gather, views, grid-stride", &yw, yv, tv, {0, 1, 2, 3, 4}, small_grid);
+    pair y1;
+    pair_init(&y1, {1, 300}, -1, 1);
+    gather_case(env, &t, "gather, one row", &y1, y1, table, {5}, ew_grid(1, 300));
+    /* out of range (-1, 10): zero rows, the other rows gathered, no read outside */
+    std::vector<float> before(y.ebuf);
+    const int64_t bad[3] = {-1, 4, 10};
+    emu_launch(gather_rows_kernel, ew_grid(3, 300), dim3(EW_THREADS), 0, (float *)y.e.data,
+               (int64_t)300, (const float *)table.e.data, (int64_t)300, bad, (int64_t)3,
+               (int64_t)300, (int64_t)10);
+    double worst = 0;
+    for (int64_t r = 0; r < 4; r++)
+        for (int64_t i = 0; i < 300; i++) {
+            float want = r == 0 || r == 2 ? 0.0f
+                         : r == 1         ? table.ebuf[(size_t)(4 * 300 + i)]
+                                          : before[(size_t)(r * 300 + i)];
+            float got = y.ebuf[(size_t)(r * 300 + i)];
+            if (memcmp(&got, &want, sizeof(got)) != 0)
+                worst = 2; /* any difference fails (the share above 1) */
+        }
+    expect_value(env, &t, "gather, indices -1 and 10 of 10: zero rows", worst, worst);
+    t.note = "bit for bit; views, grid-stride, bad indices";
+    tally_report(env, t);
+}
+
 void run_ops(emu_env *env)
 {
+    run_gather(env);
     run_act(env);
     run_glu(env);
     run_add(env);

@@ -118,7 +118,8 @@ static std::vector<launch> launches(void)
     for (const char *t : {"__nv_bfloat16", "__half", "float"})
         l.push_back({std::string("softmax_rows<") + t + ">", 256, 0, false, 0, 0});
     /* ops_cuda.cu */
-    for (const char *k : {"to_half_kernel<__nv_bfloat16>", "to_half_kernel<__half>", "bias_kernel"})
+    for (const char *k : {"to_half_kernel<__nv_bfloat16>", "to_half_kernel<__half>", "bias_kernel",
+                          "gather_rows_kernel"}) /* the last: graph_rows (bs__cuda_gather_rows) */
         l.push_back({k, EW_THREADS, 0, false, 0, 0});
     for (const char *k : {"act_kernel", "glu_kernel", "add_kernel"})
         for (const char *ty : acts)

@@ -34,7 +34,20 @@
  * while a DMA may use it, and the host's memcpy of one chunk overlaps the
  * DMA of the next. And the GPU timer (BS_PROC_GPU_TIMER) refuses cleanly
  * where there is nothing to time: a stop without a start, a test backend,
- * the CPU backend (no entry). */
+ * the CPU backend (no entry).
+ *
+ * Launch graphs (graph_*, ABI 7) on the test backend, which keeps the
+ * capture's bookkeeping without a device: misuse fails with BS_EINVAL and a
+ * message (end without begin, begin twice, graph_rows outside a capture, a
+ * NULL graph or idx); while a thread captures, what would allocate, free,
+ * upload or wait fails with BS_EUNSUPP ("cannot run while a graph is being
+ * captured": get_rows, copy_in/out, weights_ready, scratch growth, a ragged
+ * batch's upload; buf_alloc gives NULL, buf_free waits for graph_end) and
+ * the capture goes on; graph_end always ends it (keep or not, failed or
+ * not); a capture is the calling thread's only; what needs the device
+ * (keeping a graph, graph_rows' gather) fails with BS_EINTERNAL, as valid
+ * calls do there; graph_epoch moves when a weights copy is registered,
+ * replaced or freed, and at every buf_free. */
 #include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -653,6 +666,203 @@ static void test_attention_ragged_valid(void **state)
     assert_int_equal(ragged_call(f, &r, &err), 0);
 }
 
+/* ---- launch graphs (graph_*) -------------------------------------------- */
+
+struct other_thread {
+    struct fixture *f;
+    int end_rc, rows_rc;
+    struct bs_err end_err;
+};
+
+/* Another thread: no capture of its own (graph_end fails), and its
+ * get_rows is not refused as a capture's would be. */
+static void *other_thread_main(void *arg)
+{
+    struct other_thread *a = arg;
+    struct bs_err err = {0};
+    const struct bs_backend_i *g = a->f->cuda.iface;
+    struct bs_backend_graph *gr = (void *)1;
+    a->end_rc = g->graph_end(a->f->cuda.ctx, true, &gr, &a->end_err);
+    struct bs_tensor table = t2(a->f, 10, 8), rows = t2(a->f, 2, 8);
+    const int64_t idx[2] = {1, 2};
+    a->rows_rc = g->get_rows(a->f->cuda.ctx, &rows, &table, idx, 2, &err);
+    return NULL;
+}
+
+/* Misuse of the graph ops: BS_EINVAL with a message, nothing changed. */
+static void test_graph_misuse(void **state)
+{
+    struct fixture *f = *state;
+    const struct bs_backend_i *g = f->cuda.iface;
+    void *c = f->cuda.ctx;
+    struct bs_err err = {0};
+    struct bs_backend_graph *gr = (void *)1;
+    assert_non_null(g->graph_begin);
+    assert_non_null(g->graph_end);
+    assert_non_null(g->graph_rows);
+    assert_non_null(g->graph_launch);
+    assert_non_null(g->graph_wait);
+    assert_non_null(g->graph_free);
+    assert_non_null(g->graph_epoch);
+    assert_null(f->cpu.iface->graph_begin); /* the CPU has none: the engine emulates there */
+    expect_msg(g->graph_end(c, true, &gr, &err), &err, BS_EINVAL, "no graph_begin");
+    assert_null(gr);
+    struct bs_tensor table = t2(f, 10, 8), rows = t2(f, 2, 8);
+    int64_t *idx = (int64_t *)1;
+    expect_msg(g->graph_rows(c, &rows, &table, 2, &idx, &err), &err, BS_EINVAL,
+               "outside a capture");
+    assert_null(idx);
+    expect_msg(g->graph_rows(c, &rows, &table, 2, NULL, &err), &err, BS_EINVAL, "idx is NULL");
+    expect_msg(g->graph_launch(c, NULL, &err), &err, BS_EINVAL, "NULL graph");
+    expect_msg(g->graph_wait(c, NULL, &err), &err, BS_EINVAL, "NULL graph");
+    g->graph_free(c, NULL); /* nothing */
+
+    assert_int_equal(g->graph_begin(c, &err), 0);
+    expect_msg(g->graph_begin(c, &err), &err, BS_EINVAL, "already capturing");
+    /* graph_rows' own checks, in a capture */
+    expect_msg(g->graph_rows(c, &rows, &table, -1, &idx, &err), &err, BS_EINVAL, "-1 indices");
+    expect_msg(g->graph_rows(c, &rows, &table, 3, &idx, &err), &err, BS_EINVAL, "[3, 8]");
+    expect_msg(g->graph_rows(c, &rows, &table, 100000, &idx, &err), &err, BS_EUNSUPP, "0 to 2048");
+    struct bs_tensor table_i = table;
+    table_i.type = BS_TYPE_I64;
+    assert_int_equal(g->graph_rows(c, &rows, &table_i, 2, &idx, &err), BS_EINVAL);
+    struct bs_tensor table16 = bs_tensor_make(BS_TYPE_BF16, 2, (int64_t[]){10, 8}, f->buf);
+    struct bs_tensor rows16 = bs_tensor_make(BS_TYPE_BF16, 2, (int64_t[]){2, 8}, f->buf);
+    assert_int_equal(g->graph_rows(c, &rows16, &table16, 2, &idx, &err), BS_EINVAL);
+    /* no rows: nothing to gather, a slot all the same */
+    struct bs_tensor rows0 = t2(f, 0, 8);
+    idx = NULL;
+    assert_int_equal(g->graph_rows(c, &rows0, &table, 0, &idx, &err), 0);
+    assert_non_null(idx);
+    /* valid: needs the device */
+    expect_msg(g->graph_rows(c, &rows, &table, 2, &idx, &err), &err, BS_EINTERNAL, "no device");
+    /* keep without a place for the graph: refused, and the capture is over */
+    expect_msg(g->graph_end(c, true, NULL, &err), &err, BS_EINVAL, "keep without");
+    expect_msg(g->graph_end(c, false, &gr, &err), &err, BS_EINVAL, "no graph_begin");
+
+    /* begin, end without keep: fine, no graph */
+    assert_int_equal(g->graph_begin(c, &err), 0);
+    gr = (void *)1;
+    assert_int_equal(g->graph_end(c, false, &gr, &err), 0);
+    assert_null(gr);
+    /* keep: there is no device to make it on; the capture ends all the same */
+    assert_int_equal(g->graph_begin(c, &err), 0);
+    gr = (void *)1;
+    expect_msg(g->graph_end(c, true, &gr, &err), &err, BS_EINTERNAL, "no device");
+    assert_null(gr);
+    expect_msg(g->graph_end(c, true, &gr, &err), &err, BS_EINVAL, "no graph_begin");
+
+    /* a capture is its thread's: another thread has none, and runs ops */
+    assert_int_equal(g->graph_begin(c, &err), 0);
+    struct other_thread ot = {.f = f};
+    pthread_t tid;
+    assert_int_equal(pthread_create(&tid, NULL, other_thread_main, &ot), 0);
+    pthread_join(tid, NULL);
+    expect_msg(ot.end_rc, &ot.end_err, BS_EINVAL, "no graph_begin");
+    assert_int_not_equal(ot.rows_rc, BS_EUNSUPP);
+    assert_int_equal(g->graph_end(c, false, &gr, &err), 0);
+    /* a capture left open: the backend's free ends it (teardown) */
+    assert_int_equal(g->graph_begin(c, &err), 0);
+}
+
+/* While a thread captures, what would allocate, free, upload or wait on it
+ * fails cleanly (BS_EUNSUPP) and the capture goes on; afterwards the same
+ * calls are not refused. */
+static void test_graph_capture_refusals(void **state)
+{
+    struct fixture *f = *state;
+    const struct bs_backend_i *g = f->cuda.iface;
+    void *c = f->cuda.ctx;
+    struct bs_err err = {0};
+    struct bs_backend_graph *gr = NULL;
+    static char weights[1024], copy_a[512];
+    void *replaced = NULL;
+    int threads = 0, shadows = -1;
+    assert_int_equal(
+        f->hooks->shadow_register(&f->cuda, weights, sizeof(weights), copy_a, &replaced, &err), 0);
+
+    assert_int_equal(g->graph_begin(c, &err), 0);
+    const char *busy = "cannot run while a graph is being captured";
+    struct bs_tensor table = t2(f, 10, 8), rows = t2(f, 2, 8);
+    const int64_t idx[2] = {1, 2};
+    expect_msg(g->get_rows(c, &rows, &table, idx, 2, &err), &err, BS_EUNSUPP, busy);
+    assert_non_null(strstr(err.msg, "graph_rows"));
+    char host[64];
+    expect_msg(g->copy_in(c, f->buf, host, sizeof(host), &err), &err, BS_EUNSUPP, busy);
+    expect_msg(g->copy_out(c, host, f->buf, sizeof(host), &err), &err, BS_EUNSUPP, busy);
+    expect_msg(g->copy_out(c, NULL, NULL, 0, &err), &err, BS_EUNSUPP, busy);
+    expect_msg(g->weights_ready(c, f->buf, 64, &err), &err, BS_EUNSUPP, busy);
+    /* linear of an F32 x in bf16 converts x into scratch, which would grow */
+    struct bs_tensor x = t2(f, 4, 8), w = t2(f, 6, 8), y = t2(f, 4, 6);
+    expect_msg(g->linear(c, &y, &x, &w, NULL, 0.0f, &err), &err, BS_EUNSUPP, busy);
+    assert_non_null(strstr(err.msg, "scratch"));
+    /* a ragged batch uploads its offsets */
+    struct ragged r;
+    ragged_init(f, &r);
+    expect_msg(g->attention(c, &r.o, &r.q, &r.k, &r.k, &r.p, &err), &err, BS_EUNSUPP, busy);
+    assert_non_null(strstr(err.msg, "upload"));
+    assert_null(g->buf_alloc(c, 256));
+    /* buf_free waits for graph_end: the weights' copy is still registered */
+    g->buf_free(c, weights);
+    assert_int_equal(f->hooks->counts(&f->cuda, &threads, &shadows), 0);
+    assert_int_equal(shadows, 1);
+    /* argument errors are still argument errors */
+    const int64_t bad[2] = {1, 10};
+    struct bs_err ec = {0};
+    assert_int_equal(f->cpu.iface->get_rows(f->cpu.ctx, &rows, &table, bad, 2, &ec), BS_EINVAL);
+    expect_msg(g->get_rows(c, &rows, &table, bad, 2, &err), &err, BS_EINVAL, ec.msg);
+
+    uint64_t before = g->graph_epoch(c);
+    assert_int_equal(g->graph_end(c, false, &gr, &err), 0);
+    assert_int_equal(f->hooks->counts(&f->cuda, &threads, &shadows), 0);
+    assert_int_equal(shadows, 0);            /* freed at graph_end */
+    assert_true(g->graph_epoch(c) > before); /* and its copy with it */
+
+    /* no capture: the same calls are not refused (no device: INTERNAL) */
+    err = (struct bs_err){0};
+    assert_int_not_equal(g->get_rows(c, &rows, &table, idx, 2, &err), BS_EUNSUPP);
+    err = (struct bs_err){0};
+    assert_int_not_equal(g->linear(c, &y, &x, &w, NULL, 0.0f, &err), BS_EUNSUPP);
+    err = (struct bs_err){0};
+    assert_int_not_equal(g->attention(c, &r.o, &r.q, &r.k, &r.k, &r.p, &err), BS_EUNSUPP);
+}
+
+/* graph_epoch moves whenever a weights copy is registered, replaced or
+ * freed, and at every buf_free; not for a capture or a thread's state. */
+static void test_graph_epoch(void **state)
+{
+    struct fixture *f = *state;
+    const struct bs_backend_i *g = f->cuda.iface;
+    void *c = f->cuda.ctx;
+    struct bs_err err = {0};
+    static char weights[1024], copy_a[512], copy_b[512];
+    void *replaced = NULL;
+    uint64_t e0 = g->graph_epoch(c);
+    assert_int_equal(g->graph_epoch(c), e0);
+    assert_int_equal(
+        f->hooks->shadow_register(&f->cuda, weights, sizeof(weights), copy_a, &replaced, &err), 0);
+    uint64_t e1 = g->graph_epoch(c);
+    assert_true(e1 > e0);
+    assert_int_equal(
+        f->hooks->shadow_register(&f->cuda, weights, sizeof(weights), copy_b, &replaced, &err), 0);
+    uint64_t e2 = g->graph_epoch(c);
+    assert_true(e2 > e1);
+    g->buf_free(c, weights);
+    uint64_t e3 = g->graph_epoch(c);
+    assert_true(e3 > e2);
+    /* any buffer: buf_free's device-wide wait may break another thread's
+     * capture, which is worth another try at the new epoch */
+    g->buf_free(c, f->buf);
+    assert_true(g->graph_epoch(c) > e3);
+    /* a thread's state, the capture bookkeeping and the lookups do not move it */
+    assert_non_null(f->hooks->thread_state(&f->cuda, &err));
+    uint64_t e4 = g->graph_epoch(c);
+    struct bs_backend_graph *gr = NULL;
+    assert_int_equal(g->graph_begin(c, &err), 0);
+    assert_int_equal(g->graph_end(c, false, &gr, &err), 0);
+    assert_int_equal(g->graph_epoch(c), e4);
+}
+
 /* ---- the staging schedule (xfer.h) ------------------------------------- */
 
 /* The model of the stream: queued DMAs run in order, each as late as the
@@ -820,6 +1030,9 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_attention_ragged_valid, setup_bf16, teardown),
         cmocka_unit_test(test_xfer_schedule),
         cmocka_unit_test_setup_teardown(test_gpu_timer_refusals, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_graph_misuse, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_graph_capture_refusals, setup_bf16, teardown),
+        cmocka_unit_test_setup_teardown(test_graph_epoch, setup_fp32, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
