@@ -46,10 +46,6 @@
 #include "graph.h"
 #include "model.h"
 
-/* Weak: an engine built before its side of the launch graphs has no
- * bs_graph_stats (then the graphs column reads n/a). */
-#pragma weak bs_graph_stats
-
 #define EXIT_SKIP 77
 #define MAX_ROWS  16
 
@@ -81,7 +77,7 @@
 
 /* One model at one batch: medians in ms (gpu and xfer < 0: not measured),
  * graphs off and on (_g); graphs: graphs launched per timed forward with
- * graphs on (< 0: not known). */
+ * graphs on. */
 struct row {
     const char *name;
     int64_t batch;
@@ -180,12 +176,10 @@ static int make_inputs(const bs_model_t *m, const struct bs_builtin *b, int64_t 
     return 0;
 }
 
-/* Graphs launched so far in the process, or -1 without bs_graph_stats. */
+/* Graphs launched so far in the process. */
 static double graphs_launched(void)
 {
     struct bs_graph_stats st;
-    if (bs_graph_stats == NULL)
-        return -1;
     bs_graph_stats(&st);
     return (double)st.launched;
 }
@@ -193,7 +187,7 @@ static double graphs_launched(void)
 /* reps timed forwards of m (loaded on be) after two warm-ups (the arena's
  * size; a graph's eager run and capture): wall, GPU-only and transfer
  * times into the three arrays (the last two left alone without a timer);
- * *graphs: graphs launched per timed forward (-1: not known). */
+ * *graphs: graphs launched per timed forward. */
 static int time_forwards(struct bench *bn, struct bs_backend *be, bs_model_t *m,
                          struct bs_arena *arena, const struct bs_named_tensor *in, int n_in,
                          struct bs_tensor *out, double *wall, double *gpu, double *xfer,
@@ -215,7 +209,7 @@ static int time_forwards(struct bench *bn, struct bs_backend *be, bs_model_t *m,
             xfer[r] = gt.transfer_ms;
         }
     }
-    *graphs = g0 < 0 ? -1 : (graphs_launched() - g0) / bn->reps;
+    *graphs = (graphs_launched() - g0) / bn->reps;
     return rc;
 }
 
@@ -231,10 +225,7 @@ static const char *fmt_saving(char *buf, size_t size, double off, double on)
 
 static const char *fmt_graphs(char *buf, size_t size, double graphs)
 {
-    if (graphs < 0)
-        snprintf(buf, size, "n/a");
-    else
-        snprintf(buf, size, "%.1f", graphs);
+    snprintf(buf, size, "%.1f", graphs);
     return buf;
 }
 

@@ -376,12 +376,17 @@ static void cuda_buf_free(void *ctx, void *ptr)
  * frees once it ended). */
 static void buf_free_now(struct bs__cuda *c, void *ptr)
 {
-    /* The epoch moves first: the device-wide wait below may break another
-     * thread's capture in progress (README: Launch graphs), which at a new
-     * epoch is worth trying again; and a graph may hold the buffer's
-     * weights copy. */
-    bs__cuda_epoch_bump(c);
+    /* A graph may hold the buffer's weights copy (which linear finds by
+     * the buffer's address, not passed by the engine): the epoch moves
+     * before it goes. Other buffers are passed to ops by address, which the
+     * engine compares before every launch: their frees move nothing, or
+     * the block caches that sequences take and give back would drop every
+     * graph each time. (The device-wide wait below may break another
+     * thread's capture in progress; the engine tries that key again after
+     * a while: engine/graph.c, GRAPH_RETRY.) */
     void *half = shadow_forget(c, ptr);
+    if (half != NULL)
+        bs__cuda_epoch_bump(c);
     if (c->bare) /* a test backend: nothing on a device */
         return;
     cudaSetDevice(c->device);
