@@ -175,9 +175,8 @@ struct bs__cuda {
     /* graph_epoch: bumped (atomically, any thread: bs__cuda_epoch_bump)
      * whenever memory a graph may hold without the engine having passed
      * it moves or goes: a thread's scratch grows, its upload ring grows, a
-     * weights copy (shadow) is made, replaced or freed; and by every
-     * buf_free (its device-wide wait may break another thread's capture,
-     * which is then worth another try). */
+     * weights copy (shadow) is made, replaced or freed, and by
+     * weights_ready (a model load). */
     uint64_t epoch;
 };
 
