@@ -247,7 +247,7 @@ struct bs_backend_i {
     uint64_t (*graph_epoch)(void *ctx);
 };
 
-/* Whether the engine runs transformer blocks through launch graphs
+/* Whether the engine runs transformer and attention blocks through launch graphs
  * (bs_backend_opts.graphs): off; on (the backend's graph_* ops); emulate
  * (the engine records and replays the ops itself, on any backend: the
  * same checks and bookkeeping as on, for testing them without a GPU). */

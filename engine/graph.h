@@ -1,5 +1,5 @@
 /* Launch graphs for parts of a forward (backend.h, graph_*): the engine
- * side. A part (one transformer block) whose ops depend only on shapes and
+ * side. A part (a transformer block, an attention block) whose ops depend only on shapes and
  * addresses runs as follows on a thread, per key:
  *   1st time: eagerly (a warm-up: the backend's scratch, plans and the
  *   arena reach their sizes);

@@ -891,7 +891,7 @@ static int attention_block_ragged(struct bs__fwd *f, const struct bs__attention_
     return add(f, y, &xr, NULL, 1, (float)(1.0 / c->rescale_output_factor));
 }
 
-int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_block *a,
+static int attention_block_body(struct bs__fwd *f, const struct bs__attention_block *a,
                                 const struct bs_tensor *x, struct bs_tensor *y)
 {
     const struct bs_attention_block_config *c = a->cfg;
@@ -936,6 +936,41 @@ int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_bl
     TRY(f->be->iface->transpose(f->be->ctx, y, &p3, f->err));
     /* (hidden_states + residual) / rescale_output_factor */
     return add(f, y, x, NULL, 1, (float)(1.0 / c->rescale_output_factor));
+}
+
+/* An attention block's key (engine/graph.h): zeroed first. */
+struct attention_block_key {
+    const struct bs__attention_block *a;
+    const void *x;
+    int64_t ne[3];
+    int32_t act;
+};
+
+struct attention_block_arg {
+    const struct bs__attention_block *a;
+    const struct bs_tensor *x;
+    struct bs_tensor *y;
+};
+
+static int attention_block_part(struct bs__fwd *f, void *arg)
+{
+    struct attention_block_arg *p = arg;
+    return attention_block_body(f, p->a, p->x, p->y);
+}
+
+int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_block *a,
+                                const struct bs_tensor *x, struct bs_tensor *y)
+{
+    if (f->be->graphs == BS_GRAPHS_OFF || f->q_off != NULL || x->n_dims != 3)
+        return attention_block_body(f, a, x, y);
+    struct attention_block_key k;
+    struct attention_block_arg p = {a, x, y};
+    memset(&k, 0, sizeof(k));
+    k.a = a;
+    k.x = x->data;
+    memcpy(k.ne, x->ne, sizeof(k.ne));
+    k.act = (int32_t)f->act;
+    return bs__graph_run(f, &k, sizeof(k), attention_block_part, &p);
 }
 
 int bs__ada_group_norm_forward(struct bs__fwd *f, const struct bs__ada_group_norm *a,

@@ -203,7 +203,9 @@ void bs__bind_ada_group_norm(struct bs__loader *ld, struct bs__ada_group_norm *a
  * uniform (rg NULL) and without block caching (cache NULL). */
 int bs__block_forward(struct bs__fwd *f, const struct bs__block *b, struct bs_tensor *x);
 
-/* AttentionBlock on x [B, C, S] (contiguous); result in *y (arena). */
+/* AttentionBlock on x [B, C, S] (contiguous); result in *y (arena). Through
+ * a launch graph like bs__block_forward where graphs are on (not for a
+ * ragged batch, x then flat). */
 int bs__attention_block_forward(struct bs__fwd *f, const struct bs__attention_block *a,
                                 const struct bs_tensor *x, struct bs_tensor *y);
 

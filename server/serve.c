@@ -123,8 +123,9 @@ static const struct bs_opt serve_rows[] = {
      .help = "activation dtype between ops: compute (the compute dtype), fp32 (default: cpu "
              "fp32, cuda compute)"},
     {"--graphs", AT(STR, graphs), .def = "auto", .metavar = "auto|on|off|emulate",
-     .help = "run transformer blocks through launch graphs, captured per model and batch shape "
-             "(default: cuda on, cpu off; emulate: the engine replays the ops, for testing)"},
+     .help = "run transformer and attention blocks through launch graphs, captured per model and "
+             "batch shape (default: cuda on, cpu off; emulate: the engine replays the ops, for "
+             "testing)"},
     {"--tf32", AT(FLAG, tf32), .help = "let FP32 GEMMs use TF32 tensor cores (cuda)"},
     {"--log-verbose", AT(INT, verbose), .lo = 0, .hi = 9, .metavar = "N",
      .help = "0: info, 1: every request"},

@@ -48,7 +48,7 @@ static const struct bs_opt common_rows[] = {
     {"--activations", AT(STR, activations), .def = "auto", .metavar = "auto|fp32|compute",
      .help = "activation dtype between ops (default: cpu fp32, cuda compute)"},
     {"--graphs", AT(STR, graphs), .def = "auto", .metavar = "auto|on|off|emulate",
-     .help = "run transformer blocks through launch graphs (default: cuda on, cpu off)"},
+     .help = "run transformer and attention blocks through launch graphs (default: cuda on, cpu off)"},
     BS_OPTS_NULL,
 };
 static const struct bs_opt forward_rows[] = {
