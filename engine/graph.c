@@ -9,6 +9,8 @@
  * stats are process-wide atomics. */
 #include "graph.h"
 
+#include "modules.h"
+
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>

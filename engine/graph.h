@@ -19,7 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "modules.h"
+struct bs__fwd; /* modules.h */
 
 /* Runs part(f, arg) through a graph where f->be->graphs is not OFF (else
  * just calls it). key (at most BS_GRAPH_KEY_MAX bytes, compared as bytes:

@@ -9,6 +9,8 @@
  * - Model names and versions are immutable once added. */
 #include "metrics.h"
 
+#include "graph.h"
+
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -486,6 +488,30 @@ static void render_memory(struct buf *b, const struct bs_backend *be)
     put(b, "\"} %llu\n", (unsigned long long)mem.used_bytes);
 }
 
+/* Launch graphs (engine/graph.h), only where they are on: process-wide
+ * counts, so an operator sees whether blocks replay graphs or keep running
+ * eagerly. */
+static void render_graphs(struct buf *b, const struct bs_backend *be)
+{
+    if (be == NULL || be->graphs == BS_GRAPHS_OFF)
+        return;
+    struct bs_graph_stats s;
+    bs_graph_stats(&s);
+    put_family(b, "blockserve_graph_block_runs_total", "counter",
+               "Blocks run with launch graphs on, by how: eager (a warm-up, or a key whose "
+               "capture failed), captured (captured, then launched), launched (a graph made "
+               "earlier), reran (a capture or comparison abandoned, the block run eagerly)");
+    const char *how[] = {"eager", "captured", "launched", "reran"};
+    const uint64_t n[] = {s.eager, s.captured, s.launched, s.reran};
+    for (int i = 0; i < 4; i++)
+        put(b, "blockserve_graph_block_runs_total{how=\"%s\"} %llu\n", how[i],
+            (unsigned long long)n[i]);
+    put_family(b, "blockserve_graphs_freed_total", "counter",
+               "Launch graphs released: evicted, made stale by moved memory, or their block's ops "
+               "changed");
+    put(b, "blockserve_graphs_freed_total %llu\n", (unsigned long long)s.freed);
+}
+
 int bs_metrics_render(bs_metrics_t *m, char **text, size_t *len, struct bs_err *err)
 {
     struct buf b = {0};
@@ -514,6 +540,7 @@ int bs_metrics_render(bs_metrics_t *m, char **text, size_t *len, struct bs_err *
         render_priorities(&b, mm, v, n);
         render_unrouted(&b, unrouted);
         render_memory(&b, m->be);
+        render_graphs(&b, m->be);
     }
     free(mm);
     free(v);

@@ -1,7 +1,8 @@
 /* The metrics registry and its Prometheus text rendering: exact output for
  * known counters (requests by priority level among them), label escaping,
  * the histogram's cumulative buckets, device memory through a backend's
- * memory_info hook (a fake GPU backend), and its absence on the CPU backend. */
+ * memory_info hook (a fake GPU backend), and its absence on the CPU backend;
+ * the launch graph counters. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,6 +14,8 @@
 #include <cmocka.h>
 
 #include "backend.h"
+#include "graph.h"
+#include "modules.h"
 #include "metrics.h"
 
 static char *render(bs_metrics_t *m)
@@ -206,12 +209,55 @@ static void test_device_memory(void **state)
     bs_backend_free(&cpu);
 }
 
+/* A part with no ops, through graphs: a warm-up, a capture, a launch. */
+static int empty_part(struct bs__fwd *f, void *arg)
+{
+    (void)f;
+    (void)arg;
+    return 0;
+}
+
+/* The launch graph counters, only where graphs are on, with the engine's
+ * process-wide counts. */
+static void test_graphs(void **state)
+{
+    struct bs_backend cpu;
+    struct bs_err err = {0};
+    bs_metrics_t *m;
+    assert_int_equal(bs_backend_cpu_init(&cpu, 1, &err), 0);
+    assert_int_equal(bs_metrics_init(&m, &cpu, &err), 0);
+    char *t = render(m);
+    assert_null(strstr(t, "blockserve_graph")); /* off on the CPU */
+    free(t);
+
+    cpu.graphs = BS_GRAPHS_EMULATE;
+    struct bs__fwd f = {.be = &cpu, .err = &err};
+    const char key[] = "test_metrics part";
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(bs__graph_run(&f, key, sizeof(key), empty_part, NULL), 0);
+    struct bs_graph_stats s;
+    bs_graph_stats(&s);
+    assert_int_equal(s.launched, 2);
+    t = render(m);
+    assert_line(t, "# TYPE blockserve_graph_block_runs_total counter");
+    assert_line(t, "blockserve_graph_block_runs_total{how=\"eager\"} 1");
+    assert_line(t, "blockserve_graph_block_runs_total{how=\"captured\"} 1");
+    assert_line(t, "blockserve_graph_block_runs_total{how=\"launched\"} 2");
+    assert_line(t, "blockserve_graph_block_runs_total{how=\"reran\"} 0");
+    assert_line(t, "# TYPE blockserve_graphs_freed_total counter");
+    assert_line(t, "blockserve_graphs_freed_total 0");
+    free(t);
+    bs_metrics_free(m);
+    bs_backend_free(&cpu);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_counters_and_histogram),
         cmocka_unit_test(test_label_escaping),
         cmocka_unit_test(test_device_memory),
+        cmocka_unit_test(test_graphs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
