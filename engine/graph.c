@@ -16,7 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GRAPH_ENTRIES 32 /* per backend per thread, least recently used out first */
+/* Keys per backend per thread, least recently used out first: room for a
+ * 28-block trunk at several batch shapes (a cyclic run of more keys than
+ * this would miss every time). */
+#define GRAPH_ENTRIES 256
 #define GRAPH_CACHES  4  /* backends a thread keeps caches of */
 /* Eager runs of a BROKEN key before its capture is tried again: a capture
  * can break for a passing reason (another thread's device-wide wait, a
@@ -67,6 +70,7 @@ struct slot {
 struct entry {
     unsigned char key[BS_GRAPH_KEY_MAX];
     size_t key_bytes;
+    uint64_t hash; /* of key: the lookup compares it first */
     enum entry_state state;
     uint64_t epoch; /* graph_epoch() at capture (READY) or break (BROKEN) */
     uint64_t used;  /* LRU tick */
@@ -220,12 +224,24 @@ static void entry_drop_graph(struct entry *e, const struct bs_backend *be)
 
 /* The entry of key in c, made NEW when missing (the least recently used
  * one evicted when the cache is full: be is its backend, alive). */
+/* FNV-1a of the key's bytes. */
+static uint64_t key_hash(const void *key, size_t n)
+{
+    const unsigned char *p = key;
+    uint64_t h = 0xcbf29ce484222325u;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 0x100000001b3u;
+    return h;
+}
+
 static struct entry *entry_get(struct tls *t, struct gcache *c, const struct bs_backend *be,
                                const void *key, size_t key_bytes)
 {
     struct entry *e = NULL;
+    uint64_t h = key_hash(key, key_bytes);
     for (int i = 0; i < c->n && e == NULL; i++)
-        if (c->e[i]->key_bytes == key_bytes && memcmp(c->e[i]->key, key, key_bytes) == 0)
+        if (c->e[i]->hash == h && c->e[i]->key_bytes == key_bytes &&
+            memcmp(c->e[i]->key, key, key_bytes) == 0)
             e = c->e[i];
     if (e == NULL && c->n == GRAPH_ENTRIES) {
         int old = 0;
@@ -245,6 +261,7 @@ static struct entry *entry_get(struct tls *t, struct gcache *c, const struct bs_
     if (e->key_bytes != key_bytes || memcmp(e->key, key, key_bytes) != 0) {
         memcpy(e->key, key, key_bytes);
         e->key_bytes = key_bytes;
+        e->hash = h;
         e->state = ST_NEW;
     }
     e->used = ++t->tick;

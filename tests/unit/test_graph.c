@@ -33,7 +33,7 @@
 #endif
 
 #define FORWARDS 6
-#define ENTRIES  32 /* engine/graph.c: GRAPH_ENTRIES */
+#define ENTRIES  256 /* engine/graph.c: GRAPH_ENTRIES */
 
 static const char *golden_dir = BS_GOLDEN_DIR;
 
@@ -101,7 +101,7 @@ struct bs_backend_graph {
 static struct fake {
     struct bs_backend cpu, be;
     struct bs_backend_i iface;
-    struct bs_backend_graph *cur, *live[64];
+    struct bs_backend_graph *cur, *live[ENTRIES + 8];
     int n_live;
     int begin, end_keep, end_drop, rows, launch, wait, freed;
     int violations; /* idx written while a launch could read it; plain get_rows captured */
@@ -291,7 +291,7 @@ static int fk_graph_end(void *ctx, bool keep, struct bs_backend_graph **g, struc
         fk.end_drop++;
         return 0;
     }
-    assert_true(fk.n_live < 64);
+    assert_true(fk.n_live < ENTRIES + 8);
     *g = fk.live[fk.n_live++] = fk.cur;
     fk.cur = NULL;
     fk.end_keep++;
