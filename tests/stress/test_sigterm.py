@@ -2,14 +2,17 @@
 about 0.2 s of work) and streams keep 4 messages in flight each; then SIGTERM.
 Every call admitted before the signal must get its real answer (OK, the right
 output shape), every stream message sent before it its own response (an
-answer or an error_message) before the stream ends, calls started after it
-UNAVAILABLE (never CANCELLED, except the calls gRPC core itself resets at the
+answer or an error_message) before the stream ends, calls started after the
+server began refusing UNAVAILABLE (never CANCELLED, except the calls gRPC core itself resets at the
 instant the server stops its transport: see below), and the process must
 exit 0 within the grace period.
 
 "Before the signal" leaves out the last GUARD seconds before it: a call
 handed to gRPC just then may not have reached the server yet (then it is not
-admitted, and UNAVAILABLE is right for it too).
+admitted, and UNAVAILABLE is right for it too). Likewise a call sent after
+the signal but before the server's signal handler ran (the server logs that
+instant, "no new requests ... monotonic clock") reached a server still
+accepting: OK or UNAVAILABLE are both right for it.
 
     /usr/bin/python3 tests/stress/test_sigterm.py BLOCKSERVE_BINARY
 """
@@ -52,6 +55,15 @@ def main():
 def transport_stop_time(log):
     """The monotonic time the server logged when it stopped its transport."""
     m = re.search(r"stopping the gRPC transport \(monotonic clock ([0-9.]+) s\)", log)
+    return float(m.group(1)) if m else None
+
+
+def refuse_time(log):
+    """The monotonic time the server logged when its signal handler ran and
+    it began to refuse new requests (a request that reached it between the
+    signal and then was admitted, and is answered)."""
+    m = re.search(r"no new requests; finishing queued work \(grace \d+ s; monotonic clock "
+                  r"([0-9.]+) s\)", log)
     return float(m.group(1)) if m else None
 
 
@@ -169,9 +181,16 @@ def run(server, fig):
     for c in channels:
         c.close()
 
+    # A call sent between the signal and the server's handler reaching it
+    # (logged) was admitted: it may be answered, like one sent just before.
+    t_refuse = refuse_time(server.text())
+    fig.check("refusal logged after the signal (s)",
+              None if t_refuse is None else round(t_refuse - clock.t_sig, 3), ">= 0",
+              t_refuse is not None and t_refuse >= clock.t_sig)
+    t_refuse = t_refuse if t_refuse is not None and t_refuse >= clock.t_sig else clock.t_sig
     before = [r for r in unary_rows if r[0] < clock.t_sig - GUARD]
-    grey = [r for r in unary_rows if clock.t_sig - GUARD <= r[0] < clock.t_sig]
-    after = [r for r in unary_rows if r[0] >= clock.t_sig]
+    grey = [r for r in unary_rows if clock.t_sig - GUARD <= r[0] < t_refuse]
+    after = [r for r in unary_rows if r[0] >= t_refuse]
     fig.info("unary calls started before the signal (> %d ms)" % (GUARD * 1e3), len(before))
     inflight = [r for r in before if r[3] > clock.t_sig]
     fig.check("  of them in flight at the signal (answered after it)", len(inflight),
@@ -183,8 +202,8 @@ def run(server, fig):
     fig.check("  of them not OK with shape %s" % OUT_SHAPE, len(bad_before),
               "== 0 %s" % _codes(bad_before), not bad_before)
     bad_grey = [r for r in grey if not ((r[1] == "OK" and r[2]) or r[1] == "UNAVAILABLE")]
-    fig.check("unary calls in the last %d ms before: neither OK nor UNAVAILABLE" %
-              (GUARD * 1e3), len(bad_grey), "== 0 of %d %s" % (len(grey), _codes(bad_grey)),
+    fig.check("unary calls in the last %d ms before the signal or before the refusal: neither "
+              "OK nor UNAVAILABLE" % (GUARD * 1e3), len(bad_grey), "== 0 of %d %s" % (len(grey), _codes(bad_grey)),
               not bad_grey)
     # gRPC core 1.51 resets (CANCELLED) the calls it receives after the
     # server's grpc_server_shutdown_and_notify and before its GOAWAY reaches
@@ -197,7 +216,7 @@ def run(server, fig):
               t_stop is not None and t_stop >= clock.t_sig)
     t_stop = t_stop if t_stop is not None else clock.t_sig
     not_unavail = [r for r in after if r[1] != "UNAVAILABLE" and r[3] < t_stop]
-    fig.check("unary calls started after the signal, ended before the transport stop: "
+    fig.check("unary calls started after the refusal, ended before the transport stop: "
               "not UNAVAILABLE", len(not_unavail),
               "== 0 of %d %s" % (sum(1 for r in after if r[3] < t_stop), _codes(not_unavail)),
               not not_unavail and after)
@@ -208,7 +227,7 @@ def run(server, fig):
     fig.info("unary calls reset by gRPC core at the transport stop (CANCELLED, of all after "
              "the signal)", "%d of %d" % (len(cancelled), len(after)))
     other = [r for r in after if r[1] not in ("UNAVAILABLE", "CANCELLED")]
-    fig.check("unary calls started after the signal: neither UNAVAILABLE nor reset", len(other),
+    fig.check("unary calls started after the refusal: neither UNAVAILABLE nor reset", len(other),
               "== 0 %s" % _codes(other), not other)
     late_bad = [c for c, t_end in late
                 if c != "UNAVAILABLE" and not (c == "CANCELLED" and t_end >= t_stop)]
