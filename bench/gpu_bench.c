@@ -28,13 +28,14 @@
  * with bs_backend_opts.graphs "off" and "on" (the CPU smoke run: "off" and
  * "emulate"), three warm-up forwards each (the first grows the arena,
  * whose chunks then become one: the blocks' addresses settle; the engine
- * then runs a block eagerly once and captures it the next time), and both times are printed
- * for each, with the saving of on against off: the launch overhead the
- * graphs remove (GPU-only: gaps where the stream ran dry; end to end: also
- * the host's launch calls). "graphs/fwd" is how many graphs each timed
- * forward launched (bs_graph_stats): 0 means the engine ran everything
- * eagerly (an engine without its graph side, or parts it would not
- * capture), so on equals off there. */
+ * then runs a block eagerly once and captures it the next time), and both
+ * times are printed for each, with the saving of on against off: the
+ * launch overhead the graphs remove (GPU-only: gaps where the stream ran
+ * dry; end to end: also the host's launch calls). "graphs/fwd" is how many
+ * graphs each timed forward launched (bs_graph_stats): one per block of a
+ * transformer stack or attention block; 0 means the engine ran everything
+ * eagerly (parts it would not capture, or captures that failed), so on
+ * equals off there. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
